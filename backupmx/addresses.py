@@ -1,0 +1,192 @@
+"""The RFC 5321 address grammar: paths, mailboxes, domains and ESMTP parameters.
+
+Pure functions over `str`; no I/O. Each regex sits under the RFC text it
+implements. Parsing is strict where a mistake could open a relay and lenient
+only where common clients are sloppy in harmless ways (a space after the colon
+in `MAIL FROM: <a@b>`, a trailing dot on a domain).
+"""
+
+import re
+from dataclasses import dataclass
+
+# RFC 5321 4.1.2:
+#   Let-dig = ALPHA / DIGIT ; Ldh-str = *( ALPHA / DIGIT / "-" ) Let-dig
+#   sub-domain = Let-dig [Ldh-str] ; Domain = sub-domain *("." sub-domain)
+_SUB_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+DOMAIN_RE = re.compile(rf"{_SUB_DOMAIN}(?:\.{_SUB_DOMAIN})*")
+
+# RFC 5321 4.1.2: atext per RFC 5322 3.2.3; Dot-string = Atom *("." Atom)
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+DOT_STRING_RE = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+# Quoted-string = DQUOTE *QcontentSMTP DQUOTE
+#   qtextSMTP = %d32-33 / %d35-91 / %d93-126 ; quoted-pairSMTP = %d92 %d32-126
+QUOTED_STRING_RE = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
+# address-literal = "[" ( IPv4 / IPv6 / General-address-literal ) "]"; we only need
+# to recognise one, never to deliver to it.
+ADDRESS_LITERAL_RE = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
+# A-d-l = At-domain *( "," At-domain ) ; At-domain = "@" Domain   (a source route)
+SOURCE_ROUTE_RE = re.compile(rf"@(?:{DOMAIN_RE.pattern}|{ADDRESS_LITERAL_RE.pattern})"
+                             rf"(?:,@(?:{DOMAIN_RE.pattern}|{ADDRESS_LITERAL_RE.pattern}))*:")
+
+# RFC 5321 2.4 and 4.5.3.1.1-3: size limits.
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+# RFC 5321 4.1.2: esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-")
+#                 esmtp-value   = 1*(%d33-60 / %d62-126)
+ESMTP_PARAM_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?")
+# RFC 3461 4: xtext = *( xchar / hexchar ); hexchar = "+" 2(HEX);
+#   xchar = any ASCII CHAR between "!" (33) and "~" (126) except "+" and "=".
+XTEXT_RE = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
+# Strict decimal: RFC 1870 "size-value ::= 1*20DIGIT" (so "1_000" or "+5" is not a number).
+DIGITS_RE = re.compile(r"[0-9]{1,20}")
+
+
+class AddressError(ValueError):
+    """The text is not a valid RFC 5321 path or mailbox."""
+
+
+class NonASCIIAddress(AddressError):
+    """The address has non-ASCII characters and SMTPUTF8 was not negotiated (RFC 6531 3.5)."""
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """A parsed mailbox: `local_part@domain`, as the client wrote it.
+
+    `domain` is kept as written (it is part of what the primary receives);
+    `domain_key` is the form we match configured domains against.
+    """
+
+    local_part: str
+    domain: str
+    is_literal: bool = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.local_part}@{self.domain}"
+
+    @property
+    def domain_key(self) -> str:
+        return normalize_domain(self.domain)
+
+    @property
+    def bare_local_part(self) -> str:
+        """The local part without quoting: `"a b"` -> `a b`."""
+        text = self.local_part
+        if text.startswith('"'):
+            text = re.sub(r"\\(.)", r"\1", text[1:-1])
+        return text
+
+
+def normalize_domain(domain: str) -> str:
+    """The form configured domains are compared in: lower case, no trailing dot."""
+    domain = domain.lower()
+    return domain[:-1] if domain.endswith(".") else domain
+
+
+def is_domain(text: str) -> bool:
+    """True for an LDH domain name (a trailing dot allowed), within RFC 5321 size limits."""
+    name = text[:-1] if text.endswith(".") else text
+    return 0 < len(name) <= MAX_DOMAIN and DOMAIN_RE.fullmatch(name) is not None
+
+
+def parse_mailbox(text: str) -> Mailbox:
+    """Mailbox = Local-part "@" ( Domain / address-literal )."""
+    if not text.isascii():
+        raise NonASCIIAddress(text)
+    at = text.rfind("@")
+    if at <= 0:
+        raise AddressError("missing domain")
+    local_part, domain = text[:at], text[at + 1:]
+    if not (DOT_STRING_RE.fullmatch(local_part) or QUOTED_STRING_RE.fullmatch(local_part)):
+        raise AddressError("bad local part")
+    if len(local_part) > MAX_LOCAL_PART:
+        raise AddressError("local part too long")
+    if ADDRESS_LITERAL_RE.fullmatch(domain):
+        return Mailbox(local_part, domain, is_literal=True)
+    if not is_domain(domain):
+        raise AddressError("bad domain")
+    return Mailbox(local_part, domain)
+
+
+def parse_path(text: str, *, allow_null: bool) -> Mailbox | None:
+    """Reverse-path / Forward-path: `<[A-d-l:]Mailbox>`; `<>` (None) only if allow_null.
+
+    The source route is dropped, as RFC 5321 4.1.1.3 and appendix C ask: the
+    mail goes to the mailbox's domain, never via the listed hosts. Angle
+    brackets are required only when the path has a space in it, as many
+    clients omit them.
+    """
+    if not text.isascii():
+        raise NonASCIIAddress(text)
+    if not text:
+        raise AddressError("empty path")
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    elif "<" in text or ">" in text or " " in text:
+        raise AddressError("bad path")
+    if len(text) > MAX_PATH:
+        raise AddressError("path too long")
+    if text == "":
+        if allow_null:
+            return None
+        raise AddressError("null path")
+    route = SOURCE_ROUTE_RE.match(text)
+    if route:
+        text = text[route.end():]
+    return parse_mailbox(text)
+
+
+def split_path_and_parameters(argument: str) -> tuple[str, list[str]]:
+    """Split `<path> KEY=VALUE ...`; the path may contain quoted spaces."""
+    argument = argument.strip(" ")
+    if argument.startswith("<"):
+        end = _end_of_bracketed_path(argument)
+        path, rest = argument[:end + 1], argument[end + 1:]
+        if rest and not rest.startswith(" "):
+            raise AddressError("bad path")
+    else:
+        path, _, rest = argument.partition(" ")
+    return path, [p for p in rest.split(" ") if p]
+
+
+def _end_of_bracketed_path(text: str) -> int:
+    """Index of the `>` that closes the path, skipping quoted local parts."""
+    quoted = escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return index
+    raise AddressError("unterminated path")
+
+
+def parse_parameters(parameters: list[str]) -> dict[str, str | None]:
+    """ESMTP parameters as {UPPER-KEYWORD: value or None}; duplicates are an error."""
+    result: dict[str, str | None] = {}
+    for parameter in parameters:
+        match = ESMTP_PARAM_RE.fullmatch(parameter)
+        if not match:
+            raise AddressError(f"bad parameter {parameter!r}")
+        keyword = match.group(1).upper()
+        if keyword in result:
+            raise AddressError(f"duplicate parameter {keyword}")
+        result[keyword] = match.group(2)
+    return result
+
+
+def is_routing_trick(mailbox: Mailbox) -> bool:
+    """Local parts that some MTA behind us could read as a route elsewhere.
+
+    `a%b@ours`, `b!a@ours` and `"a@b"@ours` are the percent hack, bang paths
+    and a nested address: a primary that honours them would relay for us, so
+    we refuse them like Postfix's allow_untrusted_routing=no does.
+    """
+    local = mailbox.bare_local_part
+    return any(char in local for char in "%!@")

@@ -1,0 +1,116 @@
+"""Every SMTP reply the server sends, as named constants that the tests import.
+
+A Reply is (code, enhanced status, text). `{name}` fields in the text are filled
+by `render`, which also makes sure nothing a client sent can put a control
+character into a reply line. Enhanced codes per RFC 3463 / RFC 2034; greeting
+and HELO/EHLO replies carry none (RFC 2034 section 3).
+"""
+
+import re
+from typing import NamedTuple
+
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+class Reply(NamedTuple):
+    code: int
+    status: str  # RFC 3463 enhanced status code, "" where none is sent
+    text: str
+
+    def render(self, **fields: object) -> bytes:
+        """The reply as wire bytes, one line, CRLF terminated."""
+        return render_lines(self.code, [self.line_text(**fields)])
+
+    def line_text(self, **fields: object) -> str:
+        text = self.text.format(**{k: clean(str(v)) for k, v in fields.items()})
+        return f"{self.status} {text}" if self.status else text
+
+    def is_error(self) -> bool:
+        return self.code >= 400
+
+
+def clean(text: str) -> str:
+    """Printable ASCII only: what a client sent can never break a reply or log line."""
+    return _UNPRINTABLE.sub("?", text)
+
+
+def render_lines(code: int, lines: list[str]) -> bytes:
+    """A (possibly multi-line) reply: `250-a`, `250-b`, `250 c` (RFC 5321 4.2.1)."""
+    out = []
+    for index, line in enumerate(lines):
+        separator = " " if index == len(lines) - 1 else "-"
+        out.append(f"{code}{separator}{clean(line)}\r\n")
+    return "".join(out).encode("ascii")
+
+
+# Connection level
+GREETING = Reply(220, "", "{hostname} ESMTP")
+CLOSING = Reply(221, "2.0.0", "{hostname} closing connection")
+HTTP_REFUSED = Reply(221, "2.7.0", "This is an SMTP server; HTTP is not spoken here")
+TIMEOUT = Reply(421, "4.4.2", "{hostname} Error: timeout exceeded")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "{hostname} Error: too many errors")
+SHUTTING_DOWN = Reply(421, "4.3.2", "{hostname} Service shutting down, try again later")
+BUSY = Reply(421, "4.3.2", "{hostname} Service busy, try again later")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "{hostname} Too many connections from your address")
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "{hostname} Too many authentication failures")
+
+# Generic
+OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
+HELO_OK = Reply(250, "", "{hostname}")
+VRFY_CANNOT = Reply(252, "2.1.5", "Cannot verify the user, but will accept mail for it")
+HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH ETRN")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+QUEUED = Reply(250, "2.0.0", "Ok: queued as {queue_id}")
+
+# Syntax and sequence (RFC 5321 4.2.4, 4.3.2)
+UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+SYNTAX_ERROR = Reply(501, "5.5.4", "Syntax: {usage}")
+BAD_ADDRESS = Reply(501, "5.1.3", "Bad address syntax")
+BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
+NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII addresses need SMTPUTF8, which is not offered")
+BAD_PARAMETER = Reply(501, "5.5.4", "Bad parameter: {detail}")
+UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported parameter: {detail}")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
+BARE_LINE_ENDING = Reply(550, "5.5.2", "Error: bare <CR> or <LF> received; lines must end with <CR><LF>")
+NOT_IN_TRANSACTION = Reply(503, "5.5.1", "Error: not allowed during a mail transaction")
+
+# Policy
+RELAY_DENIED = Reply(554, "5.7.1", "<{address}>: Relay access denied")
+UNKNOWN_USER = Reply(550, "5.1.1", "<{address}>: Recipient address rejected: user unknown")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message exceeds fixed maximum message size")
+MAIL_LOOP = Reply(554, "5.4.6", "Error: too many hops (mail loop?)")
+QUEUE_UNAVAILABLE = Reply(452, "4.3.1", "Error: insufficient system storage, try again later")
+
+# STARTTLS (RFC 3207)
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
+ALREADY_TLS = Reply(503, "5.5.1", "Error: TLS already active")
+
+# AUTH (RFC 4954)
+ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_SUCCEEDED = Reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication credentials invalid")
+AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Error: invalid base64 data")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
+AUTH_NOT_AVAILABLE = Reply(503, "5.5.1", "Error: authentication not enabled")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
+
+# ETRN (RFC 1985)
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+ETRN_STARTED = Reply(250, "2.0.0", "Queuing for node {domain} started")
+ETRN_NOTHING_WAITING = Reply(251, "2.0.0", "No messages waiting for node {domain}")
+ETRN_PENDING_STARTED = Reply(253, "2.0.0", "{count} pending messages for node {domain} started")
+ETRN_UNABLE = Reply(458, "4.3.0", "Unable to queue messages for node {domain}")
+ETRN_NOT_ALLOWED = Reply(459, "4.7.1", "{domain} not allowed")
+ETRN_SYNTAX = Reply(501, "5.5.4", "Syntax: ETRN domain | ETRN @domain")

@@ -1,0 +1,524 @@
+"""The sans-I/O SMTP session: bytes in, replies and events out. No sockets here."""
+
+import ast
+import base64
+import hashlib
+import hmac
+import pathlib
+import random
+import re
+
+import pytest
+
+from backupmx import replies, smtp
+from backupmx.config import load_config
+from backupmx.smtp import (AuthRequest, EtrnRequest, MessageAborted, MessageData, MessageReceived,
+                           MessageStarted, Session, SessionSettings, StartTLS)
+
+CONFIG = """\
+[backupmx]
+hostname = mx2.test
+queue = {tmp}/queue.db
+max_message_size = 100000
+max_recipients = 3
+max_auth_failures = 3
+
+[domain:example.com]
+primary = 127.0.0.1:2526
+
+[domain:sub.example.com]
+primary = 127.0.0.1:2526
+
+[domain:listed.org]
+primary = 127.0.0.1:2526
+recipients = alice, bob@listed.org
+
+[user:prim]
+password = {{PLAIN}}secret
+domains = example.com, sub.example.com
+"""
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cfg")
+    path = tmp / "backupmx.ini"
+    path.write_text(CONFIG.format(tmp=tmp))
+    return load_config(str(path))
+
+
+class Driver:
+    """Plays the connection's part: answers events the simplest way and records them."""
+
+    def __init__(self, session, *, commit="Q1", auth_ok=True, pending=None):
+        self.session, self.commit, self.auth_ok = session, commit, auth_ok
+        self.pending = pending if pending is not None else {}
+        self.events, self.body = [], bytearray()
+        self.out = bytearray(session.data_to_send())
+
+    def feed(self, data: bytes) -> list[str]:
+        self.session.receive_data(data)
+        return self.drain()
+
+    def drain(self) -> list[str]:
+        while (event := self.session.next_event()) is not None:
+            self.events.append(event)
+            if isinstance(event, MessageStarted):
+                self.body.clear()
+            elif isinstance(event, MessageData):
+                self.body += event.data
+            elif isinstance(event, MessageReceived):
+                if isinstance(self.commit, replies.Reply):
+                    self.session.message_refused(self.commit)
+                else:
+                    self.session.message_queued(self.commit)
+            elif isinstance(event, AuthRequest):
+                self.session.auth_result(self.auth_ok)
+            elif isinstance(event, EtrnRequest):
+                self.session.etrn_result({d: self.pending.get(d, 0) for d in event.domains}, event.argument)
+            elif isinstance(event, StartTLS):
+                self.out += self.session.data_to_send()
+                self.session.tls_started()
+        self.out += self.session.data_to_send()
+        return self.lines()
+
+    def lines(self) -> list[str]:
+        text = self.out.decode("ascii")
+        self.out.clear()
+        return [line for line in text.split("\r\n") if line]
+
+
+def new(config, *, tls_available=False, tls_active=False, **kwargs):
+    settings = SessionSettings(hostname="mx2.test", config=config, tls_available=tls_available,
+                               tls_active=tls_active, cram_challenge=lambda: b"<1.2@mx2.test>")
+    driver = Driver(Session(settings), **kwargs)
+    return driver
+
+
+def codes(lines):
+    return [line[:3] for line in lines if line[3:4] == " "]
+
+
+def test_protocol_module_does_no_io():
+    tree = ast.parse(pathlib.Path(smtp.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & {"socket", "ssl", "sqlite3", "os", "time", "logging", "select", "selectors"}
+
+
+def test_greeting_and_ehlo_lists_extensions(config):
+    d = new(config)
+    assert d.lines() == ["220 mx2.test ESMTP"]
+    lines = d.feed(b"EHLO client.test\r\n")
+    assert lines[0] == "250-mx2.test"
+    assert set(lines[1:]) >= {"250-PIPELINING", "250-SIZE 100000", "250-8BITMIME", "250-ENHANCEDSTATUSCODES",
+                              "250-DSN"}
+    assert lines[-1] == "250 ETRN"
+    assert not any("STARTTLS" in l or "AUTH" in l for l in lines)
+
+
+def test_starttls_offered_only_when_available_and_auth_only_under_tls(config):
+    d = new(config, tls_available=True)
+    d.lines()
+    assert "STARTTLS" in [line[4:] for line in d.feed(b"EHLO c\r\n")]
+    d = new(config, tls_active=True)
+    d.lines()
+    assert d.feed(b"EHLO c\r\n")[-1] == "250 AUTH PLAIN LOGIN CRAM-MD5"
+
+
+@pytest.mark.parametrize("commands,expected", [
+    ([b"MAIL FROM:<a@b.test>"], ["503 5.5.1"]),
+    ([b"EHLO c", b"RCPT TO:<x@example.com>"], ["250", "503 5.5.1"]),
+    ([b"EHLO c", b"DATA"], ["250", "503 5.5.1"]),
+    ([b"EHLO c", b"MAIL FROM:<a@b.test>", b"MAIL FROM:<a@b.test>"], ["250", "250 2.1.0", "503 5.5.1"]),
+    ([b"EHLO c", b"MAIL FROM:<a@b.test>", b"DATA"], ["250", "250 2.1.0", "503 5.5.1"]),
+    ([b"EHLO c", b"MAIL FROM:<a@b.test>", b"RCPT TO:<x@nowhere.test>", b"DATA"],
+     ["250", "250 2.1.0", "554 5.7.1", "554 5.5.1"]),
+    ([b"HELO"], ["501 5.5.4"]),
+    ([b"EHLO two words"], ["501 5.5.4"]),
+    ([b"FOO bar"], ["500 5.5.2"]),
+    ([b"EXPN list"], ["502 5.5.1"]),
+    ([b"NOOP"], ["250 2.0.0"]),
+    ([b"RSET"], ["250 2.0.0"]),
+    ([b"RSET now"], ["501 5.5.4"]),
+    ([b"VRFY bob"], ["252 2.1.5"]),
+    ([b"HELP"], ["214 2.0.0"]),
+    ([b"EHLO c", b"MAIL TO:<a@b>"], ["250", "501 5.5.4"]),
+    ([b"EHLO c", b"MAIL FROM:"], ["250", "501 5.1.7"]),
+    ([b"EHLO c", b"MAIL FROM:<a b@c>"], ["250", "501 5.1.7"]),
+    ([b"EHLO c", b"MAIL FROM:<>"], ["250", "250 2.1.0"]),
+    ([b"EHLO c", b"MAIL FROM: <a@b.test>"], ["250", "250 2.1.0"]),
+    ([b"EHLO c", b"MAIL FROM:a@b.test"], ["250", "250 2.1.0"]),
+    ([b"EHLO c", b"MAIL FROM:<a@b.test> SIZE=1000"], ["250", "250 2.1.0"]),
+    ([b"EHLO c", b"MAIL FROM:<a@b.test> SIZE=1_000"], ["250", "501 5.5.4"]),
+    ([b"EHLO c", b"MAIL FROM:<a@b.test> SIZE=+5"], ["250", "501 5.5.4"]),
+    ([b"EHLO c", b"MAIL FROM:<a@b.test> SIZE=100001"], ["250", "552 5.3.4"]),
+    ([b"EHLO c", b"MAIL FROM:<a@b.test> BODY=8BITMIME"], ["250", "250 2.1.0"]),
+    ([b"EHLO c", b"MAIL FROM:<a@b.test> BODY=9BIT"], ["250", "501 5.5.4"]),
+    ([b"EHLO c", b"MAIL FROM:<a@b.test> FOO=bar"], ["250", "555 5.5.4"]),
+    ([b"EHLO c", b"MAIL FROM:<a@b.test> SIZE=1 SIZE=2"], ["250", "501 5.1.7"]),
+    ([b"HELO c", b"MAIL FROM:<a@b.test> SIZE=10"], ["250", "555 5.5.4"]),
+    ([b"EHLO c", b"MAIL FROM:<a@b.test> RET=HDRS ENVID=abc+2B"], ["250", "250 2.1.0"]),
+    ([b"EHLO c", "MAIL FROM:<j\u00f6rg@b.test>".encode()], ["250", "553 5.6.7"]),
+    ([b"get / HTTP/1.1"], ["221 2.7.0"]),
+    ([b"POST /x HTTP/1.0"], ["221 2.7.0"]),
+    ([b"QUIT"], ["221 2.0.0"]),
+])
+def test_command_replies(config, commands, expected):
+    d = new(config)
+    d.lines()
+    got = d.feed(b"".join(c + b"\r\n" for c in commands))
+    assert [line[: len(e)] for line, e in zip(
+        [l for l in got if l[3:4] == " "], expected)] == expected, got
+
+
+@pytest.mark.parametrize("rcpt,code", [
+    (b"<bob@example.com>", "250 2.1.5"),
+    (b"<BOB@EXAMPLE.COM.>", "250 2.1.5"),
+    (b"<@relay.test,@other.test:bob@example.com>", "250 2.1.5"),  # route ignored, domain ours
+    (b"<\"bob smith\"@example.com>", "250 2.1.5"),
+    (b"<bob@evil.test>", "554 5.7.1"),
+    (b"<bob@example.com.evil.test>", "554 5.7.1"),
+    (b"<bob@[127.0.0.1]>", "554 5.7.1"),
+    (b"<bob@[IPv6:::1]>", "554 5.7.1"),
+    (b"<bob%evil.test@example.com>", "554 5.7.1"),
+    (b"<evil.test!bob@example.com>", "554 5.7.1"),
+    (b"<\"bob@evil.test\"@example.com>", "554 5.7.1"),
+    (b"<\"bob%evil.test\"@example.com>", "554 5.7.1"),
+    (b"<@example.com:bob@evil.test>", "554 5.7.1"),  # route via us to a foreign domain
+    (b"<bob@evil.test@example.com>", "501 5.1.3"),
+    (b"<bob@example..com>", "501 5.1.3"),
+    (b"<bob@-example.com>", "501 5.1.3"),
+    (b"<>", "501 5.1.3"),
+    (b"<bob>", "501 5.1.3"),
+    ("<bob@b\u00fccher.example.com>".encode(), "553 5.6.7"),
+    (b"<bob@xn--bcher-kva.example.com>", "554 5.7.1"),
+    (b"<alice@listed.org>", "250 2.1.5"),
+    (b"<Alice@Listed.ORG>", "250 2.1.5"),
+    (b"<bob@listed.org>", "250 2.1.5"),
+    (b"<carol@listed.org>", "550 5.1.1"),
+    (b"<postmaster>", "550 5.1.1"),
+    (b"<bob@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@example.com", "250 2.1.5"),
+    (b"<bob@example.com> NOTIFY=NEVER,SUCCESS", "501 5.5.4"),
+    (b"<bob@example.com> XFOO=1", "555 5.5.4"),
+    (b"<" + b"a" * 65 + b"@example.com>", "501 5.1.3"),
+])
+def test_recipient_relay_control(config, rcpt, code):
+    d = new(config)
+    d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+    assert d.feed(b"RCPT TO:" + rcpt + b"\r\n")[0].startswith(code)
+
+
+def test_too_many_recipients(config):
+    d = new(config)
+    d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+    got = d.feed(b"".join(b"RCPT TO:<u%d@example.com>\r\n" % i for i in range(4)))
+    assert codes(got) == ["250", "250", "250", "452"]
+    assert got[-1].startswith("452 4.5.3")
+
+
+def send_message(d, body: bytes, rcpts=(b"bob@example.com",)):
+    d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n" + b"".join(b"RCPT TO:<%s>\r\n" % r for r in rcpts))
+    assert d.feed(b"DATA\r\n") == ["354 End data with <CR><LF>.<CR><LF>"]
+    return d.feed(body)
+
+
+def test_message_is_dot_unstuffed_and_queued(config):
+    d = new(config, commit="ABC123")
+    got = send_message(d, b"Subject: x\r\n\r\n..leading dot\r\n.\r\n")
+    assert got == ["250 2.0.0 Ok: queued as ABC123"]
+    assert bytes(d.body) == b"Subject: x\r\n\r\n.leading dot\r\n"
+    received = [e for e in d.events if isinstance(e, MessageReceived)][0]
+    assert received.envelope.sender == "a@b.test"
+    assert [r.address for r in received.envelope.recipients] == ["bob@example.com"]
+    assert received.size == len(d.body)
+
+
+def test_recipients_in_two_domains_are_one_envelope(config):
+    d = new(config)
+    send_message(d, b"x\r\n.\r\n", rcpts=(b"a@example.com", b"b@sub.example.com", b"c@example.com"))
+    received = [e for e in d.events if isinstance(e, MessageReceived)][0]
+    assert received.envelope.domains == ["example.com", "sub.example.com"]
+
+
+def test_refused_commit_answers_452(config):
+    d = new(config, commit=replies.QUEUE_UNAVAILABLE)
+    assert send_message(d, b"x\r\n.\r\n") == ["452 4.3.1 Error: insufficient system storage, try again later"]
+
+
+@pytest.mark.parametrize("body", [
+    b"a\nb\r\n.\r\n",  # bare LF
+    b"a\rb\r\n.\r\n",  # bare CR
+    b"a\r\n.\nMAIL FROM:<x@y>\r\n.\r\n",  # <LF>.<LF> smuggling
+    b"a\n.\r\nRCPT TO:<x@y>\r\n.\r\n",  # <LF>.<CR><LF>
+    b"a\r\n.\rRCPT TO:<x@y>\r\n.\r\n",  # <CR><LF>.<CR>
+    b"a\r.\r\nRSET\r\n.\r\n",
+])
+def test_smuggling_variants_are_refused_and_nothing_queued(config, body):
+    d = new(config)
+    got = send_message(d, body)
+    assert got == [replies.BARE_LINE_ENDING.line_text().join(["550 ", ""])]
+    assert not any(isinstance(e, MessageReceived) for e in d.events)
+    assert any(isinstance(e, MessageAborted) for e in d.events)
+    # the session is still in step: a new transaction works
+    assert d.feed(b"RSET\r\n") == ["250 2.0.0 Ok"]
+
+
+def test_only_crlf_dot_crlf_ends_data(config):
+    d = new(config)
+    assert send_message(d, b"a\r\n.\n") == []  # bare LF: not an end (and refused later)
+    assert d.feed(b"\r\n.\r\n")[0].startswith("550 5.5.2")
+
+
+def test_bare_lf_in_command(config):
+    d = new(config)
+    d.lines()
+    assert d.feed(b"NOOP\nNOOP\r\n") == ["550 5.5.2 " + replies.BARE_LINE_ENDING.text, "250 2.0.0 Ok"]
+    assert d.feed(b"NO\rOP\r\n")[0].startswith("550 5.5.2")
+
+
+def test_command_line_limits_keep_the_session_in_step(config):
+    d = new(config)
+    d.lines()
+    assert d.feed(b"NOOP " + b"x" * 600 + b"\r\nNOOP\r\n") == ["500 5.5.2 Error: line too long", "250 2.0.0 Ok"]
+    assert d.feed(b"NOOP " + b"x" * 50000 + b"\r\nNOOP\r\n") == ["500 5.5.2 Error: line too long", "250 2.0.0 Ok"]
+    assert len(d.session._input) == 0
+
+
+def test_oversize_message_read_through_then_552(config):
+    d = new(config)
+    line = b"x" * 998 + b"\r\n"
+    got = send_message(d, line * 200 + b".\r\nNOOP\r\n")
+    assert got == ["552 5.3.4 Error: message exceeds fixed maximum message size", "250 2.0.0 Ok"]
+
+
+def test_overlong_data_line_refused_but_in_step(config):
+    d = new(config)
+    got = send_message(d, b"x" * (smtp.MAX_DATA_LINE + 10) + b"\r\n.\r\nNOOP\r\n")
+    assert got == ["500 5.5.2 Error: line too long", "250 2.0.0 Ok"]
+
+
+def test_mail_loop_refused(config):
+    d = new(config)
+    headers = b"Received: from x by y\r\n" * (smtp.MAX_RECEIVED_HEADERS + 1)
+    assert send_message(d, headers + b"\r\nbody\r\n.\r\n")[0].startswith("554 5.4.6")
+    d = new(config)
+    headers = b"Received: from x by y\r\n" * smtp.MAX_RECEIVED_HEADERS
+    assert send_message(d, headers + b"\r\nbody\r\n.\r\n")[0].startswith("250 2.0.0")
+
+
+def test_pipelined_transactions_in_one_write(config):
+    d = new(config, commit="Q9")
+    d.lines()
+    batch = (b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\nRCPT TO:<y@evil.test>\r\nDATA\r\n"
+             b"hello\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<z@example.com>\r\nDATA\r\nbye\r\n.\r\nQUIT\r\n")
+    got = d.feed(batch)
+    assert codes(got) == ["250", "250", "250", "554", "354", "250", "250", "250", "354", "250", "221"]
+    assert d.session.closed
+
+
+def test_error_limit_ends_session(config):
+    d = new(config)
+    d.lines()
+    got = d.feed(b"BOGUS\r\n" * (smtp.MAX_ERRORS + 5))
+    assert got[-1].startswith("421 4.7.0")
+    assert codes(got).count("500") == smtp.MAX_ERRORS
+    assert d.session.closed
+
+
+def test_rset_starts_a_new_envelope(config):
+    d = new(config)
+    d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+    first = d.session.envelope
+    d.feed(b"RSET\r\nMAIL FROM:<c@d.test>\r\n")
+    assert d.session.envelope is not first and first.sender == "a@b.test"
+
+
+def test_starttls_discards_pipelined_plaintext(config):
+    d = new(config, tls_available=True)
+    d.lines()
+    got = d.feed(b"EHLO c\r\nSTARTTLS\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\n")
+    assert codes(got) == ["250", "220"]
+    assert d.session.tls_active and d.session.helo is None and d.session.envelope is None
+    assert d.feed(b"MAIL FROM:<a@b.test>\r\n")[0].startswith("503")  # state was reset
+
+
+def test_starttls_twice_or_without_cert(config):
+    d = new(config)
+    d.feed(b"EHLO c\r\n")
+    assert d.feed(b"STARTTLS\r\n")[0].startswith("454 4.7.0")
+    d = new(config, tls_active=True, tls_available=True)
+    d.feed(b"EHLO c\r\n")
+    assert d.feed(b"STARTTLS\r\n")[0].startswith("503 5.5.1")
+
+
+def test_auth_requires_tls(config):
+    d = new(config, tls_available=True)
+    d.feed(b"EHLO c\r\n")
+    assert d.feed(b"AUTH PLAIN AHByaW0Ac2VjcmV0\r\n")[0].startswith("538 5.7.11")
+
+
+def plain(authzid, user, password):
+    return base64.b64encode(b"\0".join([authzid, user, password]))
+
+
+def test_auth_plain_initial_response_and_continuation(config):
+    d = new(config, tls_active=True)
+    d.feed(b"EHLO c\r\n")
+    assert d.feed(b"AUTH PLAIN " + plain(b"", b"prim", b"secret") + b"\r\n") == ["235 2.7.0 Authentication successful"]
+    request = [e for e in d.events if isinstance(e, AuthRequest)][0]
+    assert (request.mechanism, request.username, request.password) == ("PLAIN", "prim", "secret")
+    d = new(config, tls_active=True)
+    d.feed(b"EHLO c\r\n")
+    assert d.feed(b"AUTH PLAIN\r\n") == ["334 "]
+    assert d.feed(plain(b"prim", b"prim", b"secret") + b"\r\n")[0].startswith("235")
+
+
+def test_auth_plain_foreign_authzid_fails(config):
+    d = new(config, tls_active=True)
+    d.feed(b"EHLO c\r\n")
+    assert d.feed(b"AUTH PLAIN " + plain(b"admin", b"prim", b"secret") + b"\r\n")[0].startswith("535 5.7.8")
+    assert not any(isinstance(e, AuthRequest) for e in d.events)
+
+
+def test_auth_login(config):
+    d = new(config, tls_active=True)
+    d.feed(b"EHLO c\r\n")
+    assert d.feed(b"AUTH LOGIN\r\n") == ["334 VXNlcm5hbWU6"]
+    assert d.feed(base64.b64encode(b"prim") + b"\r\n") == ["334 UGFzc3dvcmQ6"]
+    assert d.feed(base64.b64encode(b"secret") + b"\r\n")[0].startswith("235")
+
+
+def test_auth_cram_md5_digest_is_passed_for_checking(config):
+    d = new(config, tls_active=True)
+    d.feed(b"EHLO c\r\n")
+    challenge_line = d.feed(b"AUTH CRAM-MD5\r\n")[0]
+    challenge = base64.b64decode(challenge_line[4:])
+    digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest()
+    assert d.feed(base64.b64encode(b"prim " + digest.encode()) + b"\r\n")[0].startswith("235")
+    request = [e for e in d.events if isinstance(e, AuthRequest)][0]
+    assert (request.challenge, request.digest) == (challenge, digest)
+
+
+@pytest.mark.parametrize("line,code", [
+    (b"*", "501 5.7.0"),
+    (b"!!notbase64", "501 5.5.2"),
+    (b"AHByaW0Ac2VjcmV0===", "501 5.5.2"),
+])
+def test_auth_abort_and_garbage(config, line, code):
+    d = new(config, tls_active=True)
+    d.feed(b"EHLO c\r\nAUTH PLAIN\r\n")
+    assert d.feed(line + b"\r\n")[0].startswith(code)
+    assert d.feed(b"NOOP\r\n") == ["250 2.0.0 Ok"]
+
+
+def test_auth_failures_end_the_session(config):
+    d = new(config, tls_active=True, auth_ok=False)
+    d.feed(b"EHLO c\r\n")
+    got = d.feed(b"".join(b"AUTH PLAIN " + plain(b"", b"prim", b"wrong") + b"\r\n" for _ in range(3)))
+    assert codes(got) == ["535", "535", "421"]
+    assert d.session.closed
+
+
+def test_auth_mechanism_unknown_and_line_limit(config):
+    d = new(config, tls_active=True)
+    d.feed(b"EHLO c\r\n")
+    assert d.feed(b"AUTH GSSAPI\r\n")[0].startswith("504 5.5.4")
+    d.feed(b"AUTH PLAIN\r\n")
+    assert d.feed(b"A" * 13000 + b"\r\n")[0].startswith("500 5.5.6")
+    assert d.feed(b"NOOP\r\n") == ["250 2.0.0 Ok"]
+
+
+def authenticated(config, **kwargs):
+    d = new(config, tls_active=True, **kwargs)
+    d.feed(b"EHLO c\r\nAUTH PLAIN " + plain(b"", b"prim", b"secret") + b"\r\n")
+    return d
+
+
+@pytest.mark.parametrize("argument,reply", [
+    (b"example.com", "253 2.0.0 4 pending messages for node example.com started"),
+    (b"EXAMPLE.COM.", "253 2.0.0 4 pending messages for node EXAMPLE.COM. started"),
+    (b"sub.example.com", "251 2.0.0 No messages waiting for node sub.example.com"),
+    (b"@example.com", "250 2.0.0 Queuing for node @example.com started"),
+    (b"listed.org", "459 4.7.1 listed.org not allowed"),
+    (b"nowhere.test", "459 4.7.1 nowhere.test not allowed"),
+    (b"", "501 5.5.4 Syntax: ETRN domain | ETRN @domain"),
+    (b"exa mple.com", "501 5.5.4 Syntax: ETRN domain | ETRN @domain"),
+    (b"-bad-.com", "501 5.5.4 Syntax: ETRN domain | ETRN @domain"),
+    (b"#queue", "458 4.3.0 Unable to queue messages for node #queue"),
+])
+def test_etrn_replies(config, argument, reply):
+    d = authenticated(config, pending={"example.com": 4})
+    got = d.feed(b"ETRN " + argument + b"\r\n" if argument else b"ETRN\r\n")
+    assert got == [reply]
+
+
+def test_etrn_at_form_names_every_permitted_subdomain(config):
+    d = authenticated(config, pending={"example.com": 1})
+    d.feed(b"ETRN @example.com\r\n")
+    request = [e for e in d.events if isinstance(e, EtrnRequest)][0]
+    assert set(request.domains) == {"example.com", "sub.example.com"}
+
+
+def test_etrn_needs_auth_and_no_transaction(config):
+    d = new(config, tls_active=True)
+    d.feed(b"EHLO c\r\n")
+    assert d.feed(b"ETRN example.com\r\n")[0].startswith("530 5.7.0")
+    d = authenticated(config)
+    d.feed(b"MAIL FROM:<a@b.test>\r\n")
+    assert d.feed(b"ETRN example.com\r\n")[0].startswith("503 5.5.1")
+
+
+def test_timeout_and_shutdown_replies(config):
+    d = new(config)
+    d.session.timeout()
+    assert d.drain()[-1].startswith("421 4.4.2") and d.session.closed
+    d = new(config)
+    d.session.shutdown()
+    assert d.drain()[-1].startswith("421 4.3.2")
+
+
+def test_nothing_from_the_client_reaches_a_reply_line_raw(config):
+    d = new(config)
+    d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+    got = d.feed(b"RCPT TO:<a@b.test>\r\n")
+    assert all(re.fullmatch(r"[\x20-\x7e]*", line) for line in got)
+
+
+def test_received_header_is_clean():
+    header = smtp.received_header(helo="evil\r\nX-Injected: 1", client_ip="::1", hostname="mx2.test",
+                                  queue_id="Q1", esmtp=True, tls="TLSv1.3", authenticated=False,
+                                  recipients=["a@example.com"], timestamp=0)
+    text = header.decode()
+    assert text.startswith("Received: from evil??X-Injected: 1 ([IPv6:::1])\r\n\tby mx2.test (backupmx) with ESMTPS id Q1")
+    assert text.count("\r\n") == text.count("\n") == 4
+    assert "for <a@example.com>; Thu, 01 Jan 1970 00:00:00 +0000" in text
+
+
+SCRIPT = (b"EHLO client.test\r\nMAIL FROM:<a@b.test> SIZE=100\r\nRCPT TO:<x@example.com>\r\n"
+          b"RCPT TO:<y@sub.example.com>\r\nDATA\r\nSubject: hi\r\n\r\n..dot\r\nline\r\n.\r\n"
+          b"RSET\r\nMAIL FROM:<>\r\nRCPT TO:<bad\nx@example.com>\r\nNOOP\r\nQUIT\r\n")
+
+
+def run_split(config, chunks):
+    d = new(config, commit="R1")
+    out = d.lines()
+    for chunk in chunks:
+        out += d.feed(chunk)
+    return out, bytes(d.body)
+
+
+def test_random_splits_give_the_same_conversation(config):
+    seed = random.randrange(1 << 30)
+    print("seed", seed)
+    rng = random.Random(seed)
+    whole, body = run_split(config, [SCRIPT])
+    assert body == b"Subject: hi\r\n\r\n.dot\r\nline\r\n"
+    for _ in range(300):
+        cuts = sorted(rng.sample(range(1, len(SCRIPT)), rng.randint(1, 30)))
+        chunks = [SCRIPT[a:b] for a, b in zip([0] + cuts, cuts + [len(SCRIPT)])]
+        assert run_split(config, chunks) == (whole, body), f"seed {seed} cuts {cuts}"
