@@ -1,0 +1,334 @@
+"""One client connection: socket <-> (TLS) <-> SMTP session <-> queue.
+
+The driver around the sans-I/O session. A worker's selector loop calls
+`on_readable`, `on_writable` and `on_timeout`; this module never blocks on the
+network (sockets are non-blocking, TLS runs over memory buffers), so one
+process can drive hundreds of sessions. It does block on the queue's commit,
+which is the point: the 250 goes out only after that commit returns.
+"""
+
+import logging
+import os
+import selectors
+import ssl
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from backupmx import replies, smtp
+from backupmx.auth import Authenticator, cram_md5_challenge
+from backupmx.config import Config
+from backupmx.log import log_event
+from backupmx.smtp import (AuthRequest, EtrnRequest, MessageAborted, MessageData, MessageReceived,
+                           MessageStarted, Session, SessionSettings, StartTLS)
+from backupmx.store import QueueStore, QueueUnavailable
+from backupmx.tls import TLSError, TLSLayer
+
+RECV_SIZE = 64 * 1024
+# Bodies up to this size stay in memory while they arrive; larger ones go to a
+# temporary file beside the queue, so a 50 MB message costs disk, not memory.
+SPOOL_IN_MEMORY = 256 * 1024
+# A TLS handshake gets at most this long (RFC 8314 implicit TLS and STARTTLS).
+HANDSHAKE_TIMEOUT = 30.0
+# Each failed AUTH makes the next answer wait this much longer (slows guessing).
+AUTH_FAILURE_DELAY = 1.0
+# After SIGTERM, sessions in flight get this long to finish before their 421.
+SHUTDOWN_GRACE = 30.0
+
+
+@dataclass
+class ConnectionContext:
+    """What every connection of one worker process shares. Built after the fork."""
+
+    config: Config
+    store: QueueStore
+    ssl_context: ssl.SSLContext | None
+    logger: logging.Logger
+    spool_dir: str | None = None
+    clock: object = time.monotonic
+    wallclock: object = time.time
+    authenticator: Authenticator = field(init=False)
+
+    def __post_init__(self):
+        self.authenticator = Authenticator(self.config.users)
+        if self.spool_dir is None:
+            self.spool_dir = os.path.dirname(os.path.abspath(self.config.queue))
+
+
+class SMTPConnection:
+    """One client, from accept to close."""
+
+    def __init__(self, sock, peer, ctx: ConnectionContext, *, implicit_tls: bool = False):
+        sock.setblocking(False)
+        self.sock, self.ctx = sock, ctx
+        self.client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
+        self.closed = False
+        self._out = bytearray()  # bytes for the socket (already encrypted under TLS)
+        self._closing = False  # the last reply is queued; close once it is written
+        self._tls = TLSLayer(ctx.ssl_context) if implicit_tls else None
+        self._spool = None
+        self._spool_failed = False
+        self._queue_id = None
+        self._delayed_auth = None  # (due time, ok) while a failed AUTH is being slowed down
+        self._stop_at = None  # set by begin_shutdown
+        now = ctx.clock()
+        self._handshake_deadline = now + HANDSHAKE_TIMEOUT if implicit_tls else None
+        self._idle_deadline = now + ctx.config.timeout
+        config = ctx.config
+        self.session = Session(SessionSettings(
+            hostname=config.hostname, config=config,
+            tls_available=ctx.ssl_context is not None and not implicit_tls,
+            tls_active=implicit_tls,
+            cram_challenge=lambda: cram_md5_challenge(config.hostname)))
+        self._progress = self.session.progress
+        log_event(ctx.logger, "connect", client=self.client_ip, tls="implicit" if implicit_tls else None)
+        self._pump()
+
+    # --- the selector loop's interface -------------------------------------
+
+    def interest(self) -> int:
+        """The selector events wanted now (0 once closed)."""
+        if self.closed:
+            return 0
+        events = selectors.EVENT_WRITE if self._out else 0
+        if not self._closing and self._delayed_auth is None:
+            events |= selectors.EVENT_READ
+        return events
+
+    @property
+    def deadline(self) -> float:
+        candidates = [self._idle_deadline]
+        if self._handshake_deadline is not None:
+            candidates.append(self._handshake_deadline)
+        if self._delayed_auth is not None:
+            candidates.append(self._delayed_auth[0])
+        if self._stop_at is not None:
+            candidates.append(self._stop_at)
+        return min(candidates)
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self.close()
+        if self._tls is not None:
+            try:
+                data = self._tls.receive(data)
+            except TLSError as exc:
+                log_event(self.ctx.logger, "tls-failed", client=self.client_ip, error=str(exc))
+                return self.close()
+            if self._tls.handshake_complete:
+                self._handshake_deadline = None
+            if data:
+                self._feed(data)
+            if self._tls.closed:
+                return self._peer_closed()
+            self._pump()
+        elif data:
+            self._feed(data)
+        else:
+            return self._peer_closed()
+        self.on_writable()
+
+    def on_writable(self) -> None:
+        while self._out:
+            try:
+                sent = self.sock.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return self.close()
+            del self._out[:sent]
+        if self._closing:
+            self.close()
+
+    def on_timeout(self) -> None:
+        """Called by the loop when `deadline` has passed."""
+        now = self.ctx.clock()
+        if self._delayed_auth is not None and now >= self._delayed_auth[0]:
+            _, ok = self._delayed_auth
+            self._delayed_auth = None
+            self.session.auth_result(ok)
+            self._after_session()
+        elif self._handshake_deadline is not None and now >= self._handshake_deadline:
+            log_event(self.ctx.logger, "tls-failed", client=self.client_ip, error="handshake timeout")
+            return self.close()
+        elif self._stop_at is not None and now >= self._stop_at:
+            self.session.shutdown()
+            self._after_session()
+        elif now >= self._idle_deadline:
+            log_event(self.ctx.logger, "timeout", client=self.client_ip)
+            self.session.timeout()
+            self._after_session()
+        self.on_writable()
+
+    def begin_shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """The server is stopping: finish the transaction in flight, then 421."""
+        if self.closed:
+            return
+        self._stop_at = self.ctx.clock() + grace
+        if self.session.idle and self._delayed_auth is None:
+            self.session.shutdown()
+            self._after_session()
+            self.on_writable()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._drop_spool()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        log_event(self.ctx.logger, "disconnect", client=self.client_ip)
+
+    # --- session plumbing -------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        self.session.receive_data(data)
+        self._after_session()
+
+    def _after_session(self) -> None:
+        self._handle_events()
+        if self.session.progress != self._progress:
+            self._progress = self.session.progress
+            self._idle_deadline = self.ctx.clock() + self.ctx.config.timeout
+        if self._stop_at is not None and self.session.idle and self._delayed_auth is None:
+            self.session.shutdown()
+        self._pump()
+
+    def _pump(self) -> None:
+        """Move the session's replies to the socket buffer (through TLS when active)."""
+        data = self.session.data_to_send()
+        if self._tls is not None:
+            if data:
+                self._tls.send(data)
+            if self.session.closed and not self._tls.closing:
+                self._tls.close()
+            self._out += self._tls.outgoing()
+        else:
+            self._out += data
+        if self.session.closed:
+            self._closing = True
+
+    def _peer_closed(self) -> None:
+        if not self.session.closed:
+            log_event(self.ctx.logger, "lost-connection", client=self.client_ip,
+                      state=self.session.phase.value)
+        self.close()
+
+    def _handle_events(self) -> None:
+        session = self.session
+        while (event := session.next_event()) is not None:
+            if isinstance(event, MessageData):
+                self._spool_write(event.data)
+            elif isinstance(event, MessageStarted):
+                self._start_message(event.envelope)
+            elif isinstance(event, MessageReceived):
+                self._commit(event)
+            elif isinstance(event, MessageAborted):
+                log_event(self.ctx.logger, "rejected", client=self.client_ip,
+                          reply=event.reply.line_text(hostname=""))
+                self._drop_spool()
+            elif isinstance(event, StartTLS):
+                self._start_tls()
+            elif isinstance(event, AuthRequest):
+                self._check_auth(event)
+            elif isinstance(event, EtrnRequest):
+                self._etrn(event)
+
+    # --- messages -----------------------------------------------------------
+
+    def _start_message(self, envelope) -> None:
+        self._drop_spool()
+        self._queue_id = self.ctx.store.new_queue_id()
+        self._spool_failed = False
+        tls = None
+        if self._tls is not None and self._tls.handshake_complete:
+            tls = f"using {self._tls.version()} with cipher {self._tls.cipher()}"
+        header = smtp.received_header(
+            helo=self.session.helo, client_ip=self.client_ip, hostname=self.ctx.config.hostname,
+            queue_id=self._queue_id, esmtp=self.session.esmtp, tls=tls,
+            authenticated=self.session.user is not None,
+            recipients=[r.address for r in envelope.recipients], timestamp=self.ctx.wallclock())
+        self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, dir=self.ctx.spool_dir)
+        self._spool_write(header)
+
+    def _spool_write(self, data: bytes) -> None:
+        if self._spool is None or self._spool_failed:
+            return
+        try:
+            self._spool.write(data)
+        except OSError as exc:  # e.g. the spool's disk is full: 452 at the end of DATA
+            log_event(self.ctx.logger, "spool-failed", id=self._queue_id, error=str(exc))
+            self._spool_failed = True
+
+    def _drop_spool(self) -> None:
+        if self._spool is not None:
+            try:
+                self._spool.close()
+            except OSError:
+                pass
+            self._spool = None
+
+    def _commit(self, event: MessageReceived) -> None:
+        queue_id, spool = self._queue_id, self._spool
+        try:
+            if spool is None or self._spool_failed:
+                raise QueueUnavailable("spool write failed")
+            size = spool.tell()
+            spool.seek(0)
+            self.ctx.store.enqueue(queue_id, event.envelope, spool, size,
+                                   client=self.client_ip, helo=self.session.helo)
+        except (QueueUnavailable, OSError) as exc:
+            log_event(self.ctx.logger, "queue-failed", id=queue_id, client=self.client_ip, error=str(exc),
+                      level=logging.WARNING)
+            self._drop_spool()
+            self.session.message_refused(replies.QUEUE_UNAVAILABLE)
+            return
+        self._drop_spool()
+        for domain in event.envelope.domains:
+            log_event(self.ctx.logger, "queued", id=queue_id, domain=domain,
+                      from_=f"<{event.envelope.sender}>", size=size, client=self.client_ip,
+                      nrcpt=sum(1 for r in event.envelope.recipients if r.domain == domain))
+        self.session.message_queued(queue_id)
+
+    # --- STARTTLS, AUTH, ETRN -------------------------------------------------
+
+    def _start_tls(self) -> None:
+        # RFC 3207 4: the 220 goes out in plaintext; then the handshake.
+        self._out += self.session.data_to_send()
+        self._tls = TLSLayer(self.ctx.ssl_context)
+        self._handshake_deadline = self.ctx.clock() + HANDSHAKE_TIMEOUT
+        self.session.tls_started()
+
+    def _check_auth(self, request: AuthRequest) -> None:
+        authenticator = self.ctx.authenticator
+        if request.mechanism == "CRAM-MD5":
+            user = authenticator.check_cram_md5(request.username, request.challenge, request.digest)
+        else:
+            user = authenticator.check_password(request.username, request.password)
+        if user is not None:
+            log_event(self.ctx.logger, "auth", client=self.client_ip, user=request.username,
+                      mechanism=request.mechanism)
+            self.session.auth_result(True)
+            return
+        log_event(self.ctx.logger, "auth-failed", client=self.client_ip, user=request.username,
+                  mechanism=request.mechanism, level=logging.WARNING)
+        delay = AUTH_FAILURE_DELAY * (self.session.auth_failures + 1)
+        self._delayed_auth = (self.ctx.clock() + delay, False)
+
+    def _etrn(self, request: EtrnRequest) -> None:
+        try:
+            pending = self.ctx.store.request_flush(request.domains)
+        except QueueUnavailable as exc:
+            log_event(self.ctx.logger, "etrn-failed", client=self.client_ip, error=str(exc),
+                      level=logging.WARNING)
+            pending = None
+        log_event(self.ctx.logger, "etrn", client=self.client_ip, user=self.session.user,
+                  domains=",".join(request.domains),
+                  pending=sum(pending.values()) if pending is not None else None)
+        self.session.etrn_result(pending, request.argument)
