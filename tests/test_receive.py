@@ -1,0 +1,246 @@
+"""The receive path end to end: a real server process, real sockets, the queue read back with sqlite3."""
+
+import os
+import signal
+import smtplib
+import socket
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from backupmx import replies
+from conftest import children_of, read_line, wait_for
+
+
+def connect(server, timeout=10):
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+    assert read_line(sock).startswith(b"220 mx2.test ESMTP")
+    return sock
+
+
+def read_replies(sock, count, timeout=10):
+    """`count` complete replies (multi-line replies count once), as their last lines."""
+    sock.settimeout(timeout)
+    data, done = b"", []
+    while len(done) < count:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        *lines, data = data.split(b"\r\n")
+        done += [line.decode() for line in lines if line[3:4] == b" "]
+        data = data  # partial line stays
+    return done
+
+
+def queue_rows(server):
+    db = sqlite3.connect(server.queue_path)
+    try:
+        return db.execute("SELECT queue_id, domain, state FROM queue ORDER BY queue_id, domain").fetchall()
+    finally:
+        db.close()
+
+
+def body_of(server, queue_id):
+    db = sqlite3.connect(server.queue_path)
+    try:
+        return db.execute("SELECT body FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_message_is_queued_byte_for_byte_and_readable_with_sqlite3(server):
+    body = b"Subject: test\r\nX-8bit: \xe9t\xe9\r\n\r\n.leading dot\r\nline\x00with nul\r\n"
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.ehlo("client.test")
+        client.mail("sender@origin.test", ["BODY=8BITMIME"])
+        client.rcpt("bob@example.com")
+        client.rcpt("carol@example.org")
+        code, text = client.data(body)
+    assert code == 250
+    queue_id = text.decode().rsplit(" ", 1)[1]
+    assert text.decode() == f"2.0.0 Ok: queued as {queue_id}"
+    assert queue_rows(server) == [(queue_id, "example.com", "queued"), (queue_id, "example.org", "queued")]
+    stored = body_of(server, queue_id)
+    received, rest = stored.split(b"\r\n\t; ", 1)[0], stored
+    assert stored.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby mx2.test (backupmx) with ESMTP id "
+                             + queue_id.encode())
+    assert stored.endswith(b"\r\n" + body)  # only the Received header was added
+    assert stored.count(body) == 1 and len(received) < len(rest)
+    # the product contract's view, with the stock sqlite3 shell where it exists
+    db = sqlite3.connect(server.queue_path)
+    summary = db.execute("SELECT domain, messages, bytes, oldest FROM queue_summary ORDER BY domain").fetchall()
+    db.close()
+    assert [(d, m) for d, m, _, _ in summary] == [("example.com", 1), ("example.org", 1)]
+    assert all(isinstance(oldest, int) and abs(oldest - time.time()) < 60 for *_, oldest in summary)
+    assert f"queued id={queue_id} domain=example.com from=<sender@origin.test>" in server.log()
+
+
+def test_journal_is_wal_and_the_250_follows_the_commit(server):
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.sendmail("a@origin.test", ["bob@example.com"], b"x\r\n")
+    db = sqlite3.connect(server.queue_path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    # A reader that opened after the 250 sees the message: it was committed before the reply.
+    assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 1
+    db.close()
+
+
+def test_pipelined_transaction_in_one_write(server):
+    sock = connect(server)
+    sock.sendall(b"EHLO c\r\nMAIL FROM:<a@origin.test>\r\nRCPT TO:<bob@example.com>\r\nRCPT TO:<x@evil.test>\r\n"
+                 b"DATA\r\nSubject: p\r\n\r\nhi\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n"
+                 b"bye\r\n.\r\nQUIT\r\n")
+    got = read_replies(sock, 11)
+    assert [line[:3] for line in got] == ["250", "250", "250", "554", "354", "250", "250", "250", "354", "250", "221"]
+    assert len(queue_rows(server)) == 2
+
+
+@pytest.mark.parametrize("payload", [
+    b"Subject: s\r\n\r\nhello\n.\nMAIL FROM:<evil@x>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\nsmuggled\r\n.\r\n",
+    b"Subject: s\r\n\r\nhello\r\n.\nRCPT TO:<bob@example.com>\r\n.\r\n",
+    b"Subject: s\r\n\r\nhello\n.\r\nRCPT TO:<bob@example.com>\r\n.\r\n",
+    b"Subject: s\r\n\r\nhello\r.\r\nRCPT TO:<bob@example.com>\r\n.\r\n",
+    b"Subject: s\r\n\r\nhello\r\n.\rRCPT TO:<bob@example.com>\r\n.\r\n",
+])
+def test_smuggling_is_refused_and_nothing_is_queued(server, payload):
+    sock = connect(server)
+    sock.sendall(b"EHLO c\r\nMAIL FROM:<a@origin.test>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+    assert read_replies(sock, 4)[-1].startswith("354")
+    sock.sendall(payload)
+    got = read_replies(sock, 1)
+    assert got[0].startswith("550 5.5.2")
+    sock.sendall(b"QUIT\r\n")
+    assert read_replies(sock, 1)[0].startswith("221")
+    assert queue_rows(server) == []
+
+
+def test_relay_tricks_and_limits_over_the_wire(server):
+    sock = connect(server)
+    sock.sendall(b"EHLO c\r\nMAIL FROM:<a@origin.test>\r\n"
+                 b"RCPT TO:<bob@[127.0.0.1]>\r\nRCPT TO:<bob%evil.test@example.com>\r\n"
+                 b"RCPT TO:<@example.com:bob@evil.test>\r\nRCPT TO:<evil.test!bob@example.com>\r\n"
+                 b"NOOP " + b"x" * 600 + b"\r\nNOOP\r\nGET / HTTP/1.1\r\n")
+    got = read_replies(sock, 9)
+    assert [line[:9] for line in got[2:]] == ["554 5.7.1"] * 4 + ["500 5.5.2", "250 2.0.0", "221 2.7.0"]
+    assert sock.recv(10) == b""  # closed after the HTTP verb
+
+
+def test_worker_killed_mid_data_queues_nothing_and_server_keeps_serving(server):
+    sock = connect(server)
+    sock.sendall(b"EHLO c\r\nMAIL FROM:<a@origin.test>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+    assert read_replies(sock, 4)[-1].startswith("354")
+    sock.sendall(b"Subject: half\r\n\r\n" + b"x" * 10000 + b"\r\n")
+    # the worker holding this session is the one with an established TCP connection
+    time.sleep(0.2)
+    workers = [pid for pid in server.children() if _has_peer(pid, sock.getsockname()[1])]
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)
+    sock.settimeout(5)
+    assert sock.recv(100) == b""
+    assert queue_rows(server) == []
+    ok = wait_for(lambda: _send_one(server), timeout=10, interval=0.2)
+    assert ok
+    assert len(queue_rows(server)) == 1
+    assert wait_for(lambda: "worker-died" in server.log() or "worker-exited" in server.log(), timeout=5)
+
+
+def _send_one(server):
+    try:
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=5) as client:
+            client.sendmail("a@origin.test", ["bob@example.com"], b"after\r\n")
+        return True
+    except (OSError, smtplib.SMTPException):
+        return False
+
+
+def _has_peer(pid, client_port):
+    """True if process `pid` holds the server side of the connection from `client_port`."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote_port = int(fields[2].split(":")[1], 16)
+        if remote_port == client_port and fields[9] in inodes:
+            return True
+    return False
+
+
+def test_locked_database_answers_452_never_250(server):
+    holder = sqlite3.connect(server.queue_path, timeout=1)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        sock = connect(server, timeout=30)
+        sock.sendall(b"EHLO c\r\nMAIL FROM:<a@origin.test>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+        assert read_replies(sock, 4)[-1].startswith("354")
+        sock.sendall(b"Subject: locked\r\n\r\nx\r\n.\r\n")
+        assert read_replies(sock, 1, timeout=30)[0] == "452 " + replies.QUEUE_UNAVAILABLE.line_text()
+    finally:
+        holder.rollback()
+        holder.close()
+    sock.sendall(b"MAIL FROM:<a@origin.test>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+    assert read_replies(sock, 3)[-1].startswith("354")
+    sock.sendall(b"Subject: unlocked\r\n\r\nx\r\n.\r\n")
+    assert read_replies(sock, 1)[0].startswith("250 2.0.0 Ok: queued as")
+    assert len(queue_rows(server)) == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs: a real full disk (needs root and mount; skipped otherwise)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                            capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_full_disk_answers_452_and_keeps_what_was_queued(server_factory, small_disk):
+    server = server_factory(queue=small_disk / "queue.db")
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+        client.sendmail("a@origin.test", ["bob@example.com"], b"Subject: small\r\n\r\nfits\r\n")
+        big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 3000  # 3 MB on a 2 MB disk
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail("a@origin.test", ["bob@example.com"], big)
+        assert (refused.value.smtp_code, refused.value.smtp_error[:5]) == (452, b"4.3.1")
+        client.sendmail("a@origin.test", ["bob@example.com"], b"Subject: small2\r\n\r\nstill fits\r\n")
+    assert len(queue_rows(server)) == 2
+
+
+def _vm_hwm_kb(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_50_mb_message_is_streamed_not_held_in_memory(server_factory):
+    server = server_factory(workers=1, max_workers=1)
+    line = b"z" * 998 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * (50 * 1024 * 1024 // len(line))
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as client:
+        client.sendmail("a@origin.test", ["bob@example.com"], b"warm up\r\n")
+        port = client.sock.getsockname()[1]
+        worker = [pid for pid in server.children() if _has_peer(pid, port)][0]
+        before = _vm_hwm_kb(worker)
+        client.sendmail("a@origin.test", ["bob@example.com"], body)
+        grown_mb = (_vm_hwm_kb(worker) - before) / 1024
+    print(f"worker peak RSS grew by {grown_mb:.1f} MB for a {len(body) / 2**20:.0f} MB message")
+    assert grown_mb < 8
+    db = sqlite3.connect(server.queue_path)
+    assert db.execute("SELECT MAX(size) >= ? FROM messages", (len(body),)).fetchone()[0] == 1
+    db.close()
