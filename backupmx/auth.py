@@ -1,0 +1,287 @@
+"""Passwords and SASL checks for AUTH (RFC 4954): pure functions, no I/O.
+
+Stored password formats (the `password` key of a [user:...] section):
+
+  {SCRYPT}n=16384,r=8,p=1$<salt base64>$<hash base64>
+      from `backupmx passwd` (hash_password); hashlib.scrypt, 16-byte random
+      salt, 32-byte key, standard base64 with padding.  The cost parameters
+      live in the value so they can be raised later without breaking old ones.
+  {PLAIN}<secret>
+      the secret as written; the only format CRAM-MD5 (RFC 2195) can use,
+      because the server needs the secret itself to compute the HMAC.
+
+Mechanisms: PLAIN (RFC 4616), LOGIN (draft-murchison-sasl-login) and
+CRAM-MD5 (RFC 2195).  The SMTP session (the caller) runs the exchange and
+counts failures; this module only decodes and checks, in constant time.
+"""
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections.abc import Mapping
+
+__all__ = [
+    "Authenticator",
+    "SASLSyntaxError",
+    "authzid_acceptable",
+    "cram_md5_challenge",
+    "decode_base64_strict",
+    "decode_cram_md5_response",
+    "decode_sasl_login",
+    "decode_sasl_plain",
+    "hash_password",
+    "validate_password_value",
+    "verify_password",
+]
+
+SCRYPT_PREFIX = "{SCRYPT}"
+PLAIN_PREFIX = "{PLAIN}"
+
+# hash_password's cost: about 16 MiB and a few tens of ms per check.
+SCRYPT_N = 2**14
+SCRYPT_R = 8
+SCRYPT_P = 1
+SCRYPT_SALT_BYTES = 16
+SCRYPT_KEY_BYTES = 32
+
+# Bounds on parameters read from a config, so a typo cannot make every AUTH
+# take minutes or gigabytes.
+_MAX_N = 2**20
+_MAX_R = 32
+_MAX_P = 16
+_MAX_MEM = 1024 * 1024 * 1024 + 1024 * 1024
+
+_SCRYPT_RE = re.compile(
+    r"n=(?P<n>[0-9]{1,8}),r=(?P<r>[0-9]{1,3}),p=(?P<p>[0-9]{1,3})"
+    r"\$(?P<salt>[A-Za-z0-9+/]+={0,2})\$(?P<hash>[A-Za-z0-9+/]+={0,2})"
+)
+
+# What an unknown user (or a user whose secret is {PLAIN}) is checked against,
+# so that every check_password costs one scrypt run: the time it takes tells
+# nothing about whether the user exists or how its secret is stored.  No
+# password hashes to this value (the "hash" is not the output of scrypt).
+_DUMMY_HASH = (
+    "{SCRYPT}n=16384,r=8,p=1$YmFja3VwbXgtZHVtbXktc2FsdA==$"
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+)
+
+
+class SASLSyntaxError(ValueError):
+    """An AUTH payload that is not valid base64 or not the mechanism's format.
+
+    RFC 4954 section 4: the server answers 501 5.5.2 and the exchange ends.
+    """
+
+
+# ---------------------------------------------------------------------------
+# Stored passwords
+
+
+def hash_password(password: str) -> str:
+    """The {SCRYPT} value to put in the config for `password`."""
+    salt = secrets.token_bytes(SCRYPT_SALT_BYTES)
+    key = _scrypt(password.encode("utf-8"), salt, SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_KEY_BYTES)
+    return (
+        f"{SCRYPT_PREFIX}n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}"
+        f"${base64.b64encode(salt).decode('ascii')}${base64.b64encode(key).decode('ascii')}"
+    )
+
+
+def _scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
+    # maxmem must cover 128*r*n (and then some) or OpenSSL refuses.
+    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, dklen=dklen, maxmem=_MAX_MEM)
+
+
+def _parse_scrypt(value: str) -> tuple[int, int, int, bytes, bytes]:
+    """(n, r, p, salt, key) of a {SCRYPT} value; ValueError when malformed."""
+    m = _SCRYPT_RE.fullmatch(value[len(SCRYPT_PREFIX):]) if value.startswith(SCRYPT_PREFIX) else None
+    if m is None:
+        raise ValueError("malformed {SCRYPT} value (expected {SCRYPT}n=N,r=R,p=P$salt$hash)")
+    n, r, p = int(m["n"]), int(m["r"]), int(m["p"])
+    if n < 2 or n & (n - 1) or n > _MAX_N:
+        raise ValueError(f"{{SCRYPT}} n={n} must be a power of two between 2 and {_MAX_N}")
+    if not 1 <= r <= _MAX_R or not 1 <= p <= _MAX_P or 128 * r * n > _MAX_MEM // 2:
+        raise ValueError("{SCRYPT} parameters out of range")
+    try:
+        salt = base64.b64decode(m["salt"], validate=True)
+        key = base64.b64decode(m["hash"], validate=True)
+    except binascii.Error:
+        raise ValueError("{SCRYPT} salt or hash is not valid base64") from None
+    if len(key) < 16:
+        raise ValueError("{SCRYPT} hash is too short")
+    return n, r, p, salt, key
+
+
+def validate_password_value(value: str) -> None:
+    """Raise ValueError (one line) unless `value` is a usable stored password.
+
+    For config validation: "{SCRYPT}..." well formed, or "{PLAIN}" with a
+    non-empty secret.
+    """
+    if value.startswith(PLAIN_PREFIX):
+        if len(value) == len(PLAIN_PREFIX):
+            raise ValueError("{PLAIN} secret is empty")
+        return
+    if value.startswith(SCRYPT_PREFIX):
+        _parse_scrypt(value)
+        return
+    raise ValueError("password must start with {SCRYPT} (from `backupmx passwd`) or {PLAIN}")
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """True when `password` matches the stored value ({SCRYPT} or {PLAIN}).
+
+    Constant-time comparison; a malformed or unknown stored value never
+    matches.  Note {PLAIN} is cheap and {SCRYPT} is not: Authenticator evens
+    that out, this function does not.
+    """
+    if stored.startswith(PLAIN_PREFIX):
+        secret = stored[len(PLAIN_PREFIX):]
+        # Compare bytes: compare_digest on str accepts ASCII only.
+        return bool(secret) and hmac.compare_digest(password.encode("utf-8"), secret.encode("utf-8"))
+    try:
+        n, r, p, salt, key = _parse_scrypt(stored)
+    except ValueError:
+        return False
+    return hmac.compare_digest(_scrypt(password.encode("utf-8"), salt, n, r, p, len(key)), key)
+
+
+# ---------------------------------------------------------------------------
+# The checks the SMTP session calls
+
+
+class Authenticator:
+    """Checks credentials against the configured [user:...] sections.
+
+    `users` maps user name -> backupmx.config.UserConfig (anything with a
+    `password` attribute holding the stored value works).  User names are
+    matched exactly.  Every check returns the UserConfig on success, else None;
+    the caller decides what the user may ETRN (UserConfig.domains).
+    """
+
+    def __init__(self, users: Mapping[str, object]):
+        self._users = dict(users)
+
+    @property
+    def cram_md5_available(self) -> bool:
+        """True when some user has a {PLAIN} secret, so CRAM-MD5 can be offered."""
+        return any(u.password.startswith(PLAIN_PREFIX) for u in self._users.values())
+
+    def check_password(self, username: str, password: str):
+        """The UserConfig when the password is right, else None (PLAIN and LOGIN).
+
+        Exactly one scrypt run per call whatever the user, so an unknown user,
+        a {PLAIN} user and a {SCRYPT} user cost about the same.
+        """
+        user = self._users.get(username)
+        stored = user.password if user is not None else None
+        if stored is not None and stored.startswith(SCRYPT_PREFIX):
+            ok = verify_password(password, stored)
+        else:
+            verify_password(password, _DUMMY_HASH)  # for the time it takes
+            ok = stored is not None and verify_password(password, stored)
+        return user if ok else None
+
+    def check_cram_md5(self, username: str, challenge: bytes, digest_hex: str):
+        """The UserConfig when `digest_hex` is HMAC-MD5(secret, challenge), else None.
+
+        RFC 2195: only a {PLAIN} secret can be checked; {SCRYPT} users and
+        unknown users fail (after the same amount of work).
+        """
+        user = self._users.get(username)
+        secret = None
+        if user is not None and user.password.startswith(PLAIN_PREFIX):
+            secret = user.password[len(PLAIN_PREFIX):]
+        key = secret.encode("utf-8") if secret else secrets.token_bytes(16)
+        expected = hmac.new(key, challenge, hashlib.md5).hexdigest()
+        # RFC 2195 says lower-case hex; accept upper case too.
+        ok = hmac.compare_digest(expected.encode("ascii"), digest_hex.lower().encode("utf-8", "replace"))
+        return user if (ok and secret) else None
+
+
+def authzid_acceptable(authzid: str, authcid: str) -> bool:
+    """RFC 4616 authorization identity rule: empty, or the same as the user.
+
+    Acting on behalf of another user is not supported; the caller treats a
+    False here as a failed AUTH (535), not a syntax error.
+    """
+    return authzid == "" or authzid == authcid
+
+
+# ---------------------------------------------------------------------------
+# SASL payload decoding
+
+
+def decode_base64_strict(text) -> bytes:
+    """Decode one base64 AUTH line (str or bytes); SASLSyntaxError on anything else.
+
+    Strict: only the base64 alphabet with correct padding; no whitespace, no
+    line breaks.  "=" alone (RFC 4954: an empty initial response) is b"".
+    """
+    if isinstance(text, str):
+        try:
+            text = text.encode("ascii")
+        except UnicodeEncodeError:
+            raise SASLSyntaxError("not base64") from None
+    text = bytes(text)
+    if text == b"=":
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise SASLSyntaxError("not base64") from None
+
+
+def _utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SASLSyntaxError(f"{what} is not UTF-8") from None
+
+
+def decode_sasl_plain(payload) -> tuple[str, str, str]:
+    """(authzid, authcid, password) from a base64 PLAIN response (RFC 4616).
+
+    The message is authzid NUL authcid NUL passwd; exactly two NULs, a
+    non-empty authcid and password, UTF-8.  SASLSyntaxError otherwise.  Apply
+    `authzid_acceptable` to the result.
+    """
+    raw = decode_base64_strict(payload)
+    parts = raw.split(b"\x00")
+    if len(parts) != 3:
+        raise SASLSyntaxError("PLAIN response is not authzid NUL authcid NUL password")
+    authzid, authcid, password = (_utf8(p, "PLAIN response") for p in parts)
+    if not authcid or not password:
+        raise SASLSyntaxError("PLAIN response has an empty user name or password")
+    return authzid, authcid, password
+
+
+def decode_sasl_login(payload) -> str:
+    """The user name or password from one base64 LOGIN response line."""
+    return _utf8(decode_base64_strict(payload), "LOGIN response")
+
+
+def decode_cram_md5_response(payload) -> tuple[str, str]:
+    """(username, digest_hex) from a base64 CRAM-MD5 response (RFC 2195).
+
+    The response is "user SP digest", the digest 32 hex digits; the user name
+    is everything before the last space.
+    """
+    text = _utf8(decode_base64_strict(payload), "CRAM-MD5 response")
+    username, sep, digest = text.rpartition(" ")
+    if not sep or not username or not re.fullmatch(r"[0-9a-fA-F]{32}", digest):
+        raise SASLSyntaxError("CRAM-MD5 response is not 'user digest'")
+    return username, digest
+
+
+def cram_md5_challenge(hostname: str) -> bytes:
+    """A fresh CRAM-MD5 challenge, "<random.timestamp@hostname>" (RFC 2195 section 2).
+
+    The caller base64-encodes it in its 334 reply and keeps the raw bytes for
+    check_cram_md5.
+    """
+    return f"<{secrets.randbelow(10**12)}.{int(time.time())}@{hostname}>".encode("ascii", "replace")

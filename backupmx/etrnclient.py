@@ -1,0 +1,268 @@
+"""`backupmx etrn`: the primary's side of the hand-over (RFC 1985 ETRN).
+
+Run on (or for) the primary once it is back: connect to the backup MX,
+STARTTLS (or implicit TLS), verify its certificate, AUTH, and send
+`ETRN <domain>` for each domain.  The backup MX answers at once and delivers
+in the background on a new connection to the primary.
+
+Passwords only ever travel inside TLS: a server that does not offer STARTTLS
+is refused before AUTH.  Needs no config file.
+"""
+
+import base64
+import getpass
+import hashlib
+import hmac
+import smtplib
+import socket
+import ssl
+import sys
+
+__all__ = ["main", "parse_target", "run"]
+
+# RFC 1985 section 5: 250 queuing started, 251 no messages waiting,
+# 252 pending messages for node started, 253 <n> pending messages started.
+ETRN_OK = frozenset({250, 251, 252, 253})
+
+
+class _Failed(Exception):
+    """One-line reason the whole run stops (printed on stderr, exit 1)."""
+
+
+def parse_target(target: str, default_port: int) -> tuple[str, int]:
+    """HOST[:PORT] -> (host, port); "[::1]:2525", "::1" and "host" are fine.
+
+    ValueError (one line) on a bad port.
+    """
+    host, port = target, None
+    if target.startswith("["):
+        end = target.find("]")
+        if end < 0:
+            raise ValueError(f"{target}: missing ']'")
+        host, rest = target[1:end], target[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{target}: expected [HOST]:PORT")
+            port = rest[1:]
+    elif target.count(":") == 1:
+        host, port = target.split(":")
+    if not host:
+        raise ValueError(f"{target}: empty host")
+    if port is None:
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{target}: bad port {port!r}")
+    return host, int(port)
+
+
+def _tls_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
+    if insecure:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        # With --cafile that CA alone is trusted, else the system's CAs.
+        try:
+            ctx = ssl.create_default_context(cafile=cafile)
+        except FileNotFoundError:
+            raise _Failed(f"{cafile}: no such file") from None
+        except OSError as exc:
+            raise _Failed(f"{cafile}: {exc.strerror or exc}") from None
+        except ssl.SSLError:
+            raise _Failed(f"{cafile}: not a PEM CA file") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def _reply_text(code: int, msg: bytes) -> str:
+    text = msg.decode("utf-8", "replace")
+    return " ".join(f"{code} {line}" for line in text.split("\n")) if text else str(code)
+
+
+def _authenticate(smtp: smtplib.SMTP, user: str, password: str) -> None:
+    """AUTH with CRAM-MD5 when offered (the secret never crosses the wire),
+    else PLAIN, else LOGIN.
+
+    Done by hand rather than with smtplib.login, which base64-encodes ASCII
+    only; here user and password are UTF-8 (RFC 4616).  As smtplib.login
+    does, a CRAM-MD5 refusal falls back to PLAIN: the server offers CRAM-MD5
+    when any user has a {PLAIN} secret, which need not be this user.
+    """
+    offered = smtp.esmtp_features.get("auth", "").upper().split()
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode("ascii")
+
+    attempts = []
+    if "CRAM-MD5" in offered:
+        attempts.append("CRAM-MD5")
+    if "PLAIN" in offered:
+        attempts.append("PLAIN")
+    elif "LOGIN" in offered:
+        attempts.append("LOGIN")
+    if not attempts:
+        raise _Failed("server offers no usable AUTH mechanism (wanted CRAM-MD5, PLAIN or LOGIN)")
+    code, msg = 0, b""
+    for mech in attempts:
+        if mech == "CRAM-MD5":
+            code, msg = smtp.docmd("AUTH", "CRAM-MD5")
+            if code != 334:
+                continue
+            try:
+                challenge = base64.b64decode(msg, validate=True)
+            except ValueError:
+                smtp.docmd("*")  # RFC 4954: cancel the exchange
+                raise _Failed("server sent a malformed CRAM-MD5 challenge") from None
+            digest = hmac.new(password.encode("utf-8"), challenge, hashlib.md5).hexdigest()
+            code, msg = smtp.docmd(b64(f"{user} {digest}".encode("utf-8")))
+        elif mech == "PLAIN":
+            code, msg = smtp.docmd("AUTH", "PLAIN " + b64(f"\0{user}\0{password}".encode("utf-8")))
+        else:
+            code, msg = smtp.docmd("AUTH", "LOGIN")
+            if code == 334:
+                code, msg = smtp.docmd(b64(user.encode("utf-8")))
+            if code == 334:
+                code, msg = smtp.docmd(b64(password.encode("utf-8")))
+        if code == 235:
+            return
+        if code == 421:
+            break
+    raise _Failed(f"authentication failed: {_reply_text(code, msg)}")
+
+
+def run(host, port, domains, *, user, password, implicit_tls=False, cafile=None, insecure=False,
+        timeout=30, out=None, err=None) -> int:
+    """Send ETRN for each domain; 0 when every reply is 250/251/252/253, else 1.
+
+    Prints "ETRN <domain>: <reply>" for each on `out`; a connection, TLS or
+    AUTH problem is one line on `err` (no traceback) and exit 1.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    smtp = None
+    try:
+        ctx = _tls_context(cafile, insecure)
+        # local_hostname: smtplib's default, getfqdn(), may wait on DNS.
+        helo = socket.gethostname() or "localhost"
+        stage = "connect"
+        if implicit_tls:
+            smtp = smtplib.SMTP_SSL(host, port, local_hostname=helo, timeout=timeout, context=ctx)
+        else:
+            smtp = smtplib.SMTP(host, port, local_hostname=helo, timeout=timeout)
+        stage = "EHLO"
+        code, msg = smtp.ehlo()
+        if code != 250:
+            raise _Failed(f"EHLO refused: {_reply_text(code, msg)}")
+        if not implicit_tls:
+            if not smtp.has_extn("starttls"):
+                raise _Failed("server does not offer STARTTLS; not sending the password in clear text")
+            stage = "STARTTLS"
+            smtp.starttls(context=ctx)
+            code, msg = smtp.ehlo()
+            if code != 250:
+                raise _Failed(f"EHLO after STARTTLS refused: {_reply_text(code, msg)}")
+        stage = "AUTH"
+        if not smtp.has_extn("auth"):
+            raise _Failed("server does not offer AUTH")
+        _authenticate(smtp, user, password)
+        stage = "ETRN"
+        status = 0
+        for domain in domains:
+            code, msg = smtp.docmd("ETRN", domain)
+            print(f"ETRN {domain}: {_reply_text(code, msg)}", file=out, flush=True)
+            if code not in ETRN_OK:
+                status = 1
+            if code == 421:  # the server is closing the connection
+                return 1
+        stage = "QUIT"
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            pass
+        smtp = None
+        return status
+    except _Failed as exc:
+        print(f"backupmx etrn: {where}: {exc}", file=err)
+    except ssl.SSLCertVerificationError as exc:
+        print(f"backupmx etrn: {where}: certificate verification failed: {exc.verify_message or exc.reason}",
+              file=err)
+    except ssl.SSLError as exc:
+        print(f"backupmx etrn: {where}: TLS failed: {exc.reason or exc}", file=err)
+    except smtplib.SMTPResponseException as exc:
+        print(f"backupmx etrn: {where}: {stage}: {_reply_text(exc.smtp_code, exc.smtp_error)}", file=err)
+    except smtplib.SMTPServerDisconnected as exc:
+        print(f"backupmx etrn: {where}: connection closed during {stage}: {exc}", file=err)
+    except smtplib.SMTPException as exc:
+        print(f"backupmx etrn: {where}: {stage}: {exc}", file=err)
+    except socket.timeout:
+        print(f"backupmx etrn: {where}: timed out during {stage}", file=err)
+    except OSError as exc:
+        print(f"backupmx etrn: {where}: {stage}: {exc.strerror or exc}", file=err)
+    finally:
+        if smtp is not None:
+            try:
+                smtp.close()
+            except OSError:
+                pass
+    return 1
+
+
+def _read_password(password_file: str | None, user: str) -> str:
+    if password_file:
+        try:
+            if password_file == "-":
+                line = sys.stdin.readline()
+            else:
+                with open(password_file, encoding="utf-8") as f:
+                    line = f.readline()
+        except OSError as exc:
+            raise _Failed(f"{password_file}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise _Failed(f"{password_file}: not UTF-8") from None
+        password = line[:-1] if line.endswith("\n") else line
+        if password.endswith("\r"):
+            password = password[:-1]
+        if not password:
+            raise _Failed(f"{password_file}: the first line (the password) is empty")
+        return password
+    if sys.stdin is not None and sys.stdin.isatty():
+        password = getpass.getpass(f"Password for {user}: ")
+        if not password:
+            raise _Failed("empty password")
+        return password
+    raise _Failed("no --password-file given and stdin is not a terminal to ask on")
+
+
+def main(args) -> int:
+    """Entry point from `backupmx etrn` (argparse namespace).
+
+    Reads: target (HOST[:PORT]; also accepted as `host`), domains (list),
+    user, password_file, tls (implicit TLS; also `implicit_tls`), cafile,
+    insecure, timeout (optional, seconds).
+    """
+    target = getattr(args, "target", None) or getattr(args, "host", None)
+    domains = getattr(args, "domains", None) or getattr(args, "domain", None) or []
+    if isinstance(domains, str):
+        domains = [domains]
+    implicit_tls = bool(getattr(args, "tls", False) or getattr(args, "implicit_tls", False))
+    user = getattr(args, "user", None)
+    try:
+        if not target:
+            raise _Failed("no HOST[:PORT] given")
+        if not domains:
+            raise _Failed("no DOMAIN given")
+        if not user:
+            raise _Failed("--user is required")
+        try:
+            host, port = parse_target(target, 465 if implicit_tls else 25)
+        except ValueError as exc:
+            raise _Failed(str(exc)) from None
+        password = _read_password(getattr(args, "password_file", None), user)
+    except _Failed as exc:
+        print(f"backupmx etrn: {exc}", file=sys.stderr)
+        return 1
+    timeout = getattr(args, "timeout", None) or 30
+    return run(host, port, list(domains), user=user, password=password, implicit_tls=implicit_tls,
+               cafile=getattr(args, "cafile", None), insecure=bool(getattr(args, "insecure", False)),
+               timeout=timeout)

@@ -1,0 +1,502 @@
+"""backupmx.tls: contexts, their errors, and the I/O-free TLSLayer.
+
+Real TLS throughout: the committed certificates in tests/certs/, two
+TLSLayers talking through memory, and a TLSLayer against a real ssl socket.
+"""
+
+import os
+import pathlib
+import random
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+
+import pytest
+
+from backupmx import tls
+from backupmx.tls import TLSConfigError, TLSError, TLSLayer
+
+CERTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "certs")
+CA = os.path.join(CERTS, "ca.pem")
+SERVER_PEM = os.path.join(CERTS, "server.pem")
+SERVER_KEY = os.path.join(CERTS, "server.key")
+OTHER_PEM = os.path.join(CERTS, "other.pem")
+OTHER_KEY = os.path.join(CERTS, "other.key")
+
+
+@pytest.fixture(scope="module")
+def server_ctx():
+    return tls.server_context(SERVER_PEM, SERVER_KEY)
+
+
+@pytest.fixture(scope="module")
+def verifying_ctx():
+    return tls.client_context("required", CA)
+
+
+# ---------------------------------------------------------------------------
+# The committed certificates
+
+
+def test_certificates_are_long_lived_and_named_for_localhost(verifying_ctx):
+    # ssl's own parser, via a real handshake below; here the basic promises.
+    for name in ("ca.pem", "server.pem", "server.key", "other.pem", "other.key", "make-certs.sh"):
+        assert os.path.exists(os.path.join(CERTS, name)), name
+    with open(SERVER_PEM) as f:
+        assert f.read().count("BEGIN CERTIFICATE") == 1  # leaf only, documented in make-certs.sh
+
+
+# ---------------------------------------------------------------------------
+# server_context
+
+
+def test_server_context_settings(server_ctx):
+    ctx = server_ctx
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    for opt in (ssl.OP_NO_COMPRESSION, ssl.OP_NO_RENEGOTIATION, ssl.OP_CIPHER_SERVER_PREFERENCE,
+                ssl.OP_SINGLE_DH_USE, ssl.OP_SINGLE_ECDH_USE):
+        assert ctx.options & opt == opt, opt
+    tls12 = [c for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"]
+    assert tls12
+    for c in tls12:
+        assert c["aead"], c["name"]
+        assert c["kea"] in ("kx-ecdhe", "kx-dhe"), c["name"]
+
+
+def test_server_context_min_version_13():
+    ctx = tls.server_context(SERVER_PEM, SERVER_KEY, "TLSv1.3")
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
+
+
+def test_server_context_bad_min_version():
+    with pytest.raises(TLSConfigError, match="tls_min_version"):
+        tls.server_context(SERVER_PEM, SERVER_KEY, "TLSv1.0")
+
+
+def _one_line_naming(exc_info, path):
+    msg = str(exc_info.value)
+    assert "\n" not in msg
+    assert msg.startswith(path + ": "), msg
+    return msg
+
+
+def test_server_context_missing_files(tmp_path):
+    missing = str(tmp_path / "nope.pem")
+    with pytest.raises(TLSConfigError) as ei:
+        tls.server_context(missing, SERVER_KEY)
+    assert "certificate" in _one_line_naming(ei, missing)
+    with pytest.raises(TLSConfigError) as ei:
+        tls.server_context(SERVER_PEM, missing)
+    assert "key" in _one_line_naming(ei, missing)
+
+
+def test_server_context_directory_instead_of_file(tmp_path):
+    with pytest.raises(TLSConfigError) as ei:
+        tls.server_context(SERVER_PEM, str(tmp_path))
+    assert "cannot read private key" in _one_line_naming(ei, str(tmp_path))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_server_context_unreadable_key(tmp_path):
+    key = tmp_path / "key.pem"
+    shutil.copy(SERVER_KEY, key)
+    key.chmod(0)
+    with pytest.raises(TLSConfigError) as ei:
+        tls.server_context(SERVER_PEM, str(key))
+    _one_line_naming(ei, str(key))
+
+
+def test_server_context_garbage_cert_and_key(tmp_path):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("this is not PEM\n")
+    with pytest.raises(TLSConfigError) as ei:
+        tls.server_context(str(junk), SERVER_KEY)
+    assert "certificate" in _one_line_naming(ei, str(junk))
+    with pytest.raises(TLSConfigError) as ei:
+        tls.server_context(SERVER_PEM, str(junk))
+    assert "key" in _one_line_naming(ei, str(junk))
+    # A certificate given where the key belongs.
+    with pytest.raises(TLSConfigError) as ei:
+        tls.server_context(SERVER_PEM, CA)
+    _one_line_naming(ei, CA)
+
+
+def test_server_context_key_mismatch():
+    with pytest.raises(TLSConfigError) as ei:
+        tls.server_context(SERVER_PEM, OTHER_KEY)
+    assert "does not match" in _one_line_naming(ei, OTHER_KEY)
+
+
+def test_server_context_cert_and_key_in_one_file(tmp_path):
+    both = tmp_path / "both.pem"
+    both.write_bytes(pathlib.Path(SERVER_PEM).read_bytes() + pathlib.Path(SERVER_KEY).read_bytes())
+    tls.server_context(str(both), str(both))
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_server_context_encrypted_key_is_refused_without_prompting(tmp_path):
+    enc = tmp_path / "enc.key"
+    subprocess.run(["openssl", "pkey", "-in", SERVER_KEY, "-aes256", "-passout", "pass:secret",
+                    "-out", str(enc)], check=True, capture_output=True, timeout=30)
+    with pytest.raises(TLSConfigError) as ei:
+        tls.server_context(SERVER_PEM, str(enc))
+    assert "encrypted" in _one_line_naming(ei, str(enc))
+
+
+# ---------------------------------------------------------------------------
+# check_key_file
+
+
+@pytest.mark.parametrize("mode,ok", [(0o600, True), (0o640, True), (0o400, True), (0o644, False), (0o604, False)])
+def test_check_key_file_modes(tmp_path, mode, ok):
+    key = tmp_path / "key.pem"
+    shutil.copy(SERVER_KEY, key)
+    key.chmod(mode)
+    if ok:
+        tls.check_key_file(str(key))
+    else:
+        with pytest.raises(TLSConfigError) as ei:
+            tls.check_key_file(str(key))
+        assert "readable by everyone" in _one_line_naming(ei, str(key))
+
+
+def test_check_key_file_missing(tmp_path):
+    with pytest.raises(TLSConfigError) as ei:
+        tls.check_key_file(str(tmp_path / "nope"))
+    _one_line_naming(ei, str(tmp_path / "nope"))
+
+
+# ---------------------------------------------------------------------------
+# client_context
+
+
+def test_client_context_modes():
+    assert tls.client_context("none") is None
+    opp = tls.client_context("opportunistic")
+    assert opp.verify_mode == ssl.CERT_NONE and not opp.check_hostname
+    assert opp.minimum_version == ssl.TLSVersion.TLSv1_2
+    req = tls.client_context("required", CA)
+    assert req.verify_mode == ssl.CERT_REQUIRED and req.check_hostname
+    assert req.minimum_version == ssl.TLSVersion.TLSv1_2
+    system = tls.client_context("required")  # the system CAs
+    assert system.verify_mode == ssl.CERT_REQUIRED and system.check_hostname
+    with pytest.raises(TLSConfigError):
+        tls.client_context("maybe")
+
+
+def test_client_context_bad_cafile(tmp_path):
+    with pytest.raises(TLSConfigError) as ei:
+        tls.client_context("required", str(tmp_path / "nope.pem"))
+    _one_line_naming(ei, str(tmp_path / "nope.pem"))
+    junk = tmp_path / "junk.pem"
+    junk.write_text("junk\n")
+    with pytest.raises(TLSConfigError) as ei:
+        tls.client_context("required", str(junk))
+    _one_line_naming(ei, str(junk))
+
+
+def _socket_handshake(server_ctx, client_ctx, server_hostname, client_kwargs=None):
+    """Real sockets: ssl server socket in a thread, ssl client here. Returns (version, error)."""
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    server_error = []
+
+    def serve():
+        try:
+            with server_ctx.wrap_socket(a, server_side=True) as s:
+                s.sendall(b"hello")
+        except (ssl.SSLError, OSError) as exc:
+            server_error.append(exc)
+        finally:
+            a.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with client_ctx.wrap_socket(b, server_hostname=server_hostname) as c:
+            assert c.recv(5) == b"hello"
+            return c.version(), None
+    except ssl.SSLError as exc:
+        return None, exc
+    finally:
+        b.close()
+        t.join(10)
+        assert not t.is_alive()
+
+
+@pytest.mark.parametrize("name", ["localhost", "127.0.0.1", "::1"])
+def test_required_verifies_the_test_ca(server_ctx, verifying_ctx, name):
+    version, error = _socket_handshake(server_ctx, verifying_ctx, name)
+    assert error is None and version in ("TLSv1.2", "TLSv1.3")
+
+
+def test_required_rejects_untrusted_and_wrong_name(verifying_ctx, server_ctx):
+    other_ctx = tls.server_context(OTHER_PEM, OTHER_KEY)
+    _, error = _socket_handshake(other_ctx, verifying_ctx, "localhost")
+    assert isinstance(error, ssl.SSLCertVerificationError)
+    _, error = _socket_handshake(server_ctx, verifying_ctx, "mail.example.com")
+    assert isinstance(error, ssl.SSLCertVerificationError)
+
+
+def test_opportunistic_accepts_untrusted():
+    other_ctx = tls.server_context(OTHER_PEM, OTHER_KEY)
+    version, error = _socket_handshake(other_ctx, tls.client_context("opportunistic"), "whatever")
+    assert error is None and version
+
+
+def test_server_refuses_old_versions_and_weak_ciphers(server_ctx):
+    only12 = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    only12.check_hostname = False
+    only12.verify_mode = ssl.CERT_NONE
+    only12.maximum_version = ssl.TLSVersion.TLSv1_2
+    version, error = _socket_handshake(server_ctx, only12, None)
+    assert version == "TLSv1.2" and error is None
+    # Server wants 1.3, client stops at 1.2.
+    _, error = _socket_handshake(tls.server_context(SERVER_PEM, SERVER_KEY, "TLSv1.3"), only12, None)
+    assert error is not None
+    # No forward secrecy (static RSA key exchange) is refused.
+    static_rsa = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    static_rsa.check_hostname = False
+    static_rsa.verify_mode = ssl.CERT_NONE
+    static_rsa.maximum_version = ssl.TLSVersion.TLSv1_2
+    static_rsa.set_ciphers("AES128-GCM-SHA256:AES256-GCM-SHA384")
+    _, error = _socket_handshake(server_ctx, static_rsa, None)
+    assert error is not None
+
+
+# ---------------------------------------------------------------------------
+# TLSLayer in memory: two layers, bytes moved by hand
+
+
+class Pipe:
+    """Moves bytes between a client and a server TLSLayer, optionally in random chunks."""
+
+    def __init__(self, client, server, rng=None):
+        self.client, self.server = client, server
+        self.rng = rng
+        self.got = {id(client): bytearray(), id(server): bytearray()}
+
+    def _feed(self, layer, data):
+        if not data:
+            return
+        if self.rng is None:
+            self.got[id(layer)] += layer.receive(data)
+            return
+        i = 0
+        while i < len(data):
+            n = self.rng.randint(1, 700)
+            self.got[id(layer)] += layer.receive(data[i:i + n])
+            i += n
+
+    def pump(self, rounds=50):
+        for _ in range(rounds):
+            c_out, s_out = self.client.outgoing(), self.server.outgoing()
+            if not c_out and not s_out:
+                return
+            self._feed(self.server, c_out)
+            self._feed(self.client, s_out)
+        raise AssertionError("TLS exchange did not settle")
+
+    def take(self, layer):
+        data = bytes(self.got[id(layer)])
+        self.got[id(layer)].clear()
+        return data
+
+
+def _layers(server_ctx, client_ctx=None, hostname="localhost"):
+    client_ctx = client_ctx or tls.client_context("required", CA)
+    server = TLSLayer(server_ctx, server_side=True)
+    client = TLSLayer(client_ctx, server_side=False, server_hostname=hostname)
+    return client, server
+
+
+def test_layer_handshake_and_data(server_ctx):
+    client, server = _layers(server_ctx)
+    assert not server.handshake_complete and server.version() is None and server.cipher() is None
+    assert client.has_outgoing  # the ClientHello is ready at once
+    p = Pipe(client, server)
+    p.pump()
+    assert client.handshake_complete and server.handshake_complete
+    assert server.version() in ("TLSv1.2", "TLSv1.3")
+    assert server.version() == client.version()
+    assert server.cipher() and server.cipher() == client.cipher()
+    assert server.cipher_bits() >= 128
+    assert client.peer_certificate()["subject"]
+    client.send(b"EHLO x\r\n")
+    p.pump()
+    assert p.take(server) == b"EHLO x\r\n"
+    server.send(b"250 ok\r\n")
+    p.pump()
+    assert p.take(client) == b"250 ok\r\n"
+
+
+def test_layer_send_before_handshake_is_buffered(server_ctx):
+    client, server = _layers(server_ctx)
+    server.send(b"220 banner\r\n")  # implicit TLS: the banner is queued before the handshake
+    client.send(b"EHLO early\r\n")
+    p = Pipe(client, server)
+    p.pump()
+    assert p.take(client) == b"220 banner\r\n"
+    assert p.take(server) == b"EHLO early\r\n"
+
+
+def test_layer_random_chunks_and_large_data(server_ctx):
+    seed = random.randrange(2**32)
+    print("seed", seed)
+    rng = random.Random(seed)
+    client, server = _layers(server_ctx)
+    p = Pipe(client, server, rng)
+    p.pump()
+    payload = rng.randbytes(300_000)
+    sent = 0
+    while sent < len(payload):
+        n = rng.randint(1, 40_000)
+        client.send(payload[sent:sent + n])
+        sent += n
+        p.pump(rounds=200)
+    assert p.take(server) == payload
+    reply = rng.randbytes(70_000)
+    server.send(reply)
+    p.pump(rounds=200)
+    assert p.take(client) == reply
+
+
+def test_layer_close_notify_and_eof(server_ctx):
+    client, server = _layers(server_ctx)
+    p = Pipe(client, server)
+    p.pump()
+    client.send(b"QUIT\r\n")
+    client.close()
+    with pytest.raises(TLSError):
+        client.send(b"more")
+    p.pump()
+    assert p.take(server) == b"QUIT\r\n"  # data before close_notify still arrives
+    assert server.closed
+    assert server.receive(b"anything") == b""
+
+    client, server = _layers(server_ctx)
+    p = Pipe(client, server)
+    p.pump()
+    client.send(b"last words")
+    server_data = server.receive(client.outgoing())
+    assert server_data == b"last words"
+    assert server.receive(b"") == b""  # socket EOF without close_notify
+    assert server.closed
+
+
+def test_layer_eof_during_handshake(server_ctx):
+    client, server = _layers(server_ctx)
+    server.receive(client.outgoing())
+    with pytest.raises(TLSError):
+        server.receive(b"")
+    assert server.closed
+
+
+def test_layer_garbage_is_a_tls_error(server_ctx):
+    server = TLSLayer(server_ctx)
+    with pytest.raises(TLSError) as ei:
+        server.receive(b"EHLO this is plaintext, not TLS\r\n")
+    assert "\n" not in str(ei.value)
+    assert server.closed
+
+
+def test_layer_untrusted_server_fails_both_sides():
+    other_ctx = tls.server_context(OTHER_PEM, OTHER_KEY)
+    client, server = _layers(other_ctx)
+    server.receive(client.outgoing())
+    with pytest.raises(TLSError, match="certificate"):
+        client.receive(server.outgoing())
+    alert = client.outgoing()  # the client tells the server why
+    if alert:
+        with pytest.raises(TLSError):
+            server.receive(alert)
+
+
+def test_layer_many_sessions_in_one_thread(server_ctx):
+    # What a worker does: many independent sessions from one context.
+    pairs = [_layers(server_ctx) for _ in range(20)]
+    pipes = [Pipe(c, s) for c, s in pairs]
+    for i, (pipe, (c, s)) in enumerate(zip(pipes, pairs)):
+        pipe.pump()
+        c.send(b"session %d\r\n" % i)
+    for i, (pipe, (c, s)) in enumerate(zip(pipes, pairs)):
+        pipe.pump()
+        assert pipe.take(s) == b"session %d\r\n" % i
+
+
+# ---------------------------------------------------------------------------
+# TLSLayer (server) against a real ssl client socket, STARTTLS style
+
+
+def _serve_with_layer(sock, server_ctx, deadline_s=10):
+    """A blocking STARTTLS-style echo server on `sock` driven through a TLSLayer.
+
+    Plaintext: reads "STARTTLS\\r\\n", answers "220 go ahead\\r\\n"; then TLS:
+    echoes each line upper-cased until "QUIT\\r\\n", answers "221 bye" and closes.
+    """
+    sock.settimeout(deadline_s)
+    buf = b""
+    while b"\r\n" not in buf:
+        chunk = sock.recv(4096)
+        assert chunk
+        buf += chunk
+    line, _, rest = buf.partition(b"\r\n")
+    assert line == b"STARTTLS"
+    assert rest == b""  # nothing pipelined in this test
+    sock.sendall(b"220 go ahead\r\n")
+    layer = TLSLayer(server_ctx)
+    plain = b""
+    while not layer.closed:
+        data = sock.recv(65536)
+        plain += layer.receive(data)
+        while b"\r\n" in plain:
+            line, _, plain = plain.partition(b"\r\n")
+            if line == b"QUIT":
+                layer.send(b"221 bye\r\n")
+                layer.close()
+            else:
+                layer.send(line.upper() + b"\r\n")
+        sock.sendall(layer.outgoing())
+        if layer.closing:
+            break
+    return layer
+
+
+def test_layer_against_real_ssl_socket(server_ctx, verifying_ctx):
+    a, b = socket.socketpair()
+    result = {}
+
+    def serve():
+        try:
+            result["layer"] = _serve_with_layer(a, server_ctx)
+        except BaseException as exc:  # reported in the main thread
+            result["error"] = exc
+        finally:
+            a.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        b.settimeout(10)
+        b.sendall(b"STARTTLS\r\n")
+        assert b.recv(100) == b"220 go ahead\r\n"
+        with verifying_ctx.wrap_socket(b, server_hostname="localhost") as c:
+            f = c.makefile("rwb")
+            for word in (b"hello", b"x" * 20000, b"mail from:<a@b>"):
+                f.write(word + b"\r\n")
+                f.flush()
+                assert f.readline() == word.upper() + b"\r\n"
+            f.write(b"QUIT\r\n")
+            f.flush()
+            assert f.readline() == b"221 bye\r\n"
+            version = c.version()
+            f.close()
+    finally:
+        b.close()
+        t.join(10)
+    assert not t.is_alive()
+    assert "error" not in result, result.get("error")
+    assert result["layer"].version() == version
