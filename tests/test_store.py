@@ -1,0 +1,674 @@
+"""The SQLite queue (backupmx/store.py, schema.sql, backupmx/schema.py).
+
+Real database files in tmp_path, real locks from a second connection, a real
+SQLITE_FULL from PRAGMA max_page_count, real processes racing for leases.
+"""
+
+import io
+import multiprocessing
+import os
+import random
+import re
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from backupmx import schema as schema_mod
+from backupmx.envelope import Envelope, Recipient
+from backupmx.store import (
+    CHUNK,
+    DEFERRED,
+    DELIVERED,
+    FAILED,
+    QueueStore,
+    QueueUnavailable,
+    check_database,
+    is_queue_id,
+    new_queue_id,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = 1_800_000_000
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now=T0):
+        self.now = float(now)
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "queue.db")
+
+
+@pytest.fixture
+def store(db_path, clock):
+    s = QueueStore(db_path, clock=clock)
+    yield s
+    s.close()
+
+
+def envelope(*addresses, sender="sender@example.org", **kw):
+    rcpts = []
+    for a in addresses:
+        rcpts.append(a if isinstance(a, Recipient) else Recipient(a, a.rsplit("@", 1)[1].lower()))
+    return Envelope(sender=sender, recipients=rcpts, **kw)
+
+
+def put(store, *addresses, body=b"Subject: hi\r\n\r\nhello\r\n", **kw):
+    qid = store.new_queue_id()
+    store.enqueue(qid, envelope(*addresses, **kw), io.BytesIO(body), len(body), client="192.0.2.1", helo="client.test")
+    return qid
+
+
+def counts(path):
+    db = sqlite3.connect(path)
+    try:
+        return tuple(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                     for t in ("messages", "queue", "recipients", "events"))
+    finally:
+        db.close()
+
+
+# --- opening ---------------------------------------------------------------------
+
+
+def test_pragmas_are_set(store):
+    db = store.connection
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert db.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+    assert db.execute("PRAGMA user_version").fetchone()[0] == schema_mod.schema_version() >= 1
+    # A second, independent connection sees WAL too: it is a property of the file.
+    other = sqlite3.connect(store.path)
+    assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    other.close()
+
+
+def test_files_are_private(tmp_path, clock):
+    old = os.umask(0o022)
+    try:
+        s = QueueStore(str(tmp_path / "q.db"), clock=clock)
+        put(s, "a@example.com")
+        for name in ("q.db", "q.db-wal", "q.db-shm"):
+            assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600, name
+        s.close()
+        assert os.umask(0o022) == 0o022  # the store put the umask back
+    finally:
+        os.umask(old)
+
+
+def test_reopen_is_harmless_and_keeps_mail(db_path, clock):
+    with QueueStore(db_path, clock=clock) as s:
+        qid = put(s, "a@example.com")
+    with QueueStore(db_path, clock=clock) as s:
+        assert [m.queue_id for m in s.messages_for_flush("example.com")] == [qid]
+
+
+def test_newer_schema_is_refused(db_path, clock):
+    QueueStore(db_path, clock=clock).close()
+    db = sqlite3.connect(db_path)
+    db.execute("PRAGMA user_version = 999")
+    db.close()
+    with pytest.raises(QueueUnavailable, match="newer"):
+        QueueStore(db_path, clock=clock)
+
+
+def test_unopenable_path_is_unavailable(tmp_path, clock):
+    with pytest.raises(QueueUnavailable):
+        QueueStore(str(tmp_path / "no" / "such" / "dir" / "q.db"), clock=clock)
+
+
+def test_check_database(tmp_path, clock):
+    assert check_database(str(tmp_path / "new.db")) == []
+    assert not os.path.exists(tmp_path / "new.db")  # check never creates it
+    assert "does not exist" in check_database(str(tmp_path / "missing" / "q.db"))[0]
+    QueueStore(str(tmp_path / "good.db"), clock=clock).close()
+    assert check_database(str(tmp_path / "good.db")) == []
+    (tmp_path / "junk.db").write_bytes(b"this is not a database" * 100)
+    assert check_database(str(tmp_path / "junk.db"))
+
+
+# --- ids ---------------------------------------------------------------------------
+
+
+def test_queue_ids_are_short_unique_and_time_sortable(clock):
+    ids = set()
+    for _ in range(5000):
+        ids.add(new_queue_id(clock))
+    assert len(ids) == 5000
+    assert all(re.fullmatch(r"[0-9A-Z]{14}", i) and is_queue_id(i) for i in ids)
+    assert not is_queue_id("example.com") and not is_queue_id("EXAMPLE12345.") and not is_queue_id("abcdefghijkl")
+    earlier = new_queue_id(clock)
+    clock.now += 1
+    assert new_queue_id(clock) > earlier
+
+
+# --- enqueue -------------------------------------------------------------------------
+
+
+def test_queued_once_per_domain_with_one_body(store):
+    qid = put(store, "a@one.test", "b@two.test", "c@one.test", "a@one.test")
+    db = store.connection
+    assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 1
+    assert db.execute("SELECT domain FROM queue WHERE queue_id = ? ORDER BY domain", (qid,)).fetchall() == [
+        ("one.test",), ("two.test",)]
+    assert db.execute("SELECT domain, address FROM recipients ORDER BY rowid").fetchall() == [
+        ("one.test", "a@one.test"), ("two.test", "b@two.test"), ("one.test", "c@one.test")]  # duplicate stored once
+    one = store.messages_for_flush("one.test")
+    assert [(m.queue_id, [r.address for r in m.recipients]) for m in one] == [(qid, ["a@one.test", "c@one.test"])]
+    assert [r.address for r in store.messages_for_flush("two.test")[0].recipients] == ["b@two.test"]
+
+
+def test_envelope_parameters_are_kept(store):
+    env = Envelope(
+        sender="", recipients=[Recipient("Bob@Example.COM", "example.com", notify="SUCCESS,DELAY", orcpt="rfc822;bob@x")],
+        body_type="8BITMIME", envid="ENV+2B1", ret="HDRS",
+    )
+    store.enqueue("ABC123DEF456", env, io.BytesIO(b"x"), 1, client="::1", helo="h")
+    [m] = store.messages_for_flush("example.com")
+    assert (m.sender, m.envid, m.ret, m.body_type, m.size, m.attempts) == ("", "ENV+2B1", "HDRS", "8BITMIME", 1, 0)
+    assert m.recipients == [Recipient("Bob@Example.COM", "example.com", "SUCCESS,DELAY", "rfc822;bob@x")]
+    d = store.show("ABC123DEF456")
+    assert (d.client, d.helo, d.received_at) == ("::1", "h", T0)
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17])
+def test_body_round_trip_is_byte_exact(store, size):
+    seed = random.randrange(2**32)
+    print("seed", seed)
+    rng = random.Random(seed)
+    body = bytes(rng.randrange(256) for _ in range(size))
+    if size > 4:
+        body = b"\x00\r\n\xff" + body[4:]  # NUL, CRLF and 8-bit for sure
+    qid = put(store, "a@example.com", body=body)
+    with store.open_body(qid) as f:
+        assert len(f) == size
+        pieces = []
+        while chunk := f.read(rng.randrange(1, 70000)):
+            pieces.append(chunk)
+        assert b"".join(pieces) == body
+        f.seek(0)
+        assert f.read() == body
+
+
+def test_body_as_bytes_is_accepted(store):
+    qid = store.new_queue_id()
+    store.enqueue(qid, envelope("a@example.com"), b"\x00\x01", 2, client=None, helo=None)
+    assert store.open_body(qid).read() == b"\x00\x01"
+
+
+def test_open_body_unknown_id(store):
+    with pytest.raises(KeyError):
+        store.open_body("NOSUCHID0000")
+
+
+def _peak_during(fn):
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_large_message_memory_does_not_grow_with_size(store, tmp_path):
+    size = 20 * 1024 * 1024
+    src = tmp_path / "big.eml"
+    with open(src, "wb") as f:
+        block = bytes(range(256)) * 256  # 64 KiB
+        for _ in range(size // len(block)):
+            f.write(block)
+    qid = store.new_queue_id()
+
+    def write():
+        with open(src, "rb") as f:
+            store.enqueue(qid, envelope("a@example.com"), f, size, client="c", helo="h")
+
+    assert _peak_during(write) < 5 * 1024 * 1024
+
+    def read():
+        with store.open_body(qid) as body, open(src, "rb") as f:
+            while chunk := body.read(CHUNK):
+                assert chunk == f.read(len(chunk))
+            assert body.tell() == size
+
+    assert _peak_during(read) < 5 * 1024 * 1024
+
+
+_RSS_SCRIPT = r"""
+import os, resource, sys
+from backupmx.envelope import Envelope, Recipient
+from backupmx.store import QueueStore
+path, size = sys.argv[1], int(sys.argv[2])
+store = QueueStore(os.path.join(path, "q.db"))
+with open(os.path.join(path, "big"), "wb") as f:
+    block = os.urandom(65536)
+    for _ in range(size // len(block)):
+        f.write(block)
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, the peak so far
+before = rss()
+with open(os.path.join(path, "big"), "rb") as f:
+    store.enqueue("BIG000000000", Envelope("s@x", [Recipient("a@example.com", "example.com")]), f, size,
+                  client="c", helo="h")
+after_write = rss()
+with store.open_body("BIG000000000") as body:
+    while body.read(65536):
+        pass
+print(after_write - before, rss() - after_write)
+"""
+
+
+def test_large_message_rss_does_not_grow_with_size(tmp_path):
+    # SQLite's own memory is invisible to tracemalloc: measure the process's peak RSS.
+    # (This caught the body column not being last, which makes SQLite build the
+    # zeroblob in memory: +2x the message.)
+    size = 40 * 1024 * 1024
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path), str(size)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    write_kib, read_kib = map(int, out.stdout.split())
+    assert write_kib < 5 * 1024 and read_kib < 5 * 1024, (write_kib, read_kib)
+
+
+def test_wrong_size_is_rejected_and_nothing_written(store):
+    before = counts(store.path)
+    with pytest.raises(ValueError):
+        store.enqueue("SHORT0000000", envelope("a@example.com"), io.BytesIO(b"abc"), 4, client="c", helo="h")
+    with pytest.raises(ValueError):
+        store.enqueue("LONG00000000", envelope("a@example.com"), io.BytesIO(b"abcde"), 4, client="c", helo="h")
+    with pytest.raises(ValueError):
+        store.enqueue("NORCPT000000", Envelope("s@x"), io.BytesIO(b""), 0, client="c", helo="h")
+    assert counts(store.path) == before
+
+
+def test_duplicate_queue_id_is_unavailable(store):
+    store.enqueue("SAME00000000", envelope("a@example.com"), b"1", 1, client="c", helo="h")
+    with pytest.raises(QueueUnavailable):
+        store.enqueue("SAME00000000", envelope("b@example.com"), b"2", 1, client="c", helo="h")
+    assert store.open_body("SAME00000000").read() == b"1"
+
+
+def test_disk_full_is_unavailable_and_nothing_half_queued(store):
+    put(store, "a@example.com")
+    before = counts(store.path)
+    db = store.connection
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages + 8}")  # real SQLITE_FULL past 8 more pages
+    body = os.urandom(200_000)
+    with pytest.raises(QueueUnavailable, match="full"):
+        store.enqueue("FULL00000000", envelope("a@example.com", "b@other.test"), io.BytesIO(body), len(body),
+                      client="c", helo="h")
+    assert not db.in_transaction
+    assert counts(store.path) == before
+    assert store.show("FULL00000000") is None
+    put(store, "small@example.com", body=b"x")  # a small one still fits
+    db.execute("PRAGMA max_page_count = 1073741823")
+    qid = put(store, "a@example.com", body=body)
+    assert store.open_body(qid).read() == body
+
+
+def test_locked_database_is_unavailable_quickly(db_path, clock):
+    store = QueueStore(db_path, clock=clock, busy_timeout=0.05)
+    put(store, "a@example.com")
+    before = counts(db_path)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(QueueUnavailable, match="locked"):
+            put(store, "b@example.com")
+        with pytest.raises(QueueUnavailable):
+            store.request_flush(["example.com"])
+        assert time.monotonic() - started < 2
+        assert len(store.list_messages()) == 1  # readers are not blocked (WAL)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert counts(db_path) == before
+    put(store, "b@example.com")
+    assert len(store.list_messages()) == 2
+    store.close()
+
+
+# --- flush requests and leases ---------------------------------------------------------
+
+
+def test_flush_requests_coalesce(store, clock):
+    put(store, "a@example.com")
+    put(store, "b@example.com")
+    for _ in range(1000):
+        assert store.request_flush(["example.com", "empty.test"]) == {"example.com": 2, "empty.test": 0}
+    assert store.pending_flushes() == ["example.com"]
+    assert store.claim_flush("f1", 60) == "example.com"
+    assert store.claim_flush("f2", 60) is None  # one pending flush, taken once
+    assert store.pending_flushes() == []
+
+
+def test_request_during_flush_runs_once_more(store, clock):
+    put(store, "a@example.com")
+    store.request_flush(["example.com"])
+    assert store.claim_flush("f1", 60) == "example.com"
+    store.request_flush(["example.com"])
+    store.request_flush(["example.com"])
+    assert store.claim_flush("f2", 60) is None  # leased: not twice at once
+    store.release_flush("example.com", "f1")
+    assert store.claim_flush("f2", 60) == "example.com"
+    store.release_flush("example.com", "f2")
+    assert store.claim_flush("f3", 60) is None
+
+
+def test_oldest_request_is_claimed_first(store, clock):
+    put(store, "a@late.test")
+    put(store, "a@early.test")
+    store.request_flush(["early.test"])
+    clock.now += 5
+    store.request_flush(["late.test"])
+    assert store.claim_flush("f", 60) == "early.test"
+    assert store.claim_flush("f", 60) == "late.test"
+
+
+def test_lease_expiry_frees_a_crashed_flusher(store, clock):
+    put(store, "a@example.com")
+    store.request_flush(["example.com"])
+    assert store.claim_flush("dead", 30) == "example.com"
+    clock.now += 20
+    assert store.renew_lease("example.com", "dead", 30)  # now until T0+50
+    clock.now += 29
+    assert store.claim_flush("other", 30) is None
+    clock.now += 2
+    # "dead" never released: its flush was interrupted and is redone without a new request.
+    assert store.claim_flush("other", 30) == "example.com"
+    assert not store.renew_lease("example.com", "dead", 30)
+    store.release_flush("example.com", "dead")  # not the owner: no effect
+    assert store.claim_flush("third", 30) is None
+    store.release_flush("example.com", "other")
+    assert store.claim_flush("third", 30) is None  # released and no request: nothing to do
+
+
+def _claimer(path, owner, barrier, results):
+    # Opened after the fork, as in the server.
+    s = QueueStore(path, busy_timeout=10)
+    barrier.wait(timeout=20)
+    got = []
+    for _ in range(1000):
+        domain = s.claim_flush(owner, 600)
+        if domain is None:
+            break
+        got.append(domain)
+    s.close()
+    results.put((owner, got))
+
+
+def test_two_processes_never_claim_the_same_domain(db_path):
+    domains = [f"d{i:02d}.test" for i in range(60)]
+    with QueueStore(db_path) as s:
+        for d in domains:
+            put(s, f"x@{d}")
+        assert set(s.request_flush(domains).values()) == {1}
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(3)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_claimer, args=(db_path, f"p{i}", barrier, results)) for i in range(3)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=30) for _ in procs)
+    for p in procs:
+        p.join(timeout=10)
+        assert p.exitcode == 0
+    claimed = [d for lst in got.values() for d in lst]
+    assert sorted(claimed) == domains  # every domain once, none twice
+
+
+# --- delivery outcomes ----------------------------------------------------------------
+
+
+def test_held_is_never_flushed(store):
+    held = put(store, "a@example.com")
+    free = put(store, "b@example.com")
+    assert store.hold(queue_id=held) == 1
+    assert [m.queue_id for m in store.messages_for_flush("example.com")] == [free]
+    store.delete(queue_id=free)
+    assert store.request_flush(["example.com"]) == {"example.com": 0}
+    assert store.messages_for_flush("example.com") == []
+    assert store.summary()[0].messages == 1  # held mail still counts as waiting
+    assert store.release(queue_id=held) == 1
+    assert [m.queue_id for m in store.messages_for_flush("example.com")] == [held]
+
+
+def test_messages_for_flush_oldest_first_with_limit(store, clock):
+    ids = []
+    for i in range(5):
+        ids.append(put(store, "a@example.com"))
+        clock.now += 1
+    assert [m.queue_id for m in store.messages_for_flush("example.com")] == ids
+    assert [m.queue_id for m in store.messages_for_flush("example.com", limit=2)] == ids[:2]
+
+
+def test_delivered_deletes_recipient_row_and_message(store, clock):
+    qid = put(store, "a@one.test", "b@one.test", "c@two.test")
+    clock.now += 10
+    assert store.delivered(qid, "one.test", ["a@one.test"], "250 2.0.0 ok") == "queued"
+    [m] = store.messages_for_flush("one.test")
+    assert [r.address for r in m.recipients] == ["b@one.test"] and m.attempts == 1
+    assert store.delivered(qid, "one.test", ["b@one.test"], "250 2.0.0 ok") is None
+    assert store.messages_for_flush("one.test") == []
+    assert store.show(qid) is not None  # two.test still holds the message
+    assert store.delivered(qid, "two.test", ["c@two.test"], "250 2.0.0 ok") is None
+    assert counts(store.path)[:3] == (0, 0, 0)
+    assert store.show(qid) is None
+    whats = [e.what for e in store.history(qid)]
+    assert whats.count("delivered") == 3 and whats.count("queued") == 2
+    assert store.delivered(qid, "two.test", ["c@two.test"], "250") is None  # gone already: harmless
+
+
+def test_deferred_keeps_with_attempts_and_reply(store, clock):
+    qid = put(store, "a@example.com")
+    clock.now += 100
+    assert store.deferred(qid, "example.com", ["a@example.com"], "451 4.3.0 try later") == "queued"
+    clock.now += 100
+    assert store.deferred(qid, "example.com", ["a@example.com"], "421 4.4.2 timeout", retry_after=300) == "queued"
+    [row] = store.list_messages()
+    assert (row.attempts, row.last_reply, row.last_attempt, row.next_attempt) == (
+        2, "421 4.4.2 timeout", T0 + 200, T0 + 500)
+    assert store.due_domains() == []
+    clock.now += 300
+    assert store.due_domains() == ["example.com"]
+    [m] = store.messages_for_flush("example.com")
+    assert m.attempts == 2
+
+
+def test_failed_marks_and_keeps(store, clock):
+    qid = put(store, "a@example.com", "b@example.com")
+    assert store.failed(qid, "example.com", ["a@example.com"], "550 5.1.1 no such user") == "queued"
+    [m] = store.messages_for_flush("example.com")
+    assert [r.address for r in m.recipients] == ["b@example.com"]
+    assert store.delivered(qid, "example.com", ["b@example.com"], "250 ok") == "failed"  # only the failed one left
+    assert store.messages_for_flush("example.com") == []
+    assert store.summary() == []
+    [row] = store.list_messages(state="failed")
+    assert row.recipients == ["a@example.com"]
+    [bounce] = store.pending_dsns()
+    assert (bounce.queue_id, bounce.sender) == (qid, "sender@example.org")
+    assert [(r.address, r.state, r.last_reply) for r in bounce.recipients] == [
+        ("a@example.com", "failed", "550 5.1.1 no such user")]
+    store.dsn_sent(qid, "example.com", ["a@example.com"])
+    assert store.pending_dsns() == []
+
+
+def test_mixed_outcomes_are_one_attempt(store):
+    qid = put(store, "a@example.com", "b@example.com", "c@example.com")
+    state = store.record_attempt(qid, "example.com", [
+        ("a@example.com", DELIVERED, "250 ok"),
+        ("b@example.com", DEFERRED, "450 4.2.1 busy"),
+        ("c@example.com", FAILED, "550 5.1.1 unknown"),
+    ], retry_after=60)
+    assert state == "queued"
+    [row] = store.list_messages()
+    assert (row.attempts, row.last_reply, row.recipients) == (1, "450 4.2.1 busy", ["b@example.com", "c@example.com"])
+    detail = store.show(qid).rows[0].recipients
+    assert [(r.address, r.state, r.last_reply) for r in detail] == [
+        ("b@example.com", "queued", "450 4.2.1 busy"), ("c@example.com", "failed", "550 5.1.1 unknown")]
+    with pytest.raises(ValueError):
+        store.record_attempt(qid, "example.com", [("b@example.com", "bogus", "x")])
+
+
+# --- lifecycle ---------------------------------------------------------------------
+
+
+def test_expiry_dsn_and_retention(store, clock):
+    old = put(store, "a@short.test", "b@long.test")
+    held = put(store, "c@short.test")
+    store.hold(queue_id=held)
+    clock.now += 3600
+    young = put(store, "d@short.test")
+    clock.now += 1
+    expired = store.expire({"short.test": 3600}, default=86400)
+    assert expired == [(old, "short.test")]  # long.test has a day; held never expires
+    assert store.expire({"short.test": 3600}, default=86400) == []
+    assert [m.queue_id for m in store.messages_for_flush("short.test")] == [young]
+    assert [b.queue_id for b in store.pending_dsns()] == [old]
+    assert store.pending_dsns()[0].recipients[0].state == "expired"
+    store.dsn_sent(old, "short.test", ["a@short.test"], "skipped: no bounce_relay")
+    # Retention: the expired row stays for the retention, then goes; the message with it
+    # only once long.test is done too.
+    assert store.purge(7 * 86400) == 0
+    clock.now += 7 * 86400
+    assert store.purge(7 * 86400) == 1
+    assert store.show(old).rows[0].domain == "long.test"
+    store.delivered(old, "long.test", ["b@long.test"], "250 ok")
+    assert store.show(old) is None
+    assert any(e.what == "dsn" for e in store.history(old))
+    clock.now += 7 * 86400 + 1
+    store.purge(7 * 86400)
+    assert store.history(old) == []  # history of mail gone that long is dropped too
+
+
+def test_requeue_failed_and_expired(store, clock):
+    qid = put(store, "a@example.com")
+    store.failed(qid, "example.com", ["a@example.com"], "550 no")
+    assert store.requeue(domain="example.com") == 1
+    [m] = store.messages_for_flush("example.com")
+    assert m.recipients[0].address == "a@example.com"
+    assert store.pending_dsns() == []
+    with pytest.raises(ValueError):
+        store.hold()  # neither id nor domain: never the whole queue by accident
+
+
+def test_delete_by_domain(store):
+    a = put(store, "a@one.test", "b@two.test")
+    put(store, "c@one.test")
+    assert store.delete(domain="one.test") == 2
+    assert [s.domain for s in store.summary()] == ["two.test"]
+    assert store.show(a).rows[0].domain == "two.test"
+
+
+def test_deleting_by_hand_in_sqlite3_leaves_no_orphans(store):
+    # The sqlite3 shell runs with foreign_keys off: the triggers still clean up.
+    a = put(store, "a@one.test", "b@two.test")
+    b = put(store, "c@one.test")
+    shell = sqlite3.connect(store.path, isolation_level=None)
+    assert shell.execute("PRAGMA foreign_keys").fetchone()[0] == 0
+    shell.execute("DELETE FROM queue WHERE domain = 'one.test'")
+    assert shell.execute("SELECT queue_id FROM messages").fetchall() == [(a,)]
+    assert shell.execute("SELECT address FROM recipients").fetchall() == [("b@two.test",)]
+    shell.execute("DELETE FROM messages WHERE queue_id = ?", (a,))
+    assert [shell.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("queue", "recipients")] == [0, 0]
+    shell.close()
+    assert store.show(b) is None
+
+
+def test_summary_view(store, clock):
+    assert store.summary() == []
+    put(store, "a@one.test", body=b"12345")
+    clock.now += 10
+    held = put(store, "b@one.test", "c@two.test", body=b"123")
+    store.hold(queue_id=held, domain="two.test")
+    store.connection.execute("UPDATE queue SET state = 'expired' WHERE domain = 'one.test' AND queue_id = ?", (held,))
+    shell = sqlite3.connect(store.path)
+    rows = shell.execute("SELECT domain, messages, bytes, oldest FROM queue_summary ORDER BY domain").fetchall()
+    shell.close()
+    assert rows == [("one.test", 1, 5, T0), ("two.test", 1, 3, T0 + 10)]
+    assert all(isinstance(r[3], int) for r in rows)
+    assert store.usage("one.test") == (1, 5) and store.usage("none.test") == (0, 0)
+
+
+def test_body_reader_does_not_block_writes(store, db_path, clock):
+    # A slow delivery reads the body while other processes queue mail; recording
+    # the outcome must still work (no pinned snapshot -> no SQLITE_BUSY_SNAPSHOT).
+    body = os.urandom(3 * CHUNK)
+    qid = put(store, "a@example.com", body=body)
+    reader = store.open_body(qid)
+    first = reader.read(CHUNK)
+    with QueueStore(db_path, clock=clock) as other:
+        put(other, "b@example.com")
+    rest = reader.read()
+    assert first + rest == body
+    unread = store.open_body(qid)
+    assert store.delivered(qid, "example.com", ["a@example.com"], "250 ok") is None
+    reader.close()
+    with pytest.raises(KeyError):
+        unread.read(1)  # the message is gone: an error, never another message's bytes
+    with pytest.raises(KeyError):
+        store.open_body(qid)
+
+
+# --- schema.sql and schema.py ------------------------------------------------------------
+
+
+def test_schema_comments_every_table_and_column(store):
+    text = (ROOT / "schema.sql").read_text()
+    lines = text.splitlines()
+    tables = [r[0] for r in store.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    assert set(tables) >= {"messages", "queue", "recipients", "flushes", "events"}
+    for table in tables:
+        start = next(i for i, l in enumerate(lines) if re.match(rf"CREATE TABLE IF NOT EXISTS {table} \(", l))
+        assert lines[start - 1].startswith("--"), f"table {table} has no comment above it"
+        end = next(i for i in range(start, len(lines)) if lines[i].startswith(");"))
+        defined = set()
+        for line in lines[start + 1:end]:
+            if not line.strip() or line.strip().startswith("--"):
+                continue
+            assert "--" in line, f"{table}: no comment on: {line.strip()}"
+            defined.add(line.split()[0])
+        columns = {r[1] for r in store.connection.execute(f"PRAGMA table_info({table})")}
+        assert columns <= defined, f"{table}: columns not on their own commented line: {columns - defined}"
+    for kind in ("VIEW", "INDEX", "TRIGGER"):
+        for i, l in enumerate(lines):
+            if l.startswith(f"CREATE {kind}"):
+                assert lines[i - 1].startswith("--"), l
+
+
+def test_schema_text_from_checkout():
+    assert schema_mod.schema_text() == (ROOT / "schema.sql").read_text()
+
+
+def test_schema_text_from_a_zipapp(tmp_path):
+    bundle = tmp_path / "bundle.pyz"
+    with zipfile.ZipFile(bundle, "w") as z:
+        for name in ("__init__.py", "schema.py"):
+            z.write(ROOT / "backupmx" / name, f"backupmx/{name}")
+        z.write(ROOT / "schema.sql", "backupmx/schema.sql")
+    code = f"import sys; sys.path.insert(0, {str(bundle)!r}); import backupmx.schema as s; " \
+           "assert s.__file__.startswith(sys.path[0]), s.__file__; print(s.schema_version()); print(len(s.schema_text()))"
+    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(schema_mod.schema_version()), str(len((ROOT / "schema.sql").read_text()))]
