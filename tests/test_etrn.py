@@ -1,0 +1,283 @@
+"""TLS, AUTH and ETRN end to end: a real server, a real sink as the primary, real TLS."""
+
+import base64
+import hashlib
+import hmac
+import shutil
+import smtplib
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import CERTS, REPO, read_line, wait_for
+from sink import Sink
+
+PASSWORD = "s3cret%pass"
+
+
+@pytest.fixture
+def sink():
+    with Sink() as primary:
+        yield primary
+
+
+@pytest.fixture
+def mx(server_factory, sink):
+    """A server with STARTTLS, implicit TLS and one ETRN user; example.com's primary is the sink."""
+    return server_factory(
+        tls=True, listen_tls=True,
+        domains={
+            "example.com": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"},
+            "example.org": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"},
+            "sub.example.com": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"},
+        },
+        users={"prim": ("{PLAIN}" + PASSWORD, "example.com, sub.example.com")})
+
+
+def client_context():
+    return ssl.create_default_context(cafile=str(CERTS / "ca.pem"))
+
+
+def starttls_client(server):
+    client = smtplib.SMTP("localhost", server.port, timeout=10)
+    client.ehlo("primary.test")
+    client.starttls(context=client_context())
+    client.ehlo("primary.test")
+    return client
+
+
+def queue_some(server, count, rcpt="bob@example.com"):
+    bodies = []
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        for n in range(count):
+            body = b"Subject: m%d\r\n\r\n.dot first\r\n\xe9 8bit\r\n" % n
+            client.sendmail(f"s{n}@origin.test", [rcpt], body)
+            bodies.append(body)
+    return bodies
+
+
+def queued_count(server, domain="example.com"):
+    db = sqlite3.connect(server.queue_path)
+    try:
+        return db.execute("SELECT COUNT(*) FROM queue WHERE domain = ?", (domain,)).fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_ehlo_offers_auth_only_after_starttls(mx):
+    with smtplib.SMTP("localhost", mx.port, timeout=10) as client:
+        client.ehlo("p")
+        assert client.has_extn("starttls") and not client.has_extn("auth")
+        code, _ = client.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0prim\0" + PASSWORD.encode()).decode())
+        assert code == 538
+        assert client.docmd("ETRN", "example.com")[0] == 530
+        client.starttls(context=client_context())
+        client.ehlo("p")
+        assert client.esmtp_features["auth"].split() == ["PLAIN", "LOGIN", "CRAM-MD5"]
+        assert not client.has_extn("starttls")
+
+
+def test_etrn_delivers_byte_for_byte_to_the_primary_only(mx, sink):
+    bodies = queue_some(mx, 3)
+    queue_some(mx, 1, rcpt="carol@example.org")  # another domain: not flushed
+    client = starttls_client(mx)
+    client.login("prim", PASSWORD)
+    code, text = client.docmd("ETRN", "example.com")
+    assert (code, text) == (253, b"2.0.0 3 pending messages for node example.com started")
+    client.quit()
+    got = sink.wait_for(3, timeout=15)
+    assert sorted(m[0] for m in got) == ["s0@origin.test", "s1@origin.test", "s2@origin.test"]
+    for mail_from, rcpts, body, _ in got:
+        n = int(mail_from[1:].split("@")[0])
+        assert rcpts == ["bob@example.com"]
+        # only the Received header was added in front
+        assert body.endswith(bodies[n])
+        added = body[: -len(bodies[n])].decode()
+        assert added.startswith("Received: from ") and added.endswith("\r\n")
+        assert all(line.startswith("\t") for line in added.split("\r\n")[1:-1])
+    wait_for(lambda: queued_count(mx) == 0, timeout=10)
+    assert queued_count(mx) == 0
+    assert queued_count(mx, "example.org") == 1
+    assert "delivered id=" in mx.log()
+
+
+@pytest.mark.parametrize("argument,code", [
+    ("example.com", 251),  # nothing queued
+    ("@example.com", 251),
+    ("example.org", 459),  # configured, not this user's
+    ("nowhere.test", 459),
+    ("", 501),
+    ("not_a_domain!", 501),
+])
+def test_etrn_reply_codes(mx, argument, code):
+    client = starttls_client(mx)
+    client.login("prim", PASSWORD)
+    assert client.docmd("ETRN", argument)[0] == code
+    client.quit()
+
+
+def test_etrn_250_for_subdomain_form_and_many_etrns_make_one_flush(mx, sink):
+    sink.data_delay = 0.2
+    queue_some(mx, 2)
+    client = starttls_client(mx)
+    client.login("prim", PASSWORD)
+    codes = {client.docmd("ETRN", "@example.com")[0] for _ in range(50)}
+    client.quit()
+    assert codes <= {250, 251}
+    assert 250 in codes
+    sink.wait_for(2, timeout=15)
+    time.sleep(1.0)
+    assert len(sink.messages) == 2  # not delivered once per ETRN
+
+
+def test_auth_failures_are_logged_slowed_and_end_the_session(mx):
+    client = starttls_client(mx)
+    started = time.monotonic()
+    attempts = [client.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0prim\0" + wrong).decode())[0]
+                for wrong in (b"wrong", b"nope", b"guess")]
+    assert attempts == [535, 535, 421]
+    assert time.monotonic() - started >= 1.0  # each failure waits before its answer
+    log = mx.log()
+    assert "auth-failed client=127.0.0.1 user=prim" in log
+    assert "wrong" not in log and "nope" not in log and "guess" not in log
+
+
+def test_cram_md5_computed_independently(mx):
+    client = starttls_client(mx)
+    code, challenge_b64 = client.docmd("AUTH", "CRAM-MD5")
+    assert code == 334
+    challenge = base64.b64decode(challenge_b64)
+    digest = hmac.new(PASSWORD.encode(), challenge, hashlib.md5).hexdigest()
+    code, _ = client.docmd(base64.b64encode(f"prim {digest}".encode()).decode())
+    assert code == 235
+    # a second session gets a fresh challenge
+    other = starttls_client(mx)
+    assert other.docmd("AUTH", "CRAM-MD5")[1] != challenge_b64
+    other.close()
+    client.quit()
+
+
+def test_implicit_tls_with_smtp_ssl(mx, sink):
+    queue_some(mx, 1)
+    with smtplib.SMTP_SSL("localhost", mx.tls_port, timeout=10, context=client_context()) as client:
+        client.ehlo("p")
+        assert not client.has_extn("starttls")
+        client.login("prim", PASSWORD)
+        assert client.docmd("ETRN", "example.com")[0] == 253
+    sink.wait_for(1, timeout=15)
+
+
+def test_starttls_injection_is_not_executed(mx):
+    raw = socket.create_connection(("127.0.0.1", mx.port), timeout=10)
+    assert read_line(raw).startswith(b"220")
+    raw.sendall(b"EHLO p\r\n")
+    while not read_line(raw).startswith(b"250 "):
+        pass
+    raw.sendall(b"STARTTLS\r\nMAIL FROM:<inject@evil.test>\r\nRCPT TO:<bob@example.com>\r\n")
+    assert read_line(raw).startswith(b"220 2.0.0")
+    tls = client_context().wrap_socket(raw, server_hostname="localhost")
+    tls.sendall(b"EHLO p\r\n")
+    lines = []
+    while not (lines and lines[-1].startswith(b"250 ")):
+        lines.append(read_line(tls))
+    # had the injected MAIL run, this RCPT would be accepted; after the reset it needs MAIL first
+    tls.sendall(b"RCPT TO:<bob@example.com>\r\n")
+    assert read_line(tls).startswith(b"503 5.5.1")
+    tls.close()
+
+
+def test_tls_handshake_garbage_costs_nothing_else(mx):
+    raw = socket.create_connection(("127.0.0.1", mx.tls_port), timeout=10)
+    raw.sendall(b"EHLO not tls\r\n" * 10)
+    raw.settimeout(5)
+    answer = raw.recv(100)
+    assert answer == b"" or answer[:1] == b"\x15"  # closed, or a TLS alert record, then closed
+    raw.close()
+    with smtplib.SMTP_SSL("localhost", mx.tls_port, timeout=10, context=client_context()) as client:
+        assert client.ehlo("p")[0] == 250
+
+
+def test_old_tls_versions_are_refused(mx):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+        context.set_ciphers("ALL:@SECLEVEL=0")
+    except (ValueError, ssl.SSLError):
+        pytest.skip("this OpenSSL cannot even offer TLS 1.1")
+    with pytest.raises((ssl.SSLError, ConnectionError, smtplib.SMTPServerDisconnected)):
+        with smtplib.SMTP_SSL("localhost", mx.tls_port, timeout=10, context=context) as client:
+            client.ehlo("p")
+
+
+def run_cli(*args, stdin=None, timeout=30):
+    return subprocess.run([sys.executable, str(REPO / "backupmx.py"), *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_etrn_client_command(mx, sink, tmp_path):
+    queue_some(mx, 2)
+    password_file = tmp_path / "pw"
+    password_file.write_text(PASSWORD + "\n")
+    result = run_cli("etrn", f"localhost:{mx.port}", "example.com", "example.org", "--user", "prim",
+                     "--password-file", str(password_file), "--cafile", str(CERTS / "ca.pem"))
+    assert result.returncode == 1  # example.org is not prim's: 459
+    assert "253" in result.stdout and "459" in result.stdout
+    result = run_cli("etrn", f"localhost:{mx.tls_port}", "sub.example.com", "--tls", "--user", "prim",
+                     "--password-file", str(password_file), "--cafile", str(CERTS / "ca.pem"))
+    assert result.returncode == 0, result.stderr
+    assert "251" in result.stdout
+    sink.wait_for(2, timeout=15)
+    result = run_cli("etrn", f"localhost:{mx.port}", "example.com", "--user", "prim",
+                     "--password-file", str(password_file))  # the test CA is not a system CA
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_flush_command_from_the_shell(mx, sink):
+    queue_some(mx, 2)
+    result = run_cli("flush", "example.com", "-c", mx.config_path)
+    assert result.returncode == 0, result.stderr
+    sink.wait_for(2, timeout=15)
+    result = run_cli("-c", mx.config_path, "flush", "nowhere.test")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_primary_answering_4xx_keeps_mail_queued(mx, sink):
+    sink.behaviour = "rcpt_4xx"
+    queue_some(mx, 1)
+    run_cli("flush", "example.com", "-c", mx.config_path)
+    db_value = wait_for(lambda: _attempts(mx), timeout=15)
+    assert db_value and db_value[0] >= 1 and db_value[1].startswith("45")
+    assert queued_count(mx) == 1
+    sink.behaviour = "normal"
+    run_cli("flush", "example.com", "-c", mx.config_path)
+    sink.wait_for(1, timeout=15)
+    assert wait_for(lambda: queued_count(mx) == 0, timeout=10)
+
+
+def _attempts(server):
+    db = sqlite3.connect(server.queue_path)
+    try:
+        row = db.execute("SELECT attempts, last_reply FROM queue WHERE domain = 'example.com'").fetchone()
+        return row if row and row[0] else None
+    finally:
+        db.close()
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed (apt-get install swaks)")
+def test_swaks_cram_md5_and_etrn(mx, sink):
+    queue_some(mx, 1)
+    result = subprocess.run(
+        ["swaks", "--server", "127.0.0.1", "--port", str(mx.port), "--tls", "--tls-verify", "off",
+         "--auth", "CRAM-MD5", "--auth-user", "prim", "--auth-password", PASSWORD,
+         "--quit-after", "AUTH"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "235 2.7.0" in result.stdout
