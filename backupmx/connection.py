@@ -19,6 +19,7 @@ from backupmx import replies, smtp
 from backupmx.auth import Authenticator, cram_md5_challenge
 from backupmx.config import Config
 from backupmx.log import log_event
+from backupmx.quota import Admission
 from backupmx.smtp import (AuthRequest, EtrnRequest, MessageAborted, MessageData, MessageReceived,
                            MessageStarted, Session, SessionSettings, StartTLS)
 from backupmx.store import QueueStore, QueueUnavailable
@@ -48,9 +49,14 @@ class ConnectionContext:
     clock: object = time.monotonic
     wallclock: object = time.time
     authenticator: Authenticator = field(init=False)
+    admission: Admission = field(init=False)
+    quotas: dict = field(init=False)
 
     def __post_init__(self):
         self.authenticator = Authenticator(self.config.users)
+        self.admission = Admission(self.config, self.store)
+        self.quotas = {name: (d.max_queue_messages, d.max_queue_bytes) for name, d in self.config.domains.items()
+                       if d.max_queue_messages is not None or d.max_queue_bytes is not None}
         if self.spool_dir is None:
             self.spool_dir = os.path.dirname(os.path.abspath(self.config.queue))
 
@@ -79,7 +85,8 @@ class SMTPConnection:
             hostname=config.hostname, config=config,
             tls_available=ctx.ssl_context is not None and not implicit_tls,
             tls_active=implicit_tls,
-            cram_challenge=lambda: cram_md5_challenge(config.hostname)))
+            cram_challenge=lambda: cram_md5_challenge(config.hostname),
+            admission=ctx.admission))
         self._progress = self.session.progress
         log_event(ctx.logger, "connect", client=self.client_ip, tls="implicit" if implicit_tls else None)
         self._pump()
@@ -282,7 +289,7 @@ class SMTPConnection:
             size = spool.tell()
             spool.seek(0)
             self.ctx.store.enqueue(queue_id, event.envelope, spool, size,
-                                   client=self.client_ip, helo=self.session.helo)
+                                   client=self.client_ip, helo=self.session.helo, quotas=self.ctx.quotas)
         except (QueueUnavailable, OSError) as exc:
             log_event(self.ctx.logger, "queue-failed", id=queue_id, client=self.client_ip, error=str(exc),
                       level=logging.WARNING)
@@ -290,6 +297,7 @@ class SMTPConnection:
             self.session.message_refused(replies.QUEUE_UNAVAILABLE)
             return
         self._drop_spool()
+        self.ctx.admission.queued(event.envelope.domains)
         for domain in event.envelope.domains:
             log_event(self.ctx.logger, "queued", id=queue_id, domain=domain,
                       from_=f"<{event.envelope.sender}>", size=size, client=self.client_ip,

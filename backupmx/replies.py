@@ -89,6 +89,7 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message exceeds fixed maximum message size")
 MAIL_LOOP = Reply(554, "5.4.6", "Error: too many hops (mail loop?)")
 QUEUE_UNAVAILABLE = Reply(452, "4.3.1", "Error: insufficient system storage, try again later")
+DOMAIN_QUEUE_FULL = Reply(452, "4.3.1", "<{address}>: Error: the queue for this domain is full, try again later")
 
 # STARTTLS (RFC 3207)
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")

@@ -140,6 +140,7 @@ class SessionSettings:
     tls_available: bool = False  # a certificate is configured (offer STARTTLS)
     tls_active: bool = False  # implicit TLS: the session starts encrypted
     cram_challenge: object = None  # callable returning a fresh CRAM-MD5 challenge (bytes)
+    admission: object = None  # quota.Admission: recipient(domain) / message_size(n) -> Reply | None
 
 
 @dataclass
@@ -383,6 +384,9 @@ class Session:
                     return replies.BAD_PARAMETER, {"detail": "SIZE"}
                 if int(value) > self.settings.config.max_message_size:
                     return replies.MESSAGE_TOO_BIG, {}
+                refusal = self._admission("message_size", int(value))
+                if refusal is not None:
+                    return refusal, {}
                 envelope.declared_size = int(value)
             elif keyword == "BODY":  # RFC 6152
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
@@ -441,7 +445,12 @@ class Session:
         if domain.recipients is not None:
             if f"{mailbox.bare_local_part}@{domain.name}".lower() not in domain.recipients:
                 return replies.UNKNOWN_USER
-        return None
+        return self._admission("recipient", domain.name)
+
+    def _admission(self, check: str, argument):
+        """Quotas and free space (quota.Admission), when the driver gave us one."""
+        admission = self.settings.admission
+        return None if admission is None else getattr(admission, check)(argument)
 
     def _recipient_with_parameters(self, mailbox, parameters):
         """A Recipient, or a (Reply, fields) problem with its RFC 3461 parameters."""

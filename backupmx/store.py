@@ -72,6 +72,10 @@ class QueueUnavailable(Exception):
     """
 
 
+class QuotaExceeded(QueueUnavailable):
+    """The message would take a domain over max_queue_messages / max_queue_bytes."""
+
+
 def new_queue_id(clock: Callable[[], float] = time.time) -> str:
     """A new queue id: 14 characters of [0-9A-Z].
 
@@ -472,13 +476,17 @@ class QueueStore:
         client: str | None,
         helo: str | None,
         received_at: float | None = None,
+        quotas: Mapping[str, tuple[int | None, int | None]] | None = None,
     ) -> None:
         """Queue one message for every domain of its recipients, in ONE transaction.
 
         The body is copied from `body_file` (exactly `size` bytes, read 64 KiB
         at a time, so memory does not grow with the message) into a blob
         allocated with zeroblob(size). Returns once the commit is durable.
-        Raises QueueUnavailable (nothing queued) when the database cannot take it.
+        Raises QueueUnavailable (nothing queued) when the database cannot take it,
+        and its QuotaExceeded when `quotas` ({domain: (max messages, max bytes)},
+        None = no limit) would be passed: checked inside the transaction, so
+        concurrent senders can never push a domain over its quota.
         """
         domains = envelope.domains
         if not domains:
@@ -488,6 +496,7 @@ class QueueStore:
         now = self._now()
         at = now if received_at is None else int(received_at)
         with self._write() as db:
+            self._check_quotas(db, domains, size, quotas or {})
             try:
                 cursor = db.execute(
                     "INSERT INTO messages (queue_id, sender, received_at, size, body, client, helo, envid, ret, body_type)"
@@ -530,6 +539,19 @@ class QueueStore:
                 "SELECT messages, bytes FROM queue_summary WHERE domain = ?", (domain,)
             ).fetchone()
         return (row[0], row[1]) if row else (0, 0)
+
+    @staticmethod
+    def _check_quotas(db: sqlite3.Connection, domains: list[str], size: int,
+                      quotas: Mapping[str, tuple[int | None, int | None]]) -> None:
+        for domain in domains:
+            max_messages, max_bytes = quotas.get(domain, (None, None))
+            if max_messages is None and max_bytes is None:
+                continue
+            row = db.execute("SELECT messages, bytes FROM queue_summary WHERE domain = ?", (domain,)).fetchone()
+            messages, queued = row if row else (0, 0)
+            if (max_messages is not None and messages + 1 > max_messages) or (
+                    max_bytes is not None and queued + size > max_bytes):
+                raise QuotaExceeded(f"queue for {domain} is full")
 
     # -- flush requests (ETRN) and leases
 

@@ -210,13 +210,15 @@ def small_disk(tmp_path):
 
 
 def test_full_disk_answers_452_and_keeps_what_was_queued(server_factory, small_disk):
-    server = server_factory(queue=small_disk / "queue.db")
+    server = server_factory(queue=small_disk / "queue.db", min_free_space=0)
     with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
         client.sendmail("a@origin.test", ["bob@example.com"], b"Subject: small\r\n\r\nfits\r\n")
         big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 3000  # 3 MB on a 2 MB disk
-        with pytest.raises(smtplib.SMTPDataError) as refused:
-            client.sendmail("a@origin.test", ["bob@example.com"], big)
-        assert (refused.value.smtp_code, refused.value.smtp_error[:5]) == (452, b"4.3.1")
+        client.mail("a@origin.test")  # no SIZE=: the disk fills up during DATA
+        client.rcpt("bob@example.com")
+        assert client.data(big)[0] == 452
+        assert client.mail("a@origin.test", [f"SIZE={len(big)}"])[0] == 452  # with SIZE=: refused up front
+        client.rset()
         client.sendmail("a@origin.test", ["bob@example.com"], b"Subject: small2\r\n\r\nstill fits\r\n")
     assert len(queue_rows(server)) == 2
 
@@ -244,3 +246,53 @@ def test_50_mb_message_is_streamed_not_held_in_memory(server_factory):
     db = sqlite3.connect(server.queue_path)
     assert db.execute("SELECT MAX(size) >= ? FROM messages", (len(body),)).fetchone()[0] == 1
     db.close()
+
+
+def test_min_free_space_refuses_new_mail_at_rcpt_and_at_mail_size(server_factory):
+    server = server_factory(min_free_space="1000000G")
+    sock = connect(server)
+    sock.sendall(b"EHLO c\r\nMAIL FROM:<a@origin.test>\r\nRCPT TO:<bob@example.com>\r\nRSET\r\n"
+                 b"MAIL FROM:<a@origin.test> SIZE=1000\r\n")
+    got = read_replies(sock, 5)
+    assert [line[:9] for line in got[1:]] == ["250 2.1.0", "452 4.3.1", "250 2.0.0", "452 4.3.1"]
+
+
+def test_domain_quota_refuses_that_domain_only(server_factory):
+    domains = {"example.com": {"primary": "127.0.0.1:9", "max_queue_messages": "2"},
+               "example.org": {"primary": "127.0.0.1:9"}}
+    server = server_factory(domains=domains)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        for _ in range(2):
+            client.sendmail("a@origin.test", ["bob@example.com"], b"x\r\n")
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            client.sendmail("a@origin.test", ["bob@example.com"], b"x\r\n")
+        code, text = refused.value.recipients["bob@example.com"]
+        assert (code, text[:5]) == (452, b"4.3.1")
+        client.sendmail("a@origin.test", ["carol@example.org"], b"other domain\r\n")
+    assert sorted(d for _, d, _ in queue_rows(server)) == ["example.com", "example.com", "example.org"]
+
+
+def test_domain_quota_holds_under_concurrent_senders(server_factory):
+    import threading
+    limit = 10
+    domains = {"example.com": {"primary": "127.0.0.1:9", "max_queue_messages": str(limit)}}
+    server = server_factory(domains=domains, workers=2)
+    outcomes = []
+
+    def sender():
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+            for _ in range(8):
+                try:
+                    client.sendmail("a@origin.test", ["bob@example.com"], b"x" * 500 + b"\r\n")
+                    outcomes.append(250)
+                except (smtplib.SMTPRecipientsRefused, smtplib.SMTPDataError) as exc:
+                    outcomes.append(452)
+                    client.rset()
+
+    threads = [threading.Thread(target=sender) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert outcomes.count(250) == limit == len(queue_rows(server))
+    assert outcomes.count(452) == 32 - limit
