@@ -276,8 +276,28 @@ def _attempts(server):
 def test_swaks_cram_md5_and_etrn(mx, sink):
     queue_some(mx, 1)
     result = subprocess.run(
-        ["swaks", "--server", "127.0.0.1", "--port", str(mx.port), "--tls", "--tls-verify", "off",
+        ["swaks", "--server", "127.0.0.1", "--port", str(mx.port), "--tls",
          "--auth", "CRAM-MD5", "--auth-user", "prim", "--auth-password", PASSWORD,
          "--quit-after", "AUTH"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "235 2.7.0" in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("fetchmail") is None, reason="fetchmail is not installed (apt-get install fetchmail)")
+def test_fetchmail_etrn_over_implicit_tls(mx, sink, tmp_path):
+    queue_some(mx, 2)
+    rc = tmp_path / "fetchmailrc"
+    rc.write_text(
+        "set no syslog\n"
+        f"poll localhost via 127.0.0.1 port {mx.tls_port} protocol ETRN\n"
+        f"    esmtpname prim esmtppassword \"{PASSWORD}\"\n"
+        "    fetchdomains example.com\n"
+        f"    ssl sslcertck sslcertfile {CERTS / 'ca.pem'} sslproto TLS1.2+ sslcommonname localhost\n")
+    rc.chmod(0o600)
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "FETCHMAILHOME": str(tmp_path)}
+    result = subprocess.run(["fetchmail", "-f", str(rc), "-v", "--nodetach"], capture_output=True, text=True,
+                            timeout=60, env=env)
+    output = result.stdout + result.stderr
+    assert "253" in output or "250" in output, output
+    assert "auth client=127.0.0.1 user=prim mechanism=CRAM-MD5" in mx.log()
+    sink.wait_for(2, timeout=15)
