@@ -1,0 +1,778 @@
+"""The pre-fork master and the worker loop, with real processes and sockets.
+
+Two kinds of test:
+
+- "stub" tests run the master (this file run as a script: `stub-master`) with
+  StubConnection below instead of backupmx.connection, and a stand-in queue,
+  so that supervision (respawn, hung workers, limits, drain) is tested on its
+  own, fast, whatever state the SMTP session code is in;
+- "real" tests start `python3 backupmx.py serve` through conftest's
+  server_factory and talk SMTP with smtplib; they are skipped while a module
+  they need is missing.
+"""
+
+import importlib.util
+import json
+import os
+import selectors
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+
+from conftest import children_of, free_port, read_line, wait_for  # noqa: E402
+
+
+# -- a stand-in for backupmx.connection ---------------------------------------------
+
+
+class StubContext:
+    def __init__(self, *, config, store, ssl_context, logger):
+        self.config = config
+        self.store = store
+
+
+class StubConnection:
+    """Same interface as backupmx.connection.SMTPConnection, a toy protocol.
+
+    "220 test" banner; every line gets "250 ok"; QUIT -> "221 bye" and close;
+    PID -> "250 <worker pid>"; CRASH raises (a bug in one session);
+    MAIL starts a "transaction", DATA ends it; begin_shutdown -> "421 4.3.2
+    stopping" at once when no transaction is open, else right after DATA's reply;
+    on_timeout -> "421 4.4.2 timeout" and close.
+    """
+
+    def __init__(self, sock, peer, ctx, implicit_tls=False):
+        self.sock = sock
+        self.peer = peer
+        self.closed = False
+        self.quitting = False
+        self.stopping = False
+        self.in_transaction = False
+        self.inbuf = b""
+        self.out = bytearray(b"220 test tls=%d\r\n" % implicit_tls)
+        self.timeout = getattr(ctx.config, "timeout", 30.0)
+        self.deadline = time.monotonic() + self.timeout
+
+    def interest(self):
+        if self.closed:
+            return 0
+        return selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
+
+    def on_readable(self):
+        try:
+            data = self.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        self.inbuf += data
+        while b"\r\n" in self.inbuf and not self.quitting:
+            line, self.inbuf = self.inbuf.split(b"\r\n", 1)
+            self.command(line.decode())
+        self.deadline = time.monotonic() + self.timeout
+        self.on_writable()
+
+    def command(self, line):
+        if line == "CRASH":
+            raise RuntimeError("stub crash")
+        if line.startswith("MAIL"):
+            self.in_transaction = True
+        if self.stopping and not self.in_transaction:
+            self.out += b"421 4.3.2 stopping\r\n"
+            self.quitting = True
+        elif line == "DATA":
+            self.in_transaction = False
+            self.out += b"250 ok\r\n"
+            if self.stopping:
+                self.out += b"421 4.3.2 stopping\r\n"
+                self.quitting = True
+        elif line == "QUIT":
+            self.out += b"221 bye\r\n"
+            self.quitting = True
+        elif line == "PID":
+            self.out += b"250 %d\r\n" % os.getpid()
+        else:
+            self.out += b"250 ok\r\n"
+
+    def on_writable(self):
+        if self.out:
+            try:
+                sent = self.sock.send(self.out)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.close()
+                return
+            del self.out[:sent]
+        if self.quitting and not self.out:
+            self.close()
+
+    def on_timeout(self):
+        self.out += b"421 4.4.2 timeout\r\n"
+        self.quitting = True
+        self.on_writable()
+        self.close()
+
+    def begin_shutdown(self, grace=30.0):
+        self.stopping = True
+        if not self.in_transaction:
+            self.out += b"421 4.3.2 stopping\r\n"
+            self.quitting = True
+            self.on_writable()
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+
+
+class StubStore:
+    def __init__(self, path):
+        self.path = path
+
+    def close(self):
+        pass
+
+
+def install_stubs():
+    """Replace backupmx.store in this process (and its forks) by StubStore."""
+    sys.modules["backupmx.store"] = SimpleNamespace(QueueStore=StubStore)
+
+
+def stub_config(**kw):
+    values = dict(
+        path="/nonexistent.ini",
+        hostname="mx2.test",
+        listen=(("127.0.0.1", 0),),
+        listen_tls=(),
+        queue="/nonexistent.db",
+        tls_cert=None,
+        tls_key=None,
+        tls_min_version="TLSv1.2",
+        workers=2,
+        max_workers=2,
+        flush_workers=0,
+        max_connections_per_client=50,
+        timeout=30.0,
+        user=None,
+        log="stderr",
+    )
+    values.update(kw)
+    for key in ("listen", "listen_tls"):
+        values[key] = tuple(tuple(a) for a in values[key])
+    return SimpleNamespace(**values)
+
+
+def stub_master_main(config_json):
+    """`python3 tests/test_master.py stub-master JSON`: the real master, stub sessions."""
+    install_stubs()
+    from backupmx import master
+
+    return master.serve(stub_config(**json.loads(config_json)), classes=(StubContext, StubConnection))
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+def connect(port, host="127.0.0.1"):
+    s = socket.create_connection((host, port), timeout=5)
+    return s
+
+
+def talk(sock, line):
+    sock.sendall(line.encode() + b"\r\n")
+    return read_line(sock)
+
+
+class StubServer:
+    def __init__(self, tmp_path, env=None, **config):
+        self.port = free_port()
+        config.setdefault("listen", [["127.0.0.1", self.port]])
+        self.log_path = tmp_path / "stub-master.log"
+        full_env = dict(os.environ, PYTHONPATH=str(REPO))
+        full_env.update(env or {})
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, __file__, "stub-master", json.dumps(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=full_env,
+                start_new_session=True,
+            )
+        if not wait_for(lambda: self.proc.poll() is not None or self.answers(), 10, 0.05) or self.proc.poll() is not None:
+            raise AssertionError("stub master did not start:\n" + self.log())
+
+    def answers(self):
+        """A banner comes; the probe session is then ended and seen to end."""
+        try:
+            with connect(self.port) as s:
+                if not read_line(s, 0.5).startswith(b"220"):
+                    return False
+                talk(s, "QUIT")
+                return read_line(s, 2) == b""
+        except OSError:
+            return False
+
+    def settle(self):
+        """Let the master read the probe's "closed" (the limit tests count sessions)."""
+        time.sleep(0.1)
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def workers(self):
+        return children_of(self.proc.pid)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(5)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def stub_server(tmp_path):
+    started = []
+
+    def factory(env=None, **config):
+        s = StubServer(tmp_path, env, **config)
+        started.append(s)
+        return s
+
+    yield factory
+    for s in started:
+        s.close()
+
+
+def pid_of_session(sock):
+    return int(talk(sock, "PID").split()[1])
+
+
+# -- the worker loop alone (forked, stub sessions, a SEQPACKET control pair) ---------
+
+
+class ForkedWorker:
+    """run_worker() in a child process, driven over its control socket like the master does."""
+
+    def __init__(self, grace=5.0, close_after=5.0, timeout=30.0):
+        install_stubs()
+        from backupmx import worker
+
+        self.ctrl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - child
+            try:
+                self.ctrl.close()
+                worker.DRAIN_GRACE = grace
+                worker.DRAIN_CLOSE = close_after
+                worker.run_worker(child, stub_config(timeout=timeout), None, classes=(StubContext, StubConnection))
+            finally:
+                os._exit(99)
+        child.close()
+        self.ctrl.settimeout(5)
+        self.messages = []
+
+    def hand(self, tls=False):
+        """A connected client socket whose server side now lives in the worker."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        server_side, addr = listener.accept()
+        listener.close()
+        header = f"conn {'tls' if tls else 'plain'} {addr[0]} {addr[1]}".encode()
+        socket.send_fds(self.ctrl, [header], [server_side.fileno()])
+        server_side.close()
+        return client
+
+    def next_message(self, prefix, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for i, m in enumerate(self.messages):
+                if m.startswith(prefix):
+                    return self.messages.pop(i)
+            self.ctrl.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.ctrl.recv(256)
+            except socket.timeout:
+                break
+            if not data:
+                break
+            self.messages.append(data.decode())
+        return None
+
+    def wait_exit(self, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.02)
+        return None
+
+    def kill(self):
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+@pytest.fixture
+def forked_worker():
+    made = []
+
+    def factory(**kw):
+        w = ForkedWorker(**kw)
+        made.append(w)
+        return w
+
+    yield factory
+    for w in made:
+        w.kill()
+
+
+def test_worker_serves_many_sessions_and_reports_closed(forked_worker):
+    w = forked_worker()
+    clients = [w.hand(tls=(i == 2)) for i in range(3)]
+    assert [read_line(c) for c in clients] == [b"220 test tls=0\r\n", b"220 test tls=0\r\n", b"220 test tls=1\r\n"]
+    assert all(talk(c, "NOOP") == b"250 ok\r\n" for c in clients)
+    assert talk(clients[0], "QUIT") == b"221 bye\r\n"
+    assert w.next_message("closed ") == "closed 127.0.0.1"
+    assert w.next_message("hb ") is not None
+    for c in clients:
+        c.close()
+
+
+def test_worker_one_crashing_session_does_not_end_the_others(forked_worker):
+    w = forked_worker()
+    a, b = w.hand(), w.hand()
+    read_line(a), read_line(b)
+    a.sendall(b"CRASH\r\n")
+    assert read_line(a) == b""  # that session is closed
+    assert w.next_message("closed ") == "closed 127.0.0.1"
+    assert talk(b, "NOOP") == b"250 ok\r\n"
+
+
+def test_worker_drain_lets_sessions_finish_then_exits(forked_worker):
+    w = forked_worker(grace=10)
+    a = w.hand()
+    read_line(a)
+    w.ctrl.send(b"drain")
+    assert talk(a, "MAIL FROM:<a@b>") == b"250 ok\r\n"  # still served while draining
+    assert w.wait_exit(0.3) is None
+    assert talk(a, "QUIT") == b"221 bye\r\n"
+    assert w.wait_exit(3) == 0
+
+
+def test_worker_drain_is_bounded(forked_worker):
+    w = forked_worker(grace=0.3, close_after=0.3)
+    a = w.hand()
+    read_line(a)
+    started = time.monotonic()
+    w.ctrl.send(b"stop")
+    assert read_line(a) == b"421 4.3.2 stopping\r\n"  # idle: begin_shutdown at once
+    assert w.wait_exit(3) == 0
+    assert time.monotonic() - started < 0.3
+
+
+def test_worker_stop_lets_the_transaction_finish_then_closes(forked_worker):
+    w = forked_worker(grace=1, close_after=0.2)
+    a, b = w.hand(), w.hand()
+    read_line(a), read_line(b)
+    talk(a, "MAIL FROM:<a@b>")
+    talk(b, "MAIL FROM:<a@b>")
+    started = time.monotonic()
+    w.ctrl.send(b"stop")
+    assert talk(a, "RCPT TO:<c@d>") == b"250 ok\r\n"
+    assert talk(a, "DATA") == b"250 ok\r\n"
+    assert read_line(a) == b"421 4.3.2 stopping\r\n"  # after the transaction
+    # b never finishes its transaction: closed at DRAIN_GRACE + DRAIN_CLOSE.
+    assert read_line(b, 5) == b""
+    assert 1.0 <= time.monotonic() - started < 2.5
+    assert w.wait_exit(3) == 0
+
+
+def test_worker_gentle_drain_is_bounded(forked_worker):
+    w = forked_worker(grace=0.3, close_after=0.3)
+    a = w.hand()
+    read_line(a)
+    started = time.monotonic()
+    w.ctrl.send(b"drain")
+    assert read_line(a) == b"421 4.3.2 stopping\r\n"  # begin_shutdown only after DRAIN_GRACE
+    assert 0.25 < time.monotonic() - started < 1.5
+    assert w.wait_exit(3) == 0
+
+
+def test_worker_exits_when_master_goes_away(forked_worker):
+    w = forked_worker(grace=0.2, close_after=0.2)
+    a = w.hand()
+    read_line(a)
+    w.ctrl.close()  # EOF on the control socket
+    assert w.wait_exit(3) == 0
+    assert read_line(a) in (b"421 4.3.2 stopping\r\n", b"")
+
+
+def test_worker_honours_session_deadlines(forked_worker):
+    w = forked_worker(timeout=0.3)
+    a = w.hand()
+    read_line(a)
+    started = time.monotonic()
+    assert read_line(a) == b"421 4.4.2 timeout\r\n"
+    assert 0.2 < time.monotonic() - started < 1.5
+    assert w.next_message("closed ") == "closed 127.0.0.1"
+
+
+# -- the master with stub sessions ---------------------------------------------------------
+
+
+def test_stub_master_banner_and_workers(stub_server):
+    srv = stub_server(workers=2, max_workers=2)
+    assert wait_for(lambda: len(srv.workers()) == 2, 5)
+    with connect(srv.port) as s:
+        assert read_line(s) == b"220 test tls=0\r\n"
+        assert talk(s, "QUIT") == b"221 bye\r\n"
+
+
+def test_stub_master_tls_listener_flag(stub_server):
+    tls_port = free_port()
+    srv = stub_server(listen_tls=[["127.0.0.1", tls_port]])
+    with connect(tls_port) as s:
+        assert read_line(s) == b"220 test tls=1\r\n"
+
+
+def test_killed_worker_is_replaced(stub_server):
+    srv = stub_server(workers=1, max_workers=1)
+    with connect(srv.port) as s:
+        read_line(s)
+        victim = pid_of_session(s)
+        os.kill(victim, signal.SIGKILL)
+        assert read_line(s) == b""
+    assert wait_for(lambda: srv.workers() and victim not in srv.workers(), 5)
+    assert wait_for(srv.answers, 5)
+    assert f"worker-died pid={victim}" in srv.log()
+
+
+def test_hung_worker_is_killed_and_replaced(stub_server):
+    srv = stub_server(workers=1, max_workers=1, env={"BACKUPMX_HEARTBEAT_TIMEOUT": "1"})
+    with connect(srv.port) as s:
+        read_line(s)
+        victim = pid_of_session(s)
+    os.kill(victim, signal.SIGSTOP)
+    started = time.monotonic()
+    assert wait_for(lambda: "worker-hung pid=%d" % victim in srv.log(), 5)
+    assert wait_for(lambda: srv.workers() and victim not in srv.workers(), 5)
+    assert wait_for(srv.answers, 5)
+    assert time.monotonic() - started < 4
+
+
+def test_per_client_limit(stub_server):
+    srv = stub_server(max_connections_per_client=2)
+    srv.settle()
+    a, b = connect(srv.port), connect(srv.port)
+    assert read_line(a).startswith(b"220") and read_line(b).startswith(b"220")
+    with connect(srv.port) as c:
+        assert read_line(c) == b"421 4.7.0 mx2.test Too many connections from your address\r\n"
+        assert read_line(c) == b""
+    talk(a, "QUIT")
+    read_line(a)
+    a.close()
+    assert wait_for(srv.answers, 5)  # the slot is free again
+    b.close()
+    assert "too-many-connections client=127.0.0.1" in srv.log()
+
+
+def test_busy_when_every_worker_is_full(stub_server):
+    srv = stub_server(workers=1, max_workers=1, env={"BACKUPMX_SESSIONS_PER_WORKER": "2"})
+    srv.settle()
+    a, b = connect(srv.port), connect(srv.port)
+    assert read_line(a).startswith(b"220") and read_line(b).startswith(b"220")
+    with connect(srv.port) as c:
+        assert read_line(c) == b"421 4.3.2 mx2.test Service busy, try again later\r\n"
+    talk(a, "QUIT")
+    read_line(a)
+    a.close()
+    assert wait_for(srv.answers, 5)
+    b.close()
+    assert "busy client=127.0.0.1" in srv.log()
+
+
+def test_extra_workers_spawned_when_busy(stub_server):
+    srv = stub_server(workers=1, max_workers=3, env={"BACKUPMX_SPAWN_THRESHOLD": "2"})
+    socks = [connect(srv.port) for _ in range(6)]
+    assert all(read_line(s).startswith(b"220") for s in socks)
+    pids = {pid_of_session(s) for s in socks}
+    assert len(pids) == 3
+    for s in socks:
+        # EOF after QUIT: a worker forked while a connection was being handed
+        # over must not keep a copy of that client's socket.
+        assert talk(s, "QUIT") == b"221 bye\r\n"
+        assert read_line(s, 2) == b""
+        s.close()
+
+
+def test_sigterm_idle_exits_quickly(stub_server):
+    srv = stub_server()
+    started = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(5) == 0
+    assert time.monotonic() - started < 2
+    assert wait_for(lambda: not children_alive(srv.proc.pid), 3)
+
+
+def children_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_sigterm_lets_a_session_finish(stub_server):
+    srv = stub_server(env={"BACKUPMX_DRAIN_GRACE": "20"})
+    s = connect(srv.port)
+    read_line(s)
+    talk(s, "MAIL FROM:<a@b>")
+    srv.proc.send_signal(signal.SIGTERM)
+    # New connections are refused once the listeners are closed.
+    assert wait_for(lambda: not srv.answers(), 3)
+    time.sleep(0.3)
+    assert srv.proc.poll() is None
+    assert talk(s, "DATA") == b"250 ok\r\n"
+    assert read_line(s) == b"421 4.3.2 stopping\r\n"
+    assert srv.proc.wait(5) == 0
+
+
+def test_sigint_is_a_stop_too(stub_server):
+    srv = stub_server()
+    srv.proc.send_signal(signal.SIGINT)
+    assert srv.proc.wait(5) == 0
+
+
+# -- the real server -----------------------------------------------------------------
+
+
+def _have(*modules):
+    return all(importlib.util.find_spec(f"backupmx.{m}") is not None for m in modules)
+
+
+real = pytest.mark.skipif(
+    not _have("connection", "store", "config", "cli", "log", "tls"), reason="server modules not all there yet"
+)
+
+
+@real
+def test_real_banner_on_each_listener(server_factory, certs):
+    srv = server_factory(tls=True, listen_tls=True, certs=certs)
+    with smtplib.SMTP("127.0.0.1", srv.port, timeout=5) as c:
+        code, text = c.ehlo("client.test")
+        assert code == 250
+        assert b"STARTTLS" in text
+    context = ssl.create_default_context(cafile=certs["ca"])
+    with smtplib.SMTP_SSL("127.0.0.1", srv.tls_port, timeout=5, context=context) as c:
+        code, _ = c.noop()
+        assert code == 250
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+        assert read_line(s).startswith(b"220 mx2.test")
+
+
+@real
+def test_real_master_holds_no_sqlite_fd(server):
+    assert wait_for(lambda: len(server.children()) >= 2, 5)
+    fds = os.listdir(f"/proc/{server.pid}/fd")
+    targets = []
+    for fd in fds:
+        try:
+            targets.append(os.readlink(f"/proc/{server.pid}/fd/{fd}"))
+        except OSError:
+            pass
+    assert not [t for t in targets if "queue.db" in t], targets
+    assert Path(server.queue_path).exists()  # the master did apply the schema
+
+
+@real
+def test_real_sigterm_with_transaction_in_flight(server_factory):
+    srv = server_factory(env={"BACKUPMX_DRAIN_GRACE": "20"})
+    c = smtplib.SMTP("127.0.0.1", srv.port, timeout=10)
+    c.ehlo("client.test")
+    assert c.mail("a@sender.test")[0] == 250
+    assert c.rcpt("someone@example.com")[0] == 250
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    code, text = c.data(b"Subject: t\r\n\r\nhello\r\n")
+    assert code == 250, text
+    c.quit()
+    assert srv.proc.wait(10) == 0
+
+
+@real
+def test_real_sighup_reload(server_factory, tmp_path):
+    srv = server_factory()
+    before = smtplib.SMTP("127.0.0.1", srv.port, timeout=10)
+    assert before.ehlo("x")[0] == 250
+    cfg = Path(srv.config_path)
+    cfg.write_text(cfg.read_text().replace("hostname = mx2.test", "hostname = mx3.test"))
+    srv.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "reloaded" in srv.log(), 5)
+
+    def banner():
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            return read_line(s)
+
+    assert wait_for(lambda: banner().startswith(b"220 mx3.test"), 5)
+    assert before.noop()[0] == 250  # the old session goes on (old settings)
+    before.quit()
+    # A broken config is refused; the running one stays.
+    cfg.write_text(cfg.read_text().replace("[backupmx]", "[backupmx]\nbogus_key = 1"))
+    srv.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "reload-failed" in srv.log(), 5)
+    assert banner().startswith(b"220 mx3.test")
+
+
+@real
+def test_real_inetd_session(tmp_path):
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "i.ini", port=free_port(), queue=tmp_path / "q.db", log=str(tmp_path / "i.log"))
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "backupmx.py"), "serve", "--inetd", "-c", str(cfg)],
+        stdin=theirs,
+        stdout=theirs,
+        stderr=theirs,
+        cwd=str(tmp_path),
+    )
+    theirs.close()
+    try:
+        assert read_line(ours).startswith(b"220 mx2.test")
+        ours.sendall(b"QUIT\r\n")
+        assert read_line(ours).startswith(b"221")
+        assert proc.wait(5) == 0
+        ours.settimeout(2)
+        assert ours.recv(100) == b""  # nothing else ever written to the client
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@real
+def test_real_sigterm_idle_exits_quickly(server):
+    assert wait_for(lambda: len(server.children()) >= 3, 5)  # 2 workers + 1 flusher
+    started = time.monotonic()
+    assert server.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 2
+    assert wait_for(lambda: not children_alive(server.pid), 3)
+    assert "stopped" in server.log()
+
+
+@real
+def test_real_port_in_use_is_one_line(server, tmp_path):
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "second.ini", port=server.port, queue=tmp_path / "q2.db")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "backupmx.py"), "serve", "-c", str(cfg)],
+        capture_output=True, text=True, timeout=10,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert f"127.0.0.1:{server.port}" in proc.stderr and "in use" in proc.stderr
+
+
+@real
+def test_real_systemd_socket_activation(tmp_path, certs):
+    from conftest import banner_ready, write_config
+
+    plain, tls = free_port(), free_port()
+    configured = free_port()  # in the config, but the passed sockets win
+    cfg = write_config(tmp_path / "a.ini", port=configured, queue=tmp_path / "q.db", tls_port=free_port(), certs=certs)
+    log = open(tmp_path / "a.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "launch_activation.py"), "--plain", f"127.0.0.1:{plain}", "--tls",
+         f"127.0.0.1:{tls}", "--", sys.executable, str(REPO / "backupmx.py"), "serve", "-c", str(cfg)],
+        stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        assert wait_for(lambda: banner_ready(plain), 10), (tmp_path / "a.log").read_text()
+        context = ssl.create_default_context(cafile=certs["ca"])
+        with smtplib.SMTP_SSL("127.0.0.1", tls, timeout=5, context=context) as c:
+            assert c.noop()[0] == 250
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", configured), timeout=1).close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+@real
+def test_real_inetd_refuses_with_421_when_the_queue_cannot_open(tmp_path):
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "i.ini", port=free_port(), queue=tmp_path / "missing-dir" / "q.db",
+                       log=str(tmp_path / "i.log"))
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "backupmx.py"), "serve", "--inetd", "-c", str(cfg)],
+        stdin=theirs, stdout=theirs, stderr=theirs, cwd=str(tmp_path),
+    )
+    theirs.close()
+    try:
+        assert read_line(ours).startswith(b"421 4.3.0 mx2.test")
+        assert proc.wait(5) == 1
+        ours.settimeout(2)
+        assert ours.recv(100) == b""
+        assert "inetd-failed" in (tmp_path / "i.log").read_text()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@real
+def test_real_500_idle_sessions_and_one_more_transaction(server_factory):
+    srv = server_factory(max_connections_per_client=1000, max_workers=8, workers=2)
+    socks = []
+    try:
+        for _ in range(500):
+            socks.append(socket.create_connection(("127.0.0.1", srv.port), timeout=10))
+        for s in socks:
+            assert read_line(s, 10).startswith(b"220")
+        with smtplib.SMTP("127.0.0.1", srv.port, timeout=10) as c:
+            c.ehlo("client.test")
+            c.mail("a@sender.test")
+            c.rcpt("x@example.com")
+            code, _ = c.data(b"Subject: 501\r\n\r\nhi\r\n")
+            assert code == 250
+    finally:
+        for s in socks:
+            s.close()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["stub-master"]:
+        sys.exit(stub_master_main(sys.argv[2]))
+    sys.exit(f"usage: {sys.argv[0]} stub-master JSON")
