@@ -1,0 +1,738 @@
+"""Delivery of one domain's queue to that domain's configured primary, with smtplib.
+
+A flush worker process loops: claim a domain whose flush was requested (ETRN,
+`backupmx flush`), deliver its queue to `DomainConfig.primary` -- that host
+and port only, never a host found in DNS -- then release the claim.
+
+What must always hold:
+
+- Nothing leaves the queue without a 2xx from the primary for it. A 2xx to
+  RCPT is not enough: the final reply to DATA decides for every recipient
+  that RCPT accepted (RFC 5321 3.3).
+- Every recipient tried ends in exactly one store call: `delivered` (2xx),
+  `failed` (5xx) or `deferred` (4xx, or any trouble with the connection, with
+  the reason recorded). There is no "unknown": a timeout, a dropped connection,
+  or a reply we cannot trust is a deferral, never a failure -- smtplib reports
+  an over-long reply line as "500 Line too long", a 5xx the primary never sent.
+- The primary is a peer we do not control. Every reply is bounded: at most
+  MAX_REPLY_LINES lines, each at most MAX_REPLY_LINE bytes, a strict
+  three-digit code (Python's int("2_0") is 20), and one deadline for the whole
+  reply, so a server that drips one byte a second cannot hold a worker past
+  the command timeout.
+- The body is streamed from the store in chunks, dot-stuffed across chunk
+  boundaries (RFC 5321 4.5.2), sent with CRLF line ends and exactly one end
+  of data; memory does not grow with the message size.
+- The flush lease is renewed while we work, and when it is lost we stop at
+  once (closing the connection mid-DATA, so the primary discards that copy)
+  rather than race another flusher.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import smtplib
+import ssl
+import time
+from collections.abc import Callable
+
+from backupmx import tls
+from backupmx.log import log_event
+
+__all__ = [
+    "DataEncoder",
+    "PrimaryClient",
+    "ReplyError",
+    "deliver_domain",
+    "default_lease_seconds",
+    "run_flush_worker",
+]
+
+LOGGER = logging.getLogger("backupmx.flusher")
+
+MAX_REPLY_LINES = 100  # a longer reply is not a mail server talking
+MAX_REPLY_LINE = 8192  # bytes including CRLF (smtplib's own _MAXLINE)
+BODY_CHUNK = 64 * 1024  # bytes read from the store's blob at a time
+POLL_INTERVAL = 0.15  # seconds between claim attempts when there is nothing to flush
+MAX_CONSECUTIVE_TROUBLE = 3  # connection troubles in a row before the rest of the queue waits
+MAX_REPLY_TEXT = 512  # characters of a reply kept in the queue and the log
+RETRY_SCAN_INTERVAL = 10.0  # seconds between looks for due mail of retry_interval domains
+
+# RFC 5321 4.2: Reply-line = *( Reply-code "-" [ textstring ] CRLF )
+#                            Reply-code [ SP textstring ] CRLF
+# Reply-code = %x32-35 %x30-35 %x30-39. Nothing else is a reply.
+_REPLY_LINE = re.compile(rb"([2-5][0-5][0-9])(?:([ -])(.*))?", re.S)
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class ReplyError(smtplib.SMTPException):
+    """The primary's reply broke a limit or the grammar: we cannot trust the session.
+
+    The connection is closed; the mail in flight is deferred (never failed).
+    """
+
+
+class ReplyTimeout(ReplyError):
+    """No complete reply within the command timeout."""
+
+
+class PrimaryClient(smtplib.SMTP):
+    """smtplib.SMTP with a bounded, strict reply reader.
+
+    Replies are read from the socket directly (not through smtplib's buffered
+    file) so that one deadline covers the whole reply however the bytes
+    trickle in. Everything else -- connect, EHLO, STARTTLS -- is smtplib's.
+    """
+
+    def __init__(self, *, timeout: float, local_hostname: str):
+        self._rbuf = bytearray()
+        super().__init__(local_hostname=local_hostname, timeout=timeout)
+
+    def connect(self, host="localhost", port=0, source_address=None):
+        self._rbuf.clear()
+        # smtplib keeps the name for starttls's certificate check only when it
+        # was given to __init__; the configured primary is the name to verify.
+        self._host = host
+        return super().connect(host, port, source_address)
+
+    def starttls(self, *args, **kwargs):
+        result = super().starttls(*args, **kwargs)
+        # Whatever arrived in plaintext after "220" must not be read as if it had
+        # come over TLS (the CVE-2011-0411 class of injection; RFC 3207 4.2).
+        self._rbuf.clear()
+        return result
+
+    def close(self):
+        self._rbuf.clear()
+        super().close()
+
+    def send(self, s):
+        """smtplib's send, but keeping the reason when the socket fails."""
+        if not self.sock:
+            raise smtplib.SMTPServerDisconnected("not connected")
+        if isinstance(s, str):
+            s = s.encode(self.command_encoding)
+        try:
+            self.sock.sendall(s)
+        except OSError as e:
+            self.close()
+            raise smtplib.SMTPServerDisconnected(_os_reason(e)) from e
+
+    def getreply(self):
+        """Read one reply: (code, text lines joined by b"\\n"), or raise.
+
+        Raises ReplyError (limits, grammar, deadline) or SMTPServerDisconnected;
+        the connection is closed in both cases.
+        """
+        if not self.sock:
+            raise smtplib.SMTPServerDisconnected("not connected")
+        deadline = time.monotonic() + self.timeout
+        code = None
+        texts = []
+        try:
+            while True:
+                line = self._read_line(deadline)
+                if line.endswith(b"\r\n"):
+                    line = line[:-2]
+                else:
+                    line = line[:-1]
+                match = _REPLY_LINE.fullmatch(line)
+                if match is None:
+                    raise ReplyError(f"malformed reply line {line[:40]!r}")
+                if code is not None and match.group(1) != code:
+                    raise ReplyError("reply code changed within a multiline reply")
+                code = match.group(1)
+                texts.append((match.group(3) or b"").strip())
+                if match.group(2) != b"-":
+                    break
+                if len(texts) >= MAX_REPLY_LINES:
+                    raise ReplyError(f"reply longer than {MAX_REPLY_LINES} lines")
+        except (ReplyError, smtplib.SMTPServerDisconnected):
+            self.close()
+            raise
+        return int(code), b"\n".join(texts)
+
+    def _read_line(self, deadline):
+        while True:
+            end = self._rbuf.find(b"\n")
+            if end >= 0:
+                if end + 1 > MAX_REPLY_LINE:
+                    raise ReplyError(f"reply line longer than {MAX_REPLY_LINE} bytes")
+                line = bytes(self._rbuf[: end + 1])
+                del self._rbuf[: end + 1]
+                return line
+            if len(self._rbuf) > MAX_REPLY_LINE:
+                raise ReplyError(f"reply line longer than {MAX_REPLY_LINE} bytes")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ReplyTimeout(f"timeout: no complete reply within {self.timeout:g} s")
+            try:
+                self.sock.settimeout(remaining)
+                data = self.sock.recv(65536)
+            except TimeoutError as e:
+                raise ReplyTimeout(f"timeout: no complete reply within {self.timeout:g} s") from e
+            except OSError as e:
+                raise smtplib.SMTPServerDisconnected(_os_reason(e)) from e
+            finally:
+                if self.sock:
+                    try:
+                        self.sock.settimeout(self.timeout)
+                    except OSError:
+                        pass
+            if not data:
+                raise smtplib.SMTPServerDisconnected("connection closed by the primary")
+            self._rbuf += data
+
+
+class DataEncoder:
+    """Body bytes -> the DATA stream, chunk by chunk (RFC 5321 4.5.2).
+
+    Lines end in CRLF (a bare CR or LF, which the server never queues, is
+    made CRLF rather than passed on), a line starting with "." gets another
+    ".", and end() closes with exactly one CRLF "." CRLF. State carried across
+    chunks: whether the next byte starts a line, and a CR held back because
+    its LF may be the first byte of the next chunk.
+    """
+
+    def __init__(self):
+        self._at_line_start = True
+        self._held_cr = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._held_cr:
+            chunk = b"\r" + chunk
+            self._held_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._held_cr = True
+        if not chunk:
+            return b""
+        out = _LINE_END.sub(b"\r\n", chunk).replace(b"\r\n.", b"\r\n..")
+        if self._at_line_start and out.startswith(b"."):
+            out = b"." + out
+        self._at_line_start = out.endswith(b"\r\n")
+        return out
+
+    def end(self) -> bytes:
+        if self._held_cr or not self._at_line_start:
+            tail = b"\r\n.\r\n"
+        else:
+            tail = b".\r\n"
+        self._held_cr = False
+        self._at_line_start = True
+        return tail
+
+
+def default_lease_seconds(timeout: float) -> float:
+    """A lease that outlives the longest wait between two renewals.
+
+    Renewal happens every lease/6 at the latest between blocking steps; the
+    longest step is a reply wait plus one chunk send (2 * timeout).
+    """
+    return 3 * timeout + 30
+
+
+class _Gone(Exception):
+    """The message left the queue (operator delete) while we were delivering it."""
+
+
+class _LeaseLost(Exception):
+    """Another flusher owns the domain now: stop without touching anything."""
+
+
+class _Trouble(Exception):
+    """The connection is unusable; `reason` is recorded as the recipients' last reply.
+
+    at_connect: no session could be opened (unreachable, greeting refused,
+    TLS required and not possible): the rest of the queue need not be tried.
+    """
+
+    def __init__(self, reason: str, at_connect: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.at_connect = at_connect
+
+
+class _Lease:
+    def __init__(self, store, domain: str, owner: str, seconds: float):
+        self.store, self.domain, self.owner, self.seconds = store, domain, owner, seconds
+        self.interval = seconds / 6
+        self.next_renewal = time.monotonic() + self.interval
+
+    def keep(self):
+        now = time.monotonic()
+        if now < self.next_renewal:
+            return
+        if not self.store.renew_lease(self.domain, self.owner, self.seconds):
+            raise _LeaseLost()
+        self.next_renewal = now + self.interval
+
+
+def _os_reason(exc: OSError) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line reason for an exception, for the queue row and the log."""
+    if isinstance(exc, ReplyError):
+        text = str(exc)
+    elif isinstance(exc, (smtplib.SMTPServerDisconnected, ConnectionError, EOFError)):
+        text = f"connection lost: {exc}" if str(exc) else "connection lost"
+    elif isinstance(exc, TimeoutError):
+        text = "timeout"
+    elif isinstance(exc, ssl.SSLError):
+        text = f"TLS error: {exc.reason or exc}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return text[:MAX_REPLY_TEXT]
+
+
+def _reply(code: int, text: bytes) -> str:
+    line = f"{code} " + " ".join(text.decode("utf-8", "replace").split("\n"))
+    return line.strip()[:MAX_REPLY_TEXT]
+
+
+def _relay(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Flush:
+    """One flush of one domain: a connection (re-opened as needed) and the outcomes."""
+
+    def __init__(self, store, domain, *, owner, hostname, timeout, lease, log):
+        self.store = store
+        self.domain = domain
+        self.owner = owner
+        self.hostname = hostname
+        self.timeout = timeout
+        self.lease = lease
+        self.log = log
+        self.host, self.port = domain.primary
+        self.relay = _relay(self.host, self.port)
+        self.client: PrimaryClient | None = None
+        self.tls_version: str | None = None
+        self.counts = {"messages": 0, "delivered": 0, "deferred": 0, "failed": 0}
+        self._context = None
+        self._context_built = False
+
+    # -- the connection ------------------------------------------------------
+
+    def connect(self) -> PrimaryClient:
+        """Open a session ready for MAIL, or raise _Trouble."""
+        client = PrimaryClient(timeout=self.timeout, local_hostname=self.hostname)
+        try:
+            try:
+                code, text = client.connect(self.host, self.port)
+            except smtplib.SMTPException:
+                raise  # the greeting, not the connection
+            except OSError as e:
+                raise _Trouble(f"connect to {self.relay} failed: {_os_reason(e)}") from e
+            if code != 220:
+                raise _Trouble(_reply(code, text))
+            code, text = client.ehlo()
+            if code != 250:
+                code, text = client.helo()
+                if code != 250:
+                    raise _Trouble(_reply(code, text))
+            self.tls_version = None
+            self._start_tls(client)
+        except _Trouble as e:
+            client.close()
+            e.at_connect = True
+            raise
+        except (OSError, smtplib.SMTPException, ValueError) as e:
+            client.close()
+            raise _Trouble(_describe(e), at_connect=True) from e
+        return client
+
+    def _start_tls(self, client: PrimaryClient):
+        mode = self.domain.primary_tls
+        if mode == "none":
+            return
+        if not client.has_extn("starttls"):
+            if mode == "required":
+                raise _Trouble("TLS is required but the primary does not offer STARTTLS")
+            return
+        if not self._context_built:
+            try:
+                self._context = tls.client_context(mode, self.domain.primary_ca)
+            except tls.TLSConfigError as e:
+                raise _Trouble(f"TLS configuration: {e}") from e
+            self._context_built = True
+        try:
+            client.starttls(context=self._context)
+        except smtplib.SMTPResponseException as e:
+            if mode == "required" or e.smtp_code == 421:
+                raise _Trouble(_reply(e.smtp_code, e.smtp_error)) from e
+            # Opportunistic and refused (454 etc.): RFC 3207 lets us go on in plaintext.
+            log_event(self.log, "starttls-refused", domain=self.domain.name, relay=self.relay,
+                      reply=_reply(e.smtp_code, e.smtp_error), level=logging.WARNING)
+            return
+        except (ssl.SSLError, ssl.CertificateError) as e:
+            raise _Trouble(f"TLS handshake failed: {getattr(e, 'reason', None) or e}") from e
+        self.tls_version = client.sock.version()
+        # RFC 3207 4.2: forget everything learnt before TLS, ask again.
+        code, text = client.ehlo()
+        if code != 250:
+            raise _Trouble(_reply(code, text))
+
+    def drop(self):
+        """Abandon the connection without QUIT (after trouble, or mid-DATA)."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def quit(self):
+        if self.client is not None:
+            try:
+                self.client.quit()
+            except (OSError, smtplib.SMTPException):
+                pass
+            self.drop()
+
+    # -- outcomes ---------------------------------------------------------------
+
+    def record(self, message, outcomes: dict[str, tuple[str, str]]):
+        """outcomes: address -> (kind, reply). One store transaction for the message
+        (attempts + 1 once), one log line per (kind, reply)."""
+        retry_after = None
+        if self.domain.retry_interval and any(kind == "deferred" for kind, _ in outcomes.values()):
+            # Exponential backoff from retry_interval, capped at 16 times it.
+            retry_after = self.domain.retry_interval * 2 ** min(message.attempts, 4)
+        self.store.record_attempt(
+            message.queue_id,
+            self.domain.name,
+            [(address, kind, reply) for address, (kind, reply) in outcomes.items()],
+            retry_after=retry_after,
+        )
+        groups: dict[tuple[str, str], list[str]] = {}
+        for address, outcome in outcomes.items():
+            groups.setdefault(outcome, []).append(address)
+        for (kind, reply), addresses in groups.items():
+            self.counts[kind] += len(addresses)
+            log_event(
+                self.log,
+                kind,
+                id=message.queue_id,
+                domain=self.domain.name,
+                from_=f"<{message.sender}>",
+                to=",".join(f"<{a}>" for a in addresses),
+                relay=self.relay,
+                tls=self.tls_version,
+                reply=reply,
+            )
+
+    # -- one message --------------------------------------------------------------
+
+    def deliver(self, message) -> _Trouble | None:
+        """Deliver one message and record every recipient's outcome.
+
+        Returns None, or the _Trouble that ended the connection (its `at_connect`
+        tells whether no session could be opened at all).
+        """
+        self.counts["messages"] += 1
+        outcomes: dict[str, tuple[str, str]] = {}
+        trouble = None
+        try:
+            if self.client is None:
+                self.client = self.connect()
+            self.transaction(message, outcomes)
+        except _Trouble as e:
+            trouble = e
+        except (OSError, smtplib.SMTPException) as e:
+            trouble = _Trouble(_describe(e))
+        except _Gone:
+            # The operator deleted the message meanwhile. If that happened
+            # mid-DATA, dropping the connection makes the primary discard it.
+            self.drop()
+            log_event(self.log, "skipped", id=message.queue_id, domain=self.domain.name,
+                      reason="no longer in the queue")
+            return None
+        except BaseException:
+            # Lease lost, store trouble...: never leave a half-sent DATA open
+            # (QUIT would only become part of the body).
+            self.drop()
+            raise
+        if trouble is not None:
+            self.drop()
+            for r in message.recipients:
+                outcomes.setdefault(r.address, ("deferred", trouble.reason))
+        self.record(message, outcomes)
+        return trouble
+
+    def command(self, verb: str, argument: str = "") -> tuple[int, bytes]:
+        client = self.client
+        client.putcmd(verb, argument)
+        return client.getreply()
+
+    def transaction(self, message, outcomes):
+        """MAIL, RCPT..., DATA, body; fills outcomes; raises on connection trouble."""
+        client = self.client
+        self.lease.keep()
+        envelope = [message.sender] + [r.address for r in message.recipients]
+        params = []
+        if any(not a.isascii() for a in envelope):
+            # RFC 6531: an internationalised envelope needs SMTPUTF8 at the primary.
+            if not client.has_extn("smtputf8"):
+                for address in envelope[1:]:
+                    outcomes[address] = ("deferred", "the primary does not offer SMTPUTF8")
+                return
+            client.command_encoding = "utf-8"
+            params.append("SMTPUTF8")
+        else:
+            client.command_encoding = "ascii"
+        if client.has_extn("size"):
+            params.append(f"SIZE={message.size}")
+        if (message.body_type or "").upper() == "8BITMIME" and client.has_extn("8bitmime"):
+            params.append("BODY=8BITMIME")
+        dsn = client.has_extn("dsn")
+        if dsn and message.envid:
+            params.append(f"ENVID={message.envid}")
+        if dsn and message.ret:
+            params.append(f"RET={message.ret}")
+        xtexts = [message.envid, message.ret] + [p for r in message.recipients for p in (r.notify, r.orcpt)]
+        if any(_CONTROL.search(a) for a in envelope) or any(
+            x and (_CONTROL.search(x) or " " in x or not x.isascii()) for x in xtexts
+        ):
+            # The server never queues such an envelope; if one is there, sending it
+            # would inject commands. Keep it queued (and visible) instead.
+            for address in envelope[1:]:
+                outcomes[address] = ("deferred", "envelope holds characters that cannot be sent")
+            return
+
+        code, text = self.command("MAIL", f"FROM:<{message.sender}>" + "".join(" " + p for p in params))
+        if code == 421 or 300 <= code < 400:
+            raise _Trouble(_reply(code, text))
+        if code >= 400:
+            kind = "deferred" if code < 500 else "failed"
+            for r in message.recipients:
+                outcomes[r.address] = (kind, _reply(code, text))
+            self.reset()
+            return
+
+        accepted = []
+        for r in message.recipients:
+            rcpt_params = ""
+            if dsn and r.notify:
+                rcpt_params += f" NOTIFY={r.notify}"
+            if dsn and r.orcpt:
+                rcpt_params += f" ORCPT={r.orcpt}"
+            code, text = self.command("RCPT", f"TO:<{r.address}>{rcpt_params}")
+            if code == 421 or 300 <= code < 400:
+                raise _Trouble(_reply(code, text))
+            if code < 400:
+                accepted.append(r.address)
+            else:
+                outcomes[r.address] = ("deferred" if code < 500 else "failed", _reply(code, text))
+        if not accepted:
+            self.reset()
+            return
+
+        code, text = self.command("DATA")
+        if code == 421 or (code != 354 and code < 400):
+            raise _Trouble(_reply(code, text))
+        if code >= 400:
+            kind = "deferred" if code < 500 else "failed"
+            for address in accepted:
+                outcomes[address] = (kind, _reply(code, text))
+            self.reset()
+            return
+        self.send_body(message.queue_id)
+        code, text = client.getreply()
+        if not 200 <= code < 300 and (code == 421 or code < 400):
+            raise _Trouble(_reply(code, text))
+        kind = "delivered" if code < 300 else "deferred" if code < 500 else "failed"
+        for address in accepted:
+            outcomes[address] = (kind, _reply(code, text))
+
+    def send_body(self, queue_id: str):
+        """Stream the body, then the end of data.
+
+        The last piece goes out in the same write as the end-of-data marker:
+        two small writes in a row would wait for the peer's delayed ACK
+        (Nagle), ~40 ms per message.
+        """
+        encoder = DataEncoder()
+        try:
+            body = self.store.open_body(queue_id)
+        except KeyError as e:
+            raise _Gone() from e
+        pending = b""
+        try:
+            while True:
+                try:
+                    chunk = body.read(BODY_CHUNK)
+                except KeyError as e:
+                    raise _Gone() from e
+                if not chunk:
+                    break
+                self.lease.keep()
+                if pending:
+                    self.client.send(pending)
+                pending = encoder.feed(chunk)
+        finally:
+            body.close()
+        self.client.send(pending + encoder.end())
+
+    def reset(self):
+        """RSET after a failed transaction; a primary that will not reset is dropped."""
+        try:
+            code, _ = self.command("RSET")
+        except (OSError, smtplib.SMTPException):
+            self.drop()
+            return
+        if code != 250:
+            self.drop()
+
+
+def deliver_domain(
+    store,
+    domain,
+    *,
+    owner: str,
+    hostname: str,
+    timeout: float = 60.0,
+    lease_seconds: float | None = None,
+    log: logging.Logger = LOGGER,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, int]:
+    """Deliver every queued message of `domain` (a DomainConfig) to domain.primary.
+
+    The caller holds the flush lease for domain.name under `owner`
+    (store.claim_flush); it is renewed here and released by the caller.
+    Returns counts: {"messages": tried, "delivered"/"deferred"/"failed": recipients}.
+    When the connection gives trouble, the next message gets a new one; after
+    MAX_CONSECUTIVE_TROUBLE in a row (or when the primary cannot be reached at all)
+    the rest is deferred with the same reason. When `should_stop()` turns true
+    the flush stops between messages and is requested again, so that it resumes
+    after a restart. Store errors (QueueUnavailable) propagate.
+    """
+    lease = _Lease(store, domain.name, owner, lease_seconds or default_lease_seconds(timeout))
+    flush = _Flush(store, domain, owner=owner, hostname=hostname, timeout=timeout, lease=lease, log=log)
+    messages = store.messages_for_flush(domain.name)
+    if not messages:
+        return flush.counts
+    started = time.monotonic()
+    log_event(log, "flush-start", domain=domain.name, relay=flush.relay, messages=len(messages))
+    troubles = 0
+    status = "done"
+    try:
+        for index, message in enumerate(messages):
+            if should_stop is not None and should_stop():
+                status = "interrupted"
+                store.request_flush([domain.name])
+                break
+            trouble = flush.deliver(message)
+            if trouble is None:
+                troubles = 0
+                continue
+            troubles += 1
+            if trouble.at_connect or troubles >= MAX_CONSECUTIVE_TROUBLE:
+                # Postfix's "delivery temporarily suspended": the primary is not
+                # taking mail now; record why on every row and stop.
+                status = "suspended"
+                log_event(log, "flush-suspended", domain=domain.name, relay=flush.relay,
+                          reason=trouble.reason, level=logging.WARNING)
+                for rest in messages[index + 1 :]:
+                    if should_stop is not None and should_stop():
+                        store.request_flush([domain.name])
+                        break
+                    lease.keep()
+                    flush.counts["messages"] += 1
+                    flush.record(rest, {r.address: ("deferred", trouble.reason) for r in rest.recipients})
+                break
+    except _LeaseLost:
+        status = "lease-lost"
+        log_event(log, "flush-aborted", domain=domain.name, relay=flush.relay,
+                  reason="the flush lease was lost", level=logging.WARNING)
+    finally:
+        flush.quit()
+    log_event(
+        log,
+        "flush-" + status,
+        domain=domain.name,
+        relay=flush.relay,
+        messages=flush.counts["messages"],
+        delivered=flush.counts["delivered"],
+        deferred=flush.counts["deferred"],
+        failed=flush.counts["failed"],
+        seconds=f"{time.monotonic() - started:.3f}",
+    )
+    return flush.counts
+
+
+def run_flush_worker(config, owner: str, should_stop: Callable[[], bool]) -> None:
+    """The flush worker process: claim a domain, deliver it, release it; repeat.
+
+    Opens its own QueueStore (this runs after fork). Polls every POLL_INTERVAL
+    when there is nothing to do, returns soon after should_stop() turns true,
+    and never dies because of a bad primary: errors are logged per flush.
+
+    For domains with retry_interval > 0 it also requests a flush, every
+    RETRY_SCAN_INTERVAL, when some of their mail is due (new mail, or a
+    deferral's backoff has run out). Requests coalesce in the store, so
+    several flush workers scanning at once do no harm.
+    """
+    from backupmx.store import QueueStore, QueueUnavailable
+
+    log = LOGGER
+    lease_seconds = default_lease_seconds(config.timeout)
+    retrying = {name for name, d in config.domains.items() if d.retry_interval > 0}
+    next_scan = 0.0
+    store = QueueStore(config.queue)
+    try:
+        while not should_stop():
+            try:
+                if retrying and time.monotonic() >= next_scan:
+                    next_scan = time.monotonic() + RETRY_SCAN_INTERVAL
+                    due = [d for d in store.due_domains() if d in retrying]
+                    if due:
+                        store.request_flush(due)
+                name = store.claim_flush(owner, lease_seconds)
+            except QueueUnavailable as e:
+                log_event(log, "flush-error", owner=owner, error=str(e), level=logging.WARNING)
+                _pause(1.0, should_stop)
+                continue
+            if name is None:
+                _pause(POLL_INTERVAL, should_stop)
+                continue
+            try:
+                domain = config.domains.get(name)
+                if domain is None:
+                    log_event(log, "flush-skipped", domain=name, reason="domain not configured",
+                              level=logging.WARNING)
+                    continue
+                deliver_domain(
+                    store,
+                    domain,
+                    owner=owner,
+                    hostname=config.hostname,
+                    timeout=config.timeout,
+                    lease_seconds=lease_seconds,
+                    log=log,
+                    should_stop=should_stop,
+                )
+            except Exception as e:  # one bad flush must not end the worker
+                log_event(log, "flush-error", domain=name, owner=owner,
+                          error=f"{type(e).__name__}: {e}", level=logging.ERROR)
+                _pause(1.0, should_stop)
+            finally:
+                try:
+                    store.release_flush(name, owner)
+                except Exception as e:
+                    log_event(log, "flush-error", domain=name, owner=owner,
+                              error=f"release: {type(e).__name__}: {e}", level=logging.ERROR)
+    finally:
+        store.close()
+
+
+def _pause(seconds: float, should_stop: Callable[[], bool]):
+    deadline = time.monotonic() + seconds
+    while not should_stop():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        time.sleep(min(remaining, 0.05))

@@ -1,0 +1,610 @@
+"""Delivery to the primary: backupmx.flusher against a real store and a real SMTP sink.
+
+No mocks: QueueStore on a file in tmp_path, the Sink (tests/sink.py) on
+127.0.0.1 with real TLS from tests/certs, and a real process for the
+kill -9 test. Timeouts are small so that the hostile-primary cases prove
+their bound quickly.
+"""
+
+import logging
+import os
+import random
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from backupmx.config import DomainConfig, load_config
+from backupmx.envelope import Envelope, Recipient
+from backupmx.flusher import (
+    MAX_REPLY_LINES,
+    DataEncoder,
+    PrimaryClient,
+    ReplyError,
+    deliver_domain,
+    run_flush_worker,
+)
+from backupmx.store import QueueStore
+
+sys.path.insert(0, os.path.dirname(__file__))
+from sink import Sink  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CERTS = REPO / "tests" / "certs"
+DOMAIN = "example.com"
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def domain_config(sink_or_port, *, tls="none", ca=None, host="127.0.0.1", retry_interval=0.0):
+    port = sink_or_port if isinstance(sink_or_port, int) else sink_or_port.port
+    return DomainConfig(
+        name=DOMAIN,
+        primary=(host, port),
+        primary_tls=tls,
+        recipients=None,
+        primary_ca=ca,
+        max_queue_messages=None,
+        max_queue_bytes=None,
+        queue_lifetime=5 * 86400.0,
+        retry_interval=retry_interval,
+    )
+
+
+def enqueue(store, body, *, sender="alice@sender.test", rcpts=("bob@example.com",), body_type="7BIT",
+            envid=None, ret=None, notify=None, orcpt=None):
+    queue_id = store.new_queue_id()
+    envelope = Envelope(
+        sender=sender,
+        recipients=[Recipient(a, DOMAIN, notify, orcpt) for a in rcpts],
+        body_type=body_type,
+        envid=envid,
+        ret=ret,
+    )
+    store.enqueue(queue_id, envelope, body, len(body), client="192.0.2.1", helo="client.test")
+    return queue_id
+
+
+def flush(store, domain, timeout=5.0, **kwargs):
+    store.request_flush([domain.name])
+    owner = kwargs.pop("owner", "test-flusher")
+    assert store.claim_flush(owner, 60) == domain.name
+    try:
+        return deliver_domain(store, domain, owner=owner, hostname="mx2.test", timeout=timeout, **kwargs)
+    finally:
+        store.release_flush(domain.name, owner)
+
+
+def rows(store):
+    return {m.queue_id: m for m in store.list_messages()}
+
+
+def mail_commands(sink):
+    return [c for s in sink.sessions for c in s.commands if c.upper().startswith("MAIL")]
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = QueueStore(str(tmp_path / "queue.db"))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sink():
+    s = Sink().start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def tls_sink():
+    s = Sink(tls_cert=str(CERTS / "server.pem"), tls_key=str(CERTS / "server.key")).start()
+    yield s
+    s.stop()
+
+
+# -- the DATA encoder (no sockets) -----------------------------------------------------
+
+
+def reference_data(body: bytes) -> bytes:
+    """What smtplib.SMTP.data() would send for `body`: the independent oracle."""
+    data = smtplib.quotedata(body.decode("latin-1")).encode("latin-1")
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data + b".\r\n"
+
+
+def encode(body: bytes, cuts) -> bytes:
+    encoder = DataEncoder()
+    out, start = [], 0
+    for cut in sorted(cuts) + [len(body)]:
+        out.append(encoder.feed(body[start:cut]))
+        start = cut
+    return b"".join(out) + encoder.end()
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (b"", b".\r\n"),
+        (b"a\r\n", b"a\r\n.\r\n"),
+        (b"a", b"a\r\n.\r\n"),
+        (b".\r\n", b"..\r\n.\r\n"),
+        (b"x\r\n.\r\n..y\r\n", b"x\r\n..\r\n...y\r\n.\r\n"),
+        (b"bare\nlf\rcr\r\n", b"bare\r\nlf\r\ncr\r\n.\r\n"),
+        (b"\xff\x00\x80\r\n", b"\xff\x00\x80\r\n.\r\n"),
+        (b"end with cr\r", b"end with cr\r\n.\r\n"),
+    ],
+)
+def test_data_encoder_table(body, expected):
+    assert encode(body, []) == expected
+    # Every single split point gives the same stream.
+    for cut in range(len(body) + 1):
+        assert encode(body, [cut]) == expected, cut
+
+
+def test_data_encoder_random_chunking():
+    seed = random.randrange(2**32)
+    print("seed", seed)
+    rng = random.Random(seed)
+    alphabet = [b".", b"\r", b"\n", b"\r\n", b"a", b"\xff", b"\x00", b"\r\n.", b".."]
+    for _ in range(500):
+        body = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+        cuts = [rng.randrange(0, len(body) + 1) for _ in range(rng.randrange(0, 6))]
+        assert encode(body, cuts) == reference_data(body), (seed, body, cuts)
+
+
+# -- delivery -----------------------------------------------------------------------------
+
+
+def test_byte_exact_delivery_and_envelope(store, sink):
+    # Lines starting with ".", 8-bit and NUL bytes, a line of dots, and a
+    # "\r\n." exactly across the 64 KiB chunk boundary of the body reader.
+    head = b"Received: from client.test\r\nSubject: dots\r\n\r\n.\r\n..\r\n.hidden\r\n\xe9t\xe9 \x00 \xff\r\n"
+    filler = b"x" * (65536 - len(head) - 2 - 2) + b"\r\n"
+    body = head + filler + b"\r\n.boundary\r\n" + b"tail\r\n"
+    assert body[65536 - 2 : 65536 + 1] == b"\r\n."
+    qid = enqueue(
+        store, body, rcpts=("bob@example.com", "Carol@Example.COM"), body_type="8BITMIME",
+        envid="QQ+2B314", ret="HDRS", notify="SUCCESS,DELAY", orcpt="rfc822;bob@example.com",
+    )
+    counts = flush(store, domain_config(sink))
+    assert counts == {"messages": 1, "delivered": 2, "deferred": 0, "failed": 0}
+    (got,) = sink.deliveries
+    assert got.body == body
+    assert got.mail_from == "alice@sender.test"
+    assert got.rcpts == ["bob@example.com", "Carol@Example.COM"]
+    assert got.mail_params == {"SIZE": str(len(body)), "BODY": "8BITMIME", "ENVID": "QQ+2B314", "RET": "HDRS"}
+    assert got.rcpt_params == [{"NOTIFY": "SUCCESS,DELAY", "ORCPT": "rfc822;bob@example.com"}] * 2
+    assert sink.sessions[0].ehlo == "mx2.test"
+    assert qid not in rows(store)
+    assert store.summary() == []
+
+
+def test_null_sender_and_no_dsn_params_without_dsn(store):
+    sink = Sink(extensions=("PIPELINING", "SIZE 1000000")).start()  # no DSN, no 8BITMIME
+    try:
+        enqueue(store, b"bounce\r\n", sender="", body_type="8BITMIME", envid="X", ret="FULL", notify="NEVER")
+        flush(store, domain_config(sink))
+        (got,) = sink.deliveries
+        assert got.mail_from == ""
+        assert mail_commands(sink) == ["MAIL FROM:<> SIZE=8"]
+        assert got.rcpt_params == [{}]
+    finally:
+        sink.stop()
+
+
+def test_many_messages_one_connection(store, sink, caplog):
+    ids = [enqueue(store, b"Subject: %d\r\n\r\nbody %d\r\n" % (i, i)) for i in range(25)]
+    with caplog.at_level(logging.INFO, logger="backupmx.flusher"):
+        counts = flush(store, domain_config(sink))
+    assert counts["delivered"] == 25
+    assert len(sink.sessions) == 1
+    assert [d.body for d in sink.deliveries] == [b"Subject: %d\r\n\r\nbody %d\r\n" % (i, i) for i in range(25)]
+    assert rows(store) == {}
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("delivered ")]
+    assert len(lines) == 25
+    assert re.fullmatch(
+        rf'delivered id={ids[0]} domain=example.com from=<alice@sender.test> to=<bob@example.com> '
+        rf'relay=127.0.0.1:{sink.port} reply="250 2.0.0 Ok: queued as SINK000001"',
+        lines[0],
+    ), lines[0]
+
+
+def test_ipv6_primary(store):
+    try:
+        sink = Sink("::1").start()
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    try:
+        enqueue(store, b"v6\r\n")
+        counts = flush(store, domain_config(sink, host="::1"))
+        assert counts["delivered"] == 1 and sink.messages[0][2] == b"v6\r\n"
+    finally:
+        sink.stop()
+
+
+def test_rcpt_4xx_keeps_with_attempts_and_reply(store, sink):
+    sink.behaviour = "rcpt_4xx"
+    sink.behaviour_addresses = {"later@example.com"}
+    qid = enqueue(store, b"hi\r\n", rcpts=("now@example.com", "later@example.com"))
+    counts = flush(store, domain_config(sink))
+    assert counts == {"messages": 1, "delivered": 1, "deferred": 1, "failed": 0}
+    assert sink.messages[0][1] == ["now@example.com"]
+    row = rows(store)[qid]
+    assert row.state == "queued" and row.attempts == 1
+    assert row.last_reply.startswith("450 4.2.0 <later@example.com>")
+    (message,) = store.messages_for_flush(DOMAIN)
+    assert [r.address for r in message.recipients] == ["later@example.com"]
+    # The next flush delivers the rest, to a now well-behaved primary.
+    sink.behaviour = "normal"
+    flush(store, domain_config(sink))
+    assert sink.messages[1][1] == ["later@example.com"]
+    assert rows(store) == {}
+
+
+def test_all_rcpt_4xx_sends_no_data(store, sink):
+    sink.behaviour = "rcpt_4xx"
+    qid = enqueue(store, b"hi\r\n", rcpts=("a@example.com", "b@example.com"))
+    enqueue(store, b"second\r\n")
+    counts = flush(store, domain_config(sink))
+    assert counts == {"messages": 2, "delivered": 0, "deferred": 3, "failed": 0}
+    assert sink.data_received == 0
+    assert len(sink.sessions) == 1  # RSET between, same connection
+    assert rows(store)[qid].attempts == 1
+
+
+def test_rcpt_5xx_fails_and_keeps_row(store, sink):
+    sink.behaviour = "rcpt_5xx"
+    qid = enqueue(store, b"hi\r\n")
+    counts = flush(store, domain_config(sink))
+    assert counts["failed"] == 1
+    row = rows(store)[qid]
+    assert row.state == "failed"
+    assert row.last_reply.startswith("550 5.1.1")
+    assert store.messages_for_flush(DOMAIN) == []
+
+
+@pytest.mark.parametrize("behaviour, state, reply", [("data_4xx", "queued", "451 4.3.0"),
+                                                     ("data_5xx", "failed", "554 5.7.1")])
+def test_data_reply_decides(store, sink, behaviour, state, reply):
+    sink.behaviour = behaviour
+    qid = enqueue(store, b"content\r\n", rcpts=("a@example.com", "b@example.com"))
+    flush(store, domain_config(sink))
+    assert sink.data_received == 1
+    row = rows(store)[qid]
+    assert (row.state, row.attempts) == (state, 1)
+    assert row.last_reply.startswith(reply)
+
+
+def test_drop_mid_data_keeps_the_mail(store, sink):
+    sink.behaviour = "drop_mid_data"
+    body = b"line\r\n" * 50000  # 300 KB: we are still sending when the primary hangs up
+    ids = [enqueue(store, body), enqueue(store, body)]
+    started = time.monotonic()
+    counts = flush(store, domain_config(sink, ), timeout=2.0)
+    assert time.monotonic() - started < 5
+    assert counts["delivered"] == 0 and counts["deferred"] == 2
+    assert sink.deliveries == []
+    for qid in ids:
+        row = rows(store)[qid]
+        assert row.state == "queued" and row.attempts == 1
+        assert "connection" in row.last_reply, row.last_reply
+
+
+def test_connection_refused_defers_everything(store):
+    probe = Sink()  # bind a port, then close it: nothing listens there
+    port = probe.port
+    probe._server.server_close()
+    ids = [enqueue(store, b"x\r\n") for _ in range(3)]
+    counts = flush(store, domain_config(port))
+    assert counts == {"messages": 3, "delivered": 0, "deferred": 3, "failed": 0}
+    for qid in ids:
+        assert rows(store)[qid].last_reply.startswith(f"connect to 127.0.0.1:{port} failed")
+
+
+# -- a hostile primary: bounded time, mail kept ---------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["banner", "ehlo", "mail", "rcpt", "data", "eod"])
+@pytest.mark.parametrize("behaviour", ["endless_continuation", "drip", "long_line", "bad_code"])
+def test_hostile_primary_costs_bounded_time(store, sink, behaviour, stage):
+    sink.behaviour = behaviour
+    sink.hostile_at = stage
+    sink.drip_interval = 0.2  # a byte every 0.2 s never trips a per-recv timeout of 0.5 s
+    ids = [enqueue(store, b"keep me\r\n") for _ in range(2)]
+    started = time.monotonic()
+    counts = flush(store, domain_config(sink), timeout=0.5)
+    elapsed = time.monotonic() - started
+    assert elapsed < 3.0, elapsed
+    assert counts["delivered"] == 0 and counts["deferred"] == 2 and counts["failed"] == 0
+    for qid in ids:
+        row = rows(store)[qid]
+        assert row.state == "queued" and row.attempts == 1
+        assert row.last_reply and not row.last_reply.startswith("5"), row.last_reply
+
+
+def test_reply_limits_directly(sink):
+    """PrimaryClient alone: the limits raise ReplyError, and close the socket."""
+    sink.hostile_at = "banner"
+    for behaviour, match in [("endless_continuation", f"{MAX_REPLY_LINES} lines"),
+                             ("long_line", "8192 bytes"),
+                             ("bad_code", "malformed")]:
+        sink.behaviour = behaviour
+        client = PrimaryClient(timeout=2, local_hostname="mx2.test")
+        with pytest.raises(ReplyError, match=match):
+            client.connect("127.0.0.1", sink.port)
+        assert client.sock is None
+    sink.behaviour = "normal"
+    client = PrimaryClient(timeout=2, local_hostname="mx2.test")
+    assert client.connect("127.0.0.1", sink.port)[0] == 220
+    code, text = client.ehlo()
+    assert code == 250 and b"PIPELINING" in text and client.has_extn("dsn")
+    client.quit()
+
+
+# -- TLS to the primary --------------------------------------------------------------------------
+
+
+def test_required_tls_without_starttls_sends_nothing(store, sink):
+    qid = enqueue(store, b"secret\r\n")
+    counts = flush(store, domain_config(sink, tls="required", ca=str(CERTS / "ca.pem")))
+    assert counts["deferred"] == 1 and counts["delivered"] == 0
+    assert mail_commands(sink) == []
+    assert sink.deliveries == []
+    assert "does not offer STARTTLS" in rows(store)[qid].last_reply
+
+
+def test_required_tls_with_no_starttls_behaviour(store, tls_sink):
+    tls_sink.behaviour = "no_starttls"
+    enqueue(store, b"secret\r\n")
+    flush(store, domain_config(tls_sink, tls="required", ca=str(CERTS / "ca.pem")))
+    assert mail_commands(tls_sink) == []
+
+
+def test_required_tls_verified_delivers_over_tls(store, tls_sink, caplog):
+    qid = enqueue(store, b"secret\r\n")
+    with caplog.at_level(logging.INFO, logger="backupmx.flusher"):
+        counts = flush(store, domain_config(tls_sink, tls="required", ca=str(CERTS / "ca.pem")))
+    assert counts["delivered"] == 1
+    (got,) = tls_sink.deliveries
+    assert got.tls and got.body == b"secret\r\n"
+    assert [c.split()[0].upper() for c in tls_sink.sessions[0].commands[:3]] == ["EHLO", "STARTTLS", "EHLO"]
+    assert any(f"delivered id={qid}" in r.getMessage() and "tls=TLSv1." in r.getMessage() for r in caplog.records)
+
+
+def test_required_tls_wrong_certificate_sends_nothing(store):
+    sink = Sink(tls_cert=str(CERTS / "other.pem"), tls_key=str(CERTS / "other.key")).start()
+    try:
+        qid = enqueue(store, b"secret\r\n")
+        counts = flush(store, domain_config(sink, tls="required", ca=str(CERTS / "ca.pem")))
+        assert counts["deferred"] == 1
+        assert mail_commands(sink) == []
+        assert "TLS handshake failed" in rows(store)[qid].last_reply
+    finally:
+        sink.stop()
+
+
+def test_opportunistic_tls(store, tls_sink):
+    enqueue(store, b"one\r\n")
+    flush(store, domain_config(tls_sink, tls="opportunistic"))
+    assert tls_sink.deliveries[-1].tls
+    tls_sink.behaviour = "no_starttls"
+    enqueue(store, b"two\r\n")
+    flush(store, domain_config(tls_sink, tls="opportunistic"))
+    assert not tls_sink.deliveries[-1].tls and tls_sink.deliveries[-1].body == b"two\r\n"
+    assert rows(store) == {}
+
+
+def test_tls_none_never_starts_tls(store, tls_sink):
+    enqueue(store, b"plain\r\n")
+    flush(store, domain_config(tls_sink, tls="none"))
+    assert not tls_sink.deliveries[0].tls
+    assert not any(c.upper() == "STARTTLS" for c in tls_sink.sessions[0].commands)
+
+
+# -- leases, stopping, the worker loop -----------------------------------------------------------
+
+
+def test_without_the_lease_nothing_is_sent(store, sink):
+    """A flusher whose lease is gone (renewal refused) stops before sending."""
+    qid = enqueue(store, b"x\r\n")
+    counts = deliver_domain(store, domain_config(sink), owner="nobody", hostname="mx2.test",
+                            timeout=2, lease_seconds=0.000001)
+    assert counts["delivered"] == 0
+    assert sink.deliveries == []
+    assert rows(store)[qid].attempts == 0
+
+
+def test_should_stop_between_messages_requests_again(store, sink):
+    for _ in range(5):
+        enqueue(store, b"x\r\n")
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return len(sink.deliveries) >= 2
+
+    counts = flush(store, domain_config(sink), should_stop=should_stop)
+    assert counts["delivered"] == 2
+    assert len(rows(store)) == 3
+    assert store.pending_flushes() == [DOMAIN]  # resumes after a restart
+
+
+def test_run_flush_worker(tmp_path, sink):
+    queue = tmp_path / "queue.db"
+    cfg = tmp_path / "backupmx.ini"
+    cfg.write_text(textwrap.dedent(f"""\
+        [backupmx]
+        hostname = mx2.test
+        listen = 127.0.0.1:0
+        queue = {queue}
+        timeout = 5s
+        [domain:example.com]
+        primary = 127.0.0.1:{sink.port}
+        primary_tls = none
+        [domain:example.org]
+        primary = 127.0.0.1:{sink.port}
+        """))
+    config = load_config(str(cfg))
+    with QueueStore(str(queue)) as store:
+        ids = [enqueue(store, b"via worker %d\r\n" % i) for i in range(3)]
+        store.request_flush([DOMAIN])
+    stop = threading.Event()
+    worker = threading.Thread(target=run_flush_worker, args=(config, "worker-1", stop.is_set))
+    worker.start()
+    try:
+        sink.wait_for(3, timeout=10)
+        deadline = time.monotonic() + 10
+        with QueueStore(str(queue)) as store:
+            while rows(store) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert rows(store) == {}
+            # A second request is picked up by the same, polling worker.
+            enqueue(store, b"later\r\n")
+            store.request_flush([DOMAIN])
+        sink.wait_for(4, timeout=10)
+    finally:
+        started = time.monotonic()
+        stop.set()
+        worker.join(5)
+    assert not worker.is_alive()
+    assert time.monotonic() - started < 1.0
+    assert len(ids) == 3
+
+
+def test_run_flush_worker_survives_a_bad_primary(tmp_path):
+    probe = Sink()
+    port = probe.port
+    probe._server.server_close()
+    queue = tmp_path / "queue.db"
+    cfg = tmp_path / "backupmx.ini"
+    cfg.write_text(f"[backupmx]\nqueue = {queue}\ntimeout = 2s\n[domain:example.com]\nprimary = 127.0.0.1:{port}\n")
+    config = load_config(str(cfg))
+    with QueueStore(str(queue)) as store:
+        qid = enqueue(store, b"x\r\n")
+        store.request_flush([DOMAIN])
+        stop = threading.Event()
+        worker = threading.Thread(target=run_flush_worker, args=(config, "worker-1", stop.is_set))
+        worker.start()
+        deadline = time.monotonic() + 10
+        while rows(store)[qid].attempts == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stop.set()
+        worker.join(5)
+        assert not worker.is_alive()
+        assert rows(store)[qid].attempts == 1
+        assert store.claim_flush("other", 10) is None  # the lease was released, no request left
+
+
+# -- a flusher killed mid-delivery loses nothing ------------------------------------------------
+
+
+FLUSHER_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+from backupmx.config import DomainConfig
+from backupmx.flusher import deliver_domain
+from backupmx.store import QueueStore
+store = QueueStore({db!r})
+store.request_flush(["example.com"])
+assert store.claim_flush("victim", 600) == "example.com"
+domain = DomainConfig(name="example.com", primary=("127.0.0.1", {port}), primary_tls="none", recipients=None,
+                      primary_ca=None, max_queue_messages=None, max_queue_bytes=None,
+                      queue_lifetime=86400.0, retry_interval=0.0)
+print("claimed", flush=True)
+deliver_domain(store, domain, owner="victim", hostname="mx2.test", timeout=30, lease_seconds=600)
+"""
+
+
+def test_flusher_killed_mid_delivery_loses_nothing(tmp_path, sink):
+    db = str(tmp_path / "queue.db")
+    with QueueStore(db) as store:
+        ids = [enqueue(store, b"X-Test-Id: %d\r\n\r\nbody\r\n" % i) for i in range(6)]
+    # The primary answers the first two at once, then sits on the third's end of data.
+    stall = threading.Event()
+    sink.on_delivery = lambda number, delivery: number >= 3 and stall.wait(30)
+    proc = subprocess.Popen([sys.executable, "-c", FLUSHER_SCRIPT.format(repo=str(REPO), db=db, port=sink.port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        sink.wait(lambda: len(sink.deliveries) >= 3, timeout=10)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stall.set()
+    assert proc.returncode == -signal.SIGKILL
+    got = {d.body.split(b"\r\n")[0] for d in sink.deliveries}
+    with QueueStore(db) as store:
+        assert store.connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        left = rows(store)
+        # Every message is still queued, or the primary has it (or both: sent again at worst).
+        for i, qid in enumerate(ids):
+            assert qid in left or b"X-Test-Id: %d" % i in got
+        # The one the primary had not confirmed is still queued, and so is everything after it.
+        assert all(qid in left for qid in ids[2:])
+        # The lease of the dead flusher runs out; then another flusher delivers the rest.
+        store.connection.execute("UPDATE flushes SET lease_expires = 0")
+        sink.on_delivery = None
+        assert store.claim_flush("rescuer", 60) == DOMAIN
+        deliver_domain(store, domain_config(sink), owner="rescuer", hostname="mx2.test", timeout=5)
+        assert rows(store) == {}
+    got = {d.body.split(b"\r\n")[0] for d in sink.deliveries}
+    assert got == {b"X-Test-Id: %d" % i for i in range(6)}
+
+
+def test_deferral_schedules_a_retry_when_retry_interval_is_set(tmp_path):
+    clock = [1_000_000.0]
+    store = QueueStore(str(tmp_path / "q.db"), clock=lambda: clock[0])
+    try:
+        probe = Sink()
+        port = probe.port
+        probe._server.server_close()
+        qid = enqueue(store, b"x\r\n")
+        flush(store, domain_config(port, retry_interval=60.0))
+        assert rows(store)[qid].next_attempt == 1_000_060
+        flush(store, domain_config(port, retry_interval=0.0))
+        assert rows(store)[qid].next_attempt is None  # ETRN only
+    finally:
+        store.close()
+
+
+def test_run_flush_worker_retries_only_retry_domains(tmp_path, sink):
+    queue = tmp_path / "queue.db"
+    cfg = tmp_path / "backupmx.ini"
+    cfg.write_text(textwrap.dedent(f"""\
+        [backupmx]
+        queue = {queue}
+        timeout = 5s
+        [domain:example.com]
+        primary = 127.0.0.1:{sink.port}
+        retry_interval = 1m
+        [domain:example.org]
+        primary = 127.0.0.1:{sink.port}
+        """))
+    config = load_config(str(cfg))
+    with QueueStore(str(queue)) as store:
+        enqueue(store, b"retry on\r\n")
+        envelope = Envelope("a@sender.test", [Recipient("x@example.org", "example.org")])
+        store.enqueue("ORGMESSAGE01", envelope, b"etrn only\r\n", 11, client=None, helo=None)
+    stop = threading.Event()
+    worker = threading.Thread(target=run_flush_worker, args=(config, "worker-1", stop.is_set))
+    worker.start()
+    try:
+        sink.wait_for(1, timeout=10)
+        time.sleep(0.5)  # a few polls: example.org must not be flushed without a request
+    finally:
+        stop.set()
+        worker.join(5)
+    assert [m[2] for m in sink.messages] == [b"retry on\r\n"]
