@@ -11,6 +11,12 @@
 -- per RCPT TO of that domain. Deliveries are per domain: ETRN for a domain
 -- hands over exactly that domain's rows.
 --
+-- A new queue is created with PRAGMA auto_vacuum = INCREMENTAL (set by
+-- backupmx/store.py before this file runs: it cannot be changed once a table
+-- exists), so housekeeping can hand the pages of flushed mail back to the
+-- file system with PRAGMA incremental_vacuum. An older queue keeps its mode
+-- until `sqlite3 queue.db 'PRAGMA auto_vacuum = INCREMENTAL; VACUUM;'` (server stopped).
+--
 -- All times are unix seconds, UTC (INTEGER). In the sqlite3 shell,
 -- datetime(x, 'unixepoch') shows them and unixepoch() is "now" (SQLite 3.38+;
 -- older shells: CAST(strftime('%s', 'now') AS INTEGER)).
@@ -54,7 +60,8 @@ CREATE TABLE IF NOT EXISTS messages (
 --   queued  -> deleted  (the primary accepted every recipient: 2xx)
 --   queued  -> held     (operator; a held row is never flushed) -> queued (release)
 --   queued  -> failed   (the primary refused every remaining recipient: 5xx; kept expired_retention)
---   queued  -> expired  (older than queue_lifetime; kept expired_retention)
+--   queued  -> expired  (older than queue_lifetime, counted from received_at or from the
+--                        operator's last release/requeue, whichever is later; kept expired_retention)
 --   failed/expired/held -> queued (operator requeue)
 CREATE TABLE IF NOT EXISTS queue (
     queue_id      TEXT NOT NULL REFERENCES messages (queue_id) ON DELETE CASCADE, -- the message
@@ -64,7 +71,8 @@ CREATE TABLE IF NOT EXISTS queue (
     last_attempt  INTEGER,                           -- unix time of the last attempt, NULL if none yet
     last_reply    TEXT,                              -- the primary's last reply (or the connection error), NULL if none yet
     next_attempt  INTEGER,                           -- unix time a retry is due (used only when retry_interval is on); NULL = only on ETRN/flush
-    state_changed INTEGER NOT NULL,                  -- unix time `state` last changed (expired_retention counts from here)
+    state_changed INTEGER NOT NULL,                  -- unix time `state` last changed (expired_retention counts from here; a released or requeued row's queue_lifetime too)
+    delay_warned  INTEGER,                           -- unix time the delay warning DSN (delay_warning) was sent or claimed for sending; NULL = none yet. One per row
     PRIMARY KEY (queue_id, domain)                   -- one row per message and domain
 );
 
@@ -83,6 +91,7 @@ CREATE TABLE IF NOT EXISTS recipients (
     state      TEXT NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'failed', 'expired')), -- queued: still to deliver; failed: the primary said 5xx; expired: queue_lifetime passed
     last_reply TEXT,            -- the primary's last reply for this recipient, NULL if none yet
     dsn_sent   INTEGER,         -- for failed/expired: unix time the delivery status notification was sent (or skipped: null sender, no bounce_relay); NULL = still due
+    dsn_claimed INTEGER,        -- unix time a housekeeper claimed this recipient's DSN for sending (so two never send it twice); a claim older than 10 minutes is void; NULL = not claimed
     PRIMARY KEY (queue_id, domain, address),          -- a duplicate RCPT TO is stored once
     FOREIGN KEY (queue_id, domain) REFERENCES queue (queue_id, domain) ON DELETE CASCADE -- the queue row
 );
@@ -108,7 +117,7 @@ CREATE TABLE IF NOT EXISTS events (
     at       INTEGER NOT NULL,    -- unix time
     queue_id TEXT NOT NULL,       -- the message (no foreign key: events outlive it)
     domain   TEXT,                -- the queue row concerned, NULL for the message as a whole
-    what     TEXT NOT NULL,       -- queued | delivered | deferred | failed | expired | held | released | requeued | deleted | dsn
+    what     TEXT NOT NULL,       -- queued | delivered | deferred | failed | expired | held | released | requeued | deleted | dsn | dsn-failed | delay-warning
     detail   TEXT                 -- recipients and reply, free text
 );
 
@@ -156,4 +165,5 @@ BEGIN
 END;
 
 -- Schema version; bump it with a migration in backupmx/store.py.
-PRAGMA user_version = 1;
+-- 2: queue.delay_warned, recipients.dsn_claimed (added to a version 1 queue on start).
+PRAGMA user_version = 2;

@@ -672,3 +672,66 @@ def test_schema_text_from_a_zipapp(tmp_path):
     out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(schema_mod.schema_version()), str(len((ROOT / "schema.sql").read_text()))]
+
+
+# --- lifecycle additions (helper "lifecycle") ---------------------------------------
+
+
+def test_new_queue_has_incremental_auto_vacuum(store):
+    assert store.connection.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+
+
+def test_version_1_queue_gets_the_new_columns(db_path, clock):
+    # A queue written by schema version 1: without queue.delay_warned and recipients.dsn_claimed.
+    text = (ROOT / "schema.sql").read_text()
+    old = "\n".join(l for l in text.splitlines()
+                    if not re.match(r"\s+(delay_warned|dsn_claimed)\s+INTEGER", l))
+    old = re.sub(r"PRAGMA user_version = \d+;", "PRAGMA user_version = 1;", old)
+    shell = sqlite3.connect(db_path, isolation_level=None)
+    shell.executescript(old)
+    assert "dsn_claimed" not in {r[1] for r in shell.execute("PRAGMA table_info(recipients)")}
+    shell.close()
+    s = QueueStore(db_path, clock=clock)
+    try:
+        assert s.connection.execute("PRAGMA user_version").fetchone()[0] == schema_mod.schema_version() >= 2
+        assert "delay_warned" in {r[1] for r in s.connection.execute("PRAGMA table_info(queue)")}
+        qid = put(s, "a@example.com")
+        s.failed(qid, "example.com", ["a@example.com"], "550 no")
+        assert [b.queue_id for b in s.claim_dsns()] == [qid]
+    finally:
+        s.close()
+    QueueStore(db_path, clock=clock).close()  # opening again changes nothing
+
+
+def test_dsn_claims(store, clock):
+    a = put(store, "a@example.com", "b@example.com")
+    store.failed(a, "example.com", ["a@example.com"], "550 no")
+    [bounce] = store.claim_dsns()
+    assert [r.address for r in bounce.recipients] == ["a@example.com"]
+    assert (bounce.attempts, bounce.last_attempt, bounce.last_reply, bounce.size) == (1, T0, "550 no", 22)
+    assert store.claim_dsns() == []  # claimed: nobody else gets it
+    assert [b.queue_id for b in store.pending_dsns()] == [a]  # but it is still due
+    store.release_dsns(a, "example.com", ["a@example.com"], "relay down")
+    [again] = store.claim_dsns()
+    store.dsn_sent(a, "example.com", ["a@example.com"])
+    assert store.claim_dsns() == [] and store.pending_dsns() == []
+    # A recipient that fails (again) after a requeue is due again.
+    store.failed(a, "example.com", ["b@example.com"], "550 no")
+    store.dsn_sent(a, "example.com", ["b@example.com"])
+    assert store.requeue(queue_id=a) == 1
+    store.failed(a, "example.com", ["a@example.com"], "550 still no")
+    assert [r.last_reply for b in store.claim_dsns() for r in b.recipients] == ["550 still no"]
+
+
+def test_delay_warning_claims(store, clock):
+    a = put(store, "a@example.com")
+    clock.now += 100
+    b = put(store, "b@example.com")
+    assert [x.queue_id for x in store.claim_delay_warnings(100)] == [a]
+    assert store.claim_delay_warnings(100) == []  # once per row
+    clock.now += 100
+    assert [x.queue_id for x in store.claim_delay_warnings(100)] == [b]
+    store.release_delay_warning(b, "example.com", "relay down")
+    assert [x.queue_id for x in store.claim_delay_warnings(100)] == [b]
+    store.delay_warning_done(b, "example.com", ["b@example.com"])
+    assert [e.what for e in store.history(b)][-2:] == ["dsn-failed", "delay-warning"]

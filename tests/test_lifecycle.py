@@ -1,0 +1,559 @@
+"""Queue housekeeping (backupmx/lifecycle.py): expiry, DSNs through a real SMTP
+sink as bounce relay, delay warnings, retry backoff, retention, WAL upkeep.
+
+A clock the test moves by hand drives the store and the DSN dates: no sleeping.
+Every DSN the sink receives is parsed back with the `email` package.
+"""
+
+import dataclasses
+import email
+import email.policy
+import email.utils
+import io
+import logging
+import multiprocessing
+import os
+import socket
+import sqlite3
+
+import pytest
+
+from backupmx import lifecycle
+from backupmx.config import load_config
+from backupmx.envelope import Envelope, Recipient
+from backupmx.lifecycle import BounceFailed, housekeeping, next_retry_delay, send_dsn
+from backupmx.store import QueueStore
+from tests.sink import Sink
+
+T0 = 1_800_000_000
+HOUR, DAY = 3600, 86400
+BODY = (b"From: Sender <sender@example.org>\r\nSubject: the report\r\nMessage-ID: <m1@example.org>\r\n"
+        b"\r\nHello there.\r\n.a dotted line\r\n")
+
+
+class Clock:
+    def __init__(self, now=T0):
+        self.now = float(now)
+
+    def __call__(self):
+        return self.now
+
+
+class Lines(logging.Handler):
+    """Collects the formatted log lines."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def find(self, event):
+        return [line for line in self.lines if line.split(" ", 1)[0] == event]
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path, clock):
+    s = QueueStore(str(tmp_path / "queue.db"), clock=clock)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sink():
+    s = Sink().start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def log(request):
+    logger = logging.getLogger(f"test.lifecycle.{request.node.name}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handler = Lines()
+    logger.addHandler(handler)
+    logger.lines = handler
+    yield logger
+    logger.removeHandler(handler)
+
+
+def make_config(tmp_path, relay=None, extra="", domains=None):
+    """A real Config from a real INI file (backupmx.config.load_config)."""
+    domains = domains or """
+[domain:short.test]
+primary = mail.short.test:25
+queue_lifetime = 1h
+retry_interval = 10m
+
+[domain:long.test]
+primary = mail.long.test:25
+"""
+    text = f"""
+[backupmx]
+hostname = mx2.test
+listen = 127.0.0.1:2525
+queue = {tmp_path / 'queue.db'}
+queue_lifetime = 5d
+expired_retention = 7d
+timeout = 10s
+{f'bounce_relay = 127.0.0.1:{relay}' if relay else ''}
+{extra}
+{domains}
+"""
+    path = tmp_path / "backupmx.ini"
+    path.write_text(text)
+    return load_config(str(path))
+
+
+class WithDelayWarning:
+    """The config plus `delay_warning` (not a config key yet: lifecycle reads it with getattr)."""
+
+    def __init__(self, config, delay_warning):
+        self._config = config
+        self.delay_warning = delay_warning
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+
+def put(store, *rcpts, sender="sender@example.org", body=BODY, **kw):
+    recipients = [r if isinstance(r, Recipient) else Recipient(r, r.rsplit("@", 1)[1]) for r in rcpts]
+    qid = store.new_queue_id()
+    store.enqueue(qid, Envelope(sender=sender, recipients=recipients, **kw), io.BytesIO(body), len(body),
+                  client="192.0.2.1", helo="client.test")
+    return qid
+
+
+def run(store, config, log, clock, **kw):
+    return housekeeping(store, config, logger=log, clock=clock, **kw)
+
+
+def parse(body):
+    message = email.message_from_bytes(body, policy=email.policy.default)
+    text, status, original = message.iter_parts()
+    per_message, *per_recipient = status.get_payload()
+    return message, per_message, per_recipient, original
+
+
+def rows(store, qid):
+    detail = store.show(qid)
+    return {r.domain: r for r in detail.rows} if detail else {}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- expiry -------------------------------------------------------------------------
+
+
+def test_expiry_with_per_domain_override(store, clock, tmp_path, log):
+    config = make_config(tmp_path)
+    both = put(store, "a@short.test", "b@long.test")
+    clock.now += HOUR - 1
+    assert run(store, config, log, clock)["expired"] == 0
+    clock.now += 1
+    summary = run(store, config, log, clock)
+    assert summary["expired"] == 1
+    assert rows(store, both)["short.test"].state == "expired"
+    assert rows(store, both)["long.test"].state == "queued"
+    [line] = log.lines.find("expired")
+    assert line == f"expired id={both} domain=short.test age=3600s lifetime=3600s"
+    clock.now = T0 + 5 * DAY
+    assert run(store, config, log, clock)["expired"] == 1
+    assert rows(store, both)["long.test"].state == "expired"  # the global queue_lifetime
+
+
+def test_held_mail_never_expires_and_requeued_mail_gets_a_fresh_lifetime(store, clock, tmp_path, log):
+    config = make_config(tmp_path)
+    held = put(store, "a@short.test")
+    gone = put(store, "b@short.test")
+    store.hold(queue_id=held)
+    clock.now += 2 * HOUR
+    run(store, config, log, clock)
+    assert rows(store, held)["short.test"].state == "held"
+    assert rows(store, gone)["short.test"].state == "expired"
+    store.requeue(queue_id=gone)
+    store.release(queue_id=held)
+    clock.now += 60
+    assert run(store, config, log, clock)["expired"] == 0
+    clock.now += HOUR
+    assert run(store, config, log, clock)["expired"] == 2
+
+
+# --- bounces --------------------------------------------------------------------------
+
+
+def test_expired_mail_gets_a_dsn_through_the_relay(store, clock, tmp_path, log, sink):
+    config = make_config(tmp_path, relay=sink.port)
+    qid = put(store, Recipient("a@short.test", "short.test", None, "rfc822;a+2Bx@short.test"),
+              Recipient("b@short.test", "short.test"), envid="ENV+3D1")
+    clock.now += HOUR + 5
+    summary = run(store, config, log, clock)
+    assert summary["expired"] == 1 and summary["dsn_sent"] == 2
+    [(mail_from, rcpts, body, params)] = sink.wait_for(1)
+    assert mail_from == "" and rcpts == ["sender@example.org"]
+
+    message, per_message, per_recipient, original = parse(body)
+    assert message["Subject"] == "Undelivered Mail Returned to Sender"
+    assert [a.addr_spec for a in message["From"].addresses] == ["MAILER-DAEMON@mx2.test"]
+    assert [a.addr_spec for a in message["To"].addresses] == ["sender@example.org"]
+    assert message["Auto-Submitted"] == "auto-replied"
+    assert email.utils.parsedate_to_datetime(message["Date"]).timestamp() == clock.now
+    assert message.get_param("report-type") == "delivery-status"
+    assert per_message["Reporting-MTA"] == "dns; mx2.test"
+    assert per_message["Original-Envelope-Id"] == "ENV=1"
+    assert email.utils.parsedate_to_datetime(per_message["Arrival-Date"]).timestamp() == T0
+    a, b = per_recipient
+    assert a["Original-Recipient"] == "rfc822; a+x@short.test"
+    assert a["Final-Recipient"] == "rfc822; a@short.test"
+    assert b["Original-Recipient"] is None
+    assert b["Final-Recipient"] == "rfc822; b@short.test"
+    for r in per_recipient:
+        assert r["Action"] == "failed"
+        assert r["Status"] == "4.4.7"
+    # No RET, small message: returned whole, byte for byte.
+    assert original.get_content_type() == "message/rfc822"
+    assert body.split(b"Content-Type: message/rfc822\r\n\r\n", 1)[1].startswith(BODY)
+
+    [line] = log.lines.find("dsn-sent")
+    assert f"id={qid}" in line and "to=<a@short.test>,<b@short.test>" in line
+    # Sent once: the row stays expired (for retention), the DSN is not sent again.
+    assert run(store, config, log, clock)["dsn_sent"] == 0
+    assert rows(store, qid)["short.test"].state == "expired"
+    assert all(r.dsn_sent == int(clock.now) for r in rows(store, qid)["short.test"].recipients)
+    assert len(sink.messages) == 1
+
+
+def test_ret_hdrs_full_and_big_mail(store, clock, tmp_path, log, sink):
+    config = make_config(tmp_path, relay=sink.port)
+    big = BODY + (b"y" * 998 + b"\r\n") * 120  # > 100 KB
+    hdrs = put(store, "a@short.test", ret="HDRS")
+    full = put(store, "b@short.test", ret="FULL", body=big)
+    plain_big = put(store, "c@short.test", body=big)
+    clock.now += 2 * HOUR
+    run(store, config, log, clock)
+    got = {}
+    for _, _, body, _ in sink.wait_for(3):
+        message, per_message, [r], part = parse(body)
+        got[r["Final-Recipient"]] = (part.get_content_type(), body)
+    assert got["rfc822; a@short.test"][0] == "text/rfc822-headers"
+    assert b"Hello there." not in got["rfc822; a@short.test"][1]
+    assert b"Subject: the report" in got["rfc822; a@short.test"][1]
+    assert got["rfc822; b@short.test"][0] == "message/rfc822"
+    assert big in got["rfc822; b@short.test"][1]
+    assert got["rfc822; c@short.test"][0] == "text/rfc822-headers"
+    assert b"yyyy" not in got["rfc822; c@short.test"][1]
+    assert all(e.what == "dsn" for q in (hdrs, full, plain_big) for e in store.history(q)[-1:])
+
+
+def test_failed_5xx_gets_a_dsn_with_diagnostic(store, clock, tmp_path, log, sink):
+    config = make_config(tmp_path, relay=sink.port)
+    qid = put(store, "a@long.test", "b@long.test")
+    clock.now += 60
+    store.failed(qid, "long.test", ["a@long.test"], "550 5.1.1 <a@long.test>: Recipient address rejected: User unknown")
+    clock.now += 60
+    summary = run(store, config, log, clock)
+    assert summary["dsn_sent"] == 1
+    [(_, _, body, _)] = sink.wait_for(1)
+    _, _, [r], _ = parse(body)
+    assert r["Final-Recipient"] == "rfc822; a@long.test"
+    assert r["Action"] == "failed"
+    assert r["Status"] == "5.1.1"
+    assert r["Remote-MTA"] == "dns; mail.long.test"
+    assert r["Diagnostic-Code"] == "smtp; 550 5.1.1 <a@long.test>: Recipient address rejected: User unknown"
+    assert email.utils.parsedate_to_datetime(r["Last-Attempt-Date"]).timestamp() == T0 + 60
+    # b is still queued; the row is not failed yet.
+    assert rows(store, qid)["long.test"].state == "queued"
+
+
+def test_null_sender_gets_no_dsn(store, clock, tmp_path, log, sink):
+    config = make_config(tmp_path, relay=sink.port)
+    qid = put(store, "a@short.test", sender="")
+    clock.now += 2 * HOUR
+    summary = run(store, config, log, clock)
+    assert summary["dsn_sent"] == 0 and summary["dsn_skipped"] == 1
+    assert sink.messages == []
+    [line] = log.lines.find("dsn-skipped")
+    assert f"id={qid}" in line and 'reason="null sender"' in line
+    assert rows(store, qid)["short.test"].recipients[0].dsn_sent is not None
+    assert any(e.what == "dsn" and "null sender" in e.detail for e in store.history(qid))
+
+
+def test_notify_is_honoured(store, clock, tmp_path, log, sink):
+    config = make_config(tmp_path, relay=sink.port)
+    put(store, Recipient("never@short.test", "short.test", "NEVER"),
+        Recipient("success@short.test", "short.test", "SUCCESS"),
+        Recipient("failure@short.test", "short.test", "SUCCESS,FAILURE"),
+        Recipient("default@short.test", "short.test"))
+    clock.now += 2 * HOUR
+    summary = run(store, config, log, clock)
+    assert summary["dsn_sent"] == 2 and summary["dsn_skipped"] == 2
+    [(_, _, body, _)] = sink.wait_for(1)
+    _, _, per_recipient, _ = parse(body)
+    assert [r["Final-Recipient"] for r in per_recipient] == ["rfc822; failure@short.test", "rfc822; default@short.test"]
+
+
+def test_no_bounce_relay_keeps_the_row_until_retention(store, clock, tmp_path, log):
+    config = make_config(tmp_path)
+    qid = put(store, "a@short.test")
+    clock.now += 2 * HOUR
+    summary = run(store, config, log, clock)
+    assert summary["dsn_skipped"] == 1
+    [line] = log.lines.find("dsn-skipped")
+    assert 'reason="no bounce_relay"' in line
+    clock.now += 7 * DAY - 1
+    assert run(store, config, log, clock)["purged"] == 0
+    assert rows(store, qid)["short.test"].state == "expired"
+    assert [m.queue_id for m in store.list_messages(state="expired")] == [qid]
+    clock.now += 1
+    assert run(store, config, log, clock)["purged"] == 1
+    assert store.show(qid) is None
+    [line] = log.lines.find("purged")
+    assert line == f"purged id={qid} domain=short.test state=expired retention=604800s"
+
+
+def test_relay_down_is_retried_next_round(store, clock, tmp_path, log, sink):
+    down = make_config(tmp_path, relay=free_port())  # nothing listens there: connection refused
+    qid = put(store, "a@short.test")
+    other = put(store, "b@short.test")
+    clock.now += 2 * HOUR
+    summary = run(store, down, log, clock)
+    assert summary["dsn_sent"] == 0 and summary["dsn_failed"] == 1  # stops at the first: the relay is down
+    [line] = log.lines.find("bounce-failed")
+    assert "retry=yes" in line and "error=" in line
+    assert all(r.dsn_sent is None for q in (qid, other) for r in rows(store, q)["short.test"].recipients)
+    assert any(e.what == "dsn-failed" for e in store.history(qid) + store.history(other))
+
+    # The relay answers 4xx: still retried.
+    sink.behaviour = "rcpt_4xx"
+    up = dataclasses.replace(down, bounce_relay=("127.0.0.1", sink.port))
+    assert run(store, up, log, clock)["dsn_failed"] == 1
+    assert "450" in log.lines.find("bounce-failed")[-1]
+    # Back to normal: both go out.
+    sink.behaviour = "normal"
+    clock.now += 60
+    assert run(store, up, log, clock)["dsn_sent"] == 2
+    assert sorted(rcpts[0] for _, rcpts, _, _ in sink.wait_for(2)) == ["sender@example.org"] * 2
+
+
+def test_relay_refusing_a_dsn_is_not_retried(store, clock, tmp_path, log, sink):
+    config = make_config(tmp_path, relay=sink.port)
+    sink.behaviour = "rcpt_5xx"
+    qid = put(store, "a@short.test")
+    clock.now += 2 * HOUR
+    summary = run(store, config, log, clock)
+    assert summary["dsn_failed"] == 1
+    assert "retry=no" in log.lines.find("bounce-failed")[0]
+    sink.behaviour = "normal"
+    assert run(store, config, log, clock)["dsn_sent"] == 0
+    assert rows(store, qid)["short.test"].state == "expired"  # kept for retention all the same
+    assert any(e.what == "dsn" and "undeliverable" in e.detail for e in store.history(qid))
+
+
+def _housekeeper(path, relay_port, now, tmp_path, results):
+    store = QueueStore(path, clock=lambda: now)
+    try:
+        config = make_config(tmp_path, relay=relay_port)
+        summary = housekeeping(store, config, logger=logging.getLogger("test.lifecycle.child"), clock=lambda: now)
+        results.put(summary["dsn_sent"])
+    finally:
+        store.close()
+
+
+def test_two_housekeepers_never_send_a_dsn_twice(store, clock, tmp_path, sink):
+    for i in range(40):
+        put(store, f"r{i}@short.test")
+    now = clock.now + 2 * HOUR
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_housekeeper, args=(store.path, sink.port, now, tmp_path, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    sent = [results.get(timeout=5) for _ in procs]
+    assert sum(sent) == 40
+    got = sink.wait_for(40)
+    assert len(got) == 40
+    finals = sorted(parse(body)[2][0]["Final-Recipient"] for _, _, body, _ in got)
+    assert finals == sorted(f"rfc822; r{i}@short.test" for i in range(40))
+
+
+def test_an_expired_claim_is_sent_again(store, clock):
+    # A housekeeper died between claiming and recording: after the claim runs
+    # out, another one takes it (at least once).
+    qid = put(store, "a@short.test")
+    clock.now += 2 * HOUR
+    store.expire({"short.test": HOUR}, default=DAY)
+    assert [b.queue_id for b in store.claim_dsns()] == [qid]
+    assert store.claim_dsns() == []
+    clock.now += lifecycle.DSN_CLAIM_SECONDS
+    assert [b.queue_id for b in store.claim_dsns()] == [qid]
+
+
+# --- delay warnings ---------------------------------------------------------------------
+
+
+def test_delay_warning_once_per_row(store, clock, tmp_path, log, sink):
+    config = WithDelayWarning(make_config(tmp_path, relay=sink.port), 4 * HOUR)
+    qid = put(store, "a@long.test", Recipient("b@long.test", "long.test", "FAILURE"))
+    quiet = put(store, Recipient("c@long.test", "long.test", "NEVER"))
+    null = put(store, "d@long.test", sender="")
+    clock.now += 4 * HOUR - 1
+    assert run(store, config, log, clock)["delay_warnings"] == 0
+    clock.now += 1
+    assert run(store, config, log, clock)["delay_warnings"] == 1
+    [(mail_from, rcpts, body, _)] = sink.wait_for(1)
+    assert mail_from == "" and rcpts == ["sender@example.org"]
+    message, per_message, [r], part = parse(body)
+    assert message["Subject"] == "Delayed Mail (still being retried)"
+    assert r["Final-Recipient"] == "rfc822; a@long.test"
+    assert r["Action"] == "delayed"
+    assert r["Status"] == "4.4.1"
+    assert email.utils.parsedate_to_datetime(r["Will-Retry-Until"]).timestamp() == T0 + 5 * DAY
+    assert part.get_content_type() == "text/rfc822-headers"
+    clock.now += DAY
+    assert run(store, config, log, clock)["delay_warnings"] == 0
+    assert len(sink.messages) == 1
+    assert any(e.what == "delay-warning" for e in store.history(quiet))
+    assert any(e.what == "delay-warning" and "null sender" in e.detail for e in store.history(null))
+    assert rows(store, qid)["long.test"].state == "queued"
+
+
+def test_no_delay_warning_when_off(store, clock, tmp_path, log, sink):
+    config = make_config(tmp_path, relay=sink.port)  # no delay_warning attribute at all
+    put(store, "a@long.test")
+    clock.now += 4 * DAY
+    assert run(store, config, log, clock)["delay_warnings"] == 0
+    assert sink.messages == []
+
+
+# --- retries -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interval, attempts, delay", [
+    (600, 1, 600), (600, 2, 1200), (600, 3, 2400), (600, 4, 4800), (600, 5, 4800), (600, 99, 4800),
+    (3 * HOUR, 3, 12 * HOUR), (3 * HOUR, 4, DAY), (3 * HOUR, 9, DAY),
+    (2 * DAY, 1, 2 * DAY), (2 * DAY, 5, 2 * DAY), (60, 0, 60),
+])
+def test_next_retry_delay(interval, attempts, delay):
+    assert next_retry_delay(interval, attempts) == delay
+
+
+def test_next_retry_delay_needs_an_interval():
+    with pytest.raises(ValueError):
+        next_retry_delay(0, 1)
+
+
+def test_retry_asks_for_a_flush_only_when_due(store, clock, tmp_path, log):
+    config = make_config(tmp_path, domains="""
+[domain:short.test]
+primary = mail.short.test:25
+retry_interval = 10m
+
+[domain:long.test]
+primary = mail.long.test:25
+""")  # short.test retries every 10m and up; long.test: only on ETRN
+    qid = put(store, "a@short.test")
+    put(store, "b@long.test")
+    summary = run(store, config, log, clock)
+    assert summary["retries"] == ["short.test"]  # new mail is due at once
+    assert store.pending_flushes() == ["short.test"]
+    assert log.lines.find("retry") == ["retry domain=short.test queued=1"]
+
+    # The flusher takes it, the primary is down: deferred with the backoff.
+    attempts = 0
+    for wait in (600, 1200, 2400):
+        assert store.claim_flush("flusher", 60) == "short.test"
+        attempts += 1
+        store.deferred(qid, "short.test", ["a@short.test"], "421 4.3.2 down",
+                       retry_after=next_retry_delay(600, attempts))
+        store.release_flush("short.test", "flusher")
+        clock.now += wait - 1
+        assert run(store, config, log, clock)["retries"] == []
+        assert store.pending_flushes() == []
+        clock.now += 1
+        assert run(store, config, log, clock)["retries"] == ["short.test"]
+    # long.test was never asked for: only ETRN flushes it.
+    assert "long.test" not in store.pending_flushes()
+
+
+# --- retention and the database --------------------------------------------------------
+
+
+def test_failed_rows_are_purged_after_retention(store, clock, tmp_path, log):
+    config = make_config(tmp_path)
+    qid = put(store, "a@long.test")
+    store.failed(qid, "long.test", ["a@long.test"], "550 no")
+    run(store, config, log, clock)
+    clock.now += 7 * DAY
+    assert run(store, config, log, clock)["purged"] == 1
+    assert store.show(qid) is None
+    assert any(e.what == "deleted" for e in store.history(qid))
+
+
+def test_freed_pages_go_back_and_the_wal_is_truncated(store, clock, tmp_path, log):
+    config = make_config(tmp_path)
+    big = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 2000  # 2 MB
+    ids = [put(store, "a@long.test", body=big) for _ in range(3)]
+    for qid in ids:
+        store.delivered(qid, "long.test", ["a@long.test"], "250 ok")
+    size_before = os.path.getsize(store.path) + os.path.getsize(store.path + "-wal")
+    summary = run(store, config, log, clock)
+    assert summary["vacuumed_pages"] * store.connection.execute("PRAGMA page_size").fetchone()[0] > 5_000_000
+    assert summary["checkpoint"][0] == 0  # not busy: done
+    assert os.path.getsize(store.path + "-wal") == 0
+    assert os.path.getsize(store.path) < size_before / 4
+    assert log.lines.find("vacuum")
+
+
+def test_a_locked_queue_is_logged_and_the_round_goes_on(tmp_path, clock, log, monkeypatch):
+    monkeypatch.setattr(lifecycle, "CHECKPOINT_BUSY_TIMEOUT", 0.05)
+    config = make_config(tmp_path)
+    path = str(tmp_path / "queue.db")
+    store = QueueStore(path, clock=clock, busy_timeout=0.05)
+    try:
+        put(store, "a@short.test")
+        clock.now += 2 * HOUR
+        locker = sqlite3.connect(path, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            summary = run(store, config, log, clock)
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert summary["errors"] >= 1
+        assert any("step=expire" in line for line in log.lines.find("housekeeping-error"))
+        assert run(store, config, log, clock)["expired"] == 1
+    finally:
+        store.close()
+
+
+# --- send_dsn ------------------------------------------------------------------------------
+
+
+def test_send_dsn_errors(sink):
+    with pytest.raises(BounceFailed) as info:
+        send_dsn(("127.0.0.1", free_port()), "s@example.org", b"Subject: x\r\n\r\ny\r\n", hostname="mx2.test",
+                 timeout=5)
+    assert not info.value.permanent
+    sink.behaviour = "data_5xx"
+    with pytest.raises(BounceFailed) as info:
+        send_dsn(sink.address, "s@example.org", b"Subject: x\r\n\r\ny\r\n", hostname="mx2.test", timeout=5)
+    assert info.value.permanent and str(info.value).startswith("554 ")
+    sink.behaviour = "normal"
+    send_dsn(sink.address, "s@example.org", "Subject: ü\r\n\r\ny\r\n".encode(), hostname="mx2.test", timeout=5)
+    [delivery] = sink.deliveries
+    assert delivery.mail_from == "" and delivery.mail_params["BODY"] == "8BITMIME"
+    assert sink.sessions[-1].ehlo == "mx2.test"
