@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 
 from backupmx import tls
+from backupmx.lifecycle import housekeeping, next_retry_delay
 from backupmx.log import log_event
 
 __all__ = [
@@ -56,7 +57,9 @@ BODY_CHUNK = 64 * 1024  # bytes read from the store's blob at a time
 POLL_INTERVAL = 0.15  # seconds between claim attempts when there is nothing to flush
 MAX_CONSECUTIVE_TROUBLE = 3  # connection troubles in a row before the rest of the queue waits
 MAX_REPLY_TEXT = 512  # characters of a reply kept in the queue and the log
-RETRY_SCAN_INTERVAL = 10.0  # seconds between looks for due mail of retry_interval domains
+# Seconds between housekeeping rounds (expiry, bounces, retries, purge): the
+# SPEC wants expiry and bounces acted on within a minute of becoming due.
+HOUSEKEEPING_INTERVAL = 30.0
 
 # RFC 5321 4.2: Reply-line = *( Reply-code "-" [ textstring ] CRLF )
 #                            Reply-code [ SP textstring ] CRLF
@@ -400,8 +403,7 @@ class _Flush:
         (attempts + 1 once), one log line per (kind, reply)."""
         retry_after = None
         if self.domain.retry_interval and any(kind == "deferred" for kind, _ in outcomes.values()):
-            # Exponential backoff from retry_interval, capped at 16 times it.
-            retry_after = self.domain.retry_interval * 2 ** min(message.attempts, 4)
+            retry_after = next_retry_delay(self.domain.retry_interval, message.attempts + 1)
         self.store.record_attempt(
             message.queue_id,
             self.domain.name,
@@ -671,26 +673,22 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool]) -> Non
     when there is nothing to do, returns soon after should_stop() turns true,
     and never dies because of a bad primary: errors are logged per flush.
 
-    For domains with retry_interval > 0 it also requests a flush, every
-    RETRY_SCAN_INTERVAL, when some of their mail is due (new mail, or a
-    deferral's backoff has run out). Requests coalesce in the store, so
-    several flush workers scanning at once do no harm.
+    Every HOUSEKEEPING_INTERVAL it also runs lifecycle.housekeeping (expiry,
+    bounces, retries on a backoff, retention); that is safe from several
+    flush workers at once, as the store claims what each one acts on.
     """
     from backupmx.store import QueueStore, QueueUnavailable
 
     log = LOGGER
     lease_seconds = default_lease_seconds(config.timeout)
-    retrying = {name for name, d in config.domains.items() if d.retry_interval > 0}
-    next_scan = 0.0
+    next_housekeeping = time.monotonic() + 1.0
     store = QueueStore(config.queue)
     try:
         while not should_stop():
+            if time.monotonic() >= next_housekeeping:
+                next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL
+                _housekeeping(store, config, log)
             try:
-                if retrying and time.monotonic() >= next_scan:
-                    next_scan = time.monotonic() + RETRY_SCAN_INTERVAL
-                    due = [d for d in store.due_domains() if d in retrying]
-                    if due:
-                        store.request_flush(due)
                 name = store.claim_flush(owner, lease_seconds)
             except QueueUnavailable as e:
                 log_event(log, "flush-error", owner=owner, error=str(e), level=logging.WARNING)
@@ -727,6 +725,13 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool]) -> Non
                               error=f"release: {type(e).__name__}: {e}", level=logging.ERROR)
     finally:
         store.close()
+
+
+def _housekeeping(store, config, log) -> None:
+    try:
+        housekeeping(store, config, logger=log)
+    except Exception as e:  # housekeeping trouble must not stop deliveries
+        log_event(log, "housekeeping-error", error=f"{type(e).__name__}: {e}", level=logging.ERROR)
 
 
 def _pause(seconds: float, should_stop: Callable[[], bool]):
