@@ -1,0 +1,622 @@
+"""The INI configuration, read once into frozen dataclasses.
+
+Everything an operator can get wrong is found here, before anything forks or
+binds, and reported as ONE line naming the file, the section and the key:
+
+    /etc/backupmx/backupmx.ini: [domain:example.com] primary: missing primary
+
+Rules the reader keeps (SPEC "Configuration"):
+- configparser with interpolation=None: values are literal, a password may hold "%".
+- ";" or "#" after whitespace starts an inline comment; a full line starting with
+  either is a comment.
+- Unknown sections and unknown keys are errors (a typo must not silently fall back
+  to a default). A "[DEFAULT]" section is an unknown section too, not configparser's
+  magic defaults.
+- Relative paths (queue, tls_cert, tls_key, primary_ca, log file, recipients file)
+  are relative to the current directory when the config is loaded; they are stored
+  absolute so a later chdir cannot change their meaning.
+"""
+
+from __future__ import annotations
+
+import configparser
+import math
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DomainConfig",
+    "UserConfig",
+    "load_config",
+    "normalize_domain",
+    "parse_duration",
+    "parse_hostport",
+    "parse_size",
+    "DEFAULT_CONFIG_PATH",
+]
+
+DEFAULT_CONFIG_PATH = "/etc/backupmx/backupmx.ini"
+
+PRIMARY_TLS_MODES = ("none", "opportunistic", "required")
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+PASSWORD_SCHEMES = ("{SCRYPT}", "{PLAIN}")
+
+
+class ConfigError(Exception):
+    """A configuration problem, as one line: "<file>: [section] key: problem"."""
+
+    def __init__(self, message: str):
+        # One line, whatever the parser or the OS told us.
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """One [domain:NAME] section: a domain we are backup MX for."""
+
+    name: str  # lower-case, no trailing dot, A-labels (IDNA) only
+    primary: tuple[str, int]  # the only host this domain's mail is delivered to
+    primary_tls: str  # "none" | "opportunistic" | "required"
+    recipients: frozenset[str] | None  # None = any local part; else lower-cased "local@domain"
+    primary_ca: str | None
+    max_queue_messages: int | None
+    max_queue_bytes: int | None
+    queue_lifetime: float  # seconds; the global value unless overridden
+    retry_interval: float  # seconds, 0 = deliver only on ETRN / flush
+
+    def accepts(self, address: str) -> bool:
+        """True if `address` ("local@domain", any case) may be queued for this domain."""
+        return self.recipients is None or address.lower() in self.recipients
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    """One [user:NAME] section: who may authenticate and ETRN which domains."""
+
+    name: str
+    password: str  # "{SCRYPT}..." or "{PLAIN}..." exactly as written
+    domains: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration. Built only by load_config()."""
+
+    path: str
+    hostname: str
+    listen: tuple[tuple[str, int], ...]
+    listen_tls: tuple[tuple[str, int], ...]
+    queue: str
+    tls_cert: str | None
+    tls_key: str | None
+    workers: int
+    max_workers: int
+    flush_workers: int
+    max_message_size: int
+    max_recipients: int
+    tls_min_version: str
+    max_auth_failures: int
+    max_connections_per_client: int
+    timeout: float
+    queue_lifetime: float
+    user: str | None
+    log: str | None  # None = the mode's default: stderr for serve, syslog under --inetd
+    bounce_relay: tuple[str, int] | None
+    expired_retention: float
+    retry_interval: float
+    min_free_space: int
+    domains: Mapping[str, DomainConfig]
+    users: Mapping[str, UserConfig]
+    warnings: tuple[str, ...] = field(default=())  # lines `check` and the server log print
+
+    def domain(self, name: str) -> DomainConfig | None:
+        """The configured domain `name` (any case, trailing dot allowed), or None."""
+        try:
+            return self.domains.get(normalize_domain(name))
+        except ValueError:
+            return None
+
+    @property
+    def cram_md5_available(self) -> bool:
+        """CRAM-MD5 needs the clear secret, so only a {PLAIN} password allows it."""
+        return any(u.password.startswith("{PLAIN}") for u in self.users.values())
+
+
+# --------------------------------------------------------------------------
+# Value parsers. Each raises ValueError with a short reason; the loader adds
+# the file, section and key.
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)", re.IGNORECASE)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?)b?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_duration(text: str) -> float:
+    """ "90" -> 90.0, "5m" -> 300.0, "1.5h" -> 5400.0, "5d" -> 432000.0 (seconds)."""
+    m = _DURATION.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"bad duration {text!r} (a number with an optional s, m, h or d suffix)")
+    value = float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+    if not math.isfinite(value):
+        raise ValueError(f"bad duration {text!r}")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """ "512" -> 512, "100M" -> 104857600, "5G" -> 5368709120 (1024-based)."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"bad size {text!r} (bytes with an optional K, M or G suffix)")
+    value = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if not math.isfinite(value):
+        raise ValueError(f"bad size {text!r}")
+    return int(value)
+
+
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def normalize_domain(name: str) -> str:
+    """Lower-case, strip one trailing dot, convert U-labels to A-labels, check LDH.
+
+    Raises ValueError for anything that is not a DNS name (RFC 1035 2.3.1,
+    RFC 5890 for the "xn--" form).
+    """
+    name = name.strip().lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not name:
+        raise ValueError("empty domain name")
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise ValueError(f"bad domain name {name!r}: {exc}") from None
+    if len(name) > 253:
+        raise ValueError(f"domain name too long ({len(name)} > 253)")
+    for label in name.split("."):
+        if not _LABEL.fullmatch(label):
+            raise ValueError(f"bad domain name {name!r} (letters, digits and hyphens only)")
+    return name
+
+
+def _check_host(host: str) -> str:
+    """An IP address (v4 or v6) or a DNS host name; returned as written (names lower-cased)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return host
+        except (OSError, ValueError):
+            pass
+    if ":" in host:
+        raise ValueError(f"bad IPv6 address {host!r}")
+    return normalize_domain(host)
+
+
+def parse_hostport(
+    text: str, *, default_port: int | None = None, allow_zero: bool = False, allow_wildcard: bool = False
+) -> tuple[str, int]:
+    """ "[::1]:2525" -> ("::1", 2525); "127.0.0.1:25"; "mail.example.com" -> default port.
+
+    "*" as the host means every IPv4 address ("0.0.0.0") where allow_wildcard.
+    An IPv6 address must be in brackets when a port follows (else "::1:25" is ambiguous).
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError("empty address")
+    port_text: str | None
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"bad address {text!r}: missing ']'")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"bad address {text!r}")
+        port_text = rest[1:] if rest else None
+        try:
+            socket.inet_pton(socket.AF_INET6, host)
+        except (OSError, ValueError):
+            raise ValueError(f"bad address {text!r}: {host!r} is not an IPv6 address") from None
+    elif text.count(":") > 1:
+        raise ValueError(f"bad address {text!r}: write IPv6 addresses in brackets, e.g. [::1]:25")
+    else:
+        host, sep, port_text = text.partition(":")
+        if not sep:
+            port_text = None
+        if host == "*" and allow_wildcard:
+            host = "0.0.0.0"
+        elif not host:
+            raise ValueError(f"bad address {text!r}: missing host")
+        else:
+            try:
+                host = _check_host(host)
+            except ValueError as exc:
+                raise ValueError(f"bad address {text!r}: {exc}") from None
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"bad address {text!r}: missing port")
+        return host, default_port
+    if not port_text.isdigit() or not port_text.isascii():
+        raise ValueError(f"bad port {port_text!r} in {text!r}")
+    port = int(port_text)
+    if not ((0 if allow_zero else 1) <= port <= 65535):
+        raise ValueError(f"bad port {port} in {text!r} (1..65535)")
+    return host, port
+
+
+def _split_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _abspath(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+# --------------------------------------------------------------------------
+# The loader
+
+
+def _integer(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip(), 10)
+        except ValueError:
+            raise ValueError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
+
+
+def _positive_size(text: str) -> int:
+    value = parse_size(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1 byte, not {text!r}")
+    return value
+
+
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"must be more than 0, not {text!r}")
+    return value
+
+
+def _nonempty(text: str) -> str:
+    text = text.strip()
+    if not text:
+        raise ValueError("empty value")
+    return text
+
+
+def _optional_path(text: str) -> str | None:
+    text = text.strip()
+    return _abspath(text) if text else None
+
+
+def _hostname(text: str) -> str:
+    text = text.strip()
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\.?|\[[0-9A-Fa-f:.v]+\]", text):
+        raise ValueError(f"bad host name {text!r}")
+    return text.rstrip(".")
+
+
+def _listen_list(default_port: int) -> Callable[[str], tuple[tuple[str, int], ...]]:
+    def parse(text: str) -> tuple[tuple[str, int], ...]:
+        return tuple(
+            parse_hostport(item, default_port=default_port, allow_zero=True, allow_wildcard=True)
+            for item in _split_list(text)
+        )
+
+    return parse
+
+
+def _tls_version(text: str) -> str:
+    for version in TLS_VERSIONS:
+        if text.strip().lower() == version.lower():
+            return version
+    raise ValueError(f"must be one of {', '.join(TLS_VERSIONS)}, not {text.strip()!r}")
+
+
+def _log_target(text: str) -> str | None:
+    text = text.strip()
+    if not text:
+        return None
+    if text in ("stderr", "syslog"):
+        return text
+    return _abspath(text)
+
+
+def _bounce_relay(text: str) -> tuple[str, int] | None:
+    text = text.strip()
+    return parse_hostport(text, default_port=25) if text else None
+
+
+def _user_name(text: str) -> str | None:
+    return text.strip() or None
+
+
+# key -> (parser, default). A default of _REQUIRED must be given.
+_REQUIRED = object()
+
+_GLOBAL_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
+    "hostname": (_hostname, None),  # None: socket.getfqdn(), looked up only when needed
+    "listen": (_listen_list(25), (("0.0.0.0", 25),)),
+    "listen_tls": (_listen_list(465), ()),
+    "queue": (lambda t: _abspath(_nonempty(t)), "/var/spool/backupmx/queue.db"),
+    "tls_cert": (_optional_path, None),
+    "tls_key": (_optional_path, None),
+    "workers": (_integer(1), 4),
+    "max_workers": (_integer(1), 64),
+    "flush_workers": (_integer(1), 2),
+    "max_message_size": (_positive_size, 52428800),
+    "max_recipients": (_integer(1), 100),
+    "tls_min_version": (_tls_version, "TLSv1.2"),
+    "max_auth_failures": (_integer(1), 3),
+    "max_connections_per_client": (_integer(1), 50),
+    "timeout": (_positive_duration, 300.0),
+    "queue_lifetime": (_positive_duration, 5 * 86400.0),
+    "user": (_user_name, None),
+    "log": (_log_target, None),
+    "bounce_relay": (_bounce_relay, None),
+    "expired_retention": (parse_duration, 7 * 86400.0),
+    "retry_interval": (parse_duration, 0.0),
+    "min_free_space": (parse_size, 100 * 1024**2),
+}
+
+
+def _primary_tls(text: str) -> str:
+    value = text.strip().lower()
+    if value not in PRIMARY_TLS_MODES:
+        raise ValueError(f"must be one of {', '.join(PRIMARY_TLS_MODES)}, not {text.strip()!r}")
+    return value
+
+
+_INHERIT = object()  # per-domain value that falls back to the global one
+
+# The recipients parser needs the domain name, so it is applied separately.
+_DOMAIN_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
+    "primary": (lambda t: parse_hostport(t, default_port=25), _REQUIRED),
+    "primary_tls": (_primary_tls, "opportunistic"),
+    "recipients": (str, "*"),
+    "primary_ca": (_optional_path, None),
+    "max_queue_messages": (_integer(1), None),
+    "max_queue_bytes": (_positive_size, None),
+    "queue_lifetime": (_positive_duration, _INHERIT),
+    "retry_interval": (parse_duration, _INHERIT),
+}
+
+
+def _password(text: str) -> str:
+    # Only surrounding whitespace goes: the rest of the value is the secret, as written.
+    text = text.strip()
+    if not text.startswith(PASSWORD_SCHEMES):
+        raise ValueError("must start with {SCRYPT} (from `backupmx passwd`) or {PLAIN}")
+    if text in PASSWORD_SCHEMES:
+        raise ValueError("empty password")
+    try:  # a mangled {SCRYPT} value is found now, not at the first AUTH
+        from backupmx.auth import validate_password_value
+    except ImportError:
+        return text
+    validate_password_value(text)
+    return text
+
+
+_USER_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
+    "password": (_password, _REQUIRED),
+    "domains": (str, _REQUIRED),
+}
+
+
+class _Loader:
+    def __init__(self, path: str):
+        self.path = path
+        self.warnings: list[str] = []
+
+    def error(self, section: str | None, key: str | None, problem: str) -> ConfigError:
+        where = self.path
+        if section is not None:
+            where += f": [{section}]"
+            if key is not None:
+                where += f" {key}"
+        return ConfigError(f"{where}: {problem}")
+
+    def read(self) -> configparser.ConfigParser:
+        parser = configparser.ConfigParser(
+            interpolation=None,
+            inline_comment_prefixes=(";", "#"),
+            strict=True,
+            empty_lines_in_values=False,
+            # No magic [DEFAULT]: such a section is reported as unknown like any other.
+            default_section="\0none",
+        )
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                parser.read_file(f, source=self.path)
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{self.path}: cannot read: not UTF-8 text ({exc.reason})") from None
+        except configparser.DuplicateSectionError as exc:
+            raise ConfigError(f"{self.path}: [{exc.section}]: duplicate section (line {exc.lineno})") from None
+        except configparser.DuplicateOptionError as exc:
+            raise ConfigError(
+                f"{self.path}: [{exc.section}] {exc.option}: duplicate key (line {exc.lineno})"
+            ) from None
+        except configparser.MissingSectionHeaderError as exc:
+            raise ConfigError(
+                f"{self.path}: line {exc.lineno}: text before the first [section]: {exc.line.strip()!r}"
+            ) from None
+        except configparser.ParsingError as exc:
+            lineno, line = exc.errors[0]
+            raise ConfigError(f"{self.path}: line {lineno}: cannot parse {line.strip()!r}") from None
+        except configparser.Error as exc:
+            raise ConfigError(f"{self.path}: {exc.message}") from None
+        return parser
+
+    def values(self, parser, section: str, keys: dict) -> dict[str, object]:
+        """Parse every key of `section` with its table entry; unknown keys are errors."""
+        raw = parser[section]
+        out: dict[str, object] = {}
+        for key in raw:
+            if key not in keys:
+                raise self.error(section, key, "unknown key")
+        for key, (parse, default) in keys.items():
+            if key in raw:
+                try:
+                    out[key] = parse(raw[key])
+                except ValueError as exc:
+                    raise self.error(section, key, str(exc)) from None
+            elif default is _REQUIRED:
+                raise self.error(section, key, f"missing {key}")
+            else:
+                out[key] = default
+        return out
+
+    def recipients(self, section: str, domain: str, text: str) -> frozenset[str] | None:
+        text = text.strip()
+        if text == "*":
+            return None
+        if text.startswith("@"):
+            path = _abspath(text[1:].strip())
+            try:
+                with open(path, encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise self.error(section, "recipients", f"cannot read {path}: {reason}") from None
+            found = set()
+            for lineno, line in enumerate(lines, 1):
+                line = re.split(r"(?:^|\s)#", line, maxsplit=1)[0].strip()
+                if not line:
+                    continue
+                try:
+                    found.add(_recipient(line, domain))
+                except ValueError as exc:
+                    raise self.error(section, "recipients", f"{path} line {lineno}: {exc}") from None
+            if not found:
+                self.warnings.append(
+                    f"{self.path}: [{section}] recipients: {path} lists no addresses: all mail for {domain} is refused"
+                )
+            return frozenset(found)
+        items = _split_list(text)
+        if not items:
+            raise self.error(section, "recipients", "empty list (use * for any local part)")
+        try:
+            return frozenset(_recipient(item, domain) for item in items)
+        except ValueError as exc:
+            raise self.error(section, "recipients", str(exc)) from None
+
+    def load(self) -> Config:
+        parser = self.read()
+        sections = parser.sections()
+        domain_sections, user_sections = [], []
+        for section in sections:
+            kind, colon, name = section.partition(":")
+            if section == "backupmx":
+                continue
+            if colon and kind.strip() == "domain" and name.strip():
+                domain_sections.append(section)
+            elif colon and kind.strip() == "user" and name.strip():
+                user_sections.append(section)
+            else:
+                raise self.error(
+                    section, None, "unknown section (expected [backupmx], [domain:NAME] or [user:NAME])"
+                )
+        if "backupmx" not in sections:
+            raise ConfigError(f"{self.path}: [backupmx]: missing section")
+        if not domain_sections:
+            raise ConfigError(f"{self.path}: [domain:NAME]: no domain configured (at least one is needed)")
+
+        g = self.values(parser, "backupmx", _GLOBAL_KEYS)
+        if g["hostname"] is None:
+            g["hostname"] = socket.getfqdn()
+        if g["max_workers"] < g["workers"]:
+            raise self.error("backupmx", "max_workers", f"must be at least workers ({g['workers']})")
+        if bool(g["tls_cert"]) != bool(g["tls_key"]):
+            missing = "tls_key" if g["tls_cert"] else "tls_cert"
+            present = "tls_cert" if g["tls_cert"] else "tls_key"
+            raise self.error("backupmx", present, f"needs {missing} as well")
+        if g["listen_tls"] and not g["tls_cert"]:
+            raise self.error("backupmx", "listen_tls", "listen_tls needs tls_cert and tls_key")
+
+        domains: dict[str, DomainConfig] = {}
+        for section in domain_sections:
+            try:
+                name = normalize_domain(section.partition(":")[2])
+            except ValueError as exc:
+                raise self.error(section, None, str(exc)) from None
+            if name in domains:
+                raise self.error(section, None, f"duplicate domain {name}")
+            d = self.values(parser, section, _DOMAIN_KEYS)
+            for key in ("queue_lifetime", "retry_interval"):
+                if d[key] is _INHERIT:
+                    d[key] = g[key]
+            d["recipients"] = self.recipients(section, name, d["recipients"])
+            if d["primary_ca"] and d["primary_tls"] != "required":
+                self.warnings.append(
+                    f"{self.path}: [{section}] primary_ca: only used with primary_tls = required"
+                )
+            domains[name] = DomainConfig(name=name, **d)
+
+        users: dict[str, UserConfig] = {}
+        for section in user_sections:
+            name = section.partition(":")[2].strip()
+            u = self.values(parser, section, _USER_KEYS)
+            allowed = set()
+            items = _split_list(u["domains"])
+            if not items:
+                raise self.error(section, "domains", "empty list")
+            for item in items:
+                try:
+                    domain = normalize_domain(item)
+                except ValueError as exc:
+                    raise self.error(section, "domains", str(exc)) from None
+                if domain not in domains:
+                    raise self.error(section, "domains", f"{domain} is not a configured [domain:...]")
+                allowed.add(domain)
+            if name in users:
+                raise self.error(section, None, f"duplicate user {name}")
+            users[name] = UserConfig(name=name, password=u["password"], domains=frozenset(allowed))
+
+        if users and not g["tls_cert"]:
+            self.warnings.append(
+                f"{self.path}: [backupmx] tls_cert: users are configured but there is no certificate: "
+                "AUTH, and so ETRN, is never offered"
+            )
+        if not g["listen"] and not g["listen_tls"]:
+            self.warnings.append(
+                f"{self.path}: [backupmx] listen: no addresses to listen on: only `serve --inetd` can accept mail"
+            )
+
+        return Config(
+            path=os.path.abspath(self.path), domains=domains, users=users, warnings=tuple(self.warnings), **g
+        )
+
+
+def _recipient(item: str, domain: str) -> str:
+    """A recipients entry: a bare local part gets "@domain"; a full address must be in the domain."""
+    item = item.strip()
+    local, at, where = item.rpartition("@")
+    if not at:
+        local, where = item, domain
+    if not local or any(c.isspace() or ord(c) < 32 or c in "<>," for c in local):
+        raise ValueError(f"bad address {item!r}")
+    try:
+        where = normalize_domain(where)
+    except ValueError:
+        raise ValueError(f"bad address {item!r}") from None
+    if where != domain:
+        raise ValueError(f"{item} is not in domain {domain}")
+    return f"{local.lower()}@{domain}"
+
+
+def load_config(path: str | os.PathLike = DEFAULT_CONFIG_PATH) -> Config:
+    """Read and validate `path`; raise ConfigError (one line) on the first problem."""
+    return _Loader(os.fspath(path)).load()

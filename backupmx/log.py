@@ -1,0 +1,145 @@
+"""One line per event, key=value, on the configured target.
+
+    queued id=4F2A9K1X0B domain=example.com from=<a@b> size=123 client=192.0.2.1
+    delivered id=4F2A9K1X0B relay=mail.example.com:25 reply="250 2.0.0 Ok"
+
+Every value may come from a client (HELO names, addresses, replies), so every
+value is rendered so that it can never start a new line or fake a field:
+CR, LF, NUL and every other non-printable character become \\r, \\n, \\x00 ...,
+and a value holding a space, a quote, "=", a backslash or such an escape is
+double-quoted. Passwords and AUTH payloads are never passed here.
+
+Under --inetd, stdin/stdout (and often stderr) are the client's socket, so
+setup_logging(..., inetd=True) makes sure nothing logging does ever writes there.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+
+__all__ = ["format_event", "log_event", "setup_logging", "LOGGER_NAME"]
+
+LOGGER_NAME = "backupmx"
+SYSLOG_SOCKET = "/dev/log"
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\r": "\\r", "\n": "\\n", "\t": "\\t", "\0": "\\x00"}
+
+
+def _escape_char(c: str) -> str:
+    if c in _ESCAPES:
+        return _ESCAPES[c]
+    if c.isprintable() or c == " ":
+        return c
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte (surrogateescape): show the byte
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def format_value(value: object) -> str:
+    """One value, safe for a log line: escaped, and quoted when it needs to be."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "surrogateescape")
+    text = str(value)
+    escaped = "".join(_escape_char(c) for c in text)
+    if not text or escaped != text or " " in text or "=" in text:
+        return f'"{escaped}"'
+    return text
+
+
+def format_event(event: str, /, **fields: object) -> str:
+    """ "queued", id="AB12", from_="<a@b>" -> 'queued id=AB12 from=<a@b>'.
+
+    A trailing underscore is dropped from a key, so Python keywords can be keys
+    (from_= gives from=). None values are left out.
+    """
+    parts = [format_value(event)]
+    for key, value in fields.items():
+        if value is None:
+            continue
+        key = key[:-1] if key.endswith("_") else key
+        parts.append(f"{format_value(key)}={format_value(value)}")
+    return " ".join(parts)
+
+
+def log_event(logger: logging.Logger, event: str, /, level: int = logging.INFO, **fields: object) -> None:
+    """Log one event line (see format_event) at `level` on `logger`."""
+    if logger.isEnabledFor(level):
+        logger.log(level, "%s", format_event(event, **fields))
+
+
+class _Formatter(logging.Formatter):
+    """Adds level=warning / level=error to the line when it is not plain INFO."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        if record.levelno != logging.INFO:
+            line += f" level={record.levelname.lower()}"
+        if record.exc_info:
+            # A traceback must not spread over lines either; format() appended it.
+            line = line.replace("\r", "\\r").replace("\n", "\\n")
+        return line
+
+
+def setup_logging(target: str | None, *, inetd: bool = False) -> logging.Logger:
+    """Send the "backupmx" loggers (and the root logger) to `target`, replacing earlier setup.
+
+    target: "stderr", "syslog" (facility mail, on /dev/log) or a file path
+    (WatchedFileHandler: logrotate may move the file away). None means the mode's
+    default: syslog under inetd, stderr otherwise. When /dev/log does not exist,
+    syslog falls back to stderr, or to nowhere under inetd.
+    Raises OSError when a log file cannot be opened.
+    Returns the "backupmx" logger.
+    """
+    if target is None:
+        target = "syslog" if inetd else "stderr"
+    handler: logging.Handler | None
+    if target == "syslog":
+        handler = _syslog_handler()
+        if handler is None:
+            handler = logging.NullHandler() if inetd else logging.StreamHandler(sys.stderr)
+    elif target == "stderr":
+        # Under inetd stderr may be the client's socket: an explicit "log = stderr"
+        # cannot be honoured there, syslog (or nothing) is used instead.
+        handler = (_syslog_handler() or logging.NullHandler()) if inetd else logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.handlers.WatchedFileHandler(target, encoding="utf-8")
+    if isinstance(handler, logging.handlers.SysLogHandler):
+        formatter = _Formatter("backupmx[%(process)d]: %(message)s")  # syslog adds the time
+    else:
+        formatter = _Formatter("%(asctime)s backupmx[%(process)d]: %(message)s")
+    handler.setFormatter(formatter)
+    handler._backupmx = True  # ours: the next setup_logging (SIGHUP) replaces it
+
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_backupmx", False):
+            root.removeHandler(old)
+            old.close()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    if inetd:
+        # logging's own error reports (handleError) and lastResort write to stderr.
+        logging.raiseExceptions = False
+        logging.lastResort = None
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+def _syslog_handler() -> logging.Handler | None:
+    if not os.path.exists(SYSLOG_SOCKET):
+        return None
+    try:
+        return logging.handlers.SysLogHandler(
+            address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL
+        )
+    except OSError:
+        return None

@@ -1,0 +1,166 @@
+"""backupmx.log: one key=value line per event, nothing a client sends can forge a line."""
+
+import io
+import logging
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backupmx.log import format_event, format_value, log_event, setup_logging
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_line(line):
+    """A reader for the format: event, then key=value with optional "..." and escapes."""
+    tokens, i = [], 0
+    while i < len(line):
+        if line[i] == " ":
+            i += 1
+            continue
+        token = ""
+        while i < len(line) and line[i] != " ":
+            if line[i] == '"':
+                i += 1
+                while line[i] != '"':
+                    if line[i] == "\\":
+                        nxt = line[i + 1]
+                        if nxt in "xuU":
+                            width = {"x": 2, "u": 4, "U": 8}[nxt]
+                            token += chr(int(line[i + 2 : i + 2 + width], 16))
+                            i += 2 + width
+                            continue
+                        token += {"r": "\r", "n": "\n", "t": "\t"}.get(nxt, nxt)
+                        i += 2
+                        continue
+                    token += line[i]
+                    i += 1
+                i += 1
+            else:
+                token += line[i]
+                i += 1
+        tokens.append(token)
+    event, fields = tokens[0], {}
+    for token in tokens[1:]:
+        key, _, value = token.partition("=")
+        fields[key] = value
+    return event, fields
+
+
+def test_example_line():
+    line = format_event("queued", id="AB12", domain="example.com", from_="<a@b>", size=123, client="1.2.3.4")
+    assert line == "queued id=AB12 domain=example.com from=<a@b> size=123 client=1.2.3.4"
+
+
+def test_quoting_and_none():
+    line = format_event("delivered", id="X", relay="h:25", reply='250 2.0.0 Ok "fine"', user=None, empty="")
+    assert line == 'delivered id=X relay=h:25 reply="250 2.0.0 Ok \\"fine\\"" empty=""'
+
+
+@pytest.mark.parametrize(
+    "value, rendered",
+    [
+        ("evil\r\nqueued id=FAKE", '"evil\\r\\nqueued id=FAKE"'),
+        ("a\0b", '"a\\x00b"'),
+        ("tab\there", '"tab\\there"'),
+        ("\x1b[31mred", '"\\x1b[31mred"'),
+        ("line\u2028sep", '"line\\u2028sep"'),
+        ("nel\x85", '"nel\\x85"'),
+        ("back\\slash", '"back\\\\slash"'),
+        ("k=v", '"k=v"'),
+        (b"\xff\x00ok", '"\\xff\\x00ok"'),
+        ("ünïcode", "ünïcode"),
+    ],
+)
+def test_values_escaped(value, rendered):
+    assert format_value(value) == rendered
+
+
+def test_injection_never_makes_a_second_line():
+    stream = io.StringIO()
+    logger = logging.getLogger("backupmx.test_log.inject")
+    logger.propagate = False
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        log_event(logger, "auth-failed", client="192.0.2.1", user="x\r\nauth-ok client=192.0.2.1 user=root\n")
+        log_event(logger, "rejected", helo="a\rb", reply="550 5.5.2 bare\nLF")
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    event, fields = parse_line(lines[0])
+    assert event == "auth-failed" and fields["user"] == "x\r\nauth-ok client=192.0.2.1 user=root\n"
+    assert set(fields) == {"client", "user"}
+
+
+def test_random_values_round_trip():
+    seed = random.randrange(2**32)
+    print(f"seed={seed}")
+    rng = random.Random(seed)
+    alphabet = "ab =\"\\\r\n\t\0\x1b\x7f\x85\u2028é<>@:;,'" + "".join(map(chr, range(32)))
+    for _ in range(2000):
+        values = {f"k{i}": "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12))) for i in range(3)}
+        line = format_event("ev", **values)
+        assert "\n" not in line and "\r" not in line and "\0" not in line and line.isprintable()
+        assert parse_line(line) == ("ev", values), (seed, values, line)
+
+
+def test_level_is_marked(tmp_path):
+    run_logging(tmp_path, f"setup_logging({str(tmp_path / 'x.log')!r})\nlogging.getLogger('backupmx').warning('boom')")
+    assert (tmp_path / "x.log").read_text().rstrip().endswith("boom level=warning")
+
+
+def run_logging(tmp_path, code):
+    """Run `code` in a fresh interpreter (logging is process-wide); return (stdout, stderr)."""
+    script = "import logging, sys\nfrom backupmx.log import setup_logging, log_event\n" + code + "\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, proc.stderr
+
+
+def test_stderr_default(tmp_path):
+    out, err = run_logging(tmp_path, "log_event(setup_logging(None), 'started', pid=1)")
+    assert out == ""
+    assert err.rstrip().endswith("started pid=1") and len(err.splitlines()) == 1
+    assert "backupmx[" in err
+
+
+@pytest.mark.parametrize("target", [None, "stderr", "syslog"])
+def test_inetd_writes_nothing_to_stdout_or_stderr(tmp_path, target):
+    code = (
+        f"log = setup_logging({target!r}, inetd=True)\n"
+        "log_event(log, 'session', client='1.2.3.4')\n"
+        "log.error('bad')\n"
+        "logging.getLogger('other.library').warning('hello')\n"
+        "logging.warning('root')\n"
+    )
+    assert run_logging(tmp_path, code) == ("", "")
+
+
+def test_file_target_follows_logrotate(tmp_path):
+    path = tmp_path / "backupmx.log"
+    code = (
+        f"log = setup_logging({str(path)!r})\n"
+        "log_event(log, 'one')\n"
+        f"import os; os.rename({str(path)!r}, {str(path) + '.1'!r})\n"
+        "log_event(log, 'two')\n"
+        "log_event(setup_logging(" + repr(str(path)) + "), 'three')\n"  # SIGHUP: set up again
+    )
+    assert run_logging(tmp_path, code) == ("", "")
+    assert Path(str(path) + ".1").read_text().rstrip().endswith("one")
+    lines = path.read_text().splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == ["two", "three"]  # not doubled after the re-setup
+
+
+def test_unwritable_file_raises_oserror(tmp_path):
+    with pytest.raises(OSError):
+        setup_logging(str(tmp_path / "missing-dir" / "x.log"))
