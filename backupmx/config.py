@@ -110,6 +110,7 @@ class Config:
     expired_retention: float
     retry_interval: float
     min_free_space: int
+    delay_warning: float  # 0 = off; else warn the sender once mail has waited this long
     domains: Mapping[str, DomainConfig]
     users: Mapping[str, UserConfig]
     warnings: tuple[str, ...] = field(default=())  # lines `check` and the server log print
@@ -368,6 +369,7 @@ _GLOBAL_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
     "expired_retention": (parse_duration, 7 * 86400.0),
     "retry_interval": (parse_duration, 0.0),
     "min_free_space": (parse_size, 100 * 1024**2),
+    "delay_warning": (parse_duration, 0.0),
 }
 
 

@@ -270,7 +270,7 @@ class _Round:
     # 3. delay warnings
 
     def delay_warnings(self) -> None:
-        delay = getattr(self.config, "delay_warning", 0) or 0
+        delay = self.config.delay_warning
         relay = self.config.bounce_relay
         if delay <= 0 or relay is None:
             return

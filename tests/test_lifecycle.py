@@ -112,17 +112,6 @@ timeout = 10s
     return load_config(str(path))
 
 
-class WithDelayWarning:
-    """The config plus `delay_warning` (not a config key yet: lifecycle reads it with getattr)."""
-
-    def __init__(self, config, delay_warning):
-        self._config = config
-        self.delay_warning = delay_warning
-
-    def __getattr__(self, name):
-        return getattr(self._config, name)
-
-
 def put(store, *rcpts, sender="sender@example.org", body=BODY, **kw):
     recipients = [r if isinstance(r, Recipient) else Recipient(r, r.rsplit("@", 1)[1]) for r in rcpts]
     qid = store.new_queue_id()
@@ -406,7 +395,7 @@ def test_an_expired_claim_is_sent_again(store, clock):
 
 
 def test_delay_warning_once_per_row(store, clock, tmp_path, log, sink):
-    config = WithDelayWarning(make_config(tmp_path, relay=sink.port), 4 * HOUR)
+    config = make_config(tmp_path, relay=sink.port, extra="delay_warning = 4h")
     qid = put(store, "a@long.test", Recipient("b@long.test", "long.test", "FAILURE"))
     quiet = put(store, Recipient("c@long.test", "long.test", "NEVER"))
     null = put(store, "d@long.test", sender="")
