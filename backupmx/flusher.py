@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 
 from backupmx import tls
-from backupmx.lifecycle import housekeeping, next_retry_delay
+from backupmx.lifecycle import housekeeping, next_retry_delay, request_due_retries
 from backupmx.log import log_event
 
 __all__ = [
@@ -60,6 +60,8 @@ MAX_REPLY_TEXT = 512  # characters of a reply kept in the queue and the log
 # Seconds between housekeeping rounds (expiry, bounces, retries, purge): the
 # SPEC wants expiry and bounces acted on within a minute of becoming due.
 HOUSEKEEPING_INTERVAL = 30.0
+# Seconds between looks for domains whose retry_interval backoff has run out.
+RETRY_SCAN_INTERVAL = 2.0
 
 # RFC 5321 4.2: Reply-line = *( Reply-code "-" [ textstring ] CRLF )
 #                            Reply-code [ SP textstring ] CRLF
@@ -681,13 +683,18 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool]) -> Non
 
     log = LOGGER
     lease_seconds = default_lease_seconds(config.timeout)
-    next_housekeeping = time.monotonic() + 1.0
+    retrying = any(d.retry_interval > 0 for d in config.domains.values())
+    next_housekeeping = next_retry_scan = time.monotonic() + 1.0
     store = QueueStore(config.queue)
     try:
         while not should_stop():
-            if time.monotonic() >= next_housekeeping:
-                next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL
-                _housekeeping(store, config, log)
+            now = time.monotonic()
+            if now >= next_housekeeping:
+                next_housekeeping = now + HOUSEKEEPING_INTERVAL
+                _housekeeping(housekeeping, store, config, log)
+            elif retrying and now >= next_retry_scan:
+                next_retry_scan = now + RETRY_SCAN_INTERVAL
+                _housekeeping(request_due_retries, store, config, log)
             try:
                 name = store.claim_flush(owner, lease_seconds)
             except QueueUnavailable as e:
@@ -727,9 +734,9 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool]) -> Non
         store.close()
 
 
-def _housekeeping(store, config, log) -> None:
+def _housekeeping(step, store, config, log) -> None:
     try:
-        housekeeping(store, config, logger=log)
+        step(store, config, logger=log)
     except Exception as e:  # housekeeping trouble must not stop deliveries
         log_event(log, "housekeeping-error", error=f"{type(e).__name__}: {e}", level=logging.ERROR)
 

@@ -383,3 +383,13 @@ def housekeeping(store: QueueStore, config, *, logger: logging.Logger | None = N
     r.step("purge", r.purge)
     r.step("upkeep", r.upkeep)
     return r.summary
+
+
+def request_due_retries(store: QueueStore, config, *, logger: logging.Logger | None = None) -> list[str]:
+    """Only the retries step of housekeeping: cheap, so flush workers run it more often.
+
+    Returns the domains asked to flush.
+    """
+    r = _Round(store, config, logger or LOGGER, time.time, send_dsn)
+    r.step("retries", r.retries)
+    return r.summary["retries"]

@@ -1,0 +1,131 @@
+"""Operator commands and automatic retries against a live server with a real sink as the primary."""
+
+import smtplib
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, wait_for
+from sink import Sink
+
+
+@pytest.fixture
+def sink():
+    with Sink() as primary:
+        yield primary
+
+
+@pytest.fixture
+def mx(server_factory, sink):
+    return server_factory(domains={
+        "example.com": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"},
+        "example.org": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"},
+    })
+
+
+def backupmx(server, *args):
+    result = subprocess.run([sys.executable, str(REPO / "backupmx.py"), *args, "-c", server.config_path],
+                            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def send(server, rcpt="bob@example.com", subject="x"):
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.ehlo("c")
+        client.mail("a@origin.test")
+        client.rcpt(rcpt)
+        code, text = client.data(f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+    assert code == 250
+    return text.decode().rsplit(" ", 1)[1]
+
+
+def states(server):
+    db = sqlite3.connect(server.queue_path)
+    try:
+        return dict(((q, d), s) for q, d, s in db.execute("SELECT queue_id, domain, state FROM queue"))
+    finally:
+        db.close()
+
+
+def test_queue_and_queue_list_show_what_is_waiting(mx):
+    first = send(mx)
+    send(mx, rcpt="carol@example.org")
+    summary = backupmx(mx, "queue")
+    assert summary.returncode == 0
+    lines = summary.stdout.splitlines()
+    assert lines[0].split()[:4] == ["domain", "messages", "bytes", "oldest"]
+    assert any(line.split()[:2] == ["example.com", "1"] for line in lines[1:])
+    listing = backupmx(mx, "queue", "list", "example.com")
+    assert listing.returncode == 0 and first in listing.stdout and "example.org" not in listing.stdout
+
+
+def test_hold_keeps_mail_from_flushing_until_release(mx, sink):
+    queue_id = send(mx)
+    assert backupmx(mx, "hold", "example.com").returncode == 0
+    assert states(mx)[(queue_id, "example.com")] == "held"
+    assert backupmx(mx, "flush", "example.com").returncode == 0
+    time.sleep(1.0)
+    assert sink.messages == []  # held mail is never flushed
+    assert backupmx(mx, "release", queue_id).returncode == 0
+    assert backupmx(mx, "flush", "example.com").returncode == 0
+    sink.wait_for(1, timeout=15)
+    assert wait_for(lambda: states(mx) == {}, timeout=10)
+
+
+def test_show_prints_envelope_history_and_message(mx):
+    queue_id = send(mx, subject="shown")
+    shown = backupmx(mx, "show", queue_id)
+    assert shown.returncode == 0
+    assert f"queue_id: {queue_id}" in shown.stdout and "sender: <a@origin.test>" in shown.stdout
+    assert "recipient: <bob@example.com> state=queued" in shown.stdout
+    assert "queued" in shown.stdout and "Subject: shown" in shown.stdout
+    missing = backupmx(mx, "show", "ZZZZZZZZZZZZZZ")
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_failed_mail_is_kept_and_requeue_sends_it_again(mx, sink):
+    sink.behaviour = "rcpt_5xx"
+    queue_id = send(mx)
+    backupmx(mx, "flush", "example.com")
+    assert wait_for(lambda: states(mx).get((queue_id, "example.com")) == "failed", timeout=15)
+    sink.behaviour = "normal"
+    assert backupmx(mx, "requeue", queue_id).returncode == 0
+    assert states(mx)[(queue_id, "example.com")] == "queued"
+    backupmx(mx, "flush", "example.com")
+    sink.wait_for(1, timeout=15)
+
+
+def test_delete_asks_unless_yes(mx):
+    queue_id = send(mx)
+    refused = backupmx(mx, "delete", queue_id)
+    assert refused.returncode != 0 and states(mx)
+    assert backupmx(mx, "delete", "--yes", queue_id).returncode == 0
+    assert states(mx) == {}
+
+
+def test_retry_interval_delivers_without_etrn(server_factory, sink):
+    sink.behaviour = "rcpt_4xx"
+    mx = server_factory(domains={"example.com": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none",
+                                                 "retry_interval": "1s"}})
+    queue_id = send(mx)
+    # nobody sends ETRN: the flush workers try on their own, back off, and try again
+    assert wait_for(lambda: any(s.commands for s in sink.sessions), timeout=15)
+    sink.behaviour = "normal"
+    sink.wait_for(1, timeout=30)
+    assert wait_for(lambda: states(mx) == {}, timeout=10)
+    assert f"deferred id={queue_id}" in mx.log()
+
+
+def test_damaged_queue_is_refused_not_replaced(server_factory, tmp_path):
+    queue = tmp_path / "damaged.db"
+    queue.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4080)
+    with pytest.raises(AssertionError, match="did not start"):
+        server_factory(queue=queue)
+    assert queue.read_bytes().startswith(b"SQLite format 3\x00\xff\xff")  # left for the operator
+    check = subprocess.run([sys.executable, str(REPO / "backupmx.py"), "check", "-c", str(tmp_path / "backupmx.ini")],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 1 and "Traceback" not in check.stderr + check.stdout
