@@ -22,7 +22,7 @@ from backupmx.log import log_event
 from backupmx.quota import Admission
 from backupmx.smtp import (AuthRequest, EtrnRequest, MessageAborted, MessageData, MessageReceived,
                            MessageStarted, Session, SessionSettings, StartTLS)
-from backupmx.store import QueueStore, QueueUnavailable
+from backupmx.store import QueueStore, QueueUnavailable, Submission
 from backupmx.tls import TLSError, TLSLayer
 
 RECV_SIZE = 64 * 1024
@@ -48,17 +48,44 @@ class ConnectionContext:
     spool_dir: str | None = None
     clock: object = time.monotonic
     wallclock: object = time.time
+    # Called with the domains an ETRN has just queued a flush for (those with
+    # mail waiting), after the request is committed. None under the master, whose
+    # flush workers poll for requests; serve --inetd starts a detached flusher here.
+    on_flush_requested: object = None
     authenticator: Authenticator = field(init=False)
     admission: Admission = field(init=False)
     quotas: dict = field(init=False)
+    pending: list = field(init=False)  # (connection, Submission) waiting for the group commit
 
     def __post_init__(self):
+        self.pending = []
         self.authenticator = Authenticator(self.config.users)
         self.admission = Admission(self.config, self.store)
         self.quotas = {name: (d.max_queue_messages, d.max_queue_bytes) for name, d in self.config.domains.items()
                        if d.max_queue_messages is not None or d.max_queue_bytes is not None}
         if self.spool_dir is None:
             self.spool_dir = os.path.dirname(os.path.abspath(self.config.queue))
+
+    def commit_pending(self) -> list:
+        """Queue every message that ended this loop round in one durable transaction.
+
+        Group commit: one fsync for all the sessions of this worker that sent
+        their final dot at about the same time, instead of one each. Returns
+        [(connection, None or the problem)]; the loop then calls each
+        connection's `committed(problem)`, which sends the 250 (or 452): only
+        after this commit has returned.
+        """
+        if not self.pending:
+            return []
+        batch = [(c, s) for c, s in self.pending if not c.closed]
+        self.pending = []
+        if not batch:
+            return []
+        try:
+            problems = self.store.enqueue_many([s for _, s in batch], quotas=self.quotas)
+        except (QueueUnavailable, OSError) as exc:
+            problems = [exc] * len(batch)
+        return [(connection, problem) for (connection, _), problem in zip(batch, problems)]
 
 
 class SMTPConnection:
@@ -75,6 +102,7 @@ class SMTPConnection:
         self._spool = None
         self._spool_failed = False
         self._queue_id = None
+        self._awaiting_commit = None  # the MessageReceived waiting for the group commit
         self._delayed_auth = None  # (due time, ok) while a failed AUTH is being slowed down
         self._stop_at = None  # set by begin_shutdown
         now = ctx.clock()
@@ -282,27 +310,38 @@ class SMTPConnection:
             self._spool = None
 
     def _commit(self, event: MessageReceived) -> None:
-        queue_id, spool = self._queue_id, self._spool
-        try:
-            if spool is None or self._spool_failed:
-                raise QueueUnavailable("spool write failed")
-            size = spool.tell()
-            spool.seek(0)
-            self.ctx.store.enqueue(queue_id, event.envelope, spool, size,
-                                   client=self.client_ip, helo=self.session.helo, quotas=self.ctx.quotas)
-        except (QueueUnavailable, OSError) as exc:
-            log_event(self.ctx.logger, "queue-failed", id=queue_id, client=self.client_ip, error=str(exc),
-                      level=logging.WARNING)
-            self._drop_spool()
-            self.session.message_refused(replies.QUEUE_UNAVAILABLE)
-            return
+        """Queue the message at the end of this loop round, with the others that ended then."""
+        if self._spool is None or self._spool_failed:
+            return self._refuse(event, "spool write failed")
+        size = self._spool.tell()
+        self._spool.seek(0)
+        self._awaiting_commit = event
+        self.ctx.pending.append((self, Submission(self._queue_id, event.envelope, self._spool, size,
+                                                  self.client_ip, self.session.helo)))
+
+    def committed(self, problem: Exception | None) -> None:
+        """The group commit is done: answer the client (ConnectionContext.commit_pending)."""
+        event, self._awaiting_commit = self._awaiting_commit, None
+        if problem is not None:
+            return self._refuse(event, str(problem))
+        size = self._spool.tell()
         self._drop_spool()
         self.ctx.admission.queued(event.envelope.domains)
         for domain in event.envelope.domains:
-            log_event(self.ctx.logger, "queued", id=queue_id, domain=domain,
+            log_event(self.ctx.logger, "queued", id=self._queue_id, domain=domain,
                       from_=f"<{event.envelope.sender}>", size=size, client=self.client_ip,
                       nrcpt=sum(1 for r in event.envelope.recipients if r.domain == domain))
-        self.session.message_queued(queue_id)
+        self.session.message_queued(self._queue_id)
+        self._after_session()
+        self.on_writable()
+
+    def _refuse(self, event: MessageReceived, reason: str) -> None:
+        log_event(self.ctx.logger, "queue-failed", id=self._queue_id, client=self.client_ip, error=reason,
+                  level=logging.WARNING)
+        self._drop_spool()
+        self.session.message_refused(replies.QUEUE_UNAVAILABLE)
+        self._after_session()
+        self.on_writable()
 
     # --- STARTTLS, AUTH, ETRN -------------------------------------------------
 
@@ -339,4 +378,11 @@ class SMTPConnection:
         log_event(self.ctx.logger, "etrn", client=self.client_ip, user=self.session.user,
                   domains=",".join(request.domains),
                   pending=sum(pending.values()) if pending is not None else None)
+        waiting = [domain for domain, count in (pending or {}).items() if count]
+        if waiting and self.ctx.on_flush_requested is not None:
+            try:
+                self.ctx.on_flush_requested(waiting)
+            except Exception as exc:  # the request is on disk: the next ETRN or flusher picks it up
+                log_event(self.ctx.logger, "flush-start-failed", client=self.client_ip, error=str(exc),
+                          level=logging.WARNING)
         self.session.etrn_result(pending, request.argument)

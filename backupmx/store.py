@@ -72,6 +72,19 @@ class QueueUnavailable(Exception):
     """
 
 
+@dataclass
+class Submission:
+    """One message handed to enqueue_many: what enqueue() takes as arguments."""
+
+    queue_id: str
+    envelope: Envelope
+    body_file: BinaryIO | bytes
+    size: int
+    client: str | None
+    helo: str | None
+    received_at: float | None = None
+
+
 class QuotaExceeded(QueueUnavailable):
     """The message would take a domain over max_queue_messages / max_queue_bytes."""
 
@@ -543,49 +556,78 @@ class QueueStore:
         None = no limit) would be passed: checked inside the transaction, so
         concurrent senders can never push a domain over its quota.
         """
+        submission = Submission(queue_id, envelope, body_file, size, client, helo, received_at)
+        problem = self.enqueue_many([submission], quotas=quotas)[0]
+        if problem is not None:
+            raise problem
+
+    def enqueue_many(self, submissions: list[Submission], *,
+                     quotas: Mapping[str, tuple[int | None, int | None]] | None = None) -> list[Exception | None]:
+        """Queue several messages in ONE durable transaction (group commit).
+
+        Each message is its own savepoint: one refused by its quota, or whose
+        id is taken, is left out and the others are queued. Returns, per
+        submission, None (queued) or the exception saying why not. A database
+        that cannot commit at all raises QueueUnavailable: then nothing is queued.
+        """
+        results: list[Exception | None] = [None] * len(submissions)
+        now = self._now()
+        with self._write() as db:
+            for index, submission in enumerate(submissions):
+                db.execute("SAVEPOINT message")
+                try:
+                    self._insert_message(db, submission, now, quotas or {})
+                except (QueueUnavailable, ValueError) as exc:
+                    db.execute("ROLLBACK TO message")
+                    results[index] = exc
+                db.execute("RELEASE message")
+        return results
+
+    def _insert_message(self, db: sqlite3.Connection, submission: Submission, now: int,
+                        quotas: Mapping[str, tuple[int | None, int | None]]) -> None:
+        queue_id, envelope, size = submission.queue_id, submission.envelope, submission.size
         domains = envelope.domains
         if not domains:
             raise ValueError("enqueue: envelope has no recipients")
+        body_file = submission.body_file
         if isinstance(body_file, (bytes, bytearray, memoryview)):
             body_file = io.BytesIO(body_file)
-        now = self._now()
-        at = now if received_at is None else int(received_at)
-        with self._write() as db:
-            self._check_quotas(db, domains, size, quotas or {})
-            try:
-                cursor = db.execute(
-                    "INSERT INTO messages (queue_id, sender, received_at, size, body, client, helo, envid, ret, body_type)"
-                    " VALUES (?, ?, ?, ?, zeroblob(?), ?, ?, ?, ?, ?)",
-                    (queue_id, envelope.sender, at, size, size, client, helo, envelope.envid, envelope.ret,
-                     envelope.body_type or "7BIT"),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise QueueUnavailable(f"queue id {queue_id} is already in use") from exc
-            written = 0
-            with db.blobopen("messages", "body", cursor.lastrowid) as blob:
-                while True:
-                    chunk = body_file.read(CHUNK)
-                    if not chunk:
-                        break
-                    if written + len(chunk) > size:
-                        raise ValueError(f"enqueue {queue_id}: body is longer than size={size}")
-                    blob.write(chunk)
-                    written += len(chunk)
-            if written != size:
-                raise ValueError(f"enqueue {queue_id}: body has {written} bytes, size={size}")
-            db.executemany(
-                "INSERT INTO queue (queue_id, domain, state, attempts, next_attempt, state_changed)"
-                " VALUES (?, ?, 'queued', 0, ?, ?)",
-                [(queue_id, domain, at, now) for domain in domains],
+        at = now if submission.received_at is None else int(submission.received_at)
+        self._check_quotas(db, domains, size, quotas)
+        try:
+            cursor = db.execute(
+                "INSERT INTO messages (queue_id, sender, received_at, size, body, client, helo, envid, ret, body_type)"
+                " VALUES (?, ?, ?, ?, zeroblob(?), ?, ?, ?, ?, ?)",
+                (queue_id, envelope.sender, at, size, size, submission.client, submission.helo, envelope.envid,
+                 envelope.ret, envelope.body_type or "7BIT"),
             )
-            db.executemany(
-                "INSERT OR IGNORE INTO recipients (queue_id, domain, address, notify, orcpt) VALUES (?, ?, ?, ?, ?)",
-                [(queue_id, r.domain, r.address, r.notify, r.orcpt) for r in envelope.recipients],
-            )
-            for domain in domains:
-                to = ",".join(f"<{r.address}>" for r in envelope.recipients if r.domain == domain)
-                self._event(db, now, queue_id, domain, "queued",
-                            f"from=<{envelope.sender}> to={to} size={size} client={client}")
+        except sqlite3.IntegrityError as exc:
+            raise QueueUnavailable(f"queue id {queue_id} is already in use") from exc
+        written = 0
+        with db.blobopen("messages", "body", cursor.lastrowid) as blob:
+            while True:
+                chunk = body_file.read(CHUNK)
+                if not chunk:
+                    break
+                if written + len(chunk) > size:
+                    raise ValueError(f"enqueue {queue_id}: body is longer than size={size}")
+                blob.write(chunk)
+                written += len(chunk)
+        if written != size:
+            raise ValueError(f"enqueue {queue_id}: body has {written} bytes, size={size}")
+        db.executemany(
+            "INSERT INTO queue (queue_id, domain, state, attempts, next_attempt, state_changed)"
+            " VALUES (?, ?, 'queued', 0, ?, ?)",
+            [(queue_id, domain, at, now) for domain in domains],
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO recipients (queue_id, domain, address, notify, orcpt) VALUES (?, ?, ?, ?, ?)",
+            [(queue_id, r.domain, r.address, r.notify, r.orcpt) for r in envelope.recipients],
+        )
+        for domain in domains:
+            to = ",".join(f"<{r.address}>" for r in envelope.recipients if r.domain == domain)
+            self._event(db, now, queue_id, domain, "queued",
+                        f"from=<{envelope.sender}> to={to} size={size} client={submission.client}")
 
     def usage(self, domain: str) -> tuple[int, int]:
         """(messages, bytes) waiting for `domain` (queued or held): for the per-domain quotas."""

@@ -195,6 +195,16 @@ class SessionLoop:
             self._call(conn, conn.on_writable)
         self.update(conn)
 
+    def commit_round(self):
+        """Group-commit the messages whose DATA ended in this round, then answer them."""
+        commit_pending = getattr(self.context, "commit_pending", None)
+        if commit_pending is None:
+            return
+        for conn, problem in commit_pending():
+            if not conn.closed:
+                self._call(conn, lambda conn=conn, problem=problem: conn.committed(problem))
+            self.update(conn)
+
     def check_deadlines(self, now):
         for conn in [c for c in self.sessions if c.deadline is not None and c.deadline <= now]:
             if not conn.closed:
@@ -342,6 +352,7 @@ class SessionLoop:
                         self.read_control()
                 else:
                     self.service(key.data, mask)
+            self.commit_round()
             self.check_deadlines(time.monotonic())
 
 
@@ -409,11 +420,15 @@ def run_worker(ctrl_sock, config, ssl_context, *, logger=None, classes=None):
         os._exit(status)
 
 
-def serve_one(sock, peer, config, ssl_context, *, implicit_tls=False, logger=None, classes=None):
+def serve_one(sock, peer, config, ssl_context, *, implicit_tls=False, logger=None, classes=None,
+              on_flush_requested=None):
     """inetd mode: one session on an already connected socket, in this process.
 
     Returns when the session has ended. SIGTERM stops it as in a worker
     (begin_shutdown: the transaction in flight may finish, then 421 4.3.2).
+    `on_flush_requested(domains)` is called after an ETRN has recorded a flush
+    (ConnectionContext.on_flush_requested): there is no master whose flush
+    workers would notice the request, so the caller starts one.
     """
     logger = logger or logging.getLogger("backupmx")
     context_class, connection_class = classes or load_connection_classes()
@@ -431,6 +446,8 @@ def serve_one(sock, peer, config, ssl_context, *, implicit_tls=False, logger=Non
     try:
         store = QueueStore(config.queue)
         loop.context = context_class(config=config, store=store, ssl_context=ssl_context, logger=logger)
+        if on_flush_requested is not None:
+            loop.context.on_flush_requested = on_flush_requested
     except Exception:
         if not implicit_tls:  # RFC 5321 3.1: a 421 greeting refuses service
             try:
