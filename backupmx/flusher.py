@@ -60,6 +60,10 @@ MAX_REPLY_TEXT = 512  # characters of a reply kept in the queue and the log
 # Seconds between housekeeping rounds (expiry, bounces, retries, purge): the
 # SPEC wants expiry and bounces acted on within a minute of becoming due.
 HOUSEKEEPING_INTERVAL = 30.0
+# Delivery outcomes are written in batches of this many messages, or at least
+# this often: one fsync per batch instead of one per message.
+OUTCOME_BATCH = 64
+OUTCOME_BATCH_SECONDS = 0.25
 # Seconds between looks for domains whose retry_interval backoff has run out.
 RETRY_SCAN_INTERVAL = 2.0
 
@@ -322,6 +326,8 @@ class _Flush:
         self.counts = {"messages": 0, "delivered": 0, "deferred": 0, "failed": 0}
         self._context = None
         self._context_built = False
+        self._unrecorded = []  # (message, outcomes, retry_after) not yet written
+        self._batch_started = 0.0
 
     # -- the connection ------------------------------------------------------
 
@@ -401,17 +407,34 @@ class _Flush:
     # -- outcomes ---------------------------------------------------------------
 
     def record(self, message, outcomes: dict[str, tuple[str, str]]):
-        """outcomes: address -> (kind, reply). One store transaction for the message
-        (attempts + 1 once), one log line per (kind, reply)."""
+        """outcomes: address -> (kind, reply). Buffered, then written by record_outcomes:
+        a batch of messages per transaction, one log line per (kind, reply)."""
         retry_after = None
         if self.domain.retry_interval and any(kind == "deferred" for kind, _ in outcomes.values()):
             retry_after = next_retry_delay(self.domain.retry_interval, message.attempts + 1)
-        self.store.record_attempt(
-            message.queue_id,
-            self.domain.name,
-            [(address, kind, reply) for address, (kind, reply) in outcomes.items()],
-            retry_after=retry_after,
-        )
+        if not self._unrecorded:
+            self._batch_started = time.monotonic()
+        self._unrecorded.append((message, outcomes, retry_after))
+        if len(self._unrecorded) >= OUTCOME_BATCH or time.monotonic() - self._batch_started >= OUTCOME_BATCH_SECONDS:
+            self.record_outcomes()
+
+    def record_outcomes(self):
+        """Write the buffered outcomes in one transaction, then log them.
+
+        Until this commits, a crash means the primary gets those messages
+        again: duplicates, never loss (the SPEC allows the former).
+        """
+        batch, self._unrecorded = self._unrecorded, []
+        if not batch:
+            return
+        self.store.record_attempts([
+            (message.queue_id, self.domain.name,
+             [(address, kind, reply) for address, (kind, reply) in outcomes.items()], retry_after)
+            for message, outcomes, retry_after in batch])
+        for message, outcomes, _ in batch:
+            self._log_outcomes(message, outcomes)
+
+    def _log_outcomes(self, message, outcomes):
         groups: dict[tuple[str, str], list[str]] = {}
         for address, outcome in outcomes.items():
             groups.setdefault(outcome, []).append(address)
@@ -507,24 +530,31 @@ class _Flush:
                 outcomes[address] = ("deferred", "envelope holds characters that cannot be sent")
             return
 
-        code, text = self.command("MAIL", f"FROM:<{message.sender}>" + "".join(" " + p for p in params))
+        mail = ("MAIL", f"FROM:<{message.sender}>" + "".join(" " + p for p in params))
+        rcpts = [("RCPT", f"TO:<{r.address}>" + (f" NOTIFY={r.notify}" if dsn and r.notify else "")
+                  + (f" ORCPT={r.orcpt}" if dsn and r.orcpt else "")) for r in message.recipients]
+        if client.has_extn("pipelining"):
+            # RFC 2920: MAIL, every RCPT and DATA in one write, then the replies in order.
+            client.send("".join(f"{verb} {argument}".rstrip() + "\r\n" for verb, argument in [mail, *rcpts, ("DATA", "")]))
+            mail_reply = client.getreply()
+            rcpt_replies = [client.getreply() for _ in rcpts]
+            data_reply = client.getreply()
+        else:
+            mail_reply, rcpt_replies, data_reply = self.command(*mail), None, None
+
+        code, text = mail_reply
         if code == 421 or 300 <= code < 400:
             raise _Trouble(_reply(code, text))
         if code >= 400:
             kind = "deferred" if code < 500 else "failed"
             for r in message.recipients:
                 outcomes[r.address] = (kind, _reply(code, text))
-            self.reset()
+            self.abandon_data(data_reply)
             return
 
         accepted = []
-        for r in message.recipients:
-            rcpt_params = ""
-            if dsn and r.notify:
-                rcpt_params += f" NOTIFY={r.notify}"
-            if dsn and r.orcpt:
-                rcpt_params += f" ORCPT={r.orcpt}"
-            code, text = self.command("RCPT", f"TO:<{r.address}>{rcpt_params}")
+        for index, r in enumerate(message.recipients):
+            code, text = rcpt_replies[index] if rcpt_replies is not None else self.command(*rcpts[index])
             if code == 421 or 300 <= code < 400:
                 raise _Trouble(_reply(code, text))
             if code < 400:
@@ -532,10 +562,10 @@ class _Flush:
             else:
                 outcomes[r.address] = ("deferred" if code < 500 else "failed", _reply(code, text))
         if not accepted:
-            self.reset()
+            self.abandon_data(data_reply)
             return
 
-        code, text = self.command("DATA")
+        code, text = data_reply if data_reply is not None else self.command("DATA")
         if code == 421 or (code != 354 and code < 400):
             raise _Trouble(_reply(code, text))
         if code >= 400:
@@ -551,6 +581,18 @@ class _Flush:
         kind = "delivered" if code < 300 else "deferred" if code < 500 else "failed"
         for address in accepted:
             outcomes[address] = (kind, _reply(code, text))
+
+    def abandon_data(self, data_reply):
+        """End a transaction that will not send a body, then RSET.
+
+        A pipelined DATA may have been answered 354 even though no recipient
+        was accepted (RFC 2920 3.1): the server then waits for a body, and an
+        empty one ends it without a message.
+        """
+        if data_reply is not None and data_reply[0] == 354:
+            self.client.send(".\r\n")
+            self.client.getreply()
+        self.reset()
 
     def send_body(self, queue_id: str):
         """Stream the body, then the end of data.
@@ -653,7 +695,10 @@ def deliver_domain(
         log_event(log, "flush-aborted", domain=domain.name, relay=flush.relay,
                   reason="the flush lease was lost", level=logging.WARNING)
     finally:
-        flush.quit()
+        try:
+            flush.record_outcomes()
+        finally:
+            flush.quit()
     log_event(
         log,
         "flush-" + status,

@@ -796,62 +796,72 @@ class QueueStore:
         retry_after: seconds until next_attempt (retry_interval); None = no automatic retry.
         Returns the row's state afterwards, or None when the row is gone.
         """
-        outcomes = list(outcomes)
-        for _, outcome, _ in outcomes:
-            if outcome not in OUTCOMES:
-                raise ValueError(f"unknown delivery outcome {outcome!r}")
+        return self.record_attempts([(queue_id, domain, list(outcomes), retry_after)])[0]
+
+    def record_attempts(self, attempts: list[tuple[str, str, list, float | None]]) -> list[str | None]:
+        """Several record_attempt()s — (queue_id, domain, outcomes, retry_after) each — in ONE
+        transaction, so a flush pays one fsync per batch rather than one per message.
+        A crash before it commits means those messages are delivered again: never lost."""
+        for _, _, outcomes, _ in attempts:
+            for _, outcome, _ in outcomes:
+                if outcome not in OUTCOMES:
+                    raise ValueError(f"unknown delivery outcome {outcome!r}")
         now = self._now()
         with self._write() as db:
-            if db.execute("SELECT 1 FROM queue WHERE queue_id = ? AND domain = ?", (queue_id, domain)).fetchone() is None:
-                return None
-            # The row's last_reply: the one that explains why mail is still here.
-            replies = {outcome: reply for _, outcome, reply in outcomes}
-            row_reply = replies.get(DEFERRED) or replies.get(FAILED) or replies.get(DELIVERED)
-            db.execute(
-                "UPDATE queue SET attempts = attempts + 1, last_attempt = ?, last_reply = COALESCE(?, last_reply),"
-                " next_attempt = ? WHERE queue_id = ? AND domain = ?",
-                (now, row_reply, None if retry_after is None else int(now + retry_after), queue_id, domain),
-            )
-            for address, outcome, reply in outcomes:
-                key = (queue_id, domain, address)
-                if outcome == FAILED:
-                    db.execute(
-                        "UPDATE recipients SET state = 'failed', last_reply = ?, dsn_sent = NULL, dsn_claimed = NULL"
-                        " WHERE queue_id = ? AND domain = ? AND address = ? AND state IN ('queued', 'expired')",
-                        (reply, *key),
-                    )
-                elif outcome == DEFERRED:
-                    db.execute(
-                        "UPDATE recipients SET last_reply = ? WHERE queue_id = ? AND domain = ? AND address = ?",
-                        (reply, *key),
-                    )
-            # Events before the deletes, so even the last recipient's 250 is on record.
-            by_outcome: dict[str, list[str]] = {}
-            for address, outcome, reply in outcomes:
-                by_outcome.setdefault(outcome, []).append(f"<{address}>")
-            for outcome, addresses in by_outcome.items():
-                self._event(db, now, queue_id, domain, outcome, f"to={','.join(addresses)} reply={replies[outcome]!r}")
-            # A recipient the primary accepted is gone, whatever its state was.
-            db.executemany(
-                "DELETE FROM recipients WHERE queue_id = ? AND domain = ? AND address = ?",
-                [(queue_id, domain, address) for address, outcome, _ in outcomes if outcome == DELIVERED],
-            )
-            row = db.execute("SELECT state FROM queue WHERE queue_id = ? AND domain = ?", (queue_id, domain)).fetchone()
-            if row is None:
-                return None
-            state = row[0]
-            if state in (QUEUED, HELD):
-                waiting = db.execute(
-                    "SELECT COUNT(*) FROM recipients WHERE queue_id = ? AND domain = ? AND state = 'queued'",
-                    (queue_id, domain),
-                ).fetchone()[0]
-                if waiting == 0:
-                    state = FAILED
-                    db.execute(
-                        "UPDATE queue SET state = 'failed', state_changed = ? WHERE queue_id = ? AND domain = ?",
-                        (now, queue_id, domain),
-                    )
-            return state
+            return [self._record_attempt(db, now, *attempt) for attempt in attempts]
+
+    def _record_attempt(self, db: sqlite3.Connection, now: int, queue_id: str, domain: str,
+                        outcomes: list, retry_after: float | None) -> str | None:
+        if db.execute("SELECT 1 FROM queue WHERE queue_id = ? AND domain = ?", (queue_id, domain)).fetchone() is None:
+            return None
+        # The row's last_reply: the one that explains why mail is still here.
+        replies = {outcome: reply for _, outcome, reply in outcomes}
+        row_reply = replies.get(DEFERRED) or replies.get(FAILED) or replies.get(DELIVERED)
+        db.execute(
+            "UPDATE queue SET attempts = attempts + 1, last_attempt = ?, last_reply = COALESCE(?, last_reply),"
+            " next_attempt = ? WHERE queue_id = ? AND domain = ?",
+            (now, row_reply, None if retry_after is None else int(now + retry_after), queue_id, domain),
+        )
+        for address, outcome, reply in outcomes:
+            key = (queue_id, domain, address)
+            if outcome == FAILED:
+                db.execute(
+                    "UPDATE recipients SET state = 'failed', last_reply = ?, dsn_sent = NULL, dsn_claimed = NULL"
+                    " WHERE queue_id = ? AND domain = ? AND address = ? AND state IN ('queued', 'expired')",
+                    (reply, *key),
+                )
+            elif outcome == DEFERRED:
+                db.execute(
+                    "UPDATE recipients SET last_reply = ? WHERE queue_id = ? AND domain = ? AND address = ?",
+                    (reply, *key),
+                )
+        # Events before the deletes, so even the last recipient's 250 is on record.
+        by_outcome: dict[str, list[str]] = {}
+        for address, outcome, reply in outcomes:
+            by_outcome.setdefault(outcome, []).append(f"<{address}>")
+        for outcome, addresses in by_outcome.items():
+            self._event(db, now, queue_id, domain, outcome, f"to={','.join(addresses)} reply={replies[outcome]!r}")
+        # A recipient the primary accepted is gone, whatever its state was.
+        db.executemany(
+            "DELETE FROM recipients WHERE queue_id = ? AND domain = ? AND address = ?",
+            [(queue_id, domain, address) for address, outcome, _ in outcomes if outcome == DELIVERED],
+        )
+        row = db.execute("SELECT state FROM queue WHERE queue_id = ? AND domain = ?", (queue_id, domain)).fetchone()
+        if row is None:
+            return None
+        state = row[0]
+        if state in (QUEUED, HELD):
+            waiting = db.execute(
+                "SELECT COUNT(*) FROM recipients WHERE queue_id = ? AND domain = ? AND state = 'queued'",
+                (queue_id, domain),
+            ).fetchone()[0]
+            if waiting == 0:
+                state = FAILED
+                db.execute(
+                    "UPDATE queue SET state = 'failed', state_changed = ? WHERE queue_id = ? AND domain = ?",
+                    (now, queue_id, domain),
+                )
+        return state
 
     def delivered(self, queue_id: str, domain: str, addresses: Iterable[str], reply: str) -> str | None:
         """The primary accepted these recipients (2xx): they leave the queue."""

@@ -124,6 +124,9 @@ class _Handler(socketserver.BaseRequestHandler):
         self.sink = self.server.sink
         self.sock = self.request
         self.sock.settimeout(self.sink.session_timeout)
+        # Replies go out one by one; without this, a pipelining client waits
+        # for Nagle and the delayed ACK (~40 ms) on every second reply.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile = self.sock.makefile("rb")
         with self.sink._cond:
             self.sink._session_count += 1
