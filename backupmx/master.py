@@ -32,6 +32,9 @@ import selectors
 import signal
 import socket
 import socketserver
+import stat
+import subprocess
+import sys
 import time
 
 from backupmx import worker as worker_mod
@@ -85,6 +88,11 @@ def _log(logger, event, **fields):
     from backupmx.log import log_event
 
     log_event(logger, event, **fields)
+
+
+def _first_line(exc):
+    text = str(exc)
+    return text.splitlines()[0] if text else repr(exc)
 
 
 # -- listeners ------------------------------------------------------------------
@@ -261,24 +269,113 @@ def raise_fd_limit():
             pass
 
 
-def drop_privileges(user, logger):
-    """setgid/setuid to `user` after binding (ports < 1024 need root, nothing else does)."""
-    if not user:
-        return
+def _lookup_user(user):
     import pwd
 
     try:
-        entry = pwd.getpwnam(user)
+        return pwd.getpwnam(user)
     except KeyError:
         raise ServeError(f"user = {user}: no such user") from None
+
+
+def warn_if_root(config, logger):
+    """Root without `user`: every worker parses hostile input as root. Say so, loudly."""
+    if os.geteuid() == 0 and not config.user:
+        _log(logger, "running-as-root", level=logging.WARNING,
+             warning="no 'user =' in [backupmx]: SMTP workers and flushers keep root privileges; "
+                     "set user = backupmx (or run under a supervisor's User=)")
+
+
+def _queue_files(queue):
+    """The database and the files SQLite keeps beside it (WAL mode: -wal and -shm)."""
+    return [queue + suffix for suffix in ("", "-wal", "-shm", "-journal")]
+
+
+def _is_memory(queue):
+    return queue == ":memory:" or queue.startswith("file:")
+
+
+def hand_queue_to(entry, queue, logger):
+    """As root, before the drop: the queue must belong to the user the server becomes.
+
+    Creates the queue's directory (0700, owned by the user) when only its last
+    component is missing, and gives the user the database files that root
+    owns (left by an earlier start without `user`, or a root `sqlite3`
+    session): SQLite running as the user could not open them otherwise.
+    Opened with O_NOFOLLOW and changed through the descriptor, and only
+    regular files with one link, so a link planted in the queue's directory
+    cannot make root chown something else.
+    """
+    if _is_memory(queue):
+        return
+    directory = os.path.dirname(os.path.abspath(queue))
+    if not os.path.exists(directory) and os.path.isdir(os.path.dirname(directory)):
+        os.mkdir(directory, 0o700)
+        os.chown(directory, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+        _log(logger, "queue-directory-created", path=directory, user=entry.pw_name)
+    for path in _queue_files(queue):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ServeError(f"{path}: {exc.strerror or exc}") from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == 0:
+                os.fchown(fd, entry.pw_uid, entry.pw_gid)
+                os.fchmod(fd, 0o600)
+                _log(logger, "queue-file-chowned", path=path, user=entry.pw_name)
+        finally:
+            os.close(fd)
+
+
+def drop_privileges(user, logger):
+    """setgid/setuid to `user` (with its groups) after binding; ports < 1024 need root, nothing else does.
+
+    initgroups keeps the user's supplementary groups (e.g. ssl-cert, so that a
+    SIGHUP can re-read a group-readable key). Raises ServeError when the drop
+    did not stick.
+    """
+    if not user:
+        return
+    entry = _lookup_user(user)
     if os.getuid() != 0:
         if os.getuid() != entry.pw_uid:
             _log(logger, "user-ignored", user=user, reason="not running as root")
         return
-    os.setgroups([])
+    os.initgroups(entry.pw_name, entry.pw_gid)
     os.setgid(entry.pw_gid)
     os.setuid(entry.pw_uid)
-    _log(logger, "privileges-dropped", user=user, uid=entry.pw_uid)
+    if entry.pw_uid != 0:
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:  # pragma: no cover - the kernel refused to drop
+            raise ServeError(f"user = {user}: could not drop root privileges")
+    _log(logger, "privileges-dropped", user=user, uid=entry.pw_uid, gid=entry.pw_gid)
+
+
+def become_user(config, logger):
+    """Root: give the queue to config.user and become it; warn when there is no user.
+
+    Called after the listeners are bound and the key is read, before any
+    client byte is read (every worker is forked after it).
+    """
+    warn_if_root(config, logger)
+    if not config.user:
+        return
+    entry = _lookup_user(config.user)
+    was_root = os.getuid() == 0
+    if was_root and entry.pw_uid != 0:
+        hand_queue_to(entry, config.queue, logger)
+    drop_privileges(config.user, logger)
+    if was_root and not _is_memory(config.queue):
+        directory = os.path.dirname(os.path.abspath(config.queue))
+        if os.path.isdir(directory) and not os.access(directory, os.W_OK | os.X_OK):
+            raise ServeError(f"{directory}: not writable by user {config.user} "
+                             f"(the queue's directory: SQLite creates its -wal and -shm files there)")
 
 
 # -- children ------------------------------------------------------------------
@@ -396,9 +493,11 @@ class Master:
             ssl_context = build_ssl_context(config)
             if config.queue != self.config.queue:
                 check_queue(config)
-            self.logger = _setup_logging(config, inetd=False)  # log target may have changed
+            if config.log != self.config.log:
+                # Only then: after a privilege drop the old file may not be ours to reopen.
+                self.logger = _setup_logging(config, inetd=False)
         except Exception as exc:
-            _log(self.logger, "reload-failed", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+            _log(self.logger, "reload-failed", error=_first_line(exc), level=logging.WARNING)
             return
         if (config.listen, config.listen_tls) != (self.config.listen, self.config.listen_tls):
             _log(self.logger, "listen-change-ignored", reason="restart to change listeners")
@@ -823,12 +922,12 @@ def serve(config, *, inetd=False, implicit_tls=False, tls=None, classes=None):
     raise_fd_limit()
     if classes is None:
         worker_mod.load_connection_classes()  # an import error shows now, not in every worker
-    ssl_context = build_ssl_context(config)
+    ssl_context = build_ssl_context(config)  # as root: the key may be readable by root only
     master = Master(config, ssl_context, [], logger, classes=classes)
-    master.listeners = build_listeners(config, master)
+    master.listeners = build_listeners(config, master)  # as root: ports < 1024
     try:
-        drop_privileges(config.user, logger)
-        check_queue(config)
+        become_user(config, logger)
+        check_queue(config)  # as the user: the database and its WAL are created as theirs
         return master.run()
     finally:
         master.close_listeners()
@@ -841,6 +940,11 @@ def serve_inetd(config, *, implicit_tls=False, classes=None):
     duplicate and 0-2 are pointed at /dev/null, so that no stray write
     (a warning, a traceback) can ever reach the client. Logging goes to
     config.log, syslog by default.
+
+    Started as root with `user` set, it drops to that user after reading the
+    key and before reading from the client. An ETRN starts a detached flusher
+    process (DetachedFlushers) so that delivery outlives the session;
+    flush_workers = 0 turns that off (some other process delivers).
     """
     try:
         sock = socket.socket(fileno=os.dup(0))
@@ -854,16 +958,19 @@ def serve_inetd(config, *, implicit_tls=False, classes=None):
     started = []
     try:
         ssl_context = build_ssl_context(config)
+        become_user(config, logger)
+        flushers = DetachedFlushers(config, logger) if config.flush_workers > 0 else None
         try:
             peer = sock.getpeername()
             peer = (peer[0], peer[1]) if isinstance(peer, tuple) else ("unknown", 0)
         except OSError:
             peer = ("unknown", 0)
         started.append(True)  # from here on serve_one answers the client itself
-        worker_mod.serve_one(sock, peer, config, ssl_context, implicit_tls=implicit_tls, logger=logger, classes=classes)
+        worker_mod.serve_one(sock, peer, config, ssl_context, implicit_tls=implicit_tls, logger=logger,
+                             classes=classes, on_flush_requested=flushers)
     except Exception as exc:
         # stderr is /dev/null now: the log is the only place to say it.
-        _log(logger, "inetd-failed", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+        _log(logger, "inetd-failed", error=_first_line(exc), level=logging.ERROR)
         try:
             if not started and not implicit_tls:  # RFC 5321 3.1: a 421 greeting refuses service
                 sock.send(f"421 4.3.0 {config.hostname} Service not available\r\n".encode("ascii", "replace"))
@@ -871,4 +978,141 @@ def serve_inetd(config, *, implicit_tls=False, classes=None):
         except OSError:
             pass
         return 1
+    return 0
+
+
+# -- serve --inetd: delivery after ETRN --------------------------------------------
+#
+# Under inetd there is no master and no flush worker polling the queue: the
+# session process answers ETRN (the request is committed first, as always) and
+# starts a flusher in a new session (setsid, stdio on /dev/null, a fresh
+# interpreter: no SQLite connection or client socket inherited across a fork),
+# so that it outlives the SMTP session and the supervisor's view of it. The
+# flusher takes each requested domain's lease, delivers, and exits when no
+# request is left. Several at once are harmless: the lease lets one flush a
+# domain, the others find nothing to claim and exit.
+
+# Live detached flushers one inetd session may have; more ETRNs meanwhile only
+# record their request (the live ones claim it before they exit).
+MAX_DETACHED_FLUSHERS = 4
+# Domains one detached flusher handles before it exits (a bound, not a limit
+# anyone should reach: requests coalesce per domain).
+MAX_DETACHED_ROUNDS = 1000
+
+_DETACHED_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from backupmx.master import detached_flush_main; sys.exit(detached_flush_main(sys.argv[2]))"
+)
+
+
+def package_root():
+    """The sys.path entry this backupmx was imported from (a directory, or the zipapp file)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def spawn_detached_flusher(config):
+    """Start `detached_flush_main(config.path)` in a new session; returns the Popen.
+
+    A fresh interpreter (-I: no PYTHON* variables, no user site) importing
+    this same copy of backupmx: a checkout, an installed package or the zipapp.
+    Raises OSError when it cannot be started.
+    """
+    if not sys.executable:
+        raise OSError("no Python interpreter (sys.executable) to start a flusher with")
+    argv = [sys.executable, "-I", "-c", _DETACHED_BOOT, package_root(), os.path.abspath(config.path)]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True)
+
+
+class DetachedFlushers:
+    """ConnectionContext.on_flush_requested for serve --inetd: start a detached flusher."""
+
+    def __init__(self, config, logger):
+        self.config = config
+        self.logger = logger
+        self.procs = []
+
+    def __call__(self, domains):
+        self.procs = [p for p in self.procs if p.poll() is None]  # also reaps the finished ones
+        if len(self.procs) >= MAX_DETACHED_FLUSHERS:
+            _log(self.logger, "flush-process-skipped", domains=",".join(domains), running=len(self.procs))
+            return
+        proc = spawn_detached_flusher(self.config)
+        self.procs.append(proc)
+        _log(self.logger, "flush-process-started", pid=proc.pid, domains=",".join(domains))
+
+
+def run_detached_flush(config, logger, should_stop=lambda: False):
+    """Claim and deliver every domain with a flush request, then one housekeeping round.
+
+    Returns the number of domains delivered. The same work as a flush
+    worker's loop (flusher.run_flush_worker), but it ends when nothing is
+    left to claim instead of polling.
+    """
+    from backupmx.flusher import default_lease_seconds, deliver_domain
+    from backupmx.store import QueueStore
+
+    owner = f"{socket.gethostname()}:{os.getpid()}:inetd"
+    lease_seconds = default_lease_seconds(config.timeout)
+    flushed = 0
+    store = QueueStore(config.queue)
+    try:
+        for _ in range(MAX_DETACHED_ROUNDS):
+            if should_stop():
+                break
+            name = store.claim_flush(owner, lease_seconds)
+            if name is None:
+                break
+            try:
+                domain = config.domains.get(name)
+                if domain is None:
+                    _log(logger, "flush-skipped", domain=name, reason="domain not configured",
+                         level=logging.WARNING)
+                    continue
+                deliver_domain(store, domain, owner=owner, hostname=config.hostname, timeout=config.timeout,
+                               lease_seconds=lease_seconds, log=logger, should_stop=should_stop)
+                flushed += 1
+            finally:
+                store.release_flush(name, owner)
+        if not should_stop():
+            # Nothing else runs expiry and bounces when every session is an inetd one.
+            try:
+                from backupmx.lifecycle import housekeeping
+
+                housekeeping(store, config, logger=logger)
+            except Exception as exc:
+                _log(logger, "housekeeping-error", error=_first_line(exc), level=logging.ERROR)
+    finally:
+        store.close()
+    return flushed
+
+
+def detached_flush_main(config_path):
+    """Entry point of the process spawn_detached_flusher starts. Returns the exit status."""
+    stop = []
+    signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))  # a flag only
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    from backupmx.config import load_config
+    from backupmx.log import setup_logging
+
+    try:
+        config = load_config(config_path)
+    except Exception as exc:
+        _log(setup_logging(None, inetd=True), "flush-process-failed", error=_first_line(exc), level=logging.ERROR)
+        return 1
+    try:
+        logger = _setup_logging(config, inetd=True)
+    except OSError as exc:  # e.g. a log file root opened for the session, not writable by `user`
+        logger = setup_logging(None, inetd=True)
+        _log(logger, "log-unavailable", log=config.log, error=_first_line(exc), level=logging.WARNING)
+    try:
+        _log(logger, "flush-process", pid=os.getpid())
+        run_detached_flush(config, logger, lambda: bool(stop))
+    except Exception as exc:
+        _log(logger, "flush-process-failed", error=_first_line(exc), level=logging.ERROR)
+        return 1
+    finally:
+        logging.shutdown()
     return 0

@@ -1,0 +1,337 @@
+"""contrib/ stays true to the program: commands and options exist, the example
+config passes `backupmx check`, the fail2ban filter matches a real log line,
+the systemd units agree with each other and with what `serve` understands.
+"""
+
+import base64
+import configparser
+import os
+import re
+import shlex
+import shutil
+import smtplib
+import ssl
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+from conftest import CERTS, REPO, wait_for
+
+CONTRIB = REPO / "contrib"
+BACKUPMX = [sys.executable, str(REPO / "backupmx.py")]
+
+
+def contrib_files():
+    return sorted(p for p in CONTRIB.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+def rel(path):
+    return str(path.relative_to(REPO))
+
+
+# -- what the program accepts, from its own --help ------------------------------------
+
+
+def _help(*words):
+    result = subprocess.run(BACKUPMX + list(words) + ["--help"], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@lru_cache(maxsize=None)
+def subcommands():
+    text = _help()
+    block = text.split("COMMAND\n", 2)[-1].split("\noptions:")[0]
+    return frozenset(re.findall(r"^    ([a-z][a-z-]*)\s", block, re.M))
+
+
+@lru_cache(maxsize=None)
+def options(*words):
+    return frozenset(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", _help(*words)))
+
+
+def test_the_help_parsers_find_something():
+    assert {"serve", "check", "etrn", "bundle", "queue"} <= subcommands()
+    assert {"--inetd", "--tls", "-c", "--config"} <= options("serve")
+
+
+# -- backupmx invocations named in contrib ---------------------------------------------
+
+# `backupmx`, `/usr/local/bin/backupmx`, `backupmx.py`, `backupmx.pyz` followed by a word.
+MENTION = re.compile(r"(?:(?<=^)|(?<=[\s`'\"=(]))(?:[\w./-]*/)?backupmx(?:\.pyz?)?[ \t]+(?=[a-z-])")
+# Text that ends a command on its line.
+COMMAND_END = re.compile(r"[`;|&)]|\s#|\s\(|$")
+
+
+def _logical_lines(text):
+    """Lines with backslash-newline continuations joined; xinetd's server + server_args joined too."""
+    lines = text.replace("\\\n", " ").splitlines()
+    server = None
+    for line in lines:
+        m = re.match(r"\s*server\s*=\s*(\S+)", line)
+        if m:
+            server = m.group(1)
+        m = re.match(r"\s*server_args\s*=\s*(.*)", line)
+        if m and server:
+            yield f"{server} {m.group(1)}"
+            continue
+        yield line
+
+
+def _command_context(line, start, markdown):
+    """Is this mention where a command is run (not prose such as 'backupmx accepts mail')?
+
+    Yes: inside `backticks`, after Exec...=, exec, python3 or "$ ", or at the
+    start of a line that is not a comment (a unit's value, a script line, an
+    indented Markdown code line). Prose words after a mention elsewhere are
+    left alone; a known subcommand is checked wherever it appears.
+    """
+    before = line[:start]
+    if before.count("`") % 2 == 1:
+        return True
+    if re.search(r"(Exec\w*=|exec\s+|python3?(\s+-I)?\s+|\$\s+)$", before):
+        return True
+    if before.strip() == "":
+        comment = line.lstrip().startswith(("#", ";"))
+        prose = markdown and not line.startswith("    ")
+        return not comment and not prose
+    return False
+
+
+def invocations(path):
+    """[(line text, [argv words after backupmx], in a command context)] for one contrib file."""
+    found = []
+    markdown = path.suffix == ".md"
+    for line in _logical_lines(path.read_text(errors="replace")):
+        for m in MENTION.finditer(line):
+            rest = line[m.end():]
+            end = COMMAND_END.search(rest)
+            words = rest[: end.start()].split()
+            found.append((line.strip(), words, _command_context(line, m.start(), markdown)))
+    return found
+
+
+def _check_invocation(words, line, where):
+    """Problems with one `backupmx WORDS...`; [] when it is fine."""
+    if not words:
+        return []
+    if words[0] in ("-c", "--config") and len(words) > 2:  # -c before the subcommand
+        words = words[2:]
+    sub = words[0]
+    if sub not in subcommands():
+        return [f"{where}: unknown subcommand {sub!r} in: {line}"]
+    scope = [sub]
+    if sub == "queue" and words[1:2] == ["list"]:
+        scope.append("list")
+    known = options(*scope)
+    problems = []
+    for word in words[1:]:
+        word = word.strip("\"'")
+        if word.startswith("-") and len(word) > 1 and word != "--":
+            name = word.split("=", 1)[0]
+            if name not in known:
+                problems.append(f"{where}: `backupmx {' '.join(scope)}` has no option {name} in: {line}")
+    return problems
+
+
+def test_every_backupmx_command_and_option_in_contrib_exists():
+    problems = []
+    checked = 0
+    for path in contrib_files():
+        for line, words, command_like in invocations(path):
+            if not words:
+                continue
+            if words[0] not in subcommands() and words[0] not in ("-c", "--config") and not command_like:
+                continue  # prose: "backupmx accepts mail ..."
+            checked += 1
+            problems += _check_invocation(words, line, rel(path))
+    assert not problems, "\n".join(problems)
+    assert checked >= 15  # the parser does find the unit files' ExecStart lines, the run script, ...
+
+
+def test_the_checker_catches_a_wrong_option_and_subcommand(tmp_path):
+    sample = tmp_path / "unit.service"
+    sample.write_text("ExecStart=/usr/local/bin/backupmx serve --inetd --daemon -c /etc/x.ini\n"
+                      "# run `backupmx srve -c x`\n# backupmx accepts mail (prose)\n"
+                      "`Received:` lines, and backupmx adds its own\n")
+    problems = []
+    for line, words, command_like in invocations(sample):
+        if words[0] in subcommands() or command_like:
+            problems += _check_invocation(words, line, "sample")
+    assert len(problems) == 2 and "--daemon" in problems[0] and "'srve'" in problems[1], problems
+
+
+def test_every_contrib_file_says_how_it_is_used():
+    for path in contrib_files():
+        head = "\n".join(path.read_text(errors="replace").splitlines()[:25])
+        assert re.search(r"^(\s*[#;]|<!--).*\S", head, re.M), f"{rel(path)}: no comment at the top"
+        assert re.search(r"\bUse\b", head), f"{rel(path)}: the top comment does not say how it is used (Use: ...)"
+
+
+# -- the example config -------------------------------------------------------------------
+
+
+def test_example_config_passes_check(tmp_path):
+    result = subprocess.run(BACKUPMX + ["check", "-c", str(CONTRIB / "backupmx.ini")], cwd=str(tmp_path),
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not list(tmp_path.iterdir())  # check creates nothing (the queue is relative to the cwd)
+
+
+def test_every_commented_key_in_the_example_config_is_a_real_key(tmp_path):
+    """Uncommenting any ';key = value' line gives a config whose only possible complaint is the value."""
+    from backupmx.config import ConfigError, load_config
+
+    text = (CONTRIB / "backupmx.ini").read_text()
+    lines = text.splitlines()
+    tried = 0
+    for i, line in enumerate(lines):
+        m = re.match(r";([a-z_]+) = ", line)
+        if not m:
+            continue
+        section = [ln for ln in lines[:i] if ln.startswith("[") or ln.startswith(";[")][-1].lstrip(";")
+        variant = lines[:]
+        variant[i] = line[1:]
+        if section.startswith("[user:"):  # the whole section is commented out: enable it together
+            variant = [ln[1:] if ln.startswith(";[user:") or ln.startswith(";password") or ln.startswith(";domains")
+                       else ln for ln in variant]
+        path = tmp_path / "variant.ini"
+        path.write_text("\n".join(variant) + "\n")
+        tried += 1
+        try:
+            load_config(str(path))
+        except ConfigError as exc:
+            assert "unknown" not in str(exc).lower(), f"{m.group(1)} in {section}: {exc}"
+    assert tried >= 20
+
+
+# -- fail2ban ---------------------------------------------------------------------------------
+
+
+def failregex():
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(CONTRIB / "fail2ban" / "filter.d" / "backupmx.conf")
+    pattern = parser["Definition"]["failregex"].strip()
+    # fail2ban's <HOST>: an address or a host name, captured.
+    return re.compile(pattern.replace("<HOST>", r"(?P<host>\S+)"))
+
+
+def strip_date(line):
+    """What fail2ban does before applying failregex: take away the leading timestamp."""
+    for date in (r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:[.,]\d+)?", r"[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d"):
+        m = re.match(date, line)
+        if m:
+            return line[m.end():]
+    return line
+
+
+def test_fail2ban_filter_matches_a_real_auth_failed_line(server_factory, tmp_path):
+    srv = server_factory(tls=True, users={"prim": ("{PLAIN}right-password", "example.com")})
+    with smtplib.SMTP("localhost", srv.port, timeout=10) as c:
+        c.starttls(context=ssl.create_default_context(cafile=str(CERTS / "ca.pem")))
+        c.ehlo("attacker.test")
+        # A user name trying to plant another client= for the ban to hit.
+        code, _ = c.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0x client=10.9.9.9\0wrong").decode())
+        assert code == 535
+    assert wait_for(lambda: "auth-failed" in srv.log(), 5)
+    lines = [line for line in srv.log().splitlines() if "auth-failed" in line]
+    assert len(lines) == 1
+    regex = failregex()
+    m = regex.search(strip_date(lines[0]))
+    assert m and m.group("host") == "127.0.0.1", (regex.pattern, lines[0])
+    # The same event through syslog ("Mon dd hh:mm:ss host tag[pid]: message").
+    message = lines[0].split("backupmx[", 1)[1]
+    syslog_line = f"Jan  5 10:00:01 mx2 backupmx[{message}"
+    m = regex.search(strip_date(syslog_line))
+    assert m and m.group("host") == "127.0.0.1", syslog_line
+    # Successful AUTH and other events are not matched.
+    for other in srv.log().splitlines():
+        if "auth-failed" not in other:
+            assert not regex.search(strip_date(other)), other
+    if shutil.which("fail2ban-regex"):  # the real thing, when it is installed
+        log = tmp_path / "mail.log"
+        log.write_text(lines[0] + "\n" + syslog_line + "\n")
+        result = subprocess.run(["fail2ban-regex", str(log), str(CONTRIB / "fail2ban" / "filter.d" / "backupmx.conf")],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert re.search(r"Failregex: 2 total", result.stdout), result.stdout
+        assert "10.9.9.9" not in result.stdout
+
+
+def test_fail2ban_jail_names_the_filter():
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(CONTRIB / "fail2ban" / "jail.d" / "backupmx.local")
+    assert parser["backupmx"]["filter"] == "backupmx"
+    assert (CONTRIB / "fail2ban" / "filter.d" / (parser["backupmx"]["filter"] + ".conf")).exists()
+
+
+# -- systemd units ------------------------------------------------------------------------------
+
+
+def unit(path):
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    parser.optionxform = str
+    parser.read(path)
+    return parser
+
+
+def test_systemd_units_fit_together():
+    units = {p.name: p for p in CONTRIB.rglob("*") if p.suffix in (".service", ".socket", ".timer")}
+    for name, path in units.items():
+        u = unit(path)
+        if name.endswith(".socket"):
+            socket_section = u["Socket"]
+            if socket_section.get("Accept") == "yes":
+                assert f"{name[:-len('.socket')]}@.service" in units, f"{name}: Accept=yes needs a template service"
+            else:
+                service = socket_section.get("Service", name.replace(".socket", ".service"))
+                assert service in units, f"{name}: Service={service} is not in contrib"
+                # What the master tells plain from implicit TLS by (master.build_listeners).
+                assert socket_section.get("FileDescriptorName") in ("smtp", "smtps"), name
+                assert name in unit(units[service])["Service"]["Sockets"].split(), f"{service} must list {name}"
+        if name.endswith(".timer"):
+            assert name.replace(".timer", ".service") in units
+        exec_start = u["Service"].get("ExecStart", "") if u.has_section("Service") else ""
+        if "--inetd" in exec_start:
+            assert u["Service"].get("StandardInput") == "socket" and u["Service"].get("StandardError") != "socket"
+            assert u["Service"].get("KillMode") == "process", f"{name}: the detached flusher must outlive the session"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verify(tmp_path):
+    """systemd's own parser: unknown keys or bad values are reported (ExecStart pointed at the checkout)."""
+    for path in CONTRIB.rglob("*"):
+        if path.suffix in (".service", ".socket", ".timer"):
+            text = path.read_text().replace("/usr/local/bin/backupmx", str(REPO / "backupmx.py"))
+            (tmp_path / path.name).write_text(text)
+    names = sorted(str(p) for p in tmp_path.iterdir())
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no"] + names, capture_output=True, text=True,
+                            timeout=60, cwd=str(tmp_path))
+    output = "\n".join(line for line in (result.stdout + result.stderr).splitlines()
+                       if "Failed to connect to bus" not in line and "No such file or directory" not in line
+                       and line.strip())
+    assert result.returncode == 0 and not output, output
+
+
+@pytest.mark.skipif(shutil.which("fetchmail") is None, reason="fetchmail is not installed")
+def test_fetchmailrc_parses(tmp_path):
+    rc = tmp_path / "fetchmailrc"
+    shutil.copyfile(CONTRIB / "primary" / "fetchmailrc", rc)
+    rc.chmod(0o600)
+    env = {"HOME": str(tmp_path), "FETCHMAILHOME": str(tmp_path), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    result = subprocess.run(["fetchmail", "-f", str(rc), "--configdump"], capture_output=True, text=True,
+                            timeout=30, env=env)
+    assert result.returncode == 0, result.stderr
+    assert '"protocol":"ETRN"' in result.stdout and '"service":"465"' in result.stdout
+
+
+def test_runit_scripts_are_executable_shell():
+    for path in (CONTRIB / "runit").rglob("run"):
+        assert os.access(path, os.X_OK), rel(path)
+        result = subprocess.run(["sh", "-n", str(path)], capture_output=True, text=True, timeout=10)
+        assert result.returncode == 0, result.stderr
+        words = shlex.split(path.read_text().replace("\\\n", " "), comments=True)
+        assert "exec" in words
