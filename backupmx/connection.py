@@ -116,7 +116,8 @@ class SMTPConnection:
             cram_challenge=lambda: cram_md5_challenge(config.hostname),
             admission=ctx.admission))
         self._progress = self.session.progress
-        log_event(ctx.logger, "connect", client=self.client_ip, tls="implicit" if implicit_tls else None)
+        log_event(ctx.logger, "connect", client=self.client_ip, tls="implicit" if implicit_tls else None,
+                  level=logging.DEBUG)
         self._pump()
 
     # --- the selector loop's interface -------------------------------------

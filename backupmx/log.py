@@ -16,6 +16,7 @@ setup_logging(..., inetd=True) makes sure nothing logging does ever writes there
 from __future__ import annotations
 
 import logging
+import re
 import logging.handlers
 import os
 import sys
@@ -43,11 +44,17 @@ def _escape_char(c: str) -> str:
     return f"\\U{code:08x}"
 
 
+# A value made only of these needs neither escaping nor quotes.
+_PLAIN = re.compile(r"[!#-<>-\[\]-~]+")
+
+
 def format_value(value: object) -> str:
     """One value, safe for a log line: escaped, and quoted when it needs to be."""
     if isinstance(value, bytes):
         value = value.decode("utf-8", "surrogateescape")
     text = str(value)
+    if _PLAIN.fullmatch(text):  # the common case, checked in C
+        return text
     escaped = "".join(_escape_char(c) for c in text)
     if not text or escaped != text or " " in text or "=" in text:
         return f'"{escaped}"'

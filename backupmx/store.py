@@ -98,12 +98,13 @@ def new_queue_id(clock: Callable[[], float] = time.time) -> str:
     possible in principle; enqueue() then raises QueueUnavailable and the
     client simply retries, so nothing is lost.
     """
-    seconds = max(0, int(clock() * 1000) - _ID_EPOCH * 1000) % (36**_ID_TIME_DIGITS)
+    milliseconds = max(0, int(clock() * 1000) - _ID_EPOCH * 1000) % (36**_ID_TIME_DIGITS)
+    number = milliseconds * 36**_ID_RANDOM_DIGITS + secrets.randbelow(36**_ID_RANDOM_DIGITS)
     digits = []
-    for _ in range(_ID_TIME_DIGITS):
-        seconds, digit = divmod(seconds, 36)
+    for _ in range(_ID_TIME_DIGITS + _ID_RANDOM_DIGITS):
+        number, digit = divmod(number, 36)
         digits.append(_ID_ALPHABET[digit])
-    return "".join(reversed(digits)) + "".join(secrets.choice(_ID_ALPHABET) for _ in range(_ID_RANDOM_DIGITS))
+    return "".join(reversed(digits))
 
 
 # --- what the queue hands out ------------------------------------------------------
