@@ -328,6 +328,12 @@ def cmd_flush(args) -> int:
             pending = store.request_flush(domains)
         finally:
             store.close()
+    if any(pending.values()):
+        # Without a running `serve` (inetd-only setups) nobody else would deliver;
+        # with one, the flush lease lets only one of them do it.
+        from backupmx.master import spawn_detached_flusher
+
+        spawn_detached_flusher(config)
     for domain in domains:
         count = pending.get(domain, 0)
         if count:

@@ -129,3 +129,12 @@ def test_damaged_queue_is_refused_not_replaced(server_factory, tmp_path):
     check = subprocess.run([sys.executable, str(REPO / "backupmx.py"), "check", "-c", str(tmp_path / "backupmx.ini")],
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 1 and "Traceback" not in check.stderr + check.stdout
+
+
+def test_flush_from_the_shell_delivers_without_a_running_server(mx, sink):
+    send(mx)
+    assert mx.stop() == 0  # an inetd-only site: no `serve` and so no flush workers
+    result = backupmx(mx, "flush", "example.com")
+    assert result.returncode == 0 and result.stdout.startswith("253")
+    sink.wait_for(1, timeout=20)
+    assert wait_for(lambda: states(mx) == {}, timeout=10)
