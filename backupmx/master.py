@@ -254,7 +254,18 @@ def check_queue(config):
         store = QueueStore(config.queue)
     except Exception as exc:
         raise ServeError(f"{config.queue}: {exc}") from None
-    store.close()
+    try:
+        # A damaged queue is refused, never replaced: the mail in it is still
+        # there for `backupmx check` and the operator (SQLite's quick_check is
+        # O(size) but skips the index cross-checks of integrity_check).
+        result = store.connection.execute("PRAGMA quick_check").fetchone()[0]
+    except Exception as exc:
+        result = str(exc)
+    finally:
+        store.close()
+    if result != "ok":
+        raise ServeError(f"{config.queue}: the queue database is damaged ({result}); "
+                         "not starting: run `backupmx check`")
 
 
 def raise_fd_limit():

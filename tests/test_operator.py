@@ -5,6 +5,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +139,24 @@ def test_flush_from_the_shell_delivers_without_a_running_server(mx, sink):
     assert result.returncode == 0 and result.stdout.startswith("253")
     sink.wait_for(1, timeout=20)
     assert wait_for(lambda: states(mx) == {}, timeout=10)
+
+
+def test_queue_damaged_inside_is_refused_at_start(server_factory, tmp_path):
+    mx = server_factory(sub="first")
+    for n in range(30):
+        send(mx, subject=f"m{n}" + "x" * 3000)
+    assert mx.stop() == 0
+    queue = Path(mx.queue_path)
+    data = bytearray(queue.read_bytes())
+    page = 4096
+    assert len(data) > 8 * page
+    data[5 * page: 7 * page] = b"\xa5" * (2 * page)  # scribble over two pages in the middle
+    queue.write_bytes(bytes(data))
+    damaged = bytes(data)
+    config = Path(mx.config_path)
+    proc = subprocess.run([sys.executable, str(REPO / "backupmx.py"), "serve", "-c", str(config)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("backupmx: ") and "damaged" in last and "Traceback" not in proc.stderr
+    assert queue.read_bytes() == damaged  # nothing replaced or repaired behind the operator's back
