@@ -248,24 +248,18 @@ def build_ssl_context(config):
 
 def check_queue(config):
     """Open the queue once (applies schema.sql), then close it: no SQLite across fork."""
-    from backupmx.store import QueueStore
+    from backupmx.store import QueueStore, check_database
 
+    # A damaged queue is refused before anything writes to it, never replaced:
+    # the mail in it stays there for `backupmx check` and the operator.
+    problems = check_database(config.queue)
+    if problems:
+        raise ServeError(f"{problems[0]}; not starting")
     try:
         store = QueueStore(config.queue)
     except Exception as exc:
         raise ServeError(f"{config.queue}: {exc}") from None
-    try:
-        # A damaged queue is refused, never replaced: the mail in it is still
-        # there for `backupmx check` and the operator (SQLite's quick_check is
-        # O(size) but skips the index cross-checks of integrity_check).
-        result = store.connection.execute("PRAGMA quick_check").fetchone()[0]
-    except Exception as exc:
-        result = str(exc)
-    finally:
-        store.close()
-    if result != "ok":
-        raise ServeError(f"{config.queue}: the queue database is damaged ({result}); "
-                         "not starting: run `backupmx check`")
+    store.close()
 
 
 def raise_fd_limit():

@@ -158,5 +158,5 @@ def test_queue_damaged_inside_is_refused_at_start(server_factory, tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("backupmx: ") and "damaged" in last and "Traceback" not in proc.stderr
+    assert last.startswith("backupmx: ") and last.endswith("; not starting") and "Traceback" not in proc.stderr
     assert queue.read_bytes() == damaged  # nothing replaced or repaired behind the operator's back
