@@ -65,7 +65,13 @@ class Mailbox:
 
     @property
     def address(self) -> str:
-        return f"{self.local_part}@{self.domain}"
+        """local@domain as written, but for a trailing dot on the domain.
+
+        `bob@example.com.` is the same mailbox as `bob@example.com`; the dot
+        is dropped so the primary is not handed a form it may refuse.
+        """
+        domain = self.domain[:-1] if self.domain.endswith(".") else self.domain
+        return f"{self.local_part}@{domain}"
 
     @property
     def domain_key(self) -> str:

@@ -216,6 +216,9 @@ def authzid_acceptable(authzid: str, authcid: str) -> bool:
 # SASL payload decoding
 
 
+_BASE64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+
+
 def decode_base64_strict(text) -> bytes:
     """Decode one base64 AUTH line (str or bytes); SASLSyntaxError on anything else.
 
@@ -230,6 +233,9 @@ def decode_base64_strict(text) -> bytes:
     text = bytes(text)
     if text == b"=":
         return b""
+    # RFC 4648 4 exactly: b64decode(validate=True) would still take surplus "=".
+    if not _BASE64.fullmatch(text):
+        raise SASLSyntaxError("not base64")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -282,6 +282,18 @@ def _positive_size(text: str) -> int:
     return value
 
 
+# SQLite stores a blob of at most 1,000,000,000 bytes (SQLITE_MAX_LENGTH); the
+# body is one blob, with our Received header and some room on top.
+MAX_MESSAGE_SIZE_LIMIT = 999_000_000
+
+
+def _message_size(text: str) -> int:
+    value = _positive_size(text)
+    if value > MAX_MESSAGE_SIZE_LIMIT:
+        raise ValueError(f"must be at most {MAX_MESSAGE_SIZE_LIMIT} bytes (SQLite's blob limit), not {text!r}")
+    return value
+
+
 def _positive_duration(text: str) -> float:
     value = parse_duration(text)
     if value <= 0:
@@ -356,7 +368,7 @@ _GLOBAL_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
     "workers": (_integer(1), 4),
     "max_workers": (_integer(1), 64),
     "flush_workers": (_integer(1), 2),
-    "max_message_size": (_positive_size, 52428800),
+    "max_message_size": (_message_size, 52428800),
     "max_recipients": (_integer(1), 100),
     "tls_min_version": (_tls_version, "TLSv1.2"),
     "max_auth_failures": (_integer(1), 3),

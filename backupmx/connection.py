@@ -16,13 +16,13 @@ import time
 from dataclasses import dataclass, field
 
 from backupmx import replies, smtp
-from backupmx.auth import Authenticator, cram_md5_challenge
+from backupmx.auth import Authenticator, authzid_acceptable, cram_md5_challenge
 from backupmx.config import Config
 from backupmx.log import log_event
 from backupmx.quota import Admission
 from backupmx.smtp import (AuthRequest, EtrnRequest, MessageAborted, MessageData, MessageReceived,
                            MessageStarted, Session, SessionSettings, StartTLS)
-from backupmx.store import QueueStore, QueueUnavailable, Submission
+from backupmx.store import QueueStore, QueueUnavailable, QuotaExceeded, Submission
 from backupmx.tls import TLSError, TLSLayer
 
 RECV_SIZE = 64 * 1024
@@ -84,6 +84,9 @@ class ConnectionContext:
         try:
             problems = self.store.enqueue_many([s for _, s in batch], quotas=self.quotas)
         except (QueueUnavailable, OSError) as exc:
+            problems = [exc] * len(batch)
+        except Exception as exc:  # e.g. a malformed database: 452 for all, never a 250
+            log_event(self.logger, "queue-error", error=f"{type(exc).__name__}: {exc}", level=logging.ERROR)
             problems = [exc] * len(batch)
         return [(connection, problem) for (connection, _), problem in zip(batch, problems)]
 
@@ -240,7 +243,7 @@ class SMTPConnection:
         """Move the session's replies to the socket buffer (through TLS when active)."""
         data = self.session.data_to_send()
         if self._tls is not None:
-            if data:
+            if data and not self._tls.closed:  # a peer that sent close_notify reads no more
                 self._tls.send(data)
             if self.session.closed and not self._tls.closing:
                 self._tls.close()
@@ -324,7 +327,7 @@ class SMTPConnection:
         """The group commit is done: answer the client (ConnectionContext.commit_pending)."""
         event, self._awaiting_commit = self._awaiting_commit, None
         if problem is not None:
-            return self._refuse(event, str(problem))
+            return self._refuse(event, str(problem), quota=isinstance(problem, QuotaExceeded))
         size = self._spool.tell()
         self._drop_spool()
         self.ctx.admission.queued(event.envelope.domains)
@@ -336,11 +339,11 @@ class SMTPConnection:
         self._after_session()
         self.on_writable()
 
-    def _refuse(self, event: MessageReceived, reason: str) -> None:
+    def _refuse(self, event: MessageReceived, reason: str, *, quota: bool = False) -> None:
         log_event(self.ctx.logger, "queue-failed", id=self._queue_id, client=self.client_ip, error=reason,
                   level=logging.WARNING)
         self._drop_spool()
-        self.session.message_refused(replies.QUEUE_UNAVAILABLE)
+        self.session.message_refused(replies.QUEUE_FULL if quota else replies.QUEUE_UNAVAILABLE)
         self._after_session()
         self.on_writable()
 
@@ -359,6 +362,8 @@ class SMTPConnection:
             user = authenticator.check_cram_md5(request.username, request.challenge, request.digest)
         else:
             user = authenticator.check_password(request.username, request.password)
+            if not authzid_acceptable(request.authzid, request.username):
+                user = None  # acting for another user is not offered (RFC 4616 authzid)
         if user is not None:
             log_event(self.ctx.logger, "auth", client=self.client_ip, user=request.username,
                       mechanism=request.mechanism)

@@ -80,13 +80,14 @@ def _reply_text(code: int, msg: bytes) -> str:
 
 
 def _authenticate(smtp: smtplib.SMTP, user: str, password: str) -> None:
-    """AUTH with CRAM-MD5 when offered (the secret never crosses the wire),
-    else PLAIN, else LOGIN.
+    """AUTH with PLAIN when offered, else LOGIN, else CRAM-MD5.
 
-    Done by hand rather than with smtplib.login, which base64-encodes ASCII
-    only; here user and password are UTF-8 (RFC 4616).  As smtplib.login
-    does, a CRAM-MD5 refusal falls back to PLAIN: the server offers CRAM-MD5
-    when any user has a {PLAIN} secret, which need not be this user.
+    We only ever authenticate under verified TLS, so PLAIN exposes nothing,
+    and it works for {SCRYPT} users too: the server offers CRAM-MD5 whenever
+    any user has a {PLAIN} secret, and trying it first would cost a {SCRYPT}
+    user one of its max_auth_failures. Done by hand rather than with
+    smtplib.login, which base64-encodes ASCII only; here user and password
+    are UTF-8 (RFC 4616).
     """
     offered = smtp.esmtp_features.get("auth", "").upper().split()
 
@@ -94,12 +95,12 @@ def _authenticate(smtp: smtplib.SMTP, user: str, password: str) -> None:
         return base64.b64encode(data).decode("ascii")
 
     attempts = []
-    if "CRAM-MD5" in offered:
-        attempts.append("CRAM-MD5")
     if "PLAIN" in offered:
         attempts.append("PLAIN")
     elif "LOGIN" in offered:
         attempts.append("LOGIN")
+    elif "CRAM-MD5" in offered:
+        attempts.append("CRAM-MD5")
     if not attempts:
         raise _Failed("server offers no usable AUTH mechanism (wanted CRAM-MD5, PLAIN or LOGIN)")
     code, msg = 0, b""

@@ -98,6 +98,10 @@ class PrimaryClient(smtplib.SMTP):
         self._rbuf = bytearray()
         super().__init__(local_hostname=local_hostname, timeout=timeout)
 
+    # Called before each wait for the primary (the flush renews its lease
+    # there: a slow primary must not let the lease run out mid-flush).
+    on_wait = None
+
     def connect(self, host="localhost", port=0, source_address=None):
         self._rbuf.clear()
         # smtplib keeps the name for starttls's certificate check only when it
@@ -176,6 +180,8 @@ class PrimaryClient(smtplib.SMTP):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ReplyTimeout(f"timeout: no complete reply within {self.timeout:g} s")
+            if self.on_wait is not None:
+                self.on_wait()
             try:
                 self.sock.settimeout(remaining)
                 data = self.sock.recv(65536)
@@ -334,6 +340,7 @@ class _Flush:
     def connect(self) -> PrimaryClient:
         """Open a session ready for MAIL, or raise _Trouble."""
         client = PrimaryClient(timeout=self.timeout, local_hostname=self.hostname)
+        client.on_wait = self.lease.keep
         try:
             try:
                 code, text = client.connect(self.host, self.port)
@@ -769,6 +776,7 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool]) -> Non
                 log_event(log, "flush-error", domain=name, owner=owner,
                           error=f"{type(e).__name__}: {e}", level=logging.ERROR)
                 _pause(1.0, should_stop)
+                _request_again(store, name, log)
             finally:
                 try:
                     store.release_flush(name, owner)
@@ -777,6 +785,16 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool]) -> Non
                               error=f"release: {type(e).__name__}: {e}", level=logging.ERROR)
     finally:
         store.close()
+
+
+def _request_again(store, domain: str, log) -> None:
+    """A flush that failed half-way is asked for again: the ETRN that started
+    it was answered "started", so it must not be forgotten."""
+    try:
+        store.request_flush([domain])
+    except Exception as e:
+        log_event(log, "flush-error", domain=domain, error=f"re-request: {type(e).__name__}: {e}",
+                  level=logging.ERROR)
 
 
 def _housekeeping(step, store, config, log) -> None:

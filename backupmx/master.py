@@ -963,6 +963,8 @@ def serve_inetd(config, *, implicit_tls=False, classes=None):
     started = []
     try:
         ssl_context = build_ssl_context(config)
+        if implicit_tls and ssl_context is None:
+            raise ServeError(f"{config.path}: serve --inetd --tls needs tls_cert and tls_key in [backupmx]")
         become_user(config, logger)
         flushers = DetachedFlushers(config, logger) if config.flush_workers > 0 else None
         try:

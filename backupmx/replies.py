@@ -90,6 +90,7 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message exceeds fixed maximum mess
 MAIL_LOOP = Reply(554, "5.4.6", "Error: too many hops (mail loop?)")
 QUEUE_UNAVAILABLE = Reply(452, "4.3.1", "Error: insufficient system storage, try again later")
 DOMAIN_QUEUE_FULL = Reply(452, "4.3.1", "<{address}>: Error: the queue for this domain is full, try again later")
+QUEUE_FULL = Reply(452, "4.3.1", "Error: the queue for a recipient's domain is full, try again later")
 
 # STARTTLS (RFC 3207)
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
@@ -101,7 +102,7 @@ ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested au
 AUTH_SUCCEEDED = Reply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication credentials invalid")
 AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
-AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Error: invalid base64 data")
+AUTH_BAD_RESPONSE = Reply(501, "5.5.2", "Error: malformed authentication response")
 AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
 ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
 AUTH_NOT_AVAILABLE = Reply(503, "5.5.1", "Error: authentication not enabled")

@@ -581,6 +581,11 @@ class QueueStore:
                 except (QueueUnavailable, ValueError) as exc:
                     db.execute("ROLLBACK TO message")
                     results[index] = exc
+                except sqlite3.Error as exc:
+                    if _is_unavailable(exc):
+                        raise  # the whole transaction is lost: nothing is queued
+                    db.execute("ROLLBACK TO message")  # e.g. SQLITE_TOOBIG: this message only
+                    results[index] = QueueUnavailable(f"queue database: {exc}")
                 db.execute("RELEASE message")
         return results
 

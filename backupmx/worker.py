@@ -200,10 +200,14 @@ class SessionLoop:
         commit_pending = getattr(self.context, "commit_pending", None)
         if commit_pending is None:
             return
-        for conn, problem in commit_pending():
-            if not conn.closed:
-                self._call(conn, lambda conn=conn, problem=problem: conn.committed(problem))
-            self.update(conn)
+        # Answering may end another pipelined message at once: commit that too
+        # now rather than after the next select() (bounded: each round answers
+        # at least one message, and a session's input is finite).
+        while answered := commit_pending():
+            for conn, problem in answered:
+                if not conn.closed:
+                    self._call(conn, lambda conn=conn, problem=problem: conn.committed(problem))
+                self.update(conn)
 
     def check_deadlines(self, now):
         for conn in [c for c in self.sessions if c.deadline is not None and c.deadline <= now]:

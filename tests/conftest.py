@@ -263,3 +263,12 @@ def server_factory(tmp_path):
 @pytest.fixture
 def server(server_factory):
     return server_factory()
+
+
+@pytest.fixture
+def sink():
+    """A real SMTP server playing the primary (tests/sink.py), stopped at teardown."""
+    from sink import Sink
+
+    with Sink() as primary:
+        yield primary

@@ -68,6 +68,8 @@ ERRORS = [
     ("bad size", config_text(globals_extra="min_free_space = 10Q\n"), "[backupmx] min_free_space", "bad size"),
     ("zero message size", config_text(globals_extra="max_message_size = 0\n"), "[backupmx] max_message_size",
      "at least 1"),
+    ("message size beyond SQLite", config_text(globals_extra="max_message_size = 1G\n"),
+     "[backupmx] max_message_size", "blob limit"),
     ("bad listen port", with_listen("127.0.0.1:99999"), "[backupmx] listen", "bad port"),
     ("bad listen port text", with_listen("127.0.0.1:smtp"), "[backupmx] listen", "bad port"),
     ("ipv6 without brackets", with_listen("::1:25"), "[backupmx] listen", "brackets"),

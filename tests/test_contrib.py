@@ -14,7 +14,6 @@ import ssl
 import subprocess
 import sys
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 

@@ -19,13 +19,11 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import CERTS, REPO, free_port, read_line, wait_for, write_config
-from sink import Sink
 
 PASSWORD = "inetd%s3cret"
 AUTH_PLAIN = base64.b64encode(b"\0prim\0" + PASSWORD.encode()).decode()
@@ -137,12 +135,6 @@ def status_ids(pid):
     """(real uid, real gid, supplementary groups) of a live process, from /proc."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return int(fields["Uid"].split()[0]), int(fields["Gid"].split()[0]), fields["Groups"].split()
-
-
-@pytest.fixture
-def sink():
-    with Sink() as primary:
-        yield primary
 
 
 @pytest.fixture(scope="module")
@@ -572,3 +564,18 @@ def test_root_without_user_warns_loudly(server_factory):
     srv = server_factory()
     lines = [line for line in srv.log().splitlines() if "running-as-root" in line]
     assert len(lines) == 1 and "user" in lines[0]
+
+
+def test_inetd_tls_without_a_certificate_is_one_log_line(tmp_path):
+    cfg = write_config(tmp_path / "n.ini", port=free_port(), queue=tmp_path / "q.db", log=str(tmp_path / "n.log"))
+    proc, ours = start_inetd([sys.executable, str(REPO / "backupmx.py")], cfg, tls=True, cwd=tmp_path)
+    try:
+        assert read_line(ours) == b""  # a TLS client cannot read a plaintext 421: just the close
+        assert proc.wait(5) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        ours.close()
+    log = (tmp_path / "n.log").read_text()
+    assert "--tls needs tls_cert and tls_key" in log and "Traceback" not in log

@@ -15,15 +15,8 @@ import time
 import pytest
 
 from conftest import CERTS, REPO, read_line, wait_for
-from sink import Sink
 
 PASSWORD = "s3cret%pass"
-
-
-@pytest.fixture
-def sink():
-    with Sink() as primary:
-        yield primary
 
 
 @pytest.fixture
@@ -145,6 +138,16 @@ def test_auth_failures_are_logged_slowed_and_end_the_session(mx):
     log = mx.log()
     assert "auth-failed client=127.0.0.1 user=prim" in log
     assert "wrong" not in log and "nope" not in log and "guess" not in log
+
+
+def test_plain_for_another_user_is_refused_and_logged(mx):
+    client = starttls_client(mx)
+    token = base64.b64encode(b"admin\0prim\0" + PASSWORD.encode()).decode()
+    assert client.docmd("AUTH", "PLAIN " + token)[0] == 535
+    token = base64.b64encode(b"prim\0prim\0" + PASSWORD.encode()).decode()
+    assert client.docmd("AUTH", "PLAIN " + token)[0] == 235  # authzid = the user itself is fine
+    client.quit()
+    assert "auth-failed client=127.0.0.1 user=prim" in mx.log()
 
 
 def test_cram_md5_computed_independently(mx):

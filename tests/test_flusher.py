@@ -99,13 +99,6 @@ def store(tmp_path):
 
 
 @pytest.fixture
-def sink():
-    s = Sink().start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
 def tls_sink():
     s = Sink(tls_cert=str(CERTS / "server.pem"), tls_key=str(CERTS / "server.key")).start()
     yield s

@@ -23,7 +23,7 @@ from backupmx.config import load_config
 from backupmx.envelope import Envelope, Recipient
 from backupmx.lifecycle import BounceFailed, housekeeping, next_retry_delay, send_dsn
 from backupmx.store import QueueStore
-from tests.sink import Sink
+
 
 T0 = 1_800_000_000
 HOUR, DAY = 3600, 86400
@@ -63,13 +63,6 @@ def store(tmp_path, clock):
     s = QueueStore(str(tmp_path / "queue.db"), clock=clock)
     yield s
     s.close()
-
-
-@pytest.fixture
-def sink():
-    s = Sink().start()
-    yield s
-    s.stop()
 
 
 @pytest.fixture

@@ -454,7 +454,7 @@ def test_stub_master_banner_and_workers(stub_server):
 
 def test_stub_master_tls_listener_flag(stub_server):
     tls_port = free_port()
-    srv = stub_server(listen_tls=[["127.0.0.1", tls_port]])
+    stub_server(listen_tls=[["127.0.0.1", tls_port]])
     with connect(tls_port) as s:
         assert read_line(s) == b"220 test tls=1\r\n"
 

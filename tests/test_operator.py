@@ -10,13 +10,6 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, wait_for
-from sink import Sink
-
-
-@pytest.fixture
-def sink():
-    with Sink() as primary:
-        yield primary
 
 
 @pytest.fixture

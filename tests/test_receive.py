@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from backupmx import replies
-from conftest import children_of, read_line, wait_for
+from conftest import read_line, wait_for
 
 
 def connect(server, timeout=10):
@@ -285,7 +285,7 @@ def test_domain_quota_holds_under_concurrent_senders(server_factory):
                 try:
                     client.sendmail("a@origin.test", ["bob@example.com"], b"x" * 500 + b"\r\n")
                     outcomes.append(250)
-                except (smtplib.SMTPRecipientsRefused, smtplib.SMTPDataError) as exc:
+                except (smtplib.SMTPRecipientsRefused, smtplib.SMTPDataError):
                     outcomes.append(452)
                     client.rset()
 

@@ -378,11 +378,12 @@ def test_auth_plain_initial_response_and_continuation(config):
     assert d.feed(plain(b"prim", b"prim", b"secret") + b"\r\n")[0].startswith("235")
 
 
-def test_auth_plain_foreign_authzid_fails(config):
-    d = new(config, tls_active=True)
+def test_auth_plain_passes_the_authzid_on_for_checking(config):
+    d = new(config, tls_active=True, auth_ok=False)
     d.feed(b"EHLO c\r\n")
     assert d.feed(b"AUTH PLAIN " + plain(b"admin", b"prim", b"secret") + b"\r\n")[0].startswith("535 5.7.8")
-    assert not any(isinstance(e, AuthRequest) for e in d.events)
+    request = [e for e in d.events if isinstance(e, AuthRequest)][0]
+    assert (request.authzid, request.username) == ("admin", "prim")
 
 
 def test_auth_login(config):
@@ -408,6 +409,9 @@ def test_auth_cram_md5_digest_is_passed_for_checking(config):
     (b"*", "501 5.7.0"),
     (b"!!notbase64", "501 5.5.2"),
     (b"AHByaW0Ac2VjcmV0===", "501 5.5.2"),
+    (base64.b64encode(b"no nul separators"), "501 5.5.2"),
+    (base64.b64encode(b"\0prim\0"), "501 5.5.2"),  # empty password
+    (base64.b64encode(b"\0\xff\xfe\0secret"), "501 5.5.2"),  # not UTF-8
 ])
 def test_auth_abort_and_garbage(config, line, code):
     d = new(config, tls_active=True)
@@ -522,3 +526,10 @@ def test_random_splits_give_the_same_conversation(config):
         cuts = sorted(rng.sample(range(1, len(SCRIPT)), rng.randint(1, 30)))
         chunks = [SCRIPT[a:b] for a, b in zip([0] + cuts, cuts + [len(SCRIPT)])]
         assert run_split(config, chunks) == (whole, body), f"seed {seed} cuts {cuts}"
+
+
+def test_trailing_dot_is_dropped_from_the_stored_address_and_duplicates_fold(config):
+    d = new(config)
+    send_message(d, b"x\r\n.\r\n", rcpts=(b"Bob@Example.COM.", b"bob@example.com"))
+    received = [e for e in d.events if isinstance(e, MessageReceived)][0]
+    assert [r.address for r in received.envelope.recipients] == ["Bob@Example.COM"]
