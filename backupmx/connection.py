@@ -13,6 +13,7 @@ import selectors
 import ssl
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from backupmx import replies, smtp
@@ -33,6 +34,10 @@ SPOOL_IN_MEMORY = 256 * 1024
 HANDSHAKE_TIMEOUT = 30.0
 # Each failed AUTH makes the next answer wait this much longer (slows guessing).
 AUTH_FAILURE_DELAY = 1.0
+# How often a session looks whether its credential check (on a thread) is done.
+AUTH_POLL = 0.005
+# Credential checks run at once per worker (scrypt: ~16 MB and ~60 ms each).
+AUTH_THREADS = 2
 # After SIGTERM, sessions in flight get this long to finish before their 421.
 SHUTDOWN_GRACE = 30.0
 
@@ -56,15 +61,26 @@ class ConnectionContext:
     admission: Admission = field(init=False)
     quotas: dict = field(init=False)
     pending: list = field(init=False)  # (connection, Submission) waiting for the group commit
+    auth_pool: ThreadPoolExecutor = field(init=False)  # where scrypt runs, off the event loop
 
     def __post_init__(self):
         self.pending = []
+        self.auth_pool = ThreadPoolExecutor(max_workers=AUTH_THREADS, thread_name_prefix="auth")
         self.authenticator = Authenticator(self.config.users)
         self.admission = Admission(self.config, self.store)
         self.quotas = {name: (d.max_queue_messages, d.max_queue_bytes) for name, d in self.config.domains.items()
                        if d.max_queue_messages is not None or d.max_queue_bytes is not None}
         if self.spool_dir is None:
             self.spool_dir = os.path.dirname(os.path.abspath(self.config.queue))
+
+    def verify_credentials(self, request: AuthRequest) -> bool:
+        """Run on auth_pool: True if the AUTH request's credentials are right."""
+        authenticator = self.authenticator
+        if request.mechanism == "CRAM-MD5":
+            return authenticator.check_cram_md5(request.username, request.challenge, request.digest) is not None
+        user = authenticator.check_password(request.username, request.password)
+        # Acting for another user is not offered (RFC 4616 authzid).
+        return user is not None and authzid_acceptable(request.authzid, request.username)
 
     def commit_pending(self) -> list:
         """Queue every message that ended this loop round in one durable transaction.
@@ -106,7 +122,10 @@ class SMTPConnection:
         self._spool_failed = False
         self._queue_id = None
         self._awaiting_commit = None  # the MessageReceived waiting for the group commit
-        self._delayed_auth = None  # (due time, ok) while a failed AUTH is being slowed down
+        # AUTH in progress: the check runs on ctx.auth_pool (scrypt is slow and
+        # releases the GIL); _auth_due is when to look again, _auth_ok the
+        # verdict once known (a failure is answered only after a delay).
+        self._auth_request = self._auth_future = self._auth_ok = self._auth_due = None
         self._stop_at = None  # set by begin_shutdown
         now = ctx.clock()
         self._handshake_deadline = now + HANDSHAKE_TIMEOUT if implicit_tls else None
@@ -130,7 +149,7 @@ class SMTPConnection:
         if self.closed:
             return 0
         events = selectors.EVENT_WRITE if self._out else 0
-        if not self._closing and self._delayed_auth is None:
+        if not self._closing and self._auth_due is None:
             events |= selectors.EVENT_READ
         return events
 
@@ -139,8 +158,8 @@ class SMTPConnection:
         candidates = [self._idle_deadline]
         if self._handshake_deadline is not None:
             candidates.append(self._handshake_deadline)
-        if self._delayed_auth is not None:
-            candidates.append(self._delayed_auth[0])
+        if self._auth_due is not None:
+            candidates.append(self._auth_due)
         if self._stop_at is not None:
             candidates.append(self._stop_at)
         return min(candidates)
@@ -186,11 +205,8 @@ class SMTPConnection:
     def on_timeout(self) -> None:
         """Called by the loop when `deadline` has passed."""
         now = self.ctx.clock()
-        if self._delayed_auth is not None and now >= self._delayed_auth[0]:
-            _, ok = self._delayed_auth
-            self._delayed_auth = None
-            self.session.auth_result(ok)
-            self._after_session()
+        if self._auth_due is not None and now >= self._auth_due:
+            self._auth_progress(now)
         elif self._handshake_deadline is not None and now >= self._handshake_deadline:
             log_event(self.ctx.logger, "tls-failed", client=self.client_ip, error="handshake timeout")
             return self.close()
@@ -208,7 +224,7 @@ class SMTPConnection:
         if self.closed:
             return
         self._stop_at = self.ctx.clock() + grace
-        if self.session.idle and self._delayed_auth is None:
+        if self.session.idle and self._auth_due is None:
             self.session.shutdown()
             self._after_session()
             self.on_writable()
@@ -235,7 +251,7 @@ class SMTPConnection:
         if self.session.progress != self._progress:
             self._progress = self.session.progress
             self._idle_deadline = self.ctx.clock() + self.ctx.config.timeout
-        if self._stop_at is not None and self.session.idle and self._delayed_auth is None:
+        if self._stop_at is not None and self.session.idle and self._auth_due is None:
             self.session.shutdown()
         self._pump()
 
@@ -357,22 +373,30 @@ class SMTPConnection:
         self.session.tls_started()
 
     def _check_auth(self, request: AuthRequest) -> None:
-        authenticator = self.ctx.authenticator
-        if request.mechanism == "CRAM-MD5":
-            user = authenticator.check_cram_md5(request.username, request.challenge, request.digest)
-        else:
-            user = authenticator.check_password(request.username, request.password)
-            if not authzid_acceptable(request.authzid, request.username):
-                user = None  # acting for another user is not offered (RFC 4616 authzid)
-        if user is not None:
-            log_event(self.ctx.logger, "auth", client=self.client_ip, user=request.username,
-                      mechanism=request.mechanism)
-            self.session.auth_result(True)
-            return
-        log_event(self.ctx.logger, "auth-failed", client=self.client_ip, user=request.username,
-                  mechanism=request.mechanism, level=logging.WARNING)
-        delay = AUTH_FAILURE_DELAY * (self.session.auth_failures + 1)
-        self._delayed_auth = (self.ctx.clock() + delay, False)
+        """Start checking the credentials off the event loop; _auth_progress answers."""
+        self._auth_request = request
+        self._auth_future = self.ctx.auth_pool.submit(self.ctx.verify_credentials, request)
+        self._auth_due = self.ctx.clock() + AUTH_POLL
+
+    def _auth_progress(self, now: float) -> None:
+        if self._auth_ok is None:
+            if not self._auth_future.done():
+                self._auth_due = now + AUTH_POLL
+                return
+            request, self._auth_ok = self._auth_request, self._auth_future.result()
+            if self._auth_ok:
+                log_event(self.ctx.logger, "auth", client=self.client_ip, user=request.username,
+                          mechanism=request.mechanism)
+            else:
+                log_event(self.ctx.logger, "auth-failed", client=self.client_ip, user=request.username,
+                          mechanism=request.mechanism, level=logging.WARNING)
+                # Each failure waits longer before its answer: guessing gets slow.
+                self._auth_due = now + AUTH_FAILURE_DELAY * (self.session.auth_failures + 1)
+                return
+        ok = self._auth_ok
+        self._auth_request = self._auth_future = self._auth_ok = self._auth_due = None
+        self.session.auth_result(ok)
+        self._after_session()
 
     def _etrn(self, request: EtrnRequest) -> None:
         try:
