@@ -304,3 +304,38 @@ def test_fetchmail_etrn_over_implicit_tls(mx, sink, tmp_path):
     assert "253" in output or "250" in output, output
     assert "auth client=127.0.0.1 user=prim mechanism=CRAM-MD5" in mx.log()
     sink.wait_for(2, timeout=15)
+
+
+def test_command_and_close_notify_in_one_write_end_the_session_quietly(mx):
+    """A TLS client that pipelines a command and its close_notify gets no reply and no traceback."""
+    context = client_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    raw = socket.create_connection(("127.0.0.1", mx.tls_port), timeout=10)
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            raw.sendall(outgoing.read())
+            incoming.write(raw.recv(65536))
+    raw.sendall(outgoing.read())
+    greeting = b""
+    while not greeting.endswith(b"\r\n"):
+        try:
+            greeting += tls.read(4096)
+        except ssl.SSLWantReadError:
+            incoming.write(raw.recv(65536))
+    assert greeting.startswith(b"220 ")
+    tls.write(b"NOOP\r\n")
+    try:
+        tls.unwrap()
+    except ssl.SSLWantReadError:
+        pass
+    raw.sendall(outgoing.read())  # the command and close_notify in one TCP write
+    raw.settimeout(5)
+    while raw.recv(65536):
+        pass
+    raw.close()
+    assert wait_for(lambda: "disconnect client=127.0.0.1" in mx.log(), timeout=5)
+    assert "session-error" not in mx.log() and "Traceback" not in mx.log()
