@@ -735,3 +735,17 @@ def test_delay_warning_claims(store, clock):
     assert [x.queue_id for x in store.claim_delay_warnings(100)] == [b]
     store.delay_warning_done(b, "example.com", ["b@example.com"])
     assert [e.what for e in store.history(b)][-2:] == ["dsn-failed", "delay-warning"]
+
+
+def test_group_commit_leaves_out_only_the_message_that_cannot_be_queued(store):
+    from backupmx.store import QuotaExceeded, Submission
+
+    put(store, "a@quota.test")
+    body = b"Subject: x\r\n\r\nbody\r\n"
+    batch = [Submission(store.new_queue_id(), envelope(f"r{n}@{domain}"), body, len(body), "192.0.2.1", "c")
+             for n, domain in enumerate(["ok.test", "quota.test", "ok.test"])]
+    problems = store.enqueue_many(batch, quotas={"quota.test": (1, None)})
+    assert problems[0] is None and problems[2] is None
+    assert isinstance(problems[1], QuotaExceeded)
+    queued = {row.queue_id for row in store.list_messages()}
+    assert batch[0].queue_id in queued and batch[2].queue_id in queued and batch[1].queue_id not in queued
