@@ -411,8 +411,9 @@ def _run(server, domains, user="primary", password="pw ü;#", **kw):
     return rc, out.getvalue(), err.getvalue()
 
 
-def test_etrn_starttls_scrypt_user_falls_back_to_plain(tiny):
-    # CRAM-MD5 is offered but this user's secret is {SCRYPT}: CRAM fails, PLAIN works.
+def test_etrn_starttls_scrypt_user_uses_plain(tiny):
+    # CRAM-MD5 is offered (another user has a {PLAIN} secret) but this user's is
+    # {SCRYPT}: the client goes straight to PLAIN and spends no failed attempt.
     s = tiny(queued={"example.com": 3})
     rc, out, err = _run(s, ["example.com", "example.net"])
     assert (rc, err) == (0, ""), err
@@ -423,10 +424,11 @@ def test_etrn_starttls_scrypt_user_falls_back_to_plain(tiny):
     verbs = [line.split()[0].upper() for line in s.lines if line.split()]
     assert verbs[:2] == ["EHLO", "STARTTLS"]
     assert "AUTH" in verbs and verbs.index("AUTH") > verbs.index("STARTTLS")
+    assert verbs.count("AUTH") == 1
 
 
-def test_etrn_cram_md5_preferred(tiny):
-    s = tiny()
+def test_etrn_cram_md5_when_it_is_the_only_mechanism(tiny):
+    s = tiny(mechs="CRAM-MD5")
     rc, out, err = _run(s, ["example.com"], user="plainuser", password="plain pw")
     assert rc == 0, err
     auths = [line for line in s.lines if line.upper().startswith("AUTH")]

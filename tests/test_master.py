@@ -152,7 +152,7 @@ class StubStore:
 
 def install_stubs():
     """Replace backupmx.store in this process (and its forks) by StubStore."""
-    sys.modules["backupmx.store"] = SimpleNamespace(QueueStore=StubStore)
+    sys.modules["backupmx.store"] = SimpleNamespace(QueueStore=StubStore, check_database=lambda path: [])
 
 
 def stub_config(**kw):
@@ -275,13 +275,13 @@ class ForkedWorker:
     """run_worker() in a child process, driven over its control socket like the master does."""
 
     def __init__(self, grace=5.0, close_after=5.0, timeout=30.0):
-        install_stubs()
         from backupmx import worker
 
         self.ctrl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.pid = os.fork()
         if self.pid == 0:  # pragma: no cover - child
             try:
+                install_stubs()  # in the child only: the test process keeps the real store
                 self.ctrl.close()
                 worker.DRAIN_GRACE = grace
                 worker.DRAIN_CLOSE = close_after
