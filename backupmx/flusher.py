@@ -29,10 +29,12 @@ What must always hold:
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
 import smtplib
 import ssl
+import threading
 import time
 from collections.abc import Callable
 
@@ -60,6 +62,12 @@ MAX_REPLY_TEXT = 512  # characters of a reply kept in the queue and the log
 # Seconds between housekeeping rounds (expiry, bounces, retries, purge): the
 # SPEC wants expiry and bounces acted on within a minute of becoming due.
 HOUSEKEEPING_INTERVAL = 30.0
+# Connections to the primary per flush beyond the first, for flushes of at
+# least EXTRA_CONNECTION_MIN_MESSAGES messages: while one waits for the
+# primary's reply, the other sends (the "parallel connections to the primary
+# where it allows" of Postfix's qmgr, at a modest 2).
+EXTRA_CONNECTIONS = 1
+EXTRA_CONNECTION_MIN_MESSAGES = 20
 # Delivery outcomes are written in batches of this many messages, or at least
 # this often: one fsync per batch instead of one per message.
 OUTCOME_BATCH = 64
@@ -641,6 +649,60 @@ class _Flush:
             self.drop()
 
 
+class _ExtraConnection(threading.Thread):
+    """A second connection to the same primary, taking messages from the same work list.
+
+    It has its own QueueStore connection (SQLite connections stay in their
+    thread) and only joins in once its connection is up: a primary that
+    refuses more than one connection just gets one, and no message is
+    deferred for it. At the first trouble it leaves the rest to the main
+    connection, which alone decides when the primary is not taking mail.
+    """
+
+    def __init__(self, path, domain, owner, hostname, timeout, lease_seconds, log, work, finished, should_stop):
+        super().__init__(name=f"flush-{domain.name}", daemon=True)
+        self.args = (path, domain, owner, hostname, timeout, lease_seconds, log)
+        self.work, self.finished, self.should_stop = work, finished, should_stop
+        self.counts = {"messages": 0, "delivered": 0, "deferred": 0, "failed": 0}
+
+    def run(self):
+        from backupmx.store import QueueStore
+
+        path, domain, owner, hostname, timeout, lease_seconds, log = self.args
+        try:
+            store = QueueStore(path)
+        except Exception as e:
+            log_event(log, "flush-error", domain=domain.name, error=f"extra connection: {e}", level=logging.WARNING)
+            return
+        flush = _Flush(store, domain, owner=owner, hostname=hostname, timeout=timeout,
+                       lease=_Lease(store, domain.name, owner, lease_seconds), log=log)
+        try:
+            flush.client = flush.connect()
+            while self.work and not self.finished.is_set():
+                if self.should_stop is not None and self.should_stop():
+                    break
+                try:
+                    message = self.work.popleft()
+                except IndexError:
+                    break
+                if flush.deliver(message) is not None:
+                    break
+        except (_Trouble, _LeaseLost):
+            pass  # the main connection carries on (or has the same trouble itself)
+        except Exception as e:  # never lose the main flush over this one
+            log_event(log, "flush-error", domain=domain.name, error=f"extra connection: {type(e).__name__}: {e}",
+                      level=logging.WARNING)
+        finally:
+            try:
+                flush.record_outcomes()
+            except Exception as e:  # unrecorded: those messages are delivered again, never lost
+                log_event(log, "flush-error", domain=domain.name, error=f"extra connection: {e}",
+                          level=logging.WARNING)
+            flush.quit()
+            self.counts = flush.counts
+            store.close()
+
+
 def deliver_domain(
     store,
     domain,
@@ -663,20 +725,33 @@ def deliver_domain(
     the flush stops between messages and is requested again, so that it resumes
     after a restart. Store errors (QueueUnavailable) propagate.
     """
-    lease = _Lease(store, domain.name, owner, lease_seconds or default_lease_seconds(timeout))
+    lease_seconds = lease_seconds or default_lease_seconds(timeout)
+    lease = _Lease(store, domain.name, owner, lease_seconds)
     flush = _Flush(store, domain, owner=owner, hostname=hostname, timeout=timeout, lease=lease, log=log)
     messages = store.messages_for_flush(domain.name)
     if not messages:
         return flush.counts
     started = time.monotonic()
     log_event(log, "flush-start", domain=domain.name, relay=flush.relay, messages=len(messages))
+    work = collections.deque(messages)  # shared with the extra connections; popleft is atomic
+    finished = threading.Event()
+    extra = []
+    if len(messages) >= EXTRA_CONNECTION_MIN_MESSAGES:
+        extra = [_ExtraConnection(store.path, domain, owner, hostname, timeout, lease_seconds, log, work, finished,
+                                  should_stop) for _ in range(EXTRA_CONNECTIONS)]
     troubles = 0
     status = "done"
     try:
-        for index, message in enumerate(messages):
+        for thread in extra:
+            thread.start()
+        while work:
             if should_stop is not None and should_stop():
                 status = "interrupted"
                 store.request_flush([domain.name])
+                break
+            try:
+                message = work.popleft()
+            except IndexError:
                 break
             trouble = flush.deliver(message)
             if trouble is None:
@@ -687,11 +762,16 @@ def deliver_domain(
                 # Postfix's "delivery temporarily suspended": the primary is not
                 # taking mail now; record why on every row and stop.
                 status = "suspended"
+                finished.set()
                 log_event(log, "flush-suspended", domain=domain.name, relay=flush.relay,
                           reason=trouble.reason, level=logging.WARNING)
-                for rest in messages[index + 1 :]:
+                while work:
                     if should_stop is not None and should_stop():
                         store.request_flush([domain.name])
+                        break
+                    try:
+                        rest = work.popleft()
+                    except IndexError:
                         break
                     lease.keep()
                     flush.counts["messages"] += 1
@@ -702,6 +782,12 @@ def deliver_domain(
         log_event(log, "flush-aborted", domain=domain.name, relay=flush.relay,
                   reason="the flush lease was lost", level=logging.WARNING)
     finally:
+        finished.set()
+        for thread in extra:
+            if thread.is_alive() or thread.ident is not None:
+                thread.join()
+            for kind, count in thread.counts.items():
+                flush.counts[kind] += count
         try:
             flush.record_outcomes()
         finally:

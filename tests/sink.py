@@ -226,6 +226,9 @@ class _Handler(socketserver.BaseRequestHandler):
     def session(self):
         sink = self.sink
         self.tls = False
+        if sink.max_sessions is not None and len(sink._live) > sink.max_sessions:
+            self.write(b"421 4.7.0 too many connections from your address\r\n")
+            return
         self.reply("banner", f"220 {sink.hostname} ESMTP sink")
         mail_from = None
         rcpts, rcpt_params, mail_params = [], [], {}
@@ -380,6 +383,7 @@ class Sink:
         self.drop_after = 1  # drop_mid_data: close after this many body bytes
         self.max_continuation_lines = 100_000
         self.session_timeout = 30.0
+        self.max_sessions = None  # more simultaneous sessions than this get a 421 greeting
         self.deliveries: list[Delivery] = []
         self.sessions: list[SessionRecord] = []
         self.data_received = 0  # bodies read completely, whatever the reply was

@@ -24,6 +24,7 @@ import pytest
 from backupmx.config import DomainConfig, load_config
 from backupmx.envelope import Envelope, Recipient
 from backupmx.flusher import (
+    EXTRA_CONNECTIONS,
     MAX_REPLY_LINES,
     DataEncoder,
     PrimaryClient,
@@ -196,21 +197,36 @@ def test_null_sender_and_no_dsn_params_without_dsn(store):
         sink.stop()
 
 
-def test_many_messages_one_connection(store, sink, caplog):
+def test_many_messages_few_connections(store, sink, caplog):
     ids = [enqueue(store, b"Subject: %d\r\n\r\nbody %d\r\n" % (i, i)) for i in range(25)]
     with caplog.at_level(logging.INFO, logger="backupmx.flusher"):
         counts = flush(store, domain_config(sink))
     assert counts["delivered"] == 25
-    assert len(sink.sessions) == 1
-    assert [d.body for d in sink.deliveries] == [b"Subject: %d\r\n\r\nbody %d\r\n" % (i, i) for i in range(25)]
+    assert len(sink.sessions) == 1 + EXTRA_CONNECTIONS
+    assert sorted(d.body for d in sink.deliveries) == sorted(b"Subject: %d\r\n\r\nbody %d\r\n" % (i, i) for i in range(25))
+    assert len({d.body for d in sink.deliveries}) == 25  # none twice
     assert rows(store) == {}
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("delivered ")]
     assert len(lines) == 25
+    first = next(line for line in lines if f"id={ids[0]} " in line)
     assert re.fullmatch(
         rf'delivered id={ids[0]} domain=example.com from=<alice@sender.test> to=<bob@example.com> '
-        rf'relay=127.0.0.1:{sink.port} reply="250 2.0.0 Ok: queued as SINK000001"',
-        lines[0],
-    ), lines[0]
+        rf'relay=127.0.0.1:{sink.port} reply="250 2.0.0 Ok: queued as SINK\d+"',
+        first,
+    ), first
+
+
+def test_a_primary_taking_one_connection_still_gets_everything(store, sink):
+    # The extra connection meets a 421 greeting: it never takes a message,
+    # and the first connection delivers them all, none deferred.
+    sink.max_sessions = 1
+    for i in range(30):
+        enqueue(store, b"Subject: %d\r\n\r\nx\r\n" % i)
+    counts = flush(store, domain_config(sink))
+    assert counts["delivered"] == 30 and counts["deferred"] == 0
+    assert len(sink.deliveries) == 30
+    assert len(sink.sessions) == 2 and sum(1 for session in sink.sessions if session.commands) == 1
+    assert rows(store) == {}
 
 
 def test_ipv6_primary(store):
