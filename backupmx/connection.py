@@ -30,7 +30,8 @@ RECV_SIZE = 64 * 1024
 # Bodies up to this size stay in memory while they arrive; larger ones go to a
 # temporary file beside the queue, so a 50 MB message costs disk, not memory.
 SPOOL_IN_MEMORY = 256 * 1024
-# A TLS handshake gets at most this long (RFC 8314 implicit TLS and STARTTLS).
+# A TLS handshake gets at most this long (RFC 8314 implicit TLS and STARTTLS),
+# or the per-command `timeout` when that is shorter.
 HANDSHAKE_TIMEOUT = 30.0
 # Each failed AUTH makes the next answer wait this much longer (slows guessing).
 AUTH_FAILURE_DELAY = 1.0
@@ -128,7 +129,7 @@ class SMTPConnection:
         self._auth_request = self._auth_future = self._auth_ok = self._auth_due = None
         self._stop_at = None  # set by begin_shutdown
         now = ctx.clock()
-        self._handshake_deadline = now + HANDSHAKE_TIMEOUT if implicit_tls else None
+        self._handshake_deadline = now + self._handshake_time() if implicit_tls else None
         self._idle_deadline = now + ctx.config.timeout
         config = ctx.config
         self.session = Session(SessionSettings(
@@ -369,8 +370,11 @@ class SMTPConnection:
         # RFC 3207 4: the 220 goes out in plaintext; then the handshake.
         self._out += self.session.data_to_send()
         self._tls = TLSLayer(self.ctx.ssl_context)
-        self._handshake_deadline = self.ctx.clock() + HANDSHAKE_TIMEOUT
+        self._handshake_deadline = self.ctx.clock() + self._handshake_time()
         self.session.tls_started()
+
+    def _handshake_time(self) -> float:
+        return min(HANDSHAKE_TIMEOUT, self.ctx.config.timeout)
 
     def _check_auth(self, request: AuthRequest) -> None:
         """Start checking the credentials off the event loop; _auth_progress answers."""

@@ -296,3 +296,48 @@ def test_domain_quota_holds_under_concurrent_senders(server_factory):
         t.join(60)
     assert outcomes.count(250) == limit == len(queue_rows(server))
     assert outcomes.count(452) == 32 - limit
+
+
+def test_idle_client_gets_421_at_the_per_command_deadline(server_factory):
+    server = server_factory(timeout="1s")
+    sock = connect(server)
+    started = time.monotonic()
+    sock.settimeout(10)
+    assert read_line(sock, timeout=10).startswith(b"421 4.4.2")
+    assert sock.recv(10) == b""
+    assert 0.8 < time.monotonic() - started < 5
+
+
+def test_a_client_dripping_bytes_cannot_hold_its_session_past_the_deadline(server_factory):
+    server = server_factory(timeout="1s")
+    sock = connect(server)
+    started = time.monotonic()
+    closed = False
+    for byte in b"NOOP but very slowly" * 10:  # bounded: 200 bytes at most
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            closed = True
+            break
+        time.sleep(0.1)
+        sock.setblocking(False)
+        try:
+            answer = sock.recv(100)
+        except BlockingIOError:
+            answer = None
+        finally:
+            sock.setblocking(True)
+        if answer is not None:
+            assert answer.startswith(b"421 4.4.2") or answer == b""
+            closed = True
+            break
+    assert closed and time.monotonic() - started < 5
+
+
+def test_stalled_tls_handshake_is_dropped_at_the_deadline(server_factory):
+    server = server_factory(timeout="1s", listen_tls=True)
+    sock = socket.create_connection(("127.0.0.1", server.tls_port), timeout=10)
+    started = time.monotonic()
+    sock.sendall(b"\x16\x03\x01")  # the start of a ClientHello, and then nothing
+    assert sock.recv(100) == b""
+    assert time.monotonic() - started < 5
