@@ -166,11 +166,6 @@ class Authenticator:
     def __init__(self, users: Mapping[str, object]):
         self._users = dict(users)
 
-    @property
-    def cram_md5_available(self) -> bool:
-        """True when some user has a {PLAIN} secret, so CRAM-MD5 can be offered."""
-        return any(u.password.startswith(PLAIN_PREFIX) for u in self._users.values())
-
     def check_password(self, username: str, password: str):
         """The UserConfig when the password is right, else None (PLAIN and LOGIN).
 

@@ -449,9 +449,8 @@ class Session:
         domain = None if mailbox.is_literal else config.domain(mailbox.domain_key)
         if domain is None or addresses.is_routing_trick(mailbox):
             return replies.RELAY_DENIED
-        if domain.recipients is not None:
-            if f"{mailbox.bare_local_part}@{domain.name}".lower() not in domain.recipients:
-                return replies.UNKNOWN_USER
+        if not domain.accepts(f"{mailbox.bare_local_part}@{domain.name}"):
+            return replies.UNKNOWN_USER
         return self._admission("recipient", domain.name)
 
     def _admission(self, check: str, argument):
@@ -559,7 +558,7 @@ class Session:
 
     def _mechanisms(self) -> list[str]:
         mechanisms = ["PLAIN", "LOGIN"]
-        if any(u.password.startswith("{PLAIN}") for u in self.settings.config.users.values()):
+        if self.settings.config.cram_md5_available:
             mechanisms.append("CRAM-MD5")
         return mechanisms
 
