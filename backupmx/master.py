@@ -56,8 +56,10 @@ def _number_env(name, default, kind=float):
 HEARTBEAT_TIMEOUT = _number_env("BACKUPMX_HEARTBEAT_TIMEOUT", 30.0)
 # Sessions one worker holds at once (non-blocking sockets: fds, not processes).
 SESSIONS_PER_WORKER = _number_env("BACKUPMX_SESSIONS_PER_WORKER", 256, int)
-# When every worker holds more than this many sessions, start another one (up to max_workers).
-SPAWN_THRESHOLD = _number_env("BACKUPMX_SPAWN_THRESHOLD", 32, int)
+# When every worker holds more than this many sessions, start another one (up to
+# max_workers). High on purpose: idle and slow sessions cost descriptors, not
+# processes, and `workers` already spreads busy ones over the cores.
+SPAWN_THRESHOLD = _number_env("BACKUPMX_SPAWN_THRESHOLD", 128, int)
 # After SIGTERM: how long the master waits for its children before SIGKILLing them.
 # A worker drains within worker.DRAIN_GRACE + worker.DRAIN_CLOSE; a little margin on top.
 STOP_TIMEOUT = worker_mod.DRAIN_GRACE + worker_mod.DRAIN_CLOSE + 5.0
