@@ -342,10 +342,9 @@ def test_relay_refusing_a_dsn_is_not_retried(store, clock, tmp_path, log, sink):
     assert any(e.what == "dsn" and "undeliverable" in e.detail for e in store.history(qid))
 
 
-def _housekeeper(path, relay_port, now, tmp_path, results):
+def _housekeeper(path, config, now, results):
     store = QueueStore(path, clock=lambda: now)
     try:
-        config = make_config(tmp_path, relay=relay_port)
         summary = housekeeping(store, config, logger=logging.getLogger("test.lifecycle.child"), clock=lambda: now)
         results.put(summary["dsn_sent"])
     finally:
@@ -358,7 +357,8 @@ def test_two_housekeepers_never_send_a_dsn_twice(store, clock, tmp_path, sink):
     now = clock.now + 2 * HOUR
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_housekeeper, args=(store.path, sink.port, now, tmp_path, results)) for _ in range(3)]
+    config = make_config(tmp_path, relay=sink.port)  # once: three writers of one file would race
+    procs = [ctx.Process(target=_housekeeper, args=(store.path, config, now, results)) for _ in range(3)]
     for p in procs:
         p.start()
     for p in procs:
