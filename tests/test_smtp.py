@@ -533,3 +533,30 @@ def test_trailing_dot_is_dropped_from_the_stored_address_and_duplicates_fold(con
     send_message(d, b"x\r\n.\r\n", rcpts=(b"Bob@Example.COM.", b"bob@example.com"))
     received = [e for e in d.events if isinstance(e, MessageReceived)][0]
     assert [r.address for r in received.envelope.recipients] == ["Bob@Example.COM"]
+
+
+def test_auth_sequence_errors(config, tmp_path):
+    d = authenticated(config)
+    assert d.feed(b"AUTH PLAIN " + plain(b"", b"prim", b"secret") + b"\r\n") == [
+        "503 5.5.1 " + replies.ALREADY_AUTHENTICATED.text]
+    d = new(config, tls_active=True)
+    assert d.feed(b"AUTH PLAIN\r\n")[-1].startswith("503 5.5.1 Error: send HELO/EHLO first")
+    d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+    assert d.feed(b"AUTH PLAIN\r\n") == ["503 5.5.1 " + replies.NOT_IN_TRANSACTION.text]
+    no_users = tmp_path / "no-users.ini"
+    no_users.write_text("[backupmx]\nhostname = mx2.test\nqueue = q.db\n\n[domain:example.com]\nprimary = 127.0.0.1:25\n")
+    d = new(load_config(str(no_users)), tls_active=True)
+    lines = d.feed(b"EHLO c\r\n")
+    assert not any("AUTH" in line for line in lines)
+    assert d.feed(b"AUTH PLAIN\r\n") == ["503 5.5.1 " + replies.AUTH_NOT_AVAILABLE.text]
+    assert d.feed(b"ETRN example.com\r\n") == ["530 5.7.0 " + replies.AUTH_REQUIRED.text]
+
+
+def test_cram_md5_not_offered_without_a_plain_secret(config, tmp_path):
+    scrypt_only = tmp_path / "scrypt.ini"
+    scrypt_only.write_text(CONFIG.format(tmp=tmp_path).replace(
+        "{PLAIN}secret", "{SCRYPT}n=16384,r=8,p=1$c2FsdHNhbHRzYWx0c2FsdA==$"
+        + base64.b64encode(hashlib.scrypt(b"secret", salt=b"saltsaltsaltsalt", n=16384, r=8, p=1, dklen=64)).decode()))
+    d = new(load_config(str(scrypt_only)), tls_active=True)
+    assert d.feed(b"EHLO c\r\n")[-1] == "250 AUTH PLAIN LOGIN"
+    assert d.feed(b"AUTH CRAM-MD5\r\n")[0].startswith("504 5.5.4")
