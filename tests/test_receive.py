@@ -176,6 +176,11 @@ def _has_peer(pid, client_port):
 
 
 def test_locked_database_answers_452_never_250(server):
+    # Every worker answers a banner first, so none is still opening the queue
+    # (and waiting on our lock) when the test session is handed to it.
+    warm = [connect(server) for _ in range(4)]
+    for sock in warm:
+        sock.close()
     holder = sqlite3.connect(server.queue_path, timeout=1)
     holder.execute("BEGIN EXCLUSIVE")
     try:
