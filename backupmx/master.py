@@ -19,8 +19,8 @@ Modelled on gunicorn's arbiter. The master only supervises and accepts:
 
 Replies the master itself writes (no worker involved) are the two refusals,
 both transient (RFC 5321 4.2.1: 421 closes the channel):
-  BUSY         every worker is full and max_workers are running
-  TOO_MANY     the client already has max_connections_per_client sessions
+  replies.BUSY                  every worker is full and max_workers are running
+  replies.TOO_MANY_CONNECTIONS  the client already has max_connections_per_client sessions
 """
 
 import collections
@@ -37,11 +37,10 @@ import subprocess
 import sys
 import time
 
+from backupmx import replies
 from backupmx import worker as worker_mod
 from backupmx.worker import WORKER_BOOT_ERROR
 
-BUSY = "421 4.3.2 {hostname} Service busy, try again later\r\n"
-TOO_MANY = "421 4.7.0 {hostname} Too many connections from your address\r\n"
 
 
 def _number_env(name, default, kind=float):
@@ -170,11 +169,11 @@ class Listener(socketserver.TCPServer):
                 self.shutdown_request(request)
 
 
-def _reject(sock, text):
+def _reject(sock, reply: bytes):
     """Write a one-line refusal on a just-accepted socket (its send buffer is empty)."""
     try:
         sock.setblocking(False)
-        sock.send(text.encode("ascii"))
+        sock.send(reply)
     except OSError:
         pass
 
@@ -557,7 +556,7 @@ class Master:
     def verify_request(self, listener, sock, address):
         ip = address[0]
         if self.clients[ip] >= self.config.max_connections_per_client:
-            _reject(sock, TOO_MANY.format(hostname=self.config.hostname))
+            _reject(sock, replies.TOO_MANY_CONNECTIONS.render(hostname=self.config.hostname))
             _log(self.logger, "too-many-connections", client=ip, sessions=self.clients[ip])
             return False
         return True
@@ -589,7 +588,7 @@ class Master:
             self.clients[ip] += 1
             sock.close()  # the worker has its own copy now
             return
-        _reject(sock, BUSY.format(hostname=self.config.hostname))
+        _reject(sock, replies.BUSY.render(hostname=self.config.hostname))
         _log(self.logger, "busy", client=ip)
         listener.shutdown_request(sock)
 
@@ -982,7 +981,7 @@ def serve_inetd(config, *, implicit_tls=False, classes=None):
         _log(logger, "inetd-failed", error=_first_line(exc), level=logging.ERROR)
         try:
             if not started and not implicit_tls:  # RFC 5321 3.1: a 421 greeting refuses service
-                sock.send(f"421 4.3.0 {config.hostname} Service not available\r\n".encode("ascii", "replace"))
+                sock.send(replies.NOT_AVAILABLE.render(hostname=config.hostname))
             sock.close()
         except OSError:
             pass

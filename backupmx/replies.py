@@ -52,6 +52,7 @@ TOO_MANY_ERRORS = Reply(421, "4.7.0", "{hostname} Error: too many errors")
 SHUTTING_DOWN = Reply(421, "4.3.2", "{hostname} Service shutting down, try again later")
 BUSY = Reply(421, "4.3.2", "{hostname} Service busy, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "{hostname} Too many connections from your address")
+NOT_AVAILABLE = Reply(421, "4.3.0", "{hostname} Service not available")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "{hostname} Too many authentication failures")
 
 # Generic

@@ -40,6 +40,8 @@ import signal
 import socket
 import time
 
+from backupmx import replies
+
 # Seconds between heartbeats sent to the master (it kills a worker whose last
 # heartbeat is older than master.HEARTBEAT_TIMEOUT).
 HEARTBEAT_INTERVAL = 1.0
@@ -455,7 +457,7 @@ def serve_one(sock, peer, config, ssl_context, *, implicit_tls=False, logger=Non
     except Exception:
         if not implicit_tls:  # RFC 5321 3.1: a 421 greeting refuses service
             try:
-                sock.send(f"421 4.3.0 {config.hostname} Service not available\r\n".encode("ascii", "replace"))
+                sock.send(replies.NOT_AVAILABLE.render(hostname=config.hostname))
             except OSError:
                 pass
         sock.close()
