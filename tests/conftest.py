@@ -67,6 +67,17 @@ def children_of(pid):
     return [int(x) for x in text.split()]
 
 
+def end_process_group(proc):
+    """Kill what is left of a server started with start_new_session=True, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 @pytest.fixture
 def certs(tmp_path):
     """Paths of the committed test certificates; "server_key" is a 0600 copy in tmp."""

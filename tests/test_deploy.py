@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CERTS, REPO, free_port, read_line, wait_for, write_config
+from conftest import CERTS, REPO, end_process_group, free_port, read_line, wait_for, write_config
 
 PASSWORD = "inetd%s3cret"
 AUTH_PLAIN = base64.b64encode(b"\0prim\0" + PASSWORD.encode()).decode()
@@ -297,13 +297,7 @@ def test_socket_activation_tells_smtps_from_smtp_by_name(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        end_process_group(proc)
         log.close()
 
 
@@ -392,13 +386,7 @@ def test_zipapp_serves_from_another_directory(tmp_path, bundle):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        end_process_group(proc)
     listing = subprocess.run([sys.executable, "-I", str(bundle), "queue", "-c", str(cfg)], cwd=str(elsewhere),
                              capture_output=True, text=True, timeout=10, env=env)
     assert listing.returncode == 0 and "example.com" in listing.stdout, listing.stderr
@@ -518,13 +506,7 @@ def test_root_drops_to_user_before_serving(tmp_path, nobody_dir):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0, log_path.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        end_process_group(proc)
 
 
 @as_root

@@ -32,7 +32,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-from conftest import children_of, free_port, read_line, wait_for  # noqa: E402
+from conftest import children_of, end_process_group, free_port, read_line, wait_for  # noqa: E402
 
 
 # -- a stand-in for backupmx.connection ---------------------------------------------
@@ -720,12 +720,7 @@ def test_real_systemd_socket_activation(tmp_path, certs):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        end_process_group(proc)
         log.close()
 
 
