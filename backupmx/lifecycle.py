@@ -151,6 +151,21 @@ class _Round:
         d = self.config.domains.get(domain)
         return d.queue_lifetime if d is not None else self.config.queue_lifetime
 
+    def compose(self, bounce, wanted, action: str, full: bool, **extra) -> bytes:
+        """The RFC 3464 report for `wanted` recipients of `bounce`, with the original attached."""
+        headers, body = _read_original(self.store, bounce, full)
+        return dsnlib.build_dsn(
+            dataclasses.replace(bounce, recipients=wanted),
+            reporting_mta=self.config.hostname,
+            original_headers=headers,
+            original_body=body,
+            action=action,
+            arrival_date=bounce.received_at,
+            now=self.clock(),
+            remote_mta=self.remote_mta(bounce.domain),
+            **extra,
+        )
+
     def remote_mta(self, domain: str) -> str | None:
         d = self.config.domains.get(domain)
         return d.primary[0] if d is not None else None
@@ -218,17 +233,7 @@ class _Round:
         to = ",".join(f"<{a}>" for a in addresses)
         try:
             full = dsnlib.returns_full(bounce.ret, bounce.size, dsnlib.FAILED)
-            headers, body = _read_original(self.store, bounce, full)
-            message = dsnlib.build_dsn(
-                dataclasses.replace(bounce, recipients=wanted),
-                reporting_mta=self.config.hostname,
-                original_headers=headers,
-                original_body=body,
-                action=dsnlib.FAILED,
-                arrival_date=bounce.received_at,
-                now=self.clock(),
-                remote_mta=self.remote_mta(bounce.domain),
-            )
+            message = self.compose(bounce, wanted, dsnlib.FAILED, full)
             self.send(self.config.bounce_relay, bounce.sender, message, hostname=self.config.hostname,
                       timeout=min(self.config.timeout, DSN_TIMEOUT))
         except KeyError:  # the message left the queue meanwhile (operator delete): nothing to report
@@ -295,18 +300,9 @@ class _Round:
             return True
         to = ",".join(f"<{a}>" for a in addresses)
         try:
-            headers, _ = _read_original(self.store, bounce, False)
-            message = dsnlib.build_dsn(
-                dataclasses.replace(bounce, recipients=wanted),
-                reporting_mta=self.config.hostname,
-                original_headers=headers,
-                original_body=None,
-                action=dsnlib.DELAYED,
-                arrival_date=bounce.received_at,
-                now=self.clock(),
-                remote_mta=self.remote_mta(bounce.domain),
-                will_retry_until=max(bounce.received_at, bounce.state_changed) + self.lifetime(bounce.domain),
-            )
+            message = self.compose(bounce, wanted, dsnlib.DELAYED, False,
+                                   will_retry_until=max(bounce.received_at, bounce.state_changed)
+                                   + self.lifetime(bounce.domain))
             self.send(relay, bounce.sender, message, hostname=self.config.hostname,
                       timeout=min(self.config.timeout, DSN_TIMEOUT))
         except KeyError:
