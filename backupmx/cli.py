@@ -352,13 +352,19 @@ def _target(config: Config, text: str) -> dict[str, str]:
     return {"queue_id": text.upper()}
 
 
-def cmd_show(args) -> int:
-    """postcat-like: the envelope, each domain's row and recipients, the history, then the content."""
+def _open_target(args):
+    """(target, open QueueStore) for commands taking ID|DOMAIN; one-line error without a queue."""
     config = _load(args)
     target = _target(config, args.target)
     store = _open_store(config)
     if store is None:
         raise OperatorError(f"{args.target}: not in the queue ({config.queue} does not exist yet)")
+    return target, store
+
+
+def cmd_show(args) -> int:
+    """postcat-like: the envelope, each domain's row and recipients, the history, then the content."""
+    target, store = _open_target(args)
     try:
         if "domain" in target:
             now = time.time()
@@ -406,11 +412,7 @@ def _timestamp(unix: float) -> str:
 
 def _operator_action(args) -> int:
     """hold / release / delete / requeue ID|DOMAIN via QueueStore.<action>(queue_id=|domain=)."""
-    config = _load(args)
-    target = _target(config, args.target)
-    store = _open_store(config)
-    if store is None:
-        raise OperatorError(f"{args.target}: not in the queue ({config.queue} does not exist yet)")
+    target, store = _open_target(args)
     try:
         action = getattr(store, args.command, None)
         if action is None:
