@@ -346,3 +346,17 @@ def test_stalled_tls_handshake_is_dropped_at_the_deadline(server_factory):
     sock.sendall(b"\x16\x03\x01")  # the start of a ClientHello, and then nothing
     assert sock.recv(100) == b""
     assert time.monotonic() - started < 5
+
+
+def test_quota_reached_between_rcpt_and_data_is_refused_at_the_end_of_data(server_factory):
+    domains = {"example.com": {"primary": "127.0.0.1:9", "max_queue_messages": "1"}}
+    server = server_factory(domains=domains)
+    first, second = connect(server), connect(server)
+    for sock in (first, second):  # both pass RCPT: the domain's queue is still empty
+        sock.sendall(b"EHLO c\r\nMAIL FROM:<a@origin.test>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+        assert [line[:3] for line in read_replies(sock, 4)] == ["250", "250", "250", "354"]
+    first.sendall(b"Subject: one\r\n\r\nx\r\n.\r\n")
+    assert read_replies(first, 1)[0].startswith("250 2.0.0 Ok: queued as")
+    second.sendall(b"Subject: two\r\n\r\nx\r\n.\r\n")
+    assert read_replies(second, 1) == ["452 " + replies.QUEUE_FULL.line_text()]
+    assert len(queue_rows(server)) == 1
