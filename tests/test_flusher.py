@@ -617,3 +617,38 @@ def test_run_flush_worker_retries_only_retry_domains(tmp_path, sink):
         stop.set()
         worker.join(5)
     assert [m[2] for m in sink.messages] == [b"retry on\r\n"]
+
+
+def test_lease_is_renewed_while_a_slow_primary_drips_its_reply(store, sink, tmp_path):
+    # 26 bytes at 0.1 s each: 2.6 s for the final reply, far past a 0.6 s lease,
+    # but every byte is a wait on the primary, and each wait renews the lease.
+    sink.behaviour, sink.hostile_at, sink.drip_interval = "drip", "eod", 0.1
+    queue_id = enqueue(store, b"slow\r\n")
+    domain = domain_config(sink)
+    store.request_flush([domain.name])
+    assert store.claim_flush("first", 0.6) == domain.name
+    outcome = {}
+
+    def first_flusher():
+        own = QueueStore(store.path)
+        try:
+            outcome.update(deliver_domain(own, domain, owner="first", hostname="mx2.test", timeout=5,
+                                          lease_seconds=0.6))
+        finally:
+            own.release_flush(domain.name, "first")
+            own.close()
+
+    thread = threading.Thread(target=first_flusher)
+    thread.start()
+    stolen = []
+    while thread.is_alive():
+        store.request_flush([domain.name])  # someone keeps sending ETRN meanwhile
+        claimed = store.claim_flush("second", 60)
+        if claimed:
+            stolen.append(time.monotonic())
+            store.release_flush(claimed, "second")
+        time.sleep(0.1)
+    thread.join()
+    assert outcome["delivered"] == 1
+    assert stolen == []  # nobody else could start delivering the same mail
+    assert queue_id not in rows(store)
