@@ -8,6 +8,7 @@ this file covers what an administrator deploys on top of them.
 """
 
 import base64
+import contextlib
 import os
 import shutil
 import signal
@@ -98,6 +99,19 @@ def inetd_config(tmp_path, sink_port, **extra):
         users={"prim": ("{PLAIN}" + PASSWORD, "example.com")}, **extra)
 
 
+@contextlib.contextmanager
+def inetd_session(command, cfg, *, tls=False, cwd):
+    """start_inetd, then kill what is left of it and close our end, whatever the test did."""
+    proc, ours = start_inetd(command, cfg, tls=tls, cwd=cwd)
+    try:
+        yield proc, ours
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        ours.close()
+
+
 def start_inetd(command, cfg, *, tls=False, cwd):
     """Run `command serve --inetd [--tls] -c cfg` on one end of a socketpair; returns (proc, our end)."""
     ours, theirs = socket.socketpair()
@@ -153,8 +167,7 @@ def bundle(tmp_path_factory):
 def test_inetd_starttls_auth_etrn_delivers_after_the_session(tmp_path, sink):
     sink.data_delay = 1.0  # the delivery is still going on when the session has ended
     cfg = inetd_config(tmp_path, sink.port)
-    proc, ours = start_inetd([sys.executable, str(REPO / "backupmx.py")], cfg, cwd=tmp_path)
-    try:
+    with inetd_session([sys.executable, str(REPO / "backupmx.py")], cfg, cwd=tmp_path) as (proc, ours):
         c = LineClient(ours)
         assert c.reply()[0] == 220
         assert c.cmd("EHLO primary.test")[0] == 250
@@ -167,11 +180,6 @@ def test_inetd_starttls_auth_etrn_delivers_after_the_session(tmp_path, sink):
         assert code in (250, 253), text
         assert c.cmd("QUIT")[0] == 221
         assert proc.wait(5) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        ours.close()
     log = tmp_path / "inetd.log"
     pid = wait_for(lambda: flusher_pid(log), 2)
     assert pid, log.read_text()
@@ -194,22 +202,15 @@ def test_inetd_implicit_tls_etrn_through_the_zipapp(tmp_path, sink, bundle):
     elsewhere.mkdir()
     command = [sys.executable, str(bundle)]
     # A message arrives in one plain session ...
-    proc, ours = start_inetd(command, cfg, cwd=elsewhere)
-    try:
+    with inetd_session(command, cfg, cwd=elsewhere) as (proc, ours):
         c = LineClient(ours)
         assert c.reply()[0] == 220
         c.cmd("EHLO sender.test")
         c.send_message("carol@origin.test", "dave@example.com")
         assert c.cmd("QUIT")[0] == 221
         assert proc.wait(5) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        ours.close()
     # ... the primary asks for it in another, on an implicit-TLS socket (port 465 style).
-    proc, ours = start_inetd(command, cfg, tls=True, cwd=elsewhere)
-    try:
+    with inetd_session(command, cfg, tls=True, cwd=elsewhere) as (proc, ours):
         c = LineClient(ca_context().wrap_socket(ours, server_hostname="localhost"))
         assert c.reply()[0] == 220
         c.cmd("EHLO primary.test")
@@ -217,11 +218,6 @@ def test_inetd_implicit_tls_etrn_through_the_zipapp(tmp_path, sink, bundle):
         assert c.cmd("ETRN example.com")[0] in (250, 253)
         assert c.cmd("QUIT")[0] == 221
         assert proc.wait(5) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        ours.close()
     messages = sink.wait_for(1, timeout=10)
     assert messages[0][1] == ["dave@example.com"]
     assert wait_for(lambda: queued_rows(tmp_path / "q.db") == 0, 10)
@@ -229,8 +225,7 @@ def test_inetd_implicit_tls_etrn_through_the_zipapp(tmp_path, sink, bundle):
 
 def test_inetd_etrn_with_nothing_waiting_starts_no_flusher(tmp_path, sink):
     cfg = inetd_config(tmp_path, sink.port)
-    proc, ours = start_inetd([sys.executable, str(REPO / "backupmx.py")], cfg, tls=True, cwd=tmp_path)
-    try:
+    with inetd_session([sys.executable, str(REPO / "backupmx.py")], cfg, tls=True, cwd=tmp_path) as (proc, ours):
         c = LineClient(ca_context().wrap_socket(ours, server_hostname="localhost"))
         assert c.reply()[0] == 220
         c.cmd("EHLO primary.test")
@@ -238,11 +233,6 @@ def test_inetd_etrn_with_nothing_waiting_starts_no_flusher(tmp_path, sink):
         assert c.cmd("ETRN example.com")[0] == 251
         assert c.cmd("QUIT")[0] == 221
         assert proc.wait(5) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        ours.close()
     assert flusher_pid(tmp_path / "inetd.log") is None
 
 
@@ -409,15 +399,9 @@ def test_world_readable_key_is_refused_in_one_line(tmp_path):
     # Under --inetd the client gets a 421 and the reason goes to the log, not to the socket.
     cfg = write_config(tmp_path / "k2.ini", port=free_port(), queue=tmp_path / "q.db", certs=certs,
                        log=str(tmp_path / "k2.log"))
-    proc, ours = start_inetd([sys.executable, str(REPO / "backupmx.py")], cfg, cwd=tmp_path)
-    try:
+    with inetd_session([sys.executable, str(REPO / "backupmx.py")], cfg, cwd=tmp_path) as (proc, ours):
         assert read_line(ours).startswith(b"421 ")
         assert proc.wait(5) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        ours.close()
     assert "readable by everyone" in (tmp_path / "k2.log").read_text()
 
 
@@ -522,19 +506,13 @@ def test_root_owned_queue_is_handed_over_and_inetd_drops_too(tmp_path, nobody_di
     log.touch()
     os.chown(log, entry.pw_uid, entry.pw_gid)
     cfg = write_config(tmp_path / "i.ini", port=free_port(), queue=queue, user="nobody", log=str(log))
-    proc, ours = start_inetd([python, str(REPO / "backupmx.py")], cfg, cwd=nobody_dir)
-    try:
+    with inetd_session([python, str(REPO / "backupmx.py")], cfg, cwd=nobody_dir) as (proc, ours):
         c = LineClient(ours)
         assert c.reply()[0] == 220, log.read_text()
         c.cmd("EHLO sender.test")
         c.send_message("a@sender.test", "bob@example.com")
         assert c.cmd("QUIT")[0] == 221
         assert proc.wait(5) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        ours.close()
     text = log.read_text()
     assert "queue-file-chowned" in text and "privileges-dropped user=nobody" in text, text
     assert _owned_0600(queue, entry.pw_uid)
@@ -550,14 +528,8 @@ def test_root_without_user_warns_loudly(server_factory):
 
 def test_inetd_tls_without_a_certificate_is_one_log_line(tmp_path):
     cfg = write_config(tmp_path / "n.ini", port=free_port(), queue=tmp_path / "q.db", log=str(tmp_path / "n.log"))
-    proc, ours = start_inetd([sys.executable, str(REPO / "backupmx.py")], cfg, tls=True, cwd=tmp_path)
-    try:
+    with inetd_session([sys.executable, str(REPO / "backupmx.py")], cfg, tls=True, cwd=tmp_path) as (proc, ours):
         assert read_line(ours) == b""  # a TLS client cannot read a plaintext 421: just the close
         assert proc.wait(5) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        ours.close()
     log = (tmp_path / "n.log").read_text()
     assert "--tls needs tls_cert and tls_key" in log and "Traceback" not in log
