@@ -874,30 +874,19 @@ class Master:
 
 def _run_flusher(fn, config, owner, master_pid, logger):
     """Body of a forked flush worker; never returns."""
-    status = 1
     stop = []
-    try:
+
+    def should_stop():
+        return bool(stop) or os.getppid() != master_pid
+
+    def flush():
         signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))  # a flag only
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-
-        def should_stop():
-            return bool(stop) or os.getppid() != master_pid
-
         fn(config, owner, should_stop)
-        status = 0
-    except BaseException:
-        try:
-            logger.exception("flush-worker-crashed pid=%d", os.getpid())
-        except BaseException:
-            pass
-    finally:
-        try:
-            logging.shutdown()
-        except BaseException:
-            pass
-        os._exit(status)
+
+    worker_mod.run_child(flush, logger, "flush-worker-crashed")
 
 
 # -- entry points -----------------------------------------------------------------

@@ -394,9 +394,9 @@ def run_worker(ctrl_sock, config, ssl_context, *, logger=None, classes=None):
 
     `classes` = (ConnectionContext, SMTPConnection); None means the real ones.
     """
-    status = 1
-    try:
-        logger = logger or logging.getLogger("backupmx")
+    logger = logger or logging.getLogger("backupmx")
+
+    def serve():
         context_class, connection_class = classes or load_connection_classes()
         loop = SessionLoop(ctrl_sock, None, connection_class, logger)
         _reset_signals(loop)
@@ -412,10 +412,23 @@ def run_worker(ctrl_sock, config, ssl_context, *, logger=None, classes=None):
                 store.close()
             except Exception:
                 pass
+
+    run_child(serve, logger, "worker-crashed")
+
+
+def run_child(body, logger, crash_event: str):
+    """The end of every forked child: run `body`, log a crash, flush the log, os._exit.
+
+    Never returns: a child must not unwind into the parent's code (its
+    finally blocks, its atexit handlers) after a fork.
+    """
+    status = 1
+    try:
+        body()
         status = 0
     except BaseException:
         try:
-            (logger or logging.getLogger("backupmx")).exception("worker-crashed pid=%d", os.getpid())
+            logger.exception("%s pid=%d", crash_event, os.getpid())
         except BaseException:
             pass
     finally:
