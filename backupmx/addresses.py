@@ -6,6 +6,7 @@ only where common clients are sloppy in harmless ways (a space after the colon
 in `MAIL FROM: <a@b>`, a trailing dot on a domain).
 """
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -27,6 +28,12 @@ ADDRESS_LITERAL_RE = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
 # A-d-l = At-domain *( "," At-domain ) ; At-domain = "@" Domain   (a source route)
 SOURCE_ROUTE_RE = re.compile(rf"@(?:{DOMAIN_RE.pattern}|{ADDRESS_LITERAL_RE.pattern})"
                              rf"(?:,@(?:{DOMAIN_RE.pattern}|{ADDRESS_LITERAL_RE.pattern}))*:")
+
+# Characters a client-chosen HELO name may not bring into a Received: header
+# (RFC 5322 3.2.2 comments, 3.4 angle addresses, quoted strings, and the ";"
+# before the date): Postfix's smtpd shows each of them, like anything that is
+# not printable ASCII, as "?".
+_UNSAFE_IN_RECEIVED = re.compile(r'[^\x21-\x7e]|[;()<>"\\@]')
 
 # RFC 5321 2.4 and 4.5.3.1.1-3: size limits.
 MAX_LOCAL_PART = 64
@@ -96,6 +103,40 @@ def is_domain(text: str) -> bool:
     """True for an LDH domain name (a trailing dot allowed), within RFC 5321 size limits."""
     name = text[:-1] if text.endswith(".") else text
     return 0 < len(name) <= MAX_DOMAIN and DOMAIN_RE.fullmatch(name) is not None
+
+
+def is_address_literal(text: str) -> bool:
+    """True for "[IPv4]" or "[IPv6:address]" (RFC 5321 4.1.3), the address checked.
+
+    A General-address-literal ("[tag:anything]") is not counted: no other tag is
+    registered, and its content may hold any character a Received: header fears.
+    """
+    if not (text.startswith("[") and text.endswith("]")):
+        return False
+    inner = text[1:-1]
+    if "%" in inner:  # ipaddress takes "fe80::1%<any text>" (a scope id): not RFC 5321
+        return False
+    try:
+        if inner[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(inner[5:])
+        else:
+            ipaddress.IPv4Address(inner)
+    except ValueError:
+        return False
+    return True
+
+
+def received_helo(name: str) -> str:
+    """The HELO/EHLO name as our Received: header shows it (RFC 5321 4.4 From-domain).
+
+    A valid domain or address literal appears as the client sent it; anything
+    else in a neutered form, each unsafe character replaced by "?" as Postfix
+    does, so that `EHLO a;b(c)<d>@e"` becomes `a?b?c??d??e?` and cannot end the
+    clause, open a comment or forge an address for a primary that parses it.
+    """
+    if is_domain(name) or is_address_literal(name):
+        return name
+    return _UNSAFE_IN_RECEIVED.sub("?", name) or "?"
 
 
 def parse_mailbox(text: str) -> Mailbox:

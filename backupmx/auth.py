@@ -262,8 +262,15 @@ def decode_sasl_plain(payload) -> tuple[str, str, str]:
 
 
 def decode_sasl_login(payload) -> str:
-    """The user name or password from one base64 LOGIN response line."""
-    return _utf8(decode_base64_strict(payload), "LOGIN response")
+    """The user name or password from one base64 LOGIN response line.
+
+    A NUL is refused, as RFC 4616 refuses it inside PLAIN's fields: no user
+    name or password holds one, and it must not reach a log line or a check.
+    """
+    text = _utf8(decode_base64_strict(payload), "LOGIN response")
+    if "\0" in text:
+        raise SASLSyntaxError("LOGIN response holds a NUL")
+    return text
 
 
 def decode_cram_md5_response(payload) -> tuple[str, str]:
@@ -274,7 +281,7 @@ def decode_cram_md5_response(payload) -> tuple[str, str]:
     """
     text = _utf8(decode_base64_strict(payload), "CRAM-MD5 response")
     username, sep, digest = text.rpartition(" ")
-    if not sep or not username or not re.fullmatch(r"[0-9a-fA-F]{32}", digest):
+    if not sep or not username or "\0" in username or not re.fullmatch(r"[0-9a-fA-F]{32}", digest):
         raise SASLSyntaxError("CRAM-MD5 response is not 'user digest'")
     return username, digest
 

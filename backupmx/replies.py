@@ -89,6 +89,9 @@ UNKNOWN_USER = Reply(550, "5.1.1", "<{address}>: Recipient address rejected: use
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message exceeds fixed maximum message size")
 MAIL_LOOP = Reply(554, "5.4.6", "Error: too many hops (mail loop?)")
+# RFC 5322 2.3 forbids NUL in a message; an MTA that strips it can be led to a
+# different end of data than ours (SMTP smuggling), so it is never queued.
+NUL_IN_DATA = Reply(554, "5.6.0", "Error: message content contains NUL characters")
 QUEUE_UNAVAILABLE = Reply(452, "4.3.1", "Error: insufficient system storage, try again later")
 DOMAIN_QUEUE_FULL = Reply(452, "4.3.1", "<{address}>: Error: the queue for this domain is full, try again later")
 QUEUE_FULL = Reply(452, "4.3.1", "Error: the queue for a recipient's domain is full, try again later")

@@ -9,7 +9,9 @@ time or logging (tests/test_smtp.py asserts it).
 
 Rules every change must keep:
  1. Lines end at CRLF only. A bare CR or LF is an error, never a line end, and
-    only CRLF "." CRLF ends DATA (SMTP smuggling, CVE-2023-51764).
+    only CRLF "." CRLF ends DATA (SMTP smuggling, CVE-2023-51764). A body
+    with a NUL is refused too (554 5.6.0): a peer that drops NULs would frame it
+    differently.
  2. Every buffer is bounded. An over-long line or message is read through to
     its end, and only then answered, so the session stays in step.
  3. While an event waits for its answer nothing else is processed.
@@ -666,6 +668,8 @@ class Session:
         crlf = block.count(b"\r\n")
         if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
             self._fail_data(replies.BARE_LINE_ENDING)
+        if b"\0" in block:
+            self._fail_data(replies.NUL_IN_DATA)
         if len(block) > MAX_DATA_LINE and max(map(len, block.split(b"\r\n"))) + 2 > MAX_DATA_LINE:
             self._fail_data(replies.LINE_TOO_LONG)
         if transfer.at_line_start and block.startswith(b"."):
@@ -759,11 +763,12 @@ def received_header(*, helo: str | None, client_ip: str, hostname: str, queue_id
                     recipients: list[str], timestamp: float) -> bytes:
     """The trace header we prepend (RFC 5321 4.4; protocol names per RFC 3848).
 
-    Everything the client chose is cleaned so it cannot add lines to the header.
+    Everything the client chose is cleaned so it cannot add lines to the header,
+    and the HELO name is shown only in a safe form (addresses.received_helo).
     """
     protocol = ("ESMTP" if esmtp else "SMTP") + ("S" if tls else "") + ("A" if authenticated else "")
     literal = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
-    lines = [f"Received: from {replies.clean(helo or 'unknown')} ([{literal}])",
+    lines = [f"Received: from {addresses.received_helo(helo) if helo else 'unknown'} ([{literal}])",
              f"\tby {hostname} (backupmx) with {protocol} id {queue_id}"]
     if tls:
         lines.append(f"\t({replies.clean(tls)})")

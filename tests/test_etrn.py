@@ -339,3 +339,15 @@ def test_command_and_close_notify_in_one_write_end_the_session_quietly(mx):
     raw.close()
     assert wait_for(lambda: "disconnect client=127.0.0.1" in mx.log(), timeout=5)
     assert "session-error" not in mx.log() and "Traceback" not in mx.log()
+
+
+def test_a_hostile_helo_name_reaches_the_primary_only_neutered(mx, sink):
+    with smtplib.SMTP("127.0.0.1", mx.port, timeout=10) as client:
+        assert client.ehlo('a;b(c)<d>@e"')[0] == 250
+        client.sendmail("s@origin.test", ["bob@example.com"], b"Subject: helo\r\n\r\nbody\r\n")
+    assert run_cli("flush", "example.com", "-c", mx.config_path).returncode == 0
+    [(_, _, body, _)] = sink.wait_for(1, timeout=15)
+    received = body.split(b"\r\nSubject: helo\r\n")[0].decode("ascii")
+    assert received.startswith("Received: from a?b?c??d??e? ([127.0.0.1])\r\n\tby mx2.test (backupmx) with ESMTP id ")
+    clause = received.split("\r\n")[0]
+    assert not set(clause[len("Received: from "):].split(" (")[0]) & set(';()<>"\r\n\0')

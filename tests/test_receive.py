@@ -53,7 +53,7 @@ def body_of(server, queue_id):
 
 
 def test_message_is_queued_byte_for_byte_and_readable_with_sqlite3(server):
-    body = b"Subject: test\r\nX-8bit: \xe9t\xe9\r\n\r\n.leading dot\r\nline\x00with nul\r\n"
+    body = b"Subject: test\r\nX-8bit: \xe9t\xe9\r\n\r\n.leading dot\r\nline\x01with \x7f controls\r\n"
     with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
         client.ehlo("client.test")
         client.mail("sender@origin.test", ["BODY=8BITMIME"])
@@ -116,6 +116,22 @@ def test_smuggling_is_refused_and_nothing_is_queued(server, payload):
     sock.sendall(b"QUIT\r\n")
     assert read_replies(sock, 1)[0].startswith("221")
     assert queue_rows(server) == []
+
+
+def test_nul_in_data_is_refused_with_554_and_nothing_is_queued(server):
+    sock = connect(server)
+    sock.sendall(b"EHLO c\r\nMAIL FROM:<a@origin.test>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+    assert read_replies(sock, 4)[-1].startswith("354")
+    # A primary that drops NULs would see "\r\n.\r\n" here and run the rest as commands.
+    sock.sendall(b"Subject: s\r\n\r\nhello\r\n\x00.\r\nMAIL FROM:<evil@x.test>\r\n.\r\n")
+    assert read_replies(sock, 1) == ["554 " + replies.NUL_IN_DATA.line_text()]
+    sock.sendall(b"MAIL FROM:<a@origin.test>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")  # still in step
+    assert [line[:3] for line in read_replies(sock, 3)] == ["250", "250", "354"]
+    sock.sendall(b"Subject: clean\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+    assert [line[:3] for line in read_replies(sock, 2)] == ["250", "221"]
+    [(queue_id, _, _)] = queue_rows(server)
+    assert body_of(server, queue_id).endswith(b"\r\nSubject: clean\r\n\r\nhello\r\n")
+    assert 'reply="5.6.0 Error: message content contains NUL characters"' in server.log()
 
 
 def test_relay_tricks_and_limits_over_the_wire(server):

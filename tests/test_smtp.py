@@ -164,6 +164,10 @@ def test_starttls_offered_only_when_available_and_auth_only_under_tls(config):
     ([b"HELO c", b"MAIL FROM:<a@b.test> SIZE=10"], ["250", "555 5.5.4"]),
     ([b"EHLO c", b"MAIL FROM:<a@b.test> RET=HDRS ENVID=abc+2B"], ["250", "250 2.1.0"]),
     ([b"EHLO c", "MAIL FROM:<j\u00f6rg@b.test>".encode()], ["250", "553 5.6.7"]),
+    ([b"NOOP \x00"], ["500 5.5.2"]),
+    ([b"EHLO a\x00b"], ["500 5.5.2"]),
+    ([b"EHLO c", b"MAIL FROM:<a\x00@b.test>"], ["250", "500 5.5.2"]),
+    ([b"EHLO c", b"MAIL FROM:<a@b.test>", b"RCPT TO:<bob@example.com\x00>"], ["250", "250 2.1.0", "500 5.5.2"]),
     ([b"get / HTTP/1.1"], ["221 2.7.0"]),
     ([b"POST /x HTTP/1.0"], ["221 2.7.0"]),
     ([b"QUIT"], ["221 2.0.0"]),
@@ -266,6 +270,46 @@ def test_smuggling_variants_are_refused_and_nothing_queued(config, body):
     assert any(isinstance(e, MessageAborted) for e in d.events)
     # the session is still in step: a new transaction works
     assert d.feed(b"RSET\r\n") == ["250 2.0.0 Ok"]
+
+
+NUL_REPLY = "554 5.6.0 " + replies.NUL_IN_DATA.text
+
+
+@pytest.mark.parametrize("body", [
+    b"Subject: a\x00b\r\n\r\nx\r\n.\r\n",  # in a header
+    b"Subject: s\r\n\r\nline\x00with nul\r\n.\r\n",  # in the body
+    b"Subject: s\r\n\r\n\x00\r\n.\r\n",  # a line of its own
+    b"Subject: s\r\n\r\n.\x00\r\n.\r\n",  # behind a stuffed dot
+    b"\x00.\r\n.\r\n",  # first octet: ".\r\n" after a stripped NUL would be the end
+    b"Subject: s\r\n\r\nx\r\n\x00.\r\nMAIL FROM:<evil@x.test>\r\n.\r\n",  # smuggling via NUL stripping
+    b"Subject: s\r\n\r\n" + b"y" * 70000 + b"\x00\r\n.\r\n",  # in a line too long to buffer whole
+], ids=["header", "body", "own-line", "stuffed-dot", "first-octet", "smuggling", "long-line"])
+def test_nul_in_data_is_read_through_then_refused_and_nothing_queued(config, body):
+    d = new(config)
+    got = send_message(d, body + b"NOOP\r\n")
+    [aborted] = [e.reply for e in d.events if isinstance(e, MessageAborted)]
+    # a line too long to buffer may be refused for its length first; either way nothing is queued
+    assert aborted is replies.NUL_IN_DATA or (aborted is replies.LINE_TOO_LONG and len(body) > smtp.MAX_DATA_LINE)
+    assert got == [aborted.render().decode().strip(), "250 2.0.0 Ok"]
+    assert not any(isinstance(e, MessageReceived) for e in d.events)
+    assert b"\x00" not in d.body  # no piece holding the NUL was handed to the spool
+
+
+def test_nul_in_data_split_byte_by_byte(config):
+    d = new(config)
+    send_message(d, b"")
+    got = []
+    for byte in b"Subject: s\r\n\r\nab\x00c\r\n.\r\nRSET\r\n":
+        got += d.feed(bytes([byte]))
+    assert got == [NUL_REPLY, "250 2.0.0 Ok"]
+    assert not any(isinstance(e, MessageReceived) for e in d.events)
+
+
+def test_a_message_after_a_nul_refusal_is_queued(config):
+    d = new(config, commit="Q2")
+    assert send_message(d, b"a\x00\r\n.\r\n") == [NUL_REPLY]
+    assert send_message(d, b"clean\r\n.\r\n") == ["250 2.0.0 Ok: queued as Q2"]
+    assert bytes(d.body) == b"clean\r\n"
 
 
 def test_only_crlf_dot_crlf_ends_data(config):
@@ -394,6 +438,22 @@ def test_auth_login(config):
     assert d.feed(base64.b64encode(b"secret") + b"\r\n")[0].startswith("235")
 
 
+@pytest.mark.parametrize("mechanism,responses", [
+    (b"LOGIN", [base64.b64encode(b"pr\0im")]),
+    (b"LOGIN", [base64.b64encode(b"prim"), base64.b64encode(b"sec\0ret")]),
+    (b"CRAM-MD5", [base64.b64encode(b"pr\0im " + b"0" * 32)]),
+])
+def test_auth_payload_with_a_nul_is_malformed(config, mechanism, responses):
+    d = new(config, tls_active=True)
+    d.feed(b"EHLO c\r\n")
+    assert d.feed(b"AUTH " + mechanism + b"\r\n")[0].startswith("334 ")
+    for response in responses[:-1]:
+        assert d.feed(response + b"\r\n")[0].startswith("334 ")
+    assert d.feed(responses[-1] + b"\r\n") == ["501 5.5.2 " + replies.AUTH_BAD_RESPONSE.text]
+    assert not any(isinstance(e, AuthRequest) for e in d.events)
+    assert d.feed(b"AUTH PLAIN \x00prim\x00secret\r\n")[0].startswith("500 5.5.2")  # raw NUL: not a command
+
+
 def test_auth_cram_md5_digest_is_passed_for_checking(config):
     d = new(config, tls_active=True)
     d.feed(b"EHLO c\r\n")
@@ -412,6 +472,8 @@ def test_auth_cram_md5_digest_is_passed_for_checking(config):
     (base64.b64encode(b"no nul separators"), "501 5.5.2"),
     (base64.b64encode(b"\0prim\0"), "501 5.5.2"),  # empty password
     (base64.b64encode(b"\0\xff\xfe\0secret"), "501 5.5.2"),  # not UTF-8
+    (base64.b64encode(b"\0pr\0im\0secret"), "501 5.5.2"),  # a NUL inside a field
+    (b"AHByaW0A\x00c2VjcmV0", "501 5.5.2"),  # a raw NUL in the base64 line
 ])
 def test_auth_abort_and_garbage(config, line, code):
     d = new(config, tls_active=True)
@@ -498,9 +560,39 @@ def test_received_header_is_clean():
                                   queue_id="Q1", esmtp=True, tls="TLSv1.3", authenticated=False,
                                   recipients=["a@example.com"], timestamp=0)
     text = header.decode()
-    assert text.startswith("Received: from evil??X-Injected: 1 ([IPv6:::1])\r\n\tby mx2.test (backupmx) with ESMTPS id Q1")
+    assert text.startswith("Received: from evil??X-Injected:?1 ([IPv6:::1])\r\n\tby mx2.test (backupmx) with ESMTPS id Q1")
     assert text.count("\r\n") == text.count("\n") == 4
     assert "for <a@example.com>; Thu, 01 Jan 1970 00:00:00 +0000" in text
+
+
+@pytest.mark.parametrize("helo,shown", [
+    ("mx.client.test", "mx.client.test"),
+    ("MX.Client.TEST.", "MX.Client.TEST."),
+    ("[192.0.2.1]", "[192.0.2.1]"),
+    ("[IPv6:2001:db8::1]", "[IPv6:2001:db8::1]"),
+    ('a;b(c)<d>@e"', "a?b?c??d??e?"),
+    ("under_score", "under_score"),  # not a domain, but nothing in it is unsafe
+    ("back\\slash", "back?slash"),
+    ("[192.0.2.1;x]", "[192.0.2.1?x]"),
+    ("[IPv6:fe80::1%eth0(x)]", "[IPv6:fe80::1%eth0?x?]"),  # a scope id is not RFC 5321
+    ("[tag:a;b]", "[tag:a?b]"),  # General-address-literal: not trusted
+    ("caf\u00e9", "caf?"),
+    ("\x00", "?"),
+])
+def test_helo_name_in_received_is_valid_or_neutered(helo, shown):
+    header = smtp.received_header(helo=helo, client_ip="192.0.2.9", hostname="mx2.test", queue_id="Q1",
+                                  esmtp=True, tls=None, authenticated=False, recipients=["a@example.com"],
+                                  timestamp=0).decode("ascii")
+    assert header.startswith(f"Received: from {shown} ([192.0.2.9])\r\n")
+    first = header.split("\r\n", 1)[0][len("Received: from "):-len(" ([192.0.2.9])")]
+    assert not set(first) & set(';()<>"\r\n\x00') or shown == helo
+
+
+def test_odd_helo_names_are_accepted(config):
+    d = new(config)
+    d.lines()
+    assert d.feed(b'EHLO a;b(c)<d>@e"\r\n')[0] == "250-mx2.test"
+    assert d.session.helo == 'a;b(c)<d>@e"'  # logged escaped; shown neutered in Received:
 
 
 SCRIPT = (b"EHLO client.test\r\nMAIL FROM:<a@b.test> SIZE=100\r\nRCPT TO:<x@example.com>\r\n"
