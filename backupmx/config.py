@@ -111,6 +111,7 @@ class Config:
     retry_interval: float
     min_free_space: int
     delay_warning: float  # 0 = off; else warn the sender once mail has waited this long
+    bounce_size_limit: int  # bytes of the original a DSN may return; beyond: its header only
     domains: Mapping[str, DomainConfig]
     users: Mapping[str, UserConfig]
     warnings: tuple[str, ...] = field(default=())  # lines `check` and the server log print
@@ -294,6 +295,15 @@ def _message_size(text: str) -> int:
     return value
 
 
+def _bounce_size_limit(text: str) -> int:
+    from backupmx.dsn import MAX_BOUNCE_SIZE_LIMIT
+
+    value = _positive_size(text)
+    if value > MAX_BOUNCE_SIZE_LIMIT:
+        raise ValueError(f"must be at most 10M, not {text.strip()!r} (a bounce must not reflect big mail)")
+    return value
+
+
 def _positive_duration(text: str) -> float:
     value = parse_duration(text)
     if value <= 0:
@@ -382,6 +392,7 @@ _GLOBAL_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
     "retry_interval": (parse_duration, 0.0),
     "min_free_space": (parse_size, 100 * 1024**2),
     "delay_warning": (parse_duration, 0.0),
+    "bounce_size_limit": (_bounce_size_limit, 50 * 1024),
 }
 
 

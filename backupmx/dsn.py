@@ -8,8 +8,10 @@ The shape (RFC 3464 section 2, RFC 6522 multipart/report):
     multipart/report; report-type=delivery-status
       1. text/plain              what happened, for a human
       2. message/delivery-status per-message fields, then one block per recipient
-      3. message/rfc822          the original message (RET=FULL, or no RET and small)
-         or text/rfc822-headers  only its header (RET=HDRS, big mail, delay warnings)
+      3. message/rfc822          the original message (RET=FULL or no RET, and no bigger
+                                 than bounce_size_limit)
+         or text/rfc822-headers  only its header, itself cut to bounce_size_limit
+                                 (RET=HDRS, bigger mail, delay warnings; RFC 6522 section 4)
 
 What must hold:
   - The null sender never gets a DSN (RFC 5321 4.5.5: that is how loops are
@@ -32,8 +34,9 @@ import secrets
 __all__ = [
     "FAILED",
     "DELAYED",
-    "MAX_FULL_RETURN",
+    "MAX_BOUNCE_SIZE_LIMIT",
     "build_dsn",
+    "cut_headers",
     "diagnostic",
     "notify_wants",
     "returns_full",
@@ -44,13 +47,9 @@ __all__ = [
 
 FAILED, DELAYED = "failed", "delayed"  # RFC 3464 2.3.3 Action values we send
 
-# Without RET (RFC 3461 4.3 leaves it to us) only a message up to this size is
-# returned whole; a bigger one gets its header only, as Postfix's bounce_size_limit.
-SMALL_MESSAGE = 100 * 1024
-# Even with RET=FULL a message above this is returned as its header only: the
-# DSN is built in memory and the bounce relay has a size limit of its own.
-MAX_FULL_RETURN = 10 * 1024 * 1024
-MAX_HEADER_BYTES = 256 * 1024  # of the original's header kept in a DSN
+# The ceiling of the bounce_size_limit setting: a DSN is built in memory, and a
+# forged sender must not be able to turn a bounce into a large reflection.
+MAX_BOUNCE_SIZE_LIMIT = 10 * 1024 * 1024
 MAX_TEXT = 900  # characters of a reply put on one DSN line (RFC 5322 2.1.1: 998 octets)
 
 SUBJECTS = {
@@ -94,20 +93,33 @@ def notify_wants(notify: str | None, action: str) -> bool:
     return ("FAILURE" if action == FAILED else "DELAY") in kinds
 
 
-def returns_full(ret: str | None, size: int, action: str) -> bool:
+def returns_full(ret: str | None, size: int, action: str, limit: int) -> bool:
     """Is the whole original returned (message/rfc822), or only its header?
 
-    RET=FULL: whole, up to MAX_FULL_RETURN. RET=HDRS: header. No RET: whole when
-    small (SMALL_MESSAGE). A delay warning carries the header only: the message
-    is still on its way (RFC 3461 4.3 asks for the content in failure DSNs).
+    The whole message only when it is no bigger than `limit` (the config's
+    bounce_size_limit), whatever RET=FULL asked: a bounce to a forged sender
+    must not reflect a big message at a victim (Postfix's bounce_size_limit
+    does the same). RET=HDRS: the header. A delay warning carries the header
+    only: the message is still on its way (RFC 3461 4.3 asks for the content
+    in failure DSNs).
     """
     if action != FAILED:
         return False
     if ret is not None and ret.upper() == "HDRS":
         return False
-    if ret is not None and ret.upper() == "FULL":
-        return size <= MAX_FULL_RETURN
-    return size <= SMALL_MESSAGE
+    return size <= limit
+
+
+def cut_headers(headers: bytes, limit: int) -> bytes:
+    """The header section cut at the last line end within `limit` octets.
+
+    RFC 6522 section 4 allows a text/rfc822-headers part to hold fewer
+    headers than the original; a header longer than the limit is not split.
+    """
+    if len(headers) <= limit:
+        return headers
+    end = headers.rfind(b"\r\n", 0, limit)
+    return headers[:end + 2] if end >= 0 else b""
 
 
 def split_headers(data: bytes) -> tuple[bytes, bytes]:

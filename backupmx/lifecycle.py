@@ -107,28 +107,24 @@ def _relay_name(relay: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _read_original(store: QueueStore, bounce, full: bool) -> tuple[bytes, bytes | None]:
+def _read_original(store: QueueStore, bounce, full: bool, limit: int) -> tuple[bytes, bytes | None]:
     """(header section, body or None) of the queued message, read from its blob.
 
-    The header alone is read in pieces and bounded (MAX_HEADER_BYTES); the whole
-    message only when it is returned whole (small, or RET=FULL up to MAX_FULL_RETURN).
+    `full` (dsn.returns_full) is only ever true for a message of at most
+    `limit` octets (bounce_size_limit); otherwise the header alone is read in
+    pieces and cut to `limit`, so a DSN never carries more of the original.
     """
     with store.open_body(bounce.queue_id) as reader:
-        if full:
-            return dsnlib.split_headers(reader.read())
-        data = b""
-        while len(data) < dsnlib.MAX_HEADER_BYTES:
+        data = reader.read(limit + 1) if full else b""
+        if full and len(data) <= limit:
+            return dsnlib.split_headers(data)
+        while len(data) <= limit and b"\r\n\r\n" not in data and not data.startswith(b"\r\n"):
             chunk = reader.read(16 * 1024)
             if not chunk:
                 break
             data += chunk
-            if b"\r\n\r\n" in data or data.startswith(b"\r\n"):
-                break
     headers, _ = dsnlib.split_headers(data)
-    if len(headers) > dsnlib.MAX_HEADER_BYTES:  # no end of header within the limit: cut at a line end
-        cut = headers.rfind(b"\r\n", 0, dsnlib.MAX_HEADER_BYTES)
-        headers = headers[:cut + 2] if cut >= 0 else b""
-    return headers, None
+    return dsnlib.cut_headers(headers, limit), None
 
 
 class _Round:
@@ -153,7 +149,7 @@ class _Round:
 
     def compose(self, bounce, wanted, action: str, full: bool, **extra) -> bytes:
         """The RFC 3464 report for `wanted` recipients of `bounce`, with the original attached."""
-        headers, body = _read_original(self.store, bounce, full)
+        headers, body = _read_original(self.store, bounce, full, self.config.bounce_size_limit)
         return dsnlib.build_dsn(
             dataclasses.replace(bounce, recipients=wanted),
             reporting_mta=self.config.hostname,
@@ -232,7 +228,7 @@ class _Round:
         addresses = [r.address for r in wanted]
         to = ",".join(f"<{a}>" for a in addresses)
         try:
-            full = dsnlib.returns_full(bounce.ret, bounce.size, dsnlib.FAILED)
+            full = dsnlib.returns_full(bounce.ret, bounce.size, dsnlib.FAILED, self.config.bounce_size_limit)
             message = self.compose(bounce, wanted, dsnlib.FAILED, full)
             self.send(self.config.bounce_relay, bounce.sender, message, hostname=self.config.hostname,
                       timeout=min(self.config.timeout, DSN_TIMEOUT))

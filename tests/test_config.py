@@ -70,6 +70,10 @@ ERRORS = [
      "at least 1"),
     ("message size beyond SQLite", config_text(globals_extra="max_message_size = 1G\n"),
      "[backupmx] max_message_size", "blob limit"),
+    ("zero bounce_size_limit", config_text(globals_extra="bounce_size_limit = 0\n"),
+     "[backupmx] bounce_size_limit", "at least 1"),
+    ("huge bounce_size_limit", config_text(globals_extra="bounce_size_limit = 2G\n"),
+     "[backupmx] bounce_size_limit", "at most 10M"),
     ("bad listen port", with_listen("127.0.0.1:99999"), "[backupmx] listen", "bad port"),
     ("bad listen port text", with_listen("127.0.0.1:smtp"), "[backupmx] listen", "bad port"),
     ("ipv6 without brackets", with_listen("::1:25"), "[backupmx] listen", "brackets"),
@@ -217,6 +221,7 @@ def test_defaults(tmp_path):
     assert config.expired_retention == 7 * 86400.0
     assert config.retry_interval == 0.0
     assert config.min_free_space == 100 * 1024 * 1024
+    assert config.bounce_size_limit == 50 * 1024
     assert config.users == {}
     assert config.warnings == ()
     d = config.domains["example.com"]
@@ -267,6 +272,7 @@ bounce_relay = [::1]
 expired_retention = 0
 retry_interval = 10m
 min_free_space = 1G
+bounce_size_limit = 10M
 """
     domain_extra = """\
 primary_tls = REQUIRED
@@ -300,6 +306,7 @@ queue_lifetime = 3h
     assert config.expired_retention == 0.0
     assert config.retry_interval == 600.0
     assert config.min_free_space == 1024**3
+    assert config.bounce_size_limit == 10 * 1024**2
     d = config.domains["example.com"]
     assert d.primary_tls == "required"
     assert d.primary_ca == str(tmp_path / "ca.pem")

@@ -229,18 +229,35 @@ def test_notify_wants(notify, failed, delayed):
     assert dsn.notify_wants(notify, dsn.DELAYED) is delayed
 
 
+LIMIT = 50 * 1024
+
+
 @pytest.mark.parametrize("ret, size, action, full", [
     ("HDRS", 10, dsn.FAILED, False),
     ("hdrs", 10, dsn.FAILED, False),
     ("FULL", 10, dsn.FAILED, True),
-    ("FULL", 5 * 1024 * 1024, dsn.FAILED, True),
-    ("FULL", dsn.MAX_FULL_RETURN + 1, dsn.FAILED, False),
-    (None, 100 * 1024, dsn.FAILED, True),
-    (None, 100 * 1024 + 1, dsn.FAILED, False),
+    ("FULL", LIMIT, dsn.FAILED, True),
+    ("FULL", LIMIT + 1, dsn.FAILED, False),  # RET=FULL does not lift bounce_size_limit
+    ("FULL", 2 * 1024 * 1024, dsn.FAILED, False),
+    (None, LIMIT, dsn.FAILED, True),
+    (None, LIMIT + 1, dsn.FAILED, False),
     ("FULL", 10, dsn.DELAYED, False),
 ])
 def test_returns_full(ret, size, action, full):
-    assert dsn.returns_full(ret, size, action) is full
+    assert dsn.returns_full(ret, size, action, LIMIT) is full
+
+
+@pytest.mark.parametrize("headers, limit, cut", [
+    (b"A: 1\r\nB: 2\r\n", 100, b"A: 1\r\nB: 2\r\n"),
+    (b"A: 1\r\nB: 2\r\n", 12, b"A: 1\r\nB: 2\r\n"),
+    (b"A: 1\r\nB: 2\r\n", 11, b"A: 1\r\n"),
+    (b"A: 1\r\nB: 2\r\n", 6, b"A: 1\r\n"),
+    (b"A: 1\r\nB: 2\r\n", 5, b""),  # never half a header line
+    (b"A: 1\r\n\tfolded\r\nB: 2\r\n", 16, b"A: 1\r\n\tfolded\r\n"),
+])
+def test_cut_headers(headers, limit, cut):
+    assert dsn.cut_headers(headers, limit) == cut
+    assert len(cut) <= limit
 
 
 @pytest.mark.parametrize("reply, state, action, status", [

@@ -13,8 +13,11 @@ import io
 import logging
 import multiprocessing
 import os
+import smtplib
 import socket
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
@@ -23,6 +26,7 @@ from backupmx.config import load_config
 from backupmx.envelope import Envelope, Recipient
 from backupmx.lifecycle import BounceFailed, housekeeping, next_retry_delay, send_dsn
 from backupmx.store import QueueStore
+from conftest import REPO
 
 
 T0 = 1_800_000_000
@@ -218,24 +222,95 @@ def test_expired_mail_gets_a_dsn_through_the_relay(store, clock, tmp_path, log, 
 
 def test_ret_hdrs_full_and_big_mail(store, clock, tmp_path, log, sink):
     config = make_config(tmp_path, relay=sink.port)
-    big = BODY + (b"y" * 998 + b"\r\n") * 120  # > 100 KB
+    assert config.bounce_size_limit == 50 * 1024  # the default, as Postfix's 50000
+    big = BODY + (b"y" * 998 + b"\r\n") * 60  # > 50 KB
     hdrs = put(store, "a@short.test", ret="HDRS")
     full = put(store, "b@short.test", ret="FULL", body=big)
     plain_big = put(store, "c@short.test", body=big)
+    full_small = put(store, "d@short.test", ret="FULL")
     clock.now += 2 * HOUR
     run(store, config, log, clock)
     got = {}
-    for _, _, body, _ in sink.wait_for(3):
+    for _, _, body, _ in sink.wait_for(4):
         message, per_message, [r], part = parse(body)
         got[r["Final-Recipient"]] = (part.get_content_type(), body)
     assert got["rfc822; a@short.test"][0] == "text/rfc822-headers"
     assert b"Hello there." not in got["rfc822; a@short.test"][1]
     assert b"Subject: the report" in got["rfc822; a@short.test"][1]
-    assert got["rfc822; b@short.test"][0] == "message/rfc822"
-    assert big in got["rfc822; b@short.test"][1]
-    assert got["rfc822; c@short.test"][0] == "text/rfc822-headers"
-    assert b"yyyy" not in got["rfc822; c@short.test"][1]
-    assert all(e.what == "dsn" for q in (hdrs, full, plain_big) for e in store.history(q)[-1:])
+    for big_one in ("b", "c"):  # RET=FULL or not: over bounce_size_limit, the header only
+        content_type, body = got[f"rfc822; {big_one}@short.test"]
+        assert content_type == "text/rfc822-headers"
+        assert b"Subject: the report" in body and b"yyyy" not in body and len(body) < 10 * 1024
+    assert got["rfc822; d@short.test"][0] == "message/rfc822"
+    assert BODY in got["rfc822; d@short.test"][1]
+    assert all(e.what == "dsn" for q in (hdrs, full, plain_big, full_small) for e in store.history(q)[-1:])
+
+
+def original_part(body):
+    """The raw bytes of a DSN's third part (the original or its header)."""
+    boundary = email.message_from_bytes(body).get_boundary().encode()
+    third = body.split(b"--" + boundary)[3]
+    return third.split(b"\r\n\r\n", 1)[1][:-2]  # after the part's header; its CRLF belongs to the delimiter
+
+
+def test_bounce_size_limit_bounds_failure_expiry_and_delay_reports(store, clock, tmp_path, log, sink):
+    config = make_config(tmp_path, relay=sink.port, extra="bounce_size_limit = 1K\ndelay_warning = 30m")
+    header = b"".join(b"X-Filler-%02d: %s\r\n" % (n, b"h" * 60) for n in range(30))  # ~2.3 KB of header
+    body = header + b"Subject: long header\r\n\r\nbody\r\n"
+    expired = put(store, "a@short.test", ret="FULL", body=body)  # short.test expires after 1h
+    failed = put(store, "b@long.test", ret="FULL", body=body)
+    small = put(store, "c@long.test", ret="FULL", body=b"Subject: small\r\n\r\nfits\r\n")
+    clock.now += 40 * 60
+    assert run(store, config, log, clock)["delay_warnings"] == 3
+    clock.now += HOUR
+    store.failed(failed, "long.test", ["b@long.test"], "550 5.7.1 refused")
+    store.failed(small, "long.test", ["c@long.test"], "550 5.7.1 refused")
+    summary = run(store, config, log, clock)
+    assert summary["expired"] == 1 and summary["dsn_sent"] == 3
+    reports = sink.wait_for(6)
+    assert len(reports) == 6
+    for _, _, report, _ in reports:
+        message, _, [r], part = parse(report)
+        attached = original_part(report)
+        assert len(attached) <= 1024
+        if r["Final-Recipient"] == "rfc822; c@long.test" and r["Action"] == "failed":
+            assert part.get_content_type() == "message/rfc822" and attached.endswith(b"fits\r\n")
+            continue
+        assert part.get_content_type() == "text/rfc822-headers"
+        if r["Final-Recipient"] == "rfc822; c@long.test":  # its delay warning: the whole (small) header
+            assert attached == b"Subject: small\r\n"
+        else:  # as many whole header lines as fit in 1K
+            assert attached.startswith(b"X-Filler-00: ") and len(attached) > 1024 - len(header) // 30
+            assert attached.endswith(b"\r\n") and header.startswith(attached)
+    assert {r.state for q in (expired, failed) for r in rows(store, q).values()} == {"expired", "failed"}
+
+
+def test_a_2_mb_ret_full_message_refused_by_the_primary_bounces_headers_only(server_factory, tmp_path):
+    """End to end: smtplib -> serve -> queue; `backupmx flush` -> primary 554 -> DSN via the relay."""
+    from sink import Sink
+
+    with Sink() as primary, Sink() as relay:
+        primary.behaviour = "data_5xx"
+        mx = server_factory(bounce_relay=f"127.0.0.1:{relay.port}", domains={
+            "example.com": {"primary": f"127.0.0.1:{primary.port}", "primary_tls": "none"}})
+        big = b"Subject: big\r\nMessage-ID: <big@origin.test>\r\n\r\n" + (b"z" * 998 + b"\r\n") * 2100
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=30) as client:
+            client.ehlo("client.test")
+            client.sendmail("victim@origin.test", ["bob@example.com"], big, mail_options=["RET=FULL"])
+        assert mx.stop() == 0  # the shell's flusher alone delivers: its housekeeping then sends the DSN
+        flush = subprocess.run([sys.executable, str(REPO / "backupmx.py"), "flush", "example.com", "-c",
+                                mx.config_path], capture_output=True, text=True, timeout=30)
+        assert flush.returncode == 0, flush.stderr
+        [(mail_from, rcpts, report, _)] = relay.wait_for(1, timeout=20)
+    assert primary.data_received == 1 and len(big) > 2 * 1024 * 1024
+    assert (mail_from, rcpts) == ("", ["victim@origin.test"])
+    _, _, [r], part = parse(report)
+    assert r["Action"] == "failed" and r["Status"] == "5.7.1"
+    assert part.get_content_type() == "text/rfc822-headers"
+    attached = original_part(report)
+    assert attached.startswith(b"Received: from client.test ([127.0.0.1])")
+    assert attached.endswith(b"Subject: big\r\nMessage-ID: <big@origin.test>\r\n")
+    assert len(report) < 50 * 1024 and b"zzzz" not in report
 
 
 def test_failed_5xx_gets_a_dsn_with_diagnostic(store, clock, tmp_path, log, sink):
