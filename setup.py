@@ -1,4 +1,10 @@
-"""Packaging for backupmx. No runtime dependencies: the standard library is enough."""
+"""Build hook only; the metadata is in pyproject.toml.
+
+schema.sql has one home, the top of the checkout (SPEC layout), where humans
+and `sqlite3` read it. The built package needs a copy inside it, where
+backupmx.schema, `backupmx bundle` and an installed `backupmx serve` find it;
+setuptools' package-data only takes files inside the package, hence this hook.
+"""
 
 import os
 import shutil
@@ -6,22 +12,16 @@ import shutil
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 
 class build_py_with_schema(build_py):
-    """Ship schema.sql inside the package, where backupmx.schema looks for it."""
+    """Copy the top-level schema.sql into the built backupmx package."""
 
     def run(self):
         super().run()
         target = os.path.join(self.build_lib, "backupmx", "schema.sql")
-        shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql"), target)
+        shutil.copyfile(os.path.join(HERE, "schema.sql"), target)
 
 
-setup(
-    name="backupmx",
-    version="0.1.0",
-    description="A backup MX that queues mail per domain in SQLite and delivers it to the primary on ETRN",
-    packages=["backupmx"],
-    python_requires=">=3.11",
-    cmdclass={"build_py": build_py_with_schema},
-    entry_points={"console_scripts": ["backupmx = backupmx.cli:main"]},
-)
+setup(cmdclass={"build_py": build_py_with_schema})

@@ -492,6 +492,9 @@ def cmd_bundle(args) -> int:
         )
         partial = os.path.join(tmp, "bundle.pyz")
         zipapp.create_archive(Path(tmp, "app"), partial, interpreter="/usr/bin/env python3", compressed=True)
+        # A program for every user: supervisors run it as backupmx (systemd
+        # User=, xinetd user, tcpserver -u); zipapp's own chmod is u+x only.
+        os.chmod(partial, 0o755)
         shutil.move(partial, target)  # whole file or nothing at the destination's name
     print(f"wrote {target}")
     return 0
