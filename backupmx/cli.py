@@ -555,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("passwd", cmd_passwd, "read a password, print its {SCRYPT} value for the config")
 
     p = command("etrn", cmd_etrn, "ask a backup MX to deliver (the primary's side)")
-    p.add_argument("target", metavar="HOST[:PORT]")
+    p.add_argument("target", metavar="HOST[:PORT][,HOST[:PORT]...]",
+                   help="the backup MX; several (equal MX preference, each with its own queue) comma-separated")
     p.add_argument("domains", metavar="DOMAIN", nargs="+")
     p.add_argument("--user", required=True)
     p.add_argument("--password-file", metavar="FILE", help="first line is the password ('-' = stdin)")

@@ -5,6 +5,10 @@ STARTTLS (or implicit TLS), verify its certificate, AUTH, and send
 `ETRN <domain>` for each domain.  The backup MX answers at once and delivers
 in the background on a new connection to the primary.
 
+Several backup MX hosts (equal MX preference, each with its own queue) are
+one comma-separated HOST[:PORT] list: each is asked in turn, and a host that
+is down does not keep the others from being asked.
+
 Passwords only ever travel inside TLS: a server that does not offer STARTTLS
 is refused before AUTH.  Needs no config file.
 """
@@ -18,7 +22,7 @@ import socket
 import ssl
 import sys
 
-__all__ = ["main", "parse_target", "run"]
+__all__ = ["main", "parse_target", "parse_targets", "run", "run_hosts"]
 
 # RFC 1985 section 5: 250 queuing started, 251 no messages waiting,
 # 252 pending messages for node started, 253 <n> pending messages started.
@@ -53,6 +57,22 @@ def parse_target(target: str, default_port: int) -> tuple[str, int]:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{target}: bad port {port!r}")
     return host, int(port)
+
+
+def parse_targets(text: str, default_port: int) -> list[tuple[str, int]]:
+    """HOST[:PORT][,HOST[:PORT]...] -> [(host, port), ...] in the order given, each once.
+
+    ValueError (one line) on an empty item or a bad port.
+    """
+    targets = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"{text}: empty host in the list")
+        target = parse_target(item, default_port)
+        if target not in targets:
+            targets.append(target)
+    return targets
 
 
 def _tls_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
@@ -131,16 +151,31 @@ def _authenticate(smtp: smtplib.SMTP, user: str, password: str) -> None:
     raise _Failed(f"authentication failed: {_reply_text(code, msg)}")
 
 
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run_hosts(targets, domains, **options) -> int:
+    """run() for each (host, port) in turn; 0 when every host's run was 0, else the
+    first failing host's status. With several hosts each reply line starts with
+    "<host>:<port>: " so the output says which backup MX answered."""
+    statuses = []
+    for host, port in targets:
+        label = f"{_where(host, port)}: " if len(targets) > 1 else ""
+        statuses.append(run(host, port, domains, label=label, **options))
+    return next((status for status in statuses if status), 0)
+
+
 def run(host, port, domains, *, user, password, implicit_tls=False, cafile=None, insecure=False,
-        timeout=30, out=None, err=None) -> int:
+        timeout=30, out=None, err=None, label="") -> int:
     """Send ETRN for each domain; 0 when every reply is 250/251/252/253, else 1.
 
-    Prints "ETRN <domain>: <reply>" for each on `out`; a connection, TLS or
-    AUTH problem is one line on `err` (no traceback) and exit 1.
+    Prints "<label>ETRN <domain>: <reply>" for each on `out`; a connection, TLS
+    or AUTH problem is one line on `err` (no traceback; it names the host) and exit 1.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = _where(host, port)
     smtp = None
     try:
         ctx = _tls_context(cafile, insecure)
@@ -171,7 +206,7 @@ def run(host, port, domains, *, user, password, implicit_tls=False, cafile=None,
         status = 0
         for domain in domains:
             code, msg = smtp.docmd("ETRN", domain)
-            print(f"ETRN {domain}: {_reply_text(code, msg)}", file=out, flush=True)
+            print(f"{label}ETRN {domain}: {_reply_text(code, msg)}", file=out, flush=True)
             if code not in ETRN_OK:
                 status = 1
             if code == 421:  # the server is closing the connection
@@ -238,7 +273,8 @@ def _read_password(password_file: str | None, user: str) -> str:
 def main(args) -> int:
     """Entry point from `backupmx etrn` (argparse namespace).
 
-    Reads: target (HOST[:PORT]; also accepted as `host`), domains (list),
+    Reads: target (HOST[:PORT], or several, comma-separated; also accepted
+    as `host`), domains (list),
     user, password_file, tls (implicit TLS; also `implicit_tls`), cafile,
     insecure, timeout (optional, seconds).
     """
@@ -256,7 +292,7 @@ def main(args) -> int:
         if not user:
             raise _Failed("--user is required")
         try:
-            host, port = parse_target(target, 465 if implicit_tls else 25)
+            targets = parse_targets(target, 465 if implicit_tls else 25)
         except ValueError as exc:
             raise _Failed(str(exc)) from None
         password = _read_password(getattr(args, "password_file", None), user)
@@ -264,6 +300,6 @@ def main(args) -> int:
         print(f"backupmx etrn: {exc}", file=sys.stderr)
         return 1
     timeout = getattr(args, "timeout", None) or 30
-    return run(host, port, list(domains), user=user, password=password, implicit_tls=implicit_tls,
-               cafile=getattr(args, "cafile", None), insecure=bool(getattr(args, "insecure", False)),
-               timeout=timeout)
+    return run_hosts(targets, list(domains), user=user, password=password, implicit_tls=implicit_tls,
+                     cafile=getattr(args, "cafile", None), insecure=bool(getattr(args, "insecure", False)),
+                     timeout=timeout)

@@ -1,0 +1,106 @@
+"""Beyond one machine: several backup MX hosts flushed by one `backupmx etrn`, and
+the queue replicated with Litestream and restored after the machine is lost.
+
+Real servers, a real sink as the primary, real TLS, a real Litestream process.
+"""
+
+import re
+import smtplib
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from backupmx import etrnclient
+from conftest import CERTS, REPO, free_port
+
+PASSWORD = "same on every backup MX"
+
+
+def run_cli(*args, timeout=60):
+    return subprocess.run([sys.executable, str(REPO / "backupmx.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def send(port, body, rcpt="bob@example.com"):
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.sendmail("alice@origin.test", [rcpt], body)
+
+
+def queued(server):
+    db = sqlite3.connect(server.queue_path)
+    try:
+        return db.execute("SELECT COUNT(*) FROM queue WHERE state = 'queued'").fetchone()[0]
+    finally:
+        db.close()
+
+
+# -- several backup MX hosts at equal preference -----------------------------------------------------
+
+
+def backup_mx(server_factory, sink, name):
+    """One backup MX of several: its own directory, queue and ports; the same domain, user and primary."""
+    return server_factory(
+        sub=name, tls=True,
+        domains={"example.com": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"}},
+        users={"primary-example": ("{PLAIN}" + PASSWORD, "example.com")})
+
+
+def test_one_etrn_flushes_every_backup_mx(server_factory, sink, tmp_path):
+    mx2 = backup_mx(server_factory, sink, "mx2")
+    mx3 = backup_mx(server_factory, sink, "mx3")
+    # The sender's MTA picked one of the equal-preference MX hosts per message.
+    send(mx2.port, b"Subject: via mx2\r\n\r\nfirst\r\n")
+    send(mx3.port, b"Subject: via mx3\r\n\r\nsecond\r\n")
+    send(mx3.port, b"Subject: via mx3 again\r\n\r\nthird\r\n")
+    assert (queued(mx2), queued(mx3)) == (1, 2)
+    password_file = tmp_path / "etrn-password"
+    password_file.write_text(PASSWORD + "\n")
+
+    result = run_cli("etrn", f"127.0.0.1:{mx2.port},localhost:{mx3.port}", "example.com",
+                     "--user", "primary-example", "--password-file", password_file, "--cafile", CERTS / "ca.pem")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    # One line per host and domain, labelled with the host that answered.
+    mx2_line, mx3_line = result.stdout.splitlines()
+    assert re.fullmatch(rf"127\.0\.0\.1:{mx2.port}: ETRN example\.com: 253 .*\b1 pending .*", mx2_line)
+    assert re.fullmatch(rf"localhost:{mx3.port}: ETRN example\.com: 253 .*\b2 pending .*", mx3_line)
+    bodies = [body for _, _, body, _ in sink.wait_for(3, timeout=20)]
+    for text in (b"first", b"second", b"third"):
+        assert sum(text in body for body in bodies) == 1, text
+    assert len(bodies) == 3
+
+
+def test_a_dead_backup_mx_does_not_stop_the_others(server_factory, sink, tmp_path):
+    mx3 = backup_mx(server_factory, sink, "mx3")
+    send(mx3.port, b"Subject: waiting\r\n\r\nbody\r\n")
+    password_file = tmp_path / "etrn-password"
+    password_file.write_text(PASSWORD + "\n")
+    dead = free_port()
+
+    result = run_cli("etrn", f"127.0.0.1:{dead},localhost:{mx3.port}", "example.com",
+                     "--user", "primary-example", "--password-file", password_file, "--cafile", CERTS / "ca.pem")
+
+    assert result.returncode == 1  # one host failed: the status says so ...
+    assert result.stderr.startswith(f"backupmx etrn: 127.0.0.1:{dead}: ") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+    # ... and the live one was asked all the same.
+    assert re.fullmatch(rf"localhost:{mx3.port}: ETRN example\.com: 253 .*\b1 pending .*\n", result.stdout)
+    assert b"body" in sink.wait_for(1, timeout=20)[0][2]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("mx2.example.net", [("mx2.example.net", 25)]),
+    ("mx2.example.net,mx3.example.net:2525", [("mx2.example.net", 25), ("mx3.example.net", 2525)]),
+    ("[::1]:2525, 127.0.0.1", [("::1", 2525), ("127.0.0.1", 25)]),
+    ("mx2.example.net,mx2.example.net:25", [("mx2.example.net", 25)]),  # the same host is asked once
+])
+def test_parse_targets(text, expected):
+    assert etrnclient.parse_targets(text, 25) == expected
+
+
+@pytest.mark.parametrize("text", ["mx2.example.net,", ",mx3", "a,,b", "mx2:x,mx3"])
+def test_parse_targets_bad(text):
+    with pytest.raises(ValueError):
+        etrnclient.parse_targets(text, 25)
