@@ -1,12 +1,12 @@
 """The `backupmx` command line.
 
-Each subcommand is one `cmd_<name>(args) -> int` function. The module that
-implements a command is imported inside that function, so a half-finished or
-broken module only breaks its own command.
+Each subcommand is one `cmd_<name>(args) -> int` function. The modules a
+command needs are imported inside it, so that `backupmx passwd` does not load
+the server.
 
 Exit status: 0 all well; 1 an operator mistake or a failed check (one line on
 stderr: "backupmx: <message>", never a traceback; BACKUPMX_DEBUG=1 shows one);
-2 a usage error or a command that is not there yet; 130 interrupted.
+2 a usage error; 130 interrupted.
 
 Under `serve --inetd` stdin/stdout (and often stderr) are the client's socket:
 nothing but SMTP is written there, so errors go to the log (syslog by default)
@@ -16,7 +16,6 @@ and the client gets a 421.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
@@ -32,10 +31,6 @@ QUEUE_STATES = ("queued", "held", "failed", "expired")
 AGE_BUCKETS = (("<1h", 3600), ("<6h", 6 * 3600), ("<1d", 86400), ("<3d", 3 * 86400), ("3d+", float("inf")))
 
 
-class NotImplementedYet(Exception):
-    """The module or function behind a command does not exist yet."""
-
-
 class OperatorError(Exception):
     """A one-line problem the operator can fix, reported as "backupmx: <message>"."""
 
@@ -46,22 +41,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         command = self.prog.removeprefix("backupmx").strip()
         self.exit(2, f"backupmx: {command + ': ' if command else ''}{message} (try `{self.prog} --help`)\n")
-
-
-def _implementation(module: str, attribute: str | None = None):
-    """Import backupmx.<module> (and fetch an attribute) or raise NotImplementedYet."""
-    try:
-        mod = importlib.import_module(f"backupmx.{module}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"backupmx.{module}":
-            raise NotImplementedYet(module) from None
-        raise
-    if attribute is None:
-        return mod
-    try:
-        return getattr(mod, attribute)
-    except AttributeError:
-        raise NotImplementedYet(f"{module}.{attribute}") from None
 
 
 def _load(args) -> Config:
@@ -75,7 +54,8 @@ def _open_store(config: Config):
     """
     if not os.path.exists(config.queue):
         return None
-    QueueStore = _implementation("store", "QueueStore")
+    from backupmx.store import QueueStore
+
     _become_queue_owner(config.queue)
     return QueueStore(config.queue)
 
@@ -135,9 +115,14 @@ def cmd_serve(args) -> int:
     if args.tls and not args.inetd:
         raise OperatorError("serve: --tls is for --inetd (implicit-TLS listeners are set with listen_tls)")
     config = _load(args)
-    serve = _implementation("master", "serve")
-    args.serving = True  # from here on the master owns the socket (under --inetd)
-    return serve(config, inetd=args.inetd, implicit_tls=args.tls)
+    args.serving = True  # from here on the server owns the socket (under --inetd)
+    if args.inetd:
+        from backupmx.inetd import serve_inetd
+
+        return serve_inetd(config, implicit_tls=args.tls)
+    from backupmx.master import serve
+
+    return serve(config)
 
 
 def cmd_check(args) -> int:
@@ -159,7 +144,8 @@ def _check_tls(config: Config) -> list[str]:
     if not config.tls_cert:
         print("ok: no tls_cert: STARTTLS, AUTH and so ETRN are not offered")
         return []
-    tls = _implementation("tls")
+    from backupmx import tls
+
     try:
         tls.server_context(config.tls_cert, config.tls_key, config.tls_min_version)
         tls.check_key_file(config.tls_key)
@@ -174,7 +160,9 @@ def _check_database(path: str) -> list[str]:
     import sqlite3
     from pathlib import Path
 
-    problems = _implementation("store", "check_database")(path)
+    from backupmx.store import check_database
+
+    problems = check_database(path)
     if problems:
         return problems
     if not os.path.exists(path):
@@ -262,12 +250,8 @@ def cmd_queue(args) -> int:
     return 0
 
 
-def _recipient_text(recipient) -> str:
-    return getattr(recipient, "address", recipient)
-
-
 def _message_line(row, now: float) -> str:
-    recipients = ",".join(_recipient_text(r) for r in row.recipients)
+    recipients = ",".join(row.recipients)
     return " ".join(
         [
             row.queue_id,
@@ -331,7 +315,7 @@ def cmd_flush(args) -> int:
     if any(pending.values()):
         # Without a running `serve` (inetd-only setups) nobody else would deliver;
         # with one, the flush lease lets only one of them do it.
-        from backupmx.master import spawn_detached_flusher
+        from backupmx.inetd import spawn_detached_flusher
 
         spawn_detached_flusher(config)
     for domain in domains:
@@ -398,9 +382,7 @@ def cmd_show(args) -> int:
                 out.write(chunk)
             out.flush()
         finally:
-            close = getattr(body, "close", None)
-            if close:
-                close()
+            body.close()
     finally:
         store.close()
     return 0
@@ -414,9 +396,8 @@ def _operator_action(args) -> int:
     """hold / release / delete / requeue ID|DOMAIN via QueueStore.<action>(queue_id=|domain=)."""
     target, store = _open_target(args)
     try:
-        action = getattr(store, args.command, None)
-        if action is None:
-            raise NotImplementedYet(f"store.{args.command}")
+        action = {"hold": store.hold, "release": store.release, "delete": store.delete,
+                  "requeue": store.requeue}[args.command]
         if args.command == "delete" and not args.yes:
             what = target.get("queue_id") or f"all mail for {target['domain']}"
             if not (sys.stdin and sys.stdin.isatty()):
@@ -440,7 +421,8 @@ def _operator_action(args) -> int:
 
 
 def cmd_passwd(args) -> int:
-    hash_password = _implementation("auth", "hash_password")
+    from backupmx.auth import hash_password
+
     if sys.stdin is not None and sys.stdin.isatty():
         import getpass
 
@@ -460,8 +442,9 @@ def cmd_passwd(args) -> int:
 
 
 def cmd_etrn(args) -> int:
-    run = _implementation("etrnclient", "main")
-    return run(args)
+    from backupmx import etrnclient
+
+    return etrnclient.main(args)
 
 
 def cmd_bundle(args) -> int:
@@ -609,12 +592,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except NotImplementedYet:
-        if not inetd:
-            print(f"backupmx: {args.command}: not implemented yet", file=sys.stderr)
-        else:
-            _report_inetd(f"{args.command}: not implemented yet", False)
-        return 2
     except BrokenPipeError:
         # `backupmx queue list | head`: the reader went away; say nothing more.
         try:

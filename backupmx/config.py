@@ -27,6 +27,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+from backupmx.auth import validate_password_value
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -425,11 +427,7 @@ def _password(text: str) -> str:
         raise ValueError("must start with {SCRYPT} (from `backupmx passwd`) or {PLAIN}")
     if text in PASSWORD_SCHEMES:
         raise ValueError("empty password")
-    try:  # a mangled {SCRYPT} value is found now, not at the first AUTH
-        from backupmx.auth import validate_password_value
-    except ImportError:
-        return text
-    validate_password_value(text)
+    validate_password_value(text)  # a mangled {SCRYPT} value is found now, not at the first AUTH
     return text
 
 

@@ -15,6 +15,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 from backupmx import replies, smtp
 from backupmx.auth import Authenticator, authzid_acceptable, cram_md5_challenge
@@ -43,36 +44,47 @@ AUTH_THREADS = 2
 SHUTDOWN_GRACE = 30.0
 
 
+@dataclass(frozen=True)
+class QueueMessage:
+    """Outcome: this message waits for the worker loop's group commit; answer with `committed()`."""
+    submission: Submission
+
+
+@dataclass(frozen=True)
+class FlushRequested:
+    """Outcome: an ETRN recorded flush requests for these domains (they have mail waiting)."""
+    domains: tuple[str, ...]
+
+
 @dataclass
 class ConnectionContext:
-    """What every connection of one worker process shares. Built after the fork."""
+    """What every connection of one worker process shares. Built after the fork: it opens the queue."""
 
     config: Config
-    store: QueueStore
     ssl_context: ssl.SSLContext | None
     logger: logging.Logger
-    spool_dir: str | None = None
-    clock: object = time.monotonic
-    wallclock: object = time.time
-    # Called with the domains an ETRN has just queued a flush for (those with
-    # mail waiting), after the request is committed. None under the master, whose
-    # flush workers poll for requests; serve --inetd starts a detached flusher here.
-    on_flush_requested: object = None
+    clock: Callable[[], float] = time.monotonic
+    wallclock: Callable[[], float] = time.time
+    store: QueueStore = field(init=False)
+    spool_dir: str = field(init=False)
     authenticator: Authenticator = field(init=False)
     admission: Admission = field(init=False)
     quotas: dict = field(init=False)
-    pending: list = field(init=False)  # (connection, Submission) waiting for the group commit
     auth_pool: ThreadPoolExecutor = field(init=False)  # where scrypt runs, off the event loop
 
     def __post_init__(self):
-        self.pending = []
+        self.store = QueueStore(self.config.queue)
         self.auth_pool = ThreadPoolExecutor(max_workers=AUTH_THREADS, thread_name_prefix="auth")
         self.authenticator = Authenticator(self.config.users)
         self.admission = Admission(self.config, self.store)
         self.quotas = {name: (d.max_queue_messages, d.max_queue_bytes) for name, d in self.config.domains.items()
                        if d.max_queue_messages is not None or d.max_queue_bytes is not None}
-        if self.spool_dir is None:
-            self.spool_dir = os.path.dirname(os.path.abspath(self.config.queue))
+        # Bodies that outgrow memory are spooled beside the queue (same file system).
+        self.spool_dir = os.path.dirname(os.path.abspath(self.config.queue))
+
+    def close(self) -> None:
+        self.auth_pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
 
     def verify_credentials(self, request: AuthRequest) -> bool:
         """Run on auth_pool: True if the AUTH request's credentials are right."""
@@ -82,30 +94,6 @@ class ConnectionContext:
         user = authenticator.check_password(request.username, request.password)
         # Acting for another user is not offered (RFC 4616 authzid).
         return user is not None and authzid_acceptable(request.authzid, request.username)
-
-    def commit_pending(self) -> list:
-        """Queue every message that ended this loop round in one durable transaction.
-
-        Group commit: one fsync for all the sessions of this worker that sent
-        their final dot at about the same time, instead of one each. Returns
-        [(connection, None or the problem)]; the loop then calls each
-        connection's `committed(problem)`, which sends the 250 (or 452): only
-        after this commit has returned.
-        """
-        if not self.pending:
-            return []
-        batch = [(c, s) for c, s in self.pending if not c.closed]
-        self.pending = []
-        if not batch:
-            return []
-        try:
-            problems = self.store.enqueue_many([s for _, s in batch], quotas=self.quotas)
-        except (QueueUnavailable, OSError) as exc:
-            problems = [exc] * len(batch)
-        except Exception as exc:  # e.g. a malformed database: 452 for all, never a 250
-            log_event(self.logger, "queue-error", error=f"{type(exc).__name__}: {exc}", level=logging.ERROR)
-            problems = [exc] * len(batch)
-        return [(connection, problem) for (connection, _), problem in zip(batch, problems)]
 
 
 class SMTPConnection:
@@ -128,6 +116,7 @@ class SMTPConnection:
         # verdict once known (a failure is answered only after a delay).
         self._auth_request = self._auth_future = self._auth_ok = self._auth_due = None
         self._stop_at = None  # set by begin_shutdown
+        self._outcomes = []  # QueueMessage, FlushRequested: for the worker loop (take_outcomes)
         now = ctx.clock()
         self._handshake_deadline = now + self._handshake_time() if implicit_tls else None
         self._idle_deadline = now + ctx.config.timeout
@@ -219,6 +208,11 @@ class SMTPConnection:
             self.session.timeout()
             self._after_session()
         self.on_writable()
+
+    def take_outcomes(self) -> list:
+        """What the worker loop must act on (QueueMessage, FlushRequested), handed over once."""
+        outcomes, self._outcomes = self._outcomes, []
+        return outcomes
 
     def begin_shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
         """The server is stopping: finish the transaction in flight, then 421."""
@@ -337,11 +331,11 @@ class SMTPConnection:
         size = self._spool.tell()
         self._spool.seek(0)
         self._awaiting_commit = event
-        self.ctx.pending.append((self, Submission(self._queue_id, event.envelope, self._spool, size,
-                                                  self.client_ip, self.session.helo)))
+        self._outcomes.append(QueueMessage(Submission(self._queue_id, event.envelope, self._spool, size,
+                                                      self.client_ip, self.session.helo)))
 
     def committed(self, problem: Exception | None) -> None:
-        """The group commit is done: answer the client (ConnectionContext.commit_pending)."""
+        """The worker loop's group commit is done: answer the client (None: queued)."""
         event, self._awaiting_commit = self._awaiting_commit, None
         if problem is not None:
             return self._refuse(event, str(problem), quota=isinstance(problem, QuotaExceeded))
@@ -412,11 +406,7 @@ class SMTPConnection:
         log_event(self.ctx.logger, "etrn", client=self.client_ip, user=self.session.user,
                   domains=",".join(request.domains),
                   pending=sum(pending.values()) if pending is not None else None)
-        waiting = [domain for domain, count in (pending or {}).items() if count]
-        if waiting and self.ctx.on_flush_requested is not None:
-            try:
-                self.ctx.on_flush_requested(waiting)
-            except Exception as exc:  # the request is on disk: the next ETRN or flusher picks it up
-                log_event(self.ctx.logger, "flush-start-failed", client=self.client_ip, error=str(exc),
-                          level=logging.WARNING)
+        waiting = tuple(domain for domain, count in (pending or {}).items() if count)
+        if waiting:
+            self._outcomes.append(FlushRequested(waiting))
         self.session.etrn_result(pending, request.argument)

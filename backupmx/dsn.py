@@ -253,7 +253,7 @@ def _delivery_status(bounce, recipients, *, action: str, reporting_mta: str, arr
         fields.append(f"Original-Envelope-Id: {xtext_decode(bounce.envid)}")
     fields.append(f"Arrival-Date: {_date(arrival_date)}")
     blocks = ["\r\n".join(fields)]
-    last_attempt = getattr(bounce, "last_attempt", None)
+    last_attempt = bounce.last_attempt
     for r in recipients:
         block = []
         if r.orcpt:

@@ -271,35 +271,18 @@ def _read_password(password_file: str | None, user: str) -> str:
 
 
 def main(args) -> int:
-    """Entry point from `backupmx etrn` (argparse namespace).
+    """Entry point from `backupmx etrn` (the argparse namespace of cli.build_parser).
 
-    Reads: target (HOST[:PORT], or several, comma-separated; also accepted
-    as `host`), domains (list),
-    user, password_file, tls (implicit TLS; also `implicit_tls`), cafile,
-    insecure, timeout (optional, seconds).
+    args.target is HOST[:PORT], or several, comma-separated.
     """
-    target = getattr(args, "target", None) or getattr(args, "host", None)
-    domains = getattr(args, "domains", None) or getattr(args, "domain", None) or []
-    if isinstance(domains, str):
-        domains = [domains]
-    implicit_tls = bool(getattr(args, "tls", False) or getattr(args, "implicit_tls", False))
-    user = getattr(args, "user", None)
     try:
-        if not target:
-            raise _Failed("no HOST[:PORT] given")
-        if not domains:
-            raise _Failed("no DOMAIN given")
-        if not user:
-            raise _Failed("--user is required")
         try:
-            targets = parse_targets(target, 465 if implicit_tls else 25)
+            targets = parse_targets(args.target, 465 if args.tls else 25)
         except ValueError as exc:
             raise _Failed(str(exc)) from None
-        password = _read_password(getattr(args, "password_file", None), user)
+        password = _read_password(args.password_file, args.user)
     except _Failed as exc:
         print(f"backupmx etrn: {exc}", file=sys.stderr)
         return 1
-    timeout = getattr(args, "timeout", None) or 30
-    return run_hosts(targets, list(domains), user=user, password=password, implicit_tls=implicit_tls,
-                     cafile=getattr(args, "cafile", None), insecure=bool(getattr(args, "insecure", False)),
-                     timeout=timeout)
+    return run_hosts(targets, list(args.domains), user=args.user, password=password, implicit_tls=args.tls,
+                     cafile=args.cafile, insecure=args.insecure, timeout=args.timeout)

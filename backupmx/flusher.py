@@ -30,6 +30,7 @@ What must always hold:
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import re
 import smtplib
@@ -41,6 +42,7 @@ from collections.abc import Callable
 from backupmx import tls
 from backupmx.lifecycle import housekeeping, next_retry_delay, request_due_retries
 from backupmx.log import log_event
+from backupmx.store import QueueStore, QueueUnavailable
 
 __all__ = [
     "DataEncoder",
@@ -48,6 +50,7 @@ __all__ = [
     "ReplyError",
     "deliver_domain",
     "default_lease_seconds",
+    "drain",
     "run_flush_worker",
 ]
 
@@ -666,8 +669,6 @@ class _ExtraConnection(threading.Thread):
         self.counts = {"messages": 0, "delivered": 0, "deferred": 0, "failed": 0}
 
     def run(self):
-        from backupmx.store import QueueStore
-
         path, domain, owner, hostname, timeout, lease_seconds, log = self.args
         try:
             store = QueueStore(path)
@@ -806,25 +807,67 @@ def deliver_domain(
     return flush.counts
 
 
-def run_flush_worker(config, owner: str, should_stop: Callable[[], bool]) -> None:
-    """The flush worker process: claim a domain, deliver it, release it; repeat.
+def drain(store, config, owner: str, *, lease_seconds: float, log: logging.Logger = LOGGER,
+          should_stop: Callable[[], bool] = lambda: False, rounds: int | None = None) -> int:
+    """The one delivery loop: claim a domain with a flush request, deliver it, release it.
 
-    Opens its own QueueStore (this runs after fork). Polls every POLL_INTERVAL
-    when there is nothing to do, returns soon after should_stop() turns true,
-    and never dies because of a bad primary: errors are logged per flush.
+    Runs until nothing is left to claim, should_stop() turns true, or `rounds`
+    domains were tried; returns the number delivered. Flush workers call it
+    each poll; the detached flusher (inetd.py: `serve --inetd` and `backupmx
+    flush`) calls it once. A flush that fails half-way is requested again
+    (the ETRN that started it was answered "started") and ends this pass, so
+    the caller decides how long to wait before the next one. Store errors
+    while claiming (QueueUnavailable) propagate.
+    """
+    delivered = 0
+    for _ in itertools.repeat(None) if rounds is None else range(rounds):
+        if should_stop():
+            break
+        name = store.claim_flush(owner, lease_seconds)
+        if name is None:
+            break
+        try:
+            domain = config.domains.get(name)
+            if domain is None:
+                log_event(log, "flush-skipped", domain=name, reason="domain not configured", level=logging.WARNING)
+                continue
+            deliver_domain(store, domain, owner=owner, hostname=config.hostname, timeout=config.timeout,
+                           lease_seconds=lease_seconds, log=log, should_stop=should_stop)
+            delivered += 1
+        except Exception as e:  # one bad flush must not end the process
+            log_event(log, "flush-error", domain=name, owner=owner, error=f"{type(e).__name__}: {e}",
+                      level=logging.ERROR)
+            _request_again(store, name, log)
+            raise FlushFailed(name) from e
+        finally:
+            try:
+                store.release_flush(name, owner)
+            except Exception as e:
+                log_event(log, "flush-error", domain=name, owner=owner,
+                          error=f"release: {type(e).__name__}: {e}", level=logging.ERROR)
+    return delivered
+
+
+class FlushFailed(Exception):
+    """A domain's flush failed half-way (logged, and requested again)."""
+
+
+def run_flush_worker(config, owner: str, should_stop: Callable[[], bool]) -> None:
+    """The flush worker process: drain(), then wait POLL_INTERVAL; repeat until should_stop().
+
+    Opens its own QueueStore (this runs after fork), returns soon after
+    should_stop() turns true, and never dies because of a bad primary: errors
+    are logged per flush, and the worker pauses a second after one.
 
     Every HOUSEKEEPING_INTERVAL it also runs lifecycle.housekeeping (expiry,
     bounces, retries on a backoff, retention); that is safe from several
     flush workers at once, as the store claims what each one acts on.
     """
-    from backupmx.store import QueueStore, QueueUnavailable
-
     log = LOGGER
     lease_seconds = default_lease_seconds(config.timeout)
     retrying = any(d.retry_interval > 0 for d in config.domains.values())
     next_housekeeping = next_retry_scan = time.monotonic() + 1.0
-    store = QueueStore(config.queue)
-    try:
+    with QueueStore(config.queue) as store:
         while not should_stop():
             now = time.monotonic()
             if now >= next_housekeeping:
@@ -834,43 +877,14 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool]) -> Non
                 next_retry_scan = now + RETRY_SCAN_INTERVAL
                 _housekeeping(request_due_retries, store, config, log)
             try:
-                name = store.claim_flush(owner, lease_seconds)
+                drain(store, config, owner, lease_seconds=lease_seconds, log=log, should_stop=should_stop)
             except QueueUnavailable as e:
                 log_event(log, "flush-error", owner=owner, error=str(e), level=logging.WARNING)
                 _pause(1.0, should_stop)
-                continue
-            if name is None:
-                _pause(POLL_INTERVAL, should_stop)
-                continue
-            try:
-                domain = config.domains.get(name)
-                if domain is None:
-                    log_event(log, "flush-skipped", domain=name, reason="domain not configured",
-                              level=logging.WARNING)
-                    continue
-                deliver_domain(
-                    store,
-                    domain,
-                    owner=owner,
-                    hostname=config.hostname,
-                    timeout=config.timeout,
-                    lease_seconds=lease_seconds,
-                    log=log,
-                    should_stop=should_stop,
-                )
-            except Exception as e:  # one bad flush must not end the worker
-                log_event(log, "flush-error", domain=name, owner=owner,
-                          error=f"{type(e).__name__}: {e}", level=logging.ERROR)
+            except FlushFailed:
                 _pause(1.0, should_stop)
-                _request_again(store, name, log)
-            finally:
-                try:
-                    store.release_flush(name, owner)
-                except Exception as e:
-                    log_event(log, "flush-error", domain=name, owner=owner,
-                              error=f"release: {type(e).__name__}: {e}", level=logging.ERROR)
-    finally:
-        store.close()
+            else:
+                _pause(POLL_INTERVAL, should_stop)
 
 
 def _request_again(store, domain: str, log) -> None:

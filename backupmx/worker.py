@@ -3,9 +3,10 @@
 The master (master.py) accepts connections and hands each one to a worker
 over the worker's control socket (an AF_UNIX SOCK_SEQPACKET pair, one message
 per datagram, the connection's file descriptor attached with SCM_RIGHTS).
-The worker drives every session with one `selectors` loop; the per-connection
-protocol work is backupmx.connection.SMTPConnection's. Idle clients therefore
-cost a file descriptor, not a process.
+The worker drives every session with one `selectors` loop (SessionLoop); the
+per-connection protocol work is the session driver's
+(connection.SMTPConnection). Idle clients therefore cost a file descriptor,
+not a process.
 
 Control protocol (ASCII, one message per SEQPACKET datagram):
 
@@ -28,57 +29,41 @@ sessions undisturbed for DRAIN_GRACE seconds (a reload should not cut anyone
 off), then calls begin_shutdown(DRAIN_CLOSE). Whatever is still open at the
 end is closed.
 
+The loop owns the group commit: a driver whose client ended DATA hands out a
+QueueMessage outcome; at the end of the loop round every such message of the
+worker is committed in ONE transaction (one fsync), and only then is each
+driver told `committed(problem)`, which sends the 250 (or 452). Other
+outcomes go to hook methods (`flush_requested`), which a mode may override
+(inetd.py starts a flusher there).
+
 Everything process-wide (signal handlers, the SQLite connection) is set up here,
-after the fork (STYLE 8); nothing of it exists in the master.
+after the fork (docs/DESIGN.md, "Processes"); nothing of it exists in the master.
 """
 
-import errno
 import logging
 import os
 import selectors
-import signal
 import socket
 import time
 
-from backupmx import replies
+from backupmx import children
+from backupmx.children import BOOT_ERROR, StopFlag, number_env
+from backupmx.connection import ConnectionContext, FlushRequested, QueueMessage, SMTPConnection
+from backupmx.log import log_event
+from backupmx.store import QueueUnavailable
 
-# Seconds between heartbeats sent to the master (it kills a worker whose last
+# Seconds between heartbeats sent to the master (it aborts a worker whose last
 # heartbeat is older than master.HEARTBEAT_TIMEOUT).
 HEARTBEAT_INTERVAL = 1.0
 
-# Exit status meaning "this worker cannot start with this configuration (the
-# queue cannot be opened, ...): do not respawn it in a loop" (gunicorn's
-# WORKER_BOOT_ERROR). The master stops the server when it sees it.
-WORKER_BOOT_ERROR = 3
-
-
-def _float_env(name, default):
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return float(default)
-
-
-# Drain bounds, in seconds (see the module docstring). The environment
-# variables exist for the test suite, which cannot wait 30 s.
-DRAIN_GRACE = _float_env("BACKUPMX_DRAIN_GRACE", 25.0)
-DRAIN_CLOSE = _float_env("BACKUPMX_DRAIN_CLOSE", 5.0)
+# Drain bounds, in seconds (see the module docstring).
+DRAIN_GRACE = number_env("BACKUPMX_DRAIN_GRACE", 25.0)
+DRAIN_CLOSE = number_env("BACKUPMX_DRAIN_CLOSE", 5.0)
 
 # Upper bound on one select() wait, so the drain phases and heartbeats stay on time.
 MAX_WAIT = 1.0
 
 _CTRL_MAX = 256  # bytes: the longest control message ("conn tls <ipv6> <port>")
-
-
-def load_connection_classes():
-    """(ConnectionContext, SMTPConnection) from backupmx.connection.
-
-    Imported lazily so that this module loads (and its tests run) even when
-    connection.py is being rewritten.
-    """
-    from backupmx.connection import ConnectionContext, SMTPConnection
-
-    return ConnectionContext, SMTPConnection
 
 
 def set_nodelay(sock):
@@ -91,20 +76,24 @@ def set_nodelay(sock):
 
 
 class SessionLoop:
-    """The selectors loop over the control socket and every session.
+    """The selectors loop over the control socket and every session of one process.
 
     `ctrl` is None in inetd mode: then the loop serves the sessions it was
     given with add_session() and returns when the last one ends.
+    `connection_class(sock, peer, context, implicit_tls=...)` makes a session
+    driver; SMTPConnection unless a test supervises something simpler.
     """
 
-    def __init__(self, ctrl, context, connection_class, logger):
+    def __init__(self, ctrl, context: ConnectionContext, logger: logging.Logger, *,
+                 connection_class=SMTPConnection, stop: StopFlag | None = None):
         self.ctrl = ctrl
         self.context = context
         self.connection_class = connection_class
         self.logger = logger
+        self.stop = stop or StopFlag()
         self.selector = selectors.DefaultSelector()
         self.sessions = {}  # conn -> peer ip as the master sent it
-        self.unregistered = set()  # open sessions with interest() == 0 (deadline only)
+        self.to_commit = []  # (conn, Submission) waiting for this round's group commit
         self.outbox = []  # control messages the socket could not take yet
         self.draining = False
         self.polite_at = None  # monotonic: when begin_shutdown goes to every session
@@ -112,15 +101,20 @@ class SessionLoop:
         self.polite_sent = False
         self.master_gone = False
         self.next_heartbeat = 0.0
-        self.signalled_stop = False  # set by the SIGTERM handler (a flag only)
         if ctrl is not None:
             ctrl.setblocking(False)
             self.selector.register(ctrl, selectors.EVENT_READ, None)
 
+    # -- hooks (may be overridden) ----------------------------------------------
+
+    def flush_requested(self, domains: tuple[str, ...]) -> None:
+        """An ETRN recorded flush requests for `domains`. Under the master the
+        flush workers poll the queue for them: nothing to do here."""
+
     # -- sessions -------------------------------------------------------------
 
     def add_session(self, sock, peer, implicit_tls, report_ip=None):
-        """Start an SMTPConnection on `sock` (connected, any blocking mode)."""
+        """Start a session driver on `sock` (connected, any blocking mode)."""
         report_ip = peer[0] if report_ip is None else report_ip
         try:
             sock.setblocking(False)
@@ -134,26 +128,21 @@ class SessionLoop:
         self.sessions[conn] = report_ip
         if self.draining and self.polite_sent:
             self._call(conn, lambda: conn.begin_shutdown(max(0.0, self.close_at - time.monotonic())))
-        self.update(conn, new=True)
+        self.update(conn)
         return conn
 
-    def update(self, conn, new=False):
+    def update(self, conn):
         """Re-register `conn` with the mask it wants now; retire it when closed."""
         if conn not in self.sessions:
             return
-        mask = 0 if conn.closed else conn.interest()
         if conn.closed:
             self._unregister(conn)
-            self.unregistered.discard(conn)
-            ip = self.sessions.pop(conn)
-            self.report(f"closed {ip}")
+            self.report(f"closed {self.sessions.pop(conn)}")
             return
-        if mask == 0:
-            # Open but waiting for nothing but its deadline.
+        mask = conn.interest()
+        if mask == 0:  # open, but waiting for nothing but its deadline
             self._unregister(conn)
-            self.unregistered.add(conn)
             return
-        self.unregistered.discard(conn)
         try:
             key = self.selector.get_key(conn.sock)
         except (KeyError, ValueError):
@@ -170,9 +159,14 @@ class SessionLoop:
             pass
 
     def _call(self, conn, method):
-        """Run one SMTPConnection callback; a bug in one session never ends the others."""
+        """Run one driver callback, then collect what it handed out.
+
+        A bug in one session never ends the others: it is logged and that
+        session is closed.
+        """
         try:
             method()
+            self._collect(conn)
         except Exception:
             ip = self.sessions.get(conn, "?")
             self.logger.exception("session-error client=%s", ip)
@@ -187,8 +181,14 @@ class SessionLoop:
                     conn.sock.close()
                 except OSError:
                     pass
-                self.unregistered.discard(conn)
                 self.report(f"closed {self.sessions.pop(conn, ip)}")
+
+    def _collect(self, conn):
+        for outcome in conn.take_outcomes():
+            if isinstance(outcome, QueueMessage):
+                self.to_commit.append((conn, outcome.submission))
+            elif isinstance(outcome, FlushRequested):
+                self.flush_requested(outcome.domains)
 
     def service(self, conn, mask):
         if mask & selectors.EVENT_READ and not conn.closed:
@@ -198,18 +198,33 @@ class SessionLoop:
         self.update(conn)
 
     def commit_round(self):
-        """Group-commit the messages whose DATA ended in this round, then answer them."""
-        commit_pending = getattr(self.context, "commit_pending", None)
-        if commit_pending is None:
-            return
-        # Answering may end another pipelined message at once: commit that too
-        # now rather than after the next select() (bounded: each round answers
-        # at least one message, and a session's input is finite).
-        while answered := commit_pending():
-            for conn, problem in answered:
+        """Group-commit the messages whose DATA ended in this round, then answer them.
+
+        One durable transaction for all of them (one fsync instead of one each).
+        Answering may end another pipelined message at once: that one is
+        committed now too rather than after the next select() (bounded: each
+        round answers at least one message, and a session's input is finite).
+        """
+        while self.to_commit:
+            batch = [(conn, submission) for conn, submission in self.to_commit if not conn.closed]
+            self.to_commit = []
+            problems = self.commit([submission for _, submission in batch])
+            for (conn, _), problem in zip(batch, problems):
                 if not conn.closed:
                     self._call(conn, lambda conn=conn, problem=problem: conn.committed(problem))
                 self.update(conn)
+
+    def commit(self, submissions) -> list:
+        """enqueue_many, with the whole batch refused (452, never 250) when the queue cannot commit."""
+        if not submissions:
+            return []
+        try:
+            return self.context.store.enqueue_many(submissions, quotas=self.context.quotas)
+        except (QueueUnavailable, OSError) as exc:
+            return [exc] * len(submissions)
+        except Exception as exc:  # e.g. a malformed database
+            log_event(self.logger, "queue-error", error=f"{type(exc).__name__}: {exc}", level=logging.ERROR)
+            return [exc] * len(submissions)
 
     def check_deadlines(self, now):
         for conn in [c for c in self.sessions if c.deadline is not None and c.deadline <= now]:
@@ -313,7 +328,7 @@ class SessionLoop:
             self.polite_sent = True
             grace = max(0.0, self.close_at - now)
             for conn in list(self.sessions):
-                self._call(conn, lambda: conn.begin_shutdown(grace))
+                self._call(conn, lambda conn=conn: conn.begin_shutdown(grace))
                 self.update(conn)
         if now >= self.close_at:
             self.close_all()
@@ -333,24 +348,20 @@ class SessionLoop:
         return max(wait, 0.0)
 
     def run(self):
-        """Serve until drained (or, in inetd mode, until the last session ends)."""
+        """Serve until drained (or, in inetd mode, until the last session ends); then close what is left."""
         while True:
-            if self.signalled_stop:
-                self.signalled_stop = False
+            if self.stop.stopped:
+                self.stop.stopped = False
                 self.begin_drain("stop")
             now = time.monotonic()
             if self.ctrl is not None and not self.master_gone and now >= self.next_heartbeat:
                 self.next_heartbeat = now + HEARTBEAT_INTERVAL
                 self.report(f"hb {len(self.sessions)}")
             if self.ctrl is None and not self.sessions:
-                return
+                break
             if self.draining and self.drain_step(now):
-                return
-            try:
-                events = self.selector.select(self.wait_time(time.monotonic()))
-            except InterruptedError:  # pragma: no cover - PEP 475 retries
-                events = []
-            for key, mask in events:
+                break
+            for key, mask in self.selector.select(self.wait_time(time.monotonic())):
                 if key.data is None:
                     if mask & selectors.EVENT_WRITE:
                         self.flush_outbox()
@@ -360,130 +371,27 @@ class SessionLoop:
                     self.service(key.data, mask)
             self.commit_round()
             self.check_deadlines(time.monotonic())
+        self.close_all()
 
 
-def _reset_signals(loop):
-    """After the fork: the master's handlers and wakeup fd are not ours."""
-    try:
-        signal.set_wakeup_fd(-1)
-    except ValueError:
-        pass
-
-    def on_term(signum, frame):
-        loop.signalled_stop = True  # a flag only (STYLE 8)
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C in a terminal: the master decides
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reload is the master's business
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-
-
-def _open_store(config, logger):
-    from backupmx.store import QueueStore
-
-    try:
-        return QueueStore(config.queue)
-    except Exception as exc:
-        logger.error("worker-boot-failed pid=%d queue=%s error=%r", os.getpid(), config.queue, str(exc))
-        return None
-
-
-def run_worker(ctrl_sock, config, ssl_context, *, logger=None, classes=None):
+def run_worker(ctrl_sock, config, ssl_context, logger: logging.Logger, *, connection_class=SMTPConnection):
     """The body of a forked SMTP worker. Never returns: ends with os._exit().
 
-    `classes` = (ConnectionContext, SMTPConnection); None means the real ones.
+    `connection_class` makes the session drivers (the one seam: the
+    supervision tests drive the real loop with a toy protocol).
     """
-    logger = logger or logging.getLogger("backupmx")
 
     def serve():
-        context_class, connection_class = classes or load_connection_classes()
-        loop = SessionLoop(ctrl_sock, None, connection_class, logger)
-        _reset_signals(loop)
-        store = _open_store(config, logger)
-        if store is None:
-            os._exit(WORKER_BOOT_ERROR)
+        stop = StopFlag().install()
         try:
-            loop.context = context_class(config=config, store=store, ssl_context=ssl_context, logger=logger)
-            loop.run()
-            loop.close_all()
+            context = ConnectionContext(config=config, ssl_context=ssl_context, logger=logger)
+        except Exception as exc:
+            log_event(logger, "worker-boot-failed", pid=os.getpid(), queue=config.queue, error=str(exc),
+                      level=logging.ERROR)
+            raise SystemExit(BOOT_ERROR) from None
+        try:
+            SessionLoop(ctrl_sock, context, logger, connection_class=connection_class, stop=stop).run()
         finally:
-            try:
-                store.close()
-            except Exception:
-                pass
+            context.close()
 
-    run_child(serve, logger, "worker-crashed")
-
-
-def run_child(body, logger, crash_event: str):
-    """The end of every forked child: run `body`, log a crash, flush the log, os._exit.
-
-    Never returns: a child must not unwind into the parent's code (its
-    finally blocks, its atexit handlers) after a fork.
-    """
-    status = 1
-    try:
-        body()
-        status = 0
-    except BaseException:
-        try:
-            logger.exception("%s pid=%d", crash_event, os.getpid())
-        except BaseException:
-            pass
-    finally:
-        try:
-            logging.shutdown()
-        except BaseException:
-            pass
-        os._exit(status)
-
-
-def serve_one(sock, peer, config, ssl_context, *, implicit_tls=False, logger=None, classes=None,
-              on_flush_requested=None):
-    """inetd mode: one session on an already connected socket, in this process.
-
-    Returns when the session has ended. SIGTERM stops it as in a worker
-    (begin_shutdown: the transaction in flight may finish, then 421 4.3.2).
-    `on_flush_requested(domains)` is called after an ETRN has recorded a flush
-    (ConnectionContext.on_flush_requested): there is no master whose flush
-    workers would notice the request, so the caller starts one.
-    """
-    logger = logger or logging.getLogger("backupmx")
-    context_class, connection_class = classes or load_connection_classes()
-    loop = SessionLoop(None, None, connection_class, logger)
-
-    def on_term(signum, frame):
-        loop.signalled_stop = True
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    from backupmx.store import QueueStore
-
-    store = None
-    try:
-        store = QueueStore(config.queue)
-        loop.context = context_class(config=config, store=store, ssl_context=ssl_context, logger=logger)
-        if on_flush_requested is not None:
-            loop.context.on_flush_requested = on_flush_requested
-    except Exception:
-        if not implicit_tls:  # RFC 5321 3.1: a 421 greeting refuses service
-            try:
-                sock.send(replies.NOT_AVAILABLE.render(hostname=config.hostname))
-            except OSError:
-                pass
-        sock.close()
-        if store is not None:
-            store.close()
-        raise
-    try:
-        loop.add_session(sock, peer, implicit_tls)
-        loop.run()
-        loop.close_all()
-    finally:
-        store.close()
-
-
-def is_fd_exhaustion(exc):
-    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+    children.run_child(serve, logger, "worker-crashed")

@@ -12,13 +12,13 @@ import re
 import socket
 import threading
 import time
-import types
 from dataclasses import dataclass
 
 import pytest
 
 from backupmx import auth, etrnclient, tls
 from backupmx.auth import Authenticator, SASLSyntaxError
+from backupmx.cli import build_parser
 
 CERTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "certs")
 CA = os.path.join(CERTS, "ca.pem")
@@ -509,25 +509,27 @@ def test_main_reads_password_file(tiny, tmp_path, capsys):
     s = tiny()
     pwfile = tmp_path / "pw"
     pwfile.write_text("pw ü;#\nsecond line ignored\n", encoding="utf-8")
-    ns = types.SimpleNamespace(target=f"127.0.0.1:{s.port}", domains=["example.com"], user="primary",
-                               password_file=str(pwfile), tls=False, cafile=CA, insecure=False)
-    assert etrnclient.main(ns) == 0
+    args = etrn_args(f"127.0.0.1:{s.port}", "--password-file", str(pwfile), "--cafile", CA)
+    assert etrnclient.main(args) == 0
     assert "ETRN example.com: 251" in capsys.readouterr().out
+
+
+def etrn_args(target, *options):
+    """`backupmx etrn TARGET example.com --user primary OPTIONS...` as the CLI parses it."""
+    return build_parser().parse_args(["etrn", target, "example.com", "--user", "primary", *options])
 
 
 def test_main_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))  # not a tty: no prompt
-    base = dict(target="127.0.0.1:1", domains=["example.com"], user="primary", tls=False, cafile=None,
-                insecure=False)
-    for extra, needle in [
-        (dict(password_file=None), "password-file"),
-        (dict(password_file=str(tmp_path / "missing")), "missing"),
-        (dict(password_file=str(tmp_path), target="127.0.0.1:x"), "bad port"),
+    for target, options, needle in [
+        ("127.0.0.1:1", [], "password-file"),
+        ("127.0.0.1:1", ["--password-file", str(tmp_path / "missing")], "missing"),
+        ("127.0.0.1:x", ["--password-file", str(tmp_path)], "bad port"),
     ]:
-        assert etrnclient.main(types.SimpleNamespace(**{**base, **extra})) == 1
+        assert etrnclient.main(etrn_args(target, *options)) == 1
         err = capsys.readouterr().err
         assert err.startswith("backupmx etrn: ") and err.count("\n") == 1 and needle in err, err
     empty = tmp_path / "empty"
     empty.write_text("\n")
-    assert etrnclient.main(types.SimpleNamespace(**{**base, "password_file": str(empty)})) == 1
+    assert etrnclient.main(etrn_args("127.0.0.1:1", "--password-file", str(empty))) == 1
     assert "empty" in capsys.readouterr().err

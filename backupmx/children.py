@@ -1,0 +1,124 @@
+"""What every process backupmx starts has in common: signals, crash reports, exit.
+
+Forked children (SMTP workers and flush workers, under the master) and the
+detached flusher (a fresh interpreter, under `serve --inetd` and `flush`)
+share these rules (docs/DESIGN.md, "Processes"):
+
+- a signal handler only sets a flag (StopFlag); the process's own loop looks
+  at it between steps;
+- faulthandler is on, writing to the log's stream, so a worker the master
+  aborts for not answering (SIGABRT) leaves the stack it was stuck in;
+- a forked child ends in os._exit through run_child, never by unwinding into
+  the parent's code (its finally blocks, its atexit handlers);
+- BOOT_ERROR is the exit status of a child that cannot start with this
+  configuration (the queue cannot be opened ...): the master stops rather
+  than respawn it forever (gunicorn's WORKER_BOOT_ERROR).
+"""
+
+import errno
+import faulthandler
+import logging
+import os
+import signal
+import sys
+
+BOOT_ERROR = 3
+
+
+def number_env(name: str, default, kind=float):
+    """A tuning knob from the environment (the test suite shortens timeouts this way)."""
+    try:
+        return kind(os.environ.get(name, default))
+    except ValueError:
+        return kind(default)
+
+
+class StopFlag:
+    """SIGTERM sets it; the process's loop asks `should_stop()` between steps.
+
+    `parent` (a pid): also stop when that process is gone (the master died
+    and this child was handed to init).
+    """
+
+    def __init__(self, parent: int | None = None):
+        self.stopped = False
+        self.parent = parent
+
+    def set(self, signum=None, frame=None) -> None:
+        self.stopped = True  # a flag only: the loop does the work
+
+    def should_stop(self) -> bool:
+        return self.stopped or (self.parent is not None and os.getppid() != self.parent)
+
+    def install(self) -> "StopFlag":
+        """SIGTERM stops; SIGINT and SIGHUP are the parent's (or the operator's) business."""
+        signal.set_wakeup_fd(-1)  # the master's wakeup socket is not ours
+        signal.signal(signal.SIGTERM, self.set)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        return self
+
+
+def log_stream(logger: logging.Logger):
+    """The file the logger writes to, when it writes to one (stderr or a log file); else stderr."""
+    for handler in logger.handlers + logging.getLogger().handlers:
+        stream = getattr(handler, "stream", None)  # StreamHandler and FileHandler; not SysLogHandler
+        try:
+            if stream is not None:
+                stream.fileno()
+                return stream
+        except (OSError, ValueError, AttributeError):
+            continue
+    return sys.stderr
+
+
+def enable_faulthandler(logger: logging.Logger) -> None:
+    """Dump every thread's stack to the log's stream on SIGABRT, SIGSEGV, ... (the master's SIGABRT
+    to a hung worker lands here). A log that is syslog only falls back to stderr."""
+    try:
+        faulthandler.enable(file=log_stream(logger), all_threads=True)
+    except (OSError, ValueError, RuntimeError):  # no usable descriptor: the child runs without it
+        pass
+
+
+def run_child(body, logger: logging.Logger, crash_event: str) -> None:
+    """The end of every forked child: run `body`, log a crash, flush the log, os._exit.
+
+    Never returns: a child must not unwind into the parent's code after a fork.
+    """
+    status = 1
+    try:
+        enable_faulthandler(logger)
+        body()
+        status = 0
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        try:
+            logger.exception("%s pid=%d", crash_event, os.getpid())
+        except BaseException:
+            pass
+    finally:
+        try:
+            logging.shutdown()
+        except BaseException:
+            pass
+        os._exit(status)
+
+
+def describe_status(status: int) -> str:
+    """A wait status as a log value: signal-9, exit-3."""
+    if os.WIFSIGNALED(status):
+        return f"signal-{os.WTERMSIG(status)}"
+    return f"exit-{os.waitstatus_to_exitcode(status)}"
+
+
+def is_fd_exhaustion(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else repr(exc)

@@ -1,0 +1,187 @@
+"""`serve --inetd`: one SMTP session on the socket at stdin, and delivery after it.
+
+Under inetd, xinetd, tcpserver or systemd `Accept=yes` there is no master and
+no flush worker polling the queue. The session process answers ETRN as
+always (the request is committed first) and, because nobody else would act
+on it, starts a detached flusher: a fresh interpreter in a new session
+(setsid, stdio on /dev/null: no SQLite connection or client socket inherited
+across a fork), so that delivery outlives the SMTP session and the
+supervisor's view of it. The flusher runs the one delivery loop
+(flusher.drain) until nothing is left to claim, then one housekeeping round,
+and exits. Several at once are harmless: the lease lets one flush a domain,
+the others find nothing to claim. `backupmx flush` starts the same flusher.
+
+fds 0, 1 and 2 are the client's socket here: nothing but SMTP may ever be
+written to them (docs/SPEC.md, "Logging"), so the session gets its own
+duplicate and 0-2 are pointed at /dev/null; the log is syslog by default.
+"""
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+from backupmx import replies
+from backupmx.children import StopFlag, first_line
+from backupmx.config import load_config
+from backupmx.connection import ConnectionContext
+from backupmx.flusher import default_lease_seconds, drain
+from backupmx.lifecycle import housekeeping
+from backupmx.log import log_event, setup_logging
+from backupmx.startup import ServeError, become_user, build_ssl_context, start_logging
+from backupmx.store import QueueStore
+from backupmx.worker import SessionLoop
+
+# Live detached flushers one inetd session may have; more ETRNs meanwhile only
+# record their request (the live ones claim it before they exit).
+MAX_DETACHED_FLUSHERS = 4
+# Domains one detached flusher delivers before it exits (a bound, not a limit
+# anyone should reach: requests coalesce per domain).
+MAX_DETACHED_ROUNDS = 1000
+
+_DETACHED_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from backupmx.inetd import detached_flush_main; sys.exit(detached_flush_main(sys.argv[2]))"
+)
+
+
+class InetdLoop(SessionLoop):
+    """The session loop of one inetd session: an ETRN starts a detached flusher."""
+
+    def __init__(self, context, logger, *, stop):
+        super().__init__(None, context, logger, stop=stop)
+        self.flushers = []  # Popen of the detached flushers this session started
+
+    def flush_requested(self, domains):
+        self.flushers = [p for p in self.flushers if p.poll() is None]  # also reaps the finished ones
+        if len(self.flushers) >= MAX_DETACHED_FLUSHERS:
+            log_event(self.logger, "flush-process-skipped", domains=",".join(domains), running=len(self.flushers))
+            return
+        try:
+            proc = spawn_detached_flusher(self.context.config)
+        except OSError as exc:  # the request is on disk: the next ETRN or flusher picks it up
+            log_event(self.logger, "flush-start-failed", domains=",".join(domains), error=str(exc),
+                      level=logging.WARNING)
+            return
+        self.flushers.append(proc)
+        log_event(self.logger, "flush-process-started", pid=proc.pid, domains=",".join(domains))
+
+
+def _peer(sock):
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return ("unknown", 0)
+    return (peer[0], peer[1]) if isinstance(peer, tuple) else ("unknown", 0)
+
+
+def _refuse(sock, config, implicit_tls):
+    """A 421 greeting refuses service (RFC 5321 3.1); under implicit TLS there is no plaintext to say it in."""
+    try:
+        if not implicit_tls:
+            sock.send(replies.NOT_AVAILABLE.render(hostname=config.hostname))
+        sock.close()
+    except OSError:
+        pass
+
+
+def serve_inetd(config, *, implicit_tls: bool = False) -> int:
+    """One session on the socket at fd 0; returns the exit status.
+
+    Started as root with `user` set, it drops to that user after reading the
+    key and before reading from the client.
+    """
+    try:
+        sock = socket.socket(fileno=os.dup(0))
+    except OSError as exc:
+        raise ServeError(f"--inetd: standard input is not a socket: {exc.strerror or exc}") from None
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    logger = start_logging(config, inetd=True)
+    try:
+        ssl_context = build_ssl_context(config)
+        if implicit_tls and ssl_context is None:
+            raise ServeError(f"{config.path}: serve --inetd --tls needs tls_cert and tls_key in [backupmx]")
+        become_user(config, logger)
+        context = ConnectionContext(config=config, ssl_context=ssl_context, logger=logger)
+    except Exception as exc:
+        # stderr is /dev/null now: the log is the only place to say it.
+        log_event(logger, "inetd-failed", error=first_line(exc), level=logging.ERROR)
+        _refuse(sock, config, implicit_tls)
+        return 1
+    stop = StopFlag().install()
+    try:
+        loop = InetdLoop(context, logger, stop=stop)
+        loop.add_session(sock, _peer(sock), implicit_tls)
+        loop.run()
+    finally:
+        context.close()
+    return 0
+
+
+# -- the detached flusher ----------------------------------------------------------
+
+
+def package_root() -> str:
+    """The sys.path entry this backupmx was imported from (a directory, or the zipapp file)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def spawn_detached_flusher(config) -> subprocess.Popen:
+    """Start `detached_flush_main(config.path)` in a new session; returns the Popen.
+
+    A fresh interpreter (-I: no PYTHON* variables, no user site) importing
+    this same copy of backupmx: a checkout, an installed package or the zipapp.
+    Raises OSError when it cannot be started.
+    """
+    if not sys.executable:
+        raise OSError("no Python interpreter (sys.executable) to start a flusher with")
+    argv = [sys.executable, "-I", "-c", _DETACHED_BOOT, package_root(), os.path.abspath(config.path)]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True)
+
+
+def run_detached_flush(config, logger, should_stop=lambda: False) -> int:
+    """Deliver every domain with a flush request (flusher.drain), then one housekeeping round.
+
+    Returns the number of domains delivered. Nothing else runs expiry and
+    bounces when every session is an inetd one, hence the round.
+    """
+    owner = f"{socket.gethostname()}:{os.getpid()}:inetd"
+    with QueueStore(config.queue) as store:
+        flushed = drain(store, config, owner, lease_seconds=default_lease_seconds(config.timeout), log=logger,
+                        should_stop=should_stop, rounds=MAX_DETACHED_ROUNDS)
+        if not should_stop():
+            try:
+                housekeeping(store, config, logger=logger)
+            except Exception as exc:
+                log_event(logger, "housekeeping-error", error=first_line(exc), level=logging.ERROR)
+    return flushed
+
+
+def detached_flush_main(config_path: str) -> int:
+    """Entry point of the process spawn_detached_flusher starts. Returns the exit status."""
+    stop = StopFlag().install()
+    try:
+        config = load_config(config_path)
+    except Exception as exc:
+        log_event(setup_logging(None, inetd=True), "flush-process-failed", error=first_line(exc),
+                  level=logging.ERROR)
+        return 1
+    try:
+        logger = start_logging(config, inetd=True)
+    except OSError as exc:  # e.g. a log file root opened for the session, not writable by `user`
+        logger = setup_logging(None, inetd=True)
+        log_event(logger, "log-unavailable", log=config.log, error=first_line(exc), level=logging.WARNING)
+    try:
+        log_event(logger, "flush-process", pid=os.getpid())
+        run_detached_flush(config, logger, stop.should_stop)
+    except Exception as exc:
+        log_event(logger, "flush-process-failed", error=first_line(exc), level=logging.ERROR)
+        return 1
+    finally:
+        logging.shutdown()
+    return 0
