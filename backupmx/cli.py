@@ -126,11 +126,15 @@ def cmd_serve(args) -> int:
 
 
 def cmd_check(args) -> int:
+    from backupmx.config import plain_secrets_exposure
+
     config = _load(args)
-    problems: list[str] = []
+    exposure = plain_secrets_exposure(config.path, config.users.values())
+    problems: list[str] = [exposure] if exposure else []  # serve only warns: `check` refuses
     print(f"ok: config {config.path}: {len(config.domains)} domain(s), {len(config.users)} user(s)")
     for warning in config.warnings:
-        print(f"backupmx: warning: {warning}", file=sys.stderr)
+        if warning != exposure:
+            print(f"backupmx: warning: {warning}", file=sys.stderr)
     problems += _check_tls(config)
     problems += _check_database(config.queue)
     problems += _check_user(config.user)

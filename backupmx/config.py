@@ -24,6 +24,7 @@ import math
 import os
 import re
 import socket
+import stat
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -39,6 +40,7 @@ __all__ = [
     "parse_duration",
     "parse_hostport",
     "parse_size",
+    "plain_secrets_exposure",
     "DEFAULT_CONFIG_PATH",
 ]
 
@@ -608,6 +610,9 @@ class _Loader:
                 raise self.error(section, None, f"duplicate user {name}")
             users[name] = UserConfig(name=name, password=u["password"], domains=frozenset(allowed))
 
+        exposure = plain_secrets_exposure(self.path, users.values())
+        if exposure is not None:
+            self.warnings.append(exposure)
         if users and not g["tls_cert"]:
             self.warnings.append(
                 f"{self.path}: [backupmx] tls_cert: users are configured but there is no certificate: "
@@ -638,6 +643,27 @@ def _recipient(item: str, domain: str) -> str:
     if where != domain:
         raise ValueError(f"{item} is not in domain {domain}")
     return f"{local.lower()}@{domain}"
+
+
+def plain_secrets_exposure(path: str, users) -> str | None:
+    """One line when the file at `path` holds {PLAIN} secrets and everyone may read it, else None.
+
+    Everyone (world-readable) is refused, the group is not: the README's
+    privilege setup makes the config group-readable by `user`'s group so a
+    SIGHUP can re-read it, as the TLS key (tls.check_key_file) and as
+    OpenSSH's "permissions are too open" do for world access. `check` fails on
+    it; `serve` logs it as a warning.
+    """
+    plain = sorted(u.name for u in users if u.password.startswith("{PLAIN}"))
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if not plain or not mode & stat.S_IROTH:
+        return None
+    who = f"[user:{plain[0]}]" + (f" and {len(plain) - 1} more" if len(plain) > 1 else "")
+    return (f"{path}: readable by everyone (mode {stat.S_IMODE(mode):04o}) but holds {{PLAIN}} secrets ({who}): "
+            "chmod o-r it, or use {SCRYPT} values from `backupmx passwd`")
 
 
 def load_config(path: str | os.PathLike = DEFAULT_CONFIG_PATH) -> Config:

@@ -25,6 +25,10 @@ __all__ = ["format_event", "log_event", "setup_logging", "LOGGER_NAME"]
 
 LOGGER_NAME = "backupmx"
 SYSLOG_SOCKET = "/dev/log"
+# A log file holds client addresses and senders: owner and group only (SPEC
+# Part 2, like Postfix's maillog_file under a restrictive umask). An existing
+# file keeps its mode; only a file we create gets this one.
+LOG_FILE_MODE = 0o640
 
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\r": "\\r", "\n": "\\n", "\t": "\\t", "\0": "\\x00"}
 
@@ -82,6 +86,18 @@ def log_event(logger: logging.Logger, event: str, /, level: int = logging.INFO, 
         logger.log(level, "%s", format_event(event, **fields))
 
 
+class _LogFileHandler(logging.handlers.WatchedFileHandler):
+    """WatchedFileHandler whose file, when it has to create it, is created LOG_FILE_MODE.
+
+    _open also runs when logrotate moved the file away (reopenIfNeeded), so the
+    new file gets the same mode; the umask can only narrow it.
+    """
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_FILE_MODE)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 class _Formatter(logging.Formatter):
     """Adds level=warning / level=error to the line when it is not plain INFO."""
 
@@ -99,7 +115,7 @@ def setup_logging(target: str | None, *, inetd: bool = False) -> logging.Logger:
     """Send the "backupmx" loggers (and the root logger) to `target`, replacing earlier setup.
 
     target: "stderr", "syslog" (facility mail, on /dev/log) or a file path
-    (WatchedFileHandler: logrotate may move the file away). None means the mode's
+    (WatchedFileHandler: logrotate may move the file away; created 0640). None means the mode's
     default: syslog under inetd, stderr otherwise. When /dev/log does not exist,
     syslog falls back to stderr, or to nowhere under inetd.
     Raises OSError when a log file cannot be opened.
@@ -117,7 +133,7 @@ def setup_logging(target: str | None, *, inetd: bool = False) -> logging.Logger:
         # cannot be honoured there, syslog (or nothing) is used instead.
         handler = (_syslog_handler() or logging.NullHandler()) if inetd else logging.StreamHandler(sys.stderr)
     else:
-        handler = logging.handlers.WatchedFileHandler(target, encoding="utf-8")
+        handler = _LogFileHandler(target, encoding="utf-8")
     if isinstance(handler, logging.handlers.SysLogHandler):
         formatter = _Formatter("backupmx[%(process)d]: %(message)s")  # syslog adds the time
     else:

@@ -81,7 +81,7 @@ def serve(config, *, connection_class=SMTPConnection) -> int:
     """
     logger = start_logging(config, inetd=False)
     for warning in config.warnings:
-        log_event(logger, "config-warning", warning=warning)
+        log_event(logger, "config-warning", warning=warning, level=logging.WARNING)
     raise_fd_limit()
     ssl_context = build_ssl_context(config)  # as root: the key may be readable by root only
     master = Master(config, ssl_context, logger, connection_class=connection_class)

@@ -200,6 +200,38 @@ def test_check_unknown_user_and_warnings(tmp_path):
     assert "warning:" in proc.stderr and "AUTH" in proc.stderr  # users but no certificate
 
 
+@pytest.mark.parametrize("password, mode, refused", [
+    ("{PLAIN}s3cret", 0o644, True),
+    ("{PLAIN}s3cret", 0o604, True),
+    ("{PLAIN}s3cret", 0o640, False),  # group-readable: `user`'s group reads it to reload on SIGHUP
+    ("{PLAIN}s3cret", 0o600, False),
+    ("{SCRYPT}n=16384,r=8,p=1$c2FsdHNhbHRzYWx0c2FsdA==$" + "A" * 43 + "=", 0o644, False),
+], ids=["plain-0644", "plain-0604", "plain-0640", "plain-0600", "scrypt-0644"])
+def test_check_refuses_plain_secrets_that_everyone_can_read(tmp_path, password, mode, refused):
+    config = tls_config(tmp_path)
+    config.write_text(config.read_text() + f"[user:prim]\npassword = {password}\ndomains = example.com\n")
+    config.chmod(mode)
+    proc = run("check", "-c", config, cwd=tmp_path)
+    if not refused:
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        return
+    assert_one_error_line(proc, contains=f"{config}: readable by everyone (mode {mode:04o}) but holds {{PLAIN}} secrets")
+    assert "[user:prim]" in proc.stderr and "chmod o-r" in proc.stderr
+    assert "s3cret" not in proc.stderr + proc.stdout
+
+
+def test_serve_with_world_readable_plain_secrets_starts_but_warns(server_factory):
+    old_umask = os.umask(0o022)  # the config is written 0644
+    try:
+        server = server_factory(users={"prim": ("{PLAIN}s3cret", "example.com")})
+    finally:
+        os.umask(old_umask)
+    assert os.stat(server.config_path).st_mode & 0o777 == 0o644
+    [line] = [line for line in server.log().splitlines() if "config-warning" in line and "{PLAIN}" in line]
+    assert "readable by everyone" in line and line.endswith("level=warning")
+    assert "s3cret" not in server.log()
+
+
 # --------------------------------------------------------------------------
 # The queue commands, against a real store
 

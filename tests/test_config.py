@@ -398,11 +398,17 @@ def test_user_domains_and_cram(tmp_path):
         "[user:a]\npassword = {PLAIN}s\ndomains = example.com,example.org\n"
         "[user:b]\npassword = {PLAIN}t\ndomains = example.org\n"
     )
-    config = load(tmp_path, extra=extra, globals_extra="tls_cert = /c\ntls_key = /k\n")
+    path = write(tmp_path, config_text(extra=extra, globals_extra="tls_cert = /c\ntls_key = /k\n"))
+    path.chmod(0o640)
+    config = load_config(path)
     assert config.users["a"].domains == frozenset({"example.com", "example.org"})
     assert config.users["b"].domains == frozenset({"example.org"})
     assert config.cram_md5_available
     assert config.warnings == ()
+    path.chmod(0o644)  # {PLAIN} secrets everyone can read: a warning here, `check` refuses it
+    assert load_config(path).warnings == (
+        f"{path}: readable by everyone (mode 0644) but holds {{PLAIN}} secrets ([user:a] and 1 more): "
+        "chmod o-r it, or use {SCRYPT} values from `backupmx passwd`",)
 
 
 # --------------------------------------------------------------------------

@@ -164,3 +164,40 @@ def test_file_target_follows_logrotate(tmp_path):
 def test_unwritable_file_raises_oserror(tmp_path):
     with pytest.raises(OSError):
         setup_logging(str(tmp_path / "missing-dir" / "x.log"))
+
+
+def test_log_file_is_created_0640_also_after_logrotate(tmp_path):
+    path = tmp_path / "backupmx.log"
+    code = (
+        "import os; os.umask(0o022)\n"  # the common umask, which would give 0644
+        f"log = setup_logging({str(path)!r})\n"
+        "log_event(log, 'one')\n"
+        f"os.rename({str(path)!r}, {str(path) + '.1'!r})\n"
+        "log_event(log, 'two')\n"
+    )
+    assert run_logging(tmp_path, code) == ("", "")
+    assert oct(Path(str(path) + ".1").stat().st_mode & 0o777) == oct(0o640)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o640)  # the file reopened after the rotation too
+    assert path.read_text().rstrip().endswith("two")
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o660, 0o644])
+def test_an_existing_log_file_keeps_its_mode(tmp_path, mode):
+    path = tmp_path / "backupmx.log"
+    path.write_text("old line\n")
+    path.chmod(mode)
+    run_logging(tmp_path, f"log_event(setup_logging({str(path)!r}), 'new')")
+    assert path.stat().st_mode & 0o777 == mode  # neither widened nor changed behind the operator's back
+    assert path.read_text().splitlines()[0] == "old line"
+
+
+def test_serve_creates_its_log_file_0640(server_factory, tmp_path):
+    path = tmp_path / "mail.log"
+    old_umask = os.umask(0o022)
+    try:
+        server = server_factory(log=path)
+    finally:
+        os.umask(old_umask)
+    assert "listening" in path.read_text()
+    assert oct(path.stat().st_mode & 0o777) == oct(0o640)
+    assert server.log() == ""  # the log went to the file, not to stderr
