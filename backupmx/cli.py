@@ -139,9 +139,27 @@ def cmd_check(args) -> int:
     problems += _check_database(config.queue)
     problems += _check_user(config.user)
     problems += _check_log(config.log)
+    _check_primaries(config)
     for problem in problems:
         print(f"backupmx: {problem}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _check_primaries(config: Config) -> None:
+    """Show what each host-name primary resolves to now: `serve` pins these addresses at start.
+
+    A name that does not resolve is a warning, not a failure: the server still
+    accepts mail for the domain and keeps it queued until a reload resolves it.
+    """
+    from backupmx import primaries
+
+    names = sorted({d.primary for d in config.domains.values() if not primaries.is_ip_literal(d.primary[0])})
+    for host, port in names:
+        try:
+            print(f"ok: primary {host}:{port} resolves to {', '.join(primaries.resolve(host, port))}")
+        except (OSError, UnicodeError) as exc:
+            print(f"backupmx: warning: primary {host}:{port} does not resolve ({_message(exc)}): "
+                  "its mail stays queued until it does and the server is reloaded", file=sys.stderr)
 
 
 def _check_tls(config: Config) -> list[str]:

@@ -72,6 +72,9 @@ class DomainConfig:
     max_queue_bytes: int | None
     queue_lifetime: float  # seconds; the global value unless overridden
     retry_interval: float  # seconds, 0 = deliver only on ETRN / flush
+    # The primary's addresses, resolved once (backupmx.primaries.pin): None until
+    # then, () when its host name did not resolve.
+    primary_addresses: tuple[str, ...] | None = None
 
     def accepts(self, address: str) -> bool:
         """True if `address` ("local@domain", any case) may be queued for this domain."""

@@ -2,7 +2,9 @@
 
 A flush worker process loops: claim a domain whose flush was requested (ETRN,
 `backupmx flush`), deliver its queue to `DomainConfig.primary` -- that host
-and port only, never a host found in DNS -- then release the claim.
+and port only, at the addresses it resolved to when the configuration was
+loaded (backupmx.primaries), never a host found in DNS now -- then release
+the claim.
 
 What must always hold:
 
@@ -39,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from backupmx import tls
+from backupmx import primaries, tls
 from backupmx.lifecycle import housekeeping, next_retry_delay, request_due_retries
 from backupmx.log import log_event
 from backupmx.store import QueueStore, QueueUnavailable
@@ -113,12 +115,16 @@ class PrimaryClient(smtplib.SMTP):
     # there: a slow primary must not let the lease run out mid-flush).
     on_wait = None
 
-    def connect(self, host="localhost", port=0, source_address=None):
+    def connect(self, host="localhost", port=0, source_address=None, *, address=None):
+        """Connect to `address` (one of the primary's pinned addresses) or else `host`.
+
+        smtplib keeps the name for starttls's certificate check only when it
+        was given to __init__; the configured primary is the name to verify
+        (and to send as SNI), whichever of its addresses we connect to.
+        """
         self._rbuf.clear()
-        # smtplib keeps the name for starttls's certificate check only when it
-        # was given to __init__; the configured primary is the name to verify.
         self._host = host
-        return super().connect(host, port, source_address)
+        return super().connect(address or host, port, source_address)
 
     def starttls(self, *args, **kwargs):
         result = super().starttls(*args, **kwargs)
@@ -338,6 +344,8 @@ class _Flush:
         self.log = log
         self.host, self.port = domain.primary
         self.relay = _relay(self.host, self.port)
+        # Resolved when the config was loaded, not now: DNS cannot divert a flush.
+        self.addresses = primaries.addresses_for(domain)
         self.client: PrimaryClient | None = None
         self.tls_version: str | None = None
         self.counts = {"messages": 0, "delivered": 0, "deferred": 0, "failed": 0}
@@ -353,12 +361,7 @@ class _Flush:
         client = PrimaryClient(timeout=self.timeout, local_hostname=self.hostname)
         client.on_wait = self.lease.keep
         try:
-            try:
-                code, text = client.connect(self.host, self.port)
-            except smtplib.SMTPException:
-                raise  # the greeting, not the connection
-            except OSError as e:
-                raise _Trouble(f"connect to {self.relay} failed: {_os_reason(e)}") from e
+            code, text = self._connect_pinned(client)
             if code != 220:
                 raise _Trouble(_reply(code, text))
             code, text = client.ehlo()
@@ -376,6 +379,21 @@ class _Flush:
             client.close()
             raise _Trouble(_describe(e), at_connect=True) from e
         return client
+
+    def _connect_pinned(self, client: PrimaryClient) -> tuple[int, bytes]:
+        """The greeting from the first of the primary's addresses that takes the connection."""
+        if not self.addresses:
+            raise _Trouble(f"primary {self.host} did not resolve when the configuration was loaded; "
+                           "fix its DNS, then reload (SIGHUP)")
+        failures = []
+        for address in self.addresses:
+            try:
+                return client.connect(self.host, self.port, address=address)
+            except smtplib.SMTPException:
+                raise  # the greeting, not the connection
+            except OSError as e:
+                failures.append(_os_reason(e) if address == self.host else f"{address}: {_os_reason(e)}")
+        raise _Trouble(f"connect to {self.relay} failed: {'; '.join(failures)}")
 
     def _start_tls(self, client: PrimaryClient):
         mode = self.domain.primary_tls

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 
-from backupmx import replies
+from backupmx import primaries, replies
 from backupmx.children import StopFlag, first_line
 from backupmx.config import load_config
 from backupmx.connection import ConnectionContext
@@ -178,7 +178,7 @@ def detached_flush_main(config_path: str) -> int:
         log_event(logger, "log-unavailable", log=config.log, error=first_line(exc), level=logging.WARNING)
     try:
         log_event(logger, "flush-process", pid=os.getpid())
-        run_detached_flush(config, logger, stop.should_stop)
+        run_detached_flush(primaries.pin(config, logger), logger, stop.should_stop)
     except Exception as exc:
         log_event(logger, "flush-process-failed", error=first_line(exc), level=logging.ERROR)
         return 1

@@ -35,7 +35,7 @@ import signal
 import socket
 import time
 
-from backupmx import children, replies, worker
+from backupmx import children, primaries, replies, worker
 from backupmx.children import BOOT_ERROR, StopFlag, describe_status, first_line, number_env
 from backupmx.config import load_config
 from backupmx.connection import SMTPConnection
@@ -82,6 +82,7 @@ def serve(config, *, connection_class=SMTPConnection) -> int:
     logger = start_logging(config, inetd=False)
     for warning in config.warnings:
         log_event(logger, "config-warning", warning=warning, level=logging.WARNING)
+    config = primaries.pin(config, logger)  # resolved once: later DNS answers cannot divert mail
     raise_fd_limit()
     ssl_context = build_ssl_context(config)  # as root: the key may be readable by root only
     master = Master(config, ssl_context, logger, connection_class=connection_class)
@@ -205,6 +206,7 @@ class Master:
             return
         if (config.listen, config.listen_tls) != (self.config.listen, self.config.listen_tls):
             log_event(self.logger, "listen-change-ignored", reason="restart to change listeners")
+        config = primaries.pin(config, self.logger, previous=self.config)
         self.config, self.ssl_context = config, ssl_context
         self.generation += 1
         for w in list(self.workers.values()):

@@ -1,0 +1,108 @@
+"""Where each domain's primary is: host-name primaries resolved once, not per connection.
+
+A `primary = mail.example.com:25` is looked up in DNS when the configuration
+is loaded -- at start, at each SIGHUP reload, and when a `backupmx flush` or
+inetd flusher process starts -- and the flusher then connects only to those
+addresses, so a DNS answer forged later cannot send a domain's mail
+elsewhere. TLS still names the primary by its host name (SNI, and the
+certificate check of `primary_tls = required`).
+
+Rules:
+- `pin` never raises: a name that does not resolve keeps the addresses it had
+  before the reload (`previous`), or gets none, and its mail is deferred with
+  a reason until a reload resolves it. Accepting mail never depends on DNS.
+- One log line per domain with a host-name primary says what it is pinned to.
+- An IP-literal primary needs no lookup and is its own address.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+
+from backupmx.log import log_event
+
+__all__ = ["addresses_for", "is_ip_literal", "pin", "resolve"]
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve(host: str, port: int) -> tuple[str, ...]:
+    """The TCP addresses of `host`, in the resolver's order, each once; OSError if none."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    addresses = tuple(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not addresses:
+        raise OSError(f"{host}: no addresses")
+    return addresses
+
+
+def pin(config, logger: logging.Logger, *, previous=None,
+        resolver: Callable[[str, int], tuple[str, ...]] = resolve):
+    """`config` with DomainConfig.primary_addresses filled in for every host-name primary.
+
+    The same `config` when no primary is a host name (nothing to look up).
+
+    previous: the configuration in force before a reload; a name that does
+    not resolve now keeps the addresses it had there (same host and port).
+    resolver: resolve, or another callable with its signature (tests).
+    """
+    looked_up: dict[tuple[str, int], tuple[str, ...] | str] = {}
+    domains = {}
+    for name, domain in config.domains.items():
+        host, port = domain.primary
+        if is_ip_literal(host):
+            continue  # its own address (addresses_for): nothing to look up, nothing to log
+        if (host, port) not in looked_up:
+            try:
+                looked_up[host, port] = resolver(host, port)
+            except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
+                looked_up[host, port] = str(exc) or type(exc).__name__
+        found = looked_up[host, port]
+        if isinstance(found, tuple):
+            addresses = found
+            log_event(logger, "primary-pinned", domain=name, primary=f"{host}:{port}",
+                      addresses=",".join(addresses))
+        else:
+            addresses = _previous_addresses(previous, name, domain.primary)
+            log_event(logger, "primary-unresolved", domain=name, primary=f"{host}:{port}", error=found,
+                      kept=",".join(addresses) if addresses else None,
+                      effect="previous addresses kept" if addresses else "mail stays queued until a reload resolves it",
+                      level=logging.WARNING)
+        domains[name] = dataclasses.replace(domain, primary_addresses=addresses)
+    if not domains:
+        return config
+    return dataclasses.replace(config, domains={**config.domains, **domains})
+
+
+def _previous_addresses(previous, name: str, primary: tuple[str, int]) -> tuple[str, ...]:
+    old = previous.domains.get(name) if previous is not None else None
+    if old is None or old.primary != primary or not old.primary_addresses:
+        return ()
+    return old.primary_addresses
+
+
+def addresses_for(domain, resolver: Callable[[str, int], tuple[str, ...]] = resolve) -> tuple[str, ...]:
+    """The addresses to connect to for `domain`'s primary; () when its name did not resolve.
+
+    A DomainConfig that went through `pin` carries them. One that did not (built
+    by hand) is resolved now, once for the caller's whole flush.
+    """
+    if domain.primary_addresses is not None:
+        return domain.primary_addresses
+    host, port = domain.primary
+    if is_ip_literal(host):
+        return (host,)
+    try:
+        return resolver(host, port)
+    except (OSError, UnicodeError):
+        return ()
+
