@@ -44,7 +44,8 @@ from collections.abc import Callable
 from backupmx import primaries, tls
 from backupmx.lifecycle import housekeeping, next_retry_delay, request_due_retries
 from backupmx.log import log_event
-from backupmx.store import QueueStore, QueueUnavailable
+from backupmx.outcome import Outcome, Verdict
+from backupmx.store import FlushRequests, QueueStore, QueueUnavailable
 
 __all__ = [
     "DataEncoder",
@@ -110,10 +111,6 @@ class PrimaryClient(smtplib.SMTP):
     def __init__(self, *, timeout: float, local_hostname: str):
         self._rbuf = bytearray()
         super().__init__(local_hostname=local_hostname, timeout=timeout)
-
-    # Called before each wait for the primary (the flush renews its lease
-    # there: a slow primary must not let the lease run out mid-flush).
-    on_wait = None
 
     def connect(self, host="localhost", port=0, source_address=None, *, address=None):
         """Connect to `address` (one of the primary's pinned addresses) or else `host`.
@@ -197,8 +194,6 @@ class PrimaryClient(smtplib.SMTP):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ReplyTimeout(f"timeout: no complete reply within {self.timeout:g} s")
-            if self.on_wait is not None:
-                self.on_wait()
             try:
                 self.sock.settimeout(remaining)
                 data = self.sock.recv(65536)
@@ -287,18 +282,47 @@ class _Trouble(Exception):
 
 
 class _Lease:
+    """Keeps a domain's flush lease alive while its flush runs, from a thread of its own.
+
+    Entering checks once, on the caller's store, that the lease is still
+    `owner`'s (_LeaseLost if not: nothing is sent). Then a thread renews it
+    every lease/6 on its own SQLite connection, so a slow primary or a long
+    body never lets it run out, and no SMTP read loop writes to the database.
+    The delivery side asks `check()` between steps (each message, each body
+    chunk): once a renewal found the lease gone, another flusher owns the
+    domain and this one stops there.
+    """
+
     def __init__(self, store, domain: str, owner: str, seconds: float):
         self.store, self.domain, self.owner, self.seconds = store, domain, owner, seconds
         self.interval = seconds / 6
-        self.next_renewal = time.monotonic() + self.interval
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{domain}", daemon=True)
 
-    def keep(self):
-        now = time.monotonic()
-        if now < self.next_renewal:
-            return
+    def __enter__(self) -> "_Lease":
         if not self.store.renew_lease(self.domain, self.owner, self.seconds):
             raise _LeaseLost()
-        self.next_renewal = now + self.interval
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _renew(self) -> None:
+        with FlushRequests(self.store.path) as own:  # SQLite connections stay in their thread
+            while not self._stop.wait(self.interval):
+                try:
+                    if not own.renew_lease(self.domain, self.owner, self.seconds):
+                        self.lost = True
+                        return
+                except QueueUnavailable:
+                    continue  # busy or full now: the lease lasts five more tries
+
+    def check(self) -> None:
+        if self.lost:
+            raise _LeaseLost()
 
 
 def _os_reason(exc: OSError) -> str:
@@ -331,6 +355,27 @@ def _relay(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+_POSITIVE = range(200, 300)  # MAIL, RCPT: go on
+_START_INPUT = (354,)  # DATA: send the body
+
+
+def _judge(code: int, text: bytes, proceed=()) -> Verdict | None:
+    """What one reply of the primary means for the mail it answers (outcome.classify).
+
+    None when the code is one of `proceed` (the transaction goes on); else the
+    Verdict for the recipients it answers. Raises _Trouble, which ends the
+    connection, for 421 (RFC 5321 3.8: the server is closing the channel) and
+    for a reply that has no place at this step (a 3xx to MAIL, a 250 to DATA).
+    """
+    if code in proceed:
+        return None
+    verdict = Verdict.of_reply(code, _reply(code, text))
+    if code == 421 or (proceed and verdict.outcome is Outcome.DELIVERED) or (
+            verdict.outcome is Outcome.DEFERRED and not 400 <= code < 500):
+        raise _Trouble(verdict.reply)
+    return verdict
+
+
 class _Flush:
     """One flush of one domain: a connection (re-opened as needed) and the outcomes."""
 
@@ -359,7 +404,6 @@ class _Flush:
     def connect(self) -> PrimaryClient:
         """Open a session ready for MAIL, or raise _Trouble."""
         client = PrimaryClient(timeout=self.timeout, local_hostname=self.hostname)
-        client.on_wait = self.lease.keep
         try:
             code, text = self._connect_pinned(client)
             if code != 220:
@@ -442,11 +486,11 @@ class _Flush:
 
     # -- outcomes ---------------------------------------------------------------
 
-    def record(self, message, outcomes: dict[str, tuple[str, str]]):
-        """outcomes: address -> (kind, reply). Buffered, then written by record_outcomes:
-        a batch of messages per transaction, one log line per (kind, reply)."""
+    def record(self, message, outcomes: dict[str, Verdict]):
+        """outcomes: address -> Verdict. Buffered, then written by record_outcomes:
+        a batch of messages per transaction, one log line per verdict."""
         retry_after = None
-        if self.domain.retry_interval and any(kind == "deferred" for kind, _ in outcomes.values()):
+        if self.domain.retry_interval and any(v.outcome is Outcome.DEFERRED for v in outcomes.values()):
             retry_after = next_retry_delay(self.domain.retry_interval, message.attempts + 1)
         if not self._unrecorded:
             self._batch_started = time.monotonic()
@@ -463,29 +507,27 @@ class _Flush:
         batch, self._unrecorded = self._unrecorded, []
         if not batch:
             return
-        self.store.record_attempts([
-            (message.queue_id, self.domain.name,
-             [(address, kind, reply) for address, (kind, reply) in outcomes.items()], retry_after)
-            for message, outcomes, retry_after in batch])
+        self.store.record_attempts([(message.queue_id, self.domain.name, outcomes, retry_after)
+                                    for message, outcomes, retry_after in batch])
         for message, outcomes, _ in batch:
             self._log_outcomes(message, outcomes)
 
-    def _log_outcomes(self, message, outcomes):
-        groups: dict[tuple[str, str], list[str]] = {}
-        for address, outcome in outcomes.items():
-            groups.setdefault(outcome, []).append(address)
-        for (kind, reply), addresses in groups.items():
-            self.counts[kind] += len(addresses)
+    def _log_outcomes(self, message, outcomes: dict[str, Verdict]):
+        groups: dict[Verdict, list[str]] = {}
+        for address, verdict in outcomes.items():
+            groups.setdefault(verdict, []).append(address)
+        for verdict, addresses in groups.items():
+            self.counts[verdict.outcome.value] += len(addresses)
             log_event(
                 self.log,
-                kind,
+                verdict.outcome.value,
                 id=message.queue_id,
                 domain=self.domain.name,
                 from_=f"<{message.sender}>",
                 to=",".join(f"<{a}>" for a in addresses),
                 relay=self.relay,
                 tls=self.tls_version,
-                reply=reply,
+                reply=verdict.reply,
             )
 
     # -- one message --------------------------------------------------------------
@@ -497,7 +539,7 @@ class _Flush:
         tells whether no session could be opened at all).
         """
         self.counts["messages"] += 1
-        outcomes: dict[str, tuple[str, str]] = {}
+        outcomes: dict[str, Verdict] = {}
         trouble = None
         try:
             if self.client is None:
@@ -522,7 +564,7 @@ class _Flush:
         if trouble is not None:
             self.drop()
             for r in message.recipients:
-                outcomes.setdefault(r.address, ("deferred", trouble.reason))
+                outcomes.setdefault(r.address, Verdict.deferred(trouble.reason))
         self.record(message, outcomes)
         return trouble
 
@@ -531,41 +573,15 @@ class _Flush:
         client.putcmd(verb, argument)
         return client.getreply()
 
-    def transaction(self, message, outcomes):
-        """MAIL, RCPT..., DATA, body; fills outcomes; raises on connection trouble."""
+    def transaction(self, message, outcomes: dict[str, Verdict]):
+        """MAIL, RCPT..., DATA, body: a Verdict per recipient into `outcomes`; _Trouble ends the connection."""
         client = self.client
-        self.lease.keep()
-        envelope = [message.sender] + [r.address for r in message.recipients]
-        params = []
-        if any(not a.isascii() for a in envelope):
-            # RFC 6531: an internationalised envelope needs SMTPUTF8 at the primary.
-            if not client.has_extn("smtputf8"):
-                for address in envelope[1:]:
-                    outcomes[address] = ("deferred", "the primary does not offer SMTPUTF8")
-                return
-            client.command_encoding = "utf-8"
-            params.append("SMTPUTF8")
-        else:
-            client.command_encoding = "ascii"
-        if client.has_extn("size"):
-            params.append(f"SIZE={message.size}")
-        if (message.body_type or "").upper() == "8BITMIME" and client.has_extn("8bitmime"):
-            params.append("BODY=8BITMIME")
-        dsn = client.has_extn("dsn")
-        if dsn and message.envid:
-            params.append(f"ENVID={message.envid}")
-        if dsn and message.ret:
-            params.append(f"RET={message.ret}")
-        xtexts = [message.envid, message.ret] + [p for r in message.recipients for p in (r.notify, r.orcpt)]
-        if any(_CONTROL.search(a) for a in envelope) or any(
-            x and (_CONTROL.search(x) or " " in x or not x.isascii()) for x in xtexts
-        ):
-            # The server never queues such an envelope; if one is there, sending it
-            # would inject commands. Keep it queued (and visible) instead.
-            for address in envelope[1:]:
-                outcomes[address] = ("deferred", "envelope holds characters that cannot be sent")
+        self.lease.check()
+        refusal, params = self._mail_parameters(message)
+        if refusal is not None:
+            outcomes.update(dict.fromkeys((r.address for r in message.recipients), refusal))
             return
-
+        dsn = client.has_extn("dsn")
         mail = ("MAIL", f"FROM:<{message.sender}>" + "".join(" " + p for p in params))
         rcpts = [("RCPT", f"TO:<{r.address}>" + (f" NOTIFY={r.notify}" if dsn and r.notify else "")
                   + (f" ORCPT={r.orcpt}" if dsn and r.orcpt else "")) for r in message.recipients]
@@ -578,45 +594,54 @@ class _Flush:
         else:
             mail_reply, rcpt_replies, data_reply = self.command(*mail), None, None
 
-        code, text = mail_reply
-        if code == 421 or 300 <= code < 400:
-            raise _Trouble(_reply(code, text))
-        if code >= 400:
-            kind = "deferred" if code < 500 else "failed"
-            for r in message.recipients:
-                outcomes[r.address] = (kind, _reply(code, text))
-            self.abandon_data(data_reply)
-            return
-
+        verdict = _judge(*mail_reply, proceed=_POSITIVE)
+        if verdict is not None:
+            outcomes.update(dict.fromkeys((r.address for r in message.recipients), verdict))
+            return self.abandon_data(data_reply)
         accepted = []
         for index, r in enumerate(message.recipients):
-            code, text = rcpt_replies[index] if rcpt_replies is not None else self.command(*rcpts[index])
-            if code == 421 or 300 <= code < 400:
-                raise _Trouble(_reply(code, text))
-            if code < 400:
+            verdict = _judge(*(rcpt_replies[index] if rcpt_replies is not None else self.command(*rcpts[index])),
+                             proceed=_POSITIVE)
+            if verdict is None:
                 accepted.append(r.address)
             else:
-                outcomes[r.address] = ("deferred" if code < 500 else "failed", _reply(code, text))
+                outcomes[r.address] = verdict
         if not accepted:
-            self.abandon_data(data_reply)
-            return
-
-        code, text = data_reply if data_reply is not None else self.command("DATA")
-        if code == 421 or (code != 354 and code < 400):
-            raise _Trouble(_reply(code, text))
-        if code >= 400:
-            kind = "deferred" if code < 500 else "failed"
-            for address in accepted:
-                outcomes[address] = (kind, _reply(code, text))
-            self.reset()
-            return
+            return self.abandon_data(data_reply)
+        verdict = _judge(*(data_reply if data_reply is not None else self.command("DATA")), proceed=_START_INPUT)
+        if verdict is not None:
+            outcomes.update(dict.fromkeys(accepted, verdict))
+            return self.reset()
         self.send_body(message.queue_id)
-        code, text = client.getreply()
-        if not 200 <= code < 300 and (code == 421 or code < 400):
-            raise _Trouble(_reply(code, text))
-        kind = "delivered" if code < 300 else "deferred" if code < 500 else "failed"
-        for address in accepted:
-            outcomes[address] = (kind, _reply(code, text))
+        outcomes.update(dict.fromkeys(accepted, _judge(*client.getreply())))
+
+    def _mail_parameters(self, message) -> tuple[Verdict | None, list[str]]:
+        """The MAIL parameters for this primary, or the Verdict that keeps the message queued instead."""
+        client = self.client
+        envelope = [message.sender] + [r.address for r in message.recipients]
+        params = []
+        if any(not a.isascii() for a in envelope):
+            # RFC 6531: an internationalised envelope needs SMTPUTF8 at the primary.
+            if not client.has_extn("smtputf8"):
+                return Verdict.deferred("the primary does not offer SMTPUTF8"), []
+            client.command_encoding = "utf-8"
+            params.append("SMTPUTF8")
+        else:
+            client.command_encoding = "ascii"
+        if client.has_extn("size"):
+            params.append(f"SIZE={message.size}")
+        if (message.body_type or "").upper() == "8BITMIME" and client.has_extn("8bitmime"):
+            params.append("BODY=8BITMIME")
+        if client.has_extn("dsn"):
+            params += [f"{key}={value}" for key, value in (("ENVID", message.envid), ("RET", message.ret)) if value]
+        xtexts = [message.envid, message.ret] + [p for r in message.recipients for p in (r.notify, r.orcpt)]
+        if any(_CONTROL.search(a) for a in envelope) or any(
+            x and (_CONTROL.search(x) or " " in x or not x.isascii()) for x in xtexts
+        ):
+            # The server never queues such an envelope; if one is there, sending it
+            # would inject commands. Keep it queued (and visible) instead.
+            return Verdict.deferred("envelope holds characters that cannot be sent"), []
+        return None, params
 
     def abandon_data(self, data_reply):
         """End a transaction that will not send a body, then RSET.
@@ -651,7 +676,7 @@ class _Flush:
                     raise _Gone() from e
                 if not chunk:
                     break
-                self.lease.keep()
+                self.lease.check()
                 if pending:
                     self.client.send(pending)
                 pending = encoder.feed(chunk)
@@ -680,26 +705,25 @@ class _ExtraConnection(threading.Thread):
     connection, which alone decides when the primary is not taking mail.
     """
 
-    def __init__(self, path, domain, owner, hostname, timeout, lease_seconds, log, work, finished, should_stop):
-        super().__init__(name=f"flush-{domain.name}", daemon=True)
-        self.args = (path, domain, owner, hostname, timeout, lease_seconds, log)
+    def __init__(self, main: "_Flush", work, finished: threading.Event, should_stop: Callable[[], bool]):
+        super().__init__(name=f"flush-{main.domain.name}", daemon=True)
+        self.main = main
         self.work, self.finished, self.should_stop = work, finished, should_stop
         self.counts = {"messages": 0, "delivered": 0, "deferred": 0, "failed": 0}
 
     def run(self):
-        path, domain, owner, hostname, timeout, lease_seconds, log = self.args
+        main, log = self.main, self.main.log
         try:
-            store = QueueStore(path)
+            store = QueueStore(main.store.path)
         except Exception as e:
-            log_event(log, "flush-error", domain=domain.name, error=f"extra connection: {e}", level=logging.WARNING)
+            log_event(log, "flush-error", domain=main.domain.name, error=f"extra connection: {e}",
+                      level=logging.WARNING)
             return
-        flush = _Flush(store, domain, owner=owner, hostname=hostname, timeout=timeout,
-                       lease=_Lease(store, domain.name, owner, lease_seconds), log=log)
+        flush = _Flush(store, main.domain, owner=main.owner, hostname=main.hostname, timeout=main.timeout,
+                       lease=main.lease, log=log)
         try:
             flush.client = flush.connect()
-            while self.work and not self.finished.is_set():
-                if self.should_stop is not None and self.should_stop():
-                    break
+            while self.work and not self.finished.is_set() and not self.should_stop():
                 try:
                     message = self.work.popleft()
                 except IndexError:
@@ -709,13 +733,13 @@ class _ExtraConnection(threading.Thread):
         except (_Trouble, _LeaseLost):
             pass  # the main connection carries on (or has the same trouble itself)
         except Exception as e:  # never lose the main flush over this one
-            log_event(log, "flush-error", domain=domain.name, error=f"extra connection: {type(e).__name__}: {e}",
-                      level=logging.WARNING)
+            log_event(log, "flush-error", domain=main.domain.name,
+                      error=f"extra connection: {type(e).__name__}: {e}", level=logging.WARNING)
         finally:
             try:
                 flush.record_outcomes()
             except Exception as e:  # unrecorded: those messages are delivered again, never lost
-                log_event(log, "flush-error", domain=domain.name, error=f"extra connection: {e}",
+                log_event(log, "flush-error", domain=main.domain.name, error=f"extra connection: {e}",
                           level=logging.WARNING)
             flush.quit()
             self.counts = flush.counts
@@ -736,7 +760,7 @@ def deliver_domain(
     """Deliver every queued message of `domain` (a DomainConfig) to domain.primary.
 
     The caller holds the flush lease for domain.name under `owner`
-    (store.claim_flush); it is renewed here and released by the caller.
+    (store.claim_flush); it is kept alive here (_Lease) and released by the caller.
     Returns counts: {"messages": tried, "delivered"/"deferred"/"failed": recipients}.
     When the connection gives trouble, the next message gets a new one; after
     MAX_CONSECUTIVE_TROUBLE in a row (or when the primary cannot be reached at all)
@@ -744,62 +768,56 @@ def deliver_domain(
     the flush stops between messages and is requested again, so that it resumes
     after a restart. Store errors (QueueUnavailable) propagate.
     """
-    lease_seconds = lease_seconds or default_lease_seconds(timeout)
-    lease = _Lease(store, domain.name, owner, lease_seconds)
+    should_stop = should_stop or (lambda: False)
+    lease = _Lease(store, domain.name, owner, lease_seconds or default_lease_seconds(timeout))
     flush = _Flush(store, domain, owner=owner, hostname=hostname, timeout=timeout, lease=lease, log=log)
     messages = store.messages_for_flush(domain.name)
     if not messages:
         return flush.counts
     started = time.monotonic()
     log_event(log, "flush-start", domain=domain.name, relay=flush.relay, messages=len(messages))
-    work = collections.deque(messages)  # shared with the extra connections; popleft is atomic
-    finished = threading.Event()
-    extra = []
-    if len(messages) >= EXTRA_CONNECTION_MIN_MESSAGES:
-        extra = [_ExtraConnection(store.path, domain, owner, hostname, timeout, lease_seconds, log, work, finished,
-                                  should_stop) for _ in range(EXTRA_CONNECTIONS)]
-    troubles = 0
-    status = "done"
     try:
-        for thread in extra:
-            thread.start()
-        while work:
-            if should_stop is not None and should_stop():
-                status = "interrupted"
-                store.request_flush([domain.name])
-                break
-            try:
-                message = work.popleft()
-            except IndexError:
-                break
-            trouble = flush.deliver(message)
-            if trouble is None:
-                troubles = 0
-                continue
-            troubles += 1
-            if trouble.at_connect or troubles >= MAX_CONSECUTIVE_TROUBLE:
-                # Postfix's "delivery temporarily suspended": the primary is not
-                # taking mail now; record why on every row and stop.
-                status = "suspended"
-                finished.set()
-                log_event(log, "flush-suspended", domain=domain.name, relay=flush.relay,
-                          reason=trouble.reason, level=logging.WARNING)
-                while work:
-                    if should_stop is not None and should_stop():
-                        store.request_flush([domain.name])
-                        break
-                    try:
-                        rest = work.popleft()
-                    except IndexError:
-                        break
-                    lease.keep()
-                    flush.counts["messages"] += 1
-                    flush.record(rest, {r.address: ("deferred", trouble.reason) for r in rest.recipients})
-                break
+        with lease:
+            status = _deliver_work(flush, collections.deque(messages), should_stop)
     except _LeaseLost:
         status = "lease-lost"
         log_event(log, "flush-aborted", domain=domain.name, relay=flush.relay,
                   reason="the flush lease was lost", level=logging.WARNING)
+    counts = flush.counts
+    log_event(log, "flush-" + status, domain=domain.name, relay=flush.relay, messages=counts["messages"],
+              delivered=counts["delivered"], deferred=counts["deferred"], failed=counts["failed"],
+              seconds=f"{time.monotonic() - started:.3f}")
+    return counts
+
+
+def _deliver_work(flush: _Flush, work: collections.deque, should_stop: Callable[[], bool]) -> str:
+    """The main connection's loop over the work list (shared with the extra connections).
+
+    Returns how the flush ended: done, interrupted (requested again) or suspended.
+    """
+    finished = threading.Event()
+    extra = []
+    if len(work) >= EXTRA_CONNECTION_MIN_MESSAGES:
+        extra = [_ExtraConnection(flush, work, finished, should_stop) for _ in range(EXTRA_CONNECTIONS)]
+    troubles = 0
+    try:
+        for thread in extra:
+            thread.start()
+        while work:
+            if should_stop():
+                flush.store.request_flush([flush.domain.name])
+                return "interrupted"
+            try:
+                message = work.popleft()  # atomic: the extra connections take from the same list
+            except IndexError:
+                break
+            trouble = flush.deliver(message)
+            troubles = 0 if trouble is None else troubles + 1
+            if trouble is not None and (trouble.at_connect or troubles >= MAX_CONSECUTIVE_TROUBLE):
+                finished.set()
+                _suspend(flush, work, trouble, should_stop)
+                return "suspended"
+        return "done"
     finally:
         finished.set()
         for thread in extra:
@@ -811,18 +829,24 @@ def deliver_domain(
             flush.record_outcomes()
         finally:
             flush.quit()
-    log_event(
-        log,
-        "flush-" + status,
-        domain=domain.name,
-        relay=flush.relay,
-        messages=flush.counts["messages"],
-        delivered=flush.counts["delivered"],
-        deferred=flush.counts["deferred"],
-        failed=flush.counts["failed"],
-        seconds=f"{time.monotonic() - started:.3f}",
-    )
-    return flush.counts
+
+
+def _suspend(flush: _Flush, work: collections.deque, trouble: _Trouble, should_stop: Callable[[], bool]) -> None:
+    """Postfix's "delivery temporarily suspended": the primary is not taking mail
+    now; record why on every row left, and stop."""
+    log_event(flush.log, "flush-suspended", domain=flush.domain.name, relay=flush.relay,
+              reason=trouble.reason, level=logging.WARNING)
+    while work:
+        if should_stop():
+            flush.store.request_flush([flush.domain.name])
+            return
+        try:
+            rest = work.popleft()
+        except IndexError:
+            return
+        flush.lease.check()
+        flush.counts["messages"] += 1
+        flush.record(rest, {r.address: Verdict.deferred(trouble.reason) for r in rest.recipients})
 
 
 def drain(store, config, owner: str, *, lease_seconds: float, log: logging.Logger = LOGGER,

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 from backupmx import dsn as dsnlib
 from backupmx.log import log_event
+from backupmx.outcome import Outcome, classify
 from backupmx.store import DSN_CLAIM_SECONDS, QueueStore, QueueUnavailable
 
 __all__ = ["BounceFailed", "housekeeping", "next_retry_delay", "send_dsn"]
@@ -88,10 +89,10 @@ def send_dsn(relay: tuple[str, int], sender: str, dsn_bytes: bytes, *, hostname:
             client.sendmail("", [sender], dsn_bytes, mail_options=options)
     except smtplib.SMTPRecipientsRefused as exc:
         code, reply = next(iter(exc.recipients.values()))
-        raise BounceFailed(_reply_text(code, reply), permanent=500 <= code < 600) from exc
+        raise BounceFailed(_reply_text(code, reply), permanent=classify(code) is Outcome.FAILED) from exc
     except smtplib.SMTPResponseException as exc:  # SenderRefused, DataError, ...
         raise BounceFailed(_reply_text(exc.smtp_code, exc.smtp_error),
-                           permanent=500 <= exc.smtp_code < 600) from exc
+                           permanent=classify(exc.smtp_code) is Outcome.FAILED) from exc
     except (OSError, smtplib.SMTPException) as exc:  # refused, timeout, disconnected
         raise BounceFailed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
 

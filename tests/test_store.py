@@ -22,17 +22,15 @@ import pytest
 
 from backupmx import schema as schema_mod
 from backupmx.envelope import Envelope, Recipient
+from backupmx.outcome import Outcome, Verdict, classify
 from backupmx.store import (
-    CHUNK,
-    DEFERRED,
-    DELIVERED,
-    FAILED,
     QueueStore,
     QueueUnavailable,
     check_database,
     is_queue_id,
     new_queue_id,
 )
+from backupmx.store_db import CHUNK
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_800_000_000
@@ -516,11 +514,11 @@ def test_failed_marks_and_keeps(store, clock):
 
 def test_mixed_outcomes_are_one_attempt(store):
     qid = put(store, "a@example.com", "b@example.com", "c@example.com")
-    state = store.record_attempt(qid, "example.com", [
-        ("a@example.com", DELIVERED, "250 ok"),
-        ("b@example.com", DEFERRED, "450 4.2.1 busy"),
-        ("c@example.com", FAILED, "550 5.1.1 unknown"),
-    ], retry_after=60)
+    state = store.record_attempt(qid, "example.com", {
+        "a@example.com": Verdict.of_reply(250, "250 ok"),
+        "b@example.com": Verdict.of_reply(450, "450 4.2.1 busy"),
+        "c@example.com": Verdict.of_reply(550, "550 5.1.1 unknown"),
+    }, retry_after=60)
     assert state == "queued"
     [row] = store.list_messages()
     assert (row.attempts, row.last_reply, row.recipients) == (1, "450 4.2.1 busy", ["b@example.com", "c@example.com"])
@@ -528,7 +526,18 @@ def test_mixed_outcomes_are_one_attempt(store):
     assert [(r.address, r.state, r.last_reply) for r in detail] == [
         ("b@example.com", "queued", "450 4.2.1 busy"), ("c@example.com", "failed", "550 5.1.1 unknown")]
     with pytest.raises(ValueError):
-        store.record_attempt(qid, "example.com", [("b@example.com", "bogus", "x")])
+        Verdict("bogus", "x")  # there is no fourth outcome
+    with pytest.raises(TypeError):
+        store.record_attempt(qid, "example.com", {"b@example.com": ("deferred", "x")})
+
+
+@pytest.mark.parametrize("code,outcome", [
+    (250, Outcome.DELIVERED), (251, Outcome.DELIVERED), (421, Outcome.DEFERRED), (451, Outcome.DEFERRED),
+    (452, Outcome.DEFERRED), (550, Outcome.FAILED), (554, Outcome.FAILED),
+    (354, Outcome.DEFERRED), (199, Outcome.DEFERRED), (600, Outcome.DEFERRED),  # no final reply: never "failed"
+])
+def test_one_classification_of_reply_codes(code, outcome):
+    assert classify(code) is outcome
 
 
 # --- lifecycle ---------------------------------------------------------------------

@@ -1,0 +1,422 @@
+"""The queue's database: one SQLite file in WAL mode, its schema (schema.sql), its transactions.
+
+QueueDatabase opens the file (0600), applies schema.sql, migrates an older
+queue, and gives the roles (store_*.py) their transactions: _write (BEGIN
+IMMEDIATE: the busy timeout applies up front, never half-way) and _read (one
+snapshot; never blocks writers under WAL). "Cannot now" SQLite errors (disk
+full, locked, I/O) become QueueUnavailable, which the SMTP side answers with
+452 4.3.1; real bugs pass through.
+
+Open the queue only in the process that uses it (after fork): an SQLite
+connection must never cross a fork. All times come from the injected clock
+(unix seconds), so tests can move time.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from backupmx.schema import schema_text, schema_version
+
+CHUNK = 64 * 1024  # bytes copied per step into and out of a body blob
+
+
+DEFAULT_BUSY_TIMEOUT = 5.0  # seconds a writer waits for another writer's lock
+
+
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # WAL file truncated back to this after a checkpoint
+
+
+# Row and recipient states (CHECK constraints in schema.sql).
+QUEUED, HELD, FAILED, EXPIRED = "queued", "held", "failed", "expired"
+
+# SQLite primary result codes that mean "the queue cannot take this now"
+# (disk full, locked by another writer, I/O trouble): the SMTP side answers
+# 452 4.3.1 and the client retries later (RFC 5321 4.5.3.1.10, RFC 3463 4.3.1).
+_UNAVAILABLE_CODES = frozenset(
+    getattr(sqlite3, name)
+    for name in (
+        "SQLITE_FULL", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_CANTOPEN",
+        "SQLITE_NOMEM", "SQLITE_PROTOCOL", "SQLITE_READONLY", "SQLITE_CORRUPT", "SQLITE_NOTADB",
+        "SQLITE_NOLFS", "SQLITE_PERM",
+    )
+)
+
+
+_ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+_ID_EPOCH = 1577836800  # 2020-01-01T00:00:00Z; 8 base-36 digits of milliseconds last until 2109
+
+
+_ID_TIME_DIGITS = 8
+
+
+_ID_RANDOM_DIGITS = 6
+
+
+
+def is_queue_id(text: str) -> bool:
+    """True if `text` looks like a queue id (14 of [0-9A-Z]) rather than a domain:
+    for `backupmx hold|release|delete|requeue ID|DOMAIN`."""
+    return len(text) == _ID_TIME_DIGITS + _ID_RANDOM_DIGITS and all(c in _ID_ALPHABET for c in text)
+
+
+
+class QueueUnavailable(Exception):
+    """The queue cannot be written (or read) now: disk full, locked, I/O error.
+
+    The SMTP side answers 452 4.3.1; nothing was changed.
+    """
+
+
+
+def new_queue_id(clock: Callable[[], float] = time.time) -> str:
+    """A new queue id: 14 characters of [0-9A-Z].
+
+    Eight base-36 digits of milliseconds since 2020 (so ids sort by time, as
+    Postfix's do), then six random ones (36**6 = 2.2e9 per millisecond: at
+    3,000 messages/s a clash comes about once a week). A clash is still
+    possible in principle; enqueue() then raises QueueUnavailable and the
+    client simply retries, so nothing is lost.
+    """
+    milliseconds = max(0, int(clock() * 1000) - _ID_EPOCH * 1000) % (36**_ID_TIME_DIGITS)
+    number = milliseconds * 36**_ID_RANDOM_DIGITS + secrets.randbelow(36**_ID_RANDOM_DIGITS)
+    digits = []
+    for _ in range(_ID_TIME_DIGITS + _ID_RANDOM_DIGITS):
+        number, digit = divmod(number, 36)
+        digits.append(_ID_ALPHABET[digit])
+    return "".join(reversed(digits))
+
+
+
+@dataclass(frozen=True)
+class RecipientStatus:
+    """One recipient with its delivery state (show, DSNs)."""
+
+    address: str
+    notify: str | None
+    orcpt: str | None
+    state: str
+    last_reply: str | None
+    dsn_sent: int | None = None
+
+
+
+class BodyReader(io.RawIOBase):
+    """A message body, read from its blob in pieces.
+
+    Each refill opens the blob in its own short read transaction, so a slow
+    delivery never pins an old WAL snapshot (which would stop checkpoints and
+    make the caller's later writes fail with SQLITE_BUSY_SNAPSHOT). Refills
+    are READAHEAD bytes: seeking into a blob walks its overflow-page chain
+    from the start, so fewer, larger refills keep a 50 MB read linear enough.
+    """
+
+    READAHEAD = 1024 * 1024
+
+    def __init__(self, db: sqlite3.Connection, queue_id: str, size: int):
+        super().__init__()
+        self._db = db
+        self.queue_id = queue_id
+        self.size = size
+        self._pos = 0
+        self._buf = b""
+        self._buf_start = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return self.size
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def read(self, n: int = -1) -> bytes:
+        if self.closed:
+            raise ValueError("read of closed body")
+        if n is None or n < 0:
+            n = self.size - self._pos
+        n = min(n, self.size - self._pos)
+        if n <= 0:
+            return b""
+        offset = self._pos - self._buf_start
+        if not (0 <= offset and offset + n <= len(self._buf)):
+            self._buf = b""  # free the old buffer before the new one is read
+            self._buf = self._fetch(self._pos, max(n, min(self.READAHEAD, self.size - self._pos)))
+            self._buf_start, offset = self._pos, 0
+        data = self._buf[offset:offset + n]
+        self._pos += len(data)
+        return data
+
+    def _fetch(self, pos: int, n: int) -> bytes:
+        with _sqlite_errors():
+            own = not self._db.in_transaction
+            if own:
+                self._db.execute("BEGIN")
+            try:
+                row = self._db.execute("SELECT rowid FROM messages WHERE queue_id = ?", (self.queue_id,)).fetchone()
+                if row is None:
+                    raise KeyError(f"message {self.queue_id} is no longer in the queue")
+                with self._db.blobopen("messages", "body", row[0], readonly=True) as blob:
+                    blob.seek(pos)
+                    return blob.read(n)
+            finally:
+                if own:
+                    self._db.execute("COMMIT")
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def close(self) -> None:
+        self._buf = b""
+        super().close()
+
+
+
+def _is_unavailable(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        # No code (e.g. raised by the sqlite3 module itself): go by the text.
+        text = str(exc).lower()
+        return any(w in text for w in ("locked", "busy", "disk", "full", "i/o", "unable to open"))
+    return (code & 0xFF) in _UNAVAILABLE_CODES
+
+
+
+@contextmanager
+def _sqlite_errors() -> Iterator[None]:
+    """Turn "cannot now" SQLite errors into QueueUnavailable; let real bugs through."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if _is_unavailable(exc):
+            raise QueueUnavailable(f"queue database: {exc}") from exc
+        raise
+
+
+
+def check_database(path: str) -> list[str]:
+    """Problems with the queue database at `path`, for `backupmx check` (empty: fine).
+
+    A database that does not exist yet is fine when its directory is writable.
+    Never creates the file.
+    """
+    problems: list[str] = []
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(path):
+        if not os.path.isdir(directory):
+            problems.append(f"{path}: directory {directory} does not exist")
+        elif not os.access(directory, os.W_OK | os.X_OK):
+            problems.append(f"{path}: directory {directory} is not writable")
+        return problems
+    if not os.path.isfile(path):
+        return [f"{path}: not a regular file"]
+    if not os.access(path, os.R_OK | os.W_OK):
+        problems.append(f"{path}: not readable and writable")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        problems.append(f"{path}: directory {directory} is not writable (SQLite needs it for the -wal and -shm files)")
+    try:
+        db = sqlite3.connect(f"file:{_uri_path(path)}?mode=rw", uri=True, timeout=1.0, isolation_level=None)
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            ours = schema_version()
+            if version > ours:
+                problems.append(f"{path}: schema version {version} is newer than this backupmx ({ours})")
+            result = db.execute("PRAGMA quick_check").fetchone()[0]
+            if result != "ok":
+                problems.append(f"{path}: integrity check failed: {result}")
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        problems.append(f"{path}: {exc}")
+    return problems
+
+
+
+def _create_private(path: str) -> None:
+    """A new queue file is created 0600, and SQLite gives its -wal and -shm files the
+    database's mode: the queue holds other people's mail.
+
+    Not with umask: that is process-wide, and other threads (a flusher's lease
+    keeper, its extra connections) create files at the same time.
+    """
+    if path == ":memory:" or path.startswith("file:") or os.path.exists(path):
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass  # another process made it a moment ago
+    except OSError as exc:
+        raise sqlite3.OperationalError(f"unable to open database file: {exc.strerror or exc}") from exc
+
+
+def _uri_path(path: str) -> str:
+    from urllib.parse import quote
+
+    return quote(os.path.abspath(path))
+
+
+
+class QueueDatabase:
+    """The SQLite connection and its transactions; each role (store_*.py) builds on it."""
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.time, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT):
+        self.path = path
+        self._clock = clock
+        self._db: sqlite3.Connection | None = None
+        self._turn_lock: int | None = None  # fd of <queue>-commit.lock: store_intake's turn to commit
+        with _sqlite_errors():
+            _create_private(path)
+            db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+            try:
+                self._setup(db, busy_timeout)
+            except BaseException:
+                db.close()
+                raise
+        self._db = db
+
+    def _setup(self, db: sqlite3.Connection, busy_timeout: float) -> None:
+        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        # Only takes effect on a new, empty database (before the first table):
+        # freed pages can then be returned to the file system by housekeeping
+        # (incremental_vacuum) without a full VACUUM. On an existing queue it is a no-op.
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal" and self.path != ":memory:" and not self.path.startswith("file::memory:"):
+            raise QueueUnavailable(f"{self.path}: cannot use WAL journal mode (got {mode})")
+        db.execute("PRAGMA synchronous = FULL")  # the commit is on disk before 250 is sent
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        text = schema_text()
+        ours = schema_version(text)
+        found = db.execute("PRAGMA user_version").fetchone()[0]
+        if found > ours:
+            raise QueueUnavailable(f"{self.path}: schema version {found} is newer than this backupmx ({ours})")
+        if 0 < found < ours:
+            self._migrate(db)
+        try:
+            db.executescript("BEGIN IMMEDIATE;\n" + text + "\nCOMMIT;")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    # Columns added since schema version 1: (table, column, type). CREATE TABLE IF
+    # NOT EXISTS does not add them to an existing table, so they are added here.
+    _ADDED_COLUMNS = (
+        ("queue", "delay_warned", "INTEGER"),  # version 2
+        ("recipients", "dsn_claimed", "INTEGER"),  # version 2
+    )
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Bring an older queue up to date, under the write lock (several
+        processes open the store at once after fork; only one adds a column)."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for table, column, kind in self._ADDED_COLUMNS:
+                columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                if columns and column not in columns:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._turn_lock is not None and self._turn_lock >= 0:
+            os.close(self._turn_lock)
+        self._turn_lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The underlying connection (tests, `backupmx check`)."""
+        if self._db is None:
+            raise ValueError("queue store is closed")
+        return self._db
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: BEGIN IMMEDIATE takes the write lock up front,
+        so the busy timeout applies here and never half-way through."""
+        db = self.connection
+        with _sqlite_errors():
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # SQLite may have rolled back already (e.g. SQLITE_FULL)
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: a consistent snapshot; never blocks writers (WAL)."""
+        db = self.connection
+        with _sqlite_errors():
+            db.execute("BEGIN")
+            try:
+                yield db
+            finally:
+                if db.in_transaction:
+                    db.execute("COMMIT")
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, at: int, queue_id: str, domain: str | None, what: str, detail: str | None) -> None:
+        db.execute(
+            "INSERT INTO events (at, queue_id, domain, what, detail) VALUES (?, ?, ?, ?, ?)",
+            (at, queue_id, domain, what, detail),
+        )
+
+    def new_queue_id(self) -> str:
+        return new_queue_id(self._clock)
+
+    def open_body(self, queue_id: str) -> BodyReader:
+        """The message body as a binary file (read(n), seek, len); the caller closes it.
+
+        Streamed from the blob: memory does not grow with the message.
+        Raises KeyError if the message is not in the queue.
+        """
+        with _sqlite_errors():
+            row = self.connection.execute("SELECT size FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
+        if row is None:
+            raise KeyError(queue_id)
+        return BodyReader(self.connection, queue_id, row[0])

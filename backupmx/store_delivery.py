@@ -1,0 +1,165 @@
+"""The queue's delivery role: what a flusher reads (a domain's queued mail) and records (each outcome).
+
+  - A recipient the primary accepted is deleted; its queue row goes with its
+    last recipient, the message with its last row (triggers in schema.sql).
+  - Every other outcome is a state (queued, failed) with the reply that
+    caused it, and an `events` row; nothing is "unknown" (outcome.Verdict).
+  - A batch of attempts is ONE transaction: a crash before it commits means
+    those messages are delivered again, never lost.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from backupmx.envelope import Recipient
+from backupmx.outcome import Outcome, Verdict
+from backupmx.store_db import FAILED, HELD, QUEUED, QueueDatabase
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """One queue row ready for delivery: the envelope for one domain's primary."""
+
+    queue_id: str
+    domain: str
+    sender: str  # "" = null sender
+    recipients: list[Recipient]  # only those still to deliver (state 'queued')
+    size: int
+    envid: str | None
+    ret: str | None
+    body_type: str
+    attempts: int
+    received_at: int = 0
+
+
+
+class Delivery(QueueDatabase):
+    """A flusher's reads and writes: messages_for_flush, then record_attempts."""
+
+    def messages_for_flush(self, domain: str, limit: int | None = None) -> list[QueuedMessage]:
+        """Rows of `domain` in state 'queued' (never held ones), oldest first,
+        each with its recipients still to deliver."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT q.queue_id, m.sender, m.size, m.envid, m.ret, m.body_type, q.attempts, m.received_at"
+                " FROM queue AS q JOIN messages AS m USING (queue_id)"
+                " WHERE q.domain = ? AND q.state = 'queued'"
+                " ORDER BY m.received_at, m.rowid LIMIT ?",
+                (domain, -1 if limit is None else limit),
+            ).fetchall()
+            result = []
+            for queue_id, sender, size, envid, ret, body_type, attempts, received_at in rows:
+                recipients = [
+                    Recipient(address, domain, notify, orcpt)
+                    for address, notify, orcpt in db.execute(
+                        "SELECT address, notify, orcpt FROM recipients"
+                        " WHERE queue_id = ? AND domain = ? AND state = 'queued' ORDER BY rowid",
+                        (queue_id, domain),
+                    )
+                ]
+                if recipients:
+                    result.append(QueuedMessage(queue_id, domain, sender, recipients, size, envid, ret, body_type,
+                                                attempts, received_at))
+        return result
+
+    def record_attempt(self, queue_id: str, domain: str, verdicts: Mapping[str, Verdict], *,
+                       retry_after: float | None = None) -> str | None:
+        """Record one delivery attempt of a row: a Verdict per recipient address.
+        One transaction; attempts + 1 once.
+
+        delivered: the recipient is deleted (and the row and message when it was the last).
+        deferred:  the recipient stays queued with the reply.
+        failed:    the recipient is marked failed (a DSN becomes due); when no
+                   queued recipient remains, the row becomes 'failed'. Kept.
+        retry_after: seconds until next_attempt (retry_interval); None = no automatic retry.
+        Returns the row's state afterwards, or None when the row is gone.
+        """
+        return self.record_attempts([(queue_id, domain, verdicts, retry_after)])[0]
+
+    def record_attempts(self, attempts: list[tuple[str, str, Mapping[str, Verdict], float | None]]) -> list[str | None]:
+        """Several record_attempt()s -- (queue_id, domain, verdicts, retry_after) each -- in ONE
+        transaction, so a flush pays one fsync per batch rather than one per message.
+        A crash before it commits means those messages are delivered again: never lost."""
+        for _, _, verdicts, _ in attempts:
+            for verdict in verdicts.values():
+                if not isinstance(verdict, Verdict):
+                    raise TypeError(f"not a delivery Verdict: {verdict!r}")
+        now = self._now()
+        with self._write() as db:
+            return [self._record_attempt(db, now, *attempt) for attempt in attempts]
+
+    def _record_attempt(self, db: sqlite3.Connection, now: int, queue_id: str, domain: str,
+                        verdicts: Mapping[str, Verdict], retry_after: float | None) -> str | None:
+        if db.execute("SELECT 1 FROM queue WHERE queue_id = ? AND domain = ?", (queue_id, domain)).fetchone() is None:
+            return None
+        # The row's last_reply: the one that explains why mail is still here.
+        replies = {v.outcome: v.reply for v in verdicts.values()}
+        row_reply = replies.get(Outcome.DEFERRED) or replies.get(Outcome.FAILED) or replies.get(Outcome.DELIVERED)
+        db.execute(
+            "UPDATE queue SET attempts = attempts + 1, last_attempt = ?, last_reply = COALESCE(?, last_reply),"
+            " next_attempt = ? WHERE queue_id = ? AND domain = ?",
+            (now, row_reply, None if retry_after is None else int(now + retry_after), queue_id, domain),
+        )
+        for address, verdict in verdicts.items():
+            key = (queue_id, domain, address)
+            if verdict.outcome is Outcome.FAILED:
+                db.execute(
+                    "UPDATE recipients SET state = 'failed', last_reply = ?, dsn_sent = NULL, dsn_claimed = NULL"
+                    " WHERE queue_id = ? AND domain = ? AND address = ? AND state IN ('queued', 'expired')",
+                    (verdict.reply, *key),
+                )
+            elif verdict.outcome is Outcome.DEFERRED:
+                db.execute(
+                    "UPDATE recipients SET last_reply = ? WHERE queue_id = ? AND domain = ? AND address = ?",
+                    (verdict.reply, *key),
+                )
+        # Events before the deletes, so even the last recipient's 250 is on record.
+        by_outcome: dict[Outcome, list[str]] = {}
+        for address, verdict in verdicts.items():
+            by_outcome.setdefault(verdict.outcome, []).append(f"<{address}>")
+        for outcome, addresses in by_outcome.items():
+            self._event(db, now, queue_id, domain, outcome.value,
+                        f"to={','.join(addresses)} reply={replies[outcome]!r}")
+        # A recipient the primary accepted is gone, whatever its state was.
+        db.executemany(
+            "DELETE FROM recipients WHERE queue_id = ? AND domain = ? AND address = ?",
+            [(queue_id, domain, address) for address, v in verdicts.items() if v.outcome is Outcome.DELIVERED],
+        )
+        return self._row_state_after(db, now, queue_id, domain)
+
+    @staticmethod
+    def _row_state_after(db: sqlite3.Connection, now: int, queue_id: str, domain: str) -> str | None:
+        """The row's state once its recipients are recorded: 'failed' when none is left to try."""
+        row = db.execute("SELECT state FROM queue WHERE queue_id = ? AND domain = ?", (queue_id, domain)).fetchone()
+        if row is None:
+            return None
+        state = row[0]
+        if state in (QUEUED, HELD):
+            waiting = db.execute(
+                "SELECT COUNT(*) FROM recipients WHERE queue_id = ? AND domain = ? AND state = 'queued'",
+                (queue_id, domain),
+            ).fetchone()[0]
+            if waiting == 0:
+                state = FAILED
+                db.execute(
+                    "UPDATE queue SET state = 'failed', state_changed = ? WHERE queue_id = ? AND domain = ?",
+                    (now, queue_id, domain),
+                )
+        return state
+
+    def delivered(self, queue_id: str, domain: str, addresses: Iterable[str], reply: str) -> str | None:
+        """The primary accepted these recipients (2xx): they leave the queue."""
+        return self.record_attempt(queue_id, domain, dict.fromkeys(addresses, Verdict(Outcome.DELIVERED, reply)))
+
+    def deferred(self, queue_id: str, domain: str, addresses: Iterable[str], reply: str, *,
+                 retry_after: float | None = None) -> str | None:
+        """4xx or connection trouble: they stay queued, with the reply and attempts + 1."""
+        return self.record_attempt(queue_id, domain, dict.fromkeys(addresses, Verdict.deferred(reply)),
+                                   retry_after=retry_after)
+
+    def failed(self, queue_id: str, domain: str, addresses: Iterable[str], reply: str) -> str | None:
+        """5xx: they are marked failed (kept; a DSN is due)."""
+        return self.record_attempt(queue_id, domain, dict.fromkeys(addresses, Verdict(Outcome.FAILED, reply)))

@@ -1,0 +1,106 @@
+"""The queue's flush requests and leases: who asked for a domain's mail, and who delivers it.
+
+ETRN and `backupmx flush` (and the retry schedule) record a request; a flusher
+claims one domain, which clears the request and gives it the domain's lease.
+  - At most one flusher holds a domain's lease; a lease ends by itself
+    (lease_expires), so a flusher that dies loses nothing: the domain is
+    claimed again once its lease runs out.
+  - Requests coalesce per domain; one that arrives during a flush makes the
+    domain run once more afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from backupmx.store_db import QueueDatabase, _sqlite_errors
+
+
+class FlushRequests(QueueDatabase):
+    """Flush requests (written by SMTP workers, the CLI, housekeeping) and leases (held by flushers)."""
+
+    def request_flush(self, domains: Iterable[str]) -> dict[str, int]:
+        """Record a flush request for each domain that has queued rows.
+
+        Returns {domain: rows in state 'queued'} for every domain asked (0 =
+        nothing waiting, no request recorded). Idempotent: requests for a
+        domain coalesce into one pending flush; one that arrives while the
+        domain is being flushed makes it run once more afterwards.
+        """
+        counts: dict[str, int] = {}
+        now = self._now()
+        with self._write() as db:
+            for domain in dict.fromkeys(domains):
+                count = db.execute(
+                    "SELECT COUNT(*) FROM queue WHERE domain = ? AND state = 'queued'", (domain,)
+                ).fetchone()[0]
+                counts[domain] = count
+                if count:
+                    db.execute(
+                        "INSERT INTO flushes (domain, requested_at) VALUES (?, ?)"
+                        " ON CONFLICT (domain) DO UPDATE SET requested_at = COALESCE(requested_at, excluded.requested_at)",
+                        (domain, now),
+                    )
+        return counts
+
+    def claim_flush(self, owner: str, lease_seconds: float) -> str | None:
+        """Take ONE domain with a pending request and no live lease, or None.
+
+        Clears its request and gives `owner` the lease until now + lease_seconds.
+        The oldest request goes first. A lease that ran out without being
+        released means its flusher died mid-delivery: that domain is taken
+        again even without a new request, so the interrupted flush is redone.
+        """
+        now = self._clock()
+        with self._write() as db:
+            row = db.execute(
+                "SELECT domain FROM flushes WHERE (requested_at IS NOT NULL OR lease_owner IS NOT NULL)"
+                " AND (lease_expires IS NULL OR lease_expires <= ?)"
+                " ORDER BY COALESCE(requested_at, lease_expires), domain LIMIT 1",
+                (now,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE flushes SET requested_at = NULL, lease_owner = ?, lease_expires = ? WHERE domain = ?",
+                (owner, now + lease_seconds, row[0]),
+            )
+            return row[0]
+
+    def renew_lease(self, domain: str, owner: str, lease_seconds: float) -> bool:
+        """Extend `owner`'s lease on `domain`; False if it is no longer theirs."""
+        now = self._clock()
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE flushes SET lease_expires = ? WHERE domain = ? AND lease_owner = ?",
+                (now + lease_seconds, domain, owner),
+            )
+            return cursor.rowcount == 1
+
+    def release_flush(self, domain: str, owner: str) -> None:
+        """Give up `owner`'s lease on `domain` (a request that came meanwhile stays pending)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE flushes SET lease_owner = NULL, lease_expires = NULL WHERE domain = ? AND lease_owner = ?",
+                (domain, owner),
+            )
+
+    def pending_flushes(self) -> list[str]:
+        """Domains with a flush request waiting (whether or not leased)."""
+        with _sqlite_errors():
+            rows = self.connection.execute(
+                "SELECT domain FROM flushes WHERE requested_at IS NOT NULL ORDER BY requested_at, domain"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def due_domains(self) -> list[str]:
+        """Domains with queued rows whose retry time (next_attempt) has come.
+
+        Only meaningful for domains with retry_interval on; the caller decides.
+        """
+        with _sqlite_errors():
+            rows = self.connection.execute(
+                "SELECT DISTINCT domain FROM queue WHERE state = 'queued' AND next_attempt <= ? ORDER BY domain",
+                (self._now(),),
+            ).fetchall()
+        return [r[0] for r in rows]

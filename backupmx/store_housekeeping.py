@@ -1,0 +1,293 @@
+"""The queue's housekeeping role: expiry, DSN and delay-warning claims, retention, upkeep.
+
+lifecycle.housekeeping drives it, from several flush workers at once: each
+step claims what it acts on in one transaction, so two housekeepers never
+send the same DSN (a claim older than DSN_CLAIM_SECONDS is void: its
+housekeeper died, and the DSN goes out again -- at least once, never lost).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Iterable, Mapping, NamedTuple
+
+from backupmx.store_db import QueueDatabase, RecipientStatus, _sqlite_errors
+
+
+@dataclass(frozen=True)
+class Bounce:
+    """Failed or expired recipients of one row whose delivery status notification is due."""
+
+    queue_id: str
+    domain: str
+    sender: str
+    envid: str | None
+    ret: str | None
+    received_at: int
+    client: str | None
+    helo: str | None
+    recipients: list[RecipientStatus]
+    size: int = 0  # of the message, bytes
+    body_type: str = "7BIT"
+    attempts: int = 0  # delivery attempts of the row
+    last_attempt: int | None = None  # unix time of the row's last attempt, None if none
+    last_reply: str | None = None  # the row's last reply (or connection error)
+    state_changed: int = 0  # unix time the row's state last changed
+
+
+
+class ExpiredRow(NamedTuple):
+    """A queue row that expire_rows() just marked expired."""
+
+    queue_id: str
+    domain: str
+    received_at: int
+    lifetime: float
+
+
+
+class PurgedRow(NamedTuple):
+    """A failed or expired queue row that purge_rows() deleted."""
+
+    queue_id: str
+    domain: str
+    state: str
+    state_changed: int
+
+
+
+DSN_CLAIM_SECONDS = 600  # a DSN claim older than this is void (its housekeeper died): sent again
+
+
+
+class Housekeeping(QueueDatabase):
+    """What lifecycle.housekeeping does to the queue, one claim or transaction per step."""
+
+    def expire(self, lifetimes: Mapping[str, float], default: float) -> list[tuple[str, str]]:
+        """Mark queued rows older than their domain's lifetime (seconds) 'expired'.
+
+        Held rows do not expire: the operator holds them on purpose. Returns
+        the (queue_id, domain) rows that expired; their recipients' DSNs are due.
+        """
+        return [(r.queue_id, r.domain) for r in self.expire_rows(lifetimes, default)]
+
+    def expire_rows(self, lifetimes: Mapping[str, float], default: float) -> list[ExpiredRow]:
+        """expire(), returning an ExpiredRow (with received_at and the lifetime) per row.
+
+        The lifetime counts from received_at, or from the row's last state change
+        when that is later: mail the operator released or requeued gets a fresh
+        lifetime, rather than expiring again at the next housekeeping round.
+        """
+        now = self._now()
+        expired: list[ExpiredRow] = []
+        with self._write() as db:
+            domains = [r[0] for r in db.execute("SELECT DISTINCT domain FROM queue WHERE state = 'queued'")]
+            for domain in domains:
+                lifetime = lifetimes.get(domain, default)
+                cutoff = now - lifetime
+                rows = db.execute(
+                    "SELECT q.queue_id, m.received_at FROM queue AS q JOIN messages AS m USING (queue_id)"
+                    " WHERE q.domain = ? AND q.state = 'queued' AND m.received_at <= ? AND q.state_changed <= ?"
+                    " ORDER BY m.received_at, m.rowid",
+                    (domain, cutoff, cutoff),
+                ).fetchall()
+                for queue_id, received_at in rows:
+                    db.execute(
+                        "UPDATE queue SET state = 'expired', state_changed = ? WHERE queue_id = ? AND domain = ?",
+                        (now, queue_id, domain),
+                    )
+                    db.execute(
+                        "UPDATE recipients SET state = 'expired', dsn_sent = NULL, dsn_claimed = NULL"
+                        " WHERE queue_id = ? AND domain = ? AND state = 'queued'",
+                        (queue_id, domain),
+                    )
+                    self._event(db, now, queue_id, domain, "expired", f"lifetime={lifetime:g}s")
+                    expired.append(ExpiredRow(queue_id, domain, received_at, lifetime))
+        return expired
+
+    @staticmethod
+    def _bounce(db: sqlite3.Connection, queue_id: str, domain: str, recipient_where: str,
+                args: tuple = ()) -> Bounce | None:
+        """The Bounce of one row with the recipients matching `recipient_where`."""
+        m = db.execute(
+            "SELECT m.sender, m.envid, m.ret, m.received_at, m.client, m.helo, m.size, m.body_type,"
+            " q.attempts, q.last_attempt, q.last_reply, q.state_changed"
+            " FROM queue AS q JOIN messages AS m USING (queue_id) WHERE q.queue_id = ? AND q.domain = ?",
+            (queue_id, domain),
+        ).fetchone()
+        if m is None:
+            return None
+        recipients = [
+            RecipientStatus(*r)
+            for r in db.execute(
+                "SELECT address, notify, orcpt, state, last_reply, dsn_sent FROM recipients"
+                f" WHERE queue_id = ? AND domain = ? AND {recipient_where} ORDER BY rowid",
+                (queue_id, domain, *args),
+            )
+        ]
+        sender, envid, ret, received_at, client, helo, size, body_type, attempts, last_attempt, last_reply, changed = m
+        return Bounce(queue_id, domain, sender, envid, ret, received_at, client, helo, recipients,
+                      size, body_type, attempts, last_attempt, last_reply, changed)
+
+    _DSN_DUE = "state IN ('failed', 'expired') AND dsn_sent IS NULL"
+
+    def pending_dsns(self, limit: int = 100) -> list[Bounce]:
+        """Rows with failed or expired recipients whose DSN has not been sent (or skipped).
+
+        Read only (claimed ones included); a housekeeper that sends uses claim_dsns().
+        """
+        with self._read() as db:
+            keys = db.execute(
+                f"SELECT DISTINCT queue_id, domain FROM recipients WHERE {self._DSN_DUE} LIMIT ?", (limit,)
+            ).fetchall()
+            bounces = [self._bounce(db, queue_id, domain, self._DSN_DUE) for queue_id, domain in keys]
+        return [b for b in bounces if b is not None]
+
+    def claim_dsns(self, limit: int = 20, lease_seconds: float = DSN_CLAIM_SECONDS) -> list[Bounce]:
+        """Claim up to `limit` rows whose DSN is due and not claimed by another
+        housekeeper (or whose claim is older than lease_seconds: that one died).
+
+        One transaction, so two housekeepers never get the same recipient. End
+        each claim with dsn_sent() (sent or deliberately skipped) or release_dsns()
+        (could not send now: due again at the next round). A housekeeper that dies
+        between sending and dsn_sent() makes the DSN go out twice: at least once.
+        """
+        now = self._now()
+        stale = now - lease_seconds
+        where = f"{self._DSN_DUE} AND (dsn_claimed IS NULL OR dsn_claimed <= ?)"
+        with self._write() as db:
+            keys = db.execute(
+                f"SELECT DISTINCT queue_id, domain FROM recipients WHERE {where} LIMIT ?", (stale, limit)
+            ).fetchall()
+            bounces = []
+            for queue_id, domain in keys:
+                bounce = self._bounce(db, queue_id, domain, where, (stale,))
+                if bounce is None or not bounce.recipients:
+                    continue
+                db.execute(
+                    f"UPDATE recipients SET dsn_claimed = ? WHERE queue_id = ? AND domain = ? AND {where}",
+                    (now, queue_id, domain, stale),
+                )
+                bounces.append(bounce)
+        return bounces
+
+    def release_dsns(self, queue_id: str, domain: str, addresses: Iterable[str], detail: str | None = None) -> None:
+        """Give up the claim on these recipients' DSN: it is due again (bounce_relay
+        down). `detail` (the error) goes into the message's history."""
+        addresses = list(addresses)
+        now = self._now()
+        with self._write() as db:
+            db.executemany(
+                "UPDATE recipients SET dsn_claimed = NULL WHERE queue_id = ? AND domain = ? AND address = ?",
+                [(queue_id, domain, a) for a in addresses],
+            )
+            if detail is not None:
+                self._event(db, now, queue_id, domain, "dsn-failed",
+                            f"to={','.join(f'<{a}>' for a in addresses)} {detail}")
+
+    def dsn_sent(self, queue_id: str, domain: str, addresses: Iterable[str], detail: str = "sent") -> None:
+        """The DSN for these recipients was sent, or deliberately skipped (say so in `detail`)."""
+        addresses = list(addresses)
+        now = self._now()
+        with self._write() as db:
+            db.executemany(
+                "UPDATE recipients SET dsn_sent = ?, dsn_claimed = NULL WHERE queue_id = ? AND domain = ?"
+                " AND address = ? AND state IN ('failed', 'expired')",
+                [(now, queue_id, domain, a) for a in addresses],
+            )
+            self._event(db, now, queue_id, domain, "dsn", f"to={','.join(f'<{a}>' for a in addresses)} {detail}")
+
+    def claim_delay_warnings(self, delay: float, limit: int = 20) -> list[Bounce]:
+        """Claim up to `limit` queued rows received `delay` seconds ago or more that
+        have had no delay warning: each gets delay_warned = now (one warning per row).
+
+        The Bounce lists the row's recipients still queued. End each claim with
+        delay_warning_done() or release_delay_warning(). A housekeeper that dies
+        in between loses that warning: at most once (it is only a warning).
+        """
+        now = self._now()
+        with self._write() as db:
+            keys = db.execute(
+                "SELECT q.queue_id, q.domain FROM queue AS q JOIN messages AS m USING (queue_id)"
+                " WHERE q.state = 'queued' AND q.delay_warned IS NULL AND m.received_at <= ?"
+                " ORDER BY m.received_at, m.rowid LIMIT ?",
+                (now - delay, limit),
+            ).fetchall()
+            bounces = []
+            for queue_id, domain in keys:
+                db.execute("UPDATE queue SET delay_warned = ? WHERE queue_id = ? AND domain = ?",
+                           (now, queue_id, domain))
+                bounce = self._bounce(db, queue_id, domain, "state = 'queued'")
+                if bounce is not None and bounce.recipients:
+                    bounces.append(bounce)
+        return bounces
+
+    def delay_warning_done(self, queue_id: str, domain: str, addresses: Iterable[str], detail: str = "sent") -> None:
+        """The delay warning of a claimed row was sent (or skipped: say why in `detail`)."""
+        now = self._now()
+        with self._write() as db:
+            self._event(db, now, queue_id, domain, "delay-warning",
+                        f"to={','.join(f'<{a}>' for a in addresses)} {detail}")
+
+    def release_delay_warning(self, queue_id: str, domain: str, detail: str | None = None) -> None:
+        """Give up the claim on a row's delay warning: it is due again next round."""
+        now = self._now()
+        with self._write() as db:
+            db.execute("UPDATE queue SET delay_warned = NULL WHERE queue_id = ? AND domain = ?", (queue_id, domain))
+            if detail is not None:
+                self._event(db, now, queue_id, domain, "dsn-failed", f"delay warning: {detail}")
+
+    def purge(self, retention: float) -> int:
+        """Delete failed and expired rows older than `retention` seconds (expired_retention),
+        and the history of messages gone that long. Returns the rows deleted."""
+        return len(self.purge_rows(retention))
+
+    def purge_rows(self, retention: float) -> list[PurgedRow]:
+        """purge(), returning a PurgedRow per row deleted."""
+        now = self._now()
+        cutoff = now - retention
+        with self._write() as db:
+            rows = [PurgedRow(*r) for r in db.execute(
+                "SELECT queue_id, domain, state, state_changed FROM queue"
+                " WHERE state IN ('failed', 'expired') AND state_changed <= ?",
+                (cutoff,),
+            ).fetchall()]
+            for row in rows:
+                self._event(db, now, row.queue_id, row.domain, "deleted", f"retention over ({row.state})")
+                db.execute("DELETE FROM queue WHERE queue_id = ? AND domain = ?", (row.queue_id, row.domain))
+            db.execute(
+                "DELETE FROM events WHERE at <= ? AND queue_id NOT IN (SELECT queue_id FROM messages)", (cutoff,)
+            )
+        return rows
+
+    def incremental_vacuum(self) -> int:
+        """Give the free pages back to the file system when the queue was created
+        with auto_vacuum = INCREMENTAL (after a big flush the file would otherwise
+        keep its size). Returns the pages freed (0 when the mode is not incremental)."""
+        db = self.connection
+        with _sqlite_errors():
+            if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                return 0
+            before = db.execute("PRAGMA freelist_count").fetchone()[0]
+            if before == 0:
+                return 0
+            # executescript steps the pragma to the end; execute() would free one page.
+            db.executescript("BEGIN IMMEDIATE; PRAGMA incremental_vacuum; COMMIT;")
+            return before - db.execute("PRAGMA freelist_count").fetchone()[0]
+
+    def checkpoint(self, mode: str = "TRUNCATE", busy_timeout: float = 1.0) -> tuple[int, int, int]:
+        """PRAGMA wal_checkpoint(mode): copy the WAL into the database (TRUNCATE:
+        and empty the -wal file), so it does not grow without bound. Waits at most
+        `busy_timeout` seconds for other connections. Returns SQLite's (busy,
+        wal pages, pages checkpointed); busy = 1: not complete, try next round."""
+        if mode.upper() not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+            raise ValueError(f"unknown checkpoint mode {mode!r}")
+        db = self.connection
+        with _sqlite_errors():
+            old = db.execute("PRAGMA busy_timeout").fetchone()[0]
+            db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            try:
+                return tuple(db.execute(f"PRAGMA wal_checkpoint({mode.upper()})").fetchone())
+            finally:
+                db.execute(f"PRAGMA busy_timeout = {int(old)}")

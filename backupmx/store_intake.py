@@ -1,0 +1,192 @@
+"""The queue's intake role: what the SMTP workers write (new mail), in one durable transaction.
+
+  - The caller may say "250 queued as <id>" only after enqueue_many() returned:
+    the commit is durable then (journal_mode=WAL, synchronous=FULL).
+  - Nothing is ever half-queued: a message that fails is rolled back whole
+    (its own savepoint), and the others of the group commit are kept.
+  - A message is in `messages` once, with one `queue` row per recipient domain
+    and one `recipients` row per RCPT TO of that domain.
+  - Per-domain quotas are checked inside the transaction, so concurrent
+    senders can never push a domain over its quota.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator, Mapping
+
+from backupmx.envelope import Envelope
+from backupmx.store_db import CHUNK, QueueDatabase, QueueUnavailable, _is_unavailable, _sqlite_errors
+
+
+@dataclass
+class Submission:
+    """One message handed to enqueue_many: what enqueue() takes as arguments."""
+
+    queue_id: str
+    envelope: Envelope
+    body_file: BinaryIO | bytes
+    size: int
+    client: str | None
+    helo: str | None
+    received_at: float | None = None
+
+
+
+class QuotaExceeded(QueueUnavailable):
+    """The message would take a domain over max_queue_messages / max_queue_bytes."""
+
+
+
+class Intake(QueueDatabase):
+    """New mail from the SMTP workers (and the per-domain usage their quotas look at)."""
+
+    def enqueue(
+        self,
+        queue_id: str,
+        envelope: Envelope,
+        body_file: BinaryIO | bytes,
+        size: int,
+        *,
+        client: str | None,
+        helo: str | None,
+        received_at: float | None = None,
+        quotas: Mapping[str, tuple[int | None, int | None]] | None = None,
+    ) -> None:
+        """Queue one message for every domain of its recipients, in ONE transaction.
+
+        The body is copied from `body_file` (exactly `size` bytes, read 64 KiB
+        at a time, so memory does not grow with the message) into a blob
+        allocated with zeroblob(size). Returns once the commit is durable.
+        Raises QueueUnavailable (nothing queued) when the database cannot take it,
+        and its QuotaExceeded when `quotas` ({domain: (max messages, max bytes)},
+        None = no limit) would be passed: checked inside the transaction, so
+        concurrent senders can never push a domain over its quota.
+        """
+        submission = Submission(queue_id, envelope, body_file, size, client, helo, received_at)
+        problem = self.enqueue_many([submission], quotas=quotas)[0]
+        if problem is not None:
+            raise problem
+
+    def enqueue_many(self, submissions: list[Submission], *,
+                     quotas: Mapping[str, tuple[int | None, int | None]] | None = None) -> list[Exception | None]:
+        """Queue several messages in ONE durable transaction (group commit).
+
+        Each message is its own savepoint: one refused by its quota, or whose
+        id is taken, is left out and the others are queued. Returns, per
+        submission, None (queued) or the exception saying why not. A database
+        that cannot commit at all raises QueueUnavailable: then nothing is queued.
+        """
+        results: list[Exception | None] = [None] * len(submissions)
+        now = self._now()
+        with self._commit_turn(), self._write() as db:
+            for index, submission in enumerate(submissions):
+                db.execute("SAVEPOINT message")
+                try:
+                    self._insert_message(db, submission, now, quotas or {})
+                except (QueueUnavailable, ValueError) as exc:
+                    db.execute("ROLLBACK TO message")
+                    results[index] = exc
+                except sqlite3.Error as exc:
+                    if _is_unavailable(exc):
+                        raise  # the whole transaction is lost: nothing is queued
+                    db.execute("ROLLBACK TO message")  # e.g. SQLITE_TOOBIG: this message only
+                    results[index] = QueueUnavailable(f"queue database: {exc}")
+                db.execute("RELEASE message")
+        return results
+
+    @contextmanager
+    def _commit_turn(self) -> Iterator[None]:
+        """Take turns with the other SMTP workers before taking SQLite's write lock.
+
+        SQLite's own busy handler waits by sleeping 1, 2, 5, 10... ms and
+        trying again; a flock() waiter is woken the moment the holder is done.
+        With several workers group-committing, that is the difference between
+        back-to-back fsyncs and fsyncs with naps between them. Only enqueuers
+        take this lock; everything else still meets SQLite's (busy_timeout).
+        """
+        if self._turn_lock is None:
+            try:
+                self._turn_lock = os.open(self.path + "-commit.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                self._turn_lock = -1  # cannot have one (read-only dir...): SQLite alone decides
+        if self._turn_lock < 0:
+            yield
+            return
+        fcntl.flock(self._turn_lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._turn_lock, fcntl.LOCK_UN)
+
+    def _insert_message(self, db: sqlite3.Connection, submission: Submission, now: int,
+                        quotas: Mapping[str, tuple[int | None, int | None]]) -> None:
+        queue_id, envelope, size = submission.queue_id, submission.envelope, submission.size
+        domains = envelope.domains
+        if not domains:
+            raise ValueError("enqueue: envelope has no recipients")
+        body_file = submission.body_file
+        if isinstance(body_file, (bytes, bytearray, memoryview)):
+            body_file = io.BytesIO(body_file)
+        at = now if submission.received_at is None else int(submission.received_at)
+        self._check_quotas(db, domains, size, quotas)
+        try:
+            cursor = db.execute(
+                "INSERT INTO messages (queue_id, sender, received_at, size, body, client, helo, envid, ret, body_type)"
+                " VALUES (?, ?, ?, ?, zeroblob(?), ?, ?, ?, ?, ?)",
+                (queue_id, envelope.sender, at, size, size, submission.client, submission.helo, envelope.envid,
+                 envelope.ret, envelope.body_type or "7BIT"),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise QueueUnavailable(f"queue id {queue_id} is already in use") from exc
+        written = 0
+        with db.blobopen("messages", "body", cursor.lastrowid) as blob:
+            while True:
+                chunk = body_file.read(CHUNK)
+                if not chunk:
+                    break
+                if written + len(chunk) > size:
+                    raise ValueError(f"enqueue {queue_id}: body is longer than size={size}")
+                blob.write(chunk)
+                written += len(chunk)
+        if written != size:
+            raise ValueError(f"enqueue {queue_id}: body has {written} bytes, size={size}")
+        db.executemany(
+            "INSERT INTO queue (queue_id, domain, state, attempts, next_attempt, state_changed)"
+            " VALUES (?, ?, 'queued', 0, ?, ?)",
+            [(queue_id, domain, at, now) for domain in domains],
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO recipients (queue_id, domain, address, notify, orcpt) VALUES (?, ?, ?, ?, ?)",
+            [(queue_id, r.domain, r.address, r.notify, r.orcpt) for r in envelope.recipients],
+        )
+        for domain in domains:
+            to = ",".join(f"<{r.address}>" for r in envelope.recipients if r.domain == domain)
+            self._event(db, now, queue_id, domain, "queued",
+                        f"from=<{envelope.sender}> to={to} size={size} client={submission.client}")
+
+    def usage(self, domain: str) -> tuple[int, int]:
+        """(messages, bytes) waiting for `domain` (queued or held): for the per-domain quotas."""
+        with _sqlite_errors():
+            row = self.connection.execute(
+                "SELECT messages, bytes FROM queue_summary WHERE domain = ?", (domain,)
+            ).fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
+    @staticmethod
+    def _check_quotas(db: sqlite3.Connection, domains: list[str], size: int,
+                      quotas: Mapping[str, tuple[int | None, int | None]]) -> None:
+        for domain in domains:
+            max_messages, max_bytes = quotas.get(domain, (None, None))
+            if max_messages is None and max_bytes is None:
+                continue
+            row = db.execute("SELECT messages, bytes FROM queue_summary WHERE domain = ?", (domain,)).fetchone()
+            messages, queued = row if row else (0, 0)
+            if (max_messages is not None and messages + 1 > max_messages) or (
+                    max_bytes is not None and queued + size > max_bytes):
+                raise QuotaExceeded(f"queue for {domain} is full")
