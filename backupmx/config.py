@@ -38,6 +38,7 @@ __all__ = [
     "load_config",
     "normalize_domain",
     "parse_duration",
+    "format_hostport",
     "parse_hostport",
     "parse_size",
     "plain_secrets_exposure",
@@ -256,6 +257,11 @@ def parse_hostport(
     if not ((0 if allow_zero else 1) <= port <= 65535):
         raise ValueError(f"bad port {port} in {text!r} (1..65535)")
     return host, port
+
+
+def format_hostport(host: str, port: int) -> str:
+    """("::1", 25) -> "[::1]:25"; ("mx.example", 25) -> "mx.example:25" (parse_hostport's inverse)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _split_list(text: str) -> list[str]:

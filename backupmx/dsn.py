@@ -282,6 +282,31 @@ def _transfer_encoding(data: bytes) -> list[bytes]:
     return [] if data.isascii() else [b"Content-Transfer-Encoding: 8bit"]
 
 
+def _original(headers: bytes, body: bytes | None, action: str) -> tuple[bytes, bytes, bytes]:
+    """(Content-Type, Content-Description, content) of the returned original: whole, or its header only."""
+    if body is None:
+        description = b"Undelivered Message Headers" if action == FAILED else b"Delayed Message Headers"
+        attachment_type, attachment = b"text/rfc822-headers", headers
+    else:
+        description = b"Undelivered Message"
+        attachment_type, attachment = b"message/rfc822", headers + _CRLF + body
+    if attachment and not attachment.endswith(_CRLF):
+        attachment += _CRLF
+    return attachment_type, description, attachment
+
+
+def _boundary(given: str | None, queue_id: str, parts: tuple[bytes, ...]) -> str:
+    """A MIME boundary that occurs in none of the parts (RFC 2046 5.1.1)."""
+    for _ in range(10):  # a clash with 96 random bits will not happen ten times
+        boundary = given or f"{_ascii(queue_id)}.{secrets.token_hex(12)}/DSN"
+        marker = b"--" + boundary.encode("ascii")
+        if not any(marker in part for part in parts):
+            return boundary
+        if given:
+            raise ValueError("the given boundary occurs in the content")
+    raise ValueError("no boundary found that is not in the content")  # pragma: no cover
+
+
 def build_dsn(
     bounce,
     *,
@@ -320,32 +345,15 @@ def build_dsn(
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")
     host = _ascii(reporting_mta)
-    if original_body is None:
-        attachment_type = b"text/rfc822-headers"
-        description = b"Undelivered Message Headers" if action == FAILED else b"Delayed Message Headers"
-        attachment = original_headers
-    else:
-        attachment_type = b"message/rfc822"
-        description = b"Undelivered Message"
-        attachment = original_headers + _CRLF + original_body
-    if attachment and not attachment.endswith(_CRLF):
-        attachment += _CRLF
-
+    attachment_type, description, attachment = _original(original_headers, original_body, action)
     text = _human_text(bounce, recipients, action=action, reporting_mta=host, arrival_date=arrival_date,
                        will_retry_until=will_retry_until).encode("ascii", "replace")
     status = _delivery_status(bounce, recipients, action=action, reporting_mta=host, arrival_date=arrival_date,
                               remote_mta=remote_mta, will_retry_until=will_retry_until)
     status_bytes = status.encode("utf-8")  # utf-8 only in a "utf-8;" address (RFC 6533)
 
-    for _ in range(10):  # a clash with 96 random bits will not happen ten times
-        b = boundary or f"{_ascii(bounce.queue_id)}.{secrets.token_hex(12)}/DSN"
-        marker = b"--" + b.encode("ascii")
-        if not any(marker in part for part in (text, status_bytes, attachment)):
-            break
-        if boundary:
-            raise ValueError("the given boundary occurs in the content")
-    else:  # pragma: no cover
-        raise ValueError("no boundary found that is not in the content")
+    b = _boundary(boundary, bounce.queue_id, (text, status_bytes, attachment))
+    marker = b"--" + b.encode("ascii")
     mid = message_id or f"<{int(now)}.{bounce.queue_id}.{secrets.token_hex(6)}@{host}>"
 
     sender = _clean(bounce.sender)

@@ -16,17 +16,15 @@ What must always hold:
   the reason recorded). There is no "unknown": a timeout, a dropped connection,
   or a reply we cannot trust is a deferral, never a failure -- smtplib reports
   an over-long reply line as "500 Line too long", a 5xx the primary never sent.
-- The primary is a peer we do not control. Every reply is bounded: at most
-  MAX_REPLY_LINES lines, each at most MAX_REPLY_LINE bytes, a strict
-  three-digit code (Python's int("2_0") is 20), and one deadline for the whole
-  reply, so a server that drips one byte a second cannot hold a worker past
-  the command timeout.
+- The primary is a peer we do not control: every reply is bounded and
+  strict (smtpclient.PrimaryClient).
 - The body is streamed from the store in chunks, dot-stuffed across chunk
   boundaries (RFC 5321 4.5.2), sent with CRLF line ends and exactly one end
   of data; memory does not grow with the message size.
-- The flush lease is renewed while we work, and when it is lost we stop at
-  once (closing the connection mid-DATA, so the primary discards that copy)
-  rather than race another flusher.
+- The flush lease is renewed while we work (_Lease, a thread), and when it
+  is lost we stop at the next message or body chunk (closing the
+  connection mid-DATA, so the primary discards that copy) rather than race
+  another flusher.
 """
 
 from __future__ import annotations
@@ -36,21 +34,17 @@ import itertools
 import logging
 import re
 import smtplib
-import ssl
 import threading
 import time
 from collections.abc import Callable
 
-from backupmx import primaries, tls
 from backupmx.lifecycle import housekeeping, next_retry_delay, request_due_retries
 from backupmx.log import log_event
 from backupmx.outcome import Outcome, Verdict
+from backupmx.smtpclient import DataEncoder, Primary, PrimaryClient, PrimaryUnavailable, describe, reply_text
 from backupmx.store import FlushRequests, QueueStore, QueueUnavailable
 
 __all__ = [
-    "DataEncoder",
-    "PrimaryClient",
-    "ReplyError",
     "deliver_domain",
     "default_lease_seconds",
     "drain",
@@ -59,12 +53,9 @@ __all__ = [
 
 LOGGER = logging.getLogger("backupmx.flusher")
 
-MAX_REPLY_LINES = 100  # a longer reply is not a mail server talking
-MAX_REPLY_LINE = 8192  # bytes including CRLF (smtplib's own _MAXLINE)
 BODY_CHUNK = 64 * 1024  # bytes read from the store's blob at a time
 POLL_INTERVAL = 0.15  # seconds between claim attempts when there is nothing to flush
 MAX_CONSECUTIVE_TROUBLE = 3  # connection troubles in a row before the rest of the queue waits
-MAX_REPLY_TEXT = 512  # characters of a reply kept in the queue and the log
 # Seconds between housekeeping rounds (expiry, bounces, retries, purge): the
 # SPEC wants expiry and bounces acted on within a minute of becoming due.
 HOUSEKEEPING_INTERVAL = 30.0
@@ -81,174 +72,7 @@ OUTCOME_BATCH_SECONDS = 0.25
 # Seconds between looks for domains whose retry_interval backoff has run out.
 RETRY_SCAN_INTERVAL = 2.0
 
-# RFC 5321 4.2: Reply-line = *( Reply-code "-" [ textstring ] CRLF )
-#                            Reply-code [ SP textstring ] CRLF
-# Reply-code = %x32-35 %x30-35 %x30-39. Nothing else is a reply.
-_REPLY_LINE = re.compile(rb"([2-5][0-5][0-9])(?:([ -])(.*))?", re.S)
-_LINE_END = re.compile(rb"\r\n|\r|\n")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-class ReplyError(smtplib.SMTPException):
-    """The primary's reply broke a limit or the grammar: we cannot trust the session.
-
-    The connection is closed; the mail in flight is deferred (never failed).
-    """
-
-
-class ReplyTimeout(ReplyError):
-    """No complete reply within the command timeout."""
-
-
-class PrimaryClient(smtplib.SMTP):
-    """smtplib.SMTP with a bounded, strict reply reader.
-
-    Replies are read from the socket directly (not through smtplib's buffered
-    file) so that one deadline covers the whole reply however the bytes
-    trickle in. Everything else -- connect, EHLO, STARTTLS -- is smtplib's.
-    """
-
-    def __init__(self, *, timeout: float, local_hostname: str):
-        self._rbuf = bytearray()
-        super().__init__(local_hostname=local_hostname, timeout=timeout)
-
-    def connect(self, host="localhost", port=0, source_address=None, *, address=None):
-        """Connect to `address` (one of the primary's pinned addresses) or else `host`.
-
-        smtplib keeps the name for starttls's certificate check only when it
-        was given to __init__; the configured primary is the name to verify
-        (and to send as SNI), whichever of its addresses we connect to.
-        """
-        self._rbuf.clear()
-        self._host = host
-        return super().connect(address or host, port, source_address)
-
-    def starttls(self, *args, **kwargs):
-        result = super().starttls(*args, **kwargs)
-        # Whatever arrived in plaintext after "220" must not be read as if it had
-        # come over TLS (the CVE-2011-0411 class of injection; RFC 3207 4.2).
-        self._rbuf.clear()
-        return result
-
-    def close(self):
-        self._rbuf.clear()
-        super().close()
-
-    def send(self, s):
-        """smtplib's send, but keeping the reason when the socket fails."""
-        if not self.sock:
-            raise smtplib.SMTPServerDisconnected("not connected")
-        if isinstance(s, str):
-            s = s.encode(self.command_encoding)
-        try:
-            self.sock.sendall(s)
-        except OSError as e:
-            self.close()
-            raise smtplib.SMTPServerDisconnected(_os_reason(e)) from e
-
-    def getreply(self):
-        """Read one reply: (code, text lines joined by b"\\n"), or raise.
-
-        Raises ReplyError (limits, grammar, deadline) or SMTPServerDisconnected;
-        the connection is closed in both cases.
-        """
-        if not self.sock:
-            raise smtplib.SMTPServerDisconnected("not connected")
-        deadline = time.monotonic() + self.timeout
-        code = None
-        texts = []
-        try:
-            while True:
-                line = self._read_line(deadline)
-                if line.endswith(b"\r\n"):
-                    line = line[:-2]
-                else:
-                    line = line[:-1]
-                match = _REPLY_LINE.fullmatch(line)
-                if match is None:
-                    raise ReplyError(f"malformed reply line {line[:40]!r}")
-                if code is not None and match.group(1) != code:
-                    raise ReplyError("reply code changed within a multiline reply")
-                code = match.group(1)
-                texts.append((match.group(3) or b"").strip())
-                if match.group(2) != b"-":
-                    break
-                if len(texts) >= MAX_REPLY_LINES:
-                    raise ReplyError(f"reply longer than {MAX_REPLY_LINES} lines")
-        except (ReplyError, smtplib.SMTPServerDisconnected):
-            self.close()
-            raise
-        return int(code), b"\n".join(texts)
-
-    def _read_line(self, deadline):
-        while True:
-            end = self._rbuf.find(b"\n")
-            if end >= 0:
-                if end + 1 > MAX_REPLY_LINE:
-                    raise ReplyError(f"reply line longer than {MAX_REPLY_LINE} bytes")
-                line = bytes(self._rbuf[: end + 1])
-                del self._rbuf[: end + 1]
-                return line
-            if len(self._rbuf) > MAX_REPLY_LINE:
-                raise ReplyError(f"reply line longer than {MAX_REPLY_LINE} bytes")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ReplyTimeout(f"timeout: no complete reply within {self.timeout:g} s")
-            try:
-                self.sock.settimeout(remaining)
-                data = self.sock.recv(65536)
-            except TimeoutError as e:
-                raise ReplyTimeout(f"timeout: no complete reply within {self.timeout:g} s") from e
-            except OSError as e:
-                raise smtplib.SMTPServerDisconnected(_os_reason(e)) from e
-            finally:
-                if self.sock:
-                    try:
-                        self.sock.settimeout(self.timeout)
-                    except OSError:
-                        pass
-            if not data:
-                raise smtplib.SMTPServerDisconnected("connection closed by the primary")
-            self._rbuf += data
-
-
-class DataEncoder:
-    """Body bytes -> the DATA stream, chunk by chunk (RFC 5321 4.5.2).
-
-    Lines end in CRLF (a bare CR or LF, which the server never queues, is
-    made CRLF rather than passed on), a line starting with "." gets another
-    ".", and end() closes with exactly one CRLF "." CRLF. State carried across
-    chunks: whether the next byte starts a line, and a CR held back because
-    its LF may be the first byte of the next chunk.
-    """
-
-    def __init__(self):
-        self._at_line_start = True
-        self._held_cr = False
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._held_cr:
-            chunk = b"\r" + chunk
-            self._held_cr = False
-        if chunk.endswith(b"\r"):
-            chunk = chunk[:-1]
-            self._held_cr = True
-        if not chunk:
-            return b""
-        out = _LINE_END.sub(b"\r\n", chunk).replace(b"\r\n.", b"\r\n..")
-        if self._at_line_start and out.startswith(b"."):
-            out = b"." + out
-        self._at_line_start = out.endswith(b"\r\n")
-        return out
-
-    def end(self) -> bytes:
-        if self._held_cr or not self._at_line_start:
-            tail = b"\r\n.\r\n"
-        else:
-            tail = b".\r\n"
-        self._held_cr = False
-        self._at_line_start = True
-        return tail
 
 
 def default_lease_seconds(timeout: float) -> float:
@@ -325,36 +149,6 @@ class _Lease:
             raise _LeaseLost()
 
 
-def _os_reason(exc: OSError) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    return exc.strerror or str(exc) or type(exc).__name__
-
-
-def _describe(exc: BaseException) -> str:
-    """A one-line reason for an exception, for the queue row and the log."""
-    if isinstance(exc, ReplyError):
-        text = str(exc)
-    elif isinstance(exc, (smtplib.SMTPServerDisconnected, ConnectionError, EOFError)):
-        text = f"connection lost: {exc}" if str(exc) else "connection lost"
-    elif isinstance(exc, TimeoutError):
-        text = "timeout"
-    elif isinstance(exc, ssl.SSLError):
-        text = f"TLS error: {exc.reason or exc}"
-    else:
-        text = f"{type(exc).__name__}: {exc}"
-    return text[:MAX_REPLY_TEXT]
-
-
-def _reply(code: int, text: bytes) -> str:
-    line = f"{code} " + " ".join(text.decode("utf-8", "replace").split("\n"))
-    return line.strip()[:MAX_REPLY_TEXT]
-
-
-def _relay(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 _POSITIVE = range(200, 300)  # MAIL, RCPT: go on
 _START_INPUT = (354,)  # DATA: send the body
 
@@ -369,7 +163,7 @@ def _judge(code: int, text: bytes, proceed=()) -> Verdict | None:
     """
     if code in proceed:
         return None
-    verdict = Verdict.of_reply(code, _reply(code, text))
+    verdict = Verdict.of_reply(code, reply_text(code, text))
     if code == 421 or (proceed and verdict.outcome is Outcome.DELIVERED) or (
             verdict.outcome is Outcome.DEFERRED and not 400 <= code < 500):
         raise _Trouble(verdict.reply)
@@ -379,7 +173,7 @@ def _judge(code: int, text: bytes, proceed=()) -> Verdict | None:
 class _Flush:
     """One flush of one domain: a connection (re-opened as needed) and the outcomes."""
 
-    def __init__(self, store, domain, *, owner, hostname, timeout, lease, log):
+    def __init__(self, store, domain, *, owner, hostname, timeout, lease, log, primary: Primary | None = None):
         self.store = store
         self.domain = domain
         self.owner = owner
@@ -387,88 +181,23 @@ class _Flush:
         self.timeout = timeout
         self.lease = lease
         self.log = log
-        self.host, self.port = domain.primary
-        self.relay = _relay(self.host, self.port)
-        # Resolved when the config was loaded, not now: DNS cannot divert a flush.
-        self.addresses = primaries.addresses_for(domain)
+        self.primary = primary or Primary(domain, hostname=hostname, timeout=timeout, log=log)
+        self.relay = self.primary.relay
         self.client: PrimaryClient | None = None
         self.tls_version: str | None = None
         self.counts = {"messages": 0, "delivered": 0, "deferred": 0, "failed": 0}
-        self._context = None
-        self._context_built = False
         self._unrecorded = []  # (message, outcomes, retry_after) not yet written
         self._batch_started = 0.0
 
     # -- the connection ------------------------------------------------------
 
     def connect(self) -> PrimaryClient:
-        """Open a session ready for MAIL, or raise _Trouble."""
-        client = PrimaryClient(timeout=self.timeout, local_hostname=self.hostname)
+        """Open a session ready for MAIL, or raise _Trouble (at_connect)."""
         try:
-            code, text = self._connect_pinned(client)
-            if code != 220:
-                raise _Trouble(_reply(code, text))
-            code, text = client.ehlo()
-            if code != 250:
-                code, text = client.helo()
-                if code != 250:
-                    raise _Trouble(_reply(code, text))
-            self.tls_version = None
-            self._start_tls(client)
-        except _Trouble as e:
-            client.close()
-            e.at_connect = True
-            raise
-        except (OSError, smtplib.SMTPException, ValueError) as e:
-            client.close()
-            raise _Trouble(_describe(e), at_connect=True) from e
+            client, self.tls_version = self.primary.open()
+        except PrimaryUnavailable as e:
+            raise _Trouble(e.reason, at_connect=True) from e
         return client
-
-    def _connect_pinned(self, client: PrimaryClient) -> tuple[int, bytes]:
-        """The greeting from the first of the primary's addresses that takes the connection."""
-        if not self.addresses:
-            raise _Trouble(f"primary {self.host} did not resolve when the configuration was loaded; "
-                           "fix its DNS, then reload (SIGHUP)")
-        failures = []
-        for address in self.addresses:
-            try:
-                return client.connect(self.host, self.port, address=address)
-            except smtplib.SMTPException:
-                raise  # the greeting, not the connection
-            except OSError as e:
-                failures.append(_os_reason(e) if address == self.host else f"{address}: {_os_reason(e)}")
-        raise _Trouble(f"connect to {self.relay} failed: {'; '.join(failures)}")
-
-    def _start_tls(self, client: PrimaryClient):
-        mode = self.domain.primary_tls
-        if mode == "none":
-            return
-        if not client.has_extn("starttls"):
-            if mode == "required":
-                raise _Trouble("TLS is required but the primary does not offer STARTTLS")
-            return
-        if not self._context_built:
-            try:
-                self._context = tls.client_context(mode, self.domain.primary_ca)
-            except tls.TLSConfigError as e:
-                raise _Trouble(f"TLS configuration: {e}") from e
-            self._context_built = True
-        try:
-            client.starttls(context=self._context)
-        except smtplib.SMTPResponseException as e:
-            if mode == "required" or e.smtp_code == 421:
-                raise _Trouble(_reply(e.smtp_code, e.smtp_error)) from e
-            # Opportunistic and refused (454 etc.): RFC 3207 lets us go on in plaintext.
-            log_event(self.log, "starttls-refused", domain=self.domain.name, relay=self.relay,
-                      reply=_reply(e.smtp_code, e.smtp_error), level=logging.WARNING)
-            return
-        except (ssl.SSLError, ssl.CertificateError) as e:
-            raise _Trouble(f"TLS handshake failed: {getattr(e, 'reason', None) or e}") from e
-        self.tls_version = client.sock.version()
-        # RFC 3207 4.2: forget everything learnt before TLS, ask again.
-        code, text = client.ehlo()
-        if code != 250:
-            raise _Trouble(_reply(code, text))
 
     def drop(self):
         """Abandon the connection without QUIT (after trouble, or mid-DATA)."""
@@ -548,7 +277,7 @@ class _Flush:
         except _Trouble as e:
             trouble = e
         except (OSError, smtplib.SMTPException) as e:
-            trouble = _Trouble(_describe(e))
+            trouble = _Trouble(describe(e))
         except _Gone:
             # The operator deleted the message meanwhile. If that happened
             # mid-DATA, dropping the connection makes the primary discard it.
@@ -720,7 +449,7 @@ class _ExtraConnection(threading.Thread):
                       level=logging.WARNING)
             return
         flush = _Flush(store, main.domain, owner=main.owner, hostname=main.hostname, timeout=main.timeout,
-                       lease=main.lease, log=log)
+                       lease=main.lease, log=log, primary=main.primary)
         try:
             flush.client = flush.connect()
             while self.work and not self.finished.is_set() and not self.should_stop():

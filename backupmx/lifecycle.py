@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 
 from backupmx import dsn as dsnlib
+from backupmx.config import format_hostport
 from backupmx.log import log_event
 from backupmx.outcome import Outcome, classify
 from backupmx.store import DSN_CLAIM_SECONDS, QueueStore, QueueUnavailable
@@ -101,11 +102,6 @@ def _reply_text(code: int, message: bytes | str) -> str:
     if isinstance(message, bytes):
         message = message.decode("utf-8", "replace")
     return f"{code} {' '.join(message.split())}"
-
-
-def _relay_name(relay: tuple[str, int]) -> str:
-    host, port = relay
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _read_original(store: QueueStore, bounce, full: bool, limit: int) -> tuple[bytes, bytes | None]:
@@ -246,10 +242,10 @@ class _Round:
             log_event(self.log, "bounce-failed", id=bounce.queue_id, domain=bounce.domain, to=to,
                       error=f"{type(exc).__name__}: {exc}", retry=f"in {DSN_CLAIM_SECONDS}s", level=logging.ERROR)
             return True
-        self.store.dsn_sent(bounce.queue_id, bounce.domain, addresses, f"sent relay={_relay_name(relay)}")
+        self.store.dsn_sent(bounce.queue_id, bounce.domain, addresses, f"sent relay={format_hostport(*relay)}")
         self.summary["dsn_sent"] += len(addresses)
         log_event(self.log, "dsn-sent", id=bounce.queue_id, domain=bounce.domain, to=to, from_=f"<{bounce.sender}>",
-                  relay=_relay_name(relay), action=dsnlib.FAILED)
+                  relay=format_hostport(*relay), action=dsnlib.FAILED)
         return True
 
     def bounce_failed(self, bounce, addresses, relay, exc: BounceFailed) -> bool:
@@ -261,12 +257,12 @@ class _Round:
             self.store.dsn_sent(bounce.queue_id, bounce.domain, addresses, f"undeliverable: {exc}")
             self.summary["dsn_failed"] += len(addresses)
             log_event(self.log, "bounce-failed", id=bounce.queue_id, domain=bounce.domain, to=to,
-                      relay=_relay_name(relay), error=str(exc), retry="no", level=logging.WARNING)
+                      relay=format_hostport(*relay), error=str(exc), retry="no", level=logging.WARNING)
             return True
-        self.store.release_dsns(bounce.queue_id, bounce.domain, addresses, f"relay={_relay_name(relay)} {exc}")
+        self.store.release_dsns(bounce.queue_id, bounce.domain, addresses, f"relay={format_hostport(*relay)} {exc}")
         self.summary["dsn_failed"] += len(addresses)
         log_event(self.log, "bounce-failed", id=bounce.queue_id, domain=bounce.domain, to=to,
-                  relay=_relay_name(relay), error=str(exc), retry="yes", level=logging.WARNING)
+                  relay=format_hostport(*relay), error=str(exc), retry="yes", level=logging.WARNING)
         return False
 
     # 3. delay warnings
@@ -306,12 +302,12 @@ class _Round:
             return True
         except BounceFailed as exc:
             log_event(self.log, "bounce-failed", id=bounce.queue_id, domain=bounce.domain, to=to,
-                      relay=_relay_name(relay), error=str(exc), action=dsnlib.DELAYED,
+                      relay=format_hostport(*relay), error=str(exc), action=dsnlib.DELAYED,
                       retry="no" if exc.permanent else "yes", level=logging.WARNING)
             if exc.permanent:
                 self.store.delay_warning_done(bounce.queue_id, bounce.domain, addresses, f"undeliverable: {exc}")
                 return True
-            self.store.release_delay_warning(bounce.queue_id, bounce.domain, f"relay={_relay_name(relay)} {exc}")
+            self.store.release_delay_warning(bounce.queue_id, bounce.domain, f"relay={format_hostport(*relay)} {exc}")
             return False
         except QueueUnavailable:
             raise
@@ -320,10 +316,10 @@ class _Round:
             log_event(self.log, "bounce-failed", id=bounce.queue_id, domain=bounce.domain, to=to,
                       error=f"{type(exc).__name__}: {exc}", action=dsnlib.DELAYED, retry="no", level=logging.ERROR)
             return True
-        self.store.delay_warning_done(bounce.queue_id, bounce.domain, addresses, f"sent relay={_relay_name(relay)}")
+        self.store.delay_warning_done(bounce.queue_id, bounce.domain, addresses, f"sent relay={format_hostport(*relay)}")
         self.summary["delay_warnings"] += 1
         log_event(self.log, "dsn-sent", id=bounce.queue_id, domain=bounce.domain, to=to, from_=f"<{bounce.sender}>",
-                  relay=_relay_name(relay), action=dsnlib.DELAYED)
+                  relay=format_hostport(*relay), action=dsnlib.DELAYED)
         return True
 
     # 4. retries

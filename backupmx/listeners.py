@@ -17,6 +17,8 @@ import os
 import socket
 import socketserver
 
+from backupmx.config import format_hostport
+
 # Accepts per listener per loop turn (fairness between listeners and workers).
 ACCEPT_BATCH = 64
 
@@ -53,7 +55,7 @@ class Listener(socketserver.TCPServer):
 
     @property
     def label(self) -> str:
-        return show_address(*self.server_address[:2])
+        return format_hostport(*self.server_address[:2])
 
     def get_request(self):
         """May be overridden. accept(); raises BlockingIOError when nobody waits."""
@@ -89,10 +91,6 @@ class Listener(socketserver.TCPServer):
                     self.shutdown_request(request)
             else:
                 self.shutdown_request(request)
-
-
-def show_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def refuse(sock: socket.socket, reply: bytes) -> None:
@@ -148,7 +146,7 @@ def build_listeners(config, supervisor) -> list[Listener]:
                     listeners.append(Listener((host, port), supervisor, tls))
                 except OSError as exc:
                     reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-                    raise ListenError(f"cannot listen on {show_address(host, port)}: {reason}") from None
+                    raise ListenError(f"cannot listen on {format_hostport(host, port)}: {reason}") from None
     except BaseException:
         for listener in listeners:
             listener.server_close()

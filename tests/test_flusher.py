@@ -23,15 +23,8 @@ import pytest
 
 from backupmx.config import DomainConfig, load_config
 from backupmx.envelope import Envelope, Recipient
-from backupmx.flusher import (
-    EXTRA_CONNECTIONS,
-    MAX_REPLY_LINES,
-    DataEncoder,
-    PrimaryClient,
-    ReplyError,
-    deliver_domain,
-    run_flush_worker,
-)
+from backupmx.flusher import EXTRA_CONNECTIONS, deliver_domain, run_flush_worker
+from backupmx.smtpclient import MAX_REPLY_LINES, DataEncoder, PrimaryClient, ReplyError
 from backupmx.store import QueueStore
 
 sys.path.insert(0, os.path.dirname(__file__))
