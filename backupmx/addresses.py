@@ -35,6 +35,9 @@ SOURCE_ROUTE_RE = re.compile(rf"@(?:{DOMAIN_RE.pattern}|{ADDRESS_LITERAL_RE.patt
 # not printable ASCII, as "?".
 _UNSAFE_IN_RECEIVED = re.compile(r'[^\x21-\x7e]|[;()<>"\\@]')
 
+# RFC 1035 2.3.1: a label of letters, digits and hyphens, lower case once normalized.
+_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
 # RFC 5321 2.4 and 4.5.3.1.1-3: size limits.
 MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
@@ -63,7 +66,7 @@ class Mailbox:
     """A parsed mailbox: `local_part@domain`, as the client wrote it.
 
     `domain` is kept as written (it is part of what the primary receives);
-    `domain_key` is the form we match configured domains against.
+    normalize_domain gives the form configured domains are matched in.
     """
 
     local_part: str
@@ -81,10 +84,6 @@ class Mailbox:
         return f"{self.local_part}@{domain}"
 
     @property
-    def domain_key(self) -> str:
-        return normalize_domain(self.domain)
-
-    @property
     def bare_local_part(self) -> str:
         """The local part without quoting: `"a b"` -> `a b`."""
         text = self.local_part
@@ -93,10 +92,29 @@ class Mailbox:
         return text
 
 
-def normalize_domain(domain: str) -> str:
-    """The form configured domains are compared in: lower case, no trailing dot."""
-    domain = domain.lower()
-    return domain[:-1] if domain.endswith(".") else domain
+def normalize_domain(name: str) -> str:
+    """The one form domains are compared in: lower case, no trailing dot, A-labels.
+
+    Converts U-labels to A-labels and checks LDH; raises ValueError for
+    anything that is not a DNS name (RFC 1035 2.3.1, RFC 5890 for the "xn--"
+    form). The configuration, the CLI and relay control all use it.
+    """
+    name = name.strip().lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not name:
+        raise ValueError("empty domain name")
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise ValueError(f"bad domain name {name!r}: {exc}") from None
+    if len(name) > 253:
+        raise ValueError(f"domain name too long ({len(name)} > 253)")
+    for label in name.split("."):
+        if not _LDH_LABEL.fullmatch(label):
+            raise ValueError(f"bad domain name {name!r} (letters, digits and hyphens only)")
+    return name
 
 
 def is_domain(text: str) -> bool:

@@ -11,8 +11,12 @@ Stored password formats (the `password` key of a [user:...] section):
       because the server needs the secret itself to compute the HMAC.
 
 Mechanisms: PLAIN (RFC 4616), LOGIN (draft-murchison-sasl-login) and
-CRAM-MD5 (RFC 2195).  The SMTP session (the caller) runs the exchange and
-counts failures; this module only decodes and checks, in constant time.
+CRAM-MD5 (RFC 2195).  The SMTP session frames the exchange (334 lines, "*",
+line limits) and counts failures; the session's driver runs one SASL
+exchange per AUTH (sasl_exchange: each response in, a challenge or the
+Credentials out) and checks the Credentials off the event loop
+(Authenticator.verify).  This module decodes and checks, in constant time,
+and does no I/O.
 """
 
 import base64
@@ -23,9 +27,11 @@ import re
 import secrets
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 __all__ = [
     "Authenticator",
+    "Credentials",
     "SASLSyntaxError",
     "authzid_acceptable",
     "cram_md5_challenge",
@@ -34,6 +40,7 @@ __all__ = [
     "decode_sasl_login",
     "decode_sasl_plain",
     "hash_password",
+    "sasl_exchange",
     "validate_password_value",
     "verify_password",
 ]
@@ -198,6 +205,15 @@ class Authenticator:
         return user if (ok and secret) else None
 
 
+    def verify(self, credentials: "Credentials") -> bool:
+        """True when the credentials an exchange ended with are right (slow: scrypt)."""
+        if credentials.mechanism == "CRAM-MD5":
+            return self.check_cram_md5(credentials.username, credentials.challenge, credentials.digest) is not None
+        user = self.check_password(credentials.username, credentials.password)
+        # Acting for another user is not offered (RFC 4616 authzid).
+        return user is not None and authzid_acceptable(credentials.authzid, credentials.username)
+
+
 def authzid_acceptable(authzid: str, authcid: str) -> bool:
     """RFC 4616 authorization identity rule: empty, or the same as the user.
 
@@ -293,3 +309,73 @@ def cram_md5_challenge(hostname: str) -> bytes:
     check_cram_md5.
     """
     return f"<{secrets.randbelow(10**12)}.{int(time.time())}@{hostname}>".encode("ascii", "replace")
+
+
+# ---------------------------------------------------------------------------
+# SASL exchanges: one per AUTH command, driven by the session's driver
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a SASL exchange ends with, for Authenticator.verify.
+
+    PLAIN and LOGIN carry `password`; CRAM-MD5 carries `challenge` and `digest`.
+    """
+
+    mechanism: str
+    username: str
+    password: str | None = None
+    challenge: bytes | None = None
+    digest: str | None = None
+    authzid: str = ""  # PLAIN's authorization identity (RFC 4616)
+
+
+class _Plain:
+    """RFC 4616: one response, "authzid NUL authcid NUL password"."""
+
+    def step(self, response: str | None) -> "bytes | Credentials":
+        if response is None:
+            return b""  # RFC 4954 4: no initial response, so an empty challenge
+        authzid, username, password = decode_sasl_plain(response)
+        return Credentials("PLAIN", username, password=password, authzid=authzid)
+
+
+class _Login:
+    """draft-murchison-sasl-login: the user name, then the password, each asked for."""
+
+    def __init__(self):
+        self.username = None
+
+    def step(self, response: str | None) -> "bytes | Credentials":
+        if response is None:
+            return b"Username:"
+        if self.username is None:
+            self.username = decode_sasl_login(response)
+            return b"Password:"
+        return Credentials("LOGIN", self.username, password=decode_sasl_login(response))
+
+
+class _CramMD5:
+    """RFC 2195: the server speaks first, a fresh challenge; the client answers "user digest"."""
+
+    def __init__(self, hostname: str):
+        self.challenge = cram_md5_challenge(hostname)
+
+    def step(self, response: str | None) -> "bytes | Credentials":
+        if response is None:
+            return self.challenge
+        username, digest = decode_cram_md5_response(response)
+        return Credentials("CRAM-MD5", username, challenge=self.challenge, digest=digest)
+
+
+def sasl_exchange(mechanism: str, hostname: str):
+    """The exchange for one AUTH: `step(response)` takes each client response (base64
+    text; None when AUTH came without an initial response) and returns the next
+    challenge (bytes) or the Credentials; SASLSyntaxError for a malformed response."""
+    if mechanism == "PLAIN":
+        return _Plain()
+    if mechanism == "LOGIN":
+        return _Login()
+    if mechanism == "CRAM-MD5":
+        return _CramMD5(hostname)
+    raise ValueError(f"no SASL mechanism {mechanism!r}")

@@ -21,7 +21,8 @@ import sys
 import time
 
 from backupmx import __version__
-from backupmx.config import DEFAULT_CONFIG_PATH, Config, load_config, normalize_domain
+from backupmx.addresses import normalize_domain
+from backupmx.config import DEFAULT_CONFIG_PATH, Config, load_config
 
 __all__ = ["main", "build_parser", "humanize_age"]
 

@@ -28,6 +28,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+from backupmx.addresses import normalize_domain
 from backupmx.auth import validate_password_value
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "DomainConfig",
     "UserConfig",
     "load_config",
-    "normalize_domain",
     "parse_duration",
     "format_hostport",
     "parse_hostport",
@@ -167,33 +167,6 @@ def parse_size(text: str) -> int:
     if not math.isfinite(value):
         raise ValueError(f"bad size {text!r}")
     return int(value)
-
-
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-
-
-def normalize_domain(name: str) -> str:
-    """Lower-case, strip one trailing dot, convert U-labels to A-labels, check LDH.
-
-    Raises ValueError for anything that is not a DNS name (RFC 1035 2.3.1,
-    RFC 5890 for the "xn--" form).
-    """
-    name = name.strip().lower()
-    if name.endswith("."):
-        name = name[:-1]
-    if not name:
-        raise ValueError("empty domain name")
-    if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError as exc:
-            raise ValueError(f"bad domain name {name!r}: {exc}") from None
-    if len(name) > 253:
-        raise ValueError(f"domain name too long ({len(name)} > 253)")
-    for label in name.split("."):
-        if not _LABEL.fullmatch(label):
-            raise ValueError(f"bad domain name {name!r} (letters, digits and hyphens only)")
-    return name
 
 
 def _check_host(host: str) -> str:

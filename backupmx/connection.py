@@ -3,8 +3,15 @@
 The driver around the sans-I/O session. A worker's selector loop calls
 `on_readable`, `on_writable` and `on_timeout`; this module never blocks on the
 network (sockets are non-blocking, TLS runs over memory buffers), so one
-process can drive hundreds of sessions. It does block on the queue's commit,
-which is the point: the 250 goes out only after that commit returns.
+process can drive hundreds of sessions.
+
+The driver answers the session's events (smtp.py lists them with their
+answers): at once when the answer is cheap (recipient admission: a cached
+quota and free-space look; ETRN's flush request), or later, from the
+worker's Offload, when it is slow (a password check on its thread pool).
+What the worker loop must do for it goes out as outcomes (take_outcomes):
+QueueMessage for the loop's group commit, after which the loop calls
+committed(); FlushRequested for a mode that starts flushers itself.
 """
 
 import logging
@@ -13,17 +20,18 @@ import selectors
 import ssl
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
 from backupmx import replies, smtp
-from backupmx.auth import Authenticator, authzid_acceptable, cram_md5_challenge
+from backupmx.auth import Authenticator, Credentials, SASLSyntaxError, sasl_exchange
 from backupmx.config import Config
 from backupmx.log import log_event
+from backupmx.offload import Offload
 from backupmx.quota import Admission
-from backupmx.smtp import (AuthRequest, EtrnRequest, MessageAborted, MessageData, MessageReceived,
-                           MessageStarted, Session, SessionSettings, StartTLS)
+from backupmx.smtp import (AuthRequest, AuthResponse, EtrnRequest, MailAdmission, MessageAborted, MessageData,
+                           MessageReceived, MessageStarted, RecipientAdmission, Session, SessionSettings, StartTLS)
 from backupmx.store import QueueStore, QueueUnavailable, QuotaExceeded, Submission
 from backupmx.tls import TLSError, TLSLayer
 
@@ -36,10 +44,8 @@ SPOOL_IN_MEMORY = 256 * 1024
 HANDSHAKE_TIMEOUT = 30.0
 # Each failed AUTH makes the next answer wait this much longer (slows guessing).
 AUTH_FAILURE_DELAY = 1.0
-# How often a session looks whether its credential check (on a thread) is done.
-AUTH_POLL = 0.005
-# Credential checks run at once per worker (scrypt: ~16 MB and ~60 ms each).
-AUTH_THREADS = 2
+# Slow calls (credential checks: scrypt, ~16 MB and ~60 ms each) run at once per worker.
+OFFLOAD_THREADS = 2
 # After SIGTERM, sessions in flight get this long to finish before their 421.
 SHUTDOWN_GRACE = 30.0
 
@@ -67,14 +73,16 @@ class ConnectionContext:
     wallclock: Callable[[], float] = time.time
     store: QueueStore = field(init=False)
     spool_dir: str = field(init=False)
+    settings: SessionSettings = field(init=False)  # each connection's, but for its TLS state
     authenticator: Authenticator = field(init=False)
     admission: Admission = field(init=False)
     quotas: dict = field(init=False)
-    auth_pool: ThreadPoolExecutor = field(init=False)  # where scrypt runs, off the event loop
+    offload: Offload = field(init=False)  # where slow calls run, off the event loop (the loop watches it)
 
     def __post_init__(self):
         self.store = QueueStore(self.config.queue)
-        self.auth_pool = ThreadPoolExecutor(max_workers=AUTH_THREADS, thread_name_prefix="auth")
+        self.settings = SessionSettings.from_config(self.config)
+        self.offload = Offload(OFFLOAD_THREADS, "offload")
         self.authenticator = Authenticator(self.config.users)
         self.admission = Admission(self.config, self.store)
         self.quotas = {name: (d.max_queue_messages, d.max_queue_bytes) for name, d in self.config.domains.items()
@@ -83,17 +91,8 @@ class ConnectionContext:
         self.spool_dir = os.path.dirname(os.path.abspath(self.config.queue))
 
     def close(self) -> None:
-        self.auth_pool.shutdown(wait=False, cancel_futures=True)
+        self.offload.close()
         self.store.close()
-
-    def verify_credentials(self, request: AuthRequest) -> bool:
-        """Run on auth_pool: True if the AUTH request's credentials are right."""
-        authenticator = self.authenticator
-        if request.mechanism == "CRAM-MD5":
-            return authenticator.check_cram_md5(request.username, request.challenge, request.digest) is not None
-        user = authenticator.check_password(request.username, request.password)
-        # Acting for another user is not offered (RFC 4616 authzid).
-        return user is not None and authzid_acceptable(request.authzid, request.username)
 
 
 class SMTPConnection:
@@ -111,22 +110,18 @@ class SMTPConnection:
         self._spool_failed = False
         self._queue_id = None
         self._awaiting_commit = None  # the MessageReceived waiting for the group commit
-        # AUTH in progress: the check runs on ctx.auth_pool (scrypt is slow and
-        # releases the GIL); _auth_due is when to look again, _auth_ok the
-        # verdict once known (a failure is answered only after a delay).
-        self._auth_request = self._auth_future = self._auth_ok = self._auth_due = None
+        # AUTH: the SASL exchange in progress; the Credentials being checked
+        # on ctx.offload; when a failure may be answered (it waits a while).
+        self._sasl = None
+        self._auth_checking: Credentials | None = None
+        self._auth_due: float | None = None
         self._stop_at = None  # set by begin_shutdown
         self._outcomes = []  # QueueMessage, FlushRequested: for the worker loop (take_outcomes)
         now = ctx.clock()
         self._handshake_deadline = now + self._handshake_time() if implicit_tls else None
         self._idle_deadline = now + ctx.config.timeout
-        config = ctx.config
-        self.session = Session(SessionSettings(
-            hostname=config.hostname, config=config,
-            tls_available=ctx.ssl_context is not None and not implicit_tls,
-            tls_active=implicit_tls,
-            cram_challenge=lambda: cram_md5_challenge(config.hostname),
-            admission=ctx.admission))
+        self.session = Session(ctx.settings.with_tls(available=ctx.ssl_context is not None and not implicit_tls,
+                                                     active=implicit_tls))
         self._progress = self.session.progress
         log_event(ctx.logger, "connect", client=self.client_ip, tls="implicit" if implicit_tls else None,
                   level=logging.DEBUG)
@@ -139,9 +134,13 @@ class SMTPConnection:
         if self.closed:
             return 0
         events = selectors.EVENT_WRITE if self._out else 0
-        if not self._closing and self._auth_due is None:
+        if not self._closing and not self._auth_busy:  # nothing is read while a password is checked
             events |= selectors.EVENT_READ
         return events
+
+    @property
+    def _auth_busy(self) -> bool:
+        return self._auth_checking is not None or self._auth_due is not None
 
     @property
     def deadline(self) -> float:
@@ -196,7 +195,9 @@ class SMTPConnection:
         """Called by the loop when `deadline` has passed."""
         now = self.ctx.clock()
         if self._auth_due is not None and now >= self._auth_due:
-            self._auth_progress(now)
+            self._auth_due = None
+            self.session.auth_result(None)
+            self._after_session()
         elif self._handshake_deadline is not None and now >= self._handshake_deadline:
             log_event(self.ctx.logger, "tls-failed", client=self.client_ip, error="handshake timeout")
             return self.close()
@@ -219,7 +220,7 @@ class SMTPConnection:
         if self.closed:
             return
         self._stop_at = self.ctx.clock() + grace
-        if self.session.idle and self._auth_due is None:
+        if self.session.idle and not self._auth_busy:
             self.session.shutdown()
             self._after_session()
             self.on_writable()
@@ -246,7 +247,7 @@ class SMTPConnection:
         if self.session.progress != self._progress:
             self._progress = self.session.progress
             self._idle_deadline = self.ctx.clock() + self.ctx.config.timeout
-        if self._stop_at is not None and self.session.idle and self._auth_due is None:
+        if self._stop_at is not None and self.session.idle and not self._auth_busy:
             self.session.shutdown()
         self._pump()
 
@@ -271,24 +272,22 @@ class SMTPConnection:
         self.close()
 
     def _handle_events(self) -> None:
-        session = self.session
-        while (event := session.next_event()) is not None:
-            if isinstance(event, MessageData):
-                self._spool_write(event.data)
-            elif isinstance(event, MessageStarted):
-                self._start_message(event.envelope)
-            elif isinstance(event, MessageReceived):
-                self._commit(event)
-            elif isinstance(event, MessageAborted):
-                log_event(self.ctx.logger, "rejected", client=self.client_ip,
-                          reply=event.reply.line_text(hostname=""))
-                self._drop_spool()
-            elif isinstance(event, StartTLS):
-                self._start_tls()
-            elif isinstance(event, AuthRequest):
-                self._check_auth(event)
-            elif isinstance(event, EtrnRequest):
-                self._etrn(event)
+        """Answer (or start answering) every event the session has; answers may make more."""
+        while (event := self.session.next_event()) is not None:
+            self._EVENTS[type(event)](self, event)
+
+    def _on_aborted(self, event: MessageAborted) -> None:
+        log_event(self.ctx.logger, "rejected", client=self.client_ip, reply=event.reply.line_text(hostname=""))
+        self._drop_spool()
+
+    def _admit_mail(self, event: MailAdmission) -> None:
+        """A declared SIZE must fit on the disk (RFC 1870); without one there is nothing to check yet."""
+        size = event.envelope.declared_size
+        self.session.mail_admitted(None if size is None else self.ctx.admission.message_size(size))
+
+    def _admit_recipient(self, event: RecipientAdmission) -> None:
+        """The domain's quota and the free space (quota.Admission: cached, no query per RCPT)."""
+        self.session.recipient_admitted(self.ctx.admission.recipient(event.recipient.domain))
 
     # --- messages -----------------------------------------------------------
 
@@ -370,31 +369,43 @@ class SMTPConnection:
     def _handshake_time(self) -> float:
         return min(HANDSHAKE_TIMEOUT, self.ctx.config.timeout)
 
-    def _check_auth(self, request: AuthRequest) -> None:
-        """Start checking the credentials off the event loop; _auth_progress answers."""
-        self._auth_request = request
-        self._auth_future = self.ctx.auth_pool.submit(self.ctx.verify_credentials, request)
-        self._auth_due = self.ctx.clock() + AUTH_POLL
+    def _auth_step(self, event: AuthRequest | AuthResponse) -> None:
+        """One step of the SASL exchange (auth.sasl_exchange): a challenge, or credentials to check."""
+        if isinstance(event, AuthRequest):
+            self._sasl = sasl_exchange(event.mechanism, self.ctx.config.hostname)
+            response = event.initial_response
+        else:
+            response = event.response
+        try:
+            step = self._sasl.step(response)
+        except SASLSyntaxError:
+            self._sasl = None
+            return self.session.auth_malformed()
+        if isinstance(step, bytes):
+            return self.session.auth_challenge(step)
+        self._sasl, self._auth_checking = None, step
+        self.ctx.offload.submit(self, self.ctx.authenticator.verify, step, then=self._auth_checked)
 
-    def _auth_progress(self, now: float) -> None:
-        if self._auth_ok is None:
-            if not self._auth_future.done():
-                self._auth_due = now + AUTH_POLL
-                return
-            request, self._auth_ok = self._auth_request, self._auth_future.result()
-            if self._auth_ok:
-                log_event(self.ctx.logger, "auth", client=self.client_ip, user=request.username,
-                          mechanism=request.mechanism)
-            else:
-                log_event(self.ctx.logger, "auth-failed", client=self.client_ip, user=request.username,
-                          mechanism=request.mechanism, level=logging.WARNING)
-                # Each failure waits longer before its answer: guessing gets slow.
-                self._auth_due = now + AUTH_FAILURE_DELAY * (self.session.auth_failures + 1)
-                return
-        ok = self._auth_ok
-        self._auth_request = self._auth_future = self._auth_ok = self._auth_due = None
-        self.session.auth_result(ok)
-        self._after_session()
+    def _auth_checked(self, future: Future) -> None:
+        """The check is done (the worker loop calls this): answer, a failure only after its delay."""
+        credentials, self._auth_checking = self._auth_checking, None
+        try:
+            ok = future.result()
+        except Exception as exc:  # a check that broke is a failed check, never a login
+            log_event(self.ctx.logger, "auth-error", client=self.client_ip, error=f"{type(exc).__name__}: {exc}",
+                      level=logging.ERROR)
+            ok = False
+        if self.closed:
+            return
+        fields = dict(client=self.client_ip, user=credentials.username, mechanism=credentials.mechanism)
+        if ok:
+            log_event(self.ctx.logger, "auth", **fields)
+            self.session.auth_result(credentials.username)
+            self._after_session()
+            return self.on_writable()
+        log_event(self.ctx.logger, "auth-failed", **fields, level=logging.WARNING)
+        # Each failure waits longer before its answer: guessing gets slow.
+        self._auth_due = self.ctx.clock() + AUTH_FAILURE_DELAY * (self.session.auth_failures + 1)
 
     def _etrn(self, request: EtrnRequest) -> None:
         try:
@@ -410,3 +421,16 @@ class SMTPConnection:
         if waiting:
             self._outcomes.append(FlushRequested(waiting))
         self.session.etrn_result(pending, request.argument)
+
+    _EVENTS: dict[type, Callable] = {
+        MessageStarted: lambda self, event: self._start_message(event.envelope),
+        MessageData: lambda self, event: self._spool_write(event.data),
+        MessageAborted: _on_aborted,
+        MessageReceived: _commit,
+        MailAdmission: _admit_mail,
+        RecipientAdmission: _admit_recipient,
+        StartTLS: lambda self, event: self._start_tls(),
+        AuthRequest: _auth_step,
+        AuthResponse: _auth_step,
+        EtrnRequest: _etrn,
+    }

@@ -2,10 +2,10 @@
 
 The driver (connection.py) feeds socket bytes to `receive_data`, writes what
 `data_to_send` returns, and handles the events from `next_event`. Some events
-need an answer before the session goes on (the message is committed, the
-password checked, the flush recorded, TLS started); until the driver gives it,
-input is only buffered. This module never imports socket, ssl, sqlite3, os,
-time or logging (tests/test_smtp.py asserts it).
+need an answer before the session goes on (below: each event with its
+answer); until the driver gives it, input is only buffered. This module and
+smtp_body.py never import socket, ssl, sqlite3, os, time or logging
+(tests/test_smtp.py asserts it).
 
 Rules every change must keep:
  1. Lines end at CRLF only. A bare CR or LF is an error, never a line end, and
@@ -21,62 +21,64 @@ Rules every change must keep:
  5. A transaction (an Envelope) exists from MAIL to the end of DATA or RSET;
     ending it makes a new one rather than clearing fields.
  6. The 250 for a message is sent only when the driver says it is committed.
-
-Policy comes from the settings: the config (domains, users, limits) and an
-optional `admission` object (quota.Admission) that answers "may this domain
-take more mail now?". That object is the driver's and may look at the queue;
-the session only asks, so it stays free of I/O itself.
+ 7. The session never calls out. What needs the queue, a password check, the
+    primary or a resolver is an event the driver answers, now or later
+    (MailAdmission, RecipientAdmission, AuthRequest, EtrnRequest, ...);
+    SessionSettings holds values only.
+ 8. What each command needs before it runs is in one table, COMMANDS, checked
+    in one place (_command); see the rules above it.
 """
 
 import base64
+import dataclasses
 import enum
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import format_datetime
+from typing import TYPE_CHECKING
 
 from backupmx import addresses, replies
-from backupmx import auth as sasl
 from backupmx.addresses import AddressError, NonASCIIAddress
 from backupmx.envelope import Envelope, Recipient
 from backupmx.replies import Reply
+from backupmx.smtp_body import DataTransfer, MessageAborted, MessageData  # noqa: F401 - events of the session
+
+if TYPE_CHECKING:
+    from backupmx.config import Config, DomainConfig
 
 # RFC 5321 4.5.3.1.4: a command line is at most 512 octets with its CRLF. The
 # AUTH line may carry an initial response: RFC 4954 section 4 allows 12288.
 MAX_COMMAND_LINE = 512
 MAX_AUTH_LINE = 12288
-# RFC 5321 4.5.3.1.6 says 1000 octets per text line; real mail breaks that, so
-# we accept longer lines up to this bound and refuse the message beyond it.
-MAX_DATA_LINE = 64 * 1024
-# DATA counts as progress (for the per-command deadline) once per this many octets.
-DATA_PROGRESS_OCTETS = 64 * 1024
 # 5xx replies in one session before it is ended with 421 (Postfix's hard limit is 20).
 MAX_ERRORS = 20
-# More Received headers than this means a loop (RFC 5321 6.3); Postfix uses 50.
-MAX_RECEIVED_HEADERS = 50
 # RFC 7230 methods: an HTTP client talking to the SMTP port ends the session at once.
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 # Commands we know but do not provide (RFC 5321 4.1.3 / 4.3.2).
 UNIMPLEMENTED = frozenset({"EXPN", "TURN", "SEND", "SOML", "SAML", "BDAT"})
+# SASL mechanisms where the server speaks first: no initial response (RFC 4954 4).
+SERVER_FIRST = frozenset({"CRAM-MD5"})
 
 
-# --- events ---------------------------------------------------------------
+# --- events: what the session asks, and the method that answers it ------------
+#
+#   MessageStarted       -            the driver opens a spool for the content
+#   MessageData          -            (smtp_body) a piece of the content
+#   MessageAborted       -            (smtp_body) the content will not be queued
+#   MessageReceived      message_queued(queue_id) | message_refused(reply)
+#   MailAdmission        mail_admitted(refusal=None)
+#   RecipientAdmission   recipient_admitted(refusal=None, **fields)
+#   StartTLS             tls_started()
+#   AuthRequest          auth_challenge(data) | auth_result(user or None) | auth_malformed()
+#   AuthResponse         the same three
+#   EtrnRequest          etrn_result({domain: pending} or None)
+
 
 @dataclass(frozen=True)
 class MessageStarted:
-    """DATA accepted: the driver opens a spool for the body."""
+    """DATA accepted: the driver opens a spool for the content."""
     envelope: Envelope
-
-
-@dataclass(frozen=True)
-class MessageData:
-    """A piece of the body, dot-unstuffed, CRLF line endings as received."""
-    data: bytes
-
-
-@dataclass(frozen=True)
-class MessageAborted:
-    """The body will not be queued (bare line ending, too big, loop): drop the spool."""
-    reply: Reply
 
 
 @dataclass(frozen=True)
@@ -87,23 +89,39 @@ class MessageReceived:
 
 
 @dataclass(frozen=True)
+class MailAdmission:
+    """May this transaction start (free space for a declared SIZE, ...)? Answer with
+    `mail_admitted(refusal)`: None to accept, else the reply."""
+    envelope: Envelope
+
+
+@dataclass(frozen=True)
+class RecipientAdmission:
+    """May mail for this recipient be queued (quota, free space, and whatever the
+    driver checks: a callout, a greylist)? Answer with `recipient_admitted(refusal,
+    **fields)`: None to accept, else the reply (rendered with address= and fields)."""
+    envelope: Envelope
+    recipient: Recipient
+
+
+@dataclass(frozen=True)
 class StartTLS:
     """The 220 is in the output. Send it in plaintext, then answer with `tls_started()`."""
 
 
 @dataclass(frozen=True)
 class AuthRequest:
-    """Check credentials; answer with `auth_result(ok)`.
-
-    PLAIN and LOGIN carry `password`; CRAM-MD5 carries `challenge` and `digest`.
-    The credentials are checked outside: scrypt is slow, and is not protocol.
-    """
+    """AUTH <mechanism> [initial-response]: the driver starts a SASL exchange
+    (auth.sasl_exchange) and answers its first step. `initial_response` is the
+    base64 text as sent, or None when there was none."""
     mechanism: str
-    username: str
-    password: str | None = None
-    challenge: bytes | None = None
-    digest: str | None = None
-    authzid: str = ""  # PLAIN's authorization identity (RFC 4616), checked by the driver
+    initial_response: str | None
+
+
+@dataclass(frozen=True)
+class AuthResponse:
+    """The client's answer to a 334 challenge (base64 text): the exchange's next step."""
+    response: str
 
 
 @dataclass(frozen=True)
@@ -115,41 +133,43 @@ class EtrnRequest:
 
 class Phase(enum.Enum):
     COMMAND = "command"  # reading command lines
-    DATA = "data"  # reading the message body
+    DATA = "data"  # reading the message content (smtp_body)
     SASL = "sasl"  # reading an AUTH continuation line
     WAITING = "waiting"  # an event waits for the driver's answer
     CLOSED = "closed"  # the last reply is in the output; close after sending it
 
 
-@dataclass
-class _SaslExchange:
-    """An AUTH exchange in progress."""
-    mechanism: str
-    step: int = 0
-    username: str = ""
-    challenge: bytes = b""
-
-
-@dataclass
-class _DataTransfer:
-    """What we know about the body being received."""
-    size: int = 0
-    received_headers: int = 0
-    in_headers: bool = True
-    at_line_start: bool = True
-    failure: Reply | None = None
-    progress_octets: int = 0
-
-
-@dataclass
+@dataclass(frozen=True)
 class SessionSettings:
-    """What the session needs to know of the server, filled in by the driver."""
+    """What the session knows of the server: values, given by the driver (rule 7)."""
     hostname: str
-    config: object  # backupmx.config.Config: domains, users, limits
+    domains: Mapping[str, "DomainConfig"]  # the configured domains: relay control and recipient lists
+    etrn_domains: Mapping[str, frozenset[str]]  # user -> the domains that user may ETRN
+    max_message_size: int
+    max_recipients: int
+    max_auth_failures: int
+    auth_mechanisms: tuple[str, ...] = ()  # offered once TLS is active; () = no AUTH
     tls_available: bool = False  # a certificate is configured (offer STARTTLS)
     tls_active: bool = False  # implicit TLS: the session starts encrypted
-    cram_challenge: object = None  # callable returning a fresh CRAM-MD5 challenge (bytes)
-    admission: object = None  # quota.Admission: recipient(domain) / message_size(n) -> Reply | None
+
+    @classmethod
+    def from_config(cls, config: "Config", **values) -> "SessionSettings":
+        mechanisms = ("PLAIN", "LOGIN") + (("CRAM-MD5",) if config.cram_md5_available else ())
+        return cls(hostname=config.hostname, domains=config.domains,
+                   etrn_domains={name: user.domains for name, user in config.users.items()},
+                   max_message_size=config.max_message_size, max_recipients=config.max_recipients,
+                   max_auth_failures=config.max_auth_failures,
+                   auth_mechanisms=mechanisms if config.users else (), **values)
+
+    def with_tls(self, *, available: bool, active: bool) -> "SessionSettings":
+        return dataclasses.replace(self, tls_available=available, tls_active=active)
+
+    def domain(self, name: str) -> "DomainConfig | None":
+        """The configured domain `name` (any case, trailing dot, U-labels), or None."""
+        try:
+            return self.domains.get(addresses.normalize_domain(name))
+        except ValueError:
+            return None
 
 
 @dataclass
@@ -171,9 +191,9 @@ class Session:
     _events: list = field(default_factory=list)
     _discarding_long_line: bool = False
     _recipients_tried: int = 0
-    _sasl: _SaslExchange | None = None
-    _data: _DataTransfer | None = None
-    _waiting_for: type | None = None
+    _data: DataTransfer | None = None
+    _waiting_for: tuple = ()  # the event types whose answer the session waits for
+    _asked: object = None  # the MailAdmission or RecipientAdmission waiting for its answer
 
     def __post_init__(self):
         self.tls_active = self.settings.tls_active
@@ -224,6 +244,25 @@ class Session:
         self.envelope = None
         self._process()
 
+    def mail_admitted(self, refusal: Reply | None = None, **fields: object) -> None:
+        asked = self._answer(MailAdmission)
+        if refusal is not None:
+            self._reply(refusal, fields)
+        else:
+            self.envelope = asked.envelope
+            self._recipients_tried = 0
+            self._reply(replies.SENDER_OK)
+        self._process()
+
+    def recipient_admitted(self, refusal: Reply | None = None, **fields: object) -> None:
+        asked = self._answer(RecipientAdmission)
+        if refusal is not None:
+            self._reply(refusal, fields, address=asked.recipient.address)
+        else:
+            self.envelope.recipients.append(asked.recipient)
+            self._reply(replies.RECIPIENT_OK)
+        self._process()
+
     def tls_started(self) -> None:
         """RFC 3207 4.2: forget everything learned from the client in plaintext."""
         self._answer(StartTLS)
@@ -232,15 +271,27 @@ class Session:
         self._input.clear()
         self._process()
 
-    def auth_result(self, ok: bool) -> None:
-        exchange = self._sasl
-        self._sasl = None
-        self._answer(AuthRequest)
-        if ok:
-            self.user = exchange.username
+    def auth_challenge(self, data: bytes) -> None:
+        """The SASL exchange goes on: a 334 with `data`, then the client's next line."""
+        self._answer(AuthRequest, AuthResponse)
+        self._output.append(b"334 " + base64.b64encode(data) + b"\r\n")
+        self.phase = Phase.SASL
+        self._process()
+
+    def auth_result(self, user: str | None) -> None:
+        """The exchange ended: `user` authenticated, or None for wrong credentials."""
+        self._answer(AuthRequest, AuthResponse)
+        if user is not None:
+            self.user = user
             self._reply(replies.AUTH_SUCCEEDED)
         else:
             self._auth_failed()
+        self._process()
+
+    def auth_malformed(self) -> None:
+        """A response that is not the mechanism's format (RFC 4954 4: 501, the exchange ends)."""
+        self._answer(AuthRequest, AuthResponse)
+        self._reply(replies.AUTH_BAD_RESPONSE)
         self._process()
 
     def etrn_result(self, pending: dict | None, argument: str) -> None:
@@ -269,14 +320,19 @@ class Session:
     def _process(self) -> None:
         while self.phase in (Phase.COMMAND, Phase.SASL, Phase.DATA):
             if self.phase is Phase.DATA:
-                if not self._process_data():
+                done = self._data.read(self._input)
+                self.progress += self._data.ticks
+                self._data.ticks = 0
+                if done is None:
                     return
-            else:
-                line = self._next_line()
-                if line is None:
-                    return
-                self.progress += 1
-                self._process_line(line)
+                if done:
+                    self._end_of_data()
+                continue
+            line = self._next_line()
+            if line is None:
+                return
+            self.progress += 1
+            self._process_line(line)
 
     def _next_line(self) -> bytes | None:
         """The next line up to and including its LF, or None if incomplete.
@@ -303,55 +359,53 @@ class Session:
             line = b""
         if line == b"":
             self._reply(replies.AUTH_LINE_TOO_LONG if sasl else replies.LINE_TOO_LONG)
-            self._abort_sasl()
+            self._end_sasl()
             return
         if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
             self._reply(replies.BARE_LINE_ENDING)
-            self._abort_sasl()
+            self._end_sasl()
             return
         text = line[:-2].decode("latin-1")
         if sasl:
-            self._sasl_response(text)
+            self._sasl_line(text)
         else:
             self._command(text, len(line))
 
     # --- commands ---------------------------------------------------------
 
     def _command(self, text: str, length: int) -> None:
+        """One command line: framing checks, then COMMANDS: its needs, in order, then its handler."""
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
         if length > MAX_COMMAND_LINE and verb != "AUTH":
-            self._reply(replies.LINE_TOO_LONG)
-            return
+            return self._reply(replies.LINE_TOO_LONG)
         if verb in HTTP_METHODS:
-            self._close_with(replies.HTTP_REFUSED)
-            return
+            return self._close_with(replies.HTTP_REFUSED)
         if "\0" in text:
-            self._reply(replies.UNRECOGNIZED)
-            return
-        handler = self._COMMANDS.get(verb)
-        if handler is not None:
-            handler(self, argument.strip(" "))
-        elif verb in UNIMPLEMENTED:
-            self._reply(replies.NOT_IMPLEMENTED)
-        else:
-            self._reply(replies.UNRECOGNIZED)
+            return self._reply(replies.UNRECOGNIZED)
+        command = COMMANDS.get(verb)
+        if command is None:
+            return self._reply(replies.NOT_IMPLEMENTED if verb in UNIMPLEMENTED else replies.UNRECOGNIZED)
+        argument = argument.strip(" ")
+        for need in command.needs:
+            if not need.holds(self, argument):
+                return self._reply(*need.refusal(self, verb))
+        command.handler(self, argument)
 
     def _helo(self, argument: str, esmtp: bool) -> None:
         if not argument or " " in argument or not argument.isascii() or not argument.isprintable():
             self._reply(replies.SYNTAX_ERROR, usage=("EHLO" if esmtp else "HELO") + " hostname")
             return
         self.helo, self.esmtp, self.envelope = argument, esmtp, None
-        hostname = self.settings.hostname
         if not esmtp:
             self._reply(replies.HELO_OK)
             return
-        lines = [hostname, "PIPELINING", f"SIZE {self.settings.config.max_message_size}",
+        lines = [self.settings.hostname, "PIPELINING", f"SIZE {self.settings.max_message_size}",
                  "8BITMIME", "ENHANCEDSTATUSCODES", "DSN", "ETRN"]
         if self.settings.tls_available and not self.tls_active:
             lines.append("STARTTLS")
         if self._auth_offered():
-            lines.append("AUTH " + " ".join(self._mechanisms()))
+            lines.append("AUTH " + " ".join(self.settings.auth_mechanisms))
         self._output.append(replies.render_lines(250, lines))
 
     def _cmd_helo(self, argument: str) -> None:
@@ -361,10 +415,6 @@ class Session:
         self._helo(argument, esmtp=True)
 
     def _cmd_mail(self, argument: str) -> None:
-        if self.helo is None:
-            return self._reply(replies.NEED_HELO)
-        if self.envelope is not None:
-            return self._reply(replies.NESTED_MAIL)
         if argument[:5].upper() != "FROM:":
             return self._reply(replies.SYNTAX_ERROR, usage="MAIL FROM:<address>")
         try:
@@ -376,49 +426,13 @@ class Session:
         except AddressError:
             return self._reply(replies.BAD_SENDER)
         envelope = Envelope(sender=sender.address if sender else "")
-        problem = self._apply_mail_parameters(envelope, parameters)
+        problem = mail_parameters(envelope, parameters, esmtp=self.esmtp,
+                                  max_size=self.settings.max_message_size)
         if problem is not None:
             return self._reply(*problem)
-        self.envelope = envelope
-        self._recipients_tried = 0
-        self._reply(replies.SENDER_OK)
-
-    def _apply_mail_parameters(self, envelope: Envelope, parameters: dict):
-        """Fill the envelope from MAIL parameters; a (Reply, fields) problem or None."""
-        if parameters and not self.esmtp:
-            return replies.UNKNOWN_PARAMETER, {"detail": "parameters need EHLO"}
-        for keyword, value in parameters.items():
-            if keyword == "SIZE":  # RFC 1870
-                if value is None or not addresses.DIGITS_RE.fullmatch(value):
-                    return replies.BAD_PARAMETER, {"detail": "SIZE"}
-                if int(value) > self.settings.config.max_message_size:
-                    return replies.MESSAGE_TOO_BIG, {}
-                refusal = self._admission("message_size", int(value))
-                if refusal is not None:
-                    return refusal, {}
-                envelope.declared_size = int(value)
-            elif keyword == "BODY":  # RFC 6152
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return replies.BAD_PARAMETER, {"detail": "BODY"}
-                envelope.body_type = value.upper()
-            elif keyword == "RET":  # RFC 3461 4.3
-                if value is None or value.upper() not in ("FULL", "HDRS"):
-                    return replies.BAD_PARAMETER, {"detail": "RET"}
-                envelope.ret = value.upper()
-            elif keyword == "ENVID":  # RFC 3461 4.4
-                if not value or len(value) > 100 or not addresses.XTEXT_RE.fullmatch(value):
-                    return replies.BAD_PARAMETER, {"detail": "ENVID"}
-                envelope.envid = value
-            elif keyword == "AUTH":  # RFC 4954 5: accepted, not passed on
-                if not value:
-                    return replies.BAD_PARAMETER, {"detail": "AUTH"}
-            else:
-                return replies.UNKNOWN_PARAMETER, {"detail": keyword}
-        return None
+        self._ask(MailAdmission(envelope))
 
     def _cmd_rcpt(self, argument: str) -> None:
-        if self.envelope is None:
-            return self._reply(replies.NEED_MAIL)
         if argument[:3].upper() != "TO:":
             return self._reply(replies.SYNTAX_ERROR, usage="RCPT TO:<address>")
         self._recipients_tried += 1
@@ -433,70 +447,26 @@ class Session:
             if path.strip("<>").lower() == "postmaster":
                 return self._reply(replies.UNKNOWN_USER, address=path.strip("<>"))
             return self._reply(replies.BAD_ADDRESS)
-        refusal = self._check_recipient(mailbox)
+        domain = None if mailbox.is_literal else self.settings.domain(mailbox.domain)
+        refusal = _relay_refusal(mailbox, domain)
         if refusal is not None:
             return self._reply(refusal, address=mailbox.address)
-        if len(self.envelope.recipients) >= self.settings.config.max_recipients:
+        if len(self.envelope.recipients) >= self.settings.max_recipients:
             return self._reply(replies.TOO_MANY_RECIPIENTS)
-        recipient = self._recipient_with_parameters(mailbox, parameters)
+        recipient = recipient_parameters(mailbox, domain.name, parameters, esmtp=self.esmtp)
         if isinstance(recipient, tuple):
             return self._reply(*recipient)
-        if all(r.address.lower() != recipient.address.lower() for r in self.envelope.recipients):
-            self.envelope.recipients.append(recipient)
-        self._reply(replies.RECIPIENT_OK)
-
-    def _check_recipient(self, mailbox: addresses.Mailbox) -> Reply | None:
-        """Relay control: only configured domains, only listed local parts, no routing tricks."""
-        config = self.settings.config
-        domain = None if mailbox.is_literal else config.domain(mailbox.domain_key)
-        if domain is None or addresses.is_routing_trick(mailbox):
-            return replies.RELAY_DENIED
-        if not domain.accepts(f"{mailbox.bare_local_part}@{domain.name}"):
-            return replies.UNKNOWN_USER
-        return self._admission("recipient", domain.name)
-
-    def _admission(self, check: str, argument):
-        """Quotas and free space (quota.Admission), when the driver gave us one."""
-        admission = self.settings.admission
-        return None if admission is None else getattr(admission, check)(argument)
-
-    def _recipient_with_parameters(self, mailbox, parameters):
-        """A Recipient, or a (Reply, fields) problem with its RFC 3461 parameters."""
-        notify = orcpt = None
-        if parameters and not self.esmtp:
-            return replies.UNKNOWN_PARAMETER, {"detail": "parameters need EHLO"}
-        for keyword, value in parameters.items():
-            if keyword == "NOTIFY":  # RFC 3461 4.1
-                words = (value or "").upper().split(",")
-                if not value or not set(words) <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or (
-                        "NEVER" in words and len(words) > 1):
-                    return replies.BAD_PARAMETER, {"detail": "NOTIFY"}
-                notify = ",".join(words)
-            elif keyword == "ORCPT":  # RFC 3461 4.2: addr-type ";" xtext
-                addr_type, _, xtext = (value or "").partition(";")
-                if not addr_type or not xtext or not addresses.XTEXT_RE.fullmatch(xtext) or len(value) > 500:
-                    return replies.BAD_PARAMETER, {"detail": "ORCPT"}
-                orcpt = value
-            else:
-                return replies.UNKNOWN_PARAMETER, {"detail": keyword}
-        config_domain = self.settings.config.domain(mailbox.domain_key)
-        return Recipient(address=mailbox.address, domain=config_domain.name, notify=notify, orcpt=orcpt)
+        if any(r.address.lower() == recipient.address.lower() for r in self.envelope.recipients):
+            return self._reply(replies.RECIPIENT_OK)  # the same mailbox twice: admitted once
+        self._ask(RecipientAdmission(self.envelope, recipient))
 
     def _cmd_data(self, argument: str) -> None:
-        if argument:
-            return self._reply(replies.SYNTAX_ERROR, usage="DATA")
-        if self.envelope is None:
-            return self._reply(replies.NEED_MAIL)
-        if not self.envelope.recipients:
-            return self._reply(replies.NO_VALID_RECIPIENTS if self._recipients_tried else replies.NEED_RCPT)
         self._reply(replies.START_DATA)
         self.phase = Phase.DATA
-        self._data = _DataTransfer()
+        self._data = DataTransfer(self.settings.max_message_size, self._events)
         self._events.append(MessageStarted(self.envelope))
 
     def _cmd_rset(self, argument: str) -> None:
-        if argument:
-            return self._reply(replies.SYNTAX_ERROR, usage="RSET")
         self.envelope = None
         self._reply(replies.OK)
 
@@ -507,207 +477,72 @@ class Session:
         self._close_with(replies.CLOSING)
 
     def _cmd_vrfy(self, argument: str) -> None:
-        if not argument:
-            return self._reply(replies.SYNTAX_ERROR, usage="VRFY address")
         self._reply(replies.VRFY_CANNOT)
 
     def _cmd_help(self, argument: str) -> None:
         self._reply(replies.HELP)
 
     def _cmd_starttls(self, argument: str) -> None:
-        if argument:
-            return self._reply(replies.SYNTAX_ERROR, usage="STARTTLS")
-        if self.tls_active:
-            return self._reply(replies.ALREADY_TLS)
-        if not self.settings.tls_available:
-            return self._reply(replies.TLS_NOT_AVAILABLE)
         self._reply(replies.READY_FOR_TLS)
         self._input.clear()  # rule 4: pipelined plaintext is never executed
         self._wait_for(StartTLS())
 
     def _cmd_etrn(self, argument: str) -> None:
-        if self.envelope is not None:
-            return self._reply(replies.NOT_IN_TRANSACTION)
-        if self.user is None:
-            return self._reply(replies.AUTH_REQUIRED)
         if not argument or " " in argument:
             return self._reply(replies.ETRN_SYNTAX)
         if argument.startswith("#"):  # RFC 1985 queue names: we only have domains
             return self._reply(replies.ETRN_UNABLE, domain=argument)
         subdomains = argument.startswith("@")
         name = argument[1:] if subdomains else argument
-        if not addresses.is_domain(name):
+        try:
+            if not addresses.is_domain(name):
+                raise ValueError(name)
+            name = addresses.normalize_domain(name)
+        except ValueError:
             return self._reply(replies.ETRN_SYNTAX)
-        domains = self._flushable_domains(addresses.normalize_domain(name), subdomains)
+        domains = self._flushable_domains(name, subdomains)
         if not domains:
             return self._reply(replies.ETRN_NOT_ALLOWED, domain=argument)
         self._wait_for(EtrnRequest(domains, argument))
 
     def _flushable_domains(self, name: str, subdomains: bool) -> tuple[str, ...]:
         """Configured domains this ETRN names that the authenticated user may flush."""
-        config = self.settings.config
-        allowed = config.users[self.user].domains
+        allowed = self.settings.etrn_domains.get(self.user, frozenset())
         if subdomains:
-            found = [d for d in config.domains if d == name or d.endswith("." + name)]
+            found = [d for d in self.settings.domains if d == name or d.endswith("." + name)]
         else:
-            found = [name] if config.domain(name) is not None else []
+            found = [name] if name in self.settings.domains else []
         return tuple(d for d in found if d in allowed)
 
-    # --- AUTH (RFC 4954) ---------------------------------------------------
+    # --- AUTH (RFC 4954): the session frames it, the driver runs the mechanism ---
 
     def _auth_offered(self) -> bool:
-        return self.tls_active and bool(self.settings.config.users)
-
-    def _mechanisms(self) -> list[str]:
-        mechanisms = ["PLAIN", "LOGIN"]
-        if self.settings.config.cram_md5_available:
-            mechanisms.append("CRAM-MD5")
-        return mechanisms
+        return self.tls_active and bool(self.settings.auth_mechanisms)
 
     def _cmd_auth(self, argument: str) -> None:
-        if self.helo is None:
-            return self._reply(replies.NEED_HELO)
-        if not self.tls_active:
-            return self._reply(replies.ENCRYPTION_REQUIRED)
-        if not self._auth_offered():
-            return self._reply(replies.AUTH_NOT_AVAILABLE)
-        if self.user is not None:
-            return self._reply(replies.ALREADY_AUTHENTICATED)
-        if self.envelope is not None:
-            return self._reply(replies.NOT_IN_TRANSACTION)
         mechanism, _, initial = argument.partition(" ")
         mechanism = mechanism.upper()
-        if mechanism not in self._mechanisms() or (mechanism == "CRAM-MD5" and initial):
+        if mechanism not in self.settings.auth_mechanisms or (mechanism in SERVER_FIRST and initial):
             return self._reply(replies.AUTH_UNKNOWN_MECHANISM)
-        self._sasl = _SaslExchange(mechanism)
-        self.phase = Phase.SASL
-        if mechanism == "CRAM-MD5":
-            self._sasl.challenge = self.settings.cram_challenge()
-            return self._continue(self._sasl.challenge)
-        if initial:  # RFC 4954 4: "=" is an empty initial response
-            return self._sasl_response(initial)
-        self._continue(b"" if mechanism == "PLAIN" else b"Username:")
+        self._wait_for(AuthRequest(mechanism, initial or None))
 
-    def _continue(self, challenge: bytes) -> None:
-        self._output.append(b"334 " + base64.b64encode(challenge) + b"\r\n")
-
-    def _sasl_response(self, text: str) -> None:
+    def _sasl_line(self, text: str) -> None:
         if text == "*":
-            self._abort_sasl()
+            self.phase = Phase.COMMAND
             return self._reply(replies.AUTH_ABORTED)
-        exchange = self._sasl
-        try:
-            if exchange.mechanism == "PLAIN":
-                authzid, username, password = sasl.decode_sasl_plain(text)
-                request = AuthRequest("PLAIN", username, password=password, authzid=authzid)
-            elif exchange.mechanism == "LOGIN" and exchange.step == 0:
-                exchange.username, exchange.step = sasl.decode_sasl_login(text), 1
-                return self._continue(b"Password:")
-            elif exchange.mechanism == "LOGIN":
-                request = AuthRequest("LOGIN", exchange.username, password=sasl.decode_sasl_login(text))
-            else:  # CRAM-MD5, RFC 2195: "user SP hex-digest"
-                username, digest = sasl.decode_cram_md5_response(text)
-                request = AuthRequest("CRAM-MD5", username, challenge=exchange.challenge, digest=digest)
-        except sasl.SASLSyntaxError:
-            self._abort_sasl()
-            return self._reply(replies.AUTH_BAD_RESPONSE)
-        exchange.username = request.username
-        self._check(request)
+        self._wait_for(AuthResponse(text))
 
-    def _check(self, request: AuthRequest) -> None:
-        self.phase = Phase.COMMAND
-        self._wait_for(request)
-
-    def _abort_sasl(self) -> None:
+    def _end_sasl(self) -> None:
         if self.phase is Phase.SASL:
-            self._sasl = None
             self.phase = Phase.COMMAND
 
     def _auth_failed(self) -> None:
         self.auth_failures += 1
-        if self.auth_failures >= self.settings.config.max_auth_failures:
+        if self.auth_failures >= self.settings.max_auth_failures:
             return self._close_with(replies.TOO_MANY_AUTH_FAILURES)
         self._reply(replies.AUTH_FAILED)
 
     # --- DATA ---------------------------------------------------------------
-
-    def _process_data(self) -> bool:
-        """Consume complete lines of the body; False when more input is needed."""
-        buffer, transfer = self._input, self._data
-        if not buffer:
-            return False
-        if transfer.at_line_start and buffer.startswith(b".\r\n"):
-            end = 0
-        else:
-            marker = buffer.find(b"\r\n.\r\n")
-            end = marker + 2 if marker >= 0 else -1
-        if end >= 0:
-            self._body_lines(bytes(buffer[:end]))
-            del buffer[:end + 3]
-            self._end_of_data()
-            return True
-        last = buffer.rfind(b"\r\n")
-        if last < 0:
-            if len(buffer) > MAX_DATA_LINE:
-                # Rule 2: keep the last octet, it may be the CR of a CRLF.
-                self._fail_data(replies.LINE_TOO_LONG)
-                self._count_progress(len(buffer) - 1)
-                del buffer[:-1]
-                transfer.at_line_start = False
-            return False
-        self._body_lines(bytes(buffer[:last + 2]))
-        del buffer[:last + 2]
-        return True
-
-    def _body_lines(self, block: bytes) -> None:
-        """Whole lines of the body (the last ends in CRLF) or the end of a long one."""
-        transfer = self._data
-        self._count_progress(len(block))
-        if not block:
-            return
-        crlf = block.count(b"\r\n")
-        if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
-            self._fail_data(replies.BARE_LINE_ENDING)
-        if b"\0" in block:
-            self._fail_data(replies.NUL_IN_DATA)
-        if len(block) > MAX_DATA_LINE and max(map(len, block.split(b"\r\n"))) + 2 > MAX_DATA_LINE:
-            self._fail_data(replies.LINE_TOO_LONG)
-        if transfer.at_line_start and block.startswith(b"."):
-            block = block[1:]
-        block = block.replace(b"\r\n.", b"\r\n")  # RFC 5321 4.5.2 transparency
-        transfer.at_line_start = True
-        if transfer.in_headers:
-            self._scan_headers(block)
-        transfer.size += len(block)
-        if transfer.size > self.settings.config.max_message_size:
-            self._fail_data(replies.MESSAGE_TOO_BIG)
-        if transfer.failure is None:
-            self._events.append(MessageData(block))
-
-    def _scan_headers(self, block: bytes) -> None:
-        """Count Received: lines in the header section (RFC 5321 6.3 loop detection)."""
-        transfer = self._data
-        for line in block.split(b"\r\n")[:-1]:
-            if line == b"":
-                transfer.in_headers = False
-                break
-            if line[:9].lower() == b"received:":
-                transfer.received_headers += 1
-        if transfer.received_headers > MAX_RECEIVED_HEADERS:
-            self._fail_data(replies.MAIL_LOOP)
-
-    def _count_progress(self, octets: int) -> None:
-        transfer = self._data
-        transfer.progress_octets += octets
-        while transfer.progress_octets >= DATA_PROGRESS_OCTETS:
-            transfer.progress_octets -= DATA_PROGRESS_OCTETS
-            self.progress += 1
-
-    def _fail_data(self, reply: Reply) -> None:
-        """The message will not be queued; keep reading to the end of DATA, then say why."""
-        if self._data.failure is None:
-            self._data.failure = reply
-            self._events.append(MessageAborted(reply))
 
     def _end_of_data(self) -> None:
         self.progress += 1
@@ -740,22 +575,155 @@ class Session:
 
     def _wait_for(self, event) -> None:
         self.phase = Phase.WAITING
-        self._waiting_for = type(event)
+        self._waiting_for = (type(event),)
         self._events.append(event)
 
-    def _answer(self, event_type: type) -> None:
-        if self._waiting_for is not event_type:
-            raise RuntimeError(f"no {event_type.__name__} is waiting for an answer")
-        self._waiting_for = None
+    def _ask(self, question) -> None:
+        """Wait for a question's answer, keeping the question (MailAdmission, RecipientAdmission)."""
+        self._asked = question
+        self._wait_for(question)
+
+    def _answer(self, *event_types: type):
+        """Check that one of `event_types` is waiting for this answer; the question it asked, if kept."""
+        if not set(event_types) & set(self._waiting_for):
+            raise RuntimeError(f"no {event_types[0].__name__} is waiting for an answer")
+        self._waiting_for = ()
         if self.phase is Phase.WAITING:
             self.phase = Phase.COMMAND
+        asked, self._asked = self._asked, None
+        return asked
 
-    _COMMANDS = {
-        "HELO": _cmd_helo, "EHLO": _cmd_ehlo, "MAIL": _cmd_mail, "RCPT": _cmd_rcpt,
-        "DATA": _cmd_data, "RSET": _cmd_rset, "NOOP": _cmd_noop, "QUIT": _cmd_quit,
-        "VRFY": _cmd_vrfy, "HELP": _cmd_help, "STARTTLS": _cmd_starttls,
-        "AUTH": _cmd_auth, "ETRN": _cmd_etrn,
-    }
+
+# --- ESMTP parameters (pure functions: the envelope they fill, or the problem) -------
+
+
+def mail_parameters(envelope: Envelope, parameters: dict, *, esmtp: bool, max_size: int):
+    """Fill the envelope from MAIL parameters; a (Reply, fields) problem or None."""
+    if parameters and not esmtp:
+        return replies.UNKNOWN_PARAMETER, {"detail": "parameters need EHLO"}
+    for keyword, value in parameters.items():
+        if keyword == "SIZE":  # RFC 1870
+            if value is None or not addresses.DIGITS_RE.fullmatch(value):
+                return replies.BAD_PARAMETER, {"detail": "SIZE"}
+            if int(value) > max_size:
+                return replies.MESSAGE_TOO_BIG, {}
+            envelope.declared_size = int(value)
+        elif keyword == "BODY":  # RFC 6152
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                return replies.BAD_PARAMETER, {"detail": "BODY"}
+            envelope.body_type = value.upper()
+        elif keyword == "RET":  # RFC 3461 4.3
+            if value is None or value.upper() not in ("FULL", "HDRS"):
+                return replies.BAD_PARAMETER, {"detail": "RET"}
+            envelope.ret = value.upper()
+        elif keyword == "ENVID":  # RFC 3461 4.4
+            if not value or len(value) > 100 or not addresses.XTEXT_RE.fullmatch(value):
+                return replies.BAD_PARAMETER, {"detail": "ENVID"}
+            envelope.envid = value
+        elif keyword == "AUTH":  # RFC 4954 5: accepted, not passed on
+            if not value:
+                return replies.BAD_PARAMETER, {"detail": "AUTH"}
+        else:
+            return replies.UNKNOWN_PARAMETER, {"detail": keyword}
+    return None
+
+
+def recipient_parameters(mailbox: addresses.Mailbox, domain: str, parameters: dict, *, esmtp: bool):
+    """A Recipient of the configured `domain`, or a (Reply, fields) problem with its RFC 3461 parameters."""
+    notify = orcpt = None
+    if parameters and not esmtp:
+        return replies.UNKNOWN_PARAMETER, {"detail": "parameters need EHLO"}
+    for keyword, value in parameters.items():
+        if keyword == "NOTIFY":  # RFC 3461 4.1
+            words = (value or "").upper().split(",")
+            if not value or not set(words) <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or (
+                    "NEVER" in words and len(words) > 1):
+                return replies.BAD_PARAMETER, {"detail": "NOTIFY"}
+            notify = ",".join(words)
+        elif keyword == "ORCPT":  # RFC 3461 4.2: addr-type ";" xtext
+            addr_type, _, xtext = (value or "").partition(";")
+            if not addr_type or not xtext or not addresses.XTEXT_RE.fullmatch(xtext) or len(value) > 500:
+                return replies.BAD_PARAMETER, {"detail": "ORCPT"}
+            orcpt = value
+        else:
+            return replies.UNKNOWN_PARAMETER, {"detail": keyword}
+    return Recipient(address=mailbox.address, domain=domain, notify=notify, orcpt=orcpt)
+
+
+def _relay_refusal(mailbox: addresses.Mailbox, domain: "DomainConfig | None") -> Reply | None:
+    """Relay control: only configured domains, only listed local parts, no routing tricks."""
+    if domain is None or addresses.is_routing_trick(mailbox):
+        return replies.RELAY_DENIED
+    if not domain.accepts(f"{mailbox.bare_local_part}@{domain.name}"):
+        return replies.UNKNOWN_USER
+    return None
+
+
+# --- the command table ---------------------------------------------------------
+#
+# Rule 1: a command runs only when every Need of its row holds, checked in the
+#         row's order, in one place (Session._command); the first that does
+#         not hold is the reply, and nothing else happens.
+# Rule 2: a handler may rely on its Needs and does not check them again; what
+#         it checks itself is the argument's syntax and the policy on it.
+# Rule 3: a handler ends in exactly one of: a reply, a close (_close_with), or
+#         an event that waits for the driver's answer (_wait_for / _ask).
+# Rule 4: AUTH state (user) and the transaction (envelope) are reset by
+#         STARTTLS (RFC 3207 4.2); EHLO/HELO and RSET end the transaction.
+# New columns (say, a command that must end a pipelined group, RFC 2920) are
+# new fields of Command, read in _command.
+
+
+@dataclass(frozen=True)
+class Need:
+    """A precondition: `holds(session, argument)`, else the reply `refusal` gives."""
+    name: str
+    holds: Callable[[Session, str], bool]
+    refusal: Callable[[Session, str], tuple[Reply, dict]]
+
+
+def _refuse(reply: Reply) -> Callable[[Session, str], tuple[Reply, dict]]:
+    return lambda session, verb: (reply, {})
+
+
+HELO = Need("HELO/EHLO first", lambda s, a: s.helo is not None, _refuse(replies.NEED_HELO))
+NO_ARGUMENT = Need("no argument", lambda s, a: not a, lambda s, verb: (replies.SYNTAX_ERROR, {"usage": verb}))
+AN_ARGUMENT = Need("an argument", lambda s, a: bool(a),
+                   lambda s, verb: (replies.SYNTAX_ERROR, {"usage": f"{verb} address"}))
+NO_TRANSACTION = Need("no transaction", lambda s, a: s.envelope is None, _refuse(replies.NOT_IN_TRANSACTION))
+NOT_NESTED = Need("no transaction yet", lambda s, a: s.envelope is None, _refuse(replies.NESTED_MAIL))
+TRANSACTION = Need("a transaction", lambda s, a: s.envelope is not None, _refuse(replies.NEED_MAIL))
+A_RECIPIENT = Need("a recipient", lambda s, a: bool(s.envelope.recipients),
+                   lambda s, verb: (replies.NO_VALID_RECIPIENTS if s._recipients_tried else replies.NEED_RCPT, {}))
+TLS = Need("TLS", lambda s, a: s.tls_active, _refuse(replies.ENCRYPTION_REQUIRED))
+NO_TLS_YET = Need("no TLS yet", lambda s, a: not s.tls_active, _refuse(replies.ALREADY_TLS))
+TLS_OFFERED = Need("a certificate", lambda s, a: s.settings.tls_available, _refuse(replies.TLS_NOT_AVAILABLE))
+AUTH_OFFERED = Need("AUTH offered", lambda s, a: s._auth_offered(), _refuse(replies.AUTH_NOT_AVAILABLE))
+NOT_AUTHENTICATED = Need("not authenticated", lambda s, a: s.user is None, _refuse(replies.ALREADY_AUTHENTICATED))
+AUTHENTICATED = Need("authenticated", lambda s, a: s.user is not None, _refuse(replies.AUTH_REQUIRED))
+
+
+@dataclass(frozen=True)
+class Command:
+    handler: Callable[[Session, str], None]
+    needs: tuple[Need, ...] = ()
+
+
+COMMANDS: dict[str, Command] = {
+    "HELO": Command(Session._cmd_helo),
+    "EHLO": Command(Session._cmd_ehlo),
+    "MAIL": Command(Session._cmd_mail, (HELO, NOT_NESTED)),
+    "RCPT": Command(Session._cmd_rcpt, (TRANSACTION,)),
+    "DATA": Command(Session._cmd_data, (NO_ARGUMENT, TRANSACTION, A_RECIPIENT)),
+    "RSET": Command(Session._cmd_rset, (NO_ARGUMENT,)),
+    "NOOP": Command(Session._cmd_noop),
+    "QUIT": Command(Session._cmd_quit),
+    "VRFY": Command(Session._cmd_vrfy, (AN_ARGUMENT,)),
+    "HELP": Command(Session._cmd_help),
+    "STARTTLS": Command(Session._cmd_starttls, (NO_ARGUMENT, NO_TLS_YET, TLS_OFFERED)),
+    "AUTH": Command(Session._cmd_auth, (HELO, TLS, AUTH_OFFERED, NOT_AUTHENTICATED, NO_TRANSACTION)),
+    "ETRN": Command(Session._cmd_etrn, (NO_TRANSACTION, AUTHENTICATED)),
+}
 
 
 def received_header(*, helo: str | None, client_ip: str, hostname: str, queue_id: str,

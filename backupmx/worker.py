@@ -29,8 +29,10 @@ sessions undisturbed for DRAIN_GRACE seconds (a reload should not cut anyone
 off), then calls begin_shutdown(DRAIN_CLOSE). Whatever is still open at the
 end is closed.
 
-The loop owns the group commit: a driver whose client ended DATA hands out a
-QueueMessage outcome; at the end of the loop round every such message of the
+Slow calls a driver hands to the worker's Offload (a password check) come
+back through the same loop: it watches the Offload and calls each one's
+answer in the loop's thread. The loop owns the group commit: a driver whose
+client ended DATA hands out a QueueMessage outcome; at the end of the loop round every such message of the
 worker is committed in ONE transaction (one fsync), and only then is each
 driver told `committed(problem)`, which sends the 250 (or 452). Other
 outcomes go to hook methods (`flush_requested`), which a mode may override
@@ -104,6 +106,7 @@ class SessionLoop:
         if ctrl is not None:
             ctrl.setblocking(False)
             self.selector.register(ctrl, selectors.EVENT_READ, None)
+        self.selector.register(context.offload, selectors.EVENT_READ, context.offload)
 
     # -- hooks (may be overridden) ----------------------------------------------
 
@@ -196,6 +199,13 @@ class SessionLoop:
         if mask & selectors.EVENT_WRITE and not conn.closed and conn in self.sessions:
             self._call(conn, conn.on_writable)
         self.update(conn)
+
+    def answer_offloaded(self):
+        """Hand each call done on the Offload's threads back to the session that made it."""
+        for conn, then, future in self.context.offload.completed():
+            if conn in self.sessions and not conn.closed:
+                self._call(conn, lambda conn=conn, then=then, future=future: then(future))
+                self.update(conn)
 
     def commit_round(self):
         """Group-commit the messages whose DATA ended in this round, then answer them.
@@ -367,6 +377,8 @@ class SessionLoop:
                         self.flush_outbox()
                     if mask & selectors.EVENT_READ and not self.master_gone:
                         self.read_control()
+                elif key.data is self.context.offload:
+                    self.answer_offloaded()
                 else:
                     self.service(key.data, mask)
             self.commit_round()

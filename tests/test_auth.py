@@ -533,3 +533,50 @@ def test_main_errors_are_one_line(tmp_path, capsys, monkeypatch):
     empty.write_text("\n")
     assert etrnclient.main(etrn_args("127.0.0.1:1", "--password-file", str(empty))) == 1
     assert "empty" in capsys.readouterr().err
+
+
+# -- the SASL exchanges the driver runs (auth.sasl_exchange) ---------------------------
+
+
+def test_sasl_exchanges_step_by_step():
+    plain = auth.sasl_exchange("PLAIN", "mx2.test")
+    assert plain.step(None) == b""  # no initial response: an empty challenge (RFC 4954 4)
+    assert plain.step(base64.b64encode(b"\0prim\0pw").decode()) == auth.Credentials("PLAIN", "prim", password="pw")
+    login = auth.sasl_exchange("LOGIN", "mx2.test")
+    assert login.step(None) == b"Username:"
+    assert login.step(base64.b64encode(b"prim").decode()) == b"Password:"
+    assert login.step(base64.b64encode(b"pw").decode()) == auth.Credentials("LOGIN", "prim", password="pw")
+    cram = auth.sasl_exchange("CRAM-MD5", "mx2.test")
+    challenge = cram.step(None)
+    assert challenge.startswith(b"<") and challenge.endswith(b"@mx2.test>")
+    digest = hmac.new(b"pw", challenge, hashlib.md5).hexdigest()
+    credentials = cram.step(base64.b64encode(b"prim " + digest.encode()).decode())
+    assert (credentials.username, credentials.challenge, credentials.digest) == ("prim", challenge, digest)
+    assert auth.sasl_exchange("CRAM-MD5", "mx2.test").step(None) != challenge  # fresh each AUTH
+    with pytest.raises(SASLSyntaxError):
+        auth.sasl_exchange("PLAIN", "mx2.test").step("!!")
+
+
+def test_verify_checks_what_the_exchange_ended_with(users):
+    a = Authenticator(users)
+    assert a.verify(auth.Credentials("PLAIN", "bob", password="bobs secret"))
+    assert not a.verify(auth.Credentials("PLAIN", "bob", password="bobs secret", authzid="alice"))
+    assert not a.verify(auth.Credentials("LOGIN", "bob", password="wrong"))
+
+
+def test_offload_hands_results_back_through_its_descriptor():
+    import select
+
+    from backupmx.offload import Offload
+
+    offload = Offload(2, "test")
+    try:
+        got = []
+        offload.submit("session", lambda x: x * 2, 21, then=lambda future: got.append(future.result()))
+        assert select.select([offload], [], [], 5)[0] == [offload]  # the loop wakes: nobody polls
+        [(owner, then, future)] = offload.completed()
+        then(future)
+        assert (owner, got) == ("session", [42])
+        assert offload.completed() == []
+    finally:
+        offload.close()

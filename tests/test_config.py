@@ -7,11 +7,11 @@ import socket
 
 import pytest
 
+from backupmx.addresses import normalize_domain
 from backupmx.config import (
     Config,
     ConfigError,
     load_config,
-    normalize_domain,
     parse_duration,
     parse_hostport,
     parse_size,

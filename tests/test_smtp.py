@@ -2,6 +2,7 @@
 
 import ast
 import base64
+import dataclasses
 import hashlib
 import hmac
 import pathlib
@@ -10,10 +11,11 @@ import re
 
 import pytest
 
-from backupmx import replies, smtp
+from backupmx import replies, smtp, smtp_body
+from backupmx.auth import Credentials, SASLSyntaxError, sasl_exchange
 from backupmx.config import load_config
-from backupmx.smtp import (AuthRequest, EtrnRequest, MessageAborted, MessageData, MessageReceived,
-                           MessageStarted, Session, SessionSettings, StartTLS)
+from backupmx.smtp import (AuthRequest, AuthResponse, EtrnRequest, MailAdmission, MessageAborted, MessageData,
+                           MessageReceived, MessageStarted, RecipientAdmission, Session, SessionSettings, StartTLS)
 
 CONFIG = """\
 [backupmx]
@@ -48,12 +50,20 @@ def config(tmp_path_factory):
 
 
 class Driver:
-    """Plays the connection's part: answers events the simplest way and records them."""
+    """Plays the connection's part: answers events the simplest way and records them.
 
-    def __init__(self, session, *, commit="Q1", auth_ok=True, pending=None):
+    AUTH runs the real SASL exchanges (auth.sasl_exchange); `auth_ok` decides
+    the check of the credentials they end with (recorded in `credentials`).
+    `refuse` maps a recipient domain to the reply its admission gets.
+    """
+
+    def __init__(self, session, *, commit="Q1", auth_ok=True, pending=None, refuse=None, later=False):
         self.session, self.commit, self.auth_ok = session, commit, auth_ok
         self.pending = pending if pending is not None else {}
-        self.events, self.body = [], bytearray()
+        self.refuse = refuse or {}
+        self.later, self.questions = later, []  # later: admissions wait for answer()
+        self.events, self.body, self.credentials = [], bytearray(), []
+        self.exchange = None
         self.out = bytearray(session.data_to_send())
 
     def feed(self, data: bytes) -> list[str]:
@@ -72,8 +82,14 @@ class Driver:
                     self.session.message_refused(self.commit)
                 else:
                     self.session.message_queued(self.commit)
-            elif isinstance(event, AuthRequest):
-                self.session.auth_result(self.auth_ok)
+            elif isinstance(event, (MailAdmission, RecipientAdmission)) and self.later:
+                self.questions.append(event)
+            elif isinstance(event, MailAdmission):
+                self.session.mail_admitted()
+            elif isinstance(event, RecipientAdmission):
+                self.session.recipient_admitted(self.refuse.get(event.recipient.domain))
+            elif isinstance(event, (AuthRequest, AuthResponse)):
+                self.auth_step(event)
             elif isinstance(event, EtrnRequest):
                 self.session.etrn_result({d: self.pending.get(d, 0) for d in event.domains}, event.argument)
             elif isinstance(event, StartTLS):
@@ -82,6 +98,27 @@ class Driver:
         self.out += self.session.data_to_send()
         return self.lines()
 
+    def answer(self, refusal=None) -> list[str]:
+        """Answer the admission asked first (later=True), as a driver whose check took a while."""
+        question = self.questions.pop(0)
+        if isinstance(question, MailAdmission):
+            self.session.mail_admitted(refusal)
+        else:
+            self.session.recipient_admitted(refusal)
+        return self.drain()
+
+    def auth_step(self, event):
+        if isinstance(event, AuthRequest):
+            self.exchange = sasl_exchange(event.mechanism, "mx2.test")
+        try:
+            step = self.exchange.step(event.initial_response if isinstance(event, AuthRequest) else event.response)
+        except SASLSyntaxError:
+            return self.session.auth_malformed()
+        if isinstance(step, bytes):
+            return self.session.auth_challenge(step)
+        self.credentials.append(step)
+        self.session.auth_result(step.username if self.auth_ok else None)
+
     def lines(self) -> list[str]:
         text = self.out.decode("ascii")
         self.out.clear()
@@ -89,18 +126,17 @@ class Driver:
 
 
 def new(config, *, tls_available=False, tls_active=False, **kwargs):
-    settings = SessionSettings(hostname="mx2.test", config=config, tls_available=tls_available,
-                               tls_active=tls_active, cram_challenge=lambda: b"<1.2@mx2.test>")
-    driver = Driver(Session(settings), **kwargs)
-    return driver
+    settings = SessionSettings.from_config(config, tls_available=tls_available, tls_active=tls_active)
+    return Driver(Session(settings), **kwargs)
 
 
 def codes(lines):
     return [line[:3] for line in lines if line[3:4] == " "]
 
 
-def test_protocol_module_does_no_io():
-    tree = ast.parse(pathlib.Path(smtp.__file__).read_text())
+@pytest.mark.parametrize("module", [smtp, smtp_body])
+def test_protocol_modules_do_no_io(module):
+    tree = ast.parse(pathlib.Path(module.__file__).read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -108,6 +144,12 @@ def test_protocol_module_does_no_io():
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"socket", "ssl", "sqlite3", "os", "time", "logging", "select", "selectors"}
+
+
+def test_settings_hold_values_not_callables(config):
+    settings = SessionSettings.from_config(config)
+    for f in dataclasses.fields(settings):
+        assert not callable(getattr(settings, f.name)), f.name
 
 
 def test_greeting_and_ehlo_lists_extensions(config):
@@ -289,7 +331,7 @@ def test_nul_in_data_is_read_through_then_refused_and_nothing_queued(config, bod
     got = send_message(d, body + b"NOOP\r\n")
     [aborted] = [e.reply for e in d.events if isinstance(e, MessageAborted)]
     # a line too long to buffer may be refused for its length first; either way nothing is queued
-    assert aborted is replies.NUL_IN_DATA or (aborted is replies.LINE_TOO_LONG and len(body) > smtp.MAX_DATA_LINE)
+    assert aborted is replies.NUL_IN_DATA or (aborted is replies.LINE_TOO_LONG and len(body) > smtp_body.MAX_DATA_LINE)
     assert got == [aborted.render().decode().strip(), "250 2.0.0 Ok"]
     assert not any(isinstance(e, MessageReceived) for e in d.events)
     assert b"\x00" not in d.body  # no piece holding the NUL was handed to the spool
@@ -342,16 +384,16 @@ def test_oversize_message_read_through_then_552(config):
 
 def test_overlong_data_line_refused_but_in_step(config):
     d = new(config)
-    got = send_message(d, b"x" * (smtp.MAX_DATA_LINE + 10) + b"\r\n.\r\nNOOP\r\n")
+    got = send_message(d, b"x" * (smtp_body.MAX_DATA_LINE + 10) + b"\r\n.\r\nNOOP\r\n")
     assert got == ["500 5.5.2 Error: line too long", "250 2.0.0 Ok"]
 
 
 def test_mail_loop_refused(config):
     d = new(config)
-    headers = b"Received: from x by y\r\n" * (smtp.MAX_RECEIVED_HEADERS + 1)
+    headers = b"Received: from x by y\r\n" * (smtp_body.MAX_RECEIVED_HEADERS + 1)
     assert send_message(d, headers + b"\r\nbody\r\n.\r\n")[0].startswith("554 5.4.6")
     d = new(config)
-    headers = b"Received: from x by y\r\n" * smtp.MAX_RECEIVED_HEADERS
+    headers = b"Received: from x by y\r\n" * smtp_body.MAX_RECEIVED_HEADERS
     assert send_message(d, headers + b"\r\nbody\r\n.\r\n")[0].startswith("250 2.0.0")
 
 
@@ -414,8 +456,7 @@ def test_auth_plain_initial_response_and_continuation(config):
     d = new(config, tls_active=True)
     d.feed(b"EHLO c\r\n")
     assert d.feed(b"AUTH PLAIN " + plain(b"", b"prim", b"secret") + b"\r\n") == ["235 2.7.0 Authentication successful"]
-    request = [e for e in d.events if isinstance(e, AuthRequest)][0]
-    assert (request.mechanism, request.username, request.password) == ("PLAIN", "prim", "secret")
+    assert d.credentials == [Credentials("PLAIN", "prim", password="secret")]
     d = new(config, tls_active=True)
     d.feed(b"EHLO c\r\n")
     assert d.feed(b"AUTH PLAIN\r\n") == ["334 "]
@@ -426,8 +467,7 @@ def test_auth_plain_passes_the_authzid_on_for_checking(config):
     d = new(config, tls_active=True, auth_ok=False)
     d.feed(b"EHLO c\r\n")
     assert d.feed(b"AUTH PLAIN " + plain(b"admin", b"prim", b"secret") + b"\r\n")[0].startswith("535 5.7.8")
-    request = [e for e in d.events if isinstance(e, AuthRequest)][0]
-    assert (request.authzid, request.username) == ("admin", "prim")
+    assert (d.credentials[0].authzid, d.credentials[0].username) == ("admin", "prim")
 
 
 def test_auth_login(config):
@@ -450,7 +490,7 @@ def test_auth_payload_with_a_nul_is_malformed(config, mechanism, responses):
     for response in responses[:-1]:
         assert d.feed(response + b"\r\n")[0].startswith("334 ")
     assert d.feed(responses[-1] + b"\r\n") == ["501 5.5.2 " + replies.AUTH_BAD_RESPONSE.text]
-    assert not any(isinstance(e, AuthRequest) for e in d.events)
+    assert d.credentials == []  # nothing reached a password check
     assert d.feed(b"AUTH PLAIN \x00prim\x00secret\r\n")[0].startswith("500 5.5.2")  # raw NUL: not a command
 
 
@@ -461,8 +501,7 @@ def test_auth_cram_md5_digest_is_passed_for_checking(config):
     challenge = base64.b64decode(challenge_line[4:])
     digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest()
     assert d.feed(base64.b64encode(b"prim " + digest.encode()) + b"\r\n")[0].startswith("235")
-    request = [e for e in d.events if isinstance(e, AuthRequest)][0]
-    assert (request.challenge, request.digest) == (challenge, digest)
+    assert (d.credentials[0].challenge, d.credentials[0].digest) == (challenge, digest)
 
 
 @pytest.mark.parametrize("line,code", [
@@ -652,3 +691,51 @@ def test_cram_md5_not_offered_without_a_plain_secret(config, tmp_path):
     d = new(load_config(str(scrypt_only)), tls_active=True)
     assert d.feed(b"EHLO c\r\n")[-1] == "250 AUTH PLAIN LOGIN"
     assert d.feed(b"AUTH CRAM-MD5\r\n")[0].startswith("504 5.5.4")
+
+
+def test_admission_is_asked_and_pipelined_commands_wait_for_the_answer(config):
+    # Rule 7: the session asks, the driver answers when it knows (a quota, a
+    # callout); meanwhile nothing pipelined after the question is executed (rule 3).
+    d = new(config, later=True)
+    d.lines()
+    got = d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test> SIZE=100\r\nRCPT TO:<x@example.com>\r\n"
+                 b"RCPT TO:<y@example.com>\r\nDATA\r\n")
+    assert got[-1] == "250 ETRN" and len(d.questions) == 1
+    assert d.questions[0].envelope.declared_size == 100
+    assert d.answer() == ["250 2.1.0 Ok"]
+    assert [q.recipient.address for q in d.questions] == ["x@example.com"]
+    assert d.answer(replies.DOMAIN_QUEUE_FULL) == [
+        "452 4.3.1 " + replies.DOMAIN_QUEUE_FULL.line_text(address="x@example.com")[6:]]
+    assert d.answer() == ["250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>"]
+    assert [r.address for r in d.session.envelope.recipients] == ["y@example.com"]
+
+
+def test_a_refused_mail_admission_starts_no_transaction(config):
+    d = new(config, later=True)
+    d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test> SIZE=100\r\nRCPT TO:<x@example.com>\r\n")
+    assert d.answer(replies.QUEUE_UNAVAILABLE) == [  # the pipelined RCPT runs only now
+        "452 " + replies.QUEUE_UNAVAILABLE.line_text(), "503 " + replies.NEED_MAIL.line_text()]
+    assert d.session.envelope is None and not d.questions
+
+
+def test_the_same_recipient_twice_is_admitted_once(config):
+    d = new(config, later=True)
+    d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+    d.answer()
+    d.feed(b"RCPT TO:<x@example.com>\r\n")
+    assert d.answer() == ["250 2.1.5 Ok"]
+    assert d.feed(b"RCPT TO:<X@Example.com>\r\n") == ["250 2.1.5 Ok"] and not d.questions
+
+
+def test_the_command_table_is_every_verb_help_names():
+    verbs = replies.HELP.text.split(": ", 1)[1].split()
+    assert sorted(smtp.COMMANDS) == sorted(verbs)
+    assert not set(smtp.COMMANDS) & smtp.UNIMPLEMENTED
+
+
+def test_answering_what_was_not_asked_is_a_bug_in_the_driver(config):
+    d = new(config)
+    with pytest.raises(RuntimeError):
+        d.session.recipient_admitted()
+    with pytest.raises(RuntimeError):
+        d.session.auth_result("prim")
