@@ -1,7 +1,7 @@
 """Build hook only; the metadata is in pyproject.toml.
 
-schema.sql has one home, the top of the checkout (SPEC layout), where humans
-and `sqlite3` read it. The built package needs a copy inside it, where
+schema.sql has one home, the top of the checkout (docs/SPEC.md, "Repository
+layout"), where humans and `sqlite3` read it. The built package needs a copy inside it, where
 backupmx.schema, `backupmx bundle` and an installed `backupmx serve` find it;
 setuptools' package-data only takes files inside the package, hence this hook.
 """

@@ -25,14 +25,6 @@ import sys
 BOOT_ERROR = 3
 
 
-def number_env(name: str, default, kind=float):
-    """A tuning knob from the environment (the test suite shortens timeouts this way)."""
-    try:
-        return kind(os.environ.get(name, default))
-    except ValueError:
-        return kind(default)
-
-
 class StopFlag:
     """SIGTERM sets it; the process's loop asks `should_stop()` between steps.
 

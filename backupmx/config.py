@@ -5,7 +5,7 @@ binds, and reported as ONE line naming the file, the section and the key:
 
     /etc/backupmx/backupmx.ini: [domain:example.com] primary: missing primary
 
-Rules the reader keeps (SPEC "Configuration"):
+Rules the reader keeps (docs/SPEC.md, "Configuration"):
 - configparser with interpolation=None: values are literal, a password may hold "%".
 - ";" or "#" after whitespace starts an inline comment; a full line starting with
   either is a comment.
@@ -41,6 +41,7 @@ __all__ = [
     "format_hostport",
     "parse_hostport",
     "parse_size",
+    "tuning",
     "plain_secrets_exposure",
     "DEFAULT_CONFIG_PATH",
 ]
@@ -135,6 +136,15 @@ class Config:
     def cram_md5_available(self) -> bool:
         """CRAM-MD5 needs the clear secret, so only a {PLAIN} password allows it."""
         return any(u.password.startswith("{PLAIN}") for u in self.users.values())
+
+
+def tuning(name: str, default, kind=float):
+    """A BACKUPMX_* tuning knob from the environment, not the INI file: timings an
+    operator has no reason to change, which the test suite shortens."""
+    try:
+        return kind(os.environ.get(name, default))
+    except ValueError:
+        return kind(default)
 
 
 # --------------------------------------------------------------------------

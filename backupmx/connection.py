@@ -26,7 +26,7 @@ from typing import Callable
 
 from backupmx import replies, smtp
 from backupmx.auth import Authenticator, Credentials, SASLSyntaxError, sasl_exchange
-from backupmx.config import Config
+from backupmx.config import Config, tuning
 from backupmx.log import log_event
 from backupmx.offload import Offload
 from backupmx.quota import Admission
@@ -43,7 +43,7 @@ SPOOL_IN_MEMORY = 256 * 1024
 # or the per-command `timeout` when that is shorter.
 HANDSHAKE_TIMEOUT = 30.0
 # Each failed AUTH makes the next answer wait this much longer (slows guessing).
-AUTH_FAILURE_DELAY = 1.0
+AUTH_FAILURE_DELAY = tuning("BACKUPMX_AUTH_FAILURE_DELAY", 1.0)
 # Slow calls (credential checks: scrypt, ~16 MB and ~60 ms each) run at once per worker.
 OFFLOAD_THREADS = 2
 # After SIGTERM, sessions in flight get this long to finish before their 421.

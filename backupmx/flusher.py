@@ -57,7 +57,8 @@ BODY_CHUNK = 64 * 1024  # bytes read from the store's blob at a time
 POLL_INTERVAL = 0.15  # seconds between claim attempts when there is nothing to flush
 MAX_CONSECUTIVE_TROUBLE = 3  # connection troubles in a row before the rest of the queue waits
 # Seconds between housekeeping rounds (expiry, bounces, retries, purge): the
-# SPEC wants expiry and bounces acted on within a minute of becoming due.
+# contract (docs/SPEC.md, "Queue lifecycle") wants expiry and bounces acted on
+# within a minute of becoming due.
 HOUSEKEEPING_INTERVAL = 30.0
 # Connections to the primary per flush beyond the first, for flushes of at
 # least EXTRA_CONNECTION_MIN_MESSAGES messages: while one waits for the
@@ -231,7 +232,7 @@ class _Flush:
         """Write the buffered outcomes in one transaction, then log them.
 
         Until this commits, a crash means the primary gets those messages
-        again: duplicates, never loss (the SPEC allows the former).
+        again: duplicates, never loss (docs/SPEC.md allows the former).
         """
         batch, self._unrecorded = self._unrecorded, []
         if not batch:
@@ -485,8 +486,13 @@ def deliver_domain(
     lease_seconds: float | None = None,
     log: logging.Logger = LOGGER,
     should_stop: Callable[[], bool] | None = None,
+    primary: Primary | None = None,
 ) -> dict[str, int]:
     """Deliver every queued message of `domain` (a DomainConfig) to domain.primary.
+
+    `primary` is where the SMTP sessions come from (its open() and relay):
+    the domain's configured primary unless another is given (a session the
+    peer opened, as ODMR reverses one).
 
     The caller holds the flush lease for domain.name under `owner`
     (store.claim_flush); it is kept alive here (_Lease) and released by the caller.
@@ -499,7 +505,8 @@ def deliver_domain(
     """
     should_stop = should_stop or (lambda: False)
     lease = _Lease(store, domain.name, owner, lease_seconds or default_lease_seconds(timeout))
-    flush = _Flush(store, domain, owner=owner, hostname=hostname, timeout=timeout, lease=lease, log=log)
+    flush = _Flush(store, domain, owner=owner, hostname=hostname, timeout=timeout, lease=lease, log=log,
+                   primary=primary)
     messages = store.messages_for_flush(domain.name)
     if not messages:
         return flush.counts

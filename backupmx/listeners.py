@@ -30,7 +30,7 @@ class ListenError(OSError):
 class Listener(socketserver.TCPServer):
     """One listening address, plain (STARTTLS offered) or implicit TLS."""
 
-    allow_reuse_address = True  # rebind at once after a crash (docs/SPEC.md: serve)
+    allow_reuse_address = True  # rebind at once after a crash (docs/SPEC.md, "Command line": serve)
     request_queue_size = 1024  # listen() backlog: bursts wait in the kernel
 
     def __init__(self, address, supervisor, implicit_tls: bool, *, sock: socket.socket | None = None):

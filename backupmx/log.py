@@ -25,8 +25,9 @@ __all__ = ["format_event", "log_event", "setup_logging", "LOGGER_NAME"]
 
 LOGGER_NAME = "backupmx"
 SYSLOG_SOCKET = "/dev/log"
-# A log file holds client addresses and senders: owner and group only (SPEC
-# Part 2, like Postfix's maillog_file under a restrictive umask). An existing
+# A log file holds client addresses and senders: owner and group only
+# (docs/SPEC.md, "Least privilege everywhere"; like Postfix's maillog_file
+# under a restrictive umask). An existing
 # file keeps its mode; only a file we create gets this one.
 LOG_FILE_MODE = 0o640
 

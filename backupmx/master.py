@@ -36,8 +36,8 @@ import socket
 import time
 
 from backupmx import children, primaries, replies, worker
-from backupmx.children import BOOT_ERROR, StopFlag, describe_status, first_line, number_env
-from backupmx.config import load_config
+from backupmx.children import BOOT_ERROR, StopFlag, describe_status, first_line
+from backupmx.config import load_config, tuning
 from backupmx.connection import SMTPConnection
 from backupmx.flusher import run_flush_worker
 from backupmx.listeners import Listener, build_listeners, refuse
@@ -46,16 +46,16 @@ from backupmx.startup import become_user, build_ssl_context, check_queue, raise_
 
 # Seconds without a heartbeat after which a worker is taken for hung and
 # aborted (it sends one every worker.HEARTBEAT_INTERVAL).
-HEARTBEAT_TIMEOUT = number_env("BACKUPMX_HEARTBEAT_TIMEOUT", 30.0)
+HEARTBEAT_TIMEOUT = tuning("BACKUPMX_HEARTBEAT_TIMEOUT", 30.0)
 # Seconds an aborted worker has to go (faulthandler writes its stack, then it
 # dies of SIGABRT) before it is SIGKILLed. A stopped or wedged process ignores SIGABRT.
 ABORT_GRACE = 1.0
 # Sessions one worker holds at once (non-blocking sockets: fds, not processes).
-SESSIONS_PER_WORKER = number_env("BACKUPMX_SESSIONS_PER_WORKER", 256, int)
+SESSIONS_PER_WORKER = tuning("BACKUPMX_SESSIONS_PER_WORKER", 256, int)
 # When every worker holds more than this many sessions, start another one (up to
 # max_workers). High on purpose: idle and slow sessions cost descriptors, not
 # processes, and `workers` already spreads busy ones over the cores.
-SPAWN_THRESHOLD = number_env("BACKUPMX_SPAWN_THRESHOLD", 128, int)
+SPAWN_THRESHOLD = tuning("BACKUPMX_SPAWN_THRESHOLD", 128, int)
 # After SIGTERM: how long the master waits for its children before SIGKILLing them.
 # A worker drains within worker.DRAIN_GRACE + worker.DRAIN_CLOSE; a little margin on top.
 STOP_TIMEOUT = worker.DRAIN_GRACE + worker.DRAIN_CLOSE + 5.0

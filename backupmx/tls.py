@@ -3,7 +3,7 @@
 Only the stdlib `ssl` module is used.  Three things live here:
 
 * `server_context()` builds the one context the master creates before forking
-  (STYLE 9: validate before forking, build the TLS context once).  Errors are a
+  (docs/DESIGN.md, "Processes": validate before forking, build the TLS context once).  Errors are a
   single `TLSConfigError("<path>: <reason>")` line for the operator.
 * `client_context()` is what the flusher uses towards a domain's primary, per
   its `primary_tls` setting.

@@ -49,7 +49,8 @@ import socket
 import time
 
 from backupmx import children
-from backupmx.children import BOOT_ERROR, StopFlag, number_env
+from backupmx.children import BOOT_ERROR, StopFlag
+from backupmx.config import tuning
 from backupmx.connection import ConnectionContext, FlushRequested, QueueMessage, SMTPConnection
 from backupmx.log import log_event
 from backupmx.store import QueueUnavailable
@@ -59,8 +60,8 @@ from backupmx.store import QueueUnavailable
 HEARTBEAT_INTERVAL = 1.0
 
 # Drain bounds, in seconds (see the module docstring).
-DRAIN_GRACE = number_env("BACKUPMX_DRAIN_GRACE", 25.0)
-DRAIN_CLOSE = number_env("BACKUPMX_DRAIN_CLOSE", 5.0)
+DRAIN_GRACE = tuning("BACKUPMX_DRAIN_GRACE", 25.0)
+DRAIN_CLOSE = tuning("BACKUPMX_DRAIN_CLOSE", 5.0)
 
 # Upper bound on one select() wait, so the drain phases and heartbeats stay on time.
 MAX_WAIT = 1.0

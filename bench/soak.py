@@ -19,7 +19,7 @@ most --drain seconds), and it prints:
   acknowledged   messages that got a 250
   delivered      distinct Message-IDs the sink received
   lost           acknowledged, never delivered: must be 0 (exit status 1 otherwise)
-  duplicated     delivered more than once: allowed by the SPEC after a kill
+  duplicated     delivered more than once: allowed by docs/SPEC.md after a kill
                  mid-delivery, reported apart from loss
   unacknowledged delivered messages whose 250 never arrived (a kill between the
                  commit and the reply): allowed, a real client would retry

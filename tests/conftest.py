@@ -1,6 +1,7 @@
 """Shared fixtures for end-to-end tests: real server processes on 127.0.0.1.
 
     free_port()                      a TCP port nobody listens on (right now)
+    flushes_in_progress(queue_path)  flush requests and leases outstanding (0: no flush can deliver more)
     certs                            fixture: paths of tests/certs/*, server.key copied 0600
     server_factory(**overrides)      starts `python3 backupmx.py serve -c cfg` and waits for its banner
     server                           server_factory() with the defaults
@@ -65,6 +66,22 @@ def children_of(pid):
     except OSError:
         return []
     return [int(x) for x in text.split()]
+
+
+def flushes_in_progress(queue_path):
+    """Flush requests not yet claimed and leases not yet released, in the queue at `queue_path`.
+
+    0 means no flush is running or about to: nothing more can be delivered until
+    someone asks again.
+    """
+    import sqlite3
+
+    db = sqlite3.connect(str(queue_path))
+    try:
+        return db.execute("SELECT COUNT(*) FROM flushes WHERE requested_at IS NOT NULL"
+                          " OR lease_owner IS NOT NULL").fetchone()[0]
+    finally:
+        db.close()
 
 
 def end_process_group(proc):

@@ -229,7 +229,8 @@ def strip_date(line):
 
 
 def test_fail2ban_filter_matches_a_real_auth_failed_line(server_factory, tmp_path):
-    srv = server_factory(tls=True, users={"prim": ("{PLAIN}right-password", "example.com")})
+    srv = server_factory(tls=True, users={"prim": ("{PLAIN}right-password", "example.com")},
+                         env={"BACKUPMX_AUTH_FAILURE_DELAY": "0.1"})
     with smtplib.SMTP("localhost", srv.port, timeout=10) as c:
         c.starttls(context=ssl.create_default_context(cafile=str(CERTS / "ca.pem")))
         c.ehlo("attacker.test")

@@ -28,6 +28,7 @@ from backupmx.smtpclient import MAX_REPLY_LINES, DataEncoder, PrimaryClient, Rep
 from backupmx.store import QueueStore
 
 sys.path.insert(0, os.path.dirname(__file__))
+from conftest import flushes_in_progress, wait_for  # noqa: E402
 from sink import Sink  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -605,7 +606,10 @@ def test_run_flush_worker_retries_only_retry_domains(tmp_path, sink):
     worker.start()
     try:
         sink.wait_for(1, timeout=10)
-        time.sleep(0.5)  # a few polls: example.org must not be flushed without a request
+        # The retry scan that asked for example.com has run, and so has the flush it
+        # started: had it asked for example.org too, that would be pending or delivered.
+        with QueueStore(str(queue)) as store:
+            assert wait_for(lambda: set(rows(store)) == {"ORGMESSAGE01"} and not flushes_in_progress(queue), 10)
     finally:
         stop.set()
         worker.join(5)

@@ -29,6 +29,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
+from backupmx import replies  # noqa: E402
 from conftest import (banner_ready, children_of, end_process_group, free_port, read_line, wait_for,  # noqa: E402
                       write_config)
 
@@ -495,7 +496,7 @@ def test_per_client_limit(stub_server):
     srv = stub_server(max_connections_per_client=2)
     a, b = srv.open_sessions(2)
     with connect(srv.port) as c:
-        assert read_line(c) == b"421 4.7.0 mx2.test Too many connections from your address\r\n"
+        assert read_line(c) == replies.TOO_MANY_CONNECTIONS.render(hostname="mx2.test")
         assert read_line(c) == b""
     talk(a, "QUIT")
     read_line(a)
@@ -509,7 +510,7 @@ def test_busy_when_every_worker_is_full(stub_server):
     srv = stub_server(workers=1, max_workers=1, env={"BACKUPMX_SESSIONS_PER_WORKER": "2"})
     a, b = srv.open_sessions(2)
     with connect(srv.port) as c:
-        assert read_line(c) == b"421 4.3.2 mx2.test Service busy, try again later\r\n"
+        assert read_line(c) == replies.BUSY.render(hostname="mx2.test")
     talk(a, "QUIT")
     read_line(a)
     a.close()

@@ -4,12 +4,11 @@ import smtplib
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, wait_for
+from conftest import REPO, flushes_in_progress, wait_for
 
 
 @pytest.fixture
@@ -58,15 +57,19 @@ def test_queue_and_queue_list_show_what_is_waiting(mx):
 
 
 def test_hold_keeps_mail_from_flushing_until_release(mx, sink):
-    queue_id = send(mx)
+    queue_id = send(mx, subject="held")
     assert backupmx(mx, "hold", "example.com").returncode == 0
     assert states(mx)[(queue_id, "example.com")] == "held"
-    assert backupmx(mx, "flush", "example.com").returncode == 0
-    time.sleep(1.0)
-    assert sink.messages == []  # held mail is never flushed
-    assert backupmx(mx, "release", queue_id).returncode == 0
+    send(mx, subject="queued")
     assert backupmx(mx, "flush", "example.com").returncode == 0
     sink.wait_for(1, timeout=15)
+    # The flush has run to its end (nothing requested or leased) and left the held message alone.
+    assert wait_for(lambda: states(mx) == {(queue_id, "example.com"): "held"}
+                    and not flushes_in_progress(mx.queue_path), timeout=10)
+    assert [m[2].count(b"Subject: queued") for m in sink.messages] == [1]
+    assert backupmx(mx, "release", queue_id).returncode == 0
+    assert backupmx(mx, "flush", "example.com").returncode == 0
+    sink.wait_for(2, timeout=15)
     assert wait_for(lambda: states(mx) == {}, timeout=10)
 
 

@@ -1,0 +1,61 @@
+"""The layout docs/ARCHITECTURE.md describes: dependencies point inward, and code stays in small pieces."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "backupmx"
+
+# docs/ARCHITECTURE.md, "Modules". A module may import from its own layer and the ones below it.
+LAYERS = {
+    "protocol": {"smtp", "smtp_body", "addresses", "envelope", "replies", "auth", "outcome"},
+    "queue": {"store", "store_db", "store_intake", "store_flushes", "store_delivery", "store_housekeeping",
+              "store_operator", "schema"},
+    "driver": {"connection", "offload", "quota", "tls", "smtpclient", "primaries"},
+    "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "lifecycle", "dsn"},
+}
+# Leaves anyone may use: the config's data model, the log line format.
+SHARED = {"config", "log"}
+BELOW = {
+    "protocol": set(),
+    "queue": {"protocol"},
+    "driver": {"protocol", "queue"},
+    "process": {"protocol", "queue", "driver"},
+}
+
+
+def imports_of(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "backupmx":
+                found |= {alias.name for alias in node.names}
+            elif node.module.startswith("backupmx."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("backupmx.")}
+    return found
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_dependencies_point_inward(layer):
+    allowed = set().union(LAYERS[layer], SHARED, *(LAYERS[below] for below in BELOW[layer]))
+    wrong = {module: sorted(imports_of(PACKAGE / f"{module}.py") - allowed) for module in LAYERS[layer]}
+    assert not {module: deps for module, deps in wrong.items() if deps}
+
+
+def test_every_module_has_a_place():
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__", "cli", "etrnclient"}
+    placed = set().union(SHARED, *LAYERS.values())
+    assert modules == placed, "add the new module to LAYERS (and to docs/ARCHITECTURE.md)"
+
+
+def test_no_class_over_500_lines_no_function_over_90():
+    too_long = []
+    for path in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            limit = 500 if isinstance(node, ast.ClassDef) else 90
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and node.end_lineno - node.lineno + 1 > limit:
+                too_long.append(f"{path.stem}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long
