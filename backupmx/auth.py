@@ -6,12 +6,18 @@ Stored password formats (the `password` key of a [user:...] section):
       from `backupmx passwd` (hash_password); hashlib.scrypt, 16-byte random
       salt, 32-byte key, standard base64 with padding.  The cost parameters
       live in the value so they can be raised later without breaking old ones.
+  {SCRAM-SHA-256}<iterations>,<salt>,<StoredKey>,<ServerKey>
+      from `backupmx passwd --scheme scram-sha-256` (scram.py; Dovecot's form).
   {PLAIN}<secret>
       the secret as written; the only format CRAM-MD5 (RFC 2195) can use,
       because the server needs the secret itself to compute the HMAC.
 
-Mechanisms: PLAIN (RFC 4616), LOGIN (draft-murchison-sasl-login) and
-CRAM-MD5 (RFC 2195).  The SMTP session frames the exchange (334 lines, "*",
+Which secret serves which mechanism (SECRET_SERVES): {PLAIN} every one;
+{SCRAM-SHA-256} SCRAM-SHA-256, PLAIN and LOGIN (a password given in clear
+derives the StoredKey); {SCRYPT} PLAIN and LOGIN.
+
+Mechanisms: PLAIN (RFC 4616), LOGIN (draft-murchison-sasl-login),
+CRAM-MD5 (RFC 2195) and SCRAM-SHA-256 (RFC 5802, RFC 7677).  The SMTP session frames the exchange (334 lines, "*",
 line limits) and counts failures; the session's driver runs one SASL
 exchange per AUTH (sasl_exchange: each response in, a challenge or the
 Credentials out) and checks the Credentials off the event loop
@@ -29,9 +35,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from backupmx import scram
+
 __all__ = [
+    "MECHANISMS",
+    "SECRET_SERVES",
+    "Accepted",
     "Authenticator",
     "Credentials",
+    "Verified",
     "SASLSyntaxError",
     "authzid_acceptable",
     "cram_md5_challenge",
@@ -41,12 +53,23 @@ __all__ = [
     "decode_sasl_plain",
     "hash_password",
     "sasl_exchange",
+    "secret_serves",
     "validate_password_value",
     "verify_password",
 ]
 
 SCRYPT_PREFIX = "{SCRYPT}"
 PLAIN_PREFIX = "{PLAIN}"
+SCRAM_PREFIX = scram.PREFIX
+
+# The SASL mechanisms the server can offer (auth_mechanisms lists a subset).
+MECHANISMS = ("SCRAM-SHA-256", "PLAIN", "LOGIN", "CRAM-MD5")
+# What each kind of stored secret can check.
+SECRET_SERVES = {
+    PLAIN_PREFIX: frozenset(MECHANISMS),
+    SCRAM_PREFIX: frozenset({"SCRAM-SHA-256", "PLAIN", "LOGIN"}),
+    SCRYPT_PREFIX: frozenset({"PLAIN", "LOGIN"}),
+}
 
 # hash_password's cost: about 16 MiB and a few tens of ms per check.
 SCRYPT_N = 2**14
@@ -88,14 +111,31 @@ class SASLSyntaxError(ValueError):
 # Stored passwords
 
 
-def hash_password(password: str) -> str:
-    """The {SCRYPT} value to put in the config for `password`."""
+def hash_password(password: str, scheme: str = "scrypt") -> str:
+    """The value to put in the config for `password`: {SCRYPT} (the default) or
+    {SCRAM-SHA-256} (scheme "scram-sha-256"); ValueError for a password SCRAM's
+    SASLprep refuses (a control character, say)."""
+    if scheme == "scram-sha-256":
+        try:
+            return scram.make_secret(password).encode()
+        except scram.ScramError as exc:
+            raise ValueError(f"SCRAM-SHA-256 cannot use this password: {exc}") from None
+    if scheme != "scrypt":
+        raise ValueError(f"unknown password scheme {scheme!r}")
     salt = secrets.token_bytes(SCRYPT_SALT_BYTES)
     key = _scrypt(password.encode("utf-8"), salt, SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_KEY_BYTES)
     return (
         f"{SCRYPT_PREFIX}n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}"
         f"${base64.b64encode(salt).decode('ascii')}${base64.b64encode(key).decode('ascii')}"
     )
+
+
+def secret_serves(stored: str) -> frozenset[str]:
+    """The mechanisms a stored value can check (SECRET_SERVES by its scheme)."""
+    for prefix, mechanisms in SECRET_SERVES.items():
+        if stored.startswith(prefix):
+            return mechanisms
+    return frozenset()
 
 
 def _scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
@@ -136,16 +176,24 @@ def validate_password_value(value: str) -> None:
     if value.startswith(SCRYPT_PREFIX):
         _parse_scrypt(value)
         return
-    raise ValueError("password must start with {SCRYPT} (from `backupmx passwd`) or {PLAIN}")
+    if value.startswith(SCRAM_PREFIX):
+        scram.parse_secret(value)
+        return
+    raise ValueError("password must start with {SCRYPT} or {SCRAM-SHA-256} (from `backupmx passwd`) or {PLAIN}")
 
 
 def verify_password(password: str, stored: str) -> bool:
-    """True when `password` matches the stored value ({SCRYPT} or {PLAIN}).
+    """True when `password` matches the stored value ({SCRYPT}, {SCRAM-SHA-256} or {PLAIN}).
 
     Constant-time comparison; a malformed or unknown stored value never
-    matches.  Note {PLAIN} is cheap and {SCRYPT} is not: Authenticator evens
-    that out, this function does not.
+    matches.  Note {PLAIN} is cheap and the others are not: Authenticator
+    evens that out, this function does not.
     """
+    if stored.startswith(SCRAM_PREFIX):
+        try:
+            return scram.matches_password(scram.parse_secret(stored), password)
+        except scram.ScramError:
+            return False
     if stored.startswith(PLAIN_PREFIX):
         secret = stored[len(PLAIN_PREFIX):]
         # Compare bytes: compare_digest on str accepts ASCII only.
@@ -161,6 +209,21 @@ def verify_password(password: str, stored: str) -> bool:
 # The checks the SMTP session calls
 
 
+@dataclass(frozen=True)
+class Verified:
+    """Authenticator.verify's answer: true when the credentials are right.
+
+    `final` is what the server must still send in a 334 before its 235
+    (RFC 4954 section 4): SCRAM's server-final message "v=...", which proves
+    to the client that we hold its secret.
+    """
+    ok: bool
+    final: bytes | None = None
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
 class Authenticator:
     """Checks credentials against the configured [user:...] sections.
 
@@ -168,30 +231,53 @@ class Authenticator:
     `password` attribute holding the stored value works).  User names are
     matched exactly.  Every check returns the UserConfig on success, else None;
     the caller decides what the user may ETRN (UserConfig.domains).
+
+    Every check costs the same whoever asks: a PLAIN or LOGIN check runs one
+    scrypt and one PBKDF2 (at scram.DEFAULT_ITERATIONS), a SCRAM check one
+    PBKDF2, the unused ones on dummy input; so the time an answer takes tells
+    nothing about whether the user exists or how its secret is stored.
     """
 
     def __init__(self, users: Mapping[str, object]):
         self._users = dict(users)
+        # A key only this configuration knows (its stored secrets), for the
+        # SCRAM salts of users that have no SCRAM secret of their own: an
+        # unknown user, a {SCRYPT} one, a {PLAIN} one. Stable across workers
+        # and restarts, so asking twice shows nothing; unguessable, so a
+        # salt cannot be computed to tell a real user from a made-up one.
+        material = "\0".join(f"{name}\0{getattr(user, 'password', '')}" for name, user in sorted(self._users.items()))
+        self._salt_key = hashlib.sha256(b"backupmx scram salts\0" + material.encode("utf-8")).digest()
+
+    def _stored(self, username: str) -> str | None:
+        user = self._users.get(username)
+        return user.password if user is not None else None
 
     def check_password(self, username: str, password: str):
         """The UserConfig when the password is right, else None (PLAIN and LOGIN).
 
-        Exactly one scrypt run per call whatever the user, so an unknown user,
-        a {PLAIN} user and a {SCRYPT} user cost about the same.
+        Exactly one scrypt run and one PBKDF2 run per call whatever the user, so
+        an unknown user, a {PLAIN}, a {SCRAM-SHA-256} and a {SCRYPT} user cost
+        about the same.
         """
         user = self._users.get(username)
-        stored = user.password if user is not None else None
-        if stored is not None and stored.startswith(SCRYPT_PREFIX):
-            ok = verify_password(password, stored)
+        stored = user.password if user is not None else ""
+        scrypt_ok = verify_password(password, stored if stored.startswith(SCRYPT_PREFIX) else _DUMMY_HASH)
+        if stored.startswith(SCRAM_PREFIX):
+            scram_ok = verify_password(password, stored)
         else:
-            verify_password(password, _DUMMY_HASH)  # for the time it takes
-            ok = stored is not None and verify_password(password, stored)
+            scram_ok = _dummy_pbkdf2(password)
+        if stored.startswith(SCRYPT_PREFIX):
+            ok = scrypt_ok
+        elif stored.startswith(SCRAM_PREFIX):
+            ok = scram_ok
+        else:
+            ok = stored.startswith(PLAIN_PREFIX) and verify_password(password, stored)
         return user if ok else None
 
     def check_cram_md5(self, username: str, challenge: bytes, digest_hex: str):
         """The UserConfig when `digest_hex` is HMAC-MD5(secret, challenge), else None.
 
-        RFC 2195: only a {PLAIN} secret can be checked; {SCRYPT} users and
+        RFC 2195: only a {PLAIN} secret can be checked; other users and
         unknown users fail (after the same amount of work).
         """
         user = self._users.get(username)
@@ -204,14 +290,71 @@ class Authenticator:
         ok = hmac.compare_digest(expected.encode("ascii"), digest_hex.lower().encode("utf-8", "replace"))
         return user if (ok and secret) else None
 
+    # --- SCRAM-SHA-256 ------------------------------------------------------
 
-    def verify(self, credentials: "Credentials") -> bool:
-        """True when the credentials an exchange ended with are right (slow: scrypt)."""
+    def scram_parameters(self, username: str) -> tuple[bytes, int]:
+        """(salt, iterations) for the server-first message: cheap, no I/O.
+
+        A user with a {SCRAM-SHA-256} secret gets its own; everyone else a salt
+        derived from the name with a key only this configuration knows, and the
+        default count: the answer looks the same for a user that exists, one
+        that does not, and one whose secret cannot serve SCRAM (RFC 5802
+        section 9 leaves this to the server; we give nothing away).
+        """
+        secret = self._scram_secret(username)
+        if secret is not None:
+            return secret.salt, secret.iterations
+        salt = hmac.new(self._salt_key, username.encode("utf-8"), hashlib.sha256).digest()[:scram.SALT_BYTES]
+        return salt, scram.DEFAULT_ITERATIONS
+
+    def _scram_secret(self, username: str) -> "scram.StoredSecret | None":
+        stored = self._stored(username)
+        if stored is None or not stored.startswith(SCRAM_PREFIX):
+            return None
+        try:
+            return scram.parse_secret(stored)
+        except scram.ScramError:
+            return None
+
+    def check_scram(self, credentials: "Credentials") -> bytes | None:
+        """The server-final message when the SCRAM proof is right, else None. Slow:
+        one PBKDF2 run per call whatever the user (a {PLAIN} user's keys are derived
+        now; for everyone else it runs on dummy input, for the time it takes)."""
+        username = credentials.username
+        stored = self._stored(username)
+        secret = self._scram_secret(username)
+        if stored is not None and stored.startswith(PLAIN_PREFIX):
+            salt, iterations = self.scram_parameters(username)
+            try:
+                secret = scram.make_secret(stored[len(PLAIN_PREFIX):], salt=salt, iterations=iterations)
+            except scram.ScramError:  # a {PLAIN} secret SASLprep refuses: SCRAM cannot serve it
+                secret = None
+                _dummy_pbkdf2(username)
+        else:
+            _dummy_pbkdf2(username)
+        if secret is None or not scram.verify_proof(secret, credentials.auth_message, credentials.proof):
+            return None
+        return scram.server_final(secret, credentials.auth_message).encode("ascii")
+
+    def verify(self, credentials: "Credentials") -> Verified:
+        """Whether the credentials an exchange ended with are right (slow: scrypt, PBKDF2)."""
+        # Acting for another user is not offered (RFC 4616 and RFC 5802 authzid).
+        if not authzid_acceptable(credentials.authzid, credentials.username):
+            self.check_password(credentials.username, "")  # the same time as a real check
+            return Verified(False)
         if credentials.mechanism == "CRAM-MD5":
-            return self.check_cram_md5(credentials.username, credentials.challenge, credentials.digest) is not None
-        user = self.check_password(credentials.username, credentials.password)
-        # Acting for another user is not offered (RFC 4616 authzid).
-        return user is not None and authzid_acceptable(credentials.authzid, credentials.username)
+            return Verified(self.check_cram_md5(credentials.username, credentials.challenge,
+                                                credentials.digest) is not None)
+        if credentials.mechanism == scram.MECHANISM:
+            final = self.check_scram(credentials)
+            return Verified(final is not None, final)
+        return Verified(self.check_password(credentials.username, credentials.password) is not None)
+
+
+def _dummy_pbkdf2(text: str) -> bool:
+    """One PBKDF2 run at the default count, for the time it takes; never a match."""
+    hashlib.pbkdf2_hmac("sha256", text.encode("utf-8", "replace"), b"backupmx dummy salt", scram.DEFAULT_ITERATIONS)
+    return False
 
 
 def authzid_acceptable(authzid: str, authcid: str) -> bool:
@@ -319,7 +462,8 @@ def cram_md5_challenge(hostname: str) -> bytes:
 class Credentials:
     """What a SASL exchange ends with, for Authenticator.verify.
 
-    PLAIN and LOGIN carry `password`; CRAM-MD5 carries `challenge` and `digest`.
+    PLAIN and LOGIN carry `password`; CRAM-MD5 carries `challenge` and `digest`;
+    SCRAM-SHA-256 the AuthMessage and the client's proof (RFC 5802 section 3).
     """
 
     mechanism: str
@@ -327,7 +471,16 @@ class Credentials:
     password: str | None = None
     challenge: bytes | None = None
     digest: str | None = None
-    authzid: str = ""  # PLAIN's authorization identity (RFC 4616)
+    authzid: str = ""  # the authorization identity (RFC 4616, RFC 5802 gs2 "a=")
+    auth_message: bytes | None = None
+    proof: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The exchange is over and `credentials` were verified: answer 235."""
+
+    credentials: Credentials
 
 
 class _Plain:
@@ -368,10 +521,73 @@ class _CramMD5:
         return Credentials("CRAM-MD5", username, challenge=self.challenge, digest=digest)
 
 
-def sasl_exchange(mechanism: str, hostname: str):
+class _ScramSHA256:
+    """RFC 5802 / RFC 7677, server side: client-first, our server-first (salt and
+    count from `parameters`, cheap); client-final, which ends in Credentials. Once
+    verified (Authenticator.check_scram), `after_verification` sends the
+    server-final message and waits for the client's empty response."""
+
+    def __init__(self, parameters):
+        self.parameters = parameters  # username -> (salt, iterations): Authenticator.scram_parameters
+        self.first = None
+        self.server_first = None
+
+    def step(self, response: str | None) -> "bytes | Credentials":
+        if response is None:
+            return b""  # RFC 4954 4: the client speaks first
+        text = _utf8(decode_base64_strict(response), "SCRAM message")
+        try:
+            if self.first is None:
+                return self._client_first(text)
+            return self._client_final(text)
+        except scram.ScramError as exc:
+            raise SASLSyntaxError(f"SCRAM: {exc}") from None
+
+    def _client_first(self, text: str) -> bytes:
+        self.first = scram.parse_client_first(text)
+        if "\0" in self.first.username:
+            raise scram.ScramError("NUL in the user name")
+        salt, iterations = self.parameters(self.first.username)
+        self.server_first = scram.server_first(self.first.nonce + scram.new_nonce(), salt, iterations)
+        return self.server_first.encode("ascii")
+
+    def _client_final(self, text: str) -> Credentials:
+        final = scram.parse_client_final(text)
+        binding = base64.b64encode(self.first.gs2_header.encode("utf-8")).decode("ascii")
+        if final.channel_binding != binding:
+            raise scram.ScramError("c= is not the gs2 header of the first message")
+        if final.nonce != self.server_first[2:self.server_first.index(",")]:
+            raise scram.ScramError("the nonce is not the one we sent")
+        message = scram.auth_message(self.first.bare, self.server_first, final.without_proof)
+        return Credentials(scram.MECHANISM, self.first.username, authzid=self.first.authzid,
+                           auth_message=message, proof=final.proof)
+
+
+class _AfterServerFinal:
+    """RFC 4954 4: additional data after success goes in a 334, and the client
+    answers with an empty response; only then 235."""
+
+    def __init__(self, credentials: Credentials):
+        self.credentials = credentials
+
+    def step(self, response: str | None) -> Accepted:
+        if response is None or decode_base64_strict(response) != b"":
+            raise SASLSyntaxError("expected an empty response to the server's final message")
+        return Accepted(self.credentials)
+
+
+def after_verification(credentials: Credentials):
+    """The exchange that waits for the client's answer to a Verified.final."""
+    return _AfterServerFinal(credentials)
+
+
+def sasl_exchange(mechanism: str, hostname: str, authenticator: "Authenticator | None" = None):
     """The exchange for one AUTH: `step(response)` takes each client response (base64
     text; None when AUTH came without an initial response) and returns the next
-    challenge (bytes) or the Credentials; SASLSyntaxError for a malformed response."""
+    challenge (bytes), the Credentials to verify, or Accepted; SASLSyntaxError for a
+    malformed response. SCRAM-SHA-256 needs the `authenticator` (for the salt)."""
+    if mechanism == scram.MECHANISM:
+        return _ScramSHA256(authenticator.scram_parameters)
     if mechanism == "PLAIN":
         return _Plain()
     if mechanism == "LOGIN":

@@ -460,7 +460,10 @@ def cmd_passwd(args) -> int:
         password = line.removesuffix("\n").removesuffix("\r")
     if not password:
         raise OperatorError("passwd: empty password refused")
-    print(hash_password(password))
+    try:
+        print(hash_password(password, args.scheme))
+    except ValueError as exc:
+        raise OperatorError(f"passwd: {exc}") from None
     return 0
 
 
@@ -558,7 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "delete":
             p.add_argument("--yes", action="store_true", help="do not ask")
 
-    command("passwd", cmd_passwd, "read a password, print its {SCRYPT} value for the config")
+    p = command("passwd", cmd_passwd, "read a password, print its {SCRYPT} (or {SCRAM-SHA-256}) value for the config")
+    p.add_argument("--scheme", choices=("scrypt", "scram-sha-256"), default="scrypt",
+                   help="scrypt (default: serves PLAIN and LOGIN) or scram-sha-256 (also serves SCRAM-SHA-256)")
 
     p = command("etrn", cmd_etrn, "ask a backup MX to deliver (the primary's side)")
     p.add_argument("target", metavar="HOST[:PORT][,HOST[:PORT]...]",
@@ -570,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cafile", metavar="FILE", help="CA certificates to verify the server with")
     p.add_argument("--insecure", action="store_true", help="do not verify the server certificate")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    p.add_argument("--mechanism", type=str.upper, choices=("SCRAM-SHA-256", "PLAIN", "LOGIN", "CRAM-MD5"),
+                   help="the SASL mechanism to use (default: SCRAM-SHA-256 when offered, else PLAIN, LOGIN, CRAM-MD5)")
 
     p = command("bundle", cmd_bundle, "write a single-file zipapp of backupmx")
     p.add_argument("-o", "--output", required=True, metavar="FILE")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from backupmx.addresses import normalize_domain
-from backupmx.auth import validate_password_value
+from backupmx.auth import MECHANISMS, secret_serves, validate_password_value
 
 __all__ = [
     "Config",
@@ -50,7 +50,8 @@ DEFAULT_CONFIG_PATH = "/etc/backupmx/backupmx.ini"
 
 PRIMARY_TLS_MODES = ("none", "opportunistic", "required")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
-PASSWORD_SCHEMES = ("{SCRYPT}", "{PLAIN}")
+PASSWORD_SCHEMES = ("{SCRYPT}", "{SCRAM-SHA-256}", "{PLAIN}")
+DEFAULT_AUTH_MECHANISMS = ("SCRAM-SHA-256", "PLAIN", "LOGIN")
 
 
 class ConfigError(Exception):
@@ -121,6 +122,7 @@ class Config:
     min_free_space: int
     delay_warning: float  # 0 = off; else warn the sender once mail has waited this long
     bounce_size_limit: int  # bytes of the original a DSN may return; beyond: its header only
+    auth_mechanisms: tuple[str, ...]  # SASL mechanisms EHLO offers under TLS, in this order
     domains: Mapping[str, DomainConfig]
     users: Mapping[str, UserConfig]
     warnings: tuple[str, ...] = field(default=())  # lines `check` and the server log print
@@ -132,10 +134,6 @@ class Config:
         except ValueError:
             return None
 
-    @property
-    def cram_md5_available(self) -> bool:
-        """CRAM-MD5 needs the clear secret, so only a {PLAIN} password allows it."""
-        return any(u.password.startswith("{PLAIN}") for u in self.users.values())
 
 
 def tuning(name: str, default, kind=float):
@@ -357,6 +355,18 @@ def _bounce_relay(text: str) -> tuple[str, int] | None:
     return parse_hostport(text, default_port=25) if text else None
 
 
+def _auth_mechanisms(text: str) -> tuple[str, ...]:
+    names = [name.upper() for name in re.split(r"[\s,]+", text.strip()) if name]
+    if not names:
+        raise ValueError(f"empty list (choose from {' '.join(MECHANISMS)})")
+    for name in names:
+        if name not in MECHANISMS:
+            raise ValueError(f"unknown mechanism {name!r} (choose from {' '.join(MECHANISMS)})")
+    if len(set(names)) != len(names):
+        raise ValueError("a mechanism is listed twice")
+    return tuple(names)
+
+
 def _user_name(text: str) -> str | None:
     return text.strip() or None
 
@@ -389,6 +399,7 @@ _GLOBAL_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
     "min_free_space": (parse_size, 100 * 1024**2),
     "delay_warning": (parse_duration, 0.0),
     "bounce_size_limit": (_bounce_size_limit, 50 * 1024),
+    "auth_mechanisms": (_auth_mechanisms, DEFAULT_AUTH_MECHANISMS),
 }
 
 
@@ -418,7 +429,7 @@ def _password(text: str) -> str:
     # Only surrounding whitespace goes: the rest of the value is the secret, as written.
     text = text.strip()
     if not text.startswith(PASSWORD_SCHEMES):
-        raise ValueError("must start with {SCRYPT} (from `backupmx passwd`) or {PLAIN}")
+        raise ValueError("must start with {SCRYPT} or {SCRAM-SHA-256} (from `backupmx passwd`) or {PLAIN}")
     if text in PASSWORD_SCHEMES:
         raise ValueError("empty password")
     validate_password_value(text)  # a mangled {SCRYPT} value is found now, not at the first AUTH
@@ -602,6 +613,7 @@ class _Loader:
                 raise self.error(section, None, f"duplicate user {name}")
             users[name] = UserConfig(name=name, password=u["password"], domains=frozenset(allowed))
 
+        self.warnings += unserved_mechanisms(self.path, users.values(), g["auth_mechanisms"])
         exposure = plain_secrets_exposure(self.path, users.values())
         if exposure is not None:
             self.warnings.append(exposure)
@@ -635,6 +647,30 @@ def _recipient(item: str, domain: str) -> str:
     if where != domain:
         raise ValueError(f"{item} is not in domain {domain}")
     return f"{local.lower()}@{domain}"
+
+
+def unserved_mechanisms(path: str, users, mechanisms: tuple[str, ...]) -> list[str]:
+    """One line per user whose stored secret cannot serve a mechanism EHLO offers.
+
+    A client that picks such a mechanism (fetchmail takes CRAM-MD5 whenever it
+    is offered; `backupmx etrn` prefers SCRAM-SHA-256) fails with 535 however
+    right its password is: an operator should know before that happens.
+    """
+    lines = []
+    for user in users:
+        missing = [m for m in mechanisms if m not in secret_serves(user.password)]
+        if missing:
+            scheme = user.password[:user.password.index("}") + 1]
+            lines.append(f"{path}: [user:{user.name}] password: a {scheme} secret cannot serve "
+                         f"{' '.join(missing)} (listed in auth_mechanisms): a client that chooses it gets 535; "
+                         + _REMEDY.get(scheme, ""))
+    return lines
+
+
+_REMEDY = {
+    "{SCRYPT}": "write it with `backupmx passwd --scheme scram-sha-256`, or run `backupmx etrn --mechanism PLAIN`",
+    "{SCRAM-SHA-256}": "CRAM-MD5 needs a {PLAIN} secret; better leave CRAM-MD5 out of auth_mechanisms",
+}
 
 
 def plain_secrets_exposure(path: str, users) -> str | None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from backupmx import replies, smtp
-from backupmx.auth import Authenticator, Credentials, SASLSyntaxError, sasl_exchange
+from backupmx.auth import Accepted, Authenticator, Credentials, SASLSyntaxError, after_verification, sasl_exchange
 from backupmx.config import Config, tuning
 from backupmx.log import log_event
 from backupmx.offload import Offload
@@ -372,7 +372,7 @@ class SMTPConnection:
     def _auth_step(self, event: AuthRequest | AuthResponse) -> None:
         """One step of the SASL exchange (auth.sasl_exchange): a challenge, or credentials to check."""
         if isinstance(event, AuthRequest):
-            self._sasl = sasl_exchange(event.mechanism, self.ctx.config.hostname)
+            self._sasl = sasl_exchange(event.mechanism, self.ctx.config.hostname, self.ctx.authenticator)
             response = event.initial_response
         else:
             response = event.response
@@ -383,6 +383,9 @@ class SMTPConnection:
             return self.session.auth_malformed()
         if isinstance(step, bytes):
             return self.session.auth_challenge(step)
+        if isinstance(step, Accepted):  # the client took our proof (SCRAM's server-final)
+            self._sasl = None
+            return self._authenticated(step.credentials)
         self._sasl, self._auth_checking = None, step
         self.ctx.offload.submit(self, self.ctx.authenticator.verify, step, then=self._auth_checked)
 
@@ -390,22 +393,32 @@ class SMTPConnection:
         """The check is done (the worker loop calls this): answer, a failure only after its delay."""
         credentials, self._auth_checking = self._auth_checking, None
         try:
-            ok = future.result()
+            verified = future.result()
         except Exception as exc:  # a check that broke is a failed check, never a login
             log_event(self.ctx.logger, "auth-error", client=self.client_ip, error=f"{type(exc).__name__}: {exc}",
                       level=logging.ERROR)
-            ok = False
+            verified = None
         if self.closed:
             return
-        fields = dict(client=self.client_ip, user=credentials.username, mechanism=credentials.mechanism)
-        if ok:
-            log_event(self.ctx.logger, "auth", **fields)
-            self.session.auth_result(credentials.username)
+        if verified and verified.final is not None:
+            # RFC 4954 4: our last word (SCRAM's server signature) in a 334; 235 after the client's answer.
+            self._sasl = after_verification(credentials)
+            self.session.auth_challenge(verified.final)
             self._after_session()
             return self.on_writable()
-        log_event(self.ctx.logger, "auth-failed", **fields, level=logging.WARNING)
+        if verified:
+            self._authenticated(credentials)
+            self._after_session()
+            return self.on_writable()
+        log_event(self.ctx.logger, "auth-failed", client=self.client_ip, user=credentials.username,
+                  mechanism=credentials.mechanism, level=logging.WARNING)
         # Each failure waits longer before its answer: guessing gets slow.
         self._auth_due = self.ctx.clock() + AUTH_FAILURE_DELAY * (self.session.auth_failures + 1)
+
+    def _authenticated(self, credentials: Credentials) -> None:
+        log_event(self.ctx.logger, "auth", client=self.client_ip, user=credentials.username,
+                  mechanism=credentials.mechanism)
+        self.session.auth_result(credentials.username)
 
     def _etrn(self, request: EtrnRequest) -> None:
         try:

@@ -22,6 +22,8 @@ import socket
 import ssl
 import sys
 
+from backupmx import scram
+
 __all__ = ["main", "parse_target", "parse_targets", "run", "run_hosts"]
 
 # RFC 1985 section 5: 250 queuing started, 251 no messages waiting,
@@ -99,36 +101,44 @@ def _reply_text(code: int, msg: bytes) -> str:
     return " ".join(f"{code} {line}" for line in text.split("\n")) if text else str(code)
 
 
-def _authenticate(smtp: smtplib.SMTP, user: str, password: str) -> None:
-    """AUTH with PLAIN when offered, else LOGIN, else CRAM-MD5.
+# The order `backupmx etrn` tries mechanisms in: SCRAM-SHA-256 proves the server
+# holds our secret and never shows it the password; PLAIN works for every kind
+# of stored secret; CRAM-MD5 only for {PLAIN} ones, so it comes last.
+PREFERENCE = ("SCRAM-SHA-256", "PLAIN", "LOGIN", "CRAM-MD5")
 
-    We only ever authenticate under verified TLS, so PLAIN exposes nothing,
-    and it works for {SCRYPT} users too: the server offers CRAM-MD5 whenever
-    any user has a {PLAIN} secret, and trying it first would cost a {SCRYPT}
-    user one of its max_auth_failures. Done by hand rather than with
+
+def choose_mechanism(offered: list[str], wanted: str | None = None) -> str:
+    """The mechanism to use: `wanted` (it must be offered), else the first of PREFERENCE offered."""
+    if wanted is not None:
+        if wanted not in offered:
+            raise _Failed(f"the server does not offer {wanted} (it offers {' '.join(offered) or 'nothing'})")
+        return wanted
+    for mechanism in PREFERENCE:
+        if mechanism in offered:
+            return mechanism
+    raise _Failed(f"server offers no usable AUTH mechanism (wanted one of {' '.join(PREFERENCE)})")
+
+
+def _authenticate(smtp: smtplib.SMTP, user: str, password: str, mechanism: str | None = None) -> None:
+    """AUTH with one mechanism (choose_mechanism), once: no second try with another.
+
+    A failed try counts against the user (max_auth_failures, the per-client
+    ban, fail2ban); a {SCRYPT} user whose server offers SCRAM-SHA-256 gets a
+    hint to run with --mechanism PLAIN instead. Done by hand rather than with
     smtplib.login, which base64-encodes ASCII only; here user and password
-    are UTF-8 (RFC 4616).
+    are UTF-8 (RFC 4616, RFC 5802).
     """
     offered = smtp.esmtp_features.get("auth", "").upper().split()
+    mech = choose_mechanism(offered, mechanism)
 
     def b64(data: bytes) -> str:
         return base64.b64encode(data).decode("ascii")
 
-    attempts = []
-    if "PLAIN" in offered:
-        attempts.append("PLAIN")
-    elif "LOGIN" in offered:
-        attempts.append("LOGIN")
-    elif "CRAM-MD5" in offered:
-        attempts.append("CRAM-MD5")
-    if not attempts:
-        raise _Failed("server offers no usable AUTH mechanism (wanted CRAM-MD5, PLAIN or LOGIN)")
-    code, msg = 0, b""
-    for mech in attempts:
-        if mech == "CRAM-MD5":
-            code, msg = smtp.docmd("AUTH", "CRAM-MD5")
-            if code != 334:
-                continue
+    if mech == "SCRAM-SHA-256":
+        return _scram(smtp, user, password, mechanism is None)
+    if mech == "CRAM-MD5":
+        code, msg = smtp.docmd("AUTH", "CRAM-MD5")
+        if code == 334:
             try:
                 challenge = base64.b64decode(msg, validate=True)
             except ValueError:
@@ -136,19 +146,51 @@ def _authenticate(smtp: smtplib.SMTP, user: str, password: str) -> None:
                 raise _Failed("server sent a malformed CRAM-MD5 challenge") from None
             digest = hmac.new(password.encode("utf-8"), challenge, hashlib.md5).hexdigest()
             code, msg = smtp.docmd(b64(f"{user} {digest}".encode("utf-8")))
-        elif mech == "PLAIN":
-            code, msg = smtp.docmd("AUTH", "PLAIN " + b64(f"\0{user}\0{password}".encode("utf-8")))
-        else:
-            code, msg = smtp.docmd("AUTH", "LOGIN")
-            if code == 334:
-                code, msg = smtp.docmd(b64(user.encode("utf-8")))
-            if code == 334:
-                code, msg = smtp.docmd(b64(password.encode("utf-8")))
-        if code == 235:
-            return
-        if code == 421:
-            break
-    raise _Failed(f"authentication failed: {_reply_text(code, msg)}")
+    elif mech == "PLAIN":
+        code, msg = smtp.docmd("AUTH", "PLAIN " + b64(f"\0{user}\0{password}".encode("utf-8")))
+    else:
+        code, msg = smtp.docmd("AUTH", "LOGIN")
+        if code == 334:
+            code, msg = smtp.docmd(b64(user.encode("utf-8")))
+        if code == 334:
+            code, msg = smtp.docmd(b64(password.encode("utf-8")))
+    if code != 235:
+        raise _Failed(f"authentication failed: {_reply_text(code, msg)}")
+
+
+def _scram(smtp: smtplib.SMTP, user: str, password: str, chosen_by_us: bool) -> None:
+    """RFC 5802 as the client, with the server's signature checked before ETRN."""
+    try:
+        client = scram.Client(user, password)
+    except scram.ScramError as exc:
+        raise _Failed(f"SCRAM-SHA-256 cannot use this user name or password ({exc}): try --mechanism PLAIN") from None
+    code, msg = smtp.docmd("AUTH", "SCRAM-SHA-256 " + base64.b64encode(client.first().encode("utf-8")).decode())
+    if code == 334:
+        try:
+            final = client.final(_decode_challenge(msg))
+        except scram.ScramError as exc:
+            smtp.docmd("*")
+            raise _Failed(f"server sent an unusable SCRAM message: {exc}") from None
+        code, msg = smtp.docmd(base64.b64encode(final.encode("utf-8")).decode())
+        if code == 334:
+            if not client.check(_decode_challenge(msg)):
+                smtp.docmd("*")
+                raise _Failed("the server's SCRAM signature is wrong: it does not hold this user's secret "
+                              "(not the backup MX it claims to be?)")
+            code, msg = smtp.docmd("")
+    if code == 235:
+        return
+    hint = ""
+    if code == 535 and chosen_by_us:
+        hint = " (a {SCRYPT} secret on the server cannot serve SCRAM-SHA-256: try --mechanism PLAIN)"
+    raise _Failed(f"authentication failed: {_reply_text(code, msg)}{hint}")
+
+
+def _decode_challenge(msg: bytes) -> str:
+    try:
+        return base64.b64decode(msg, validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        raise scram.ScramError("the 334 text is not base64 UTF-8") from None
 
 
 def _where(host: str, port: int) -> str:
@@ -167,7 +209,7 @@ def run_hosts(targets, domains, **options) -> int:
 
 
 def run(host, port, domains, *, user, password, implicit_tls=False, cafile=None, insecure=False,
-        timeout=30, out=None, err=None, label="") -> int:
+        timeout=30, out=None, err=None, label="", mechanism=None) -> int:
     """Send ETRN for each domain; 0 when every reply is 250/251/252/253, else 1.
 
     Prints "<label>ETRN <domain>: <reply>" for each on `out`; a connection, TLS
@@ -201,7 +243,7 @@ def run(host, port, domains, *, user, password, implicit_tls=False, cafile=None,
         stage = "AUTH"
         if not smtp.has_extn("auth"):
             raise _Failed("server does not offer AUTH")
-        _authenticate(smtp, user, password)
+        _authenticate(smtp, user, password, mechanism)
         stage = "ETRN"
         status = 0
         for domain in domains:
@@ -285,4 +327,5 @@ def main(args) -> int:
         print(f"backupmx etrn: {exc}", file=sys.stderr)
         return 1
     return run_hosts(targets, list(args.domains), user=args.user, password=password, implicit_tls=args.tls,
-                     cafile=args.cafile, insecure=args.insecure, timeout=args.timeout)
+                     cafile=args.cafile, insecure=args.insecure, timeout=args.timeout,
+                     mechanism=getattr(args, "mechanism", None))

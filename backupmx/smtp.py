@@ -58,6 +58,7 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OP
 # Commands we know but do not provide (RFC 5321 4.1.3 / 4.3.2).
 UNIMPLEMENTED = frozenset({"EXPN", "TURN", "SEND", "SOML", "SAML", "BDAT"})
 # SASL mechanisms where the server speaks first: no initial response (RFC 4954 4).
+# SCRAM-SHA-256 (RFC 5802) is client-first: its client-first message may be the initial response.
 SERVER_FIRST = frozenset({"CRAM-MD5"})
 
 
@@ -154,12 +155,11 @@ class SessionSettings:
 
     @classmethod
     def from_config(cls, config: "Config", **values) -> "SessionSettings":
-        mechanisms = ("PLAIN", "LOGIN") + (("CRAM-MD5",) if config.cram_md5_available else ())
         return cls(hostname=config.hostname, domains=config.domains,
                    etrn_domains={name: user.domains for name, user in config.users.items()},
                    max_message_size=config.max_message_size, max_recipients=config.max_recipients,
                    max_auth_failures=config.max_auth_failures,
-                   auth_mechanisms=mechanisms if config.users else (), **values)
+                   auth_mechanisms=config.auth_mechanisms if config.users else (), **values)
 
     def with_tls(self, *, available: bool, active: bool) -> "SessionSettings":
         return dataclasses.replace(self, tls_available=available, tls_active=active)

@@ -22,11 +22,12 @@ PASSWORD = "s3cret%pass"
 @pytest.fixture
 def mx(server_factory, sink):
     """A server with STARTTLS, implicit TLS and one ETRN user; example.com's primary is the sink.
-
+    CRAM-MD5 is listed (it is not by default), after the default mechanisms.
     A failed AUTH waits 0.2 s per failure so far before its answer (1 s in production).
     """
     return server_factory(
         tls=True, listen_tls=True, env={"BACKUPMX_AUTH_FAILURE_DELAY": "0.2"},
+        auth_mechanisms="SCRAM-SHA-256 PLAIN LOGIN CRAM-MD5",
         domains={
             "example.com": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"},
             "example.org": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"},
@@ -74,7 +75,7 @@ def test_ehlo_offers_auth_only_after_starttls(mx):
         assert client.docmd("ETRN", "example.com")[0] == 530
         client.starttls(context=client_context())
         client.ehlo("p")
-        assert client.esmtp_features["auth"].split() == ["PLAIN", "LOGIN", "CRAM-MD5"]
+        assert client.esmtp_features["auth"].split() == ["SCRAM-SHA-256", "PLAIN", "LOGIN", "CRAM-MD5"]
         assert not client.has_extn("starttls")
 
 
@@ -291,23 +292,39 @@ def test_swaks_cram_md5_and_etrn(mx, sink):
 
 
 @pytest.mark.skipif(shutil.which("fetchmail") is None, reason="fetchmail is not installed (apt-get install fetchmail)")
-def test_fetchmail_etrn_over_implicit_tls(mx, sink, tmp_path):
-    queue_some(mx, 2)
-    rc = tmp_path / "fetchmailrc"
-    rc.write_text(
-        "set no syslog\n"
-        f"poll localhost via 127.0.0.1 port {mx.tls_port} protocol ETRN\n"
-        f"    esmtpname prim esmtppassword \"{PASSWORD}\"\n"
-        "    fetchdomains example.com\n"
-        f"    ssl sslcertck sslcertfile {CERTS / 'ca.pem'} sslproto TLS1.2+ sslcommonname localhost\n")
-    rc.chmod(0o600)
-    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "FETCHMAILHOME": str(tmp_path)}
-    result = subprocess.run(["fetchmail", "-f", str(rc), "-v", "--nodetach"], capture_output=True, text=True,
-                            timeout=60, env=env)
-    output = result.stdout + result.stderr
-    assert "253" in output or "250" in output, output
-    assert "auth client=127.0.0.1 user=prim mechanism=CRAM-MD5" in mx.log()
-    sink.wait_for(2, timeout=15)
+def test_contrib_fetchmailrc_asks_for_every_domain_for_scrypt_and_plain_users(server_factory, sink, tmp_path):
+    """Issue 13 item 4: the shipped rc, run by the real fetchmail against a server with the
+    default auth_mechanisms. example.com is empty (251) and example.org has mail: the second
+    poll entry still asks. The {SCRYPT} user logs in although a {PLAIN} user exists
+    (no CRAM-MD5 on offer, so fetchmail takes PLAIN)."""
+    from backupmx.auth import hash_password
+
+    mx = server_factory(tls=True, listen_tls=True, domains={
+        "example.com": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"},
+        "example.org": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"}},
+        users={"prim": ("{PLAIN}" + PASSWORD, "example.com, example.org"),
+               "scr": (hash_password("scrypt pw"), "example.com, example.org")})
+    shipped = (REPO / "contrib" / "primary" / "fetchmailrc").read_text()
+    assert shipped.count("\n    fetchdomains ") == shipped.count("\npoll ") == 2
+    for user, password, delivered in (("scr", "scrypt pw", 1), ("prim", PASSWORD, 2)):
+        queue_some(mx, 1, rcpt="carol@example.org")
+        rc = tmp_path / f"fetchmailrc-{user}"
+        rc.write_text(shipped.replace("set syslog", "set no syslog")
+                      .replace("via mx2.example.net port 465", f"via 127.0.0.1 port {mx.tls_port}")
+                      .replace('esmtpname primary-example esmtppassword "the password"',
+                               f'esmtpname {user} esmtppassword "{password}"')
+                      .replace("sslproto TLS1.2+", f"sslproto TLS1.2+ sslcertfile {CERTS / 'ca.pem'} "
+                                                   "sslcommonname localhost"))
+        rc.chmod(0o600)
+        env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "FETCHMAILHOME": str(tmp_path)}
+        result = subprocess.run(["fetchmail", "-f", str(rc), "-v", "--nodetach"], capture_output=True,
+                                text=True, timeout=60, env=env)
+        output = result.stdout + result.stderr
+        assert "ETRN< 251 2.0.0 No messages waiting for node example.com" in output, output
+        assert "ETRN< 253 2.0.0 1 pending messages for node example.org" in output, output  # asked all the same
+        assert f"auth client=127.0.0.1 user={user} mechanism=PLAIN" in mx.log()
+        sink.wait_for(delivered, timeout=15)
+    assert "auth-failed" not in mx.log()
 
 
 def test_command_and_close_notify_in_one_write_end_the_session_quietly(mx):

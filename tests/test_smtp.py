@@ -24,6 +24,7 @@ queue = {tmp}/queue.db
 max_message_size = 100000
 max_recipients = 3
 max_auth_failures = 3
+auth_mechanisms = SCRAM-SHA-256 PLAIN LOGIN CRAM-MD5
 
 [domain:example.com]
 primary = 127.0.0.1:2526
@@ -174,7 +175,7 @@ def test_starttls_offered_only_when_available_and_auth_only_under_tls(config):
     assert "STARTTLS" in [line[4:] for line in d.feed(b"EHLO c\r\n")]
     d = new(config, tls_active=True)
     d.lines()
-    assert d.feed(b"EHLO c\r\n")[-1] == "250 AUTH PLAIN LOGIN CRAM-MD5"
+    assert d.feed(b"EHLO c\r\n")[-1] == "250 AUTH SCRAM-SHA-256 PLAIN LOGIN CRAM-MD5"  # as listed, in order
 
 
 @pytest.mark.parametrize("commands,expected", [
@@ -688,13 +689,14 @@ def test_auth_sequence_errors(config, tmp_path):
     assert d.feed(b"ETRN example.com\r\n") == ["530 5.7.0 " + replies.AUTH_REQUIRED.text]
 
 
-def test_cram_md5_not_offered_without_a_plain_secret(config, tmp_path):
+def test_cram_md5_offered_only_when_listed(config, tmp_path):
+    # SPEC Part 2: auth_mechanisms (default SCRAM-SHA-256 PLAIN LOGIN) is what EHLO offers.
     scrypt_only = tmp_path / "scrypt.ini"
-    scrypt_only.write_text(CONFIG.format(tmp=tmp_path).replace(
+    scrypt_only.write_text(CONFIG.format(tmp=tmp_path).replace("auth_mechanisms = SCRAM-SHA-256 PLAIN LOGIN CRAM-MD5\n", "").replace(
         "{PLAIN}secret", "{SCRYPT}n=16384,r=8,p=1$c2FsdHNhbHRzYWx0c2FsdA==$"
         + base64.b64encode(hashlib.scrypt(b"secret", salt=b"saltsaltsaltsalt", n=16384, r=8, p=1, dklen=64)).decode()))
     d = new(load_config(str(scrypt_only)), tls_active=True)
-    assert d.feed(b"EHLO c\r\n")[-1] == "250 AUTH PLAIN LOGIN"
+    assert d.feed(b"EHLO c\r\n")[-1] == "250 AUTH SCRAM-SHA-256 PLAIN LOGIN"
     assert d.feed(b"AUTH CRAM-MD5\r\n")[0].startswith("504 5.5.4")
 
 
