@@ -215,7 +215,7 @@ def forged_secret(password):
 @pytest.fixture(scope="module")
 def mx(tmp_path_factory):
     server = start_server(
-        tmp_path_factory.mktemp("scram"), tls=True,
+        tmp_path_factory.mktemp("scram"), tls=True, env={"BACKUPMX_AUTH_FAILURE_DELAY": "0.2"},
         users={"scram": (auth.hash_password("scram pw", "scram-sha-256"), "example.com"),
                "plain": ("{PLAIN}plain pw", "example.com"),
                "scrypt": (auth.hash_password("scrypt pw"), "example.com"),
