@@ -61,7 +61,7 @@ SENDER_OK = Reply(250, "2.1.0", "Ok")
 RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
 HELO_OK = Reply(250, "", "{hostname}")
 VRFY_CANNOT = Reply(252, "2.1.5", "Cannot verify the user, but will accept mail for it")
-HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH ETRN")
+HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH ETRN")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 QUEUED = Reply(250, "2.0.0", "Ok: queued as {queue_id}")
 
@@ -82,6 +82,13 @@ NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
 BARE_LINE_ENDING = Reply(550, "5.5.2", "Error: bare <CR> or <LF> received; lines must end with <CR><LF>")
 NOT_IN_TRANSACTION = Reply(503, "5.5.1", "Error: not allowed during a mail transaction")
+
+# CHUNKING (RFC 3030)
+CHUNK_RECEIVED = Reply(250, "2.0.0", "Ok: {octets} octets received")
+# A BDAT whose size we cannot read leaves us unable to tell its chunk from the
+# commands after it: answered, then the session ends (as it never stays in step).
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT count [LAST]; closing the connection")
+DATA_AFTER_BDAT = Reply(503, "5.5.1", "Error: DATA and BDAT cannot be mixed in one transaction")
 
 # Policy
 RELAY_DENIED = Reply(554, "5.7.1", "<{address}>: Relay access denied")

@@ -42,7 +42,8 @@ from backupmx import addresses, replies
 from backupmx.addresses import AddressError, NonASCIIAddress
 from backupmx.envelope import Envelope, Recipient
 from backupmx.replies import Reply
-from backupmx.smtp_body import DataTransfer, MessageAborted, MessageData  # noqa: F401 - events of the session
+from backupmx.smtp_body import (ChunkedTransfer, ChunkReader, DataTransfer, MessageAborted,  # noqa: F401 - events
+                                MessageData)
 
 if TYPE_CHECKING:
     from backupmx.config import Config, DomainConfig
@@ -56,7 +57,7 @@ MAX_ERRORS = 20
 # RFC 7230 methods: an HTTP client talking to the SMTP port ends the session at once.
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 # Commands we know but do not provide (RFC 5321 4.1.3 / 4.3.2).
-UNIMPLEMENTED = frozenset({"EXPN", "TURN", "SEND", "SOML", "SAML", "BDAT"})
+UNIMPLEMENTED = frozenset({"EXPN", "TURN", "SEND", "SOML", "SAML"})
 # SASL mechanisms where the server speaks first: no initial response (RFC 4954 4).
 # SCRAM-SHA-256 (RFC 5802) is client-first: its client-first message may be the initial response.
 SERVER_FIRST = frozenset({"CRAM-MD5"})
@@ -135,6 +136,7 @@ class EtrnRequest:
 class Phase(enum.Enum):
     COMMAND = "command"  # reading command lines
     DATA = "data"  # reading the message content (smtp_body)
+    CHUNK = "chunk"  # reading the octets a BDAT announced (smtp_body.ChunkReader)
     SASL = "sasl"  # reading an AUTH continuation line
     WAITING = "waiting"  # an event waits for the driver's answer
     CLOSED = "closed"  # the last reply is in the output; close after sending it
@@ -192,8 +194,11 @@ class Session:
     _discarding_long_line: bool = False
     _recipients_tried: int = 0
     _data: DataTransfer | None = None
+    _chunk: ChunkReader | None = None  # the BDAT chunk being read
+    _chunked: ChunkedTransfer | None = None  # the BDAT content of a transaction (stale once the envelope changes)
     _waiting_for: tuple = ()  # the event types whose answer the session waits for
     _asked: object = None  # the MailAdmission or RecipientAdmission waiting for its answer
+    _chunk_refusal: tuple | None = None  # the (reply, fields) a refused BDAT chunk gets once read
 
     def __post_init__(self):
         self.tls_active = self.settings.tls_active
@@ -230,7 +235,7 @@ class Session:
 
     @property
     def in_data(self) -> bool:
-        return self.phase is Phase.DATA
+        return self.phase in (Phase.DATA, Phase.CHUNK)
 
     def message_queued(self, queue_id: str) -> None:
         self._answer(MessageReceived)
@@ -318,7 +323,15 @@ class Session:
     # --- input framing --------------------------------------------------
 
     def _process(self) -> None:
-        while self.phase in (Phase.COMMAND, Phase.SASL, Phase.DATA):
+        while self.phase in (Phase.COMMAND, Phase.SASL, Phase.DATA, Phase.CHUNK):
+            if self.phase is Phase.CHUNK:
+                done = self._chunk.read(self._input)
+                self.progress += self._chunk.ticks
+                self._chunk.ticks = 0
+                if not done:
+                    return
+                self._end_of_chunk()
+                continue
             if self.phase is Phase.DATA:
                 done = self._data.read(self._input)
                 self.progress += self._data.ticks
@@ -387,10 +400,17 @@ class Session:
         if command is None:
             return self._reply(replies.NOT_IMPLEMENTED if verb in UNIMPLEMENTED else replies.UNRECOGNIZED)
         argument = argument.strip(" ")
-        for need in command.needs:
-            if not need.holds(self, argument):
-                return self._reply(*need.refusal(self, verb))
+        refusal = self._unmet(command.needs, verb, argument)
+        if refusal is not None:
+            return self._reply(*refusal)
         command.handler(self, argument)
+
+    def _unmet(self, needs: tuple["Need", ...], verb: str, argument: str) -> tuple[Reply, dict] | None:
+        """Rule 1 of the command table: the refusal of the first need that does not hold."""
+        for need in needs:
+            if not need.holds(self, argument):
+                return need.refusal(self, verb)
+        return None
 
     def _helo(self, argument: str, esmtp: bool) -> None:
         if not argument or " " in argument or not argument.isascii() or not argument.isprintable():
@@ -401,7 +421,7 @@ class Session:
             self._reply(replies.HELO_OK)
             return
         lines = [self.settings.hostname, "PIPELINING", f"SIZE {self.settings.max_message_size}",
-                 "8BITMIME", "ENHANCEDSTATUSCODES", "DSN", "ETRN"]
+                 "8BITMIME", "ENHANCEDSTATUSCODES", "DSN", "ETRN", "CHUNKING"]
         if self.settings.tls_available and not self.tls_active:
             lines.append("STARTTLS")
         if self._auth_offered():
@@ -465,6 +485,55 @@ class Session:
         self.phase = Phase.DATA
         self._data = DataTransfer(self.settings.max_message_size, self._events)
         self._events.append(MessageStarted(self.envelope))
+
+    # --- BDAT (RFC 3030) ------------------------------------------------------
+
+    def _cmd_bdat(self, argument: str) -> None:
+        """BDAT <size> [LAST]: the chunk is read in every case, and answered at its end.
+
+        The row has no needs: what BDAT needs is checked here, after its size is
+        known, because a refused chunk must still be read through (the octets
+        after the command are data, never commands: rule 2).
+        """
+        words = argument.split(" ")
+        if not 1 <= len(words) <= 2 or not addresses.DIGITS_RE.fullmatch(words[0]) or (
+                len(words) == 2 and words[1].upper() != "LAST"):
+            return self._close_with(replies.BDAT_SYNTAX)
+        octets, last = int(words[0]), len(words) == 2
+        refusal = self._unmet(BDAT_NEEDS, "BDAT", argument)
+        transfer = None
+        if refusal is None:
+            transfer = self._chunked_transfer()
+            if transfer is None:
+                transfer = ChunkedTransfer(self.envelope, self.settings.max_message_size, self._events)
+                self._chunked = transfer
+                self._events.append(MessageStarted(self.envelope))
+        self._chunk = ChunkReader(octets, last, transfer)
+        self._chunk_refusal = refusal
+        self.phase = Phase.CHUNK
+
+    def _chunked_transfer(self) -> ChunkedTransfer | None:
+        """The BDAT content of the current transaction, if it has any (rule 5)."""
+        chunked = self._chunked
+        return chunked if chunked is not None and chunked.envelope is self.envelope else None
+
+    def _end_of_chunk(self) -> None:
+        self.progress += 1
+        chunk, self._chunk = self._chunk, None
+        self.phase = Phase.COMMAND
+        if self._chunk_refusal is not None:
+            return self._reply(*self._chunk_refusal)
+        transfer = chunk.transfer
+        if chunk.last:
+            transfer.finish()
+        if transfer.failure is not None:
+            self._reply(transfer.failure)
+            if chunk.last:
+                self.envelope = None
+            return
+        if not chunk.last:
+            return self._reply(replies.CHUNK_RECEIVED, octets=chunk.octets)
+        self._wait_for(MessageReceived(self.envelope, transfer.size))
 
     def _cmd_rset(self, argument: str) -> None:
         self.envelope = None
@@ -693,6 +762,7 @@ AN_ARGUMENT = Need("an argument", lambda s, a: bool(a),
 NO_TRANSACTION = Need("no transaction", lambda s, a: s.envelope is None, _refuse(replies.NOT_IN_TRANSACTION))
 NOT_NESTED = Need("no transaction yet", lambda s, a: s.envelope is None, _refuse(replies.NESTED_MAIL))
 TRANSACTION = Need("a transaction", lambda s, a: s.envelope is not None, _refuse(replies.NEED_MAIL))
+NOT_CHUNKED = Need("no BDAT yet", lambda s, a: s._chunked_transfer() is None, _refuse(replies.DATA_AFTER_BDAT))
 A_RECIPIENT = Need("a recipient", lambda s, a: bool(s.envelope.recipients),
                    lambda s, verb: (replies.NO_VALID_RECIPIENTS if s._recipients_tried else replies.NEED_RCPT, {}))
 TLS = Need("TLS", lambda s, a: s.tls_active, _refuse(replies.ENCRYPTION_REQUIRED))
@@ -701,6 +771,9 @@ TLS_OFFERED = Need("a certificate", lambda s, a: s.settings.tls_available, _refu
 AUTH_OFFERED = Need("AUTH offered", lambda s, a: s._auth_offered(), _refuse(replies.AUTH_NOT_AVAILABLE))
 NOT_AUTHENTICATED = Need("not authenticated", lambda s, a: s.user is None, _refuse(replies.ALREADY_AUTHENTICATED))
 AUTHENTICATED = Need("authenticated", lambda s, a: s.user is not None, _refuse(replies.AUTH_REQUIRED))
+
+
+BDAT_NEEDS = (HELO, TRANSACTION, A_RECIPIENT)
 
 
 @dataclass(frozen=True)
@@ -714,7 +787,10 @@ COMMANDS: dict[str, Command] = {
     "EHLO": Command(Session._cmd_ehlo),
     "MAIL": Command(Session._cmd_mail, (HELO, NOT_NESTED)),
     "RCPT": Command(Session._cmd_rcpt, (TRANSACTION,)),
-    "DATA": Command(Session._cmd_data, (NO_ARGUMENT, TRANSACTION, A_RECIPIENT)),
+    "DATA": Command(Session._cmd_data, (NO_ARGUMENT, TRANSACTION, A_RECIPIENT, NOT_CHUNKED)),
+    # BDAT's octets after the command are data, not pipelined commands; its
+    # needs (BDAT_NEEDS) are checked once the size is read (_cmd_bdat).
+    "BDAT": Command(Session._cmd_bdat),
     "RSET": Command(Session._cmd_rset, (NO_ARGUMENT,)),
     "NOOP": Command(Session._cmd_noop),
     "QUIT": Command(Session._cmd_quit),

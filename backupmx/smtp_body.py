@@ -1,12 +1,21 @@
-"""A message's content as it arrives after DATA: CRLF-framed, dot-stuffed lines (RFC 5321 4.5.2).
+"""A message's content as it arrives: after DATA (RFC 5321 4.5.2) or in BDAT chunks (RFC 3030).
 
 Part of the sans-I/O session (smtp.py) and bound by its rules: lines end at
 CRLF only and only CRLF "." CRLF ends the data (rule 1: SMTP smuggling,
 CVE-2023-51764); every buffer is bounded, and a message that fails (a bare
 CR or LF, a NUL, an over-long line, too big, a mail loop) is read through to
-its end and only then refused (rule 2). Another framing (BDAT's counted
-chunks, RFC 3030) is a sibling of DataTransfer with the same interface:
-read(buffer) until it returns True, then `failure` and `size`.
+its end and only then refused (rule 2).
+
+DataTransfer frames DATA's dot-stuffed lines. BDAT's content comes in
+counted chunks (ChunkReader takes exactly the octets a BDAT announced, with
+no line-ending interpretation: a chunk may end inside a CRLF or a UTF-8
+sequence) and is checked as one byte stream by ChunkedTransfer. The checks
+are DATA's: a bare CR or LF or a NUL refuses the message. We deliver with
+DATA and dot-stuffing, so a message is stored exactly as the primary will
+get it and no byte that a line-based parser (ours for DATA, the primary's)
+could read as a line end can travel inside it; BDAT is not a way around
+rule 1 (docs/DESIGN.md). A BDAT message that does not end in CRLF gets one,
+the line end DATA's framing would have given it.
 
 This module never imports socket, ssl, sqlite3, os, time or logging.
 """
@@ -37,6 +46,35 @@ class MessageAborted:
     reply: Reply
 
 
+class HeaderScan:
+    """Counts Received: lines in the header section (RFC 5321 6.3 loop detection) and
+    notes 8-bit header text, from pieces that may end anywhere: the unfinished
+    line is kept only as far as needed (its start, and its last octet in case
+    that is the CR of a CRLF)."""
+
+    def __init__(self):
+        self.done = False  # the empty line that ends the header section was seen
+        self.received = 0
+        self.eight_bit = False  # a header octet above 127 (RFC 6532 UTF-8 header text)
+        self._pending = b""
+
+    def feed(self, piece: bytes) -> None:
+        if self.done:
+            return
+        lines = (self._pending + piece).split(b"\r\n")
+        self._pending = lines.pop()
+        for line in lines:
+            if line == b"":
+                self.done = True
+                return
+            if line[:9].lower() == b"received:":
+                self.received += 1
+            self.eight_bit = self.eight_bit or not line.isascii()
+        if len(self._pending) > 64:
+            self.eight_bit = self.eight_bit or not self._pending.isascii()
+            self._pending = self._pending[:16] + self._pending[-1:]
+
+
 class DataTransfer:
     """The content of one DATA command, read from the session's input buffer.
 
@@ -51,8 +89,7 @@ class DataTransfer:
         self.failure: Reply | None = None
         self.ticks = 0
         self._octets = 0
-        self._received_headers = 0
-        self._in_headers = True
+        self.headers = HeaderScan()
         self._at_line_start = True
 
     def read(self, buffer: bytearray) -> bool | None:
@@ -98,24 +135,14 @@ class DataTransfer:
             block = block[1:]
         block = block.replace(b"\r\n.", b"\r\n")  # RFC 5321 4.5.2 transparency
         self._at_line_start = True
-        if self._in_headers:
-            self._scan_headers(block)
+        self.headers.feed(block)
+        if self.headers.received > MAX_RECEIVED_HEADERS:
+            self._fail(replies.MAIL_LOOP)
         self.size += len(block)
         if self.size > self.max_size:
             self._fail(replies.MESSAGE_TOO_BIG)
         if self.failure is None:
             self.events.append(MessageData(block))
-
-    def _scan_headers(self, block: bytes) -> None:
-        """Count Received: lines in the header section (RFC 5321 6.3 loop detection)."""
-        for line in block.split(b"\r\n")[:-1]:
-            if line == b"":
-                self._in_headers = False
-                break
-            if line[:9].lower() == b"received:":
-                self._received_headers += 1
-        if self._received_headers > MAX_RECEIVED_HEADERS:
-            self._fail(replies.MAIL_LOOP)
 
     def _count(self, octets: int) -> None:
         self._octets += octets
@@ -124,6 +151,104 @@ class DataTransfer:
 
     def _fail(self, reply: Reply) -> None:
         """The message will not be queued; keep reading to the end of the data, then say why."""
+        if self.failure is None:
+            self.failure = reply
+            self.events.append(MessageAborted(reply))
+
+
+class ChunkReader:
+    """Exactly `octets` octets after a BDAT command (RFC 3030 2), handed to `transfer`
+    as they arrive (None: the chunk is read through and dropped). No line-ending
+    interpretation: these octets are data, never commands."""
+
+    def __init__(self, octets: int, last: bool, transfer: "ChunkedTransfer | None"):
+        self.octets, self.last, self.transfer = octets, last, transfer
+        self.remaining = octets
+        self.ticks = 0
+        self._counted = 0
+
+    def read(self, buffer: bytearray) -> bool:
+        """Take what belongs to the chunk from `buffer`; True once all of it is read."""
+        take = min(self.remaining, len(buffer))
+        if take:
+            piece = bytes(buffer[:take])
+            del buffer[:take]
+            self.remaining -= take
+            if self.transfer is not None:
+                self.transfer.feed(piece)
+            self._counted += take
+            self.ticks += self._counted // DATA_PROGRESS_OCTETS
+            self._counted %= DATA_PROGRESS_OCTETS
+        return self.remaining == 0
+
+
+class ChunkedTransfer:
+    """The content of one BDAT transaction: its chunks as one byte stream, checked as DATA's lines are.
+
+    Appends MessageData and MessageAborted events to `events`. `failure` is the
+    first reason the message will not be queued (every later chunk gets it too).
+    """
+
+    def __init__(self, envelope, max_size: int, events: list):
+        self.envelope = envelope  # the transaction it belongs to (a new MAIL makes it stale)
+        self.max_size = max_size
+        self.events = events
+        self.size = 0
+        self.failure: Reply | None = None
+        self.headers = HeaderScan()
+        self._held_cr = False  # the last octet so far is a CR: its LF may open the next chunk
+        self._line = 0  # octets of the current line so far
+        self._tail = b""  # the last two octets of the content
+
+    def feed(self, piece: bytes) -> None:
+        data = (b"\r" if self._held_cr else b"") + piece
+        self._held_cr = data.endswith(b"\r")
+        if self._held_cr:
+            data = data[:-1]
+        crlf = data.count(b"\r\n")
+        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+            self._fail(replies.BARE_LINE_ENDING)
+        if b"\0" in piece:
+            self._fail(replies.NUL_IN_DATA)
+        self._check_line_length(piece)
+        self.headers.feed(piece)
+        if self.headers.received > MAX_RECEIVED_HEADERS:
+            self._fail(replies.MAIL_LOOP)
+        self._add(piece)
+
+    def finish(self) -> None:
+        """BDAT ... LAST was read: a CR left at the very end is a bare CR; a last
+        line without its CRLF gets one (what DATA's framing gives every message)."""
+        if self._held_cr:
+            self._fail(replies.BARE_LINE_ENDING)
+        if self.size and self._tail != b"\r\n":
+            self._add(b"\r\n")
+
+    def _add(self, piece: bytes) -> None:
+        if not piece:
+            return
+        self.size += len(piece)
+        self._tail = (self._tail + piece)[-2:]
+        if self.size > self.max_size:
+            self._fail(replies.MESSAGE_TOO_BIG)
+        if self.failure is None:
+            self.events.append(MessageData(piece))
+
+    def _check_line_length(self, piece: bytes) -> None:
+        first = piece.find(b"\n")
+        if first < 0:
+            self._line += len(piece)
+        else:
+            longest = self._line + first + 1
+            if len(piece) > MAX_DATA_LINE:
+                longest = max(longest, max(map(len, piece[first + 1:].split(b"\n"))) + 1)
+            self._line = len(piece) - piece.rfind(b"\n") - 1
+            if longest > MAX_DATA_LINE:
+                self._fail(replies.LINE_TOO_LONG)
+        if self._line > MAX_DATA_LINE:
+            self._fail(replies.LINE_TOO_LONG)
+
+    def _fail(self, reply: Reply) -> None:
         if self.failure is None:
             self.failure = reply
             self.events.append(MessageAborted(reply))

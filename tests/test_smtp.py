@@ -164,8 +164,8 @@ def test_greeting_and_ehlo_lists_extensions(config):
     lines = d.feed(b"EHLO client.test\r\n")
     assert lines[0] == "250-mx2.test"
     assert set(lines[1:]) >= {"250-PIPELINING", "250-SIZE 100000", "250-8BITMIME", "250-ENHANCEDSTATUSCODES",
-                              "250-DSN"}
-    assert lines[-1] == "250 ETRN"
+                              "250-DSN", "250-ETRN"}
+    assert lines[-1] == "250 CHUNKING"  # RFC 3030
     assert not any("STARTTLS" in l or "AUTH" in l for l in lines)
 
 
@@ -707,7 +707,7 @@ def test_admission_is_asked_and_pipelined_commands_wait_for_the_answer(config):
     d.lines()
     got = d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test> SIZE=100\r\nRCPT TO:<x@example.com>\r\n"
                  b"RCPT TO:<y@example.com>\r\nDATA\r\n")
-    assert got[-1] == "250 ETRN" and len(d.questions) == 1
+    assert got[-1] == "250 CHUNKING" and len(d.questions) == 1
     assert d.questions[0].envelope.declared_size == 100
     assert d.answer() == [reply_line(replies.SENDER_OK)]
     assert [q.recipient.address for q in d.questions] == ["x@example.com"]
