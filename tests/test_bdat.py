@@ -13,19 +13,10 @@ import sqlite3
 import pytest
 
 from backupmx import replies, smtp_body
-from backupmx.config import load_config
 from conftest import read_line
-from test_smtp import CONFIG, Driver, new, reply_line
+from test_smtp import Driver, assert_random_splits, config, new, reply_line  # noqa: F401 - config is a fixture
 
 HEAD = b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\n"
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cfg")
-    path = tmp / "backupmx.ini"
-    path.write_text(CONFIG.format(tmp=tmp))
-    return load_config(str(path))
 
 
 def bdat(*chunks: bytes, last=True) -> bytes:
@@ -146,42 +137,11 @@ SCRIPT = (b"EHLO client.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\
           + b"NOOP\r\nQUIT\r\n")
 
 
-def queued_bodies(events) -> list[bytes]:
-    """The content of each message that reached MessageReceived (what a driver would queue)."""
-    bodies, body = [], None
-    for event in events:
-        name = type(event).__name__
-        if name == "MessageStarted":
-            body = bytearray()
-        elif name == "MessageData" and body is not None:
-            body += event.data
-        elif name == "MessageAborted":
-            body = None
-        elif name == "MessageReceived":
-            bodies.append(bytes(body))
-    return bodies
-
-
-def run_split(config, pieces):
-    d = new(config, commit="R1")
-    out = d.lines()
-    for piece in pieces:
-        out += d.feed(piece)
-    return out, queued_bodies(d.events)
-
-
 def test_random_splits_of_the_bytes_give_the_same_conversation(config):
-    seed = random.randrange(1 << 30)
-    print("seed", seed)
-    rng = random.Random(seed)
-    whole, body = run_split(config, [SCRIPT])
-    assert whole[-3:] == [reply_line(replies.BARE_LINE_ENDING), reply_line(replies.OK),
-                          reply_line(replies.CLOSING)]
-    assert body == [b"Subject: hi\r\n\r\n.dot\r\n\xc3\xa9t\xc3\xa9\r\n.\r\nQUIT\r\n"]
-    for _ in range(300):
-        cuts = sorted(rng.sample(range(1, len(SCRIPT)), rng.randint(1, 40)))
-        pieces = [SCRIPT[a:b] for a, b in zip([0] + cuts, cuts + [len(SCRIPT)])]
-        assert run_split(config, pieces) == (whole, body), f"seed {seed} cuts {cuts}"
+    replies_seen, bodies = assert_random_splits(config, SCRIPT, max_cuts=40)
+    assert replies_seen[-3:] == [reply_line(replies.BARE_LINE_ENDING), reply_line(replies.OK),
+                                 reply_line(replies.CLOSING)]
+    assert bodies == [b"Subject: hi\r\n\r\n.dot\r\n\xc3\xa9t\xc3\xa9\r\n.\r\nQUIT\r\n"]
 
 
 def test_random_chunk_sizes_give_the_same_message(config):
