@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS messages (
     envid       TEXT,                      -- RFC 3461 ENVID= from MAIL FROM (xtext as given), NULL if absent
     ret         TEXT,                      -- RFC 3461 RET= ('FULL' or 'HDRS'), NULL if absent
     body_type   TEXT NOT NULL DEFAULT '7BIT', -- RFC 6152 BODY= ('7BIT' or '8BITMIME'), passed on to the primary
+    smtputf8    INTEGER NOT NULL DEFAULT 0, -- RFC 6531: 0 = MAIL FROM had no SMTPUTF8; 1 = it had, all ASCII; 2 = it had and the envelope or a header is UTF-8: only a primary offering SMTPUTF8 gets it (else the recipients fail with 5.6.7)
     body        BLOB NOT NULL              -- the message exactly as it will be delivered, our Received: header first; CRLF line ends, not dot-stuffed. LAST on purpose: SQLite then writes zeroblob(size) without building it in memory, and reading the other columns never walks the body's overflow pages
 );
 
@@ -166,4 +167,5 @@ END;
 
 -- Schema version; bump it with a migration in backupmx/store.py.
 -- 2: queue.delay_warned, recipients.dsn_claimed (added to a version 1 queue on start).
-PRAGMA user_version = 2;
+-- 3: messages.smtputf8 (added to an older queue on start).
+PRAGMA user_version = 3;

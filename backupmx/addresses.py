@@ -10,6 +10,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from backupmx import idn
+
 # RFC 5321 4.1.2:
 #   Let-dig = ALPHA / DIGIT ; Ldh-str = *( ALPHA / DIGIT / "-" ) Let-dig
 #   sub-domain = Let-dig [Ldh-str] ; Domain = sub-domain *("." sub-domain)
@@ -22,6 +24,11 @@ DOT_STRING_RE = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
 # Quoted-string = DQUOTE *QcontentSMTP DQUOTE
 #   qtextSMTP = %d32-33 / %d35-91 / %d93-126 ; quoted-pairSMTP = %d92 %d32-126
 QUOTED_STRING_RE = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
+# RFC 6531 3.3: with SMTPUTF8, atext and qtextSMTP also take UTF8-non-ascii (RFC 6532 3.1);
+# idn.check_local_part then refuses the invisible and misleading ones.
+_UTF8_NON_ASCII = r"[^\x00-\x7f]"
+DOT_STRING_UTF8_RE = re.compile(rf"(?:{_ATEXT}|{_UTF8_NON_ASCII})+(?:\.(?:{_ATEXT}|{_UTF8_NON_ASCII})+)*")
+QUOTED_STRING_UTF8_RE = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\[\x20-\x7e])*"')
 # address-literal = "[" ( IPv4 / IPv6 / General-address-literal ) "]"; we only need
 # to recognise one, never to deliver to it.
 ADDRESS_LITERAL_RE = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
@@ -34,9 +41,6 @@ SOURCE_ROUTE_RE = re.compile(rf"@(?:{DOMAIN_RE.pattern}|{ADDRESS_LITERAL_RE.patt
 # before the date): Postfix's smtpd shows each of them, like anything that is
 # not printable ASCII, as "?".
 _UNSAFE_IN_RECEIVED = re.compile(r'[^\x21-\x7e]|[;()<>"\\@]')
-
-# RFC 1035 2.3.1: a label of letters, digits and hyphens, lower case once normalized.
-_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 # RFC 5321 2.4 and 4.5.3.1.1-3: size limits.
 MAX_LOCAL_PART = 64
@@ -95,26 +99,15 @@ class Mailbox:
 def normalize_domain(name: str) -> str:
     """The one form domains are compared in: lower case, no trailing dot, A-labels.
 
-    Converts U-labels to A-labels and checks LDH; raises ValueError for
-    anything that is not a DNS name (RFC 1035 2.3.1, RFC 5890 for the "xn--"
-    form). The configuration, the CLI and relay control all use it.
+    U-labels become A-labels and "xn--" labels are checked, by IDNA 2008's
+    rules as far as the stdlib allows (idn.py says how, and why not with the
+    stdlib's IDNA 2003 codec); raises ValueError for anything that is not a
+    DNS name. The configuration, the CLI and relay control all use it.
     """
-    name = name.strip().lower()
-    if name.endswith("."):
-        name = name[:-1]
-    if not name:
-        raise ValueError("empty domain name")
-    if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError as exc:
-            raise ValueError(f"bad domain name {name!r}: {exc}") from None
-    if len(name) > 253:
-        raise ValueError(f"domain name too long ({len(name)} > 253)")
-    for label in name.split("."):
-        if not _LDH_LABEL.fullmatch(label):
-            raise ValueError(f"bad domain name {name!r} (letters, digits and hyphens only)")
-    return name
+    try:
+        return idn.to_a_domain(name.strip())
+    except idn.IDNError as exc:
+        raise ValueError(f"bad domain name {name.strip()!r}: {exc}") from None
 
 
 def is_domain(text: str) -> bool:
@@ -157,34 +150,49 @@ def received_helo(name: str) -> str:
     return _UNSAFE_IN_RECEIVED.sub("?", name) or "?"
 
 
-def parse_mailbox(text: str) -> Mailbox:
-    """Mailbox = Local-part "@" ( Domain / address-literal )."""
-    if not text.isascii():
+def parse_mailbox(text: str, *, utf8: bool = False) -> Mailbox:
+    """Mailbox = Local-part "@" ( Domain / address-literal ); with `utf8` (the
+    SMTPUTF8 parameter, RFC 6531 3.3) UTF-8 local parts and U-label domains too."""
+    if not text.isascii() and not utf8:
         raise NonASCIIAddress(text)
     at = text.rfind("@")
     if at <= 0:
         raise AddressError("missing domain")
     local_part, domain = text[:at], text[at + 1:]
-    if not (DOT_STRING_RE.fullmatch(local_part) or QUOTED_STRING_RE.fullmatch(local_part)):
+    if local_part.isascii():
+        if not (DOT_STRING_RE.fullmatch(local_part) or QUOTED_STRING_RE.fullmatch(local_part)):
+            raise AddressError("bad local part")
+    elif not (DOT_STRING_UTF8_RE.fullmatch(local_part) or QUOTED_STRING_UTF8_RE.fullmatch(local_part)):
         raise AddressError("bad local part")
-    if len(local_part) > MAX_LOCAL_PART:
+    else:
+        try:
+            idn.check_local_part(local_part)
+        except idn.IDNError as exc:
+            raise AddressError(str(exc)) from None
+    if len(local_part.encode("utf-8")) > MAX_LOCAL_PART:  # RFC 6531 3.3: octets
         raise AddressError("local part too long")
     if ADDRESS_LITERAL_RE.fullmatch(domain):
         return Mailbox(local_part, domain, is_literal=True)
-    if not is_domain(domain):
-        raise AddressError("bad domain")
+    if domain.isascii():
+        if not is_domain(domain):
+            raise AddressError("bad domain")
+    else:
+        try:
+            idn.to_a_domain(domain)
+        except idn.IDNError as exc:
+            raise AddressError(f"bad domain: {exc}") from None
     return Mailbox(local_part, domain)
 
 
-def parse_path(text: str, *, allow_null: bool) -> Mailbox | None:
+def parse_path(text: str, *, allow_null: bool, utf8: bool = False) -> Mailbox | None:
     """Reverse-path / Forward-path: `<[A-d-l:]Mailbox>`; `<>` (None) only if allow_null.
 
     The source route is dropped, as RFC 5321 4.1.1.3 and appendix C ask: the
     mail goes to the mailbox's domain, never via the listed hosts. Angle
     brackets are required only when the path has a space in it, as many
-    clients omit them.
+    clients omit them. `utf8`: the transaction has SMTPUTF8 (RFC 6531).
     """
-    if not text.isascii():
+    if not text.isascii() and not utf8:
         raise NonASCIIAddress(text)
     if not text:
         raise AddressError("empty path")
@@ -201,7 +209,22 @@ def parse_path(text: str, *, allow_null: bool) -> Mailbox | None:
     route = SOURCE_ROUTE_RE.match(text)
     if route:
         text = text[route.end():]
-    return parse_mailbox(text)
+    return parse_mailbox(text, utf8=utf8)
+
+
+def utf8_path(text: str) -> str:
+    """A path the session read as Latin-1 (one character per octet), as the UTF-8 the
+    client sent with SMTPUTF8; AddressError when it is not well-formed UTF-8."""
+    try:
+        return text.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise AddressError("not well-formed UTF-8") from None
+
+
+def fold_local_part(local: str) -> str:
+    """The form local parts are compared in (a recipients list): ASCII letters lower-cased,
+    nothing else changed, so "\u212a" (KELVIN SIGN) never matches "k"."""
+    return "".join(c.lower() if c.isascii() else c for c in local)
 
 
 def split_path_and_parameters(argument: str) -> tuple[str, list[str]]:

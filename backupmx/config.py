@@ -28,7 +28,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from backupmx.addresses import normalize_domain
+from backupmx.addresses import fold_local_part, normalize_domain
 from backupmx.auth import MECHANISMS, secret_serves, validate_password_value
 
 __all__ = [
@@ -69,7 +69,7 @@ class DomainConfig:
     name: str  # lower-case, no trailing dot, A-labels (IDNA) only
     primary: tuple[str, int]  # the only host this domain's mail is delivered to
     primary_tls: str  # "none" | "opportunistic" | "required"
-    recipients: frozenset[str] | None  # None = any local part; else lower-cased "local@domain"
+    recipients: frozenset[str] | None  # None = any local part; else "local@domain", ASCII lower-cased
     primary_ca: str | None
     max_queue_messages: int | None
     max_queue_bytes: int | None
@@ -80,8 +80,9 @@ class DomainConfig:
     primary_addresses: tuple[str, ...] | None = None
 
     def accepts(self, address: str) -> bool:
-        """True if `address` ("local@domain", any case) may be queued for this domain."""
-        return self.recipients is None or address.lower() in self.recipients
+        """True if `address` ("local@domain", ASCII letters in any case) may be queued for this domain."""
+        local, _, domain = address.rpartition("@")
+        return self.recipients is None or f"{fold_local_part(local)}@{domain.lower()}" in self.recipients
 
 
 @dataclass(frozen=True)
@@ -646,7 +647,7 @@ def _recipient(item: str, domain: str) -> str:
         raise ValueError(f"bad address {item!r}") from None
     if where != domain:
         raise ValueError(f"{item} is not in domain {domain}")
-    return f"{local.lower()}@{domain}"
+    return f"{fold_local_part(local)}@{domain}"
 
 
 def unserved_mechanisms(path: str, users, mechanisms: tuple[str, ...]) -> list[str]:

@@ -302,7 +302,8 @@ class SMTPConnection:
             helo=self.session.helo, client_ip=self.client_ip, hostname=self.ctx.config.hostname,
             queue_id=self._queue_id, esmtp=self.session.esmtp, tls=tls,
             authenticated=self.session.user is not None,
-            recipients=[r.address for r in envelope.recipients], timestamp=self.ctx.wallclock())
+            recipients=[r.address for r in envelope.recipients], timestamp=self.ctx.wallclock(),
+            utf8=envelope.smtputf8)
         self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, dir=self.ctx.spool_dir)
         self._spool_write(header)
 

@@ -23,6 +23,11 @@ What must hold:
     original message is embedded byte for byte (it is CRLF-only: the SMTP side
     refuses bare CR and LF).
   - Auto-Submitted: auto-replied (RFC 3834 5) so auto-responders stay quiet.
+  - An internationalised message (SMTPUTF8 with a UTF-8 address or header)
+    gets RFC 6533's form: report-type=global-delivery-status, the status in
+    message/global-delivery-status (UTF-8 addresses as they are, type
+    "utf-8"), the original as message/global or message/global-headers.
+    Such a DSN is itself sent with SMTPUTF8 (lifecycle.send_dsn).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ __all__ = [
     "build_dsn",
     "cut_headers",
     "diagnostic",
+    "is_international",
     "notify_wants",
     "returns_full",
     "split_headers",
@@ -153,11 +159,10 @@ def status_for(recipient, action: str) -> str:
                         from the primary: a backup MX holds mail because it is down).
     """
     reply = recipient.last_reply or ""
-    text = ""
     match = _REPLY.match(reply) if reply else None
-    if match:
-        text = (match.group(2) or "").strip()
-    enhanced = _ENHANCED.match(text)
+    # An SMTP reply's enhanced code, or one our own reason starts with ("5.6.7 SMTPUTF8 is required ...").
+    text = (match.group(2) or "") if match else reply
+    enhanced = _ENHANCED.match(text.strip())
     if action == FAILED:
         if recipient.state == "expired":
             return "4.4.7"
@@ -282,14 +287,22 @@ def _transfer_encoding(data: bytes) -> list[bytes]:
     return [] if data.isascii() else [b"Content-Transfer-Encoding: 8bit"]
 
 
-def _original(headers: bytes, body: bytes | None, action: str) -> tuple[bytes, bytes, bytes]:
+def is_international(bounce) -> bool:
+    """Does this DSN take RFC 6533's form (and need SMTPUTF8 to be sent)?"""
+    return getattr(bounce, "smtputf8", 0) == 2 or not bounce.sender.isascii() or any(
+        not r.address.isascii() for r in bounce.recipients)
+
+
+def _original(headers: bytes, body: bytes | None, action: str, international: bool) -> tuple[bytes, bytes, bytes]:
     """(Content-Type, Content-Description, content) of the returned original: whole, or its header only."""
     if body is None:
         description = b"Undelivered Message Headers" if action == FAILED else b"Delayed Message Headers"
-        attachment_type, attachment = b"text/rfc822-headers", headers
+        attachment_type = b"message/global-headers" if international else b"text/rfc822-headers"
+        attachment = headers
     else:
         description = b"Undelivered Message"
-        attachment_type, attachment = b"message/rfc822", headers + _CRLF + body
+        attachment_type = b"message/global" if international else b"message/rfc822"
+        attachment = headers + _CRLF + body
     if attachment and not attachment.endswith(_CRLF):
         attachment += _CRLF
     return attachment_type, description, attachment
@@ -345,12 +358,14 @@ def build_dsn(
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")
     host = _ascii(reporting_mta)
-    attachment_type, description, attachment = _original(original_headers, original_body, action)
+    international = is_international(bounce)  # RFC 6533
+    report_type = "global-delivery-status" if international else "delivery-status"
+    attachment_type, description, attachment = _original(original_headers, original_body, action, international)
     text = _human_text(bounce, recipients, action=action, reporting_mta=host, arrival_date=arrival_date,
                        will_retry_until=will_retry_until).encode("ascii", "replace")
     status = _delivery_status(bounce, recipients, action=action, reporting_mta=host, arrival_date=arrival_date,
                               remote_mta=remote_mta, will_retry_until=will_retry_until)
-    status_bytes = status.encode("utf-8")  # utf-8 only in a "utf-8;" address (RFC 6533)
+    status_bytes = status.encode("utf-8")  # UTF-8 only in a "utf-8;" address, and then global (RFC 6533)
 
     b = _boundary(boundary, bounce.queue_id, (text, status_bytes, attachment))
     marker = b"--" + b.encode("ascii")
@@ -365,7 +380,7 @@ def build_dsn(
         f"Message-ID: {mid}",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{b}"',
+        f'Content-Type: multipart/report; report-type={report_type};\r\n\tboundary="{b}"',
     ]
 
     def part(headers: list[bytes], content: bytes) -> bytes:
@@ -377,7 +392,7 @@ def build_dsn(
         _CRLF.join(line.encode("utf-8") for line in head), _CRLF, _CRLF,
         b"This is a MIME-encapsulated message.", _CRLF, _CRLF,
         part([b"Content-Description: Notification", b"Content-Type: text/plain; charset=us-ascii"], text),
-        part([b"Content-Description: Delivery report", b"Content-Type: message/delivery-status",
+        part([b"Content-Description: Delivery report", b"Content-Type: message/" + report_type.encode("ascii"),
               *_transfer_encoding(status_bytes)], status_bytes),
         part([b"Content-Description: " + description, b"Content-Type: " + attachment_type,
               *_transfer_encoding(attachment)], attachment),

@@ -35,6 +35,13 @@ class Envelope:
     body_type: str = "7BIT"  # RFC 6152 BODY= (7BIT or 8BITMIME)
     envid: str | None = None  # RFC 3461 ENVID=
     ret: str | None = None  # RFC 3461 RET= (FULL or HDRS)
+    smtputf8: bool = False  # RFC 6531: MAIL FROM came with SMTPUTF8
+    needs_smtputf8: bool = False  # and the message needs it (a UTF-8 address or header): set at its end
+
+    @property
+    def smtputf8_state(self) -> int:
+        """What the queue keeps (messages.smtputf8): 0 not asked, 1 asked, 2 asked and needed."""
+        return 2 if self.needs_smtputf8 else 1 if self.smtputf8 else 0
 
     @property
     def domains(self) -> list[str]:

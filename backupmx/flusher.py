@@ -350,14 +350,16 @@ class _Flush:
         client = self.client
         envelope = [message.sender] + [r.address for r in message.recipients]
         params = []
-        if any(not a.isascii() for a in envelope):
-            # RFC 6531: an internationalised envelope needs SMTPUTF8 at the primary.
+        client.command_encoding = "ascii"
+        if message.smtputf8 == 2 or any(not a.isascii() for a in envelope):
+            # RFC 6531 3.2: a UTF-8 envelope or header goes only to a server that offers
+            # SMTPUTF8; to any other it fails (5.6.7, RFC 6531 3.5), and the sender gets a DSN.
             if not client.has_extn("smtputf8"):
-                return Verdict.deferred("the primary does not offer SMTPUTF8"), []
+                return Verdict(Outcome.FAILED, f"5.6.7 SMTPUTF8 is required, but was not offered by host {self.relay}"), []
             client.command_encoding = "utf-8"
             params.append("SMTPUTF8")
-        else:
-            client.command_encoding = "ascii"
+        elif message.smtputf8 and client.has_extn("smtputf8"):
+            params.append("SMTPUTF8")  # asked for, not needed: passed on where it can be
         if client.has_extn("size"):
             params.append(f"SIZE={message.size}")
         if (message.body_type or "").upper() == "8BITMIME" and client.has_extn("8bitmime"):

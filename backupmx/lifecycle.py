@@ -81,13 +81,19 @@ def send_dsn(relay: tuple[str, int], sender: str, dsn_bytes: bytes, *, hostname:
     Raises BounceFailed on any trouble; .permanent when the relay answered 5xx.
     """
     host, port = relay
+    # RFC 6533's form (dsn.is_international), or a UTF-8 sender: sent with SMTPUTF8.
+    international = not sender.isascii() or b"report-type=global-delivery-status" in dsn_bytes.split(b"\r\n\r\n", 1)[0]
     try:
         with smtplib.SMTP(host, port, local_hostname=hostname, timeout=timeout) as client:
             client.ehlo_or_helo_if_needed()
             options = []
             if not dsn_bytes.isascii() and client.has_extn("8bitmime"):
                 options.append("BODY=8BITMIME")  # RFC 6152: an 8-bit original is attached
+            if international:
+                options.append("SMTPUTF8")  # RFC 6533: UTF-8 in its header and addresses
             client.sendmail("", [sender], dsn_bytes, mail_options=options)
+    except smtplib.SMTPNotSupportedError as exc:  # a relay without SMTPUTF8 never takes it
+        raise BounceFailed(f"the bounce relay does not offer SMTPUTF8 ({exc})", permanent=True) from exc
     except smtplib.SMTPRecipientsRefused as exc:
         code, reply = next(iter(exc.recipients.values()))
         raise BounceFailed(_reply_text(code, reply), permanent=classify(code) is Outcome.FAILED) from exc

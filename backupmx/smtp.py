@@ -421,7 +421,7 @@ class Session:
             self._reply(replies.HELO_OK)
             return
         lines = [self.settings.hostname, "PIPELINING", f"SIZE {self.settings.max_message_size}",
-                 "8BITMIME", "ENHANCEDSTATUSCODES", "DSN", "ETRN", "CHUNKING"]
+                 "8BITMIME", "ENHANCEDSTATUSCODES", "DSN", "ETRN", "SMTPUTF8", "CHUNKING"]
         if self.settings.tls_available and not self.tls_active:
             lines.append("STARTTLS")
         if self._auth_offered():
@@ -437,13 +437,17 @@ class Session:
     def _cmd_mail(self, argument: str) -> None:
         if argument[:5].upper() != "FROM:":
             return self._reply(replies.SYNTAX_ERROR, usage="MAIL FROM:<address>")
+        path, utf8 = argument[5:], False
         try:
             path, raw_parameters = addresses.split_path_and_parameters(argument[5:])
-            sender = addresses.parse_path(path, allow_null=True)
             parameters = addresses.parse_parameters(raw_parameters)
+            utf8 = "SMTPUTF8" in parameters and self.esmtp
+            sender = client_path(path, allow_null=True, utf8=utf8)
         except NonASCIIAddress:
             return self._reply(replies.NON_ASCII_ADDRESS)
-        except AddressError:
+        except AddressError as exc:
+            if utf8 and not path.isascii():  # a SMTPUTF8 address we refuse: say why
+                return self._reply(replies.BAD_UTF8_ADDRESS, detail=str(exc))
             return self._reply(replies.BAD_SENDER)
         envelope = Envelope(sender=sender.address if sender else "")
         problem = mail_parameters(envelope, parameters, esmtp=self.esmtp,
@@ -457,15 +461,18 @@ class Session:
             return self._reply(replies.SYNTAX_ERROR, usage="RCPT TO:<address>")
         self._recipients_tried += 1
         path = argument[3:].strip(" ")
+        utf8 = self.envelope.smtputf8
         try:
             path, raw_parameters = addresses.split_path_and_parameters(argument[3:])
-            mailbox = addresses.parse_path(path, allow_null=False)
+            mailbox = client_path(path, allow_null=False, utf8=utf8)
             parameters = addresses.parse_parameters(raw_parameters)
         except NonASCIIAddress:
             return self._reply(replies.NON_ASCII_ADDRESS)
-        except AddressError:
+        except AddressError as exc:
             if path.strip("<>").lower() == "postmaster":
                 return self._reply(replies.UNKNOWN_USER, address=path.strip("<>"))
+            if utf8 and not path.isascii():  # a SMTPUTF8 address we refuse: say why
+                return self._reply(replies.BAD_UTF8_ADDRESS, detail=str(exc))
             return self._reply(replies.BAD_ADDRESS)
         domain = None if mailbox.is_literal else self.settings.domain(mailbox.domain)
         refusal = _relay_refusal(mailbox, domain)
@@ -476,7 +483,8 @@ class Session:
         recipient = recipient_parameters(mailbox, domain.name, parameters, esmtp=self.esmtp)
         if isinstance(recipient, tuple):
             return self._reply(*recipient)
-        if any(r.address.lower() == recipient.address.lower() for r in self.envelope.recipients):
+        folded = addresses.fold_local_part(recipient.address)
+        if any(addresses.fold_local_part(r.address) == folded for r in self.envelope.recipients):
             return self._reply(replies.RECIPIENT_OK)  # the same mailbox twice: admitted once
         self._ask(RecipientAdmission(self.envelope, recipient))
 
@@ -533,7 +541,7 @@ class Session:
             return
         if not chunk.last:
             return self._reply(replies.CHUNK_RECEIVED, octets=chunk.octets)
-        self._wait_for(MessageReceived(self.envelope, transfer.size))
+        self._received(transfer)
 
     def _cmd_rset(self, argument: str) -> None:
         self.envelope = None
@@ -621,6 +629,11 @@ class Session:
             self._reply(transfer.failure)
             self.envelope = None
             return
+        self._received(transfer)
+
+    def _received(self, transfer) -> None:
+        """The content is complete and clean: ask for the commit (rule 6)."""
+        self.envelope.needs_smtputf8 = needs_smtputf8(self.envelope, transfer.headers.eight_bit)
         self._wait_for(MessageReceived(self.envelope, transfer.size))
 
     # --- replies and waiting --------------------------------------------
@@ -666,6 +679,20 @@ class Session:
 # --- ESMTP parameters (pure functions: the envelope they fill, or the problem) -------
 
 
+def client_path(path: str, *, allow_null: bool, utf8: bool) -> "addresses.Mailbox | None":
+    """The path as the client meant it: Latin-1 as read, or its UTF-8 with SMTPUTF8 (RFC 6531)."""
+    if utf8 and not path.isascii():
+        path = addresses.utf8_path(path)
+    return addresses.parse_path(path, allow_null=allow_null, utf8=utf8)
+
+
+def needs_smtputf8(envelope: Envelope, eight_bit_header: bool) -> bool:
+    """RFC 6531 3.2: a SMTPUTF8 message with a UTF-8 address or header goes only to a
+    server that offers SMTPUTF8 (the flusher fails it with 5.6.7 elsewhere)."""
+    return envelope.smtputf8 and (eight_bit_header or not all(
+        a.isascii() for a in [envelope.sender] + [r.address for r in envelope.recipients]))
+
+
 def mail_parameters(envelope: Envelope, parameters: dict, *, esmtp: bool, max_size: int):
     """Fill the envelope from MAIL parameters; a (Reply, fields) problem or None."""
     if parameters and not esmtp:
@@ -692,6 +719,10 @@ def mail_parameters(envelope: Envelope, parameters: dict, *, esmtp: bool, max_si
         elif keyword == "AUTH":  # RFC 4954 5: accepted, not passed on
             if not value:
                 return replies.BAD_PARAMETER, {"detail": "AUTH"}
+        elif keyword == "SMTPUTF8":  # RFC 6531 3.4: no value
+            if value is not None:
+                return replies.BAD_PARAMETER, {"detail": "SMTPUTF8"}
+            envelope.smtputf8 = True
         else:
             return replies.UNKNOWN_PARAMETER, {"detail": keyword}
     return None
@@ -804,13 +835,16 @@ COMMANDS: dict[str, Command] = {
 
 def received_header(*, helo: str | None, client_ip: str, hostname: str, queue_id: str,
                     esmtp: bool, tls: str | None, authenticated: bool,
-                    recipients: list[str], timestamp: float) -> bytes:
-    """The trace header we prepend (RFC 5321 4.4; protocol names per RFC 3848).
+                    recipients: list[str], timestamp: float, utf8: bool = False) -> bytes:
+    """The trace header we prepend (RFC 5321 4.4; protocol names per RFC 3848, and
+    RFC 6531 4.3's UTF8SMTP... for a SMTPUTF8 transaction, whose "for" address may
+    then be UTF-8 as the client sent it, RFC 6532).
 
     Everything the client chose is cleaned so it cannot add lines to the header,
     and the HELO name is shown only in a safe form (addresses.received_helo).
     """
-    protocol = ("ESMTP" if esmtp else "SMTP") + ("S" if tls else "") + ("A" if authenticated else "")
+    protocol = ("UTF8SMTP" if utf8 else "ESMTP" if esmtp else "SMTP") + ("S" if tls else "") + (
+        "A" if authenticated else "")
     literal = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
     lines = [f"Received: from {addresses.received_helo(helo) if helo else 'unknown'} ([{literal}])",
              f"\tby {hostname} (backupmx) with {protocol} id {queue_id}"]
@@ -818,7 +852,8 @@ def received_header(*, helo: str | None, client_ip: str, hostname: str, queue_id
         lines.append(f"\t({replies.clean(tls)})")
     when = format_datetime(datetime.fromtimestamp(timestamp, timezone.utc))
     if len(recipients) == 1:
-        lines.append(f"\tfor <{replies.clean(recipients[0])}>; {when}")
+        recipient = recipients[0] if utf8 and recipients[0].isprintable() else replies.clean(recipients[0])
+        lines.append(f"\tfor <{recipient}>; {when}")
     else:
         lines.append(f"\t; {when}")
-    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8" if utf8 else "ascii")

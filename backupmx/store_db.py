@@ -328,6 +328,7 @@ class QueueDatabase:
     _ADDED_COLUMNS = (
         ("queue", "delay_warned", "INTEGER"),  # version 2
         ("recipients", "dsn_claimed", "INTEGER"),  # version 2
+        ("messages", "smtputf8", "INTEGER NOT NULL DEFAULT 0"),  # version 3
     )
 
     def _migrate(self, db: sqlite3.Connection) -> None:

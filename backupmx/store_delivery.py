@@ -33,6 +33,7 @@ class QueuedMessage:
     body_type: str
     attempts: int
     received_at: int = 0
+    smtputf8: int = 0  # messages.smtputf8: 2 = only for a primary that offers SMTPUTF8
 
 
 
@@ -44,14 +45,15 @@ class Delivery(QueueDatabase):
         each with its recipients still to deliver."""
         with self._read() as db:
             rows = db.execute(
-                "SELECT q.queue_id, m.sender, m.size, m.envid, m.ret, m.body_type, q.attempts, m.received_at"
+                "SELECT q.queue_id, m.sender, m.size, m.envid, m.ret, m.body_type, q.attempts, m.received_at,"
+                " m.smtputf8"
                 " FROM queue AS q JOIN messages AS m USING (queue_id)"
                 " WHERE q.domain = ? AND q.state = 'queued'"
                 " ORDER BY m.received_at, m.rowid LIMIT ?",
                 (domain, -1 if limit is None else limit),
             ).fetchall()
             result = []
-            for queue_id, sender, size, envid, ret, body_type, attempts, received_at in rows:
+            for queue_id, sender, size, envid, ret, body_type, attempts, received_at, smtputf8 in rows:
                 recipients = [
                     Recipient(address, domain, notify, orcpt)
                     for address, notify, orcpt in db.execute(
@@ -62,7 +64,7 @@ class Delivery(QueueDatabase):
                 ]
                 if recipients:
                     result.append(QueuedMessage(queue_id, domain, sender, recipients, size, envid, ret, body_type,
-                                                attempts, received_at))
+                                                attempts, received_at, smtputf8))
         return result
 
     def record_attempt(self, queue_id: str, domain: str, verdicts: Mapping[str, Verdict], *,

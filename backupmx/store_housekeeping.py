@@ -34,6 +34,7 @@ class Bounce:
     last_attempt: int | None = None  # unix time of the row's last attempt, None if none
     last_reply: str | None = None  # the row's last reply (or connection error)
     state_changed: int = 0  # unix time the row's state last changed
+    smtputf8: int = 0  # messages.smtputf8 (RFC 6531): the DSN is then RFC 6533's
 
 
 
@@ -112,7 +113,7 @@ class Housekeeping(QueueDatabase):
         """The Bounce of one row with the recipients matching `recipient_where`."""
         m = db.execute(
             "SELECT m.sender, m.envid, m.ret, m.received_at, m.client, m.helo, m.size, m.body_type,"
-            " q.attempts, q.last_attempt, q.last_reply, q.state_changed"
+            " q.attempts, q.last_attempt, q.last_reply, q.state_changed, m.smtputf8"
             " FROM queue AS q JOIN messages AS m USING (queue_id) WHERE q.queue_id = ? AND q.domain = ?",
             (queue_id, domain),
         ).fetchone()
@@ -126,9 +127,7 @@ class Housekeeping(QueueDatabase):
                 (queue_id, domain, *args),
             )
         ]
-        sender, envid, ret, received_at, client, helo, size, body_type, attempts, last_attempt, last_reply, changed = m
-        return Bounce(queue_id, domain, sender, envid, ret, received_at, client, helo, recipients,
-                      size, body_type, attempts, last_attempt, last_reply, changed)
+        return Bounce(queue_id, domain, *m[:6], recipients, *m[6:])
 
     _DSN_DUE = "state IN ('failed', 'expired') AND dsn_sent IS NULL"
 

@@ -137,10 +137,10 @@ class Intake(QueueDatabase):
         self._check_quotas(db, domains, size, quotas)
         try:
             cursor = db.execute(
-                "INSERT INTO messages (queue_id, sender, received_at, size, body, client, helo, envid, ret, body_type)"
-                " VALUES (?, ?, ?, ?, zeroblob(?), ?, ?, ?, ?, ?)",
+                "INSERT INTO messages (queue_id, sender, received_at, size, body, client, helo, envid, ret, body_type,"
+                " smtputf8) VALUES (?, ?, ?, ?, zeroblob(?), ?, ?, ?, ?, ?, ?)",
                 (queue_id, envelope.sender, at, size, size, submission.client, submission.helo, envelope.envid,
-                 envelope.ret, envelope.body_type or "7BIT"),
+                 envelope.ret, envelope.body_type or "7BIT", envelope.smtputf8_state),
             )
         except sqlite3.IntegrityError as exc:
             raise QueueUnavailable(f"queue id {queue_id} is already in use") from exc

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "backupmx"
 
 # docs/ARCHITECTURE.md, "Modules". A module may import from its own layer and the ones below it.
 LAYERS = {
-    "protocol": {"smtp", "smtp_body", "addresses", "envelope", "replies", "auth", "scram", "outcome"},
+    "protocol": {"smtp", "smtp_body", "addresses", "envelope", "replies", "auth", "scram", "idn", "outcome"},
     "queue": {"store", "store_db", "store_intake", "store_flushes", "store_delivery", "store_housekeeping",
               "store_operator", "schema"},
     "driver": {"connection", "offload", "quota", "tls", "smtpclient", "primaries"},

@@ -691,10 +691,11 @@ def test_new_queue_has_incremental_auto_vacuum(store):
 
 
 def test_version_1_queue_gets_the_new_columns(db_path, clock):
-    # A queue written by schema version 1: without queue.delay_warned and recipients.dsn_claimed.
+    # A queue written by schema version 1: without queue.delay_warned, recipients.dsn_claimed
+    # (version 2) and messages.smtputf8 (version 3).
     text = (ROOT / "schema.sql").read_text()
     old = "\n".join(l for l in text.splitlines()
-                    if not re.match(r"\s+(delay_warned|dsn_claimed)\s+INTEGER", l))
+                    if not re.match(r"\s+(delay_warned|dsn_claimed|smtputf8)\s+INTEGER", l))
     old = re.sub(r"PRAGMA user_version = \d+;", "PRAGMA user_version = 1;", old)
     shell = sqlite3.connect(db_path, isolation_level=None)
     shell.executescript(old)
@@ -704,7 +705,9 @@ def test_version_1_queue_gets_the_new_columns(db_path, clock):
     try:
         assert s.connection.execute("PRAGMA user_version").fetchone()[0] == schema_mod.schema_version() >= 2
         assert "delay_warned" in {r[1] for r in s.connection.execute("PRAGMA table_info(queue)")}
+        assert "smtputf8" in {r[1] for r in s.connection.execute("PRAGMA table_info(messages)")}
         qid = put(s, "a@example.com")
+        assert [m.smtputf8 for m in s.messages_for_flush("example.com")] == [0]
         s.failed(qid, "example.com", ["a@example.com"], "550 no")
         assert [b.queue_id for b in s.claim_dsns()] == [qid]
     finally:
