@@ -156,26 +156,25 @@ _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?)b?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
+def _number_with_unit(text: str, pattern: re.Pattern, units: dict, what: str, hint: str) -> float:
+    m = pattern.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"bad {what} {text!r} ({hint})")
+    value = float(m.group(1)) * units[m.group(2).lower()]
+    if not math.isfinite(value):
+        raise ValueError(f"bad {what} {text!r}")
+    return value
+
+
 def parse_duration(text: str) -> float:
     """ "90" -> 90.0, "5m" -> 300.0, "1.5h" -> 5400.0, "5d" -> 432000.0 (seconds)."""
-    m = _DURATION.fullmatch(text.strip())
-    if not m:
-        raise ValueError(f"bad duration {text!r} (a number with an optional s, m, h or d suffix)")
-    value = float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
-    if not math.isfinite(value):
-        raise ValueError(f"bad duration {text!r}")
-    return value
+    return _number_with_unit(text, _DURATION, _DURATION_UNITS, "duration",
+                             "a number with an optional s, m, h or d suffix")
 
 
 def parse_size(text: str) -> int:
     """ "512" -> 512, "100M" -> 104857600, "5G" -> 5368709120 (1024-based)."""
-    m = _SIZE.fullmatch(text.strip())
-    if not m:
-        raise ValueError(f"bad size {text!r} (bytes with an optional K, M or G suffix)")
-    value = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
-    if not math.isfinite(value):
-        raise ValueError(f"bad size {text!r}")
-    return int(value)
+    return int(_number_with_unit(text, _SIZE, _SIZE_UNITS, "size", "bytes with an optional K, M or G suffix"))
 
 
 def _check_host(host: str) -> str:
