@@ -667,7 +667,7 @@ class Session:
 
     def _answer(self, *event_types: type):
         """Check that one of `event_types` is waiting for this answer; the question it asked, if kept."""
-        if not set(event_types) & set(self._waiting_for):
+        if not any(t in self._waiting_for for t in event_types):
             raise RuntimeError(f"no {event_types[0].__name__} is waiting for an answer")
         self._waiting_for = ()
         if self.phase is Phase.WAITING:
