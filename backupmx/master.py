@@ -313,7 +313,7 @@ class Master:
             return None
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            pid = os.fork()
+            pid = self.fork()
         except OSError as exc:
             parent_end.close()
             child_end.close()
@@ -332,6 +332,25 @@ class Master:
         self.selector.register(parent_end, selectors.EVENT_READ, w)
         log_event(self.logger, "worker-started", pid=pid, generation=self.generation)
         return w
+
+    def fork(self) -> int:
+        """os.fork() with the master's signals blocked across it.
+
+        A signal the master sends a child it has just forked (SIGTERM to a new
+        flush worker when a stop comes at once) could otherwise reach the
+        master's handler still installed in that child, and be lost there: the
+        child would run on until the stop timeout. Blocked, it waits until the
+        child has its own handlers (close_in_child unblocks).
+        """
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+            raise
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+        return pid
 
     def close_in_child(self, keep=None):
         """In a fresh child: drop every descriptor that is the master's.
@@ -357,6 +376,8 @@ class Master:
         self.wakeup_r.close()
         self.wakeup_w.close()
         self.selector.close()
+        # The default actions are back: a SIGTERM that came meanwhile ends this child now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
 
     def drain_worker(self, w, how):
         if w.draining:
@@ -490,7 +511,7 @@ class Master:
     def spawn_flusher(self, slot):
         owner = f"{socket.gethostname()}:{self.pid}:{slot}:{self.generation}"
         try:
-            pid = os.fork()
+            pid = self.fork()
         except OSError as exc:
             log_event(self.logger, "fork-failed", error=exc.strerror)
             self.flusher_respawn_after[slot] = time.monotonic() + RESPAWN_DELAY
