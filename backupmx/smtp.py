@@ -198,7 +198,6 @@ class Session:
     _chunked: ChunkedTransfer | None = None  # the BDAT content of a transaction (stale once the envelope changes)
     _waiting_for: tuple = ()  # the event types whose answer the session waits for
     _asked: object = None  # the MailAdmission or RecipientAdmission waiting for its answer
-    _chunk_refusal: tuple | None = None  # the (reply, fields) a refused BDAT chunk gets once read
 
     def __post_init__(self):
         self.tls_active = self.settings.tls_active
@@ -503,11 +502,9 @@ class Session:
         known, because a refused chunk must still be read through (the octets
         after the command are data, never commands: rule 2).
         """
-        words = argument.split(" ")
-        if not 1 <= len(words) <= 2 or not addresses.DIGITS_RE.fullmatch(words[0]) or (
-                len(words) == 2 and words[1].upper() != "LAST"):
+        size = bdat_size(argument)
+        if size is None:
             return self._close_with(replies.BDAT_SYNTAX)
-        octets, last = int(words[0]), len(words) == 2
         refusal = self._unmet(BDAT_NEEDS, "BDAT", argument)
         transfer = None
         if refusal is None:
@@ -516,8 +513,7 @@ class Session:
                 transfer = ChunkedTransfer(self.envelope, self.settings.max_message_size, self._events)
                 self._chunked = transfer
                 self._events.append(MessageStarted(self.envelope))
-        self._chunk = ChunkReader(octets, last, transfer)
-        self._chunk_refusal = refusal
+        self._chunk = ChunkReader(*size, transfer, refusal)
         self.phase = Phase.CHUNK
 
     def _chunked_transfer(self) -> ChunkedTransfer | None:
@@ -529,13 +525,16 @@ class Session:
         self.progress += 1
         chunk, self._chunk = self._chunk, None
         self.phase = Phase.COMMAND
-        if self._chunk_refusal is not None:
-            return self._reply(*self._chunk_refusal)
+        if chunk.refusal is not None:
+            return self._reply(*chunk.refusal)
         transfer = chunk.transfer
         if chunk.last:
             transfer.finish()
         if transfer.failure is not None:
-            self._reply(transfer.failure)
+            # One failed message is one error (MAX_ERRORS), however many chunks
+            # a client pipelined after the one that failed it.
+            self._reply(transfer.failure, counted=not transfer.reported)
+            transfer.reported = True
             if chunk.last:
                 self.envelope = None
             return
@@ -638,12 +637,12 @@ class Session:
 
     # --- replies and waiting --------------------------------------------
 
-    def _reply(self, reply: Reply, fields: dict | None = None, **more: object) -> None:
+    def _reply(self, reply: Reply, fields: dict | None = None, *, counted: bool = True, **more: object) -> None:
         if self.phase is Phase.CLOSED:
             return
         fields = {**(fields or {}), **more}
         self._output.append(reply.render(hostname=self.settings.hostname, **fields))
-        if reply.code >= 500 and reply is not replies.AUTH_FAILED:
+        if counted and reply.code >= 500 and reply is not replies.AUTH_FAILED:
             self.errors += 1
             if self.errors >= MAX_ERRORS and self.phase is not Phase.CLOSED:
                 self._close_with(replies.TOO_MANY_ERRORS)
@@ -677,6 +676,15 @@ class Session:
 
 
 # --- ESMTP parameters (pure functions: the envelope they fill, or the problem) -------
+
+
+def bdat_size(argument: str) -> tuple[int, bool] | None:
+    """RFC 3030 2: bdat-cmd = "BDAT" SP chunk-size [ SP end-marker ]: (octets, last), or None."""
+    words = argument.split(" ")
+    if not 1 <= len(words) <= 2 or not addresses.DIGITS_RE.fullmatch(words[0]) or (
+            len(words) == 2 and words[1].upper() != "LAST"):
+        return None
+    return int(words[0]), len(words) == 2
 
 
 def client_path(path: str, *, allow_null: bool, utf8: bool) -> "addresses.Mailbox | None":

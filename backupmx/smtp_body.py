@@ -158,11 +158,12 @@ class DataTransfer:
 
 class ChunkReader:
     """Exactly `octets` octets after a BDAT command (RFC 3030 2), handed to `transfer`
-    as they arrive (None: the chunk is read through and dropped). No line-ending
-    interpretation: these octets are data, never commands."""
+    as they arrive (None: the chunk is read through and dropped, then answered with
+    `refusal`, a (Reply, fields)). No line-ending interpretation: these octets are
+    data, never commands."""
 
-    def __init__(self, octets: int, last: bool, transfer: "ChunkedTransfer | None"):
-        self.octets, self.last, self.transfer = octets, last, transfer
+    def __init__(self, octets: int, last: bool, transfer: "ChunkedTransfer | None", refusal: tuple | None = None):
+        self.octets, self.last, self.transfer, self.refusal = octets, last, transfer, refusal
         self.remaining = octets
         self.ticks = 0
         self._counted = 0
@@ -195,6 +196,7 @@ class ChunkedTransfer:
         self.events = events
         self.size = 0
         self.failure: Reply | None = None
+        self.reported = False  # the failure was answered once already
         self.headers = HeaderScan()
         self._held_cr = False  # the last octet so far is a CR: its LF may open the next chunk
         self._line = 0  # octets of the current line so far

@@ -119,6 +119,16 @@ def test_size_is_enforced_as_chunks_arrive_and_read_through(config):
     assert len(d.body) <= limit and d.session.envelope is None
 
 
+def test_chunks_after_a_failure_count_as_one_error(config):
+    """A client that pipelines a big message in small chunks gets the refusal for each,
+    not a 421 for too many errors: the failure stays permanent for it."""
+    d = session(config)
+    chunks = [b"ok\r\n", b"bad\nline\r\n"] + [b"more\r\n"] * 40
+    got = d.feed(HEAD + bdat(*chunks) + b"NOOP\r\n")
+    assert got[-2:] == [reply_line(replies.BARE_LINE_ENDING), reply_line(replies.OK)]
+    assert got.count(reply_line(replies.BARE_LINE_ENDING)) == 41 and not d.session.closed
+
+
 def test_a_message_without_a_final_crlf_gets_one(config):
     d = session(config)
     d.feed(HEAD + bdat(b"Subject: x\r\n\r\nno end"))
