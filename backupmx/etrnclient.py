@@ -11,12 +11,25 @@ is down does not keep the others from being asked.
 
 Passwords only ever travel inside TLS: a server that does not offer STARTTLS
 is refused before AUTH.  Needs no config file.
+
+Exit status (sysexits.h, SPEC Part 2), so that a timer can tell "try again
+later" from "fix something":
+   0  every ETRN answered 250/251/252/253
+  75  EX_TEMPFAIL  connection trouble, a 4xx (458 included): try again later
+  77  EX_NOPERM    530, 535 or 459: the user, its password or its domains are wrong
+  64  EX_USAGE     bad arguments (a bad HOST:PORT, no password source, 501 to ETRN)
+  78  EX_CONFIG    certificate or password-file trouble, a server that offers no
+                   STARTTLS or no usable AUTH, implicit TLS against a plain port
+  69  EX_UNAVAILABLE  any other 5xx (e.g. a server without ETRN)
+With several domains or hosts the status that needs a person wins over 75:
+75 only when everything else was fine.
 """
 
 import base64
 import getpass
 import hashlib
 import hmac
+import os
 import smtplib
 import socket
 import ssl
@@ -29,10 +42,41 @@ __all__ = ["main", "parse_target", "parse_targets", "run", "run_hosts"]
 # RFC 1985 section 5: 250 queuing started, 251 no messages waiting,
 # 252 pending messages for node started, 253 <n> pending messages started.
 ETRN_OK = frozenset({250, 251, 252, 253})
+# Replies that say "this user may not": RFC 4954 530 (authentication required)
+# and 535 (credentials invalid), RFC 1985 459 (node not allowed).
+NOT_PERMITTED = frozenset({530, 534, 535, 459})
+
+EX_OK, EX_USAGE, EX_UNAVAILABLE = os.EX_OK, os.EX_USAGE, os.EX_UNAVAILABLE
+EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = os.EX_TEMPFAIL, os.EX_NOPERM, os.EX_CONFIG
+
+
+def status_of_reply(code: int) -> int:
+    """The exit status one reply stands for (see the module docstring)."""
+    if code in ETRN_OK:
+        return EX_OK
+    if code in NOT_PERMITTED:
+        return EX_NOPERM
+    if 400 <= code < 500:
+        return EX_TEMPFAIL
+    if code == 501:
+        return EX_USAGE
+    return EX_UNAVAILABLE
+
+
+def worse(status: int, other: int) -> int:
+    """Two statuses as one: a failure beats success, one that needs a person beats
+    75 (which only says "later"); otherwise the first one stays."""
+    if status == EX_OK or (status == EX_TEMPFAIL and other != EX_OK):
+        return other
+    return status
 
 
 class _Failed(Exception):
-    """One-line reason the whole run stops (printed on stderr, exit 1)."""
+    """One-line reason the whole run stops (printed on stderr) and its exit status."""
+
+    def __init__(self, message: str, status: int = EX_TEMPFAIL):
+        super().__init__(message)
+        self.status = status
 
 
 def parse_target(target: str, default_port: int) -> tuple[str, int]:
@@ -87,11 +131,11 @@ def _tls_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
         try:
             ctx = ssl.create_default_context(cafile=cafile)
         except FileNotFoundError:
-            raise _Failed(f"{cafile}: no such file") from None
+            raise _Failed(f"{cafile}: no such file", EX_CONFIG) from None
         except OSError as exc:
-            raise _Failed(f"{cafile}: {exc.strerror or exc}") from None
+            raise _Failed(f"{cafile}: {exc.strerror or exc}", EX_CONFIG) from None
         except ssl.SSLError:
-            raise _Failed(f"{cafile}: not a PEM CA file") from None
+            raise _Failed(f"{cafile}: not a PEM CA file", EX_CONFIG) from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
 
@@ -111,12 +155,13 @@ def choose_mechanism(offered: list[str], wanted: str | None = None) -> str:
     """The mechanism to use: `wanted` (it must be offered), else the first of PREFERENCE offered."""
     if wanted is not None:
         if wanted not in offered:
-            raise _Failed(f"the server does not offer {wanted} (it offers {' '.join(offered) or 'nothing'})")
+            raise _Failed(f"the server does not offer {wanted} (it offers {' '.join(offered) or 'nothing'})",
+                          EX_CONFIG)
         return wanted
     for mechanism in PREFERENCE:
         if mechanism in offered:
             return mechanism
-    raise _Failed(f"server offers no usable AUTH mechanism (wanted one of {' '.join(PREFERENCE)})")
+    raise _Failed(f"server offers no usable AUTH mechanism (wanted one of {' '.join(PREFERENCE)})", EX_CONFIG)
 
 
 def _authenticate(smtp: smtplib.SMTP, user: str, password: str, mechanism: str | None = None) -> None:
@@ -143,7 +188,7 @@ def _authenticate(smtp: smtplib.SMTP, user: str, password: str, mechanism: str |
                 challenge = base64.b64decode(msg, validate=True)
             except ValueError:
                 smtp.docmd("*")  # RFC 4954: cancel the exchange
-                raise _Failed("server sent a malformed CRAM-MD5 challenge") from None
+                raise _Failed("server sent a malformed CRAM-MD5 challenge", EX_UNAVAILABLE) from None
             digest = hmac.new(password.encode("utf-8"), challenge, hashlib.md5).hexdigest()
             code, msg = smtp.docmd(b64(f"{user} {digest}".encode("utf-8")))
     elif mech == "PLAIN":
@@ -155,7 +200,12 @@ def _authenticate(smtp: smtplib.SMTP, user: str, password: str, mechanism: str |
         if code == 334:
             code, msg = smtp.docmd(b64(password.encode("utf-8")))
     if code != 235:
-        raise _Failed(f"authentication failed: {_reply_text(code, msg)}")
+        raise _Failed(f"authentication failed: {_reply_text(code, msg)}", _auth_status(code))
+
+
+def _auth_status(code: int) -> int:
+    """A refused AUTH: 75 when the server says "later" (4xx, 421), else 77: these credentials will not do."""
+    return EX_TEMPFAIL if 400 <= code < 500 else EX_NOPERM
 
 
 def _scram(smtp: smtplib.SMTP, user: str, password: str, chosen_by_us: bool) -> None:
@@ -163,27 +213,28 @@ def _scram(smtp: smtplib.SMTP, user: str, password: str, chosen_by_us: bool) -> 
     try:
         client = scram.Client(user, password)
     except scram.ScramError as exc:
-        raise _Failed(f"SCRAM-SHA-256 cannot use this user name or password ({exc}): try --mechanism PLAIN") from None
+        raise _Failed(f"SCRAM-SHA-256 cannot use this user name or password ({exc}): try --mechanism PLAIN",
+                      EX_CONFIG) from None
     code, msg = smtp.docmd("AUTH", "SCRAM-SHA-256 " + base64.b64encode(client.first().encode("utf-8")).decode())
     if code == 334:
         try:
             final = client.final(_decode_challenge(msg))
         except scram.ScramError as exc:
             smtp.docmd("*")
-            raise _Failed(f"server sent an unusable SCRAM message: {exc}") from None
+            raise _Failed(f"server sent an unusable SCRAM message: {exc}", EX_UNAVAILABLE) from None
         code, msg = smtp.docmd(base64.b64encode(final.encode("utf-8")).decode())
         if code == 334:
             if not client.check(_decode_challenge(msg)):
                 smtp.docmd("*")
                 raise _Failed("the server's SCRAM signature is wrong: it does not hold this user's secret "
-                              "(not the backup MX it claims to be?)")
+                              "(not the backup MX it claims to be?)", EX_CONFIG)
             code, msg = smtp.docmd("")
     if code == 235:
         return
     hint = ""
     if code == 535 and chosen_by_us:
         hint = " (a {SCRYPT} secret on the server cannot serve SCRAM-SHA-256: try --mechanism PLAIN)"
-    raise _Failed(f"authentication failed: {_reply_text(code, msg)}{hint}")
+    raise _Failed(f"authentication failed: {_reply_text(code, msg)}{hint}", _auth_status(code))
 
 
 def _decode_challenge(msg: bytes) -> str:
@@ -198,32 +249,72 @@ def _where(host: str, port: int) -> str:
 
 
 def run_hosts(targets, domains, **options) -> int:
-    """run() for each (host, port) in turn; 0 when every host's run was 0, else the
-    first failing host's status. With several hosts each reply line starts with
-    "<host>:<port>: " so the output says which backup MX answered."""
-    statuses = []
+    """run() for each (host, port) in turn; the statuses made one by worse(). With
+    several hosts each reply line starts with "<host>:<port>: " so the output says
+    which backup MX answered."""
+    status = EX_OK
     for host, port in targets:
         label = f"{_where(host, port)}: " if len(targets) > 1 else ""
-        statuses.append(run(host, port, domains, label=label, **options))
-    return next((status for status in statuses if status), 0)
+        status = worse(status, run(host, port, domains, label=label, **options))
+    return status
+
+
+# The usual implicit-TLS submission port (RFC 8314); 25 and 587 speak STARTTLS.
+IMPLICIT_TLS_PORT = 465
+
+
+def _tls_mismatch_hint(port: int, implicit_tls: bool) -> str:
+    """A hint for a session that failed before TLS was up: the wrong kind of TLS port?"""
+    if implicit_tls:
+        return " (the server answered in plain text: for a STARTTLS port such as 25 or 587 leave out --tls)"
+    if port == IMPLICIT_TLS_PORT:
+        return f" (port {port} is usually implicit TLS: add --tls)"
+    return " (no SMTP greeting: if this is an implicit-TLS port such as 465, add --tls)"
+
+
+def _failure(exc: BaseException, stage: str, port: int, implicit_tls: bool) -> tuple[str, int]:
+    """(one line, exit status) for what ended a run."""
+    before_tls = stage == "connect"
+    if isinstance(exc, _Failed):
+        return str(exc), exc.status
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verification failed: {exc.verify_message or exc.reason}", EX_CONFIG
+    if isinstance(exc, ssl.SSLError):
+        if implicit_tls and before_tls and exc.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE",
+                                                          "PACKET_LENGTH_TOO_LONG"):
+            return f"TLS failed: {exc.reason}{_tls_mismatch_hint(port, True)}", EX_CONFIG
+        return f"TLS failed: {exc.reason or exc}", EX_TEMPFAIL
+    hint = _tls_mismatch_hint(port, False) if before_tls and not implicit_tls else ""
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return f"{stage}: {_reply_text(exc.smtp_code, exc.smtp_error)}", status_of_reply(exc.smtp_code)
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return f"connection closed during {stage}: {exc}{hint}", EX_TEMPFAIL
+    if isinstance(exc, smtplib.SMTPException):
+        return f"{stage}: {exc}", EX_TEMPFAIL
+    if isinstance(exc, socket.timeout):
+        return f"timed out during {stage}{hint}", EX_TEMPFAIL
+    if isinstance(exc, ConnectionRefusedError):
+        hint = ""  # nobody listens there: not a question of TLS
+    return f"{stage}: {getattr(exc, 'strerror', None) or exc}{hint}", EX_TEMPFAIL
 
 
 def run(host, port, domains, *, user, password, implicit_tls=False, cafile=None, insecure=False,
         timeout=30, out=None, err=None, label="", mechanism=None) -> int:
-    """Send ETRN for each domain; 0 when every reply is 250/251/252/253, else 1.
+    """Send ETRN for each domain; returns the exit status (module docstring): 0 when
+    every reply is 250/251/252/253.
 
     Prints "<label>ETRN <domain>: <reply>" for each on `out`; a connection, TLS
-    or AUTH problem is one line on `err` (no traceback; it names the host) and exit 1.
+    or AUTH problem is one line on `err` (no traceback; it names the host).
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     where = _where(host, port)
     smtp = None
+    stage = "connect"
     try:
         ctx = _tls_context(cafile, insecure)
         # local_hostname: smtplib's default, getfqdn(), may wait on DNS.
         helo = socket.gethostname() or "localhost"
-        stage = "connect"
         if implicit_tls:
             smtp = smtplib.SMTP_SSL(host, port, local_hostname=helo, timeout=timeout, context=ctx)
         else:
@@ -231,28 +322,27 @@ def run(host, port, domains, *, user, password, implicit_tls=False, cafile=None,
         stage = "EHLO"
         code, msg = smtp.ehlo()
         if code != 250:
-            raise _Failed(f"EHLO refused: {_reply_text(code, msg)}")
+            raise _Failed(f"EHLO refused: {_reply_text(code, msg)}", status_of_reply(code))
         if not implicit_tls:
             if not smtp.has_extn("starttls"):
-                raise _Failed("server does not offer STARTTLS; not sending the password in clear text")
+                raise _Failed("server does not offer STARTTLS; not sending the password in clear text", EX_CONFIG)
             stage = "STARTTLS"
             smtp.starttls(context=ctx)
             code, msg = smtp.ehlo()
             if code != 250:
-                raise _Failed(f"EHLO after STARTTLS refused: {_reply_text(code, msg)}")
+                raise _Failed(f"EHLO after STARTTLS refused: {_reply_text(code, msg)}", status_of_reply(code))
         stage = "AUTH"
         if not smtp.has_extn("auth"):
-            raise _Failed("server does not offer AUTH")
+            raise _Failed("server does not offer AUTH", EX_CONFIG)
         _authenticate(smtp, user, password, mechanism)
         stage = "ETRN"
-        status = 0
+        status = EX_OK
         for domain in domains:
             code, msg = smtp.docmd("ETRN", domain)
             print(f"{label}ETRN {domain}: {_reply_text(code, msg)}", file=out, flush=True)
-            if code not in ETRN_OK:
-                status = 1
+            status = worse(status, status_of_reply(code))
             if code == 421:  # the server is closing the connection
-                return 1
+                return status
         stage = "QUIT"
         try:
             smtp.quit()
@@ -260,30 +350,16 @@ def run(host, port, domains, *, user, password, implicit_tls=False, cafile=None,
             pass
         smtp = None
         return status
-    except _Failed as exc:
-        print(f"backupmx etrn: {where}: {exc}", file=err)
-    except ssl.SSLCertVerificationError as exc:
-        print(f"backupmx etrn: {where}: certificate verification failed: {exc.verify_message or exc.reason}",
-              file=err)
-    except ssl.SSLError as exc:
-        print(f"backupmx etrn: {where}: TLS failed: {exc.reason or exc}", file=err)
-    except smtplib.SMTPResponseException as exc:
-        print(f"backupmx etrn: {where}: {stage}: {_reply_text(exc.smtp_code, exc.smtp_error)}", file=err)
-    except smtplib.SMTPServerDisconnected as exc:
-        print(f"backupmx etrn: {where}: connection closed during {stage}: {exc}", file=err)
-    except smtplib.SMTPException as exc:
-        print(f"backupmx etrn: {where}: {stage}: {exc}", file=err)
-    except socket.timeout:
-        print(f"backupmx etrn: {where}: timed out during {stage}", file=err)
-    except OSError as exc:
-        print(f"backupmx etrn: {where}: {stage}: {exc.strerror or exc}", file=err)
+    except (_Failed, smtplib.SMTPException, OSError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
+        message, status = _failure(exc, stage, port, implicit_tls)
+        print(f"backupmx etrn: {where}: {message}", file=err)
+        return status
     finally:
         if smtp is not None:
             try:
                 smtp.close()
             except OSError:
                 pass
-    return 1
 
 
 def _read_password(password_file: str | None, user: str) -> str:
@@ -295,21 +371,21 @@ def _read_password(password_file: str | None, user: str) -> str:
                 with open(password_file, encoding="utf-8") as f:
                     line = f.readline()
         except OSError as exc:
-            raise _Failed(f"{password_file}: {exc.strerror or exc}") from None
+            raise _Failed(f"{password_file}: {exc.strerror or exc}", EX_CONFIG) from None
         except UnicodeDecodeError:
-            raise _Failed(f"{password_file}: not UTF-8") from None
+            raise _Failed(f"{password_file}: not UTF-8", EX_CONFIG) from None
         password = line[:-1] if line.endswith("\n") else line
         if password.endswith("\r"):
             password = password[:-1]
         if not password:
-            raise _Failed(f"{password_file}: the first line (the password) is empty")
+            raise _Failed(f"{password_file}: the first line (the password) is empty", EX_CONFIG)
         return password
     if sys.stdin is not None and sys.stdin.isatty():
         password = getpass.getpass(f"Password for {user}: ")
         if not password:
-            raise _Failed("empty password")
+            raise _Failed("empty password", EX_USAGE)
         return password
-    raise _Failed("no --password-file given and stdin is not a terminal to ask on")
+    raise _Failed("no --password-file given and stdin is not a terminal to ask on", EX_USAGE)
 
 
 def main(args) -> int:
@@ -321,11 +397,11 @@ def main(args) -> int:
         try:
             targets = parse_targets(args.target, 465 if args.tls else 25)
         except ValueError as exc:
-            raise _Failed(str(exc)) from None
+            raise _Failed(str(exc), EX_USAGE) from None
         password = _read_password(args.password_file, args.user)
     except _Failed as exc:
         print(f"backupmx etrn: {exc}", file=sys.stderr)
-        return 1
+        return exc.status
     return run_hosts(targets, list(args.domains), user=args.user, password=password, implicit_tls=args.tls,
                      cafile=args.cafile, insecure=args.insecure, timeout=args.timeout,
                      mechanism=getattr(args, "mechanism", None))

@@ -400,8 +400,9 @@ def tiny(etrn_users, good_ctx):
 def _run(server, domains, user="primary", password="pw ü;#", **kw):
     out, err = io.StringIO(), io.StringIO()
     kw.setdefault("cafile", CA)
+    kw.setdefault("timeout", 10)
     rc = etrnclient.run("127.0.0.1", server.port, domains, user=user, password=password,
-                        timeout=10, out=out, err=err, **kw)
+                        out=out, err=err, **kw)
     return rc, out.getvalue(), err.getvalue()
 
 
@@ -443,17 +444,17 @@ def test_etrn_implicit_tls(tiny):
     assert "STARTTLS" not in [line.upper() for line in s.lines]
 
 
-def test_etrn_not_allowed_is_exit_1(tiny):
+def test_etrn_not_allowed_is_ex_noperm(tiny):
     s = tiny()
     rc, out, err = _run(s, ["example.com", "example.org"])
-    assert rc == 1
+    assert rc == 77  # EX_NOPERM: 459, the user may not flush example.org
     assert "ETRN example.org: 459" in out and "ETRN example.com: 251" in out
 
 
 def test_etrn_wrong_password(tiny):
     s = tiny()
     rc, out, err = _run(s, ["example.com"], password="nope")
-    assert rc == 1 and out == ""
+    assert rc == 77 and out == ""  # EX_NOPERM: retrying will not help
     assert err.count("\n") == 1 and "authentication failed" in err and "535" in err
     assert not any(line.upper().startswith("ETRN") for line in s.lines)
 
@@ -462,7 +463,7 @@ def test_etrn_untrusted_certificate(tiny):
     other = tls.server_context(os.path.join(CERTS, "other.pem"), os.path.join(CERTS, "other.key"))
     s = tiny(ctx=other)
     rc, out, err = _run(s, ["example.com"])
-    assert rc == 1 and err.count("\n") == 1 and "certificate" in err
+    assert rc == 78 and err.count("\n") == 1 and "certificate" in err  # EX_CONFIG
     assert not any(line.upper().startswith("AUTH") for line in s.lines)
     s2 = tiny(ctx=other)
     rc, out, err = _run(s2, ["example.com"], insecure=True, cafile=None)
@@ -472,7 +473,7 @@ def test_etrn_untrusted_certificate(tiny):
 def test_etrn_refuses_server_without_starttls(tiny):
     s = tiny(starttls=False)
     rc, out, err = _run(s, ["example.com"])
-    assert rc == 1 and "STARTTLS" in err and err.count("\n") == 1
+    assert rc == 78 and "STARTTLS" in err and err.count("\n") == 1  # EX_CONFIG
     assert not any(line.upper().startswith("AUTH") for line in s.lines)
 
 
@@ -482,9 +483,34 @@ def test_etrn_connection_refused():
     err = io.StringIO()
     rc = etrnclient.run("127.0.0.1", port, ["example.com"], user="u", password="p", cafile=CA,
                         timeout=5, out=io.StringIO(), err=err)
-    assert rc == 1
+    assert rc == 75  # EX_TEMPFAIL: try again later
     assert err.getvalue().startswith(f"backupmx etrn: 127.0.0.1:{port}: ")
     assert err.getvalue().count("\n") == 1
+
+
+def test_etrn_starttls_against_an_implicit_tls_port_hints_at_tls(tiny):
+    s = tiny(implicit_tls=True)  # it waits for a TLS ClientHello; the client for a greeting
+    rc, out, err = _run(s, ["example.com"], timeout=1)
+    assert rc == 75 and err.count("\n") == 1, err  # EX_TEMPFAIL: nothing certain yet
+    assert "add --tls" in err
+
+
+def test_etrn_implicit_tls_against_a_plain_port_hints_at_starttls(tiny):
+    s = tiny()  # its plaintext 220 is no TLS record
+    rc, out, err = _run(s, ["example.com"], implicit_tls=True)
+    assert rc == 78 and err.count("\n") == 1, err  # EX_CONFIG: it will never work like this
+    assert "leave out --tls" in err
+
+
+@pytest.mark.parametrize("codes, status", [
+    ([250, 251, 253], 0), ([253, 458], 75), ([458, 459], 77), ([459, 458], 77), ([421], 75),
+    ([501], 64), ([502], 69), ([530], 77), ([535, 458], 77),
+])
+def test_etrn_statuses_combine_with_the_one_needing_a_person_first(codes, status):
+    combined = 0
+    for code in codes:
+        combined = etrnclient.worse(combined, etrnclient.status_of_reply(code))
+    assert combined == status
 
 
 @pytest.mark.parametrize("target,default,expected", [
@@ -521,17 +547,17 @@ def etrn_args(target, *options):
 
 def test_main_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))  # not a tty: no prompt
-    for target, options, needle in [
-        ("127.0.0.1:1", [], "password-file"),
-        ("127.0.0.1:1", ["--password-file", str(tmp_path / "missing")], "missing"),
-        ("127.0.0.1:x", ["--password-file", str(tmp_path)], "bad port"),
+    for target, options, needle, status in [
+        ("127.0.0.1:1", [], "password-file", 64),  # EX_USAGE: no password source
+        ("127.0.0.1:1", ["--password-file", str(tmp_path / "missing")], "missing", 78),  # EX_CONFIG
+        ("127.0.0.1:x", ["--password-file", str(tmp_path)], "bad port", 64),
     ]:
-        assert etrnclient.main(etrn_args(target, *options)) == 1
+        assert etrnclient.main(etrn_args(target, *options)) == status
         err = capsys.readouterr().err
         assert err.startswith("backupmx etrn: ") and err.count("\n") == 1 and needle in err, err
     empty = tmp_path / "empty"
     empty.write_text("\n")
-    assert etrnclient.main(etrn_args("127.0.0.1:1", "--password-file", str(empty))) == 1
+    assert etrnclient.main(etrn_args("127.0.0.1:1", "--password-file", str(empty))) == 78
     assert "empty" in capsys.readouterr().err
 
 

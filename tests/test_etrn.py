@@ -236,7 +236,7 @@ def test_etrn_client_command(mx, sink, tmp_path):
     password_file.write_text(PASSWORD + "\n")
     result = run_cli("etrn", f"localhost:{mx.port}", "example.com", "example.org", "--user", "prim",
                      "--password-file", str(password_file), "--cafile", str(CERTS / "ca.pem"))
-    assert result.returncode == 1  # example.org is not prim's: 459
+    assert result.returncode == 77  # example.org is not prim's: 459, EX_NOPERM
     assert "253" in result.stdout and "459" in result.stdout
     result = run_cli("etrn", f"localhost:{mx.tls_port}", "sub.example.com", "--tls", "--user", "prim",
                      "--password-file", str(password_file), "--cafile", str(CERTS / "ca.pem"))
@@ -245,7 +245,7 @@ def test_etrn_client_command(mx, sink, tmp_path):
     sink.wait_for(2, timeout=15)
     result = run_cli("etrn", f"localhost:{mx.port}", "example.com", "--user", "prim",
                      "--password-file", str(password_file))  # the test CA is not a system CA
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 78 and "Traceback" not in result.stderr  # EX_CONFIG: certificate trouble
     assert len(result.stderr.strip().splitlines()) == 1
 
 
