@@ -3,7 +3,10 @@
 -- backupmx applies this file on every start, inside one transaction; every
 -- statement is CREATE ... IF NOT EXISTS, so running it on an existing queue
 -- changes nothing. PRAGMA user_version (at the end) is the schema version;
--- backupmx refuses a database whose version is newer than its own.
+-- backupmx refuses a database whose version is newer than its own. An older
+-- queue is migrated in the same transaction (backupmx/store_db.py): columns
+-- added since are added to its tables, and its views, which hold no data,
+-- are dropped so that this file creates them as they are now.
 --
 -- Model: a message (envelope sender + body) is stored ONCE in `messages`.
 -- It has one row in `queue` per configured recipient domain it was accepted
@@ -22,7 +25,8 @@
 -- older shells: CAST(strftime('%s', 'now') AS INTEGER)).
 --
 -- Answering questions with `sqlite3 /var/spool/backupmx/queue.db`:
---   SELECT * FROM queue_summary;                          -- per domain: messages, bytes, oldest
+--   SELECT * FROM queue_summary;                          -- per domain: messages, bytes, oldest, last ETRN and delivery
+--   SELECT domain, datetime(last_etrn, 'unixepoch') FROM domain_status; -- did the primary poll?
 --   SELECT * FROM queue_list WHERE domain = 'example.com'; -- one line per queued message
 --   SELECT domain, state, COUNT(*) FROM queue GROUP BY 1, 2;
 --   SELECT * FROM recipients WHERE state = 'failed';      -- what the primary refused, and why
@@ -125,13 +129,41 @@ CREATE TABLE IF NOT EXISTS events (
 -- Looking up the history of one message.
 CREATE INDEX IF NOT EXISTS events_queue_id ON events (queue_id);
 
--- Per domain: what is waiting (queued or held). A domain with nothing waiting
--- has no row. bytes counts a message once per domain it is queued for.
-CREATE VIEW IF NOT EXISTS queue_summary (domain, messages, bytes, oldest) AS
-    SELECT q.domain, COUNT(*), SUM(m.size), MIN(m.received_at) -- oldest: unix time (integer)
-    FROM queue AS q JOIN messages AS m USING (queue_id)
-    WHERE q.state IN ('queued', 'held')
-    GROUP BY q.domain;
+-- Per domain: what the primary did last, and since when mail waits for it.
+-- The alarm a backup MX needs most is "the primary forgot to poll": mail
+-- waiting (queueing_since) and no recent last_etrn. One row per domain that
+-- ever had mail or an ETRN; `backupmx queue`, `metrics` and `health` read it.
+CREATE TABLE IF NOT EXISTS domain_status (
+    domain            TEXT PRIMARY KEY NOT NULL, -- configured domain, lower case
+    last_etrn         INTEGER, -- unix time of the last ETRN naming it (authenticated, over SMTP; not `backupmx flush`), NULL = never
+    last_delivery     INTEGER, -- unix time the primary last accepted (2xx) mail of it, NULL = never
+    queueing_since    INTEGER, -- unix time mail started waiting (queued or held) after the domain was empty; NULL = nothing waits.
+                               -- Set in the transaction that queues the first message, cleared once the domain is empty again
+                               -- (logged as domain-queueing / domain-drained, each once)
+    notified_queueing INTEGER, -- unix time the domain's `notify` address was told that it started queueing; NULL = not (yet) for this queueing_since
+    notified_age      INTEGER  -- unix time the `notify` address was told its oldest mail passed notify_age; NULL = not (yet)
+);
+
+-- Counters that outlive the processes (the metrics' *_total): events that
+-- happen too often for an `events` row each. A row per (name, label).
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT NOT NULL,           -- messages_received | messages_delivered | rejects
+    label TEXT NOT NULL DEFAULT '', -- rejects: the reason (the reply's name in backupmx/replies.py, lower case); else ''
+    value INTEGER NOT NULL DEFAULT 0, -- how many since the queue was created
+    PRIMARY KEY (name, label)      -- one row per counter and label
+);
+
+-- Per domain: what is waiting (queued or held), and when the primary last
+-- polled and took mail. A domain with nothing waiting has no row. bytes
+-- counts a message once per domain it is queued for.
+CREATE VIEW IF NOT EXISTS queue_summary (domain, messages, bytes, oldest, last_etrn, last_delivery) AS
+    SELECT w.domain, w.messages, w.bytes, w.oldest,      -- oldest: unix time (integer)
+           s.last_etrn, s.last_delivery                  -- unix times, NULL = never
+    FROM (SELECT q.domain, COUNT(*) AS messages, SUM(m.size) AS bytes, MIN(m.received_at) AS oldest
+          FROM queue AS q JOIN messages AS m USING (queue_id)
+          WHERE q.state IN ('queued', 'held')
+          GROUP BY q.domain) AS w
+    LEFT JOIN domain_status AS s USING (domain);
 
 -- One line per queue row (any state), recipients comma-separated, oldest first.
 CREATE VIEW IF NOT EXISTS queue_list
@@ -165,7 +197,8 @@ BEGIN
     DELETE FROM queue WHERE queue_id = OLD.queue_id;
 END;
 
--- Schema version; bump it with a migration in backupmx/store.py.
+-- Schema version; bump it with a migration in backupmx/store_db.py.
 -- 2: queue.delay_warned, recipients.dsn_claimed (added to a version 1 queue on start).
 -- 3: messages.smtputf8 (added to an older queue on start).
-PRAGMA user_version = 3;
+-- 4: domain_status, counters; queue_summary gains last_etrn and last_delivery.
+PRAGMA user_version = 4;

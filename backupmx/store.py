@@ -9,6 +9,8 @@ for the processes that use it:
   store_delivery.Delivery           flushers: a domain's queued mail, each recipient's outcome
   store_housekeeping.Housekeeping   lifecycle: expiry, DSN claims, retention, upkeep
   store_operator.OperatorQueries    the CLI: reports and postsuper-style actions
+  store_status.DomainStatus         per-domain status (last ETRN, last delivery, queueing
+                                    since) and counters: metrics, health, notices
 
 What must always hold (each public method keeps it in ONE transaction):
   - A message is in `messages` once, with one `queue` row per recipient domain
@@ -26,15 +28,17 @@ Open a QueueStore only in the process that uses it (after fork): an SQLite
 connection must never cross a fork.
 """
 
-from backupmx.store_db import (EXPIRED, FAILED, HELD, QUEUED, BodyReader, QueueDatabase,  # noqa: F401
-                               QueueUnavailable, RecipientStatus, check_database, is_queue_id, new_queue_id)
+from backupmx.store_db import (DELIVERED, EXPIRED, FAILED, HELD, QUEUED, RECEIVED, REJECTS, STATES,  # noqa: F401
+                               WAITING, BodyReader, QueueDatabase, QueueUnavailable, RecipientStatus,
+                               check_database, is_queue_id, new_queue_id)
 from backupmx.store_delivery import Delivery, QueuedMessage  # noqa: F401
 from backupmx.store_flushes import FlushRequests  # noqa: F401
 from backupmx.store_housekeeping import DSN_CLAIM_SECONDS, Bounce, ExpiredRow, Housekeeping, PurgedRow  # noqa: F401
 from backupmx.store_intake import Intake, QuotaExceeded, Submission  # noqa: F401
 from backupmx.store_operator import (Event, MessageDetail, MessageRow, OperatorQueries,  # noqa: F401
-                                     QueueSummary, RowDetail)
+                                     QueueSummary, RowDetail, RowKey, Selection)
+from backupmx.store_status import DomainChange, DomainReport, DomainStatus, Notice  # noqa: F401
 
 
-class QueueStore(Intake, FlushRequests, Delivery, Housekeeping, OperatorQueries):
+class QueueStore(Intake, FlushRequests, Delivery, Housekeeping, OperatorQueries, DomainStatus):
     """The whole queue, every role on one connection. One instance per process, created after fork."""

@@ -36,6 +36,11 @@ JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # WAL file truncated back to this after a
 
 # Row and recipient states (CHECK constraints in schema.sql).
 QUEUED, HELD, FAILED, EXPIRED = "queued", "held", "failed", "expired"
+STATES = (QUEUED, HELD, FAILED, EXPIRED)
+WAITING = (QUEUED, HELD)  # what queue_summary counts: mail the primary has still to take
+
+# Names in the counters table (schema.sql).
+RECEIVED, DELIVERED, REJECTS = "messages_received", "messages_delivered", "rejects"
 
 # SQLite primary result codes that mean "the queue cannot take this now"
 # (disk full, locked by another writer, I/O trouble): the SMTP side answers
@@ -272,6 +277,16 @@ def _create_private(path: str) -> None:
         raise sqlite3.OperationalError(f"unable to open database file: {exc.strerror or exc}") from exc
 
 
+def _statements(script: str) -> Iterator[str]:
+    """The SQL statements of `script`, one at a time (executescript would commit first)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
+
+
 def _uri_path(path: str) -> str:
     from urllib.parse import quote
 
@@ -282,20 +297,38 @@ def _uri_path(path: str) -> str:
 class QueueDatabase:
     """The SQLite connection and its transactions; each role (store_*.py) builds on it."""
 
-    def __init__(self, path: str, clock: Callable[[], float] = time.time, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT):
+    def __init__(self, path: str, clock: Callable[[], float] = time.time, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+                 read_only: bool = False):
+        """read_only: open an existing queue for reports only (metrics, health):
+        SQLite's mode=ro, no schema applied, nothing written; a queue whose schema
+        is not this backupmx's (not migrated yet) is QueueUnavailable."""
         self.path = path
         self._clock = clock
         self._db: sqlite3.Connection | None = None
         self._turn_lock: int | None = None  # fd of <queue>-commit.lock: store_intake's turn to commit
         with _sqlite_errors():
-            _create_private(path)
-            db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+            if read_only:
+                db = sqlite3.connect(f"file:{_uri_path(path)}?mode=ro", uri=True, timeout=busy_timeout,
+                                     isolation_level=None)
+            else:
+                _create_private(path)
+                db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
             try:
-                self._setup(db, busy_timeout)
+                if read_only:
+                    self._check_version(db, busy_timeout)
+                else:
+                    self._setup(db, busy_timeout)
             except BaseException:
                 db.close()
                 raise
         self._db = db
+
+    def _check_version(self, db: sqlite3.Connection, busy_timeout: float) -> None:
+        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        found, ours = db.execute("PRAGMA user_version").fetchone()[0], schema_version()
+        if found != ours:
+            raise QueueUnavailable(f"{self.path}: schema version {found}, this backupmx reads {ours}"
+                                   + (" (start the server once to migrate the queue)" if found < ours else ""))
 
     def _setup(self, db: sqlite3.Connection, busy_timeout: float) -> None:
         db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
@@ -311,13 +344,19 @@ class QueueDatabase:
         db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         text = schema_text()
         ours = schema_version(text)
-        found = db.execute("PRAGMA user_version").fetchone()[0]
-        if found > ours:
-            raise QueueUnavailable(f"{self.path}: schema version {found} is newer than this backupmx ({ours})")
-        if 0 < found < ours:
-            self._migrate(db)
+        # One transaction for the version check, the migration and the schema:
+        # several processes open the queue at once after a fork, and only one
+        # may migrate; one that crashes half-way leaves the old queue intact.
+        db.execute("BEGIN IMMEDIATE")
         try:
-            db.executescript("BEGIN IMMEDIATE;\n" + text + "\nCOMMIT;")
+            found = db.execute("PRAGMA user_version").fetchone()[0]
+            if found > ours:
+                raise QueueUnavailable(f"{self.path}: schema version {found} is newer than this backupmx ({ours})")
+            if 0 < found < ours:
+                self._migrate(db)
+            for statement in _statements(text):
+                db.execute(statement)
+            db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
@@ -332,19 +371,15 @@ class QueueDatabase:
     )
 
     def _migrate(self, db: sqlite3.Connection) -> None:
-        """Bring an older queue up to date, under the write lock (several
-        processes open the store at once after fork; only one adds a column)."""
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for table, column, kind in self._ADDED_COLUMNS:
-                columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
-                if columns and column not in columns:
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+        """Bring an older queue up to date (inside _setup's transaction): the columns
+        added since, and its views dropped, for schema.sql to create them anew
+        (CREATE VIEW IF NOT EXISTS would keep an old definition; a view holds no data)."""
+        for table, column, kind in self._ADDED_COLUMNS:
+            columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            if columns and column not in columns:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        for (view,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'view'").fetchall():
+            db.execute(f'DROP VIEW "{view}"')
 
     def close(self) -> None:
         if self._db is not None:
@@ -399,6 +434,19 @@ class QueueDatabase:
             finally:
                 if db.in_transaction:
                     db.execute("COMMIT")
+
+    @staticmethod
+    def _count(db: sqlite3.Connection, name: str, n: int = 1, label: str = "") -> None:
+        """Add `n` to a counter (schema.sql, counters), inside the caller's transaction."""
+        if n:
+            db.execute("INSERT INTO counters (name, label, value) VALUES (?, ?, ?)"
+                       " ON CONFLICT (name, label) DO UPDATE SET value = value + excluded.value", (name, label, n))
+
+    @staticmethod
+    def _domain_status(db: sqlite3.Connection, domain: str, column: str, at: int) -> None:
+        """Set domain_status.<column> (last_etrn, last_delivery) to `at`, inside the caller's transaction."""
+        db.execute(f"INSERT INTO domain_status (domain, {column}) VALUES (?, ?)"
+                   f" ON CONFLICT (domain) DO UPDATE SET {column} = excluded.{column}", (domain, at))
 
     @staticmethod
     def _event(db: sqlite3.Connection, at: int, queue_id: str, domain: str | None, what: str, detail: str | None) -> None:

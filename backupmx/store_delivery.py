@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 
 from backupmx.envelope import Recipient
 from backupmx.outcome import Outcome, Verdict
-from backupmx.store_db import FAILED, HELD, QUEUED, QueueDatabase
+from backupmx.store_db import DELIVERED, FAILED, HELD, QUEUED, QueueDatabase
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,9 @@ class Delivery(QueueDatabase):
         for outcome, addresses in by_outcome.items():
             self._event(db, now, queue_id, domain, outcome.value,
                         f"to={','.join(addresses)} reply={replies[outcome]!r}")
+        if Outcome.DELIVERED in by_outcome:  # the primary took this message (or some of its recipients)
+            self._domain_status(db, domain, "last_delivery", now)
+            self._count(db, DELIVERED)
         # A recipient the primary accepted is gone, whatever its state was.
         db.executemany(
             "DELETE FROM recipients WHERE queue_id = ? AND domain = ? AND address = ?",

@@ -19,18 +19,22 @@ from backupmx.store_db import QueueDatabase, _sqlite_errors
 class FlushRequests(QueueDatabase):
     """Flush requests (written by SMTP workers, the CLI, housekeeping) and leases (held by flushers)."""
 
-    def request_flush(self, domains: Iterable[str]) -> dict[str, int]:
+    def request_flush(self, domains: Iterable[str], *, etrn: bool = False) -> dict[str, int]:
         """Record a flush request for each domain that has queued rows.
 
         Returns {domain: rows in state 'queued'} for every domain asked (0 =
         nothing waiting, no request recorded). Idempotent: requests for a
         domain coalesce into one pending flush; one that arrives while the
         domain is being flushed makes it run once more afterwards.
+        etrn: the request is the primary's ETRN: each domain's last_etrn
+        (domain_status) becomes now, whether or not mail waits.
         """
         counts: dict[str, int] = {}
         now = self._now()
         with self._write() as db:
             for domain in dict.fromkeys(domains):
+                if etrn:
+                    self._domain_status(db, domain, "last_etrn", now)
                 count = db.execute(
                     "SELECT COUNT(*) FROM queue WHERE domain = ? AND state = 'queued'", (domain,)
                 ).fetchone()[0]

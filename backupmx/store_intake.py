@@ -17,11 +17,11 @@ import io
 import os
 import sqlite3
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, Mapping
 
 from backupmx.envelope import Envelope
-from backupmx.store_db import CHUNK, QueueDatabase, QueueUnavailable, _is_unavailable, _sqlite_errors
+from backupmx.store_db import RECEIVED, CHUNK, QueueDatabase, QueueUnavailable, _is_unavailable, _sqlite_errors
 
 
 @dataclass
@@ -35,6 +35,11 @@ class Submission:
     client: str | None
     helo: str | None
     received_at: float | None = None
+    # Filled in by enqueue_many once the message is queued: the domains that had
+    # nothing waiting before it (the driver logs domain-queueing for them), and
+    # the unix time of the commit (their domain_status.queueing_since).
+    started_queueing: list[str] = field(default_factory=list)
+    queued_at: int | None = None
 
 
 
@@ -86,6 +91,7 @@ class Intake(QueueDatabase):
         now = self._now()
         with self._commit_turn(), self._write() as db:
             for index, submission in enumerate(submissions):
+                submission.started_queueing, submission.queued_at = [], now
                 db.execute("SAVEPOINT message")
                 try:
                     self._insert_message(db, submission, now, quotas or {})
@@ -97,7 +103,10 @@ class Intake(QueueDatabase):
                         raise  # the whole transaction is lost: nothing is queued
                     db.execute("ROLLBACK TO message")  # e.g. SQLITE_TOOBIG: this message only
                     results[index] = QueueUnavailable(f"queue database: {exc}")
+                if results[index] is not None:
+                    submission.started_queueing = []
                 db.execute("RELEASE message")
+            self._count(db, RECEIVED, results.count(None))
         return results
 
     @contextmanager
@@ -169,6 +178,15 @@ class Intake(QueueDatabase):
             to = ",".join(f"<{r.address}>" for r in envelope.recipients if r.domain == domain)
             self._event(db, now, queue_id, domain, "queued",
                         f"from=<{envelope.sender}> to={to} size={size} client={submission.client}")
+            # The first message after the domain was empty: it starts queueing now.
+            started = db.execute(
+                "INSERT INTO domain_status (domain, queueing_since) VALUES (?, ?) ON CONFLICT (domain)"
+                " DO UPDATE SET queueing_since = excluded.queueing_since, notified_queueing = NULL,"
+                " notified_age = NULL WHERE queueing_since IS NULL",
+                (domain, now),
+            ).rowcount
+            if started:
+                submission.started_queueing.append(domain)
 
     def usage(self, domain: str) -> tuple[int, int]:
         """(messages, bytes) waiting for `domain` (queued or held): for the per-domain quotas."""

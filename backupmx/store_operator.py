@@ -1,17 +1,20 @@
 """The queue's operator role: `backupmx queue`, `show`, `hold`, `release`, `requeue`, `delete`.
 
-postsuper-style actions by queue id, by domain, or both; each is one
-transaction and leaves an `events` row ("by operator"). Reports read one
-snapshot (WAL: they never block the server).
+postsuper-style actions on the rows a Selection names (queue ids, domains,
+ALL, and filters by domain, sender and age); each action is one transaction,
+changes only rows still in a state it applies to, and leaves an `events` row
+per row ("by operator"). Reports read one snapshot (WAL: they never block the
+server).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import sqlite3
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
-from backupmx.store_db import EXPIRED, FAILED, HELD, QUEUED, QueueDatabase, RecipientStatus, _sqlite_errors
+from backupmx.store_db import EXPIRED, FAILED, HELD, QUEUED, STATES, QueueDatabase, RecipientStatus, _sqlite_errors
 
 
 class QueueSummary(NamedTuple):
@@ -21,6 +24,66 @@ class QueueSummary(NamedTuple):
     messages: int
     bytes: int
     oldest: int  # unix time of the oldest message
+    last_etrn: int | None = None  # unix time of the last ETRN for the domain, None = never
+    last_delivery: int | None = None  # unix time the primary last took mail of it, None = never
+
+
+class RowKey(NamedTuple):
+    """One queue row: a message and one of its domains."""
+
+    queue_id: str
+    domain: str
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The queue rows an operator names. A row is selected when it matches a
+    target (one of queue_ids or domains; or any row with everything, i.e. ALL)
+    and every filter given. With no target and no `everything`, the filters
+    alone select; with nothing at all, nothing is selected (never the whole
+    queue by accident).
+    """
+
+    queue_ids: frozenset[str] = frozenset()
+    domains: frozenset[str] = frozenset()
+    everything: bool = False
+    domain: str | None = None  # --domain
+    sender: str | None = None  # --sender: a glob, case-insensitive; "" or "<>" is the null sender
+    received_before: int | None = None  # --older-than: received at or before this unix time
+    state: str | None = None  # queue list --state
+
+    @property
+    def filtered(self) -> bool:
+        return self.domain is not None or self.sender is not None or self.received_before is not None
+
+    @property
+    def empty(self) -> bool:
+        """Names nothing at all (not even a filter)."""
+        return not (self.queue_ids or self.domains or self.everything or self.filtered or self.state)
+
+    def matches(self, queue_id: str, domain: str, state: str, sender: str, received_at: int) -> bool:
+        if self.empty:
+            return False
+        targeted = self.queue_ids or self.domains
+        if targeted and not self.everything and queue_id not in self.queue_ids and domain not in self.domains:
+            return False
+        if self.domain is not None and domain != self.domain:
+            return False
+        if self.state is not None and state != self.state:
+            return False
+        if self.received_before is not None and received_at > self.received_before:
+            return False
+        return self.sender is None or sender_matches(self.sender, sender)
+
+
+def sender_matches(pattern: str, sender: str) -> bool:
+    """--sender PATTERN: a shell glob over the address without <>, any case; "" and "<>" mean the null sender."""
+    pattern = pattern.strip()
+    if pattern in ("", "<>"):
+        return sender == ""
+    if pattern.startswith("<") and pattern.endswith(">"):
+        pattern = pattern[1:-1]
+    return fnmatch.fnmatchcase(sender.lower(), pattern.lower())
 
 
 @dataclass(frozen=True)
@@ -88,27 +151,49 @@ def _conditions(prefix: str, **columns) -> tuple[list[str], list]:
     return [f"{prefix}{column} = ?" for column in given], list(given.values())
 
 
+def _selection(queue_id: str | None, domain: str | None) -> Selection:
+    """The old keyword form (queue_id=, domain=; both: that message's row for that domain)."""
+    if queue_id is None and domain is None:
+        raise ValueError("give a queue id or a domain")
+    if queue_id is not None:
+        return Selection(queue_ids=frozenset({queue_id}), domain=domain)
+    return Selection(domains=frozenset({domain}))
+
+
 class OperatorQueries(QueueDatabase):
     """The operator's actions and reports."""
 
-    def _rows(self, db: sqlite3.Connection, queue_id: str | None, domain: str | None,
-              states: tuple[str, ...]) -> list[tuple[str, str]]:
-        if queue_id is None and domain is None:
-            raise ValueError("give a queue id or a domain")
-        where, args = _conditions("", queue_id=queue_id, domain=domain)
-        where.append(f"state IN ({','.join('?' * len(states))})")
-        args += states
-        return db.execute(f"SELECT queue_id, domain FROM queue WHERE {' AND '.join(where)}", args).fetchall()
+    def select(self, selection: Selection, states: Iterable[str] = STATES) -> list[RowKey]:
+        """The rows `selection` names, in one of `states`, oldest first."""
+        states = tuple(states)
+        with self._read() as db:
+            return self._select(db, selection, states)
 
-    def _transition(self, queue_id, domain, from_states, to_state, what) -> int:
+    @staticmethod
+    def _select(db: sqlite3.Connection, selection: Selection, states: tuple[str, ...]) -> list[RowKey]:
+        if selection.empty:
+            return []
+        rows = db.execute(
+            "SELECT q.queue_id, q.domain, q.state, m.sender, m.received_at FROM queue AS q JOIN messages AS m"
+            f" USING (queue_id) WHERE q.state IN ({','.join('?' * len(states))})"
+            " ORDER BY m.received_at, m.rowid, q.domain", states).fetchall()
+        return [RowKey(qid, dom) for qid, dom, state, sender, received in rows
+                if selection.matches(qid, dom, state, sender, received)]
+
+    def _transition(self, rows: Iterable[RowKey], from_states, to_state, what) -> int:
+        """Move each of `rows` still in one of `from_states` to `to_state`; returns how many moved."""
         now = self._now()
+        changed = 0
         with self._write() as db:
-            rows = self._rows(db, queue_id, domain, from_states)
             for qid, dom in rows:
-                db.execute(
-                    "UPDATE queue SET state = ?, state_changed = ?, next_attempt = ? WHERE queue_id = ? AND domain = ?",
-                    (to_state, now, now, qid, dom),
-                )
+                moved = db.execute(
+                    "UPDATE queue SET state = ?, state_changed = ?, next_attempt = ? WHERE queue_id = ? AND domain = ?"
+                    f" AND state IN ({','.join('?' * len(from_states))})",
+                    (to_state, now, now, qid, dom, *from_states),
+                ).rowcount
+                if not moved:
+                    continue
+                changed += 1
                 if to_state == QUEUED:
                     db.execute(
                         "UPDATE recipients SET state = 'queued', dsn_sent = NULL, dsn_claimed = NULL"
@@ -116,40 +201,54 @@ class OperatorQueries(QueueDatabase):
                         (qid, dom),
                     )
                 self._event(db, now, qid, dom, what, "by operator")
-        return len(rows)
+        return changed
 
-    def hold(self, *, queue_id: str | None = None, domain: str | None = None) -> int:
-        """queued -> held (never flushed until released). Returns the rows changed."""
-        return self._transition(queue_id, domain, (QUEUED,), HELD, "held")
+    def _rows_for(self, rows, queue_id, domain, states) -> list[RowKey]:
+        return list(rows) if rows is not None else self.select(_selection(queue_id, domain), states)
 
-    def release(self, *, queue_id: str | None = None, domain: str | None = None) -> int:
+    def hold(self, rows: Iterable[RowKey] | None = None, *, queue_id: str | None = None,
+             domain: str | None = None) -> int:
+        """queued -> held (never flushed until released). Returns the rows changed.
+
+        `rows` (from select()), or the rows of `queue_id` and/or `domain`."""
+        return self._transition(self._rows_for(rows, queue_id, domain, (QUEUED,)), (QUEUED,), HELD, "held")
+
+    def release(self, rows: Iterable[RowKey] | None = None, *, queue_id: str | None = None,
+                domain: str | None = None) -> int:
         """held -> queued."""
-        return self._transition(queue_id, domain, (HELD,), QUEUED, "released")
+        return self._transition(self._rows_for(rows, queue_id, domain, (HELD,)), (HELD,), QUEUED, "released")
 
-    def requeue(self, *, queue_id: str | None = None, domain: str | None = None) -> int:
+    def requeue(self, rows: Iterable[RowKey] | None = None, *, queue_id: str | None = None,
+                domain: str | None = None) -> int:
         """held, failed or expired -> queued, recipients too (postsuper -r)."""
-        return self._transition(queue_id, domain, (HELD, FAILED, EXPIRED), QUEUED, "requeued")
+        states = (HELD, FAILED, EXPIRED)
+        return self._transition(self._rows_for(rows, queue_id, domain, states), states, QUEUED, "requeued")
 
-    def delete(self, *, queue_id: str | None = None, domain: str | None = None) -> int:
-        """Delete rows in any state (the message goes with its last row)."""
+    def delete(self, rows: Iterable[RowKey] | None = None, *, queue_id: str | None = None,
+               domain: str | None = None) -> int:
+        """Delete rows in any state (the message goes with its last row). Returns the rows deleted."""
+        rows = self._rows_for(rows, queue_id, domain, STATES)
         now = self._now()
+        deleted = 0
         with self._write() as db:
-            rows = self._rows(db, queue_id, domain, (QUEUED, HELD, FAILED, EXPIRED))
             for qid, dom in rows:
-                self._event(db, now, qid, dom, "deleted", "by operator")
-                db.execute("DELETE FROM queue WHERE queue_id = ? AND domain = ?", (qid, dom))
-        return len(rows)
+                if db.execute("DELETE FROM queue WHERE queue_id = ? AND domain = ?", (qid, dom)).rowcount:
+                    self._event(db, now, qid, dom, "deleted", "by operator")
+                    deleted += 1
+        return deleted
 
     def summary(self) -> list[QueueSummary]:
         """Per domain with mail waiting (queued or held): messages, bytes, oldest."""
         with _sqlite_errors():
             rows = self.connection.execute(
-                "SELECT domain, messages, bytes, oldest FROM queue_summary ORDER BY domain"
+                "SELECT domain, messages, bytes, oldest, last_etrn, last_delivery FROM queue_summary ORDER BY domain"
             ).fetchall()
         return [QueueSummary(*r) for r in rows]
 
-    def list_messages(self, domain: str | None = None, state: str | None = None) -> list[MessageRow]:
-        """One MessageRow per queue row, oldest first; optionally one domain and/or state."""
+    def list_messages(self, domain: str | None = None, state: str | None = None,
+                      selection: Selection | None = None) -> list[MessageRow]:
+        """One MessageRow per queue row, oldest first; optionally one domain and/or state,
+        and only the rows `selection` names."""
         where, args = _conditions("q.", domain=domain, state=state)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         with self._read() as db:
@@ -159,6 +258,8 @@ class OperatorQueries(QueueDatabase):
                 f" {clause} ORDER BY m.received_at, m.rowid, q.domain",
                 args,
             ).fetchall()
+            if selection is not None:
+                rows = [r for r in rows if selection.matches(r[0], r[1], r[2], r[5], r[3])]
             recipients: dict[tuple[str, str], list[str]] = {}
             rcpt_clause = "WHERE domain = ?" if domain is not None else ""
             for queue_id, dom, address in db.execute(
@@ -172,7 +273,7 @@ class OperatorQueries(QueueDatabase):
         ]
 
     def show(self, queue_id: str) -> MessageDetail | None:
-        """Everything about one message, or None if it is not in the queue."""
+        """Everything about one message, or None if it is not in the queue (history() may still know it)."""
         with self._read() as db:
             m = db.execute(
                 "SELECT queue_id, sender, received_at, size, client, helo, envid, ret, body_type"

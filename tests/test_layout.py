@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "backupmx"
 LAYERS = {
     "protocol": {"smtp", "smtp_body", "addresses", "envelope", "replies", "auth", "scram", "idn", "outcome"},
     "queue": {"store", "store_db", "store_intake", "store_flushes", "store_delivery", "store_housekeeping",
-              "store_operator", "schema"},
+              "store_operator", "store_status", "schema"},
     "driver": {"connection", "offload", "quota", "tls", "smtpclient", "primaries"},
     "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "lifecycle", "dsn"},
 }

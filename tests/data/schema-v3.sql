@@ -1,0 +1,171 @@
+-- backupmx queue schema: the single source of it.
+--
+-- backupmx applies this file on every start, inside one transaction; every
+-- statement is CREATE ... IF NOT EXISTS, so running it on an existing queue
+-- changes nothing. PRAGMA user_version (at the end) is the schema version;
+-- backupmx refuses a database whose version is newer than its own.
+--
+-- Model: a message (envelope sender + body) is stored ONCE in `messages`.
+-- It has one row in `queue` per configured recipient domain it was accepted
+-- for (same queue id, the domain names the row), and one row in `recipients`
+-- per RCPT TO of that domain. Deliveries are per domain: ETRN for a domain
+-- hands over exactly that domain's rows.
+--
+-- A new queue is created with PRAGMA auto_vacuum = INCREMENTAL (set by
+-- backupmx/store.py before this file runs: it cannot be changed once a table
+-- exists), so housekeeping can hand the pages of flushed mail back to the
+-- file system with PRAGMA incremental_vacuum. An older queue keeps its mode
+-- until `sqlite3 queue.db 'PRAGMA auto_vacuum = INCREMENTAL; VACUUM;'` (server stopped).
+--
+-- All times are unix seconds, UTC (INTEGER). In the sqlite3 shell,
+-- datetime(x, 'unixepoch') shows them and unixepoch() is "now" (SQLite 3.38+;
+-- older shells: CAST(strftime('%s', 'now') AS INTEGER)).
+--
+-- Answering questions with `sqlite3 /var/spool/backupmx/queue.db`:
+--   SELECT * FROM queue_summary;                          -- per domain: messages, bytes, oldest
+--   SELECT * FROM queue_list WHERE domain = 'example.com'; -- one line per queued message
+--   SELECT domain, state, COUNT(*) FROM queue GROUP BY 1, 2;
+--   SELECT * FROM recipients WHERE state = 'failed';      -- what the primary refused, and why
+--   SELECT datetime(at, 'unixepoch'), domain, what, detail
+--     FROM events WHERE queue_id = 'ID' ORDER BY id;      -- life of one message
+--   SELECT * FROM flushes;                                -- pending ETRNs and running deliveries
+-- Changing the queue by hand (what `backupmx hold|release|requeue|delete` do):
+--   UPDATE queue SET state = 'held', state_changed = unixepoch()
+--     WHERE domain = 'example.com' AND state = 'queued';  -- hold a domain: never flushed
+--   UPDATE queue SET state = 'queued', state_changed = unixepoch()
+--     WHERE domain = 'example.com' AND state = 'held';    -- release it again
+--   DELETE FROM queue WHERE queue_id = 'ID';              -- drop a message (all its domains)
+-- Deleting is safe with or without PRAGMA foreign_keys: the triggers at the
+-- end remove a row's recipients, and the message once its last row is gone.
+-- Prefer the backupmx commands while the server runs: they also log an event.
+
+-- One accepted message: the envelope sender and the body, stored once however
+-- many domains it is queued for. A message row lives exactly as long as at
+-- least one `queue` row refers to it (triggers below).
+CREATE TABLE IF NOT EXISTS messages (
+    queue_id    TEXT PRIMARY KEY NOT NULL, -- id given in "250 2.0.0 Ok: queued as <id>"; [0-9A-Z], roughly time-sortable
+    sender      TEXT NOT NULL,             -- MAIL FROM reverse-path without <>; '' is the null sender <> (bounces)
+    received_at INTEGER NOT NULL,          -- unix time the message was accepted (the final 250 of DATA)
+    size        INTEGER NOT NULL,          -- length of body in bytes
+    client      TEXT,                      -- the SMTP client's address, e.g. '192.0.2.7' or '2001:db8::7'
+    helo        TEXT,                      -- the name the client gave in EHLO/HELO
+    envid       TEXT,                      -- RFC 3461 ENVID= from MAIL FROM (xtext as given), NULL if absent
+    ret         TEXT,                      -- RFC 3461 RET= ('FULL' or 'HDRS'), NULL if absent
+    body_type   TEXT NOT NULL DEFAULT '7BIT', -- RFC 6152 BODY= ('7BIT' or '8BITMIME'), passed on to the primary
+    smtputf8    INTEGER NOT NULL DEFAULT 0, -- RFC 6531: 0 = MAIL FROM had no SMTPUTF8; 1 = it had, all ASCII; 2 = it had and the envelope or a header is UTF-8: only a primary offering SMTPUTF8 gets it (else the recipients fail with 5.6.7)
+    body        BLOB NOT NULL              -- the message exactly as it will be delivered, our Received: header first; CRLF line ends, not dot-stuffed. LAST on purpose: SQLite then writes zeroblob(size) without building it in memory, and reading the other columns never walks the body's overflow pages
+);
+
+-- One row per (message, recipient domain): the unit that is flushed to the
+-- domain's primary. State machine:
+--   queued  -> deleted  (the primary accepted every recipient: 2xx)
+--   queued  -> held     (operator; a held row is never flushed) -> queued (release)
+--   queued  -> failed   (the primary refused every remaining recipient: 5xx; kept expired_retention)
+--   queued  -> expired  (older than queue_lifetime, counted from received_at or from the
+--                        operator's last release/requeue, whichever is later; kept expired_retention)
+--   failed/expired/held -> queued (operator requeue)
+CREATE TABLE IF NOT EXISTS queue (
+    queue_id      TEXT NOT NULL REFERENCES messages (queue_id) ON DELETE CASCADE, -- the message
+    domain        TEXT NOT NULL,                     -- configured recipient domain, lower case, no trailing dot
+    state         TEXT NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'held', 'failed', 'expired')), -- see the state machine above
+    attempts      INTEGER NOT NULL DEFAULT 0,        -- delivery attempts to the primary so far
+    last_attempt  INTEGER,                           -- unix time of the last attempt, NULL if none yet
+    last_reply    TEXT,                              -- the primary's last reply (or the connection error), NULL if none yet
+    next_attempt  INTEGER,                           -- unix time a retry is due (used only when retry_interval is on); NULL = only on ETRN/flush
+    state_changed INTEGER NOT NULL,                  -- unix time `state` last changed (expired_retention counts from here; a released or requeued row's queue_lifetime too)
+    delay_warned  INTEGER,                           -- unix time the delay warning DSN (delay_warning) was sent or claimed for sending; NULL = none yet. One per row
+    PRIMARY KEY (queue_id, domain)                   -- one row per message and domain
+);
+
+-- What ETRN, `backupmx queue` and expiry scan: the rows of one domain in one state.
+CREATE INDEX IF NOT EXISTS queue_domain_state ON queue (domain, state);
+
+-- One row per RCPT TO that is still owed a delivery (or that failed or expired).
+-- A recipient the primary accepted (2xx) is deleted; when the last recipient of
+-- a queue row goes, the row goes (trigger recipients_gone).
+CREATE TABLE IF NOT EXISTS recipients (
+    queue_id   TEXT NOT NULL,   -- the message
+    domain     TEXT NOT NULL,   -- the queue row (configured domain) this recipient belongs to
+    address    TEXT NOT NULL,   -- forward-path as the client wrote it (source route removed), without <>; sent to the primary unchanged
+    notify     TEXT,            -- RFC 3461 NOTIFY= as given (e.g. 'SUCCESS,DELAY', 'NEVER'), NULL if absent
+    orcpt      TEXT,            -- RFC 3461 ORCPT= as given (e.g. 'rfc822;user@example.com'), NULL if absent
+    state      TEXT NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'failed', 'expired')), -- queued: still to deliver; failed: the primary said 5xx; expired: queue_lifetime passed
+    last_reply TEXT,            -- the primary's last reply for this recipient, NULL if none yet
+    dsn_sent   INTEGER,         -- for failed/expired: unix time the delivery status notification was sent (or skipped: null sender, no bounce_relay); NULL = still due
+    dsn_claimed INTEGER,        -- unix time a housekeeper claimed this recipient's DSN for sending (so two never send it twice); a claim older than 10 minutes is void; NULL = not claimed
+    PRIMARY KEY (queue_id, domain, address),          -- a duplicate RCPT TO is stored once
+    FOREIGN KEY (queue_id, domain) REFERENCES queue (queue_id, domain) ON DELETE CASCADE -- the queue row
+);
+
+-- Flush (ETRN) requests and the lease of the flusher delivering a domain.
+-- One row per domain that was ever flushed. A request made while a delivery
+-- runs sets requested_at again, so the domain is flushed once more afterwards.
+-- A lease runs out by itself: a flusher that crashed frees the domain at
+-- lease_expires, and since it never released the lease, the domain is
+-- flushed again then even without a new request. `UPDATE flushes SET requested_at = unixepoch() WHERE domain = 'example.com'`
+-- is the same as `backupmx flush example.com`.
+CREATE TABLE IF NOT EXISTS flushes (
+    domain        TEXT PRIMARY KEY NOT NULL, -- configured domain, lower case
+    requested_at  INTEGER,                   -- unix time of the oldest flush request not yet taken by a flusher; NULL = none pending
+    lease_owner   TEXT,                      -- flusher delivering the domain now (e.g. 'host:pid'), NULL = none
+    lease_expires REAL                       -- unix time (may be fractional) the lease ends unless renewed; at or after it the domain is free
+);
+
+-- History: one row per thing that happened to a message, kept after the
+-- message is delivered (until expired_retention), so nothing leaves without a trace.
+CREATE TABLE IF NOT EXISTS events (
+    id       INTEGER PRIMARY KEY, -- order of events
+    at       INTEGER NOT NULL,    -- unix time
+    queue_id TEXT NOT NULL,       -- the message (no foreign key: events outlive it)
+    domain   TEXT,                -- the queue row concerned, NULL for the message as a whole
+    what     TEXT NOT NULL,       -- queued | delivered | deferred | failed | expired | held | released | requeued | deleted | dsn | dsn-failed | delay-warning
+    detail   TEXT                 -- recipients and reply, free text
+);
+
+-- Looking up the history of one message.
+CREATE INDEX IF NOT EXISTS events_queue_id ON events (queue_id);
+
+-- Per domain: what is waiting (queued or held). A domain with nothing waiting
+-- has no row. bytes counts a message once per domain it is queued for.
+CREATE VIEW IF NOT EXISTS queue_summary (domain, messages, bytes, oldest) AS
+    SELECT q.domain, COUNT(*), SUM(m.size), MIN(m.received_at) -- oldest: unix time (integer)
+    FROM queue AS q JOIN messages AS m USING (queue_id)
+    WHERE q.state IN ('queued', 'held')
+    GROUP BY q.domain;
+
+-- One line per queue row (any state), recipients comma-separated, oldest first.
+CREATE VIEW IF NOT EXISTS queue_list
+    (queue_id, domain, state, received_at, size, sender, recipients, attempts, last_reply) AS
+    SELECT q.queue_id, q.domain, q.state, m.received_at, m.size, m.sender,
+           (SELECT group_concat(r.address, ',') FROM recipients AS r
+             WHERE r.queue_id = q.queue_id AND r.domain = q.domain),
+           q.attempts, q.last_reply
+    FROM queue AS q JOIN messages AS m USING (queue_id)
+    ORDER BY m.received_at, q.queue_id, q.domain;
+
+-- The last recipient of a row is gone (delivered or deleted): the row goes.
+CREATE TRIGGER IF NOT EXISTS recipients_gone AFTER DELETE ON recipients
+WHEN NOT EXISTS (SELECT 1 FROM recipients WHERE queue_id = OLD.queue_id AND domain = OLD.domain)
+BEGIN
+    DELETE FROM queue WHERE queue_id = OLD.queue_id AND domain = OLD.domain;
+END;
+
+-- A row is gone: its recipients go (also when foreign_keys is off, as in the
+-- sqlite3 shell), and the message once no other domain's row refers to it.
+CREATE TRIGGER IF NOT EXISTS queue_gone AFTER DELETE ON queue
+BEGIN
+    DELETE FROM recipients WHERE queue_id = OLD.queue_id AND domain = OLD.domain;
+    DELETE FROM messages WHERE queue_id = OLD.queue_id
+        AND NOT EXISTS (SELECT 1 FROM queue WHERE queue_id = OLD.queue_id);
+END;
+
+-- A message is deleted by hand: its rows go with it (also when foreign_keys is off).
+CREATE TRIGGER IF NOT EXISTS messages_gone AFTER DELETE ON messages
+BEGIN
+    DELETE FROM queue WHERE queue_id = OLD.queue_id;
+END;
+
+-- Schema version; bump it with a migration in backupmx/store.py.
+-- 2: queue.delay_warned, recipients.dsn_claimed (added to a version 1 queue on start).
+-- 3: messages.smtputf8 (added to an older queue on start).
+PRAGMA user_version = 3;
