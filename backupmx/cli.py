@@ -22,7 +22,7 @@ import time
 
 from backupmx import __version__
 from backupmx.addresses import normalize_domain
-from backupmx.config import DEFAULT_CONFIG_PATH, Config, load_config
+from backupmx.config import DEFAULT_CONFIG_PATH, Config, humanize_age, load_config
 
 __all__ = ["main", "build_parser", "humanize_age"]
 
@@ -37,28 +37,33 @@ class OperatorError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr (exit 2), like every other error."""
+    """Usage errors as one line on stderr, like every other error: exit 2, or the
+    command's own `usage_status` (etrn: 64, EX_USAGE; health: 3, UNKNOWN)."""
+
+    usage_status = 2
 
     def error(self, message: str):
         command = self.prog.removeprefix("backupmx").strip()
-        self.exit(2, f"backupmx: {command + ': ' if command else ''}{message} (try `{self.prog} --help`)\n")
+        self.exit(self.usage_status,
+                  f"backupmx: {command + ': ' if command else ''}{message} (try `{self.prog} --help`)\n")
 
 
 def _load(args) -> Config:
     return load_config(args.config or DEFAULT_CONFIG_PATH)
 
 
-def _open_store(config: Config):
+def _open_store(config: Config, *, read_only: bool = False):
     """The QueueStore for config.queue, or None when the database does not exist yet.
 
     Opening never creates the database: a typo in -c must not leave files behind.
+    read_only: for reports (metrics, health): nothing is written, not even the schema.
     """
     if not os.path.exists(config.queue):
         return None
     from backupmx.store import QueueStore
 
     _become_queue_owner(config.queue)
-    return QueueStore(config.queue)
+    return QueueStore(config.queue, read_only=read_only)
 
 
 def _become_queue_owner(path: str) -> None:
@@ -84,21 +89,6 @@ def _become_queue_owner(path: str) -> None:
         os.setgroups([])
     os.setgid(st.st_gid)
     os.setuid(st.st_uid)
-
-
-def humanize_age(seconds: float) -> str:
-    """45 -> "45s", 300 -> "5m0s", 11520 -> "3h12m", 190000 -> "2d4h"."""
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours}h"
-    if hours:
-        return f"{hours}h{minutes}m"
-    if minutes:
-        return f"{minutes}m{secs}s"
-    return f"{secs}s"
 
 
 def _safe(value) -> str:
@@ -245,32 +235,70 @@ def cmd_queue(args) -> int:
     config = _load(args)
     store = _open_store(config)
     if store is None:
+        if args.json:
+            return _print_json([])
         print(f"no mail queued ({config.queue} does not exist yet)")
         return 0
     try:
-        summary = list(store.summary())
-        histogram: dict[str, list[int]] = {}
         now = time.time()
-        for state in ("queued", "held"):  # the rows queue_summary counts
-            for row in store.list_messages(state=state):
+        reports = [r for r in store.domain_reports() if any(r.states.values())]
+        histogram: dict[str, list[int]] = {}
+        for row in store.list_messages():
+            if row.state in ("queued", "held"):  # the rows queue_summary counts
                 counts = histogram.setdefault(row.domain, [0] * len(AGE_BUCKETS))
                 age = now - row.received_at
                 counts[next(i for i, (_, bound) in enumerate(AGE_BUCKETS) if age < bound)] += 1
     finally:
         store.close()
-    if not summary:
+    if args.json:
+        return _print_json([_summary_json(r, histogram.get(r.domain)) for r in reports])
+    if not reports:
         print("no mail queued")
         return 0
-    table = [("domain", "messages", "bytes", "oldest") + tuple(h for h, _ in AGE_BUCKETS)]
-    for row in summary:
-        counts = histogram.get(row.domain) or [0] * len(AGE_BUCKETS)
-        age = humanize_age(now - row.oldest) if row.oldest is not None else "-"
-        table.append((row.domain, str(row.messages), str(row.bytes), age) + tuple(map(str, counts)))
+    table = [("domain", "messages", "bytes", "oldest") + tuple(h for h, _ in AGE_BUCKETS)
+             + ("held", "failed", "expired", "last-etrn", "last-delivery")]
+    for r in reports:
+        counts = histogram.get(r.domain) or [0] * len(AGE_BUCKETS)
+        age = humanize_age(now - r.oldest) if r.oldest is not None else "-"
+        table.append((r.domain, str(r.messages), str(r.bytes), age) + tuple(map(str, counts))
+                     + tuple(str(r.states[s]) for s in ("held", "failed", "expired"))
+                     + (_ago(r.last_etrn, now), _ago(r.last_delivery, now)))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
         print("  ".join(cells).rstrip())
     return 0
+
+
+def _ago(unix: int | None, now: float) -> str:
+    return "never" if unix is None else humanize_age(now - unix) + "-ago"
+
+
+def _print_json(value) -> int:
+    """One JSON value on stdout (postqueue -j prints one object a line; the SPEC asks for one value)."""
+    import json
+
+    json.dump(value, sys.stdout, ensure_ascii=False, indent=None, separators=(",", ":"))
+    sys.stdout.write("\n")
+    return 0
+
+
+def _summary_json(report, histogram) -> dict:
+    counts = histogram or [0] * len(AGE_BUCKETS)
+    return {
+        "domain": report.domain, "messages": report.messages, "bytes": report.bytes, "oldest": report.oldest,
+        "states": report.states, "ages": dict(zip((h for h, _ in AGE_BUCKETS), counts)),
+        "queueing_since": report.queueing_since, "last_etrn": report.last_etrn,
+        "last_delivery": report.last_delivery,
+    }
+
+
+def _row_json(row) -> dict:
+    return {
+        "queue_id": row.queue_id, "domain": row.domain, "state": row.state, "received_at": row.received_at,
+        "size": row.size, "sender": row.sender, "recipients": row.recipients, "attempts": row.attempts,
+        "last_attempt": row.last_attempt, "next_attempt": row.next_attempt, "last_reply": row.last_reply,
+    }
 
 
 def _message_line(row, now: float) -> str:
@@ -293,17 +321,44 @@ def _message_line(row, now: float) -> str:
 def _queue_list(args) -> int:
     config = _load(args)
     domain = _domain_arg(config, args.domain, must_exist=False) if args.domain else None
+    selection = _filters(config, args, everything=True, domain=domain)
     store = _open_store(config)
     if store is None:
-        return 0
+        return _print_json([]) if args.json else 0
     try:
-        rows = store.list_messages(domain=domain, state=args.state)
-        now = time.time()
-        for row in rows:
-            print(_message_line(row, now))
+        rows = store.list_messages(selection=selection)
     finally:
         store.close()
+    if args.json:
+        return _print_json([_row_json(row) for row in rows])
+    if args.ids:
+        for queue_id in dict.fromkeys(row.queue_id for row in rows):
+            print(queue_id)
+        return 0
+    now = time.time()
+    for row in rows:
+        print(_message_line(row, now))
     return 0
+
+
+def _filters(config: Config, args, *, domain: str | None = None, **selection):
+    """The Selection of --domain, --sender, --older-than (and queue list's DOMAIN and --state)."""
+    from backupmx.config import parse_duration
+    from backupmx.store import Selection
+
+    if args.filter_domain is not None:
+        filter_domain = _domain_arg(config, args.filter_domain, must_exist=False)
+        if domain is not None and filter_domain != domain:
+            raise OperatorError(f"{domain} and --domain {filter_domain}: two different domains")
+        domain = filter_domain
+    cutoff = None
+    if args.older_than is not None:
+        try:
+            cutoff = int(time.time() - parse_duration(args.older_than))
+        except ValueError as exc:
+            raise OperatorError(f"--older-than: {exc}") from None
+    return Selection(domain=domain, sender=args.sender, received_before=cutoff,
+                     state=getattr(args, "state", None), **selection)
 
 
 def _domain_arg(config: Config, text: str, *, must_exist: bool = True) -> str:
@@ -359,44 +414,33 @@ def _target(config: Config, text: str) -> dict[str, str]:
     return {"queue_id": text.upper()}
 
 
-def _open_target(args):
-    """(target, open QueueStore) for commands taking ID|DOMAIN; one-line error without a queue."""
+def cmd_show(args) -> int:
+    """postcat-like: the envelope, each domain's row and recipients, the history, then the content.
+
+    A message that left the queue (delivered, deleted, purged) still has its
+    history until expired_retention: that is shown instead.
+    """
     config = _load(args)
     target = _target(config, args.target)
     store = _open_store(config)
     if store is None:
         raise OperatorError(f"{args.target}: not in the queue ({config.queue} does not exist yet)")
-    return target, store
-
-
-def cmd_show(args) -> int:
-    """postcat-like: the envelope, each domain's row and recipients, the history, then the content."""
-    target, store = _open_target(args)
     try:
         if "domain" in target:
+            rows = store.list_messages(domain=target["domain"])
+            if args.json:
+                return _print_json([_row_json(row) for row in rows])
             now = time.time()
-            for row in store.list_messages(domain=target["domain"]):
+            for row in rows:
                 print(_message_line(row, now))
             return 0
-        detail = store.show(target["queue_id"])
+        queue_id = target["queue_id"]
+        detail = store.show(queue_id)
         if detail is None:
-            raise OperatorError(f"{target['queue_id']}: no such message in the queue")
-        print(f"queue_id: {detail.queue_id}")
-        print(f"received: {_timestamp(detail.received_at)} from {_safe(detail.client or '-')}"
-              f" helo={_safe(detail.helo or '-')}")
-        print(f"size: {detail.size} body={detail.body_type} envid={_safe(detail.envid or '-')}"
-              f" ret={detail.ret or '-'}")
-        print(f"sender: {_safe('<' + detail.sender + '>')}")
-        for row in detail.rows:
-            print(f"domain: {row.domain} state={row.state} attempts={row.attempts}"
-                  f" last={_safe(row.last_reply or '-')}")
-            for r in row.recipients:
-                print(f"  recipient: {_safe('<' + r.address + '>')} state={r.state}"
-                      f" last={_safe(r.last_reply or '-')}")
-        for event in detail.events:
-            print(f"event: {_timestamp(event.at)} {event.domain or '-'} {event.what}"
-                  f" {_safe(event.detail or '-')}")
-        print()
+            return _show_history(queue_id, store.history(queue_id), args.json)
+        if args.json:
+            return _print_json(_detail_json(detail))
+        _print_detail(detail)
         sys.stdout.flush()
         body = store.open_body(detail.queue_id)
         try:
@@ -411,19 +455,116 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _print_detail(detail) -> None:
+    print(f"queue_id: {detail.queue_id}")
+    print(f"received: {_timestamp(detail.received_at)} from {_safe(detail.client or '-')}"
+          f" helo={_safe(detail.helo or '-')}")
+    print(f"size: {detail.size} body={detail.body_type} envid={_safe(detail.envid or '-')}"
+          f" ret={detail.ret or '-'}")
+    print(f"sender: {_safe('<' + detail.sender + '>')}")
+    for row in detail.rows:
+        print(f"domain: {row.domain} state={row.state} attempts={row.attempts}"
+              f" last={_safe(row.last_reply or '-')}")
+        for r in row.recipients:
+            print(f"  recipient: {_safe('<' + r.address + '>')} state={r.state}"
+                  f" last={_safe(r.last_reply or '-')}")
+    _print_events(detail.events)
+    print()
+
+
+def _print_events(events) -> None:
+    for event in events:
+        print(f"event: {_timestamp(event.at)} {event.domain or '-'} {event.what}"
+              f" {_safe(event.detail or '-')}")
+
+
+def _show_history(queue_id: str, events, as_json: bool) -> int:
+    """A message no longer in the queue: its history, if any is left."""
+    if not events:
+        raise OperatorError(f"{queue_id}: no such message in the queue or its history")
+    if as_json:
+        return _print_json({"queue_id": queue_id, "in_queue": False, "events": [_event_json(e) for e in events]})
+    print(f"queue_id: {queue_id} (no longer in the queue: {events[-1].what})")
+    _print_events(events)
+    return 0
+
+
+def _event_json(event) -> dict:
+    return {"at": event.at, "domain": event.domain, "what": event.what, "detail": event.detail}
+
+
+def _detail_json(detail) -> dict:
+    return {
+        "queue_id": detail.queue_id, "in_queue": True, "sender": detail.sender, "received_at": detail.received_at,
+        "size": detail.size, "client": detail.client, "helo": detail.helo, "envid": detail.envid, "ret": detail.ret,
+        "body_type": detail.body_type,
+        "rows": [{"domain": row.domain, "state": row.state, "attempts": row.attempts,
+                  "last_attempt": row.last_attempt, "last_reply": row.last_reply, "next_attempt": row.next_attempt,
+                  "state_changed": row.state_changed,
+                  "recipients": [{"address": r.address, "state": r.state, "last_reply": r.last_reply,
+                                  "notify": r.notify, "orcpt": r.orcpt, "dsn_sent": r.dsn_sent}
+                                 for r in row.recipients]}
+                 for row in detail.rows],
+        "events": [_event_json(e) for e in detail.events],
+    }
+
+
 def _timestamp(unix: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(unix))
 
 
+# The states each action applies to (store_operator: rows in other states are left alone).
+_ACTION_STATES = {"hold": ("queued",), "release": ("held",), "requeue": ("held", "failed", "expired"),
+                  "delete": ("queued", "held", "failed", "expired")}
+_ACTION_DONE = {"hold": "held", "release": "released", "requeue": "requeued", "delete": "deleted"}
+
+
+def _selection_of(config: Config, args):
+    """The Selection the targets (ID, DOMAIN, `-`, ALL) and the filters name."""
+    queue_ids, domains, everything = set(), set(), False
+    for text in args.targets:
+        if text == "ALL":
+            everything = True
+        elif text == "-":
+            queue_ids |= _ids_from_stdin()
+        else:
+            target = _target(config, text)
+            (queue_ids if "queue_id" in target else domains).add(target.get("queue_id") or target["domain"])
+    selection = _filters(config, args, queue_ids=frozenset(queue_ids), domains=frozenset(domains),
+                         everything=everything)
+    if selection.empty:
+        raise OperatorError(f"{args.command}: name the mail: ID, DOMAIN, - (IDs on stdin), ALL,"
+                            " or --domain/--sender/--older-than")
+    return selection
+
+
+def _ids_from_stdin() -> set[str]:
+    """postsuper's `-`: queue ids on stdin, one a line; the first word of a line counts,
+    so `backupmx queue list` output can be piped in as it is."""
+    ids = set()
+    for number, line in enumerate(sys.stdin, 1):
+        words = line.split()
+        if not words:
+            continue
+        if not (words[0].isascii() and words[0].isalnum()):
+            raise OperatorError(f"stdin line {number}: {_safe(words[0])}: not a queue id")
+        ids.add(words[0].upper())
+    return ids
+
+
 def _operator_action(args) -> int:
-    """hold / release / delete / requeue ID|DOMAIN via QueueStore.<action>(queue_id=|domain=)."""
-    target, store = _open_target(args)
+    """hold / release / delete / requeue: select the rows, (delete: ask), act, say how many."""
+    config = _load(args)
+    selection = _selection_of(config, args)
+    store = _open_store(config)
+    if store is None:
+        raise OperatorError(f"{args.command}: nothing in the queue ({config.queue} does not exist yet)")
     try:
-        action = {"hold": store.hold, "release": store.release, "delete": store.delete,
-                  "requeue": store.requeue}[args.command]
-        if args.command == "delete" and not args.yes:
-            what = target.get("queue_id") or f"all mail for {target['domain']}"
-            if not (sys.stdin and sys.stdin.isatty()):
+        rows = store.select(selection, _ACTION_STATES[args.command])
+        if args.command == "delete" and rows and not args.yes:
+            messages = len({row.queue_id for row in rows})
+            what = f"{messages} message(s) ({len(rows)} queue row(s))"
+            if "-" in args.targets or not (sys.stdin and sys.stdin.isatty()):
                 raise OperatorError(f"delete: refusing to delete {what} without --yes (stdin is not a terminal)")
             try:
                 answer = input(f"delete {what} from the queue, with no bounce? [y/N] ")
@@ -432,15 +573,55 @@ def _operator_action(args) -> int:
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing deleted")
                 return 1
-        count = action(**target)
+        count = getattr(store, args.command)(rows)
     finally:
         store.close()
-    name = target.get("queue_id") or target["domain"]
-    print(f"{args.command}: {name}: {count} row(s)")
+    messages = len({row.queue_id for row in rows})
+    print(f"{args.command}: {_ACTION_DONE[args.command]} {count} queue row(s) of {messages} message(s)")
     if not count:
-        print(f"backupmx: {args.command}: {name}: nothing matched", file=sys.stderr)
+        print(f"backupmx: {args.command}: nothing matched", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_metrics(args) -> int:
+    """Prometheus text exposition of the queue (read-only)."""
+    from backupmx import metrics
+
+    config = _load(args)
+    store = _open_store(config, read_only=True)
+    try:
+        families = metrics.collect(store, config.domains, time.time())
+    finally:
+        if store is not None:
+            store.close()
+    sys.stdout.write(metrics.render(families))
+    return 0
+
+
+def cmd_health(args) -> int:
+    """Nagios/Icinga plugin: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (never 1 for a mistake)."""
+    from backupmx import health
+    from backupmx.config import parse_duration
+
+    try:
+        thresholds = health.Thresholds(
+            warn_age=parse_duration(args.warn_age) if args.warn_age else health.DEFAULT_WARN_AGE,
+            max_age=parse_duration(args.max_age) if args.max_age else health.DEFAULT_MAX_AGE,
+            warn_messages=args.warn_messages, max_messages=args.max_messages)
+        config = _load(args)
+        if not os.path.exists(config.queue):
+            status, line = health.unknown(f"{config.queue} does not exist (has the server ever started?)")
+        else:
+            store = _open_store(config, read_only=True)
+            try:
+                status, line = health.evaluate(store.domain_reports(), thresholds, time.time())
+            finally:
+                store.close()
+    except Exception as exc:  # noqa: BLE001 - a plugin says UNKNOWN, whatever went wrong
+        status, line = health.unknown(_message(exc))
+    print(line)
+    return status
 
 
 def cmd_passwd(args) -> int:
@@ -513,6 +694,56 @@ def cmd_bundle(args) -> int:
 # The parser
 
 
+def _queue_commands(command, after) -> None:
+    """The parsers of the operator's commands: queue, flush, show, hold/release/delete/requeue, metrics, health."""
+    def filters(p):
+        p.add_argument("--domain", dest="filter_domain", metavar="DOMAIN", help="only this domain's mail")
+        p.add_argument("--sender", metavar="PATTERN",
+                       help="only mail whose sender matches this glob (any case; '<>' is the null sender)")
+        p.add_argument("--older-than", metavar="DURATION", help="only mail received at least this long ago")
+
+    p = command("queue", cmd_queue, "per-domain summary of the queue; `queue list` for the messages")
+    p.add_argument("--json", action="store_true", help="one JSON array of the domains (times: unix seconds)")
+    actions = p.add_subparsers(dest="action", metavar="list", parser_class=_Parser)
+    p.set_defaults(action=None)
+    lp = actions.add_parser("list", parents=[after], help="one line per queued message")
+    lp.add_argument("domain", nargs="?", metavar="DOMAIN")
+    lp.add_argument("--state", choices=QUEUE_STATES)
+    filters(lp)
+    shown = lp.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="one JSON array of the rows (times: unix seconds)")
+    shown.add_argument("--ids", action="store_true", help="queue ids only, one a line (for hold/delete ... -)")
+
+    p = command("flush", cmd_flush, "deliver a domain's mail now, like an authorized ETRN")
+    p.add_argument("domain", metavar="DOMAIN", help="a configured domain; @DOMAIN includes its subdomains")
+
+    p = command("show", cmd_show, "show a message (envelope, history and content; or the history of one "
+                                  "that left the queue) or a domain's messages")
+    p.add_argument("target", metavar="ID|DOMAIN")
+    p.add_argument("--json", action="store_true", help="one JSON object (no content; times: unix seconds)")
+    for name, help in (
+        ("hold", "keep mail from being delivered"),
+        ("release", "undo hold"),
+        ("delete", "remove mail from the queue (no bounce)"),
+        ("requeue", "put held, failed or expired mail back in the queue"),
+    ):
+        p = command(name, _operator_action, help)
+        p.add_argument("targets", metavar="ID|DOMAIN|-|ALL", nargs="*",
+                       help="queue ids and domains; - reads ids from stdin, one a line; ALL is every message")
+        filters(p)
+        if name == "delete":
+            p.add_argument("--yes", action="store_true", help="do not ask")
+
+    command("metrics", cmd_metrics, "print the queue's metrics (Prometheus text format)")
+
+    p = command("health", cmd_health, "Nagios/Icinga check of the queue: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
+    p.usage_status = 3
+    p.add_argument("--warn-age", metavar="DURATION", help="WARNING when mail waits longer (default 4h)")
+    p.add_argument("--max-age", metavar="DURATION", help="CRITICAL when mail waits longer (default 1d)")
+    p.add_argument("--warn-messages", metavar="N", type=int, help="WARNING when more messages wait")
+    p.add_argument("--max-messages", metavar="N", type=int, help="CRITICAL when more messages wait")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # -c/--config is accepted before the subcommand (main parser, holds the default)
     # and after it (every subparser, default SUPPRESS so it never overwrites the first).
@@ -538,34 +769,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("check", cmd_check, "validate the config, certificate, key and database")
 
-    p = command("queue", cmd_queue, "per-domain summary of the queue; `queue list` for the messages")
-    actions = p.add_subparsers(dest="action", metavar="list", parser_class=_Parser)
-    p.set_defaults(action=None)
-    lp = actions.add_parser("list", parents=[after], help="one line per queued message")
-    lp.add_argument("domain", nargs="?", metavar="DOMAIN")
-    lp.add_argument("--state", choices=QUEUE_STATES)
-
-    p = command("flush", cmd_flush, "deliver a domain's mail now, like an authorized ETRN")
-    p.add_argument("domain", metavar="DOMAIN", help="a configured domain; @DOMAIN includes its subdomains")
-
-    p = command("show", cmd_show, "show a queued message (envelope and content) or a domain's messages")
-    p.add_argument("target", metavar="ID|DOMAIN")
-    for name, help in (
-        ("hold", "keep a message or a domain's mail from being delivered"),
-        ("release", "undo hold"),
-        ("delete", "remove a message or a domain's mail from the queue (no bounce)"),
-        ("requeue", "put failed or expired mail back in the queue"),
-    ):
-        p = command(name, _operator_action, help)
-        p.add_argument("target", metavar="ID|DOMAIN")
-        if name == "delete":
-            p.add_argument("--yes", action="store_true", help="do not ask")
+    _queue_commands(command, after)
 
     p = command("passwd", cmd_passwd, "read a password, print its {SCRYPT} (or {SCRAM-SHA-256}) value for the config")
     p.add_argument("--scheme", choices=("scrypt", "scram-sha-256"), default="scrypt",
                    help="scrypt (default: serves PLAIN and LOGIN) or scram-sha-256 (also serves SCRAM-SHA-256)")
 
     p = command("etrn", cmd_etrn, "ask a backup MX to deliver (the primary's side)")
+    p.usage_status = 64  # EX_USAGE, as every etrn status is a sysexits.h one
     p.add_argument("target", metavar="HOST[:PORT][,HOST[:PORT]...]",
                    help="the backup MX; several (equal MX preference, each with its own queue) comma-separated")
     p.add_argument("domains", metavar="DOMAIN", nargs="+")

@@ -36,6 +36,7 @@ __all__ = [
     "ConfigError",
     "DomainConfig",
     "UserConfig",
+    "humanize_age",
     "load_config",
     "parse_duration",
     "format_hostport",
@@ -78,6 +79,8 @@ class DomainConfig:
     # The primary's addresses, resolved once (backupmx.primaries.pin): None until
     # then, () when its host name did not resolve.
     primary_addresses: tuple[str, ...] | None = None
+    notify: str | None = None  # told (through bounce_relay) when the domain starts queueing ...
+    notify_age: float = 86400.0  # ... and when its oldest waiting mail is older than this (0 = not)
 
     def accepts(self, address: str) -> bool:
         """True if `address` ("local@domain", ASCII letters in any case) may be queued for this domain."""
@@ -124,6 +127,8 @@ class Config:
     delay_warning: float  # 0 = off; else warn the sender once mail has waited this long
     bounce_size_limit: int  # bytes of the original a DSN may return; beyond: its header only
     auth_mechanisms: tuple[str, ...]  # SASL mechanisms EHLO offers under TLS, in this order
+    log_level: str  # debug | info | warning | error (backupmx.log.LEVELS)
+    metrics_listen: tuple[str, int] | None  # where the metrics process serves GET /metrics; None = not at all
     domains: Mapping[str, DomainConfig]
     users: Mapping[str, UserConfig]
     warnings: tuple[str, ...] = field(default=())  # lines `check` and the server log print
@@ -170,6 +175,21 @@ def parse_duration(text: str) -> float:
     """ "90" -> 90.0, "5m" -> 300.0, "1.5h" -> 5400.0, "5d" -> 432000.0 (seconds)."""
     return _number_with_unit(text, _DURATION, _DURATION_UNITS, "duration",
                              "a number with an optional s, m, h or d suffix")
+
+
+def humanize_age(seconds: float) -> str:
+    """45 -> "45s", 300 -> "5m0s", 11520 -> "3h12m", 190000 -> "2d4h" (for people, not for parse_duration)."""
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
 
 
 def parse_size(text: str) -> int:
@@ -365,6 +385,34 @@ def _auth_mechanisms(text: str) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError("a mechanism is listed twice")
     return tuple(names)
+def _metrics_listen(text: str) -> tuple[str, int] | None:
+    text = text.strip()
+    return parse_hostport(text, allow_zero=True) if text and text.lower() != "none" else None
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")  # backupmx.log.LEVELS
+
+
+def _log_level(text: str) -> str:
+    value = text.strip().lower()
+    if value not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, not {text.strip()!r}")
+    return value
+
+
+def _mailbox(text: str) -> str | None:
+    """An address to send to (local@domain, no <>), or None for an empty value."""
+    text = text.strip()
+    if not text:
+        return None
+    local, at, where = text.rpartition("@")
+    if not at or not local or not text.isascii() or any(c.isspace() or c in '<>,;"' or ord(c) < 32 for c in text):
+        raise ValueError(f"bad address {text!r} (local@domain, without <>)")
+    try:
+        normalize_domain(where)
+    except ValueError:
+        raise ValueError(f"bad address {text!r}") from None
+    return text
 
 
 def _user_name(text: str) -> str | None:
@@ -400,6 +448,8 @@ _GLOBAL_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
     "delay_warning": (parse_duration, 0.0),
     "bounce_size_limit": (_bounce_size_limit, 50 * 1024),
     "auth_mechanisms": (_auth_mechanisms, DEFAULT_AUTH_MECHANISMS),
+    "log_level": (_log_level, "info"),
+    "metrics_listen": (_metrics_listen, None),
 }
 
 
@@ -422,6 +472,8 @@ _DOMAIN_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
     "max_queue_bytes": (_positive_size, None),
     "queue_lifetime": (_positive_duration, _INHERIT),
     "retry_interval": (parse_duration, _INHERIT),
+    "notify": (_mailbox, None),
+    "notify_age": (parse_duration, 86400.0),
 }
 
 
@@ -541,6 +593,24 @@ class _Loader:
         except ValueError as exc:
             raise self.error(section, "recipients", str(exc)) from None
 
+    def domain(self, parser, section: str, g: dict) -> DomainConfig:
+        """One [domain:NAME] section, the [backupmx] values `g` filling in what it inherits."""
+        try:
+            name = normalize_domain(section.partition(":")[2])
+        except ValueError as exc:
+            raise self.error(section, None, str(exc)) from None
+        d = self.values(parser, section, _DOMAIN_KEYS)
+        for key in ("queue_lifetime", "retry_interval"):
+            if d[key] is _INHERIT:
+                d[key] = g[key]
+        d["recipients"] = self.recipients(section, name, d["recipients"])
+        if d["notify"] and not g["bounce_relay"]:
+            self.warnings.append(f"{self.path}: [{section}] notify: needs bounce_relay in [backupmx]; "
+                                 "no notice is sent")
+        if d["primary_ca"] and d["primary_tls"] != "required":
+            self.warnings.append(f"{self.path}: [{section}] primary_ca: only used with primary_tls = required")
+        return DomainConfig(name=name, **d)
+
     def load(self) -> Config:
         parser = self.read()
         sections = parser.sections()
@@ -576,22 +646,10 @@ class _Loader:
 
         domains: dict[str, DomainConfig] = {}
         for section in domain_sections:
-            try:
-                name = normalize_domain(section.partition(":")[2])
-            except ValueError as exc:
-                raise self.error(section, None, str(exc)) from None
-            if name in domains:
-                raise self.error(section, None, f"duplicate domain {name}")
-            d = self.values(parser, section, _DOMAIN_KEYS)
-            for key in ("queue_lifetime", "retry_interval"):
-                if d[key] is _INHERIT:
-                    d[key] = g[key]
-            d["recipients"] = self.recipients(section, name, d["recipients"])
-            if d["primary_ca"] and d["primary_tls"] != "required":
-                self.warnings.append(
-                    f"{self.path}: [{section}] primary_ca: only used with primary_tls = required"
-                )
-            domains[name] = DomainConfig(name=name, **d)
+            domain = self.domain(parser, section, g)
+            if domain.name in domains:
+                raise self.error(section, None, f"duplicate domain {domain.name}")
+            domains[domain.name] = domain
 
         users: dict[str, UserConfig] = {}
         for section in user_sections:

@@ -14,6 +14,7 @@ QueueMessage for the loop's group commit, after which the loop calls
 committed(); FlushRequested for a mode that starts flushers itself.
 """
 
+import collections
 import logging
 import os
 import selectors
@@ -31,8 +32,9 @@ from backupmx.log import log_event
 from backupmx.offload import Offload
 from backupmx.quota import Admission
 from backupmx.smtp import (AuthRequest, AuthResponse, EtrnRequest, MailAdmission, MessageAborted, MessageData,
-                           MessageReceived, MessageStarted, RecipientAdmission, Session, SessionSettings, StartTLS)
-from backupmx.store import QueueStore, QueueUnavailable, QuotaExceeded, Submission
+                           MessageReceived, MessageStarted, RecipientAdmission, Refused, Session, SessionSettings,
+                           StartTLS)
+from backupmx.store import REJECTS, QueueStore, QueueUnavailable, QuotaExceeded, Submission
 from backupmx.tls import TLSError, TLSLayer
 
 RECV_SIZE = 64 * 1024
@@ -78,6 +80,9 @@ class ConnectionContext:
     admission: Admission = field(init=False)
     quotas: dict = field(init=False)
     offload: Offload = field(init=False)  # where slow calls run, off the event loop (the loop watches it)
+    # Refusals by reason (replies.reason) not yet added to the queue's counters:
+    # the worker loop writes them now and then (flush_counts), not one transaction each.
+    rejects: collections.Counter = field(init=False, default_factory=collections.Counter)
 
     def __post_init__(self):
         self.store = QueueStore(self.config.queue)
@@ -92,7 +97,19 @@ class ConnectionContext:
 
     def close(self) -> None:
         self.offload.close()
+        self.flush_counts()
         self.store.close()
+
+    def flush_counts(self) -> None:
+        """Add the refusals counted so far to the queue's counters (one transaction);
+        kept for the next time when the queue cannot take them now."""
+        if not self.rejects:
+            return
+        try:
+            self.store.add_counts(REJECTS, self.rejects)
+        except QueueUnavailable:
+            return
+        self.rejects.clear()
 
 
 class SMTPConnection:
@@ -110,6 +127,8 @@ class SMTPConnection:
         self._spool_failed = False
         self._queue_id = None
         self._awaiting_commit = None  # the MessageReceived waiting for the group commit
+        self._submission = None  # its Submission (the store says which domains it started queueing)
+        self._tls_logged = False
         # AUTH: the SASL exchange in progress; the Credentials being checked
         # on ctx.offload; when a failure may be answered (it waits a while).
         self._sasl = None
@@ -123,8 +142,7 @@ class SMTPConnection:
         self.session = Session(ctx.settings.with_tls(available=ctx.ssl_context is not None and not implicit_tls,
                                                      active=implicit_tls))
         self._progress = self.session.progress
-        log_event(ctx.logger, "connect", client=self.client_ip, tls="implicit" if implicit_tls else None,
-                  level=logging.DEBUG)
+        log_event(ctx.logger, "connect", client=self.client_ip, tls="implicit" if implicit_tls else None)
         self._pump()
 
     # --- the selector loop's interface -------------------------------------
@@ -166,8 +184,11 @@ class SMTPConnection:
             except TLSError as exc:
                 log_event(self.ctx.logger, "tls-failed", client=self.client_ip, error=str(exc))
                 return self.close()
-            if self._tls.handshake_complete:
+            if self._tls.handshake_complete and not self._tls_logged:
                 self._handshake_deadline = None
+                self._tls_logged = True
+                log_event(self.ctx.logger, "tls", client=self.client_ip, version=self._tls.version(),
+                          cipher=self._tls.cipher(), bits=self._tls.cipher_bits())
             if data:
                 self._feed(data)
             if self._tls.closed:
@@ -234,7 +255,7 @@ class SMTPConnection:
             self.sock.close()
         except OSError:
             pass
-        log_event(self.ctx.logger, "disconnect", client=self.client_ip)
+        log_event(self.ctx.logger, "disconnect", client=self.client_ip, **self.session.commands.summary())
 
     # --- session plumbing -------------------------------------------------
 
@@ -277,8 +298,18 @@ class SMTPConnection:
             self._EVENTS[type(event)](self, event)
 
     def _on_aborted(self, event: MessageAborted) -> None:
-        log_event(self.ctx.logger, "rejected", client=self.client_ip, reply=event.reply.line_text(hostname=""))
-        self._drop_spool()
+        self._drop_spool()  # its reply, at the end of the content, is a Refused (logged there)
+
+    def _on_refused(self, event: Refused) -> None:
+        """Postfix's "reject:" line. Ours first (client, command, the reason it is counted under in
+        backupmx_rejects_total), then what the client named, then the reply: a fail2ban regex reads
+        the fixed part before any value a client chose."""
+        reason = replies.reason(event.reply)
+        self.ctx.rejects[reason] += 1
+        log_event(self.ctx.logger, "reject", client=self.client_ip, command=event.command, reason=reason,
+                  helo=event.helo, from_=None if event.sender is None else f"<{event.sender}>",
+                  to=None if event.recipient is None else f"<{event.recipient}>",
+                  nrcpt=event.recipients or None, reply=event.text)
 
     def _admit_mail(self, event: MailAdmission) -> None:
         """A declared SIZE must fit on the disk (RFC 1870); without one there is nothing to check yet."""
@@ -331,12 +362,14 @@ class SMTPConnection:
         size = self._spool.tell()
         self._spool.seek(0)
         self._awaiting_commit = event
-        self._outcomes.append(QueueMessage(Submission(self._queue_id, event.envelope, self._spool, size,
-                                                      self.client_ip, self.session.helo)))
+        self._submission = Submission(self._queue_id, event.envelope, self._spool, size, self.client_ip,
+                                      self.session.helo)
+        self._outcomes.append(QueueMessage(self._submission))
 
     def committed(self, problem: Exception | None) -> None:
         """The worker loop's group commit is done: answer the client (None: queued)."""
         event, self._awaiting_commit = self._awaiting_commit, None
+        submission, self._submission = self._submission, None
         if problem is not None:
             return self._refuse(event, str(problem), quota=isinstance(problem, QuotaExceeded))
         size = self._spool.tell()
@@ -346,6 +379,9 @@ class SMTPConnection:
             log_event(self.ctx.logger, "queued", id=self._queue_id, domain=domain,
                       from_=f"<{event.envelope.sender}>", size=size, client=self.client_ip,
                       nrcpt=sum(1 for r in event.envelope.recipients if r.domain == domain))
+        for domain in submission.started_queueing:
+            log_event(self.ctx.logger, "domain-queueing", domain=domain, since=submission.queued_at,
+                      id=self._queue_id)
         self.session.message_queued(self._queue_id)
         self._after_session()
         self.on_writable()
@@ -423,7 +459,7 @@ class SMTPConnection:
 
     def _etrn(self, request: EtrnRequest) -> None:
         try:
-            pending = self.ctx.store.request_flush(request.domains)
+            pending = self.ctx.store.request_flush(request.domains, etrn=True)
         except QueueUnavailable as exc:
             log_event(self.ctx.logger, "etrn-failed", client=self.client_ip, error=str(exc),
                       level=logging.WARNING)
@@ -447,4 +483,5 @@ class SMTPConnection:
         AuthRequest: _auth_step,
         AuthResponse: _auth_step,
         EtrnRequest: _etrn,
+        Refused: _on_refused,
     }

@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from backupmx.lifecycle import housekeeping, next_retry_delay, request_due_retries
+from backupmx.lifecycle import housekeeping, log_domain_changes, next_retry_delay, request_due_retries
 from backupmx.log import log_event
 from backupmx.outcome import Outcome, Verdict
 from backupmx.smtpclient import DataEncoder, Primary, PrimaryClient, PrimaryUnavailable, describe, reply_text
@@ -239,10 +239,12 @@ class _Flush:
             return
         self.store.record_attempts([(message.queue_id, self.domain.name, outcomes, retry_after)
                                     for message, outcomes, retry_after in batch])
+        now = time.time()
         for message, outcomes, _ in batch:
-            self._log_outcomes(message, outcomes)
+            self._log_outcomes(message, outcomes, now)
 
-    def _log_outcomes(self, message, outcomes: dict[str, Verdict]):
+    def _log_outcomes(self, message, outcomes: dict[str, Verdict], now: float):
+        """One line per outcome, with Postfix's delay= (seconds since the message was received) and size=."""
         groups: dict[Verdict, list[str]] = {}
         for address, verdict in outcomes.items():
             groups.setdefault(verdict, []).append(address)
@@ -256,6 +258,8 @@ class _Flush:
                 from_=f"<{message.sender}>",
                 to=",".join(f"<{a}>" for a in addresses),
                 relay=self.relay,
+                delay=f"{max(0.0, now - message.received_at):.1f}" if message.received_at else None,
+                size=message.size,
                 tls=self.tls_version,
                 reply=verdict.reply,
             )
@@ -614,6 +618,7 @@ def drain(store, config, owner: str, *, lease_seconds: float, log: logging.Logge
             deliver_domain(store, domain, owner=owner, hostname=config.hostname, timeout=config.timeout,
                            lease_seconds=lease_seconds, log=log, should_stop=should_stop)
             delivered += 1
+            log_domain_changes(store, log, name)
         except Exception as e:  # one bad flush must not end the process
             log_event(log, "flush-error", domain=name, owner=owner, error=f"{type(e).__name__}: {e}",
                       level=logging.ERROR)

@@ -14,6 +14,10 @@ the others find nothing to claim. `backupmx flush` starts the same flusher.
 fds 0, 1 and 2 are the client's socket here: nothing but SMTP may ever be
 written to them (docs/SPEC.md, "Logging"), so the session gets its own
 duplicate and 0-2 are pointed at /dev/null; the log is syslog by default.
+`log = stderr` is honoured when fd 2 is not the client's socket (tcpserver
+hands it svlogd's pipe; systemd, StandardError=journal): a duplicate of it
+is kept for the log. A stdin that is no socket at all means a person ran
+it by hand: that is said on stderr and in the configured log, exit 64.
 """
 
 import logging
@@ -39,6 +43,8 @@ MAX_DETACHED_FLUSHERS = 4
 # Domains one detached flusher delivers before it exits (a bound, not a limit
 # anyone should reach: requests coalesce per domain).
 MAX_DETACHED_ROUNDS = 1000
+# Exit status when stdin is not a socket: a usage error (sysexits.h EX_USAGE).
+EX_USAGE = os.EX_USAGE
 
 _DETACHED_BOOT = (
     "import sys; sys.path.insert(0, sys.argv[1]); "
@@ -86,21 +92,59 @@ def _refuse(sock, config, implicit_tls):
         pass
 
 
+def _stdin_socket() -> socket.socket | None:
+    """A duplicate of fd 0 as a socket, or None when fd 0 is not a socket."""
+    fd = os.dup(0)
+    try:
+        return socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        return None
+
+
+def _not_a_socket(config) -> int:
+    """stdin is no socket: a person at a terminal, not inetd. Say so there and in the log."""
+    message = ("serve --inetd: standard input is not a socket (run it from inetd, xinetd, tcpserver"
+               " or a systemd Accept=yes socket; `serve` alone runs the server)")
+    print(f"backupmx: {message}", file=sys.stderr)
+    if config.log != "stderr":  # else that was the log already
+        try:
+            logger = setup_logging(config.log or "syslog", inetd=True, level=config.log_level)
+            log_event(logger, "inetd-failed", error=message, level=logging.ERROR)
+        except OSError:
+            pass
+    return EX_USAGE
+
+
+def _log_stderr(config):
+    """A stream on a duplicate of fd 2 for `log = stderr`, when fd 2 is not the client's socket
+    (nor closed); else None. tcpserver gives fd 2 to its log pipe; inetd and xinetd give it the socket."""
+    if config.log != "stderr":
+        return None
+    try:
+        err = os.fstat(2)
+        if any(os.path.samestat(err, os.fstat(fd)) for fd in (0, 1)):
+            return None
+        return os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    except OSError:
+        return None
+
+
 def serve_inetd(config, *, implicit_tls: bool = False) -> int:
     """One session on the socket at fd 0; returns the exit status.
 
     Started as root with `user` set, it drops to that user after reading the
     key and before reading from the client.
     """
-    try:
-        sock = socket.socket(fileno=os.dup(0))
-    except OSError as exc:
-        raise ServeError(f"--inetd: standard input is not a socket: {exc.strerror or exc}") from None
+    sock = _stdin_socket()
+    if sock is None:
+        return _not_a_socket(config)
+    stderr = _log_stderr(config)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
-    logger = start_logging(config, inetd=True)
+    logger = start_logging(config, inetd=True, stderr=stderr)
     try:
         ssl_context = build_ssl_context(config)
         if implicit_tls and ssl_context is None:

@@ -19,6 +19,11 @@ few store transactions, so it is safe to run from several processes at once:
   4. retries  domains with retry_interval > 0 whose mail is due get a flush request.
   5. purge    failed/expired rows older than expired_retention; then
               incremental_vacuum and a WAL checkpoint.
+  6. domains  domain-queueing / domain-drained lines for what changed any other
+              way than a new message or a flush (expiry, operator actions), and
+              the `notify` notices (notify.py) through bounce_relay: claimed
+              first (at most once per queueing period); one the relay did not
+              take is released for the next round.
 
 Every state change is one log line (backupmx.log.log_event), with the queue id.
 """
@@ -32,12 +37,13 @@ import time
 from collections.abc import Callable
 
 from backupmx import dsn as dsnlib
+from backupmx import notify as notifylib
 from backupmx.config import format_hostport
 from backupmx.log import log_event
 from backupmx.outcome import Outcome, classify
 from backupmx.store import DSN_CLAIM_SECONDS, QueueStore, QueueUnavailable
 
-__all__ = ["BounceFailed", "housekeeping", "next_retry_delay", "send_dsn"]
+__all__ = ["BounceFailed", "housekeeping", "log_domain_changes", "next_retry_delay", "send_dsn"]
 
 LOGGER = logging.getLogger("backupmx.lifecycle")
 
@@ -143,7 +149,7 @@ class _Round:
         self.summary: dict[str, object] = {
             "expired": 0, "dsn_sent": 0, "dsn_skipped": 0, "dsn_failed": 0,
             "delay_warnings": 0, "retries": [], "purged": 0, "vacuumed_pages": 0,
-            "checkpoint": None, "errors": 0,
+            "checkpoint": None, "errors": 0, "notices": 0,
         }
 
     def lifetime(self, domain: str) -> float:
@@ -350,6 +356,32 @@ class _Round:
             log_event(self.log, "purged", id=row.queue_id, domain=row.domain, state=row.state,
                       retention=f"{self.config.expired_retention:g}s")
 
+    # 6. domains: queueing / drained, notices
+
+    def domains(self) -> None:
+        log_domain_changes(self.store, self.log)
+        relay = self.config.bounce_relay
+        wanted = {name: (d.notify_age or None) for name, d in self.config.domains.items() if d.notify}
+        if relay is None or not wanted:
+            return
+        for notice in self.store.claim_notices(wanted):
+            domain = self.config.domains[notice.domain]
+            message = notifylib.build_notice(notice, hostname=self.config.hostname, to=domain.notify,
+                                             now=self.clock(), notify_age=domain.notify_age)
+            fields = dict(domain=notice.domain, kind=notice.kind, to=f"<{domain.notify}>",
+                          relay=format_hostport(*relay))
+            try:
+                self.send(relay, domain.notify, message, hostname=self.config.hostname,
+                          timeout=min(self.config.timeout, DSN_TIMEOUT))
+            except BounceFailed as exc:
+                if not exc.permanent:
+                    self.store.release_notice(notice)
+                log_event(self.log, "notice-failed", **fields, error=str(exc),
+                          retry="no" if exc.permanent else "yes", level=logging.WARNING)
+                continue
+            self.summary["notices"] += 1
+            log_event(self.log, "notice-sent", **fields)
+
     def upkeep(self) -> None:
         pages = self.store.incremental_vacuum()
         self.summary["vacuumed_pages"] = pages
@@ -363,7 +395,7 @@ def housekeeping(store: QueueStore, config, *, logger: logging.Logger | None = N
     """One round of queue housekeeping (see the module docstring). Returns a summary:
 
         expired, dsn_sent, dsn_skipped, dsn_failed (recipients), delay_warnings (rows),
-        retries (domains asked to flush), purged (rows), vacuumed_pages,
+        retries (domains asked to flush), purged (rows), notices (sent), vacuumed_pages,
         checkpoint (SQLite's (busy, wal pages, checkpointed)), errors (steps that
         met QueueUnavailable; the others still ran).
 
@@ -376,8 +408,20 @@ def housekeeping(store: QueueStore, config, *, logger: logging.Logger | None = N
     r.step("delay_warnings", r.delay_warnings)
     r.step("retries", r.retries)
     r.step("purge", r.purge)
+    r.step("domains", r.domains)
     r.step("upkeep", r.upkeep)
     return r.summary
+
+
+def log_domain_changes(store: QueueStore, log: logging.Logger, domain: str | None = None) -> None:
+    """domain-queueing / domain-drained for what store.reconcile_domains found (each
+    logged once: it records them in the same transaction). Only `domain` when given."""
+    started, drained = store.reconcile_domains(domain)
+    for change in started:
+        log_event(log, "domain-queueing", domain=change.domain, since=change.since)
+    for change in drained:
+        log_event(log, "domain-drained", domain=change.domain, since=change.since,
+                  queued=f"{max(0, int(time.time()) - change.since)}s")
 
 
 def request_due_retries(store: QueueStore, config, *, logger: logging.Logger | None = None) -> list[str]:

@@ -10,7 +10,16 @@ and a value holding a space, a quote, "=", a backslash or such an escape is
 double-quoted. Passwords and AUTH payloads are never passed here.
 
 Under --inetd, stdin/stdout (and often stderr) are the client's socket, so
-setup_logging(..., inetd=True) makes sure nothing logging does ever writes there.
+setup_logging(..., inetd=True) makes sure nothing logging does ever writes there:
+"stderr" is honoured there only when the caller hands over a stderr it checked
+is not the socket (tcpserver's svlogd pipe, systemd's StandardError=journal).
+
+When stderr is the systemd journal (JOURNAL_STREAM names its device and inode),
+lines carry a "<N>" syslog priority prefix (sd-daemon(3)) and neither a time
+nor a "backupmx[pid]:" tag: journald adds its own, and doubling them broke
+fail2ban's matching; with the prefix `journalctl -p warning` finds warnings.
+Elsewhere a line that is not INFO ends with level=warning / level=error; syslog
+gets the priority from the record's level.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import logging.handlers
 import os
 import sys
 
-__all__ = ["format_event", "log_event", "setup_logging", "LOGGER_NAME"]
+__all__ = ["format_event", "log_event", "setup_logging", "is_journal", "LOGGER_NAME", "LEVELS"]
 
 LOGGER_NAME = "backupmx"
 SYSLOG_SOCKET = "/dev/log"
@@ -30,6 +39,11 @@ SYSLOG_SOCKET = "/dev/log"
 # under a restrictive umask). An existing
 # file keeps its mode; only a file we create gets this one.
 LOG_FILE_MODE = 0o640
+
+# log_level values (the config key) and the logging levels they stand for.
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# sd-daemon(3) / syslog(3) priorities of the logging levels.
+_JOURNAL_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\r": "\\r", "\n": "\\n", "\t": "\\t", "\0": "\\x00"}
 
@@ -112,31 +126,58 @@ class _Formatter(logging.Formatter):
         return line
 
 
-def setup_logging(target: str | None, *, inetd: bool = False) -> logging.Logger:
+class _JournalFormatter(_Formatter):
+    """"<N>message" for a stderr that is the journal: journald reads the priority and
+    adds the time and the identifier itself."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def is_journal(stream) -> bool:
+    """True when `stream` is the systemd journal: JOURNAL_STREAM ("dev:ino", set by
+    systemd for StandardError=journal) names the file it writes to."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in expected.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
+def setup_logging(target: str | None, *, inetd: bool = False, level: str = "info", stderr=None) -> logging.Logger:
     """Send the "backupmx" loggers (and the root logger) to `target`, replacing earlier setup.
 
     target: "stderr", "syslog" (facility mail, on /dev/log) or a file path
     (WatchedFileHandler: logrotate may move the file away; created 0640). None means the mode's
     default: syslog under inetd, stderr otherwise. When /dev/log does not exist,
     syslog falls back to stderr, or to nowhere under inetd.
+    level: a LEVELS name (log_level); lines below it are not even formatted.
+    stderr: the stream "stderr" means (sys.stderr). Under inetd, stderr may be the
+    client's socket, so "stderr" is honoured only when the caller passes one it
+    checked is not (inetd.py); otherwise syslog (or nothing) is used instead.
     Raises OSError when a log file cannot be opened.
     Returns the "backupmx" logger.
     """
     if target is None:
         target = "syslog" if inetd else "stderr"
+    if stderr is None and not inetd:
+        stderr = sys.stderr
     handler: logging.Handler | None
     if target == "syslog":
         handler = _syslog_handler()
         if handler is None:
-            handler = logging.NullHandler() if inetd else logging.StreamHandler(sys.stderr)
+            handler = logging.NullHandler() if inetd else logging.StreamHandler(stderr)
     elif target == "stderr":
-        # Under inetd stderr may be the client's socket: an explicit "log = stderr"
-        # cannot be honoured there, syslog (or nothing) is used instead.
-        handler = (_syslog_handler() or logging.NullHandler()) if inetd else logging.StreamHandler(sys.stderr)
+        handler = logging.StreamHandler(stderr) if stderr is not None else (_syslog_handler() or logging.NullHandler())
     else:
         handler = _LogFileHandler(target, encoding="utf-8")
     if isinstance(handler, logging.handlers.SysLogHandler):
         formatter = _Formatter("backupmx[%(process)d]: %(message)s")  # syslog adds the time
+    elif isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+            and is_journal(handler.stream):
+        formatter = _JournalFormatter("%(message)s")
     else:
         formatter = _Formatter("%(asctime)s backupmx[%(process)d]: %(message)s")
     handler.setFormatter(formatter)
@@ -148,13 +189,13 @@ def setup_logging(target: str | None, *, inetd: bool = False) -> logging.Logger:
             root.removeHandler(old)
             old.close()
     root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root.setLevel(LEVELS[level])
     if inetd:
         # logging's own error reports (handleError) and lastResort write to stderr.
         logging.raiseExceptions = False
         logging.lastResort = None
     logger = logging.getLogger(LOGGER_NAME)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(LEVELS[level])
     return logger
 
 

@@ -24,6 +24,9 @@ Replies the master itself writes (no worker involved) are the two refusals,
 both transient (RFC 5321 4.2.1: 421 closes the channel):
   replies.BUSY                  every worker is full and max_workers are running
   replies.TOO_MANY_CONNECTIONS  the client already has max_connections_per_client sessions
+Each is a `reject ... command=CONNECT` line like the workers' refusals, and is
+counted: the master holds no queue, so it hands its counts to a worker
+("rejects <reason> <n>" on the control socket), which adds them to the queue's.
 """
 
 import collections
@@ -37,12 +40,14 @@ import time
 
 from backupmx import children, primaries, replies, worker
 from backupmx.children import BOOT_ERROR, StopFlag, describe_status, first_line
-from backupmx.config import load_config, tuning
+from backupmx.config import format_hostport, load_config, tuning
 from backupmx.connection import SMTPConnection
 from backupmx.flusher import run_flush_worker
 from backupmx.listeners import Listener, build_listeners, refuse
 from backupmx.log import log_event
-from backupmx.startup import become_user, build_ssl_context, check_queue, raise_fd_limit, start_logging
+from backupmx.metrics_http import bind as bind_metrics
+from backupmx.metrics_http import run_metrics
+from backupmx.startup import ServeError, become_user, build_ssl_context, check_queue, raise_fd_limit, start_logging
 
 # Seconds without a heartbeat after which a worker is taken for hung and
 # aborted (it sends one every worker.HEARTBEAT_INTERVAL).
@@ -87,6 +92,13 @@ def serve(config, *, connection_class=SMTPConnection) -> int:
     ssl_context = build_ssl_context(config)  # as root: the key may be readable by root only
     master = Master(config, ssl_context, logger, connection_class=connection_class)
     master.listeners = build_listeners(config, master)  # as root: ports < 1024
+    if config.metrics_listen is not None:
+        try:
+            master.metrics = MetricsProcess(bind_metrics(config.metrics_listen))
+        except OSError as exc:
+            master.close_listeners()
+            raise ServeError(f"metrics_listen {format_hostport(*config.metrics_listen)}: "
+                             f"{exc.strerror or exc}") from None
     try:
         become_user(config, logger)
         check_queue(config)  # as the user: the database and its WAL are created as theirs
@@ -134,6 +146,7 @@ class Master:
         self.workers = {}  # pid -> WorkerHandle
         self.flushers = {}  # pid -> FlusherHandle
         self.clients = collections.Counter()  # ip -> sessions, across workers
+        self.rejects = RejectCounts()  # the master's 421s not yet handed to a worker
         self.sig_queue = []
         self.selector = selectors.DefaultSelector()
         self.wakeup_r, self.wakeup_w = socket.socketpair()
@@ -145,6 +158,7 @@ class Master:
         self.accept_paused_until = 0.0
         self.in_hand = None  # the accepted socket being dispatched (a fork now must not keep it)
         self.pid = os.getpid()
+        self.metrics: MetricsProcess | None = None  # with metrics_listen: its socket and its process
 
     # -- signals -----------------------------------------------------------
 
@@ -186,6 +200,8 @@ class Master:
             self.drain_worker(w, "stop")
         for f in self.flushers.values():
             self._kill(f.pid, signal.SIGTERM)
+        if self.metrics is not None:
+            self.metrics.stop()
 
     handle_int = handle_term
 
@@ -198,13 +214,14 @@ class Master:
             ssl_context = build_ssl_context(config)
             if config.queue != self.config.queue:
                 check_queue(config)
-            if config.log != self.config.log:
+            if (config.log, config.log_level) != (self.config.log, self.config.log_level):
                 # Only then: after a privilege drop the old file may not be ours to reopen.
                 self.logger = start_logging(config, inetd=False)
         except Exception as exc:
             log_event(self.logger, "reload-failed", error=first_line(exc), level=logging.WARNING)
             return
-        if (config.listen, config.listen_tls) != (self.config.listen, self.config.listen_tls):
+        if (config.listen, config.listen_tls, config.metrics_listen) != (
+                self.config.listen, self.config.listen_tls, self.config.metrics_listen):
             log_event(self.logger, "listen-change-ignored", reason="restart to change listeners")
         config = primaries.pin(config, self.logger, previous=self.config)
         self.config, self.ssl_context = config, ssl_context
@@ -214,6 +231,8 @@ class Master:
         for f in self.flushers.values():
             f.retiring = True
             self._kill(f.pid, signal.SIGTERM)
+        if self.metrics is not None:
+            self.metrics.stop(retiring=True)  # it serves the old config: a new one starts with the new
         self.respawn_after = 0.0
         self.flusher_respawn_after.clear()
         log_event(self.logger, "reloaded", generation=self.generation, config=config.path)
@@ -256,8 +275,8 @@ class Master:
     def verify_request(self, listener, sock, address):
         ip = address[0]
         if self.clients[ip] >= self.config.max_connections_per_client:
-            refuse(sock, replies.TOO_MANY_CONNECTIONS.render(hostname=self.config.hostname))
-            log_event(self.logger, "too-many-connections", client=ip, sessions=self.clients[ip])
+            self.rejects.refuse(self.logger, self.config.hostname, sock, ip, replies.TOO_MANY_CONNECTIONS,
+                                sessions=self.clients[ip])
             return False
         return True
 
@@ -288,8 +307,7 @@ class Master:
             self.clients[ip] += 1
             sock.close()  # the worker has its own copy now
             return
-        refuse(sock, replies.BUSY.render(hostname=self.config.hostname))
-        log_event(self.logger, "busy", client=ip)
+        self.rejects.refuse(self.logger, self.config.hostname, sock, ip, replies.BUSY)
         listener.shutdown_request(sock)
 
     # -- SMTP workers ----------------------------------------------------------
@@ -367,6 +385,8 @@ class Master:
             signal.signal(sig, signal.SIG_DFL)
         for listener in self.listeners:
             listener.socket.close()
+        if self.metrics is not None and keep is not self.metrics.sock:
+            self.metrics.sock.close()
         if self.in_hand is not None:
             # Spawned while dispatching: without this the new child would hold the
             # client's socket open for its whole life (the client never sees EOF).
@@ -446,6 +466,8 @@ class Master:
                 self.worker_exited(self.workers.pop(pid), status)
             elif pid in self.flushers:
                 self.flusher_exited(self.flushers.pop(pid), status)
+            elif self.metrics is not None and pid == self.metrics.pid:
+                self.metrics.exited(self, status)
 
     def worker_exited(self, w, status):
         self.forget_ctrl(w)
@@ -545,7 +567,7 @@ class Master:
             pass
 
     def kill_all(self, sig):
-        for pid in list(self.workers) + list(self.flushers):
+        for pid in list(self.workers) + list(self.flushers) + ([self.metrics.pid] if self.metrics else []):
             self._kill(pid, sig)
 
     def halt(self, status):
@@ -557,8 +579,13 @@ class Master:
     def run(self):
         self.init_signals()
         self.register_listeners()
+        if self.metrics is not None:
+            log_event(self.logger, "listening", address=format_hostport(*self.metrics.sock.getsockname()[:2]),
+                      serves="metrics")
         self.manage_workers()
         self.manage_flushers()
+        if self.metrics is not None:
+            self.metrics.manage(self)
         log_event(self.logger, "server-started", pid=self.pid, workers=self.config.workers, hostname=self.config.hostname)
         try:
             while True:
@@ -578,7 +605,7 @@ class Master:
                 self.handle_signals()
                 self.reap_workers()
                 if self.stopping:
-                    if not self.workers and not self.flushers:
+                    if not self.workers and not self.flushers and (self.metrics is None or self.metrics.pid is None):
                         break
                     if time.monotonic() > self.stop_deadline:
                         log_event(self.logger, "stop-timeout", children=len(self.workers) + len(self.flushers))
@@ -586,11 +613,93 @@ class Master:
                         self.stop_deadline = time.monotonic() + 5.0
                     continue
                 self.resume_accepting()
+                self.rejects.hand_over(self.active_workers())
                 self.murder_workers()
                 self.manage_workers()
                 self.manage_flushers()
+                if self.metrics is not None:
+                    self.metrics.manage(self)
         finally:
             self.close_listeners()
+            if self.metrics is not None:
+                self.metrics.sock.close()
             signal.set_wakeup_fd(-1)
         log_event(self.logger, "stopped", pid=self.pid, status=self.exit_status)
         return self.exit_status
+
+
+class RejectCounts(collections.Counter):
+    """The master's own 421s by reason (replies.reason), until a worker takes them over:
+    the master holds no queue, the worker adds them to the queue's counters."""
+
+    def refuse(self, logger, hostname, sock, ip, reply, **fields):
+        """Write the 421, log it as a reject like the workers' refusals, count it."""
+        line = reply.render(hostname=hostname)
+        refuse(sock, line)
+        reason = replies.reason(reply)
+        self[reason] += 1
+        log_event(logger, "reject", client=ip, command="CONNECT", reason=reason,
+                  reply=line.decode("ascii").rstrip("\r\n"), **fields)
+
+    def hand_over(self, workers):
+        """Send the counts to a worker ("rejects <reason> <n>"); what its socket does not take waits."""
+        while self and workers:
+            reason, count = next(iter(self.items()))
+            try:
+                workers[0].ctrl.send(f"rejects {reason} {count}".encode("ascii"))
+            except OSError:
+                return  # full or gone: next tick
+            del self[reason]
+
+
+class MetricsProcess:
+    """The metrics process (metrics_http.py) under the master: its socket, bound at start,
+    and the process serving it, started again when it dies (after RESPAWN_DELAY when it
+    died at once), replaced on SIGHUP, stopped with the rest."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.handle: FlusherHandle | None = None  # the process now running, None when none
+        self.respawn_after = 0.0
+
+    @property
+    def pid(self):
+        return self.handle.pid if self.handle is not None else None
+
+    def manage(self, master):
+        if master.stopping or self.handle is not None or time.monotonic() < self.respawn_after:
+            return
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log_event(master.logger, "fork-failed", error=exc.strerror)
+            self.respawn_after = time.monotonic() + RESPAWN_DELAY
+            return
+        if pid == 0:
+            master.close_in_child(keep=self.sock)
+            sock, config, logger, stop = self.sock, master.config, master.logger, StopFlag(parent=master.pid)
+
+            def serve_metrics():
+                stop.install()
+                run_metrics(sock, config, logger, stop.should_stop)
+
+            children.run_child(serve_metrics, logger, "metrics-crashed")
+        self.handle = FlusherHandle(pid, None, master.generation)
+        log_event(master.logger, "metrics-process-started", pid=pid)
+
+    def exited(self, master, status):
+        handle, self.handle = self.handle, None
+        if handle.retiring or master.stopping:
+            return
+        log_event(master.logger, "metrics-process-died", pid=handle.pid, status=describe_status(status),
+                  level=logging.WARNING)
+        if time.monotonic() - handle.started < QUICK_DEATH:
+            self.respawn_after = time.monotonic() + RESPAWN_DELAY
+
+    def stop(self, *, retiring=False):
+        if self.handle is not None:
+            self.handle.retiring = self.handle.retiring or retiring
+            try:
+                os.kill(self.handle.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass

@@ -128,3 +128,13 @@ ETRN_PENDING_STARTED = Reply(253, "2.0.0", "{count} pending messages for node {d
 ETRN_UNABLE = Reply(458, "4.3.0", "Unable to queue messages for node {domain}")
 ETRN_NOT_ALLOWED = Reply(459, "4.7.1", "{domain} not allowed")
 ETRN_SYNTAX = Reply(501, "5.5.4", "Syntax: ETRN domain | ETRN @domain")
+
+
+def reason(reply: Reply) -> str:
+    """The name a refusal is counted and logged under: its constant's name in lower
+    case ("relay_denied"), or "code_<n>" for a reply that is not one of them."""
+    return _NAMES.get(id(reply)) or f"code_{reply.code}"
+
+
+# Last in the module, so that every constant above is named.
+_NAMES = {id(value): name.lower() for name, value in list(globals().items()) if isinstance(value, Reply)}

@@ -61,6 +61,11 @@ UNIMPLEMENTED = frozenset({"EXPN", "TURN", "SEND", "SOML", "SAML"})
 # SASL mechanisms where the server speaks first: no initial response (RFC 4954 4).
 # SCRAM-SHA-256 (RFC 5802) is client-first: its client-first message may be the initial response.
 SERVER_FIRST = frozenset({"CRAM-MD5"})
+# Commands whose refusals are Refused events (SPEC Part 2, "Operator's view"); a
+# refusal that ends the session is one whatever the command.
+REFUSALS_REPORTED = frozenset({"MAIL", "RCPT", "DATA", "BDAT", "AUTH", "ETRN", "STARTTLS"})
+# Closing replies that are no refusal of a command: the driver logs these itself.
+NOT_REFUSALS = frozenset({replies.TIMEOUT, replies.SHUTTING_DOWN})
 
 
 # --- events: what the session asks, and the method that answers it ------------
@@ -75,6 +80,7 @@ SERVER_FIRST = frozenset({"CRAM-MD5"})
 #   AuthRequest          auth_challenge(data) | auth_result(user or None) | auth_malformed()
 #   AuthResponse         the same three
 #   EtrnRequest          etrn_result({domain: pending} or None)
+#   Refused              -            a command got a 4xx/5xx: the driver logs it (`reject`) and counts it
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,19 @@ class EtrnRequest:
     argument: str
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A command was refused (SPEC Part 2: every refusal is logged). The session
+    itself never logs (it has no I/O); the driver writes the `reject` line."""
+    command: str  # the verb refused (MAIL, RCPT, DATA, AUTH, ETRN, STARTTLS, ...)
+    reply: Reply  # the constant in replies.py: its name is the reason (replies.reason)
+    text: str  # the reply line as it was sent, without CRLF
+    helo: str | None
+    sender: str | None  # the MAIL FROM address ("" = the null sender), None when none was given
+    recipient: str | None  # the RCPT TO address; for DATA, the message's first recipient
+    recipients: int = 0  # DATA: how many recipients the refused message had
+
+
 class Phase(enum.Enum):
     COMMAND = "command"  # reading command lines
     DATA = "data"  # reading the message content (smtp_body)
@@ -173,6 +192,15 @@ class SessionSettings:
         except ValueError:
             return None
 
+    def flushable(self, user: str | None, name: str, subdomains: bool) -> tuple[str, ...]:
+        """The configured domains an ETRN for `name` (@name: and its subdomains) names that `user` may flush."""
+        allowed = self.etrn_domains.get(user, frozenset())
+        if subdomains:
+            found = [d for d in self.domains if d == name or d.endswith("." + name)]
+        else:
+            found = [name] if name in self.domains else []
+        return tuple(d for d in found if d in allowed)
+
 
 @dataclass
 class Session:
@@ -198,6 +226,7 @@ class Session:
     _chunked: ChunkedTransfer | None = None  # the BDAT content of a transaction (stale once the envelope changes)
     _waiting_for: tuple = ()  # the event types whose answer the session waits for
     _asked: object = None  # the MailAdmission or RecipientAdmission waiting for its answer
+    commands: "CommandLog" = field(default_factory=lambda: CommandLog())  # Refused events; disconnect counts
 
     def __post_init__(self):
         self.tls_active = self.settings.tls_active
@@ -369,6 +398,8 @@ class Session:
         sasl = self.phase is Phase.SASL
         if len(line) > MAX_AUTH_LINE:
             line = b""
+        if not sasl and (line == b"" or not line.endswith(b"\r\n") or b"\r" in line[:-2]):
+            self.commands.begin("UNKNOWN")  # a line we cannot frame is no command
         if line == b"":
             self._reply(replies.AUTH_LINE_TOO_LONG if sasl else replies.LINE_TOO_LONG)
             self._end_sasl()
@@ -389,6 +420,7 @@ class Session:
         """One command line: framing checks, then COMMANDS: its needs, in order, then its handler."""
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
+        self.commands.begin(verb if verb in COMMANDS and "\0" not in text else "UNKNOWN", argument)
         if length > MAX_COMMAND_LINE and verb != "AUTH":
             return self._reply(replies.LINE_TOO_LONG)
         if verb in HTTP_METHODS:
@@ -576,19 +608,10 @@ class Session:
             name = addresses.normalize_domain(name)
         except ValueError:
             return self._reply(replies.ETRN_SYNTAX)
-        domains = self._flushable_domains(name, subdomains)
+        domains = self.settings.flushable(self.user, name, subdomains)
         if not domains:
             return self._reply(replies.ETRN_NOT_ALLOWED, domain=argument)
         self._wait_for(EtrnRequest(domains, argument))
-
-    def _flushable_domains(self, name: str, subdomains: bool) -> tuple[str, ...]:
-        """Configured domains this ETRN names that the authenticated user may flush."""
-        allowed = self.settings.etrn_domains.get(self.user, frozenset())
-        if subdomains:
-            found = [d for d in self.settings.domains if d == name or d.endswith("." + name)]
-        else:
-            found = [name] if name in self.settings.domains else []
-        return tuple(d for d in found if d in allowed)
 
     # --- AUTH (RFC 4954): the session frames it, the driver runs the mechanism ---
 
@@ -641,7 +664,10 @@ class Session:
         if self.phase is Phase.CLOSED:
             return
         fields = {**(fields or {}), **more}
-        self._output.append(reply.render(hostname=self.settings.hostname, **fields))
+        self._output.append(rendered := reply.render(hostname=self.settings.hostname, **fields))
+        if reply.code >= 400 and (refused := self.commands.refuse(reply, rendered, self.helo, self.envelope)) \
+                and counted:  # (the chunks after a refused one: one error, one line)
+            self._events.append(refused)
         if counted and reply.code >= 500 and reply is not replies.AUTH_FAILED:
             self.errors += 1
             if self.errors >= MAX_ERRORS and self.phase is not Phase.CLOSED:
@@ -652,7 +678,9 @@ class Session:
             return
         self.phase = Phase.CLOSED
         self._input.clear()
-        self._output.append(reply.render(hostname=self.settings.hostname))
+        self._output.append(rendered := reply.render(hostname=self.settings.hostname))
+        if reply.code >= 400 and reply not in NOT_REFUSALS:  # it ends the session: always worth a line
+            self._events.append(self.commands.refuse(reply, rendered, self.helo, self.envelope, ends_session=True))
 
     def _wait_for(self, event) -> None:
         self.phase = Phase.WAITING
@@ -673,6 +701,55 @@ class Session:
             self.phase = Phase.COMMAND
         asked, self._asked = self._asked, None
         return asked
+
+
+@dataclass
+class CommandLog:
+    """The session's commands as the driver reports them (the session itself never logs):
+    the one being answered (its verb, whether it was refused, the addresses it named)
+    and Postfix's per-verb counts for the disconnect line."""
+    verb: str | None = None
+    refused: bool = False
+    named: dict = field(default_factory=dict)  # "from" / "to" as the command gave them
+    counts: dict = field(default_factory=dict)  # verb (lower case) -> [sent, refused]
+
+    def begin(self, verb: str, argument: str = "") -> None:
+        """A command line arrives (verb UNKNOWN when it is no command we know): count it, and
+        keep the address a MAIL or RCPT names, as the client wrote it (without <>)."""
+        self.verb, self.refused, self.named = verb, False, {}
+        self.counts.setdefault(verb.lower(), [0, 0])[0] += 1
+        key, colon, path = argument.partition(":")
+        if colon and (verb, key.strip().upper()) in (("MAIL", "FROM"), ("RCPT", "TO")):
+            path = path.strip(" ")
+            path = path[:path.find(">") + 1] if path.startswith("<") and ">" in path else path.split(" ")[0]
+            self.named["from" if verb == "MAIL" else "to"] = path.removeprefix("<").removesuffix(">")
+
+    def refuse(self, reply: Reply, rendered: bytes, helo: str | None, envelope: Envelope | None, *,
+               ends_session: bool = False) -> "Refused | None":
+        """The command being answered got a 4xx/5xx: count it (once, however many replies it gets),
+        and return its Refused event when it is reported (REFUSALS_REPORTED, or it ends the session)."""
+        if self.verb is not None and not self.refused:
+            self.refused = True
+            self.counts[self.verb.lower()][1] += 1
+        if ends_session or self.verb in REFUSALS_REPORTED:
+            return self.refusal(reply, rendered, helo, envelope)
+        return None
+
+    def refusal(self, reply: Reply, rendered: bytes, helo: str | None, envelope: Envelope | None) -> Refused:
+        """The Refused event of the command being answered: what it named, or its transaction's addresses."""
+        verb = self.verb or "UNKNOWN"
+        sender = self.named.get("from", envelope.sender if envelope is not None else None)
+        recipient, count = self.named.get("to"), 0
+        if verb in ("DATA", "BDAT") and envelope is not None and envelope.recipients:
+            recipient, count = envelope.recipients[0].address, len(envelope.recipients)
+        return Refused(verb, reply, rendered.decode("ascii").rstrip("\r\n"), helo, sender, recipient, count)
+
+    def summary(self) -> dict[str, str]:
+        """{"ehlo": "1", "rcpt": "1/2", ..., "commands": "5/6"}: accepted/sent, or the number when none was refused."""
+        def count(sent: int, refused: int) -> str:
+            return str(sent) if not refused else f"{sent - refused}/{sent}"
+        totals = [sum(numbers[i] for numbers in self.counts.values()) for i in (0, 1)]
+        return {**{verb: count(*numbers) for verb, numbers in self.counts.items()}, "commands": count(*totals)}
 
 
 # --- ESMTP parameters (pure functions: the envelope they fill, or the problem) -------

@@ -25,9 +25,11 @@ class ServeError(OSError):
     """
 
 
-def start_logging(config, *, inetd: bool) -> logging.Logger:
-    """The logger for config.log; under --inetd the default is syslog (stderr is the client)."""
-    return setup_logging(config.log or ("syslog" if inetd else "stderr"), inetd=inetd)
+def start_logging(config, *, inetd: bool, stderr=None) -> logging.Logger:
+    """The logger for config.log at config.log_level; under --inetd the default is syslog
+    (stderr is often the client), and `log = stderr` needs the caller's checked `stderr`."""
+    return setup_logging(config.log or ("syslog" if inetd else "stderr"), inetd=inetd, level=config.log_level,
+                         stderr=stderr)
 
 
 def build_ssl_context(config):

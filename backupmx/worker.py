@@ -15,6 +15,8 @@ Control protocol (ASCII, one message per SEQPACKET datagram):
                                 in flight finish, exit when none is left
                      "stop"     (SIGTERM) the same, but sessions are asked to end
                                 after their current transaction at once
+                     "rejects <reason> <n>"  the master refused n connections itself
+                                (its 421s): added to the queue's counters
   worker -> master   "hb <sessions>"   heartbeat, every HEARTBEAT_INTERVAL
                      "closed <ip>"     one session ended (echoes the <ip> it was
                                        handed, so the master's per-client
@@ -66,6 +68,10 @@ DRAIN_CLOSE = tuning("BACKUPMX_DRAIN_CLOSE", 5.0)
 # Upper bound on one select() wait, so the drain phases and heartbeats stay on time.
 MAX_WAIT = 1.0
 
+# Seconds between writes of the refusals counted (ConnectionContext.flush_counts):
+# a client refused in a loop costs a counter increment, not a transaction each.
+COUNTS_INTERVAL = tuning("BACKUPMX_COUNTS_INTERVAL", 5.0)
+
 _CTRL_MAX = 256  # bytes: the longest control message ("conn tls <ipv6> <port>")
 
 
@@ -104,6 +110,7 @@ class SessionLoop:
         self.polite_sent = False
         self.master_gone = False
         self.next_heartbeat = 0.0
+        self.next_counts = time.monotonic() + COUNTS_INTERVAL
         if ctrl is not None:
             ctrl.setblocking(False)
             self.selector.register(ctrl, selectors.EVENT_READ, None)
@@ -307,6 +314,9 @@ class SessionLoop:
             os.close(fd)
         if words and words[0] in ("drain", "stop"):
             self.begin_drain(words[0])
+        elif words[:1] == ["rejects"] and len(words) == 3 and words[2].isdigit():
+            # The master's own refusals (its 421s): it holds no queue, so a worker counts them.
+            self.context.rejects[words[1]] += int(words[2])
         else:
             self.logger.warning("control-message-unknown text=%r", msg[:64])
 
@@ -368,6 +378,9 @@ class SessionLoop:
             if self.ctrl is not None and not self.master_gone and now >= self.next_heartbeat:
                 self.next_heartbeat = now + HEARTBEAT_INTERVAL
                 self.report(f"hb {len(self.sessions)}")
+            if now >= self.next_counts:
+                self.next_counts = now + COUNTS_INTERVAL
+                self.context.flush_counts()
             if self.ctrl is None and not self.sessions:
                 break
             if self.draining and self.drain_step(now):

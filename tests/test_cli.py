@@ -95,10 +95,15 @@ def test_default_config_path(tmp_path):
     assert_one_error_line(run("check", cwd=tmp_path), contains="/etc/backupmx/backupmx.ini: cannot read")
 
 
-@pytest.mark.parametrize("args", [[], ["bogus"], ["flush"], ["queue", "list", "--state", "lost"], ["etrn", "h"]])
-def test_usage_errors(tmp_path, args):
+@pytest.mark.parametrize("args, status", [
+    ([], 2), (["bogus"], 2), (["flush"], 2), (["queue", "list", "--state", "lost"], 2),
+    (["queue", "list", "--json", "--ids"], 2),
+    (["etrn", "h"], 64),  # EX_USAGE: every etrn status is a sysexits.h one
+    (["health", "--max-messages", "many"], 3),  # a plugin's mistake is UNKNOWN, never WARNING
+])
+def test_usage_errors(tmp_path, args, status):
     proc = run(*args, cwd=tmp_path)
-    assert proc.returncode == 2
+    assert proc.returncode == status
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
 
@@ -303,7 +308,9 @@ def test_show_hold_release_delete(tmp_path, queued):
     proc = run("delete", queue_id, "--yes", "-c", config, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert run("queue", "list", "-c", config, cwd=tmp_path).stdout == ""
-    assert_one_error_line(run("show", queue_id, "-c", config, cwd=tmp_path), contains="no such message")
+    shown = run("show", queue_id, "-c", config, cwd=tmp_path)  # gone, but its history is kept
+    assert shown.returncode == 0 and f"queue_id: {queue_id} (no longer in the queue: deleted)" in shown.stdout
+    assert_one_error_line(run("show", "ZZZZZZZZZZZZZZ", "-c", config, cwd=tmp_path), contains="no such message")
     proc = run("hold", queue_id, "-c", config, cwd=tmp_path)
     assert proc.returncode == 1 and "nothing matched" in proc.stderr
 

@@ -1,16 +1,13 @@
 """contrib/ stays true to the program: commands and options exist, the example
-config passes `backupmx check`, the fail2ban filter matches a real log line,
+config passes `backupmx check` (the fail2ban filter against real log lines: test_observe.py),
 the systemd units agree with each other and with what `serve` understands.
 """
 
-import base64
 import configparser
 import os
 import re
 import shlex
 import shutil
-import smtplib
-import ssl
 import subprocess
 import sys
 import tomllib
@@ -18,7 +15,7 @@ from functools import lru_cache
 
 import pytest
 
-from conftest import CERTS, REPO, wait_for
+from conftest import REPO
 
 CONTRIB = REPO / "contrib"
 BACKUPMX = [sys.executable, str(REPO / "backupmx.py")]
@@ -209,57 +206,6 @@ def test_every_commented_key_in_the_example_config_is_a_real_key(tmp_path):
 
 
 # -- fail2ban ---------------------------------------------------------------------------------
-
-
-def failregex():
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(CONTRIB / "fail2ban" / "filter.d" / "backupmx.conf")
-    pattern = parser["Definition"]["failregex"].strip()
-    # fail2ban's <HOST>: an address or a host name, captured.
-    return re.compile(pattern.replace("<HOST>", r"(?P<host>\S+)"))
-
-
-def strip_date(line):
-    """What fail2ban does before applying failregex: take away the leading timestamp."""
-    for date in (r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:[.,]\d+)?", r"[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d"):
-        m = re.match(date, line)
-        if m:
-            return line[m.end():]
-    return line
-
-
-def test_fail2ban_filter_matches_a_real_auth_failed_line(server_factory, tmp_path):
-    srv = server_factory(tls=True, users={"prim": ("{PLAIN}right-password", "example.com")},
-                         env={"BACKUPMX_AUTH_FAILURE_DELAY": "0.1"})
-    with smtplib.SMTP("localhost", srv.port, timeout=10) as c:
-        c.starttls(context=ssl.create_default_context(cafile=str(CERTS / "ca.pem")))
-        c.ehlo("attacker.test")
-        # A user name trying to plant another client= for the ban to hit.
-        code, _ = c.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0x client=10.9.9.9\0wrong").decode())
-        assert code == 535
-    assert wait_for(lambda: "auth-failed" in srv.log(), 5)
-    lines = [line for line in srv.log().splitlines() if "auth-failed" in line]
-    assert len(lines) == 1
-    regex = failregex()
-    m = regex.search(strip_date(lines[0]))
-    assert m and m.group("host") == "127.0.0.1", (regex.pattern, lines[0])
-    # The same event through syslog ("Mon dd hh:mm:ss host tag[pid]: message").
-    message = lines[0].split("backupmx[", 1)[1]
-    syslog_line = f"Jan  5 10:00:01 mx2 backupmx[{message}"
-    m = regex.search(strip_date(syslog_line))
-    assert m and m.group("host") == "127.0.0.1", syslog_line
-    # Successful AUTH and other events are not matched.
-    for other in srv.log().splitlines():
-        if "auth-failed" not in other:
-            assert not regex.search(strip_date(other)), other
-    if shutil.which("fail2ban-regex"):  # the real thing, when it is installed
-        log = tmp_path / "mail.log"
-        log.write_text(lines[0] + "\n" + syslog_line + "\n")
-        result = subprocess.run(["fail2ban-regex", str(log), str(CONTRIB / "fail2ban" / "filter.d" / "backupmx.conf")],
-                                capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert re.search(r"Failregex: 2 total", result.stdout), result.stdout
-        assert "10.9.9.9" not in result.stdout
 
 
 def test_fail2ban_jail_names_the_filter():

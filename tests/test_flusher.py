@@ -205,7 +205,7 @@ def test_many_messages_few_connections(store, sink, caplog):
     first = next(line for line in lines if f"id={ids[0]} " in line)
     assert re.fullmatch(
         rf'delivered id={ids[0]} domain=example.com from=<alice@sender.test> to=<bob@example.com> '
-        rf'relay=127.0.0.1:{sink.port} reply="250 2.0.0 Ok: queued as SINK\d+"',
+        rf'relay=127.0.0.1:{sink.port} delay=\d+\.\d size=22 reply="250 2.0.0 Ok: queued as SINK\d+"',
         first,
     ), first
 

@@ -12,8 +12,9 @@ LAYERS = {
     "protocol": {"smtp", "smtp_body", "addresses", "envelope", "replies", "auth", "scram", "idn", "outcome"},
     "queue": {"store", "store_db", "store_intake", "store_flushes", "store_delivery", "store_housekeeping",
               "store_operator", "store_status", "schema"},
-    "driver": {"connection", "offload", "quota", "tls", "smtpclient", "primaries"},
-    "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "lifecycle", "dsn"},
+    "driver": {"connection", "offload", "quota", "tls", "smtpclient", "primaries", "metrics", "health"},
+    "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "lifecycle", "dsn",
+                "notify", "metrics_http"},
 }
 # Leaves anyone may use: the config's data model, the log line format.
 SHARED = {"config", "log"}

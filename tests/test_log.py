@@ -4,6 +4,7 @@ import io
 import logging
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +202,37 @@ def test_serve_creates_its_log_file_0640(server_factory, tmp_path):
     assert "listening" in path.read_text()
     assert oct(path.stat().st_mode & 0o777) == oct(0o640)
     assert server.log() == ""  # the log went to the file, not to stderr
+
+
+def test_log_level_drops_what_is_below_it(tmp_path):
+    path = tmp_path / "x.log"
+    code = (f"log = setup_logging({str(path)!r}, level='warning')\n"
+            "log_event(log, 'connect', client='192.0.2.1')\n"
+            "log_event(log, 'auth-failed', client='192.0.2.1', level=logging.WARNING)\n")
+    run_logging(tmp_path, code)
+    [line] = path.read_text().splitlines()
+    assert "auth-failed client=192.0.2.1" in line and line.endswith("level=warning")
+
+
+def test_journal_form_when_stderr_is_the_journal(tmp_path):
+    """systemd's StandardError=journal: JOURNAL_STREAM names stderr; lines carry <N>, no time, no tag."""
+    stderr = tmp_path / "journal"
+    code = ("import os\n"
+            "st = os.fstat(2)\n"
+            "os.environ['JOURNAL_STREAM'] = f'{st.st_dev}:{st.st_ino}'\n"
+            "log = setup_logging('stderr', level='debug')\n"
+            "log_event(log, 'connect', client='192.0.2.1', level=logging.DEBUG)\n"
+            "log_event(log, 'reject', client='192.0.2.1')\n"
+            "log_event(log, 'auth-failed', client='192.0.2.1', level=logging.WARNING)\n"
+            "log_event(log, 'queue-error', error='x', level=logging.ERROR)\n"
+            "os.environ['JOURNAL_STREAM'] = '1:2'\n"  # another file: back to the plain form
+            "log_event(setup_logging('stderr'), 'plain')\n")
+    with open(stderr, "w") as err:
+        proc = subprocess.run([sys.executable, "-c", "import logging\nfrom backupmx.log import setup_logging, "
+                               "log_event\n" + code], cwd=ROOT, stderr=err, timeout=30,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0
+    lines = stderr.read_text().splitlines()
+    assert lines[:4] == ["<7>connect client=192.0.2.1 level=debug", "<6>reject client=192.0.2.1",
+                         "<4>auth-failed client=192.0.2.1 level=warning", "<3>queue-error error=x level=error"]
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ backupmx\[\d+\]: plain$", lines[4])

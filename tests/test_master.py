@@ -503,7 +503,7 @@ def test_per_client_limit(stub_server):
     a.close()
     assert wait_for(srv.answers, 5)  # the slot is free again
     b.close()
-    assert "too-many-connections client=127.0.0.1" in srv.log()
+    assert "reject client=127.0.0.1 command=CONNECT reason=too_many_connections" in srv.log()
 
 
 def test_busy_when_every_worker_is_full(stub_server):
@@ -516,7 +516,7 @@ def test_busy_when_every_worker_is_full(stub_server):
     a.close()
     assert wait_for(srv.answers, 5)
     b.close()
-    assert "busy client=127.0.0.1" in srv.log()
+    assert "reject client=127.0.0.1 command=CONNECT reason=busy" in srv.log()
 
 
 def test_extra_workers_spawned_when_busy(stub_server):

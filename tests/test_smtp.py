@@ -768,3 +768,78 @@ def test_answering_what_was_not_asked_is_a_bug_in_the_driver(config):
         d.session.recipient_admitted()
     with pytest.raises(RuntimeError):
         d.session.auth_result("prim")
+
+
+# --- refusals and command counts: what the driver logs (reject, disconnect) ---------------
+
+
+def refusals(driver):
+    return [e for e in driver.events if isinstance(e, smtp.Refused)]
+
+
+@pytest.mark.parametrize("commands, command, reply, sender, recipient", [
+    ([b"EHLO c", b"MAIL FROM:<a@b.test>", b"RCPT TO:<x@nowhere.test>"],
+     "RCPT", replies.RELAY_DENIED, "a@b.test", "x@nowhere.test"),
+    ([b"EHLO c", b"MAIL FROM:<>", b"RCPT TO:<carol@listed.org>"],
+     "RCPT", replies.UNKNOWN_USER, "", "carol@listed.org"),
+    ([b"EHLO c", b"MAIL FROM:<a@b.test>", b"RCPT TO:<bad address>"], "RCPT", replies.BAD_ADDRESS, "a@b.test",
+     "bad address"),
+    ([b"MAIL FROM:<a@b.test>"], "MAIL", replies.NEED_HELO, "a@b.test", None),
+    ([b"EHLO c", b"MAIL FROM:<a b@c>"], "MAIL", replies.BAD_SENDER, "a b@c", None),
+    ([b"EHLO c", b"DATA"], "DATA", replies.NEED_MAIL, None, None),
+    ([b"EHLO c", b"AUTH PLAIN"], "AUTH", replies.ENCRYPTION_REQUIRED, None, None),
+    ([b"EHLO c", b"ETRN example.com"], "ETRN", replies.AUTH_REQUIRED, None, None),
+    ([b"EHLO c", b"STARTTLS"], "STARTTLS", replies.TLS_NOT_AVAILABLE, None, None),
+])
+def test_each_refusal_is_an_event_with_what_it_named(config, commands, command, reply, sender, recipient):
+    d = new(config)
+    for line in commands:
+        d.feed(line + b"\r\n")
+    [refused] = refusals(d)
+    assert (refused.command, refused.reply, refused.sender, refused.recipient) == (command, reply, sender, recipient)
+    assert refused.text.startswith(f"{reply.code} {reply.status}")
+    assert refused.helo == ("c" if commands[0] == b"EHLO c" else None)
+
+
+def test_refused_message_names_its_envelope(config):
+    d = new(config, commit=replies.QUEUE_FULL)
+    d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\nRCPT TO:<y@example.com>\r\nDATA\r\n")
+    d.feed(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    [refused] = refusals(d)
+    assert (refused.command, refused.reply, refused.sender, refused.recipient, refused.recipients) == \
+        ("DATA", replies.QUEUE_FULL, "a@b.test", "x@example.com", 2)
+
+
+def test_admission_refusal_and_session_ending_refusals_are_events(config):
+    d = new(config, refuse={"example.com": replies.DOMAIN_QUEUE_FULL})
+    d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\n")
+    assert [(r.command, r.reply, r.recipient) for r in refusals(d)] == \
+        [("RCPT", replies.DOMAIN_QUEUE_FULL, "x@example.com")]
+    d = new(config, tls_active=True, auth_ok=False)
+    for _ in range(3):
+        d.feed(b"EHLO c\r\nAUTH PLAIN " + base64.b64encode(b"\0prim\0wrong") + b"\r\n")
+    assert [r.reply for r in refusals(d)] == [replies.AUTH_FAILED] * 2 + [replies.TOO_MANY_AUTH_FAILURES]
+
+
+def test_noise_that_is_no_refusal_of_a_listed_command_is_no_event(config):
+    d = new(config)
+    d.feed(b"EHLO c\r\nFOO\r\nVRFY\r\nEHLO two words\r\n")
+    assert refusals(d) == []
+    d.session.timeout()
+    d.drain()
+    assert refusals(d) == []  # the driver logs a timeout itself
+
+
+def test_command_counts_are_postfix_style(config):
+    d = new(config)
+    d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\nRCPT TO:<x@nowhere.test>\r\n"
+           b"DATA\r\nhi\r\n.\r\nQUIT\r\n")
+    assert d.session.commands.summary() == {"ehlo": "1", "mail": "1", "rcpt": "1/2", "data": "1", "quit": "1",
+                                          "commands": "5/6"}
+    d = new(config)
+    d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n")
+    assert d.session.commands.summary() == {"ehlo": "1", "mail": "1", "rcpt": "1", "data": "1", "quit": "1",
+                                          "commands": "5"}
+    d = new(config)
+    d.feed(b"FOO\r\nbare\rcarriage return\r\nNOOP\r\n")
+    assert d.session.commands.summary() == {"unknown": "0/2", "noop": "1", "commands": "1/3"}
