@@ -115,6 +115,26 @@ CREATE TABLE IF NOT EXISTS flushes (
     lease_expires REAL                       -- unix time (may be fractional) the lease ends unless renewed; at or after it the domain is free
 );
 
+-- Recipient verification (`recipients = verify`): the primary's answer to a
+-- callout (MAIL FROM:<>, RCPT TO:<address>, RSET), per address, shared by
+-- every SMTP worker. A fresh row answers RCPT without asking the primary; a
+-- stale one (past `expires`) is asked again, and still answers while the
+-- primary cannot be reached. 4xx answers are not kept. Housekeeping deletes
+-- refused rows once they expire and accepted ones 30 days after.
+--   SELECT address, result, reply, datetime(expires, 'unixepoch') FROM verify_cache WHERE domain = 'example.com';
+--   DELETE FROM verify_cache WHERE address = 'bob@example.com';  -- ask the primary again (`backupmx verify flush`)
+CREATE TABLE IF NOT EXISTS verify_cache (
+    address TEXT PRIMARY KEY NOT NULL, -- local@domain as RCPT named it, ASCII letters lower-cased, the configured domain (A-labels)
+    domain  TEXT NOT NULL,             -- the configured domain the address belongs to
+    result  TEXT NOT NULL CHECK (result IN ('accepted', 'refused')), -- the primary's 2xx / 5xx to RCPT
+    reply   TEXT NOT NULL,             -- the primary's reply, as the log shows it (quoted in our 550 when refused)
+    checked INTEGER NOT NULL,          -- unix time of the callout
+    expires INTEGER NOT NULL           -- unix time the answer goes stale: checked + verify_positive_ttl / verify_negative_ttl
+) WITHOUT ROWID;                       -- RCPT's look-up is one search of this table's b-tree
+
+-- `backupmx verify list|flush DOMAIN`.
+CREATE INDEX IF NOT EXISTS verify_cache_domain ON verify_cache (domain);
+
 -- History: one row per thing that happened to a message, kept after the
 -- message is delivered (until expired_retention), so nothing leaves without a trace.
 CREATE TABLE IF NOT EXISTS events (
@@ -201,4 +221,5 @@ END;
 -- 2: queue.delay_warned, recipients.dsn_claimed (added to a version 1 queue on start).
 -- 3: messages.smtputf8 (added to an older queue on start).
 -- 4: domain_status, counters; queue_summary gains last_etrn and last_delivery.
-PRAGMA user_version = 4;
+-- 5: verify_cache (a new table: CREATE TABLE IF NOT EXISTS adds it to an older queue).
+PRAGMA user_version = 5;

@@ -509,6 +509,43 @@ def _detail_json(detail) -> dict:
     }
 
 
+def _verify_target(text: str | None) -> str | None:
+    """ADDRESS|DOMAIN|ALL -> the verify_cache key, the domain, or None (everything)."""
+    if text is None or text == "ALL":
+        return None
+    from backupmx.verify import cache_key
+
+    local, at, domain = text.strip("<>").rpartition("@")
+    try:
+        domain = normalize_domain(domain)
+    except ValueError as exc:
+        raise OperatorError(f"{text}: {exc}") from None
+    return cache_key(f"{local}@{domain}", domain) if at else domain
+
+
+def cmd_verify(args) -> int:
+    """`verify list [ADDRESS|DOMAIN]`, `verify flush ADDRESS|DOMAIN|ALL`: the callout cache (recipients = verify)."""
+    config = _load(args)
+    target = _verify_target(args.target)
+    store = _open_store(config)
+    if store is None:
+        return 0 if args.action == "list" else 1
+    try:
+        if args.action == "flush":
+            count = store.flush_verify(target)
+            print(f"verify flush: {args.target}: {count} answer(s) forgotten")
+            return 0
+        now = time.time()
+        for answer in store.verify_answers(target):
+            left = answer.expires - now
+            expiry = f"expires={humanize_age(left)}" if left > 0 else f"stale={humanize_age(-left)}"
+            print(f"{_safe(answer.address)} {answer.result} {expiry} checked={humanize_age(now - answer.checked)}"
+                  f" reply={_safe(answer.reply)}")
+    finally:
+        store.close()
+    return 0
+
+
 def _timestamp(unix: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(unix))
 
@@ -770,6 +807,13 @@ def build_parser() -> argparse.ArgumentParser:
     command("check", cmd_check, "validate the config, certificate, key and database")
 
     _queue_commands(command, after)
+
+    p = command("verify", cmd_verify, "the primary's cached answers to recipient callouts (recipients = verify)")
+    actions = p.add_subparsers(dest="action", metavar="list|flush", parser_class=_Parser, required=True)
+    lp = actions.add_parser("list", parents=[after], help="one line per cached answer")
+    lp.add_argument("target", nargs="?", metavar="ADDRESS|DOMAIN")
+    lp = actions.add_parser("flush", parents=[after], help="forget answers: the next RCPT asks the primary again")
+    lp.add_argument("target", metavar="ADDRESS|DOMAIN|ALL")
 
     p = command("passwd", cmd_passwd, "read a password, print its {SCRYPT} (or {SCRAM-SHA-256}) value for the config")
     p.add_argument("--scheme", choices=("scrypt", "scram-sha-256"), default="scrypt",

@@ -50,6 +50,7 @@ __all__ = [
 DEFAULT_CONFIG_PATH = "/etc/backupmx/backupmx.ini"
 
 PRIMARY_TLS_MODES = ("none", "opportunistic", "required")
+VERIFY_UNREACHABLE = ("accept", "tempfail")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 PASSWORD_SCHEMES = ("{SCRYPT}", "{SCRAM-SHA-256}", "{PLAIN}")
 DEFAULT_AUTH_MECHANISMS = ("SCRAM-SHA-256", "PLAIN", "LOGIN")
@@ -81,9 +82,16 @@ class DomainConfig:
     primary_addresses: tuple[str, ...] | None = None
     notify: str | None = None  # told (through bounce_relay) when the domain starts queueing ...
     notify_age: float = 86400.0  # ... and when its oldest waiting mail is older than this (0 = not)
+    # recipients = verify: the primary is asked about each address (verify.py);
+    # `recipients` is None then (the session lets every local part through to the callout).
+    verify: bool = False
+    verify_positive_ttl: float = 30 * 86400.0  # seconds an accepted address is remembered
+    verify_negative_ttl: float = 3 * 3600.0  # seconds a refused address is remembered
+    verify_unreachable: str = "accept"  # "accept" | "tempfail": the primary unreachable, nothing cached
 
     def accepts(self, address: str) -> bool:
-        """True if `address` ("local@domain", ASCII letters in any case) may be queued for this domain."""
+        """True if `address` ("local@domain", ASCII letters in any case) may be queued for this domain
+        as far as the configuration knows (recipients = verify: the callout decides)."""
         local, _, domain = address.rpartition("@")
         return self.recipients is None or f"{fold_local_part(local)}@{domain.lower()}" in self.recipients
 
@@ -453,11 +461,17 @@ _GLOBAL_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
 }
 
 
-def _primary_tls(text: str) -> str:
-    value = text.strip().lower()
-    if value not in PRIMARY_TLS_MODES:
-        raise ValueError(f"must be one of {', '.join(PRIMARY_TLS_MODES)}, not {text.strip()!r}")
-    return value
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, not {text.strip()!r}")
+        return value
+
+    return parse
+
+
+_primary_tls = _choice(PRIMARY_TLS_MODES)
 
 
 _INHERIT = object()  # per-domain value that falls back to the global one
@@ -474,7 +488,12 @@ _DOMAIN_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
     "retry_interval": (parse_duration, _INHERIT),
     "notify": (_mailbox, None),
     "notify_age": (parse_duration, 86400.0),
+    "verify_positive_ttl": (_positive_duration, 30 * 86400.0),
+    "verify_negative_ttl": (_positive_duration, 3 * 3600.0),
+    "verify_unreachable": (_choice(VERIFY_UNREACHABLE), "accept"),
 }
+# Keys that mean something only with recipients = verify (a warning otherwise).
+_VERIFY_KEYS = ("verify_positive_ttl", "verify_negative_ttl", "verify_unreachable")
 
 
 def _password(text: str) -> str:
@@ -603,7 +622,11 @@ class _Loader:
         for key in ("queue_lifetime", "retry_interval"):
             if d[key] is _INHERIT:
                 d[key] = g[key]
-        d["recipients"] = self.recipients(section, name, d["recipients"])
+        d["verify"] = d["recipients"].strip().lower() == "verify"
+        d["recipients"] = None if d["verify"] else self.recipients(section, name, d["recipients"])
+        for key in _VERIFY_KEYS:
+            if key in parser[section] and not d["verify"]:
+                self.warnings.append(f"{self.path}: [{section}] {key}: only used with recipients = verify")
         if d["notify"] and not g["bounce_relay"]:
             self.warnings.append(f"{self.path}: [{section}] notify: needs bounce_relay in [backupmx]; "
                                  "no notice is sent")

@@ -30,6 +30,7 @@ from backupmx.auth import Accepted, Authenticator, Credentials, SASLSyntaxError,
 from backupmx.config import Config, tuning
 from backupmx.log import log_event
 from backupmx.offload import Offload
+from backupmx.policy import RecipientPolicy, RecipientQuestion
 from backupmx.quota import Admission
 from backupmx.smtp import (AuthRequest, AuthResponse, EtrnRequest, MailAdmission, MessageAborted, MessageData,
                            MessageReceived, MessageStarted, RecipientAdmission, Refused, Session, SessionSettings,
@@ -83,6 +84,7 @@ class ConnectionContext:
     # Refusals by reason (replies.reason) not yet added to the queue's counters:
     # the worker loop writes them now and then (flush_counts), not one transaction each.
     rejects: collections.Counter = field(init=False, default_factory=collections.Counter)
+    policy: RecipientPolicy = field(init=False)  # recipient admission: quotas, callouts, ...
 
     def __post_init__(self):
         self.store = QueueStore(self.config.queue)
@@ -90,12 +92,18 @@ class ConnectionContext:
         self.offload = Offload(OFFLOAD_THREADS, "offload")
         self.authenticator = Authenticator(self.config.users)
         self.admission = Admission(self.config, self.store)
+        self.policy = RecipientPolicy(self.config, self.store, self.offload, self.logger, self.admission)
         self.quotas = {name: (d.max_queue_messages, d.max_queue_bytes) for name, d in self.config.domains.items()
                        if d.max_queue_messages is not None or d.max_queue_bytes is not None}
         # Bodies that outgrow memory are spooled beside the queue (same file system).
         self.spool_dir = os.path.dirname(os.path.abspath(self.config.queue))
 
+    def upkeep(self, now: float) -> None:
+        """Once per turn of the worker loop (at least every second)."""
+        self.policy.upkeep()
+
     def close(self) -> None:
+        self.policy.close()
         self.offload.close()
         self.flush_counts()
         self.store.close()
@@ -134,6 +142,8 @@ class SMTPConnection:
         self._sasl = None
         self._auth_checking: Credentials | None = None
         self._auth_due: float | None = None
+        # RCPT: None, "asking" while the policy runs, "waiting" when its answer comes later.
+        self._admission: str | None = None
         self._stop_at = None  # set by begin_shutdown
         self._outcomes = []  # QueueMessage, FlushRequested: for the worker loop (take_outcomes)
         now = ctx.clock()
@@ -152,7 +162,8 @@ class SMTPConnection:
         if self.closed:
             return 0
         events = selectors.EVENT_WRITE if self._out else 0
-        if not self._closing and not self._auth_busy:  # nothing is read while a password is checked
+        # Nothing is read while a password is checked or a recipient admitted.
+        if not self._closing and not self._auth_busy and self._admission is None:
             events |= selectors.EVENT_READ
         return events
 
@@ -317,8 +328,23 @@ class SMTPConnection:
         self.session.mail_admitted(None if size is None else self.ctx.admission.message_size(size))
 
     def _admit_recipient(self, event: RecipientAdmission) -> None:
-        """The domain's quota and the free space (quota.Admission: cached, no query per RCPT)."""
-        self.session.recipient_admitted(self.ctx.admission.recipient(event.recipient.domain))
+        """The recipient policy (policy.py): quotas, callouts, ... answered now or later."""
+        self._admission = "asking"
+        self.ctx.policy.admit(RecipientQuestion(self, self.client_ip, self.session.helo, event.envelope,
+                                                event.recipient, self.session.user is not None),
+                              self._recipient_answered)
+        if self._admission == "asking":
+            self._admission = "waiting"
+
+    def _recipient_answered(self, refusal) -> None:
+        later, self._admission = self._admission == "waiting", None
+        if self.closed or self.session.closed:
+            return
+        reply, fields = refusal if refusal is not None else (None, {})
+        self.session.recipient_admitted(reply, **fields)
+        if later:  # from the loop, not from _handle_events: the session goes on here
+            self._after_session()
+            self.on_writable()
 
     # --- messages -----------------------------------------------------------
 

@@ -17,7 +17,8 @@ few store transactions, so it is safe to run from several processes at once:
               still stays for expired_retention.
   3. delay warnings (delay_warning > 0 and a bounce_relay): one per row, at most once.
   4. retries  domains with retry_interval > 0 whose mail is due get a flush request.
-  5. purge    failed/expired rows older than expired_retention; then
+  5. purge    failed/expired rows older than expired_retention; the
+              recipient-callout answers past their time (verify_cache); then
               incremental_vacuum and a WAL checkpoint.
   6. domains  domain-queueing / domain-drained lines for what changed any other
               way than a new message or a flush (expiry, operator actions), and
@@ -148,7 +149,7 @@ class _Round:
         self.send = send
         self.summary: dict[str, object] = {
             "expired": 0, "dsn_sent": 0, "dsn_skipped": 0, "dsn_failed": 0,
-            "delay_warnings": 0, "retries": [], "purged": 0, "vacuumed_pages": 0,
+            "delay_warnings": 0, "retries": [], "purged": 0, "verify_purged": 0, "vacuumed_pages": 0,
             "checkpoint": None, "errors": 0, "notices": 0,
         }
 
@@ -356,6 +357,9 @@ class _Round:
             log_event(self.log, "purged", id=row.queue_id, domain=row.domain, state=row.state,
                       retention=f"{self.config.expired_retention:g}s")
 
+    def purge_verify(self) -> None:
+        self.summary["verify_purged"] = self.store.purge_verify()
+
     # 6. domains: queueing / drained, notices
 
     def domains(self) -> None:
@@ -395,7 +399,8 @@ def housekeeping(store: QueueStore, config, *, logger: logging.Logger | None = N
     """One round of queue housekeeping (see the module docstring). Returns a summary:
 
         expired, dsn_sent, dsn_skipped, dsn_failed (recipients), delay_warnings (rows),
-        retries (domains asked to flush), purged (rows), notices (sent), vacuumed_pages,
+        retries (domains asked to flush), purged (rows), verify_purged (cached callout
+        answers), notices (sent), vacuumed_pages,
         checkpoint (SQLite's (busy, wal pages, checkpointed)), errors (steps that
         met QueueUnavailable; the others still ran).
 
@@ -408,6 +413,7 @@ def housekeeping(store: QueueStore, config, *, logger: logging.Logger | None = N
     r.step("delay_warnings", r.delay_warnings)
     r.step("retries", r.retries)
     r.step("purge", r.purge)
+    r.step("purge_verify", r.purge_verify)
     r.step("domains", r.domains)
     r.step("upkeep", r.upkeep)
     return r.summary

@@ -104,6 +104,13 @@ QUEUE_UNAVAILABLE = Reply(452, "4.3.1", "Error: insufficient system storage, try
 DOMAIN_QUEUE_FULL = Reply(452, "4.3.1", "<{address}>: Error: the queue for this domain is full, try again later")
 QUEUE_FULL = Reply(452, "4.3.1", "Error: the queue for a recipient's domain is full, try again later")
 
+# No side door for spam (docs/SPEC.md Part 2). `reply` is the primary's own
+# reply line, cut short and cleaned like every field.
+RECIPIENT_UNDELIVERABLE = Reply(550, "5.1.1", "<{address}>: Recipient address rejected: undeliverable address: {reply}")
+RECIPIENT_UNVERIFIED = Reply(450, "4.1.1", "<{address}>: Recipient address rejected: unverified address: {reply}")
+VERIFY_UNREACHABLE = Reply(450, "4.4.0", "<{address}>: Recipient address rejected: unverified address: "
+                                         "the primary MX cannot be reached, try again later")
+
 # STARTTLS (RFC 3207)
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")

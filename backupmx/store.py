@@ -11,6 +11,7 @@ for the processes that use it:
   store_operator.OperatorQueries    the CLI: reports and postsuper-style actions
   store_status.DomainStatus         per-domain status (last ETRN, last delivery, queueing
                                     since) and counters: metrics, health, notices
+  store_verify.VerifyCache          SMTP workers, the CLI: the primary's answers to recipient callouts
 
 What must always hold (each public method keeps it in ONE transaction):
   - A message is in `messages` once, with one `queue` row per recipient domain
@@ -38,7 +39,8 @@ from backupmx.store_intake import Intake, QuotaExceeded, Submission  # noqa: F40
 from backupmx.store_operator import (Event, MessageDetail, MessageRow, OperatorQueries,  # noqa: F401
                                      QueueSummary, RowDetail, RowKey, Selection)
 from backupmx.store_status import DomainChange, DomainReport, DomainStatus, Notice  # noqa: F401
+from backupmx.store_verify import ACCEPTED, REFUSED, VerifyAnswer, VerifyCache  # noqa: F401
 
 
-class QueueStore(Intake, FlushRequests, Delivery, Housekeeping, OperatorQueries, DomainStatus):
+class QueueStore(Intake, FlushRequests, Delivery, Housekeeping, OperatorQueries, DomainStatus, VerifyCache):
     """The whole queue, every role on one connection. One instance per process, created after fork."""

@@ -298,11 +298,15 @@ class QueueDatabase:
     """The SQLite connection and its transactions; each role (store_*.py) builds on it."""
 
     def __init__(self, path: str, clock: Callable[[], float] = time.time, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
-                 read_only: bool = False):
+                 read_only: bool = False, durable: bool = True):
         """read_only: open an existing queue for reports only (metrics, health):
         SQLite's mode=ro, no schema applied, nothing written; a queue whose schema
-        is not this backupmx's (not migrated yet) is QueueUnavailable."""
+        is not this backupmx's (not migrated yet) is QueueUnavailable.
+        durable=False: commits are not synced to disk (WAL with synchronous=NORMAL: a
+        power cut may lose the last ones, never corrupt the file). Only for state
+        that can be learnt again -- the verify cache, the greylist --, never for mail."""
         self.path = path
+        self._durable = durable
         self._clock = clock
         self._db: sqlite3.Connection | None = None
         self._turn_lock: int | None = None  # fd of <queue>-commit.lock: store_intake's turn to commit
@@ -339,7 +343,8 @@ class QueueDatabase:
         mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal" and self.path != ":memory:" and not self.path.startswith("file::memory:"):
             raise QueueUnavailable(f"{self.path}: cannot use WAL journal mode (got {mode})")
-        db.execute("PRAGMA synchronous = FULL")  # the commit is on disk before 250 is sent
+        # The commit is on disk before 250 is sent.
+        db.execute("PRAGMA synchronous = FULL" if self._durable else "PRAGMA synchronous = NORMAL")
         db.execute("PRAGMA foreign_keys = ON")
         db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         text = schema_text()

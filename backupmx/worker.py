@@ -209,9 +209,19 @@ class SessionLoop:
         self.update(conn)
 
     def answer_offloaded(self):
-        """Hand each call done on the Offload's threads back to the session that made it."""
+        """Hand each call done on the Offload's threads back to the session that made it.
+
+        A call whose owner is None belongs to a per-process service (the
+        callout single-flight): its answer runs whatever became of the sessions,
+        and reaches them through Offload.deliver, which comes back here.
+        """
         for conn, then, future in self.context.offload.completed():
-            if conn in self.sessions and not conn.closed:
+            if conn is None:
+                try:
+                    then(future)
+                except Exception:
+                    self.logger.exception("offload-error")
+            elif conn in self.sessions and not conn.closed:
                 self._call(conn, lambda conn=conn, then=then, future=future: then(future))
                 self.update(conn)
 
@@ -397,6 +407,7 @@ class SessionLoop:
                     self.service(key.data, mask)
             self.commit_round()
             self.check_deadlines(time.monotonic())
+            self.context.upkeep(time.monotonic())
         self.close_all()
 
 

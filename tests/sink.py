@@ -23,6 +23,12 @@ bad primary can be tested against a real peer rather than a mock:
 `behaviour`, `behaviour_addresses`, `hostile_at` and `data_delay` are read
 when a session starts, so they may be changed between sessions.
 
+It knows its users when `valid_users` is a set of addresses (any case): RCPT
+for anyone else gets "550 5.1.1 ... User unknown", as a primary that checks
+its recipients does (what a recipient callout asks). `rcpt_delay` makes each
+RCPT reply wait that many seconds (a slow primary). `rcpts_seen` lists every
+RCPT address in arrival order, callouts included.
+
 As a process (so a test can SIGKILL the primary):
     python3 tests/sink.py --port 0 [--tls-cert F --tls-key F] [--behaviour B] [--spool DIR]
 prints the bound port on the first line of stdout, then serves until SIGTERM.
@@ -275,7 +281,16 @@ class _Handler(socketserver.BaseRequestHandler):
                 else:
                     address, params = parsed
                     selected = self.addresses is None or address.lower() in self.addresses
-                    if self.behaviour == "rcpt_4xx" and selected:
+                    with sink._cond:
+                        sink.rcpts_seen.append(address)
+                        sink._cond.notify_all()
+                    if sink.rcpt_delay and sink._stopping.wait(sink.rcpt_delay):
+                        raise _Closed()
+                    users = sink.valid_users
+                    if users is not None and address.lower() not in {u.lower() for u in users}:
+                        self.write(f"550 5.1.1 <{address}>: Recipient address rejected: User unknown in local "
+                                   "recipient table\r\n".encode())
+                    elif self.behaviour == "rcpt_4xx" and selected:
                         self.write(f"450 4.2.0 <{address}>: Recipient address rejected: try later\r\n".encode())
                     elif self.behaviour == "rcpt_5xx" and selected:
                         self.write(f"550 5.1.1 <{address}>: Recipient address rejected: User unknown\r\n".encode())
@@ -384,6 +399,9 @@ class Sink:
         self.max_continuation_lines = 100_000
         self.session_timeout = 30.0
         self.max_sessions = None  # more simultaneous sessions than this get a 421 greeting
+        self.valid_users = None  # a set of addresses: RCPT for any other gets 550 5.1.1 (None: anyone)
+        self.rcpt_delay = 0.0  # seconds before each RCPT reply
+        self.rcpts_seen: list[str] = []  # every RCPT TO address, in order (callouts too)
         self.deliveries: list[Delivery] = []
         self.sessions: list[SessionRecord] = []
         self.data_received = 0  # bodies read completely, whatever the reply was

@@ -11,8 +11,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "backupmx"
 LAYERS = {
     "protocol": {"smtp", "smtp_body", "addresses", "envelope", "replies", "auth", "scram", "idn", "outcome"},
     "queue": {"store", "store_db", "store_intake", "store_flushes", "store_delivery", "store_housekeeping",
-              "store_operator", "store_status", "schema"},
-    "driver": {"connection", "offload", "quota", "tls", "smtpclient", "primaries", "metrics", "health"},
+              "store_operator", "store_status", "store_verify", "schema"},
+    "driver": {"connection", "offload", "quota", "tls", "smtpclient", "primaries", "metrics", "health",
+               "policy", "verify"},
     "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "lifecycle", "dsn",
                 "notify", "metrics_http"},
 }

@@ -651,7 +651,7 @@ def test_schema_comments_every_table_and_column(store):
     for table in tables:
         start = next(i for i, l in enumerate(lines) if re.match(rf"CREATE TABLE IF NOT EXISTS {table} \(", l))
         assert lines[start - 1].startswith("--"), f"table {table} has no comment above it"
-        end = next(i for i in range(start, len(lines)) if lines[i].startswith(");"))
+        end = next(i for i in range(start, len(lines)) if lines[i].startswith(")"))  # ");" or ") WITHOUT ROWID;"
         defined = set()
         for line in lines[start + 1:end]:
             if not line.strip() or line.strip().startswith("--"):
