@@ -135,6 +135,23 @@ CREATE TABLE IF NOT EXISTS verify_cache (
 -- `backupmx verify list|flush DOMAIN`.
 CREATE INDEX IF NOT EXISTS verify_cache_domain ON verify_cache (domain);
 
+-- Failed AUTH attempts, one row each, so that max_auth_failures_per_client
+-- holds across every session, SMTP worker and `serve --inetd` process (the
+-- queue is the one place they all share) and outlives a worker's death.
+-- A client with max_auth_failures_per_client rows newer than
+-- auth_failure_window gets 421 4.7.0 at its next AUTH, before any password
+-- is looked at. A success does not remove rows: they age out. Rows older than
+-- the window go when the client fails again, and at housekeeping.
+--   SELECT client, COUNT(*), datetime(MAX(at), 'unixepoch') FROM auth_failures GROUP BY 1;
+--   DELETE FROM auth_failures WHERE client = '192.0.2.7';  -- let a client try again now
+CREATE TABLE IF NOT EXISTS auth_failures (
+    client TEXT NOT NULL, -- '192.0.2.7', or an IPv6 client's /64: '2001:db8:1:2::/64' (IPv4-mapped addresses as IPv4)
+    at     REAL NOT NULL  -- unix time of the failed attempt
+);
+
+-- Counting one client's recent failures.
+CREATE INDEX IF NOT EXISTS auth_failures_client ON auth_failures (client, at);
+
 -- History: one row per thing that happened to a message, kept after the
 -- message is delivered (until expired_retention), so nothing leaves without a trace.
 CREATE TABLE IF NOT EXISTS events (
@@ -222,4 +239,5 @@ END;
 -- 3: messages.smtputf8 (added to an older queue on start).
 -- 4: domain_status, counters; queue_summary gains last_etrn and last_delivery.
 -- 5: verify_cache (a new table: CREATE TABLE IF NOT EXISTS adds it to an older queue).
-PRAGMA user_version = 5;
+-- 6: auth_failures (a new table, likewise).
+PRAGMA user_version = 6;

@@ -111,6 +111,26 @@ def is_fd_exhaustion(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
+def read_pipe(fd: int, size: int) -> bytes | None:
+    """What a non-blocking pipe from a child holds now: b"" at its end (or when it broke),
+    None when nothing is there yet."""
+    try:
+        return os.read(fd, size)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
+def forget_pipe(selector, fd: int) -> None:
+    """Stop watching a child's pipe and close our end of it."""
+    try:
+        selector.unregister(fd)
+    except (KeyError, ValueError):
+        pass
+    os.close(fd)
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc)
     return text.splitlines()[0] if text else repr(exc)

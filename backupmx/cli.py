@@ -62,8 +62,23 @@ def _open_store(config: Config, *, read_only: bool = False):
         return None
     from backupmx.store import QueueStore
 
-    _become_queue_owner(config.queue)
+    _drop_root(config)
     return QueueStore(config.queue, read_only=read_only)
+
+
+def _drop_root(config: Config) -> None:
+    """Run as root, become `user` (the queue's root-owned files handed to it first), as
+    `serve` does; without `user`, the queue file's owner (_become_queue_owner)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return
+    if not config.user:
+        return _become_queue_owner(config.queue)
+    import logging
+
+    from backupmx import inetd  # noqa: F401 - what runs after the drop must be importable now
+    from backupmx.startup import become_user
+
+    become_user(config, logging.getLogger("backupmx.cli"))
 
 
 def _become_queue_owner(path: str) -> None:
@@ -392,10 +407,13 @@ def cmd_flush(args) -> int:
             store.close()
     if any(pending.values()):
         # Without a running `serve` (inetd-only setups) nobody else would deliver;
-        # with one, the flush lease lets only one of them do it.
-        from backupmx.inetd import spawn_detached_flusher
+        # with one, the flush lease lets only one of them do it. It must start:
+        # "started" with nobody delivering would be a silent failure.
+        from backupmx.inetd import spawn_detached_flusher, wait_until_ready
 
-        spawn_detached_flusher(config)
+        problem = wait_until_ready(spawn_detached_flusher(config, report_ready=True))
+        if problem is not None:
+            raise OperatorError(f"flush: requested, but the flusher could not start: {problem}")
     for domain in domains:
         count = pending.get(domain, 0)
         if count:

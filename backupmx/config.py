@@ -137,6 +137,11 @@ class Config:
     auth_mechanisms: tuple[str, ...]  # SASL mechanisms EHLO offers under TLS, in this order
     log_level: str  # debug | info | warning | error (backupmx.log.LEVELS)
     metrics_listen: tuple[str, int] | None  # where the metrics process serves GET /metrics; None = not at all
+    max_session_time: float  # seconds a session may last in all, whatever it does
+    max_junk_commands: int  # NOOP, RSET, VRFY, HELP, ETRN per session before 421
+    greet_pause: float  # seconds the 220 is held back; input before it ends the session (0 = off)
+    max_auth_failures_per_client: int  # failed AUTHs from one client (IPv6: its /64) within auth_failure_window
+    auth_failure_window: float  # seconds
     domains: Mapping[str, DomainConfig]
     users: Mapping[str, UserConfig]
     warnings: tuple[str, ...] = field(default=())  # lines `check` and the server log print
@@ -458,6 +463,11 @@ _GLOBAL_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
     "auth_mechanisms": (_auth_mechanisms, DEFAULT_AUTH_MECHANISMS),
     "log_level": (_log_level, "info"),
     "metrics_listen": (_metrics_listen, None),
+    "max_session_time": (_positive_duration, 30 * 60.0),
+    "max_junk_commands": (_integer(1), 100),
+    "greet_pause": (parse_duration, 0.0),
+    "max_auth_failures_per_client": (_integer(1), 10),
+    "auth_failure_window": (_positive_duration, 3600.0),
 }
 
 
@@ -634,6 +644,23 @@ class _Loader:
             self.warnings.append(f"{self.path}: [{section}] primary_ca: only used with primary_tls = required")
         return DomainConfig(name=name, **d)
 
+    def global_values(self, parser) -> dict[str, object]:
+        """[backupmx], each key parsed, then the checks that involve two keys."""
+        g = self.values(parser, "backupmx", _GLOBAL_KEYS)
+        if g["hostname"] is None:
+            g["hostname"] = socket.getfqdn()
+        if g["max_workers"] < g["workers"]:
+            raise self.error("backupmx", "max_workers", f"must be at least workers ({g['workers']})")
+        if bool(g["tls_cert"]) != bool(g["tls_key"]):
+            missing = "tls_key" if g["tls_cert"] else "tls_cert"
+            present = "tls_cert" if g["tls_cert"] else "tls_key"
+            raise self.error("backupmx", present, f"needs {missing} as well")
+        if g["listen_tls"] and not g["tls_cert"]:
+            raise self.error("backupmx", "listen_tls", "listen_tls needs tls_cert and tls_key")
+        if g["greet_pause"] >= g["timeout"]:
+            raise self.error("backupmx", "greet_pause", f"must be shorter than timeout ({g['timeout']:g}s)")
+        return g
+
     def load(self) -> Config:
         parser = self.read()
         sections = parser.sections()
@@ -655,17 +682,7 @@ class _Loader:
         if not domain_sections:
             raise ConfigError(f"{self.path}: [domain:NAME]: no domain configured (at least one is needed)")
 
-        g = self.values(parser, "backupmx", _GLOBAL_KEYS)
-        if g["hostname"] is None:
-            g["hostname"] = socket.getfqdn()
-        if g["max_workers"] < g["workers"]:
-            raise self.error("backupmx", "max_workers", f"must be at least workers ({g['workers']})")
-        if bool(g["tls_cert"]) != bool(g["tls_key"]):
-            missing = "tls_key" if g["tls_cert"] else "tls_cert"
-            present = "tls_cert" if g["tls_cert"] else "tls_key"
-            raise self.error("backupmx", present, f"needs {missing} as well")
-        if g["listen_tls"] and not g["tls_cert"]:
-            raise self.error("backupmx", "listen_tls", "listen_tls needs tls_cert and tls_key")
+        g = self.global_values(parser)
 
         domains: dict[str, DomainConfig] = {}
         for section in domain_sections:

@@ -12,12 +12,28 @@ worker's Offload, when it is slow (a password check on its thread pool).
 What the worker loop must do for it goes out as outcomes (take_outcomes):
 QueueMessage for the loop's group commit, after which the loop calls
 committed(); FlushRequested for a mode that starts flushers itself.
+
+Every session ends (SPEC Part 2, "Hostile clients"): each of SMTPConnection's
+deadlines fires once and then either closes the connection or clears itself,
+so a peer that neither reads nor writes costs no CPU, and its unsent replies
+are bounded (OUTPUT_BOUND; the session itself stops at smtp.OUTPUT_PAUSE):
+
+  greet        greet_pause is over: the 220 goes out
+  handshake    the TLS handshake took too long
+  idle         no command for `timeout` (RFC 5321 4.5.3.2): 421 4.4.2, or
+               closed at once when the client is not reading its replies
+  write        no octet of the replies could be written for `timeout`
+  session      max_session_time passed: 421 4.4.2 (or closed at once)
+  close        the final reply had CLOSE_GRACE to go out
+  stop         the server is stopping (begin_shutdown)
+  auth_due     a failed AUTH is answered after its delay
 """
 
 import collections
 import logging
 import os
 import selectors
+import socket
 import ssl
 import tempfile
 import time
@@ -27,18 +43,32 @@ from typing import Callable
 
 from backupmx import replies, smtp
 from backupmx.auth import Accepted, Authenticator, Credentials, SASLSyntaxError, after_verification, sasl_exchange
+from backupmx.auth_limit import BLOCKED, ClientAuthLimit
+from backupmx.clients import shown_address
 from backupmx.config import Config, tuning
 from backupmx.log import log_event
 from backupmx.offload import Offload
 from backupmx.policy import RecipientPolicy, RecipientQuestion
 from backupmx.quota import Admission
 from backupmx.smtp import (AuthRequest, AuthResponse, EtrnRequest, MailAdmission, MessageAborted, MessageData,
-                           MessageReceived, MessageStarted, RecipientAdmission, Refused, Session, SessionSettings,
-                           StartTLS)
+                           MessageReceived, MessageStarted, PipeliningViolation, RecipientAdmission, Refused, Session,
+                           SessionSettings, StartTLS)
 from backupmx.store import REJECTS, QueueStore, QueueUnavailable, QuotaExceeded, Submission
 from backupmx.tls import TLSError, TLSLayer
 
 RECV_SIZE = 64 * 1024
+# Backpressure: replies waiting to be sent stay below this (plus one reply):
+# the session is read, or let go on with its backlog, only while there is room
+# for what it may answer at once (smtp.OUTPUT_PAUSE). A client that never
+# reads its replies therefore costs this, and RECV_SIZE of input in the session.
+OUTPUT_BOUND = 64 * 1024
+# The kernel's send buffer for a session (it would grow to megabytes on its
+# own): SMTP replies are small, and what a client does not read should cost
+# little in the kernel as well.
+SEND_BUFFER = 32 * 1024
+# The final reply (QUIT's 221, a 421) gets this long, or `timeout` when
+# shorter, to be written before the connection is closed anyway.
+CLOSE_GRACE = 5.0
 # Bodies up to this size stay in memory while they arrive; larger ones go to a
 # temporary file beside the queue, so a 50 MB message costs disk, not memory.
 SPOOL_IN_MEMORY = 256 * 1024
@@ -78,6 +108,7 @@ class ConnectionContext:
     spool_dir: str = field(init=False)
     settings: SessionSettings = field(init=False)  # each connection's, but for its TLS state
     authenticator: Authenticator = field(init=False)
+    auth_limit: ClientAuthLimit = field(init=False)  # max_auth_failures_per_client, across processes
     admission: Admission = field(init=False)
     quotas: dict = field(init=False)
     offload: Offload = field(init=False)  # where slow calls run, off the event loop (the loop watches it)
@@ -91,6 +122,7 @@ class ConnectionContext:
         self.settings = SessionSettings.from_config(self.config)
         self.offload = Offload(OFFLOAD_THREADS, "offload")
         self.authenticator = Authenticator(self.config.users)
+        self.auth_limit = ClientAuthLimit(self.config, self.store)
         self.admission = Admission(self.config, self.store)
         self.policy = RecipientPolicy(self.config, self.store, self.offload, self.logger, self.admission)
         self.quotas = {name: (d.max_queue_messages, d.max_queue_bytes) for name, d in self.config.domains.items()
@@ -121,12 +153,16 @@ class ConnectionContext:
 
 
 class SMTPConnection:
-    """One client, from accept to close."""
+    """One client, from accept to close; its deadlines as the module docstring says."""
 
     def __init__(self, sock, peer, ctx: ConnectionContext, *, implicit_tls: bool = False):
         sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        except OSError:  # not a TCP socket (a test's socketpair): nothing to bound
+            pass
         self.sock, self.ctx = sock, ctx
-        self.client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
+        self.client_ip = shown_address(peer[0] if isinstance(peer, tuple) else str(peer))
         self.closed = False
         self._out = bytearray()  # bytes for the socket (already encrypted under TLS)
         self._closing = False  # the last reply is queued; close once it is written
@@ -147,13 +183,30 @@ class SMTPConnection:
         self._stop_at = None  # set by begin_shutdown
         self._outcomes = []  # QueueMessage, FlushRequested: for the worker loop (take_outcomes)
         now = ctx.clock()
+        config = ctx.config
         self._handshake_deadline = now + self._handshake_time() if implicit_tls else None
-        self._idle_deadline = now + ctx.config.timeout
+        self._idle_deadline = now + config.timeout
+        self._session_deadline = now + config.max_session_time
+        self._write_deadline: float | None = None
+        self._close_by: float | None = None
+        self._greet_at: float | None = None
         self.session = Session(ctx.settings.with_tls(available=ctx.ssl_context is not None and not implicit_tls,
-                                                     active=implicit_tls))
+                                                     active=implicit_tls), hold_greeting=True)
         self._progress = self.session.progress
         log_event(ctx.logger, "connect", client=self.client_ip, tls="implicit" if implicit_tls else None)
+        if config.greet_pause > 0:
+            self._greet_at = now + config.greet_pause
+        elif implicit_tls or not self._client_spoke_first():
+            self.session.greet()
+        # else: what it sent is read at once, and ends the session (smtp rule 10)
         self._pump()
+
+    def _client_spoke_first(self) -> bool:
+        """Input already waiting before our 220 (plain listeners; implicit TLS starts with the client)."""
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK))
+        except OSError:  # BlockingIOError: nothing yet
+            return False
 
     # --- the selector loop's interface -------------------------------------
 
@@ -162,8 +215,10 @@ class SMTPConnection:
         if self.closed:
             return 0
         events = selectors.EVENT_WRITE if self._out else 0
-        # Nothing is read while a password is checked or a recipient admitted.
-        if not self._closing and not self._auth_busy and self._admission is None:
+        # Backpressure: no reading while replies pile up unsent, while the session
+        # holds input back, while a password is checked or a recipient admitted.
+        if (not self._closing and not self._auth_busy and self._admission is None and self.session.wants_input
+                and self._has_room()):
             events |= selectors.EVENT_READ
         return events
 
@@ -171,16 +226,18 @@ class SMTPConnection:
     def _auth_busy(self) -> bool:
         return self._auth_checking is not None or self._auth_due is not None
 
+    def _timers(self):
+        """(when, what happens then) for every deadline; each fires once (see the class doc)."""
+        return ((self._auth_due, self._auth_answer_due), (self._greet_at, self._greet),
+                (self._handshake_deadline, self._handshake_expired), (self._close_by, self._close_expired),
+                (self._write_deadline, self._write_expired), (self._session_deadline, self._session_expired),
+                (self._stop_at, self._stop_due), (self._idle_deadline, self._idle_expired))
+
     @property
-    def deadline(self) -> float:
-        candidates = [self._idle_deadline]
-        if self._handshake_deadline is not None:
-            candidates.append(self._handshake_deadline)
-        if self._auth_due is not None:
-            candidates.append(self._auth_due)
-        if self._stop_at is not None:
-            candidates.append(self._stop_at)
-        return min(candidates)
+    def deadline(self) -> float | None:
+        if self.closed:
+            return None
+        return min((when for when, _ in self._timers() if when is not None), default=None)
 
     def on_readable(self) -> None:
         try:
@@ -212,35 +269,103 @@ class SMTPConnection:
         self.on_writable()
 
     def on_writable(self) -> None:
+        """Write what the socket takes; with room again, let the session go on with its backlog."""
+        while self._send_some() and self.session.backlogged and self._has_room():
+            self.session.resume()
+            self._after_session()
+        if self._closing and not self._out and not self.closed:
+            self.close()
+
+    def _send_some(self) -> bool:
+        """Write until the socket takes no more; False once the connection is closed."""
+        progressed = False
         while self._out:
             try:
                 sent = self.sock.send(self._out)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError:
-                return self.close()
+                self.close()
+                return False
             del self._out[:sent]
-        if self._closing:
-            self.close()
+            progressed = True
+        self._track_writes(progressed)
+        return not self.closed
+
+    def _has_room(self) -> bool:
+        """Room for what the session may answer next (up to smtp.OUTPUT_PAUSE) below OUTPUT_BOUND."""
+        return len(self._out) + smtp.OUTPUT_PAUSE <= OUTPUT_BOUND
+
+    def _track_writes(self, progressed: bool) -> None:
+        """The write deadline runs while replies wait; each octet written restarts it."""
+        if not self._out:
+            self._write_deadline = None
+        elif progressed or self._write_deadline is None:
+            self._write_deadline = self.ctx.clock() + self.ctx.config.timeout
 
     def on_timeout(self) -> None:
-        """Called by the loop when `deadline` has passed."""
+        """Called by the loop when `deadline` has passed: what is due fires, once."""
         now = self.ctx.clock()
-        if self._auth_due is not None and now >= self._auth_due:
-            self._auth_due = None
-            self.session.auth_result(None)
-            self._after_session()
-        elif self._handshake_deadline is not None and now >= self._handshake_deadline:
-            log_event(self.ctx.logger, "tls-failed", client=self.client_ip, error="handshake timeout")
+        for when, expire in self._timers():
+            if self.closed:
+                return
+            if when is not None and when <= now:
+                expire()
+        if not self.closed:
+            self.on_writable()
+        if not self.closed and self.deadline is not None and self.deadline <= now:
+            # A deadline that is still due would have the loop call us again at once.
+            log_event(self.ctx.logger, "session-error", client=self.client_ip, error="a deadline did not clear",
+                      level=logging.ERROR)
+            self.close()
+
+    # --- the deadlines (each clears itself or closes) ----------------------------
+
+    def _auth_answer_due(self) -> None:
+        self._auth_due = None
+        self.session.auth_result(None)
+        self._after_session()
+
+    def _greet(self) -> None:
+        self._greet_at = None
+        self.session.greet()
+        self._pump()
+
+    def _handshake_expired(self) -> None:
+        log_event(self.ctx.logger, "tls-failed", client=self.client_ip, error="handshake timeout")
+        self.close()
+
+    def _close_expired(self) -> None:
+        self.close()  # the final reply found no reader within CLOSE_GRACE
+
+    def _write_expired(self) -> None:
+        log_event(self.ctx.logger, "write-timeout", client=self.client_ip, unsent=len(self._out))
+        self.close()
+
+    def _session_expired(self) -> None:
+        self._session_deadline = None
+        log_event(self.ctx.logger, "session-time-exceeded", client=self.client_ip,
+                  seconds=f"{self.ctx.config.max_session_time:g}", unsent=len(self._out) or None)
+        self._end_with(self.session.time_limit_reached)
+
+    def _stop_due(self) -> None:
+        self._stop_at = None
+        self.session.shutdown()
+        self._after_session()
+
+    def _idle_expired(self) -> None:
+        self._idle_deadline = None
+        if self.session.closed:
+            return
+        log_event(self.ctx.logger, "timeout", client=self.client_ip, unsent=len(self._out) or None)
+        self._end_with(self.session.timeout)
+
+    def _end_with(self, final_reply) -> None:
+        """End the session with its final reply; a client that is not reading what it has gets none."""
+        if self._out:
             return self.close()
-        elif self._stop_at is not None and now >= self._stop_at:
-            self.session.shutdown()
-            self._after_session()
-        elif now >= self._idle_deadline:
-            log_event(self.ctx.logger, "timeout", client=self.client_ip)
-            self.session.timeout()
-            self._after_session()
-        self.on_writable()
+        final_reply()
+        self._after_session()
 
     def take_outcomes(self) -> list:
         """What the worker loop must act on (QueueMessage, FlushRequested), handed over once."""
@@ -253,6 +378,7 @@ class SMTPConnection:
             return
         self._stop_at = self.ctx.clock() + grace
         if self.session.idle and not self._auth_busy:
+            self._stop_at = None
             self.session.shutdown()
             self._after_session()
             self.on_writable()
@@ -275,13 +401,18 @@ class SMTPConnection:
         self._after_session()
 
     def _after_session(self) -> None:
-        self._handle_events()
-        if self.session.progress != self._progress:
-            self._progress = self.session.progress
-            self._idle_deadline = self.ctx.clock() + self.ctx.config.timeout
-        if self._stop_at is not None and self.session.idle and not self._auth_busy:
-            self.session.shutdown()
-        self._pump()
+        """Answer the session's events and move its replies out; go on with its backlog while there is room."""
+        while True:
+            self._handle_events()
+            if self.session.progress != self._progress:
+                self._progress = self.session.progress
+                self._idle_deadline = self.ctx.clock() + self.ctx.config.timeout
+            if self._stop_at is not None and self.session.idle and not self._auth_busy:
+                self.session.shutdown()
+            self._pump()
+            if self.closed or not (self.session.backlogged and self._has_room()):
+                return
+            self.session.resume()
 
     def _pump(self) -> None:
         """Move the session's replies to the socket buffer (through TLS when active)."""
@@ -294,8 +425,10 @@ class SMTPConnection:
             self._out += self._tls.outgoing()
         else:
             self._out += data
-        if self.session.closed:
+        if self.session.closed and not self._closing:
             self._closing = True
+            self._close_by = self.ctx.clock() + min(CLOSE_GRACE, self.ctx.config.timeout)
+        self._track_writes(False)
 
     def _peer_closed(self) -> None:
         if not self.session.closed:
@@ -307,6 +440,11 @@ class SMTPConnection:
         """Answer (or start answering) every event the session has; answers may make more."""
         while (event := self.session.next_event()) is not None:
             self._EVENTS[type(event)](self, event)
+
+    def _on_violation(self, event: PipeliningViolation) -> None:
+        """Postfix logs "improper command pipelining after X"; the session has closed itself."""
+        log_event(self.ctx.logger, "improper-pipelining", client=self.client_ip, after=event.after,
+                  input=event.early_input.decode("latin-1"), level=logging.WARNING)
 
     def _on_aborted(self, event: MessageAborted) -> None:
         self._drop_spool()  # its reply, at the end of the content, is a Refused (logged there)
@@ -435,6 +573,9 @@ class SMTPConnection:
     def _auth_step(self, event: AuthRequest | AuthResponse) -> None:
         """One step of the SASL exchange (auth.sasl_exchange): a challenge, or credentials to check."""
         if isinstance(event, AuthRequest):
+            failures = self.ctx.auth_limit.failures_if_blocked(self.client_ip)
+            if failures is not None:
+                return self._auth_blocked(failures)
             self._sasl = sasl_exchange(event.mechanism, self.ctx.config.hostname, self.ctx.authenticator)
             response = event.initial_response
         else:
@@ -450,7 +591,14 @@ class SMTPConnection:
             self._sasl = None
             return self._authenticated(step.credentials)
         self._sasl, self._auth_checking = None, step
-        self.ctx.offload.submit(self, self.ctx.authenticator.verify, step, then=self._auth_checked)
+        self.ctx.offload.submit(self, self.ctx.auth_limit.check, self.ctx.authenticator.verify, step, self.client_ip,
+                                then=self._auth_checked)
+
+    def _auth_blocked(self, failures: int | None) -> None:
+        """max_auth_failures_per_client reached: 421 and the end (auth_limit.py)."""
+        log_event(self.ctx.logger, "auth-blocked", client=self.client_ip, failures=failures,
+                  window=f"{self.ctx.config.auth_failure_window:g}s", level=logging.WARNING)
+        self.session.auth_blocked()
 
     def _auth_checked(self, future: Future) -> None:
         """The check is done (the worker loop calls this): answer, a failure only after its delay."""
@@ -463,6 +611,10 @@ class SMTPConnection:
             verified = None
         if self.closed:
             return
+        if verified is BLOCKED:
+            self._auth_blocked(None)
+            self._after_session()
+            return self.on_writable()
         if verified and verified.final is not None:
             # RFC 4954 4: our last word (SCRAM's server signature) in a 334; 235 after the client's answer.
             self._sasl = after_verification(credentials)
@@ -510,4 +662,5 @@ class SMTPConnection:
         AuthResponse: _auth_step,
         EtrnRequest: _etrn,
         Refused: _on_refused,
+        PipeliningViolation: _on_violation,
     }

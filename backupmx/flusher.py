@@ -637,12 +637,15 @@ class FlushFailed(Exception):
     """A domain's flush failed half-way (logged, and requested again)."""
 
 
-def run_flush_worker(config, owner: str, should_stop: Callable[[], bool]) -> None:
+def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
+                     ready: Callable[[], None] = lambda: None) -> None:
     """The flush worker process: drain(), then wait POLL_INTERVAL; repeat until should_stop().
 
-    Opens its own QueueStore (this runs after fork), returns soon after
-    should_stop() turns true, and never dies because of a bad primary: errors
-    are logged per flush, and the worker pauses a second after one.
+    Opens its own QueueStore (this runs after fork) and then calls ready():
+    what fails before that means this worker cannot start (the master stops
+    its start-up). Returns soon after should_stop() turns true, and never
+    dies because of a bad primary: errors are logged per flush, and the
+    worker pauses a second after one.
 
     Every HOUSEKEEPING_INTERVAL it also runs lifecycle.housekeeping (expiry,
     bounces, retries on a backoff, retention); that is safe from several
@@ -653,6 +656,7 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool]) -> Non
     retrying = any(d.retry_interval > 0 for d in config.domains.values())
     next_housekeeping = next_retry_scan = time.monotonic() + 1.0
     with QueueStore(config.queue) as store:
+        ready()
         while not should_stop():
             now = time.monotonic()
             if now >= next_housekeeping:

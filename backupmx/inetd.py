@@ -8,7 +8,8 @@ on it, starts a detached flusher: a fresh interpreter in a new session
 across a fork), so that delivery outlives the SMTP session and the
 supervisor's view of it. The flusher runs the one delivery loop
 (flusher.drain) until nothing is left to claim, then one housekeeping round,
-and exits. Several at once are harmless: the lease lets one flush a domain,
+and exits; started as root it becomes `user` first, as every process that
+touches the queue does. Several at once are harmless: the lease lets one flush a domain,
 the others find nothing to claim. `backupmx flush` starts the same flusher.
 
 fds 0, 1 and 2 are the client's socket here: nothing but SMTP may ever be
@@ -22,12 +23,14 @@ it by hand: that is said on stderr and in the configured log, exit 64.
 
 import logging
 import os
+import select
 import socket
 import subprocess
 import sys
 
 from backupmx import primaries, replies
 from backupmx.children import StopFlag, first_line
+from backupmx.clients import shown_address
 from backupmx.config import load_config
 from backupmx.connection import ConnectionContext
 from backupmx.flusher import default_lease_seconds, drain
@@ -40,6 +43,8 @@ from backupmx.worker import SessionLoop
 # Live detached flushers one inetd session may have; more ETRNs meanwhile only
 # record their request (the live ones claim it before they exit).
 MAX_DETACHED_FLUSHERS = 4
+# How long `backupmx flush` waits for its flusher to say it is ready.
+FLUSHER_READY_TIMEOUT = 15.0
 # Domains one detached flusher delivers before it exits (a bound, not a limit
 # anyone should reach: requests coalesce per domain).
 MAX_DETACHED_ROUNDS = 1000
@@ -79,7 +84,7 @@ def _peer(sock):
         peer = sock.getpeername()
     except OSError:
         return ("unknown", 0)
-    return (peer[0], peer[1]) if isinstance(peer, tuple) else ("unknown", 0)
+    return (shown_address(peer[0]), peer[1]) if isinstance(peer, tuple) else ("unknown", 0)
 
 
 def _refuse(sock, config, implicit_tls):
@@ -174,28 +179,45 @@ def package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def spawn_detached_flusher(config) -> subprocess.Popen:
+def spawn_detached_flusher(config, *, report_ready: bool = False) -> subprocess.Popen:
     """Start `detached_flush_main(config.path)` in a new session; returns the Popen.
 
     A fresh interpreter (-I: no PYTHON* variables, no user site) importing
     this same copy of backupmx: a checkout, an installed package or the zipapp.
-    Raises OSError when it cannot be started.
+    With `report_ready` its stdout is a pipe on which it says "ready" once its
+    queue is open, or "error <why>" (wait_until_ready). Raises OSError when it
+    cannot be started.
     """
     if not sys.executable:
         raise OSError("no Python interpreter (sys.executable) to start a flusher with")
     argv = [sys.executable, "-I", "-c", _DETACHED_BOOT, package_root(), os.path.abspath(config.path)]
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, close_fds=True)
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE if report_ready else subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
 
 
-def run_detached_flush(config, logger, should_stop=lambda: False) -> int:
+def wait_until_ready(proc: subprocess.Popen, timeout: float = FLUSHER_READY_TIMEOUT) -> str | None:
+    """None once a flusher started with report_ready says it is ready; else why it is not."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline().decode("utf-8", "replace").strip() if ready else ""
+    proc.stdout.close()
+    if line == "ready":
+        return None
+    if line.startswith("error "):
+        return line[6:]
+    return f"no word from it in {timeout:g}s" if not ready else "it ended before it was ready (see the log)"
+
+
+def run_detached_flush(config, logger, should_stop=lambda: False, ready=lambda: None) -> int:
     """Deliver every domain with a flush request (flusher.drain), then one housekeeping round.
 
-    Returns the number of domains delivered. Nothing else runs expiry and
-    bounces when every session is an inetd one, hence the round.
+    Calls ready() once the queue is open. Returns the number of domains
+    delivered. Nothing else runs expiry and bounces when every session is an
+    inetd one, hence the round.
     """
     owner = f"{socket.gethostname()}:{os.getpid()}:inetd"
     with QueueStore(config.queue) as store:
+        ready()
         flushed = drain(store, config, owner, lease_seconds=default_lease_seconds(config.timeout), log=logger,
                         should_stop=should_stop, rounds=MAX_DETACHED_ROUNDS)
         if not should_stop():
@@ -207,11 +229,18 @@ def run_detached_flush(config, logger, should_stop=lambda: False) -> int:
 
 
 def detached_flush_main(config_path: str) -> int:
-    """Entry point of the process spawn_detached_flusher starts. Returns the exit status."""
+    """Entry point of the process spawn_detached_flusher starts. Returns the exit status.
+
+    Started as root (`backupmx flush` run by root, an inetd session of a
+    supervisor without User=) it hands the queue to `user` and becomes it
+    before it opens the queue, as `serve` does. What stops it before the
+    queue is open goes to stdout too ("error <why>"), for wait_until_ready.
+    """
     stop = StopFlag().install()
     try:
         config = load_config(config_path)
     except Exception as exc:
+        _tell_spawner("error " + first_line(exc))
         log_event(setup_logging(None, inetd=True), "flush-process-failed", error=first_line(exc),
                   level=logging.ERROR)
         return 1
@@ -222,10 +251,24 @@ def detached_flush_main(config_path: str) -> int:
         log_event(logger, "log-unavailable", log=config.log, error=first_line(exc), level=logging.WARNING)
     try:
         log_event(logger, "flush-process", pid=os.getpid())
-        run_detached_flush(primaries.pin(config, logger), logger, stop.should_stop)
+        become_user(config, logger)
+        run_detached_flush(primaries.pin(config, logger), logger, stop.should_stop,
+                           ready=lambda: _tell_spawner("ready"))
     except Exception as exc:
+        _tell_spawner("error " + first_line(exc))
         log_event(logger, "flush-process-failed", error=first_line(exc), level=logging.ERROR)
         return 1
     finally:
         logging.shutdown()
     return 0
+
+
+def _tell_spawner(line: str) -> None:
+    """One line on stdout (a pipe for `backupmx flush`, /dev/null otherwise), said once."""
+    try:
+        os.write(1, line.encode("utf-8", "replace")[:500] + b"\n")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    except OSError:
+        pass

@@ -18,7 +18,8 @@ few store transactions, so it is safe to run from several processes at once:
   3. delay warnings (delay_warning > 0 and a bounce_relay): one per row, at most once.
   4. retries  domains with retry_interval > 0 whose mail is due get a flush request.
   5. purge    failed/expired rows older than expired_retention; the
-              recipient-callout answers past their time (verify_cache); then
+              recipient-callout answers past their time (verify_cache);
+              failed AUTHs older than auth_failure_window; then
               incremental_vacuum and a WAL checkpoint.
   6. domains  domain-queueing / domain-drained lines for what changed any other
               way than a new message or a flush (expiry, operator actions), and
@@ -356,6 +357,7 @@ class _Round:
             self.summary["purged"] += 1
             log_event(self.log, "purged", id=row.queue_id, domain=row.domain, state=row.state,
                       retention=f"{self.config.expired_retention:g}s")
+        self.store.purge_auth_failures(self.config.auth_failure_window)  # auth_limit.py: they have aged out
 
     def purge_verify(self) -> None:
         self.summary["verify_purged"] = self.store.purge_verify()

@@ -18,7 +18,16 @@ Modelled on gunicorn's arbiter. The master only supervises and accepts:
   writes the stack it was stuck in to the log), and SIGKILL if it is still
   there ABORT_GRACE seconds later;
 - a child that exits with children.BOOT_ERROR cannot start with this
-  configuration: the master stops instead of respawning it forever.
+  configuration: the master stops instead of respawning it forever;
+- flush workers start first, and each says "ready" once its queue is open
+  (a pipe per flush worker); only then are connections accepted: a flusher
+  that cannot start fails the start-up with its reason (ServeError), rather
+  than the server answering ETRN with 250/253 and nobody delivering. One that
+  cannot start later is logged at ERROR and tried again, slower each time
+  (the server keeps receiving mail meanwhile);
+- a flush worker that died (kill -9, the OOM killer) has its domain leases
+  released when it is reaped, and their flushes requested again, so another
+  flusher goes on at once instead of when the leases run out.
 
 Replies the master itself writes (no worker involved) are the two refusals,
 both transient (RFC 5321 4.2.1: 421 closes the channel):
@@ -40,8 +49,10 @@ import time
 
 from backupmx import children, primaries, replies, worker
 from backupmx.children import BOOT_ERROR, StopFlag, describe_status, first_line
+from backupmx.clients import limit_key, shown_address
 from backupmx.config import format_hostport, load_config, tuning
 from backupmx.connection import SMTPConnection
+from backupmx.flush_workers import FlusherHandle, FlushWorkers
 from backupmx.flusher import run_flush_worker
 from backupmx.listeners import Listener, build_listeners, refuse
 from backupmx.log import log_event
@@ -75,14 +86,19 @@ IDLE_RETIRE = 60.0
 ACCEPT_PAUSE = 0.1
 # The master's loop wakes at least this often (heartbeat checks, respawns).
 TICK = 0.25
+# How long the flush workers have, at start-up, to say they are ready.
+FLUSHER_BOOT_TIMEOUT = tuning("BACKUPMX_FLUSHER_BOOT_TIMEOUT", 30.0)
+# A reload's DNS lookups of host-name primaries (in a child) get this long.
+LOOKUP_TIMEOUT = tuning("BACKUPMX_LOOKUP_TIMEOUT", 10.0)
 
 
-def serve(config, *, connection_class=SMTPConnection) -> int:
+def serve(config, *, connection_class=SMTPConnection, flush_worker=run_flush_worker) -> int:
     """`backupmx serve`: start-up in its order, then the master's loop. Returns the exit status.
 
     Raises startup.ServeError, listeners.ListenError (OSErrors) and the
     config/TLS modules' errors with a one-line message when the server cannot
-    start. `connection_class` makes the workers' session drivers.
+    start. `connection_class` makes the workers' session drivers;
+    `flush_worker(config, owner, should_stop, ready=)` is the flush workers' body.
     """
     logger = start_logging(config, inetd=False)
     for warning in config.warnings:
@@ -90,7 +106,7 @@ def serve(config, *, connection_class=SMTPConnection) -> int:
     config = primaries.pin(config, logger)  # resolved once: later DNS answers cannot divert mail
     raise_fd_limit()
     ssl_context = build_ssl_context(config)  # as root: the key may be readable by root only
-    master = Master(config, ssl_context, logger, connection_class=connection_class)
+    master = Master(config, ssl_context, logger, connection_class=connection_class, flush_worker=flush_worker)
     master.listeners = build_listeners(config, master)  # as root: ports < 1024
     if config.metrics_listen is not None:
         try:
@@ -124,28 +140,102 @@ class WorkerHandle:
         self.idle_since = self.started  # monotonic, None while it holds sessions
 
 
-class FlusherHandle:
-    def __init__(self, pid, slot, generation):
-        self.pid = pid
-        self.slot = slot
-        self.generation = generation
-        self.started = time.monotonic()
-        self.retiring = False
+class PendingLookups:
+    """A reload's DNS lookups of host-name primaries (primaries.pin), off the master's loop.
+
+    getaddrinfo has no timeout: run in the loop, a slow resolver would stall
+    every hand-off of a connection. A child looks the names up and writes
+    the answers to a pipe; the reload completes when they come
+    (Master.finish_reload), or after LOOKUP_TIMEOUT with what came (a name
+    without an answer keeps its addresses). The old configuration serves
+    meanwhile; a newer SIGHUP replaces a pending one.
+    """
+
+    def __init__(self, pid, fd, config, ssl_context):
+        self.pid, self.fd = pid, fd
+        self.config, self.ssl_context = config, ssl_context
+        self.deadline = time.monotonic() + LOOKUP_TIMEOUT
+        self.answers = bytearray()
+
+    @classmethod
+    def start(cls, master, config, ssl_context, names):
+        """A child looking `names` up; raises OSError when it cannot be started."""
+        read_end, write_end = os.pipe()
+        try:
+            pid = master.fork()
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            raise
+        if pid == 0:
+            os.close(read_end)
+            master.close_in_child()
+            children.run_child(lambda: _write_lookups(write_end, names), master.logger, "lookup-crashed")
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        return cls(pid, read_end, config, ssl_context)
+
+    def read(self) -> bool:
+        """Take what the child wrote; True once it is done."""
+        data = children.read_pipe(self.fd, 65536)
+        if data:
+            self.answers += data
+        return data == b""
+
+    def results(self) -> dict:
+        try:
+            return primaries.decode_lookups(bytes(self.answers))
+        except ValueError:  # cut short (the deadline): the names get no answer
+            return {}
+
+
+def _write_lookups(fd, names):
+    """The lookup child: every name's answer, on the pipe to the master."""
+    data = primaries.encode_lookups(primaries.look_up(names))
+    while data:
+        data = data[os.write(fd, data):]
+    os.close(fd)
+
+
+class ClientCounts(collections.Counter):
+    """Sessions per client across workers, counted under clients.limit_key (an IPv6 client per /64)."""
+
+    def of(self, ip):
+        return self[limit_key(ip)]
+
+    def opened(self, ip):
+        self[limit_key(ip)] += 1
+
+    def closed(self, ip, sessions=1):
+        key = limit_key(ip)
+        self[key] -= sessions
+        if self[key] <= 0:
+            del self[key]
+
+
+def _drain(sock):
+    """Empty a non-blocking wakeup socket."""
+    try:
+        while sock.recv(64):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
 
 
 class Master:
     """The supervisor. Construct with a validated config; run() returns the exit status."""
 
-    def __init__(self, config, ssl_context, logger, *, connection_class=SMTPConnection):
+    def __init__(self, config, ssl_context, logger, *, connection_class=SMTPConnection,
+                 flush_worker=run_flush_worker):
         self.config = config
         self.ssl_context = ssl_context
         self.listeners: list[Listener] = []
         self.logger = logger
         self.connection_class = connection_class
+        self.flush_workers = FlushWorkers(self, flush_worker)
         self.generation = 0
         self.workers = {}  # pid -> WorkerHandle
-        self.flushers = {}  # pid -> FlusherHandle
-        self.clients = collections.Counter()  # ip -> sessions, across workers
+        self.clients = ClientCounts()  # sessions per client, across workers
         self.rejects = RejectCounts()  # the master's 421s not yet handed to a worker
         self.sig_queue = []
         self.selector = selectors.DefaultSelector()
@@ -154,7 +244,8 @@ class Master:
         self.stop_deadline = None
         self.exit_status = 0
         self.respawn_after = 0.0  # monotonic: no SMTP worker spawned before this
-        self.flusher_respawn_after = {}  # slot -> monotonic
+        self.lookups = None  # the PendingLookups of a reload
+        self.serving = False  # start-up is over: the listeners are being served
         self.accept_paused_until = 0.0
         self.in_hand = None  # the accepted socket being dispatched (a fork now must not keep it)
         self.pid = os.getpid()
@@ -194,12 +285,12 @@ class Master:
             return
         log_event(self.logger, "stopping", pid=self.pid)
         self.stopping = True
+        self.cancel_lookups()
         self.stop_deadline = time.monotonic() + STOP_TIMEOUT
         self.close_listeners()
         for w in list(self.workers.values()):
             self.drain_worker(w, "stop")
-        for f in self.flushers.values():
-            self._kill(f.pid, signal.SIGTERM)
+        self.flush_workers.signal_all(signal.SIGTERM)
         if self.metrics is not None:
             self.metrics.stop()
 
@@ -223,21 +314,49 @@ class Master:
         if (config.listen, config.listen_tls, config.metrics_listen) != (
                 self.config.listen, self.config.listen_tls, self.config.metrics_listen):
             log_event(self.logger, "listen-change-ignored", reason="restart to change listeners")
-        config = primaries.pin(config, self.logger, previous=self.config)
+        self.begin_lookups(config, ssl_context)
+
+    def begin_lookups(self, config, ssl_context):
+        """The reload waits for its DNS lookups, made in a child (PendingLookups)."""
+        self.cancel_lookups()
+        names = primaries.host_primaries(config)
+        if not names:
+            return self.finish_reload(config, ssl_context, {})
+        try:
+            self.lookups = PendingLookups.start(self, config, ssl_context, names)
+        except OSError as exc:  # no child: look them up here, as at start-up
+            log_event(self.logger, "fork-failed", error=exc.strerror)
+            return self.finish_reload(config, ssl_context, primaries.look_up(names))
+        self.selector.register(self.lookups.fd, selectors.EVENT_READ, self.lookups)
+
+    def end_lookups(self, timed_out=False):
+        pending = self.lookups
+        self.cancel_lookups()
+        if timed_out:
+            log_event(self.logger, "primary-lookup-timeout", seconds=f"{LOOKUP_TIMEOUT:g}", level=logging.WARNING)
+        self.finish_reload(pending.config, pending.ssl_context, pending.results())
+
+    def cancel_lookups(self):
+        pending, self.lookups = self.lookups, None
+        if pending is not None:
+            children.forget_pipe(self.selector, pending.fd)
+            self._kill(pending.pid, signal.SIGKILL)  # reaped with the other children
+
+    def finish_reload(self, config, ssl_context, lookups):
+        if self.stopping:
+            return
+        config = primaries.pin(config, self.logger, previous=self.config, resolver=primaries.answered(lookups))
         self.config, self.ssl_context = config, ssl_context
         self.generation += 1
         for w in list(self.workers.values()):
             self.drain_worker(w, "drain")
-        for f in self.flushers.values():
-            f.retiring = True
-            self._kill(f.pid, signal.SIGTERM)
+        self.flush_workers.retire_all()
         if self.metrics is not None:
             self.metrics.stop(retiring=True)  # it serves the old config: a new one starts with the new
         self.respawn_after = 0.0
-        self.flusher_respawn_after.clear()
         log_event(self.logger, "reloaded", generation=self.generation, config=config.path)
         self.manage_workers()
-        self.manage_flushers()
+        self.flush_workers.manage()
 
     # -- listeners -----------------------------------------------------------
 
@@ -273,15 +392,17 @@ class Master:
                 self.selector.register(listener.socket, selectors.EVENT_READ, listener)
 
     def verify_request(self, listener, sock, address):
-        ip = address[0]
-        if self.clients[ip] >= self.config.max_connections_per_client:
+        """max_connections_per_client, counted per limit_key (an IPv6 client per /64)."""
+        ip = shown_address(address[0])
+        sessions = self.clients.of(ip)
+        if sessions >= self.config.max_connections_per_client:
             self.rejects.refuse(self.logger, self.config.hostname, sock, ip, replies.TOO_MANY_CONNECTIONS,
-                                sessions=self.clients[ip])
+                                sessions=sessions)
             return False
         return True
 
     def process_request(self, listener, sock, address):
-        ip, port = address[0], address[1]
+        ip, port = shown_address(address[0]), address[1]
         header = f"conn {'tls' if listener.implicit_tls else 'plain'} {ip} {port}".encode("ascii")
         self.in_hand = sock
         try:
@@ -304,7 +425,7 @@ class Master:
             w.sessions += 1
             w.idle_since = None
             w.clients[ip] += 1
-            self.clients[ip] += 1
+            self.clients.opened(ip)
             sock.close()  # the worker has its own copy now
             return
         self.rejects.refuse(self.logger, self.config.hostname, sock, ip, replies.BUSY)
@@ -393,6 +514,7 @@ class Master:
             self.in_hand.close()
         for w in self.workers.values():
             w.ctrl.close()
+        self.flush_workers.close_in_child()
         self.wakeup_r.close()
         self.wakeup_w.close()
         self.selector.close()
@@ -435,9 +557,7 @@ class Master:
             w.sessions = max(0, w.sessions - 1)
             if not w.sessions:
                 w.idle_since = time.monotonic()
-            self.clients[ip] -= 1
-            if self.clients[ip] <= 0:
-                del self.clients[ip]
+            self.clients.closed(ip)
 
     def forget_ctrl(self, w):
         try:
@@ -447,9 +567,7 @@ class Master:
 
     def forget_sessions(self, w):
         for ip, n in w.clients.items():
-            self.clients[ip] -= n
-            if self.clients[ip] <= 0:
-                del self.clients[ip]
+            self.clients.closed(ip, n)
         w.clients.clear()
         w.sessions = 0
 
@@ -464,8 +582,9 @@ class Master:
                 return
             if pid in self.workers:
                 self.worker_exited(self.workers.pop(pid), status)
-            elif pid in self.flushers:
-                self.flusher_exited(self.flushers.pop(pid), status)
+            elif pid in self.flush_workers.handles:
+                self.flush_workers.exited(self.flush_workers.handles.pop(pid), status, stopping=self.stopping,
+                                          serving=self.serving)
             elif self.metrics is not None and pid == self.metrics.pid:
                 self.metrics.exited(self, status)
 
@@ -519,46 +638,31 @@ class Master:
                 log_event(self.logger, "worker-retired", pid=w.pid, reason="idle")
                 self.drain_worker(w, "drain")
 
-    # -- flush workers -------------------------------------------------------------
-
-    def manage_flushers(self):
-        if self.stopping:
-            return
-        busy = {f.slot for f in self.flushers.values() if not f.retiring}
-        now = time.monotonic()
-        for slot in range(self.config.flush_workers):
-            if slot not in busy and now >= self.flusher_respawn_after.get(slot, 0.0):
-                self.spawn_flusher(slot)
-
-    def spawn_flusher(self, slot):
-        owner = f"{socket.gethostname()}:{self.pid}:{slot}:{self.generation}"
-        try:
-            pid = self.fork()
-        except OSError as exc:
-            log_event(self.logger, "fork-failed", error=exc.strerror)
-            self.flusher_respawn_after[slot] = time.monotonic() + RESPAWN_DELAY
-            return
-        if pid == 0:
-            self.close_in_child()
-            config, logger, stop = self.config, self.logger, StopFlag(parent=self.pid)
-
-            def flush():
-                stop.install()
-                run_flush_worker(config, owner, stop.should_stop)
-
-            children.run_child(flush, logger, "flush-worker-crashed")
-        self.flushers[pid] = FlusherHandle(pid, slot, self.generation)
-        log_event(self.logger, "flush-worker-started", pid=pid, owner=owner)
-
-    def flusher_exited(self, f, status):
-        if f.retiring or self.stopping:
-            log_event(self.logger, "flush-worker-exited", pid=f.pid, status=describe_status(status))
-            return
-        log_event(self.logger, "flush-worker-died", pid=f.pid, status=describe_status(status))
-        if time.monotonic() - f.started < QUICK_DEATH:
-            self.flusher_respawn_after[f.slot] = time.monotonic() + RESPAWN_DELAY
+    def start_flushers(self):
+        """Start-up: every flush worker ready before anything is served (never a silent "started")."""
+        failure = self.flush_workers.wait_until_ready(FLUSHER_BOOT_TIMEOUT)
+        if failure is not None:
+            raise ServeError(f"a flush worker could not start: {failure}; not starting")
 
     # -- the loop --------------------------------------------------------------
+
+    def poll(self):
+        """One turn: what is ready on the selector (at most TICK's wait), then signals and reaping."""
+        for key, _ in self.selector.select(TICK):
+            data = key.data
+            if data == "wakeup":
+                _drain(self.wakeup_r)
+            elif isinstance(data, Listener):
+                if not self.stopping:
+                    data.handle_request_noblock()
+            elif isinstance(data, WorkerHandle):
+                self.read_worker(data)
+            elif isinstance(data, FlusherHandle):
+                self.flush_workers.read_ready(data)
+            elif isinstance(data, PendingLookups) and data.read():
+                self.end_lookups()
+        self.handle_signals()
+        self.reap_workers()
 
     def _kill(self, pid, sig):
         try:
@@ -567,7 +671,8 @@ class Master:
             pass
 
     def kill_all(self, sig):
-        for pid in list(self.workers) + list(self.flushers) + ([self.metrics.pid] if self.metrics else []):
+        metrics = [self.metrics.pid] if self.metrics else []
+        for pid in list(self.workers) + list(self.flush_workers.handles) + metrics:
             self._kill(pid, sig)
 
     def halt(self, status):
@@ -578,37 +683,28 @@ class Master:
 
     def run(self):
         self.init_signals()
+        self.start_flushers()
+        self.serving = True
         self.register_listeners()
         if self.metrics is not None:
             log_event(self.logger, "listening", address=format_hostport(*self.metrics.sock.getsockname()[:2]),
                       serves="metrics")
         self.manage_workers()
-        self.manage_flushers()
         if self.metrics is not None:
             self.metrics.manage(self)
         log_event(self.logger, "server-started", pid=self.pid, workers=self.config.workers, hostname=self.config.hostname)
         try:
             while True:
-                for key, mask in self.selector.select(TICK):
-                    data = key.data
-                    if data == "wakeup":
-                        try:
-                            while self.wakeup_r.recv(64):
-                                pass
-                        except (BlockingIOError, InterruptedError):
-                            pass
-                    elif isinstance(data, Listener):
-                        if not self.stopping:
-                            data.handle_request_noblock()
-                    elif isinstance(data, WorkerHandle):
-                        self.read_worker(data)
-                self.handle_signals()
-                self.reap_workers()
+                self.poll()
+                if self.lookups is not None and time.monotonic() > self.lookups.deadline:
+                    self.end_lookups(timed_out=True)
                 if self.stopping:
-                    if not self.workers and not self.flushers and (self.metrics is None or self.metrics.pid is None):
+                    if not self.workers and not self.flush_workers.handles and (
+                            self.metrics is None or self.metrics.pid is None):
                         break
                     if time.monotonic() > self.stop_deadline:
-                        log_event(self.logger, "stop-timeout", children=len(self.workers) + len(self.flushers))
+                        children_left = len(self.workers) + len(self.flush_workers.handles)
+                        log_event(self.logger, "stop-timeout", children=children_left)
                         self.kill_all(signal.SIGKILL)
                         self.stop_deadline = time.monotonic() + 5.0
                     continue
@@ -616,7 +712,7 @@ class Master:
                 self.rejects.hand_over(self.active_workers())
                 self.murder_workers()
                 self.manage_workers()
-                self.manage_flushers()
+                self.flush_workers.manage()
                 if self.metrics is not None:
                     self.metrics.manage(self)
         finally:

@@ -1,8 +1,10 @@
 """Where each domain's primary is: host-name primaries resolved once, not per connection.
 
 A `primary = mail.example.com:25` is looked up in DNS when the configuration
-is loaded -- at start, at each SIGHUP reload, and when a `backupmx flush` or
-inetd flusher process starts -- and the flusher then connects only to those
+is loaded -- at start, at each SIGHUP reload (in a child of the master, with
+a deadline: getaddrinfo has none, and the master must go on handing
+connections to workers meanwhile), and when a `backupmx flush` or inetd
+flusher process starts -- and the flusher then connects only to those
 addresses, so a DNS answer forged later cannot send a domain's mail
 elsewhere. TLS still names the primary by its host name (SNI, and the
 certificate check of `primary_tls = required`).
@@ -19,13 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import logging
 import socket
 from collections.abc import Callable
 
 from backupmx.log import log_event
 
-__all__ = ["addresses_for", "is_ip_literal", "pin", "resolve"]
+__all__ = ["addresses_for", "answered", "decode_lookups", "encode_lookups", "host_primaries", "is_ip_literal",
+           "look_up", "pin", "resolve"]
 
 
 def is_ip_literal(host: str) -> bool:
@@ -81,6 +85,49 @@ def pin(config, logger: logging.Logger, *, previous=None,
     if not domains:
         return config
     return dataclasses.replace(config, domains={**config.domains, **domains})
+
+
+# -- looking up apart from pinning (the master looks up in a child at reload) -----------
+
+
+def host_primaries(config) -> list[tuple[str, int]]:
+    """The (host, port) of every host-name primary: what pin() looks up."""
+    return sorted({d.primary for d in config.domains.values() if not is_ip_literal(d.primary[0])})
+
+
+def look_up(names, resolver: Callable[[str, int], tuple[str, ...]] | None = None) -> dict:
+    """{(host, port): addresses, or the error as text} for each of `names` (resolve() by default)."""
+    resolver = resolver or resolve
+    found = {}
+    for host, port in names:
+        try:
+            found[host, port] = resolver(host, port)
+        except (OSError, UnicodeError) as exc:
+            found[host, port] = str(exc) or type(exc).__name__
+    return found
+
+
+def encode_lookups(found: dict) -> bytes:
+    return json.dumps([[host, port, list(a) if isinstance(a, tuple) else a]
+                       for (host, port), a in found.items()]).encode("utf-8")
+
+
+def decode_lookups(data: bytes) -> dict:
+    """encode_lookups' inverse; ValueError for anything else."""
+    found = {}
+    for host, port, answer in json.loads(data.decode("utf-8")):
+        found[str(host), int(port)] = tuple(map(str, answer)) if isinstance(answer, list) else str(answer)
+    return found
+
+
+def answered(found: dict) -> Callable[[str, int], tuple[str, ...]]:
+    """A resolver for pin() that gives what look_up found: a name without an answer is an error."""
+    def resolver(host: str, port: int) -> tuple[str, ...]:
+        answer = found.get((host, port), "no answer in time")
+        if isinstance(answer, str):
+            raise OSError(answer)
+        return answer
+    return resolver
 
 
 def _previous_addresses(previous, name: str, primary: tuple[str, int]) -> tuple[str, ...]:

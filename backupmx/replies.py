@@ -54,6 +54,14 @@ BUSY = Reply(421, "4.3.2", "{hostname} Service busy, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "{hostname} Too many connections from your address")
 NOT_AVAILABLE = Reply(421, "4.3.0", "{hostname} Service not available")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "{hostname} Too many authentication failures")
+# max_auth_failures_per_client: refused before any password is looked at.
+CLIENT_AUTH_BLOCKED = Reply(421, "4.7.0",
+                            "{hostname} Too many authentication failures from your address, try again later")
+# max_junk_commands (Postfix's smtpd_junk_command_limit): NOOP, RSET, VRFY, HELP, ETRN.
+TOO_MANY_JUNK_COMMANDS = Reply(421, "4.7.0", "{hostname} Error: too many NOOP, RSET, VRFY, HELP or ETRN commands")
+SESSION_TIME_EXCEEDED = Reply(421, "4.4.2", "{hostname} Error: session time limit exceeded")
+# RFC 2920 3.1 and Postfix's smtpd_forbid_unauth_pipelining: the client sent before our reply.
+PROTOCOL_SYNCHRONIZATION = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")
 
 # Generic
 OK = Reply(250, "2.0.0", "Ok")

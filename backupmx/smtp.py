@@ -15,9 +15,10 @@ Rules every change must keep:
  2. Every buffer is bounded. An over-long line or message is read through to
     its end, and only then answered, so the session stays in step.
  3. While an event waits for its answer nothing else is processed.
- 4. After the 220 to STARTTLS everything already buffered is dropped: bytes a
-    client pipelined in plaintext are never executed (RFC 3207 section 6,
-    CVE-2011-0411). TLS then resets the session to its start.
+ 4. Bytes a client pipelined in plaintext behind STARTTLS are never executed
+    (RFC 3207 section 6, CVE-2011-0411): STARTTLS ends a group, so they end
+    the session (rule 10), and whatever is buffered after the 220 is
+    dropped. TLS then resets the session to its start.
  5. A transaction (an Envelope) exists from MAIL to the end of DATA or RSET;
     ending it makes a new one rather than clearing fields.
  6. The 250 for a message is sent only when the driver says it is committed.
@@ -27,6 +28,17 @@ Rules every change must keep:
     SessionSettings holds values only.
  8. What each command needs before it runs is in one table, COMMANDS, checked
     in one place (_command); see the rules above it.
+ 9. Output is bounded: once OUTPUT_PAUSE octets of replies wait for the driver
+    (data_to_send), no further command is taken from the input until the
+    driver calls resume(); `wants_input` tells the driver when to read. One
+    read of input can therefore never become an unbounded amount of replies
+    (EHLO answers ~16 octets per octet asked).
+10. Synchronisation (RFC 2920 section 3.1; Postfix's
+    smtpd_forbid_unauth_pipelining): a client may send ahead only within a
+    group, and only once EHLO has offered PIPELINING. Input before the
+    greeting, after a command that must end a group (COMMANDS' `last`
+    column), or after any command before EHLO gets 554 5.5.0 and the session
+    ends: none of it is executed. Input after QUIT is dropped unread.
 """
 
 import base64
@@ -56,6 +68,8 @@ MAX_AUTH_LINE = 12288
 MAX_ERRORS = 20
 # RFC 7230 methods: an HTTP client talking to the SMTP port ends the session at once.
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+# Rule 9: reply octets waiting for the driver before the session stops taking commands.
+OUTPUT_PAUSE = 16 * 1024
 # Commands we know but do not provide (RFC 5321 4.1.3 / 4.3.2).
 UNIMPLEMENTED = frozenset({"EXPN", "TURN", "SEND", "SOML", "SAML"})
 # SASL mechanisms where the server speaks first: no initial response (RFC 4954 4).
@@ -65,7 +79,7 @@ SERVER_FIRST = frozenset({"CRAM-MD5"})
 # refusal that ends the session is one whatever the command.
 REFUSALS_REPORTED = frozenset({"MAIL", "RCPT", "DATA", "BDAT", "AUTH", "ETRN", "STARTTLS"})
 # Closing replies that are no refusal of a command: the driver logs these itself.
-NOT_REFUSALS = frozenset({replies.TIMEOUT, replies.SHUTTING_DOWN})
+NOT_REFUSALS = frozenset({replies.TIMEOUT, replies.SHUTTING_DOWN, replies.SESSION_TIME_EXCEEDED})
 
 
 # --- events: what the session asks, and the method that answers it ------------
@@ -77,10 +91,11 @@ NOT_REFUSALS = frozenset({replies.TIMEOUT, replies.SHUTTING_DOWN})
 #   MailAdmission        mail_admitted(refusal=None)
 #   RecipientAdmission   recipient_admitted(refusal=None, **fields)
 #   StartTLS             tls_started()
-#   AuthRequest          auth_challenge(data) | auth_result(user or None) | auth_malformed()
+#   AuthRequest          auth_challenge(data) | auth_result(user or None) | auth_malformed() | auth_blocked()
 #   AuthResponse         the same three
 #   EtrnRequest          etrn_result({domain: pending} or None)
 #   Refused              -            a command got a 4xx/5xx: the driver logs it (`reject`) and counts it
+#   PipeliningViolation  -            (rule 10) the session is closed; the driver logs it
 
 
 @dataclass(frozen=True)
@@ -152,7 +167,17 @@ class Refused:
     recipients: int = 0  # DATA: how many recipients the refused message had
 
 
+@dataclass(frozen=True)
+class PipeliningViolation:
+    """The client sent ahead where it must wait (rule 10): `after` is the command
+    (or "CONNECT" before the greeting), `early_input` the first octets sent ahead.
+    The session is already closed with 554 5.5.0; nothing of it was executed."""
+    after: str
+    early_input: bytes
+
+
 class Phase(enum.Enum):
+    GREETING = "greeting"  # the 220 is not sent yet: any input is a violation (rule 10)
     COMMAND = "command"  # reading command lines
     DATA = "data"  # reading the message content (smtp_body)
     CHUNK = "chunk"  # reading the octets a BDAT announced (smtp_body.ChunkReader)
@@ -170,6 +195,7 @@ class SessionSettings:
     max_message_size: int
     max_recipients: int
     max_auth_failures: int
+    max_junk_commands: int = 100  # NOOP, RSET, VRFY, HELP, ETRN per session (Postfix's smtpd_junk_command_limit)
     auth_mechanisms: tuple[str, ...] = ()  # offered once TLS is active; () = no AUTH
     tls_available: bool = False  # a certificate is configured (offer STARTTLS)
     tls_active: bool = False  # implicit TLS: the session starts encrypted
@@ -179,7 +205,7 @@ class SessionSettings:
         return cls(hostname=config.hostname, domains=config.domains,
                    etrn_domains={name: user.domains for name, user in config.users.items()},
                    max_message_size=config.max_message_size, max_recipients=config.max_recipients,
-                   max_auth_failures=config.max_auth_failures,
+                   max_auth_failures=config.max_auth_failures, max_junk_commands=config.max_junk_commands,
                    auth_mechanisms=config.auth_mechanisms if config.users else (), **values)
 
     def with_tls(self, *, available: bool, active: bool) -> "SessionSettings":
@@ -207,6 +233,7 @@ class Session:
     """One SMTP connection, from the greeting to the close."""
 
     settings: SessionSettings
+    hold_greeting: bool = False  # the driver sends the 220 later, with greet() (greet_pause)
     helo: str | None = None
     esmtp: bool = False
     tls_active: bool = False
@@ -216,8 +243,11 @@ class Session:
     progress: int = 0  # grows with each command and DATA_PROGRESS_OCTETS of data
     errors: int = 0
     auth_failures: int = 0
+    junk_commands: int = 0  # since the session's start or its last queued message (as Postfix counts)
     _input: bytearray = field(default_factory=bytearray)
     _output: list = field(default_factory=list)
+    _output_size: int = 0  # octets in _output (rule 9)
+    _paused: bool = False  # input is held back until resume() (rule 9)
     _events: list = field(default_factory=list)
     _discarding_long_line: bool = False
     _recipients_tried: int = 0
@@ -230,7 +260,10 @@ class Session:
 
     def __post_init__(self):
         self.tls_active = self.settings.tls_active
-        self._reply(replies.GREETING)
+        if self.hold_greeting:
+            self.phase = Phase.GREETING
+        else:
+            self._reply(replies.GREETING)
 
     # --- the driver's interface -----------------------------------------
 
@@ -238,8 +271,31 @@ class Session:
         """Bytes from the client (already decrypted under TLS)."""
         if self.phase is Phase.CLOSED:
             return
+        if self.phase is Phase.GREETING:
+            return self._violation("CONNECT", data)
         self._input += data
         self._process()
+
+    def greet(self) -> None:
+        """Send the 220 held back by hold_greeting (the greet_pause is over)."""
+        if self.phase is Phase.GREETING:
+            self.phase = Phase.COMMAND
+            self._reply(replies.GREETING)
+
+    @property
+    def wants_input(self) -> bool:
+        """Read more now? Not while replies pile up or an event waits for its answer (rule 9)."""
+        return self.phase in (Phase.GREETING, Phase.COMMAND, Phase.SASL, Phase.DATA) and not self._paused
+
+    @property
+    def backlogged(self) -> bool:
+        """Commands wait in the input until the driver has taken the replies and calls resume()."""
+        return self._paused
+
+    def resume(self) -> None:
+        """Go on with the input held back while replies piled up (rule 9)."""
+        if self._paused:
+            self._process()
 
     def next_event(self):
         """The next event for the driver, or None."""
@@ -249,6 +305,7 @@ class Session:
         """Reply bytes produced so far; the driver writes them in one go."""
         out = b"".join(self._output)
         self._output.clear()
+        self._output_size = 0
         return out
 
     @property
@@ -269,6 +326,7 @@ class Session:
         self._answer(MessageReceived)
         self._reply(replies.QUEUED, queue_id=queue_id)
         self.envelope = None
+        self.junk_commands = 0  # a client that delivers mail is forgiven its NOOPs (as Postfix does)
         self._process()
 
     def message_refused(self, reply: Reply) -> None:
@@ -307,7 +365,7 @@ class Session:
     def auth_challenge(self, data: bytes) -> None:
         """The SASL exchange goes on: a 334 with `data`, then the client's next line."""
         self._answer(AuthRequest, AuthResponse)
-        self._output.append(b"334 " + base64.b64encode(data) + b"\r\n")
+        self._send(b"334 " + base64.b64encode(data) + b"\r\n")
         self.phase = Phase.SASL
         self._process()
 
@@ -321,6 +379,11 @@ class Session:
             self._auth_failed()
         self._process()
 
+    def auth_blocked(self) -> None:
+        """The client failed too often, in any session (max_auth_failures_per_client): 421, no check."""
+        self._answer(AuthRequest, AuthResponse)
+        self._close_with(replies.CLIENT_AUTH_BLOCKED)
+
     def auth_malformed(self) -> None:
         """A response that is not the mechanism's format (RFC 4954 4: 501, the exchange ends)."""
         self._answer(AuthRequest, AuthResponse)
@@ -329,15 +392,7 @@ class Session:
 
     def etrn_result(self, pending: dict | None, argument: str) -> None:
         self._answer(EtrnRequest)
-        total = sum(pending.values()) if pending is not None else 0
-        if pending is None:
-            self._reply(replies.ETRN_UNABLE, domain=argument)
-        elif total == 0:
-            self._reply(replies.ETRN_NOTHING_WAITING, domain=argument)
-        elif argument.startswith("@"):
-            self._reply(replies.ETRN_STARTED, domain=argument)
-        else:
-            self._reply(replies.ETRN_PENDING_STARTED, count=total, domain=argument)
+        self._reply(*etrn_reply(pending, argument))
         self._process()
 
     def timeout(self) -> None:
@@ -348,10 +403,18 @@ class Session:
         """The server is stopping and this session's time is up."""
         self._close_with(replies.SHUTTING_DOWN)
 
+    def time_limit_reached(self) -> None:
+        """The session's whole life (max_session_time) is over, whatever it was doing."""
+        self._close_with(replies.SESSION_TIME_EXCEEDED)
+
     # --- input framing --------------------------------------------------
 
     def _process(self) -> None:
+        self._paused = False
         while self.phase in (Phase.COMMAND, Phase.SASL, Phase.DATA, Phase.CHUNK):
+            if self._output_size >= OUTPUT_PAUSE and self.phase in (Phase.COMMAND, Phase.SASL) and self._input:
+                self._paused = True  # rule 9: until the driver takes the output and calls resume()
+                return
             if self.phase is Phase.CHUNK:
                 done = self._chunk.read(self._input)
                 self.progress += self._chunk.ticks
@@ -410,6 +473,8 @@ class Session:
             return
         text = line[:-2].decode("latin-1")
         if sasl:
+            if self._input:  # RFC 4954 4: the client waits for our answer to each response
+                return self._violation("AUTH", bytes(self._input))
             self._sasl_line(text)
         else:
             self._command(text, len(line))
@@ -430,6 +495,12 @@ class Session:
         command = COMMANDS.get(verb)
         if command is None:
             return self._reply(replies.NOT_IMPLEMENTED if verb in UNIMPLEMENTED else replies.UNRECOGNIZED)
+        if self._input and verb != "QUIT" and (command.last or not self.esmtp):
+            return self._violation(verb, bytes(self._input))  # rule 10
+        if command.junk:
+            self.junk_commands += 1
+            if self.junk_commands > self.settings.max_junk_commands:
+                return self._close_with(replies.TOO_MANY_JUNK_COMMANDS)
         argument = argument.strip(" ")
         refusal = self._unmet(command.needs, verb, argument)
         if refusal is not None:
@@ -451,13 +522,7 @@ class Session:
         if not esmtp:
             self._reply(replies.HELO_OK)
             return
-        lines = [self.settings.hostname, "PIPELINING", f"SIZE {self.settings.max_message_size}",
-                 "8BITMIME", "ENHANCEDSTATUSCODES", "DSN", "ETRN", "SMTPUTF8", "CHUNKING"]
-        if self.settings.tls_available and not self.tls_active:
-            lines.append("STARTTLS")
-        if self._auth_offered():
-            lines.append("AUTH " + " ".join(self.settings.auth_mechanisms))
-        self._output.append(replies.render_lines(250, lines))
+        self._send(replies.render_lines(250, ehlo_lines(self.settings, self.tls_active, self._auth_offered())))
 
     def _cmd_helo(self, argument: str) -> None:
         self._helo(argument, esmtp=False)
@@ -468,50 +533,16 @@ class Session:
     def _cmd_mail(self, argument: str) -> None:
         if argument[:5].upper() != "FROM:":
             return self._reply(replies.SYNTAX_ERROR, usage="MAIL FROM:<address>")
-        path, utf8 = argument[5:], False
-        try:
-            path, raw_parameters = addresses.split_path_and_parameters(argument[5:])
-            parameters = addresses.parse_parameters(raw_parameters)
-            utf8 = "SMTPUTF8" in parameters and self.esmtp
-            sender = client_path(path, allow_null=True, utf8=utf8)
-        except NonASCIIAddress:
-            return self._reply(replies.NON_ASCII_ADDRESS)
-        except AddressError as exc:
-            if utf8 and not path.isascii():  # a SMTPUTF8 address we refuse: say why
-                return self._reply(replies.BAD_UTF8_ADDRESS, detail=str(exc))
-            return self._reply(replies.BAD_SENDER)
-        envelope = Envelope(sender=sender.address if sender else "")
-        problem = mail_parameters(envelope, parameters, esmtp=self.esmtp,
-                                  max_size=self.settings.max_message_size)
-        if problem is not None:
-            return self._reply(*problem)
+        envelope = parse_sender(self.settings, argument[5:], esmtp=self.esmtp)
+        if isinstance(envelope, tuple):
+            return self._reply(*envelope)
         self._ask(MailAdmission(envelope))
 
     def _cmd_rcpt(self, argument: str) -> None:
         if argument[:3].upper() != "TO:":
             return self._reply(replies.SYNTAX_ERROR, usage="RCPT TO:<address>")
         self._recipients_tried += 1
-        path = argument[3:].strip(" ")
-        utf8 = self.envelope.smtputf8
-        try:
-            path, raw_parameters = addresses.split_path_and_parameters(argument[3:])
-            mailbox = client_path(path, allow_null=False, utf8=utf8)
-            parameters = addresses.parse_parameters(raw_parameters)
-        except NonASCIIAddress:
-            return self._reply(replies.NON_ASCII_ADDRESS)
-        except AddressError as exc:
-            if path.strip("<>").lower() == "postmaster":
-                return self._reply(replies.UNKNOWN_USER, address=path.strip("<>"))
-            if utf8 and not path.isascii():  # a SMTPUTF8 address we refuse: say why
-                return self._reply(replies.BAD_UTF8_ADDRESS, detail=str(exc))
-            return self._reply(replies.BAD_ADDRESS)
-        domain = None if mailbox.is_literal else self.settings.domain(mailbox.domain)
-        refusal = _relay_refusal(mailbox, domain)
-        if refusal is not None:
-            return self._reply(refusal, address=mailbox.address)
-        if len(self.envelope.recipients) >= self.settings.max_recipients:
-            return self._reply(replies.TOO_MANY_RECIPIENTS)
-        recipient = recipient_parameters(mailbox, domain.name, parameters, esmtp=self.esmtp)
+        recipient = parse_recipient(self.settings, self.envelope, argument[3:], esmtp=self.esmtp)
         if isinstance(recipient, tuple):
             return self._reply(*recipient)
         folded = addresses.fold_local_part(recipient.address)
@@ -596,22 +627,10 @@ class Session:
         self._wait_for(StartTLS())
 
     def _cmd_etrn(self, argument: str) -> None:
-        if not argument or " " in argument:
-            return self._reply(replies.ETRN_SYNTAX)
-        if argument.startswith("#"):  # RFC 1985 queue names: we only have domains
-            return self._reply(replies.ETRN_UNABLE, domain=argument)
-        subdomains = argument.startswith("@")
-        name = argument[1:] if subdomains else argument
-        try:
-            if not addresses.is_domain(name):
-                raise ValueError(name)
-            name = addresses.normalize_domain(name)
-        except ValueError:
-            return self._reply(replies.ETRN_SYNTAX)
-        domains = self.settings.flushable(self.user, name, subdomains)
-        if not domains:
-            return self._reply(replies.ETRN_NOT_ALLOWED, domain=argument)
-        self._wait_for(EtrnRequest(domains, argument))
+        request = etrn_request(self.settings, self.user, argument)
+        if isinstance(request, tuple):
+            return self._reply(*request)
+        self._wait_for(request)
 
     # --- AUTH (RFC 4954): the session frames it, the driver runs the mechanism ---
 
@@ -664,7 +683,7 @@ class Session:
         if self.phase is Phase.CLOSED:
             return
         fields = {**(fields or {}), **more}
-        self._output.append(rendered := reply.render(hostname=self.settings.hostname, **fields))
+        self._send(rendered := reply.render(hostname=self.settings.hostname, **fields))
         if reply.code >= 400 and (refused := self.commands.refuse(reply, rendered, self.helo, self.envelope)) \
                 and counted:  # (the chunks after a refused one: one error, one line)
             self._events.append(refused)
@@ -678,9 +697,18 @@ class Session:
             return
         self.phase = Phase.CLOSED
         self._input.clear()
-        self._output.append(rendered := reply.render(hostname=self.settings.hostname))
+        self._paused = False
+        self._send(rendered := reply.render(hostname=self.settings.hostname))
         if reply.code >= 400 and reply not in NOT_REFUSALS:  # it ends the session: always worth a line
             self._events.append(self.commands.refuse(reply, rendered, self.helo, self.envelope, ends_session=True))
+
+    def _send(self, data: bytes) -> None:
+        self._output.append(data)
+        self._output_size += len(data)
+
+    def _violation(self, after: str, early_input: bytes) -> None:  # rule 10: nothing sent ahead is run
+        self._events.append(PipeliningViolation(after, early_input[:64]))
+        self._close_with(replies.PROTOCOL_SYNCHRONIZATION)
 
     def _wait_for(self, event) -> None:
         self.phase = Phase.WAITING
@@ -835,6 +863,96 @@ def recipient_parameters(mailbox: addresses.Mailbox, domain: str, parameters: di
     return Recipient(address=mailbox.address, domain=domain, notify=notify, orcpt=orcpt)
 
 
+def parse_sender(settings: SessionSettings, path_and_parameters: str, *, esmtp: bool):
+    """MAIL FROM's argument after "FROM:": the new transaction's Envelope, or a (Reply, fields) refusal."""
+    path, utf8 = path_and_parameters, False
+    try:
+        path, raw_parameters = addresses.split_path_and_parameters(path_and_parameters)
+        parameters = addresses.parse_parameters(raw_parameters)
+        utf8 = "SMTPUTF8" in parameters and esmtp
+        sender = client_path(path, allow_null=True, utf8=utf8)
+    except NonASCIIAddress:
+        return replies.NON_ASCII_ADDRESS, {}
+    except AddressError as exc:
+        if utf8 and not path.isascii():  # a SMTPUTF8 address we refuse: say why
+            return replies.BAD_UTF8_ADDRESS, {"detail": str(exc)}
+        return replies.BAD_SENDER, {}
+    envelope = Envelope(sender=sender.address if sender else "")
+    problem = mail_parameters(envelope, parameters, esmtp=esmtp, max_size=settings.max_message_size)
+    return problem if problem is not None else envelope
+
+
+def parse_recipient(settings: SessionSettings, envelope: Envelope, path_and_parameters: str, *, esmtp: bool):
+    """RCPT TO's argument after "TO:": a Recipient of a configured domain, or a (Reply, fields)
+    refusal (syntax, relay control, the recipient limit, parameters)."""
+    path = path_and_parameters.strip(" ")
+    utf8 = envelope.smtputf8
+    try:
+        path, raw_parameters = addresses.split_path_and_parameters(path_and_parameters)
+        mailbox = client_path(path, allow_null=False, utf8=utf8)
+        parameters = addresses.parse_parameters(raw_parameters)
+    except NonASCIIAddress:
+        return replies.NON_ASCII_ADDRESS, {}
+    except AddressError as exc:
+        if path.strip("<>").lower() == "postmaster":
+            return replies.UNKNOWN_USER, {"address": path.strip("<>")}
+        if utf8 and not path.isascii():  # a SMTPUTF8 address we refuse: say why
+            return replies.BAD_UTF8_ADDRESS, {"detail": str(exc)}
+        return replies.BAD_ADDRESS, {}
+    domain = None if mailbox.is_literal else settings.domain(mailbox.domain)
+    refusal = _relay_refusal(mailbox, domain)
+    if refusal is not None:
+        return refusal, {"address": mailbox.address}
+    if len(envelope.recipients) >= settings.max_recipients:
+        return replies.TOO_MANY_RECIPIENTS, {}
+    return recipient_parameters(mailbox, domain.name, parameters, esmtp=esmtp)
+
+
+def ehlo_lines(settings: SessionSettings, tls_active: bool, auth_offered: bool) -> list[str]:
+    """The EHLO reply's lines: our name, then the extensions offered now."""
+    lines = [settings.hostname, "PIPELINING", f"SIZE {settings.max_message_size}",
+             "8BITMIME", "ENHANCEDSTATUSCODES", "DSN", "ETRN", "SMTPUTF8", "CHUNKING"]
+    if settings.tls_available and not tls_active:
+        lines.append("STARTTLS")
+    if auth_offered:
+        lines.append("AUTH " + " ".join(settings.auth_mechanisms))
+    return lines
+
+
+def etrn_request(settings: SessionSettings, user: str | None, argument: str):
+    """ETRN's argument (RFC 1985): the EtrnRequest for the configured domains it names that
+    `user` may flush, or a (Reply, fields) refusal."""
+    if not argument or " " in argument:
+        return replies.ETRN_SYNTAX, {}
+    if argument.startswith("#"):  # RFC 1985 queue names: we only have domains
+        return replies.ETRN_UNABLE, {"domain": argument}
+    subdomains = argument.startswith("@")
+    name = argument[1:] if subdomains else argument
+    try:
+        if not addresses.is_domain(name):
+            raise ValueError(name)
+        name = addresses.normalize_domain(name)
+    except ValueError:
+        return replies.ETRN_SYNTAX, {}
+    domains = settings.flushable(user, name, subdomains)
+    if not domains:
+        return replies.ETRN_NOT_ALLOWED, {"domain": argument}
+    return EtrnRequest(domains, argument)
+
+
+def etrn_reply(pending: dict | None, argument: str) -> tuple[Reply, dict]:
+    """The RFC 1985 reply to an ETRN whose flush requests were recorded: {domain: messages
+    waiting}, or None when the queue could not record them."""
+    total = sum(pending.values()) if pending is not None else 0
+    if pending is None:
+        return replies.ETRN_UNABLE, {"domain": argument}
+    if total == 0:
+        return replies.ETRN_NOTHING_WAITING, {"domain": argument}
+    if argument.startswith("@"):
+        return replies.ETRN_STARTED, {"domain": argument}
+    return replies.ETRN_PENDING_STARTED, {"count": total, "domain": argument}
+
+
 def _relay_refusal(mailbox: addresses.Mailbox, domain: "DomainConfig | None") -> Reply | None:
     """Relay control: only configured domains, only listed local parts, no routing tricks."""
     if domain is None or addresses.is_routing_trick(mailbox):
@@ -855,8 +973,13 @@ def _relay_refusal(mailbox: addresses.Mailbox, domain: "DomainConfig | None") ->
 #         an event that waits for the driver's answer (_wait_for / _ask).
 # Rule 4: AUTH state (user) and the transaction (envelope) are reset by
 #         STARTTLS (RFC 3207 4.2); EHLO/HELO and RSET end the transaction.
-# New columns (say, a command that must end a pipelined group, RFC 2920) are
-# new fields of Command, read in _command.
+# Rule 5: a `last` command must end a pipelined group (RFC 2920 3.1: EHLO,
+#         DATA, VRFY, NOOP; RFC 3207 STARTTLS and RFC 4954 AUTH change the
+#         session's state too; ETRN as Exim and Postfix treat it): input
+#         already waiting when one runs is a violation (module rule 10).
+# Rule 6: a `junk` command counts toward max_junk_commands (Postfix's
+#         smtpd_junk_command_limit: NOOP, RSET, VRFY, ETRN; HELP too here).
+# New columns are new fields of Command, read in _command.
 
 
 @dataclass(frozen=True)
@@ -896,25 +1019,28 @@ BDAT_NEEDS = (HELO, TRANSACTION, A_RECIPIENT)
 class Command:
     handler: Callable[[Session, str], None]
     needs: tuple[Need, ...] = ()
+    last: bool = False  # rule 5: must end a pipelined group
+    junk: bool = False  # rule 6: counts toward max_junk_commands
 
 
 COMMANDS: dict[str, Command] = {
-    "HELO": Command(Session._cmd_helo),
-    "EHLO": Command(Session._cmd_ehlo),
+    "HELO": Command(Session._cmd_helo, last=True),
+    "EHLO": Command(Session._cmd_ehlo, last=True),
     "MAIL": Command(Session._cmd_mail, (HELO, NOT_NESTED)),
     "RCPT": Command(Session._cmd_rcpt, (TRANSACTION,)),
-    "DATA": Command(Session._cmd_data, (NO_ARGUMENT, TRANSACTION, A_RECIPIENT, NOT_CHUNKED)),
+    "DATA": Command(Session._cmd_data, (NO_ARGUMENT, TRANSACTION, A_RECIPIENT, NOT_CHUNKED), last=True),
     # BDAT's octets after the command are data, not pipelined commands; its
-    # needs (BDAT_NEEDS) are checked once the size is read (_cmd_bdat).
+    # needs (BDAT_NEEDS) are checked once the size is read (_cmd_bdat). It does
+    # not end a group (RFC 3030 2: BDAT may be pipelined, also after MAIL and RCPT).
     "BDAT": Command(Session._cmd_bdat),
-    "RSET": Command(Session._cmd_rset, (NO_ARGUMENT,)),
-    "NOOP": Command(Session._cmd_noop),
+    "RSET": Command(Session._cmd_rset, (NO_ARGUMENT,), junk=True),
+    "NOOP": Command(Session._cmd_noop, last=True, junk=True),
     "QUIT": Command(Session._cmd_quit),
-    "VRFY": Command(Session._cmd_vrfy, (AN_ARGUMENT,)),
-    "HELP": Command(Session._cmd_help),
-    "STARTTLS": Command(Session._cmd_starttls, (NO_ARGUMENT, NO_TLS_YET, TLS_OFFERED)),
-    "AUTH": Command(Session._cmd_auth, (HELO, TLS, AUTH_OFFERED, NOT_AUTHENTICATED, NO_TRANSACTION)),
-    "ETRN": Command(Session._cmd_etrn, (NO_TRANSACTION, AUTHENTICATED)),
+    "VRFY": Command(Session._cmd_vrfy, (AN_ARGUMENT,), last=True, junk=True),
+    "HELP": Command(Session._cmd_help, junk=True),
+    "STARTTLS": Command(Session._cmd_starttls, (NO_ARGUMENT, NO_TLS_YET, TLS_OFFERED), last=True),
+    "AUTH": Command(Session._cmd_auth, (HELO, TLS, AUTH_OFFERED, NOT_AUTHENTICATED, NO_TRANSACTION), last=True),
+    "ETRN": Command(Session._cmd_etrn, (NO_TRANSACTION, AUTHENTICATED), last=True, junk=True),
 }
 
 

@@ -12,6 +12,7 @@ for the processes that use it:
   store_status.DomainStatus         per-domain status (last ETRN, last delivery, queueing
                                     since) and counters: metrics, health, notices
   store_verify.VerifyCache          SMTP workers, the CLI: the primary's answers to recipient callouts
+  store_auth.AuthFailures           SMTP workers, inetd sessions: failed AUTHs per client
 
 What must always hold (each public method keeps it in ONE transaction):
   - A message is in `messages` once, with one `queue` row per recipient domain
@@ -29,6 +30,7 @@ Open a QueueStore only in the process that uses it (after fork): an SQLite
 connection must never cross a fork.
 """
 
+from backupmx.store_auth import AuthFailures  # noqa: F401
 from backupmx.store_db import (DELIVERED, EXPIRED, FAILED, HELD, QUEUED, RECEIVED, REJECTS, STATES,  # noqa: F401
                                WAITING, BodyReader, QueueDatabase, QueueUnavailable, RecipientStatus,
                                check_database, is_queue_id, new_queue_id)
@@ -42,5 +44,6 @@ from backupmx.store_status import DomainChange, DomainReport, DomainStatus, Noti
 from backupmx.store_verify import ACCEPTED, REFUSED, VerifyAnswer, VerifyCache  # noqa: F401
 
 
-class QueueStore(Intake, FlushRequests, Delivery, Housekeeping, OperatorQueries, DomainStatus, VerifyCache):
+class QueueStore(Intake, FlushRequests, Delivery, Housekeeping, OperatorQueries, DomainStatus, VerifyCache,
+                 AuthFailures):
     """The whole queue, every role on one connection. One instance per process, created after fork."""

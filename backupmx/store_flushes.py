@@ -4,7 +4,8 @@ ETRN and `backupmx flush` (and the retry schedule) record a request; a flusher
 claims one domain, which clears the request and gives it the domain's lease.
   - At most one flusher holds a domain's lease; a lease ends by itself
     (lease_expires), so a flusher that dies loses nothing: the domain is
-    claimed again once its lease runs out.
+    claimed again once its lease runs out, or at once when the master
+    reaps the dead flusher and releases its leases (release_leases_of).
   - Requests coalesce per domain; one that arrives during a flush makes the
     domain run once more afterwards.
 """
@@ -88,6 +89,21 @@ class FlushRequests(QueueDatabase):
                 "UPDATE flushes SET lease_owner = NULL, lease_expires = NULL WHERE domain = ? AND lease_owner = ?",
                 (domain, owner),
             )
+
+    def release_leases_of(self, owner: str) -> list[str]:
+        """`owner` died holding leases: free its domains at once, each flush requested again
+        (it was answered "started"; what it delivered is recorded, the rest goes again).
+        Returns the domains."""
+        now = self._now()
+        with self._write() as db:
+            domains = [r[0] for r in db.execute(
+                "SELECT domain FROM flushes WHERE lease_owner = ? ORDER BY domain", (owner,)).fetchall()]
+            db.execute(
+                "UPDATE flushes SET lease_owner = NULL, lease_expires = NULL,"
+                " requested_at = COALESCE(requested_at, ?) WHERE lease_owner = ?",
+                (now, owner),
+            )
+        return domains
 
     def pending_flushes(self) -> list[str]:
         """Domains with a flush request waiting (whether or not leased)."""

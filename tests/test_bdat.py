@@ -14,7 +14,8 @@ import pytest
 
 from backupmx import replies, smtp_body
 from conftest import read_line
-from test_smtp import Driver, assert_random_splits, config, new, reply_line  # noqa: F401 - config is a fixture
+from test_smtp import (Driver, assert_random_splits, config, new, reply_line,  # noqa: F401 - config is a fixture
+                       turns_after)
 
 HEAD = b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\n"
 
@@ -148,7 +149,8 @@ SCRIPT = (b"EHLO client.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\
 
 
 def test_random_splits_of_the_bytes_give_the_same_conversation(config):
-    replies_seen, bodies = assert_random_splits(config, SCRIPT, max_cuts=40)
+    turns = turns_after(SCRIPT, b"client.test\r\n", b"NOOP\r\n")  # EHLO and NOOP end a group (smtp rule 10)
+    replies_seen, bodies = assert_random_splits(config, SCRIPT, turns=turns, max_cuts=40)
     assert replies_seen[-3:] == [reply_line(replies.BARE_LINE_ENDING), reply_line(replies.OK),
                                  reply_line(replies.CLOSING)]
     assert bodies == [b"Subject: hi\r\n\r\n.dot\r\n\xc3\xa9t\xc3\xa9\r\n.\r\nQUIT\r\n"]
@@ -249,9 +251,9 @@ def test_bdat_over_a_socket_each_reply_and_byte_exact_delivery(mx, sink):
     queue_id = got[4].rsplit(" ", 1)[1]
     assert queue_id in queued_ids(mx)  # committed before the 250
     # Each refusal of the SPEC, in step after it.
-    assert wire.replies(b"MAIL FROM:<a@origin.test>\r\nRCPT TO:<bob@example.com>\r\nBDAT 4\r\nab\r\nDATA\r\n"
-                        b"RSET\r\n", 5)[2:] == [reply_line(replies.CHUNK_RECEIVED, octets=4),
-                                                reply_line(replies.DATA_AFTER_BDAT), "250 2.0.0 Ok"]
+    assert wire.replies(b"MAIL FROM:<a@origin.test>\r\nRCPT TO:<bob@example.com>\r\nBDAT 4\r\nab\r\nDATA\r\n",
+                        4)[2:] == [reply_line(replies.CHUNK_RECEIVED, octets=4), reply_line(replies.DATA_AFTER_BDAT)]
+    assert wire.replies(b"RSET\r\n", 1) == ["250 2.0.0 Ok"]  # DATA ends a group (RFC 2920 3.1): RSET waits
     assert wire.replies(b"MAIL FROM:<a@origin.test>\r\nRCPT TO:<bob@example.com>\r\n" + bdat(b"bare\nlf\r\n")
                         + b"NOOP\r\n", 4)[2:] == [reply_line(replies.BARE_LINE_ENDING), "250 2.0.0 Ok"]
     big = (b"y" * 98 + b"\r\n") * 50

@@ -61,6 +61,14 @@ ERRORS = [
      "[backupmx] max_workers", "at least workers"),
     ("flush_workers empty", config_text(globals_extra="flush_workers =\n"), "[backupmx] flush_workers", "integer"),
     ("bad duration", config_text(globals_extra="timeout = 5x\n"), "[backupmx] timeout", "bad duration"),
+    ("greet_pause not below timeout", config_text(globals_extra="timeout = 30s\ngreet_pause = 30s\n"),
+     "[backupmx] greet_pause", "shorter than timeout"),
+    ("max_session_time zero", config_text(globals_extra="max_session_time = 0\n"),
+     "[backupmx] max_session_time", "more than 0"),
+    ("max_junk_commands zero", config_text(globals_extra="max_junk_commands = 0\n"),
+     "[backupmx] max_junk_commands", "at least 1"),
+    ("auth_failure_window zero", config_text(globals_extra="auth_failure_window = 0\n"),
+     "[backupmx] auth_failure_window", "more than 0"),
     ("negative duration", config_text(globals_extra="expired_retention = -1d\n"),
      "[backupmx] expired_retention", "bad duration"),
     ("zero timeout", config_text(globals_extra="timeout = 0\n"), "[backupmx] timeout", "more than 0"),
@@ -215,6 +223,8 @@ def test_defaults(tmp_path):
     assert config.tls_min_version == "TLSv1.2"
     assert config.max_auth_failures == 3
     assert config.max_connections_per_client == 50
+    assert (config.max_auth_failures_per_client, config.auth_failure_window) == (10, 3600.0)
+    assert (config.max_session_time, config.max_junk_commands, config.greet_pause) == (1800.0, 100, 0.0)
     assert config.timeout == 300.0
     assert config.queue_lifetime == 5 * 86400.0
     assert config.user is None and config.log is None and config.bounce_relay is None

@@ -10,6 +10,7 @@ this file covers what an administrator deploys on top of them.
 import base64
 import contextlib
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -517,6 +518,38 @@ def test_root_owned_queue_is_handed_over_and_inetd_drops_too(tmp_path, nobody_di
     assert "queue-file-chowned" in text and "privileges-dropped user=nobody" in text, text
     assert _owned_0600(queue, entry.pw_uid)
     assert queued_rows(queue) == 1
+
+
+@as_root
+def test_flush_run_by_root_delivers_as_user(tmp_path, nobody_dir, sink):
+    # SPEC Part 2, least privilege: `backupmx flush` and the flusher it starts
+    # drop to `user`, and the queue's files stay `user`'s.
+    from backupmx.envelope import Envelope, Recipient
+    from backupmx.store import QueueStore
+
+    entry = _nobody()
+    python = python_for_nobody()
+    queue = nobody_dir / "queue.db"
+    with QueueStore(str(queue)) as store:  # as root: e.g. an earlier start without `user`
+        store.enqueue(store.new_queue_id(), Envelope("a@sender.test", [Recipient("bob@example.com", "example.com")]),
+                      BODY, len(BODY), client="192.0.2.1", helo="client.test")
+    assert os.stat(queue).st_uid == 0
+    log = nobody_dir / "f.log"
+    cfg = write_config(nobody_dir / "f.ini", port=free_port(), queue=queue, user="nobody", log=str(log),
+                       domains={"example.com": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"}})
+    sink.data_delay = 1.0  # long enough to look at the flusher while it delivers
+    done = subprocess.run([python, str(REPO / "backupmx.py"), "flush", "example.com", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=30, cwd=str(nobody_dir))
+    assert done.returncode == 0 and done.stdout.startswith("253 "), done.stderr
+    sink.wait(lambda: sink.data_received >= 1, timeout=10)
+    pid = int(re.search(r"flush-process pid=(\d+)", log.read_text()).group(1))
+    uid, gid, groups = status_ids(pid)
+    assert (uid, gid) == (entry.pw_uid, entry.pw_gid) and "0" not in groups
+    sink.wait_for(1, timeout=10)
+    assert wait_for(lambda: not alive(pid), 10)
+    for path in (queue, Path(f"{queue}-wal"), Path(f"{queue}-shm")):  # SQLite removes the last two on close
+        assert not path.exists() or _owned_0600(path, entry.pw_uid), (path, os.stat(path))
+    assert queued_rows(queue) == 0
 
 
 @as_root

@@ -159,6 +159,42 @@ def stub_master_main(config_path):
     return master.serve(load_config(config_path), connection_class=StubConnection)
 
 
+def broken_flush_worker(config, owner, should_stop, *, ready):
+    """A flush worker that cannot start: what a broken installation gives."""
+    import backupmx_no_such_module  # noqa: F401
+
+
+def broken_flusher_master_main(config_path):
+    """`... broken-flusher CONFIG`: the real master (and SMTP workers) with broken_flush_worker."""
+    from backupmx import master
+    from backupmx.config import load_config
+    from backupmx.startup import ServeError
+
+    try:
+        return master.serve(load_config(config_path), flush_worker=broken_flush_worker)
+    except ServeError as exc:
+        print(f"backupmx: {exc}", file=sys.stderr)  # what the CLI does with it
+        return 1
+
+
+def slow_dns_master_main(config_path):
+    """`... slow-dns CONFIG`: the real server, whose DNS answers take 1.5 s after the start-up's."""
+    from backupmx import master, primaries
+    from backupmx.config import load_config
+
+    calls = []
+
+    def slow(host, port):
+        calls.append(host)
+        if len(calls) > 1:
+            time.sleep(1.5)
+        return ("127.0.0.1",)
+
+    primaries.resolve = slow
+    primaries.pin.__kwdefaults__["resolver"] = slow  # wherever the lookups run
+    return master.serve(load_config(config_path))
+
+
 # -- helpers ----------------------------------------------------------------------
 
 
@@ -753,7 +789,50 @@ def test_real_500_idle_sessions_and_one_more_transaction(server_factory):
             s.close()
 
 
+def test_a_flush_worker_that_cannot_start_fails_the_start_up(tmp_path):
+    port = free_port()
+    cfg = write_config(tmp_path / "b.ini", port=port, queue=tmp_path / "q.db")
+    proc = subprocess.run([sys.executable, __file__, "broken-flusher", str(cfg)], capture_output=True, text=True,
+                          timeout=30, cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == ("backupmx: a flush worker could not start: ModuleNotFoundError: "
+                    "No module named 'backupmx_no_such_module'; not starting"), proc.stderr
+    assert "flush-worker-boot-failed" in proc.stderr
+    assert ": worker-started" not in proc.stderr and "server-started" not in proc.stderr  # never served
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_a_reload_s_slow_dns_lookups_do_not_hold_up_new_connections(tmp_path):
+    port = free_port()
+    cfg = write_config(tmp_path / "s.ini", port=port, queue=tmp_path / "q.db",
+                       domains={"example.com": {"primary": "localhost:2526", "primary_tls": "none"}})
+    log_path = tmp_path / "s.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, __file__, "slow-dns", str(cfg)], stdout=log, stderr=log,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert wait_for(lambda: banner_ready(port), 10), log_path.read_text()
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.2)  # the reload's lookups are under way (1.5 s)
+        started = time.monotonic()
+        with connect(port) as sock:
+            assert read_line(sock).startswith(b"220")
+        assert time.monotonic() - started < 1.0  # the master went on handing connections over
+        assert "reloaded generation=1" not in log_path.read_text()  # the old configuration served it
+        assert wait_for(lambda: "reloaded generation=1" in log_path.read_text(), 10)
+        assert log_path.read_text().count("primary-pinned domain=example.com primary=localhost:2526") == 2
+    finally:
+        end_process_group(proc)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["slow-dns"]:
+        sys.exit(slow_dns_master_main(sys.argv[2]))
     if sys.argv[1:2] == ["stub-master"]:
         sys.exit(stub_master_main(sys.argv[2]))
-    sys.exit(f"usage: {sys.argv[0]} stub-master CONFIG")
+    if sys.argv[1:2] == ["broken-flusher"]:
+        sys.exit(broken_flusher_master_main(sys.argv[2]))
+    sys.exit(f"usage: {sys.argv[0]} stub-master|broken-flusher CONFIG")

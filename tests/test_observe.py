@@ -650,7 +650,10 @@ def test_inetd_logs_to_stderr_when_it_is_not_the_socket(tmp_path):
     theirs.close()
     try:
         assert read_line(ours).startswith(b"220 mx2.test")
-        ours.sendall(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@elsewhere.test>\r\nQUIT\r\n")
+        ours.sendall(b"EHLO c\r\n")  # EHLO ends a group (RFC 2920 3.1): the rest waits for its reply
+        while not read_line(ours).startswith(b"250 "):
+            pass
+        ours.sendall(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@elsewhere.test>\r\nQUIT\r\n")
         replies_seen = b""
         while not replies_seen.endswith(b"closing connection\r\n"):
             chunk = ours.recv(4096)

@@ -67,9 +67,17 @@ class Driver:
         self.exchange = None
         self.out = bytearray(session.data_to_send())
 
-    def feed(self, data: bytes) -> list[str]:
-        self.session.receive_data(data)
-        return self.drain()
+    def feed(self, data: bytes, *, pipelined: bool = False) -> list[str]:
+        """Give the session `data` as a client that waits for each reply would
+        (one line at a time), or all at once when `pipelined`."""
+        if pipelined:
+            self.session.receive_data(data)
+            return self.drain()
+        got = []
+        for line in re.findall(rb".*?\r\n|.+$", data, re.S):
+            self.session.receive_data(line)
+            got += self.drain()
+        return got
 
     def drain(self) -> list[str]:
         while (event := self.session.next_event()) is not None:
@@ -403,13 +411,110 @@ def test_mail_loop_refused(config):
     assert send_message(d, headers + b"\r\nbody\r\n.\r\n")[0].startswith("250 2.0.0")
 
 
-def test_pipelined_transactions_in_one_write(config):
+def test_pipelined_transactions_in_one_write_per_group(config):
+    # RFC 2920 3.1: a group ends with DATA; the end of data may start the next group.
     d = new(config, commit="Q9")
     d.lines()
-    batch = (b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\nRCPT TO:<y@evil.test>\r\nDATA\r\n"
-             b"hello\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<z@example.com>\r\nDATA\r\nbye\r\n.\r\nQUIT\r\n")
-    got = d.feed(batch)
+    got = d.feed(b"EHLO c\r\n")
+    for group in (b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\nRCPT TO:<y@evil.test>\r\nDATA\r\n",
+                  b"hello\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<z@example.com>\r\nDATA\r\n",
+                  b"bye\r\n.\r\nQUIT\r\nanything after QUIT is dropped unread\r\n"):
+        got += d.feed(group, pipelined=True)
     assert codes(got) == ["250", "250", "250", "554", "354", "250", "250", "250", "354", "250", "221"]
+    assert d.session.closed
+    assert not any(isinstance(e, smtp.PipeliningViolation) for e in d.events)
+
+
+SYNC = "554 5.5.0 " + replies.PROTOCOL_SYNCHRONIZATION.text
+
+
+@pytest.mark.parametrize("before,pipelined,replied,after", [
+    ([], b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n", [], "EHLO"),
+    ([], b"NOOP\r\nNOOP\r\n", [], "NOOP"),
+    ([], b"RSET\r\nEHLO c\r\n", [], "RSET"),  # no pipelining before EHLO offered it
+    ([b"HELO c"], b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\n", [], "MAIL"),  # HELO: never
+    ([b"EHLO c"], b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nSubject: early\r\n",
+     ["250 2.1.0", "250 2.1.5"], "DATA"),  # a body before the 354
+    ([b"EHLO c"], b"NOOP\r\nMAIL FROM:<a@b.test>\r\n", [], "NOOP"),
+    ([b"EHLO c"], b"VRFY bob\r\nQUIT\r\n", [], "VRFY"),
+    ([b"EHLO c"], b"EHLO again\r\nQ", [], "EHLO"),  # even a part of the next line
+    ([b"EHLO c"], b"RSET\r\nHELO c\r\nNOOP\r\n", ["250 2.0.0"], "HELO"),
+])
+def test_sending_ahead_of_a_reply_ends_the_session_and_runs_nothing(config, before, pipelined, replied, after):
+    d = new(config)
+    d.lines()
+    for line in before:
+        d.feed(line + b"\r\n")
+    got = d.feed(pipelined, pipelined=True)
+    assert [line[:9] for line in got[:-1]] == replied and got[-1] == SYNC
+    assert d.session.closed
+    [violation] = [e for e in d.events if isinstance(e, smtp.PipeliningViolation)]
+    assert violation.after == after and violation.early_input
+    assert not any(isinstance(e, MessageStarted) for e in d.events)
+
+
+def test_sending_ahead_of_auth_and_etrn_replies(config):
+    d = new(config, tls_active=True)
+    d.feed(b"EHLO c\r\n")
+    assert d.feed(b"AUTH PLAIN " + plain(b"", b"prim", b"secret") + b"\r\nETRN example.com\r\n",
+                  pipelined=True) == [SYNC]
+    assert not any(isinstance(e, AuthRequest) for e in d.events)  # no password was looked at
+    d = new(config, tls_active=True)
+    d.feed(b"EHLO c\r\nAUTH LOGIN\r\n")
+    assert d.feed(base64.b64encode(b"prim") + b"\r\n" + base64.b64encode(b"secret") + b"\r\n",
+                  pipelined=True) == [SYNC]  # RFC 4954 4: each response waits for its 334
+    assert d.credentials == []
+    d = authenticated(config, pending={"example.com": 1})
+    assert d.feed(b"ETRN example.com\r\nETRN example.com\r\n", pipelined=True) == [SYNC]
+    assert not any(isinstance(e, EtrnRequest) for e in d.events)
+
+
+def test_input_before_the_greeting_ends_the_session(config):
+    settings = SessionSettings.from_config(config)
+    session = Session(settings, hold_greeting=True)
+    assert session.data_to_send() == b"" and session.wants_input
+    session.receive_data(b"EHLO early.test\r\n")
+    assert session.data_to_send() == SYNC.encode() + b"\r\n" and session.closed
+    assert session.next_event() == smtp.PipeliningViolation("CONNECT", b"EHLO early.test\r\n")
+    session = Session(settings, hold_greeting=True)
+    session.greet()
+    session.receive_data(b"EHLO on.time\r\n")
+    assert session.data_to_send().startswith(b"220 mx2.test ESMTP\r\n250-mx2.test")
+
+
+def test_replies_pile_up_only_to_a_bound_until_the_driver_takes_them(config):
+    # Rule 9: one read of pipelined input is never answered with more than
+    # OUTPUT_PAUSE (and one reply) at once; the rest waits in the input.
+    d = new(config)
+    d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+    session = d.session
+    rcpt = b"RCPT TO:<bob@example.com>\r\n"
+    count = 64 * 1024 // len(rcpt)
+    session.receive_data(rcpt * count)
+    replies_seen, rounds = 0, 0
+    while True:
+        while (event := session.next_event()) is not None:
+            session.recipient_admitted()
+        out = session.data_to_send()
+        assert len(out) <= smtp.OUTPUT_PAUSE + 100
+        replies_seen += out.count(b"\r\n")
+        if not session.backlogged:
+            break
+        assert not session.wants_input  # the driver reads no more meanwhile
+        session.resume()
+        rounds += 1
+    assert replies_seen == count and rounds >= 2 and session.wants_input
+
+
+def test_junk_commands_beyond_the_limit_end_the_session(config):
+    settings = dataclasses.replace(SessionSettings.from_config(config), max_junk_commands=4)
+    d = Driver(Session(settings), commit="J1")
+    d.lines()
+    got = d.feed(b"EHLO c\r\nNOOP\r\nRSET\r\nVRFY bob\r\nHELP\r\n")
+    assert codes(got) == ["250", "250", "250", "252", "214"]
+    send_message(d, b"x\r\n.\r\n")  # a message queued forgives them, as in Postfix
+    assert codes(d.feed(b"NOOP\r\n" * 4)) == ["250"] * 4
+    assert d.feed(b"NOOP\r\n") == ["421 4.7.0 mx2.test " + replies.TOO_MANY_JUNK_COMMANDS.text.split(" ", 1)[1]]
     assert d.session.closed
 
 
@@ -430,11 +535,19 @@ def test_rset_starts_a_new_envelope(config):
     assert d.session.envelope is not first and first.sender == "a@b.test"
 
 
-def test_starttls_discards_pipelined_plaintext(config):
+def test_starttls_with_pipelined_plaintext_ends_the_session_and_runs_nothing(config):
     d = new(config, tls_available=True)
-    d.lines()
-    got = d.feed(b"EHLO c\r\nSTARTTLS\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\n")
-    assert codes(got) == ["250", "220"]
+    d.feed(b"EHLO c\r\n")
+    got = d.feed(b"STARTTLS\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\n", pipelined=True)
+    assert got == ["554 5.5.0 " + replies.PROTOCOL_SYNCHRONIZATION.text]  # rule 10, not 220
+    assert d.session.closed and not d.session.tls_active
+    assert not any(isinstance(e, (StartTLS, MailAdmission)) for e in d.events)
+
+
+def test_starttls_resets_what_was_learned_in_plaintext(config):
+    d = new(config, tls_available=True)
+    d.feed(b"EHLO c\r\n")
+    assert codes(d.feed(b"STARTTLS\r\n")) == ["220"]
     assert d.session.tls_active and d.session.helo is None and d.session.envelope is None
     assert d.feed(b"MAIL FROM:<a@b.test>\r\n")[0].startswith("503")  # state was reset
 
@@ -532,6 +645,16 @@ def test_auth_failures_end_the_session(config):
     d.feed(b"EHLO c\r\n")
     got = d.feed(b"".join(b"AUTH PLAIN " + plain(b"", b"prim", b"wrong") + b"\r\n" for _ in range(3)))
     assert codes(got) == ["535", "535", "421"]
+    assert d.session.closed
+
+
+def test_a_client_blocked_across_sessions_gets_421_before_any_exchange(config):
+    d = new(config, tls_active=True)
+    d.feed(b"EHLO c\r\n")
+    d.session.receive_data(b"AUTH LOGIN\r\n")
+    assert isinstance(d.session.next_event(), AuthRequest)
+    d.session.auth_blocked()  # the driver's answer once max_auth_failures_per_client is reached
+    assert d.drain() == ["421 4.7.0 mx2.test " + replies.CLIENT_AUTH_BLOCKED.text.split(" ", 1)[1]]
     assert d.session.closed
 
 
@@ -660,31 +783,45 @@ def queued_bodies(events) -> list[bytes]:
     return bodies
 
 
+def turns_after(script: bytes, *lines: bytes) -> list[int]:
+    """Where a client must wait for our reply (rule 10): just after each of `lines` in `script`."""
+    return [script.index(line) + len(line) for line in lines]
+
+
+# A client pipelining wherever it may waits after EHLO, DATA and NOOP.
+SCRIPT_TURNS = turns_after(SCRIPT, b"client.test\r\n", b"DATA\r\n", b"NOOP\r\n")
+
+
 def run_split(config, chunks):
     d = new(config, commit="R1")
     out = d.lines()
     for chunk in chunks:
-        out += d.feed(chunk)
+        out += d.feed(chunk, pipelined=True)
     return out, queued_bodies(d.events)
 
 
-def assert_random_splits(config, script, *, runs=300, max_cuts=30):
-    """The conversation and what is queued are the same however `script` is cut (seed printed);
-    returns them."""
+def split_at(script, cuts):
+    cuts = sorted(set(cuts))
+    return [script[a:b] for a, b in zip([0] + cuts, cuts + [len(script)])]
+
+
+def assert_random_splits(config, script, *, turns, runs=300, max_cuts=30):
+    """The conversation and what is queued are the same however `script` is cut (seed printed),
+    when it is always cut at least at `turns` (where the client waits for our reply); returns them."""
     seed = random.randrange(1 << 30)
     print("seed", seed)
     rng = random.Random(seed)
-    whole = run_split(config, [script])
+    whole = run_split(config, split_at(script, turns))
     for _ in range(runs):
-        cuts = sorted(rng.sample(range(1, len(script)), rng.randint(1, max_cuts)))
-        chunks = [script[a:b] for a, b in zip([0] + cuts, cuts + [len(script)])]
-        assert run_split(config, chunks) == whole, f"seed {seed} cuts {cuts}"
+        cuts = rng.sample(range(1, len(script)), rng.randint(1, max_cuts)) + list(turns)
+        assert run_split(config, split_at(script, cuts)) == whole, f"seed {seed} cuts {sorted(cuts)}"
     return whole
 
 
 def test_random_splits_give_the_same_conversation(config):
-    _, bodies = assert_random_splits(config, SCRIPT)
+    got, bodies = assert_random_splits(config, SCRIPT, turns=SCRIPT_TURNS)
     assert bodies == [b"Subject: hi\r\n\r\n.dot\r\nline\r\n"]
+    assert codes(got)[-1] == "221" and "554" not in " ".join(codes(got))
 
 
 def test_trailing_dot_is_dropped_from_the_stored_address_and_duplicates_fold(config):

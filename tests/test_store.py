@@ -715,6 +715,39 @@ def test_version_1_queue_gets_the_new_columns(db_path, clock):
     QueueStore(db_path, clock=clock).close()  # opening again changes nothing
 
 
+def test_auth_failures_are_counted_per_client_within_the_window(store, clock):
+    for _ in range(3):
+        store.record_auth_failure("192.0.2.7", 3600)
+    store.record_auth_failure("2001:db8:1:2::/64", 3600)
+    assert store.auth_failures("192.0.2.7", 3600) == 3
+    assert store.auth_failures("192.0.2.8", 3600) == 0
+    clock.now += 1800
+    assert store.record_auth_failure("192.0.2.7", 3600) == 4
+    clock.now += 1801  # the first three are older than the window now
+    assert store.auth_failures("192.0.2.7", 3600) == 1
+    assert store.record_auth_failure("192.0.2.7", 3600) == 2  # and they went with this write
+    assert store.connection.execute("SELECT COUNT(*) FROM auth_failures WHERE client = '192.0.2.7'").fetchone()[0] == 2
+    assert store.purge_auth_failures(3600) == 1  # the /64's, from the start
+    assert store.auth_failures("2001:db8:1:2::/64", 3600) == 0
+
+
+def test_an_older_queue_gets_the_auth_failures_table(db_path, clock):
+    text = (ROOT / "schema.sql").read_text()
+    old = re.sub(r"CREATE TABLE IF NOT EXISTS auth_failures \(.*?\);\n", "", text, flags=re.S)
+    old = re.sub(r"CREATE INDEX IF NOT EXISTS auth_failures_client .*?;\n", "", old)
+    old = re.sub(r"PRAGMA user_version = \d+;", f"PRAGMA user_version = {schema_mod.schema_version() - 1};", old)
+    assert "CREATE TABLE IF NOT EXISTS auth_failures" not in old
+    shell = sqlite3.connect(db_path, isolation_level=None)
+    shell.executescript(old)
+    shell.close()
+    s = QueueStore(db_path, clock=clock)
+    try:
+        assert s.connection.execute("PRAGMA user_version").fetchone()[0] == schema_mod.schema_version() >= 6
+        assert s.record_auth_failure("192.0.2.7", 60) == 1
+    finally:
+        s.close()
+
+
 def test_dsn_claims(store, clock):
     a = put(store, "a@example.com", "b@example.com")
     store.failed(a, "example.com", ["a@example.com"], "550 no")

@@ -1,0 +1,37 @@
+"""Who an SMTP client is: its address as shown, and the key per-client limits count it under.
+
+- An IPv4-mapped IPv6 address (`::ffff:192.0.2.1`, what a dual-stack
+  listener on `::` reports for an IPv4 client) is that IPv4 address
+  everywhere: logs, Received:, per-client limits (RFC 4291 2.5.5.2).
+- Per-client limits (max_connections_per_client, max_auth_failures_per_client)
+  count an IPv4 client by its address and an IPv6 client by its /64: one
+  subscriber usually holds a whole /64 (RFC 6177), so counting single IPv6
+  addresses would give each attacker 2**64 tries.
+"""
+
+import ipaddress
+
+__all__ = ["limit_key", "shown_address"]
+
+
+def shown_address(address: str) -> str:
+    """The address as logged and written into Received: (IPv4-mapped IPv6 as plain IPv4)."""
+    ip = _parse(address)
+    if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return address
+
+
+def limit_key(address: str) -> str:
+    """What per-client limits count: "192.0.2.1", or "2001:db8:1:2::/64" for any address of that /64."""
+    ip = _parse(shown_address(address))
+    if ip is None or ip.version == 4:
+        return shown_address(address)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
+def _parse(address: str):
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0])  # a scope id (fe80::1%eth0) is not the address
+    except ValueError:  # "unknown" (inetd on a pipe), a UNIX socket path
+        return None
