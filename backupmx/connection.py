@@ -152,6 +152,41 @@ class ConnectionContext:
         self.rejects.clear()
 
 
+class Unsent:
+    """Replies waiting for the socket (already encrypted under TLS), and their write deadline:
+    it runs while any wait, and each octet the socket takes restarts it."""
+
+    def __init__(self, clock, timeout: float):
+        self.data = bytearray()
+        self.deadline: float | None = None
+        self.clock, self.timeout = clock, timeout
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def add(self, data: bytes) -> None:
+        if data:
+            self.data += data
+            self.deadline = self.deadline or self.clock() + self.timeout
+
+    def has_room(self) -> bool:
+        """Room for what the session may answer next (up to smtp.OUTPUT_PAUSE) below OUTPUT_BOUND."""
+        return len(self.data) + smtp.OUTPUT_PAUSE <= OUTPUT_BOUND
+
+    def send(self, sock) -> bool:
+        """Write what the socket takes now; False when the connection broke."""
+        while self.data:
+            try:
+                sent = sock.send(self.data)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
+            del self.data[:sent]
+            self.deadline = self.clock() + self.timeout if self.data else None
+        return True
+
+
 class SMTPConnection:
     """One client, from accept to close; its deadlines as the module docstring says."""
 
@@ -164,7 +199,7 @@ class SMTPConnection:
         self.sock, self.ctx = sock, ctx
         self.client_ip = shown_address(peer[0] if isinstance(peer, tuple) else str(peer))
         self.closed = False
-        self._out = bytearray()  # bytes for the socket (already encrypted under TLS)
+        self._out = Unsent(ctx.clock, ctx.config.timeout)  # replies for the socket (encrypted under TLS)
         self._closing = False  # the last reply is queued; close once it is written
         self._tls = TLSLayer(ctx.ssl_context) if implicit_tls else None
         self._spool = None
@@ -187,7 +222,6 @@ class SMTPConnection:
         self._handshake_deadline = now + self._handshake_time() if implicit_tls else None
         self._idle_deadline = now + config.timeout
         self._session_deadline = now + config.max_session_time
-        self._write_deadline: float | None = None
         self._close_by: float | None = None
         self._greet_at: float | None = None
         self.session = Session(ctx.settings.with_tls(available=ctx.ssl_context is not None and not implicit_tls,
@@ -218,7 +252,7 @@ class SMTPConnection:
         # Backpressure: no reading while replies pile up unsent, while the session
         # holds input back, while a password is checked or a recipient admitted.
         if (not self._closing and not self._auth_busy and self._admission is None and self.session.wants_input
-                and self._has_room()):
+                and self._out.has_room()):
             events |= selectors.EVENT_READ
         return events
 
@@ -230,7 +264,7 @@ class SMTPConnection:
         """(when, what happens then) for every deadline; each fires once (see the class doc)."""
         return ((self._auth_due, self._auth_answer_due), (self._greet_at, self._greet),
                 (self._handshake_deadline, self._handshake_expired), (self._close_by, self._close_expired),
-                (self._write_deadline, self._write_expired), (self._session_deadline, self._session_expired),
+                (self._out.deadline, self._write_expired), (self._session_deadline, self._session_expired),
                 (self._stop_at, self._stop_due), (self._idle_deadline, self._idle_expired))
 
     @property
@@ -270,7 +304,7 @@ class SMTPConnection:
 
     def on_writable(self) -> None:
         """Write what the socket takes; with room again, let the session go on with its backlog."""
-        while self._send_some() and self.session.backlogged and self._has_room():
+        while self._send_some() and self.session.backlogged and self._out.has_room():
             self.session.resume()
             self._after_session()
         if self._closing and not self._out and not self.closed:
@@ -278,30 +312,9 @@ class SMTPConnection:
 
     def _send_some(self) -> bool:
         """Write until the socket takes no more; False once the connection is closed."""
-        progressed = False
-        while self._out:
-            try:
-                sent = self.sock.send(self._out)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self.close()
-                return False
-            del self._out[:sent]
-            progressed = True
-        self._track_writes(progressed)
+        if not self._out.send(self.sock):
+            self.close()
         return not self.closed
-
-    def _has_room(self) -> bool:
-        """Room for what the session may answer next (up to smtp.OUTPUT_PAUSE) below OUTPUT_BOUND."""
-        return len(self._out) + smtp.OUTPUT_PAUSE <= OUTPUT_BOUND
-
-    def _track_writes(self, progressed: bool) -> None:
-        """The write deadline runs while replies wait; each octet written restarts it."""
-        if not self._out:
-            self._write_deadline = None
-        elif progressed or self._write_deadline is None:
-            self._write_deadline = self.ctx.clock() + self.ctx.config.timeout
 
     def on_timeout(self) -> None:
         """Called by the loop when `deadline` has passed: what is due fires, once."""
@@ -410,7 +423,7 @@ class SMTPConnection:
             if self._stop_at is not None and self.session.idle and not self._auth_busy:
                 self.session.shutdown()
             self._pump()
-            if self.closed or not (self.session.backlogged and self._has_room()):
+            if self.closed or not (self.session.backlogged and self._out.has_room()):
                 return
             self.session.resume()
 
@@ -422,13 +435,12 @@ class SMTPConnection:
                 self._tls.send(data)
             if self.session.closed and not self._tls.closing:
                 self._tls.close()
-            self._out += self._tls.outgoing()
+            self._out.add(self._tls.outgoing())
         else:
-            self._out += data
+            self._out.add(data)
         if self.session.closed and not self._closing:
             self._closing = True
             self._close_by = self.ctx.clock() + min(CLOSE_GRACE, self.ctx.config.timeout)
-        self._track_writes(False)
 
     def _peer_closed(self) -> None:
         if not self.session.closed:
@@ -562,7 +574,7 @@ class SMTPConnection:
 
     def _start_tls(self) -> None:
         # RFC 3207 4: the 220 goes out in plaintext; then the handshake.
-        self._out += self.session.data_to_send()
+        self._out.add(self.session.data_to_send())
         self._tls = TLSLayer(self.ctx.ssl_context)
         self._handshake_deadline = self.ctx.clock() + self._handshake_time()
         self.session.tls_started()
