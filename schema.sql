@@ -1,12 +1,24 @@
 -- backupmx queue schema: the single source of it.
 --
--- backupmx applies this file on every start, inside one transaction; every
--- statement is CREATE ... IF NOT EXISTS, so running it on an existing queue
--- changes nothing. PRAGMA user_version (at the end) is the schema version;
--- backupmx refuses a database whose version is newer than its own. An older
--- queue is migrated in the same transaction (backupmx/store_db.py): columns
--- added since are added to its tables, and its views, which hold no data,
--- are dropped so that this file creates them as they are now.
+-- `backupmx serve` applies this file on every start, inside one transaction;
+-- every statement is CREATE ... IF NOT EXISTS, so running it on an existing
+-- queue changes nothing. An older queue is migrated in the same transaction
+-- (backupmx/store_db.py): columns added since are added to its tables, and
+-- the views this file defines, which hold no data, are dropped so that it
+-- creates them as they are now (views of your own are left alone). Only
+-- `serve` (and the processes it starts) migrates: the other commands refuse
+-- an older queue with "start the server once to migrate the queue".
+--
+-- Which programs may open a queue (the end of this file): PRAGMA user_version
+-- is the schema version of the newest backupmx that opened it, and
+-- schema_compat.oldest_version the oldest schema version whose backupmx can
+-- still read and write it. A backupmx opens a queue whose version is newer
+-- than its own when that oldest_version is not above its own version; it then
+-- applies nothing and leaves both marks as they are. So an upgrade's `serve`
+-- does not lock out an older server still running, and a rollback to an older
+-- release works, as long as the changes between them are additive. Builds
+-- from before schema_compat (added in schema 6) refuse any newer
+-- user_version: that cannot be changed in copies already deployed.
 --
 -- Model: a message (envelope sender + body) is stored ONCE in `messages`.
 -- It has one row in `queue` per configured recipient domain it was accepted
@@ -234,10 +246,31 @@ BEGIN
     DELETE FROM queue WHERE queue_id = OLD.queue_id;
 END;
 
+-- Which backupmx programs may open this queue (see the top of this file).
+-- One row, written by the newest backupmx that opened the queue.
+CREATE TABLE IF NOT EXISTS schema_compat (
+    id             INTEGER PRIMARY KEY NOT NULL CHECK (id = 1), -- one row
+    oldest_version INTEGER NOT NULL -- the oldest schema version (user_version) whose backupmx reads and writes this queue correctly
+);
+
 -- Schema version; bump it with a migration in backupmx/store_db.py.
 -- 2: queue.delay_warned, recipients.dsn_claimed (added to a version 1 queue on start).
 -- 3: messages.smtputf8 (added to an older queue on start).
 -- 4: domain_status, counters; queue_summary gains last_etrn and last_delivery.
 -- 5: verify_cache (a new table: CREATE TABLE IF NOT EXISTS adds it to an older queue).
--- 6: auth_failures (a new table, likewise).
+-- 6: auth_failures (a new table, likewise); schema_compat.
 PRAGMA user_version = 6;
+
+-- The oldest schema version whose backupmx can still read and write a queue of
+-- this version. When you bump user_version:
+--   - keep it for an additive change: a new table, index or view, a new column
+--     that is NULL or has a DEFAULT (an older program leaves it alone: the
+--     code never uses SELECT * nor INSERT without a column list), a new
+--     trigger an older program's writes do not break;
+--   - raise it to the new version for anything an older program would misread
+--     or break: a renamed or dropped column or table, a new state value, a
+--     column the program must fill, a changed meaning.
+-- 4: a backupmx of schema 4 or later keeps every table it knows of this one up
+-- to date (3 and older know neither domain_status nor counters); one that does
+-- not know verify_cache or auth_failures just lacks those features.
+INSERT OR REPLACE INTO schema_compat (id, oldest_version) VALUES (1, 4);

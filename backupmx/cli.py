@@ -52,18 +52,21 @@ def _load(args) -> Config:
     return load_config(args.config or DEFAULT_CONFIG_PATH)
 
 
-def _open_store(config: Config, *, read_only: bool = False):
+def _open_store(config: Config, *, write: bool = False):
     """The QueueStore for config.queue, or None when the database does not exist yet.
 
     Opening never creates the database: a typo in -c must not leave files behind.
-    read_only: for reports (metrics, health): nothing is written, not even the schema.
+    No command migrates it either (only `serve` does): an older server may still
+    be serving from it, and its next fork would refuse a newer schema. Reports
+    open it read-only; actions (write=True) refuse a queue that is not migrated
+    yet, with "start the server once to migrate the queue".
     """
     if not os.path.exists(config.queue):
         return None
     from backupmx.store import QueueStore
 
     _drop_root(config)
-    return QueueStore(config.queue, read_only=read_only)
+    return QueueStore(config.queue, read_only=not write, migrate=False)
 
 
 def _drop_root(config: Config) -> None:
@@ -397,7 +400,7 @@ def cmd_flush(args) -> int:
             raise OperatorError(f"{text}: no configured domain matches")
     else:
         domains = [_domain_arg(config, text)]
-    store = _open_store(config)
+    store = _open_store(config, write=True)
     if store is None:  # nothing was ever queued; do not create the database from here
         pending = {}
     else:
@@ -545,7 +548,7 @@ def cmd_verify(args) -> int:
     """`verify list [ADDRESS|DOMAIN]`, `verify flush ADDRESS|DOMAIN|ALL`: the callout cache (recipients = verify)."""
     config = _load(args)
     target = _verify_target(args.target)
-    store = _open_store(config)
+    store = _open_store(config, write=args.action == "flush")
     if store is None:
         return 0 if args.action == "list" else 1
     try:
@@ -611,7 +614,7 @@ def _operator_action(args) -> int:
     """hold / release / delete / requeue: select the rows, (delete: ask), act, say how many."""
     config = _load(args)
     selection = _selection_of(config, args)
-    store = _open_store(config)
+    store = _open_store(config, write=True)
     if store is None:
         raise OperatorError(f"{args.command}: nothing in the queue ({config.queue} does not exist yet)")
     try:
@@ -644,7 +647,7 @@ def cmd_metrics(args) -> int:
     from backupmx import metrics
 
     config = _load(args)
-    store = _open_store(config, read_only=True)
+    store = _open_store(config)
     try:
         families = metrics.collect(store, config.domains, time.time())
     finally:
@@ -668,7 +671,7 @@ def cmd_health(args) -> int:
         if not os.path.exists(config.queue):
             status, line = health.unknown(f"{config.queue} does not exist (has the server ever started?)")
         else:
-            store = _open_store(config, read_only=True)
+            store = _open_store(config)
             try:
                 status, line = health.evaluate(store.domain_reports(), thresholds, time.time())
             finally:

@@ -4,6 +4,10 @@ It lives in three places depending on how backupmx runs:
   - installed package or zipapp bundle: inside the package, next to this file
     (setup.py's build_py and `backupmx bundle` copy it there);
   - a checkout: at the top level of the repository, one directory up.
+
+Besides running its statements, store_db.py reads two things from its text:
+the schema version (`PRAGMA user_version = N;`) and the views it defines
+(the only ones a migration drops).
 """
 
 import importlib.resources
@@ -11,6 +15,7 @@ import re
 from pathlib import Path
 
 _VERSION_RE = re.compile(r"^\s*PRAGMA\s+user_version\s*=\s*(\d+)\s*;", re.IGNORECASE | re.MULTILINE)
+_VIEW_RE = re.compile(r"^\s*CREATE\s+VIEW\s+IF\s+NOT\s+EXISTS\s+(\w+)", re.IGNORECASE | re.MULTILINE)
 
 
 class SchemaNotFound(RuntimeError):
@@ -38,3 +43,8 @@ def schema_version(text: str | None = None) -> int:
     if match is None:
         raise SchemaNotFound("schema.sql has no 'PRAGMA user_version = N;' line")
     return int(match.group(1))
+
+
+def view_names(text: str) -> list[str]:
+    """The views schema.sql creates (a migration drops these, and only these, to create them anew)."""
+    return _VIEW_RE.findall(text)

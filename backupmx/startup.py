@@ -46,7 +46,8 @@ def build_ssl_context(config):
 
 
 def check_queue(config) -> None:
-    """Open the queue once (applies schema.sql), then close it: no SQLite across fork.
+    """Open the queue once (applies schema.sql, migrates an older queue), then close
+    it: no SQLite across fork. `serve` is the one command that migrates.
 
     A damaged queue is refused before anything writes to it, never replaced:
     the mail in it stays there for `backupmx check` and the operator.
@@ -55,7 +56,7 @@ def check_queue(config) -> None:
     if problems:
         raise ServeError(f"{problems[0]}; not starting")
     try:
-        store = QueueStore(config.queue)
+        store = QueueStore(config.queue, migrate=True)
     except Exception as exc:
         raise ServeError(f"{config.queue}: {exc}") from None
     store.close()

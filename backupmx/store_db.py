@@ -1,7 +1,7 @@
 """The queue's database: one SQLite file in WAL mode, its schema (schema.sql), its transactions.
 
 QueueDatabase opens the file (0600), applies schema.sql, migrates an older
-queue, and gives the roles (store_*.py) their transactions: _write (BEGIN
+queue (only when asked: `serve` and its processes), and gives the roles (store_*.py) their transactions: _write (BEGIN
 IMMEDIATE: the busy timeout applies up front, never half-way) and _read (one
 snapshot; never blocks writers under WAL). "Cannot now" SQLite errors (disk
 full, locked, I/O) become QueueUnavailable, which the SMTP side answers with
@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from backupmx.schema import schema_text, schema_version
+from backupmx.schema import schema_text, schema_version, view_names
 
 CHUNK = 64 * 1024  # bytes copied per step into and out of a body blob
 
@@ -245,10 +245,9 @@ def check_database(path: str) -> list[str]:
     try:
         db = sqlite3.connect(f"file:{_uri_path(path)}?mode=rw", uri=True, timeout=1.0, isolation_level=None)
         try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            ours = schema_version()
-            if version > ours:
-                problems.append(f"{path}: schema version {version} is newer than this backupmx ({ours})")
+            found, oldest = _queue_versions(db)
+            if found > schema_version() and oldest > schema_version():
+                problems.append(_too_new(path, found, oldest))
             result = db.execute("PRAGMA quick_check").fetchone()[0]
             if result != "ok":
                 problems.append(f"{path}: integrity check failed: {result}")
@@ -258,6 +257,26 @@ def check_database(path: str) -> list[str]:
         problems.append(f"{path}: {exc}")
     return problems
 
+
+
+def _queue_versions(db: sqlite3.Connection) -> tuple[int, int]:
+    """(schema version, oldest compatible version) of an open queue (the end of
+    schema.sql). A queue from before schema_compat is compatible with itself only."""
+    found = db.execute("PRAGMA user_version").fetchone()[0]
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_compat'").fetchone() is None:
+        return found, found
+    row = db.execute("SELECT oldest_version FROM schema_compat WHERE id = 1").fetchone()
+    return found, found if row is None else row[0]
+
+
+def _too_new(path: str, found: int, oldest: int) -> str:
+    return (f"{path}: schema version {found} is newer than this backupmx ({schema_version()})"
+            f" and needs schema {oldest} or later")
+
+
+def _not_migrated(path: str, found: int) -> str:
+    return (f"{path}: schema version {found}, this backupmx needs {schema_version()}"
+            " (start the server once to migrate the queue)")
 
 
 def _create_private(path: str) -> None:
@@ -298,10 +317,16 @@ class QueueDatabase:
     """The SQLite connection and its transactions; each role (store_*.py) builds on it."""
 
     def __init__(self, path: str, clock: Callable[[], float] = time.time, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
-                 read_only: bool = False, durable: bool = True):
-        """read_only: open an existing queue for reports only (metrics, health):
-        SQLite's mode=ro, no schema applied, nothing written; a queue whose schema
-        is not this backupmx's (not migrated yet) is QueueUnavailable.
+                 read_only: bool = False, migrate: bool = True, durable: bool = True):
+        """read_only: open an existing queue for reports only (the CLI's reports,
+        metrics, health): SQLite's mode=ro, no schema applied, nothing written.
+        migrate=False: write, but never migrate (the CLI's actions). Only `serve`
+        and the processes it starts migrate: a command run while an older server
+        still serves must not change the schema under it. Read-only or not
+        migrating, an older queue (or one never created) is QueueUnavailable,
+        "start the server once to migrate the queue". A queue newer than this
+        backupmx opens when its schema_compat row allows it (schema.sql);
+        nothing is applied to it then.
         durable=False: commits are not synced to disk (WAL with synchronous=NORMAL: a
         power cut may lose the last ones, never corrupt the file). Only for state
         that can be learnt again -- the verify cache, the greylist --, never for mail."""
@@ -321,7 +346,7 @@ class QueueDatabase:
                 if read_only:
                     self._check_version(db, busy_timeout)
                 else:
-                    self._setup(db, busy_timeout)
+                    self._setup(db, busy_timeout, migrate)
             except BaseException:
                 db.close()
                 raise
@@ -329,12 +354,17 @@ class QueueDatabase:
 
     def _check_version(self, db: sqlite3.Connection, busy_timeout: float) -> None:
         db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        found, ours = db.execute("PRAGMA user_version").fetchone()[0], schema_version()
-        if found != ours:
-            raise QueueUnavailable(f"{self.path}: schema version {found}, this backupmx reads {ours}"
-                                   + (" (start the server once to migrate the queue)" if found < ours else ""))
+        self._usable(*_queue_versions(db), migrate=False)
 
-    def _setup(self, db: sqlite3.Connection, busy_timeout: float) -> None:
+    def _usable(self, found: int, oldest: int, *, migrate: bool) -> None:
+        """Raise QueueUnavailable unless this backupmx may open a queue of schema `found`."""
+        ours = schema_version()
+        if found > ours and oldest > ours:
+            raise QueueUnavailable(_too_new(self.path, found, oldest))
+        if found < ours and not migrate:
+            raise QueueUnavailable(_not_migrated(self.path, found))
+
+    def _setup(self, db: sqlite3.Connection, busy_timeout: float, migrate: bool) -> None:
         db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         # Only takes effect on a new, empty database (before the first table):
         # freed pages can then be returned to the file system by housekeeping
@@ -354,13 +384,15 @@ class QueueDatabase:
         # may migrate; one that crashes half-way leaves the old queue intact.
         db.execute("BEGIN IMMEDIATE")
         try:
-            found = db.execute("PRAGMA user_version").fetchone()[0]
-            if found > ours:
-                raise QueueUnavailable(f"{self.path}: schema version {found} is newer than this backupmx ({ours})")
-            if 0 < found < ours:
-                self._migrate(db)
-            for statement in _statements(text):
-                db.execute(statement)
+            found, oldest = _queue_versions(db)
+            self._usable(found, oldest, migrate=migrate)
+            # A newer queue (schema_compat allowed it) already has everything this
+            # schema.sql makes, and its marks must stay the newer program's.
+            if found <= ours:
+                if 0 < found < ours:
+                    self._migrate(db, text)
+                for statement in _statements(text):
+                    db.execute(statement)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -375,16 +407,17 @@ class QueueDatabase:
         ("messages", "smtputf8", "INTEGER NOT NULL DEFAULT 0"),  # version 3
     )
 
-    def _migrate(self, db: sqlite3.Connection) -> None:
+    def _migrate(self, db: sqlite3.Connection, text: str) -> None:
         """Bring an older queue up to date (inside _setup's transaction): the columns
-        added since, and its views dropped, for schema.sql to create them anew
-        (CREATE VIEW IF NOT EXISTS would keep an old definition; a view holds no data)."""
+        added since, and schema.sql's views dropped for it to create them anew
+        (CREATE VIEW IF NOT EXISTS would keep an old definition; a view holds no
+        data). The operator's own views are not ours to drop."""
         for table, column, kind in self._ADDED_COLUMNS:
             columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
             if columns and column not in columns:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-        for (view,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'view'").fetchall():
-            db.execute(f'DROP VIEW "{view}"')
+        for view in view_names(text):
+            db.execute(f'DROP VIEW IF EXISTS "{view}"')
 
     def close(self) -> None:
         if self._db is not None:

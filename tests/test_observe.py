@@ -620,6 +620,28 @@ def test_a_version_3_queue_is_migrated_and_keeps_its_mail(tmp_path):
         assert again.connection.execute("SELECT count(*) FROM queue").fetchone()[0] == 1
 
 
+def test_no_command_but_serve_migrates_the_queue(tmp_path, capsys):
+    """An older server may still serve from the queue: a report or an action from the
+    new command line must leave its schema alone (the old server's next fork would
+    refuse a newer one), and says what to do in one line."""
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript((REPO / "tests" / "data" / "schema-v3.sql").read_text())
+    old.close()
+    config = tmp_path / "b.ini"
+    config.write_text(f"[backupmx]\nqueue = {path}\n[domain:example.com]\nprimary = 127.0.0.1:25\n")
+    for command in (["queue"], ["queue", "list"], ["queue", "list", "--json"], ["show", "OLD0000000000A"],
+                    ["show", "example.com"], ["verify", "list"], ["hold", "ALL"], ["release", "ALL"],
+                    ["requeue", "ALL"], ["delete", "--yes", "ALL"], ["flush", "example.com"],
+                    ["verify", "flush", "ALL"], ["metrics"]):
+        status, out, err = cli_out(capsys, *command, "-c", str(config))
+        assert status == 1 and out == "", command
+        assert err.endswith("(start the server once to migrate the queue)\n") and err.count("\n") == 1, (command, err)
+        db = sqlite3.connect(path)
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3, command
+        db.close()
+
+
 # --- serve --inetd: its stdin, its stderr -------------------------------------------------------
 
 

@@ -121,13 +121,95 @@ def test_reopen_is_harmless_and_keeps_mail(db_path, clock):
         assert [m.queue_id for m in s.messages_for_flush("example.com")] == [qid]
 
 
-def test_newer_schema_is_refused(db_path, clock):
-    QueueStore(db_path, clock=clock).close()
-    db = sqlite3.connect(db_path)
-    db.execute("PRAGMA user_version = 999")
+def stamp(path, version, oldest=None):
+    """What a later backupmx leaves behind: its user_version and schema_compat row (None: no such table)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute(f"PRAGMA user_version = {version}")
+    if oldest is None:
+        db.execute("DROP TABLE schema_compat")
+    else:
+        db.execute("UPDATE schema_compat SET oldest_version = ?", (oldest,))
     db.close()
+
+
+def marks(path):
+    db = sqlite3.connect(path)
+    try:
+        return (db.execute("PRAGMA user_version").fetchone()[0],
+                db.execute("SELECT oldest_version FROM schema_compat").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_a_new_queue_records_which_programs_may_open_it(store):
+    ours = schema_mod.schema_version()
+    version, oldest = marks(store.path)
+    assert version == ours and 1 <= oldest <= ours
+
+
+def test_newer_schema_is_refused_when_it_needs_a_newer_program(db_path, clock):
+    ours = schema_mod.schema_version()
+    QueueStore(db_path, clock=clock).close()
+    stamp(db_path, ours + 1, oldest=ours + 1)
+    for read_only in (False, True):
+        with pytest.raises(QueueUnavailable, match=rf"newer than this backupmx \({ours}\) and needs schema {ours + 1}"):
+            QueueStore(db_path, clock=clock, read_only=read_only)
+    assert "needs schema" in check_database(db_path)[0]
+    # A queue from before schema_compat existed: only its own version may open it.
+    stamp(db_path, 999)
     with pytest.raises(QueueUnavailable, match="newer"):
         QueueStore(db_path, clock=clock)
+    assert check_database(db_path)
+
+
+def test_a_newer_additive_queue_opens_and_keeps_its_marks(db_path, clock):
+    """A rollback: a later release added a table and a column and kept oldest_version;
+    this release reads and writes the queue and applies nothing to it."""
+    ours = schema_mod.schema_version()
+    with QueueStore(db_path, clock=clock) as s:
+        old = put(s, "a@example.com")
+    db = sqlite3.connect(db_path, isolation_level=None)
+    db.execute("CREATE TABLE later_feature (x INTEGER)")
+    db.execute("ALTER TABLE queue ADD COLUMN later_column TEXT")
+    db.execute("DROP VIEW queue_list")  # a later definition of a view is not replaced by ours
+    db.execute("CREATE VIEW queue_list AS SELECT queue_id, 'later' AS marker FROM queue")
+    db.close()
+    stamp(db_path, ours + 2, oldest=ours)
+    with QueueStore(db_path, clock=clock) as s:
+        new = put(s, "b@example.com")
+        assert {m.queue_id for m in s.messages_for_flush("example.com")} == {old, new}
+    with QueueStore(db_path, clock=clock, read_only=True) as s:
+        assert len(s.list_messages()) == 2
+    assert marks(db_path) == (ours + 2, ours)
+    db = sqlite3.connect(db_path)
+    assert db.execute("SELECT DISTINCT marker FROM queue_list").fetchall() == [("later",)]
+    db.close()
+    assert check_database(db_path) == []
+
+
+def test_only_a_migrating_open_migrates(tmp_path, clock):
+    """The CLI opens read-only (reports) or with migrate=False (actions): an older queue is
+    left as it is, with the line `metrics` and `health` give."""
+    path = str(tmp_path / "old.db")
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript((ROOT / "tests" / "data" / "schema-v3.sql").read_text())
+    old.execute("CREATE VIEW my_report AS SELECT domain, COUNT(*) AS n FROM queue GROUP BY domain")
+    old.close()
+    for read_only in (True, False):
+        with pytest.raises(QueueUnavailable, match=r"schema version 3, .*\(start the server once to migrate the queue\)"):
+            QueueStore(path, clock=clock, read_only=read_only, migrate=False)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    db.close()
+    QueueStore(path, clock=clock).close()  # what `serve` does
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == schema_mod.schema_version()
+        assert "last_etrn" in {r[1] for r in db.execute("PRAGMA table_info(queue_summary)")}  # made anew
+        assert db.execute("SELECT * FROM my_report").fetchall() == []  # the operator's own view is kept
+    finally:
+        db.close()
+    QueueStore(path, clock=clock, migrate=False).close()  # a migrated queue opens for the CLI's actions
 
 
 def test_unopenable_path_is_unavailable(tmp_path, clock):
