@@ -63,12 +63,14 @@ CREATE TABLE IF NOT EXISTS messages (
     sender      TEXT NOT NULL,             -- MAIL FROM reverse-path without <>; '' is the null sender <> (bounces)
     received_at INTEGER NOT NULL,          -- unix time the message was accepted (the final 250 of DATA)
     size        INTEGER NOT NULL,          -- length of body in bytes
-    client      TEXT,                      -- the SMTP client's address, e.g. '192.0.2.7' or '2001:db8::7'
-    helo        TEXT,                      -- the name the client gave in EHLO/HELO
+    client      TEXT,                      -- the SMTP client's address, e.g. '192.0.2.7' or '2001:db8::7'; sent as XFORWARD ADDR to a primary that offers it
+    helo        TEXT,                      -- the name the client gave in EHLO/HELO; sent as XFORWARD HELO
     envid       TEXT,                      -- RFC 3461 ENVID= from MAIL FROM (xtext as given), NULL if absent
     ret         TEXT,                      -- RFC 3461 RET= ('FULL' or 'HDRS'), NULL if absent
     body_type   TEXT NOT NULL DEFAULT '7BIT', -- RFC 6152 BODY= ('7BIT' or '8BITMIME'), passed on to the primary
     smtputf8    INTEGER NOT NULL DEFAULT 0, -- RFC 6531: 0 = MAIL FROM had no SMTPUTF8; 1 = it had, all ASCII; 2 = it had and the envelope or a header is UTF-8: only a primary offering SMTPUTF8 gets it (else the recipients fail with 5.6.7)
+    client_name TEXT,                      -- the client's verified DNS name (its PTR name, confirmed by that name's addresses) or 'unknown'; NULL in mail queued before version 7. Sent as XFORWARD NAME
+    protocol    TEXT,                      -- how it came in, as Received: says "with": 'ESMTP', 'ESMTPS', 'ESMTPSA' (RFC 3848), 'UTF8SMTPS' (RFC 6531) ...; sent as XFORWARD PROTO
     body        BLOB NOT NULL              -- the message exactly as it will be delivered, our Received: header first; CRLF line ends, not dot-stuffed. LAST on purpose: SQLite then writes zeroblob(size) without building it in memory, and reading the other columns never walks the body's overflow pages
 );
 
@@ -259,7 +261,9 @@ CREATE TABLE IF NOT EXISTS schema_compat (
 -- 4: domain_status, counters; queue_summary gains last_etrn and last_delivery.
 -- 5: verify_cache (a new table: CREATE TABLE IF NOT EXISTS adds it to an older queue).
 -- 6: auth_failures (a new table, likewise); schema_compat.
-PRAGMA user_version = 6;
+-- 7: messages.client_name, messages.protocol (added to an older queue on start, after body:
+--    reading them then walks the body's pages, as for smtputf8).
+PRAGMA user_version = 7;
 
 -- The oldest schema version whose backupmx can still read and write a queue of
 -- this version. When you bump user_version:
@@ -272,5 +276,6 @@ PRAGMA user_version = 6;
 --     column the program must fill, a changed meaning.
 -- 4: a backupmx of schema 4 or later keeps every table it knows of this one up
 -- to date (3 and older know neither domain_status nor counters); one that does
--- not know verify_cache or auth_failures just lacks those features.
+-- not know verify_cache or auth_failures just lacks those features, and one
+-- that does not know messages.client_name and protocol leaves them NULL.
 INSERT OR REPLACE INTO schema_compat (id, oldest_version) VALUES (1, 4);

@@ -44,6 +44,7 @@ from typing import Callable
 from backupmx import replies, smtp
 from backupmx.auth import Accepted, Authenticator, Credentials, SASLSyntaxError, after_verification, sasl_exchange
 from backupmx.auth_limit import BLOCKED, ClientAuthLimit
+from backupmx.client_dns import UNKNOWN, ClientDNS
 from backupmx.clients import shown_address
 from backupmx.config import Config, tuning
 from backupmx.log import log_event
@@ -104,6 +105,9 @@ class ConnectionContext:
     logger: logging.Logger
     clock: Callable[[], float] = time.monotonic
     wallclock: Callable[[], float] = time.time
+    # What answers DNS questions about clients (client_dns.SystemResolver when None): the
+    # one seam for tests, which hand in a resolver answering from a table.
+    resolver: object = None
     store: QueueStore = field(init=False)
     spool_dir: str = field(init=False)
     settings: SessionSettings = field(init=False)  # each connection's, but for its TLS state
@@ -116,6 +120,7 @@ class ConnectionContext:
     # the worker loop writes them now and then (flush_counts), not one transaction each.
     rejects: collections.Counter = field(init=False, default_factory=collections.Counter)
     policy: RecipientPolicy = field(init=False)  # recipient admission: quotas, callouts, ...
+    client_dns: ClientDNS = field(init=False)  # each client's verified name, looked up at connect
 
     def __post_init__(self):
         self.store = QueueStore(self.config.queue)
@@ -125,6 +130,7 @@ class ConnectionContext:
         self.auth_limit = ClientAuthLimit(self.config, self.store)
         self.admission = Admission(self.config, self.store)
         self.policy = RecipientPolicy(self.config, self.store, self.offload, self.logger, self.admission)
+        self.client_dns = ClientDNS(self.config, self.offload, self.logger, self.resolver)
         self.quotas = {name: (d.max_queue_messages, d.max_queue_bytes) for name, d in self.config.domains.items()
                        if d.max_queue_messages is not None or d.max_queue_bytes is not None}
         # Bodies that outgrow memory are spooled beside the queue (same file system).
@@ -133,6 +139,7 @@ class ConnectionContext:
     def upkeep(self, now: float) -> None:
         """Once per turn of the worker loop (at least every second)."""
         self.policy.upkeep()
+        self.client_dns.upkeep()
 
     def close(self) -> None:
         self.policy.close()
@@ -205,6 +212,7 @@ class SMTPConnection:
         self._spool = None
         self._spool_failed = False
         self._queue_id = None
+        self._protocol = None  # the message's, as Received: and XFORWARD PROTO name it
         self._awaiting_commit = None  # the MessageReceived waiting for the group commit
         self._submission = None  # its Submission (the store says which domains it started queueing)
         self._tls_logged = False
@@ -227,6 +235,7 @@ class SMTPConnection:
         self.session = Session(ctx.settings.with_tls(available=ctx.ssl_context is not None and not implicit_tls,
                                                      active=implicit_tls), hold_greeting=True)
         self._progress = self.session.progress
+        self.client = ctx.client_dns.look_up(self, self.client_ip)  # its name, for Received: and XFORWARD
         log_event(ctx.logger, "connect", client=self.client_ip, tls="implicit" if implicit_tls else None)
         if config.greet_pause > 0:
             self._greet_at = now + config.greet_pause
@@ -401,6 +410,7 @@ class SMTPConnection:
             return
         self.closed = True
         self._drop_spool()
+        self.ctx.client_dns.forget(self.client)
         try:
             self.sock.close()
         except OSError:
@@ -480,7 +490,7 @@ class SMTPConnection:
     def _admit_recipient(self, event: RecipientAdmission) -> None:
         """The recipient policy (policy.py): quotas, callouts, ... answered now or later."""
         self._admission = "asking"
-        self.ctx.policy.admit(RecipientQuestion(self, self.client_ip, self.session.helo, event.envelope,
+        self.ctx.policy.admit(RecipientQuestion(self, self.client, self.session.helo, event.envelope,
                                                 event.recipient, self.session.user is not None),
                               self._recipient_answered)
         if self._admission == "asking":
@@ -504,13 +514,15 @@ class SMTPConnection:
         self._spool_failed = False
         tls = None
         if self._tls is not None and self._tls.handshake_complete:
-            tls = f"using {self._tls.version()} with cipher {self._tls.cipher()}"
+            tls = f"using {self._tls.version()} with cipher {self._tls.cipher()} ({self._tls.cipher_bits()} bits)"
+        self._protocol = smtp.protocol_name(esmtp=self.session.esmtp, tls=tls is not None,
+                                            authenticated=self.session.user is not None, utf8=envelope.smtputf8)
         header = smtp.received_header(
             helo=self.session.helo, client_ip=self.client_ip, hostname=self.ctx.config.hostname,
             queue_id=self._queue_id, esmtp=self.session.esmtp, tls=tls,
             authenticated=self.session.user is not None,
             recipients=[r.address for r in envelope.recipients], timestamp=self.ctx.wallclock(),
-            utf8=envelope.smtputf8)
+            utf8=envelope.smtputf8, client_name=self.client.name or UNKNOWN)
         self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, dir=self.ctx.spool_dir)
         self._spool_write(header)
 
@@ -539,7 +551,7 @@ class SMTPConnection:
         self._spool.seek(0)
         self._awaiting_commit = event
         self._submission = Submission(self._queue_id, event.envelope, self._spool, size, self.client_ip,
-                                      self.session.helo)
+                                      self.session.helo, client_name=self.client.name, protocol=self._protocol)
         self._outcomes.append(QueueMessage(self._submission))
 
     def committed(self, problem: Exception | None) -> None:

@@ -41,7 +41,8 @@ from collections.abc import Callable
 from backupmx.lifecycle import housekeeping, log_domain_changes, next_retry_delay, request_due_retries
 from backupmx.log import log_event
 from backupmx.outcome import Outcome, Verdict
-from backupmx.smtpclient import DataEncoder, Primary, PrimaryClient, PrimaryUnavailable, describe, reply_text
+from backupmx.smtpclient import (DataEncoder, Primary, PrimaryClient, PrimaryUnavailable, describe, reply_text,
+                                 xforward_commands)
 from backupmx.store import FlushRequests, QueueStore, QueueUnavailable
 
 __all__ = [
@@ -188,6 +189,7 @@ class _Flush:
         self.tls_version: str | None = None
         self.counts = {"messages": 0, "delivered": 0, "deferred": 0, "failed": 0}
         self._unrecorded = []  # (message, outcomes, retry_after) not yet written
+        self.xforward_refused = False  # logged once per flush
         self._batch_started = 0.0
 
     # -- the connection ------------------------------------------------------
@@ -316,16 +318,22 @@ class _Flush:
             outcomes.update(dict.fromkeys((r.address for r in message.recipients), refusal))
             return
         dsn = client.has_extn("dsn")
+        xforward = self._xforward(message)
         mail = ("MAIL", f"FROM:<{message.sender}>" + "".join(" " + p for p in params))
         rcpts = [("RCPT", f"TO:<{r.address}>" + (f" NOTIFY={r.notify}" if dsn and r.notify else "")
                   + (f" ORCPT={r.orcpt}" if dsn and r.orcpt else "")) for r in message.recipients]
         if client.has_extn("pipelining"):
             # RFC 2920: MAIL, every RCPT and DATA in one write, then the replies in order.
-            client.send("".join(f"{verb} {argument}".rstrip() + "\r\n" for verb, argument in [mail, *rcpts, ("DATA", "")]))
+            client.send("".join(line + "\r\n" for line in xforward)
+                        + "".join(f"{verb} {argument}".rstrip() + "\r\n" for verb, argument in [mail, *rcpts, ("DATA", "")]))
+            for _ in xforward:
+                self._xforwarded(*client.getreply())
             mail_reply = client.getreply()
             rcpt_replies = [client.getreply() for _ in rcpts]
             data_reply = client.getreply()
         else:
+            for line in xforward:
+                self._xforwarded(*self.command(*line.split(" ", 1)))
             mail_reply, rcpt_replies, data_reply = self.command(*mail), None, None
 
         verdict = _judge(*mail_reply, proceed=_POSITIVE)
@@ -348,6 +356,28 @@ class _Flush:
             return self.reset()
         self.send_body(message.queue_id)
         outcomes.update(dict.fromkeys(accepted, _judge(*client.getreply())))
+
+    def _xforward(self, message) -> list[str]:
+        """XFORWARD before MAIL when the primary offers it: the client as we received it
+        (the queue keeps it from receive time), so the primary's checks see the real sender."""
+        offered = self.client.esmtp_features.get("xforward")
+        if offered is None:
+            return []
+        address = message.client
+        if address and ":" in address:
+            address = "IPV6:" + address  # as Postfix's smtp client sends it
+        return xforward_commands(offered, {
+            "NAME": message.client_name, "ADDR": address, "PROTO": message.protocol, "HELO": message.helo,
+            "IDENT": message.queue_id, "SOURCE": "REMOTE" if message.client else None})
+
+    def _xforwarded(self, code: int, text: bytes) -> None:
+        """XFORWARD's reply: a 421 ends the connection; another refusal only loses the information."""
+        if code == 421:
+            raise _Trouble(reply_text(code, text))
+        if not 200 <= code < 300 and not self.xforward_refused:
+            self.xforward_refused = True
+            log_event(self.log, "xforward-refused", domain=self.domain.name, relay=self.relay,
+                      reply=reply_text(code, text), level=logging.WARNING)
 
     def _mail_parameters(self, message) -> tuple[Verdict | None, list[str]]:
         """The MAIL parameters for this primary, or the Verdict that keeps the message queued instead."""

@@ -9,6 +9,8 @@ the answer, and nothing after it is asked. Cheap checks come first, the
 callout last: a refused client costs the primary nothing.
 
   check       refuses with                        skipped when
+  client      - (waits for the connect-time DNS     -
+                lookups: client_dns)
   quota       452 4.3.1 (quota.Admission)          -
   verify      550 5.1.1 / 450 4.1.1 / 450 4.4.0    the domain does not say recipients = verify
 """
@@ -19,6 +21,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from backupmx.client_dns import ClientFacts
 from backupmx.envelope import Envelope, Recipient
 from backupmx.offload import Offload
 from backupmx.quota import Admission
@@ -33,7 +36,7 @@ class RecipientQuestion:
     """One RCPT to admit, with what the checks know of its session."""
 
     owner: object  # the session driver: where an answer that comes later is delivered (Offload owner)
-    client_ip: str
+    client: ClientFacts  # its address, and what DNS says of it
     helo: str | None
     envelope: Envelope
     recipient: Recipient
@@ -46,7 +49,7 @@ class RecipientPolicy:
     def __init__(self, config, store: QueueStore, offload: Offload, logger: logging.Logger, admission: Admission):
         self.config, self.admission = config, admission
         self.verifier = Verifier(config, store, offload, logger)
-        self._checks = (self._quota, self._verify)
+        self._checks = (self._client_known, self._quota, self._verify)
 
     def admit(self, question: RecipientQuestion, answer: Answer) -> None:
         """Call `answer(None)` or `answer((reply, fields))`, now or later from the loop."""
@@ -62,6 +65,9 @@ class RecipientPolicy:
             self._from(index + 1, question, answer)
 
         self._checks[index](question, resume)
+
+    def _client_known(self, question: RecipientQuestion, resume: Answer) -> None:
+        question.client.when_known(lambda: resume(None))
 
     def _quota(self, question: RecipientQuestion, resume: Answer) -> None:
         reply = self.admission.recipient(question.recipient.domain)

@@ -1044,20 +1044,31 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def protocol_name(*, esmtp: bool, tls: bool, authenticated: bool, utf8: bool = False) -> str:
+    """The protocol a message came in with, as Received: "with" and XFORWARD PROTO name it:
+    RFC 3848's ESMTP, ESMTPA, ESMTPS, ESMTPSA (SMTP after HELO), and RFC 6531 4.3's
+    UTF8SMTP... for a SMTPUTF8 transaction."""
+    return ("UTF8SMTP" if utf8 else "ESMTP" if esmtp else "SMTP") + ("S" if tls else "") + (
+        "A" if authenticated else "")
+
+
 def received_header(*, helo: str | None, client_ip: str, hostname: str, queue_id: str,
                     esmtp: bool, tls: str | None, authenticated: bool,
-                    recipients: list[str], timestamp: float, utf8: bool = False) -> bytes:
-    """The trace header we prepend (RFC 5321 4.4; protocol names per RFC 3848, and
-    RFC 6531 4.3's UTF8SMTP... for a SMTPUTF8 transaction, whose "for" address may
-    then be UTF-8 as the client sent it, RFC 6532).
+                    recipients: list[str], timestamp: float, utf8: bool = False,
+                    client_name: str | None = None) -> bytes:
+    """The trace header we prepend (RFC 5321 4.4; protocol names per protocol_name,
+    and for a SMTPUTF8 transaction a "for" address that may be UTF-8 as the
+    client sent it, RFC 6532). `client_name` is the client's verified DNS name
+    (client_dns: "unknown" when it has none), shown before its address
+    as Postfix does; `tls` the session's TLS, e.g. "using TLSv1.3 with cipher ...".
 
     Everything the client chose is cleaned so it cannot add lines to the header,
     and the HELO name is shown only in a safe form (addresses.received_helo).
     """
-    protocol = ("UTF8SMTP" if utf8 else "ESMTP" if esmtp else "SMTP") + ("S" if tls else "") + (
-        "A" if authenticated else "")
+    protocol = protocol_name(esmtp=esmtp, tls=bool(tls), authenticated=authenticated, utf8=utf8)
     literal = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
-    lines = [f"Received: from {addresses.received_helo(helo) if helo else 'unknown'} ([{literal}])",
+    name = f"{replies.clean(client_name)} " if client_name else ""
+    lines = [f"Received: from {addresses.received_helo(helo) if helo else 'unknown'} ({name}[{literal}])",
              f"\tby {hostname} (backupmx) with {protocol} id {queue_id}"]
     if tls:
         lines.append(f"\t({replies.clean(tls)})")

@@ -201,6 +201,42 @@ class DataEncoder:
         return tail
 
 
+# XFORWARD (Postfix's XFORWARD_README): a primary behind us that offers it is
+# told who the original client was, so that its own checks and logs see it.
+XFORWARD_UNAVAILABLE = "[UNAVAILABLE]"
+MAX_XFORWARD_VALUE = 255  # octets of one attribute's xtext (a host name's length): longer ones are cut
+MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, with the CRLF
+
+
+def xtext(value: str, limit: int | None = None) -> str:
+    """RFC 3461 4: "+" and "=", and anything outside "!".."~", as "+HH" (of its UTF-8 octets);
+    cut after `limit` octets, never inside a character."""
+    out, size = [], 0
+    for c in value:
+        piece = c if "!" <= c <= "~" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode("utf-8"))
+        if limit is not None and size + len(piece) > limit:
+            break
+        out.append(piece)
+        size += len(piece)
+    return "".join(out)
+
+
+def xforward_commands(offered: str, attributes: dict[str, str | None]) -> list[str]:
+    """The XFORWARD command lines (without CRLF) that pass `attributes` the primary names in
+    its EHLO keyword (`offered`, e.g. "NAME ADDR PROTO HELO"), each line within 512 octets.
+    A missing value is sent as [UNAVAILABLE]."""
+    names = set(offered.upper().split())
+    words = [f"{name}={xtext(value or XFORWARD_UNAVAILABLE, MAX_XFORWARD_VALUE)}"
+             for name, value in attributes.items() if name in names]
+    lines, line = [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) + 2 > MAX_COMMAND_LINE:
+            lines.append(line)
+            line = ""
+        line = f"{line} {word}" if line else f"XFORWARD {word}"
+    return lines + ([line] if line else [])
+
+
 def os_reason(exc: OSError) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"

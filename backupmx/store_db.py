@@ -405,6 +405,8 @@ class QueueDatabase:
         ("queue", "delay_warned", "INTEGER"),  # version 2
         ("recipients", "dsn_claimed", "INTEGER"),  # version 2
         ("messages", "smtputf8", "INTEGER NOT NULL DEFAULT 0"),  # version 3
+        ("messages", "client_name", "TEXT"),  # version 7
+        ("messages", "protocol", "TEXT"),  # version 7
     )
 
     def _migrate(self, db: sqlite3.Connection, text: str) -> None:

@@ -34,6 +34,11 @@ class QueuedMessage:
     attempts: int
     received_at: int = 0
     smtputf8: int = 0  # messages.smtputf8: 2 = only for a primary that offers SMTPUTF8
+    # Who sent it to us (messages.client, client_name, helo, protocol): XFORWARD to a primary that offers it.
+    client: str | None = None
+    client_name: str | None = None
+    helo: str | None = None
+    protocol: str | None = None
 
 
 
@@ -46,14 +51,14 @@ class Delivery(QueueDatabase):
         with self._read() as db:
             rows = db.execute(
                 "SELECT q.queue_id, m.sender, m.size, m.envid, m.ret, m.body_type, q.attempts, m.received_at,"
-                " m.smtputf8"
+                " m.smtputf8, m.client, m.client_name, m.helo, m.protocol"
                 " FROM queue AS q JOIN messages AS m USING (queue_id)"
                 " WHERE q.domain = ? AND q.state = 'queued'"
                 " ORDER BY m.received_at, m.rowid LIMIT ?",
                 (domain, -1 if limit is None else limit),
             ).fetchall()
             result = []
-            for queue_id, sender, size, envid, ret, body_type, attempts, received_at, smtputf8 in rows:
+            for queue_id, sender, size, envid, ret, body_type, attempts, received_at, smtputf8, *client in rows:
                 recipients = [
                     Recipient(address, domain, notify, orcpt)
                     for address, notify, orcpt in db.execute(
@@ -64,7 +69,7 @@ class Delivery(QueueDatabase):
                 ]
                 if recipients:
                     result.append(QueuedMessage(queue_id, domain, sender, recipients, size, envid, ret, body_type,
-                                                attempts, received_at, smtputf8))
+                                                attempts, received_at, smtputf8, *client))
         return result
 
     def record_attempt(self, queue_id: str, domain: str, verdicts: Mapping[str, Verdict], *,

@@ -35,6 +35,8 @@ class Submission:
     client: str | None
     helo: str | None
     received_at: float | None = None
+    client_name: str | None = None  # the client's verified DNS name, "unknown" (client_dns); XFORWARD NAME
+    protocol: str | None = None  # smtp.protocol_name, e.g. "ESMTPS"; XFORWARD PROTO
     # Filled in by enqueue_many once the message is queued: the domains that had
     # nothing waiting before it (the driver logs domain-queueing for them), and
     # the unix time of the commit (their domain_status.queueing_since).
@@ -147,9 +149,10 @@ class Intake(QueueDatabase):
         try:
             cursor = db.execute(
                 "INSERT INTO messages (queue_id, sender, received_at, size, body, client, helo, envid, ret, body_type,"
-                " smtputf8) VALUES (?, ?, ?, ?, zeroblob(?), ?, ?, ?, ?, ?, ?)",
+                " smtputf8, client_name, protocol) VALUES (?, ?, ?, ?, zeroblob(?), ?, ?, ?, ?, ?, ?, ?, ?)",
                 (queue_id, envelope.sender, at, size, size, submission.client, submission.helo, envelope.envid,
-                 envelope.ret, envelope.body_type or "7BIT", envelope.smtputf8_state),
+                 envelope.ret, envelope.body_type or "7BIT", envelope.smtputf8_state, submission.client_name,
+                 submission.protocol),
             )
         except sqlite3.IntegrityError as exc:
             raise QueueUnavailable(f"queue id {queue_id} is already in use") from exc

@@ -29,6 +29,14 @@ CERTS = Path(__file__).resolve().parent / "certs"
 START_TIMEOUT = 10.0
 
 
+def received_client(ip="127.0.0.1"):
+    """How our Received: header names a client at `ip` on this machine: "(name [ip])", the name
+    its reverse DNS confirms (client_dns; "localhost" where /etc/hosts says so) or "unknown"."""
+    from backupmx.client_dns import SystemResolver, verified_name
+
+    return f"({verified_name(SystemResolver(), ip)} [{ip}])"
+
+
 def free_port(host="127.0.0.1"):
     """A port that was free a moment ago (bind to 0, read, close)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -27,7 +27,9 @@ It knows its users when `valid_users` is a set of addresses (any case): RCPT
 for anyone else gets "550 5.1.1 ... User unknown", as a primary that checks
 its recipients does (what a recipient callout asks). `rcpt_delay` makes each
 RCPT reply wait that many seconds (a slow primary). `rcpts_seen` lists every
-RCPT address in arrival order, callouts included.
+RCPT address in arrival order, callouts included. With `xforward = True` it
+offers XFORWARD (Postfix's XFORWARD_README) and records the attributes each
+message came with (Delivery.xforward, xtext-decoded).
 
 As a process (so a test can SIGKILL the primary):
     python3 tests/sink.py --port 0 [--tls-cert F --tls-key F] [--behaviour B] [--spool DIR]
@@ -82,6 +84,7 @@ class Delivery:
     rcpt_params: list[dict[str, str | None]]
     tls: bool
     session: int  # the number of the session (connection) it came in on, from 1
+    xforward: dict = field(default_factory=dict)  # XFORWARD attributes given before its MAIL
 
 
 @dataclass
@@ -107,6 +110,19 @@ def _parse_params(text):
         key, eq, value = word.partition("=")
         params[key.upper()] = value if eq else None
     return params
+
+
+def _xtext_decode(text):
+    """RFC 3461 4: "+HH" is the octet HH."""
+    out, i = bytearray(), 0
+    while i < len(text):
+        if text[i] == "+" and len(text[i + 1:i + 3]) == 2:
+            out.append(int(text[i + 1:i + 3], 16))
+            i += 3
+        else:
+            out += text[i].encode()
+            i += 1
+    return out.decode("utf-8", "replace")
 
 
 def _parse_path(argument, keyword):
@@ -238,6 +254,7 @@ class _Handler(socketserver.BaseRequestHandler):
         self.reply("banner", f"220 {sink.hostname} ESMTP sink")
         mail_from = None
         rcpts, rcpt_params, mail_params = [], [], {}
+        xforward = {}
         while True:
             raw = self.readline()
             line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
@@ -252,6 +269,8 @@ class _Handler(socketserver.BaseRequestHandler):
                     self.reply("ehlo", f"250 {sink.hostname}")
                     continue
                 lines = [f"250-{sink.hostname}"] + [f"250-{e}" for e in sink.extensions]
+                if sink.xforward:
+                    lines.append("250-XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE")
                 if self.starttls_offered():
                     lines.append("250-STARTTLS")
                 lines[-1] = "250 " + lines[-1][4:]
@@ -319,12 +338,21 @@ class _Handler(socketserver.BaseRequestHandler):
                         # Recorded before the reply: once the client sees 250 the message
                         # must be visible to the test.
                         number = sink._record(
-                            Delivery(mail_from, rcpts, body, mail_params, rcpt_params, self.tls, self.record.number)
+                            Delivery(mail_from, rcpts, body, mail_params, rcpt_params, self.tls, self.record.number,
+                                     dict(xforward))
                         )
                         self.reply("eod", f"250 2.0.0 Ok: queued as SINK{number:06d}")
-                    mail_from, rcpts, rcpt_params, mail_params = None, [], [], {}
+                    mail_from, rcpts, rcpt_params, mail_params, xforward = None, [], [], {}, {}
+            elif verb == "XFORWARD" and sink.xforward:
+                if mail_from is not None:
+                    self.write(b"503 5.5.1 Error: MAIL transaction in progress\r\n")
+                    continue
+                for word in argument.split():
+                    name, _, value = word.partition("=")
+                    xforward[name.upper()] = _xtext_decode(value)
+                self.write(b"250 2.0.0 Ok\r\n")
             elif verb == "RSET":
-                mail_from, rcpts, rcpt_params, mail_params = None, [], [], {}
+                mail_from, rcpts, rcpt_params, mail_params, xforward = None, [], [], {}, {}
                 self.write(b"250 2.0.0 Ok\r\n")
             elif verb == "NOOP":
                 self.write(b"250 2.0.0 Ok\r\n")
@@ -402,6 +430,7 @@ class Sink:
         self.valid_users = None  # a set of addresses: RCPT for any other gets 550 5.1.1 (None: anyone)
         self.rcpt_delay = 0.0  # seconds before each RCPT reply
         self.rcpts_seen: list[str] = []  # every RCPT TO address, in order (callouts too)
+        self.xforward = False  # offer XFORWARD and record its attributes
         self.deliveries: list[Delivery] = []
         self.sessions: list[SessionRecord] = []
         self.data_received = 0  # bodies read completely, whatever the reply was

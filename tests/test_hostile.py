@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from backupmx import replies
-from conftest import REPO, free_port, read_line, wait_for
+from conftest import REPO, free_port, read_line, received_client, wait_for
 
 PASSWORD = "prim-secret"
 
@@ -341,7 +341,7 @@ def test_ipv4_clients_of_a_dual_stack_listener_are_ipv4_everywhere(tmp_path):
         db = sqlite3.connect(tmp_path / "q.db")
         body, client_column = db.execute("SELECT body, client FROM messages").fetchone()
         db.close()
-        assert body.startswith(b"Received: from ") and b"([127.0.0.1])" in body.split(b"\r\n")[0], body[:120]
+        assert body.startswith(b"Received: from ") and received_client().encode() in body.split(b"\r\n")[0], body[:120]
         assert client_column == "127.0.0.1"
         text = log_path.read_text()
         assert "reject client=127.0.0.1 command=CONNECT reason=too_many_connections" in text, text

@@ -14,7 +14,7 @@ LAYERS = {
     "queue": {"store", "store_db", "store_intake", "store_flushes", "store_delivery", "store_housekeeping",
               "store_operator", "store_status", "store_verify", "store_auth", "schema"},
     "driver": {"connection", "offload", "quota", "tls", "smtpclient", "primaries", "metrics", "health",
-               "policy", "verify", "auth_limit"},
+               "policy", "verify", "auth_limit", "client_dns"},
     "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "lifecycle", "dsn",
                 "notify", "metrics_http", "flush_workers"},
 }

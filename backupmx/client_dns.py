@@ -1,0 +1,167 @@
+"""What DNS says about an SMTP client, looked up once at connect, off the worker's loop.
+
+- Its verified name (forward-confirmed reverse DNS, as Postfix's smtpd
+  does): the PTR name of its address whose own addresses include it, else
+  "unknown". It goes into our Received: header and into XFORWARD NAME.
+
+The lookups run on the Offload's "dns" lane with the system resolver
+(getaddrinfo / gethostbyaddr: /etc/hosts, nsswitch, resolv.conf). The first
+RCPT waits for them (policy.py); they are given up after LOOKUP_WAIT seconds
+(a broken resolver must not hold mail for ever), the name then being
+"unknown". The resolver is one explicit parameter (ConnectionContext's
+`resolver`): tests hand in one that answers from a table.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from backupmx.addresses import is_domain
+from backupmx.config import tuning
+from backupmx.log import log_event
+from backupmx.offload import Offload
+
+LANE = "dns"
+DNS_THREADS = 8  # lookups at once per worker
+LOOKUP_WAIT = tuning("BACKUPMX_LOOKUP_WAIT", 10.0)  # seconds after connect the lookups are given up
+MAX_PTR_NAMES = 3  # PTR names of one address that are forward-checked
+UNKNOWN = "unknown"  # Postfix's word for a client without a verified name
+
+
+class TemporaryLookupError(Exception):
+    """The resolver could not answer now (SERVFAIL, timeout): neither yes nor no."""
+
+
+class SystemResolver:
+    """The system resolver, as the C library sees it. Every method may block: call it off the loop."""
+
+    def addresses(self, name: str) -> list[str]:
+        """The IPv4 and IPv6 addresses of `name`; [] when it has none (NXDOMAIN, NODATA)."""
+        try:
+            infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+                return []
+            raise TemporaryLookupError(str(exc)) from exc
+        except UnicodeError:  # a label too long for the IDNA codec: no such name
+            return []
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+    def names(self, address: str) -> list[str]:
+        """The PTR names of `address`; [] when it has none."""
+        try:
+            name, aliases, _ = socket.gethostbyaddr(address)
+        except socket.herror:
+            return []
+        except (socket.gaierror, OSError) as exc:
+            raise TemporaryLookupError(str(exc)) from exc
+        return [name, *aliases]
+
+
+@dataclass
+class ClientFacts:
+    """What DNS said about one client (filled in from the loop, once)."""
+
+    address: str
+    deadline: float  # monotonic: given up then
+    name: str | None = None  # verified name or UNKNOWN; None while looking
+    done: bool = False
+    _waiting: list[Callable[[], None]] = field(default_factory=list)
+
+    def when_known(self, then: Callable[[], None]) -> None:
+        """Call `then()` once the lookups are done (at once when they are)."""
+        if self.done:
+            then()
+        else:
+            self._waiting.append(then)
+
+    def _finish(self) -> None:
+        self.done = True
+        waiting, self._waiting = self._waiting, []
+        for then in waiting:
+            then()
+
+
+def verified_name(resolver, address: str) -> str:
+    """The forward-confirmed PTR name of `address`, or UNKNOWN (RFC 1912 2.1; Postfix's smtpd)."""
+    try:
+        for name in resolver.names(address)[:MAX_PTR_NAMES]:
+            name = name.rstrip(".")
+            # A PTR record may hold any octets: only a host name goes into Received: and XFORWARD.
+            if is_domain(name) and _same_addresses(resolver.addresses(name), address):
+                return name.lower()
+    except TemporaryLookupError:
+        pass
+    return UNKNOWN
+
+
+def _same_addresses(found: list[str], address: str) -> bool:
+    wanted = ipaddress.ip_address(address)
+    for candidate in found:
+        try:
+            if ipaddress.ip_address(candidate.split("%", 1)[0]) == wanted:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+class ClientDNS:
+    """The connect-time lookups of one SMTP worker process (ConnectionContext)."""
+
+    def __init__(self, config, offload: Offload, logger: logging.Logger, resolver=None, *,
+                 clock: Callable[[], float] = time.monotonic):
+        self.config, self.offload, self.logger, self.clock = config, offload, logger, clock
+        self.resolver = resolver if resolver is not None else SystemResolver()
+        offload.add_lane(LANE, DNS_THREADS)
+        self._looking: list[tuple[object, ClientFacts]] = []  # (owner, facts) not done yet
+
+    def look_up(self, owner, address: str) -> ClientFacts:
+        """Start the lookups for a client that just connected; its facts fill in later."""
+        facts = ClientFacts(address, self.clock() + LOOKUP_WAIT)
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:  # not an IP client (inetd on a pipe): nothing to ask
+            facts.name = UNKNOWN
+            facts._finish()
+            return facts
+        self._looking.append((owner, facts))
+        self.offload.submit(owner, verified_name, self.resolver, address, lane=LANE,
+                            then=lambda future: self._named(facts, future))
+        return facts
+
+    def _named(self, facts: ClientFacts, future: Future) -> None:
+        if facts.done:
+            return  # given up meanwhile
+        try:
+            facts.name = future.result()
+        except Exception as exc:  # a resolver that broke names nobody
+            log_event(self.logger, "lookup-failed", client=facts.address, error=f"{type(exc).__name__}: {exc}",
+                      level=logging.WARNING)
+            facts.name = UNKNOWN
+        self._done(facts)
+
+    def _done(self, facts: ClientFacts) -> None:
+        self._looking = [(owner, f) for owner, f in self._looking if f is not facts]
+        facts._finish()
+
+    def upkeep(self) -> None:
+        """From the worker loop: give up the lookups past their deadline (their waiters go on)."""
+        now = self.clock()
+        for owner, facts in [(o, f) for o, f in self._looking if now >= f.deadline]:
+            log_event(self.logger, "lookup-timeout", client=facts.address, seconds=f"{LOOKUP_WAIT:g}",
+                      level=logging.WARNING)
+            if facts.name is None:
+                facts.name = UNKNOWN
+            self._looking = [(o, f) for o, f in self._looking if f is not facts]
+            self.offload.deliver(owner, lambda done, facts=facts: facts._finish(), None)
+
+    def forget(self, facts: ClientFacts) -> None:
+        """The session ended: nobody waits for these any more."""
+        self._looking = [(o, f) for o, f in self._looking if f is not facts]
