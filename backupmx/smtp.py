@@ -27,7 +27,8 @@ Rules every change must keep:
     (MailAdmission, RecipientAdmission, AuthRequest, EtrnRequest, ...);
     SessionSettings holds values only.
  8. What each command needs before it runs is in one table, COMMANDS, checked
-    in one place (_command); see the rules above it.
+    in one place (_command); see the rules above it. A listener of another
+    kind has a table of its own, made of COMMANDS's rows (Session.port: Port).
  9. Output is bounded: once OUTPUT_PAUSE octets of replies wait for the driver
     (data_to_send), no further command is taken from the input until the
     driver calls resume(); `wants_input` tells the driver when to read. One
@@ -71,7 +72,7 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OP
 # Rule 9: reply octets waiting for the driver before the session stops taking commands.
 OUTPUT_PAUSE = 16 * 1024
 # Commands we know but do not provide (RFC 5321 4.1.3 / 4.3.2).
-UNIMPLEMENTED = frozenset({"EXPN", "TURN", "SEND", "SOML", "SAML"})
+UNIMPLEMENTED = frozenset({"EXPN", "TURN", "SEND", "SOML", "SAML", "ATRN"})  # ATRN: odmr.py, on listen_odmr only
 # SASL mechanisms where the server speaks first: no initial response (RFC 4954 4).
 # SCRAM-SHA-256 (RFC 5802) is client-first: its client-first message may be the initial response.
 SERVER_FIRST = frozenset({"CRAM-MD5"})
@@ -183,6 +184,7 @@ class Phase(enum.Enum):
     CHUNK = "chunk"  # reading the octets a BDAT announced (smtp_body.ChunkReader)
     SASL = "sasl"  # reading an AUTH continuation line
     WAITING = "waiting"  # an event waits for the driver's answer
+    REVERSED = "reversed"  # ATRN was accepted (odmr.py): the driver is the client now; nothing more is read
     CLOSED = "closed"  # the last reply is in the output; close after sending it
 
 
@@ -485,14 +487,14 @@ class Session:
         """One command line: framing checks, then COMMANDS: its needs, in order, then its handler."""
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
-        self.commands.begin(verb if verb in COMMANDS and "\0" not in text else "UNKNOWN", argument)
+        command = self.port.commands.get(verb) if "\0" not in text else None
+        self.commands.begin(verb if command is not None else "UNKNOWN", argument)
         if length > MAX_COMMAND_LINE and verb != "AUTH":
             return self._reply(replies.LINE_TOO_LONG)
         if verb in HTTP_METHODS:
             return self._close_with(replies.HTTP_REFUSED)
         if "\0" in text:
             return self._reply(replies.UNRECOGNIZED)
-        command = COMMANDS.get(verb)
         if command is None:
             return self._reply(replies.NOT_IMPLEMENTED if verb in UNIMPLEMENTED else replies.UNRECOGNIZED)
         if self._input and verb != "QUIT" and (command.last or not self.esmtp):
@@ -522,7 +524,7 @@ class Session:
         if not esmtp:
             self._reply(replies.HELO_OK)
             return
-        self._send(replies.render_lines(250, ehlo_lines(self.settings, self.tls_active, self._auth_offered())))
+        self._send(replies.render_lines(250, self.port.ehlo_lines(self.settings, self.tls_active, self._auth_offered())))
 
     def _cmd_helo(self, argument: str) -> None:
         self._helo(argument, esmtp=False)
@@ -1042,6 +1044,18 @@ COMMANDS: dict[str, Command] = {
     "AUTH": Command(Session._cmd_auth, (HELO, TLS, AUTH_OFFERED, NOT_AUTHENTICATED, NO_TRANSACTION), last=True),
     "ETRN": Command(Session._cmd_etrn, (NO_TRANSACTION, AUTHENTICATED), last=True, junk=True),
 }
+
+
+@dataclass(frozen=True)
+class Port:
+    """What the sessions of one kind of listener speak: the command table (rule 8) and the
+    EHLO lines. Session.port is the SMTP port's; a subclass for another port sets its own
+    (odmr.OdmrSession)."""
+    commands: Mapping[str, Command]
+    ehlo_lines: Callable[[SessionSettings, bool, bool], list[str]]  # (settings, tls_active, auth_offered)
+
+
+Session.port = Port(COMMANDS, ehlo_lines)
 
 
 def protocol_name(*, esmtp: bool, tls: bool, authenticated: bool, utf8: bool = False) -> str:
