@@ -125,7 +125,7 @@ CREATE TABLE IF NOT EXISTS recipients (
 CREATE TABLE IF NOT EXISTS flushes (
     domain        TEXT PRIMARY KEY NOT NULL, -- configured domain, lower case
     requested_at  INTEGER,                   -- unix time of the oldest flush request not yet taken by a flusher; NULL = none pending
-    lease_owner   TEXT,                      -- flusher delivering the domain now (e.g. 'host:pid'), NULL = none
+    lease_owner   TEXT,                      -- flusher (or ATRN session) delivering the domain now (e.g. 'host:pid'), NULL = none
     lease_expires REAL                       -- unix time (may be fractional) the lease ends unless renewed; at or after it the domain is free
 );
 

@@ -209,12 +209,10 @@ class _Flush:
             self.client = None
 
     def quit(self):
+        """The flush is done with its session: the primary ends it (QUIT), or keeps it for the next."""
         if self.client is not None:
-            try:
-                self.client.quit()
-            except (OSError, smtplib.SMTPException):
-                pass
-            self.drop()
+            client, self.client = self.client, None
+            self.primary.release(client)
 
     # -- outcomes ---------------------------------------------------------------
 
@@ -569,7 +567,7 @@ def _deliver_work(flush: _Flush, work: collections.deque, should_stop: Callable[
     """
     finished = threading.Event()
     extra = []
-    if len(work) >= EXTRA_CONNECTION_MIN_MESSAGES:
+    if len(work) >= EXTRA_CONNECTION_MIN_MESSAGES and not flush.primary.single_session:
         extra = [_ExtraConnection(flush, work, finished, should_stop) for _ in range(EXTRA_CONNECTIONS)]
     troubles = 0
     try:

@@ -5,7 +5,9 @@ turns a stored body into the DATA stream; Primary opens a session to one
 domain's configured primary (its pinned addresses, backupmx.primaries) ready
 for MAIL, with the TLS its `primary_tls` asks for. The flusher (flusher.py)
 delivers over these sessions; anything else that must talk to the primary
-(a recipient callout, a probe) opens them the same way.
+(a recipient callout, a probe) opens them the same way. Another source of
+sessions for the flusher has Primary's open(), release(), relay and
+single_session (odmr_connection.ReversedPeer: the connection an ATRN reversed).
 
 The primary is a peer we do not control. Every reply is bounded: at most
 MAX_REPLY_LINES lines, each at most MAX_REPLY_LINE bytes, a strict
@@ -280,6 +282,8 @@ class Primary:
     mail now. The client TLS context is built once, on first use.
     """
 
+    single_session = False  # more sessions at once may be opened (the flusher's extra connection)
+
     def __init__(self, domain, *, hostname: str, timeout: float, log: logging.Logger):
         self.domain, self.hostname, self.timeout, self.log = domain, hostname, timeout, log
         self.host, self.port = domain.primary
@@ -308,6 +312,14 @@ class Primary:
         except (OSError, smtplib.SMTPException, ValueError) as e:
             client.close()
             raise PrimaryUnavailable(describe(e)) from e
+
+    def release(self, client: PrimaryClient) -> None:
+        """A flush is done with `client`: QUIT, then close (whatever the primary answers)."""
+        try:
+            client.quit()
+        except (OSError, smtplib.SMTPException):
+            pass
+        client.close()
 
     def _connect_pinned(self, client: PrimaryClient) -> tuple[int, bytes]:
         """The greeting from the first of the primary's addresses that takes the connection."""

@@ -8,6 +8,9 @@ claims one domain, which clears the request and gives it the domain's lease.
     reaps the dead flusher and releases its leases (release_leases_of).
   - Requests coalesce per domain; one that arrives during a flush makes the
     domain run once more afterwards.
+  - An ATRN (odmr_connection.py) takes the leases of the domains it delivers
+    itself (claim_domains), all or none: a domain is never delivered by a
+    flusher and an ATRN, or two ATRNs, at once.
 """
 
 from __future__ import annotations
@@ -71,6 +74,31 @@ class FlushRequests(QueueDatabase):
                 (owner, now + lease_seconds, row[0]),
             )
             return row[0]
+
+    def claim_domains(self, domains: Iterable[str], owner: str, lease_seconds: float) -> dict[str, int] | None:
+        """ATRN's claim: the leases of those of `domains` that have queued rows, for `owner`.
+
+        All or none, in one transaction: None when any of `domains` is leased
+        to someone else now (its flush runs), and nothing is taken; else
+        {domain: rows in state 'queued'} for each domain leased now, {} when
+        none has mail (nothing is leased then). A lease that ran out (its
+        flusher died) is taken over. Pending requests stay: they run once the
+        leases are released.
+        """
+        domains = list(dict.fromkeys(domains))
+        marks = ",".join("?" * len(domains))
+        now = self._clock()
+        with self._write() as db:
+            if db.execute(f"SELECT 1 FROM flushes WHERE domain IN ({marks}) AND lease_owner IS NOT NULL"
+                          " AND lease_expires > ? LIMIT 1", (*domains, now)).fetchone():
+                return None
+            waiting = dict(db.execute(f"SELECT domain, COUNT(*) FROM queue WHERE domain IN ({marks})"
+                                      " AND state = 'queued' GROUP BY domain ORDER BY domain", domains).fetchall())
+            db.executemany(
+                "INSERT INTO flushes (domain, lease_owner, lease_expires) VALUES (?, ?, ?) ON CONFLICT (domain)"
+                " DO UPDATE SET lease_owner = excluded.lease_owner, lease_expires = excluded.lease_expires",
+                [(domain, owner, now + lease_seconds) for domain in waiting])
+        return waiting
 
     def renew_lease(self, domain: str, owner: str, lease_seconds: float) -> bool:
         """Extend `owner`'s lease on `domain`; False if it is no longer theirs."""

@@ -12,6 +12,11 @@ Only the stdlib `ssl` module is used.  Three things live here:
   touches a socket, so a worker can drive many TLS sessions from one
   `selectors` loop, and STARTTLS (RFC 3207) is just this layer inserted between
   the socket and the SMTP session.
+* `TLSStream` carries on a TLSLayer's session over a blocking socket, with
+  the calls smtplib makes (sendall, recv, settimeout, close): an ODMR
+  connection whose TLS was set up by the session loop is handed to a
+  blocking SMTP client once the roles reverse (RFC 2645), and TLS state
+  cannot be moved to another object, let alone another process.
 """
 
 import os
@@ -22,6 +27,7 @@ __all__ = [
     "TLSConfigError",
     "TLSError",
     "TLSLayer",
+    "TLSStream",
     "SERVER_CIPHERS",
     "TLS_VERSIONS",
     "check_key_file",
@@ -365,3 +371,68 @@ class TLSLayer:
                 break
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+class TLSStream:
+    """A blocking, socket-like object over a connected socket and its TLSLayer.
+
+    What smtplib (smtpclient.PrimaryClient) calls: sendall, recv, settimeout,
+    gettimeout, fileno, close. The socket's timeout bounds each call: recv
+    raises TimeoutError when nothing decryptable arrives in time, sendall
+    when the peer stops taking data (its whole duration, since Python 3.5).
+    A TLS failure is a ConnectionError, so callers treat it as any lost
+    connection. recv returns b"" once the peer closed (close_notify or EOF).
+    """
+
+    def __init__(self, sock, layer: TLSLayer, timeout: float | None):
+        self._sock, self._layer = sock, layer
+        self._plaintext = bytearray()
+        sock.settimeout(timeout)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._sock.settimeout(timeout)
+
+    def gettimeout(self) -> float | None:
+        return self._sock.gettimeout()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def version(self) -> str | None:
+        return self._layer.version()
+
+    def sendall(self, data: bytes) -> None:
+        try:
+            self._layer.send(bytes(data))
+        except TLSError as exc:
+            raise ConnectionError(str(exc)) from None
+        self._flush()
+
+    def recv(self, size: int) -> bytes:
+        while not self._plaintext and not self._layer.closed:
+            encrypted = self._sock.recv(64 * 1024)
+            try:
+                self._plaintext += self._layer.receive(encrypted)
+            except TLSError as exc:
+                raise ConnectionError(str(exc)) from None
+            self._flush()  # what TLS itself has to say (alerts, TLS 1.3 key updates)
+        data = bytes(self._plaintext[:size])
+        del self._plaintext[:size]
+        return data
+
+    def close(self) -> None:
+        """close_notify when the session is still up (at most a short wait), then close the socket."""
+        try:
+            if not self._layer.closing and not self._layer.closed:
+                self._layer.close()
+                self._sock.settimeout(min(self._sock.gettimeout() or 1.0, 1.0))
+                self._flush()
+        except OSError:
+            pass
+        finally:
+            self._sock.close()
+
+    def _flush(self) -> None:
+        data = self._layer.outgoing()
+        if data:
+            self._sock.sendall(data)
