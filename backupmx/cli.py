@@ -123,12 +123,16 @@ def _safe(value) -> str:
 def cmd_serve(args) -> int:
     if args.tls and not args.inetd:
         raise OperatorError("serve: --tls is for --inetd (implicit-TLS listeners are set with listen_tls)")
+    if args.odmr and not args.inetd:
+        raise OperatorError("serve: --odmr is for --inetd (ODMR listeners are set with listen_odmr)")
+    if args.odmr and args.tls:
+        raise OperatorError("serve: --odmr and --tls do not go together (ODMR starts in plain text, then STARTTLS)")
     config = _load(args)
     args.serving = True  # from here on the server owns the socket (under --inetd)
     if args.inetd:
         from backupmx.inetd import serve_inetd
 
-        return serve_inetd(config, implicit_tls=args.tls)
+        return serve_inetd(config, implicit_tls=args.tls, odmr=args.odmr)
     from backupmx.master import serve
 
     return serve(config)
@@ -823,6 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("serve", cmd_serve, "run the server in the foreground")
     p.add_argument("--inetd", action="store_true", help="serve one SMTP session on the socket at stdin/stdout")
     p.add_argument("--tls", action="store_true", help="with --inetd: the socket is implicit TLS (port 465)")
+    p.add_argument("--odmr", action="store_true",
+                   help="with --inetd: the socket is an ODMR port (RFC 2645: STARTTLS, AUTH, ATRN; 366)")
     p.set_defaults(serving=False)
 
     command("check", cmd_check, "validate the config, certificate, key and database")

@@ -113,6 +113,7 @@ class Config:
     hostname: str
     listen: tuple[tuple[str, int], ...]
     listen_tls: tuple[tuple[str, int], ...]
+    listen_odmr: tuple[tuple[str, int], ...]  # ODMR (RFC 2645): STARTTLS, AUTH, ATRN; port 366 by convention
     queue: str
     tls_cert: str | None
     tls_key: str | None
@@ -439,6 +440,7 @@ _GLOBAL_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
     "hostname": (_hostname, None),  # None: socket.getfqdn(), looked up only when needed
     "listen": (_listen_list(25), (("0.0.0.0", 25),)),
     "listen_tls": (_listen_list(465), ()),
+    "listen_odmr": (_listen_list(366), ()),
     "queue": (lambda t: _abspath(_nonempty(t)), "/var/spool/backupmx/queue.db"),
     "tls_cert": (_optional_path, None),
     "tls_key": (_optional_path, None),
@@ -657,6 +659,9 @@ class _Loader:
             raise self.error("backupmx", present, f"needs {missing} as well")
         if g["listen_tls"] and not g["tls_cert"]:
             raise self.error("backupmx", "listen_tls", "listen_tls needs tls_cert and tls_key")
+        if g["listen_odmr"] and not g["tls_cert"]:
+            raise self.error("backupmx", "listen_odmr",
+                             "listen_odmr needs tls_cert and tls_key (ATRN is only offered after STARTTLS)")
         if g["greet_pause"] >= g["timeout"]:
             raise self.error("backupmx", "greet_pause", f"must be shorter than timeout ({g['timeout']:g}s)")
         return g
@@ -720,6 +725,8 @@ class _Loader:
                 f"{self.path}: [backupmx] tls_cert: users are configured but there is no certificate: "
                 "AUTH, and so ETRN, is never offered"
             )
+        if g["listen_odmr"] and not users:
+            self.warnings.append(f"{self.path}: [backupmx] listen_odmr: no [user:...] is configured: nobody can ATRN")
         if not g["listen"] and not g["listen_tls"]:
             self.warnings.append(
                 f"{self.path}: [backupmx] listen: no addresses to listen on: only `serve --inetd` can accept mail"

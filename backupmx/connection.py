@@ -197,6 +197,8 @@ class Unsent:
 class SMTPConnection:
     """One client, from accept to close; its deadlines as the module docstring says."""
 
+    session_class = Session  # the protocol spoken; a port with its own table has its own (odmr.OdmrSession)
+
     def __init__(self, sock, peer, ctx: ConnectionContext, *, implicit_tls: bool = False):
         sock.setblocking(False)
         try:
@@ -232,7 +234,7 @@ class SMTPConnection:
         self._session_deadline = now + config.max_session_time
         self._close_by: float | None = None
         self._greet_at: float | None = None
-        self.session = Session(ctx.settings.with_tls(available=ctx.ssl_context is not None and not implicit_tls,
+        self.session = self.session_class(ctx.settings.with_tls(available=ctx.ssl_context is not None and not implicit_tls,
                                                      active=implicit_tls), hold_greeting=True)
         self._progress = self.session.progress
         self.client = ctx.client_dns.look_up(self, self.client_ip)  # its name, for Received: and XFORWARD

@@ -204,10 +204,10 @@ class FlushWorkers:
         self.respawn_after[f.slot] = time.monotonic() + delay
 
 
-def release_leases(queue, owner, logger):
-    """A flush worker died holding leases: free its domains now and request their flushes
-    again (an ETRN was answered "started"). A short connection of the master's own, closed
-    before any fork (no SQLite connection crosses one)."""
+def release_leases(queue, owner, logger, reason="flush worker died"):
+    """A flush worker (or an ODMR session, odmr_sessions.py) died holding leases: free its
+    domains now and request their flushes again (an ETRN was answered "started"). A short
+    connection of the master's own, closed before any fork (no SQLite connection crosses one)."""
     try:
         with FlushRequests(queue, busy_timeout=LEASE_RELEASE_BUSY) as store:
             domains = store.release_leases_of(owner)
@@ -215,7 +215,7 @@ def release_leases(queue, owner, logger):
         log_event(logger, "flush-lease-release-failed", owner=owner, error=first_line(exc), level=logging.WARNING)
         return
     for domain in domains:
-        log_event(logger, "flush-lease-released", domain=domain, owner=owner, reason="flush worker died")
+        log_event(logger, "flush-lease-released", domain=domain, owner=owner, reason=reason)
 
 
 def flush_worker_child(body, config, owner, stop, ready_fd, logger):

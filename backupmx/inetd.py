@@ -36,6 +36,7 @@ from backupmx.connection import ConnectionContext
 from backupmx.flusher import default_lease_seconds, drain
 from backupmx.lifecycle import housekeeping
 from backupmx.log import log_event, setup_logging
+from backupmx.odmr_sessions import serve_odmr_session
 from backupmx.startup import ServeError, become_user, build_ssl_context, start_logging
 from backupmx.store import QueueStore
 from backupmx.worker import SessionLoop
@@ -135,11 +136,13 @@ def _log_stderr(config):
         return None
 
 
-def serve_inetd(config, *, implicit_tls: bool = False) -> int:
+def serve_inetd(config, *, implicit_tls: bool = False, odmr: bool = False) -> int:
     """One session on the socket at fd 0; returns the exit status.
 
     Started as root with `user` set, it drops to that user after reading the
-    key and before reading from the client.
+    key and before reading from the client. With `odmr` the session is an
+    ODMR one (odmr_sessions.serve_odmr_session: ATRN, then the delivery in
+    this process).
     """
     sock = _stdin_socket()
     if sock is None:
@@ -152,8 +155,9 @@ def serve_inetd(config, *, implicit_tls: bool = False) -> int:
     logger = start_logging(config, inetd=True, stderr=stderr)
     try:
         ssl_context = build_ssl_context(config)
-        if implicit_tls and ssl_context is None:
-            raise ServeError(f"{config.path}: serve --inetd --tls needs tls_cert and tls_key in [backupmx]")
+        if (implicit_tls or odmr) and ssl_context is None:
+            option = "--odmr" if odmr else "--tls"
+            raise ServeError(f"{config.path}: serve --inetd {option} needs tls_cert and tls_key in [backupmx]")
         become_user(config, logger)
         context = ConnectionContext(config=config, ssl_context=ssl_context, logger=logger)
     except Exception as exc:
@@ -162,6 +166,10 @@ def serve_inetd(config, *, implicit_tls: bool = False) -> int:
         _refuse(sock, config, implicit_tls)
         return 1
     stop = StopFlag().install()
+    if odmr:
+        context.close()  # the ODMR session opens its own
+        serve_odmr_session(sock, _peer(sock), config, ssl_context, logger, stop)
+        return 0
     try:
         loop = InetdLoop(context, logger, stop=stop)
         loop.add_session(sock, _peer(sock), implicit_tls)

@@ -28,14 +28,16 @@ class ListenError(OSError):
 
 
 class Listener(socketserver.TCPServer):
-    """One listening address, plain (STARTTLS offered) or implicit TLS."""
+    """One listening address, plain (STARTTLS offered) or implicit TLS; or an ODMR port (odmr: STARTTLS, ATRN)."""
 
     allow_reuse_address = True  # rebind at once after a crash (docs/SPEC.md, "Command line": serve)
     request_queue_size = 1024  # listen() backlog: bursts wait in the kernel
 
-    def __init__(self, address, supervisor, implicit_tls: bool, *, sock: socket.socket | None = None):
+    def __init__(self, address, supervisor, implicit_tls: bool, *, sock: socket.socket | None = None,
+                 odmr: bool = False):
         self.supervisor = supervisor
         self.implicit_tls = implicit_tls
+        self.odmr = odmr
         if sock is not None:  # adopted (systemd socket activation): no bind
             self.address_family = sock.family
             super().__init__(address, None, bind_and_activate=False)
@@ -52,6 +54,11 @@ class Listener(socketserver.TCPServer):
         if self.address_family == socket.AF_INET6:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         super().server_bind()
+
+    @property
+    def log_fields(self) -> dict:
+        """What its `listening` line says of it besides the address."""
+        return {"tls": "implicit" if self.implicit_tls else "starttls", "odmr": "yes" if self.odmr else None}
 
     @property
     def label(self) -> str:
@@ -122,28 +129,33 @@ def sockets_from_systemd() -> list[tuple[socket.socket, str]]:
 
 
 def build_listeners(config, supervisor) -> list[Listener]:
-    """Listeners for config.listen (plain) and config.listen_tls (implicit TLS).
+    """Listeners for config.listen (plain), config.listen_tls (implicit TLS) and config.listen_odmr.
 
     Under systemd socket activation the passed sockets are adopted instead: a
     socket is implicit-TLS when its FileDescriptorName is "tls"/"smtps" or its
-    port is one of listen_tls's. Raises ListenError (one line) when an address
-    cannot be bound; nothing stays open then.
+    port is one of listen_tls's, ODMR when its name is "odmr" or its port one of
+    listen_odmr's. Raises ListenError (one line) when an address cannot be
+    bound; nothing stays open then.
     """
     inherited = sockets_from_systemd()
     if inherited:
         tls_ports = {port for _, port in config.listen_tls}
+        odmr_ports = {port for _, port in config.listen_odmr}
         listeners = []
         for sock, name in inherited:
             port = sock.getsockname()[1]
-            tls = name in ("tls", "smtps") or (port in tls_ports and name not in ("plain", "smtp"))
-            listeners.append(Listener(sock.getsockname()[:2], supervisor, tls, sock=sock))
+            named = name in ("plain", "smtp", "tls", "smtps", "odmr")
+            tls = name in ("tls", "smtps") or (port in tls_ports and not named)
+            odmr = name == "odmr" or (port in odmr_ports and not named)
+            listeners.append(Listener(sock.getsockname()[:2], supervisor, tls, sock=sock, odmr=odmr))
         return listeners
     listeners = []
     try:
-        for addresses, tls in ((config.listen, False), (config.listen_tls, True)):
+        for addresses, tls, odmr in ((config.listen, False, False), (config.listen_tls, True, False),
+                                     (config.listen_odmr, False, True)):
             for host, port in addresses:
                 try:
-                    listeners.append(Listener((host, port), supervisor, tls))
+                    listeners.append(Listener((host, port), supervisor, tls, odmr=odmr))
                 except OSError as exc:
                     reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
                     raise ListenError(f"cannot listen on {format_hostport(host, port)}: {reason}") from None

@@ -27,7 +27,10 @@ Modelled on gunicorn's arbiter. The master only supervises and accepts:
   (the server keeps receiving mail meanwhile);
 - a flush worker that died (kill -9, the OOM killer) has its domain leases
   released when it is reaped, and their flushes requested again, so another
-  flusher goes on at once instead of when the leases run out.
+  flusher goes on at once instead of when the leases run out;
+- a connection to a listen_odmr port gets a process of its own
+  (odmr_sessions.OdmrSessions: ATRN turns it into a blocking delivery),
+  counted with the client's other sessions and reaped like the workers.
 
 Replies the master itself writes (no worker involved) are the two refusals,
 both transient (RFC 5321 4.2.1: 421 closes the channel):
@@ -58,6 +61,7 @@ from backupmx.listeners import Listener, build_listeners, refuse
 from backupmx.log import log_event
 from backupmx.metrics_http import bind as bind_metrics
 from backupmx.metrics_http import run_metrics
+from backupmx.odmr_sessions import OdmrSessions
 from backupmx.startup import ServeError, become_user, build_ssl_context, check_queue, raise_fd_limit, start_logging
 
 # Seconds without a heartbeat after which a worker is taken for hung and
@@ -235,6 +239,7 @@ class Master:
         self.flush_workers = FlushWorkers(self, flush_worker)
         self.generation = 0
         self.workers = {}  # pid -> WorkerHandle
+        self.odmr = OdmrSessions(self)  # the processes of ODMR connections (listen_odmr)
         self.clients = ClientCounts()  # sessions per client, across workers
         self.rejects = RejectCounts()  # the master's 421s not yet handed to a worker
         self.sig_queue = []
@@ -293,6 +298,7 @@ class Master:
         self.flush_workers.signal_all(signal.SIGTERM)
         if self.metrics is not None:
             self.metrics.stop()
+        self.odmr.stop()
 
     handle_int = handle_term
 
@@ -311,8 +317,8 @@ class Master:
         except Exception as exc:
             log_event(self.logger, "reload-failed", error=first_line(exc), level=logging.WARNING)
             return
-        if (config.listen, config.listen_tls, config.metrics_listen) != (
-                self.config.listen, self.config.listen_tls, self.config.metrics_listen):
+        if (config.listen, config.listen_tls, config.listen_odmr, config.metrics_listen) != (
+                self.config.listen, self.config.listen_tls, self.config.listen_odmr, self.config.metrics_listen):
             log_event(self.logger, "listen-change-ignored", reason="restart to change listeners")
         self.begin_lookups(config, ssl_context)
 
@@ -363,7 +369,7 @@ class Master:
     def register_listeners(self):
         for listener in self.listeners:
             self.selector.register(listener.socket, selectors.EVENT_READ, listener)
-            log_event(self.logger, "listening", address=listener.label, tls="implicit" if listener.implicit_tls else "starttls")
+            log_event(self.logger, "listening", address=listener.label, **listener.log_fields)
 
     def close_listeners(self):
         for listener in self.listeners:
@@ -402,6 +408,8 @@ class Master:
         return True
 
     def process_request(self, listener, sock, address):
+        if listener.odmr:
+            return self.odmr.start(listener, sock, address)  # a process of its own (odmr_sessions.py)
         ip, port = shown_address(address[0]), address[1]
         header = f"conn {'tls' if listener.implicit_tls else 'plain'} {ip} {port}".encode("ascii")
         self.in_hand = sock
@@ -587,6 +595,8 @@ class Master:
                                           serving=self.serving)
             elif self.metrics is not None and pid == self.metrics.pid:
                 self.metrics.exited(self, status)
+            elif pid in self.odmr.children:
+                self.odmr.exited(pid, status)
 
     def worker_exited(self, w, status):
         self.forget_ctrl(w)
@@ -672,7 +682,7 @@ class Master:
 
     def kill_all(self, sig):
         metrics = [self.metrics.pid] if self.metrics else []
-        for pid in list(self.workers) + list(self.flush_workers.handles) + metrics:
+        for pid in [*self.workers, *self.flush_workers.handles, *self.odmr.children, *metrics]:
             self._kill(pid, sig)
 
     def halt(self, status):
@@ -699,11 +709,11 @@ class Master:
                 if self.lookups is not None and time.monotonic() > self.lookups.deadline:
                     self.end_lookups(timed_out=True)
                 if self.stopping:
-                    if not self.workers and not self.flush_workers.handles and (
+                    if not (self.workers or self.flush_workers.handles or self.odmr.children) and (
                             self.metrics is None or self.metrics.pid is None):
                         break
                     if time.monotonic() > self.stop_deadline:
-                        children_left = len(self.workers) + len(self.flush_workers.handles)
+                        children_left = len(self.workers) + len(self.flush_workers.handles) + len(self.odmr.children)
                         log_event(self.logger, "stop-timeout", children=children_left)
                         self.kill_all(signal.SIGKILL)
                         self.stop_deadline = time.monotonic() + 5.0

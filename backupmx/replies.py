@@ -144,6 +144,15 @@ ETRN_UNABLE = Reply(458, "4.3.0", "Unable to queue messages for node {domain}")
 ETRN_NOT_ALLOWED = Reply(459, "4.7.1", "{domain} not allowed")
 ETRN_SYNTAX = Reply(501, "5.5.4", "Syntax: ETRN domain | ETRN @domain")
 
+# ODMR (RFC 2645 section 7): ATRN on the listen_odmr port
+ATRN_STARTED = Reply(250, "2.0.0", "OK now reversing the connection")
+ATRN_REFUSED = Reply(450, "4.7.0", "ATRN request refused")
+ATRN_UNABLE = Reply(451, "4.3.0", "Unable to process ATRN request now")
+ATRN_NO_MAIL = Reply(453, "4.3.0", "You have no mail")
+ATRN_SYNTAX = Reply(501, "5.5.4", "Syntax: ATRN [domain[,domain...]]")
+# RFC 2645 5.4: the provider may refuse every other command; mail is not taken here.
+ODMR_ONLY = Reply(502, "5.5.1", "Error: this is the ODMR port: only EHLO, STARTTLS, AUTH, ATRN and QUIT here")
+
 
 def reason(reply: Reply) -> str:
     """The name a refusal is counted and logged under: its constant's name in lower

@@ -78,7 +78,7 @@ UNIMPLEMENTED = frozenset({"EXPN", "TURN", "SEND", "SOML", "SAML", "ATRN"})  # A
 SERVER_FIRST = frozenset({"CRAM-MD5"})
 # Commands whose refusals are Refused events (SPEC Part 2, "Operator's view"); a
 # refusal that ends the session is one whatever the command.
-REFUSALS_REPORTED = frozenset({"MAIL", "RCPT", "DATA", "BDAT", "AUTH", "ETRN", "STARTTLS"})
+REFUSALS_REPORTED = frozenset({"MAIL", "RCPT", "DATA", "BDAT", "AUTH", "ETRN", "STARTTLS", "ATRN"})
 # Closing replies that are no refusal of a command: the driver logs these itself.
 NOT_REFUSALS = frozenset({replies.TIMEOUT, replies.SHUTTING_DOWN, replies.SESSION_TIME_EXCEEDED})
 

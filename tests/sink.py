@@ -11,7 +11,8 @@ bad primary can be tested against a real peer rather than a mock:
   -----------------   -------------------------------------------------------
   normal              a well-behaved ESMTP server
   rcpt_4xx/rcpt_5xx   450/550 to RCPT (every RCPT, or only `behaviour_addresses`)
-  data_4xx/data_5xx   451/554 as the final reply after the message was sent
+  data_4xx/data_5xx   451/554 as the final reply after the message was sent (to every
+                      message, or only to those for one of `behaviour_addresses`)
   drop_mid_data       reads part of DATA, then closes the connection
   no_starttls         does not offer (or accept) STARTTLS even with a cert
   -- hostile, at the reply named by `hostile_at` (banner, ehlo, mail, rcpt, data, eod):
@@ -36,6 +37,10 @@ As a process (so a test can SIGKILL the primary):
 prints the bound port on the first line of stdout, then serves until SIGTERM.
 With --spool each message is written as DIR/NNNNNN.eml (the body) and
 DIR/NNNNNN.json (the envelope), the JSON renamed into place last.
+
+Sink.reverse(sock) serves one session on a socket that is already
+connected (TLS or not): the customer's side of an ODMR connection once ATRN
+turned it round (RFC 2645), the sink greeting first as any SMTP server.
 """
 
 import argparse
@@ -148,7 +153,8 @@ class _Handler(socketserver.BaseRequestHandler):
         self.sock.settimeout(self.sink.session_timeout)
         # Replies go out one by one; without this, a pipelining client waits
         # for Nagle and the delayed ACK (~40 ms) on every second reply.
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.sock.family != socket.AF_UNIX:  # a reversed session may be on a socketpair
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile = self.sock.makefile("rb")
         with self.sink._cond:
             self.sink._session_count += 1
@@ -247,7 +253,7 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def session(self):
         sink = self.sink
-        self.tls = False
+        self.tls = isinstance(self.sock, ssl.SSLSocket)  # a reversed session (Sink.reverse) may be TLS already
         if sink.max_sessions is not None and len(sink._live) > sink.max_sessions:
             self.write(b"421 4.7.0 too many connections from your address\r\n")
             return
@@ -299,7 +305,7 @@ class _Handler(socketserver.BaseRequestHandler):
                     self.write(b"501 5.5.4 Syntax: RCPT TO:<address>\r\n")
                 else:
                     address, params = parsed
-                    selected = self.addresses is None or address.lower() in self.addresses
+                    selected = self.selected([address])
                     with sink._cond:
                         sink.rcpts_seen.append(address)
                         sink._cond.notify_all()
@@ -330,9 +336,9 @@ class _Handler(socketserver.BaseRequestHandler):
                         sink._cond.notify_all()
                     if self.data_delay and sink._stopping.wait(self.data_delay):
                         raise _Closed()
-                    if self.behaviour == "data_4xx":
+                    if self.behaviour == "data_4xx" and self.selected(rcpts):
                         self.write(b"451 4.3.0 Error: queue file write error\r\n")
-                    elif self.behaviour == "data_5xx":
+                    elif self.behaviour == "data_5xx" and self.selected(rcpts):
                         self.write(b"554 5.7.1 Error: message content rejected\r\n")
                     else:
                         # Recorded before the reply: once the client sees 250 the message
@@ -361,6 +367,10 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
             else:
                 self.write(b"502 5.5.2 Error: command not recognized\r\n")
+
+    def selected(self, addresses):
+        """Whether the behaviour applies to a command for `addresses` (behaviour_addresses)."""
+        return self.addresses is None or any(a.lower() in self.addresses for a in addresses)
 
     def starttls_offered(self):
         return self.sink._tls_context is not None and not self.tls and self.behaviour != "no_starttls"
@@ -476,6 +486,12 @@ class Sink:
 
     def __exit__(self, *exc):
         self.stop()
+
+    def reverse(self, sock, peer=("reversed", 0)):
+        """Serve one session on the connected `sock` in a thread (started, returned)."""
+        thread = threading.Thread(target=_Handler, args=(sock, peer, self._server), daemon=True)
+        thread.start()
+        return thread
 
     @property
     def address(self):

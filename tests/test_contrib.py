@@ -237,7 +237,7 @@ def test_systemd_units_fit_together():
                 service = socket_section.get("Service", name.replace(".socket", ".service"))
                 assert service in units, f"{name}: Service={service} is not in contrib"
                 # What the master tells plain from implicit TLS by (master.build_listeners).
-                assert socket_section.get("FileDescriptorName") in ("smtp", "smtps"), name
+                assert socket_section.get("FileDescriptorName") in ("smtp", "smtps", "odmr"), name
                 assert name in unit(units[service])["Service"]["Sockets"].split(), f"{service} must list {name}"
         if name.endswith(".timer"):
             assert name.replace(".timer", ".service") in units

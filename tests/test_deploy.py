@@ -263,15 +263,15 @@ os.execv(command[0], command)
 
 
 def test_socket_activation_tells_smtps_from_smtp_by_name(tmp_path):
-    """contrib's units name the sockets smtp / smtps; nothing in the config says which port is TLS."""
-    plain, tls = free_port(), free_port()
+    """contrib's units name the sockets smtp / smtps / odmr; nothing in the config says which port is which."""
+    plain, tls, odmr = free_port(), free_port(), free_port()
     certs = {"server_cert": str(CERTS / "server.pem"), "server_key": str(key_copy(tmp_path))}
     cfg = write_config(tmp_path / "a.ini", port=free_port(), queue=tmp_path / "q.db", certs=certs)
     assert "listen_tls" not in cfg.read_text()
     log = open(tmp_path / "a.log", "wb")
     # smtps first: the order of the descriptors must not matter either
     proc = subprocess.Popen(
-        [sys.executable, "-c", ACTIVATE, "smtps,smtp", f"{tls},{plain}", "--", sys.executable,
+        [sys.executable, "-c", ACTIVATE, "smtps,smtp,odmr", f"{tls},{plain},{odmr}", "--", sys.executable,
          str(REPO / "backupmx.py"), "serve", "-c", str(cfg)],
         stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(tmp_path))
     try:
@@ -285,6 +285,8 @@ def test_socket_activation_tells_smtps_from_smtp_by_name(tmp_path):
         with smtplib.SMTP_SSL("localhost", tls, timeout=5, context=ca_context()) as c:
             c.ehlo("x")
             assert not c.has_extn("starttls")  # already TLS: the handshake came first
+        with smtplib.SMTP("127.0.0.1", odmr, timeout=5) as c:  # ODMR (RFC 2645): no mail taken there
+            assert c.ehlo("x")[1].split(b"\n")[1:] == [b"ENHANCEDSTATUSCODES", b"STARTTLS"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:

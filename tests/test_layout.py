@@ -10,13 +10,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "backupmx"
 # docs/ARCHITECTURE.md, "Modules". A module may import from its own layer and the ones below it.
 LAYERS = {
     "protocol": {"smtp", "smtp_body", "addresses", "envelope", "replies", "auth", "scram", "idn", "outcome",
-                 "clients"},
+                 "clients", "odmr"},
     "queue": {"store", "store_db", "store_intake", "store_flushes", "store_delivery", "store_housekeeping",
               "store_operator", "store_status", "store_verify", "store_auth", "schema"},
     "driver": {"connection", "offload", "quota", "tls", "smtpclient", "primaries", "metrics", "health",
-               "policy", "verify", "auth_limit", "client_dns"},
+               "policy", "verify", "auth_limit", "client_dns",
+               "odmr_connection"},
     "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "lifecycle", "dsn",
-                "notify", "metrics_http", "flush_workers"},
+                "notify", "metrics_http", "flush_workers", "odmr_sessions"},
 }
 # Leaves anyone may use: the config's data model, the log line format.
 SHARED = {"config", "log"}

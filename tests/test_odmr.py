@@ -1,0 +1,486 @@
+"""ODMR (RFC 2645), the provider's side: the session up to ATRN without sockets, then a real
+server whose ODMR port reverses real TLS connections into deliveries to a real sink."""
+
+import base64
+import logging
+import os
+import re
+import signal
+import smtplib
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from backupmx import replies
+from backupmx.config import load_config
+from backupmx.odmr import AtrnRequest, OdmrSession, parse_atrn
+from backupmx.smtp import AuthRequest, Refused, Session, SessionSettings, StartTLS
+from conftest import CERTS, REPO, free_port, start_server, wait_for
+from sink import Sink
+
+PASSWORD = "odmr-secret"
+
+# --- the session, no sockets --------------------------------------------------------------
+
+CONFIG = """\
+[backupmx]
+hostname = mx2.test
+queue = {tmp}/queue.db
+
+[domain:example.com]
+primary = 127.0.0.1:2526
+
+[domain:sub.example.com]
+primary = 127.0.0.1:2526
+
+[domain:other.org]
+primary = 127.0.0.1:2526
+
+[user:prim]
+password = {{PLAIN}}secret
+domains = sub.example.com, example.com
+
+[user:someone]
+password = {{PLAIN}}secret
+domains = other.org
+"""
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("odmr")
+    path = tmp / "backupmx.ini"
+    path.write_text(CONFIG.format(tmp=tmp))
+    return SessionSettings.from_config(load_config(str(path)), tls_available=True)
+
+
+def talk(session, data: bytes, refused=None):
+    """Feed `data`; answer STARTTLS and AUTH (as user "prim") the simplest way; the reply lines
+    and the events left unanswered (Refused events go to the list `refused`, if given)."""
+    session.receive_data(data)
+    out, left = session.data_to_send(), []
+    while (event := session.next_event()) is not None:
+        if isinstance(event, StartTLS):
+            session.tls_started()
+        elif isinstance(event, AuthRequest):
+            session.auth_result("prim")
+        elif isinstance(event, Refused):
+            (refused if refused is not None else []).append(event)
+        else:
+            left.append(event)
+        out += session.data_to_send()
+    return out.decode().splitlines(), left
+
+
+def authenticated(settings):
+    session = OdmrSession(settings)
+    session.data_to_send()
+    for command in (b"EHLO customer.test", b"STARTTLS", b"EHLO customer.test"):
+        talk(session, command + b"\r\n")
+    lines, _ = talk(session, b"AUTH PLAIN AHByaW0Ac2VjcmV0\r\n")
+    assert lines == ["235 2.7.0 Authentication successful"]
+    return session
+
+
+def test_the_odmr_port_offers_starttls_then_auth_and_atrn_and_takes_no_mail(settings):
+    session = OdmrSession(settings)
+    assert session.data_to_send() == replies.GREETING.render(hostname="mx2.test")
+    assert talk(session, b"ATRN\r\n")[0] == ["503 5.5.1 Error: send HELO/EHLO first"]
+    lines, _ = talk(session, b"EHLO customer.test\r\n")
+    assert lines == ["250-mx2.test", "250-ENHANCEDSTATUSCODES", "250 STARTTLS"]
+    for command in (b"MAIL FROM:<a@b.test>", b"RCPT TO:<x@example.com>", b"DATA", b"ETRN example.com",
+                    b"VRFY x"):
+        assert talk(session, command + b"\r\n")[0] == [replies.ODMR_ONLY.render().decode().strip()]
+    assert talk(session, b"ATRN\r\n")[0] == ["530 5.7.0 Authentication required"]
+    talk(session, b"STARTTLS\r\n")
+    lines, _ = talk(session, b"EHLO customer.test\r\n")
+    assert lines == ["250-mx2.test", "250-ENHANCEDSTATUSCODES", "250-AUTH SCRAM-SHA-256 PLAIN LOGIN", "250 ATRN"]
+    assert talk(session, b"ATRN example.com\r\n")[0] == ["530 5.7.0 Authentication required"]
+    lines, _ = talk(session, b"BDAT 5\r\nATRN\r\n")  # its octets can no longer be told from commands
+    assert lines == [replies.ODMR_ONLY.render().decode().strip()] and session.closed
+
+
+def test_atrn_is_not_a_command_of_the_smtp_port(settings):
+    session = Session(settings)
+    session.data_to_send()
+    lines, _ = talk(session, b"EHLO c.test\r\n")
+    assert "250-ETRN" in lines and not any("ATRN" in line for line in lines)
+    assert talk(session, b"ATRN\r\n")[0] == ["502 5.5.1 Error: command not implemented"]
+
+
+@pytest.mark.parametrize("argument, asked", [
+    ("", ("example.com", "sub.example.com")),  # none named: all of the user's domains
+    (" example.com", ("example.com",)),
+    (" EXAMPLE.com.,sub.example.com,example.com", ("example.com", "sub.example.com")),
+    (" other.org", "450 4.7.0 ATRN request refused"),  # someone else's domain
+    (" example.com,other.org", "450 4.7.0 ATRN request refused"),  # one of them is enough
+    (" nowhere.test", "450 4.7.0 ATRN request refused"),
+    (" example.com, sub.example.com", "501 5.5.4 Syntax: ATRN [domain[,domain...]]"),
+    (" example.com,", "501 5.5.4 Syntax: ATRN [domain[,domain...]]"),
+    (" @example.com", "501 5.5.4 Syntax: ATRN [domain[,domain...]]"),
+    (" [127.0.0.1]", "501 5.5.4 Syntax: ATRN [domain[,domain...]]"),
+])
+def test_atrn_names_only_the_users_domains(settings, argument, asked):
+    session, refused = authenticated(settings), []
+    lines, events = talk(session, b"ATRN" + argument.encode() + b"\r\n", refused)
+    if isinstance(asked, tuple):
+        assert lines == [] and events == [AtrnRequest(asked, "prim")] and refused == []
+    else:
+        assert lines == [asked] and events == []
+        assert [(r.command, r.text) for r in refused] == [("ATRN", asked)]  # the driver logs a `reject` line
+
+
+def test_atrn_answers(settings):
+    session = authenticated(settings)
+    talk(session, b"ATRN\r\n")
+    session.atrn_refused(replies.ATRN_NO_MAIL)
+    assert session.data_to_send() == b"453 4.3.0 You have no mail\r\n" and not session.reversed
+    talk(session, b"ATRN\r\n")
+    session.atrn_started()
+    assert session.data_to_send() == b"250 2.0.0 OK now reversing the connection\r\n"
+    assert session.reversed and not session.closed
+    assert talk(session, b"MAIL FROM:<a@b.test>\r\n") == ([], [])  # the session reads nothing more
+
+
+def test_what_the_peer_sends_before_our_250_is_never_its_greeting(settings):
+    session = authenticated(settings)  # sent with ATRN: ATRN must end a pipelined group (RFC 2920 3.1)
+    lines, events = talk(session, b"ATRN\r\n220 customer.test ESMTP\r\n")
+    assert lines == ["554 5.5.0 Error: SMTP protocol synchronization"] and session.closed
+    assert not any(isinstance(e, AtrnRequest) for e in events)
+    session = authenticated(settings)  # sent while the leases were taken, before our 250
+    talk(session, b"ATRN\r\n")
+    talk(session, b"220 customer.test ESMTP\r\n")
+    session.atrn_started()
+    assert session.data_to_send() == b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
+    assert session.closed and not session.reversed
+
+
+def test_parse_atrn():
+    assert parse_atrn("") == ()
+    assert parse_atrn("Example.COM") == ("example.com",)
+    assert parse_atrn("a.test,b.test,a.test") == ("a.test", "b.test")
+    assert parse_atrn("a.test b.test") is None and parse_atrn(",") is None
+
+
+# --- a real server ----------------------------------------------------------------------------
+
+USERS = {  # each test has its own user and domains: they share one server
+    "alice": ("a1.test", "a2.test"),
+    "bob": ("b1.test",),
+    "carol": ("c1.test",),
+    "dave": ("d1.test",),
+    "erin": ("e1.test",),
+    "frank": ("f1.test",),
+}
+
+
+@pytest.fixture(scope="module")
+def primary():
+    """The configured primary of every domain (a flush by ETRN goes there)."""
+    with Sink() as sink:
+        yield sink
+
+
+@pytest.fixture(scope="module")
+def mx(tmp_path_factory, primary):
+    tmp = tmp_path_factory.mktemp("mx")
+    odmr_port = free_port()
+    domains = {d: {"primary": f"127.0.0.1:{primary.port}", "primary_tls": "none"}
+               for ds in USERS.values() for d in ds}
+    server = start_server(tmp, tls=True, listen_odmr=f"127.0.0.1:{odmr_port}", domains=domains,
+                          users={u: ("{PLAIN}" + PASSWORD, ", ".join(ds)) for u, ds in USERS.items()})
+    server.odmr_port = odmr_port
+    yield server
+    server.stop()
+    server.kill_group()
+
+
+@pytest.fixture
+def customer():
+    """The customer's MTA (a sink) for the reversed sessions of one test."""
+    with Sink() as sink:
+        sink.hostname = "customer.test"
+        yield sink
+
+
+def tls_context():
+    return ssl.create_default_context(cafile=str(CERTS / "ca.pem"))
+
+
+def atrn(server, user, argument="", reversed_to=None):
+    """STARTTLS, AUTH and ATRN on the ODMR port: the reply; on 250 `reversed_to` (a Sink)
+    serves the reversed session, and this returns once the server closed it."""
+    client = smtplib.SMTP("localhost", server.odmr_port, timeout=10)
+    client.ehlo("customer.test")
+    client.starttls(context=tls_context())
+    client.ehlo("customer.test")
+    client.login(user, PASSWORD)
+    code, text = client.docmd("ATRN", argument)
+    if code == 250 and reversed_to is not None:
+        reversed_to.reverse(client.sock).join(20)
+    client.close()
+    return code, text.decode()
+
+
+def queue(server, recipients_by_message):
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        for n, recipients in enumerate(recipients_by_message):
+            client.sendmail(f"s{n}@origin.test", recipients, b"Subject: m%d\r\n\r\nbody %d\r\n" % (n, n))
+
+
+def queued(server, domain):
+    """[(queue_id, last_reply)] of the domain's rows still in the queue."""
+    db = sqlite3.connect(server.queue_path)
+    try:
+        return db.execute("SELECT queue_id, last_reply FROM queue WHERE domain = ? AND state = 'queued'"
+                          " ORDER BY queue_id", (domain,)).fetchall()
+    finally:
+        db.close()
+
+
+def lease(server, domain):
+    db = sqlite3.connect(server.queue_path)
+    try:
+        row = db.execute("SELECT lease_owner FROM flushes WHERE domain = ?", (domain,)).fetchone()
+        return row[0] if row else None
+    finally:
+        db.close()
+
+
+def released(server, *domains):
+    """Wait until nobody holds a lease on `domains` (True), or 5 s."""
+    return wait_for(lambda: all(lease(server, d) is None for d in domains), 5)
+
+
+def test_atrn_delivers_the_users_domains_over_the_connection_it_reversed(mx, customer):
+    queue(mx, [["x@a1.test"], ["y@a2.test", "z@a1.test"], ["w@a1.test"], ["v@b1.test"]])
+    assert atrn(mx, "alice", reversed_to=customer) == (250, "2.0.0 OK now reversing the connection")
+    got = sorted((m[0], tuple(m[1])) for m in customer.messages)
+    assert got == [("s0@origin.test", ("x@a1.test",)), ("s1@origin.test", ("y@a2.test",)),
+                   ("s1@origin.test", ("z@a1.test",)), ("s2@origin.test", ("w@a1.test",))]
+    session, = customer.sessions  # one connection, ours: EHLO ... QUIT, and TLS all along
+    assert session.commands[0].upper() == "EHLO MX2.TEST" and session.commands[-1].upper() == "QUIT"
+    assert all(d.tls for d in customer.deliveries)
+    assert all(b"Subject: m" in d.body for d in customer.deliveries)
+    assert queued(mx, "a1.test") == [] == queued(mx, "a2.test")
+    assert len(queued(mx, "b1.test")) == 1  # bob's mail never goes to alice
+    assert released(mx, "a1.test", "a2.test")
+    # bob may not take alice's domain, and gets his own only
+    assert atrn(mx, "bob", "a1.test") == (450, "4.7.0 ATRN request refused")
+    assert atrn(mx, "alice") == (453, "4.3.0 You have no mail")
+    with Sink() as bobs:
+        assert atrn(mx, "bob", "b1.test", reversed_to=bobs)[0] == 250
+        assert [m[1] for m in bobs.messages] == [["v@b1.test"]]
+
+
+def test_a_451_leaves_just_that_message_queued(mx, customer):
+    queue(mx, [["one@c1.test"], ["victim@c1.test"], ["three@c1.test"]])
+    customer.behaviour, customer.behaviour_addresses = "data_4xx", ["victim@c1.test"]
+    assert atrn(mx, "carol", "c1.test", reversed_to=customer)[0] == 250
+    assert sorted(m[1][0] for m in customer.messages) == ["one@c1.test", "three@c1.test"]
+    (queue_id, last_reply), = queued(mx, "c1.test")
+    assert last_reply == "451 4.3.0 Error: queue file write error"
+    assert released(mx, "c1.test")
+
+
+def test_atrn_while_an_etrn_flush_of_the_domain_runs(mx, primary, customer):
+    queue(mx, [["x@d1.test"]])
+    primary.behaviour, primary.hostile_at, primary.drip_interval = "drip", "banner", 0.5
+    try:
+        with smtplib.SMTP("localhost", mx.port, timeout=10) as client:
+            client.starttls(context=tls_context())
+            client.login("dave", PASSWORD)
+            assert client.docmd("ETRN", "d1.test")[0] == 253
+        assert wait_for(lambda: primary.sessions and not primary.sessions[-1].closed, 5)  # the flush runs
+        assert atrn(mx, "dave", "d1.test", reversed_to=customer) == (451, "4.3.0 Unable to process ATRN request now")
+    finally:
+        primary.behaviour = "normal"
+        primary.stop()  # the flush ends: its connection is cut
+    assert released(mx, "d1.test")
+    assert atrn(mx, "dave", reversed_to=customer)[0] == 250
+    assert [m[1] for m in customer.messages] == [["x@d1.test"]] and queued(mx, "d1.test") == []
+
+
+def test_kill_9_of_the_session_process_mid_transfer_loses_nothing(mx, customer):
+    queue(mx, [["first@e1.test"], ["second@e1.test"]])
+    ids = {queue_id for queue_id, _ in queued(mx, "e1.test")}
+    customer.data_delay = 1.0  # each message waits for its 250: the kill comes meanwhile
+    done = threading.Thread(target=atrn, args=(mx, "erin", "e1.test", customer))
+    done.start()
+    customer.wait(lambda: customer.data_received >= 1)
+    pid = int(re.search(r"backupmx\[(\d+)\]: atrn client=\S+ user=erin", mx.log()).group(1))
+    os.kill(pid, signal.SIGKILL)
+    done.join(10)
+    assert wait_for(lambda: "odmr-session-died" in mx.log(), 5)
+    left = {queue_id for queue_id, _ in queued(mx, "e1.test")}
+    received = {re.search(rb"id (\w+)", m[2]).group(1).decode() for m in customer.messages}
+    assert ids <= left | received  # each one queued still, or delivered (or both): never neither
+    assert left  # the one in flight had no 250 recorded: it is still here
+    assert mx.proc.poll() is None  # the master goes on
+
+
+def reversed_by_hand(server, user):
+    """ATRN accepted; the TLS socket we now answer on as the customer."""
+    client = smtplib.SMTP("localhost", server.odmr_port, timeout=10)
+    client.starttls(context=tls_context())
+    client.login(user, PASSWORD)
+    assert client.docmd("ATRN")[0] == 250
+    client.sock.settimeout(10)
+    return client.sock
+
+
+def rest_of(sock):
+    seen = b""
+    while chunk := sock.recv(4096):
+        seen += chunk
+    return seen
+
+
+@pytest.mark.parametrize("after_greeting", [
+    b"MAIL FROM:<evil@attacker.test>\r\n",  # a command where the answer to EHLO belongs
+    b"250-customer.test\r\n250-" + b"x" * 9000 + b"\r\n",  # an over-long reply line
+], ids=["command", "long-line"])
+def test_a_customer_that_does_not_answer_as_a_server_is_cut_off(mx, after_greeting):
+    queue(mx, [["x@f1.test"]])
+    before = [(queue_id, None) for queue_id, _ in queued(mx, "f1.test")]
+    sock = reversed_by_hand(mx, "frank")
+    sock.sendall(b"220 customer.test ESMTP\r\n")
+    assert sock.recv(4096).upper() == b"EHLO MX2.TEST\r\n"
+    sock.sendall(after_greeting)
+    assert rest_of(sock) == b""  # closed at once: no MAIL, no QUIT
+    assert queued(mx, "f1.test") == before  # untouched: not even deferred
+    assert released(mx, "f1.test")
+    assert wait_for(lambda: "atrn-failed client=" in mx.log())
+
+
+def test_a_customer_that_speaks_unasked_is_cut_off(mx):
+    sock = reversed_by_hand(mx, "frank")
+    sock.sendall(b"220 customer.test ESMTP\r\nMAIL FROM:<evil@attacker.test>\r\n")
+    assert rest_of(sock) == b""  # not even our EHLO: what it sent ahead would have been its answer
+    assert released(mx, "f1.test")
+
+
+# --- the reversed connection's bounds, on a socketpair with real TLS ------------------------
+
+
+@pytest.fixture
+def reversed_pair():
+    """(ReversedPeer with a 0.3 s timeout, the customer's TLS socket): as after an accepted ATRN."""
+    from backupmx import tls
+    from backupmx.odmr_connection import Reversal, ReversedPeer
+
+    ours, theirs = socket.socketpair()
+    layer = tls.TLSLayer(tls.server_context(str(CERTS / "server.pem"), str(CERTS / "server.key")))
+    wrapped = {}
+    handshake = threading.Thread(target=lambda: wrapped.setdefault(
+        "sock", tls_context().wrap_socket(theirs, server_hostname="localhost")))
+    handshake.start()
+    while not layer.handshake_complete:
+        ours.sendall(layer.outgoing())
+        layer.receive(ours.recv(65536))
+    ours.sendall(layer.outgoing())
+    handshake.join(5)
+    reversal = Reversal(ours, layer, bytearray(), "127.0.0.1:1", "u", {}, "o")
+    peer = ReversedPeer(reversal, hostname="mx2.test", timeout=0.3, log=logging.getLogger("test"))
+    yield peer, wrapped["sock"]
+    peer.quit()
+    wrapped["sock"].close()
+
+
+def elapsed(action):
+    started = time.monotonic()
+    try:
+        action()
+    except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+        return time.monotonic() - started, exc
+    return time.monotonic() - started, None
+
+
+def test_a_customer_that_never_greets_costs_one_timeout(reversed_pair):
+    from backupmx.smtpclient import PrimaryUnavailable
+
+    peer, customer = reversed_pair
+    took, exc = elapsed(peer.start)
+    assert isinstance(exc, PrimaryUnavailable) and "timeout" in exc.reason and took < 2
+
+
+def test_a_dripping_greeting_is_bounded_as_a_whole(reversed_pair):
+    from backupmx.smtpclient import PrimaryUnavailable
+
+    peer, customer = reversed_pair
+
+    def drip():
+        for byte in b"220 customer.test ESMTP\r\n":
+            try:
+                customer.sendall(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(0.05)  # 1.25 s for the line: each byte in time, the whole reply not
+
+    threading.Thread(target=drip, daemon=True).start()
+    took, exc = elapsed(peer.start)
+    assert isinstance(exc, PrimaryUnavailable) and "timeout" in exc.reason and took < 1
+
+
+def test_an_endless_reply_is_cut_at_its_line_bound(reversed_pair):
+    from backupmx.smtpclient import PrimaryUnavailable
+
+    peer, customer = reversed_pair
+    threading.Thread(target=lambda: customer.sendall(b"220-customer.test\r\n" * 200), daemon=True).start()
+    took, exc = elapsed(peer.start)
+    assert isinstance(exc, PrimaryUnavailable) and "100 lines" in exc.reason
+
+
+def test_a_customer_that_stops_reading_costs_one_timeout(reversed_pair):
+    peer, customer = reversed_pair
+    customer.sendall(b"220 customer.test ESMTP\r\n")
+    threading.Thread(target=lambda: (customer.recv(100), customer.sendall(b"250 customer.test\r\n")),
+                     daemon=True).start()
+    peer.start()
+    client, _ = peer.open()
+    took, exc = elapsed(lambda: client.send(b"x" * 2_000_000))  # more than any socket buffer
+    assert isinstance(exc, smtplib.SMTPServerDisconnected) and "timeout" in str(exc) and took < 2
+
+
+# --- the other way to run it: inetd (socket activation: test_deploy.py) ------------------------------
+
+
+def test_inetd_odmr_session_delivers_in_its_own_process(tmp_path, customer):
+    from test_deploy import PASSWORD as DEPLOY_PASSWORD
+    from test_deploy import LineClient, ca_context, inetd_config, inetd_session
+
+    cfg = inetd_config(tmp_path, free_port())
+    command = [sys.executable, str(REPO / "backupmx.py")]
+    with inetd_session(command, cfg, cwd=tmp_path) as (proc, ours):  # plain SMTP: one message queued
+        client = LineClient(ours)
+        client.line()
+        client.cmd("EHLO sender.test")
+        client.send_message("s@origin.test", "bob@example.com")
+    argv = command + ["serve", "--inetd", "--odmr", "-c", str(cfg)]
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs, stderr=theirs, cwd=str(tmp_path))
+    theirs.close()
+    try:
+        client = LineClient(ours)
+        assert client.line().startswith(b"220 ")
+        assert client.cmd("EHLO customer.test")[1].endswith(b"STARTTLS")
+        client.starttls(ca_context())
+        assert client.cmd("EHLO customer.test")[1].endswith(b"250 ATRN")
+        assert client.cmd("AUTH PLAIN " + base64.b64encode(b"\0prim\0" + DEPLOY_PASSWORD.encode()).decode())[0] == 235
+        assert client.cmd("ATRN example.com")[0] == 250
+        customer.reverse(client.sock).join(10)
+        assert [m[1] for m in customer.messages] == [["bob@example.com"]]
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        ours.close()
+
+
