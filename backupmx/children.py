@@ -100,6 +100,14 @@ def run_child(body, logger: logging.Logger, crash_event: str) -> None:
         os._exit(status)
 
 
+def send_signal(pid: int, sig: int) -> None:
+    """os.kill to a child that may be gone already (it is reaped with the others)."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def describe_status(status: int) -> str:
     """A wait status as a log value: signal-9, exit-3."""
     if os.WIFSIGNALED(status):

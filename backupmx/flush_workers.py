@@ -142,10 +142,7 @@ class FlushWorkers:
     def signal_all(self, sig, *, retiring=False):
         for f in self.handles.values():
             f.retiring = f.retiring or retiring
-            try:
-                os.kill(f.pid, sig)
-            except ProcessLookupError:
-                pass
+            children.send_signal(f.pid, sig)
 
     def wait_until_ready(self, timeout):
         """At start-up: spawn them and turn the master's loop (supervisor.poll) until every one

@@ -346,7 +346,7 @@ class Master:
         pending, self.lookups = self.lookups, None
         if pending is not None:
             children.forget_pipe(self.selector, pending.fd)
-            self._kill(pending.pid, signal.SIGKILL)  # reaped with the other children
+            children.send_signal(pending.pid, signal.SIGKILL)  # reaped with the other children
 
     def finish_reload(self, config, ssl_context, lookups):
         if self.stopping:
@@ -536,7 +536,7 @@ class Master:
         try:
             w.ctrl.send(how.encode("ascii"))
         except OSError:
-            self._kill(w.pid, signal.SIGTERM)
+            children.send_signal(w.pid, signal.SIGTERM)
 
     def read_worker(self, w):
         for _ in range(1024):
@@ -626,11 +626,11 @@ class Master:
             if w.aborted_at is None and now - w.last_seen > HEARTBEAT_TIMEOUT:
                 log_event(self.logger, "worker-hung", pid=w.pid, silent=f"{now - w.last_seen:.1f}s", signal="SIGABRT")
                 w.aborted_at = now
-                self._kill(w.pid, signal.SIGABRT)
+                children.send_signal(w.pid, signal.SIGABRT)
             elif w.aborted_at is not None and now - w.aborted_at > ABORT_GRACE:
                 log_event(self.logger, "worker-killed", pid=w.pid, reason="still there after SIGABRT")
                 w.aborted_at = float("inf")  # once
-                self._kill(w.pid, signal.SIGKILL)
+                children.send_signal(w.pid, signal.SIGKILL)
 
     def manage_workers(self):
         """Keep config.workers workers of the current generation running."""
@@ -674,16 +674,10 @@ class Master:
         self.handle_signals()
         self.reap_workers()
 
-    def _kill(self, pid, sig):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
     def kill_all(self, sig):
         metrics = [self.metrics.pid] if self.metrics else []
         for pid in [*self.workers, *self.flush_workers.handles, *self.odmr.children, *metrics]:
-            self._kill(pid, sig)
+            children.send_signal(pid, sig)
 
     def halt(self, status):
         """Stop now (a worker cannot boot): children are told to stop, the loop ends."""
@@ -805,7 +799,4 @@ class MetricsProcess:
     def stop(self, *, retiring=False):
         if self.handle is not None:
             self.handle.retiring = self.handle.retiring or retiring
-            try:
-                os.kill(self.handle.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            children.send_signal(self.handle.pid, signal.SIGTERM)

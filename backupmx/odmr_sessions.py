@@ -134,10 +134,7 @@ class OdmrSessions:
     def stop(self) -> None:
         """SIGTERM to each: before ATRN its session gets 421, after it the delivery stops between messages."""
         for pid in self.children:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            children.send_signal(pid, signal.SIGTERM)
 
     def _refuse(self, listener, sock, ip: str) -> None:
         """421 busy, as the master says when every worker is full (a `reject` line, counted)."""
