@@ -32,6 +32,7 @@ import hmac
 import re
 import secrets
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -90,14 +91,14 @@ _SCRYPT_RE = re.compile(
     r"\$(?P<salt>[A-Za-z0-9+/]+={0,2})\$(?P<hash>[A-Za-z0-9+/]+={0,2})"
 )
 
-# What an unknown user (or a user whose secret is {PLAIN}) is checked against,
-# so that every check_password costs one scrypt run: the time it takes tells
-# nothing about whether the user exists or how its secret is stored.  No
-# password hashes to this value (the "hash" is not the output of scrypt).
+# What an unknown user (or a {PLAIN} one) is checked against when no user has a
+# secret that costs a KDF run (Authenticator._decoys): hash_password's cost.
+# No password hashes to this value (the "hash" is not the output of scrypt).
 _DUMMY_HASH = (
     "{SCRYPT}n=16384,r=8,p=1$YmFja3VwbXgtZHVtbXktc2FsdA==$"
     "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 )
+_DECOY_SALT = b"backupmx decoy salt"
 
 
 class SASLSyntaxError(ValueError):
@@ -232,10 +233,15 @@ class Authenticator:
     matched exactly.  Every check returns the UserConfig on success, else None;
     the caller decides what the user may ETRN (UserConfig.domains).
 
-    Every check costs the same whoever asks: a PLAIN or LOGIN check runs one
-    scrypt and one PBKDF2 (at scram.DEFAULT_ITERATIONS), a SCRAM check one
-    PBKDF2, the unused ones on dummy input; so the time an answer takes tells
-    nothing about whether the user exists or how its secret is stored.
+    One KDF run per check, and nothing in its time or its answers that tells
+    whether the user exists. A PLAIN or LOGIN check runs the user's own KDF
+    (scrypt for {SCRYPT}, PBKDF2 at its count for {SCRAM-SHA-256}); a user
+    without one (unknown, {PLAIN}) runs a decoy: the KDF of one configured
+    secret, chosen by a keyed hash of the name, so the same name always costs
+    the same and the costs of made-up names are spread as the real ones are
+    (the way its SCRAM salt is made up). A SCRAM check runs one PBKDF2 at the
+    count made-up answers give (a {PLAIN} user's keys are derived at it; for
+    everyone else it runs on dummy input).
     """
 
     def __init__(self, users: Mapping[str, object]):
@@ -247,6 +253,13 @@ class Authenticator:
         # salt cannot be computed to tell a real user from a made-up one.
         material = "\0".join(f"{name}\0{getattr(user, 'password', '')}" for name, user in sorted(self._users.items()))
         self._salt_key = hashlib.sha256(b"backupmx scram salts\0" + material.encode("utf-8")).digest()
+        stored = [user.password for _, user in sorted(self._users.items())]
+        self._decoys = [decoy for decoy in map(_decoy_of, stored) if decoy is not None] or [_DUMMY_HASH]
+        # Made-up SCRAM answers give the count most SCRAM secrets here have
+        # (doveadm writes 4096, `backupmx passwd` 100,000): a user whose count
+        # is the usual one then looks like any name (RFC 5802 section 9).
+        counts = Counter(secret.iterations for secret in map(_scram_of, stored) if secret is not None)
+        self._made_up_iterations = max(counts, key=lambda n: (counts[n], n)) if counts else scram.DEFAULT_ITERATIONS
 
     def _stored(self, username: str) -> str | None:
         user = self._users.get(username)
@@ -255,24 +268,20 @@ class Authenticator:
     def check_password(self, username: str, password: str):
         """The UserConfig when the password is right, else None (PLAIN and LOGIN).
 
-        Exactly one scrypt run and one PBKDF2 run per call whatever the user, so
-        an unknown user, a {PLAIN}, a {SCRAM-SHA-256} and a {SCRYPT} user cost
-        about the same.
+        Exactly one KDF run per call: the user's own, or the name's decoy.
         """
         user = self._users.get(username)
         stored = user.password if user is not None else ""
-        scrypt_ok = verify_password(password, stored if stored.startswith(SCRYPT_PREFIX) else _DUMMY_HASH)
-        if stored.startswith(SCRAM_PREFIX):
-            scram_ok = verify_password(password, stored)
-        else:
-            scram_ok = _dummy_pbkdf2(password)
-        if stored.startswith(SCRYPT_PREFIX):
-            ok = scrypt_ok
-        elif stored.startswith(SCRAM_PREFIX):
-            ok = scram_ok
-        else:
-            ok = stored.startswith(PLAIN_PREFIX) and verify_password(password, stored)
-        return user if ok else None
+        if _decoy_of(stored) is not None:
+            return user if verify_password(password, stored) else None
+        verify_password(password, self._decoy(username))  # never matches: for the time it takes
+        return user if stored.startswith(PLAIN_PREFIX) and verify_password(password, stored) else None
+
+    def _decoy(self, username: str) -> str:
+        """The made-up secret a name without a KDF of its own is checked against: stable
+        per name, unguessable without the configuration."""
+        pick = hmac.new(self._salt_key, b"decoy\0" + username.encode("utf-8", "replace"), hashlib.sha256).digest()
+        return self._decoys[int.from_bytes(pick[:8], "big") % len(self._decoys)]
 
     def check_cram_md5(self, username: str, challenge: bytes, digest_hex: str):
         """The UserConfig when `digest_hex` is HMAC-MD5(secret, challenge), else None.
@@ -297,29 +306,26 @@ class Authenticator:
 
         A user with a {SCRAM-SHA-256} secret gets its own; everyone else a salt
         derived from the name with a key only this configuration knows, and the
-        default count: the answer looks the same for a user that exists, one
-        that does not, and one whose secret cannot serve SCRAM (RFC 5802
-        section 9 leaves this to the server; we give nothing away).
+        count most SCRAM secrets here use: the answer looks the same for a user
+        that exists, one that does not, and one whose secret cannot serve SCRAM
+        (RFC 5802 section 9 leaves this to the server). Only a SCRAM secret
+        whose count is not the usual one here stands out.
         """
         secret = self._scram_secret(username)
         if secret is not None:
             return secret.salt, secret.iterations
         salt = hmac.new(self._salt_key, username.encode("utf-8"), hashlib.sha256).digest()[:scram.SALT_BYTES]
-        return salt, scram.DEFAULT_ITERATIONS
+        return salt, self._made_up_iterations
 
     def _scram_secret(self, username: str) -> "scram.StoredSecret | None":
         stored = self._stored(username)
-        if stored is None or not stored.startswith(SCRAM_PREFIX):
-            return None
-        try:
-            return scram.parse_secret(stored)
-        except scram.ScramError:
-            return None
+        return None if stored is None else _scram_of(stored)
 
     def check_scram(self, credentials: "Credentials") -> bytes | None:
         """The server-final message when the SCRAM proof is right, else None. Slow:
-        one PBKDF2 run per call whatever the user (a {PLAIN} user's keys are derived
-        now; for everyone else it runs on dummy input, for the time it takes)."""
+        one PBKDF2 run per call whatever the user, at the made-up answers' count (a
+        {PLAIN} user's keys are derived now; for everyone else it runs on dummy
+        input, for the time it takes)."""
         username = credentials.username
         stored = self._stored(username)
         secret = self._scram_secret(username)
@@ -329,9 +335,9 @@ class Authenticator:
                 secret = scram.make_secret(stored[len(PLAIN_PREFIX):], salt=salt, iterations=iterations)
             except scram.ScramError:  # a {PLAIN} secret SASLprep refuses: SCRAM cannot serve it
                 secret = None
-                _dummy_pbkdf2(username)
+                _dummy_pbkdf2(username, self._made_up_iterations)
         else:
-            _dummy_pbkdf2(username)
+            _dummy_pbkdf2(username, self._made_up_iterations)
         if secret is None or not scram.verify_proof(secret, credentials.auth_message, credentials.proof):
             return None
         return scram.server_final(secret, credentials.auth_message).encode("ascii")
@@ -351,10 +357,37 @@ class Authenticator:
         return Verified(self.check_password(credentials.username, credentials.password) is not None)
 
 
-def _dummy_pbkdf2(text: str) -> bool:
-    """One PBKDF2 run at the default count, for the time it takes; never a match."""
-    hashlib.pbkdf2_hmac("sha256", text.encode("utf-8", "replace"), b"backupmx dummy salt", scram.DEFAULT_ITERATIONS)
-    return False
+def _dummy_pbkdf2(text: str, iterations: int) -> None:
+    """One PBKDF2 run, for the time it takes."""
+    hashlib.pbkdf2_hmac("sha256", text.encode("utf-8", "replace"), b"backupmx dummy salt", iterations)
+
+
+def _scram_of(stored: str) -> "scram.StoredSecret | None":
+    """The SCRAM secret of a stored value, or None (another scheme)."""
+    if not stored.startswith(SCRAM_PREFIX):
+        return None
+    try:
+        return scram.parse_secret(stored)
+    except scram.ScramError:
+        return None
+
+
+def _decoy_of(stored: str) -> str | None:
+    """A secret of the same scheme and cost as `stored` that no password matches (zero
+    keys): what a name without a KDF of its own is checked against. None for {PLAIN}
+    (no KDF) and for what is not a valid {SCRYPT} or {SCRAM-SHA-256} value."""
+    secret = _scram_of(stored)
+    if secret is not None:
+        return scram.StoredSecret(_DECOY_SALT, secret.iterations, bytes(scram.KEY_BYTES),
+                                  bytes(scram.KEY_BYTES)).encode()
+    if not stored.startswith(SCRYPT_PREFIX):
+        return None
+    try:
+        n, r, p, _, key = _parse_scrypt(stored)
+    except ValueError:
+        return None
+    return (f"{SCRYPT_PREFIX}n={n},r={r},p={p}${base64.b64encode(_DECOY_SALT).decode('ascii')}"
+            f"${base64.b64encode(bytes(len(key))).decode('ascii')}")
 
 
 def authzid_acceptable(authzid: str, authcid: str) -> bool:

@@ -716,6 +716,9 @@ class _Loader:
                 raise self.error(section, None, f"duplicate user {name}")
             users[name] = UserConfig(name=name, password=u["password"], domains=frozenset(allowed))
 
+        if "auth_mechanisms" not in parser["backupmx"]:
+            g["auth_mechanisms"], reason = default_auth_mechanisms(self.path, users.values())
+            self.warnings += [reason] if reason else []
         self.warnings += unserved_mechanisms(self.path, users.values(), g["auth_mechanisms"])
         exposure = plain_secrets_exposure(self.path, users.values())
         if exposure is not None:
@@ -752,6 +755,26 @@ def _recipient(item: str, domain: str) -> str:
     if where != domain:
         raise ValueError(f"{item} is not in domain {domain}")
     return f"{fold_local_part(local)}@{domain}"
+
+
+def default_auth_mechanisms(path: str, users) -> tuple[tuple[str, ...], str | None]:
+    """auth_mechanisms when the file does not set it, and the warning that explains it.
+
+    DEFAULT_AUTH_MECHANISMS, without SCRAM-SHA-256 while any user holds a secret
+    that cannot serve it ({SCRYPT}, the only scheme before SCRAM came, and still
+    `backupmx passwd`'s default): a client that prefers SCRAM-SHA-256 (`backupmx
+    etrn` from before its PLAIN retry, or any other) would otherwise get 535
+    for a right password, and the mail would wait for an ETRN that never works.
+    """
+    unable = sorted(user.name for user in users if "SCRAM-SHA-256" not in secret_serves(user.password))
+    if not unable:
+        return DEFAULT_AUTH_MECHANISMS, None
+    mechanisms = tuple(m for m in DEFAULT_AUTH_MECHANISMS if m != "SCRAM-SHA-256")
+    who = " ".join(f"[user:{name}]" for name in unable[:5]) + (f" and {len(unable) - 5} more" if len(unable) > 5 else "")
+    return mechanisms, (f"{path}: [backupmx] auth_mechanisms: not set, and the {{SCRYPT}} secret of {who} cannot"
+                        f" serve SCRAM-SHA-256, so EHLO offers {' '.join(mechanisms)}: write it with"
+                        " `backupmx passwd --scheme scram-sha-256` to have SCRAM-SHA-256 offered, or set"
+                        " auth_mechanisms")
 
 
 def unserved_mechanisms(path: str, users, mechanisms: tuple[str, ...]) -> list[str]:

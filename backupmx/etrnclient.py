@@ -36,6 +36,7 @@ import ssl
 import sys
 
 from backupmx import scram
+from backupmx.addresses import normalize_domain
 
 __all__ = ["main", "parse_target", "parse_targets", "run", "run_hosts"]
 
@@ -164,23 +165,44 @@ def choose_mechanism(offered: list[str], wanted: str | None = None) -> str:
     raise _Failed(f"server offers no usable AUTH mechanism (wanted one of {' '.join(PREFERENCE)})", EX_CONFIG)
 
 
-def _authenticate(smtp: smtplib.SMTP, user: str, password: str, mechanism: str | None = None) -> None:
-    """AUTH with one mechanism (choose_mechanism), once: no second try with another.
+def _authenticate(smtp: smtplib.SMTP, user: str, password: str, mechanism: str | None = None, *,
+                  verified: bool = True, note=lambda line: None) -> None:
+    """AUTH with one mechanism (choose_mechanism); _Failed unless the server says 235.
 
-    A failed try counts against the user (max_auth_failures, the per-client
-    ban, fail2ban); a {SCRYPT} user whose server offers SCRAM-SHA-256 gets a
-    hint to run with --mechanism PLAIN instead. Done by hand rather than with
-    smtplib.login, which base64-encodes ASCII only; here user and password
-    are UTF-8 (RFC 4616, RFC 5802).
+    One exception to "one try": when we chose SCRAM-SHA-256 ourselves, it got 535,
+    the server also offers PLAIN and its certificate was verified, PLAIN is tried
+    once on the same TLS session, and note() tells the operator why. A
+    {SCRYPT} secret on the server (the only kind before SCRAM came, and still
+    `backupmx passwd`'s default) cannot serve SCRAM-SHA-256: without the retry
+    every ETRN of an upgraded primary would fail and the mail would wait until
+    it expires. The retry costs one more failure (max_auth_failures, the
+    per-client count, fail2ban) only when the password really is wrong. Done by
+    hand rather than with smtplib.login, which base64-encodes ASCII only; here
+    user and password are UTF-8 (RFC 4616, RFC 5802).
     """
     offered = smtp.esmtp_features.get("auth", "").upper().split()
     mech = choose_mechanism(offered, mechanism)
+    code, msg = _auth_exchange(smtp, mech, user, password)
+    if code == 535 and mech == "SCRAM-SHA-256" and mechanism is None:
+        if "PLAIN" in offered and verified:
+            note(f"SCRAM-SHA-256 refused ({_reply_text(code, msg)}); trying PLAIN once on the same TLS session, "
+                 "as a {SCRYPT} secret on the backup MX cannot serve SCRAM-SHA-256. To stop this extra failed try: "
+                 "write the secret there with `backupmx passwd --scheme scram-sha-256`, or pass --mechanism PLAIN")
+            code, msg = _auth_exchange(smtp, "PLAIN", user, password)
+        else:
+            msg += (b" (a {SCRYPT} secret on the backup MX cannot serve SCRAM-SHA-256: write it with"
+                    b" `backupmx passwd --scheme scram-sha-256`, or choose another --mechanism)")
+    if code != 235:
+        raise _Failed(f"authentication failed: {_reply_text(code, msg)}", _auth_status(code))
 
+
+def _auth_exchange(smtp: smtplib.SMTP, mech: str, user: str, password: str) -> tuple[int, bytes]:
+    """One AUTH exchange with `mech`: the server's last reply."""
     def b64(data: bytes) -> str:
         return base64.b64encode(data).decode("ascii")
 
     if mech == "SCRAM-SHA-256":
-        return _scram(smtp, user, password, mechanism is None)
+        return _scram(smtp, user, password)
     if mech == "CRAM-MD5":
         code, msg = smtp.docmd("AUTH", "CRAM-MD5")
         if code == 334:
@@ -191,16 +213,15 @@ def _authenticate(smtp: smtplib.SMTP, user: str, password: str, mechanism: str |
                 raise _Failed("server sent a malformed CRAM-MD5 challenge", EX_UNAVAILABLE) from None
             digest = hmac.new(password.encode("utf-8"), challenge, hashlib.md5).hexdigest()
             code, msg = smtp.docmd(b64(f"{user} {digest}".encode("utf-8")))
-    elif mech == "PLAIN":
-        code, msg = smtp.docmd("AUTH", "PLAIN " + b64(f"\0{user}\0{password}".encode("utf-8")))
-    else:
-        code, msg = smtp.docmd("AUTH", "LOGIN")
-        if code == 334:
-            code, msg = smtp.docmd(b64(user.encode("utf-8")))
-        if code == 334:
-            code, msg = smtp.docmd(b64(password.encode("utf-8")))
-    if code != 235:
-        raise _Failed(f"authentication failed: {_reply_text(code, msg)}", _auth_status(code))
+        return code, msg
+    if mech == "PLAIN":
+        return smtp.docmd("AUTH", "PLAIN " + b64(f"\0{user}\0{password}".encode("utf-8")))
+    code, msg = smtp.docmd("AUTH", "LOGIN")
+    if code == 334:
+        code, msg = smtp.docmd(b64(user.encode("utf-8")))
+    if code == 334:
+        code, msg = smtp.docmd(b64(password.encode("utf-8")))
+    return code, msg
 
 
 def _auth_status(code: int) -> int:
@@ -208,7 +229,7 @@ def _auth_status(code: int) -> int:
     return EX_TEMPFAIL if 400 <= code < 500 else EX_NOPERM
 
 
-def _scram(smtp: smtplib.SMTP, user: str, password: str, chosen_by_us: bool) -> None:
+def _scram(smtp: smtplib.SMTP, user: str, password: str) -> tuple[int, bytes]:
     """RFC 5802 as the client, with the server's signature checked before ETRN."""
     try:
         client = scram.Client(user, password)
@@ -216,25 +237,20 @@ def _scram(smtp: smtplib.SMTP, user: str, password: str, chosen_by_us: bool) -> 
         raise _Failed(f"SCRAM-SHA-256 cannot use this user name or password ({exc}): try --mechanism PLAIN",
                       EX_CONFIG) from None
     code, msg = smtp.docmd("AUTH", "SCRAM-SHA-256 " + base64.b64encode(client.first().encode("utf-8")).decode())
-    if code == 334:
-        try:
+    try:
+        if code == 334:
             final = client.final(_decode_challenge(msg))
-        except scram.ScramError as exc:
-            smtp.docmd("*")
-            raise _Failed(f"server sent an unusable SCRAM message: {exc}", EX_UNAVAILABLE) from None
-        code, msg = smtp.docmd(base64.b64encode(final.encode("utf-8")).decode())
+            code, msg = smtp.docmd(base64.b64encode(final.encode("utf-8")).decode())
         if code == 334:
             if not client.check(_decode_challenge(msg)):
                 smtp.docmd("*")
                 raise _Failed("the server's SCRAM signature is wrong: it does not hold this user's secret "
                               "(not the backup MX it claims to be?)", EX_CONFIG)
             code, msg = smtp.docmd("")
-    if code == 235:
-        return
-    hint = ""
-    if code == 535 and chosen_by_us:
-        hint = " (a {SCRYPT} secret on the server cannot serve SCRAM-SHA-256: try --mechanism PLAIN)"
-    raise _Failed(f"authentication failed: {_reply_text(code, msg)}{hint}", _auth_status(code))
+    except scram.ScramError as exc:  # the password was checked in scram.Client(): the server is to blame
+        smtp.docmd("*")
+        raise _Failed(f"server sent an unusable SCRAM message: {exc}", EX_UNAVAILABLE) from None
+    return code, msg
 
 
 def _decode_challenge(msg: bytes) -> str:
@@ -334,7 +350,8 @@ def run(host, port, domains, *, user, password, implicit_tls=False, cafile=None,
         stage = "AUTH"
         if not smtp.has_extn("auth"):
             raise _Failed("server does not offer AUTH", EX_CONFIG)
-        _authenticate(smtp, user, password, mechanism)
+        _authenticate(smtp, user, password, mechanism, verified=not insecure,
+                      note=lambda line: print(f"backupmx etrn: {where}: {line}", file=err))
         stage = "ETRN"
         status = EX_OK
         for domain in domains:
@@ -360,6 +377,26 @@ def run(host, port, domains, *, user, password, implicit_tls=False, cafile=None,
                 smtp.close()
             except OSError:
                 pass
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text holding lone surrogates (bytes a UTF-8 locale could not decode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def etrn_argument(text: str) -> str:
+    """A DOMAIN argument as ETRN sends it: "@" (RFC 1985 section 3, the domain and its
+    subdomains) kept, the name in A-labels (the command line is ASCII); _Failed (64)
+    for what is no domain name."""
+    at = "@" if text.startswith("@") else ""
+    try:
+        return at + normalize_domain(text[len(at):])
+    except ValueError as exc:
+        raise _Failed(str(exc), EX_USAGE) from None
 
 
 def _read_password(password_file: str | None, user: str) -> str:
@@ -398,10 +435,15 @@ def main(args) -> int:
             targets = parse_targets(args.target, 465 if args.tls else 25)
         except ValueError as exc:
             raise _Failed(str(exc), EX_USAGE) from None
+        domains = [etrn_argument(domain) for domain in args.domains]
+        if not _is_utf8(args.user):
+            raise _Failed("--user: not UTF-8 text", EX_USAGE)
         password = _read_password(args.password_file, args.user)
+        if not _is_utf8(password):
+            raise _Failed("the password is not UTF-8 text", EX_CONFIG)
     except _Failed as exc:
         print(f"backupmx etrn: {exc}", file=sys.stderr)
         return exc.status
-    return run_hosts(targets, list(args.domains), user=args.user, password=password, implicit_tls=args.tls,
+    return run_hosts(targets, domains, user=args.user, password=password, implicit_tls=args.tls,
                      cafile=args.cafile, insecure=args.insecure, timeout=args.timeout,
                      mechanism=getattr(args, "mechanism", None))

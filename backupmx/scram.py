@@ -54,6 +54,8 @@ _NONCE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
 # saslname = 1*(value-safe-char / "=2C" / "=3D"); value-safe-char excludes NUL, "," and "="
 _SASLNAME = re.compile(r"(?:[^\x00,=]|=2C|=3D)+")
 _BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+# The server's iteration count "i=" (RFC 5802 section 7 posit-number), at most MAX_ITERATIONS' digits.
+_COUNT = re.compile(r"[0-9]{1,7}")
 
 
 class ScramError(ValueError):
@@ -271,8 +273,10 @@ class Client:
     """One SCRAM-SHA-256 exchange as the client: first(), final(server_first), check(server_final)."""
 
     def __init__(self, username: str, password: str, nonce: str | None = None, authzid: str = ""):
+        """ScramError here for a user name or password SASLprep refuses: a local
+        problem (the password file), never blamed on the server's messages."""
         self.username = saslprep(username)
-        self.password = password
+        self.password = saslprep(password)
         self.nonce = nonce or new_nonce()
         self._gs2_header = f"n,a={encode_saslname(authzid)}," if authzid else "n,,"
         self._bare = f"n={encode_saslname(self.username)},r={self.nonce}"
@@ -287,7 +291,8 @@ class Client:
         nonce, salt_text, iterations_text = _attributes(server_first_message, "rsi")
         if not nonce.startswith(self.nonce) or len(nonce) == len(self.nonce) or not _NONCE.fullmatch(nonce):
             raise ScramError("the server's nonce does not extend ours")
-        if not iterations_text.isdigit() or not MIN_ITERATIONS <= int(iterations_text) <= MAX_ITERATIONS:
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+        if not _COUNT.fullmatch(iterations_text) or not MIN_ITERATIONS <= int(iterations_text) <= MAX_ITERATIONS:
             raise ScramError(f"unreasonable iteration count {iterations_text[:12]!r}")
         salt = _b64decode(salt_text, "salt")
         salted = salted_password(self.password, salt, int(iterations_text))

@@ -114,6 +114,47 @@ def test_check_password(users):
     assert a.check_password("", "") is None
 
 
+def kdf_runs(call):
+    """The KDF runs (scrypt, PBKDF2 with its count) `call` makes: the real hashlib
+    functions, watched with sys.setprofile, not replaced."""
+    import sys
+
+    runs = []
+
+    def watch(frame, event, arg):
+        if event == "c_call" and arg in (hashlib.scrypt, hashlib.pbkdf2_hmac):
+            runs.append("scrypt" if arg is hashlib.scrypt else f"pbkdf2-{frame.f_locals.get('iterations')}")
+
+    sys.setprofile(watch)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return runs
+
+
+def test_one_kdf_run_per_password_check(scrypt_value):
+    """review-1 m8: a PLAIN/LOGIN guess costs one KDF, the user's own or its name's decoy,
+    and made-up names cost what the configured secrets cost, each name always the same."""
+    users = {"alice": User("alice", scrypt_value, frozenset({"example.com"})),
+             "sam": User("sam", auth.scram.make_secret("pw", iterations=4096).encode(), frozenset({"example.com"})),
+             "bob": User("bob", "{PLAIN}bobs secret", frozenset({"example.org"}))}
+    a = Authenticator(users)
+    assert kdf_runs(lambda: a.check_password("alice", "wrong")) == ["scrypt"]
+    assert kdf_runs(lambda: a.check_password("alice", "correct horse")) == ["scrypt"]
+    assert kdf_runs(lambda: a.check_password("sam", "wrong")) == ["pbkdf2-4096"]
+    for name in ("bob", "nobody", "Alice", ""):
+        runs = kdf_runs(lambda: a.check_password(name, "bobs secret"))
+        assert len(runs) == 1 and runs[0] in ("scrypt", "pbkdf2-4096"), (name, runs)
+        assert kdf_runs(lambda: a.check_password(name, "other")) == runs  # stable per name
+    made_up = {kdf_runs(lambda: a.check_password(f"user{i}", "x"))[0] for i in range(40)}
+    assert made_up == {"scrypt", "pbkdf2-4096"}
+    assert a.check_password("bob", "bobs secret") is users["bob"] and a.check_password("nobody", "") is None
+    # Without a KDF secret configured, hash_password's scrypt is the decoy.
+    lone = Authenticator({"bob": users["bob"]})
+    assert kdf_runs(lambda: lone.check_password("nobody", "x")) == ["scrypt"]
+
+
 def test_unknown_user_costs_about_the_same(users):
     a = Authenticator(users)
 

@@ -344,14 +344,37 @@ def test_scrypt_password_from_auth(tmp_path):
     config = load_config(write(tmp_path, text))
     user = config.users["primary"]
     assert user.password == value and user.domains == frozenset({"example.com"})
-    # A {SCRYPT} secret cannot serve SCRAM-SHA-256, which the default auth_mechanisms lists: say so.
-    assert any("[user:primary] password: a {SCRYPT} secret cannot serve SCRAM-SHA-256" in w
-               and "--scheme scram-sha-256" in w for w in config.warnings)
+    # A {SCRYPT} secret cannot serve SCRAM-SHA-256: the default leaves it out, and says so once.
+    assert config.auth_mechanisms == ("PLAIN", "LOGIN")
+    [line] = [w for w in config.warnings if "SCRAM" in w]
+    assert "auth_mechanisms: not set" in line and "[user:primary]" in line and "--scheme scram-sha-256" in line
     # No certificate: allowed, but AUTH is never offered, so say so.
     assert any("tls_cert" in w and "AUTH" in w for w in config.warnings)
     mangled = config_text(extra="[user:primary]\npassword = {SCRYPT}garbage\ndomains = example.com\n")
     with pytest.raises(ConfigError, match=r"\[user:primary\] password: .*SCRYPT"):
         load_config(write(tmp_path, mangled))
+
+
+def test_default_auth_mechanisms_leave_scram_out_while_a_secret_cannot_serve_it(tmp_path):
+    """An upgrade must not break ETRN for the {SCRYPT} users an older backupmx wrote (review-1 M2)."""
+    auth = pytest.importorskip("backupmx.auth")
+    scrypt, scram_value = auth.hash_password("pw"), auth.hash_password("pw", "scram-sha-256")
+    users = "".join(f"[user:{name}]\npassword = {value}\ndomains = example.com\n"
+                    for name, value in (("old1", scrypt), ("new", scram_value), ("old2", scrypt)))
+    config = load_config(write(tmp_path, config_text(extra=users)))
+    assert config.auth_mechanisms == ("PLAIN", "LOGIN")
+    [line] = [w for w in config.warnings if "SCRAM" in w]  # one line names them all
+    assert "[user:old1] [user:old2] cannot serve SCRAM-SHA-256" in line and "[user:new]" not in line
+    # An explicit setting wins, with the warning per user that cannot serve it.
+    explicit = load_config(write(tmp_path, config_text("auth_mechanisms = SCRAM-SHA-256 PLAIN\n", extra=users)))
+    assert explicit.auth_mechanisms == ("SCRAM-SHA-256", "PLAIN")
+    assert sum("a {SCRYPT} secret cannot serve SCRAM-SHA-256" in w for w in explicit.warnings) == 2
+    # Only SCRAM and {PLAIN} secrets: the whole default.
+    modern = load_config(write(tmp_path, config_text(
+        extra=f"[user:new]\npassword = {scram_value}\ndomains = example.com\n"
+              "[user:p]\npassword = {PLAIN}x\ndomains = example.com\n")))
+    assert modern.auth_mechanisms == ("SCRAM-SHA-256", "PLAIN", "LOGIN")
+    assert not [w for w in modern.warnings if "SCRAM" in w]
 
 
 def test_domain_names_normalised(tmp_path):

@@ -122,6 +122,24 @@ def test_unknown_user_looks_like_a_real_one(users):
     assert other.scram_parameters("nobody")[0] != salt
 
 
+def test_made_up_answers_use_the_usual_iteration_count():
+    """review-1 m5: with doveadm's 4096 the usual count here, an unknown name, a {SCRYPT}
+    and a {PLAIN} user answer i=4096 as the real SCRAM users do."""
+    def at(count):
+        return auth.scram.make_secret("pw", iterations=count).encode()
+
+    users = {"a": User("a", at(4096)), "b": User("b", at(4096)), "c": User("c", at(100_000)),
+             "s": User("s", auth.hash_password("pw")), "p": User("p", "{PLAIN}pw")}
+    a = Authenticator(users)
+    assert {name: a.scram_parameters(name)[1] for name in ("a", "b", "nobody", "s", "p", "c")} == \
+        {"a": 4096, "b": 4096, "nobody": 4096, "s": 4096, "p": 4096, "c": 100_000}
+    exchange = auth.sasl_exchange("SCRAM-SHA-256", "mx2.test", a)
+    exchange.step(None)
+    assert unb64(exchange.step(b64(scram.Client("nobody", "x").first()))).endswith(",i=4096")
+    assert not run_exchange(a, "nobody", "pw")[0] and run_exchange(a, "p", "pw")[0]
+    assert Authenticator({"s": users["s"]}).scram_parameters("nobody")[1] == scram.DEFAULT_ITERATIONS
+
+
 def test_authzid_for_another_user_fails(users):
     authenticator = Authenticator(users)
     assert run_exchange(authenticator, "scram", "right pw", authzid="scram")[0]  # the user itself is fine
@@ -216,6 +234,7 @@ def forged_secret(password):
 def mx(tmp_path_factory):
     server = start_server(
         tmp_path_factory.mktemp("scram"), tls=True, env={"BACKUPMX_AUTH_FAILURE_DELAY": "0.2"},
+        auth_mechanisms="SCRAM-SHA-256 PLAIN LOGIN",  # offered although [user:scrypt] cannot serve SCRAM
         users={"scram": (auth.hash_password("scram pw", "scram-sha-256"), "example.com"),
                "plain": ("{PLAIN}plain pw", "example.com"),
                "scrypt": (auth.hash_password("scrypt pw"), "example.com"),
@@ -225,6 +244,9 @@ def mx(tmp_path_factory):
         server.stop(signal.SIGTERM)
     finally:
         server.kill_group()
+
+
+NO_MAIL = "ETRN example.com: 251 2.0.0 No messages waiting for node example.com\n"
 
 
 def etrn(server, user, password, **kw):
@@ -248,10 +270,36 @@ def test_backupmx_etrn_refuses_a_server_with_a_wrong_signature(mx):
     assert "SCRAM signature is wrong" in err and err.count("\n") == 1
 
 
-def test_scrypt_user_gets_a_hint_and_plain_works(mx):
+def test_scrypt_user_is_retried_with_plain_once_and_told_why(mx):
+    """review-1 M2: an upgraded `backupmx etrn` against a {SCRYPT} user still hands the mail over."""
     rc, out, err = etrn(mx, "scrypt", "scrypt pw")
-    assert rc != 0 and "535 5.7.8" in err and "--mechanism PLAIN" in err
-    assert etrn(mx, "scrypt", "scrypt pw", mechanism="PLAIN")[0] == 0
+    assert (rc, out) == (0, NO_MAIL)
+    assert err.count("\n") == 1 and "SCRAM-SHA-256 refused (535 5.7.8" in err and "trying PLAIN once" in err
+    assert "passwd --scheme scram-sha-256" in err and "--mechanism PLAIN" in err
+    assert "user=scrypt mechanism=PLAIN" in mx.log()
+    # A wrong password fails both ways (77); one chosen with --mechanism is tried alone.
+    rc, out, err = etrn(mx, "scrypt", "wrong pw")
+    assert (rc, out) == (77, "") and err.count("\n") == 2 and "authentication failed: 535" in err
+    rc, out, err = etrn(mx, "scrypt", "scrypt pw", mechanism="SCRAM-SHA-256")
+    assert rc == 77 and "trying PLAIN" not in err
+    assert etrn(mx, "scrypt", "scrypt pw", mechanism="PLAIN") == (0, NO_MAIL, "")
+
+
+def test_no_plain_retry_over_an_unverified_session(mx):
+    """With --insecure a man in the middle could answer 535 to get the password in PLAIN."""
+    out, err = io.StringIO(), io.StringIO()
+    rc = etrnclient.run("localhost", mx.port, ["example.com"], user="scrypt", password="scrypt pw", insecure=True,
+                        timeout=10, out=out, err=err)
+    assert rc == 77 and out.getvalue() == "" and "passwd --scheme scram-sha-256" in err.getvalue()
+    assert err.getvalue().count("\n") == 1
+
+
+def test_a_password_saslprep_refuses_is_a_local_problem(mx):
+    """review-1 m6: the password file is to blame (78), not the server (69)."""
+    with pytest.raises(scram.ScramError, match="U\\+0007"):
+        scram.Client("scram", "bell\x07")
+    rc, out, err = etrn(mx, "scram", "bell\x07")
+    assert (rc, out) == (78, "") and "SASLprep prohibits U+0007" in err and "server" not in err
 
 
 def _starttls(server):
@@ -278,3 +326,94 @@ def test_scram_by_hand_over_the_wire(mx):
         assert code == 334 and scram_client.check(unb64(base64.b64decode(text)))
         assert client.docmd("")[0] == 235
         assert client.docmd("ETRN", "example.com")[0] == 251
+
+
+# --- a server whose SCRAM messages are hostile: `backupmx etrn` blames it, with 69 ------------
+
+
+class ScriptedBackupMX:
+    """A fake backup MX on 127.0.0.1 over real TLS (tests/certs): STARTTLS, then AUTH
+    SCRAM-SHA-256 answered with `answers` (each a function of the client's nonce giving
+    the text to base64 into a 334, or a raw reply line); "*" gets 501, QUIT 221."""
+
+    def __init__(self, answers):
+        import socket
+        import threading
+
+        self.answers = list(answers)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(CERTS / "server.pem"), str(CERTS / "server.key"))
+        self.listener.settimeout(10)
+        conn, _ = self.listener.accept()
+        conn.settimeout(10)
+        reader = conn.makefile("rb")
+        conn.sendall(b"220 fake ESMTP\r\n")
+        nonce = None
+        try:
+            while line := reader.readline():
+                command = line.decode().strip()
+                if command.upper().startswith("EHLO"):
+                    extension = "AUTH SCRAM-SHA-256 PLAIN" if isinstance(conn, ssl.SSLSocket) else "STARTTLS"
+                    conn.sendall(f"250-fake\r\n250 {extension}\r\n".encode())
+                elif command.upper() == "STARTTLS":
+                    conn.sendall(b"220 go ahead\r\n")
+                    conn = context.wrap_socket(conn, server_side=True)
+                    reader = conn.makefile("rb")
+                elif command.upper().startswith("AUTH SCRAM-SHA-256 "):
+                    first = base64.b64decode(command.split()[2]).decode()
+                    nonce = first.rsplit("r=", 1)[1]
+                    self._answer(conn, nonce)
+                elif command == "*":
+                    conn.sendall(b"501 5.7.0 cancelled\r\n")
+                elif command.upper() == "QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    break
+                elif nonce is not None and self.answers:
+                    self._answer(conn, nonce)
+                else:
+                    conn.sendall(b"535 5.7.8 no\r\n")
+        finally:
+            conn.close()
+            self.listener.close()
+
+    def _answer(self, conn, nonce):
+        answer = self.answers.pop(0)(nonce)
+        conn.sendall(answer if isinstance(answer, bytes) else b"334 " + b64(answer).encode() + b"\r\n")
+
+
+@pytest.mark.parametrize("answers, blame", [
+    ([lambda nonce: f"r={nonce}xyz,s=c2FsdHNhbHQ=,i=\u00b2"], "unreasonable iteration count"),
+    ([lambda nonce: f"r={nonce}xyz,s=c2FsdHNhbHQ=,i=99999999"], "unreasonable iteration count"),
+    ([lambda nonce: f"r={nonce}xyz,s=c2FsdHNhbHQ=,i=4096", lambda nonce: b"334 !not base64!\r\n"], "not base64"),
+], ids=["unicode-digit", "huge", "final-not-base64"])
+def test_a_server_with_unusable_scram_messages_is_blamed(answers, blame):
+    """review-1 m6: never `internal error` (exit 1), always 69 with the server named."""
+    server = ScriptedBackupMX(answers)
+    out, err = io.StringIO(), io.StringIO()
+    rc = etrnclient.run("localhost", server.port, ["example.com"], user="u", password="pw",
+                        cafile=str(CERTS / "ca.pem"), timeout=10, out=out, err=err)
+    server.thread.join(10)
+    assert (rc, out.getvalue()) == (69, "")
+    assert "server sent an unusable SCRAM message" in err.getvalue() and blame in err.getvalue()
+
+
+def test_etrn_arguments_that_are_not_ascii_are_never_an_internal_error(mx, tmp_path, capsys):
+    from backupmx.cli import main
+
+    password_file = tmp_path / "pw"
+    password_file.write_text("scram pw\n")
+    common = ["--password-file", str(password_file), "--cafile", str(CERTS / "ca.pem"), "--timeout", "10"]
+    assert main(["etrn", f"localhost:{mx.port}", "Bücher.example", "@example.com", "--user", "scram", *common]) == 77
+    out, err = capsys.readouterr()
+    assert out.startswith("ETRN xn--bcher-kva.example: 459") and "ETRN @example.com: 25" in out and err == ""
+    assert main(["etrn", f"localhost:{mx.port}", "exa\u00admple.com", "--user", "scram", *common]) == 64
+    assert main(["etrn", f"localhost:{mx.port}", "example.com", "--user", "\udcff", "--mechanism", "PLAIN",
+                 *common]) == 64
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 2 and "internal error" not in err
