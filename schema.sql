@@ -166,6 +166,31 @@ CREATE TABLE IF NOT EXISTS auth_failures (
 -- Counting one client's recent failures.
 CREATE INDEX IF NOT EXISTS auth_failures_client ON auth_failures (client, at);
 
+-- Greylisting (`greylist = DURATION`): one row per (client network, sender,
+-- recipient) seen at RCPT. The first attempt gets 450 4.7.1; a retry after
+-- `greylist` and within `greylist_expire` passes, and the triple then passes
+-- at once for 35 days after it was last seen. Housekeeping deletes waiting
+-- rows older than greylist_expire and passed ones unseen for 35 days; no
+-- network has more than 1000 waiting rows (beyond, new triples get 450 and no
+-- row), so a client rotating senders cannot grow the table without bound.
+--   SELECT client, COUNT(*) FROM greylist WHERE passed IS NULL GROUP BY 1 ORDER BY 2 DESC LIMIT 10;  -- churn
+--   DELETE FROM greylist WHERE client = '192.0.2.0/24';  -- greylist a network afresh
+CREATE TABLE IF NOT EXISTS greylist (
+    client     TEXT NOT NULL,    -- the client's network: '192.0.2.0/24', or '2001:db8:1:2::/64' for IPv6
+    sender     TEXT NOT NULL,    -- MAIL FROM, lower-cased, digit runs in its local part as '#' and BATV/SRS tags dropped (they change with each retry); '' = <>
+    recipient  TEXT NOT NULL,    -- RCPT TO, lower-cased
+    first_seen INTEGER NOT NULL, -- unix time of the first attempt: the delay counts from here
+    passed     INTEGER,          -- unix time of the retry that passed; NULL = still waiting
+    last_seen  INTEGER NOT NULL, -- unix time last seen (refreshed at most daily once passed); first_seen while waiting
+    PRIMARY KEY (client, sender, recipient) -- one row per triple
+) WITHOUT ROWID;
+
+-- Housekeeping's purge, oldest first.
+CREATE INDEX IF NOT EXISTS greylist_last_seen ON greylist (last_seen);
+
+-- The waiting rows of one network (its bound).
+CREATE INDEX IF NOT EXISTS greylist_waiting ON greylist (client) WHERE passed IS NULL;
+
 -- History: one row per thing that happened to a message, kept after the
 -- message is delivered (until expired_retention), so nothing leaves without a trace.
 CREATE TABLE IF NOT EXISTS events (
@@ -263,7 +288,8 @@ CREATE TABLE IF NOT EXISTS schema_compat (
 -- 6: auth_failures (a new table, likewise); schema_compat.
 -- 7: messages.client_name, messages.protocol (added to an older queue on start, after body:
 --    reading them then walks the body's pages, as for smtputf8).
-PRAGMA user_version = 7;
+-- 8: greylist (a new table, likewise).
+PRAGMA user_version = 8;
 
 -- The oldest schema version whose backupmx can still read and write a queue of
 -- this version. When you bump user_version:
@@ -276,6 +302,6 @@ PRAGMA user_version = 7;
 --     column the program must fill, a changed meaning.
 -- 4: a backupmx of schema 4 or later keeps every table it knows of this one up
 -- to date (3 and older know neither domain_status nor counters); one that does
--- not know verify_cache or auth_failures just lacks those features, and one
+-- not know verify_cache, auth_failures or greylist just lacks those features, and one
 -- that does not know messages.client_name and protocol leaves them NULL.
 INSERT OR REPLACE INTO schema_compat (id, oldest_version) VALUES (1, 4);

@@ -7,11 +7,12 @@
   count an IPv4 client by its address and an IPv6 client by its /64: one
   subscriber usually holds a whole /64 (RFC 6177), so counting single IPv6
   addresses would give each attacker 2**64 tries.
+- Greylisting keys a client by its network (network_of): /24 or /64.
 """
 
 import ipaddress
 
-__all__ = ["limit_key", "shown_address"]
+__all__ = ["limit_key", "network_of", "shown_address"]
 
 
 def shown_address(address: str) -> str:
@@ -28,6 +29,18 @@ def limit_key(address: str) -> str:
     if ip is None or ip.version == 4:
         return shown_address(address)
     return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
+def network_of(address: str) -> str:
+    """The client's network, as greylisting keys it: "192.0.2.0/24", "2001:db8:1:2::/64".
+
+    A sender's retries come from any host of its pool (the big providers send from
+    many addresses of one /24), and an IPv6 subscriber holds a /64. A client that
+    is no IP address keys as itself."""
+    ip = _parse(shown_address(address))
+    if ip is None:
+        return shown_address(address)
+    return str(ipaddress.ip_network(f"{ip}/{24 if ip.version == 4 else 64}", strict=False))
 
 
 def _parse(address: str):

@@ -20,6 +20,7 @@ Rules the reader keeps (docs/SPEC.md, "Configuration"):
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import math
 import os
 import re
@@ -143,6 +144,9 @@ class Config:
     greet_pause: float  # seconds the 220 is held back; input before it ends the session (0 = off)
     max_auth_failures_per_client: int  # failed AUTHs from one client (IPv6: its /64) within auth_failure_window
     auth_failure_window: float  # seconds
+    greylist: float  # seconds a new (network, sender, recipient) must wait before its retry passes; 0 = off
+    greylist_expire: float  # seconds a first attempt waits for its retry before it is forgotten
+    greylist_exempt: tuple  # ipaddress networks never greylisted
     domains: Mapping[str, DomainConfig]
     users: Mapping[str, UserConfig]
     warnings: tuple[str, ...] = field(default=())  # lines `check` and the server log print
@@ -429,6 +433,17 @@ def _mailbox(text: str) -> str | None:
     return text
 
 
+def _networks(text: str) -> tuple:
+    """ "192.0.2.0/24, 2001:db8::/32, 198.51.100.7" -> ip_network objects (host bits must be 0)."""
+    networks = []
+    for item in _split_list(text):
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except ValueError as exc:
+            raise ValueError(f"bad network {item!r}: {exc}") from None
+    return tuple(networks)
+
+
 def _user_name(text: str) -> str | None:
     return text.strip() or None
 
@@ -470,6 +485,9 @@ _GLOBAL_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
     "greet_pause": (parse_duration, 0.0),
     "max_auth_failures_per_client": (_integer(1), 10),
     "auth_failure_window": (_positive_duration, 3600.0),
+    "greylist": (parse_duration, 0.0),
+    "greylist_expire": (_positive_duration, 86400.0),
+    "greylist_exempt": (_networks, ()),
 }
 
 
@@ -664,6 +682,9 @@ class _Loader:
                              "listen_odmr needs tls_cert and tls_key (ATRN is only offered after STARTTLS)")
         if g["greet_pause"] >= g["timeout"]:
             raise self.error("backupmx", "greet_pause", f"must be shorter than timeout ({g['timeout']:g}s)")
+        if g["greylist"] and g["greylist"] >= g["greylist_expire"]:
+            raise self.error("backupmx", "greylist", f"must be shorter than greylist_expire ({g['greylist_expire']:g}s): "
+                             "a retry after the delay must still find its first attempt")
         return g
 
     def load(self) -> Config:

@@ -18,7 +18,8 @@ few store transactions, so it is safe to run from several processes at once:
   3. delay warnings (delay_warning > 0 and a bounce_relay): one per row, at most once.
   4. retries  domains with retry_interval > 0 whose mail is due get a flush request.
   5. purge    failed/expired rows older than expired_retention; the
-              recipient-callout answers past their time (verify_cache);
+              recipient-callout answers past their time (verify_cache) and
+              greylist triples past theirs;
               failed AUTHs older than auth_failure_window; then
               incremental_vacuum and a WAL checkpoint.
   6. domains  domain-queueing / domain-drained lines for what changed any other
@@ -150,7 +151,7 @@ class _Round:
         self.send = send
         self.summary: dict[str, object] = {
             "expired": 0, "dsn_sent": 0, "dsn_skipped": 0, "dsn_failed": 0,
-            "delay_warnings": 0, "retries": [], "purged": 0, "verify_purged": 0, "vacuumed_pages": 0,
+            "delay_warnings": 0, "retries": [], "purged": 0, "verify_purged": 0, "greylist_purged": 0, "vacuumed_pages": 0,
             "checkpoint": None, "errors": 0, "notices": 0,
         }
 
@@ -362,6 +363,9 @@ class _Round:
     def purge_verify(self) -> None:
         self.summary["verify_purged"] = self.store.purge_verify()
 
+    def purge_greylist(self) -> None:
+        self.summary["greylist_purged"] = self.store.purge_greylist(self.config.greylist_expire)
+
     # 6. domains: queueing / drained, notices
 
     def domains(self) -> None:
@@ -402,7 +406,7 @@ def housekeeping(store: QueueStore, config, *, logger: logging.Logger | None = N
 
         expired, dsn_sent, dsn_skipped, dsn_failed (recipients), delay_warnings (rows),
         retries (domains asked to flush), purged (rows), verify_purged (cached callout
-        answers), notices (sent), vacuumed_pages,
+        answers), greylist_purged (triples), notices (sent), vacuumed_pages,
         checkpoint (SQLite's (busy, wal pages, checkpointed)), errors (steps that
         met QueueUnavailable; the others still ran).
 
@@ -416,6 +420,7 @@ def housekeeping(store: QueueStore, config, *, logger: logging.Logger | None = N
     r.step("retries", r.retries)
     r.step("purge", r.purge)
     r.step("purge_verify", r.purge_verify)
+    r.step("purge_greylist", r.purge_greylist)
     r.step("domains", r.domains)
     r.step("upkeep", r.upkeep)
     return r.summary

@@ -12,7 +12,12 @@ callout last: a refused client costs the primary nothing.
   client      - (waits for the connect-time DNS     -
                 lookups: client_dns)
   quota       452 4.3.1 (quota.Admission)          -
+  greylist    450 4.7.1 (greylist.Greylisting)     greylist = 0, AUTH, greylist_exempt networks
   verify      550 5.1.1 / 450 4.1.1 / 450 4.4.0    the domain does not say recipients = verify
+
+Greylisting comes before the callout: spam that never retries costs the
+primary nothing, and a dictionary attack must retry each address before it
+learns anything.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 
 from backupmx.client_dns import ClientFacts
 from backupmx.envelope import Envelope, Recipient
+from backupmx.greylist import Greylisting
 from backupmx.offload import Offload
 from backupmx.quota import Admission
 from backupmx.store import QueueStore
@@ -49,7 +55,8 @@ class RecipientPolicy:
     def __init__(self, config, store: QueueStore, offload: Offload, logger: logging.Logger, admission: Admission):
         self.config, self.admission = config, admission
         self.verifier = Verifier(config, store, offload, logger)
-        self._checks = (self._client_known, self._quota, self._verify)
+        self.greylisting = Greylisting(config, store, offload, logger) if config.greylist else None
+        self._checks = (self._client_known, self._quota, self._greylist, self._verify)
 
     def admit(self, question: RecipientQuestion, answer: Answer) -> None:
         """Call `answer(None)` or `answer((reply, fields))`, now or later from the loop."""
@@ -72,6 +79,12 @@ class RecipientPolicy:
     def _quota(self, question: RecipientQuestion, resume: Answer) -> None:
         reply = self.admission.recipient(question.recipient.domain)
         resume(None if reply is None else (reply, {}))
+
+    def _greylist(self, question: RecipientQuestion, resume: Answer) -> None:
+        client = question.client.address
+        if self.greylisting is None or self.greylisting.exempt(client, question.authenticated):
+            return resume(None)
+        resume(self.greylisting.check(client, question.envelope.sender, question.recipient.address))
 
     def _verify(self, question: RecipientQuestion, resume: Answer) -> None:
         if not self.config.domains[question.recipient.domain].verify:

@@ -12,6 +12,7 @@ for the processes that use it:
   store_status.DomainStatus         per-domain status (last ETRN, last delivery, queueing
                                     since) and counters: metrics, health, notices
   store_verify.VerifyCache          SMTP workers, the CLI: the primary's answers to recipient callouts
+  store_greylist.Greylist           SMTP workers: greylisting's triples
   store_auth.AuthFailures           SMTP workers, inetd sessions: failed AUTHs per client
 
 What must always hold (each public method keeps it in ONE transaction):
@@ -36,6 +37,7 @@ from backupmx.store_db import (DELIVERED, EXPIRED, FAILED, HELD, QUEUED, RECEIVE
                                check_database, is_queue_id, new_queue_id)
 from backupmx.store_delivery import Delivery, QueuedMessage  # noqa: F401
 from backupmx.store_flushes import FlushRequests  # noqa: F401
+from backupmx.store_greylist import Greylist, GreylistEntry, Triple  # noqa: F401
 from backupmx.store_housekeeping import DSN_CLAIM_SECONDS, Bounce, ExpiredRow, Housekeeping, PurgedRow  # noqa: F401
 from backupmx.store_intake import Intake, QuotaExceeded, Submission  # noqa: F401
 from backupmx.store_operator import (Event, MessageDetail, MessageRow, OperatorQueries,  # noqa: F401
@@ -45,5 +47,5 @@ from backupmx.store_verify import ACCEPTED, REFUSED, VerifyAnswer, VerifyCache  
 
 
 class QueueStore(Intake, FlushRequests, Delivery, Housekeeping, OperatorQueries, DomainStatus, VerifyCache,
-                 AuthFailures):
+                 AuthFailures, Greylist):
     """The whole queue, every role on one connection. One instance per process, created after fork."""

@@ -12,10 +12,10 @@ LAYERS = {
     "protocol": {"smtp", "smtp_body", "addresses", "envelope", "replies", "auth", "scram", "idn", "outcome",
                  "clients", "odmr"},
     "queue": {"store", "store_db", "store_intake", "store_flushes", "store_delivery", "store_housekeeping",
-              "store_operator", "store_status", "store_verify", "store_auth", "schema"},
+              "store_operator", "store_status", "store_verify", "store_auth", "store_greylist", "schema"},
     "driver": {"connection", "offload", "quota", "tls", "smtpclient", "primaries", "metrics", "health",
                "policy", "verify", "auth_limit", "client_dns",
-               "odmr_connection"},
+               "odmr_connection", "greylist"},
     "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "lifecycle", "dsn",
                 "notify", "metrics_http", "flush_workers", "odmr_sessions"},
 }

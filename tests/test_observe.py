@@ -340,13 +340,16 @@ def test_metrics_endpoint_is_bounded_against_hostile_clients(mx):
 # --- fail2ban --------------------------------------------------------------------------------
 
 
-def failregexes():
-    """The filter's failregex lines as Python regexes (fail2ban's <HOST>: an address or a name, captured)."""
+def failregexes(mode="normal"):
+    """The filter's failregex lines for `mode` as Python regexes, %(...)s and fail2ban's
+    <mdre-<mode>> resolved (fail2ban's <HOST>: an address or a name, captured)."""
     import configparser
 
-    parser = configparser.ConfigParser(interpolation=None)
+    parser = configparser.ConfigParser()
     parser.read(CONTRIB / "fail2ban" / "filter.d" / "backupmx.conf")
-    lines = parser["Definition"]["failregex"].strip().splitlines()
+    definition = parser["Definition"]
+    assert definition["failregex"].strip() == "<mdre-<mode>>"
+    lines = definition[f"mdre-{mode}"].strip().splitlines()
     return [re.compile(line.strip().replace("<HOST>", r"(?P<host>\S+)")) for line in lines]
 
 
