@@ -102,6 +102,9 @@ class SessionLoop:
         self.stop = stop or StopFlag()
         self.selector = selectors.DefaultSelector()
         self.sessions = {}  # conn -> peer ip as the master sent it
+        # conn -> its deadline as of its last update(): every callback of a session is
+        # followed by update(), so the loop need not ask all of them each turn.
+        self.deadlines = {}
         self.to_commit = []  # (conn, Submission) waiting for this round's group commit
         self.outbox = []  # control messages the socket could not take yet
         self.draining = False
@@ -148,8 +151,10 @@ class SessionLoop:
             return
         if conn.closed:
             self._unregister(conn)
+            self.deadlines.pop(conn, None)
             self.report(f"closed {self.sessions.pop(conn)}")
             return
+        self.deadlines[conn] = conn.deadline
         mask = conn.interest()
         if mask == 0:  # open, but waiting for nothing but its deadline
             self._unregister(conn)
@@ -192,6 +197,7 @@ class SessionLoop:
                     conn.sock.close()
                 except OSError:
                     pass
+                self.deadlines.pop(conn, None)
                 self.report(f"closed {self.sessions.pop(conn, ip)}")
 
     def _collect(self, conn):
@@ -255,7 +261,7 @@ class SessionLoop:
             return [exc] * len(submissions)
 
     def check_deadlines(self, now):
-        for conn in [c for c in self.sessions if c.deadline is not None and c.deadline <= now]:
+        for conn in [c for c, deadline in self.deadlines.items() if deadline is not None and deadline <= now]:
             if not conn.closed:
                 self._call(conn, conn.on_timeout)
             self.update(conn)
@@ -266,6 +272,7 @@ class SessionLoop:
             self.update(conn)
             if conn in self.sessions:  # a close() that did not close
                 self._unregister(conn)
+                self.deadlines.pop(conn, None)
                 self.report(f"closed {self.sessions.pop(conn)}")
 
     # -- control socket -------------------------------------------------------
@@ -371,9 +378,9 @@ class SessionLoop:
         wait = MAX_WAIT
         if self.ctrl is not None and not self.master_gone:
             wait = min(wait, self.next_heartbeat - now)
-        for conn in self.sessions:
-            if conn.deadline is not None:
-                wait = min(wait, conn.deadline - now)
+        earliest = min((d for d in self.deadlines.values() if d is not None), default=None)
+        if earliest is not None:
+            wait = min(wait, earliest - now)
         if self.draining:
             wait = min(wait, (self.close_at if self.polite_sent else self.polite_at) - now)
         return max(wait, 0.0)
