@@ -539,7 +539,7 @@ def test_flush_run_by_root_delivers_as_user(tmp_path, nobody_dir, sink):
     log = nobody_dir / "f.log"
     cfg = write_config(nobody_dir / "f.ini", port=free_port(), queue=queue, user="nobody", log=str(log),
                        domains={"example.com": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"}})
-    sink.data_delay = 1.0  # long enough to look at the flusher while it delivers
+    sink.data_delay = 0.5  # long enough to look at the flusher while it delivers
     done = subprocess.run([python, str(REPO / "backupmx.py"), "flush", "example.com", "-c", str(cfg)],
                           capture_output=True, text=True, timeout=30, cwd=str(nobody_dir))
     assert done.returncode == 0 and done.stdout.startswith("253 "), done.stderr

@@ -280,7 +280,8 @@ def inetd_auth_plain(cfg, password, cwd):
 def test_auth_failures_count_per_client_across_sessions_workers_and_inetd(server_factory, tmp_path):
     port, port6 = free_port(), free_port("::1")
     server = server_factory(tls=True, workers=2, port=port, listen=f"127.0.0.1:{port}, [::1]:{port6}",
-                            max_auth_failures_per_client=3, users={"prim": ("{PLAIN}" + PASSWORD, "example.com")})
+                            max_auth_failures_per_client=3, users={"prim": ("{PLAIN}" + PASSWORD, "example.com")},
+                            env={"BACKUPMX_AUTH_FAILURE_DELAY": "0.1"})
     with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three sessions at once: both workers get some
         assert list(pool.map(lambda _: auth_plain(port, "guess"), range(3))) == [535, 535, 535]
     failed = [line for line in server.log().splitlines() if "auth-failed client=127.0.0.1" in line]
@@ -288,6 +289,7 @@ def test_auth_failures_count_per_client_across_sessions_workers_and_inetd(server
     for pid in {pid_of(server, "worker-started")} | {int(line.split("[")[1].split("]")[0]) for line in failed}:
         os.kill(pid, signal.SIGKILL)  # the count outlives the workers that made it
     assert wait_for(lambda: server.log().count("worker-died") >= 2, timeout=10)
+    assert wait_for(lambda: greeted(port), timeout=10)  # respawned (a quick death waits a second)
     # The right password now: refused before it is looked at, from any worker ...
     assert auth_plain(port, PASSWORD) == 421
     # ... and from inetd sessions on the same queue.
