@@ -3,6 +3,12 @@
 - Its verified name (forward-confirmed reverse DNS, as Postfix's smtpd
   does): the PTR name of its address whose own addresses include it, else
   "unknown". It goes into our Received: header and into XFORWARD NAME.
+- Its listings on the `dnsbl` zones (RFC 5782): an A record for the
+  reversed address (IPv4 octets, IPv6 nibbles) under the zone. Only answers
+  in 127.0.0.0/8 count: 127.255.255.0/24 is what a list answers when it
+  refuses the query (Spamhaus: through a public resolver, over quota), and
+  anything else is a resolver that makes up answers for NXDOMAIN. Either is
+  logged and lists nobody. RCPT then answers from the facts (policy.py).
 
 The lookups run on the Offload's "dns" lane with the system resolver
 (getaddrinfo / gethostbyaddr: /etc/hosts, nsswitch, resolv.conf). The first
@@ -41,10 +47,10 @@ class TemporaryLookupError(Exception):
 class SystemResolver:
     """The system resolver, as the C library sees it. Every method may block: call it off the loop."""
 
-    def addresses(self, name: str) -> list[str]:
-        """The IPv4 and IPv6 addresses of `name`; [] when it has none (NXDOMAIN, NODATA)."""
+    def addresses(self, name: str, family: int = socket.AF_UNSPEC) -> list[str]:
+        """The addresses of `name` (IPv4 and IPv6, or of `family`); [] when it has none (NXDOMAIN, NODATA)."""
         try:
-            infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+            infos = socket.getaddrinfo(name, None, family, socket.SOCK_STREAM)
         except socket.gaierror as exc:
             if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
                 return []
@@ -64,6 +70,14 @@ class SystemResolver:
         return [name, *aliases]
 
 
+@dataclass(frozen=True)
+class Listing:
+    """A DNSBL's "yes": the zone and its answer (e.g. 127.0.0.2: a test entry, RFC 5782 5)."""
+
+    zone: str
+    answer: str
+
+
 @dataclass
 class ClientFacts:
     """What DNS said about one client (filled in from the loop, once)."""
@@ -71,8 +85,14 @@ class ClientFacts:
     address: str
     deadline: float  # monotonic: given up then
     name: str | None = None  # verified name or UNKNOWN; None while looking
+    listings: dict = field(default_factory=dict)  # zone -> Listing, of the zones that list the client
+    pending: int = 0  # lookups not answered yet
     done: bool = False
     _waiting: list[Callable[[], None]] = field(default_factory=list)
+
+    def listing(self, zones: tuple[str, ...]) -> Listing | None:
+        """The first of `zones` (in configuration order) that lists the client."""
+        return next((self.listings[zone] for zone in zones if zone in self.listings), None)
 
     def when_known(self, then: Callable[[], None]) -> None:
         """Call `then()` once the lookups are done (at once when they are)."""
@@ -99,6 +119,21 @@ def verified_name(resolver, address: str) -> str:
     except TemporaryLookupError:
         pass
     return UNKNOWN
+
+
+def dnsbl_query(address: str, zone: str) -> str:
+    """RFC 5782 2.1 and 2.4: 192.0.2.1 -> "1.2.0.192.<zone>"; IPv6 as 32 reversed nibbles."""
+    pointer = ipaddress.ip_address(address).reverse_pointer  # "...in-addr.arpa" / "...ip6.arpa"
+    return f"{pointer.rsplit('.', 2)[0]}.{zone}"
+
+
+def dnsbl_answers(resolver, address: str, zone: str) -> list[str]:
+    """The zone's A records for `address` (on a pool thread); [] when it does not list it."""
+    return resolver.addresses(dnsbl_query(address, zone), socket.AF_INET)
+
+
+_LISTED = ipaddress.ip_network("127.0.0.0/8")
+_REFUSED = ipaddress.ip_network("127.255.255.0/24")
 
 
 def _same_addresses(found: list[str], address: str) -> bool:
@@ -132,24 +167,50 @@ class ClientDNS:
             facts._finish()
             return facts
         self._looking.append((owner, facts))
+        zones = self.config.dnsbl
+        facts.pending = 1 + len(zones)
         self.offload.submit(owner, verified_name, self.resolver, address, lane=LANE,
-                            then=lambda future: self._named(facts, future))
+                            then=lambda future: self._answered(facts, future, self._named))
+        for zone in zones:  # at once, each on its own thread: one slow list does not hold up the others
+            self.offload.submit(owner, dnsbl_answers, self.resolver, address, zone, lane=LANE,
+                                then=lambda future, zone=zone: self._answered(
+                                    facts, future, lambda facts, answers: self._listed(facts, zone, answers)))
         return facts
 
-    def _named(self, facts: ClientFacts, future: Future) -> None:
+    def _answered(self, facts: ClientFacts, future: Future, record: Callable) -> None:
+        """In the loop: one lookup is done; the facts are, once all are (or they were given up)."""
         if facts.done:
-            return  # given up meanwhile
+            return
         try:
-            facts.name = future.result()
-        except Exception as exc:  # a resolver that broke names nobody
+            record(facts, future.result())
+        except Exception as exc:  # TemporaryLookupError, or a resolver that broke: no answer
             log_event(self.logger, "lookup-failed", client=facts.address, error=f"{type(exc).__name__}: {exc}",
                       level=logging.WARNING)
-            facts.name = UNKNOWN
-        self._done(facts)
+        facts.pending -= 1
+        if facts.pending <= 0:
+            if facts.name is None:
+                facts.name = UNKNOWN
+            self._looking = [(owner, f) for owner, f in self._looking if f is not facts]
+            facts._finish()
 
-    def _done(self, facts: ClientFacts) -> None:
-        self._looking = [(owner, f) for owner, f in self._looking if f is not facts]
-        facts._finish()
+    @staticmethod
+    def _named(facts: ClientFacts, name: str) -> None:
+        facts.name = name
+
+    def _listed(self, facts: ClientFacts, zone: str, answers: list[str]) -> None:
+        for answer in answers:
+            try:
+                ip = ipaddress.ip_address(answer)
+            except ValueError:
+                continue
+            if ip in _REFUSED or ip not in _LISTED:
+                log_event(self.logger, "dnsbl-error", client=facts.address, zone=zone, answer=answer,
+                          reason="the list refused the query" if ip in _REFUSED else "not a 127.0.0.0/8 answer",
+                          level=logging.WARNING)
+                continue
+            facts.listings[zone] = Listing(zone, answer)
+            log_event(self.logger, "dnsbl-listed", client=facts.address, zone=zone, answer=answer)
+            return
 
     def upkeep(self) -> None:
         """From the worker loop: give up the lookups past their deadline (their waiters go on)."""

@@ -52,6 +52,7 @@ DEFAULT_CONFIG_PATH = "/etc/backupmx/backupmx.ini"
 
 PRIMARY_TLS_MODES = ("none", "opportunistic", "required")
 VERIFY_UNREACHABLE = ("accept", "tempfail")
+DNSBL_ACTIONS = ("reject", "tempfail")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 PASSWORD_SCHEMES = ("{SCRYPT}", "{SCRAM-SHA-256}", "{PLAIN}")
 DEFAULT_AUTH_MECHANISMS = ("SCRAM-SHA-256", "PLAIN", "LOGIN")
@@ -147,6 +148,8 @@ class Config:
     greylist: float  # seconds a new (network, sender, recipient) must wait before its retry passes; 0 = off
     greylist_expire: float  # seconds a first attempt waits for its retry before it is forgotten
     greylist_exempt: tuple  # ipaddress networks never greylisted
+    dnsbl: tuple[str, ...]  # DNS blocklist zones, looked up at connect (client_dns)
+    dnsbl_action: str  # "reject" (554 5.7.1) | "tempfail" (450 4.7.1) for a listed client's RCPT
     domains: Mapping[str, DomainConfig]
     users: Mapping[str, UserConfig]
     warnings: tuple[str, ...] = field(default=())  # lines `check` and the server log print
@@ -444,8 +447,29 @@ def _networks(text: str) -> tuple:
     return tuple(networks)
 
 
+def _zones(text: str) -> tuple[str, ...]:
+    """ "zen.spamhaus.org, bl.example" -> the zones, lower-case, no trailing dot."""
+    zones = []
+    for item in _split_list(text):
+        try:
+            zones.append(normalize_domain(item))
+        except ValueError as exc:
+            raise ValueError(f"bad zone {item!r}: {exc}") from None
+    return tuple(dict.fromkeys(zones))
+
+
 def _user_name(text: str) -> str | None:
     return text.strip() or None
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, not {text.strip()!r}")
+        return value
+
+    return parse
 
 
 # key -> (parser, default). A default of _REQUIRED must be given.
@@ -488,17 +512,9 @@ _GLOBAL_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
     "greylist": (parse_duration, 0.0),
     "greylist_expire": (_positive_duration, 86400.0),
     "greylist_exempt": (_networks, ()),
+    "dnsbl": (_zones, ()),
+    "dnsbl_action": (_choice(DNSBL_ACTIONS), "reject"),
 }
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        value = text.strip().lower()
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, not {text.strip()!r}")
-        return value
-
-    return parse
 
 
 _primary_tls = _choice(PRIMARY_TLS_MODES)

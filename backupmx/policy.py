@@ -11,6 +11,7 @@ callout last: a refused client costs the primary nothing.
   check       refuses with                        skipped when
   client      - (waits for the connect-time DNS     -
                 lookups: client_dns)
+  dnsbl       554 5.7.1 / 450 4.7.1 (dnsbl_action)  no dnsbl zone lists the client, AUTH
   quota       452 4.3.1 (quota.Admission)          -
   greylist    450 4.7.1 (greylist.Greylisting)     greylist = 0, AUTH, greylist_exempt networks
   verify      550 5.1.1 / 450 4.1.1 / 450 4.4.0    the domain does not say recipients = verify
@@ -26,6 +27,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from backupmx import replies
 from backupmx.client_dns import ClientFacts
 from backupmx.envelope import Envelope, Recipient
 from backupmx.greylist import Greylisting
@@ -56,7 +58,7 @@ class RecipientPolicy:
         self.config, self.admission = config, admission
         self.verifier = Verifier(config, store, offload, logger)
         self.greylisting = Greylisting(config, store, offload, logger) if config.greylist else None
-        self._checks = (self._client_known, self._quota, self._greylist, self._verify)
+        self._checks = (self._client_known, self._dnsbl, self._quota, self._greylist, self._verify)
 
     def admit(self, question: RecipientQuestion, answer: Answer) -> None:
         """Call `answer(None)` or `answer((reply, fields))`, now or later from the loop."""
@@ -75,6 +77,14 @@ class RecipientPolicy:
 
     def _client_known(self, question: RecipientQuestion, resume: Answer) -> None:
         question.client.when_known(lambda: resume(None))
+
+    def _dnsbl(self, question: RecipientQuestion, resume: Answer) -> None:
+        """RFC 5782: the client's listing, looked up at connect (client_dns)."""
+        listing = question.client.listing(self.config.dnsbl)
+        if listing is None or question.authenticated:
+            return resume(None)
+        reply = replies.CLIENT_BLOCKLISTED if self.config.dnsbl_action == "reject" else replies.CLIENT_BLOCKLISTED_TEMPFAIL
+        resume((reply, {"client": question.client.address, "zone": listing.zone}))
 
     def _quota(self, question: RecipientQuestion, resume: Answer) -> None:
         reply = self.admission.recipient(question.recipient.domain)

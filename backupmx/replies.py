@@ -116,6 +116,9 @@ QUEUE_FULL = Reply(452, "4.3.1", "Error: the queue for a recipient's domain is f
 # reply line, cut short and cleaned like every field.
 RECIPIENT_UNDELIVERABLE = Reply(550, "5.1.1", "<{address}>: Recipient address rejected: undeliverable address: {reply}")
 RECIPIENT_UNVERIFIED = Reply(450, "4.1.1", "<{address}>: Recipient address rejected: unverified address: {reply}")
+# RFC 5782: the client is on a DNS blocklist (dnsbl_action = reject / tempfail).
+CLIENT_BLOCKLISTED = Reply(554, "5.7.1", "Service unavailable; client [{client}] blocked using {zone}")
+CLIENT_BLOCKLISTED_TEMPFAIL = Reply(450, "4.7.1", "Service unavailable; client [{client}] blocked using {zone}")
 GREYLISTED = Reply(450, "4.7.1", "<{address}>: Recipient address rejected: Greylisted, try again in {seconds} seconds")
 VERIFY_UNREACHABLE = Reply(450, "4.4.0", "<{address}>: Recipient address rejected: unverified address: "
                                          "the primary MX cannot be reached, try again later")

@@ -35,8 +35,8 @@ def domains(primary_port, **extra):
 class Client:
     """A raw SMTP client: send lines when we like, read replies when we like."""
 
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, port, host="127.0.0.1"):
+        self.sock = socket.create_connection((host, port), timeout=10)
         assert read_line(self.sock).startswith(b"220")
 
     def send(self, *lines):

@@ -67,7 +67,7 @@ class TableResolver:
     def names(self, address):
         return self._names.get(address, [])
 
-    def addresses(self, name):
+    def addresses(self, name, family=0):
         return self._addresses.get(name, [])
 
 
