@@ -98,6 +98,9 @@ CHUNK_RECEIVED = Reply(250, "2.0.0", "Ok: {octets} octets received")
 # commands after it: answered, then the session ends (as it never stays in step).
 BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT count [LAST]; closing the connection")
 DATA_AFTER_BDAT = Reply(503, "5.5.1", "Error: DATA and BDAT cannot be mixed in one transaction")
+# RFC 3030 has RCPT before the chunks; after the first one the Received: header
+# (written when the content starts) could no longer name the recipients right.
+RCPT_AFTER_BDAT = Reply(503, "5.5.1", "Error: RCPT after BDAT: recipients come before the first chunk")
 
 # Policy
 RELAY_DENIED = Reply(554, "5.7.1", "<{address}>: Relay access denied")

@@ -1004,6 +1004,7 @@ NO_TRANSACTION = Need("no transaction", lambda s, a: s.envelope is None, _refuse
 NOT_NESTED = Need("no transaction yet", lambda s, a: s.envelope is None, _refuse(replies.NESTED_MAIL))
 TRANSACTION = Need("a transaction", lambda s, a: s.envelope is not None, _refuse(replies.NEED_MAIL))
 NOT_CHUNKED = Need("no BDAT yet", lambda s, a: s._chunked_transfer() is None, _refuse(replies.DATA_AFTER_BDAT))
+NO_CHUNK_YET = Need("no BDAT yet", NOT_CHUNKED.holds, _refuse(replies.RCPT_AFTER_BDAT))
 A_RECIPIENT = Need("a recipient", lambda s, a: bool(s.envelope.recipients),
                    lambda s, verb: (replies.NO_VALID_RECIPIENTS if s._recipients_tried else replies.NEED_RCPT, {}))
 TLS = Need("TLS", lambda s, a: s.tls_active, _refuse(replies.ENCRYPTION_REQUIRED))
@@ -1029,7 +1030,7 @@ COMMANDS: dict[str, Command] = {
     "HELO": Command(Session._cmd_helo, last=True),
     "EHLO": Command(Session._cmd_ehlo, last=True),
     "MAIL": Command(Session._cmd_mail, (HELO, NOT_NESTED)),
-    "RCPT": Command(Session._cmd_rcpt, (TRANSACTION,)),
+    "RCPT": Command(Session._cmd_rcpt, (TRANSACTION, NO_CHUNK_YET)),
     "DATA": Command(Session._cmd_data, (NO_ARGUMENT, TRANSACTION, A_RECIPIENT, NOT_CHUNKED), last=True),
     # BDAT's octets after the command are data, not pipelined commands; its
     # needs (BDAT_NEEDS) are checked once the size is read (_cmd_bdat). It does

@@ -213,22 +213,24 @@ class ChunkedTransfer:
         if b"\0" in piece:
             self._fail(replies.NUL_IN_DATA)
         self._check_line_length(piece)
-        self.headers.feed(piece)
-        if self.headers.received > MAX_RECEIVED_HEADERS:
-            self._fail(replies.MAIL_LOOP)
         self._add(piece)
 
     def finish(self) -> None:
         """BDAT ... LAST was read: a CR left at the very end is a bare CR; a last
-        line without its CRLF gets one (what DATA's framing gives every message)."""
+        line without its CRLF gets one (what DATA's framing gives every message),
+        and is scanned like every other line (a header line: RFC 6531 3.2)."""
         if self._held_cr:
             self._fail(replies.BARE_LINE_ENDING)
         if self.size and self._tail != b"\r\n":
             self._add(b"\r\n")
 
     def _add(self, piece: bytes) -> None:
+        """Content as it will be queued: its header lines scanned, its size counted, handed on."""
         if not piece:
             return
+        self.headers.feed(piece)
+        if self.headers.received > MAX_RECEIVED_HEADERS:
+            self._fail(replies.MAIL_LOOP)
         self.size += len(piece)
         self._tail = (self._tail + piece)[-2:]
         if self.size > self.max_size:

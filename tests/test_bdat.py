@@ -71,6 +71,9 @@ def test_last_waits_for_the_commit(config):
     # DATA after BDAT in one transaction: 503; the BDAT transaction goes on.
     (HEAD + b"BDAT 3\r\nabcDATA\r\nBDAT 2 LAST\r\n\r\n", ["250 2.1.0", "250 2.1.5", "250 2.0.0", "503 5.5.1",
                                                           "250 2.0.0"]),
+    # RCPT after the first chunk: 503 (review-1 m1: Received: is written then); the chunks go on.
+    (HEAD + b"BDAT 3\r\nabcRCPT TO:<y@example.com>\r\nBDAT 2 LAST\r\n\r\n",
+     ["250 2.1.0", "250 2.1.5", "250 2.0.0", "503 5.5.1", "250 2.0.0"]),
     # BDAT after LAST: the transaction is over.
     (HEAD + bdat(b"a\r\n") + b"BDAT 1 LAST\r\nx", ["250 2.1.0", "250 2.1.5", "250 2.0.0", "503 5.5.1"]),
     # Syntax: the size cannot be read, so the chunk cannot be skipped: answered, then closed.
@@ -128,6 +131,31 @@ def test_chunks_after_a_failure_count_as_one_error(config):
     got = d.feed(HEAD + bdat(*chunks) + b"NOOP\r\n")
     assert got[-2:] == [reply_line(replies.BARE_LINE_ENDING), reply_line(replies.OK)]
     assert got.count(reply_line(replies.BARE_LINE_ENDING)) == 41 and not d.session.closed
+
+
+def test_recipients_all_come_before_the_first_chunk(config):
+    """review-1 m1: the Received: header, built when the content starts, names the one
+    recipient of a single-recipient message: a RCPT after that would be queued under
+    another recipient's name (a Bcc shown to the others)."""
+    d = session(config, commit="Q1")
+    got = d.feed(HEAD + b"BDAT 9\r\nSubj: x\r\nRCPT TO:<bob@example.org>\r\nRCPT TO:<carol@example.com>\r\n"
+                 + bdat(b"hi\r\n"))
+    assert got[-4:] == [reply_line(replies.CHUNK_RECEIVED, octets=9), reply_line(replies.RCPT_AFTER_BDAT),
+                        reply_line(replies.RCPT_AFTER_BDAT), reply_line(replies.QUEUED, queue_id="Q1")]
+    [message] = [e for e in d.events if type(e).__name__ == "MessageReceived"]
+    assert [r.address for r in message.envelope.recipients] == ["x@example.com"]
+    # RSET (or a new MAIL) starts a transaction that takes recipients again.
+    assert d.feed(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<y@example.com>\r\n")[-1].startswith("250 2.1.5")
+
+
+def test_a_last_header_line_without_crlf_is_scanned_for_utf8(config):
+    """review-1 m2: with SMTPUTF8, a message ending in a UTF-8 header line that BDAT LAST
+    left without its CRLF needs a primary that offers SMTPUTF8 (RFC 6531 3.2)."""
+    for content in ("Subject: caf\u00e9".encode(), "Subject: caf\u00e9\r\n".encode(), b"Subject: cafe"):
+        d = session(config)
+        d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test> SMTPUTF8\r\nRCPT TO:<x@example.com>\r\n" + bdat(content))
+        [message] = [e for e in d.events if type(e).__name__ == "MessageReceived"]
+        assert message.envelope.needs_smtputf8 == (not content.isascii()), content
 
 
 def test_a_message_without_a_final_crlf_gets_one(config):
