@@ -144,19 +144,35 @@ class ConnectionContext:
     def close(self) -> None:
         self.policy.close()
         self.offload.close()
-        self.flush_counts()
+        self.flush_counts(wait=True)  # the last chance: worth the busy timeout (5 s at most)
         self.store.close()
 
-    def flush_counts(self) -> None:
+    def flush_counts(self, *, wait: bool = False) -> None:
         """Add the refusals counted so far to the queue's counters (one transaction);
-        kept for the next time when the queue cannot take them now."""
+        kept for the next time when the queue cannot take them now. The event loop
+        calls this: by default it does not wait for another process's write lock
+        (a purge, `delete ALL`, a Litestream checkpoint, an operator's sqlite3),
+        which would freeze every session of the worker for the busy timeout.
+        Most of the time the counts are written sooner anyway, inside the group
+        commit of the mail (counts_for_commit)."""
         if not self.rejects:
             return
         try:
-            self.store.add_counts(REJECTS, self.rejects)
+            self.store.add_counts(REJECTS, self.rejects, wait=wait)
         except QueueUnavailable:
             return
         self.rejects.clear()
+
+    def counts_for_commit(self) -> dict[str, dict[str, int]]:
+        """The counts a group commit writes along with the mail (enqueue_many's `counts`);
+        forget them with counts_committed() once it committed."""
+        return {REJECTS: dict(self.rejects)} if self.rejects else {}
+
+    def counts_committed(self, counts: dict[str, dict[str, int]]) -> None:
+        for reason, n in counts.get(REJECTS, {}).items():
+            self.rejects[reason] -= n
+            if self.rejects[reason] <= 0:
+                del self.rejects[reason]
 
 
 class Unsent:

@@ -115,20 +115,29 @@ class _Lease:
     every lease/6 on its own SQLite connection, so a slow primary or a long
     body never lets it run out, and no SMTP read loop writes to the database.
     The delivery side asks `check()` between steps (each message, each body
-    chunk): once a renewal found the lease gone, another flusher owns the
-    domain and this one stops there.
+    chunk), which raises _LeaseLost once the lease is another flusher's, and
+    also once it is about to run out: renewals that failed for five intervals
+    (the queue busy or full), or a renewal thread that died, must not let this
+    flusher go on while a second one claims the domain (both would send the
+    same mail). `ran_out` then tells the caller to ask for the flush again.
     """
 
-    def __init__(self, store, domain: str, owner: str, seconds: float):
-        self.store, self.domain, self.owner, self.seconds = store, domain, owner, seconds
+    def __init__(self, store, domain: str, owner: str, seconds: float, log: logging.Logger = LOGGER):
+        self.store, self.domain, self.owner, self.seconds, self.log = store, domain, owner, seconds, log
         self.interval = seconds / 6
-        self.lost = False
+        self.lost = False  # a renewal found the lease another's, or the renewals stopped
+        self.ran_out = False  # ... and it was not another's: nobody may be delivering the rest
+        # Monotonic time until which the lease surely holds: when the last successful
+        # renewal started, plus its length (the queue's lease_expires is at least that).
+        self.valid_until = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name=f"lease-{domain}", daemon=True)
 
     def __enter__(self) -> "_Lease":
+        started = time.monotonic()
         if not self.store.renew_lease(self.domain, self.owner, self.seconds):
             raise _LeaseLost()
+        self.valid_until = started + self.seconds
         self._thread.start()
         return self
 
@@ -137,16 +146,26 @@ class _Lease:
         self._thread.join()
 
     def _renew(self) -> None:
-        with FlushRequests(self.store.path) as own:  # SQLite connections stay in their thread
-            while not self._stop.wait(self.interval):
-                try:
-                    if not own.renew_lease(self.domain, self.owner, self.seconds):
+        try:
+            with FlushRequests(self.store.path) as own:  # SQLite connections stay in their thread
+                while not self._stop.wait(self.interval):
+                    started = time.monotonic()
+                    try:
+                        renewed = own.renew_lease(self.domain, self.owner, self.seconds)
+                    except QueueUnavailable:
+                        continue  # busy or full now: check() stops the flush before the lease runs out
+                    if not renewed:
                         self.lost = True
                         return
-                except QueueUnavailable:
-                    continue  # busy or full now: the lease lasts five more tries
+                    self.valid_until = started + self.seconds
+        except Exception as exc:  # an unforeseen error: without renewals the lease must count as lost
+            log_event(self.log, "flush-error", domain=self.domain, owner=self.owner,
+                      error=f"lease renewal: {type(exc).__name__}: {exc}", level=logging.ERROR)
+            self.ran_out = self.lost = True
 
     def check(self) -> None:
+        if not self.lost and time.monotonic() >= self.valid_until - self.interval:
+            self.ran_out = self.lost = True  # one interval before anyone else may claim it
         if self.lost:
             raise _LeaseLost()
 
@@ -538,7 +557,7 @@ def deliver_domain(
     after a restart. Store errors (QueueUnavailable) propagate.
     """
     should_stop = should_stop or (lambda: False)
-    lease = _Lease(store, domain.name, owner, lease_seconds or default_lease_seconds(timeout))
+    lease = _Lease(store, domain.name, owner, lease_seconds or default_lease_seconds(timeout), log)
     flush = _Flush(store, domain, owner=owner, hostname=hostname, timeout=timeout, lease=lease, log=log,
                    primary=primary)
     messages = store.messages_for_flush(domain.name)
@@ -552,7 +571,10 @@ def deliver_domain(
     except _LeaseLost:
         status = "lease-lost"
         log_event(log, "flush-aborted", domain=domain.name, relay=flush.relay,
-                  reason="the flush lease was lost", level=logging.WARNING)
+                  reason="the flush lease ran out" if lease.ran_out else "the flush lease was lost",
+                  level=logging.WARNING)
+        if lease.ran_out:  # no other flusher took over: the rest must not wait for the next ETRN
+            _request_again(store, domain.name, log)
     counts = flush.counts
     log_event(log, "flush-" + status, domain=domain.name, relay=flush.relay, messages=counts["messages"],
               delivered=counts["delivered"], deferred=counts["deferred"], failed=counts["failed"],

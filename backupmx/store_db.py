@@ -332,6 +332,7 @@ class QueueDatabase:
         that can be learnt again -- the verify cache, the greylist --, never for mail."""
         self.path = path
         self._durable = durable
+        self._busy_ms = int(busy_timeout * 1000)
         self._clock = clock
         self._db: sqlite3.Connection | None = None
         self._turn_lock: int | None = None  # fd of <queue>-commit.lock: store_intake's turn to commit
@@ -446,12 +447,21 @@ class QueueDatabase:
         return int(self._clock())
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, wait: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction: BEGIN IMMEDIATE takes the write lock up front,
-        so the busy timeout applies here and never half-way through."""
+        so the busy timeout applies here and never half-way through.
+        wait=False: QueueUnavailable at once when another writer holds the lock
+        (for what an event loop may put off: it must never sleep on the lock)."""
         db = self.connection
         with _sqlite_errors():
-            db.execute("BEGIN IMMEDIATE")
+            if wait:
+                db.execute("BEGIN IMMEDIATE")
+            else:
+                db.execute("PRAGMA busy_timeout = 0")
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                finally:
+                    db.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
             try:
                 yield db
                 db.execute("COMMIT")

@@ -81,13 +81,16 @@ class Intake(QueueDatabase):
             raise problem
 
     def enqueue_many(self, submissions: list[Submission], *,
-                     quotas: Mapping[str, tuple[int | None, int | None]] | None = None) -> list[Exception | None]:
+                     quotas: Mapping[str, tuple[int | None, int | None]] | None = None,
+                     counts: Mapping[str, Mapping[str, int]] | None = None) -> list[Exception | None]:
         """Queue several messages in ONE durable transaction (group commit).
 
         Each message is its own savepoint: one refused by its quota, or whose
         id is taken, is left out and the others are queued. Returns, per
         submission, None (queued) or the exception saying why not. A database
-        that cannot commit at all raises QueueUnavailable: then nothing is queued.
+        that cannot commit at all raises QueueUnavailable: then nothing is queued,
+        and nothing is counted. `counts` ({name: {label: n}}) are added to the
+        counters in the same transaction: the worker's refusals ride along.
         """
         results: list[Exception | None] = [None] * len(submissions)
         now = self._now()
@@ -109,6 +112,9 @@ class Intake(QueueDatabase):
                     submission.started_queueing = []
                 db.execute("RELEASE message")
             self._count(db, RECEIVED, results.count(None))
+            for name, labels in (counts or {}).items():
+                for label, n in labels.items():
+                    self._count(db, name, n, label)
         return results
 
     @contextmanager

@@ -85,9 +85,11 @@ class DomainStatus(QueueDatabase):
             return {(name, label): value for name, label, value in db.execute(
                 "SELECT name, label, value FROM counters ORDER BY name, label")}
 
-    def add_counts(self, name: str, counts: Mapping[str, int]) -> None:
-        """Add {label: n} to the counter `name`, in one transaction (a worker's reject counts)."""
-        with self._write() as db:
+    def add_counts(self, name: str, counts: Mapping[str, int], *, wait: bool = True) -> None:
+        """Add {label: n} to the counter `name`, in one transaction (a worker's reject counts).
+        wait=False: QueueUnavailable at once, not after the busy timeout, when another
+        process holds the write lock."""
+        with self._write(wait=wait) as db:
             for label, n in counts.items():
                 self._count(db, name, n, label)
 

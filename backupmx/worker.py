@@ -68,8 +68,9 @@ DRAIN_CLOSE = tuning("BACKUPMX_DRAIN_CLOSE", 5.0)
 # Upper bound on one select() wait, so the drain phases and heartbeats stay on time.
 MAX_WAIT = 1.0
 
-# Seconds between writes of the refusals counted (ConnectionContext.flush_counts):
-# a client refused in a loop costs a counter increment, not a transaction each.
+# Seconds between writes of the refusals counted (ConnectionContext.flush_counts),
+# when no group commit wrote them meanwhile: a client refused in a loop costs a
+# counter increment, not a transaction each. Never a wait on another's lock.
 COUNTS_INTERVAL = tuning("BACKUPMX_COUNTS_INTERVAL", 5.0)
 
 _CTRL_MAX = 256  # bytes: the longest control message ("conn tls <ipv6> <port>")
@@ -249,11 +250,15 @@ class SessionLoop:
                 self.update(conn)
 
     def commit(self, submissions) -> list:
-        """enqueue_many, with the whole batch refused (452, never 250) when the queue cannot commit."""
+        """enqueue_many, with the whole batch refused (452, never 250) when the queue cannot commit.
+        The refusals counted so far are written in the same transaction."""
         if not submissions:
             return []
+        counts = self.context.counts_for_commit()
         try:
-            return self.context.store.enqueue_many(submissions, quotas=self.context.quotas)
+            problems = self.context.store.enqueue_many(submissions, quotas=self.context.quotas, counts=counts)
+            self.context.counts_committed(counts)
+            return problems
         except (QueueUnavailable, OSError) as exc:
             return [exc] * len(submissions)
         except Exception as exc:  # e.g. a malformed database

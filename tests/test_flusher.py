@@ -428,6 +428,74 @@ def test_without_the_lease_nothing_is_sent(store, sink):
     assert rows(store)[qid].attempts == 0
 
 
+def lease_expires(path):
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT lease_expires FROM flushes WHERE domain = 'example.com'").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_a_lease_that_cannot_be_renewed_stops_the_flush_before_it_runs_out(store):
+    """review-1 m7: renewals that fail (another process holds the write lock) for most of
+    the lease stop the flush while the lease still holds, so a second flusher never
+    delivers the same mail beside this one."""
+    import sqlite3
+
+    from backupmx.flusher import _Lease, _LeaseLost
+
+    enqueue(store, b"x\r\n")
+    store.request_flush(["example.com"])
+    assert store.claim_flush("A", 1.2) == "example.com"
+    holder = sqlite3.connect(store.path, isolation_level=None)
+    with _Lease(store, "example.com", "A", 1.2) as lease:
+        lease.check()
+        holder.execute("BEGIN IMMEDIATE")  # the renewals wait for it, then give up
+        try:
+            def stopped():
+                try:
+                    lease.check()
+                except _LeaseLost:
+                    return True
+                return False
+
+            assert wait_for(stopped, 3, 0.01)
+            assert lease.ran_out and time.time() < lease_expires(store.path)  # nobody else could claim it yet
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+
+
+def test_a_renewal_thread_that_fails_is_logged_and_the_lease_counts_as_lost(store, caplog):
+    import sqlite3
+
+    from backupmx.flusher import _Lease, _LeaseLost
+
+    enqueue(store, b"x\r\n")
+    store.request_flush(["example.com"])
+    assert store.claim_flush("A", 3) == "example.com"
+    with _Lease(store, "example.com", "A", 3) as lease:
+        first = lease.valid_until
+        assert wait_for(lambda: lease.valid_until > first, 2, 0.01)  # the thread renews on its own connection
+        other = sqlite3.connect(store.path, isolation_level=None)
+        other.execute("ALTER TABLE flushes RENAME TO flushes_elsewhere")  # renew_lease: no such table
+        other.close()
+
+        def stopped():
+            try:
+                lease.check()
+            except _LeaseLost:
+                return True
+            return False
+
+        with caplog.at_level(logging.ERROR, logger="backupmx"):
+            assert wait_for(stopped, 1.5, 0.01)  # within an interval (0.5 s), not at the 2.5 s mark
+        assert lease.ran_out
+    assert any("lease renewal" in r.getMessage() and "no such table" in r.getMessage() for r in caplog.records)
+
+
 def test_should_stop_between_messages_requests_again(store, sink):
     for _ in range(5):
         enqueue(store, b"x\r\n")

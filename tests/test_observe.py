@@ -117,6 +117,39 @@ def send(server, rcpt="bob@example.com", sender="a@origin.test"):
     return text.decode().rsplit(" ", 1)[1]
 
 
+def test_a_held_write_lock_never_freezes_a_worker_for_its_counts(mx):
+    """review-1 m3: while another process holds the queue's write lock (a purge, `delete
+    ALL`, an operator's sqlite3), the worker keeps answering; the refusal it counted is
+    written once the lock is free."""
+    def relay_denied():
+        db = sqlite3.connect(mx.queue_path)
+        try:
+            row = db.execute("SELECT value FROM counters WHERE name = 'rejects' AND label = 'relay_denied'").fetchone()
+            return row[0] if row else 0
+        finally:
+            db.close()
+
+    with smtplib.SMTP("127.0.0.1", mx.port, timeout=10) as c:
+        c.ehlo("client.test")
+        c.mail("a@origin.test")
+        before = relay_denied()
+        assert c.rcpt("x@elsewhere.test")[0] == 554
+        holder = sqlite3.connect(mx.queue_path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        worst, until = 0.0, time.monotonic() + 1.5  # the counts are tried every 0.2 s meanwhile
+        try:
+            while time.monotonic() < until:
+                started = time.monotonic()
+                assert c.noop()[0] == 250
+                worst = max(worst, time.monotonic() - started)
+                time.sleep(0.05)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert worst < 0.75, worst  # it waited for the lock: 1.2 s or more
+    assert wait_for(lambda: relay_denied() >= before + 1, 5)
+
+
 # --- log lines read back --------------------------------------------------------------------
 
 

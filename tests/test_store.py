@@ -876,3 +876,26 @@ def test_group_commit_leaves_out_only_the_message_that_cannot_be_queued(store):
     assert isinstance(problems[1], QuotaExceeded)
     queued = {row.queue_id for row in store.list_messages()}
     assert batch[0].queue_id in queued and batch[2].queue_id in queued and batch[1].queue_id not in queued
+
+
+def test_counts_ride_along_with_the_group_commit_and_never_wait_when_asked(store, db_path):
+    """review-1 m3: a worker's refusal counts go in the mail's transaction; written on their
+    own, they do not wait for another process's write lock (the event loop must not)."""
+    from backupmx.store import Submission
+
+    submission = Submission(store.new_queue_id(), envelope("a@example.com"), b"x\r\n", 3, "192.0.2.1", "c.test")
+    assert store.enqueue_many([submission], counts={"rejects": {"relay_denied": 2}}) == [None]
+    assert store.counters()[("rejects", "relay_denied")] == 2
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(QueueUnavailable):
+            store.add_counts("rejects", {"relay_denied": 1}, wait=False)
+        assert time.monotonic() - started < 1.0  # not the 5 s busy timeout
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert store.connection.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+    store.add_counts("rejects", {"relay_denied": 1}, wait=False)
+    assert store.counters()[("rejects", "relay_denied")] == 3
