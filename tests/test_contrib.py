@@ -213,6 +213,27 @@ def test_fail2ban_jail_names_the_filter():
     parser.read(CONTRIB / "fail2ban" / "jail.d" / "backupmx.local")
     assert parser["backupmx"]["filter"] == "backupmx"
     assert (CONTRIB / "fail2ban" / "filter.d" / (parser["backupmx"]["filter"] + ".conf")).exists()
+    assert parser["backupmx-recipients"]["filter"] == "backupmx[mode=recipients]"
+    assert int(parser["backupmx-recipients"]["maxretry"]) > int(parser["backupmx"]["maxretry"])
+
+
+def test_fail2ban_reads_only_the_journal_fields_journald_sets_for_the_shipped_units():
+    """review-1 m4: SYSLOG_IDENTIFIER is the writer's to choose (`logger -t backupmx ...` could
+    get the primary banned); _SYSTEMD_UNIT and _SYSTEMD_SLICE come from the writer's control group.
+    Every shipped unit that runs `backupmx serve` is matched: by name, and a template's
+    instances by the slice systemd gives them (system-<prefix>.slice)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(CONTRIB / "fail2ban" / "filter.d" / "backupmx.conf")
+    groups = [group.split() for group in parser["Definition"]["journalmatch"].split(" + ")]
+    assert all(len(group) == 1 and group[0].split("=")[0] in ("_SYSTEMD_UNIT", "_SYSTEMD_SLICE") for group in groups)
+    matched = {group[0] for group in groups}
+    servers = [p.name for p in (CONTRIB / "systemd").glob("*.service") if "backupmx serve" in p.read_text()]
+    assert len(servers) >= 3
+    for name in servers:
+        prefix, at, _ = name.partition("@")
+        wanted = f"_SYSTEMD_SLICE=system-{prefix}.slice" if at else f"_SYSTEMD_UNIT={name}"
+        assert wanted in matched, name
+        assert unit(CONTRIB / "systemd" / name)["Service"].get("Slice") is None, name  # the default slice
 
 
 # -- systemd units ------------------------------------------------------------------------------
