@@ -38,7 +38,9 @@ import sys
 from backupmx import scram
 from backupmx.addresses import normalize_domain
 
-__all__ = ["main", "parse_target", "parse_targets", "run", "run_hosts"]
+__all__ = ["Failed", "Progress", "authenticated_session", "close_quietly", "failure", "main", "parse_target",
+           "parse_targets", "read_password", "reply_text", "report", "run", "run_hosts", "status_of_reply",
+           "tls_context", "where", "worse"]
 
 # RFC 1985 section 5: 250 queuing started, 251 no messages waiting,
 # 252 pending messages for node started, 253 <n> pending messages started.
@@ -72,7 +74,7 @@ def worse(status: int, other: int) -> int:
     return status
 
 
-class _Failed(Exception):
+class Failed(Exception):
     """One-line reason the whole run stops (printed on stderr) and its exit status."""
 
     def __init__(self, message: str, status: int = EX_TEMPFAIL):
@@ -122,7 +124,7 @@ def parse_targets(text: str, default_port: int) -> list[tuple[str, int]]:
     return targets
 
 
-def _tls_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
+def tls_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
     if insecure:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
@@ -132,16 +134,16 @@ def _tls_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
         try:
             ctx = ssl.create_default_context(cafile=cafile)
         except FileNotFoundError:
-            raise _Failed(f"{cafile}: no such file", EX_CONFIG) from None
+            raise Failed(f"{cafile}: no such file", EX_CONFIG) from None
         except OSError as exc:
-            raise _Failed(f"{cafile}: {exc.strerror or exc}", EX_CONFIG) from None
+            raise Failed(f"{cafile}: {exc.strerror or exc}", EX_CONFIG) from None
         except ssl.SSLError:
-            raise _Failed(f"{cafile}: not a PEM CA file", EX_CONFIG) from None
+            raise Failed(f"{cafile}: not a PEM CA file", EX_CONFIG) from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
 
 
-def _reply_text(code: int, msg: bytes) -> str:
+def reply_text(code: int, msg: bytes) -> str:
     text = msg.decode("utf-8", "replace")
     return " ".join(f"{code} {line}" for line in text.split("\n")) if text else str(code)
 
@@ -156,18 +158,18 @@ def choose_mechanism(offered: list[str], wanted: str | None = None) -> str:
     """The mechanism to use: `wanted` (it must be offered), else the first of PREFERENCE offered."""
     if wanted is not None:
         if wanted not in offered:
-            raise _Failed(f"the server does not offer {wanted} (it offers {' '.join(offered) or 'nothing'})",
+            raise Failed(f"the server does not offer {wanted} (it offers {' '.join(offered) or 'nothing'})",
                           EX_CONFIG)
         return wanted
     for mechanism in PREFERENCE:
         if mechanism in offered:
             return mechanism
-    raise _Failed(f"server offers no usable AUTH mechanism (wanted one of {' '.join(PREFERENCE)})", EX_CONFIG)
+    raise Failed(f"server offers no usable AUTH mechanism (wanted one of {' '.join(PREFERENCE)})", EX_CONFIG)
 
 
 def _authenticate(smtp: smtplib.SMTP, user: str, password: str, mechanism: str | None = None, *,
                   verified: bool = True, note=lambda line: None) -> None:
-    """AUTH with one mechanism (choose_mechanism); _Failed unless the server says 235.
+    """AUTH with one mechanism (choose_mechanism); Failed unless the server says 235.
 
     One exception to "one try": when we chose SCRAM-SHA-256 ourselves, it got 535,
     the server also offers PLAIN and its certificate was verified, PLAIN is tried
@@ -185,7 +187,7 @@ def _authenticate(smtp: smtplib.SMTP, user: str, password: str, mechanism: str |
     code, msg = _auth_exchange(smtp, mech, user, password)
     if code == 535 and mech == "SCRAM-SHA-256" and mechanism is None:
         if "PLAIN" in offered and verified:
-            note(f"SCRAM-SHA-256 refused ({_reply_text(code, msg)}); trying PLAIN once on the same TLS session, "
+            note(f"SCRAM-SHA-256 refused ({reply_text(code, msg)}); trying PLAIN once on the same TLS session, "
                  "as a {SCRYPT} secret on the backup MX cannot serve SCRAM-SHA-256. To stop this extra failed try: "
                  "write the secret there with `backupmx passwd --scheme scram-sha-256`, or pass --mechanism PLAIN")
             code, msg = _auth_exchange(smtp, "PLAIN", user, password)
@@ -193,7 +195,7 @@ def _authenticate(smtp: smtplib.SMTP, user: str, password: str, mechanism: str |
             msg += (b" (a {SCRYPT} secret on the backup MX cannot serve SCRAM-SHA-256: write it with"
                     b" `backupmx passwd --scheme scram-sha-256`, or choose another --mechanism)")
     if code != 235:
-        raise _Failed(f"authentication failed: {_reply_text(code, msg)}", _auth_status(code))
+        raise Failed(f"authentication failed: {reply_text(code, msg)}", _auth_status(code))
 
 
 def _auth_exchange(smtp: smtplib.SMTP, mech: str, user: str, password: str) -> tuple[int, bytes]:
@@ -210,7 +212,7 @@ def _auth_exchange(smtp: smtplib.SMTP, mech: str, user: str, password: str) -> t
                 challenge = base64.b64decode(msg, validate=True)
             except ValueError:
                 smtp.docmd("*")  # RFC 4954: cancel the exchange
-                raise _Failed("server sent a malformed CRAM-MD5 challenge", EX_UNAVAILABLE) from None
+                raise Failed("server sent a malformed CRAM-MD5 challenge", EX_UNAVAILABLE) from None
             digest = hmac.new(password.encode("utf-8"), challenge, hashlib.md5).hexdigest()
             code, msg = smtp.docmd(b64(f"{user} {digest}".encode("utf-8")))
         return code, msg
@@ -234,7 +236,7 @@ def _scram(smtp: smtplib.SMTP, user: str, password: str) -> tuple[int, bytes]:
     try:
         client = scram.Client(user, password)
     except scram.ScramError as exc:
-        raise _Failed(f"SCRAM-SHA-256 cannot use this user name or password ({exc}): try --mechanism PLAIN",
+        raise Failed(f"SCRAM-SHA-256 cannot use this user name or password ({exc}): try --mechanism PLAIN",
                       EX_CONFIG) from None
     code, msg = smtp.docmd("AUTH", "SCRAM-SHA-256 " + base64.b64encode(client.first().encode("utf-8")).decode())
     try:
@@ -244,12 +246,12 @@ def _scram(smtp: smtplib.SMTP, user: str, password: str) -> tuple[int, bytes]:
         if code == 334:
             if not client.check(_decode_challenge(msg)):
                 smtp.docmd("*")
-                raise _Failed("the server's SCRAM signature is wrong: it does not hold this user's secret "
+                raise Failed("the server's SCRAM signature is wrong: it does not hold this user's secret "
                               "(not the backup MX it claims to be?)", EX_CONFIG)
             code, msg = smtp.docmd("")
     except scram.ScramError as exc:  # the password was checked in scram.Client(): the server is to blame
         smtp.docmd("*")
-        raise _Failed(f"server sent an unusable SCRAM message: {exc}", EX_UNAVAILABLE) from None
+        raise Failed(f"server sent an unusable SCRAM message: {exc}", EX_UNAVAILABLE) from None
     return code, msg
 
 
@@ -260,7 +262,7 @@ def _decode_challenge(msg: bytes) -> str:
         raise scram.ScramError("the 334 text is not base64 UTF-8") from None
 
 
-def _where(host: str, port: int) -> str:
+def where(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -270,7 +272,7 @@ def run_hosts(targets, domains, **options) -> int:
     which backup MX answered."""
     status = EX_OK
     for host, port in targets:
-        label = f"{_where(host, port)}: " if len(targets) > 1 else ""
+        label = f"{where(host, port)}: " if len(targets) > 1 else ""
         status = worse(status, run(host, port, domains, label=label, **options))
     return status
 
@@ -288,10 +290,10 @@ def _tls_mismatch_hint(port: int, implicit_tls: bool) -> str:
     return " (no SMTP greeting: if this is an implicit-TLS port such as 465, add --tls)"
 
 
-def _failure(exc: BaseException, stage: str, port: int, implicit_tls: bool) -> tuple[str, int]:
+def failure(exc: BaseException, stage: str, port: int, implicit_tls: bool) -> tuple[str, int]:
     """(one line, exit status) for what ended a run."""
     before_tls = stage == "connect"
-    if isinstance(exc, _Failed):
+    if isinstance(exc, Failed):
         return str(exc), exc.status
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verification failed: {exc.verify_message or exc.reason}", EX_CONFIG
@@ -302,7 +304,7 @@ def _failure(exc: BaseException, stage: str, port: int, implicit_tls: bool) -> t
         return f"TLS failed: {exc.reason or exc}", EX_TEMPFAIL
     hint = _tls_mismatch_hint(port, False) if before_tls and not implicit_tls else ""
     if isinstance(exc, smtplib.SMTPResponseException):
-        return f"{stage}: {_reply_text(exc.smtp_code, exc.smtp_error)}", status_of_reply(exc.smtp_code)
+        return f"{stage}: {reply_text(exc.smtp_code, exc.smtp_error)}", status_of_reply(exc.smtp_code)
     if isinstance(exc, smtplib.SMTPServerDisconnected):
         return f"connection closed during {stage}: {exc}{hint}", EX_TEMPFAIL
     if isinstance(exc, smtplib.SMTPException):
@@ -312,6 +314,51 @@ def _failure(exc: BaseException, stage: str, port: int, implicit_tls: bool) -> t
     if isinstance(exc, ConnectionRefusedError):
         hint = ""  # nobody listens there: not a question of TLS
     return f"{stage}: {getattr(exc, 'strerror', None) or exc}{hint}", EX_TEMPFAIL
+
+
+class Progress:
+    """Where a session with a backup MX is: the step a failure names ("connect", "EHLO", "STARTTLS", ...)."""
+
+    def __init__(self):
+        self.stage = "connect"
+
+
+def _connect(host, port, *, helo, timeout, ctx, implicit_tls) -> smtplib.SMTP:
+    if implicit_tls:
+        return smtplib.SMTP_SSL(host, port, local_hostname=helo, timeout=timeout, context=ctx)
+    return smtplib.SMTP(host, port, local_hostname=helo, timeout=timeout)
+
+
+def authenticated_session(host, port, *, user, password, ctx, progress: Progress, implicit_tls=False, timeout=30,
+                          mechanism=None, verified=True, note=lambda line: None, connect=_connect) -> smtplib.SMTP:
+    """Connect, EHLO, STARTTLS (or implicit TLS), EHLO, AUTH: a session ready for ETRN (or ATRN,
+    atrnclient.py, whose `connect` gives its own kind of smtplib.SMTP). Raises Failed, or what
+    smtplib and ssl raise; `progress.stage` says where (failure() makes it one line).
+    `verified` and `note` are _authenticate's."""
+    # local_hostname: smtplib's default, getfqdn(), may wait on DNS.
+    smtp = connect(host, port, helo=socket.gethostname() or "localhost", timeout=timeout, ctx=ctx,
+                   implicit_tls=implicit_tls)
+    try:
+        progress.stage = "EHLO"
+        code, msg = smtp.ehlo()
+        if code != 250:
+            raise Failed(f"EHLO refused: {reply_text(code, msg)}", status_of_reply(code))
+        if not implicit_tls:
+            if not smtp.has_extn("starttls"):
+                raise Failed("server does not offer STARTTLS; not sending the password in clear text", EX_CONFIG)
+            progress.stage = "STARTTLS"
+            smtp.starttls(context=ctx)
+            code, msg = smtp.ehlo()
+            if code != 250:
+                raise Failed(f"EHLO after STARTTLS refused: {reply_text(code, msg)}", status_of_reply(code))
+        progress.stage = "AUTH"
+        if not smtp.has_extn("auth"):
+            raise Failed("server does not offer AUTH", EX_CONFIG)
+        _authenticate(smtp, user, password, mechanism, verified=verified, note=note)
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
 
 
 def run(host, port, domains, *, user, password, implicit_tls=False, cafile=None, insecure=False,
@@ -324,59 +371,53 @@ def run(host, port, domains, *, user, password, implicit_tls=False, cafile=None,
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    where = _where(host, port)
-    smtp = None
-    stage = "connect"
+    smtp, progress = None, Progress()
     try:
-        ctx = _tls_context(cafile, insecure)
-        # local_hostname: smtplib's default, getfqdn(), may wait on DNS.
-        helo = socket.gethostname() or "localhost"
-        if implicit_tls:
-            smtp = smtplib.SMTP_SSL(host, port, local_hostname=helo, timeout=timeout, context=ctx)
-        else:
-            smtp = smtplib.SMTP(host, port, local_hostname=helo, timeout=timeout)
-        stage = "EHLO"
-        code, msg = smtp.ehlo()
-        if code != 250:
-            raise _Failed(f"EHLO refused: {_reply_text(code, msg)}", status_of_reply(code))
-        if not implicit_tls:
-            if not smtp.has_extn("starttls"):
-                raise _Failed("server does not offer STARTTLS; not sending the password in clear text", EX_CONFIG)
-            stage = "STARTTLS"
-            smtp.starttls(context=ctx)
-            code, msg = smtp.ehlo()
-            if code != 250:
-                raise _Failed(f"EHLO after STARTTLS refused: {_reply_text(code, msg)}", status_of_reply(code))
-        stage = "AUTH"
-        if not smtp.has_extn("auth"):
-            raise _Failed("server does not offer AUTH", EX_CONFIG)
-        _authenticate(smtp, user, password, mechanism, verified=not insecure,
-                      note=lambda line: print(f"backupmx etrn: {where}: {line}", file=err))
-        stage = "ETRN"
+        smtp = authenticated_session(
+            host, port, user=user, password=password, ctx=tls_context(cafile, insecure), progress=progress,
+            implicit_tls=implicit_tls, timeout=timeout, mechanism=mechanism, verified=not insecure,
+            note=lambda line: print(f"backupmx etrn: {where(host, port)}: {line}", file=err))
+        progress.stage = "ETRN"
         status = EX_OK
         for domain in domains:
             code, msg = smtp.docmd("ETRN", domain)
-            print(f"{label}ETRN {domain}: {_reply_text(code, msg)}", file=out, flush=True)
+            print(f"{label}ETRN {domain}: {reply_text(code, msg)}", file=out, flush=True)
             status = worse(status, status_of_reply(code))
             if code == 421:  # the server is closing the connection
                 return status
-        stage = "QUIT"
+        progress.stage = "QUIT"
         try:
             smtp.quit()
         except (smtplib.SMTPException, OSError):
             pass
         smtp = None
         return status
-    except (_Failed, smtplib.SMTPException, OSError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
-        message, status = _failure(exc, stage, port, implicit_tls)
-        print(f"backupmx etrn: {where}: {message}", file=err)
-        return status
+    except (Failed, smtplib.SMTPException, OSError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
+        return report("etrn", exc, progress.stage, host, port, implicit_tls, err)
     finally:
-        if smtp is not None:
-            try:
-                smtp.close()
-            except OSError:
-                pass
+        close_quietly(smtp)
+
+
+def report(command: str, exc: BaseException, stage: str, host: str, port: int, implicit_tls: bool, err) -> int:
+    """What ended a run of `backupmx <command>`, one line on `err` (failure()); the exit status."""
+    message, status = failure(exc, stage, port, implicit_tls)
+    print(f"backupmx {command}: {where(host, port)}: {message}", file=err)
+    return status
+
+
+def close_quietly(client: smtplib.SMTP | None, *, quit: bool = False) -> None:
+    """QUIT (with `quit`) and close, whatever state the connection is in."""
+    if client is None or client.sock is None:
+        return
+    try:
+        if quit:
+            client.quit()
+    except (OSError, smtplib.SMTPException):
+        pass
+    try:
+        client.close()
+    except OSError:
+        pass
 
 
 def _is_utf8(text: str) -> bool:
@@ -390,16 +431,16 @@ def _is_utf8(text: str) -> bool:
 
 def etrn_argument(text: str) -> str:
     """A DOMAIN argument as ETRN sends it: "@" (RFC 1985 section 3, the domain and its
-    subdomains) kept, the name in A-labels (the command line is ASCII); _Failed (64)
+    subdomains) kept, the name in A-labels (the command line is ASCII); Failed (64)
     for what is no domain name."""
     at = "@" if text.startswith("@") else ""
     try:
         return at + normalize_domain(text[len(at):])
     except ValueError as exc:
-        raise _Failed(str(exc), EX_USAGE) from None
+        raise Failed(str(exc), EX_USAGE) from None
 
 
-def _read_password(password_file: str | None, user: str) -> str:
+def read_password(password_file: str | None, user: str) -> str:
     if password_file:
         try:
             if password_file == "-":
@@ -408,21 +449,21 @@ def _read_password(password_file: str | None, user: str) -> str:
                 with open(password_file, encoding="utf-8") as f:
                     line = f.readline()
         except OSError as exc:
-            raise _Failed(f"{password_file}: {exc.strerror or exc}", EX_CONFIG) from None
+            raise Failed(f"{password_file}: {exc.strerror or exc}", EX_CONFIG) from None
         except UnicodeDecodeError:
-            raise _Failed(f"{password_file}: not UTF-8", EX_CONFIG) from None
+            raise Failed(f"{password_file}: not UTF-8", EX_CONFIG) from None
         password = line[:-1] if line.endswith("\n") else line
         if password.endswith("\r"):
             password = password[:-1]
         if not password:
-            raise _Failed(f"{password_file}: the first line (the password) is empty", EX_CONFIG)
+            raise Failed(f"{password_file}: the first line (the password) is empty", EX_CONFIG)
         return password
     if sys.stdin is not None and sys.stdin.isatty():
         password = getpass.getpass(f"Password for {user}: ")
         if not password:
-            raise _Failed("empty password", EX_USAGE)
+            raise Failed("empty password", EX_USAGE)
         return password
-    raise _Failed("no --password-file given and stdin is not a terminal to ask on", EX_USAGE)
+    raise Failed("no --password-file given and stdin is not a terminal to ask on", EX_USAGE)
 
 
 def main(args) -> int:
@@ -434,14 +475,14 @@ def main(args) -> int:
         try:
             targets = parse_targets(args.target, 465 if args.tls else 25)
         except ValueError as exc:
-            raise _Failed(str(exc), EX_USAGE) from None
+            raise Failed(str(exc), EX_USAGE) from None
         domains = [etrn_argument(domain) for domain in args.domains]
         if not _is_utf8(args.user):
-            raise _Failed("--user: not UTF-8 text", EX_USAGE)
-        password = _read_password(args.password_file, args.user)
+            raise Failed("--user: not UTF-8 text", EX_USAGE)
+        password = read_password(args.password_file, args.user)
         if not _is_utf8(password):
-            raise _Failed("the password is not UTF-8 text", EX_CONFIG)
-    except _Failed as exc:
+            raise Failed("the password is not UTF-8 text", EX_CONFIG)
+    except Failed as exc:
         print(f"backupmx etrn: {exc}", file=sys.stderr)
         return exc.status
     return run_hosts(targets, domains, user=args.user, password=password, implicit_tls=args.tls,
