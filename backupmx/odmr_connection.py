@@ -28,7 +28,7 @@ from backupmx.config import format_hostport, tuning
 from backupmx.connection import SMTPConnection
 from backupmx.log import log_event
 from backupmx.odmr import AtrnRequest, OdmrSession
-from backupmx.smtpclient import PrimaryClient, PrimaryUnavailable, ReplyError, describe, reply_text
+from backupmx.smtpclient import PrimaryClient, PrimaryUnavailable, ReplyError, describe, introduce
 from backupmx.store import QueueUnavailable
 from backupmx.tls import TLSLayer, TLSStream
 
@@ -163,14 +163,7 @@ class ReversedPeer:
         try:
             if self.reversal.unsent:
                 client.sock.sendall(self.reversal.unsent)
-            code, text = client.getreply()
-            if code != 220:
-                raise PrimaryUnavailable(f"greeting: {reply_text(code, text)}")
-            code, text = client.ehlo()
-            if code != 250:
-                code, text = client.helo()
-                if code != 250:
-                    raise PrimaryUnavailable(f"HELO: {reply_text(code, text)}")
+            introduce(client, client.getreply())
         except PrimaryUnavailable:
             client.close()
             raise

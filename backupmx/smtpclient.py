@@ -274,6 +274,19 @@ class PrimaryUnavailable(Exception):
         self.reason = reason
 
 
+def introduce(client: PrimaryClient, greeting: tuple[int, bytes], *, helo: bool = True) -> None:
+    """After the server's greeting: it must be 220 (RFC 5321 3.1), then EHLO, and HELO when the
+    server refuses EHLO (`helo`: not for LMTP, RFC 2033 4.1). PrimaryUnavailable (the reply) if not."""
+    code, text = greeting
+    if code != 220:
+        raise PrimaryUnavailable(reply_text(code, text))
+    code, text = client.ehlo()
+    if code != 250 and helo:
+        code, text = client.helo()
+    if code != 250:
+        raise PrimaryUnavailable(reply_text(code, text))
+
+
 class Primary:
     """One domain's primary, as a place to open SMTP sessions to.
 
@@ -297,14 +310,7 @@ class Primary:
         """A session ready for MAIL and its TLS version (None: plaintext); or PrimaryUnavailable."""
         client = PrimaryClient(timeout=self.timeout, local_hostname=self.hostname)
         try:
-            code, text = self._connect_pinned(client)
-            if code != 220:
-                raise PrimaryUnavailable(reply_text(code, text))
-            code, text = client.ehlo()
-            if code != 250:
-                code, text = client.helo()
-                if code != 250:
-                    raise PrimaryUnavailable(reply_text(code, text))
+            introduce(client, self._connect_pinned(client))
             return client, self._start_tls(client)
         except PrimaryUnavailable:
             client.close()
