@@ -716,6 +716,12 @@ def cmd_etrn(args) -> int:
     return etrnclient.main(args)
 
 
+def cmd_atrn(args) -> int:
+    from backupmx import atrnclient
+
+    return atrnclient.main(args)
+
+
 def cmd_bundle(args) -> int:
     import importlib.resources
     import shutil
@@ -857,6 +863,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cafile", metavar="FILE", help="CA certificates to verify the server with")
     p.add_argument("--insecure", action="store_true", help="do not verify the server certificate")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    p.add_argument("--mechanism", type=str.upper, choices=("SCRAM-SHA-256", "PLAIN", "LOGIN", "CRAM-MD5"),
+                   help="the SASL mechanism to use (default: SCRAM-SHA-256 when offered, else PLAIN, LOGIN, CRAM-MD5)")
+
+    p = command("atrn", cmd_atrn, "fetch the mail from a backup MX over ODMR (RFC 2645: the primary's side, behind NAT)")
+    p.usage_status = 64  # EX_USAGE, as every atrn status is a sysexits.h one
+    p.add_argument("target", metavar="HOST[:PORT]", help="the backup MX's ODMR port (default port 366)")
+    p.add_argument("domains", metavar="DOMAIN", nargs="*", help="the domains to fetch (default: all of the user's)")
+    p.add_argument("--user", required=True)
+    p.add_argument("--password-file", metavar="FILE", help="first line is the password ('-' = stdin)")
+    p.add_argument("--cafile", metavar="FILE", help="CA certificates to verify the server with")
+    p.add_argument("--insecure", action="store_true", help="do not verify the server certificate")
+    p.add_argument("--deliver-to", required=True, metavar="HOST:PORT|lmtp:HOST:PORT|/PATH",
+                   help="the local MTA each message goes to: SMTP, or LMTP (lmtp:, or a Unix socket path)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per command, both ways (default 300)")
     p.add_argument("--mechanism", type=str.upper, choices=("SCRAM-SHA-256", "PLAIN", "LOGIN", "CRAM-MD5"),
                    help="the SASL mechanism to use (default: SCRAM-SHA-256 when offered, else PLAIN, LOGIN, CRAM-MD5)")
 

@@ -38,6 +38,10 @@ prints the bound port on the first line of stdout, then serves until SIGTERM.
 With --spool each message is written as DIR/NNNNNN.eml (the body) and
 DIR/NNNNNN.json (the envelope), the JSON renamed into place last.
 
+Sink(lmtp=True) speaks LMTP (RFC 2033: LHLO, one reply per recipient after
+the content; data_4xx/data_5xx refuse the selected recipients only), and
+Sink(path=...) listens on that Unix socket instead of TCP.
+
 Sink.reverse(sock) serves one session on a socket that is already
 connected (TLS or not): the customer's side of an ODMR connection once ATRN
 turned it round (RFC 2645), the sink greeting first as any SMTP server.
@@ -268,7 +272,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 self.record.commands.append(line)
             verb, _, argument = line.partition(" ")
             verb = verb.upper()
-            if verb in ("EHLO", "HELO"):
+            if verb in ("EHLO", "HELO", "LHLO") and (verb == "LHLO") == sink.lmtp:
                 self.record.ehlo = argument.strip()
                 mail_from, rcpts, rcpt_params, mail_params = None, [], [], {}
                 if verb == "HELO":
@@ -336,7 +340,9 @@ class _Handler(socketserver.BaseRequestHandler):
                         sink._cond.notify_all()
                     if self.data_delay and sink._stopping.wait(self.data_delay):
                         raise _Closed()
-                    if self.behaviour == "data_4xx" and self.selected(rcpts):
+                    if sink.lmtp:
+                        self.lmtp_replies(mail_from, rcpts, body, mail_params, rcpt_params, xforward)
+                    elif self.behaviour == "data_4xx" and self.selected(rcpts):
                         self.write(b"451 4.3.0 Error: queue file write error\r\n")
                     elif self.behaviour == "data_5xx" and self.selected(rcpts):
                         self.write(b"554 5.7.1 Error: message content rejected\r\n")
@@ -367,6 +373,21 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
             else:
                 self.write(b"502 5.5.2 Error: command not recognized\r\n")
+
+    def lmtp_replies(self, mail_from, rcpts, body, mail_params, rcpt_params, xforward):
+        """RFC 2033 4.2: one reply per recipient; data_4xx/data_5xx refuse the selected ones only.
+        Those delivered are recorded as one Delivery (with only them as rcpts)."""
+        refused = {r for r in rcpts if self.behaviour in ("data_4xx", "data_5xx") and self.selected([r])}
+        taken = [r for r in rcpts if r not in refused]
+        number = self.sink._record(Delivery(mail_from, taken, body, mail_params, rcpt_params, self.tls,
+                                            self.record.number, dict(xforward))) if taken else 0
+        for r in rcpts:
+            if r not in refused:
+                self.write(f"250 2.0.0 <{r}> Ok: queued as SINK{number:06d}\r\n".encode())
+            elif self.behaviour == "data_4xx":
+                self.write(f"452 4.2.2 <{r}> Mailbox full\r\n".encode())
+            else:
+                self.write(f"552 5.2.2 <{r}> Mailbox full\r\n".encode())
 
     def selected(self, addresses):
         """Whether the behaviour applies to a command for `addresses` (behaviour_addresses)."""
@@ -417,6 +438,11 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
 
+class _UnixServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+    block_on_close = False
+
+
 class _Server6(_Server):
     address_family = socket.AF_INET6
 
@@ -424,7 +450,8 @@ class _Server6(_Server):
 class Sink:
     """A threaded SMTP server on `host`:`port` (0 = any free port) recording messages."""
 
-    def __init__(self, host="127.0.0.1", port=0, *, tls_cert=None, tls_key=None, extensions=DEFAULT_EXTENSIONS):
+    def __init__(self, host="127.0.0.1", port=0, *, tls_cert=None, tls_key=None, extensions=DEFAULT_EXTENSIONS,
+                 lmtp=False, path=None):
         self.host = host
         self.hostname = "primary.test"
         self.extensions = list(extensions)
@@ -454,10 +481,12 @@ class Sink:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(tls_cert, tls_key)
             self._tls_context = context
-        server_class = _Server6 if ":" in host else _Server
-        self._server = server_class((host, port), _Handler, bind_and_activate=True)
+        self.lmtp = lmtp  # LMTP (RFC 2033): LHLO, and one reply per recipient after the content
+        self.path = path
+        server_class = _UnixServer if path else _Server6 if ":" in host else _Server
+        self._server = server_class(path or (host, port), _Handler, bind_and_activate=True)
         self._server.sink = self
-        self.port = self._server.server_address[1]
+        self.port = None if path else self._server.server_address[1]
         self._thread = None
 
     # -- life cycle ---------------------------------------------------------

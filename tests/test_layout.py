@@ -15,7 +15,7 @@ LAYERS = {
               "store_operator", "store_status", "store_verify", "store_auth", "store_greylist", "schema"},
     "driver": {"connection", "offload", "quota", "tls", "smtpclient", "primaries", "metrics", "health",
                "policy", "verify", "auth_limit", "client_dns",
-               "odmr_connection", "greylist"},
+               "odmr_connection", "greylist", "atrn_relay"},
     "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "lifecycle", "dsn",
                 "notify", "metrics_http", "flush_workers", "odmr_sessions"},
 }
@@ -50,7 +50,7 @@ def test_dependencies_point_inward(layer):
 
 
 def test_every_module_has_a_place():
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__", "cli", "etrnclient"}
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__", "cli", "etrnclient", "atrnclient"}
     placed = set().union(SHARED, *LAYERS.values())
     assert modules == placed, "add the new module to LAYERS (and to docs/ARCHITECTURE.md)"
 

@@ -2,6 +2,7 @@
 server whose ODMR port reverses real TLS connections into deliveries to a real sink."""
 
 import base64
+import io
 import logging
 import os
 import re
@@ -177,6 +178,11 @@ USERS = {  # each test has its own user and domains: they share one server
     "dave": ("d1.test",),
     "erin": ("e1.test",),
     "frank": ("f1.test",),
+    "gina": ("g1.test",),
+    "hank": ("h1.test",),
+    "ivan": ("i1.test",),
+    "judy": ("j1.test",),
+    "kate": ("k1.test",),
 }
 
 
@@ -366,6 +372,103 @@ def test_a_customer_that_speaks_unasked_is_cut_off(mx):
     assert rest_of(sock) == b""  # not even our EHLO: what it sent ahead would have been its answer
     assert released(mx, "f1.test")
 
+
+
+# --- the primary's side: backupmx atrn against backupmx serve ---------------------------------
+
+
+def atrn_command(mx, tmp_path, user, mta, *domains, timeout=10):
+    password_file = tmp_path / "password"
+    password_file.write_text(PASSWORD + "\n")
+    return [sys.executable, str(REPO / "backupmx.py"), "atrn", f"localhost:{mx.odmr_port}", *domains, "--user", user,
+            "--password-file", str(password_file), "--cafile", str(CERTS / "ca.pem"),
+            "--deliver-to", mta, "--timeout", str(timeout)]
+
+
+def states(server, domain):
+    """{(recipient, state)} of the domain's recipients still in the queue."""
+    db = sqlite3.connect(server.queue_path)
+    try:
+        return set(db.execute("SELECT address, state FROM recipients WHERE domain = ?", (domain,)).fetchall())
+    finally:
+        db.close()
+
+
+def test_backupmx_atrn_fetches_into_the_local_mta(mx, customer, tmp_path):
+    queue(mx, [["a@g1.test"], ["b@g1.test", "refused@g1.test"], ["c@g1.test"], ["x@k1.test"]])
+    customer.behaviour, customer.behaviour_addresses = "rcpt_5xx", ["refused@g1.test"]
+    done = subprocess.run(atrn_command(mx, tmp_path, "gina", f"127.0.0.1:{customer.port}", "g1.test"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "ATRN g1.test: 250 2.0.0 OK now reversing the connection"
+    assert "refused to=<refused@g1.test>: 550 5.1.1 <refused@g1.test>: Recipient address rejected: User unknown" in lines
+    assert lines[-1] == "3 relayed, 0 refused"
+    got = sorted((m[0], m[1]) for m in customer.messages)
+    assert got == [("s0@origin.test", ["a@g1.test"]), ("s1@origin.test", ["b@g1.test"]), ("s2@origin.test", ["c@g1.test"])]
+    for delivery in customer.deliveries:  # our Received: line, the backup's, then the message as it was sent
+        assert delivery.body.startswith(b"Received: from mx2.test ([127.0.0.1])\r\n")
+        assert re.search(rb"\r\nReceived: from .*?\r\nSubject: m\d\r\n\r\nbody \d\r\n$", delivery.body, re.S)
+    # The backup: delivered rows gone, the refused recipient failed with the MTA's words; kate's untouched.
+    assert states(mx, "g1.test") == {("refused@g1.test", "failed")}
+    assert released(mx, "g1.test") and len(queued(mx, "k1.test")) == 1
+
+
+def test_atrn_into_lmtp_answers_per_recipient(mx, tmp_path):
+    from backupmx import atrnclient
+    from backupmx.atrn_relay import Destination
+
+    queue(mx, [["one@h1.test"], ["two@h1.test", "full@h1.test"]])
+    with Sink(lmtp=True, path=str(tmp_path / "lmtp")) as lmtp:
+        lmtp.behaviour, lmtp.behaviour_addresses = "data_5xx", ["full@h1.test"]
+        out = io.StringIO()
+        status = atrnclient.run("localhost", mx.odmr_port, ["h1.test"], user="hank", password=PASSWORD,
+                                deliver_to=Destination.parse(str(tmp_path / "lmtp")), cafile=str(CERTS / "ca.pem"),
+                                timeout=10, out=out, err=out)
+    assert status == 0, out.getvalue()
+    assert sorted(m[1] for m in lmtp.messages) == [["one@h1.test"], ["two@h1.test"]]
+    # LMTP took one of the second message's two recipients: that message is answered 451, so the backup
+    # keeps both (the one taken comes again: a duplicate, never a loss).
+    (queue_id, last_reply), = queued(mx, "h1.test")
+    assert last_reply.startswith("451 4.3.0 local MTA took the message for some recipients only; refused: 552")
+    assert states(mx, "h1.test") == {("two@h1.test", "queued"), ("full@h1.test", "queued")}
+
+
+def test_kill_9_of_backupmx_atrn_mid_transfer_loses_nothing(mx, customer, tmp_path):
+    queue(mx, [["first@i1.test"], ["second@i1.test"]])
+    ids = {queue_id for queue_id, _ in queued(mx, "i1.test")}
+    customer.data_delay = 1.0  # the MTA takes its time to answer: the kill comes meanwhile
+    proc = subprocess.Popen(atrn_command(mx, tmp_path, "ivan", f"127.0.0.1:{customer.port}"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        customer.wait(lambda: customer.data_received >= 1)
+        proc.kill()
+    finally:
+        proc.wait()
+    assert released(mx, "i1.test")  # the backup saw the connection go and gave the domain back
+    left = {queue_id for queue_id, _ in queued(mx, "i1.test")}
+    customer.wait_idle()
+    received = {re.search(rb"with ESMTP id (\w+)", m[2]).group(1).decode() for m in customer.messages}
+    assert ids <= left | received and left  # queued on the backup, or in the MTA (or both): never neither
+
+
+def test_atrn_exit_statuses(mx, customer):
+    from backupmx import atrnclient
+    from backupmx.atrn_relay import Destination
+
+    def status(user, domains, mta=f"127.0.0.1:{customer.port}", port=mx.odmr_port):
+        out = io.StringIO()
+        return atrnclient.run("localhost", port, domains, user=user, password=PASSWORD, deliver_to=Destination.parse(mta),
+                              cafile=str(CERTS / "ca.pem"), timeout=10, out=out, err=out), out.getvalue()
+
+    queue(mx, [["x@j1.test"]])
+    code, said = status("judy", ["j1.test"], mta=f"127.0.0.1:{free_port()}")
+    assert code == 75 and "local MTA" in said and "atrn client=127.0.0.1 user=judy" not in mx.log()
+    assert status("judy", ["a1.test"]) == (77, "ATRN a1.test: 450 4.7.0 ATRN request refused\n")
+    assert status("alice", []) == (0, "ATRN (all of the user`s domains): 453 4.3.0 You have no mail\n")
+    code, said = status("judy", ["j1.test"], port=mx.port)  # an SMTP port: no ATRN there
+    assert code == 69 and said.startswith("ATRN j1.test: 502 5.5.1")
+    assert len(queued(mx, "j1.test")) == 1
 
 # --- the reversed connection's bounds, on a socketpair with real TLS ------------------------
 
