@@ -38,12 +38,17 @@ class OperatorError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr, like every other error: exit 2, or the
-    command's own `usage_status` (etrn: 64, EX_USAGE; health: 3, UNKNOWN)."""
+    command's own `usage_status` (etrn: 64, EX_USAGE; health: 3, UNKNOWN). A
+    monitoring plugin (health) also prints its UNKNOWN line on stdout, which is
+    what Nagios shows."""
 
     usage_status = 2
+    plugin_line = None  # health: reason -> its "BACKUPMX UNKNOWN - ..." line
 
     def error(self, message: str):
         command = self.prog.removeprefix("backupmx").strip()
+        if self.plugin_line is not None:
+            print(self.plugin_line(f"usage: {message}"))
         self.exit(self.usage_status,
                   f"backupmx: {command + ': ' if command else ''}{message} (try `{self.prog} --help`)\n")
 
@@ -806,10 +811,24 @@ def _queue_commands(command, after) -> None:
 
     p = command("health", cmd_health, "Nagios/Icinga check of the queue: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
     p.usage_status = 3
+    p.plugin_line = _health_unknown
     p.add_argument("--warn-age", metavar="DURATION", help="WARNING when mail waits longer (default 4h)")
     p.add_argument("--max-age", metavar="DURATION", help="CRITICAL when mail waits longer (default 1d)")
-    p.add_argument("--warn-messages", metavar="N", type=int, help="WARNING when more messages wait")
-    p.add_argument("--max-messages", metavar="N", type=int, help="CRITICAL when more messages wait")
+    p.add_argument("--warn-messages", metavar="N", type=_count, help="WARNING when more messages wait")
+    p.add_argument("--max-messages", metavar="N", type=_count, help="CRITICAL when more messages wait")
+
+
+def _health_unknown(reason: str) -> str:
+    from backupmx import health
+
+    return health.unknown(reason)[1]
+
+
+def _count(text: str) -> int:
+    """A number of messages: 0 or more (a usage error otherwise, which health answers with UNKNOWN)."""
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of messages (0 or more)")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -145,6 +145,7 @@ class Config:
     greet_pause: float  # seconds the 220 is held back; input before it ends the session (0 = off)
     max_auth_failures_per_client: int  # failed AUTHs from one client (IPv6: its /64) within auth_failure_window
     auth_failure_window: float  # seconds
+    auth_failure_delay: float  # seconds a failed AUTH's reply waits, times the session's failures so far
     greylist: float  # seconds a new (network, sender, recipient) must wait before its retry passes; 0 = off
     greylist_expire: float  # seconds a first attempt waits for its retry before it is forgotten
     greylist_exempt: tuple  # ipaddress networks never greylisted
@@ -163,13 +164,28 @@ class Config:
 
 
 
+# The BACKUPMX_* tuning knobs set in this process's environment: name -> (the text
+# given, the default, whether it was used). `serve` logs one line for each at start.
+TUNED: dict[str, tuple[str, object, bool]] = {}
+
+
 def tuning(name: str, default, kind=float):
-    """A BACKUPMX_* tuning knob from the environment, not the INI file: timings an
-    operator has no reason to change, which the test suite shortens."""
-    try:
-        return kind(os.environ.get(name, default))
-    except ValueError:
+    """A BACKUPMX_* tuning knob from the environment, not the INI file: an internal
+    timing or bound that an operator rarely has a reason to change (README, "Tuning
+    through the environment", lists them; the test suite shortens them). Never
+    silent: each one set is recorded in TUNED, which `serve` logs at start; a
+    value that is no number, or is negative, is ignored (and logged as such).
+    What guards against abuse (the AUTH failure delay) is a config key instead."""
+    text = os.environ.get(name)
+    if text is None:
         return kind(default)
+    try:
+        value = kind(text)
+        usable = math.isfinite(value) and value >= 0
+    except ValueError:
+        usable = False
+    TUNED[name] = (text, default, usable)
+    return value if usable else kind(default)
 
 
 # --------------------------------------------------------------------------
@@ -509,6 +525,7 @@ _GLOBAL_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
     "greet_pause": (parse_duration, 0.0),
     "max_auth_failures_per_client": (_integer(1), 10),
     "auth_failure_window": (_positive_duration, 3600.0),
+    "auth_failure_delay": (parse_duration, 1.0),
     "greylist": (parse_duration, 0.0),
     "greylist_expire": (_positive_duration, 86400.0),
     "greylist_exempt": (_networks, ()),
@@ -760,6 +777,10 @@ class _Loader:
         exposure = plain_secrets_exposure(self.path, users.values())
         if exposure is not None:
             self.warnings.append(exposure)
+        if users and g["auth_failure_delay"] == 0:
+            self.warnings.append(f"{self.path}: [backupmx] auth_failure_delay = 0: failed AUTH replies are not"
+                                 " slowed down (only max_auth_failures and max_auth_failures_per_client limit"
+                                 " password guessing)")
         if users and not g["tls_cert"]:
             self.warnings.append(
                 f"{self.path}: [backupmx] tls_cert: users are configured but there is no certificate: "

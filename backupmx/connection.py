@@ -46,7 +46,7 @@ from backupmx.auth import Accepted, Authenticator, Credentials, SASLSyntaxError,
 from backupmx.auth_limit import BLOCKED, ClientAuthLimit
 from backupmx.client_dns import UNKNOWN, ClientDNS
 from backupmx.clients import shown_address
-from backupmx.config import Config, tuning
+from backupmx.config import Config
 from backupmx.log import log_event
 from backupmx.offload import Offload
 from backupmx.policy import RecipientPolicy, RecipientQuestion
@@ -77,7 +77,6 @@ SPOOL_IN_MEMORY = 256 * 1024
 # or the per-command `timeout` when that is shorter.
 HANDSHAKE_TIMEOUT = 30.0
 # Each failed AUTH makes the next answer wait this much longer (slows guessing).
-AUTH_FAILURE_DELAY = tuning("BACKUPMX_AUTH_FAILURE_DELAY", 1.0)
 # Slow calls (credential checks: scrypt, ~16 MB and ~60 ms each) run at once per worker.
 OFFLOAD_THREADS = 2
 # After SIGTERM, sessions in flight get this long to finish before their 421.
@@ -670,7 +669,7 @@ class SMTPConnection:
         log_event(self.ctx.logger, "auth-failed", client=self.client_ip, user=credentials.username,
                   mechanism=credentials.mechanism, level=logging.WARNING)
         # Each failure waits longer before its answer: guessing gets slow.
-        self._auth_due = self.ctx.clock() + AUTH_FAILURE_DELAY * (self.session.auth_failures + 1)
+        self._auth_due = self.ctx.clock() + self.ctx.config.auth_failure_delay * (self.session.auth_failures + 1)
 
     def _authenticated(self, credentials: Credentials) -> None:
         log_event(self.ctx.logger, "auth", client=self.client_ip, user=credentials.username,

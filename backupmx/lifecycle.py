@@ -75,7 +75,7 @@ def next_retry_delay(retry_interval: float, attempts: int) -> float:
 
     Exponential: retry_interval * 2**(attempts - 1), so 1x, 2x, 4x, 8x, capped
     at 8x retry_interval and at one day (a retry_interval above a day is kept
-    as it is). The flusher passes it to store.deferred(..., retry_after=).
+    as it is). The flusher passes it to store.record_attempts as retry_after.
     """
     if retry_interval <= 0:
         raise ValueError("retry_interval must be > 0")

@@ -55,10 +55,11 @@ class Listener(socketserver.TCPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         super().server_bind()
 
-    @property
-    def log_fields(self) -> dict:
-        """What its `listening` line says of it besides the address."""
-        return {"tls": "implicit" if self.implicit_tls else "starttls", "odmr": "yes" if self.odmr else None}
+    def log_fields(self, tls_available: bool) -> dict:
+        """What its `listening` line says of it besides the address: a plain listener
+        offers STARTTLS only when a certificate is configured."""
+        tls = "implicit" if self.implicit_tls else "starttls" if tls_available else "none"
+        return {"tls": tls, "odmr": "yes" if self.odmr else None}
 
     @property
     def label(self) -> str:

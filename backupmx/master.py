@@ -62,7 +62,8 @@ from backupmx.log import log_event
 from backupmx.metrics_http import bind as bind_metrics
 from backupmx.metrics_http import run_metrics
 from backupmx.odmr_sessions import OdmrSessions
-from backupmx.startup import ServeError, become_user, build_ssl_context, check_queue, raise_fd_limit, start_logging
+from backupmx.startup import (ServeError, become_user, build_ssl_context, check_queue, log_tuning, raise_fd_limit,
+                              start_logging)
 
 # Seconds without a heartbeat after which a worker is taken for hung and
 # aborted (it sends one every worker.HEARTBEAT_INTERVAL).
@@ -107,6 +108,7 @@ def serve(config, *, connection_class=SMTPConnection, flush_worker=run_flush_wor
     logger = start_logging(config, inetd=False)
     for warning in config.warnings:
         log_event(logger, "config-warning", warning=warning, level=logging.WARNING)
+    log_tuning(logger)
     config = primaries.pin(config, logger)  # resolved once: later DNS answers cannot divert mail
     raise_fd_limit()
     ssl_context = build_ssl_context(config)  # as root: the key may be readable by root only
@@ -369,7 +371,7 @@ class Master:
     def register_listeners(self):
         for listener in self.listeners:
             self.selector.register(listener.socket, selectors.EVENT_READ, listener)
-            log_event(self.logger, "listening", address=listener.label, **listener.log_fields)
+            log_event(self.logger, "listening", address=listener.label, **listener.log_fields(bool(self.ssl_context)))
 
     def close_listeners(self):
         for listener in self.listeners:

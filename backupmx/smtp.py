@@ -320,10 +320,6 @@ class Session:
         """Between transactions, waiting for a command (safe to stop the server)."""
         return self.phase is Phase.COMMAND and self.envelope is None and not self._input
 
-    @property
-    def in_data(self) -> bool:
-        return self.phase in (Phase.DATA, Phase.CHUNK)
-
     def message_queued(self, queue_id: str) -> None:
         self._answer(MessageReceived)
         self._reply(replies.QUEUED, queue_id=queue_id)

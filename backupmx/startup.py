@@ -13,6 +13,7 @@ import resource
 import stat
 
 from backupmx import tls
+from backupmx.config import TUNED
 from backupmx.log import log_event, setup_logging
 from backupmx.store import QueueStore, check_database
 
@@ -30,6 +31,17 @@ def start_logging(config, *, inetd: bool, stderr=None) -> logging.Logger:
     (stderr is often the client), and `log = stderr` needs the caller's checked `stderr`."""
     return setup_logging(config.log or ("syslog" if inetd else "stderr"), inetd=inetd, level=config.log_level,
                          stderr=stderr)
+
+
+def log_tuning(logger: logging.Logger) -> None:
+    """One line per BACKUPMX_* environment knob set (config.tuning): a timing changed
+    from outside the config file is never silent."""
+    for name, (text, default, used) in sorted(TUNED.items()):
+        if used:
+            log_event(logger, "tuning", variable=name, value=text, default=default)
+        else:
+            log_event(logger, "tuning-ignored", variable=name, value=text, default=default,
+                      reason="not a number of 0 or more", level=logging.WARNING)
 
 
 def build_ssl_context(config):

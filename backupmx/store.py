@@ -18,7 +18,7 @@ for the processes that use it:
 What must always hold (each public method keeps it in ONE transaction):
   - A message is in `messages` once, with one `queue` row per recipient domain
     and one `recipients` row per RCPT TO of that domain.
-  - The caller may say "250 queued as <id>" only after enqueue() returned:
+  - The caller may say "250 queued as <id>" only after enqueue_many() returned:
     the commit is durable then (journal_mode=WAL, synchronous=FULL).
   - Nothing is ever half-queued: any failure rolls the whole enqueue back.
   - A recipient the primary accepted is deleted; its queue row goes with its

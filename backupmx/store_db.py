@@ -89,7 +89,7 @@ def new_queue_id(clock: Callable[[], float] = time.time) -> str:
     Eight base-36 digits of milliseconds since 2020 (so ids sort by time, as
     Postfix's do), then six random ones (36**6 = 2.2e9 per millisecond: at
     3,000 messages/s a clash comes about once a week). A clash is still
-    possible in principle; enqueue() then raises QueueUnavailable and the
+    possible in principle; enqueue_many() then refuses that message and the
     client simply retries, so nothing is lost.
     """
     milliseconds = max(0, int(clock() * 1000) - _ID_EPOCH * 1000) % (36**_ID_TIME_DIGITS)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Mapping
 
 from backupmx.envelope import Recipient
 from backupmx.outcome import Outcome, Verdict
@@ -72,24 +72,19 @@ class Delivery(QueueDatabase):
                                                 attempts, received_at, smtputf8, *client))
         return result
 
-    def record_attempt(self, queue_id: str, domain: str, verdicts: Mapping[str, Verdict], *,
-                       retry_after: float | None = None) -> str | None:
-        """Record one delivery attempt of a row: a Verdict per recipient address.
-        One transaction; attempts + 1 once.
+    def record_attempts(self, attempts: list[tuple[str, str, Mapping[str, Verdict], float | None]]) -> list[str | None]:
+        """Record delivery attempts, one per row -- (queue_id, domain, verdicts, retry_after),
+        a Verdict per recipient address -- in ONE transaction, so a flush pays one fsync
+        per batch rather than one per message. A crash before it commits means those
+        messages are delivered again: never lost. Each row's attempts + 1 once.
 
         delivered: the recipient is deleted (and the row and message when it was the last).
         deferred:  the recipient stays queued with the reply.
         failed:    the recipient is marked failed (a DSN becomes due); when no
                    queued recipient remains, the row becomes 'failed'. Kept.
         retry_after: seconds until next_attempt (retry_interval); None = no automatic retry.
-        Returns the row's state afterwards, or None when the row is gone.
+        Returns each row's state afterwards, or None when the row is gone.
         """
-        return self.record_attempts([(queue_id, domain, verdicts, retry_after)])[0]
-
-    def record_attempts(self, attempts: list[tuple[str, str, Mapping[str, Verdict], float | None]]) -> list[str | None]:
-        """Several record_attempt()s -- (queue_id, domain, verdicts, retry_after) each -- in ONE
-        transaction, so a flush pays one fsync per batch rather than one per message.
-        A crash before it commits means those messages are delivered again: never lost."""
         for _, _, verdicts, _ in attempts:
             for verdict in verdicts.values():
                 if not isinstance(verdict, Verdict):
@@ -159,17 +154,3 @@ class Delivery(QueueDatabase):
                     (now, queue_id, domain),
                 )
         return state
-
-    def delivered(self, queue_id: str, domain: str, addresses: Iterable[str], reply: str) -> str | None:
-        """The primary accepted these recipients (2xx): they leave the queue."""
-        return self.record_attempt(queue_id, domain, dict.fromkeys(addresses, Verdict(Outcome.DELIVERED, reply)))
-
-    def deferred(self, queue_id: str, domain: str, addresses: Iterable[str], reply: str, *,
-                 retry_after: float | None = None) -> str | None:
-        """4xx or connection trouble: they stay queued, with the reply and attempts + 1."""
-        return self.record_attempt(queue_id, domain, dict.fromkeys(addresses, Verdict.deferred(reply)),
-                                   retry_after=retry_after)
-
-    def failed(self, queue_id: str, domain: str, addresses: Iterable[str], reply: str) -> str | None:
-        """5xx: they are marked failed (kept; a DSN is due)."""
-        return self.record_attempt(queue_id, domain, dict.fromkeys(addresses, Verdict(Outcome.FAILED, reply)))

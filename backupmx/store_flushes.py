@@ -133,14 +133,6 @@ class FlushRequests(QueueDatabase):
             )
         return domains
 
-    def pending_flushes(self) -> list[str]:
-        """Domains with a flush request waiting (whether or not leased)."""
-        with _sqlite_errors():
-            rows = self.connection.execute(
-                "SELECT domain FROM flushes WHERE requested_at IS NOT NULL ORDER BY requested_at, domain"
-            ).fetchall()
-        return [r[0] for r in rows]
-
     def due_domains(self) -> list[str]:
         """Domains with queued rows whose retry time (next_attempt) has come.
 

@@ -26,7 +26,7 @@ from backupmx.store_db import RECEIVED, CHUNK, QueueDatabase, QueueUnavailable, 
 
 @dataclass
 class Submission:
-    """One message handed to enqueue_many: what enqueue() takes as arguments."""
+    """One message handed to enqueue_many."""
 
     queue_id: str
     envelope: Envelope
@@ -53,37 +53,17 @@ class QuotaExceeded(QueueUnavailable):
 class Intake(QueueDatabase):
     """New mail from the SMTP workers (and the per-domain usage their quotas look at)."""
 
-    def enqueue(
-        self,
-        queue_id: str,
-        envelope: Envelope,
-        body_file: BinaryIO | bytes,
-        size: int,
-        *,
-        client: str | None,
-        helo: str | None,
-        received_at: float | None = None,
-        quotas: Mapping[str, tuple[int | None, int | None]] | None = None,
-    ) -> None:
-        """Queue one message for every domain of its recipients, in ONE transaction.
-
-        The body is copied from `body_file` (exactly `size` bytes, read 64 KiB
-        at a time, so memory does not grow with the message) into a blob
-        allocated with zeroblob(size). Returns once the commit is durable.
-        Raises QueueUnavailable (nothing queued) when the database cannot take it,
-        and its QuotaExceeded when `quotas` ({domain: (max messages, max bytes)},
-        None = no limit) would be passed: checked inside the transaction, so
-        concurrent senders can never push a domain over its quota.
-        """
-        submission = Submission(queue_id, envelope, body_file, size, client, helo, received_at)
-        problem = self.enqueue_many([submission], quotas=quotas)[0]
-        if problem is not None:
-            raise problem
-
     def enqueue_many(self, submissions: list[Submission], *,
                      quotas: Mapping[str, tuple[int | None, int | None]] | None = None,
                      counts: Mapping[str, Mapping[str, int]] | None = None) -> list[Exception | None]:
-        """Queue several messages in ONE durable transaction (group commit).
+        """Queue several messages in ONE durable transaction (group commit), each for
+        every domain of its recipients. Returns once the commit is durable.
+
+        Each body is copied from its `body_file` (exactly `size` bytes, read 64
+        KiB at a time, so memory does not grow with the message) into a blob
+        allocated with zeroblob(size). `quotas` ({domain: (max messages, max
+        bytes)}, None = no limit) are checked inside the transaction, so
+        concurrent senders can never push a domain over its quota (QuotaExceeded).
 
         Each message is its own savepoint: one refused by its quota, or whose
         id is taken, is left out and the others are queued. Returns, per

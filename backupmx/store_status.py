@@ -98,7 +98,7 @@ class DomainStatus(QueueDatabase):
         queueing_since was last set, now recorded. Only `domain` when given.
 
         A domain waits when it has queued or held rows. Started: waiting, but
-        queueing_since is NULL (mail requeued, or a queue from before schema 3):
+        queueing_since is NULL (mail requeued, or a queue from before schema 4):
         since = its oldest waiting message. Drained: queueing_since set, nothing
         waits; queueing_since and the notices are cleared.
         """

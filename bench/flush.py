@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 from backupmx.config import DomainConfig  # noqa: E402
 from backupmx.envelope import Envelope, Recipient  # noqa: E402
 from backupmx.flusher import deliver_domain  # noqa: E402
-from backupmx.store import QueueStore  # noqa: E402
+from backupmx.store import QueueStore, Submission  # noqa: E402
 from sink import Sink  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main(argv=None):
         started = time.monotonic()
         for _ in range(args.n):
             envelope = Envelope("sender@bench.test", [Recipient("rcpt@example.com", "example.com")])
-            store.enqueue(store.new_queue_id(), envelope, body, len(body), client="127.0.0.1", helo="bench")
+            store.enqueue_many([Submission(store.new_queue_id(), envelope, body, len(body), "127.0.0.1", "bench")])
         enqueue_seconds = time.monotonic() - started
 
         sink = Sink(**tls_args).start()

@@ -76,6 +76,58 @@ def children_of(pid):
     return [int(x) for x in text.split()]
 
 
+def queue_one(store, queue_id, envelope, body, size, *, client, helo, received_at=None, quotas=None):
+    """Queue one message the way the SMTP workers do (enqueue_many, the group commit),
+    raising the exception that kept it out (QueueUnavailable, QuotaExceeded, ValueError)."""
+    from backupmx.store import Submission
+
+    [problem] = store.enqueue_many([Submission(queue_id, envelope, body, size, client, helo, received_at)],
+                                   quotas=quotas)
+    if problem is not None:
+        raise problem
+
+
+def _record(store, outcome, queue_id, domain, addresses, reply, retry_after=None):
+    """One delivery attempt's outcome for `addresses`, as the flusher records it (record_attempts)."""
+    from backupmx.outcome import Outcome, Verdict
+
+    verdict = Verdict.deferred(reply) if outcome is Outcome.DEFERRED else Verdict(outcome, reply)
+    return store.record_attempts([(queue_id, domain, dict.fromkeys(addresses, verdict), retry_after)])[0]
+
+
+def record_delivered(store, queue_id, domain, addresses, reply):
+    """The primary accepted these recipients (2xx). Returns the row's state after, None once gone."""
+    from backupmx.outcome import Outcome
+
+    return _record(store, Outcome.DELIVERED, queue_id, domain, addresses, reply)
+
+
+def record_deferred(store, queue_id, domain, addresses, reply, *, retry_after=None):
+    """4xx or connection trouble for these recipients."""
+    from backupmx.outcome import Outcome
+
+    return _record(store, Outcome.DEFERRED, queue_id, domain, addresses, reply, retry_after)
+
+
+def record_failed(store, queue_id, domain, addresses, reply):
+    """5xx for these recipients."""
+    from backupmx.outcome import Outcome
+
+    return _record(store, Outcome.FAILED, queue_id, domain, addresses, reply)
+
+
+def pending_flushes(queue_path):
+    """Domains with a flush request waiting (leased or not), oldest request first."""
+    import sqlite3
+
+    db = sqlite3.connect(str(queue_path))
+    try:
+        return [row[0] for row in db.execute(
+            "SELECT domain FROM flushes WHERE requested_at IS NOT NULL ORDER BY requested_at, domain")]
+    finally:
+        db.close()
+
+
 def flushes_in_progress(queue_path):
     """Flush requests not yet claimed and leases not yet released, in the queue at `queue_path`.
 

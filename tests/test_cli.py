@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from backupmx.cli import humanize_age
+from conftest import queue_one
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "backupmx.py"
@@ -256,7 +257,7 @@ def queued(tmp_path):
             sender="alice@example.org",
             recipients=[Recipient("bob@example.com", "example.com"), Recipient("carol@sub.example.com", "sub.example.com")],
         )
-        store.enqueue(queue_id, envelope, io.BytesIO(body), len(body), client="192.0.2.1", helo="client.example.org")
+        queue_one(store, queue_id, envelope, io.BytesIO(body), len(body), client="192.0.2.1", helo="client.example.org")
     finally:
         store.close()
     return config, queue_id, body

@@ -224,6 +224,7 @@ def test_defaults(tmp_path):
     assert config.max_auth_failures == 3
     assert config.max_connections_per_client == 50
     assert (config.max_auth_failures_per_client, config.auth_failure_window) == (10, 3600.0)
+    assert config.auth_failure_delay == 1.0
     assert (config.max_session_time, config.max_junk_commands, config.greet_pause) == (1800.0, 100, 0.0)
     assert config.timeout == 300.0
     assert config.queue_lifetime == 5 * 86400.0
@@ -375,6 +376,17 @@ def test_default_auth_mechanisms_leave_scram_out_while_a_secret_cannot_serve_it(
               "[user:p]\npassword = {PLAIN}x\ndomains = example.com\n")))
     assert modern.auth_mechanisms == ("SCRAM-SHA-256", "PLAIN", "LOGIN")
     assert not [w for w in modern.warnings if "SCRAM" in w]
+
+
+def test_auth_failure_delay_is_a_config_key_and_zero_is_said(tmp_path):
+    """review-1 m9: what slows password guessing is set where an operator looks, and
+    switching it off is one warning, never silent (the environment cannot touch it)."""
+    users = "[user:u]\npassword = {PLAIN}x\ndomains = example.com\n"
+    assert load_config(write(tmp_path, config_text("auth_failure_delay = 2s\n", extra=users))).auth_failure_delay == 2
+    off = load_config(write(tmp_path, config_text("auth_failure_delay = 0\n", extra=users)))
+    assert off.auth_failure_delay == 0 and any("auth_failure_delay = 0" in w for w in off.warnings)
+    with pytest.raises(ConfigError, match="auth_failure_delay"):
+        load_config(write(tmp_path, config_text("auth_failure_delay = -1\n", extra=users)))
 
 
 def test_domain_names_normalised(tmp_path):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CERTS, REPO, end_process_group, free_port, read_line, wait_for, write_config
+from conftest import CERTS, REPO, end_process_group, free_port, queue_one, read_line, wait_for, write_config
 
 PASSWORD = "inetd%s3cret"
 AUTH_PLAIN = base64.b64encode(b"\0prim\0" + PASSWORD.encode()).decode()
@@ -533,7 +533,7 @@ def test_flush_run_by_root_delivers_as_user(tmp_path, nobody_dir, sink):
     python = python_for_nobody()
     queue = nobody_dir / "queue.db"
     with QueueStore(str(queue)) as store:  # as root: e.g. an earlier start without `user`
-        store.enqueue(store.new_queue_id(), Envelope("a@sender.test", [Recipient("bob@example.com", "example.com")]),
+        queue_one(store, store.new_queue_id(), Envelope("a@sender.test", [Recipient("bob@example.com", "example.com")]),
                       BODY, len(BODY), client="192.0.2.1", helo="client.test")
     assert os.stat(queue).st_uid == 0
     log = nobody_dir / "f.log"

@@ -26,7 +26,7 @@ def mx(server_factory, sink):
     A failed AUTH waits 0.2 s per failure so far before its answer (1 s in production).
     """
     return server_factory(
-        tls=True, listen_tls=True, env={"BACKUPMX_AUTH_FAILURE_DELAY": "0.2"},
+        tls=True, listen_tls=True, auth_failure_delay="0.2s",
         auth_mechanisms="SCRAM-SHA-256 PLAIN LOGIN CRAM-MD5",
         domains={
             "example.com": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"},

@@ -28,7 +28,7 @@ from backupmx.smtpclient import MAX_REPLY_LINES, DataEncoder, PrimaryClient, Rep
 from backupmx.store import QueueStore
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import flushes_in_progress, wait_for  # noqa: E402
+from conftest import flushes_in_progress, pending_flushes, queue_one, wait_for  # noqa: E402
 from sink import Sink  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def enqueue(store, body, *, sender="alice@sender.test", rcpts=("bob@example.com"
         envid=envid,
         ret=ret,
     )
-    store.enqueue(queue_id, envelope, body, len(body), client="192.0.2.1", helo="client.test")
+    queue_one(store, queue_id, envelope, body, len(body), client="192.0.2.1", helo="client.test")
     return queue_id
 
 
@@ -438,13 +438,24 @@ def lease_expires(path):
         db.close()
 
 
+def lease_stopped(lease):
+    """True once the flush holding `lease` must stop (its check() raises)."""
+    from backupmx.flusher import _LeaseLost
+
+    try:
+        lease.check()
+    except _LeaseLost:
+        return True
+    return False
+
+
 def test_a_lease_that_cannot_be_renewed_stops_the_flush_before_it_runs_out(store):
     """review-1 m7: renewals that fail (another process holds the write lock) for most of
     the lease stop the flush while the lease still holds, so a second flusher never
     delivers the same mail beside this one."""
     import sqlite3
 
-    from backupmx.flusher import _Lease, _LeaseLost
+    from backupmx.flusher import _Lease
 
     enqueue(store, b"x\r\n")
     store.request_flush(["example.com"])
@@ -454,14 +465,7 @@ def test_a_lease_that_cannot_be_renewed_stops_the_flush_before_it_runs_out(store
         lease.check()
         holder.execute("BEGIN IMMEDIATE")  # the renewals wait for it, then give up
         try:
-            def stopped():
-                try:
-                    lease.check()
-                except _LeaseLost:
-                    return True
-                return False
-
-            assert wait_for(stopped, 3, 0.01)
+            assert wait_for(lambda: lease_stopped(lease), 3, 0.01)
             assert lease.ran_out and time.time() < lease_expires(store.path)  # nobody else could claim it yet
         finally:
             holder.execute("ROLLBACK")
@@ -471,7 +475,7 @@ def test_a_lease_that_cannot_be_renewed_stops_the_flush_before_it_runs_out(store
 def test_a_renewal_thread_that_fails_is_logged_and_the_lease_counts_as_lost(store, caplog):
     import sqlite3
 
-    from backupmx.flusher import _Lease, _LeaseLost
+    from backupmx.flusher import _Lease
 
     enqueue(store, b"x\r\n")
     store.request_flush(["example.com"])
@@ -483,15 +487,8 @@ def test_a_renewal_thread_that_fails_is_logged_and_the_lease_counts_as_lost(stor
         other.execute("ALTER TABLE flushes RENAME TO flushes_elsewhere")  # renew_lease: no such table
         other.close()
 
-        def stopped():
-            try:
-                lease.check()
-            except _LeaseLost:
-                return True
-            return False
-
         with caplog.at_level(logging.ERROR, logger="backupmx"):
-            assert wait_for(stopped, 1.5, 0.01)  # within an interval (0.5 s), not at the 2.5 s mark
+            assert wait_for(lambda: lease_stopped(lease), 1.5, 0.01)  # within an interval (0.5 s), not at the 2.5 s mark
         assert lease.ran_out
     assert any("lease renewal" in r.getMessage() and "no such table" in r.getMessage() for r in caplog.records)
 
@@ -508,7 +505,7 @@ def test_should_stop_between_messages_requests_again(store, sink):
     counts = flush(store, domain_config(sink), should_stop=should_stop)
     assert counts["delivered"] == 2
     assert len(rows(store)) == 3
-    assert store.pending_flushes() == [DOMAIN]  # resumes after a restart
+    assert pending_flushes(store.path) == [DOMAIN]  # resumes after a restart
 
 
 def test_run_flush_worker(tmp_path, sink):
@@ -668,7 +665,7 @@ def test_run_flush_worker_retries_only_retry_domains(tmp_path, sink):
     with QueueStore(str(queue)) as store:
         enqueue(store, b"retry on\r\n")
         envelope = Envelope("a@sender.test", [Recipient("x@example.org", "example.org")])
-        store.enqueue("ORGMESSAGE01", envelope, b"etrn only\r\n", 11, client=None, helo=None)
+        queue_one(store, "ORGMESSAGE01", envelope, b"etrn only\r\n", 11, client=None, helo=None)
     stop = threading.Event()
     worker = threading.Thread(target=run_flush_worker, args=(config, "worker-1", stop.is_set))
     worker.start()

@@ -26,7 +26,7 @@ from backupmx.config import load_config
 from backupmx.envelope import Envelope, Recipient
 from backupmx.lifecycle import BounceFailed, housekeeping, next_retry_delay, send_dsn
 from backupmx.store import QueueStore
-from conftest import REPO, received_client
+from conftest import REPO, pending_flushes, queue_one, received_client, record_deferred, record_delivered, record_failed
 
 
 T0 = 1_800_000_000
@@ -112,7 +112,7 @@ timeout = 10s
 def put(store, *rcpts, sender="sender@example.org", body=BODY, **kw):
     recipients = [r if isinstance(r, Recipient) else Recipient(r, r.rsplit("@", 1)[1]) for r in rcpts]
     qid = store.new_queue_id()
-    store.enqueue(qid, Envelope(sender=sender, recipients=recipients, **kw), io.BytesIO(body), len(body),
+    queue_one(store, qid, Envelope(sender=sender, recipients=recipients, **kw), io.BytesIO(body), len(body),
                   client="192.0.2.1", helo="client.test")
     return qid
 
@@ -263,8 +263,8 @@ def test_bounce_size_limit_bounds_failure_expiry_and_delay_reports(store, clock,
     clock.now += 40 * 60
     assert run(store, config, log, clock)["delay_warnings"] == 3
     clock.now += HOUR
-    store.failed(failed, "long.test", ["b@long.test"], "550 5.7.1 refused")
-    store.failed(small, "long.test", ["c@long.test"], "550 5.7.1 refused")
+    record_failed(store, failed, "long.test", ["b@long.test"], "550 5.7.1 refused")
+    record_failed(store, small, "long.test", ["c@long.test"], "550 5.7.1 refused")
     summary = run(store, config, log, clock)
     assert summary["expired"] == 1 and summary["dsn_sent"] == 3
     reports = sink.wait_for(6)
@@ -317,7 +317,7 @@ def test_failed_5xx_gets_a_dsn_with_diagnostic(store, clock, tmp_path, log, sink
     config = make_config(tmp_path, relay=sink.port)
     qid = put(store, "a@long.test", "b@long.test")
     clock.now += 60
-    store.failed(qid, "long.test", ["a@long.test"], "550 5.1.1 <a@long.test>: Recipient address rejected: User unknown")
+    record_failed(store, qid, "long.test", ["a@long.test"], "550 5.1.1 <a@long.test>: Recipient address rejected: User unknown")
     clock.now += 60
     summary = run(store, config, log, clock)
     assert summary["dsn_sent"] == 1
@@ -526,7 +526,7 @@ primary = mail.long.test:25
     put(store, "b@long.test")
     summary = run(store, config, log, clock)
     assert summary["retries"] == ["short.test"]  # new mail is due at once
-    assert store.pending_flushes() == ["short.test"]
+    assert pending_flushes(store.path) == ["short.test"]
     assert log.lines.find("retry") == ["retry domain=short.test queued=1"]
 
     # The flusher takes it, the primary is down: deferred with the backoff.
@@ -534,16 +534,16 @@ primary = mail.long.test:25
     for wait in (600, 1200, 2400):
         assert store.claim_flush("flusher", 60) == "short.test"
         attempts += 1
-        store.deferred(qid, "short.test", ["a@short.test"], "421 4.3.2 down",
+        record_deferred(store, qid, "short.test", ["a@short.test"], "421 4.3.2 down",
                        retry_after=next_retry_delay(600, attempts))
         store.release_flush("short.test", "flusher")
         clock.now += wait - 1
         assert run(store, config, log, clock)["retries"] == []
-        assert store.pending_flushes() == []
+        assert pending_flushes(store.path) == []
         clock.now += 1
         assert run(store, config, log, clock)["retries"] == ["short.test"]
     # long.test was never asked for: only ETRN flushes it.
-    assert "long.test" not in store.pending_flushes()
+    assert "long.test" not in pending_flushes(store.path)
 
 
 # --- retention and the database --------------------------------------------------------
@@ -552,7 +552,7 @@ primary = mail.long.test:25
 def test_failed_rows_are_purged_after_retention(store, clock, tmp_path, log):
     config = make_config(tmp_path)
     qid = put(store, "a@long.test")
-    store.failed(qid, "long.test", ["a@long.test"], "550 no")
+    record_failed(store, qid, "long.test", ["a@long.test"], "550 no")
     run(store, config, log, clock)
     clock.now += 7 * DAY
     assert run(store, config, log, clock)["purged"] == 1
@@ -565,7 +565,7 @@ def test_freed_pages_go_back_and_the_wal_is_truncated(store, clock, tmp_path, lo
     big = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 2000  # 2 MB
     ids = [put(store, "a@long.test", body=big) for _ in range(3)]
     for qid in ids:
-        store.delivered(qid, "long.test", ["a@long.test"], "250 ok")
+        record_delivered(store, qid, "long.test", ["a@long.test"], "250 ok")
     size_before = os.path.getsize(store.path) + os.path.getsize(store.path + "-wal")
     summary = run(store, config, log, clock)
     assert summary["vacuumed_pages"] * store.connection.execute("PRAGMA page_size").fetchone()[0] > 5_000_000

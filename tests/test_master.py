@@ -836,3 +836,16 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["broken-flusher"]:
         sys.exit(broken_flusher_master_main(sys.argv[2]))
     sys.exit(f"usage: {sys.argv[0]} stub-master|broken-flusher CONFIG")
+
+
+def test_the_listening_line_names_starttls_only_with_a_certificate():
+    """review-1 m9: a plain listener without tls_cert offers no STARTTLS, and its log line says so."""
+    from backupmx.listeners import Listener
+
+    plain, implicit = Listener(("127.0.0.1", 0), None, False), Listener(("127.0.0.1", 0), None, True)
+    try:
+        assert plain.log_fields(False)["tls"] == "none" and plain.log_fields(True)["tls"] == "starttls"
+        assert implicit.log_fields(True)["tls"] == "implicit"
+    finally:
+        plain.server_close()
+        implicit.server_close()

@@ -30,7 +30,7 @@ from backupmx.cli import main as cli
 from backupmx.envelope import Envelope, Recipient
 from backupmx.schema import schema_version
 from backupmx.store import QueueStore
-from conftest import CERTS, REPO, free_port, read_line, start_server, wait_for
+from conftest import CERTS, REPO, free_port, queue_one, read_line, record_delivered, record_failed, start_server, wait_for
 from sink import Sink
 from test_log import parse_line
 
@@ -58,9 +58,9 @@ def mx(tmp_path_factory, primary):
         domains={"example.com": {"primary": f"127.0.0.1:{primary.port}", "primary_tls": "none"},
                  "listed.org": {"primary": f"127.0.0.1:{primary.port}", "primary_tls": "none",
                                 "recipients": "alice"}},
-        metrics_listen=f"127.0.0.1:{free_port()}",
-        env={"JOURNAL_STREAM": f"{journal.st_dev}:{journal.st_ino}", "BACKUPMX_AUTH_FAILURE_DELAY": "0.05",
-             "BACKUPMX_COUNTS_INTERVAL": "0.2", "BACKUPMX_METRICS_DEADLINE": "1"})
+        metrics_listen=f"127.0.0.1:{free_port()}", auth_failure_delay="0.05s",
+        env={"JOURNAL_STREAM": f"{journal.st_dev}:{journal.st_ino}", "BACKUPMX_COUNTS_INTERVAL": "0.2",
+             "BACKUPMX_METRICS_DEADLINE": "1", "BACKUPMX_LOOKUP_TIMEOUT": "soon"})
     server.metrics_port = int(re.search(r"metrics_listen = 127\.0\.0\.1:(\d+)",
                                         Path(server.config_path).read_text()).group(1))
     yield server
@@ -148,6 +148,17 @@ def test_a_held_write_lock_never_freezes_a_worker_for_its_counts(mx):
             holder.close()
         assert worst < 0.75, worst  # it waited for the lock: 1.2 s or more
     assert wait_for(lambda: relay_denied() >= before + 1, 5)
+
+
+def test_tuning_from_the_environment_is_never_silent(mx):
+    """review-1 m9: each BACKUPMX_* knob set is one line at start; one that is no usable
+    number is ignored, with a warning. The AUTH failure delay is a config key instead."""
+    tail = LogTail(mx)
+    tail.start = 0  # from the server's start
+    events = [(priority, fields) for priority, event, fields in tail.events() if event.startswith("tuning")]
+    assert (6, {"variable": "BACKUPMX_COUNTS_INTERVAL", "value": "0.2", "default": "5.0"}) in events
+    assert any(priority == 4 and fields["variable"] == "BACKUPMX_LOOKUP_TIMEOUT" for priority, fields in events)
+    assert not any(fields["variable"] == "BACKUPMX_AUTH_FAILURE_DELAY" for _, fields in events)
 
 
 # --- log lines read back --------------------------------------------------------------------
@@ -473,7 +484,7 @@ def queue(tmp_path):
             ids[name] = store.new_queue_id()
             envelope = Envelope(sender=sender, recipients=[Recipient(f"{name}@{d}", d) for d in domains])
             body = f"Subject: {name}\r\n\r\nbody\r\n".encode()
-            store.enqueue(ids[name], envelope, body, len(body), client="192.0.2.1", helo="c.test",
+            queue_one(store, ids[name], envelope, body, len(body), client="192.0.2.1", helo="c.test",
                           received_at=time.time() - age)
     return str(config), ids
 
@@ -568,7 +579,7 @@ def test_queue_table_shows_held_failed_and_the_primary_s_last_visits(queue, caps
     with QueueStore(str(Path(config).parent / "queue.db")) as store:
         store.hold(queue_id=ids["a"])
         store.request_flush(["example.com"], etrn=True)
-        store.failed(ids["d"], "example.org", ["d@example.org"], "550 5.1.1 no such user")
+        record_failed(store, ids["d"], "example.org", ["d@example.org"], "550 5.1.1 no such user")
     status, out, _ = cli_out(capsys, "queue", "-c", config)
     header, com, org = out.splitlines()
     assert header.split() == ["domain", "messages", "bytes", "oldest", "<1h", "<6h", "<1d", "<3d", "3d+", "held",
@@ -605,6 +616,12 @@ def test_health_exit_codes_and_perfdata(queue, capsys, tmp_path):
     assert status == 1 and "messages=5;4;;0" in line, line
     status, line = health(capsys, config, "--warn-age", "4d", "--max-age", "5d", "--max-messages", "4")
     assert status == 2, line
+    for bad in (["--warn-messages", "-1"], ["--max-messages=-5"], ["--warn-messages", "x"]):  # review-1 m9
+        with pytest.raises(SystemExit) as exit:
+            cli(["health", "-c", config, *bad])
+        out, err = capsys.readouterr()
+        assert exit.value.code == 3 and out.startswith("BACKUPMX UNKNOWN - usage: ") and out.count("\n") == 1, out
+        assert "is not a number of messages" in out and err.count("\n") == 1
     Path(config).write_text(Path(config).read_text().replace(f"{Path(config).parent}/queue.db",
                                                              f"{tmp_path}/none.db"))
     status, line = health(capsys, config)
@@ -759,7 +776,7 @@ def test_notify_is_told_once_when_a_domain_starts_queueing_and_once_when_its_mai
     with QueueStore(str(tmp_path / "q.db"), clock=lambda: now[0]) as store:
         def enqueue(domain):
             queue_id = store.new_queue_id()
-            store.enqueue(queue_id, Envelope("a@b.test", [Recipient(f"x@{domain}", domain)]), b"x\r\n", 3,
+            queue_one(store, queue_id, Envelope("a@b.test", [Recipient(f"x@{domain}", domain)]), b"x\r\n", 3,
                           client="192.0.2.1", helo="c")
             return queue_id
 
@@ -781,7 +798,7 @@ def test_notify_is_told_once_when_a_domain_starts_queueing_and_once_when_its_mai
         assert kinds() == ["mail for example.com has waited over 1h0m on mx2.test"]
         housekeeping(store, config, send=send)
         assert kinds() == []
-        store.delivered(first, "example.com", ["x@example.com"], "250 ok")
+        record_delivered(store, first, "example.com", ["x@example.com"], "250 ok")
         housekeeping(store, config, send=send)  # drained: the next queueing period is a new one
         enqueue("example.com")
         housekeeping(store, config, send=send)

@@ -15,7 +15,7 @@ from backupmx.config import DomainConfig, load_config
 from backupmx.envelope import Envelope, Recipient
 from backupmx.flusher import deliver_domain
 from backupmx.store import QueueStore
-from conftest import CERTS, REPO, free_port, wait_for
+from conftest import CERTS, REPO, free_port, queue_one, wait_for
 from sink import Sink
 
 DOMAIN = "example.com"
@@ -47,7 +47,7 @@ def domain(host, port, addresses, *, tls="none", ca=None):
 
 def flush_one(store, config_domain):
     queue_id = store.new_queue_id()
-    store.enqueue(queue_id, Envelope(sender="a@origin.test", recipients=[Recipient("bob@example.com", DOMAIN)]),
+    queue_one(store, queue_id, Envelope(sender="a@origin.test", recipients=[Recipient("bob@example.com", DOMAIN)]),
                   BODY, len(BODY), client="192.0.2.1", helo="c.test")
     store.request_flush([DOMAIN])
     assert store.claim_flush("t", 60) == DOMAIN

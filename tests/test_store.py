@@ -31,6 +31,7 @@ from backupmx.store import (
     new_queue_id,
 )
 from backupmx.store_db import CHUNK
+from conftest import pending_flushes, queue_one, record_deferred, record_delivered, record_failed
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_800_000_000
@@ -72,7 +73,7 @@ def envelope(*addresses, sender="sender@example.org", **kw):
 
 def put(store, *addresses, body=b"Subject: hi\r\n\r\nhello\r\n", **kw):
     qid = store.new_queue_id()
-    store.enqueue(qid, envelope(*addresses, **kw), io.BytesIO(body), len(body), client="192.0.2.1", helo="client.test")
+    queue_one(store, qid, envelope(*addresses, **kw), io.BytesIO(body), len(body), client="192.0.2.1", helo="client.test")
     return qid
 
 
@@ -263,7 +264,7 @@ def test_envelope_parameters_are_kept(store):
         sender="", recipients=[Recipient("Bob@Example.COM", "example.com", notify="SUCCESS,DELAY", orcpt="rfc822;bob@x")],
         body_type="8BITMIME", envid="ENV+2B1", ret="HDRS",
     )
-    store.enqueue("ABC123DEF456", env, io.BytesIO(b"x"), 1, client="::1", helo="h")
+    queue_one(store, "ABC123DEF456", env, io.BytesIO(b"x"), 1, client="::1", helo="h")
     [m] = store.messages_for_flush("example.com")
     assert (m.sender, m.envid, m.ret, m.body_type, m.size, m.attempts) == ("", "ENV+2B1", "HDRS", "8BITMIME", 1, 0)
     assert m.recipients == [Recipient("Bob@Example.COM", "example.com", "SUCCESS,DELAY", "rfc822;bob@x")]
@@ -292,7 +293,7 @@ def test_body_round_trip_is_byte_exact(store, size):
 
 def test_body_as_bytes_is_accepted(store):
     qid = store.new_queue_id()
-    store.enqueue(qid, envelope("a@example.com"), b"\x00\x01", 2, client=None, helo=None)
+    queue_one(store, qid, envelope("a@example.com"), b"\x00\x01", 2, client=None, helo=None)
     assert store.open_body(qid).read() == b"\x00\x01"
 
 
@@ -321,7 +322,7 @@ def test_large_message_memory_does_not_grow_with_size(store, tmp_path):
 
     def write():
         with open(src, "rb") as f:
-            store.enqueue(qid, envelope("a@example.com"), f, size, client="c", helo="h")
+            queue_one(store, qid, envelope("a@example.com"), f, size, client="c", helo="h")
 
     assert _peak_during(write) < 5 * 1024 * 1024
 
@@ -337,7 +338,7 @@ def test_large_message_memory_does_not_grow_with_size(store, tmp_path):
 _RSS_SCRIPT = r"""
 import os, resource, sys
 from backupmx.envelope import Envelope, Recipient
-from backupmx.store import QueueStore
+from backupmx.store import QueueStore, Submission
 path, size = sys.argv[1], int(sys.argv[2])
 store = QueueStore(os.path.join(path, "q.db"))
 with open(os.path.join(path, "big"), "wb") as f:
@@ -347,8 +348,8 @@ with open(os.path.join(path, "big"), "wb") as f:
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, the peak so far
 before = rss()
 with open(os.path.join(path, "big"), "rb") as f:
-    store.enqueue("BIG000000000", Envelope("s@x", [Recipient("a@example.com", "example.com")]), f, size,
-                  client="c", helo="h")
+    store.enqueue_many([Submission("BIG000000000", Envelope("s@x", [Recipient("a@example.com", "example.com")]), f,
+                                   size, "c", "h")])
 after_write = rss()
 with store.open_body("BIG000000000") as body:
     while body.read(65536):
@@ -372,18 +373,18 @@ def test_large_message_rss_does_not_grow_with_size(tmp_path):
 def test_wrong_size_is_rejected_and_nothing_written(store):
     before = counts(store.path)
     with pytest.raises(ValueError):
-        store.enqueue("SHORT0000000", envelope("a@example.com"), io.BytesIO(b"abc"), 4, client="c", helo="h")
+        queue_one(store, "SHORT0000000", envelope("a@example.com"), io.BytesIO(b"abc"), 4, client="c", helo="h")
     with pytest.raises(ValueError):
-        store.enqueue("LONG00000000", envelope("a@example.com"), io.BytesIO(b"abcde"), 4, client="c", helo="h")
+        queue_one(store, "LONG00000000", envelope("a@example.com"), io.BytesIO(b"abcde"), 4, client="c", helo="h")
     with pytest.raises(ValueError):
-        store.enqueue("NORCPT000000", Envelope("s@x"), io.BytesIO(b""), 0, client="c", helo="h")
+        queue_one(store, "NORCPT000000", Envelope("s@x"), io.BytesIO(b""), 0, client="c", helo="h")
     assert counts(store.path) == before
 
 
 def test_duplicate_queue_id_is_unavailable(store):
-    store.enqueue("SAME00000000", envelope("a@example.com"), b"1", 1, client="c", helo="h")
+    queue_one(store, "SAME00000000", envelope("a@example.com"), b"1", 1, client="c", helo="h")
     with pytest.raises(QueueUnavailable):
-        store.enqueue("SAME00000000", envelope("b@example.com"), b"2", 1, client="c", helo="h")
+        queue_one(store, "SAME00000000", envelope("b@example.com"), b"2", 1, client="c", helo="h")
     assert store.open_body("SAME00000000").read() == b"1"
 
 
@@ -395,7 +396,7 @@ def test_disk_full_is_unavailable_and_nothing_half_queued(store):
     db.execute(f"PRAGMA max_page_count = {pages + 8}")  # real SQLITE_FULL past 8 more pages
     body = os.urandom(200_000)
     with pytest.raises(QueueUnavailable, match="full"):
-        store.enqueue("FULL00000000", envelope("a@example.com", "b@other.test"), io.BytesIO(body), len(body),
+        queue_one(store, "FULL00000000", envelope("a@example.com", "b@other.test"), io.BytesIO(body), len(body),
                       client="c", helo="h")
     assert not db.in_transaction
     assert counts(store.path) == before
@@ -437,10 +438,10 @@ def test_flush_requests_coalesce(store, clock):
     put(store, "b@example.com")
     for _ in range(1000):
         assert store.request_flush(["example.com", "empty.test"]) == {"example.com": 2, "empty.test": 0}
-    assert store.pending_flushes() == ["example.com"]
+    assert pending_flushes(store.path) == ["example.com"]
     assert store.claim_flush("f1", 60) == "example.com"
     assert store.claim_flush("f2", 60) is None  # one pending flush, taken once
-    assert store.pending_flushes() == []
+    assert pending_flushes(store.path) == []
 
 
 def test_request_during_flush_runs_once_more(store, clock):
@@ -546,26 +547,26 @@ def test_messages_for_flush_oldest_first_with_limit(store, clock):
 def test_delivered_deletes_recipient_row_and_message(store, clock):
     qid = put(store, "a@one.test", "b@one.test", "c@two.test")
     clock.now += 10
-    assert store.delivered(qid, "one.test", ["a@one.test"], "250 2.0.0 ok") == "queued"
+    assert record_delivered(store, qid, "one.test", ["a@one.test"], "250 2.0.0 ok") == "queued"
     [m] = store.messages_for_flush("one.test")
     assert [r.address for r in m.recipients] == ["b@one.test"] and m.attempts == 1
-    assert store.delivered(qid, "one.test", ["b@one.test"], "250 2.0.0 ok") is None
+    assert record_delivered(store, qid, "one.test", ["b@one.test"], "250 2.0.0 ok") is None
     assert store.messages_for_flush("one.test") == []
     assert store.show(qid) is not None  # two.test still holds the message
-    assert store.delivered(qid, "two.test", ["c@two.test"], "250 2.0.0 ok") is None
+    assert record_delivered(store, qid, "two.test", ["c@two.test"], "250 2.0.0 ok") is None
     assert counts(store.path)[:3] == (0, 0, 0)
     assert store.show(qid) is None
     whats = [e.what for e in store.history(qid)]
     assert whats.count("delivered") == 3 and whats.count("queued") == 2
-    assert store.delivered(qid, "two.test", ["c@two.test"], "250") is None  # gone already: harmless
+    assert record_delivered(store, qid, "two.test", ["c@two.test"], "250") is None  # gone already: harmless
 
 
 def test_deferred_keeps_with_attempts_and_reply(store, clock):
     qid = put(store, "a@example.com")
     clock.now += 100
-    assert store.deferred(qid, "example.com", ["a@example.com"], "451 4.3.0 try later") == "queued"
+    assert record_deferred(store, qid, "example.com", ["a@example.com"], "451 4.3.0 try later") == "queued"
     clock.now += 100
-    assert store.deferred(qid, "example.com", ["a@example.com"], "421 4.4.2 timeout", retry_after=300) == "queued"
+    assert record_deferred(store, qid, "example.com", ["a@example.com"], "421 4.4.2 timeout", retry_after=300) == "queued"
     [row] = store.list_messages()
     assert (row.attempts, row.last_reply, row.last_attempt, row.next_attempt) == (
         2, "421 4.4.2 timeout", T0 + 200, T0 + 500)
@@ -578,10 +579,10 @@ def test_deferred_keeps_with_attempts_and_reply(store, clock):
 
 def test_failed_marks_and_keeps(store, clock):
     qid = put(store, "a@example.com", "b@example.com")
-    assert store.failed(qid, "example.com", ["a@example.com"], "550 5.1.1 no such user") == "queued"
+    assert record_failed(store, qid, "example.com", ["a@example.com"], "550 5.1.1 no such user") == "queued"
     [m] = store.messages_for_flush("example.com")
     assert [r.address for r in m.recipients] == ["b@example.com"]
-    assert store.delivered(qid, "example.com", ["b@example.com"], "250 ok") == "failed"  # only the failed one left
+    assert record_delivered(store, qid, "example.com", ["b@example.com"], "250 ok") == "failed"  # only the failed one left
     assert store.messages_for_flush("example.com") == []
     assert store.summary() == []
     [row] = store.list_messages(state="failed")
@@ -596,11 +597,11 @@ def test_failed_marks_and_keeps(store, clock):
 
 def test_mixed_outcomes_are_one_attempt(store):
     qid = put(store, "a@example.com", "b@example.com", "c@example.com")
-    state = store.record_attempt(qid, "example.com", {
+    [state] = store.record_attempts([(qid, "example.com", {
         "a@example.com": Verdict.of_reply(250, "250 ok"),
         "b@example.com": Verdict.of_reply(450, "450 4.2.1 busy"),
         "c@example.com": Verdict.of_reply(550, "550 5.1.1 unknown"),
-    }, retry_after=60)
+    }, 60)])
     assert state == "queued"
     [row] = store.list_messages()
     assert (row.attempts, row.last_reply, row.recipients) == (1, "450 4.2.1 busy", ["b@example.com", "c@example.com"])
@@ -610,7 +611,7 @@ def test_mixed_outcomes_are_one_attempt(store):
     with pytest.raises(ValueError):
         Verdict("bogus", "x")  # there is no fourth outcome
     with pytest.raises(TypeError):
-        store.record_attempt(qid, "example.com", {"b@example.com": ("deferred", "x")})
+        store.record_attempts([(qid, "example.com", {"b@example.com": ("deferred", "x")}, None)])
 
 
 @pytest.mark.parametrize("code,outcome", [
@@ -645,7 +646,7 @@ def test_expiry_dsn_and_retention(store, clock):
     clock.now += 7 * 86400
     assert store.purge(7 * 86400) == 1
     assert store.show(old).rows[0].domain == "long.test"
-    store.delivered(old, "long.test", ["b@long.test"], "250 ok")
+    record_delivered(store, old, "long.test", ["b@long.test"], "250 ok")
     assert store.show(old) is None
     assert any(e.what == "dsn" for e in store.history(old))
     clock.now += 7 * 86400 + 1
@@ -655,7 +656,7 @@ def test_expiry_dsn_and_retention(store, clock):
 
 def test_requeue_failed_and_expired(store, clock):
     qid = put(store, "a@example.com")
-    store.failed(qid, "example.com", ["a@example.com"], "550 no")
+    record_failed(store, qid, "example.com", ["a@example.com"], "550 no")
     assert store.requeue(domain="example.com") == 1
     [m] = store.messages_for_flush("example.com")
     assert m.recipients[0].address == "a@example.com"
@@ -714,7 +715,7 @@ def test_body_reader_does_not_block_writes(store, db_path, clock):
     rest = reader.read()
     assert first + rest == body
     unread = store.open_body(qid)
-    assert store.delivered(qid, "example.com", ["a@example.com"], "250 ok") is None
+    assert record_delivered(store, qid, "example.com", ["a@example.com"], "250 ok") is None
     reader.close()
     with pytest.raises(KeyError):
         unread.read(1)  # the message is gone: an error, never another message's bytes
@@ -790,7 +791,7 @@ def test_version_1_queue_gets_the_new_columns(db_path, clock):
         assert "smtputf8" in {r[1] for r in s.connection.execute("PRAGMA table_info(messages)")}
         qid = put(s, "a@example.com")
         assert [m.smtputf8 for m in s.messages_for_flush("example.com")] == [0]
-        s.failed(qid, "example.com", ["a@example.com"], "550 no")
+        record_failed(s, qid, "example.com", ["a@example.com"], "550 no")
         assert [b.queue_id for b in s.claim_dsns()] == [qid]
     finally:
         s.close()
@@ -832,7 +833,7 @@ def test_an_older_queue_gets_the_auth_failures_table(db_path, clock):
 
 def test_dsn_claims(store, clock):
     a = put(store, "a@example.com", "b@example.com")
-    store.failed(a, "example.com", ["a@example.com"], "550 no")
+    record_failed(store, a, "example.com", ["a@example.com"], "550 no")
     [bounce] = store.claim_dsns()
     assert [r.address for r in bounce.recipients] == ["a@example.com"]
     assert (bounce.attempts, bounce.last_attempt, bounce.last_reply, bounce.size) == (1, T0, "550 no", 22)
@@ -843,10 +844,10 @@ def test_dsn_claims(store, clock):
     store.dsn_sent(a, "example.com", ["a@example.com"])
     assert store.claim_dsns() == [] and store.pending_dsns() == []
     # A recipient that fails (again) after a requeue is due again.
-    store.failed(a, "example.com", ["b@example.com"], "550 no")
+    record_failed(store, a, "example.com", ["b@example.com"], "550 no")
     store.dsn_sent(a, "example.com", ["b@example.com"])
     assert store.requeue(queue_id=a) == 1
-    store.failed(a, "example.com", ["a@example.com"], "550 still no")
+    record_failed(store, a, "example.com", ["a@example.com"], "550 still no")
     assert [r.last_reply for b in store.claim_dsns() for r in b.recipients] == ["550 still no"]
 
 
