@@ -191,6 +191,21 @@ CREATE INDEX IF NOT EXISTS greylist_last_seen ON greylist (last_seen);
 -- The waiting rows of one network (its bound).
 CREATE INDEX IF NOT EXISTS greylist_waiting ON greylist (client) WHERE passed IS NULL;
 
+-- Monitoring mode (`accept_when = primary-unreachable`): what the last probe
+-- of each such domain's primary found, shared by every SMTP worker. While
+-- `up` is 1 (and the probe is recent), RCPT for the domain gets 450 4.4.0
+-- "the primary MX is up; deliver there". The flush workers probe every
+-- primary_probe_interval; `probing_until` lets only one process probe at a time.
+--   SELECT domain, up, reply, datetime(checked_at, 'unixepoch'), datetime(changed_at, 'unixepoch') FROM primary_status;
+CREATE TABLE IF NOT EXISTS primary_status (
+    domain        TEXT PRIMARY KEY NOT NULL, -- a configured domain with accept_when = primary-unreachable
+    up            INTEGER,                   -- 1: its primary greeted with 220 at the last probe; 0: it did not; NULL: not probed yet
+    reply         TEXT,                      -- the primary's greeting, or why the probe failed
+    checked_at    INTEGER,                   -- unix time of the last probe
+    changed_at    INTEGER,                   -- unix time `up` last changed
+    probing_until REAL                       -- a process took the next probe until then (NULL: nobody); one probe per interval across processes
+);
+
 -- History: one row per thing that happened to a message, kept after the
 -- message is delivered (until expired_retention), so nothing leaves without a trace.
 CREATE TABLE IF NOT EXISTS events (
@@ -289,7 +304,8 @@ CREATE TABLE IF NOT EXISTS schema_compat (
 -- 7: messages.client_name, messages.protocol (added to an older queue on start, after body:
 --    reading them then walks the body's pages, as for smtputf8).
 -- 8: greylist (a new table, likewise).
-PRAGMA user_version = 8;
+-- 9: primary_status (a new table, likewise).
+PRAGMA user_version = 9;
 
 -- The oldest schema version whose backupmx can still read and write a queue of
 -- this version. When you bump user_version:
@@ -302,6 +318,7 @@ PRAGMA user_version = 8;
 --     column the program must fill, a changed meaning.
 -- 4: a backupmx of schema 4 or later keeps every table it knows of this one up
 -- to date (3 and older know neither domain_status nor counters); one that does
--- not know verify_cache, auth_failures or greylist just lacks those features, and one
--- that does not know messages.client_name and protocol leaves them NULL.
+-- not know verify_cache, auth_failures, greylist or primary_status just lacks
+-- those features, and one that does not know messages.client_name and
+-- protocol leaves them NULL.
 INSERT OR REPLACE INTO schema_compat (id, oldest_version) VALUES (1, 4);

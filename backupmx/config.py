@@ -53,6 +53,7 @@ DEFAULT_CONFIG_PATH = "/etc/backupmx/backupmx.ini"
 PRIMARY_TLS_MODES = ("none", "opportunistic", "required")
 VERIFY_UNREACHABLE = ("accept", "tempfail")
 DNSBL_ACTIONS = ("reject", "tempfail")
+ACCEPT_WHEN = ("always", "primary-unreachable")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 PASSWORD_SCHEMES = ("{SCRYPT}", "{SCRAM-SHA-256}", "{PLAIN}")
 DEFAULT_AUTH_MECHANISMS = ("SCRAM-SHA-256", "PLAIN", "LOGIN")
@@ -90,6 +91,10 @@ class DomainConfig:
     verify_positive_ttl: float = 30 * 86400.0  # seconds an accepted address is remembered
     verify_negative_ttl: float = 3 * 3600.0  # seconds a refused address is remembered
     verify_unreachable: str = "accept"  # "accept" | "tempfail": the primary unreachable, nothing cached
+    # accept_when = primary-unreachable: RCPT gets 450 while the primary answers its banner
+    # (prober.py probes it every primary_probe_interval seconds).
+    accept_when: str = "always"
+    primary_probe_interval: float = 60.0
 
     def accepts(self, address: str) -> bool:
         """True if `address` ("local@domain", ASCII letters in any case) may be queued for this domain
@@ -554,6 +559,8 @@ _DOMAIN_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
     "verify_positive_ttl": (_positive_duration, 30 * 86400.0),
     "verify_negative_ttl": (_positive_duration, 3 * 3600.0),
     "verify_unreachable": (_choice(VERIFY_UNREACHABLE), "accept"),
+    "accept_when": (_choice(ACCEPT_WHEN), "always"),
+    "primary_probe_interval": (_positive_duration, 60.0),
 }
 # Keys that mean something only with recipients = verify (a warning otherwise).
 _VERIFY_KEYS = ("verify_positive_ttl", "verify_negative_ttl", "verify_unreachable")
@@ -693,6 +700,9 @@ class _Loader:
         if d["notify"] and not g["bounce_relay"]:
             self.warnings.append(f"{self.path}: [{section}] notify: needs bounce_relay in [backupmx]; "
                                  "no notice is sent")
+        if "primary_probe_interval" in parser[section] and d["accept_when"] == "always":
+            self.warnings.append(f"{self.path}: [{section}] primary_probe_interval: only used with "
+                                 "accept_when = primary-unreachable")
         if d["primary_ca"] and d["primary_tls"] != "required":
             self.warnings.append(f"{self.path}: [{section}] primary_ca: only used with primary_tls = required")
         return DomainConfig(name=name, **d)

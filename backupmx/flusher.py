@@ -41,6 +41,7 @@ from collections.abc import Callable
 from backupmx.lifecycle import housekeeping, log_domain_changes, next_retry_delay, request_due_retries
 from backupmx.log import log_event
 from backupmx.outcome import Outcome, Verdict
+from backupmx.prober import PrimaryWatch, monitored
 from backupmx.smtpclient import (DataEncoder, Primary, PrimaryClient, PrimaryUnavailable, describe, reply_text,
                                  xforward_commands)
 from backupmx.store import FlushRequests, QueueStore, QueueUnavailable
@@ -699,12 +700,15 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
 
     Every HOUSEKEEPING_INTERVAL it also runs lifecycle.housekeeping (expiry,
     bounces, retries on a backoff, retention); that is safe from several
-    flush workers at once, as the store claims what each one acts on.
+    flush workers at once, as the store claims what each one acts on. With a
+    domain in monitoring mode, a thread probes the primaries (prober.PrimaryWatch).
     """
     log = LOGGER
     lease_seconds = default_lease_seconds(config.timeout)
     retrying = any(d.retry_interval > 0 for d in config.domains.values())
     next_housekeeping = next_retry_scan = time.monotonic() + 1.0
+    if monitored(config):  # accept_when = primary-unreachable: the probes run here, not in SMTP workers
+        PrimaryWatch(config, log, should_stop).start()
     with QueueStore(config.queue) as store:
         ready()
         while not should_stop():

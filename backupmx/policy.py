@@ -12,6 +12,7 @@ callout last: a refused client costs the primary nothing.
   client      - (waits for the connect-time DNS     -
                 lookups: client_dns)
   dnsbl       554 5.7.1 / 450 4.7.1 (dnsbl_action)  no dnsbl zone lists the client, AUTH
+  primary_up  450 4.4.0 (prober.Monitor)           accept_when = always (the default), AUTH
   quota       452 4.3.1 (quota.Admission)          -
   greylist    450 4.7.1 (greylist.Greylisting)     greylist = 0, AUTH, greylist_exempt networks
   verify      550 5.1.1 / 450 4.1.1 / 450 4.4.0    the domain does not say recipients = verify
@@ -31,6 +32,7 @@ from backupmx import replies
 from backupmx.client_dns import ClientFacts
 from backupmx.envelope import Envelope, Recipient
 from backupmx.greylist import Greylisting
+from backupmx.prober import Monitor
 from backupmx.offload import Offload
 from backupmx.quota import Admission
 from backupmx.store import QueueStore
@@ -58,7 +60,9 @@ class RecipientPolicy:
         self.config, self.admission = config, admission
         self.verifier = Verifier(config, store, offload, logger)
         self.greylisting = Greylisting(config, store, offload, logger) if config.greylist else None
-        self._checks = (self._client_known, self._dnsbl, self._quota, self._greylist, self._verify)
+        self.monitor = Monitor(config, store, offload, logger)
+        self._checks = (self._client_known, self._dnsbl, self._primary_up, self._quota, self._greylist,
+                        self._verify)
 
     def admit(self, question: RecipientQuestion, answer: Answer) -> None:
         """Call `answer(None)` or `answer((reply, fields))`, now or later from the loop."""
@@ -85,6 +89,13 @@ class RecipientPolicy:
             return resume(None)
         reply = replies.CLIENT_BLOCKLISTED if self.config.dnsbl_action == "reject" else replies.CLIENT_BLOCKLISTED_TEMPFAIL
         resume((reply, {"client": question.client.address, "zone": listing.zone}))
+
+    def _primary_up(self, question: RecipientQuestion, resume: Answer) -> None:
+        """Monitoring mode: while the primary takes mail, the sender should deliver there."""
+        domain = self.config.domains[question.recipient.domain]
+        if domain.accept_when == "always" or question.authenticated or not self.monitor.primary_up(domain):
+            return resume(None)
+        resume((replies.PRIMARY_IS_UP, {}))
 
     def _quota(self, question: RecipientQuestion, resume: Answer) -> None:
         reply = self.admission.recipient(question.recipient.domain)

@@ -122,6 +122,8 @@ RECIPIENT_UNVERIFIED = Reply(450, "4.1.1", "<{address}>: Recipient address rejec
 # RFC 5782: the client is on a DNS blocklist (dnsbl_action = reject / tempfail).
 CLIENT_BLOCKLISTED = Reply(554, "5.7.1", "Service unavailable; client [{client}] blocked using {zone}")
 CLIENT_BLOCKLISTED_TEMPFAIL = Reply(450, "4.7.1", "Service unavailable; client [{client}] blocked using {zone}")
+# Monitoring mode (accept_when = primary-unreachable): RFC 5321 5.1, the sender tries its other MX hosts.
+PRIMARY_IS_UP = Reply(450, "4.4.0", "<{address}>: the primary MX is up; deliver there")
 GREYLISTED = Reply(450, "4.7.1", "<{address}>: Recipient address rejected: Greylisted, try again in {seconds} seconds")
 VERIFY_UNREACHABLE = Reply(450, "4.4.0", "<{address}>: Recipient address rejected: unverified address: "
                                          "the primary MX cannot be reached, try again later")

@@ -319,6 +319,21 @@ class Primary:
             client.close()
             raise PrimaryUnavailable(describe(e)) from e
 
+    def greeting(self) -> str:
+        """Connect, read the greeting, QUIT: the greeting's reply when it is 220 (RFC 5321 4.3.1),
+        else PrimaryUnavailable (what a monitoring probe asks: is the primary taking mail?)."""
+        client = PrimaryClient(timeout=self.timeout, local_hostname=self.hostname)
+        try:
+            code, text = self._connect_pinned(client)
+            if code != 220:
+                raise PrimaryUnavailable(reply_text(code, text))
+            self.release(client)
+            return reply_text(code, text)
+        except (OSError, smtplib.SMTPException, ValueError) as e:
+            raise PrimaryUnavailable(describe(e)) from e
+        finally:
+            client.close()
+
     def release(self, client: PrimaryClient) -> None:
         """A flush is done with `client`: QUIT, then close (whatever the primary answers)."""
         try:

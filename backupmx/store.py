@@ -13,6 +13,7 @@ for the processes that use it:
                                     since) and counters: metrics, health, notices
   store_verify.VerifyCache          SMTP workers, the CLI: the primary's answers to recipient callouts
   store_greylist.Greylist           SMTP workers: greylisting's triples
+  store_probes.PrimaryProbes        flush workers, SMTP workers: what the monitored primaries' probes found
   store_auth.AuthFailures           SMTP workers, inetd sessions: failed AUTHs per client
 
 What must always hold (each public method keeps it in ONE transaction):
@@ -42,10 +43,11 @@ from backupmx.store_housekeeping import DSN_CLAIM_SECONDS, Bounce, ExpiredRow, H
 from backupmx.store_intake import Intake, QuotaExceeded, Submission  # noqa: F401
 from backupmx.store_operator import (Event, MessageDetail, MessageRow, OperatorQueries,  # noqa: F401
                                      QueueSummary, RowDetail, RowKey, Selection)
+from backupmx.store_probes import PrimaryProbes, PrimaryState  # noqa: F401
 from backupmx.store_status import DomainChange, DomainReport, DomainStatus, Notice  # noqa: F401
 from backupmx.store_verify import ACCEPTED, REFUSED, VerifyAnswer, VerifyCache  # noqa: F401
 
 
 class QueueStore(Intake, FlushRequests, Delivery, Housekeeping, OperatorQueries, DomainStatus, VerifyCache,
-                 AuthFailures, Greylist):
+                 AuthFailures, Greylist, PrimaryProbes):
     """The whole queue, every role on one connection. One instance per process, created after fork."""

@@ -93,7 +93,7 @@ class Connections:
 
     def give_back(self, client: PrimaryClient, uses: int) -> None:
         if uses >= MAX_CALLOUTS_PER_CONNECTION:
-            return _quit(client)
+            return self.primary.release(client)
         with self._lock:
             self._idle.append((client, uses, self.clock()))
 
@@ -111,13 +111,6 @@ class Connections:
             idle, self._idle = self._idle, []
         for client, _, _ in idle:
             client.close()
-
-
-def _quit(client: PrimaryClient) -> None:
-    try:
-        client.quit()
-    except (OSError, smtplib.SMTPException):
-        client.close()
 
 
 def callout(connections: Connections, address: str) -> CalloutResult:
@@ -140,7 +133,7 @@ def callout(connections: Connections, address: str) -> CalloutResult:
         if reusable:
             connections.give_back(client, uses + 1)
         else:
-            _quit(client)
+            connections.primary.release(client)
         return result
     return CalloutResult(UNREACHABLE, "the primary closed the connection")
 
@@ -254,8 +247,8 @@ class Verifier:
         for connections in self._connections.values():
             idle = connections.idle_too_long()
             if idle:
-                self.offload.submit(None, lambda idle=idle: [_quit(client) for client in idle], lane=LANE,
-                                    then=lambda future: None)
+                self.offload.submit(None, lambda idle=idle, primary=connections.primary: [
+                    primary.release(client) for client in idle], lane=LANE, then=lambda future: None)
 
     def close(self) -> None:
         for connections in self._connections.values():

@@ -12,10 +12,11 @@ LAYERS = {
     "protocol": {"smtp", "smtp_body", "addresses", "envelope", "replies", "auth", "scram", "idn", "outcome",
                  "clients", "odmr"},
     "queue": {"store", "store_db", "store_intake", "store_flushes", "store_delivery", "store_housekeeping",
-              "store_operator", "store_status", "store_verify", "store_auth", "store_greylist", "schema"},
+              "store_operator", "store_status", "store_verify", "store_auth", "store_greylist", "store_probes",
+              "schema"},
     "driver": {"connection", "offload", "quota", "tls", "smtpclient", "primaries", "metrics", "health",
                "policy", "verify", "auth_limit", "client_dns",
-               "odmr_connection", "greylist", "atrn_relay"},
+               "odmr_connection", "greylist", "atrn_relay", "prober"},
     "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "lifecycle", "dsn",
                 "notify", "metrics_http", "flush_workers", "odmr_sessions"},
 }
