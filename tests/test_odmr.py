@@ -183,6 +183,7 @@ USERS = {  # each test has its own user and domains: they share one server
     "ivan": ("i1.test",),
     "judy": ("j1.test",),
     "kate": ("k1.test",),
+    "lena": ("l1.test",),
 }
 
 
@@ -450,6 +451,33 @@ def test_kill_9_of_backupmx_atrn_mid_transfer_loses_nothing(mx, customer, tmp_pa
     customer.wait_idle()
     received = {re.search(rb"with ESMTP id (\w+)", m[2]).group(1).decode() for m in customer.messages}
     assert ids <= left | received and left  # queued on the backup, or in the MTA (or both): never neither
+
+
+def test_dsn_parameters_pass_both_hops_and_utf8_needs_smtputf8(mx, customer):
+    """The flusher's rules on the backup, the relay's on the primary: DSN parameters reach an MTA
+    that offers DSN; a message that needs SMTPUTF8 fails with 5.6.7 where it is not offered."""
+    from backupmx import atrnclient
+    from backupmx.atrn_relay import Destination
+
+    with smtplib.SMTP("127.0.0.1", mx.port, timeout=10) as client:
+        client.ehlo("sender.test")
+        client.sendmail("s@origin.test", ["dsn@l1.test"], b"Subject: dsn\r\n\r\nx\r\n",
+                        mail_options=["ENVID=QQ314", "RET=HDRS"], rcpt_options=["NOTIFY=SUCCESS,FAILURE"])
+        client.sendmail("s@origin.test", ["j\u00f6rg@l1.test"], "Subject: utf8\r\n\r\nx\r\n".encode(),
+                        mail_options=["SMTPUTF8"])
+    out = io.StringIO()
+    assert atrnclient.run("localhost", mx.odmr_port, ["l1.test"], user="lena", password=PASSWORD,
+                          deliver_to=Destination.parse(f"127.0.0.1:{customer.port}"), cafile=str(CERTS / "ca.pem"),
+                          timeout=10, out=out, err=out) == 0, out.getvalue()
+    delivery, = customer.deliveries  # the sink offers DSN, not SMTPUTF8 (nor do we, then)
+    assert delivery.mail_params["ENVID"] == "QQ314" and delivery.mail_params["RET"] == "HDRS"
+    assert delivery.rcpt_params == [{"NOTIFY": "SUCCESS,FAILURE"}]
+    db = sqlite3.connect(mx.queue_path)
+    try:
+        (reply,), = db.execute("SELECT last_reply FROM queue WHERE domain = 'l1.test' AND state = 'failed'")
+    finally:
+        db.close()
+    assert reply.startswith("5.6.7 SMTPUTF8 is required")
 
 
 def test_atrn_exit_statuses(mx, customer):
