@@ -480,6 +480,32 @@ def test_dsn_parameters_pass_both_hops_and_utf8_needs_smtputf8(mx, customer):
     assert reply.startswith("5.6.7 SMTPUTF8 is required")
 
 
+def test_the_reversed_session_takes_the_named_domains_only_and_mirrors_the_mta(customer):
+    """What a backup could send that the local MTA (perhaps trusting 127.0.0.1) must never see."""
+    from backupmx.atrn_relay import Destination, LocalMTA, Relay
+
+    mta = LocalMTA(Destination.parse(f"127.0.0.1:{customer.port}"), timeout=5, local_hostname="primary.test")
+    mta.open()
+    ours, theirs = socket.socketpair()
+    relay = Relay(ours, mta, domains=["g1.test"], hostname="primary.test", peer="192.0.2.2")
+    served = threading.Thread(target=relay.serve, daemon=True)
+    served.start()
+    backup = smtplib.SMTP()
+    backup.sock = theirs
+    assert backup.getreply() == (220, b"primary.test ESMTP")
+    code, lines = backup.ehlo("mx2.test")  # the sink offers 8BITMIME and DSN, not SMTPUTF8
+    assert lines.split(b"\n")[1:] == [b"PIPELINING", b"SIZE 104857600", b"ENHANCEDSTATUSCODES", b"8BITMIME", b"DSN"]
+    assert backup.docmd("MAIL", "FROM:<s@origin.test>")[0] == 250
+    assert backup.docmd("RCPT", "TO:<victim@elsewhere.test>") == (554, b"5.7.1 <victim@elsewhere.test>: Relay access denied")
+    assert backup.docmd("RCPT", "TO:<someone@g1.test>")[0] == 250
+    assert backup.docmd("ETRN", "g1.test")[0] == 500 and backup.docmd("AUTH", "PLAIN x")[0] == 500
+    assert backup.docmd("QUIT")[0] == 221
+    served.join(5)
+    assert [record.commands[-2:] for record in customer.sessions] == [["MAIL FROM:<s@origin.test>", "RCPT TO:<someone@g1.test>"]]
+    mta.close()
+    theirs.close()
+
+
 def test_atrn_exit_statuses(mx, customer):
     from backupmx import atrnclient
     from backupmx.atrn_relay import Destination
