@@ -119,6 +119,8 @@ class Greylisting:
             return
         now = self.clock()
         if not recorded and now - self._full_logged.get(triple.client, -GREYLIST_FULL_LOG) >= GREYLIST_FULL_LOG:
+            if len(self._full_logged) >= 10_000:  # many full networks at once: forget the quiet ones
+                self._full_logged = {k: t for k, t in self._full_logged.items() if now - t < GREYLIST_FULL_LOG}
             self._full_logged[triple.client] = now
             log_event(self.logger, "greylist-full", client=triple.client, waiting=MAX_WAITING_PER_NETWORK,
                       level=logging.WARNING)

@@ -3,6 +3,7 @@
 
     python3 bench/accept.py [--clients 8] [--messages 50] [--size 2048] [--workers 2]
     python3 bench/accept.py --port 2525      # against a server that is already running
+    python3 bench/accept.py --recipients both --rounds 3   # recipients = * and = verify, interleaved
 
 Without --port it starts `python3 backupmx.py serve` on a temporary config and
 queue (every message is committed durably: WAL, synchronous=FULL, so the disk's
@@ -10,6 +11,12 @@ fsync speed is most of what is measured), and stops it afterwards.
 
 Prints messages/s over the whole run and the p50/p99 latency from the end of
 DATA (the "." line sent) to the 250 reply, which is the time the commit takes.
+
+--recipients verify configures the domain with `recipients = verify` and the
+test Sink (tests/sink.py) as its primary, and warms the callout cache (one
+RCPT) before the clock starts: each RCPT then costs a cache look-up. `both`
+alternates `*` and `verify` for --rounds rounds, each on a fresh server and
+queue, so that drift on the machine hits both alike; medians at the end.
 """
 
 import argparse
@@ -49,7 +56,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(directory, workers, clients):
+def start_server(directory, workers, clients, recipients="*", primary_port=None):
     port = free_port()
     config = Path(directory) / "bench.ini"
     config.write_text(
@@ -63,8 +70,9 @@ def start_server(directory, workers, clients):
         f"max_connections_per_client = {clients + 10}\n"
         f"log = {directory}/server.log\n"
         "\n[domain:example.com]\n"
-        f"primary = 127.0.0.1:{free_port()}\n"
+        f"primary = 127.0.0.1:{primary_port or free_port()}\n"
         "primary_tls = none\n"
+        f"recipients = {recipients}\n"
     )
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "backupmx.py"), "serve", "-c", str(config)],
@@ -120,23 +128,20 @@ def percentile(values, p):
     return values[k]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--messages", type=int, default=50, help="per client")
-    parser.add_argument("--size", type=int, default=2048, help="bytes per message")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, help="use a running server instead of starting one")
-    args = parser.parse_args(argv)
-
+def one_run(args, recipients, primary_port=None):
+    """One server (unless --port), the clients, the figures: (rate, latencies, errors)."""
     proc = None
     tmp = tempfile.TemporaryDirectory(prefix="backupmx-bench-")
     try:
         if args.port:
             port = args.port
         else:
-            proc, port = start_server(tmp.name, args.workers, args.clients)
+            proc, port = start_server(tmp.name, args.workers, args.clients, recipients, primary_port)
+        if recipients == "verify":  # warm the callout cache: every RCPT of the run is then a hit
+            with smtplib.SMTP(args.host, port, timeout=60) as smtp:
+                smtp.ehlo("warm.test")
+                smtp.mail("warm@sender.test")
+                smtp.rcpt("rcpt@example.com")
         latencies, errors = [], []
         threads = [
             threading.Thread(target=client, args=(args.host, port, i, args.messages, args.size, latencies, errors))
@@ -156,19 +161,58 @@ def main(argv=None):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         tmp.cleanup()
+    return len(latencies) / elapsed, latencies, errors
 
-    total = len(latencies)
-    print(f"clients={args.clients} messages={args.messages} size={args.size} workers={args.workers}")
-    print(f"accepted={total} errors={len(errors)} elapsed={elapsed:.2f}s rate={total / elapsed:.1f} messages/s")
+
+def report(label, rate, latencies, errors):
+    line = f"{label}accepted={len(latencies)} errors={len(errors)} rate={rate:.1f} messages/s"
     if latencies:
-        print(
-            f"end-of-data to 250: p50={percentile(latencies, 50) * 1000:.1f}ms "
-            f"p99={percentile(latencies, 99) * 1000:.1f}ms "
-            f"mean={statistics.fmean(latencies) * 1000:.1f}ms"
-        )
-    for line in errors[:5]:
-        print("error:", line)
-    return 0 if not errors else 1
+        line += (f" end-of-data to 250: p50={percentile(latencies, 50) * 1000:.1f}ms "
+                 f"p99={percentile(latencies, 99) * 1000:.1f}ms mean={statistics.fmean(latencies) * 1000:.1f}ms")
+    print(line)
+    for text in errors[:5]:
+        print("error:", text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--messages", type=int, default=50, help="per client")
+    parser.add_argument("--size", type=int, default=2048, help="bytes per message")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, help="use a running server instead of starting one")
+    parser.add_argument("--recipients", choices=("*", "verify", "both"), default="*",
+                        help="the domain's recipients setting (verify: a warm callout cache); both: interleaved")
+    parser.add_argument("--rounds", type=int, default=None, help="runs of each setting (default 1; 3 with both)")
+    args = parser.parse_args(argv)
+    settings = ("*", "verify") if args.recipients == "both" else (args.recipients,)
+    rounds = args.rounds or (3 if args.recipients == "both" else 1)
+    print(f"clients={args.clients} messages={args.messages} size={args.size} workers={args.workers}")
+    sink = None
+    if "verify" in settings and not args.port:
+        sys.path.insert(0, str(REPO / "tests"))
+        from sink import Sink
+
+        sink = Sink().start()
+        sink.session_timeout = 600
+    rates, failed = {s: [] for s in settings}, False
+    try:
+        for n in range(rounds):
+            for setting in settings:
+                rate, latencies, errors = one_run(args, setting, sink.port if sink else None)
+                rates[setting].append(rate)
+                failed = failed or bool(errors)
+                report(f"round {n + 1} recipients = {setting}: " if len(settings) > 1 or rounds > 1 else "",
+                       rate, latencies, errors)
+    finally:
+        if sink is not None:
+            sink.stop()
+    if len(settings) > 1 or rounds > 1:
+        for setting in settings:
+            print(f"recipients = {setting}: median {statistics.median(rates[setting]):.1f} messages/s "
+                  f"over {rounds} rounds")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

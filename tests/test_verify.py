@@ -209,3 +209,30 @@ def test_config_recipients_verify_and_its_keys(tmp_path):
                for w in load(verify_unreachable="tempfail").warnings)
     with pytest.raises(ConfigError, match=r"\[domain:example.com\] verify_unreachable: must be one of accept, tempfail"):
         load(recipients="verify", verify_unreachable="maybe")
+
+
+def test_kept_connections_are_bounded_in_use_and_in_idle_time():
+    from backupmx.config import DomainConfig
+    from backupmx.smtpclient import Primary
+    from backupmx.verify import IDLE_SECONDS, MAX_CALLOUTS_PER_CONNECTION, Connections, callout
+
+    with Sink() as primary:
+        domain = DomainConfig(name="example.com", primary=("127.0.0.1", primary.port), primary_tls="none",
+                              recipients=None, primary_ca=None, max_queue_messages=None, max_queue_bytes=None,
+                              queue_lifetime=86400.0, retry_interval=0.0, verify=True)
+        now = [0.0]
+        connections = Connections(Primary(domain, hostname="mx2.test", timeout=10, log=None), clock=lambda: now[0])
+        for n in range(MAX_CALLOUTS_PER_CONNECTION + 1):
+            assert callout(connections, f"u{n}@example.com").kind == "accepted"
+        first = primary.sessions[0].commands  # EHLO, MAIL/RCPT/RSET per callout, QUIT at the bound
+        assert len(primary.sessions) == 2 and len(first) == 1 + 3 * MAX_CALLOUTS_PER_CONNECTION + 1
+        assert first[-1].upper() == "QUIT"
+        now[0] += IDLE_SECONDS - 1
+        assert connections.idle_too_long() == []
+        now[0] += 1
+        [idle] = connections.idle_too_long()
+        connections.give_back(idle, 1)  # kept once more ...
+    with Sink(port=primary.port) as again:  # ... while the primary restarted: the callout goes on a new one
+        assert callout(connections, "late@example.com").kind == "accepted"
+        assert again.rcpts_seen == ["late@example.com"] and len(again.sessions) == 1
+        connections.close()
