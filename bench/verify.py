@@ -29,19 +29,25 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.join(REPO, "bench"))
 
 from backupmx.config import DomainConfig  # noqa: E402
 from backupmx.smtpclient import Primary  # noqa: E402
 from backupmx.store import QueueStore  # noqa: E402
 from backupmx.store_verify import LOOKUP  # noqa: E402
 from backupmx.verify import CALLOUT_THREADS, Connections, callout  # noqa: E402
+from accept import start_server  # noqa: E402
 from sink import Sink  # noqa: E402
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def timed(threads):
+    """Start `threads`, wait for them all; the seconds it took."""
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
 
 
 def raw_callouts(sink, count, threads):
@@ -55,38 +61,9 @@ def raw_callouts(sink, count, threads):
         for n in range(per_thread):
             callout(connections, f"user{index}x{n}@example.com")
 
-    pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-    started = time.perf_counter()
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    elapsed = time.perf_counter() - started
+    elapsed = timed([threading.Thread(target=run, args=(i,)) for i in range(threads)])
     connections.close()
     return per_thread * threads / elapsed
-
-
-def start_server(directory, primary_port, workers, clients):
-    port = free_port()
-    config = os.path.join(directory, "bench.ini")
-    with open(config, "w") as f:
-        f.write(f"[backupmx]\nhostname = mx2.bench\nlisten = 127.0.0.1:{port}\nqueue = {directory}/queue.db\n"
-                f"workers = {workers}\nflush_workers = 1\nmax_connections_per_client = {clients + 10}\n"
-                f"log = {directory}/server.log\n\n[domain:example.com]\nprimary = 127.0.0.1:{primary_port}\n"
-                "primary_tls = none\nrecipients = verify\n")
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "backupmx.py"), "serve", "-c", config],
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                if s.recv(100).startswith(b"220"):
-                    s.sendall(b"QUIT\r\n")
-                    return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    sys.exit("bench: server did not answer within 10 s")
 
 
 def rcpt_round(port, addresses, clients):
@@ -121,13 +98,7 @@ def rcpt_round(port, addresses, clients):
         except OSError as exc:
             errors.append(repr(exc))
 
-    threads = [threading.Thread(target=run, args=(share,)) for share in shares]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
+    elapsed = timed([threading.Thread(target=run, args=(share,)) for share in shares])
     return len(addresses) / elapsed, errors
 
 
@@ -164,7 +135,7 @@ def main(argv=None):
         sink.valid_users = set(addresses)
         print(f"raw callouts, 1 connection:  {raw_callouts(sink, args.raw, 1):8.0f} /s")
         print(f"raw callouts, {CALLOUT_THREADS} threads:    {raw_callouts(sink, args.raw, CALLOUT_THREADS):8.0f} /s")
-        proc, port = start_server(tmp, sink.port, args.workers, args.clients)
+        proc, port = start_server(tmp, args.workers, args.clients, "verify", sink.port)
         try:
             seen = len(sink.rcpts_seen)
             misses, errors = rcpt_round(port, addresses, args.clients)
