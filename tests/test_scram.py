@@ -233,7 +233,7 @@ def forged_secret(password):
 @pytest.fixture(scope="module")
 def mx(tmp_path_factory):
     server = start_server(
-        tmp_path_factory.mktemp("scram"), tls=True, auth_failure_delay="0.2s",
+        tmp_path_factory.mktemp("scram"), tls=True, auth_failure_delay="0.05s",
         auth_mechanisms="SCRAM-SHA-256 PLAIN LOGIN",  # offered although [user:scrypt] cannot serve SCRAM
         users={"scram": (auth.hash_password("scram pw", "scram-sha-256"), "example.com"),
                "plain": ("{PLAIN}plain pw", "example.com"),
