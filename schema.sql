@@ -26,11 +26,23 @@
 -- per RCPT TO of that domain. Deliveries are per domain: ETRN for a domain
 -- hands over exactly that domain's rows.
 --
--- A new queue is created with PRAGMA auto_vacuum = INCREMENTAL (set by
--- backupmx/store.py before this file runs: it cannot be changed once a table
--- exists), so housekeeping can hand the pages of flushed mail back to the
--- file system with PRAGMA incremental_vacuum. An older queue keeps its mode
--- until `sqlite3 queue.db 'PRAGMA auto_vacuum = INCREMENTAL; VACUUM;'` (server stopped).
+-- A new queue is created with PRAGMA auto_vacuum = INCREMENTAL and PRAGMA
+-- page_size = 16384 (set by backupmx/store_db.py before this file runs: neither
+-- can be changed once a table exists), so housekeeping can hand the pages of
+-- flushed mail back to the file system with PRAGMA incremental_vacuum, and a
+-- message of a few KB does not leave most of a 4 KB page empty (a 2 KB message
+-- took a whole 4 KB page: the file was twice its mail). An older queue keeps
+-- both until, server stopped:
+--   sqlite3 queue.db 'PRAGMA journal_mode = DELETE; PRAGMA page_size = 16384;
+--                     PRAGMA auto_vacuum = INCREMENTAL; VACUUM; PRAGMA journal_mode = WAL;'
+--
+-- What `backupmx queue`, `metrics`, `health`, ETRN's counts and the quotas read
+-- must not grow with the queue: queue_totals keeps the rows and bytes per
+-- domain and state (triggers keep it, whoever changes a row: backupmx, an older
+-- backupmx, the sqlite3 shell), and each queue row carries a copy of its
+-- message's size and arrival time, so the summary and the age scans read the
+-- queue's index alone. Should it ever disagree with the queue, delete its rows
+-- (DELETE FROM queue_totals) and start the server: it is counted anew.
 --
 -- All times are unix seconds, UTC (INTEGER). In the sqlite3 shell,
 -- datetime(x, 'unixepoch') shows them and unixepoch() is "now" (SQLite 3.38+;
@@ -92,11 +104,30 @@ CREATE TABLE IF NOT EXISTS queue (
     next_attempt  INTEGER,                           -- unix time a retry is due (used only when retry_interval is on); NULL = only on ETRN/flush
     state_changed INTEGER NOT NULL,                  -- unix time `state` last changed (expired_retention counts from here; a released or requeued row's queue_lifetime too)
     delay_warned  INTEGER,                           -- unix time the delay warning DSN (delay_warning) was sent or claimed for sending; NULL = none yet. One per row
+    message_received_at INTEGER,                     -- messages.received_at of the row's message (a copy: the age scans need no join); filled by trigger queue_copies when NULL
+    message_size  INTEGER,                           -- messages.size of the row's message (a copy, counted in queue_totals); filled likewise
     PRIMARY KEY (queue_id, domain)                   -- one row per message and domain
 );
 
--- What ETRN, `backupmx queue` and expiry scan: the rows of one domain in one state.
-CREATE INDEX IF NOT EXISTS queue_domain_state ON queue (domain, state);
+-- The rows of one domain in one state, oldest first: a flush's work list,
+-- the oldest waiting message (queue_summary), expiry, the age histogram.
+-- (Before schema 10 it was (domain, state) alone.)
+CREATE INDEX IF NOT EXISTS queue_domain_state ON queue (domain, state, message_received_at);
+
+-- Retention: failed and expired rows by the time they changed state (few: the index stays small).
+CREATE INDEX IF NOT EXISTS queue_kept ON queue (state_changed) WHERE state IN ('failed', 'expired');
+
+-- Rows and bytes per domain and state, kept by the triggers queue_totals_*
+-- below in the transaction that changes a queue row. A row with messages = 0
+-- may stay. What the summary, metrics, health, ETRN and the quotas count.
+--   SELECT domain, state, messages, bytes FROM queue_totals WHERE messages > 0;
+CREATE TABLE IF NOT EXISTS queue_totals (
+    domain   TEXT NOT NULL,              -- configured domain, lower case
+    state    TEXT NOT NULL,              -- queued | held | failed | expired
+    messages INTEGER NOT NULL DEFAULT 0, -- queue rows of that domain in that state
+    bytes    INTEGER NOT NULL DEFAULT 0, -- the sum of their message_size
+    PRIMARY KEY (domain, state)          -- one row per domain and state
+) WITHOUT ROWID;
 
 -- One row per RCPT TO that is still owed a delivery (or that failed or expired).
 -- A recipient the primary accepted (2xx) is deleted; when the last recipient of
@@ -114,6 +145,10 @@ CREATE TABLE IF NOT EXISTS recipients (
     PRIMARY KEY (queue_id, domain, address),          -- a duplicate RCPT TO is stored once
     FOREIGN KEY (queue_id, domain) REFERENCES queue (queue_id, domain) ON DELETE CASCADE -- the queue row
 );
+
+-- The recipients whose delivery status notification is due (few: the index stays small).
+CREATE INDEX IF NOT EXISTS recipients_dsn_due ON recipients (queue_id, domain)
+    WHERE state IN ('failed', 'expired') AND dsn_sent IS NULL;
 
 -- Flush (ETRN) requests and the lease of the flusher delivering a domain.
 -- One row per domain that was ever flushed. A request made while a delivery
@@ -220,6 +255,9 @@ CREATE TABLE IF NOT EXISTS events (
 -- Looking up the history of one message.
 CREATE INDEX IF NOT EXISTS events_queue_id ON events (queue_id);
 
+-- Retention: the history older than expired_retention.
+CREATE INDEX IF NOT EXISTS events_at ON events (at);
+
 -- Per domain: what the primary did last, and since when mail waits for it.
 -- The alarm a backup MX needs most is "the primary forgot to poll": mail
 -- waiting (queueing_since) and no recent last_etrn. One row per domain that
@@ -247,13 +285,21 @@ CREATE TABLE IF NOT EXISTS counters (
 -- Per domain: what is waiting (queued or held), and when the primary last
 -- polled and took mail. A domain with nothing waiting has no row. bytes
 -- counts a message once per domain it is queued for.
+-- (Counted from queue_totals, and the oldest found at the start of each state's
+-- range of queue_domain_state: a few index searches per domain, whatever the queue holds.)
 CREATE VIEW IF NOT EXISTS queue_summary (domain, messages, bytes, oldest, last_etrn, last_delivery) AS
-    SELECT w.domain, w.messages, w.bytes, w.oldest,      -- oldest: unix time (integer)
-           s.last_etrn, s.last_delivery                  -- unix times, NULL = never
-    FROM (SELECT q.domain, COUNT(*) AS messages, SUM(m.size) AS bytes, MIN(m.received_at) AS oldest
-          FROM queue AS q JOIN messages AS m USING (queue_id)
-          WHERE q.state IN ('queued', 'held')
-          GROUP BY q.domain) AS w
+    SELECT w.domain, w.messages, w.bytes,
+           MIN(COALESCE(w.queued, w.held), COALESCE(w.held, w.queued)), -- oldest: unix time (integer)
+           s.last_etrn, s.last_delivery                                 -- unix times, NULL = never
+    FROM (SELECT t.domain, SUM(t.messages) AS messages, SUM(t.bytes) AS bytes,
+                 (SELECT MIN(q.message_received_at) FROM queue AS q
+                   WHERE q.domain = t.domain AND q.state = 'queued') AS queued,
+                 (SELECT MIN(q.message_received_at) FROM queue AS q
+                   WHERE q.domain = t.domain AND q.state = 'held') AS held
+          FROM queue_totals AS t
+          WHERE t.state IN ('queued', 'held')
+          GROUP BY t.domain
+          HAVING SUM(t.messages) > 0) AS w
     LEFT JOIN domain_status AS s USING (domain);
 
 -- One line per queue row (any state), recipients comma-separated, oldest first.
@@ -288,6 +334,54 @@ BEGIN
     DELETE FROM queue WHERE queue_id = OLD.queue_id;
 END;
 
+-- queue_totals follows every queue row (whoever writes it): a new row counts ...
+CREATE TRIGGER IF NOT EXISTS queue_totals_insert AFTER INSERT ON queue WHEN NEW.message_size IS NOT NULL
+BEGIN
+    INSERT INTO queue_totals (domain, state, messages, bytes) VALUES (NEW.domain, NEW.state, 1, NEW.message_size)
+        ON CONFLICT (domain, state) DO UPDATE SET messages = messages + 1, bytes = bytes + excluded.bytes;
+END;
+
+-- ... also one written without its copies of the message's size and arrival
+-- time (by a backupmx older than schema 10, or by hand): they are filled in and
+-- it counts here (the fill is no "change" for queue_totals_update, so however
+-- SQLite orders the triggers, the row counts once) ...
+CREATE TRIGGER IF NOT EXISTS queue_copies AFTER INSERT ON queue WHEN NEW.message_size IS NULL
+BEGIN
+    UPDATE queue SET message_size = (SELECT size FROM messages WHERE queue_id = NEW.queue_id),
+                     message_received_at = (SELECT received_at FROM messages WHERE queue_id = NEW.queue_id)
+     WHERE rowid = NEW.rowid;
+    INSERT INTO queue_totals (domain, state, messages, bytes)
+        VALUES (NEW.domain, NEW.state, 1, COALESCE((SELECT size FROM messages WHERE queue_id = NEW.queue_id), 0))
+        ON CONFLICT (domain, state) DO UPDATE SET messages = messages + 1, bytes = bytes + excluded.bytes;
+END;
+
+-- ... a deleted one no longer does ...
+CREATE TRIGGER IF NOT EXISTS queue_totals_delete AFTER DELETE ON queue
+BEGIN
+    UPDATE queue_totals SET messages = messages - 1, bytes = bytes - COALESCE(OLD.message_size, 0)
+     WHERE domain = OLD.domain AND state = OLD.state;
+END;
+
+-- ... and one that changes domain or state (or size, by hand) moves.
+CREATE TRIGGER IF NOT EXISTS queue_totals_update AFTER UPDATE OF domain, state, message_size ON queue
+WHEN OLD.domain IS NOT NEW.domain OR OLD.state IS NOT NEW.state
+     OR (OLD.message_size IS NOT NULL AND OLD.message_size IS NOT NEW.message_size)
+BEGIN
+    UPDATE queue_totals SET messages = messages - 1, bytes = bytes - COALESCE(OLD.message_size, 0)
+     WHERE domain = OLD.domain AND state = OLD.state;
+    INSERT INTO queue_totals (domain, state, messages, bytes)
+        VALUES (NEW.domain, NEW.state, 1, COALESCE(NEW.message_size, 0))
+        ON CONFLICT (domain, state) DO UPDATE SET messages = messages + 1, bytes = bytes + excluded.bytes;
+END;
+
+-- queue_totals counted from the queue when it has no rows: a queue from
+-- before schema 10, or the operator emptied it to have it counted anew. (With
+-- rows, the NOT EXISTS is false before anything is read.)
+INSERT INTO queue_totals (domain, state, messages, bytes)
+    SELECT domain, state, COUNT(*), COALESCE(SUM(message_size), 0) FROM queue
+     WHERE NOT EXISTS (SELECT 1 FROM queue_totals)
+     GROUP BY domain, state;
+
 -- Which backupmx programs may open this queue (see the top of this file).
 -- One row, written by the newest backupmx that opened the queue.
 CREATE TABLE IF NOT EXISTS schema_compat (
@@ -305,7 +399,11 @@ CREATE TABLE IF NOT EXISTS schema_compat (
 --    reading them then walks the body's pages, as for smtputf8).
 -- 8: greylist (a new table, likewise).
 -- 9: primary_status (a new table, likewise).
-PRAGMA user_version = 9;
+-- 10: queue.message_received_at, queue.message_size (added to an older queue on start and
+--    copied from messages), queue_totals and its triggers, queue_domain_state with the
+--    arrival time (made anew), queue_kept, recipients_dsn_due, events_at; queue_summary
+--    reads queue_totals. New queues get 16 KB pages.
+PRAGMA user_version = 10;
 
 -- The oldest schema version whose backupmx can still read and write a queue of
 -- this version. When you bump user_version:
@@ -320,5 +418,7 @@ PRAGMA user_version = 9;
 -- to date (3 and older know neither domain_status nor counters); one that does
 -- not know verify_cache, auth_failures, greylist or primary_status just lacks
 -- those features, and one that does not know messages.client_name and
--- protocol leaves them NULL.
+-- protocol leaves them NULL. One that does not know queue_totals or the
+-- queue's copies of size and arrival time writes queue rows without them: the
+-- triggers fill and count them.
 INSERT OR REPLACE INTO schema_compat (id, oldest_version) VALUES (1, 4);

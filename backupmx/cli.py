@@ -269,12 +269,7 @@ def cmd_queue(args) -> int:
     try:
         now = time.time()
         reports = [r for r in store.domain_reports() if any(r.states.values())]
-        histogram: dict[str, list[int]] = {}
-        for row in store.list_messages():
-            if row.state in ("queued", "held"):  # the rows queue_summary counts
-                counts = histogram.setdefault(row.domain, [0] * len(AGE_BUCKETS))
-                age = now - row.received_at
-                counts[next(i for i, (_, bound) in enumerate(AGE_BUCKETS) if age < bound)] += 1
+        histogram = store.age_histogram([bound for _, bound in AGE_BUCKETS], now)
     finally:
         store.close()
     if args.json:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from backupmx.store_db import QueueDatabase, _sqlite_errors
+from backupmx.store_db import QUEUED, QueueDatabase, _sqlite_errors
 
 
 class FlushRequests(QueueDatabase):
@@ -39,9 +39,7 @@ class FlushRequests(QueueDatabase):
             for domain in dict.fromkeys(domains):
                 if etrn:
                     self._domain_status(db, domain, "last_etrn", now)
-                count = db.execute(
-                    "SELECT COUNT(*) FROM queue WHERE domain = ? AND state = 'queued'", (domain,)
-                ).fetchone()[0]
+                count = self._totals(db, domain, (QUEUED,))[0]
                 counts[domain] = count
                 if count:
                     db.execute(
@@ -92,8 +90,8 @@ class FlushRequests(QueueDatabase):
             if db.execute(f"SELECT 1 FROM flushes WHERE domain IN ({marks}) AND lease_owner IS NOT NULL"
                           " AND lease_expires > ? LIMIT 1", (*domains, now)).fetchone():
                 return None
-            waiting = dict(db.execute(f"SELECT domain, COUNT(*) FROM queue WHERE domain IN ({marks})"
-                                      " AND state = 'queued' GROUP BY domain ORDER BY domain", domains).fetchall())
+            waiting = dict(db.execute(f"SELECT domain, messages FROM queue_totals WHERE domain IN ({marks})"
+                                      " AND state = 'queued' AND messages > 0 ORDER BY domain", domains).fetchall())
             db.executemany(
                 "INSERT INTO flushes (domain, lease_owner, lease_expires) VALUES (?, ?, ?) ON CONFLICT (domain)"
                 " DO UPDATE SET lease_owner = excluded.lease_owner, lease_expires = excluded.lease_expires",

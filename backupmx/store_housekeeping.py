@@ -83,14 +83,16 @@ class Housekeeping(QueueDatabase):
         now = self._now()
         expired: list[ExpiredRow] = []
         with self._write() as db:
-            domains = [r[0] for r in db.execute("SELECT DISTINCT domain FROM queue WHERE state = 'queued'")]
+            domains = [r[0] for r in db.execute(
+                "SELECT domain FROM queue_totals WHERE state = 'queued' AND messages > 0 ORDER BY domain")]
             for domain in domains:
                 lifetime = lifetimes.get(domain, default)
                 cutoff = now - lifetime
+                # The start of the domain's range in queue_domain_state: only what may be due is read.
                 rows = db.execute(
-                    "SELECT q.queue_id, m.received_at FROM queue AS q JOIN messages AS m USING (queue_id)"
-                    " WHERE q.domain = ? AND q.state = 'queued' AND m.received_at <= ? AND q.state_changed <= ?"
-                    " ORDER BY m.received_at, m.rowid",
+                    "SELECT queue_id, message_received_at FROM queue"
+                    " WHERE domain = ? AND state = 'queued' AND message_received_at <= ? AND state_changed <= ?"
+                    " ORDER BY message_received_at, rowid",
                     (domain, cutoff, cutoff),
                 ).fetchall()
                 for queue_id, received_at in rows:

@@ -155,9 +155,9 @@ class Intake(QueueDatabase):
         if written != size:
             raise ValueError(f"enqueue {queue_id}: body has {written} bytes, size={size}")
         db.executemany(
-            "INSERT INTO queue (queue_id, domain, state, attempts, next_attempt, state_changed)"
-            " VALUES (?, ?, 'queued', 0, ?, ?)",
-            [(queue_id, domain, at, now) for domain in domains],
+            "INSERT INTO queue (queue_id, domain, state, attempts, next_attempt, state_changed, message_received_at,"
+            " message_size) VALUES (?, ?, 'queued', 0, ?, ?, ?, ?)",
+            [(queue_id, domain, at, now, at, size) for domain in domains],
         )
         db.executemany(
             "INSERT OR IGNORE INTO recipients (queue_id, domain, address, notify, orcpt) VALUES (?, ?, ?, ?, ?)",
@@ -180,20 +180,15 @@ class Intake(QueueDatabase):
     def usage(self, domain: str) -> tuple[int, int]:
         """(messages, bytes) waiting for `domain` (queued or held): for the per-domain quotas."""
         with _sqlite_errors():
-            row = self.connection.execute(
-                "SELECT messages, bytes FROM queue_summary WHERE domain = ?", (domain,)
-            ).fetchone()
-        return (row[0], row[1]) if row else (0, 0)
+            return tuple(self._totals(self.connection, domain))
 
-    @staticmethod
-    def _check_quotas(db: sqlite3.Connection, domains: list[str], size: int,
+    def _check_quotas(self, db: sqlite3.Connection, domains: list[str], size: int,
                       quotas: Mapping[str, tuple[int | None, int | None]]) -> None:
         for domain in domains:
             max_messages, max_bytes = quotas.get(domain, (None, None))
             if max_messages is None and max_bytes is None:
                 continue
-            row = db.execute("SELECT messages, bytes FROM queue_summary WHERE domain = ?", (domain,)).fetchone()
-            messages, queued = row if row else (0, 0)
+            messages, queued = self._totals(db, domain)
             if (max_messages is not None and messages + 1 > max_messages) or (
                     max_bytes is not None and queued + size > max_bytes):
                 raise QuotaExceeded(f"queue for {domain} is full")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import sqlite3
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple
+from typing import Iterable, NamedTuple, Sequence
 
 from backupmx.store_db import EXPIRED, FAILED, HELD, QUEUED, STATES, QueueDatabase, RecipientStatus, _sqlite_errors
 
@@ -245,6 +245,22 @@ class OperatorQueries(QueueDatabase):
             ).fetchall()
         return [QueueSummary(*r) for r in rows]
 
+    def age_histogram(self, bounds: Sequence[float], now: float) -> dict[str, list[int]]:
+        """Per domain with mail waiting (queued or held, as queue_summary counts it), its rows
+        by age: counts[i] is the rows younger than bounds[i] and not younger than the bounds
+        before it; the last bound is infinite (the rest). One pass over queue_domain_state's
+        entries in its order (no sort), never over the messages."""
+        cuts = [now - bound for bound in bounds[:-1]]  # younger than `bound` <=> arrived after now - bound
+        younger = "".join(", SUM(message_received_at > ?)" for _ in cuts)  # cumulative, youngest first
+        histogram: dict[str, list[int]] = {}
+        with self._read() as db:
+            for domain, total, *within in db.execute(
+                    f"SELECT domain, COUNT(*){younger} FROM queue WHERE state IN ('queued', 'held') GROUP BY domain",
+                    cuts):
+                edges = [0, *within, total]
+                histogram[domain] = [edges[i + 1] - edges[i] for i in range(len(bounds))]
+        return histogram
+
     def list_messages(self, domain: str | None = None, state: str | None = None,
                       selection: Selection | None = None) -> list[MessageRow]:
         """One MessageRow per queue row, oldest first; optionally one domain and/or state,
@@ -261,10 +277,12 @@ class OperatorQueries(QueueDatabase):
             if selection is not None:
                 rows = [r for r in rows if selection.matches(r[0], r[1], r[2], r[5], r[3])]
             recipients: dict[tuple[str, str], list[str]] = {}
-            rcpt_clause = "WHERE domain = ?" if domain is not None else ""
+            # One domain: its rows' recipients through the queue's index (recipients has none on domain).
             for queue_id, dom, address in db.execute(
-                f"SELECT queue_id, domain, address FROM recipients {rcpt_clause} ORDER BY rowid",
-                [domain] if domain is not None else [],
+                "SELECT r.queue_id, r.domain, r.address FROM queue AS q JOIN recipients AS r"
+                f" ON r.queue_id = q.queue_id AND r.domain = q.domain {clause} ORDER BY r.rowid", args,
+            ) if domain is not None else db.execute(
+                "SELECT queue_id, domain, address FROM recipients ORDER BY rowid",
             ):
                 recipients.setdefault((queue_id, dom), []).append(address)
         return [

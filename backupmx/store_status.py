@@ -65,7 +65,7 @@ class DomainStatus(QueueDatabase):
         """Every domain with rows in the queue (any state) or a status row, by name."""
         with self._read() as db:
             states: dict[str, dict[str, int]] = {}
-            for domain, state, count in db.execute("SELECT domain, state, COUNT(*) FROM queue GROUP BY 1, 2"):
+            for domain, state, count in db.execute("SELECT domain, state, messages FROM queue_totals WHERE messages > 0"):
                 states.setdefault(domain, dict.fromkeys(STATES, 0))[state] = count
             waiting = {row[0]: row[1:] for row in db.execute(
                 "SELECT domain, messages, bytes, oldest FROM queue_summary")}
@@ -107,8 +107,8 @@ class DomainStatus(QueueDatabase):
         now = self._now()
         with self._write() as db:
             drained = [DomainChange(*row) for row in db.execute(
-                "SELECT domain, queueing_since FROM domain_status WHERE queueing_since IS NOT NULL"
-                f" AND domain NOT IN (SELECT domain FROM queue WHERE state IN ('queued', 'held')){only}",
+                "SELECT domain, queueing_since FROM domain_status WHERE queueing_since IS NOT NULL AND domain NOT IN"
+                f" (SELECT domain FROM queue_totals WHERE state IN ('queued', 'held') AND messages > 0){only}",
                 args).fetchall()]
             db.executemany("UPDATE domain_status SET queueing_since = NULL, notified_queueing = NULL,"
                            " notified_age = NULL WHERE domain = ?", [(d.domain,) for d in drained])

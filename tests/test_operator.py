@@ -144,9 +144,10 @@ def test_queue_damaged_inside_is_refused_at_start(server_factory, tmp_path):
     assert mx.stop() == 0
     queue = Path(mx.queue_path)
     data = bytearray(queue.read_bytes())
-    page = 4096
-    assert len(data) > 8 * page
-    data[5 * page: 7 * page] = b"\xa5" * (2 * page)  # scribble over two pages in the middle
+    page = int.from_bytes(data[16:18], "big")  # the header's page size
+    pages = len(data) // page
+    assert pages >= 6
+    data[pages // 2 * page: (pages // 2 + 2) * page] = b"\xa5" * (2 * page)  # scribble over two pages in the middle
     queue.write_bytes(bytes(data))
     damaged = bytes(data)
     config = Path(mx.config_path)

@@ -798,6 +798,55 @@ def test_version_1_queue_gets_the_new_columns(db_path, clock):
     QueueStore(db_path, clock=clock).close()  # opening again changes nothing
 
 
+def test_a_version_9_queue_is_counted_in_queue_totals(db_path, clock):
+    """tests/data/schema-v9.sql is schema.sql before queue_totals and the queue's copies of
+    size and arrival time (schema 10): the migration copies them and counts the totals, and
+    a row an older backupmx writes afterwards (without the copies) is filled in and counted."""
+    shell = sqlite3.connect(db_path, isolation_level=None)
+    shell.executescript((ROOT / "tests" / "data" / "schema-v9.sql").read_text())
+    rows = [("M1", "a.test", "queued", 10, T0 - 300), ("M1", "b.test", "queued", 10, T0 - 300),
+            ("M2", "a.test", "held", 200, T0 - 100), ("M3", "a.test", "failed", 3000, T0 - 50),
+            ("M4", "a.test", "queued", 40000, T0 - 400)]
+    for qid, domain, state, size, at in rows:
+        shell.execute("INSERT OR IGNORE INTO messages (queue_id, sender, received_at, size, body)"
+                      " VALUES (?, 's@x.test', ?, ?, zeroblob(?))", (qid, at, size, size))
+        shell.execute("INSERT INTO queue (queue_id, domain, state, state_changed) VALUES (?, ?, ?, ?)",
+                      (qid, domain, state, at))
+        shell.execute("INSERT INTO recipients (queue_id, domain, address, state) VALUES (?, ?, ?, ?)",
+                      (qid, domain, f"u@{domain}", state if state != "held" else "queued"))
+    shell.close()
+    s = QueueStore(db_path, clock=clock)
+    try:
+        db = s.connection
+        assert db.execute("PRAGMA user_version").fetchone()[0] == schema_mod.schema_version() >= 10
+        assert db.execute("SELECT domain, state, messages, bytes FROM queue_totals WHERE messages > 0"
+                          " ORDER BY 1, 2").fetchall() == [("a.test", "failed", 1, 3000), ("a.test", "held", 1, 200),
+                                                           ("a.test", "queued", 2, 40010), ("b.test", "queued", 1, 10)]
+        assert db.execute("SELECT domain, messages, bytes, oldest FROM queue_summary ORDER BY 1").fetchall() == \
+            [("a.test", 3, 40210, T0 - 400), ("b.test", 1, 10, T0 - 300)]
+        assert [m.queue_id for m in s.messages_for_flush("a.test")] == ["M4", "M1"]
+        assert s.usage("a.test") == (3, 40210)
+        # A row written the schema 9 way (an older backupmx on the same queue) ...
+        db.execute("INSERT INTO messages (queue_id, sender, received_at, size, body)"
+                   " VALUES ('M5', 's@x.test', ?, 7, zeroblob(7))", (T0,))
+        db.execute("INSERT INTO queue (queue_id, domain, state, state_changed) VALUES ('M5', 'b.test', 'queued', ?)",
+                   (T0,))
+        db.commit()
+        assert db.execute("SELECT message_size, message_received_at FROM queue WHERE queue_id = 'M5'").fetchone() \
+            == (7, T0)
+        assert s.usage("b.test") == (2, 17)
+        # ... and ours, delivered and deleted.
+        record_delivered(s, "M1", "a.test", ["u@a.test"], "250 ok")
+        assert s.delete(queue_id="M3") == 1 and s.release(queue_id="M2") == 1
+        assert s.usage("a.test") == (2, 40200)
+        assert db.execute("SELECT domain, state, messages, bytes FROM queue_totals WHERE messages > 0"
+                          " ORDER BY 1, 2").fetchall() == \
+            db.execute("SELECT domain, state, COUNT(*), SUM(message_size) FROM queue GROUP BY 1, 2 ORDER BY 1, 2"
+                       ).fetchall()
+    finally:
+        s.close()
+
+
 def test_auth_failures_are_counted_per_client_within_the_window(store, clock):
     for _ in range(3):
         store.record_auth_failure("192.0.2.7", 3600)
