@@ -47,30 +47,30 @@ class Delivery(QueueDatabase):
 
     def messages_for_flush(self, domain: str, limit: int | None = None) -> list[QueuedMessage]:
         """Rows of `domain` in state 'queued' (never held ones), oldest first,
-        each with its recipients still to deliver."""
+        each with its recipients still to deliver. Two queries in one snapshot,
+        whatever the count: the rows in queue_domain_state's order, then their recipients."""
         with self._read() as db:
             rows = db.execute(
                 "SELECT q.queue_id, m.sender, m.size, m.envid, m.ret, m.body_type, q.attempts, m.received_at,"
                 " m.smtputf8, m.client, m.client_name, m.helo, m.protocol"
                 " FROM queue AS q JOIN messages AS m USING (queue_id)"
                 " WHERE q.domain = ? AND q.state = 'queued'"
-                " ORDER BY m.received_at, m.rowid LIMIT ?",
+                " ORDER BY q.message_received_at, q.rowid LIMIT ?",
                 (domain, -1 if limit is None else limit),
             ).fetchall()
-            result = []
-            for queue_id, sender, size, envid, ret, body_type, attempts, received_at, smtputf8, *client in rows:
-                recipients = [
-                    Recipient(address, domain, notify, orcpt)
-                    for address, notify, orcpt in db.execute(
-                        "SELECT address, notify, orcpt FROM recipients"
-                        " WHERE queue_id = ? AND domain = ? AND state = 'queued' ORDER BY rowid",
-                        (queue_id, domain),
-                    )
-                ]
-                if recipients:
-                    result.append(QueuedMessage(queue_id, domain, sender, recipients, size, envid, ret, body_type,
-                                                attempts, received_at, smtputf8, *client))
-        return result
+            recipients: dict[str, list[Recipient]] = {row[0]: [] for row in rows}
+            for queue_id, address, notify, orcpt in db.execute(
+                "SELECT r.queue_id, r.address, r.notify, r.orcpt FROM queue AS q JOIN recipients AS r"
+                " ON r.queue_id = q.queue_id AND r.domain = q.domain"
+                " WHERE q.domain = ? AND q.state = 'queued' AND r.state = 'queued' ORDER BY r.rowid",
+                (domain,),
+            ):
+                if queue_id in recipients:  # else beyond `limit`
+                    recipients[queue_id].append(Recipient(address, domain, notify, orcpt))
+        return [QueuedMessage(queue_id, domain, sender, recipients[queue_id], size, envid, ret, body_type, attempts,
+                              received_at, smtputf8, *client)
+                for queue_id, sender, size, envid, ret, body_type, attempts, received_at, smtputf8, *client in rows
+                if recipients[queue_id]]
 
     def record_attempts(self, attempts: list[tuple[str, str, Mapping[str, Verdict], float | None]]) -> list[str | None]:
         """Record delivery attempts, one per row -- (queue_id, domain, verdicts, retry_after),
@@ -91,20 +91,23 @@ class Delivery(QueueDatabase):
                     raise TypeError(f"not a delivery Verdict: {verdict!r}")
         now = self._now()
         with self._write() as db:
-            return [self._record_attempt(db, now, *attempt) for attempt in attempts]
+            results = [self._record_attempt(db, now, *attempt) for attempt in attempts]
+            # Once per batch, not per message: the primary took mail of these domains now.
+            taken = [domain for (_, domain, verdicts, _), (recorded, _) in zip(attempts, results)
+                     if recorded and any(v.outcome is Outcome.DELIVERED for v in verdicts.values())]
+            for domain in dict.fromkeys(taken):
+                self._domain_status(db, domain, "last_delivery", now)
+            self._count(db, DELIVERED, len(taken))
+        return [state for _, state in results]
 
     def _record_attempt(self, db: sqlite3.Connection, now: int, queue_id: str, domain: str,
-                        verdicts: Mapping[str, Verdict], retry_after: float | None) -> str | None:
+                        verdicts: Mapping[str, Verdict], retry_after: float | None) -> tuple[bool, str | None]:
+        """(whether the row was there to record, its state afterwards or None when it is gone)."""
         if db.execute("SELECT 1 FROM queue WHERE queue_id = ? AND domain = ?", (queue_id, domain)).fetchone() is None:
-            return None
+            return False, None
         # The row's last_reply: the one that explains why mail is still here.
         replies = {v.outcome: v.reply for v in verdicts.values()}
         row_reply = replies.get(Outcome.DEFERRED) or replies.get(Outcome.FAILED) or replies.get(Outcome.DELIVERED)
-        db.execute(
-            "UPDATE queue SET attempts = attempts + 1, last_attempt = ?, last_reply = COALESCE(?, last_reply),"
-            " next_attempt = ? WHERE queue_id = ? AND domain = ?",
-            (now, row_reply, None if retry_after is None else int(now + retry_after), queue_id, domain),
-        )
         for address, verdict in verdicts.items():
             key = (queue_id, domain, address)
             if verdict.outcome is Outcome.FAILED:
@@ -125,15 +128,19 @@ class Delivery(QueueDatabase):
         for outcome, addresses in by_outcome.items():
             self._event(db, now, queue_id, domain, outcome.value,
                         f"to={','.join(addresses)} reply={replies[outcome]!r}")
-        if Outcome.DELIVERED in by_outcome:  # the primary took this message (or some of its recipients)
-            self._domain_status(db, domain, "last_delivery", now)
-            self._count(db, DELIVERED)
-        # A recipient the primary accepted is gone, whatever its state was.
+        # A recipient the primary accepted is gone, whatever its state was; with the
+        # last one the row goes (trigger recipients_gone), and the update below finds nothing.
         db.executemany(
             "DELETE FROM recipients WHERE queue_id = ? AND domain = ? AND address = ?",
             [(queue_id, domain, address) for address, v in verdicts.items() if v.outcome is Outcome.DELIVERED],
         )
-        return self._row_state_after(db, now, queue_id, domain)
+        if not db.execute(
+            "UPDATE queue SET attempts = attempts + 1, last_attempt = ?, last_reply = COALESCE(?, last_reply),"
+            " next_attempt = ? WHERE queue_id = ? AND domain = ?",
+            (now, row_reply, None if retry_after is None else int(now + retry_after), queue_id, domain),
+        ).rowcount:
+            return True, None
+        return True, self._row_state_after(db, now, queue_id, domain)
 
     @staticmethod
     def _row_state_after(db: sqlite3.Connection, now: int, queue_id: str, domain: str) -> str | None:

@@ -544,6 +544,27 @@ def test_messages_for_flush_oldest_first_with_limit(store, clock):
     assert [m.queue_id for m in store.messages_for_flush("example.com", limit=2)] == ids[:2]
 
 
+def test_a_batch_of_outcomes_counts_each_delivered_message_once(store, clock):
+    """record_attempts writes domain_status and the delivered counter once per batch: the
+    count is still one per message the primary took (some or all of its recipients)."""
+    two = put(store, "a@one.test", "b@one.test")
+    one = put(store, "c@one.test")
+    other = put(store, "d@two.test")
+    later = put(store, "e@two.test")
+    ok, later_reply = Verdict(Outcome.DELIVERED, "250 ok"), Verdict.deferred("451 later")
+    clock.now += 60
+    assert store.record_attempts([(two, "one.test", {"a@one.test": ok, "b@one.test": later_reply}, None),
+                                  (one, "one.test", {"c@one.test": ok}, None),
+                                  (other, "two.test", {"d@two.test": later_reply}, None),
+                                  ("NOSUCHID", "one.test", {"x@one.test": ok}, None)]) == ["queued", None, "queued", None]
+    assert store.counters()[("messages_delivered", "")] == 2
+    reports = {r.domain: r for r in store.domain_reports()}
+    assert reports["one.test"].last_delivery == int(clock.now) and reports["two.test"].last_delivery is None
+    assert [(m.queue_id, [r.address for r in m.recipients]) for m in store.messages_for_flush("one.test")] == \
+        [(two, ["b@one.test"])]
+    assert [m.queue_id for m in store.messages_for_flush("two.test", limit=1)] == [other] and later
+
+
 def test_delivered_deletes_recipient_row_and_message(store, clock):
     qid = put(store, "a@one.test", "b@one.test", "c@two.test")
     clock.now += 10
