@@ -55,7 +55,19 @@ DSN_BATCH = 20  # DSNs claimed per store transaction
 DSN_ROUND_SECONDS = 30.0  # a round stops sending after this (wall clock), the rest waits for the next
 MAX_BACKOFF_FACTOR = 8  # next_retry_delay: at most 8 times retry_interval ...
 MAX_BACKOFF = 86400.0  # ... and at most a day (unless retry_interval itself is longer)
-CHECKPOINT_BUSY_TIMEOUT = 1.0  # seconds the WAL checkpoint waits for other connections
+# The WAL's upkeep (see _Round.upkeep): the TRUNCATE checkpoint that empties the
+# -wal file waits this long for other connections, i.e. not at all: while it
+# waited it would hold the write lock, and an SMTP worker's 250 with it.
+CHECKPOINT_BUSY_TIMEOUT = 0.0
+# Free pages (flushed mail) up to this share of the file stay: new mail reuses
+# them without growing the file. Beyond it they go back to the file system...
+VACUUM_KEEP = 0.10
+# ... at most this many bytes per write transaction (the SMTP workers' commits
+# wait while one runs: ~8 MB moves in a few tens of ms), for at most
+# VACUUM_ROUND_SECONDS per housekeeping round, with a pause after each for them.
+VACUUM_STEP = 8 * 1024 * 1024
+VACUUM_ROUND_SECONDS = 2.0
+VACUUM_PAUSE = 0.05
 
 
 class BounceFailed(Exception):
@@ -393,11 +405,32 @@ class _Round:
             log_event(self.log, "notice-sent", **fields)
 
     def upkeep(self) -> None:
-        pages = self.store.incremental_vacuum()
+        pages = self.vacuum()
         self.summary["vacuumed_pages"] = pages
         if pages:
             log_event(self.log, "vacuum", pages=pages)
+        # A PASSIVE checkpoint copies the WAL into the database without ever
+        # holding the write lock; the TRUNCATE after it has nothing left to copy
+        # and empties the -wal file at once, or, when a reader still uses the WAL
+        # (a long `queue list`, Litestream), gives up at once instead of waiting
+        # with the write lock held (journal_size_limit bounds the file meanwhile).
+        self.store.checkpoint("PASSIVE", CHECKPOINT_BUSY_TIMEOUT)
         self.summary["checkpoint"] = self.store.checkpoint("TRUNCATE", CHECKPOINT_BUSY_TIMEOUT)
+
+    def vacuum(self) -> int:
+        """Hand free pages beyond VACUUM_KEEP of the file back, VACUUM_STEP at a time."""
+        page_size = self.store.connection.execute("PRAGMA page_size").fetchone()[0]
+        step = max(1, VACUUM_STEP // page_size)
+        deadline = time.monotonic() + VACUUM_ROUND_SECONDS
+        freed = 0
+        while time.monotonic() < deadline:
+            free, pages = self.store.free_pages()
+            excess = free - int(pages * VACUUM_KEEP)
+            if excess <= 0:
+                break
+            freed += self.store.incremental_vacuum(min(step, excess))
+            time.sleep(VACUUM_PAUSE)
+        return freed
 
 
 def housekeeping(store: QueueStore, config, *, logger: logging.Logger | None = None,

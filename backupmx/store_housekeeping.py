@@ -208,17 +208,25 @@ class Housekeeping(QueueDatabase):
         in between loses that warning: at most once (it is only a warning).
         """
         now = self._now()
-        with self._write() as db:
+        # The candidates are looked for in a read transaction (a scan of the queued
+        # rows: no index knows which were warned), and each is claimed in the write
+        # transaction only if it is still queued and unwarned, so the scan never
+        # holds the write lock that the SMTP workers' commits wait for.
+        with self._read() as db:
             keys = db.execute(
-                "SELECT q.queue_id, q.domain FROM queue AS q JOIN messages AS m USING (queue_id)"
-                " WHERE q.state = 'queued' AND q.delay_warned IS NULL AND m.received_at <= ?"
-                " ORDER BY m.received_at, m.rowid LIMIT ?",
+                "SELECT queue_id, domain FROM queue"
+                " WHERE state = 'queued' AND delay_warned IS NULL AND message_received_at <= ?"
+                " ORDER BY message_received_at, rowid LIMIT ?",
                 (now - delay, limit),
             ).fetchall()
+        if not keys:
+            return []
+        with self._write() as db:
             bounces = []
             for queue_id, domain in keys:
-                db.execute("UPDATE queue SET delay_warned = ? WHERE queue_id = ? AND domain = ?",
-                           (now, queue_id, domain))
+                if not db.execute("UPDATE queue SET delay_warned = ? WHERE queue_id = ? AND domain = ?"
+                                  " AND state = 'queued' AND delay_warned IS NULL", (now, queue_id, domain)).rowcount:
+                    continue  # another housekeeper claimed it, or it left the queue meanwhile
                 bounce = self._bounce(db, queue_id, domain, "state = 'queued'")
                 if bounce is not None and bounce.recipients:
                     bounces.append(bounce)
@@ -262,19 +270,29 @@ class Housekeeping(QueueDatabase):
             )
         return rows
 
-    def incremental_vacuum(self) -> int:
-        """Give the free pages back to the file system when the queue was created
-        with auto_vacuum = INCREMENTAL (after a big flush the file would otherwise
-        keep its size). Returns the pages freed (0 when the mode is not incremental)."""
+    def free_pages(self) -> tuple[int, int]:
+        """(free pages, all pages) of the file; (0, pages) when the queue was not created
+        with auto_vacuum = INCREMENTAL (its free pages cannot be given back then)."""
         db = self.connection
         with _sqlite_errors():
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
             if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
-                return 0
-            before = db.execute("PRAGMA freelist_count").fetchone()[0]
-            if before == 0:
-                return 0
+                return 0, pages
+            return db.execute("PRAGMA freelist_count").fetchone()[0], pages
+
+    def incremental_vacuum(self, pages: int | None = None) -> int:
+        """Give up to `pages` free pages (None: all) back to the file system, in one
+        write transaction: the pages at the end of the file move into free ones, and
+        the file is cut. Returns the pages freed (0 when the queue was not created with
+        auto_vacuum = INCREMENTAL). lifecycle decides how much and how often."""
+        before, _ = self.free_pages()
+        if before == 0:
+            return 0
+        db = self.connection
+        with _sqlite_errors():
             # executescript steps the pragma to the end; execute() would free one page.
-            db.executescript("BEGIN IMMEDIATE; PRAGMA incremental_vacuum; COMMIT;")
+            step = "" if pages is None else f"({int(pages)})"
+            db.executescript(f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum{step}; COMMIT;")
             return before - db.execute("PRAGMA freelist_count").fetchone()[0]
 
     def checkpoint(self, mode: str = "TRUNCATE", busy_timeout: float = 1.0) -> tuple[int, int, int]:

@@ -13,6 +13,7 @@ import io
 import logging
 import multiprocessing
 import os
+import re
 import smtplib
 import socket
 import sqlite3
@@ -573,6 +574,28 @@ def test_freed_pages_go_back_and_the_wal_is_truncated(store, clock, tmp_path, lo
     assert os.path.getsize(store.path + "-wal") == 0
     assert os.path.getsize(store.path) < size_before / 4
     assert log.lines.find("vacuum")
+    free, pages = store.free_pages()
+    assert free <= pages * lifecycle.VACUUM_KEEP + 1  # a tenth may stay, for new mail
+
+
+def test_the_vacuum_goes_in_bounded_steps(store, clock, tmp_path, log, monkeypatch):
+    """Each incremental_vacuum holds the write lock (the SMTP workers' commits wait): a
+    large one is cut into steps of VACUUM_STEP bytes."""
+    monkeypatch.setattr(lifecycle, "VACUUM_STEP", 256 * 1024)
+    monkeypatch.setattr(lifecycle, "VACUUM_PAUSE", 0)
+    config = make_config(tmp_path)
+    big = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 2000  # 2 MB
+    qid = put(store, "a@long.test", body=big)
+    record_delivered(store, qid, "long.test", ["a@long.test"], "250 ok")
+    statements = []
+    store.connection.set_trace_callback(statements.append)
+    summary = run(store, config, log, clock)
+    store.connection.set_trace_callback(None)
+    steps = [int(n) for s in statements for n in re.findall(r"incremental_vacuum\((\d+)\)", s)]
+    assert summary["vacuumed_pages"] * store.connection.execute("PRAGMA page_size").fetchone()[0] > 1_500_000
+    assert len(steps) >= 6 and max(steps) == 256 * 1024 // 16384, steps
+
+
 
 
 def test_a_locked_queue_is_logged_and_the_round_goes_on(tmp_path, clock, log, monkeypatch):
