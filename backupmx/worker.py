@@ -54,7 +54,7 @@ from backupmx import children
 from backupmx.children import BOOT_ERROR, StopFlag
 from backupmx.config import tuning
 from backupmx.connection import ConnectionContext, FlushRequested, QueueMessage, SMTPConnection
-from backupmx.log import log_event
+from backupmx.log import defer_writes, flush_pending, log_event
 from backupmx.store import QueueUnavailable
 
 # Seconds between heartbeats sent to the master (it aborts a worker whose last
@@ -391,7 +391,17 @@ class SessionLoop:
         return max(wait, 0.0)
 
     def run(self):
-        """Serve until drained (or, in inetd mode, until the last session ends); then close what is left."""
+        """Serve until drained (or, in inetd mode, until the last session ends); then close what is left.
+
+        The log lines of a round are written together at its end (log.defer_writes)."""
+        defer_writes(True)
+        try:
+            self._serve()
+        finally:
+            flush_pending()
+            defer_writes(False)
+
+    def _serve(self):
         while True:
             if self.stop.stopped:
                 self.stop.stopped = False
@@ -420,6 +430,7 @@ class SessionLoop:
             self.commit_round()
             self.check_deadlines(time.monotonic())
             self.context.upkeep(time.monotonic())
+            flush_pending()
         self.close_all()
 
 

@@ -162,6 +162,32 @@ def test_file_target_follows_logrotate(tmp_path):
     assert [line.split(": ", 1)[1] for line in lines] == ["two", "three"]  # not doubled after the re-setup
 
 
+def test_a_worker_s_lines_wait_for_the_end_of_its_loop_round_but_warnings_do_not(tmp_path):
+    """defer_writes: an SMTP worker's INFO lines go out together at the end of a loop round
+    (flush_pending); a warning takes them and itself out at once (what kill -9 may cost is
+    the round's INFO lines, never a warning)."""
+    path = tmp_path / "w.log"
+    code = (
+        "from backupmx.log import defer_writes, flush_pending\n"
+        f"log = setup_logging({str(path)!r})\n"
+        "defer_writes(True)\n"
+        "size = lambda: os.path.getsize(" + repr(str(path)) + ")\n"
+        "log_event(log, 'connect')\n"
+        "print(size())\n"
+        "log_event(log, 'trouble', level=logging.WARNING)\n"
+        "print(size())\n"
+        "log_event(log, 'queued')\n"
+        "flush_pending()\n"
+        "print(size())\n"
+        "os._exit(0)\n"  # no logging.shutdown: what is written is what a kill -9 leaves
+    )
+    out, _ = run_logging(tmp_path, "import os\n" + code)
+    empty, after_warning, after_round = map(int, out.split())
+    assert empty == 0 and 0 < after_warning < after_round
+    lines = path.read_text().splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == ["connect", "trouble level=warning", "queued"]
+
+
 def test_unwritable_file_raises_oserror(tmp_path):
     with pytest.raises(OSError):
         setup_logging(str(tmp_path / "missing-dir" / "x.log"))
