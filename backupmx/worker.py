@@ -106,6 +106,7 @@ class SessionLoop:
         # conn -> its deadline as of its last update(): every callback of a session is
         # followed by update(), so the loop need not ask all of them each turn.
         self.deadlines = {}
+        self.registered = {}  # conn -> the events its socket is registered for (absent: not registered)
         self.to_commit = []  # (conn, Submission) waiting for this round's group commit
         self.outbox = []  # control messages the socket could not take yet
         self.draining = False
@@ -160,16 +161,18 @@ class SessionLoop:
         if mask == 0:  # open, but waiting for nothing but its deadline
             self._unregister(conn)
             return
-        try:
-            key = self.selector.get_key(conn.sock)
-        except (KeyError, ValueError):
-            key = None
-        if key is None:
+        # Its own record of what is registered: selector.get_key() raises for a new
+        # socket, and the KeyError's message formats the socket (a tenth of a hand-off).
+        registered = self.registered.get(conn)
+        if registered is None:
             self.selector.register(conn.sock, mask, conn)
-        elif key.events != mask:
+        elif registered != mask:
             self.selector.modify(conn.sock, mask, conn)
+        self.registered[conn] = mask
 
     def _unregister(self, conn):
+        if self.registered.pop(conn, None) is None:
+            return
         try:
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):
