@@ -14,7 +14,11 @@ The lookups run on the Offload's "dns" lane with the system resolver
 (getaddrinfo / gethostbyaddr: /etc/hosts, nsswitch, resolv.conf). The first
 RCPT waits for them (policy.py); they are given up after LOOKUP_WAIT seconds
 (a broken resolver must not hold mail for ever), the name then being
-"unknown". The resolver is one explicit parameter (ConnectionContext's
+"unknown". A worker keeps what it learnt of a client for FACTS_SECONDS
+(at most FACTS_KEPT clients): a sender's next connections within that
+minute cost no lookup, no thread and no wait (Postfix leaves that to a
+caching resolver; most hosts have none in front of the C library). A
+lookup that failed or was given up is not kept. The resolver is one explicit parameter (ConnectionContext's
 `resolver`): tests hand in one that answers from a table.
 """
 
@@ -37,6 +41,8 @@ LANE = "dns"
 DNS_THREADS = 8  # lookups at once per worker
 LOOKUP_WAIT = tuning("BACKUPMX_LOOKUP_WAIT", 10.0)  # seconds after connect the lookups are given up
 MAX_PTR_NAMES = 3  # PTR names of one address that are forward-checked
+FACTS_SECONDS = tuning("BACKUPMX_CLIENT_FACTS_SECONDS", 60.0)  # a client's facts are reused this long
+FACTS_KEPT = 4096  # clients whose facts a worker keeps (the oldest go first)
 UNKNOWN = "unknown"  # Postfix's word for a client without a verified name
 
 
@@ -88,6 +94,7 @@ class ClientFacts:
     listings: dict = field(default_factory=dict)  # zone -> Listing, of the zones that list the client
     pending: int = 0  # lookups not answered yet
     done: bool = False
+    troubled: bool = False  # a lookup failed or was given up: these facts are not kept for the next time
     _waiting: list[Callable[[], None]] = field(default_factory=list)
 
     def listing(self, zones: tuple[str, ...]) -> Listing | None:
@@ -156,10 +163,20 @@ class ClientDNS:
         self.resolver = resolver if resolver is not None else SystemResolver()
         offload.add_lane(LANE, DNS_THREADS)
         self._looking: list[tuple[object, ClientFacts]] = []  # (owner, facts) not done yet
+        self._known: dict[str, tuple[float, ClientFacts]] = {}  # address -> (kept until, facts): FACTS_SECONDS
 
     def look_up(self, owner, address: str) -> ClientFacts:
-        """Start the lookups for a client that just connected; its facts fill in later."""
-        facts = ClientFacts(address, self.clock() + LOOKUP_WAIT)
+        """Start the lookups for a client that just connected; its facts fill in later
+        (or are there at once, when this worker learnt them less than FACTS_SECONDS ago)."""
+        now = self.clock()
+        kept = self._known.get(address)
+        if kept is not None:
+            if now < kept[0]:
+                facts = ClientFacts(address, now, name=kept[1].name, listings=dict(kept[1].listings))
+                facts._finish()
+                return facts
+            del self._known[address]
+        facts = ClientFacts(address, now + LOOKUP_WAIT)
         try:
             ipaddress.ip_address(address)
         except ValueError:  # not an IP client (inetd on a pipe): nothing to ask
@@ -184,6 +201,7 @@ class ClientDNS:
         try:
             record(facts, future.result())
         except Exception as exc:  # TemporaryLookupError, or a resolver that broke: no answer
+            facts.troubled = True
             log_event(self.logger, "lookup-failed", client=facts.address, error=f"{type(exc).__name__}: {exc}",
                       level=logging.WARNING)
         facts.pending -= 1
@@ -192,6 +210,15 @@ class ClientDNS:
                 facts.name = UNKNOWN
             self._looking = [(owner, f) for owner, f in self._looking if f is not facts]
             facts._finish()
+            self._keep(facts)
+
+    def _keep(self, facts: ClientFacts) -> None:
+        if facts.troubled:
+            return
+        self._known.pop(facts.address, None)
+        while len(self._known) >= FACTS_KEPT:
+            del self._known[next(iter(self._known))]  # the oldest
+        self._known[facts.address] = (self.clock() + FACTS_SECONDS, facts)
 
     @staticmethod
     def _named(facts: ClientFacts, name: str) -> None:
@@ -220,6 +247,7 @@ class ClientDNS:
                       level=logging.WARNING)
             if facts.name is None:
                 facts.name = UNKNOWN
+            facts.troubled = True
             self._looking = [(o, f) for o, f in self._looking if f is not facts]
             self.offload.deliver(owner, lambda done, facts=facts: facts._finish(), None)
 

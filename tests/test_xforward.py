@@ -1,15 +1,20 @@
 """The real client passed on: Received: with the client's verified name, TLS and RFC 3848
 protocol; XFORWARD to a primary that offers it (Postfix's XFORWARD_README)."""
 
+import logging
 import smtplib
 import sqlite3
 import ssl
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 import pytest
 
-from backupmx.client_dns import UNKNOWN, SystemResolver, verified_name
+from backupmx.client_dns import (FACTS_SECONDS, UNKNOWN, ClientDNS, SystemResolver, TemporaryLookupError,
+                                 verified_name)
+from backupmx.offload import Offload
 from backupmx.smtp import received_header
 from backupmx.smtpclient import xforward_commands, xtext
 from conftest import REPO
@@ -90,3 +95,50 @@ def test_received_shows_the_name_before_the_address():
                              client_name="mx.sender.test").decode()
     assert header.startswith("Received: from mx.sender.test (mx.sender.test [192.0.2.7])\r\n"
                              "\tby mx2.test (backupmx) with ESMTPA id Q1\r\n")
+
+
+class CountingResolver(TableResolver):
+    """Counts the questions it is asked."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.asked = 0
+
+    def names(self, address):
+        self.asked += 1
+        return super().names(address)
+
+    def addresses(self, name, family=0):
+        self.asked += 1
+        return super().addresses(name, family)
+
+
+def test_a_worker_reuses_a_client_s_facts_for_a_minute():
+    """The next connections of a sender cost no lookup (client_dns.FACTS_SECONDS); a failed one is not kept."""
+    clock = [1000.0]
+    offload = Offload(1)
+    resolver = CountingResolver({"192.0.2.7": ["mx.sender.test"]}, {"mx.sender.test": ["192.0.2.7"]})
+    dns = ClientDNS(SimpleNamespace(dnsbl=("bl.test",)), offload, logging.getLogger("test-xforward"), resolver,
+                    clock=lambda: clock[0])
+
+    def connect(address="192.0.2.7"):
+        facts = dns.look_up(object(), address)
+        deadline = time.monotonic() + 10
+        while not facts.done and time.monotonic() < deadline:  # the loop's part: answers come back
+            for _, then, future in offload.completed():
+                then(future)
+            time.sleep(0.001)
+        return facts
+
+    try:
+        assert connect().name == "mx.sender.test" and resolver.asked == 3  # PTR, its A/AAAA, the list
+        clock[0] += FACTS_SECONDS - 1
+        assert connect().name == "mx.sender.test" and resolver.asked == 3
+        clock[0] += 2
+        assert connect().name == "mx.sender.test" and resolver.asked == 6
+        resolver.addresses = lambda name, family=0: (_ for _ in ()).throw(TemporaryLookupError("SERVFAIL"))
+        connect("192.0.2.8")
+        connect("192.0.2.8")
+        assert resolver.asked == 8  # the failed lookup was asked again: nothing kept
+    finally:
+        offload.close()
