@@ -356,7 +356,7 @@ class Postfix(Server):
 
     def write_transport(self, port):
         (self.etc / "transport").write_text(f"{DOMAIN} smtp:[{LOCAL}]:{port}\n")
-        run(["postmap", f"hash:{self.etc / 'transport'}"])
+        run(["postmap", "-c", str(self.etc), f"hash:{self.etc / 'transport'}"])
 
     def start(self):
         for d in (self.etc, self.spool, self.data):

@@ -1,0 +1,433 @@
+#!/usr/bin/env python3
+"""The worst hour at scale: how backupmx's costs grow with a million messages waiting (issue 16).
+
+    python3 bench/backlog.py                          # 1,000,000 x 2 KB over 100 domains; ~15-25 minutes
+    python3 bench/backlog.py --levels 0,20000 --flush-size 2000 --window 10   # a quick look
+
+Needs smtp-sink (apt-get install postfix: the primary that takes the
+flushes; the system Postfix is never started) and about 5 GB of disk in
+--dir (default: the system temp dir). Everything listens on 127.0.0.1 only.
+
+It starts `python3 backupmx.py serve` (config defaults: 4 SMTP workers, 2
+flush workers) on a fresh queue with --domains domains d00.bench ... and
+then, in this order:
+
+  accept windows  at each --levels count of queued messages: --sessions
+                  clients (smtpload.py, one message of 2 KB per connection,
+                  through the real SMTP path) for --window seconds (default
+                  35: every window holds at least one housekeeping round,
+                  which the flush workers run every 30 s); msg/s and the
+                  p50/p99/max from end of data to 250
+  the fill        between windows the queue is filled to the next level by
+                  the fast path: the store's own intake code (Intake.enqueue_many,
+                  the SMTP workers' group commit) in transactions of
+                  --fill-batch messages, from this process, while the server runs
+  flushes         one domain (d00) of --flush-size messages, once with
+                  nothing else waiting ("empty") and once at the last level:
+                  STARTTLS + AUTH + ETRN, timed until smtp-sink counted them all
+  operator        wall time of `backupmx queue`, `queue list DOMAIN | head`,
+                  `metrics` and `health` at the last level
+  size            the database (+ WAL) against the sum of the bodies' sizes
+  memory          RSS of every SMTP worker and flush worker, sampled every 0.5 s
+                  (the largest of each kind, per phase)
+
+With --lock FILE (a shared machine: flock /work/wt/cpu.lock) the lock is
+taken for each step (a fill chunk of --lock-chunk messages, a window, a
+flush, the operator commands) and let go in between, so that nobody
+waits for it long; the server stays up meanwhile.
+
+The windows' mail goes to d01..; d00 holds exactly --flush-size messages
+when it is flushed. Exit status 1 when a window or a flush lost mail or failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import signal
+import smtplib
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+from peers import Sink, free_port, machine, spawn, stop_proc, wait_banner  # noqa: E402
+from smtpload import Load, body_2k, client_context, percentile, run_load  # noqa: E402
+
+from backupmx.envelope import Envelope, Recipient  # noqa: E402
+from backupmx.store import QueueStore, QueueUnavailable, Submission  # noqa: E402
+
+LOCAL = "127.0.0.1"
+USER, PASSWORD = "bench", "bench-secret"
+
+
+def domain_name(i: int) -> str:
+    return f"d{i:02d}.bench"
+
+
+class Server:
+    """backupmx serve on a fresh queue, --domains domains, the primary on `sink_port`."""
+
+    def __init__(self, workdir: Path, domains: int, sink_port: int, workers: int | None):
+        self.dir = workdir
+        self.db = workdir / "queue.db"
+        self.log = workdir / "backupmx.log"
+        self.port = free_port()
+        self.domains = [domain_name(i) for i in range(domains)]
+        key = workdir / "server.key"
+        shutil.copyfile(REPO / "tests/certs/server.key", key)
+        os.chmod(key, 0o600)
+        sections = "".join(f"\n[domain:{d}]\nprimary = {LOCAL}:{sink_port}\nprimary_tls = none\n"
+                           for d in self.domains)
+        self.config = workdir / "backupmx.ini"
+        self.config.write_text(
+            "[backupmx]\n"
+            "hostname = mx2.bench\n"
+            f"listen = {LOCAL}:{self.port}\n"
+            f"queue = {self.db}\n"
+            f"tls_cert = {REPO / 'tests/certs/server.pem'}\n"
+            f"tls_key = {key}\n"
+            + (f"workers = {workers}\n" if workers else "")
+            + "max_connections_per_client = 1000\n"
+            f"log = {self.log}\n"
+            f"{sections}"
+            f"\n[user:{USER}]\npassword = {{PLAIN}}{PASSWORD}\ndomains = {', '.join(self.domains)}\n")
+        self.proc = None
+
+    def start(self) -> None:
+        self.proc = spawn([sys.executable, str(REPO / "backupmx.py"), "serve", "-c", str(self.config)],
+                          self.dir / "backupmx.stderr", cwd=self.dir)
+        wait_banner(self.port, time.monotonic() + 60, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_proc(self.proc, 60)
+
+    def children(self) -> dict[int, str]:
+        """pid -> "worker" | "flusher", from the master's log lines."""
+        roles = {}
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return roles
+        for kind, pid in re.findall(r"\b(worker-started|flush-worker-started) pid=(\d+)", text):
+            roles[int(pid)] = "flusher" if kind.startswith("flush") else "worker"
+        return roles
+
+    def cli(self, *words: str, pipe: str = "") -> tuple[float, str]:
+        """Wall time of `backupmx WORDS [| pipe]` and its last output line."""
+        command = " ".join([sys.executable, str(REPO / "backupmx.py"), *words, "-c", str(self.config)])
+        started = time.perf_counter()
+        res = subprocess.run(f"{command} {('| ' + pipe) if pipe else ''}", shell=True, capture_output=True,
+                             text=True, timeout=900, stdin=subprocess.DEVNULL)
+        took = time.perf_counter() - started
+        lines = (res.stdout or res.stderr).strip().splitlines()
+        return took, (lines[-1][:100] if lines else "")
+
+    def queued(self, domain: str | None = None) -> int:
+        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=60) as db:
+            if domain is None:
+                return db.execute("SELECT COUNT(*) FROM queue WHERE state = 'queued'").fetchone()[0]
+            return db.execute("SELECT COUNT(*) FROM queue WHERE domain = ? AND state = 'queued'",
+                              (domain,)).fetchone()[0]
+
+    def etrn(self, domain: str) -> str:
+        with smtplib.SMTP(LOCAL, self.port, local_hostname="primary.bench", timeout=120) as smtp:
+            smtp.ehlo()
+            smtp.starttls(context=client_context())
+            smtp.ehlo()
+            smtp.login(USER, PASSWORD)
+            code, text = smtp.docmd("ETRN", domain)
+        if code not in (250, 253):
+            raise RuntimeError(f"ETRN {domain}: {code} {text!r}")
+        return f"{code} {text.decode(errors='replace')}"
+
+
+class Memory(threading.Thread):
+    """The largest RSS (kB) of each kind of child, and of the -wal file, per phase, sampled every `interval` seconds."""
+
+    def __init__(self, server: Server, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.server, self.interval = server, interval
+        self.phase = "start"
+        self.peaks: dict[str, dict[str, int]] = {}
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        roles, refreshed = {}, 0.0
+        while not self.halt.wait(self.interval):
+            if time.monotonic() - refreshed > 5:
+                roles, refreshed = self.server.children(), time.monotonic()
+            peak = self.peaks.setdefault(self.phase, {})
+            for pid, role in roles.items():
+                try:
+                    with open(f"/proc/{pid}/status") as f:
+                        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+                except (OSError, StopIteration):
+                    continue
+                peak[role] = max(peak.get(role, 0), rss)
+            try:
+                peak["WAL"] = max(peak.get("WAL", 0), os.stat(f"{self.server.db}-wal").st_size // 1024)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(5)
+
+
+class Filler:
+    """The fast path: the store's own intake (enqueue_many), big transactions, from this process."""
+
+    def __init__(self, db: Path, batch: int):
+        self.store = QueueStore(str(db))
+        self.batch = batch
+        self.n = 0
+        self.seconds = 0.0
+        self.locked = 0  # fill transactions that met the busy timeout (the server held the lock longer)
+
+    def fill(self, domains: list[str], count: int) -> None:
+        """`count` messages, round-robin over `domains`, one recipient each."""
+        started = time.perf_counter()
+        left = count
+        while left:
+            submissions = []
+            for _ in range(min(self.batch, left)):
+                domain = domains[self.n % len(domains)]
+                rcpt = f"user{self.n % 1000}@{domain}"
+                body = body_2k(self.n, rcpt)
+                envelope = Envelope(f"sender{self.n % 5000}@x.test", [Recipient(rcpt, domain)])
+                submissions.append(Submission(self.store.new_queue_id(), envelope, body, len(body),
+                                              LOCAL, "fill.bench"))
+                self.n += 1
+            problems = self._enqueue(submissions)
+            bad = [p for p in problems if p is not None]
+            if bad:
+                raise RuntimeError(f"fill: {len(bad)} refused, e.g. {bad[0]}")
+            left -= len(submissions)
+        self.seconds += time.perf_counter() - started
+
+    def _enqueue(self, submissions):
+        """enqueue_many; while the server holds the write lock longer than the busy timeout, again."""
+        for attempt in range(60):
+            try:
+                return self.store.enqueue_many(submissions)
+            except QueueUnavailable as exc:
+                self.locked += 1
+                print(f"  fill: {exc}; again", flush=True)
+                time.sleep(1)
+        raise RuntimeError("fill: the queue stayed locked")
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class CPULock:
+    """flock(FILE) around each step of the run (--lock), let go in between; a no-op without FILE."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.waited = 0.0
+
+    @contextlib.contextmanager
+    def held(self):
+        if self.path is None:
+            yield
+            return
+        with open(self.path, "a") as f:
+            started = time.monotonic()
+            fcntl.flock(f, fcntl.LOCK_EX)
+            self.waited += time.monotonic() - started
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def fill_in_chunks(filler: Filler, lock: CPULock, chunk: int, domains: list[str], count: int) -> None:
+    while count > 0:
+        with lock.held():
+            filler.fill(domains, min(chunk, count))
+        count -= chunk
+
+
+def window(server: Server, args, level: int) -> dict:
+    """--window seconds of --sessions clients through the real SMTP path."""
+    recipients = tuple(f"user{i}@{server.domains[1 + i % (len(server.domains) - 1)]}" for i in range(997))
+    before = server.queued()
+    result = run_load(Load(server.port, sessions=args.sessions, duration=args.window, recipients=recipients,
+                           processes=args.client_processes))
+    after = server.queued()
+    ms = [x * 1000 for x in result.eod]
+    return {
+        "level": level, "queued_before": before, "messages": result.messages,
+        "rate": result.messages / result.elapsed, "p50": percentile(ms, 50), "p99": percentile(ms, 99),
+        "max": max(ms, default=float("nan")), "errors": result.errors, "samples": result.samples,
+        "lost": before + result.messages - after,
+    }
+
+
+def flush(server: Server, sink: Sink, domain: str, expected: int, timeout: float) -> dict:
+    """ETRN `domain` and time it until the sink counted `expected` more messages and the domain is empty."""
+    queued = server.queued(domain)
+    base = sink.count()
+    started = time.perf_counter()
+    reply = server.etrn(domain)
+    deadline = time.monotonic() + timeout
+    got = 0
+    while time.monotonic() < deadline:
+        got = sink.count() - base
+        if got >= expected:
+            break
+        time.sleep(0.02)
+    took = time.perf_counter() - started
+    while time.monotonic() < deadline and server.queued(domain):
+        time.sleep(0.1)
+    time.sleep(0.5)
+    got = sink.count() - base
+    left = server.queued(domain)
+    return {"queued": queued, "delivered": got, "left": left, "seconds": took, "rate": got / took,
+            "reply": reply, "ok": queued == expected and got == expected and left == 0}
+
+
+def sizes(db: Path) -> dict:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60) as conn:
+        bodies, messages = conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM messages").fetchone()
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    wal = Path(f"{db}-wal")
+    file = db.stat().st_size
+    return {"file": file, "wal": wal.stat().st_size if wal.exists() else 0, "bodies": bodies,
+            "messages": messages, "free": free * page, "page": page}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="0,100000,500000,1000000",
+                        help="queued counts with an accept window (the last one also gets the operator commands and the flush)")
+    parser.add_argument("--domains", type=int, default=100)
+    parser.add_argument("--flush-size", type=int, default=10000, help="messages of the flushed domain (d00)")
+    parser.add_argument("--window", type=float, default=35.0, help="seconds per accept window")
+    parser.add_argument("--sessions", type=int, default=10, help="concurrent clients in a window")
+    parser.add_argument("--client-processes", type=int, default=2)
+    parser.add_argument("--fill-batch", type=int, default=5000, help="messages per fill transaction")
+    parser.add_argument("--workers", type=int, help="workers = N (default: the config default)")
+    parser.add_argument("--dir", help="where the temporary directory goes (needs ~5 GB for 1M)")
+    parser.add_argument("--keep", action="store_true", help="keep the directory (queue, config, log)")
+    parser.add_argument("--lock", help="flock this file for each step, let go in between (a shared machine)")
+    parser.add_argument("--lock-chunk", type=int, default=200000, help="messages filled per --lock hold")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below stops the server
+    levels = sorted(int(x) for x in args.levels.split(","))
+    if not shutil.which("smtp-sink"):
+        sys.exit("backlog: smtp-sink is missing: apt-get install postfix (see bench/README.md)")
+    if args.domains < 2 or levels[-1] < args.flush_size:
+        parser.error("need at least 2 domains and a last level of at least --flush-size")
+
+    root = Path(tempfile.mkdtemp(prefix="backlog-", dir=args.dir))
+    os.chmod(root, 0o755)
+    sink_port = free_port()
+    server = Server(root, args.domains, sink_port, args.workers)
+    memory = Memory(server)
+    filler = sink = None
+    lock = CPULock(args.lock)
+    before = {}
+    windows, flushes, operator = [], {}, []
+    print(f"backlog: {machine()}", flush=True)
+    print(f"backlog: {root}, levels {levels}, {args.domains} domains, windows of {args.window:g} s x "
+          f"{args.sessions} sessions, flush of {args.flush_size}", flush=True)
+    started = time.monotonic()
+    try:
+        server.start()
+        memory.start()
+        filler = Filler(server.db, args.fill_batch)
+        others = server.domains[1:]
+        for level in levels:
+            if level == levels[-1]:
+                fill_in_chunks(filler, lock, args.lock_chunk, others, level - args.flush_size - server.queued())
+                fill_in_chunks(filler, lock, args.lock_chunk, server.domains[:1], args.flush_size)
+            else:
+                fill_in_chunks(filler, lock, args.lock_chunk, others, level - server.queued())
+            memory.phase = f"window {level}"
+            with lock.held():
+                w = window(server, args, level)
+            windows.append(w)
+            print(f"  window at {w['queued_before']:>9,} queued: {w['rate']:7.0f} msg/s  p50 {w['p50']:6.1f} ms"
+                  f"  p99 {w['p99']:6.1f} ms  max {w['max']:7.1f} ms  errors {w['errors']}  lost {w['lost']}"
+                  + (f"  e.g. {w['samples'][0]}" if w["samples"] else ""), flush=True)
+            if level == levels[0]:
+                sink = Sink(root, sink_port)
+                with lock.held():
+                    filler.fill(server.domains[:1], args.flush_size)
+                    memory.phase = "flush empty"
+                    flushes["empty"] = f = flush(server, sink, server.domains[0], args.flush_size, 900)
+                print(f"  flush of {f['queued']:,} with {server.queued():,} others waiting: {f['rate']:7.0f} msg/s"
+                      f" ({f['seconds']:.2f} s, {f['delivered']} delivered, {f['left']} left)", flush=True)
+        memory.phase = "operator"
+        top = server.domains[7]
+        with lock.held():
+            for label, words, pipe in (("backupmx queue", ("queue",), ""),
+                                       (f"backupmx queue list {top} | head", ("queue", "list", top), "head"),
+                                       ("backupmx metrics", ("metrics",), ""),
+                                       ("backupmx health", ("health",), "")):
+                took, last = server.cli(*words, pipe=pipe)
+                operator.append((label, took, last))
+                print(f"  {label:<36} {took:6.2f} s   {last[:70]}", flush=True)
+        before = sizes(server.db)
+        print(f"  database {before['file'] / 2**20:,.0f} MB + WAL {before['wal'] / 2**20:,.0f} MB for "
+              f"{before['messages']:,} messages of {before['bodies'] / 2**20:,.0f} MB: "
+              f"{(before['file'] + before['wal']) / max(1, before['bodies']):.2f}x the bodies "
+              f"(page {before['page']}, free {before['free'] / 2**20:,.0f} MB)", flush=True)
+        memory.phase = f"flush at {levels[-1]}"
+        with lock.held():
+            flushes["full"] = f = flush(server, sink, server.domains[0], args.flush_size, 900)
+        print(f"  flush of {f['queued']:,} with {server.queued():,} others waiting: {f['rate']:7.0f} msg/s"
+              f" ({f['seconds']:.2f} s, {f['delivered']} delivered, {f['left']} left)", flush=True)
+    finally:
+        memory.stop()
+        if filler is not None:
+            filler.close()
+        server.stop()
+        if sink is not None:
+            sink.stop()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    print()
+    print(f"machine: {machine()}")
+    print(f"{time.monotonic() - started:.0f} s in all; fill {filler.n:,} messages in {filler.seconds:.0f} s"
+          f" ({filler.locked} fill transactions met a locked queue; {lock.waited:.0f} s waited for --lock)")
+    print()
+    base = windows[0]
+    print(f"{'queued':>10} {'msg/s':>8} {'vs empty':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    for w in windows:
+        print(f"{w['queued_before']:>10,} {w['rate']:>8.0f} {w['rate'] / base['rate']:>8.2f}x {w['p50']:>8.1f}"
+              f" {w['p99']:>8.1f} {w['max']:>8.1f}")
+    if "empty" in flushes and "full" in flushes:
+        e, f = flushes["empty"], flushes["full"]
+        print(f"flush {args.flush_size:,}: empty {e['rate']:.0f} msg/s, at {levels[-1]:,} {f['rate']:.0f} msg/s"
+              f" ({f['rate'] / e['rate']:.2f}x)")
+    for label, took, _ in operator:
+        print(f"{label:<40} {took:6.2f} s")
+    print(f"database / bodies: {(before['file'] + before['wal']) / max(1, before['bodies']):.2f}x")
+    print("peak RSS and -wal file (MB) per phase: " + "; ".join(
+        f"{phase}: " + ", ".join(f"{role} {kb / 1024:.0f}" for role, kb in sorted(peaks.items()))
+        for phase, peaks in memory.peaks.items()))
+    bad = [w for w in windows if w["errors"] or w["lost"]] + [f for f in flushes.values() if not f["ok"]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
