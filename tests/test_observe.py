@@ -384,6 +384,38 @@ def test_metrics_endpoint_is_bounded_against_hostile_clients(mx):
 # --- fail2ban --------------------------------------------------------------------------------
 
 
+def test_protocol_abuse_and_blocked_auth_are_reject_lines(mx):
+    """What the protocol jail and the AUTH jail read besides the lines above (issue 9's refusals):
+    commands pipelined after EHLO, junk commands past max_junk_commands (100 here), and AUTH from
+    an address over max_auth_failures_per_client (10 here; from 127.0.0.2, so that 127.0.0.1 may
+    still authenticate in the other tests)."""
+    tail = LogTail(mx)
+    with socket.create_connection(("127.0.0.1", mx.port), timeout=10) as s:
+        assert read_line(s).startswith(b"220")
+        s.sendall(b"EHLO client.test\r\nNOOP\r\n")  # EHLO must end a group (RFC 2920 3.1)
+        while (line := read_line(s)).startswith(b"250"):
+            pass
+        assert line.startswith(b"554 5.5.0")
+    with smtplib.SMTP("127.0.0.1", mx.port, timeout=10) as c:
+        for _ in range(100):
+            assert c.noop()[0] == 250
+        assert c.noop()[0] == 421
+    guess = "PLAIN " + base64.b64encode(b"\0prim\0guess").decode()
+    blocked = replies.CLIENT_AUTH_BLOCKED.render(hostname="mx2.test").decode().rstrip()
+    replied = []
+    for _ in range(4):  # 3 guesses a session (max_auth_failures), 10 in all: the 11th is refused unchecked
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=10, source_address=("127.0.0.2", 0)) as c:
+            c.starttls(context=tls_context())
+            c.ehlo("client.test")
+            while (reply := c.docmd("AUTH", guess))[0] == 535:
+                replied.append(reply[0])
+            replied.append(f"{reply[0]} {reply[1].decode()}")
+    assert replied[-1] == blocked and replied.count(535) == 7, replied
+    tail.wait("reject", reason="protocol_synchronization", command="EHLO")
+    tail.wait("reject", reason="too_many_junk_commands", command="NOOP")
+    tail.wait("reject", reason="client_auth_blocked", command="AUTH", client="127.0.0.2")
+
+
 def failregexes(mode="normal"):
     """The filter's failregex lines for `mode` as Python regexes, %(...)s and fail2ban's
     <mdre-<mode>> resolved (fail2ban's <HOST>: an address or a name, captured)."""
@@ -398,8 +430,15 @@ def failregexes(mode="normal"):
 
 
 # What each mode of the filter (each jail) bans: review-1 m4 gave recipient sweeps a jail of their own.
-BANNED = {"normal": r"<\d>(auth-failed |reject .* reason=relay_denied )",
-          "recipients": r"<\d>reject .* reason=unknown_user "}
+# Issue 9's refusals: AUTH past max_auth_failures_per_client with the AUTH rule, protocol abuse in a jail of its own.
+BANNED = {"normal": r"<\d>(auth-failed |reject .* reason=(relay_denied|client_auth_blocked) )",
+          "recipients": r"<\d>reject .* reason=unknown_user ",
+          "protocol": r"<\d>reject .* reason=(protocol_synchronization|too_many_junk_commands) "}
+AT_LEAST = {"normal": 4, "recipients": 1, "protocol": 2}  # what the tests above made
+
+
+def client_of(line):
+    return re.search(r" client=(\S+)", line).group(1)
 
 
 @pytest.mark.parametrize("mode", sorted(BANNED))
@@ -407,12 +446,12 @@ def test_fail2ban_filter_as_fail2ban_reads_it(mx, mode):
     """Without fail2ban itself: its regexes applied the way it applies them, to this server's lines."""
     lines = mx.log().splitlines()
     wanted = [line for line in lines if re.match(BANNED[mode], line)]
-    assert len(wanted) >= (3 if mode == "normal" else 1)
+    assert len(wanted) >= AT_LEAST[mode]
     regexes = failregexes(mode)
     for line in lines:
         for form in (journal_view(line), f"backupmx[77]: {line[3:]}"):  # date already taken away
             hosts = [m.group("host") for m in (r.search(form) for r in regexes) if m]
-            assert hosts == (["127.0.0.1"] if line in wanted else []), form
+            assert hosts == ([client_of(line)] if line in wanted else []), form
 
 
 def journal_view(line, pid=4242):
@@ -425,7 +464,7 @@ def test_fail2ban_filter_matches_the_journal_and_the_file_form(mx, tmp_path, mod
     if not shutil.which("fail2ban-regex"):
         pytest.skip("fail2ban-regex is not installed (apt-get install fail2ban; .ci/run installs it)")
     wanted = [line for line in mx.log().splitlines() if re.match(BANNED[mode], line)]
-    assert len(wanted) >= (3 if mode == "normal" else 1)  # the tests above: an AUTH guess, relay probes, an unknown user
+    assert len(wanted) >= AT_LEAST[mode]  # the tests above: AUTH guesses, relay probes, an unknown user, ...
     others = [line for line in mx.log().splitlines() if line not in wanted]
     # What fail2ban sees: the journal's entries (the time beside the line, taken away
     # first like a file's), a syslog file, and a log file of ours.
@@ -434,7 +473,7 @@ def test_fail2ban_filter_matches_the_journal_and_the_file_form(mx, tmp_path, mod
     dated += [f"2026-12-04 10:00:{n % 60:02d},123 backupmx[77]: {line[3:]}" for n, line in enumerate(wanted)]
     log = tmp_path / "mail.log"
     log.write_text("\n".join(dated) + "\n")
-    assert fail2ban_ips(log, mode) == ["127.0.0.1"] * len(dated)  # never the 10.9.9.9 planted in a user name
+    assert fail2ban_ips(log, mode) == [client_of(line) for line in wanted] * 3  # never the 10.9.9.9 planted
     quiet = tmp_path / "other.log"
     quiet.write_text("\n".join(f"2026-12-04 10:00:00,000 backupmx[77]: {line[3:]}" for line in others) + "\n")
     assert fail2ban_ips(quiet, mode) == []
