@@ -146,7 +146,7 @@ class Config:
     log_level: str  # debug | info | warning | error (backupmx.log.LEVELS)
     metrics_listen: tuple[str, int] | None  # where the metrics process serves GET /metrics; None = not at all
     max_session_time: float  # seconds a session may last in all, whatever it does
-    max_junk_commands: int  # NOOP, RSET, VRFY, HELP, ETRN per session before 421
+    max_junk_commands: int  # commands that move no mail (NOOP, RSET, ..., smtp.py rule 6) per session before 421
     greet_pause: float  # seconds the 220 is held back; input before it ends the session (0 = off)
     max_auth_failures_per_client: int  # failed AUTHs from one client (IPv6: its /64) within auth_failure_window
     auth_failure_window: float  # seconds

@@ -57,8 +57,9 @@ TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "{hostname} Too many authentication
 # max_auth_failures_per_client: refused before any password is looked at.
 CLIENT_AUTH_BLOCKED = Reply(421, "4.7.0",
                             "{hostname} Too many authentication failures from your address, try again later")
-# max_junk_commands (Postfix's smtpd_junk_command_limit): NOOP, RSET, VRFY, HELP, ETRN.
-TOO_MANY_JUNK_COMMANDS = Reply(421, "4.7.0", "{hostname} Error: too many NOOP, RSET, VRFY, HELP or ETRN commands")
+# max_junk_commands (Postfix's smtpd_junk_command_limit): NOOP, RSET, VRFY, HELP, ETRN, a HELO/EHLO
+# again, RCPT for a mailbox already given, BDAT 0 without LAST (smtp.py, command table rule 6).
+TOO_MANY_JUNK_COMMANDS = Reply(421, "4.7.0", "{hostname} Error: too many commands that move no mail")
 SESSION_TIME_EXCEEDED = Reply(421, "4.4.2", "{hostname} Error: session time limit exceeded")
 # RFC 2920 3.1 and Postfix's smtpd_forbid_unauth_pipelining: the client sent before our reply.
 PROTOCOL_SYNCHRONIZATION = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")

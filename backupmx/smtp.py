@@ -197,7 +197,7 @@ class SessionSettings:
     max_message_size: int
     max_recipients: int
     max_auth_failures: int
-    max_junk_commands: int = 100  # NOOP, RSET, VRFY, HELP, ETRN per session (Postfix's smtpd_junk_command_limit)
+    max_junk_commands: int = 100  # commands that move no mail per session (rule 6; Postfix's smtpd_junk_command_limit)
     auth_mechanisms: tuple[str, ...] = ()  # offered once TLS is active; () = no AUTH
     tls_available: bool = False  # a certificate is configured (offer STARTTLS)
     tls_active: bool = False  # implicit TLS: the session starts encrypted
@@ -495,15 +495,21 @@ class Session:
             return self._reply(replies.NOT_IMPLEMENTED if verb in UNIMPLEMENTED else replies.UNRECOGNIZED)
         if self._input and verb != "QUIT" and (command.last or not self.esmtp):
             return self._violation(verb, bytes(self._input))  # rule 10
-        if command.junk:
-            self.junk_commands += 1
-            if self.junk_commands > self.settings.max_junk_commands:
-                return self._close_with(replies.TOO_MANY_JUNK_COMMANDS)
+        if command.junk and self._junk_limit_reached():
+            return
         argument = argument.strip(" ")
         refusal = self._unmet(command.needs, verb, argument)
         if refusal is not None:
             return self._reply(*refusal)
         command.handler(self, argument)
+
+    def _junk_limit_reached(self) -> bool:
+        """Count one command that moves no mail (rule 6); True when it ended the session."""
+        self.junk_commands += 1
+        if self.junk_commands > self.settings.max_junk_commands:
+            self._close_with(replies.TOO_MANY_JUNK_COMMANDS)
+            return True
+        return False
 
     def _unmet(self, needs: tuple["Need", ...], verb: str, argument: str) -> tuple[Reply, dict] | None:
         """Rule 1 of the command table: the refusal of the first need that does not hold."""
@@ -513,6 +519,8 @@ class Session:
         return None
 
     def _helo(self, argument: str, esmtp: bool) -> None:
+        if self.helo is not None and self._junk_limit_reached():  # rule 6: a greeting again
+            return
         if not argument or " " in argument or not argument.isascii() or not argument.isprintable():
             self._reply(replies.SYNTAX_ERROR, usage=("EHLO" if esmtp else "HELO") + " hostname")
             return
@@ -545,6 +553,8 @@ class Session:
             return self._reply(*recipient)
         folded = addresses.fold_local_part(recipient.address)
         if any(addresses.fold_local_part(r.address) == folded for r in self.envelope.recipients):
+            if self._junk_limit_reached():  # rule 6
+                return
             return self._reply(replies.RECIPIENT_OK)  # the same mailbox twice: admitted once
         self._ask(RecipientAdmission(self.envelope, recipient))
 
@@ -567,6 +577,8 @@ class Session:
         if size is None:
             return self._close_with(replies.BDAT_SYNTAX)
         refusal = self._unmet(BDAT_NEEDS, "BDAT", argument)
+        if refusal is None and size == (0, False) and self._junk_limit_reached():  # rule 6
+            return
         transfer = None
         if refusal is None:
             transfer = self._chunked_transfer()
@@ -976,7 +988,12 @@ def _relay_refusal(mailbox: addresses.Mailbox, domain: "DomainConfig | None") ->
 #         session's state too; ETRN as Exim and Postfix treat it): input
 #         already waiting when one runs is a violation (module rule 10).
 # Rule 6: a `junk` command counts toward max_junk_commands (Postfix's
-#         smtpd_junk_command_limit: NOOP, RSET, VRFY, ETRN; HELP too here).
+#         smtpd_junk_command_limit: NOOP, RSET, VRFY, ETRN; HELP too here),
+#         and so does any other command that moves no mail, each costing us a
+#         reply: HELO/EHLO once the session has a name (sendmail's
+#         MAXHELOCOMMANDS; STARTTLS clears the name, RFC 3207 4.2), RCPT for a
+#         mailbox already admitted, and BDAT 0 without LAST (RFC 3030 2 allows
+#         it; a client that sends it again and again is stalling).
 # New columns are new fields of Command, read in _command.
 
 

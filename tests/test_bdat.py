@@ -291,6 +291,14 @@ def test_bdat_over_a_socket_each_reply_and_byte_exact_delivery(mx, sink):
     assert wire.replies(b"BDAT 1x\r\n", 1) == [reply_line(replies.BDAT_SYNTAX)]
     assert wire.sock.recv(1) == b""  # closed after a BDAT it cannot skip
     wire.close()
+    # BDAT 0 without LAST moves nothing and costs a reply: junk, max_junk_commands (100) of them at most.
+    wire = Wire(mx.port)
+    wire.replies(b"EHLO c\r\n", 1)
+    wire.replies(b"MAIL FROM:<a@origin.test>\r\nRCPT TO:<bob@example.com>\r\n", 2)
+    got = wire.replies(b"BDAT 0\r\n" * 101, 101)
+    assert got == [reply_line(replies.CHUNK_RECEIVED, octets=0)] * 100 + [reply_line(replies.TOO_MANY_JUNK_COMMANDS)]
+    assert wire.sock.recv(1) == b""
+    wire.close()
     assert queued_ids(mx) == {queue_id}
     assert run_cli("flush", "example.com", "-c", mx.config_path).returncode == 0
     [(sender, rcpts, body, _)] = sink.wait_for(1, timeout=15)

@@ -485,7 +485,9 @@ def test_input_before_the_greeting_ends_the_session(config):
 def test_replies_pile_up_only_to_a_bound_until_the_driver_takes_them(config):
     # Rule 9: one read of pipelined input is never answered with more than
     # OUTPUT_PAUSE (and one reply) at once; the rest waits in the input.
-    d = new(config)
+    settings = dataclasses.replace(SessionSettings.from_config(config), max_junk_commands=10**9)
+    d = Driver(Session(settings))  # the same RCPT again and again: junk (command table rule 6), out of the way
+    d.lines()
     d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
     session = d.session
     rcpt = b"RCPT TO:<bob@example.com>\r\n"
@@ -512,10 +514,22 @@ def test_junk_commands_beyond_the_limit_end_the_session(config):
     d.lines()
     got = d.feed(b"EHLO c\r\nNOOP\r\nRSET\r\nVRFY bob\r\nHELP\r\n")
     assert codes(got) == ["250", "250", "250", "252", "214"]
-    send_message(d, b"x\r\n.\r\n")  # a message queued forgives them, as in Postfix
+    got = d.feed(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\nx\r\n.\r\n")
+    assert got[-1] == "250 2.0.0 Ok: queued as J1"  # a message queued forgives them, as in Postfix
     assert codes(d.feed(b"NOOP\r\n" * 4)) == ["250"] * 4
-    assert d.feed(b"NOOP\r\n") == ["421 4.7.0 mx2.test " + replies.TOO_MANY_JUNK_COMMANDS.text.split(" ", 1)[1]]
+    assert d.feed(b"NOOP\r\n") == [reply_line(replies.TOO_MANY_JUNK_COMMANDS)]
     assert d.session.closed
+
+
+@pytest.mark.parametrize("junk", [b"NOOP\r\n", b"HELO c\r\n", b"RCPT TO:<bob@example.com>\r\n", b"BDAT 0\r\n"])
+def test_commands_that_move_no_mail_are_junk_too(config, junk):
+    """Rule 6: a greeting again, a recipient already given, an empty chunk: each costs a reply."""
+    settings = dataclasses.replace(SessionSettings.from_config(config), max_junk_commands=3)
+    d = Driver(Session(settings))
+    d.lines()
+    assert codes(d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<bob@example.com>\r\n")) == ["250"] * 3
+    assert codes(d.feed(junk * 3)) == ["250"] * 3  # (BDAT 0 LAST ends the message; without LAST it waits)
+    assert d.feed(junk) == [reply_line(replies.TOO_MANY_JUNK_COMMANDS)] and d.session.closed
 
 
 def test_error_limit_ends_session(config):
