@@ -93,7 +93,7 @@ ACCEPT_PAUSE = 0.1
 TICK = 0.25
 # How long the flush workers have, at start-up, to say they are ready.
 FLUSHER_BOOT_TIMEOUT = tuning("BACKUPMX_FLUSHER_BOOT_TIMEOUT", 30.0)
-# A reload's DNS lookups of host-name primaries (in a child) get this long.
+# The DNS lookups of host-name primaries (in a child, at start-up and at each reload) get this long.
 LOOKUP_TIMEOUT = tuning("BACKUPMX_LOOKUP_TIMEOUT", 10.0)
 
 
@@ -109,10 +109,10 @@ def serve(config, *, connection_class=SMTPConnection, flush_worker=run_flush_wor
     for warning in config.warnings:
         log_event(logger, "config-warning", warning=warning, level=logging.WARNING)
     log_tuning(logger)
-    config = primaries.pin(config, logger)  # resolved once: later DNS answers cannot divert mail
     raise_fd_limit()
     ssl_context = build_ssl_context(config)  # as root: the key may be readable by root only
     master = Master(config, ssl_context, logger, connection_class=connection_class, flush_worker=flush_worker)
+    config = master.pin_primaries()  # resolved once: later DNS answers cannot divert mail
     master.listeners = build_listeners(config, master)  # as root: ports < 1024
     if config.metrics_listen is not None:
         try:
@@ -147,14 +147,15 @@ class WorkerHandle:
 
 
 class PendingLookups:
-    """A reload's DNS lookups of host-name primaries (primaries.pin), off the master's loop.
+    """The DNS lookups of host-name primaries (primaries.pin), in a child, for at most LOOKUP_TIMEOUT.
 
     getaddrinfo has no timeout: run in the loop, a slow resolver would stall
     every hand-off of a connection. A child looks the names up and writes
     the answers to a pipe; the reload completes when they come
     (Master.finish_reload), or after LOOKUP_TIMEOUT with what came (a name
     without an answer keeps its addresses). The old configuration serves
-    meanwhile; a newer SIGHUP replaces a pending one.
+    meanwhile; a newer SIGHUP replaces a pending one. At start-up the master
+    waits for them (wait()), as long and no longer.
     """
 
     def __init__(self, pid, fd, config, ssl_context):
@@ -193,6 +194,22 @@ class PendingLookups:
             return primaries.decode_lookups(bytes(self.answers))
         except ValueError:  # cut short (the deadline): the names get no answer
             return {}
+
+    def wait(self) -> bool:
+        """Block until the child is done (True) or the deadline has passed (False): start-up
+        has nothing else to serve yet. The child is gone when this returns."""
+        selector = selectors.DefaultSelector()
+        selector.register(self.fd, selectors.EVENT_READ)
+        try:
+            while (remaining := self.deadline - time.monotonic()) > 0:
+                if selector.select(remaining) and self.read():
+                    return True
+            return False
+        finally:
+            selector.close()
+            os.close(self.fd)
+            children.send_signal(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
 
 
 def _write_lookups(fd, names):
@@ -324,6 +341,28 @@ class Master:
             log_event(self.logger, "listen-change-ignored", reason="restart to change listeners")
         self.begin_lookups(config, ssl_context)
 
+    def pin_primaries(self):
+        """Start-up: this config with its host-name primaries resolved, bounded like a reload's
+        lookups. A name without an answer in time is logged (primary-unresolved) and its
+        domain's mail waits queued until a reload resolves it: the server starts, for a
+        backup MX is needed most when DNS (the primary's own zone) is what is broken."""
+        names = primaries.host_primaries(self.config)
+        if names:
+            try:
+                pending = PendingLookups.start(self, self.config, self.ssl_context, names)
+            except OSError as exc:  # no child: look them up here, unbounded
+                log_event(self.logger, "fork-failed", error=exc.strerror)
+                lookups = primaries.look_up(names)
+            else:
+                if not pending.wait():
+                    self.lookup_timed_out()
+                lookups = pending.results()
+            self.config = primaries.pin(self.config, self.logger, resolver=primaries.answered(lookups))
+        return self.config
+
+    def lookup_timed_out(self):
+        log_event(self.logger, "primary-lookup-timeout", seconds=f"{LOOKUP_TIMEOUT:g}", level=logging.WARNING)
+
     def begin_lookups(self, config, ssl_context):
         """The reload waits for its DNS lookups, made in a child (PendingLookups)."""
         self.cancel_lookups()
@@ -341,7 +380,7 @@ class Master:
         pending = self.lookups
         self.cancel_lookups()
         if timed_out:
-            log_event(self.logger, "primary-lookup-timeout", seconds=f"{LOOKUP_TIMEOUT:g}", level=logging.WARNING)
+            self.lookup_timed_out()
         self.finish_reload(pending.config, pending.ssl_context, pending.results())
 
     def cancel_lookups(self):

@@ -178,15 +178,15 @@ def broken_flusher_master_main(config_path):
 
 
 def slow_dns_master_main(config_path):
-    """`... slow-dns CONFIG`: the real server, whose DNS answers take 1 s after the start-up's."""
+    """`... slow-dns CONFIG`: the real server, whose DNS answers take 1 s once CONFIG.slow exists,
+    and never come for a name ending in "hang.invalid"."""
     from backupmx import master, primaries
     from backupmx.config import load_config
 
-    calls = []
-
     def slow(host, port):
-        calls.append(host)
-        if len(calls) > 1:
+        if host.endswith("hang.invalid"):
+            time.sleep(3600)
+        if os.path.exists(config_path + ".slow"):  # (the lookups run in a child: no counting in memory)
             time.sleep(1.0)
         return ("127.0.0.1",)
 
@@ -815,6 +815,7 @@ def test_a_reload_s_slow_dns_lookups_do_not_hold_up_new_connections(tmp_path):
                                 env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:
         assert wait_for(lambda: banner_ready(port), 10), log_path.read_text()
+        Path(str(cfg) + ".slow").touch()
         proc.send_signal(signal.SIGHUP)
         time.sleep(0.1)  # the reload's lookups are under way (1 s)
         started = time.monotonic()
@@ -824,6 +825,27 @@ def test_a_reload_s_slow_dns_lookups_do_not_hold_up_new_connections(tmp_path):
         assert "reloaded generation=1" not in log_path.read_text()  # the old configuration served it
         assert wait_for(lambda: "reloaded generation=1" in log_path.read_text(), 10)
         assert log_path.read_text().count("primary-pinned domain=example.com primary=localhost:2526") == 2
+    finally:
+        end_process_group(proc)
+
+
+def test_start_up_dns_lookups_are_bounded_and_a_name_without_an_answer_defers_its_mail(tmp_path):
+    """getaddrinfo has no timeout: a resolver that never answers must not keep the server from starting."""
+    port = free_port()
+    cfg = write_config(tmp_path / "s.ini", port=port, queue=tmp_path / "q.db",
+                       domains={"example.com": {"primary": "stuck.hang.invalid:25", "primary_tls": "none"}})
+    log_path = tmp_path / "s.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, __file__, "slow-dns", str(cfg)], stdout=log, stderr=log,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env=dict(os.environ, PYTHONPATH=str(REPO), BACKUPMX_LOOKUP_TIMEOUT="0.5"))
+    try:
+        assert wait_for(lambda: banner_ready(port), 8), log_path.read_text()
+        text = log_path.read_text()
+        assert "primary-lookup-timeout seconds=0.5" in text
+        assert ('primary-unresolved domain=example.com primary=stuck.hang.invalid:25 error="no answer in time" '
+                'effect="mail stays queued until a reload resolves it"') in text
+        assert proc.poll() is None and len(children_of(proc.pid)) == 3  # 2 SMTP workers, 1 flusher: no lookup left
     finally:
         end_process_group(proc)
 

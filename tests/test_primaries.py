@@ -162,12 +162,19 @@ def test_the_system_resolver_gives_localhost(tmp_path):
 
 
 def test_serve_pins_a_localhost_primary_logs_it_and_delivers_there(server_factory, sink):
-    server = server_factory(domains={DOMAIN: {"primary": f"localhost:{sink.port}", "primary_tls": "none"}})
+    # example.org's primary can never resolve (RFC 6761 .invalid): the server starts all the
+    # same, says so, and keeps that domain's mail (a backup MX is needed most when DNS is broken).
+    server = server_factory(domains={DOMAIN: {"primary": f"localhost:{sink.port}", "primary_tls": "none"},
+                                     "example.org": {"primary": "nowhere.invalid:25", "primary_tls": "none"}},
+                            env={"BACKUPMX_LOOKUP_TIMEOUT": "5"})
     pinned = f"primary-pinned domain={DOMAIN} primary=localhost:{sink.port} addresses="
     [line] = [line for line in server.log().splitlines() if pinned in line]
     assert "127.0.0.1" in line.split("addresses=")[1].split(",")
+    [line] = [line for line in server.log().splitlines() if "primary-unresolved domain=example.org" in line]
+    assert 'primary=nowhere.invalid:25 error=' in line and 'effect="mail stays queued until a reload' in line
     with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
         client.sendmail("a@origin.test", ["bob@example.com"], b"Subject: to localhost\r\n\r\nx\r\n")
+        client.sendmail("a@origin.test", ["bob@example.org"], b"Subject: kept\r\n\r\nx\r\n")
     flush = subprocess.run([sys.executable, str(REPO / "backupmx.py"), "flush", DOMAIN, "-c", server.config_path],
                            capture_output=True, text=True, timeout=30)
     assert flush.returncode == 0, flush.stderr
