@@ -804,15 +804,21 @@ def test_a_flush_worker_that_cannot_start_fails_the_start_up(tmp_path):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
-def test_a_reload_s_slow_dns_lookups_do_not_hold_up_new_connections(tmp_path):
+def start_slow_dns_server(tmp_path, primary, **env):
+    """slow_dns_master_main in a process group of its own: (process, port, config path, log path)."""
     port = free_port()
     cfg = write_config(tmp_path / "s.ini", port=port, queue=tmp_path / "q.db",
-                       domains={"example.com": {"primary": "localhost:2526", "primary_tls": "none"}})
+                       domains={"example.com": {"primary": primary, "primary_tls": "none"}})
     log_path = tmp_path / "s.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, __file__, "slow-dns", str(cfg)], stdout=log, stderr=log,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                env=dict(os.environ, PYTHONPATH=str(REPO)))
+                                env=dict(os.environ, PYTHONPATH=str(REPO), **env))
+    return proc, port, cfg, log_path
+
+
+def test_a_reload_s_slow_dns_lookups_do_not_hold_up_new_connections(tmp_path):
+    proc, port, cfg, log_path = start_slow_dns_server(tmp_path, "localhost:2526")
     try:
         assert wait_for(lambda: banner_ready(port), 10), log_path.read_text()
         Path(str(cfg) + ".slow").touch()
@@ -831,14 +837,7 @@ def test_a_reload_s_slow_dns_lookups_do_not_hold_up_new_connections(tmp_path):
 
 def test_start_up_dns_lookups_are_bounded_and_a_name_without_an_answer_defers_its_mail(tmp_path):
     """getaddrinfo has no timeout: a resolver that never answers must not keep the server from starting."""
-    port = free_port()
-    cfg = write_config(tmp_path / "s.ini", port=port, queue=tmp_path / "q.db",
-                       domains={"example.com": {"primary": "stuck.hang.invalid:25", "primary_tls": "none"}})
-    log_path = tmp_path / "s.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, __file__, "slow-dns", str(cfg)], stdout=log, stderr=log,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                env=dict(os.environ, PYTHONPATH=str(REPO), BACKUPMX_LOOKUP_TIMEOUT="0.5"))
+    proc, port, _, log_path = start_slow_dns_server(tmp_path, "stuck.hang.invalid:25", BACKUPMX_LOOKUP_TIMEOUT="0.5")
     try:
         assert wait_for(lambda: banner_ready(port), 8), log_path.read_text()
         text = log_path.read_text()
