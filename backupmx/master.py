@@ -112,7 +112,7 @@ def serve(config, *, connection_class=SMTPConnection, flush_worker=run_flush_wor
     raise_fd_limit()
     ssl_context = build_ssl_context(config)  # as root: the key may be readable by root only
     master = Master(config, ssl_context, logger, connection_class=connection_class, flush_worker=flush_worker)
-    config = master.pin_primaries()  # resolved once: later DNS answers cannot divert mail
+    config = master.config = pin_primaries(master)  # resolved once: later DNS answers cannot divert mail
     master.listeners = build_listeners(config, master)  # as root: ports < 1024
     if config.metrics_listen is not None:
         try:
@@ -210,6 +210,30 @@ class PendingLookups:
             os.close(self.fd)
             children.send_signal(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
+
+
+def pin_primaries(master):
+    """Start-up: the master's config with its host-name primaries resolved, bounded like a
+    reload's lookups. A name without an answer in time is logged (primary-unresolved) and
+    its domain's mail waits queued until a reload resolves it: the server starts, for a
+    backup MX is needed most when DNS (the primary's own zone) is what is broken."""
+    names = primaries.host_primaries(master.config)
+    if not names:
+        return master.config
+    try:
+        pending = PendingLookups.start(master, master.config, master.ssl_context, names)
+    except OSError as exc:  # no child: look them up here, unbounded
+        log_event(master.logger, "fork-failed", error=exc.strerror)
+        lookups = primaries.look_up(names)
+    else:
+        if not pending.wait():
+            log_lookup_timeout(master.logger)
+        lookups = pending.results()
+    return primaries.pin(master.config, master.logger, resolver=primaries.answered(lookups))
+
+
+def log_lookup_timeout(logger):
+    log_event(logger, "primary-lookup-timeout", seconds=f"{LOOKUP_TIMEOUT:g}", level=logging.WARNING)
 
 
 def _write_lookups(fd, names):
@@ -341,28 +365,6 @@ class Master:
             log_event(self.logger, "listen-change-ignored", reason="restart to change listeners")
         self.begin_lookups(config, ssl_context)
 
-    def pin_primaries(self):
-        """Start-up: this config with its host-name primaries resolved, bounded like a reload's
-        lookups. A name without an answer in time is logged (primary-unresolved) and its
-        domain's mail waits queued until a reload resolves it: the server starts, for a
-        backup MX is needed most when DNS (the primary's own zone) is what is broken."""
-        names = primaries.host_primaries(self.config)
-        if names:
-            try:
-                pending = PendingLookups.start(self, self.config, self.ssl_context, names)
-            except OSError as exc:  # no child: look them up here, unbounded
-                log_event(self.logger, "fork-failed", error=exc.strerror)
-                lookups = primaries.look_up(names)
-            else:
-                if not pending.wait():
-                    self.lookup_timed_out()
-                lookups = pending.results()
-            self.config = primaries.pin(self.config, self.logger, resolver=primaries.answered(lookups))
-        return self.config
-
-    def lookup_timed_out(self):
-        log_event(self.logger, "primary-lookup-timeout", seconds=f"{LOOKUP_TIMEOUT:g}", level=logging.WARNING)
-
     def begin_lookups(self, config, ssl_context):
         """The reload waits for its DNS lookups, made in a child (PendingLookups)."""
         self.cancel_lookups()
@@ -380,7 +382,7 @@ class Master:
         pending = self.lookups
         self.cancel_lookups()
         if timed_out:
-            self.lookup_timed_out()
+            log_lookup_timeout(self.logger)
         self.finish_reload(pending.config, pending.ssl_context, pending.results())
 
     def cancel_lookups(self):

@@ -495,21 +495,15 @@ class Session:
             return self._reply(replies.NOT_IMPLEMENTED if verb in UNIMPLEMENTED else replies.UNRECOGNIZED)
         if self._input and verb != "QUIT" and (command.last or not self.esmtp):
             return self._violation(verb, bytes(self._input))  # rule 10
-        if command.junk and self._junk_limit_reached():
-            return
         argument = argument.strip(" ")
+        if command.junk is not None and command.junk(self, argument):  # rule 6
+            self.junk_commands += 1
+            if self.junk_commands > self.settings.max_junk_commands:
+                return self._close_with(replies.TOO_MANY_JUNK_COMMANDS)
         refusal = self._unmet(command.needs, verb, argument)
         if refusal is not None:
             return self._reply(*refusal)
         command.handler(self, argument)
-
-    def _junk_limit_reached(self) -> bool:
-        """Count one command that moves no mail (rule 6); True when it ended the session."""
-        self.junk_commands += 1
-        if self.junk_commands > self.settings.max_junk_commands:
-            self._close_with(replies.TOO_MANY_JUNK_COMMANDS)
-            return True
-        return False
 
     def _unmet(self, needs: tuple["Need", ...], verb: str, argument: str) -> tuple[Reply, dict] | None:
         """Rule 1 of the command table: the refusal of the first need that does not hold."""
@@ -519,8 +513,6 @@ class Session:
         return None
 
     def _helo(self, argument: str, esmtp: bool) -> None:
-        if self.helo is not None and self._junk_limit_reached():  # rule 6: a greeting again
-            return
         if not argument or " " in argument or not argument.isascii() or not argument.isprintable():
             self._reply(replies.SYNTAX_ERROR, usage=("EHLO" if esmtp else "HELO") + " hostname")
             return
@@ -551,10 +543,7 @@ class Session:
         recipient = parse_recipient(self.settings, self.envelope, argument[3:], esmtp=self.esmtp)
         if isinstance(recipient, tuple):
             return self._reply(*recipient)
-        folded = addresses.fold_local_part(recipient.address)
-        if any(addresses.fold_local_part(r.address) == folded for r in self.envelope.recipients):
-            if self._junk_limit_reached():  # rule 6
-                return
+        if _already_given(self.envelope, recipient):
             return self._reply(replies.RECIPIENT_OK)  # the same mailbox twice: admitted once
         self._ask(RecipientAdmission(self.envelope, recipient))
 
@@ -577,8 +566,6 @@ class Session:
         if size is None:
             return self._close_with(replies.BDAT_SYNTAX)
         refusal = self._unmet(BDAT_NEEDS, "BDAT", argument)
-        if refusal is None and size == (0, False) and self._junk_limit_reached():  # rule 6
-            return
         transfer = None
         if refusal is None:
             transfer = self._chunked_transfer()
@@ -1031,32 +1018,58 @@ AUTHENTICATED = Need("authenticated", lambda s, a: s.user is not None, _refuse(r
 BDAT_NEEDS = (HELO, TRANSACTION, A_RECIPIENT)
 
 
+# Rule 6's column: whether this command, with this argument, moves no mail.
+def _always(session: Session, argument: str) -> bool:
+    return True
+
+
+def _greeting_again(session: Session, argument: str) -> bool:
+    return session.helo is not None  # STARTTLS clears it (RFC 3207 4.2): that EHLO is no repeat
+
+
+def _recipient_again(session: Session, argument: str) -> bool:
+    if session.envelope is None or argument[:3].upper() != "TO:":
+        return False
+    recipient = parse_recipient(session.settings, session.envelope, argument[3:], esmtp=session.esmtp)
+    return not isinstance(recipient, tuple) and _already_given(session.envelope, recipient)
+
+
+def _empty_chunk(session: Session, argument: str) -> bool:
+    return bdat_size(argument) == (0, False)
+
+
+def _already_given(envelope: Envelope, recipient: Recipient) -> bool:
+    """The transaction has this mailbox already (RFC 5321 local parts compared as we fold them)."""
+    folded = addresses.fold_local_part(recipient.address)
+    return any(addresses.fold_local_part(r.address) == folded for r in envelope.recipients)
+
+
 @dataclass(frozen=True)
 class Command:
     handler: Callable[[Session, str], None]
     needs: tuple[Need, ...] = ()
     last: bool = False  # rule 5: must end a pipelined group
-    junk: bool = False  # rule 6: counts toward max_junk_commands
+    junk: Callable[[Session, str], bool] | None = None  # rule 6: when it counts toward max_junk_commands
 
 
 COMMANDS: dict[str, Command] = {
-    "HELO": Command(Session._cmd_helo, last=True),
-    "EHLO": Command(Session._cmd_ehlo, last=True),
+    "HELO": Command(Session._cmd_helo, last=True, junk=_greeting_again),
+    "EHLO": Command(Session._cmd_ehlo, last=True, junk=_greeting_again),
     "MAIL": Command(Session._cmd_mail, (HELO, NOT_NESTED)),
-    "RCPT": Command(Session._cmd_rcpt, (TRANSACTION, NO_CHUNK_YET)),
+    "RCPT": Command(Session._cmd_rcpt, (TRANSACTION, NO_CHUNK_YET), junk=_recipient_again),
     "DATA": Command(Session._cmd_data, (NO_ARGUMENT, TRANSACTION, A_RECIPIENT, NOT_CHUNKED), last=True),
     # BDAT's octets after the command are data, not pipelined commands; its
     # needs (BDAT_NEEDS) are checked once the size is read (_cmd_bdat). It does
     # not end a group (RFC 3030 2: BDAT may be pipelined, also after MAIL and RCPT).
-    "BDAT": Command(Session._cmd_bdat),
-    "RSET": Command(Session._cmd_rset, (NO_ARGUMENT,), junk=True),
-    "NOOP": Command(Session._cmd_noop, last=True, junk=True),
+    "BDAT": Command(Session._cmd_bdat, junk=_empty_chunk),
+    "RSET": Command(Session._cmd_rset, (NO_ARGUMENT,), junk=_always),
+    "NOOP": Command(Session._cmd_noop, last=True, junk=_always),
     "QUIT": Command(Session._cmd_quit),
-    "VRFY": Command(Session._cmd_vrfy, (AN_ARGUMENT,), last=True, junk=True),
-    "HELP": Command(Session._cmd_help, junk=True),
+    "VRFY": Command(Session._cmd_vrfy, (AN_ARGUMENT,), last=True, junk=_always),
+    "HELP": Command(Session._cmd_help, junk=_always),
     "STARTTLS": Command(Session._cmd_starttls, (NO_ARGUMENT, NO_TLS_YET, TLS_OFFERED), last=True),
     "AUTH": Command(Session._cmd_auth, (HELO, TLS, AUTH_OFFERED, NOT_AUTHENTICATED, NO_TRANSACTION), last=True),
-    "ETRN": Command(Session._cmd_etrn, (NO_TRANSACTION, AUTHENTICATED), last=True, junk=True),
+    "ETRN": Command(Session._cmd_etrn, (NO_TRANSACTION, AUTHENTICATED), last=True, junk=_always),
 }
 
 
