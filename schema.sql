@@ -27,13 +27,16 @@
 -- hands over exactly that domain's rows.
 --
 -- A new queue is created with PRAGMA auto_vacuum = INCREMENTAL and PRAGMA
--- page_size = 16384 (set by backupmx/store_db.py before this file runs: neither
+-- page_size = 4096 (set by backupmx/store_db.py before this file runs: neither
 -- can be changed once a table exists), so housekeeping can hand the pages of
--- flushed mail back to the file system with PRAGMA incremental_vacuum, and a
--- message of a few KB does not leave most of a 4 KB page empty (a 2 KB message
--- took a whole 4 KB page: the file was twice its mail). An older queue keeps
--- both until, server stopped:
---   sqlite3 queue.db 'PRAGMA journal_mode = DELETE; PRAGMA page_size = 16384;
+-- flushed mail back to the file system with PRAGMA incremental_vacuum.
+-- The page size trades disk for speed: a message of 2 KB takes a 4 KB page of
+-- its own (the file is ~2.3x its mail), but every commit writes whole pages to
+-- the WAL, so larger pages slow each 250 (measured with 2 KB messages: 8 KB
+-- pages ~1.6x the mail and ~8% fewer messages/s, 16 KB ~1.4x and ~17% fewer,
+-- bench/README.md). An operator short of disk may choose larger pages, and an
+-- older queue gets incremental vacuum, this way (server stopped):
+--   sqlite3 queue.db 'PRAGMA journal_mode = DELETE; PRAGMA page_size = 8192;
 --                     PRAGMA auto_vacuum = INCREMENTAL; VACUUM; PRAGMA journal_mode = WAL;'
 --
 -- What `backupmx queue`, `metrics`, `health`, ETRN's counts and the quotas read
@@ -402,7 +405,7 @@ CREATE TABLE IF NOT EXISTS schema_compat (
 -- 10: queue.message_received_at, queue.message_size (added to an older queue on start and
 --    copied from messages), queue_totals and its triggers, queue_domain_state with the
 --    arrival time (made anew), queue_kept, recipients_dsn_due, events_at; queue_summary
---    reads queue_totals. New queues get 16 KB pages.
+--    reads queue_totals.
 PRAGMA user_version = 10;
 
 -- The oldest schema version whose backupmx can still read and write a queue of
