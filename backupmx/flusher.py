@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 
 from backupmx.lifecycle import housekeeping, log_domain_changes, next_retry_delay, request_due_retries
-from backupmx.log import log_event
+from backupmx.log import lines_together, log_event
 from backupmx.outcome import Outcome, Verdict
 from backupmx.prober import PrimaryWatch, monitored
 from backupmx.smtpclient import (DataEncoder, Primary, PrimaryClient, PrimaryUnavailable, describe, reply_text,
@@ -260,8 +260,9 @@ class _Flush:
         self.store.record_attempts([(message.queue_id, self.domain.name, outcomes, retry_after)
                                     for message, outcomes, retry_after in batch])
         now = time.time()
-        for message, outcomes, _ in batch:
-            self._log_outcomes(message, outcomes, now)
+        with lines_together():
+            for message, outcomes, _ in batch:
+                self._log_outcomes(message, outcomes, now)
 
     def _log_outcomes(self, message, outcomes: dict[str, Verdict], now: float):
         """One line per outcome, with Postfix's delay= (seconds since the message was received) and size=."""

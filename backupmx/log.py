@@ -22,7 +22,9 @@ PENDING_LINES wait; one write per line and a stat() of the file per line
 INFO lines of the loop round in progress (connect, queued, disconnect...),
 never a warning or an error, and never mail: the 250 follows the commit,
 and the queue's events table has every message's record (`backupmx show`).
-Every other process (the master, flushers, the CLI) writes each line at once.
+A flusher writes the outcome lines of one batch together (lines_together),
+right after the batch's commit. Everything else (the master, the CLI, other
+threads) writes each line at once.
 
 When stderr is the systemd journal (JOURNAL_STREAM names its device and inode),
 lines carry a "<N>" syslog priority prefix (sd-daemon(3)) and neither a time
@@ -35,13 +37,15 @@ gets the priority from the record's level.
 from __future__ import annotations
 
 import logging
+import contextlib
 import re
 import logging.handlers
 import os
 import sys
+import threading
 import time
 
-__all__ = ["format_event", "log_event", "setup_logging", "is_journal", "defer_writes", "flush_pending",
+__all__ = ["format_event", "log_event", "setup_logging", "is_journal", "defer_writes", "flush_pending", "lines_together",
            "LOGGER_NAME", "LEVELS"]
 
 LOGGER_NAME = "backupmx"
@@ -116,15 +120,28 @@ def log_event(logger: logging.Logger, event: str, /, level: int = logging.INFO, 
         logger.log(level, "%s", format_event(event, **fields))
 
 
-_deferring = False  # defer_writes(): this process's loop flushes the lines itself
+_deferring = threading.local()  # .on: defer_writes() in this thread: its caller flushes the lines itself
 
 
 def defer_writes(on: bool = True) -> None:
-    """From now on this process's lines wait for flush_pending() (the module docstring says
+    """From now on this thread's lines wait for flush_pending() (the module docstring says
     what a crash can lose then). The SMTP workers' loop turns it on, and calls flush_pending()
-    at the end of every round; logging.shutdown() (children.run_child) writes what is left."""
-    global _deferring
-    _deferring = on
+    at the end of every round; logging.shutdown() (children.run_child) writes what is left.
+    Other threads (DNS look-ups, a flusher's second connection) still write at once."""
+    _deferring.on = on
+
+
+@contextlib.contextmanager
+def lines_together():
+    """This thread's lines inside the block go out in one write at its end (a flusher's
+    outcome lines of one batch, logged right after the batch's commit)."""
+    before = getattr(_deferring, "on", False)
+    _deferring.on = True
+    try:
+        yield
+    finally:
+        _deferring.on = before
+        flush_pending()
 
 
 def flush_pending() -> None:
@@ -149,7 +166,7 @@ class _Batched:
         except Exception:
             self.handleError(record)
             return
-        if not _deferring or record.levelno > logging.INFO or len(self._pending) >= PENDING_LINES:
+        if not getattr(_deferring, "on", False) or record.levelno > logging.INFO or len(self._pending) >= PENDING_LINES:
             self.flush()
 
     def flush(self) -> None:

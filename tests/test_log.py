@@ -179,13 +179,19 @@ def test_a_worker_s_lines_wait_for_the_end_of_its_loop_round_but_warnings_do_not
         "log_event(log, 'queued')\n"
         "flush_pending()\n"
         "print(size())\n"
+        "defer_writes(False)\n"
+        "from backupmx.log import lines_together\n"
+        "with lines_together():\n"  # a flusher's batch of outcome lines
+        "    log_event(log, 'delivered')\n"
+        "    print(size())\n"
+        "print(size())\n"
         "os._exit(0)\n"  # no logging.shutdown: what is written is what a kill -9 leaves
     )
     out, _ = run_logging(tmp_path, "import os\n" + code)
-    empty, after_warning, after_round = map(int, out.split())
-    assert empty == 0 and 0 < after_warning < after_round
+    empty, after_warning, after_round, in_batch, after_batch = map(int, out.split())
+    assert empty == 0 and 0 < after_warning < after_round == in_batch < after_batch
     lines = path.read_text().splitlines()
-    assert [line.split(": ", 1)[1] for line in lines] == ["connect", "trouble level=warning", "queued"]
+    assert [line.split(": ", 1)[1] for line in lines] == ["connect", "trouble level=warning", "queued", "delivered"]
 
 
 def test_unwritable_file_raises_oserror(tmp_path):
