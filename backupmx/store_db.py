@@ -23,12 +23,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from backupmx.config import tuning
 from backupmx.schema import schema_text, schema_version, view_names
 
 CHUNK = 64 * 1024  # bytes copied per step into and out of a body blob
 
 
-DEFAULT_BUSY_TIMEOUT = 5.0  # seconds a writer waits for another writer's lock
+DEFAULT_BUSY_TIMEOUT = tuning("BACKUPMX_BUSY_TIMEOUT", 5.0)  # seconds a writer waits for another writer's lock
 
 
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # WAL file truncated back to this after a checkpoint

@@ -492,7 +492,7 @@ class Sink:
     # -- life cycle ---------------------------------------------------------
 
     def start(self):
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.005,), daemon=True)  # stop() waits a poll
         self._thread.start()
         return self
 

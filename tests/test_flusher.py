@@ -323,10 +323,10 @@ def test_connection_refused_defers_everything(store):
 def test_hostile_primary_costs_bounded_time(store, sink, behaviour, stage):
     sink.behaviour = behaviour
     sink.hostile_at = stage
-    sink.drip_interval = 0.2  # a byte every 0.2 s never trips a per-recv timeout of 0.5 s
+    sink.drip_interval = 0.1  # a byte every 0.1 s never trips a per-recv timeout of 0.25 s
     ids = [enqueue(store, b"keep me\r\n") for _ in range(2)]
     started = time.monotonic()
-    counts = flush(store, domain_config(sink), timeout=0.5)
+    counts = flush(store, domain_config(sink), timeout=0.25)
     elapsed = time.monotonic() - started
     assert elapsed < 3.0, elapsed
     assert counts["delivered"] == 0 and counts["deferred"] == 2 and counts["failed"] == 0
