@@ -72,7 +72,8 @@ EXTRA_CONNECTION_MIN_MESSAGES = 20
 # this often: one fsync per batch instead of one per message.
 OUTCOME_BATCH = 64
 OUTCOME_BATCH_SECONDS = 0.25
-# Seconds between looks for domains whose retry_interval backoff has run out.
+# Seconds between looks for domains whose retry_interval backoff has run out, at most
+# (a retry_interval shorter than twice this is looked at twice per interval).
 RETRY_SCAN_INTERVAL = 2.0
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -706,8 +707,11 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
     """
     log = LOGGER
     lease_seconds = default_lease_seconds(config.timeout)
-    retrying = any(d.retry_interval > 0 for d in config.domains.values())
-    next_housekeeping = next_retry_scan = time.monotonic() + 1.0
+    retry_intervals = [d.retry_interval for d in config.domains.values() if d.retry_interval > 0]
+    retrying = bool(retry_intervals)
+    retry_scan = min([RETRY_SCAN_INTERVAL] + [interval / 2 for interval in retry_intervals])
+    next_housekeeping = time.monotonic() + 1.0
+    next_retry_scan = time.monotonic() + min(1.0, retry_scan)
     if monitored(config):  # accept_when = primary-unreachable: the probes run here, not in SMTP workers
         PrimaryWatch(config, log, should_stop).start()
     with QueueStore(config.queue) as store:
@@ -718,7 +722,7 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
                 _housekeeping(housekeeping, store, config, log)
             elif retrying and now >= next_retry_scan:
-                next_retry_scan = now + RETRY_SCAN_INTERVAL
+                next_retry_scan = now + retry_scan
                 _housekeeping(request_due_retries, store, config, log)
             try:
                 drain(store, config, owner, lease_seconds=lease_seconds, log=log, should_stop=should_stop)

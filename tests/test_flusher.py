@@ -682,9 +682,9 @@ def test_run_flush_worker_retries_only_retry_domains(tmp_path, sink):
 
 
 def test_lease_is_renewed_while_a_slow_primary_drips_its_reply(store, sink, tmp_path):
-    # 26 bytes at 0.1 s each: 2.6 s for the final reply, far past a 0.6 s lease,
-    # but every byte is a wait on the primary, and each wait renews the lease.
-    sink.behaviour, sink.hostile_at, sink.drip_interval = "drip", "eod", 0.1
+    # 26 bytes at 0.04 s each: over 1 s for the final reply, well past a 0.6 s lease
+    # (which the loop below would take at once), but the lease is renewed meanwhile.
+    sink.behaviour, sink.hostile_at, sink.drip_interval = "drip", "eod", 0.04
     queue_id = enqueue(store, b"slow\r\n")
     domain = domain_config(sink)
     store.request_flush([domain.name])
