@@ -14,26 +14,43 @@ import time
 
 import pytest
 
-from conftest import CERTS, REPO, flushes_in_progress, read_line, received_client, wait_for
+from conftest import CERTS, REPO, flushes_in_progress, free_port, read_line, received_client, start_server, wait_for
 
 PASSWORD = "s3cret%pass"
 
 
-@pytest.fixture
-def mx(server_factory, sink):
-    """A server with STARTTLS, implicit TLS and one ETRN user; example.com's primary is the sink.
+def mx_settings(primary_port):
+    """A server with STARTTLS, implicit TLS and one ETRN user; every domain's primary is on `primary_port`.
     CRAM-MD5 is listed (it is not by default), after the default mechanisms.
-    A failed AUTH waits 0.2 s per failure so far before its answer (1 s in production).
+    A failed AUTH waits 0.1 s per failure so far before its answer (1 s in production).
     """
-    return server_factory(
-        tls=True, listen_tls=True, auth_failure_delay="0.2s",
+    return dict(
+        tls=True, listen_tls=True, auth_failure_delay="0.1s",
         auth_mechanisms="SCRAM-SHA-256 PLAIN LOGIN CRAM-MD5",
         domains={
-            "example.com": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"},
-            "example.org": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"},
-            "sub.example.com": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none"},
+            "example.com": {"primary": f"127.0.0.1:{primary_port}", "primary_tls": "none"},
+            "example.org": {"primary": f"127.0.0.1:{primary_port}", "primary_tls": "none"},
+            "sub.example.com": {"primary": f"127.0.0.1:{primary_port}", "primary_tls": "none"},
         },
         users={"prim": ("{PLAIN}" + PASSWORD, "example.com, sub.example.com")})
+
+
+@pytest.fixture
+def mx(server_factory, sink):
+    """mx_settings with the sink as the primary, a server of the test's own."""
+    return server_factory(**mx_settings(sink.port))
+
+
+@pytest.fixture(scope="module")
+def quiet_mx(tmp_path_factory):
+    """mx_settings (no primary listening), one server for the tests that send it no mail: each
+    session stands alone (AUTH failures from this address stay far below the per-client limit)."""
+    server = start_server(tmp_path_factory.mktemp("etrn"), **mx_settings(free_port()))
+    yield server
+    try:
+        server.stop()
+    finally:
+        server.kill_group()
 
 
 def client_context():
@@ -66,8 +83,8 @@ def queued_count(server, domain="example.com"):
         db.close()
 
 
-def test_ehlo_offers_auth_only_after_starttls(mx):
-    with smtplib.SMTP("localhost", mx.port, timeout=10) as client:
+def test_ehlo_offers_auth_only_after_starttls(quiet_mx):
+    with smtplib.SMTP("localhost", quiet_mx.port, timeout=10) as client:
         client.ehlo("p")
         assert client.has_extn("starttls") and not client.has_extn("auth")
         code, _ = client.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0prim\0" + PASSWORD.encode()).decode())
@@ -111,8 +128,8 @@ def test_etrn_delivers_byte_for_byte_to_the_primary_only(mx, sink):
     ("", 501),
     ("not_a_domain!", 501),
 ])
-def test_etrn_reply_codes(mx, argument, code):
-    client = starttls_client(mx)
+def test_etrn_reply_codes(quiet_mx, argument, code):
+    client = starttls_client(quiet_mx)
     client.login("prim", PASSWORD)
     assert client.docmd("ETRN", argument)[0] == code
     client.quit()
@@ -133,30 +150,37 @@ def test_etrn_250_for_subdomain_form_and_many_etrns_make_one_flush(mx, sink):
     assert len(sink.messages) == 2  # not delivered once per ETRN
 
 
-def test_auth_failures_are_logged_slowed_and_end_the_session(mx):
-    client = starttls_client(mx)
+def log_since(server, start):
+    """What `server` logged after its log was `start` characters long (a shared server logs for others too)."""
+    return server.log()[start:]
+
+
+def test_auth_failures_are_logged_slowed_and_end_the_session(quiet_mx):
+    logged = len(quiet_mx.log())
+    client = starttls_client(quiet_mx)
     started = time.monotonic()
     attempts = [client.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0prim\0" + wrong).decode())[0]
                 for wrong in (b"wrong", b"nope", b"guess")]
     assert attempts == [535, 535, 421]
-    assert time.monotonic() - started >= 0.2 + 0.4 + 0.6  # each failure waits longer before its answer
-    log = mx.log()
+    assert time.monotonic() - started >= 0.1 + 0.2 + 0.3  # each failure waits longer before its answer
+    log = log_since(quiet_mx, logged)
     assert "auth-failed client=127.0.0.1 user=prim" in log
     assert "wrong" not in log and "nope" not in log and "guess" not in log
 
 
-def test_plain_for_another_user_is_refused_and_logged(mx):
-    client = starttls_client(mx)
+def test_plain_for_another_user_is_refused_and_logged(quiet_mx):
+    logged = len(quiet_mx.log())
+    client = starttls_client(quiet_mx)
     token = base64.b64encode(b"admin\0prim\0" + PASSWORD.encode()).decode()
     assert client.docmd("AUTH", "PLAIN " + token)[0] == 535
     token = base64.b64encode(b"prim\0prim\0" + PASSWORD.encode()).decode()
     assert client.docmd("AUTH", "PLAIN " + token)[0] == 235  # authzid = the user itself is fine
     client.quit()
-    assert "auth-failed client=127.0.0.1 user=prim" in mx.log()
+    assert "auth-failed client=127.0.0.1 user=prim" in log_since(quiet_mx, logged)
 
 
-def test_cram_md5_computed_independently(mx):
-    client = starttls_client(mx)
+def test_cram_md5_computed_independently(quiet_mx):
+    client = starttls_client(quiet_mx)
     code, challenge_b64 = client.docmd("AUTH", "CRAM-MD5")
     assert code == 334
     challenge = base64.b64decode(challenge_b64)
@@ -164,7 +188,7 @@ def test_cram_md5_computed_independently(mx):
     code, _ = client.docmd(base64.b64encode(f"prim {digest}".encode()).decode())
     assert code == 235
     # a second session gets a fresh challenge
-    other = starttls_client(mx)
+    other = starttls_client(quiet_mx)
     assert other.docmd("AUTH", "CRAM-MD5")[1] != challenge_b64
     other.close()
     client.quit()
@@ -180,8 +204,8 @@ def test_implicit_tls_with_smtp_ssl(mx, sink):
     sink.wait_for(1, timeout=15)
 
 
-def test_starttls_injection_is_not_executed(mx):
-    raw = socket.create_connection(("127.0.0.1", mx.port), timeout=10)
+def test_starttls_injection_is_not_executed(quiet_mx):
+    raw = socket.create_connection(("127.0.0.1", quiet_mx.port), timeout=10)
     assert read_line(raw).startswith(b"220")
     raw.sendall(b"EHLO p\r\n")
     while not read_line(raw).startswith(b"250 "):
@@ -194,18 +218,18 @@ def test_starttls_injection_is_not_executed(mx):
     raw.close()
 
 
-def test_tls_handshake_garbage_costs_nothing_else(mx):
-    raw = socket.create_connection(("127.0.0.1", mx.tls_port), timeout=10)
+def test_tls_handshake_garbage_costs_nothing_else(quiet_mx):
+    raw = socket.create_connection(("127.0.0.1", quiet_mx.tls_port), timeout=10)
     raw.sendall(b"EHLO not tls\r\n" * 10)
     raw.settimeout(5)
     answer = raw.recv(100)
     assert answer == b"" or answer[:1] == b"\x15"  # closed, or a TLS alert record, then closed
     raw.close()
-    with smtplib.SMTP_SSL("localhost", mx.tls_port, timeout=10, context=client_context()) as client:
+    with smtplib.SMTP_SSL("localhost", quiet_mx.tls_port, timeout=10, context=client_context()) as client:
         assert client.ehlo("p")[0] == 250
 
 
-def test_old_tls_versions_are_refused(mx):
+def test_old_tls_versions_are_refused(quiet_mx):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -216,7 +240,7 @@ def test_old_tls_versions_are_refused(mx):
     except (ValueError, ssl.SSLError):
         pytest.skip("this OpenSSL cannot even offer TLS 1.1")
     with pytest.raises((ssl.SSLError, ConnectionError, smtplib.SMTPServerDisconnected)):
-        with smtplib.SMTP_SSL("localhost", mx.tls_port, timeout=10, context=context) as client:
+        with smtplib.SMTP_SSL("localhost", quiet_mx.tls_port, timeout=10, context=context) as client:
             client.ehlo("p")
 
 
@@ -322,12 +346,13 @@ def test_contrib_fetchmailrc_asks_for_every_domain_for_scrypt_and_plain_users(se
     assert "auth-failed" not in mx.log()
 
 
-def test_command_and_close_notify_in_one_write_end_the_session_quietly(mx):
+def test_command_and_close_notify_in_one_write_end_the_session_quietly(quiet_mx):
     """A TLS client that pipelines a command and its close_notify gets no reply and no traceback."""
+    logged = len(quiet_mx.log())
     context = client_context()
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    raw = socket.create_connection(("127.0.0.1", mx.tls_port), timeout=10)
+    raw = socket.create_connection(("127.0.0.1", quiet_mx.tls_port), timeout=10)
     while True:
         try:
             tls.do_handshake()
@@ -353,8 +378,8 @@ def test_command_and_close_notify_in_one_write_end_the_session_quietly(mx):
     while raw.recv(65536):
         pass
     raw.close()
-    assert wait_for(lambda: "disconnect client=127.0.0.1" in mx.log(), timeout=5)
-    assert "session-error" not in mx.log() and "Traceback" not in mx.log()
+    assert wait_for(lambda: "disconnect client=127.0.0.1" in log_since(quiet_mx, logged), timeout=5)
+    assert "session-error" not in quiet_mx.log() and "Traceback" not in quiet_mx.log()
 
 
 def test_a_hostile_helo_name_reaches_the_primary_only_neutered(mx, sink):
