@@ -180,18 +180,18 @@ def test_a_session_that_cannot_be_written_to_is_closed_once_at_its_deadline(serv
 
 
 def test_max_session_time_ends_a_session_kept_alive_with_noops(server_factory):
-    server = server_factory(max_session_time="1s", timeout="30s")
+    server = server_factory(max_session_time="0.5s", timeout="30s")
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     started = time.monotonic()
     assert read_line(sock).startswith(b"220")
-    for _ in range(30):  # bounded: 0.1 s each
+    for _ in range(30):  # bounded: 0.05 s each
         sock.sendall(b"NOOP\r\n")
         line = read_line(sock)
         if not line.startswith(b"250"):
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert line.startswith(b"421 4.4.2") and b"session time limit" in line, line
-    assert 0.9 < time.monotonic() - started < 3
+    assert 0.45 < time.monotonic() - started < 3
     assert read_line(sock) == b""
     assert "session-time-exceeded client=127.0.0.1" in server.log()
 

@@ -117,7 +117,7 @@ MONITOR, SYNC = 0.25, 0.25
 REPLICATION_INTERVAL = MONITOR + SYNC
 # What a loaded two-core test machine may add to that (the Go process waiting for a CPU).
 SCHEDULING_ALLOWANCE = 0.5
-SENDING = 2.0  # seconds of mail accepted while Litestream runs, up to the kill
+SENDING = 1.5  # seconds of mail accepted while Litestream runs, up to the kill
 
 
 def litestream_config(contrib, queue, replica):
