@@ -14,6 +14,7 @@ worker outlives a test.
 """
 
 import os
+import select
 import shutil
 import signal
 import socket
@@ -144,6 +145,21 @@ def flushes_in_progress(queue_path):
         db.close()
 
 
+def wait_exit(proc, timeout):
+    """proc.wait(timeout), woken the moment the process ends (a pidfd) rather than by
+    Popen.wait's polling, which can add up to 50 ms to every server a test stops."""
+    if proc.returncode is None:
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except OSError:  # gone already (reaped below), or no pidfd on this kernel: poll
+            return proc.wait(timeout)
+        try:
+            select.select([pidfd], [], [], timeout)
+        finally:
+            os.close(pidfd)
+    return proc.wait(0)  # TimeoutExpired if it is still running
+
+
 def end_process_group(proc):
     """Kill what is left of a server started with start_new_session=True, and reap it."""
     if proc.poll() is None:
@@ -199,7 +215,7 @@ class RunningServer:
         if self.proc.poll() is None:
             try:
                 self.proc.send_signal(sig)
-                return self.proc.wait(timeout)
+                return wait_exit(self.proc, timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
@@ -309,7 +325,7 @@ def start_server(tmp_path, *, env=None, tls=False, listen_tls=False, wait=True, 
         )
     server = RunningServer(proc, str(config_path), str(log_path), port, tls_port, str(queue))
     if wait:
-        ready = wait_for(lambda: proc.poll() is not None or banner_ready(port), START_TIMEOUT, 0.05)
+        ready = wait_for(lambda: proc.poll() is not None or banner_ready(port), START_TIMEOUT, 0.01)
         if proc.poll() is not None or not ready:
             text = server.log()
             server.stop(signal.SIGKILL)
