@@ -43,7 +43,7 @@ def test_rcpt_is_refused_while_the_primary_is_up_and_accepted_while_it_is_down(s
                                 domains={
                                     "example.com": {"primary": f"127.0.0.1:{port}", "primary_tls": "none",
                                                     "accept_when": "primary-unreachable",
-                                                    "primary_probe_interval": "0.5s"},
+                                                    "primary_probe_interval": "0.2s"},
                                     "example.org": {"primary": f"127.0.0.1:{port}", "primary_tls": "none"}})
         assert logged(server, "primary-up domain=example.com"), server.log()
         assert wait_for(lambda: rcpt_reply(server, "bob@example.com") == up, 5)
