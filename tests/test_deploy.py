@@ -166,7 +166,7 @@ def bundle(tmp_path_factory):
 
 
 def test_inetd_starttls_auth_etrn_delivers_after_the_session(tmp_path, sink):
-    sink.data_delay = 1.0  # the delivery is still going on when the session has ended
+    sink.data_delay = 0.5  # the delivery is still going on when the session has ended
     cfg = inetd_config(tmp_path, sink.port)
     with inetd_session([sys.executable, str(REPO / "backupmx.py")], cfg, cwd=tmp_path) as (proc, ours):
         c = LineClient(ours)
