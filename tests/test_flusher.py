@@ -328,7 +328,7 @@ def test_hostile_primary_costs_bounded_time(store, sink, behaviour, stage):
     started = time.monotonic()
     counts = flush(store, domain_config(sink), timeout=0.25)
     elapsed = time.monotonic() - started
-    assert elapsed < 3.0, elapsed
+    assert elapsed < 2.0, elapsed  # a whole dripped reply takes 2.6 s
     assert counts["delivered"] == 0 and counts["deferred"] == 2 and counts["failed"] == 0
     for qid in ids:
         row = rows(store)[qid]
