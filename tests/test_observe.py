@@ -58,7 +58,7 @@ def mx(tmp_path_factory, primary):
         domains={"example.com": {"primary": f"127.0.0.1:{primary.port}", "primary_tls": "none"},
                  "listed.org": {"primary": f"127.0.0.1:{primary.port}", "primary_tls": "none",
                                 "recipients": "alice"}},
-        metrics_listen=f"127.0.0.1:{free_port()}", auth_failure_delay="0.05s",
+        metrics_listen=f"127.0.0.1:{free_port()}", auth_failure_delay="0.05s", max_auth_failures_per_client=3,
         env={"JOURNAL_STREAM": f"{journal.st_dev}:{journal.st_ino}", "BACKUPMX_COUNTS_INTERVAL": "0.2",
              "BACKUPMX_METRICS_DEADLINE": "1", "BACKUPMX_LOOKUP_TIMEOUT": "soon"})
     server.metrics_port = int(re.search(r"metrics_listen = 127\.0\.0\.1:(\d+)",
@@ -387,7 +387,7 @@ def test_metrics_endpoint_is_bounded_against_hostile_clients(mx):
 def test_protocol_abuse_and_blocked_auth_are_reject_lines(mx):
     """What the protocol jail and the AUTH jail read besides the lines above (issue 9's refusals):
     commands pipelined after EHLO, junk commands past max_junk_commands (100 here), and AUTH from
-    an address over max_auth_failures_per_client (10 here; from 127.0.0.2, so that 127.0.0.1 may
+    an address over max_auth_failures_per_client (3 here; from 127.0.0.2, so that 127.0.0.1 may
     still authenticate in the other tests)."""
     tail = LogTail(mx)
     with socket.create_connection(("127.0.0.1", mx.port), timeout=10) as s:
@@ -403,14 +403,14 @@ def test_protocol_abuse_and_blocked_auth_are_reject_lines(mx):
     guess = "PLAIN " + base64.b64encode(b"\0prim\0guess").decode()
     blocked = replies.CLIENT_AUTH_BLOCKED.render(hostname="mx2.test").decode().rstrip()
     replied = []
-    for _ in range(4):  # 3 guesses a session (max_auth_failures), 10 in all: the 11th is refused unchecked
+    for _ in range(2):  # 3 guesses a session (max_auth_failures), 3 in all: the 4th is refused unchecked
         with smtplib.SMTP("127.0.0.1", mx.port, timeout=10, source_address=("127.0.0.2", 0)) as c:
             c.starttls(context=tls_context())
             c.ehlo("client.test")
             while (reply := c.docmd("AUTH", guess))[0] == 535:
                 replied.append(reply[0])
             replied.append(f"{reply[0]} {reply[1].decode()}")
-    assert replied[-1] == blocked and replied.count(535) == 7, replied
+    assert replied[-1] == blocked and replied.count(535) == 2, replied
     tail.wait("reject", reason="protocol_synchronization", command="EHLO")
     tail.wait("reject", reason="too_many_junk_commands", command="NOOP")
     tail.wait("reject", reason="client_auth_blocked", command="AUTH", client="127.0.0.2")

@@ -107,7 +107,7 @@ def test_delete_asks_unless_yes(mx):
 def test_retry_interval_delivers_without_etrn(server_factory, sink):
     sink.behaviour = "rcpt_4xx"
     mx = server_factory(domains={"example.com": {"primary": f"127.0.0.1:{sink.port}", "primary_tls": "none",
-                                                 "retry_interval": "1s"}})
+                                                 "retry_interval": "0.5s"}})
     queue_id = send(mx)
     # nobody sends ETRN: the flush workers try on their own, back off, and try again
     assert wait_for(lambda: any(s.commands for s in sink.sessions), timeout=15)
