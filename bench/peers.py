@@ -276,15 +276,17 @@ class Server:
 class BackupMX(Server):
     name = "backupmx"
 
-    def __init__(self, workdir, sink_port, workers=None):
+    def __init__(self, workdir, sink_port, workers=None, cert=None, key=None):
         super().__init__(workdir, sink_port)
         self.workers = workers
+        self.cert = Path(cert or REPO / "tests/certs/server.pem")  # bench/tls.py brings its own
+        self.key_source = Path(key or REPO / "tests/certs/server.key")
         self.db = self.dir / "queue.db"
         self.proc = None
 
     def start(self):
         key = self.dir / "server.key"
-        shutil.copyfile(REPO / "tests/certs/server.key", key)
+        shutil.copyfile(self.key_source, key)
         os.chmod(key, 0o600)
         workers = f"workers = {self.workers}\nmax_workers = {max(64, self.workers)}\n" if self.workers else ""
         cfg = self.dir / "backupmx.ini"
@@ -293,7 +295,7 @@ class BackupMX(Server):
             "hostname = mx2-backupmx.bench\n"
             f"listen = {LOCAL}:{self.port}\n"
             f"queue = {self.db}\n"
-            f"tls_cert = {REPO / 'tests/certs/server.pem'}\n"
+            f"tls_cert = {self.cert}\n"
             f"tls_key = {key}\n"
             f"{workers}"
             "max_connections_per_client = 1000\n"
@@ -345,8 +347,9 @@ class Postfix(Server):
     name = "postfix"
     QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 
-    def __init__(self, workdir, sink_port):
+    def __init__(self, workdir, sink_port, main_cf_extra=""):
         super().__init__(workdir, sink_port)
+        self.main_cf_extra = main_cf_extra  # more main.cf lines (bench/tls.py: smtpd_tls_*)
         self.etc = self.dir / "etc"
         self.spool = self.dir / "spool"
         self.data = self.dir / "data"
@@ -392,7 +395,7 @@ biff = no
 message_size_limit = 52428800
 maillog_file = {self.dir / 'maillog'}
 maillog_file_prefixes = {prefix}
-""")
+""" + self.main_cf_extra)
         # The stock services, unchrooted, and smtpd on our port.
         (self.etc / "master.cf").write_text(f"""\
 {LOCAL}:{self.port} inet n - n - - smtpd
