@@ -25,7 +25,12 @@ Rows, each on a fresh server and queue, interleaved across servers and runs:
               STARTTLS clients load the server: its MAIL-to-250 p99 (a whole
               transaction, commit included), and the worst reply to MAIL (no
               disk behind it: the longest the client's worker loop left it
-              waiting, i.e. the loop's longest stall, handshakes included).
+              waiting, i.e. the loop's longest stall, handshakes included);
+              the same under 50 plain clients is the baseline.
+
+Every accept and handshake row also gives the server's CPU time per message
+or handshake (its whole process tree; Postfix's reaped smtpd processes
+included).
 
 Ratios: backupmx / Postfix; and per server plain / STARTTLS at the same
 session count (how much TLS costs it).
@@ -44,7 +49,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import smtpload  # noqa: E402
 from peers import (  # noqa: E402
-    STARTED, BackupMX, BenchError, Postfix, Result, cell, fmt, free_port, kill_group, machine, run, stop_proc,
+    STARTED, BackupMX, BenchError, Postfix, Result, cell, fmt, free_port, kill_group, machine, process_tree, run,
+    stop_proc,
 )
 
 SERVERS = ("backupmx", "postfix")
@@ -80,6 +86,28 @@ def make_server(name, workdir, cert, key):
 # -- rows -----------------------------------------------------------------------------
 
 
+def cpu_seconds(server):
+    """CPU time of the server's whole process tree, reaped children included (Postfix's smtpd
+    processes come and go: their time moves into the master's cutime/cstime when it reaps them)."""
+    ticks = 0
+    for pid in process_tree(server.roots()):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def timed_load(server, load):
+    """run_load, and the server's CPU milliseconds it cost."""
+    before = cpu_seconds(server)
+    result = smtpload.run_load(load)
+    return result, (cpu_seconds(server) - before) * 1000
+
+
 def load_errors(result):
     return f"{result.errors} client errors, e.g. {result.samples[:1]}" if result.errors else None
 
@@ -87,22 +115,24 @@ def load_errors(result):
 def row_accept(server, messages, sessions, tls):
     load = smtpload.Load(port=server.port, sessions=sessions, messages=messages,
                          tls=smtpload.client_context() if tls else None)
-    result = smtpload.run_load(load)
+    result, cpu_ms = timed_load(server, load)
     held = server.count()
     ok = held == result.messages == messages and not result.errors
     note = None if ok else f"sent {messages}, 250 to {result.messages}, server holds {held}; {load_errors(result)}"
     return Result(result.messages / result.elapsed, ok, note, {
-        "held": held, "elapsed": result.elapsed, "eod_p99_ms": smtpload.percentile(result.eod, 99) * 1000,
+        "held": held, "elapsed": result.elapsed, "cpu_ms_per_item": cpu_ms / max(1, result.messages),
+        "eod_p99_ms": smtpload.percentile(result.eod, 99) * 1000,
         "handshake_p50_ms": smtpload.percentile(result.handshake, 50) * 1000})
 
 
 def row_handshakes(server, sessions, duration, resume):
     load = smtpload.Load(port=server.port, sessions=sessions, duration=duration, per_connection=0,
                          tls=smtpload.client_context(), resume=resume)
-    result = smtpload.run_load(load)
+    result, cpu_ms = timed_load(server, load)
     ok = not result.errors and result.handshakes > 0
     return Result(result.handshakes / result.elapsed, ok, load_errors(result), {
         "resumed_pct": 100.0 * result.resumed / max(1, result.handshakes),
+        "cpu_ms_per_item": cpu_ms / max(1, result.handshakes),
         "handshake_p50_ms": smtpload.percentile(result.handshake, 50) * 1000,
         "handshake_p99_ms": smtpload.percentile(result.handshake, 99) * 1000})
 
@@ -145,10 +175,10 @@ class Probe(threading.Thread):
         self.txn.append(time.perf_counter() - started)
 
 
-def row_probe(server, sessions, duration):
-    """The plain probe while `sessions` STARTTLS clients load the server for `duration` s."""
+def row_probe(server, sessions, duration, tls=True):
+    """The plain probe while `sessions` clients (STARTTLS, or plain: the baseline) load the server for `duration` s."""
     load = smtpload.Load(port=server.port, sessions=sessions, duration=duration,
-                         tls=smtpload.client_context())
+                         tls=smtpload.client_context() if tls else None)
     probe = Probe(server.port)
     done = {}
     loader = threading.Thread(target=lambda: done.setdefault("load", smtpload.run_load(load)), daemon=True)
@@ -187,6 +217,7 @@ def plan(args):
         for resume in (False, True):
             how = "resumed" if resume else "full"
             rows.append((f"handshakes {cert} {how}, 10 sess", "handshakes", cert, (10, seconds, resume), "/s"))
+    rows.append(("plain client under 50 plain: txn p99", "probe", None, (50, seconds * 2, False), "ms"))
     for cert in args.certs:
         rows.append((f"plain client under 50 STARTTLS {cert}: txn p99", "probe", cert, (50, seconds * 2), "ms"))
     return rows
@@ -196,12 +227,16 @@ def derived(rows):
     """(label, source row, key, unit) for the figures the measured rows also carry."""
     out = []
     for label, kind, cert, params, unit in rows:
+        if kind in ("accept", "handshakes"):
+            what = "message" if kind == "accept" else "handshake"
+            out.append((f"  server CPU per {what}", label, "cpu_ms_per_item", "ms"))
         if kind == "handshakes" and params[2]:
             out.append((f"  of which resumed, {cert}", label, "resumed_pct", "%"))
         if kind == "probe":
-            out.append((f"plain client under 50 STARTTLS {cert}: MAIL p99", label, "mail_p99_ms", "ms"))
-            out.append((f"plain client under 50 STARTTLS {cert}: MAIL max (stall)", label, "mail_max_ms", "ms"))
-            out.append((f"  the 50 STARTTLS clients meanwhile, {cert}", label, "load_msg_s", "msg/s"))
+            under = label.split(":")[0]
+            out.append((f"{under}: MAIL p99", label, "mail_p99_ms", "ms"))
+            out.append((f"{under}: MAIL max (stall)", label, "mail_max_ms", "ms"))
+            out.append((f"  the 50 {'STARTTLS' if cert else 'plain'} clients meanwhile", label, "load_msg_s", "msg/s"))
     return out
 
 
