@@ -850,6 +850,20 @@ def print_table(rows, results, servers, args, out=sys.stdout):
     print("'!' = some run lost or duplicated mail or failed (see notes); no ratio is given then.", file=out)
 
 
+def select_rows(rows, spec):
+    """The rows whose label contains one of the comma-separated words of `spec` (all when empty)."""
+    words = [w.strip() for w in spec.split(",") if w.strip()]
+    return [r for r in rows if any(w in r[0] for w in words)] if words else rows
+
+
+def print_progress(run_no, label, name, res, unit, t0, width=32):
+    """One measurement as it is done: value, ok or BAD, time taken, its extra figures, a note."""
+    extra = " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.extra.items())
+    print(f"  run {run_no + 1} {label:<{width}} {name:<9} {res.value:9.1f} {unit:<5} "
+          f"{'ok' if res.ok else 'BAD'} ({time.monotonic() - t0:.1f}s) {extra}"
+          + (f"  NOTE: {res.note}" if res.note else ""), flush=True)
+
+
 def machine():
     cpu = "?"
     try:
@@ -917,10 +931,7 @@ def main(argv=None):
     try:
         if "aiosmtpd" in servers:
             args.aiosmtpd_python = find_aiosmtpd(args, root)
-        rows = plan(args)
-        if args.rows:
-            words = [w.strip() for w in args.rows.split(",") if w.strip()]
-            rows = [r for r in rows if any(w in r[0] for w in words)]
+        rows = select_rows(plan(args), args.rows)
         print(f"peers: {machine()}", flush=True)
         print(f"peers: {runs} run(s), servers {', '.join(servers)}, temp {root}", flush=True)
         for run_no in range(runs):
@@ -931,10 +942,7 @@ def main(argv=None):
                     t0 = time.monotonic()
                     res = measure(kind, params, name, root, args)
                     results.setdefault((label, name), []).append(res)
-                    extra = " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.extra.items())
-                    print(f"  run {run_no + 1} {label:<32} {name:<9} {res.value:9.1f} {unit:<5} "
-                          f"{'ok' if res.ok else 'BAD'} ({time.monotonic() - t0:.1f}s) {extra}"
-                          + (f"  NOTE: {res.note}" if res.note else ""), flush=True)
+                    print_progress(run_no, label, name, res, unit, t0)
         print(flush=True)
         print(f"machine: {machine()}")
         print(f"{runs} run(s) per cell (median), {time.monotonic() - started:.0f}s in all\n")

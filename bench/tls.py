@@ -49,8 +49,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import smtpload  # noqa: E402
 from peers import (  # noqa: E402
-    STARTED, BackupMX, BenchError, Postfix, Result, cell, fmt, free_port, kill_group, machine, process_tree, run,
-    stop_proc,
+    STARTED, BackupMX, BenchError, Postfix, Result, cell, fmt, free_port, kill_group, machine, print_progress,
+    process_tree, run, select_rows, stop_proc,
 )
 
 SERVERS = ("backupmx", "postfix")
@@ -324,10 +324,7 @@ def main(argv=None):
     started = time.monotonic()
     try:
         certs = {kind: make_certificate(root, kind) for kind in set(args.certs) | {"rsa"}}
-        rows = plan(args)
-        if args.rows:
-            words = [w.strip() for w in args.rows.split(",") if w.strip()]
-            rows = [r for r in rows if any(w in r[0] for w in words)]
+        rows = select_rows(plan(args), args.rows)
         print(f"tls: {machine()}", flush=True)
         print(f"tls: {runs} run(s), servers {', '.join(servers)}, temp {root}", flush=True)
         for run_no in range(runs):
@@ -336,10 +333,7 @@ def main(argv=None):
                     t0 = time.monotonic()
                     res = measure(kind, cert, params, name, root, certs)
                     results.setdefault((label, name), []).append(res)
-                    extra = " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.extra.items())
-                    print(f"  run {run_no + 1} {label:<48} {name:<9} {res.value:9.1f} {unit:<5} "
-                          f"{'ok' if res.ok else 'BAD'} ({time.monotonic() - t0:.1f}s) {extra}"
-                          + (f"  NOTE: {res.note}" if res.note else ""), flush=True)
+                    print_progress(run_no, label, name, res, unit, t0, width=48)
         print(f"\nmachine: {machine()}")
         print(f"{runs} run(s) per cell (median), {time.monotonic() - started:.0f}s in all\n")
         print_table(rows, results, servers)
