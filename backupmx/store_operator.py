@@ -265,6 +265,9 @@ class OperatorQueries(QueueDatabase):
                       selection: Selection | None = None) -> list[MessageRow]:
         """One MessageRow per queue row, oldest first; optionally one domain and/or state,
         and only the rows `selection` names."""
+        if selection is not None:  # its --domain and --state narrow the search itself (the queue's index)
+            domain = selection.domain if domain is None else domain
+            state = selection.state if state is None else state
         where, args = _conditions("q.", domain=domain, state=state)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         with self._read() as db:

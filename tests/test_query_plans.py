@@ -24,6 +24,7 @@ import pytest
 from backupmx.envelope import Envelope, Recipient
 from backupmx.outcome import Outcome, Verdict
 from backupmx.store import QueueStore
+from backupmx.store_operator import Selection
 from conftest import queue_one
 
 T0 = 1_800_000_000
@@ -109,6 +110,7 @@ def test_the_hot_statements_never_read_a_growing_table_whole(queue):
     store.summary()
     store.counters()
     store.list_messages(domain="two.test")
+    store.list_messages(selection=Selection(domain="two.test", everything=True))  # `queue list DOMAIN`
     store.show(work[10].queue_id)
     store.connection.set_trace_callback(None)
 
