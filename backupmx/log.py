@@ -172,7 +172,9 @@ class _Batched:
     def flush(self) -> None:
         self.acquire()
         try:
-            if self._pending and self.stream is not None:
+            if self._pending:
+                # Taken out before the write: a write that fails (disk full) loses these
+                # lines, as the stock handlers do, rather than holding them in memory.
                 text, self._pending = "".join(self._pending), []
                 try:
                     self._write(text)
@@ -186,7 +188,8 @@ class _Batched:
             self.release()
 
     def _write(self, text: str) -> None:
-        self.stream.write(text)
+        if self.stream is not None:
+            self.stream.write(text)
 
 
 class _StreamHandler(_Batched, logging.StreamHandler):
@@ -214,7 +217,13 @@ class _LogFileHandler(_Batched, logging.handlers.WatchedFileHandler):
         return open(fd, "a", encoding=self.encoding, errors=self.errors)
 
     def _write(self, text: str) -> None:
-        self.reopenIfNeeded()
+        if self.stream is None:
+            # The reopen after logrotate's move failed (disk full, a directory the
+            # dropped user cannot write yet): try again, as FileHandler.emit does.
+            self.stream = self._open()
+            self._statstream()
+        else:
+            self.reopenIfNeeded()
         self.stream.write(text)
 
     def close(self) -> None:

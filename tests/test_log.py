@@ -162,6 +162,27 @@ def test_file_target_follows_logrotate(tmp_path):
     assert [line.split(": ", 1)[1] for line in lines] == ["two", "three"]  # not doubled after the re-setup
 
 
+def test_a_failed_reopen_after_logrotate_is_tried_again_and_holds_nothing(tmp_path):
+    """The reopen after logrotate's move fails once (here: a directory where the file
+    was, as a full disk or a directory the dropped user cannot write yet would): the next
+    line opens the file again, and the lines in between are dropped, not held in memory."""
+    path = tmp_path / "backupmx.log"
+    code = (
+        f"log = setup_logging({str(path)!r})\n"
+        "logging.raiseExceptions = False\n"
+        "log_event(log, 'one')\n"
+        f"import os; os.rename({str(path)!r}, {str(path) + '.1'!r}); os.mkdir({str(path)!r})\n"
+        "for i in range(1000): log_event(log, 'lost', i=i)\n"
+        "handler = [h for h in logging.getLogger().handlers if getattr(h, '_backupmx', False)][0]\n"
+        "print(len(handler._pending))\n"
+        f"os.rmdir({str(path)!r})\n"
+        "log_event(log, 'two')\n"
+    )
+    out, _ = run_logging(tmp_path, code)
+    assert out.split() == ["0"]
+    assert [line.split(": ", 1)[1] for line in path.read_text().splitlines()] == ["two"]
+
+
 def test_a_worker_s_lines_wait_for_the_end_of_its_loop_round_but_warnings_do_not(tmp_path):
     """defer_writes: an SMTP worker's INFO lines go out together at the end of a loop round
     (flush_pending); a warning takes them and itself out at once (what kill -9 may cost is
