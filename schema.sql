@@ -44,8 +44,13 @@
 -- domain and state (triggers keep it, whoever changes a row: backupmx, an older
 -- backupmx, the sqlite3 shell), and each queue row carries a copy of its
 -- message's size and arrival time, so the summary and the age scans read the
--- queue's index alone. Should it ever disagree with the queue, delete its rows
--- (DELETE FROM queue_totals) and start the server: it is counted anew.
+-- queue's index alone. INSERT OR REPLACE / UPDATE OR REPLACE on queue by hand
+-- would count a row twice (SQLite fires no delete trigger for the row a REPLACE
+-- removes): use plain INSERT, UPDATE and DELETE. Should the totals ever disagree
+-- with the queue, stop the server, delete their rows (DELETE FROM queue_totals)
+-- and start it: they are counted anew before any worker runs. Only what is shown
+-- and the quotas read the totals; whether a domain has mail to flush or expire
+-- is asked of the queue itself, so a wrong total never holds mail back.
 --
 -- All times are unix seconds, UTC (INTEGER). In the sqlite3 shell,
 -- datetime(x, 'unixepoch') shows them and unixepoch() is "now" (SQLite 3.38+;
@@ -378,12 +383,15 @@ BEGIN
 END;
 
 -- queue_totals counted from the queue when it has no rows: a queue from
--- before schema 10, or the operator emptied it to have it counted anew. (With
--- rows, the NOT EXISTS is false before anything is read.)
+-- before schema 10, or the operator emptied it (server stopped) to have it
+-- counted anew. This runs at every open: the one-row "empty" side is the outer
+-- loop of the CROSS JOIN (SQLite keeps its order), so with totals present the
+-- queue is never read (a WHERE NOT EXISTS on the queue's scan was tested per row).
 INSERT INTO queue_totals (domain, state, messages, bytes)
-    SELECT domain, state, COUNT(*), COALESCE(SUM(message_size), 0) FROM queue
-     WHERE NOT EXISTS (SELECT 1 FROM queue_totals)
-     GROUP BY domain, state;
+    SELECT q.domain, q.state, COUNT(*), COALESCE(SUM(q.message_size), 0)
+      FROM (SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM queue_totals)) AS empty
+      CROSS JOIN queue AS q
+     GROUP BY q.domain, q.state;
 
 -- Which backupmx programs may open this queue (see the top of this file).
 -- One row, written by the newest backupmx that opened the queue.

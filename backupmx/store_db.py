@@ -520,6 +520,16 @@ class QueueDatabase:
         return db.execute(f"SELECT COALESCE(SUM(messages), 0), COALESCE(SUM(bytes), 0) FROM queue_totals"
                           f" WHERE domain = ? AND state IN ({marks})", (domain, *states)).fetchone()
 
+    @classmethod
+    def _queued_count(cls, db: sqlite3.Connection, domain: str) -> int:
+        """Rows of `domain` in state 'queued', for deciding whether to flush: 0 exactly when
+        the queue itself has none (one search of queue_domain_state), else queue_totals'
+        count, at least 1. A total that went wrong (schema.sql's header says how) may then
+        show a wrong number, but never holds mail back nor starts an empty flush."""
+        if db.execute("SELECT 1 FROM queue WHERE domain = ? AND state = 'queued' LIMIT 1", (domain,)).fetchone() is None:
+            return 0
+        return max(cls._totals(db, domain, (QUEUED,))[0], 1)
+
     @staticmethod
     def _domain_status(db: sqlite3.Connection, domain: str, column: str, at: int) -> None:
         """Set domain_status.<column> (last_etrn, last_delivery) to `at`, inside the caller's transaction."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from backupmx.store_db import QUEUED, QueueDatabase, _sqlite_errors
+from backupmx.store_db import QueueDatabase, _sqlite_errors
 
 
 class FlushRequests(QueueDatabase):
@@ -39,7 +39,7 @@ class FlushRequests(QueueDatabase):
             for domain in dict.fromkeys(domains):
                 if etrn:
                     self._domain_status(db, domain, "last_etrn", now)
-                count = self._totals(db, domain, (QUEUED,))[0]
+                count = self._queued_count(db, domain)
                 counts[domain] = count
                 if count:
                     db.execute(
@@ -90,8 +90,8 @@ class FlushRequests(QueueDatabase):
             if db.execute(f"SELECT 1 FROM flushes WHERE domain IN ({marks}) AND lease_owner IS NOT NULL"
                           " AND lease_expires > ? LIMIT 1", (*domains, now)).fetchone():
                 return None
-            waiting = dict(db.execute(f"SELECT domain, messages FROM queue_totals WHERE domain IN ({marks})"
-                                      " AND state = 'queued' AND messages > 0 ORDER BY domain", domains).fetchall())
+            counts = {domain: self._queued_count(db, domain) for domain in sorted(domains)}
+            waiting = {domain: count for domain, count in counts.items() if count}
             db.executemany(
                 "INSERT INTO flushes (domain, lease_owner, lease_expires) VALUES (?, ?, ?) ON CONFLICT (domain)"
                 " DO UPDATE SET lease_owner = excluded.lease_owner, lease_expires = excluded.lease_expires",

@@ -83,8 +83,10 @@ class Housekeeping(QueueDatabase):
         now = self._now()
         expired: list[ExpiredRow] = []
         with self._write() as db:
+            # Every domain that ever had queued mail (whatever its total says: a wrong
+            # one must not keep mail from expiring); each costs one index search below.
             domains = [r[0] for r in db.execute(
-                "SELECT domain FROM queue_totals WHERE state = 'queued' AND messages > 0 ORDER BY domain")]
+                "SELECT domain FROM queue_totals WHERE state = 'queued' ORDER BY domain")]
             for domain in domains:
                 lifetime = lifetimes.get(domain, default)
                 cutoff = now - lifetime

@@ -970,3 +970,22 @@ def test_counts_ride_along_with_the_group_commit_and_never_wait_when_asked(store
     assert store.connection.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
     store.add_counts("rejects", {"relay_denied": 1}, wait=False)
     assert store.counters()[("rejects", "relay_denied")] == 3
+
+
+def test_a_wrong_total_never_holds_mail_back(store, clock):
+    """queue_totals is what is shown and what the quotas count; whether a domain has mail to
+    flush, claim or expire is asked of the queue. A total set wrong by hand (schema.sql's
+    header: an OR REPLACE in the sqlite3 shell, a reset while the server ran) changes a number,
+    never which mail moves: too low, the mail still flushes and expires; too high, an empty
+    domain is not flushed."""
+    qid = put(store, "bob@example.com")
+    db = store.connection
+    db.execute("UPDATE queue_totals SET messages = -1 WHERE domain = 'example.com' AND state = 'queued'")
+    db.execute("UPDATE queue_totals SET messages = 5 WHERE domain = 'example.net' AND state = 'queued'")
+    db.execute("INSERT OR IGNORE INTO queue_totals (domain, state, messages) VALUES ('example.net', 'queued', 5)")
+    db.commit()
+    assert store.request_flush(["example.com", "example.net"]) == {"example.com": 1, "example.net": 0}
+    assert store.claim_domains(["example.com", "example.net"], "odmr-1", 60.0) == {"example.com": 1}
+    store.release_flush("example.com", "odmr-1")
+    clock.now += 10 * 86400
+    assert [row.queue_id for row in store.expire_rows({}, 86400.0)] == [qid]
