@@ -75,6 +75,7 @@ OUTCOME_BATCH_SECONDS = 0.25
 # Seconds between looks for domains whose retry_interval backoff has run out, at most
 # (a retry_interval shorter than twice this is looked at twice per interval).
 RETRY_SCAN_INTERVAL = 2.0
+MIN_RETRY_SCAN_INTERVAL = 0.25  # ... and at least: a scan of the queue's index, at most 4 a second per flush worker
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -710,6 +711,7 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
     retry_intervals = [d.retry_interval for d in config.domains.values() if d.retry_interval > 0]
     retrying = bool(retry_intervals)
     retry_scan = min([RETRY_SCAN_INTERVAL] + [interval / 2 for interval in retry_intervals])
+    retry_scan = max(retry_scan, MIN_RETRY_SCAN_INTERVAL)
     next_housekeeping = time.monotonic() + 1.0
     next_retry_scan = time.monotonic() + min(1.0, retry_scan)
     if monitored(config):  # accept_when = primary-unreachable: the probes run here, not in SMTP workers
