@@ -100,6 +100,26 @@ def run_child(body, logger: logging.Logger, crash_event: str) -> None:
         os._exit(status)
 
 
+def fork_blocking(signals) -> int:
+    """os.fork() with `signals` blocked across it; the parent unblocks them at once, the
+    child once it has its own handlers.
+
+    A signal a parent sends a child it has just forked (SIGTERM to a new flush
+    worker when a stop comes at once) could otherwise reach the parent's handler
+    still installed in that child, and be lost there: the child would run on
+    until the stop timeout. Blocked, it waits for the child's own handlers.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+        raise
+    if pid != 0:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+    return pid
+
+
 def send_signal(pid: int, sig: int) -> None:
     """os.kill to a child that may be gone already (it is reaped with the others)."""
     try:

@@ -2,7 +2,8 @@
 
 The master (master.py) supervises; this is its part for flush workers, and
 asks its `supervisor` (the Master) for what is the master's: the current
-config, generation and logger, its selector, fork() and close_in_child().
+config, generation and logger, its selector, its SIGNALS (blocked across
+children.fork_blocking) and close_in_child().
 
 - Each flush worker gets a pipe and says "ready" on it once its queue is open
   (flush_worker_child), or "error <why>" before it exits with BOOT_ERROR. At
@@ -91,7 +92,7 @@ class FlushWorkers:
         ready_r = ready_w = None
         try:
             ready_r, ready_w = os.pipe()
-            pid = master.fork()
+            pid = children.fork_blocking(master.SIGNALS)
         except OSError as exc:
             for fd in (ready_r, ready_w):
                 if fd is not None:

@@ -105,7 +105,7 @@ class OdmrSessions:
         if len(self.children) >= MAX_SESSIONS or same_client >= MAX_SESSIONS_PER_CLIENT:
             return self._refuse(listener, sock, ip)
         try:
-            pid = master.fork()
+            pid = children.fork_blocking(master.SIGNALS)
         except OSError as exc:
             log_event(master.logger, "fork-failed", error=exc.strerror)
             return self._refuse(listener, sock, ip)
