@@ -64,6 +64,7 @@ from backupmx.metrics_http import run_metrics
 from backupmx.odmr_sessions import OdmrSessions
 from backupmx.startup import (ServeError, become_user, build_ssl_context, check_queue, log_tuning, raise_fd_limit,
                               start_logging)
+from backupmx.tls import TLSConfigError
 
 # Seconds without a heartbeat after which a worker is taken for hung and
 # aborted (it sends one every worker.HEARTBEAT_INTERVAL).
@@ -95,6 +96,12 @@ TICK = 0.25
 FLUSHER_BOOT_TIMEOUT = tuning("BACKUPMX_FLUSHER_BOOT_TIMEOUT", 30.0)
 # The DNS lookups of host-name primaries (in a child, at start-up and at each reload) get this long.
 LOOKUP_TIMEOUT = tuning("BACKUPMX_LOOKUP_TIMEOUT", 10.0)
+# Seconds a server TLS context (and so its session-ticket key) serves before the
+# master builds a new one and replaces the SMTP workers with it. OpenSSL makes
+# the ticket key once per context and Python cannot set or rotate it: whoever
+# reads it from a worker's memory decrypts every recorded TLS 1.2 session that
+# got a ticket, so its life is bounded, hourly like Postfix's tlsmgr.
+TICKET_KEY_LIFETIME = tuning("BACKUPMX_TLS_TICKET_LIFETIME", 3600.0)
 
 
 def serve(config, *, connection_class=SMTPConnection, flush_worker=run_flush_worker) -> int:
@@ -169,7 +176,7 @@ class PendingLookups:
         """A child looking `names` up; raises OSError when it cannot be started."""
         read_end, write_end = os.pipe()
         try:
-            pid = master.fork()
+            pid = children.fork_blocking(master.SIGNALS)
         except OSError:
             os.close(read_end)
             os.close(write_end)
@@ -298,6 +305,7 @@ class Master:
         self.in_hand = None  # the accepted socket being dispatched (a fork now must not keep it)
         self.pid = os.getpid()
         self.metrics: MetricsProcess | None = None  # with metrics_listen: its socket and its process
+        self.ticket_keys = TicketKeys()  # when the TLS context is next rebuilt
 
     # -- signals -----------------------------------------------------------
 
@@ -394,18 +402,31 @@ class Master:
     def finish_reload(self, config, ssl_context, lookups):
         if self.stopping:
             return
-        config = primaries.pin(config, self.logger, previous=self.config, resolver=primaries.answered(lookups))
-        self.config, self.ssl_context = config, ssl_context
-        self.generation += 1
-        for w in list(self.workers.values()):
-            self.drain_worker(w, "drain")
+        self.config = primaries.pin(config, self.logger, previous=self.config, resolver=primaries.answered(lookups))
         self.flush_workers.retire_all()
         if self.metrics is not None:
             self.metrics.stop(retiring=True)  # it serves the old config: a new one starts with the new
-        self.respawn_after = 0.0
-        log_event(self.logger, "reloaded", generation=self.generation, config=config.path)
+        self.replace_workers(ssl_context)
+        log_event(self.logger, "reloaded", generation=self.generation, config=self.config.path)
         self.manage_workers()
         self.flush_workers.manage()
+
+    def replace_workers(self, ssl_context):
+        """A new generation of SMTP workers with `ssl_context` (and self.config); the old
+        ones drain: they take no new connection and their sessions finish (worker.py)."""
+        self.ssl_context = ssl_context
+        self.ticket_keys.restart()
+        self.generation += 1
+        for w in list(self.workers.values()):
+            self.drain_worker(w, "drain")
+        self.respawn_after = 0.0
+
+    def rotate_ticket_keys(self):
+        """When TicketKeys says so: new SMTP workers with a new TLS context, so a new
+        session-ticket key (the configuration stays); run() then spawns them."""
+        if (ssl_context := self.ticket_keys.due_context(self)) is not None:
+            self.replace_workers(ssl_context)
+            log_event(self.logger, "tls-keys-rotated", generation=self.generation)
 
     # -- listeners -----------------------------------------------------------
 
@@ -503,7 +524,7 @@ class Master:
             return None
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            pid = self.fork()
+            pid = children.fork_blocking(self.SIGNALS)
         except OSError as exc:
             parent_end.close()
             child_end.close()
@@ -522,25 +543,6 @@ class Master:
         self.selector.register(parent_end, selectors.EVENT_READ, w)
         log_event(self.logger, "worker-started", pid=pid, generation=self.generation)
         return w
-
-    def fork(self) -> int:
-        """os.fork() with the master's signals blocked across it.
-
-        A signal the master sends a child it has just forked (SIGTERM to a new
-        flush worker when a stop comes at once) could otherwise reach the
-        master's handler still installed in that child, and be lost there: the
-        child would run on until the stop timeout. Blocked, it waits until the
-        child has its own handlers (close_in_child unblocks).
-        """
-        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
-        try:
-            pid = os.fork()
-        except BaseException:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
-            raise
-        if pid != 0:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
-        return pid
 
     def close_in_child(self, keep=None):
         """In a fresh child: drop every descriptor that is the master's.
@@ -569,7 +571,8 @@ class Master:
         self.wakeup_r.close()
         self.wakeup_w.close()
         self.selector.close()
-        # The default actions are back: a SIGTERM that came meanwhile ends this child now.
+        # The default actions are back: a SIGTERM that came meanwhile (blocked across
+        # children.fork_blocking) ends this child now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
 
     def drain_worker(self, w, how):
@@ -756,6 +759,7 @@ class Master:
                         self.stop_deadline = time.monotonic() + 5.0
                     continue
                 self.resume_accepting()
+                self.rotate_ticket_keys()
                 self.rejects.hand_over(self.active_workers())
                 self.murder_workers()
                 self.manage_workers()
@@ -769,6 +773,32 @@ class Master:
             signal.set_wakeup_fd(-1)
         log_event(self.logger, "stopped", pid=self.pid, status=self.exit_status)
         return self.exit_status
+
+
+class TicketKeys:
+    """When the server TLS context is due to be built again (TICKET_KEY_LIFETIME after
+    the last one). OpenSSL makes the session-ticket key once per context and Python
+    can neither set nor rotate it: a new context is the only new key."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self):
+        self.due = time.monotonic() + TICKET_KEY_LIFETIME
+
+    def due_context(self, master):
+        """A new server context when one is due, else None. Not with no TLS, nor while a
+        reload is under way (it brings its own). One that cannot be built now (the key
+        file unreadable) is logged and tried an interval later, the old one serving
+        meanwhile: a late rotation is better than a server that stops."""
+        if master.ssl_context is None or master.lookups is not None or time.monotonic() < self.due:
+            return None
+        self.restart()
+        try:
+            return build_ssl_context(master.config)
+        except TLSConfigError as exc:
+            log_event(master.logger, "tls-keys-rotation-failed", error=first_line(exc), level=logging.WARNING)
+            return None
 
 
 class RejectCounts(collections.Counter):

@@ -45,10 +45,12 @@ def log_tuning(logger: logging.Logger) -> None:
 
 
 def build_ssl_context(config):
-    """The server SSLContext (built once per config, shared by every worker), or None.
+    """The server SSLContext (shared by every worker), or None.
 
-    Raises tls.TLSConfigError (one line) for an unreadable, mismatched or
-    world-readable key. Called as root: the key may be readable by root only.
+    Built at start (as root: the key may be readable by root only), and again
+    as the server's user at each reload and each ticket-key rotation
+    (master.Master.rotate_ticket_keys). Raises tls.TLSConfigError (one line)
+    for an unreadable, mismatched or world-readable key.
     """
     if not config.tls_cert:
         return None

@@ -16,6 +16,7 @@ import selectors
 import signal
 import smtplib
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -623,6 +624,53 @@ def test_real_banner_on_each_listener(server_factory, certs):
         assert code == 250
     with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
         assert read_line(s).startswith(b"220 mx2.test")
+
+
+def test_real_tls_ticket_key_is_rotated_with_the_workers(server_factory, certs):
+    """A TLS 1.2 session resumes (its ticket) until the master rotates the TLS context,
+    not after; a rotation that cannot build a context keeps the old one; a transaction
+    open across the rotation is still queued (its old worker drains: the reload path)."""
+    srv = server_factory(tls=True, listen_tls=True, certs=certs, env={"BACKUPMX_TLS_TICKET_LIFETIME": "0.5"})
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.load_verify_locations(certs["ca"])
+    client.maximum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.2: the tickets that lose forward secrecy
+
+    def rotations():
+        return srv.log().count("tls-keys-rotated")
+
+    def handshake(session=None):
+        with socket.create_connection(("127.0.0.1", srv.tls_port), timeout=5) as raw:
+            with client.wrap_socket(raw, server_hostname="localhost", session=session) as s:
+                return s.session, s.session_reused
+
+    in_flight = smtplib.SMTP("127.0.0.1", srv.port, timeout=10)
+    in_flight.ehlo("client.test")
+    assert in_flight.mail("a@sender.test")[0] == 250
+    assert in_flight.rcpt("someone@example.com")[0] == 250
+    for _ in range(5):  # the pair must fall within one key's life (0.5 s here)
+        seen = rotations()
+        session, _ = handshake()
+        _, reused = handshake(session)
+        if rotations() == seen:
+            assert reused
+            break
+    else:
+        pytest.fail("no two handshakes within one ticket key's life")
+    assert wait_for(lambda: rotations() > seen, 5)
+    assert not handshake(session)[1]  # a new key: the old ticket is refused, a full handshake
+    Path(certs["server_key"]).write_text("not a key\n")  # from now on every rebuild fails
+    assert wait_for(lambda: "tls-keys-rotation-failed" in srv.log(), 5)
+    assert handshake(handshake()[0])[1]  # the context in place goes on serving, tickets and all
+    assert srv.proc.poll() is None
+    code, text = in_flight.data(b"Subject: across a rotation\r\n\r\nhello\r\n")
+    assert code == 250, text
+    in_flight.quit()
+    queue_id = text.decode().split()[-1]
+    db = sqlite3.connect(srv.queue_path)
+    try:
+        assert db.execute("SELECT count(*) FROM queue WHERE queue_id = ?", (queue_id,)).fetchone()[0] == 1
+    finally:
+        db.close()
 
 
 def test_real_master_holds_no_sqlite_fd(server):
