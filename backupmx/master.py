@@ -411,21 +411,22 @@ class Master:
         self.manage_workers()
         self.flush_workers.manage()
 
-    def replace_workers(self, ssl_context):
+    def replace_workers(self, ssl_context, how="drain"):
         """A new generation of SMTP workers with `ssl_context` (and self.config); the old
-        ones drain: they take no new connection and their sessions finish (worker.py)."""
+        ones drain (`how`: "drain" or "retire"): they take no new connection and their
+        sessions finish (worker.py)."""
         self.ssl_context = ssl_context
         self.ticket_keys.restart()
         self.generation += 1
         for w in list(self.workers.values()):
-            self.drain_worker(w, "drain")
+            self.drain_worker(w, how)
         self.respawn_after = 0.0
 
     def rotate_ticket_keys(self):
         """When TicketKeys says so: new SMTP workers with a new TLS context, so a new
         session-ticket key (the configuration stays); run() then spawns them."""
         if (ssl_context := self.ticket_keys.due_context(self)) is not None:
-            self.replace_workers(ssl_context)
+            self.replace_workers(ssl_context, "retire")  # hourly: old sessions are not hurried
             log_event(self.logger, "tls-keys-rotated", generation=self.generation)
 
     # -- listeners -----------------------------------------------------------
@@ -576,7 +577,7 @@ class Master:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
 
     def drain_worker(self, w, how):
-        if w.draining:
+        if w.draining and how != "stop":  # a stop still reaches a draining (retiring) worker
             return
         w.draining = True
         try:

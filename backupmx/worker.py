@@ -15,6 +15,8 @@ Control protocol (ASCII, one message per SEQPACKET datagram):
                                 in flight finish, exit when none is left
                      "stop"     (SIGTERM) the same, but sessions are asked to end
                                 after their current transaction at once
+                     "retire"   (TLS ticket-key rotation) like "drain", but the
+                                sessions are left to end on their own (max_session_time)
                      "rejects <reason> <n>"  the master refused n connections itself
                                 (its 421s): added to the queue's counters
   worker -> master   "hb <sessions>"   heartbeat, every HEARTBEAT_INTERVAL
@@ -24,12 +26,15 @@ Control protocol (ASCII, one message per SEQPACKET datagram):
 
 EOF on the control socket means the master is gone: the worker stops and exits.
 
-Both are bounded by DRAIN_GRACE + DRAIN_CLOSE seconds. "stop" calls
+"drain" and "stop" are bounded by DRAIN_GRACE + DRAIN_CLOSE seconds. "stop" calls
 conn.begin_shutdown(DRAIN_GRACE) on every session at once (the transaction in
 flight finishes, then 421 4.3.2; an idle session gets it now). "drain" leaves
 sessions undisturbed for DRAIN_GRACE seconds (a reload should not cut anyone
 off), then calls begin_shutdown(DRAIN_CLOSE). Whatever is still open at the
-end is closed.
+end is closed. "retire" comes every hour (master.TicketKeys) rather than when the
+operator asks: a slow client's big message must not be cut off each time, so its
+patience is max_session_time instead of DRAIN_GRACE (each session's own limit
+ends it first); a "stop" afterwards still ends it within DRAIN_GRACE + DRAIN_CLOSE.
 
 Slow calls a driver hands to the worker's Offload (a password check) come
 back through the same loop: it watches the Offload and calls each one's
@@ -337,7 +342,7 @@ class SessionLoop:
             return
         for fd in fds:  # not a session message: never leak a descriptor
             os.close(fd)
-        if words and words[0] in ("drain", "stop"):
+        if words and words[0] in ("drain", "stop", "retire"):
             self.begin_drain(words[0])
         elif words[:1] == ["rejects"] and len(words) == 3 and words[2].isdigit():
             # The master's own refusals (its 421s): it holds no queue, so a worker counts them.
@@ -356,15 +361,18 @@ class SessionLoop:
     # -- drain ------------------------------------------------------------------
 
     def begin_drain(self, how):
-        """Start draining ("drain": gently, "stop": shutting down; see the module doc)."""
+        """Start draining ("drain": gently, "retire": more gently still, "stop": shutting
+        down; see the module doc)."""
         now = time.monotonic()
         if self.draining:
             if how == "stop" and not self.polite_sent:
                 self.polite_at = now  # a stop overtakes a gentle drain
+                self.close_at = min(self.close_at, now + DRAIN_GRACE + DRAIN_CLOSE)
             return
         self.draining = True
-        self.close_at = now + DRAIN_GRACE + DRAIN_CLOSE
-        self.polite_at = now if how == "stop" else now + DRAIN_GRACE
+        patience = self.context.config.max_session_time if how == "retire" else DRAIN_GRACE
+        self.close_at = now + patience + DRAIN_CLOSE
+        self.polite_at = now if how == "stop" else now + patience
 
     def drain_step(self, now):
         """Advance the drain phases; True when the loop may end."""

@@ -918,3 +918,34 @@ def test_the_listening_line_names_starttls_only_with_a_certificate():
     finally:
         plain.server_close()
         implicit.server_close()
+
+
+def test_real_a_rotation_does_not_hurry_a_slow_client_but_a_stop_still_does(server_factory, certs):
+    """The hourly rotation's old worker "retires": a transaction that outlasts a reload's
+    DRAIN_GRACE + DRAIN_CLOSE (0.4 s here) is not cut off, and its message is queued; a
+    SIGTERM afterwards still reaches that worker and ends the server within its bound."""
+    srv = server_factory(tls=True, certs=certs, env={"BACKUPMX_TLS_TICKET_LIFETIME": "0.3",
+                                                     "BACKUPMX_DRAIN_GRACE": "0.2", "BACKUPMX_DRAIN_CLOSE": "0.2"})
+    slow = smtplib.SMTP("127.0.0.1", srv.port, timeout=10)
+    slow.ehlo("client.test")
+    assert slow.mail("a@sender.test")[0] == 250
+    assert slow.rcpt("someone@example.com")[0] == 250
+    assert slow.docmd("DATA")[0] == 354
+    slow.send(b"Subject: slow\r\n\r\nfirst half\r\n")
+    seen = srv.log().count("tls-keys-rotated")
+    assert wait_for(lambda: srv.log().count("tls-keys-rotated") >= seen + 2, 5)  # two retirements since
+    time.sleep(0.6)  # past DRAIN_GRACE + DRAIN_CLOSE of the first (what must NOT happen cannot be waited for)
+    slow.send(b"second half\r\n.\r\n")
+    code, text = slow.getreply()
+    assert code == 250, text
+    queue_id = text.decode().split()[-1]
+    db = sqlite3.connect(srv.queue_path)
+    try:
+        assert db.execute("SELECT count(*) FROM queue WHERE queue_id = ?", (queue_id,)).fetchone()[0] == 1
+    finally:
+        db.close()
+    started = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(10) == 0
+    assert time.monotonic() - started < 3.0  # STOP_TIMEOUT would be 5.4 s: the retiring worker heard the stop
+    slow.close()
