@@ -626,6 +626,16 @@ def test_real_banner_on_each_listener(server_factory, certs):
         assert read_line(s).startswith(b"220 mx2.test")
 
 
+def assert_queued(srv, reply_text):
+    """The queue id the 250 named is in the queue."""
+    queue_id = reply_text.decode().split()[-1]
+    db = sqlite3.connect(srv.queue_path)
+    try:
+        assert db.execute("SELECT count(*) FROM queue WHERE queue_id = ?", (queue_id,)).fetchone()[0] == 1
+    finally:
+        db.close()
+
+
 def test_real_tls_ticket_key_is_rotated_with_the_workers(server_factory, certs):
     """A TLS 1.2 session resumes (its ticket) until the master rotates the TLS context,
     not after; a rotation that cannot build a context keeps the old one; a transaction
@@ -665,12 +675,7 @@ def test_real_tls_ticket_key_is_rotated_with_the_workers(server_factory, certs):
     code, text = in_flight.data(b"Subject: across a rotation\r\n\r\nhello\r\n")
     assert code == 250, text
     in_flight.quit()
-    queue_id = text.decode().split()[-1]
-    db = sqlite3.connect(srv.queue_path)
-    try:
-        assert db.execute("SELECT count(*) FROM queue WHERE queue_id = ?", (queue_id,)).fetchone()[0] == 1
-    finally:
-        db.close()
+    assert_queued(srv, text)
 
 
 def test_real_master_holds_no_sqlite_fd(server):
@@ -938,12 +943,7 @@ def test_real_a_rotation_does_not_hurry_a_slow_client_but_a_stop_still_does(serv
     slow.send(b"second half\r\n.\r\n")
     code, text = slow.getreply()
     assert code == 250, text
-    queue_id = text.decode().split()[-1]
-    db = sqlite3.connect(srv.queue_path)
-    try:
-        assert db.execute("SELECT count(*) FROM queue WHERE queue_id = ?", (queue_id,)).fetchone()[0] == 1
-    finally:
-        db.close()
+    assert_queued(srv, text)
     started = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
     assert srv.proc.wait(10) == 0
