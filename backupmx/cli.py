@@ -167,7 +167,7 @@ def _check_primaries(config: Config) -> None:
     """Show what each host-name primary resolves to now: `serve` pins these addresses at start.
 
     A name that does not resolve is a warning, not a failure: the server still
-    accepts mail for the domain and keeps it queued until a reload resolves it.
+    accepts mail for the domain and keeps it queued until the name resolves (looked up again every 300 s).
     """
     from backupmx import primaries
 

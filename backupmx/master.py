@@ -102,6 +102,9 @@ LOOKUP_TIMEOUT = tuning("BACKUPMX_LOOKUP_TIMEOUT", 10.0)
 # reads it from a worker's memory decrypts every recorded TLS 1.2 session that
 # got a ticket, so its life is bounded, hourly like Postfix's tlsmgr.
 TICKET_KEY_LIFETIME = tuning("BACKUPMX_TLS_TICKET_LIFETIME", 3600.0)
+# Seconds between the master's new lookups of the host-name primaries that did not resolve
+# (their mail waits queued meanwhile); a name that resolved is not looked up again.
+UNRESOLVED_RETRY = tuning("BACKUPMX_UNRESOLVED_RETRY", 300.0)
 
 
 def serve(config, *, connection_class=SMTPConnection, flush_worker=run_flush_worker) -> int:
@@ -172,6 +175,12 @@ class PendingLookups:
         self.answers = bytearray()
 
     @classmethod
+    def begin(cls, master, config, ssl_context, names):
+        """start(), as the master's pending lookups, read in its loop; raises OSError as start() does."""
+        master.lookups = cls.start(master, config, ssl_context, names)
+        master.selector.register(master.lookups.fd, selectors.EVENT_READ, master.lookups)
+
+    @classmethod
     def start(cls, master, config, ssl_context, names):
         """A child looking `names` up; raises OSError when it cannot be started."""
         read_end, write_end = os.pipe()
@@ -188,6 +197,10 @@ class PendingLookups:
         os.close(write_end)
         os.set_blocking(read_end, False)
         return cls(pid, read_end, config, ssl_context)
+
+    def finish(self, master, lookups):
+        """The answers are in (or the deadline passed): the reload completes."""
+        master.finish_reload(self.config, self.ssl_context, lookups)
 
     def read(self) -> bool:
         """Take what the child wrote; True once it is done."""
@@ -222,8 +235,8 @@ class PendingLookups:
 def pin_primaries(master):
     """Start-up: the master's config with its host-name primaries resolved, bounded like a
     reload's lookups. A name without an answer in time is logged (primary-unresolved) and
-    its domain's mail waits queued until a reload resolves it: the server starts, for a
-    backup MX is needed most when DNS (the primary's own zone) is what is broken."""
+    its domain's mail waits queued until UnresolvedPrimaries resolves it: the server starts,
+    for a backup MX is needed most when DNS (the primary's own zone) is what is broken."""
     names = primaries.host_primaries(master.config)
     if not names:
         return master.config
@@ -306,6 +319,7 @@ class Master:
         self.pid = os.getpid()
         self.metrics: MetricsProcess | None = None  # with metrics_listen: its socket and its process
         self.ticket_keys = TicketKeys()  # when the TLS context is next rebuilt
+        self.unresolved = UnresolvedPrimaries()  # when the primaries that did not resolve are looked up again
 
     # -- signals -----------------------------------------------------------
 
@@ -380,18 +394,17 @@ class Master:
         if not names:
             return self.finish_reload(config, ssl_context, {})
         try:
-            self.lookups = PendingLookups.start(self, config, ssl_context, names)
+            PendingLookups.begin(self, config, ssl_context, names)
         except OSError as exc:  # no child: look them up here, as at start-up
             log_event(self.logger, "fork-failed", error=exc.strerror)
             return self.finish_reload(config, ssl_context, primaries.look_up(names))
-        self.selector.register(self.lookups.fd, selectors.EVENT_READ, self.lookups)
 
     def end_lookups(self, timed_out=False):
         pending = self.lookups
         self.cancel_lookups()
         if timed_out:
             log_lookup_timeout(self.logger)
-        self.finish_reload(pending.config, pending.ssl_context, pending.results())
+        pending.finish(self, pending.results())
 
     def cancel_lookups(self):
         pending, self.lookups = self.lookups, None
@@ -761,6 +774,7 @@ class Master:
                     continue
                 self.resume_accepting()
                 self.rotate_ticket_keys()
+                self.unresolved.look_up_due(self)
                 self.rejects.hand_over(self.active_workers())
                 self.murder_workers()
                 self.manage_workers()
@@ -800,6 +814,50 @@ class TicketKeys:
         except TLSConfigError as exc:
             log_event(master.logger, "tls-keys-rotation-failed", error=first_line(exc), level=logging.WARNING)
             return None
+
+
+class UnresolvedPrimaries:
+    """When the host-name primaries that did not resolve (primaries.unresolved) are next looked
+    up: every UNRESOLVED_RETRY seconds while there are any, in the reload's bounded child
+    (RetryLookups), so that mail queued while DNS was broken at start-up goes once it is back,
+    not only after a SIGHUP. Names that resolved are never looked up again (pins are deliberate)."""
+
+    def __init__(self):
+        self.due = time.monotonic() + UNRESOLVED_RETRY
+
+    def look_up_due(self, master):
+        """Start the lookups when due. Not while a reload's lookups are pending (they resolve
+        every name anyway; a SIGHUP cancels a retry's), nor while stopping."""
+        if master.stopping or master.lookups is not None or time.monotonic() < self.due:
+            return
+        self.due = time.monotonic() + UNRESOLVED_RETRY
+        names = primaries.unresolved(master.config)
+        if not names:
+            return
+        try:
+            RetryLookups.begin(master, master.config, master.ssl_context, names)
+        except OSError as exc:  # never looked up in the loop: an interval later
+            log_event(master.logger, "fork-failed", error=exc.strerror)
+
+
+class RetryLookups(PendingLookups):
+    """UnresolvedPrimaries' lookups: what now resolves is pinned (primary-resolved) and the
+    flush workers are replaced so the new ones deliver there. The queue is left alone: a
+    backup MX delivers on ETRN or at retry_interval, as before. SMTP workers use the pins only
+    for `recipients = verify` callouts and monitoring probes: replaced only for such a domain."""
+
+    def finish(self, master, lookups):
+        if master.stopping:
+            return
+        master.config, resolved = primaries.pin_resolved(master.config, lookups, master.logger)
+        if not resolved:
+            return
+        master.flush_workers.retire_all()
+        master.flush_workers.manage()
+        if any(d.verify or d.accept_when == "primary-unreachable" for d in resolved):
+            due = master.ticket_keys.due
+            master.replace_workers(master.ssl_context, "retire")  # their sessions are not hurried
+            master.ticket_keys.due = due  # the same context, the same ticket key: its rotation stays due
 
 
 class RejectCounts(collections.Counter):

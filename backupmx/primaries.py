@@ -11,8 +11,11 @@ certificate check of `primary_tls = required`).
 
 Rules:
 - `pin` never raises: a name that does not resolve keeps the addresses it had
-  before the reload (`previous`), or gets none, and its mail is deferred with
-  a reason until a reload resolves it. Accepting mail never depends on DNS.
+  before the reload (`previous`), or gets none (primary_addresses == ()), and
+  its mail is deferred with a reason until a lookup resolves it: the master
+  looks such names -- and only those (`unresolved`) -- up again every
+  UNRESOLVED_RETRY seconds and pins what now answers (`pin_resolved`); a name
+  once pinned stays pinned until a reload. Accepting mail never depends on DNS.
 - One log line per domain with a host-name primary says what it is pinned to.
 - An IP-literal primary needs no lookup and is its own address.
 """
@@ -29,7 +32,7 @@ from collections.abc import Callable
 from backupmx.log import log_event
 
 __all__ = ["addresses_for", "answered", "decode_lookups", "encode_lookups", "host_primaries", "is_ip_literal",
-           "look_up", "pin", "resolve"]
+           "look_up", "pin", "pin_resolved", "resolve", "unresolved"]
 
 
 def is_ip_literal(host: str) -> bool:
@@ -79,7 +82,7 @@ def pin(config, logger: logging.Logger, *, previous=None,
             addresses = _previous_addresses(previous, name, domain.primary)
             log_event(logger, "primary-unresolved", domain=name, primary=f"{host}:{port}", error=found,
                       kept=",".join(addresses) if addresses else None,
-                      effect="previous addresses kept" if addresses else "mail stays queued until a reload resolves it",
+                      effect="previous addresses kept" if addresses else "mail stays queued until the name resolves",
                       level=logging.WARNING)
         domains[name] = dataclasses.replace(domain, primary_addresses=addresses)
     if not domains:
@@ -93,6 +96,30 @@ def pin(config, logger: logging.Logger, *, previous=None,
 def host_primaries(config) -> list[tuple[str, int]]:
     """The (host, port) of every host-name primary: what pin() looks up."""
     return sorted({d.primary for d in config.domains.values() if not is_ip_literal(d.primary[0])})
+
+
+def unresolved(config) -> list[tuple[str, int]]:
+    """The (host, port) of every primary pin() left without an address: its domain's mail waits."""
+    return sorted({d.primary for d in config.domains.values() if d.primary_addresses == ()})
+
+
+def pin_resolved(config, found: dict, logger: logging.Logger) -> tuple:
+    """(config, domains): `config` with the unresolved() primaries that `found` (look_up's
+    answers) now resolves pinned, one primary-resolved line each, and those domains.
+
+    Only names without an address are touched: a pinned one stays as it is
+    (a later DNS answer must not move mail; README, "DNS and the primary").
+    """
+    domains = {}
+    for name, domain in config.domains.items():
+        answer = found.get(domain.primary)
+        if domain.primary_addresses == () and isinstance(answer, tuple):
+            domains[name] = dataclasses.replace(domain, primary_addresses=answer)
+            log_event(logger, "primary-resolved", domain=name, primary=f"{domain.primary[0]}:{domain.primary[1]}",
+                      addresses=",".join(answer))
+    if not domains:
+        return config, []
+    return dataclasses.replace(config, domains={**config.domains, **domains}), list(domains.values())
 
 
 def look_up(names, resolver: Callable[[str, int], tuple[str, ...]] | None = None) -> dict:

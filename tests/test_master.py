@@ -180,13 +180,16 @@ def broken_flusher_master_main(config_path):
 
 def slow_dns_master_main(config_path):
     """`... slow-dns CONFIG`: the real server, whose DNS answers take 1 s once CONFIG.slow exists,
-    and never come for a name ending in "hang.invalid"."""
+    never come for a name ending in "hang.invalid", and for one ending in "later.invalid" are
+    errors until CONFIG.resolvable exists."""
     from backupmx import master, primaries
     from backupmx.config import load_config
 
     def slow(host, port):
         if host.endswith("hang.invalid"):
             time.sleep(3600)
+        if host.endswith("later.invalid") and not os.path.exists(config_path + ".resolvable"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         if os.path.exists(config_path + ".slow"):  # (the lookups run in a child: no counting in memory)
             time.sleep(1.0)
         return ("127.0.0.1",)
@@ -857,11 +860,12 @@ def test_a_flush_worker_that_cannot_start_fails_the_start_up(tmp_path):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
-def start_slow_dns_server(tmp_path, primary, **env):
-    """slow_dns_master_main in a process group of its own: (process, port, config path, log path)."""
+def start_slow_dns_server(tmp_path, primary, settings=None, **env):
+    """slow_dns_master_main in a process group of its own: (process, port, config path, log path).
+    `settings`: more write_config keywords."""
     port = free_port()
     cfg = write_config(tmp_path / "s.ini", port=port, queue=tmp_path / "q.db",
-                       domains={"example.com": {"primary": primary, "primary_tls": "none"}})
+                       domains={"example.com": {"primary": primary, "primary_tls": "none"}}, **(settings or {}))
     log_path = tmp_path / "s.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, __file__, "slow-dns", str(cfg)], stdout=log, stderr=log,
@@ -896,8 +900,32 @@ def test_start_up_dns_lookups_are_bounded_and_a_name_without_an_answer_defers_it
         text = log_path.read_text()
         assert "primary-lookup-timeout seconds=0.5" in text
         assert ('primary-unresolved domain=example.com primary=stuck.hang.invalid:25 error="no answer in time" '
-                'effect="mail stays queued until a reload resolves it"') in text
+                'effect="mail stays queued until the name resolves"') in text
         assert proc.poll() is None and len(children_of(proc.pid)) == 3  # 2 SMTP workers, 1 flusher: no lookup left
+    finally:
+        end_process_group(proc)
+
+
+def test_a_primary_unresolved_at_start_up_is_looked_up_again_and_its_mail_goes_on_etrn(tmp_path, certs, sink):
+    """DNS broken at boot: the master looks the name up again every BACKUPMX_UNRESOLVED_RETRY,
+    pins it once it answers (no SIGHUP), and the mail queued meanwhile goes there on ETRN."""
+    proc, port, cfg, log_path = start_slow_dns_server(
+        tmp_path, f"mx.later.invalid:{sink.port}", BACKUPMX_UNRESOLVED_RETRY="0.2",
+        settings={"certs": certs, "users": {"prim": ("{PLAIN}s3cret", "example.com")}})
+    try:
+        assert wait_for(lambda: banner_ready(port), 8), log_path.read_text()
+        assert "primary-unresolved domain=example.com primary=mx.later.invalid" in log_path.read_text()
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.sendmail("a@origin.test", ["bob@example.com"], b"Subject: waited\r\n\r\nx\r\n")
+        Path(str(cfg) + ".resolvable").touch()  # DNS is back
+        resolved = f"primary-resolved domain=example.com primary=mx.later.invalid:{sink.port} addresses=127.0.0.1"
+        assert wait_for(lambda: resolved in log_path.read_text(), 5), log_path.read_text()
+        with smtplib.SMTP("localhost", port, timeout=10) as client:
+            client.starttls(context=ssl.create_default_context(cafile=certs["ca"]))
+            client.login("prim", "s3cret")
+            assert client.docmd("ETRN", "example.com")[0] == 253
+        assert sink.wait_for(1, timeout=5)[0][2].endswith(b"Subject: waited\r\n\r\nx\r\n")
+        assert "reloaded" not in log_path.read_text()
     finally:
         end_process_group(proc)
 

@@ -148,8 +148,33 @@ def test_a_reload_that_cannot_resolve_keeps_the_previous_addresses(tmp_path, log
     assert kept.startswith("primary-unresolved domain=example.com primary=mail.example.net:25 error=")
     assert 'kept=192.0.2.10 effect="previous addresses kept"' in kept
     assert lost.startswith("primary-unresolved domain=example.org primary=mail2.example.org:25 error=")
-    assert "kept=" not in lost and "until a reload resolves it" in lost
+    assert "kept=" not in lost and "until the name resolves" in lost
     assert primaries.pin(moved, log, resolver=broken).domains["example.com"].primary_addresses == ()
+
+
+def test_only_names_without_an_address_are_looked_up_again_and_pinned_once_they_answer(tmp_path, log):
+    """The master's retry (master.UnresolvedPrimaries): a pinned name, or one that kept its
+    previous addresses, is never moved by a later answer; an unresolved one is, once."""
+    def some(host, port):
+        if host == "mail.example.org":
+            raise OSError("Temporary failure in name resolution")
+        return ("192.0.2.10",)
+
+    config = config_file(tmp_path, {"example.com": "mail.example.net:25", "example.org": "mail.example.org:25",
+                                    "example.net": "192.0.2.99:2525"})
+    pinned = primaries.pin(config, log, resolver=some)
+    assert primaries.unresolved(pinned) == [("mail.example.org", 25)]
+    log.clear()
+    later = {("mail.example.net", 25): ("198.51.100.1",), ("mail.example.org", 25): ("192.0.2.20",)}
+    repinned, resolved = primaries.pin_resolved(pinned, later, log)
+    assert [d.name for d in resolved] == ["example.org"]
+    assert repinned.domains["example.org"].primary_addresses == ("192.0.2.20",)
+    assert repinned.domains["example.com"].primary_addresses == ("192.0.2.10",)  # pinned: not moved
+    assert log.messages() == ["primary-resolved domain=example.org primary=mail.example.org:25 addresses=192.0.2.20"]
+    assert primaries.unresolved(repinned) == []
+    assert primaries.pin_resolved(repinned, later, log) == (repinned, [])  # once
+    still = {("mail.example.org", 25): "no answer in time"}
+    assert primaries.pin_resolved(pinned, still, log) == (pinned, [])
 
 
 def test_the_system_resolver_gives_localhost(tmp_path):
@@ -171,7 +196,7 @@ def test_serve_pins_a_localhost_primary_logs_it_and_delivers_there(server_factor
     [line] = [line for line in server.log().splitlines() if pinned in line]
     assert "127.0.0.1" in line.split("addresses=")[1].split(",")
     [line] = [line for line in server.log().splitlines() if "primary-unresolved domain=example.org" in line]
-    assert 'primary=nowhere.invalid:25 error=' in line and 'effect="mail stays queued until a reload' in line
+    assert 'primary=nowhere.invalid:25 error=' in line and 'effect="mail stays queued until the name resolves"' in line
     with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
         client.sendmail("a@origin.test", ["bob@example.com"], b"Subject: to localhost\r\n\r\nx\r\n")
         client.sendmail("a@origin.test", ["bob@example.org"], b"Subject: kept\r\n\r\nx\r\n")
