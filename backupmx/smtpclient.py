@@ -346,7 +346,7 @@ class Primary:
         """The greeting from the first of the primary's addresses that takes the connection."""
         if not self.addresses:
             raise PrimaryUnavailable(f"primary {self.host} did not resolve when the configuration was loaded; "
-                                     "fix its DNS, then reload (SIGHUP)")
+                                     "fix its DNS: it is looked up again (BACKUPMX_UNRESOLVED_RETRY) and at a reload")
         failures = []
         for address in self.addresses:
             try:

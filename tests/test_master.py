@@ -860,12 +860,13 @@ def test_a_flush_worker_that_cannot_start_fails_the_start_up(tmp_path):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
-def start_slow_dns_server(tmp_path, primary, settings=None, **env):
+def start_slow_dns_server(tmp_path, primary, settings=None, domain=None, **env):
     """slow_dns_master_main in a process group of its own: (process, port, config path, log path).
-    `settings`: more write_config keywords."""
+    `settings`: more write_config keywords; `domain`: more keys for example.com."""
     port = free_port()
     cfg = write_config(tmp_path / "s.ini", port=port, queue=tmp_path / "q.db",
-                       domains={"example.com": {"primary": primary, "primary_tls": "none"}}, **(settings or {}))
+                       domains={"example.com": {"primary": primary, "primary_tls": "none", **(domain or {})}},
+                       **(settings or {}))
     log_path = tmp_path / "s.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, __file__, "slow-dns", str(cfg)], stdout=log, stderr=log,
@@ -925,7 +926,29 @@ def test_a_primary_unresolved_at_start_up_is_looked_up_again_and_its_mail_goes_o
             client.login("prim", "s3cret")
             assert client.docmd("ETRN", "example.com")[0] == 253
         assert sink.wait_for(1, timeout=5)[0][2].endswith(b"Subject: waited\r\n\r\nx\r\n")
-        assert "reloaded" not in log_path.read_text()
+        text = log_path.read_text()
+        assert "reloaded" not in text and "generation=1" not in text  # the SMTP workers never use the pin here
+    finally:
+        end_process_group(proc)
+
+
+def test_a_primary_resolved_later_reaches_the_smtp_workers_callouts(tmp_path, sink):
+    """`recipients = verify`: the SMTP workers ask the primary, so they are replaced with the new pin."""
+    proc, port, cfg, log_path = start_slow_dns_server(
+        tmp_path, f"mx.later.invalid:{sink.port}", domain={"recipients": "verify", "verify_unreachable": "tempfail"},
+        BACKUPMX_UNRESOLVED_RETRY="0.2")
+    try:
+        assert wait_for(lambda: banner_ready(port), 8), log_path.read_text()
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.ehlo("client.test")
+            assert client.mail("a@origin.test")[0] == 250
+            assert client.rcpt("bob@example.com")[0] == 450  # no address to ask
+        Path(str(cfg) + ".resolvable").touch()
+        assert wait_for(lambda: "worker-started" in log_path.read_text().partition("primary-resolved")[2], 5)
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.ehlo("client.test")
+            assert client.mail("a@origin.test")[0] == 250
+            assert client.rcpt("bob@example.com")[0] == 250, log_path.read_text()  # the sink was asked, took it
     finally:
         end_process_group(proc)
 
