@@ -425,11 +425,11 @@ class Master:
         self.flush_workers.manage()
 
     def replace_workers(self, ssl_context, how="drain"):
-        """A new generation of SMTP workers with `ssl_context` (and self.config); the old
-        ones drain (`how`: "drain" or "retire"): they take no new connection and their
-        sessions finish (worker.py)."""
+        """A new generation of SMTP workers with `ssl_context` (and self.config); the old ones
+        drain (`how`: "drain" or "retire": worker.py). Only a new context restarts the ticket clock."""
+        if ssl_context is not self.ssl_context:
+            self.ticket_keys.restart()
         self.ssl_context = ssl_context
-        self.ticket_keys.restart()
         self.generation += 1
         for w in list(self.workers.values()):
             self.drain_worker(w, how)
@@ -855,9 +855,7 @@ class RetryLookups(PendingLookups):
         master.flush_workers.retire_all()
         master.flush_workers.manage()
         if any(d.verify or d.accept_when == "primary-unreachable" for d in resolved):
-            due = master.ticket_keys.due
             master.replace_workers(master.ssl_context, "retire")  # their sessions are not hurried
-            master.ticket_keys.due = due  # the same context, the same ticket key: its rotation stays due
 
 
 class RejectCounts(collections.Counter):
