@@ -1028,7 +1028,9 @@ def _greeting_again(session: Session, argument: str) -> bool:
 
 
 def _recipient_again(session: Session, argument: str) -> bool:
-    if session.envelope is None or argument[:3].upper() != "TO:":
+    # No recipient yet (a message's first RCPT, most often its only one): nothing to repeat,
+    # and no second parse of the argument (_cmd_rcpt parses it) on that hot path.
+    if session.envelope is None or not session.envelope.recipients or argument[:3].upper() != "TO:":
         return False
     recipient = parse_recipient(session.settings, session.envelope, argument[3:], esmtp=session.esmtp)
     return not isinstance(recipient, tuple) and _already_given(session.envelope, recipient)
