@@ -419,7 +419,7 @@ class _Round:
 
     def vacuum(self) -> int:
         """Hand free pages beyond VACUUM_KEEP of the file back, VACUUM_STEP at a time."""
-        page_size = self.store.connection.execute("PRAGMA page_size").fetchone()[0]
+        page_size = self.store.page_size()
         step = max(1, VACUUM_STEP // page_size)
         deadline = time.monotonic() + VACUUM_ROUND_SECONDS
         freed = 0
