@@ -167,17 +167,19 @@ def _check_primaries(config: Config) -> None:
     """Show what each host-name primary resolves to now: `serve` pins these addresses at start.
 
     A name that does not resolve is a warning, not a failure: the server still
-    accepts mail for the domain and keeps it queued until the name resolves (looked up again every 300 s).
+    accepts mail for the domain and keeps it queued until the name resolves (the
+    server looks it up again every 300 s). Each lookup gets LOOKUP_TIMEOUT, as in `serve`.
     """
     from backupmx import primaries
 
+    resolve = primaries.resolve_within(primaries.LOOKUP_TIMEOUT)
     names = sorted({d.primary for d in config.domains.values() if not primaries.is_ip_literal(d.primary[0])})
     for host, port in names:
         try:
-            print(f"ok: primary {host}:{port} resolves to {', '.join(primaries.resolve(host, port))}")
+            print(f"ok: primary {host}:{port} resolves to {', '.join(resolve(host, port))}")
         except (OSError, UnicodeError) as exc:
             print(f"backupmx: warning: primary {host}:{port} does not resolve ({_message(exc)}): "
-                  "its mail stays queued until it does and the server is reloaded", file=sys.stderr)
+                  "its mail stays queued until it does", file=sys.stderr)
 
 
 def _check_tls(config: Config) -> list[str]:

@@ -260,7 +260,9 @@ def detached_flush_main(config_path: str) -> int:
     try:
         log_event(logger, "flush-process", pid=os.getpid())
         become_user(config, logger)
-        run_detached_flush(primaries.pin(config, logger), logger, stop.should_stop,
+        # Bounded: the ETRN session that spawned this process waits for "ready".
+        resolver = primaries.resolve_within(primaries.LOOKUP_TIMEOUT)
+        run_detached_flush(primaries.pin(config, logger, resolver=resolver), logger, stop.should_stop,
                            ready=lambda: _tell_spawner("ready"))
     except Exception as exc:
         _tell_spawner("error " + first_line(exc))

@@ -95,7 +95,7 @@ TICK = 0.25
 # How long the flush workers have, at start-up, to say they are ready.
 FLUSHER_BOOT_TIMEOUT = tuning("BACKUPMX_FLUSHER_BOOT_TIMEOUT", 30.0)
 # The DNS lookups of host-name primaries (in a child, at start-up and at each reload) get this long.
-LOOKUP_TIMEOUT = tuning("BACKUPMX_LOOKUP_TIMEOUT", 10.0)
+LOOKUP_TIMEOUT = primaries.LOOKUP_TIMEOUT
 # Seconds a server TLS context (and so its session-ticket key) serves before the
 # master builds a new one and replaces the SMTP workers with it. OpenSSL makes
 # the ticket key once per context and Python cannot set or rotate it: whoever

@@ -27,12 +27,18 @@ import ipaddress
 import json
 import logging
 import socket
+import threading
 from collections.abc import Callable
 
+from backupmx.config import tuning
 from backupmx.log import log_event
 
 __all__ = ["addresses_for", "answered", "decode_lookups", "encode_lookups", "host_primaries", "is_ip_literal",
-           "look_up", "pin", "pin_resolved", "resolve", "unresolved"]
+           "look_up", "pin", "pin_resolved", "resolve", "resolve_within", "unresolved", "LOOKUP_TIMEOUT"]
+
+# getaddrinfo has no deadline of its own (a resolver that never answers holds it
+# for resolv.conf's timeout x attempts x servers): every lookup gets this long.
+LOOKUP_TIMEOUT = tuning("BACKUPMX_LOOKUP_TIMEOUT", 10.0)
 
 
 def is_ip_literal(host: str) -> bool:
@@ -50,6 +56,32 @@ def resolve(host: str, port: int) -> tuple[str, ...]:
     if not addresses:
         raise OSError(f"{host}: no addresses")
     return addresses
+
+
+def resolve_within(seconds: float, resolver: Callable[[str, int], tuple[str, ...]] = resolve
+                   ) -> Callable[[str, int], tuple[str, ...]]:
+    """`resolver` bounded to `seconds` per name, for a short-lived process (`backupmx
+    check`, the inetd flusher): a lookup still running when time is up raises
+    OSError and is left to a daemon thread that ends with the process. (The
+    master, which lives on, looks up in a child it can kill instead.)"""
+    def bounded(host: str, port: int) -> tuple[str, ...]:
+        outcome: list = []
+
+        def look_up_one() -> None:
+            try:
+                outcome.append(resolver(host, port))
+            except (OSError, UnicodeError) as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=look_up_one, name=f"lookup {host}", daemon=True)
+        thread.start()
+        thread.join(seconds)
+        if not outcome:
+            raise OSError(f"no answer within {seconds:g} s")
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+    return bounded
 
 
 def pin(config, logger: logging.Logger, *, previous=None,

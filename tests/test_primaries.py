@@ -7,6 +7,8 @@ import signal
 import smtplib
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -209,3 +211,23 @@ def test_serve_pins_a_localhost_primary_logs_it_and_delivers_there(server_factor
     check = subprocess.run([sys.executable, str(REPO / "backupmx.py"), "check", "-c", server.config_path],
                            capture_output=True, text=True, timeout=30)
     assert f"ok: primary localhost:{sink.port} resolves to " in check.stdout and "127.0.0.1" in check.stdout
+
+
+def test_a_bounded_lookup_gives_up_on_a_resolver_that_never_answers():
+    # `backupmx check` and the inetd flusher (which the ETRN session waits for)
+    # look names up with resolve_within: a stuck resolver costs its bound, not a hang.
+    never = threading.Event()
+
+    def stuck(host, port):
+        never.wait(30)
+        return ("192.0.2.1",)
+
+    bounded = primaries.resolve_within(0.2, resolver=stuck)
+    started = time.monotonic()
+    with pytest.raises(OSError, match="no answer within 0.2 s"):
+        bounded("stuck.example", 25)
+    assert time.monotonic() - started < 2
+    never.set()
+    assert primaries.resolve_within(5)("localhost", 25)  # an answer in time is passed on
+    with pytest.raises(OSError, match="nothing here"):
+        primaries.resolve_within(5, resolver=lambda h, p: (_ for _ in ()).throw(OSError("nothing here")))("x", 25)
