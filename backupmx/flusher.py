@@ -18,6 +18,11 @@ What must always hold:
   an over-long reply line as "500 Line too long", a 5xx the primary never sent.
 - The primary is a peer we do not control: every reply is bounded and
   strict (smtpclient.PrimaryClient).
+- With PIPELINING, the next message's MAIL/RCPT/DATA may ride with an end
+  of data (RFC 2920 3.1), never its content: each reply is read in command
+  order and may only be what its place allows, a message is delivered only
+  by the reply to its own end of data, and a message announced on a
+  connection that is dropped is deferred with the reason (record_withdrawn).
 - The body is streamed from the store in chunks, dot-stuffed across chunk
   boundaries (RFC 5321 4.5.2), sent with CRLF line ends and exactly one end
   of data; memory does not grow with the message size.
@@ -30,6 +35,7 @@ What must always hold:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import re
@@ -188,10 +194,37 @@ def _judge(code: int, text: bytes, proceed=()) -> Verdict | None:
     if code in proceed:
         return None
     verdict = Verdict.of_reply(code, reply_text(code, text))
-    if code == 421 or (proceed and verdict.outcome is Outcome.DELIVERED) or (
-            verdict.outcome is Outcome.DEFERRED and not 400 <= code < 500):
+    if code == 421:
         raise _Trouble(verdict.reply)
+    if (proceed and verdict.outcome is Outcome.DELIVERED) or (verdict.outcome is Outcome.DEFERRED
+                                                             and not 400 <= code < 500):
+        # Not a reply to this command: the primary answers out of order, or more often
+        # than asked. Nothing more it says can be matched to the mail it is about.
+        raise _Trouble(f"reply out of sequence: {verdict.reply}")
     return verdict
+
+
+@dataclasses.dataclass
+class _Envelope:
+    """The commands that open one message's transaction: XFORWARD..., MAIL, RCPT... (DATA follows).
+
+    `refusal`: the Verdict that keeps the message from this primary instead
+    (no command is sent). `sent`: its pipelined group already went out, with
+    the previous message's end of data (_Flush.announce).
+    """
+
+    message: object
+    xforward: list[str] = dataclasses.field(default_factory=list)
+    mail: tuple[str, str] = ("MAIL", "")
+    rcpts: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    encoding: str = "ascii"
+    refusal: Verdict | None = None
+    sent: bool = False
+
+    def group(self) -> bytes:
+        """RFC 2920 2: XFORWARD, MAIL, every RCPT and DATA (last: it needs its 354) as one group."""
+        lines = [*self.xforward, *(f"{verb} {argument}" for verb, argument in (self.mail, *self.rcpts)), "DATA"]
+        return "".join(line + "\r\n" for line in lines).encode(self.encoding)
 
 
 class _Flush:
@@ -213,6 +246,9 @@ class _Flush:
         self._unrecorded = []  # (message, outcomes, retry_after) not yet written
         self.xforward_refused = False  # logged once per flush
         self._batch_started = 0.0
+        # The next message's envelope when its commands went out with the last end of
+        # data (announce): this connection delivers that message next (next_message).
+        self.announced: _Envelope | None = None
 
     # -- the connection ------------------------------------------------------
 
@@ -224,14 +260,27 @@ class _Flush:
             raise _Trouble(e.reason, at_connect=True) from e
         return client
 
-    def drop(self):
-        """Abandon the connection without QUIT (after trouble, or mid-DATA)."""
+    def drop(self) -> "_Envelope | None":
+        """Abandon the connection without QUIT (after trouble, or mid-DATA).
+
+        Returns the envelope announced on it, if any: that message was taken
+        from the work list and now has no connection (record_withdrawn).
+        """
+        withdrawn, self.announced = self.announced, None
         if self.client is not None:
             self.client.close()
             self.client = None
+        return withdrawn
 
     def quit(self):
-        """The flush is done with its session: the primary ends it (QUIT), or keeps it for the next."""
+        """The flush is done with its session: the primary ends it (QUIT), or keeps it for the next.
+
+        With a message announced (the flush stopped between messages) the primary may
+        be waiting for its content: QUIT would be read as content, so the connection
+        is dropped instead and the message stays queued as it was.
+        """
+        if self.announced is not None:
+            self.drop()
         if self.client is not None:
             client, self.client = self.client, None
             self.primary.release(client)
@@ -289,9 +338,21 @@ class _Flush:
 
     # -- one message --------------------------------------------------------------
 
-    def deliver(self, message) -> _Trouble | None:
+    def next_message(self, work: collections.deque):
+        """The message this connection delivers next: the one whose commands went out with
+        the last end of data (announce), else the next of the work list; None when none is left."""
+        if self.announced is not None:
+            return self.announced.message
+        try:
+            return work.popleft()  # atomic: the extra connections take from the same list
+        except IndexError:
+            return None
+
+    def deliver(self, message, work: collections.deque | None = None) -> _Trouble | None:
         """Deliver one message and record every recipient's outcome.
 
+        With `work` (the flush's work list) and a primary that offers PIPELINING,
+        the next message's commands go out with this one's end of data (announce).
         Returns None, or the _Trouble that ended the connection (its `at_connect`
         tells whether no session could be opened at all).
         """
@@ -301,7 +362,7 @@ class _Flush:
         try:
             if self.client is None:
                 self.client = self.connect()
-            self.transaction(message, outcomes)
+            self.transaction(message, outcomes, work)
         except _Trouble as e:
             trouble = e
         except (OSError, smtplib.SMTPException) as e:
@@ -309,53 +370,71 @@ class _Flush:
         except _Gone:
             # The operator deleted the message meanwhile. If that happened
             # mid-DATA, dropping the connection makes the primary discard it.
-            self.drop()
+            self.record_withdrawn(self.drop(), "connection closed: a message was deleted mid-delivery")
             log_event(self.log, "skipped", id=message.queue_id, domain=self.domain.name,
                       reason="no longer in the queue")
             return None
         except BaseException:
             # Lease lost, store trouble...: never leave a half-sent DATA open
-            # (QUIT would only become part of the body).
+            # (QUIT would only become part of the body). A message announced
+            # stays queued as it was: nothing of it was accepted.
             self.drop()
             raise
         if trouble is not None:
-            self.drop()
+            withdrawn = self.drop()
             for r in message.recipients:
                 outcomes.setdefault(r.address, Verdict.deferred(trouble.reason))
+            self.record(message, outcomes)
+            self.record_withdrawn(withdrawn, trouble.reason)
+            return trouble
         self.record(message, outcomes)
-        return trouble
+        return None
+
+    def record_withdrawn(self, envelope: "_Envelope | None", reason: str) -> None:
+        """A message announced on a connection that was then dropped: its commands may
+        have reached the primary, its content never did (it is sent only after its own
+        354). Deferred with the reason, as the message in flight is."""
+        if envelope is None:
+            return
+        self.counts["messages"] += 1
+        verdict = envelope.refusal or Verdict.deferred(reason)
+        self.record(envelope.message, {r.address: verdict for r in envelope.message.recipients})
 
     def command(self, verb: str, argument: str = "") -> tuple[int, bytes]:
         client = self.client
         client.putcmd(verb, argument)
         return client.getreply()
 
-    def transaction(self, message, outcomes: dict[str, Verdict]):
-        """MAIL, RCPT..., DATA, body: a Verdict per recipient into `outcomes`; _Trouble ends the connection."""
+    def transaction(self, message, outcomes: dict[str, Verdict], work: collections.deque | None = None):
+        """MAIL, RCPT..., DATA, body: a Verdict per recipient into `outcomes`; _Trouble ends the connection.
+
+        Every reply is read in the order of the commands it answers, and each
+        can only be the reply its place allows (_judge): a primary that answers
+        out of order, or more often than asked, ends the connection rather
+        than have one message's reply taken for another's.
+        """
         client = self.client
         self.lease.check()
-        refusal, params = self._mail_parameters(message)
-        if refusal is not None:
-            outcomes.update(dict.fromkeys((r.address for r in message.recipients), refusal))
+        envelope = self.take_announced(message) or self.envelope(message)
+        if envelope.refusal is not None:
+            outcomes.update(dict.fromkeys((r.address for r in message.recipients), envelope.refusal))
             return
-        dsn = client.has_extn("dsn")
-        xforward = self._xforward(message)
-        mail = ("MAIL", f"FROM:<{message.sender}>" + "".join(" " + p for p in params))
-        rcpts = [("RCPT", f"TO:<{r.address}>" + (f" NOTIFY={r.notify}" if dsn and r.notify else "")
-                  + (f" ORCPT={r.orcpt}" if dsn and r.orcpt else "")) for r in message.recipients]
-        if client.has_extn("pipelining"):
-            # RFC 2920: MAIL, every RCPT and DATA in one write, then the replies in order.
-            client.send("".join(line + "\r\n" for line in xforward)
-                        + "".join(f"{verb} {argument}".rstrip() + "\r\n" for verb, argument in [mail, *rcpts, ("DATA", "")]))
-            for _ in xforward:
+        client.command_encoding = envelope.encoding
+        pipelining = client.has_extn("pipelining")
+        if pipelining:
+            # RFC 2920: XFORWARD, MAIL, every RCPT and DATA in one write (unless it went
+            # out with the previous end of data), then the replies in order.
+            if not envelope.sent:
+                client.send(envelope.group())
+            for _ in envelope.xforward:
                 self._xforwarded(*client.getreply())
             mail_reply = client.getreply()
-            rcpt_replies = [client.getreply() for _ in rcpts]
+            rcpt_replies = [client.getreply() for _ in envelope.rcpts]
             data_reply = client.getreply()
         else:
-            for line in xforward:
+            for line in envelope.xforward:
                 self._xforwarded(*self.command(*line.split(" ", 1)))
-            mail_reply, rcpt_replies, data_reply = self.command(*mail), None, None
+            mail_reply, rcpt_replies, data_reply = self.command(*envelope.mail), None, None
 
         verdict = _judge(*mail_reply, proceed=_POSITIVE)
         if verdict is not None:
@@ -363,20 +442,66 @@ class _Flush:
             return self.abandon_data(data_reply)
         accepted = []
         for index, r in enumerate(message.recipients):
-            verdict = _judge(*(rcpt_replies[index] if rcpt_replies is not None else self.command(*rcpts[index])),
+            verdict = _judge(*(rcpt_replies[index] if rcpt_replies is not None else self.command(*envelope.rcpts[index])),
                              proceed=_POSITIVE)
             if verdict is None:
                 accepted.append(r.address)
             else:
                 outcomes[r.address] = verdict
         if not accepted:
+            # RFC 2920 3.1: with no recipient accepted the DATA reply (503/554, or a 354
+            # abandon_data ends) answers no message: it is no failure of this one's content.
             return self.abandon_data(data_reply)
         verdict = _judge(*(data_reply if data_reply is not None else self.command("DATA")), proceed=_START_INPUT)
         if verdict is not None:
             outcomes.update(dict.fromkeys(accepted, verdict))
             return self.reset()
-        self.send_body(message.queue_id)
+        end_of_data = self.send_body(message.queue_id)
+        client.send(end_of_data + (self.announce(work) if pipelining and work is not None else b""))
         outcomes.update(dict.fromkeys(accepted, _judge(*client.getreply())))
+
+    def envelope(self, message) -> "_Envelope":
+        """The commands that open `message`'s transaction with this primary (or its refusal)."""
+        refusal, params, encoding = self._mail_parameters(message)
+        if refusal is not None:
+            return _Envelope(message, refusal=refusal)
+        dsn = self.client.has_extn("dsn")
+        return _Envelope(
+            message,
+            xforward=self._xforward(message),
+            mail=("MAIL", f"FROM:<{message.sender}>" + "".join(" " + p for p in params)),
+            rcpts=[("RCPT", f"TO:<{r.address}>" + (f" NOTIFY={r.notify}" if dsn and r.notify else "")
+                    + (f" ORCPT={r.orcpt}" if dsn and r.orcpt else "")) for r in message.recipients],
+            encoding=encoding,
+        )
+
+    def announce(self, work: collections.deque) -> bytes:
+        """The next message's commands, to go out in the same write as this one's end of data.
+
+        RFC 2920 3.1: the message content may be the first "command" of a group,
+        so MAIL, RCPT and DATA may follow its end of data without waiting for
+        its reply; the replies then come in order: this message's final reply
+        first, then the next one's (read by its own transaction). Its content
+        waits for its own 354 as always.
+        """
+        try:
+            message = work.popleft()
+        except IndexError:
+            return b""
+        self.lease.check()
+        self.announced = envelope = self.envelope(message)
+        if envelope.refusal is not None:
+            return b""  # nothing to send: its transaction records the refusal
+        envelope.sent = True
+        return envelope.group()
+
+    def take_announced(self, message) -> "_Envelope | None":
+        """`message`'s envelope when announce() prepared it, else None."""
+        envelope = self.announced
+        if envelope is None or envelope.message is not message:
+            return None
+        self.announced = None
+        return envelope
 
     def _xforward(self, message) -> list[str]:
         """XFORWARD before MAIL when the primary offers it: the client as we received it
@@ -400,18 +525,19 @@ class _Flush:
             log_event(self.log, "xforward-refused", domain=self.domain.name, relay=self.relay,
                       reply=reply_text(code, text), level=logging.WARNING)
 
-    def _mail_parameters(self, message) -> tuple[Verdict | None, list[str]]:
-        """The MAIL parameters for this primary, or the Verdict that keeps the message queued instead."""
+    def _mail_parameters(self, message) -> tuple[Verdict | None, list[str], str]:
+        """The MAIL parameters for this primary and the commands' encoding,
+        or the Verdict that keeps the message queued instead."""
         client = self.client
         envelope = [message.sender] + [r.address for r in message.recipients]
         params = []
-        client.command_encoding = "ascii"
+        encoding = "ascii"
         if message.smtputf8 == 2 or any(not a.isascii() for a in envelope):
             # RFC 6531 3.2: a UTF-8 envelope or header goes only to a server that offers
             # SMTPUTF8; to any other it fails (5.6.7, RFC 6531 3.5), and the sender gets a DSN.
             if not client.has_extn("smtputf8"):
-                return Verdict(Outcome.FAILED, f"5.6.7 SMTPUTF8 is required, but was not offered by host {self.relay}"), []
-            client.command_encoding = "utf-8"
+                return Verdict(Outcome.FAILED, f"5.6.7 SMTPUTF8 is required, but was not offered by host {self.relay}"), [], encoding
+            encoding = "utf-8"
             params.append("SMTPUTF8")
         elif message.smtputf8 and client.has_extn("smtputf8"):
             params.append("SMTPUTF8")  # asked for, not needed: passed on where it can be
@@ -427,8 +553,8 @@ class _Flush:
         ):
             # The server never queues such an envelope; if one is there, sending it
             # would inject commands. Keep it queued (and visible) instead.
-            return Verdict.deferred("envelope holds characters that cannot be sent"), []
-        return None, params
+            return Verdict.deferred("envelope holds characters that cannot be sent"), [], encoding
+        return None, params, encoding
 
     def abandon_data(self, data_reply):
         """End a transaction that will not send a body, then RSET.
@@ -442,12 +568,12 @@ class _Flush:
             self.client.getreply()
         self.reset()
 
-    def send_body(self, queue_id: str):
-        """Stream the body, then the end of data.
+    def send_body(self, queue_id: str) -> bytes:
+        """Stream the body but for its last piece; return that piece with the end of data.
 
-        The last piece goes out in the same write as the end-of-data marker:
-        two small writes in a row would wait for the peer's delayed ACK
-        (Nagle), ~40 ms per message.
+        The caller sends the last piece and the end-of-data marker in one write
+        (with the next message's commands, announce): two small writes in a row
+        would wait for the peer's delayed ACK (Nagle), ~40 ms per message.
         """
         encoder = DataEncoder()
         try:
@@ -469,7 +595,7 @@ class _Flush:
                 pending = encoder.feed(chunk)
         finally:
             body.close()
-        self.client.send(pending + encoder.end())
+        return pending + encoder.end()
 
     def reset(self):
         """RSET after a failed transaction; a primary that will not reset is dropped."""
@@ -510,12 +636,13 @@ class _ExtraConnection(threading.Thread):
                        lease=main.lease, log=log, primary=main.primary)
         try:
             flush.client = flush.connect()
-            while self.work and not self.finished.is_set() and not self.should_stop():
-                try:
-                    message = self.work.popleft()
-                except IndexError:
+            # A message announced on this connection is delivered even once the main
+            # connection is done: it was taken from the work list.
+            while not self.should_stop() and (flush.announced is not None or not self.finished.is_set()):
+                message = flush.next_message(self.work)
+                if message is None:
                     break
-                if flush.deliver(message) is not None:
+                if flush.deliver(message, self.work) is not None:
                     break
         except (_Trouble, _LeaseLost):
             pass  # the main connection carries on (or has the same trouble itself)
@@ -599,15 +726,14 @@ def _deliver_work(flush: _Flush, work: collections.deque, should_stop: Callable[
     try:
         for thread in extra:
             thread.start()
-        while work:
+        while True:
             if should_stop():
                 flush.store.request_flush([flush.domain.name])
                 return "interrupted"
-            try:
-                message = work.popleft()  # atomic: the extra connections take from the same list
-            except IndexError:
+            message = flush.next_message(work)
+            if message is None:
                 break
-            trouble = flush.deliver(message)
+            trouble = flush.deliver(message, work)
             troubles = 0 if trouble is None else troubles + 1
             if trouble is not None and (trouble.at_connect or troubles >= MAX_CONSECUTIVE_TROUBLE):
                 finished.set()

@@ -87,9 +87,14 @@ class PrimaryClient(smtplib.SMTP):
         super().close()
 
     def send(self, s):
-        """smtplib's send, but keeping the reason when the socket fails."""
+        """smtplib's send, but keeping the reason when the socket fails, and refusing to
+        go on once the primary said more than it was asked: a reply read ahead of our
+        next command answers none of ours, and would be taken for the next one's."""
         if not self.sock:
             raise smtplib.SMTPServerDisconnected("not connected")
+        if self._rbuf:
+            self.close()
+            raise ReplyError(f"reply to no command: {bytes(self._rbuf[:40])!r}")
         if isinstance(s, str):
             s = s.encode(self.command_encoding)
         try:

@@ -14,12 +14,15 @@ bad primary can be tested against a real peer rather than a mock:
   data_4xx/data_5xx   451/554 as the final reply after the message was sent (to every
                       message, or only to those for one of `behaviour_addresses`)
   drop_mid_data       reads part of DATA, then closes the connection
+  drop_after_eod      closes the connection (FIN) right after the `drop_after` th final reply
+                      to a message's content in a session
   no_starttls         does not offer (or accept) STARTTLS even with a cert
   -- hostile, at the reply named by `hostile_at` (banner, ehlo, mail, rcpt, data, eod):
   endless_continuation  "250-..." lines without end (bounded by `max_continuation_lines`)
   drip                a reply one byte every `drip_interval` seconds
   long_line           a 9 KB reply line
   bad_code            "2_0 ok" (int("2_0") is 20 in Python: a client must not accept it)
+  extra_reply         the reply, then the same reply again (a reply to no command)
 
 `behaviour`, `behaviour_addresses`, `hostile_at` and `data_delay` are read
 when a session starts, so they may be changed between sessions.
@@ -30,7 +33,11 @@ its recipients does (what a recipient callout asks). `rcpt_delay` makes each
 RCPT reply wait that many seconds (a slow primary). `rcpts_seen` lists every
 RCPT address in arrival order, callouts included. With `xforward = True` it
 offers XFORWARD (Postfix's XFORWARD_README) and records the attributes each
-message came with (Delivery.xforward, xtext-decoded).
+message came with (Delivery.xforward, xtext-decoded). Without "PIPELINING" in
+`extensions` it does not offer it; SessionRecord.pipelined counts the ends
+of data after which the client's next command was there before the sink
+replied (RFC 2920 3.1: sent with the end of data), and .grouped the MAIL
+commands that came with the next command (RFC 2920: one group).
 
 As a process (so a test can SIGKILL the primary):
     python3 tests/sink.py --port 0 [--tls-cert F --tls-key F] [--behaviour B] [--spool DIR]
@@ -50,6 +57,7 @@ turned it round (RFC 2645), the sink greeting first as any SMTP server.
 import argparse
 import json
 import os
+import select
 import signal
 import socket
 import socketserver
@@ -68,14 +76,16 @@ BEHAVIOURS = frozenset(
         "data_4xx",
         "data_5xx",
         "drop_mid_data",
+        "drop_after_eod",
         "no_starttls",
         "endless_continuation",
         "drip",
         "long_line",
         "bad_code",
+        "extra_reply",
     }
 )
-HOSTILE = frozenset({"endless_continuation", "drip", "long_line", "bad_code"})
+HOSTILE = frozenset({"endless_continuation", "drip", "long_line", "bad_code", "extra_reply"})
 STAGES = ("banner", "ehlo", "mail", "rcpt", "data", "eod")
 
 DEFAULT_EXTENSIONS = ("PIPELINING", "8BITMIME", "SIZE 104857600", "DSN", "ENHANCEDSTATUSCODES")
@@ -106,6 +116,8 @@ class SessionRecord:
     tls: bool = False
     commands: list[str] = field(default_factory=list)
     closed: bool = False
+    pipelined: int = 0  # ends of data with the next command already waiting behind them
+    grouped: int = 0  # MAIL commands with the next command already waiting behind them
 
 
 class _Closed(Exception):
@@ -201,9 +213,6 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def reply(self, stage, text):
         """Send `text` (one or more lines without CRLF) unless `stage` is hostile."""
-        if self.behaviour in HOSTILE and stage == self.hostile_at:
-            self.hostile_reply()
-            return
         lines = text.split("\n")
         out = b"".join(
             (line[:3] + ("-" if i < len(lines) - 1 else " ") + line[4:]).encode() + b"\r\n"
@@ -211,10 +220,16 @@ class _Handler(socketserver.BaseRequestHandler):
             else line.encode() + b"\r\n"
             for i, line in enumerate(lines)
         )
+        if self.behaviour in HOSTILE and stage == self.hostile_at:
+            self.hostile_reply(out)
+            return
         self.write(out)
 
-    def hostile_reply(self):
+    def hostile_reply(self, text):
         sink = self.sink
+        if self.behaviour == "extra_reply":
+            self.write(text * 2)
+            return
         if self.behaviour == "endless_continuation":
             # Bounded by the sink's own count: a test sink must never spin forever.
             for i in range(sink.max_continuation_lines):
@@ -235,6 +250,29 @@ class _Handler(socketserver.BaseRequestHandler):
         raise AssertionError(self.behaviour)
 
     # -- reading ------------------------------------------------------------
+
+    def input_waiting(self):
+        """Whether the client's next bytes are here already (in the buffer or the socket)."""
+        if not isinstance(self.sock, ssl.SSLSocket) and select.select([self.sock], [], [], 0)[0]:
+            return True
+        self.sock.setblocking(False)
+        try:
+            return bool(self.rfile.peek(1))  # reads the socket only when the buffer is empty
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return False
+        finally:
+            self.sock.settimeout(self.sink.session_timeout)
+
+    def hang_up(self):
+        """End the session in order: FIN after the last reply, then read whatever the
+        client still sends until it closes (no RST that could take the reply with it)."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            while self.rfile.read(65536):
+                pass
+        except (OSError, ValueError):
+            pass
+        raise _Closed()
 
     def readline(self):
         try:
@@ -265,6 +303,7 @@ class _Handler(socketserver.BaseRequestHandler):
         mail_from = None
         rcpts, rcpt_params, mail_params = [], [], {}
         xforward = {}
+        final_replies = 0  # to message content, in this session
         while True:
             raw = self.readline()
             line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
@@ -300,6 +339,9 @@ class _Handler(socketserver.BaseRequestHandler):
                     self.write(b"503 5.5.1 Error: nested MAIL command\r\n")
                 else:
                     mail_from, mail_params = parsed
+                    waiting = self.input_waiting()
+                    with sink._cond:
+                        self.record.grouped += waiting
                     self.reply("mail", "250 2.1.0 Ok")
             elif verb == "RCPT":
                 parsed = _parse_path(argument, "TO")
@@ -335,8 +377,10 @@ class _Handler(socketserver.BaseRequestHandler):
                 else:
                     self.reply("data", "354 End data with <CR><LF>.<CR><LF>")
                     body = self.read_data()
+                    waiting = self.input_waiting()
                     with sink._cond:
                         sink.data_received += 1
+                        self.record.pipelined += waiting
                         sink._cond.notify_all()
                     if self.data_delay and sink._stopping.wait(self.data_delay):
                         raise _Closed()
@@ -355,6 +399,9 @@ class _Handler(socketserver.BaseRequestHandler):
                         )
                         self.reply("eod", f"250 2.0.0 Ok: queued as SINK{number:06d}")
                     mail_from, rcpts, rcpt_params, mail_params, xforward = None, [], [], {}, {}
+                    final_replies += 1
+                    if self.behaviour == "drop_after_eod" and final_replies >= sink.drop_after:
+                        self.hang_up()
             elif verb == "XFORWARD" and sink.xforward:
                 if mail_from is not None:
                     self.write(b"503 5.5.1 Error: MAIL transaction in progress\r\n")
@@ -460,7 +507,7 @@ class Sink:
         self.hostile_at = "mail"
         self.data_delay = 0.0  # seconds between the end of DATA and the final reply
         self.drip_interval = 1.0
-        self.drop_after = 1  # drop_mid_data: close after this many body bytes
+        self.drop_after = 1  # drop_mid_data: close after this many body bytes; drop_after_eod: final replies
         self.max_continuation_lines = 100_000
         self.session_timeout = 30.0
         self.max_sessions = None  # more simultaneous sessions than this get a 421 greeting

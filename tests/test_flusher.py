@@ -12,6 +12,7 @@ import random
 import re
 import signal
 import smtplib
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -313,6 +314,125 @@ def test_connection_refused_defers_everything(store):
     assert counts == {"messages": 3, "delivered": 0, "deferred": 3, "failed": 0}
     for qid in ids:
         assert rows(store)[qid].last_reply.startswith(f"connect to 127.0.0.1:{port} failed")
+
+
+# -- pipelining: the next message's commands ride with the end of data (RFC 2920 3.1) ---------
+
+
+def recipient_rows(store):
+    """(queue_id, address) -> (state, last_reply) of every recipient still in the queue."""
+    with sqlite3.connect(store.path) as db:
+        return {(q, a): (st, r) for q, a, st, r in db.execute("SELECT queue_id, address, state, last_reply FROM recipients")}
+
+
+def numbered(i):
+    return b"Subject: %d\r\n\r\nmessage %d\r\n" % (i, i)
+
+
+def number_of(delivery):
+    return int(delivery.body.split(b"message ")[1])
+
+
+def test_pipelined_delivery_of_many_messages(store, sink):
+    for i in range(40):
+        enqueue(store, numbered(i))
+    counts = flush(store, domain_config(sink))
+    assert counts == {"messages": 40, "delivered": 40, "deferred": 0, "failed": 0}
+    assert sorted(number_of(d) for d in sink.deliveries) == list(range(40))  # each once
+    assert len(mail_commands(sink)) == 40  # nothing sent twice
+    assert rows(store) == {}
+    for session in sink.sessions:
+        taken = sum(1 for d in sink.deliveries if d.session == session.number)
+        # Every end of data but a connection's last had the next MAIL, RCPT and DATA behind it,
+        assert session.pipelined == taken - 1, (session.number, taken)
+        # and every MAIL its RCPT and DATA.
+        assert session.grouped == taken
+
+
+def test_a_primary_without_pipelining_gets_one_command_at_a_time(store):
+    sink = Sink(extensions=("8BITMIME", "SIZE 104857600", "DSN")).start()
+    try:
+        for i in range(25):
+            enqueue(store, numbered(i), rcpts=("a@example.com", "b@example.com"))
+        counts = flush(store, domain_config(sink))
+        assert counts == {"messages": 25, "delivered": 50, "deferred": 0, "failed": 0}
+        assert sorted(number_of(d) for d in sink.deliveries) == list(range(25))
+        assert [(s.pipelined, s.grouped) for s in sink.sessions] == [(0, 0)] * len(sink.sessions)
+    finally:
+        sink.stop()
+
+
+def test_rejections_mid_pipeline_belong_to_their_message_and_recipient(store, sink):
+    seed = random.randrange(1 << 30)
+    print("seed", seed)
+    rng = random.Random(seed)
+    # 550 for bad@ (not a user), 450 for later@, 250 for a@ and b@; messages of 1-3 of them.
+    sink.valid_users = {"a@example.com", "b@example.com", "later@example.com"}
+    sink.behaviour, sink.behaviour_addresses = "rcpt_4xx", {"later@example.com"}
+    pool = ["a@example.com", "b@example.com", "bad@example.com", "later@example.com"]
+    envelopes = [rng.sample(pool, rng.randint(1, 3)) for _ in range(18)]  # one connection: < 20
+    envelopes[5] = ["bad@example.com", "later@example.com"]  # no recipient taken: no content
+    envelopes[6] = ["a@example.com"]
+    ids = [enqueue(store, numbered(i), rcpts=tuple(rcpts)) for i, rcpts in enumerate(envelopes)]
+    flush(store, domain_config(sink))
+    taken = {i: [a for a in rcpts if a in ("a@example.com", "b@example.com")] for i, rcpts in enumerate(envelopes)}
+    assert {number_of(d): d.rcpts for d in sink.deliveries} == {i: t for i, t in taken.items() if t}, seed
+    expected = {}
+    for qid, rcpts in zip(ids, envelopes):
+        for address in rcpts:
+            if address == "bad@example.com":
+                expected[qid, address] = ("failed", "550 5.1.1 <bad@example.com>")
+            elif address == "later@example.com":
+                expected[qid, address] = ("queued", "450 4.2.0 <later@example.com>")
+    got = {key: (state, reply[:len(expected.get(key, ("", ""))[1])]) for key, (state, reply) in recipient_rows(store).items()}
+    assert got == expected, seed
+    (session,) = sink.sessions
+    assert session.pipelined == sum(1 for i in range(len(envelopes) - 1) if taken[i]), seed
+
+
+def test_a_refused_content_mid_pipeline_fails_only_its_message(store, sink):
+    sink.behaviour, sink.behaviour_addresses = "data_5xx", {"refused@example.com"}
+    rcpts = [("refused@example.com",) if i % 3 == 1 else ("a@example.com",) for i in range(9)]
+    ids = [enqueue(store, numbered(i), rcpts=r) for i, r in enumerate(rcpts)]
+    counts = flush(store, domain_config(sink))
+    assert counts == {"messages": 9, "delivered": 6, "deferred": 0, "failed": 3}
+    assert sorted(number_of(d) for d in sink.deliveries) == [i for i in range(9) if i % 3 != 1]
+    assert {qid: (row.state, row.last_reply[:9]) for qid, row in rows(store).items()} == {
+        ids[i]: ("failed", "554 5.7.1") for i in range(9) if i % 3 == 1}
+    assert sink.sessions[0].pipelined == 8
+
+
+def test_a_connection_dropped_mid_pipeline_keeps_every_message_without_its_own_250(store, sink):
+    # The primary hangs up right after its 3rd final reply in each session: the message
+    # announced behind that end of data (its commands sent, its content not) stays queued.
+    sink.behaviour, sink.drop_after = "drop_after_eod", 3
+    ids = [enqueue(store, numbered(i)) for i in range(10)]  # one connection at a time: < 20
+    counts = flush(store, domain_config(sink))
+    assert counts == {"messages": 10, "delivered": 8, "deferred": 2, "failed": 0}
+    assert [(number_of(d), d.session) for d in sink.deliveries] == [
+        (0, 1), (1, 1), (2, 1), (4, 2), (5, 2), (6, 2), (8, 3), (9, 3)]
+    left = rows(store)
+    assert sorted(left) == sorted([ids[3], ids[7]])
+    for row in left.values():
+        assert (row.state, row.attempts) == ("queued", 1)
+        assert row.last_reply.startswith("connection lost"), row.last_reply
+    assert [s.pipelined for s in sink.sessions] == [3, 3, 1]
+
+
+@pytest.mark.parametrize("stage, reason", [("eod", "reply out of sequence: 250 "), ("data", "reply to no command")])
+def test_a_primary_answering_twice_is_not_believed(store, sink, stage, reason):
+    # One reply too many: after the first message's 250 (eod), the next message's replies
+    # are one behind (MAIL gets the extra 250, DATA a 250); after a 354 (data), the content
+    # would take the extra 354 for its final reply.
+    sink.behaviour, sink.hostile_at = "extra_reply", stage
+    ids = [enqueue(store, numbered(i)) for i in range(6)]
+    flush(store, domain_config(sink))
+    delivered = {number_of(d) for d in sink.deliveries}
+    left = rows(store)
+    assert {i for i, qid in enumerate(ids) if qid not in left} == delivered  # marked delivered only with its own 250
+    assert delivered == ({0, 2, 4} if stage == "eod" else set())
+    for row in left.values():
+        assert (row.state, row.attempts) == ("queued", 1) and row.last_reply.startswith(reason), row.last_reply
 
 
 # -- a hostile primary: bounded time, mail kept ---------------------------------------------
