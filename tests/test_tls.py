@@ -1,12 +1,16 @@
 """backupmx.tls: contexts, their errors, and the I/O-free TLSLayer.
 
 Real TLS throughout: the committed certificates in tests/certs/, two
-TLSLayers talking through memory, and a TLSLayer against a real ssl socket.
+TLSLayers talking through memory, a TLSLayer against a real ssl socket, and
+STARTTLS through the worker's connection driver on 127.0.0.1.
 """
 
+import logging
 import os
 import pathlib
 import random
+import re
+import select
 import shutil
 import socket
 import ssl
@@ -16,7 +20,11 @@ import threading
 import pytest
 
 from backupmx import tls
+from backupmx.config import load_config
+from backupmx.connection import ConnectionContext, SMTPConnection
 from backupmx.tls import TLSConfigError, TLSError, TLSLayer
+from conftest import read_line
+from test_xforward import TableResolver
 
 CERTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "certs")
 CA = os.path.join(CERTS, "ca.pem")
@@ -333,6 +341,52 @@ def test_layer_handshake_and_data(server_ctx):
     assert p.take(client) == b"250 ok\r\n"
 
 
+def tickets_received(client_ctx):
+    """A list that grows by one for each NewSessionTicket the client context reads
+    (ssl's message callback: what goes over the wire, not what the session keeps)."""
+    tickets = []
+
+    def seen(conn, direction, version, content_type, msg_type, data):
+        if direction == "read" and getattr(msg_type, "name", "") == "NEWSESSION_TICKET":
+            tickets.append(msg_type)
+
+    client_ctx._msg_callback = seen
+    return tickets
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+def test_layer_sends_one_ticket_with_the_first_reply(server_ctx, version):
+    """One ticket per handshake (as Postfix; OpenSSL's default is two). TLS 1.3's waits for the
+    first application data, so both go out in one write; TLS 1.2's is part of the handshake."""
+    client_ctx = tls.client_context("required", CA)
+    client_ctx.maximum_version = tls.TLS_VERSIONS[version]
+    tickets = tickets_received(client_ctx)
+    client, server = _layers(server_ctx, client_ctx)
+    p = Pipe(client, server)
+    p.pump()
+    assert client.handshake_complete and server.version() == version
+    assert len(tickets) == (1 if version == "TLSv1.2" else 0)
+    assert not server.has_outgoing and server.outgoing() == b""  # nothing to write before the reply
+    client.send(b"EHLO x\r\n")
+    p.pump()
+    assert p.take(server) == b"EHLO x\r\n" and len(tickets) == (1 if version == "TLSv1.2" else 0)
+    server.send(b"250 ok\r\n")
+    assert server.has_outgoing
+    p.pump()
+    assert p.take(client) == b"250 ok\r\n" and len(tickets) == 1
+
+
+def test_layer_held_ticket_goes_out_with_close_notify(server_ctx):
+    client_ctx = tls.client_context("required", CA)
+    tickets = tickets_received(client_ctx)
+    client, server = _layers(server_ctx, client_ctx)
+    p = Pipe(client, server)
+    p.pump()
+    server.close()
+    p.pump()
+    assert client.closed and len(tickets) == 1
+
+
 def test_layer_send_before_handshake_is_buffered(server_ctx):
     client, server = _layers(server_ctx)
     server.send(b"220 banner\r\n")  # implicit TLS: the banner is queued before the handshake
@@ -500,3 +554,100 @@ def test_layer_against_real_ssl_socket(server_ctx, verifying_ctx):
     assert not t.is_alive()
     assert "error" not in result, result.get("error")
     assert result["layer"].version() == version
+
+
+# ---------------------------------------------------------------------------
+# STARTTLS through the worker's connection driver (SMTPConnection), on 127.0.0.1
+
+
+class StartTLSClient:
+    """A client on a real TCP socket whose server side is an SMTPConnection this test drives
+    by hand (on_readable once the socket has input), so what the server wrote after each
+    step is known; the client's TLS is an SSLObject over memory buffers."""
+
+    def __init__(self, listener, context):
+        self.sock = socket.create_connection(listener.getsockname(), timeout=5)
+        server_sock, peer = listener.accept()
+        self.conn = SMTPConnection(server_sock, peer, context)
+        self.conn.on_writable()  # the loop's first writable event: the banner
+        self.tls = None
+        assert read_line(self.sock).startswith(b"220 ")
+
+    def step(self):
+        """The server reads what the client sent (the loop's readable event) and answers."""
+        assert select.select([self.conn.sock], [], [], 5)[0]
+        self.conn.on_readable()
+
+    def server_wrote(self):
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def plain(self, command):
+        self.sock.sendall(command + b"\r\n")
+        self.step()
+        lines = [read_line(self.sock)]
+        while lines[-1][3:4] == b"-":
+            lines.append(read_line(self.sock))
+        return lines
+
+    def starttls(self, client_ctx, session=None):
+        assert self.plain(b"STARTTLS")[0].startswith(b"220 ")
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = client_ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost", session=session)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.outgoing.read())
+                self.step()
+                self.incoming.write(self.sock.recv(65536))
+        self.sock.sendall(self.outgoing.read())  # our Finished
+        self.step()
+
+    def command(self, line):
+        self.tls.write(line + b"\r\n")
+        self.sock.sendall(self.outgoing.read())
+        self.step()
+        text = b""
+        while not re.search(rb"(^|\r\n)\d{3} [^\r\n]*\r\n$", text):
+            try:
+                text += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                data = self.sock.recv(65536)
+                assert data
+                self.incoming.write(data)
+        return text
+
+    def close(self):
+        self.sock.close()
+        self.conn.close()
+
+
+def test_starttls_sends_one_ticket_with_the_ehlo_reply_and_it_resumes(tmp_path, server_ctx):
+    """After the TLS 1.3 handshake the server writes nothing until its reply to the second EHLO,
+    which carries the one session ticket; a second connection resumes with it."""
+    config_path = tmp_path / "c.ini"
+    config_path.write_text(f"[backupmx]\nhostname = mx2.test\nqueue = {tmp_path}/q.db\n"
+                           "[domain:example.com]\nprimary = 127.0.0.1:25\nprimary_tls = none\n")
+    context = ConnectionContext(config=load_config(config_path), ssl_context=server_ctx,
+                                logger=logging.getLogger("test-tls-tickets"), resolver=TableResolver())
+    client_ctx = tls.client_context("required", CA)
+    tickets = tickets_received(client_ctx)
+    session = None
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            for resumed in (False, True):
+                client = StartTLSClient(listener, context)
+                try:
+                    assert b"STARTTLS" in b"".join(client.plain(b"EHLO client.test"))
+                    client.starttls(client_ctx, session)
+                    assert client.tls.version() == "TLSv1.3" and client.tls.session_reused == resumed
+                    assert not client.server_wrote() and len(tickets) == resumed
+                    assert client.command(b"EHLO client.test").endswith(b"250 CHUNKING\r\n")
+                    assert len(tickets) == 1 + resumed
+                    session = client.tls.session
+                    assert client.command(b"QUIT").startswith(b"221 ")
+                finally:
+                    client.close()
+    finally:
+        context.close()
