@@ -318,10 +318,11 @@ class SMTPConnection:
                 log_event(self.ctx.logger, "tls", client=self.client_ip, version=self._tls.version(),
                           cipher=self._tls.cipher(), bits=self._tls.cipher_bits())
             if data:
-                self._feed(data)
+                self._feed(data)  # which moves the TLS layer's records out too
             if self._tls.closed:
                 return self._peer_closed()
-            self._pump()
+            if not data:
+                self._pump()  # the handshake's records
         elif data:
             self._feed(data)
         else:

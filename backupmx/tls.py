@@ -246,8 +246,10 @@ class TLSLayer:
         self.handshake_complete = False
         self.closed = False  # peer sent close_notify or EOF, or we failed
         self._closing = False  # we started close_notify
-        # A client speaks first: put its ClientHello in the outgoing buffer now.
-        self._do_handshake()
+        if not server_side:
+            # A client speaks first: put its ClientHello in the outgoing buffer now.
+            # (A server has nothing to say before the ClientHello: no call, no SSLWantReadError.)
+            self._do_handshake()
 
     # -- the three buffer operations
 
@@ -265,6 +267,8 @@ class TLSLayer:
             self._do_handshake()
             if not self.handshake_complete:
                 return b""
+        if not self._incoming.pending and not self._ssl.pending():
+            return b""  # the handshake's last message came alone (the commonest case)
         return self._read_plaintext()
 
     def receive_eof(self) -> bytes:
@@ -275,7 +279,7 @@ class TLSLayer:
         if not self.handshake_complete:
             self.closed = True
             raise TLSError("connection closed during TLS handshake")
-        data = self._read_plaintext()
+        data = self._read_plaintext(to_the_end=True)
         self.closed = True
         return data
 
@@ -370,7 +374,15 @@ class TLSLayer:
             self.closed = True
             raise TLSError(f"TLS error: {_ssl_reason(exc)}") from None
 
-    def _read_plaintext(self) -> bytes:
+    def _read_plaintext(self, to_the_end: bool = False) -> bytes:
+        """The plaintext of the records received so far.
+
+        It stops once neither the incoming buffer nor OpenSSL holds anything
+        more (a record is read whole, so an empty buffer has nothing to
+        decrypt) rather than on the SSLWantReadError a further read would
+        raise. `to_the_end`: read on until OpenSSL says why it stops (after
+        EOF: close_notify or not).
+        """
         chunks = []
         while True:
             try:
@@ -390,6 +402,8 @@ class TLSLayer:
                 self.closed = True
                 break
             chunks.append(chunk)
+            if not to_the_end and not self._incoming.pending and not self._ssl.pending():
+                break
         return b"".join(chunks)
 
 
