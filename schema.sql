@@ -20,7 +20,9 @@
 -- from before schema_compat (added in schema 6) refuse any newer
 -- user_version: that cannot be changed in copies already deployed.
 --
--- Model: a message (envelope sender + body) is stored ONCE in `messages`.
+-- Model: a message (envelope sender + body) is stored ONCE in `messages`, its
+-- body in consecutive rows of `body_chunks` (since schema 11; before, in
+-- messages.body).
 -- It has one row in `queue` per configured recipient domain it was accepted
 -- for (same queue id, the domain names the row), and one row in `recipients`
 -- per RCPT TO of that domain. Deliveries are per domain: ETRN for a domain
@@ -30,12 +32,12 @@
 -- page_size = 4096 (set by backupmx/store_db.py before this file runs: neither
 -- can be changed once a table exists), so housekeeping can hand the pages of
 -- flushed mail back to the file system with PRAGMA incremental_vacuum.
--- The page size trades disk for speed: a message of 2 KB takes a 4 KB page of
--- its own (the file is ~2.3x its mail), but every commit writes whole pages to
--- the WAL, so larger pages slow each 250 (measured with 2 KB messages: 8 KB
--- pages ~1.6x the mail and ~8% fewer messages/s, 16 KB ~1.4x and ~17% fewer,
--- bench/README.md). An operator short of disk may choose larger pages, and an
--- older queue gets incremental vacuum, this way (server stopped):
+-- Larger pages make every commit write more to the WAL, so each 250 slower
+-- (measured with 2 KB messages: 8 KB pages ~8% fewer messages/s, 16 KB ~17%
+-- fewer, bench/README.md); the body chunks pack 4 KB pages, so larger ones
+-- gain little disk. (Before schema 11 a 2 KB body in its message row took a
+-- 4 KB page of its own.) An older queue gets incremental vacuum, and another
+-- page size, this way (server stopped):
 --   sqlite3 queue.db 'PRAGMA journal_mode = DELETE; PRAGMA page_size = 8192;
 --                     PRAGMA auto_vacuum = INCREMENTAL; VACUUM; PRAGMA journal_mode = WAL;'
 --
@@ -60,6 +62,8 @@
 --   SELECT * FROM queue_summary;                          -- per domain: messages, bytes, oldest, last ETRN and delivery
 --   SELECT domain, datetime(last_etrn, 'unixepoch') FROM domain_status; -- did the primary poll?
 --   SELECT * FROM queue_list WHERE domain = 'example.com'; -- one line per queued message
+--   SELECT body FROM message_bodies WHERE queue_id = 'ID';   -- a message as it will be delivered
+--   SELECT writefile('ID.eml', body) FROM message_bodies WHERE queue_id = 'ID'; -- ... into a file
 --   SELECT domain, state, COUNT(*) FROM queue GROUP BY 1, 2;
 --   SELECT * FROM recipients WHERE state = 'failed';      -- what the primary refused, and why
 --   SELECT datetime(at, 'unixepoch'), domain, what, detail
@@ -72,12 +76,14 @@
 --     WHERE domain = 'example.com' AND state = 'held';    -- release it again
 --   DELETE FROM queue WHERE queue_id = 'ID';              -- drop a message (all its domains)
 -- Deleting is safe with or without PRAGMA foreign_keys: the triggers at the
--- end remove a row's recipients, and the message once its last row is gone.
+-- end remove a row's recipients, and the message (and its body's chunks) once
+-- its last row is gone.
 -- Prefer the backupmx commands while the server runs: they also log an event.
 
 -- One accepted message: the envelope sender and the body, stored once however
 -- many domains it is queued for. A message row lives exactly as long as at
--- least one `queue` row refers to it (triggers below).
+-- least one `queue` row refers to it, and its body's chunks as long as it
+-- (triggers below).
 CREATE TABLE IF NOT EXISTS messages (
     queue_id    TEXT PRIMARY KEY NOT NULL, -- id given in "250 2.0.0 Ok: queued as <id>"; [0-9A-Z], roughly time-sortable
     sender      TEXT NOT NULL,             -- MAIL FROM reverse-path without <>; '' is the null sender <> (bounces)
@@ -91,7 +97,23 @@ CREATE TABLE IF NOT EXISTS messages (
     smtputf8    INTEGER NOT NULL DEFAULT 0, -- RFC 6531: 0 = MAIL FROM had no SMTPUTF8; 1 = it had, all ASCII; 2 = it had and the envelope or a header is UTF-8: only a primary offering SMTPUTF8 gets it (else the recipients fail with 5.6.7)
     client_name TEXT,                      -- the client's verified DNS name (its PTR name, confirmed by that name's addresses) or 'unknown'; NULL in mail queued before version 7. Sent as XFORWARD NAME
     protocol    TEXT,                      -- how it came in, as Received: says "with": 'ESMTP', 'ESMTPS', 'ESMTPSA' (RFC 3848), 'UTF8SMTPS' (RFC 6531) ...; sent as XFORWARD PROTO
-    body        BLOB NOT NULL              -- the message exactly as it will be delivered, our Received: header first; CRLF line ends, not dot-stuffed. LAST on purpose: SQLite then writes zeroblob(size) without building it in memory, and reading the other columns never walks the body's overflow pages
+    first_chunk INTEGER,                   -- the body is body_chunks first_chunk .. last_chunk, in id order (none when last_chunk < first_chunk: an empty body); NULL: in `body` (queued before schema 11)
+    last_chunk  INTEGER,                   -- see first_chunk
+    body        BLOB NOT NULL              -- before schema 11: the message exactly as it will be delivered (see body_chunks); since: the integer 0, so that a backupmx of schema 10 fails to open it rather than read an empty body. LAST on purpose: SQLite then wrote zeroblob(size) without building it in memory, and reading the other columns never walks the body's overflow pages (but first_chunk and last_chunk come after it in a queue from before schema 11)
+);
+
+-- The message bodies, in pieces (not BDAT's chunks): a message's are the ids
+-- messages.first_chunk .. last_chunk, written in the transaction that queues
+-- it and deleted with it (trigger message_chunks_gone). Each body is exactly
+-- as it will be delivered, our Received: header first; CRLF line ends, not
+-- dot-stuffed. Pieces of ~500 bytes pack the 4 KB pages (eight a page; a 2 KB
+-- body in its own row took a page of its own), and past 4.5 KB a piece fills
+-- its overflow pages exactly (up to 64 KB a piece, few rows for a long body):
+-- backupmx/store_db.py, chunk_lengths. The view message_bodies puts a body
+-- together (the header's examples).
+CREATE TABLE IF NOT EXISTS body_chunks (
+    id   INTEGER PRIMARY KEY, -- consecutive within one message, in body order
+    data BLOB NOT NULL        -- the next bytes of the body
 );
 
 -- One row per (message, recipient domain): the unit that is flushed to the
@@ -310,6 +332,16 @@ CREATE VIEW IF NOT EXISTS queue_summary (domain, messages, bytes, oldest, last_e
           HAVING SUM(t.messages) > 0) AS w
     LEFT JOIN domain_status AS s USING (domain);
 
+-- A message's body put together (queue_id, body), whichever way it is stored
+-- (group_concat takes the chunks in the order the id range is read: id order).
+--   SELECT writefile('ID.eml', body) FROM message_bodies WHERE queue_id = 'ID';
+CREATE VIEW IF NOT EXISTS message_bodies (queue_id, body) AS
+    SELECT m.queue_id,
+           CASE WHEN m.first_chunk IS NULL THEN m.body
+                ELSE CAST(COALESCE((SELECT group_concat(c.data, '') FROM body_chunks AS c
+                                     WHERE c.id BETWEEN m.first_chunk AND m.last_chunk), '') AS BLOB) END
+    FROM messages AS m;
+
 -- One line per queue row (any state), recipients comma-separated, oldest first.
 CREATE VIEW IF NOT EXISTS queue_list
     (queue_id, domain, state, received_at, size, sender, recipients, attempts, last_reply) AS
@@ -340,6 +372,12 @@ END;
 CREATE TRIGGER IF NOT EXISTS messages_gone AFTER DELETE ON messages
 BEGIN
     DELETE FROM queue WHERE queue_id = OLD.queue_id;
+END;
+
+-- A message is gone: its body's chunks go (whoever deleted it).
+CREATE TRIGGER IF NOT EXISTS message_chunks_gone AFTER DELETE ON messages WHEN OLD.first_chunk IS NOT NULL
+BEGIN
+    DELETE FROM body_chunks WHERE id BETWEEN OLD.first_chunk AND OLD.last_chunk;
 END;
 
 -- queue_totals follows every queue row (whoever writes it): a new row counts ...
@@ -414,7 +452,10 @@ CREATE TABLE IF NOT EXISTS schema_compat (
 --    copied from messages), queue_totals and its triggers, queue_domain_state with the
 --    arrival time (made anew), queue_kept, recipients_dsn_due, events_at; queue_summary
 --    reads queue_totals.
-PRAGMA user_version = 10;
+-- 11: body_chunks, messages.first_chunk and last_chunk (added to an older queue on start:
+--    its messages keep their bodies in messages.body, nothing is copied), message_bodies,
+--    trigger message_chunks_gone; oldest_version 11.
+PRAGMA user_version = 11;
 
 -- The oldest schema version whose backupmx can still read and write a queue of
 -- this version. When you bump user_version:
@@ -432,4 +473,8 @@ PRAGMA user_version = 10;
 -- protocol leaves them NULL. One that does not know queue_totals or the
 -- queue's copies of size and arrival time writes queue rows without them: the
 -- triggers fill and count them.
-INSERT OR REPLACE INTO schema_compat (id, oldest_version) VALUES (1, 4);
+-- 11: a backupmx of schema 10 or older reads every body from messages.body, and
+-- the messages queued since are in body_chunks (their body column holds 0: a
+-- process of schema 10 still running fails to read one rather than deliver it
+-- empty; it never deletes one undelivered).
+INSERT OR REPLACE INTO schema_compat (id, oldest_version) VALUES (1, 11);

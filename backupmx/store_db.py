@@ -14,6 +14,7 @@ connection must never cross a fork. All times come from the injected clock
 
 from __future__ import annotations
 
+import bisect
 import io
 import os
 import secrets
@@ -27,6 +28,35 @@ from backupmx.config import tuning
 from backupmx.schema import schema_text, schema_version, view_names
 
 CHUNK = 64 * 1024  # bytes copied per step into and out of a body blob
+
+
+BIG_CHUNK_PAGES = 16  # overflow pages of the longest body chunk (64 KB with 4 KB pages)
+
+
+def chunk_lengths(size: int, page_size: int) -> list[int]:
+    """The lengths of the body_chunks rows a body of `size` bytes is stored in (schema.sql).
+
+    Small rows pack a leaf page: eight of them fill it (with their cell
+    headers, a 4-byte rowid and 2-byte pointers), so the pages of 2 KB bodies
+    are full, where a body in its own row took a page to itself. Past one
+    overflow page's worth a chunk takes what fills its overflow pages
+    exactly (up to BIG_CHUNK_PAGES), so that a long body costs few rows (a
+    row each costs time at accept) and wastes no space either. SQLite keeps
+    the first min_local bytes of an overflowing row on the leaf page and the
+    rest on overflow pages of page_size - 4 payload bytes each (the file
+    format, section 1.6, "Cell Payload Overflow Pages"); 5 bytes of the
+    payload are the record's header.
+    """
+    overflow = page_size - 4
+    min_local = (page_size - 12) * 32 // 255 - 23
+    small = (page_size - 8) // 8 - 12
+    lengths = []
+    left = size
+    while left > 0:
+        pages = min(BIG_CHUNK_PAGES, (left - min_local) // overflow)
+        lengths.append(min_local - 5 + pages * overflow if pages > 0 else min(left, small))
+        left -= lengths[-1]
+    return lengths
 
 
 DEFAULT_BUSY_TIMEOUT = tuning("BACKUPMX_BUSY_TIMEOUT", 5.0)  # seconds a writer waits for another writer's lock
@@ -122,14 +152,25 @@ class RecipientStatus:
 
 
 
-class BodyReader(io.RawIOBase):
-    """A message body, read from its blob in pieces.
+class DamagedBody(Exception):
+    """A message's stored chunks do not add up to its size (a chunk deleted by hand?).
 
-    Each refill opens the blob in its own short read transaction, so a slow
-    delivery never pins an old WAL snapshot (which would stop checkpoints and
-    make the caller's later writes fail with SQLITE_BUSY_SNAPSHOT). Refills
-    are READAHEAD bytes: seeking into a blob walks its overflow-page chain
-    from the start, so fewer, larger refills keep a 50 MB read linear enough.
+    Nothing of it is delivered: the flusher drops the connection mid-DATA and
+    the message stays queued.
+    """
+
+
+
+class BodyReader(io.RawIOBase):
+    """A message body, read from its chunks (or, queued before schema 11, its blob) in pieces.
+
+    Each refill reads in its own short read transaction, so a slow delivery
+    never pins an old WAL snapshot (which would stop checkpoints and make the
+    caller's later writes fail with SQLITE_BUSY_SNAPSHOT). Refills are
+    READAHEAD bytes: seeking into a blob walks its overflow-page chain from
+    the start, so fewer, larger refills keep a 50 MB read linear enough; a
+    body of at most READAHEAD bytes (all but the longest) is read whole, at
+    once.
     """
 
     READAHEAD = 1024 * 1024
@@ -142,6 +183,7 @@ class BodyReader(io.RawIOBase):
         self._pos = 0
         self._buf = b""
         self._buf_start = 0
+        self._starts: list[int] | None = None  # where each chunk starts in the body, once a refill needed it
 
     def readable(self) -> bool:
         return True
@@ -188,15 +230,46 @@ class BodyReader(io.RawIOBase):
             if own:
                 self._db.execute("BEGIN")
             try:
-                row = self._db.execute("SELECT rowid FROM messages WHERE queue_id = ?", (self.queue_id,)).fetchone()
+                row = self._db.execute("SELECT rowid, first_chunk, last_chunk FROM messages WHERE queue_id = ?",
+                                       (self.queue_id,)).fetchone()
                 if row is None:
                     raise KeyError(f"message {self.queue_id} is no longer in the queue")
-                with self._db.blobopen("messages", "body", row[0], readonly=True) as blob:
-                    blob.seek(pos)
-                    return blob.read(n)
+                rowid, first, last = row
+                if first is None:  # queued before schema 11: the body is the message row's blob
+                    with self._db.blobopen("messages", "body", rowid, readonly=True) as blob:
+                        blob.seek(pos)
+                        return blob.read(n)
+                return self._read_chunks(first, last, pos, n)
             finally:
                 if own:
                     self._db.execute("COMMIT")
+
+    def _read_chunks(self, first: int, last: int, pos: int, n: int) -> bytes:
+        """Bytes pos .. pos + n of a body in chunks first .. last (in the caller's transaction)."""
+        if pos == 0 and n >= self.size:
+            return self._checked(self._chunks(first, last), self.size)
+        if self._starts is None:
+            lengths = self._db.execute("SELECT length(data) FROM body_chunks WHERE id BETWEEN ? AND ? ORDER BY id",
+                                       (first, last)).fetchall()
+            self._starts = [0]
+            for (length,) in lengths:
+                self._starts.append(self._starts[-1] + length)
+            if len(lengths) != last - first + 1 or self._starts[-1] != self.size:
+                raise DamagedBody(f"message {self.queue_id}: its {len(lengths)} body chunks of {self._starts[-1]}"
+                                  f" bytes are not chunks {first}..{last} of {self.size} bytes")
+        i = bisect.bisect_right(self._starts, pos) - 1
+        j = bisect.bisect_left(self._starts, pos + n)
+        data = self._checked(self._chunks(first + i, first + j - 1), self._starts[j] - self._starts[i])
+        return data[pos - self._starts[i]:pos - self._starts[i] + n]
+
+    def _chunks(self, first: int, last: int) -> bytes:
+        return b"".join(row[0] for row in self._db.execute(
+            "SELECT data FROM body_chunks WHERE id BETWEEN ? AND ? ORDER BY id", (first, last)))
+
+    def _checked(self, data: bytes, expected: int) -> bytes:
+        if len(data) != expected:
+            raise DamagedBody(f"message {self.queue_id}: its body chunks hold {len(data)} bytes, not {expected}")
+        return data
 
     def readall(self) -> bytes:
         return self.read(-1)
@@ -343,6 +416,7 @@ class QueueDatabase:
         self._clock = clock
         self._db: sqlite3.Connection | None = None
         self._turn_lock: int | None = None  # fd of <queue>-commit.lock: store_intake's turn to commit
+        self._page_size: int | None = None  # the file's, read once (only a VACUUM, server stopped, changes it)
         with _sqlite_errors():
             if read_only:
                 db = sqlite3.connect(f"file:{_uri_path(path)}?mode=ro", uri=True, timeout=busy_timeout,
@@ -419,6 +493,8 @@ class QueueDatabase:
         ("messages", "protocol", "TEXT"),  # version 7
         ("queue", "message_received_at", "INTEGER"),  # version 10
         ("queue", "message_size", "INTEGER"),  # version 10
+        ("messages", "first_chunk", "INTEGER"),  # version 11 (NULL: the body is in messages.body)
+        ("messages", "last_chunk", "INTEGER"),  # version 11
     )
 
     def _migrate(self, db: sqlite3.Connection, text: str, found: int) -> None:
@@ -545,6 +621,14 @@ class QueueDatabase:
 
     def new_queue_id(self) -> str:
         return new_queue_id(self._clock)
+
+    def page_size(self) -> int:
+        """The file's page size in bytes (what body chunks are cut to, what free_pages and
+        incremental_vacuum count in)."""
+        if self._page_size is None:
+            with _sqlite_errors():
+                self._page_size = self.connection.execute("PRAGMA page_size").fetchone()[0]
+        return self._page_size
 
     def open_body(self, queue_id: str) -> BodyReader:
         """The message body as a binary file (read(n), seek, len); the caller closes it.

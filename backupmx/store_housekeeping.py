@@ -272,11 +272,6 @@ class Housekeeping(QueueDatabase):
             )
         return rows
 
-    def page_size(self) -> int:
-        """The file's page size in bytes (what free_pages and incremental_vacuum count in)."""
-        with _sqlite_errors():
-            return self.connection.execute("PRAGMA page_size").fetchone()[0]
-
     def free_pages(self) -> tuple[int, int]:
         """(free pages, all pages) of the file; (0, pages) when the queue was not created
         with auto_vacuum = INCREMENTAL (its free pages cannot be given back then)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, Mapping
 
 from backupmx.envelope import Envelope
-from backupmx.store_db import RECEIVED, CHUNK, QueueDatabase, QueueUnavailable, _is_unavailable, _sqlite_errors
+from backupmx.store_db import RECEIVED, QueueDatabase, QueueUnavailable, _is_unavailable, _sqlite_errors, chunk_lengths
 
 
 @dataclass
@@ -59,9 +59,9 @@ class Intake(QueueDatabase):
         """Queue several messages in ONE durable transaction (group commit), each for
         every domain of its recipients. Returns once the commit is durable.
 
-        Each body is copied from its `body_file` (exactly `size` bytes, read 64
-        KiB at a time, so memory does not grow with the message) into a blob
-        allocated with zeroblob(size). `quotas` ({domain: (max messages, max
+        Each body is copied from its `body_file` (exactly `size` bytes, read
+        one chunk of at most 64 KiB at a time, so memory does not grow with the
+        message) into consecutive rows of body_chunks (chunk_lengths). `quotas` ({domain: (max messages, max
         bytes)}, None = no limit) are checked inside the transaction, so
         concurrent senders can never push a domain over its quota (QuotaExceeded).
 
@@ -132,28 +132,23 @@ class Intake(QueueDatabase):
             body_file = io.BytesIO(body_file)
         at = now if submission.received_at is None else int(submission.received_at)
         self._check_quotas(db, domains, size, quotas)
+        lengths = chunk_lengths(size, self.page_size())
+        first = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM body_chunks").fetchone()[0]
         try:
-            cursor = db.execute(
-                "INSERT INTO messages (queue_id, sender, received_at, size, body, client, helo, envid, ret, body_type,"
-                " smtputf8, client_name, protocol) VALUES (?, ?, ?, ?, zeroblob(?), ?, ?, ?, ?, ?, ?, ?, ?)",
-                (queue_id, envelope.sender, at, size, size, submission.client, submission.helo, envelope.envid,
-                 envelope.ret, envelope.body_type or "7BIT", envelope.smtputf8_state, submission.client_name,
-                 submission.protocol),
+            # body = 0 (not a blob): a backupmx of schema 10, which reads the body
+            # from this column, fails to open it rather than send an empty message.
+            db.execute(
+                "INSERT INTO messages (queue_id, sender, received_at, size, body, first_chunk, last_chunk, client,"
+                " helo, envid, ret, body_type, smtputf8, client_name, protocol)"
+                " VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (queue_id, envelope.sender, at, size, first, first + len(lengths) - 1, submission.client,
+                 submission.helo, envelope.envid, envelope.ret, envelope.body_type or "7BIT",
+                 envelope.smtputf8_state, submission.client_name, submission.protocol),
             )
         except sqlite3.IntegrityError as exc:
             raise QueueUnavailable(f"queue id {queue_id} is already in use") from exc
-        written = 0
-        with db.blobopen("messages", "body", cursor.lastrowid) as blob:
-            while True:
-                chunk = body_file.read(CHUNK)
-                if not chunk:
-                    break
-                if written + len(chunk) > size:
-                    raise ValueError(f"enqueue {queue_id}: body is longer than size={size}")
-                blob.write(chunk)
-                written += len(chunk)
-        if written != size:
-            raise ValueError(f"enqueue {queue_id}: body has {written} bytes, size={size}")
+        db.executemany("INSERT INTO body_chunks (id, data) VALUES (?, ?)",
+                       enumerate(_chunks(queue_id, body_file, size, lengths), first))
         db.executemany(
             "INSERT INTO queue (queue_id, domain, state, attempts, next_attempt, state_changed, message_received_at,"
             " message_size) VALUES (?, ?, 'queued', 0, ?, ?, ?, ?)",
@@ -192,3 +187,22 @@ class Intake(QueueDatabase):
             if (max_messages is not None and messages + 1 > max_messages) or (
                     max_bytes is not None and queued + size > max_bytes):
                 raise QuotaExceeded(f"queue for {domain} is full")
+
+
+
+def _chunks(queue_id: str, body_file: BinaryIO, size: int, lengths: list[int]) -> Iterator[bytes]:
+    """The body read from `body_file` in pieces of `lengths`; ValueError unless it holds exactly `size` bytes."""
+    written = 0
+    for length in lengths:
+        chunk = body_file.read(length)
+        while 0 < len(chunk) < length:  # a short read before the end (a pipe, a raw file)
+            more = body_file.read(length - len(chunk))
+            if not more:
+                break
+            chunk += more
+        written += len(chunk)
+        if len(chunk) < length:
+            raise ValueError(f"enqueue {queue_id}: body has {written} bytes, size={size}")
+        yield chunk
+    if body_file.read(1):
+        raise ValueError(f"enqueue {queue_id}: body is longer than size={size}")

@@ -341,7 +341,8 @@ def test_ipv4_clients_of_a_dual_stack_listener_are_ipv4_everywhere(tmp_path):
         client.send_message("a@origin.test", "bob@example.com")
         client.cmd("QUIT")
         db = sqlite3.connect(tmp_path / "q.db")
-        body, client_column = db.execute("SELECT body, client FROM messages").fetchone()
+        body, client_column = db.execute("SELECT b.body, m.client FROM messages AS m JOIN message_bodies AS b"
+                                         " USING (queue_id)").fetchone()
         db.close()
         assert body.startswith(b"Received: from ") and received_client().encode() in body.split(b"\r\n")[0], body[:120]
         assert client_column == "127.0.0.1"

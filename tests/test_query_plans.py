@@ -28,7 +28,7 @@ from backupmx.store_operator import Selection
 from conftest import queue_one
 
 T0 = 1_800_000_000
-GROWING = {"messages", "queue", "recipients", "events"}
+GROWING = {"messages", "body_chunks", "queue", "recipients", "events"}
 ALIASES = {"m": "messages", "q": "queue", "r": "recipients"}  # as the store's joins name them
 SMALL_BY_CONSTRUCTION = {"recipients_dsn_due", "queue_kept"}  # partial indexes of the few rows a step acts on
 
@@ -56,10 +56,9 @@ def growing_scans(db, statement, args=()):
     return bad
 
 
-def put(store, *addresses, received_at=None):
+def put(store, *addresses, received_at=None, body=b"Subject: x\r\n\r\nbody\r\n"):
     qid = store.new_queue_id()
     envelope = Envelope("sender@example.org", [Recipient(a, a.rsplit("@", 1)[1]) for a in addresses])
-    body = b"Subject: x\r\n\r\nbody\r\n"
     queue_one(store, qid, envelope, body, len(body), client="192.0.2.1", helo="client.test",
               received_at=received_at, quotas={"one.test": (1000, 10**9)})
     return qid
@@ -82,6 +81,7 @@ def test_the_hot_statements_never_read_a_growing_table_whole(queue):
     # An SMTP worker: admission (quota usage) and the group commit with quotas.
     store.usage("one.test")
     put(store, "new@one.test")
+    long_one = put(store, "long@one.test", body=b"x" * 20000)  # in several chunks
     # ETRN and a flush: the request, the lease, the work list, outcomes of every kind.
     store.request_flush(["one.test"], etrn=True)
     assert store.claim_flush("flusher", 60) == "one.test"
@@ -91,6 +91,9 @@ def test_the_hot_statements_never_read_a_growing_table_whole(queue):
                            for i, m in enumerate(work[:9])])
     with store.open_body(work[10].queue_id) as body:
         body.read()
+    with store.open_body(long_one) as body:  # a part of a body: where each chunk starts, then those chunks
+        body.seek(9000)
+        body.read(10)
     store.release_flush("one.test", "flusher")
     store.claim_domains(["two.test"], "atrn", 60)
     store.release_leases_of("atrn")

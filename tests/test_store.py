@@ -26,11 +26,12 @@ from backupmx.outcome import Outcome, Verdict, classify
 from backupmx.store import (
     QueueStore,
     QueueUnavailable,
+    Submission,
     check_database,
     is_queue_id,
     new_queue_id,
 )
-from backupmx.store_db import CHUNK
+from backupmx.store_db import CHUNK, DamagedBody
 from conftest import pending_flushes, queue_one, record_deferred, record_delivered, record_failed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +82,7 @@ def counts(path):
     db = sqlite3.connect(path)
     try:
         return tuple(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-                     for t in ("messages", "queue", "recipients", "events"))
+                     for t in ("messages", "queue", "recipients", "events", "body_chunks"))
     finally:
         db.close()
 
@@ -272,12 +273,19 @@ def test_envelope_parameters_are_kept(store):
     assert (d.client, d.helo, d.received_at) == ("::1", "h", T0)
 
 
-@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17])
+# Every size class of the body chunks with 4 KB pages (chunk_lengths): none, one byte, one
+# small chunk exactly, one more, the last size in small chunks and the first with overflow
+# pages, a 64 KB chunk exactly and one byte over, the copy step, a body read whole
+# (BodyReader.READAHEAD) and one byte more (read in refills: where each chunk starts).
+SIZE_CLASSES = [0, 1, 499, 500, 4576, 4577, 65956, 65957, CHUNK + 1, 3 * CHUNK + 17, 2**20, 2**20 + 1]
+
+
+@pytest.mark.parametrize("size", SIZE_CLASSES)
 def test_body_round_trip_is_byte_exact(store, size):
     seed = random.randrange(2**32)
     print("seed", seed)
     rng = random.Random(seed)
-    body = bytes(rng.randrange(256) for _ in range(size))
+    body = rng.randbytes(size)
     if size > 4:
         body = b"\x00\r\n\xff" + body[4:]  # NUL, CRLF and 8-bit for sure
     qid = put(store, "a@example.com", body=body)
@@ -289,6 +297,42 @@ def test_body_round_trip_is_byte_exact(store, size):
         assert b"".join(pieces) == body
         f.seek(0)
         assert f.read() == body
+        for _ in range(3):  # anywhere, any length
+            at, n = rng.randrange(size + 1), rng.randrange(1, 70000)
+            f.seek(at)
+            assert f.read(n) == body[at:at + n]
+    shell = sqlite3.connect(store.path)
+    assert shell.execute("SELECT body FROM message_bodies WHERE queue_id = ?", (qid,)).fetchone()[0] == body
+    shell.close()
+
+
+def test_chunks_pack_the_pages(store):
+    """2 KB bodies (plus our Received: header) in small chunks fill 4 KB pages (in their own
+    row each, they took a page each: 1.8x); a long body's chunks fill their overflow pages."""
+    rng = random.Random(7)
+    bodies = [rng.randbytes(2300 + rng.randrange(60)) for _ in range(300)] + [rng.randbytes(2**20)]
+    store.enqueue_many([Submission(store.new_queue_id(), envelope("a@example.com"), body, len(body), "c", "h")
+                        for body in bodies])
+    db = store.connection
+    assert store.page_size() == 4096
+    pages, unused = db.execute("SELECT COUNT(*), SUM(unused) FROM dbstat WHERE name = 'body_chunks'"
+                               " AND pagetype != 'overflow'").fetchone()
+    assert pages * 4096 < 1.12 * sum(map(len, bodies[:-1])) + 16 * 4096, pages
+    overflow, wasted = db.execute("SELECT COUNT(*), SUM(unused) FROM dbstat WHERE name = 'body_chunks'"
+                                  " AND pagetype = 'overflow'").fetchone()
+    assert overflow * 4092 > 0.98 * 2**20 and wasted == 0, (overflow, wasted)
+
+
+def test_a_damaged_body_is_never_read_short(store):
+    """A chunk deleted by hand: the reader refuses rather than hand out less than the size says."""
+    qid = put(store, "a@example.com", body=b"x" * 3000)
+    store.connection.execute("DELETE FROM body_chunks WHERE id = (SELECT first_chunk + 2 FROM messages)")
+    with pytest.raises(DamagedBody):
+        store.open_body(qid).read()
+    reader = store.open_body(qid)
+    reader.seek(10)
+    with pytest.raises(DamagedBody):
+        reader.read(5)
 
 
 def test_body_as_bytes_is_accepted(store):
@@ -575,7 +619,7 @@ def test_delivered_deletes_recipient_row_and_message(store, clock):
     assert store.messages_for_flush("one.test") == []
     assert store.show(qid) is not None  # two.test still holds the message
     assert record_delivered(store, qid, "two.test", ["c@two.test"], "250 2.0.0 ok") is None
-    assert counts(store.path)[:3] == (0, 0, 0)
+    assert counts(store.path)[:3] == (0, 0, 0) and counts(store.path)[4] == 0  # no chunk of its body either
     assert store.show(qid) is None
     whats = [e.what for e in store.history(qid)]
     assert whats.count("delivered") == 3 and whats.count("queued") == 2
@@ -705,6 +749,7 @@ def test_deleting_by_hand_in_sqlite3_leaves_no_orphans(store):
     assert shell.execute("SELECT address FROM recipients").fetchall() == [("b@two.test",)]
     shell.execute("DELETE FROM messages WHERE queue_id = ?", (a,))
     assert [shell.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("queue", "recipients")] == [0, 0]
+    assert shell.execute("SELECT COUNT(*) FROM body_chunks").fetchone()[0] == 0
     shell.close()
     assert store.show(b) is None
 
@@ -864,6 +909,47 @@ def test_a_version_9_queue_is_counted_in_queue_totals(db_path, clock):
                           " ORDER BY 1, 2").fetchall() == \
             db.execute("SELECT domain, state, COUNT(*), SUM(message_size) FROM queue GROUP BY 1, 2 ORDER BY 1, 2"
                        ).fetchall()
+    finally:
+        s.close()
+
+
+def test_a_version_10_queue_keeps_its_bodies_where_they_are(db_path, clock):
+    """tests/data/schema-v10.sql is schema.sql before body_chunks (schema 11): nothing is
+    copied at the upgrade; the old bodies are read from messages.body, the new ones from
+    their chunks, and deleting either leaves nothing behind."""
+    shell = sqlite3.connect(db_path, isolation_level=None)
+    shell.executescript((ROOT / "tests" / "data" / "schema-v10.sql").read_text())
+    old_bodies = {"OLD1": b"", "OLD2": b"Subject: old\r\n\r\nhello\r\n", "OLD3": random.randbytes(300_000)}
+    for qid, body in old_bodies.items():
+        shell.execute("INSERT INTO messages (queue_id, sender, received_at, size, body) VALUES (?, 's@x.test', ?, ?, ?)",
+                      (qid, T0, len(body), body))
+        shell.execute("INSERT INTO queue (queue_id, domain, state, state_changed, message_size, message_received_at)"
+                      " VALUES (?, 'example.com', 'queued', ?, ?, ?)", (qid, T0, len(body), T0))
+        shell.execute("INSERT INTO recipients (queue_id, domain, address) VALUES (?, 'example.com', 'a@example.com')",
+                      (qid,))
+    shell.close()
+    s = QueueStore(db_path, clock=clock)
+    try:
+        db = s.connection
+        assert db.execute("PRAGMA user_version").fetchone()[0] == schema_mod.schema_version() >= 11
+        assert db.execute("SELECT oldest_version FROM schema_compat").fetchone()[0] == 11
+        assert db.execute("SELECT COUNT(*) FROM body_chunks").fetchone()[0] == 0  # nothing copied
+        new = put(s, "b@example.com", body=b"new\r\n" * 1000)
+        assert {qid: s.open_body(qid).read() for qid in old_bodies} == old_bodies
+        assert s.open_body(new).read() == b"new\r\n" * 1000
+        shell = sqlite3.connect(db_path)
+        assert dict(shell.execute("SELECT queue_id, body FROM message_bodies")) == {**old_bodies, new: b"new\r\n" * 1000}
+        # A backupmx of schema 10 still running reads a new body from messages.body: it fails
+        # to open it (body is 0), where an empty blob would be delivered as an empty message.
+        with pytest.raises(sqlite3.OperationalError):
+            shell.blobopen("messages", "body", shell.execute("SELECT rowid FROM messages WHERE queue_id = ?",
+                                                             (new,)).fetchone()[0], readonly=True)
+        shell.close()
+        assert s.delete(queue_id="OLD3") == 1
+        record_delivered(s, new, "example.com", ["b@example.com"], "250 ok")
+        assert db.execute("SELECT COUNT(*) FROM body_chunks").fetchone()[0] == 0
+        assert db.execute("SELECT domain, state, messages, bytes FROM queue_totals WHERE messages > 0").fetchall() == \
+            [("example.com", "queued", 2, len(old_bodies["OLD2"]))]
     finally:
         s.close()
 
