@@ -192,7 +192,11 @@ class DataEncoder:
             self._held_cr = True
         if not chunk:
             return b""
-        out = _LINE_END.sub(b"\r\n", chunk).replace(b"\r\n.", b"\r\n..")
+        if chunk.count(b"\n") == chunk.count(b"\r") == chunk.count(b"\r\n"):
+            out = chunk  # CRLF line ends only (what the server queues): nothing to mend
+        else:
+            out = _LINE_END.sub(b"\r\n", chunk)
+        out = out.replace(b"\r\n.", b"\r\n..")
         if self._at_line_start and out.startswith(b"."):
             out = b"." + out
         self._at_line_start = out.endswith(b"\r\n")
@@ -213,11 +217,14 @@ class DataEncoder:
 XFORWARD_UNAVAILABLE = "[UNAVAILABLE]"
 MAX_XFORWARD_VALUE = 255  # octets of one attribute's xtext (a host name's length): longer ones are cut
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, with the CRLF
+_XTEXT_AS_IS = re.compile(r"[!-*,-<>-~]*")  # "!".."~" but "+" and "=": xtext as it stands
 
 
 def xtext(value: str, limit: int | None = None) -> str:
     """RFC 3461 4: "+" and "=", and anything outside "!".."~", as "+HH" (of its UTF-8 octets);
     cut after `limit` octets, never inside a character."""
+    if (limit is None or len(value) <= limit) and _XTEXT_AS_IS.fullmatch(value):
+        return value  # a host name, an address, a queue id: nothing to encode (per message, per attribute)
     out, size = [], 0
     for c in value:
         piece = c if "!" <= c <= "~" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode("utf-8"))

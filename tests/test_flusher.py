@@ -380,7 +380,7 @@ def test_pipelined_delivery_of_many_messages(store, sink):
     for session in sink.sessions:
         taken = sum(1 for d in sink.deliveries if d.session == session.number)
         # Every end of data but a connection's last had the next MAIL, RCPT and DATA behind it,
-        assert session.pipelined == taken - 1, (session.number, taken)
+        assert session.pipelined == max(0, taken - 1), (session.number, taken)  # (the extra one may come late)
         # and every MAIL its RCPT and DATA.
         assert session.grouped == taken
 
