@@ -165,6 +165,21 @@ def process_tree(roots):
     return seen
 
 
+def cpu_seconds(server):
+    """CPU time of the server's whole process tree, reaped children included (Postfix's smtpd
+    processes come and go: their time moves into the master's cutime/cstime when it reaps them)."""
+    ticks = 0
+    for pid in process_tree(server.roots()):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def memory_kb(pids):
     """(RSS, PSS) in kB summed over pids that still exist."""
     rss = pss = 0
@@ -308,9 +323,12 @@ class BackupMX(Server):
             f"password = {{PLAIN}}{ETRN_PASSWORD}\n"
             f"domains = {DOMAIN}\n"
         )
-        self.proc = spawn([sys.executable, str(REPO / "backupmx.py"), "serve", "-c", str(cfg)],
-                          self.dir / "backupmx.stderr", cwd=self.dir)
+        self.proc = spawn(self.command(cfg), self.dir / "backupmx.stderr", cwd=self.dir)
         wait_banner(self.port, time.monotonic() + 20, self.proc)
+
+    def command(self, cfg):
+        """The server's command line (bench/profile_accept.py runs it under its profiler)."""
+        return [sys.executable, str(REPO / "backupmx.py"), "serve", "-c", str(cfg)]
 
     def stop(self):
         if self.proc:
@@ -623,16 +641,18 @@ class Result:
 def row_accept(server, messages, size, sessions, timeout):
     sampler = MemSampler(server.roots)
     sampler.start()
+    cpu_before = cpu_seconds(server)
     try:
         elapsed, note = smtp_source(server.port, sessions, messages, size, timeout)
     finally:
         sampler.stop()
+    cpu_ms = (cpu_seconds(server) - cpu_before) * 1000
     held = server.count()
     ok = held == messages and note is None
     if held != messages:
         note = (note + "; " if note else "") + f"sent {messages}, server holds {held}"
     return Result(messages / elapsed, ok, note, {
-        "held": held, "elapsed": elapsed, "peak_rss_kb": sampler.peak_rss,
+        "held": held, "elapsed": elapsed, "cpu_ms_per_msg": cpu_ms / messages, "peak_rss_kb": sampler.peak_rss,
         "peak_pss_kb": sampler.peak_pss, "peak_procs": sampler.peak_procs})
 
 
@@ -788,6 +808,8 @@ def derived_rows(rows, results):
             out.append((label.replace("p50", "p99"), (label, "p99_ms"), "ms", "lower"))
         if kind == "idle":
             out.append((f"peak PSS, {params[0]} idle sessions", (label, "peak_pss_kb"), "MB", "lower"))
+        if kind == "accept":
+            out.append(("  server CPU per message", (label, "cpu_ms_per_msg"), "ms", "lower"))  # under its row
         if kind == "accept" and params[2] == 50:
             tag = label.split(",")[0].replace("accept", "peak RSS,")
             out.append((f"{tag}, 50 sess", (label, "peak_rss_kb"), "MB", "lower"))

@@ -49,8 +49,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import smtpload  # noqa: E402
 from peers import (  # noqa: E402
-    STARTED, BackupMX, BenchError, Postfix, Result, cell, fmt, free_port, kill_group, machine, print_progress,
-    process_tree, run, select_rows, stop_proc,
+    STARTED, BackupMX, BenchError, Postfix, Result, cell, cpu_seconds, fmt, free_port, kill_group, machine,
+    print_progress, run, select_rows, stop_proc,
 )
 
 SERVERS = ("backupmx", "postfix")
@@ -84,21 +84,6 @@ def make_server(name, workdir, cert, key):
 
 
 # -- rows -----------------------------------------------------------------------------
-
-
-def cpu_seconds(server):
-    """CPU time of the server's whole process tree, reaped children included (Postfix's smtpd
-    processes come and go: their time moves into the master's cutime/cstime when it reaps them)."""
-    ticks = 0
-    for pid in process_tree(server.roots()):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()
-        ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def timed_load(server, load):

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Where backupmx's CPU goes under smtp-source load (issue 16): CPU per message, and
+optionally a cProfile of every SMTP worker.
+
+    python3 bench/profile_accept.py                      # 10 sessions, 5000 x 2 KB: CPU per message
+    python3 bench/profile_accept.py --profile --top 40   # the same under cProfile, workers merged
+
+Needs smtp-source (Postfix's tools; see bench/README.md). The server is
+peers.py's backupmx (a fresh queue in a temp dir, 127.0.0.1 only, its own
+process group, stopped in a `finally`). With --profile its command line is this
+script's `--serve`: the server as `backupmx serve`, with SessionLoop.run of each
+forked worker wrapped in cProfile (timer: time.process_time, so a worker waiting
+in select() costs nothing); each worker writes its stats when it ends, and they
+are merged. The product holds no profiling code. Profiling slows the workers
+about twofold: compare shares, and take CPU per message from a run without it.
+"""
+
+import argparse
+import cProfile
+import glob
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import REPO, BackupMX, cpu_seconds, free_port, process_tree, smtp_source  # noqa: E402
+
+
+def cpu_split(server):
+    """{"master": (user, system), "children": (user, system)} in seconds (children: workers, flushers)."""
+    split = {"master": [0, 0], "children": [0, 0]}
+    for pid in process_tree(server.roots()):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        role = split["master" if pid == server.proc.pid else "children"]
+        role[0] += int(fields[11]) + int(fields[13])  # utime + cutime
+        role[1] += int(fields[12]) + int(fields[14])  # stime + cstime
+    tick = os.sysconf("SC_CLK_TCK")
+    return {role: (user / tick, system / tick) for role, (user, system) in split.items()}
+
+
+class ProfiledBackupMX(BackupMX):
+    def command(self, cfg):
+        return [sys.executable, str(Path(__file__).resolve()), "--serve", str(self.dir), str(cfg)]
+
+
+def serve_profiled(stats_dir, cfg):
+    """The server, each SMTP worker's loop under cProfile (runs in the spawned process)."""
+    sys.path.insert(0, str(REPO))
+    from backupmx import cli, worker
+
+    run = worker.SessionLoop.run
+
+    def profiled_run(self):
+        profile = cProfile.Profile(time.process_time)
+        profile.enable()
+        try:
+            return run(self)
+        finally:
+            profile.disable()
+            profile.dump_stats(os.path.join(stats_dir, f"worker-{os.getpid()}.prof"))
+
+    worker.SessionLoop.run = profiled_run
+    return cli.main(["serve", "-c", cfg])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sessions", type=int, default=10)
+    ap.add_argument("--messages", type=int, default=5000)
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--workers", type=int, default=None, help="backupmx workers (config default: 4)")
+    ap.add_argument("--profile", action="store_true", help="cProfile every SMTP worker")
+    ap.add_argument("--top", type=int, default=40, help="rows of the profile to print")
+    ap.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumulative, ...)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, log, .prof files)")
+    ap.add_argument("--serve", nargs=2, metavar=("DIR", "CFG"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.serve:
+        return serve_profiled(*args.serve)
+    if not shutil.which("smtp-source"):
+        print("profile_accept.py: smtp-source not found (apt-get install postfix)", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="profile-accept-"))
+    os.chmod(workdir, 0o755)
+    server = (ProfiledBackupMX if args.profile else BackupMX)(workdir, free_port(), args.workers)
+    try:
+        server.start()
+        before, split_before = cpu_seconds(server), cpu_split(server)
+        elapsed, note = smtp_source(server.port, args.sessions, args.messages, args.size, timeout=600)
+        cpu, split_after = cpu_seconds(server) - before, cpu_split(server)
+        held = server.count()
+    finally:
+        server.stop()
+    print(f"{args.messages} x {args.size} B, {args.sessions} sessions: {args.messages / elapsed:.0f} msg/s, "
+          f"server CPU {cpu:.2f} s = {cpu * 1000 / args.messages:.3f} ms per message, held {held}"
+          + (" (profiled)" if args.profile else "") + (f"  NOTE: {note}" if note else ""))
+    per_message = {role: [(a - b) * 1000 / args.messages for a, b in zip(split_after[role], split_before[role])]
+                   for role in split_after}
+    print("  per message (ms): " + ", ".join(f"{role} user {user:.3f} sys {system:.3f}"
+                                             for role, (user, system) in per_message.items()))
+    if args.profile:
+        files = glob.glob(str(workdir / "worker-*.prof"))
+        if files:
+            stats = pstats.Stats(*files)
+            print(f"{len(files)} workers, {stats.total_tt:.2f} s profiled")
+            stats.sort_stats(args.sort).print_stats(args.top)
+        else:
+            print("no worker wrote a profile")
+    if args.keep:
+        print(f"kept {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if held == args.messages and note is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
