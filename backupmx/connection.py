@@ -110,6 +110,8 @@ class ConnectionContext:
     store: QueueStore = field(init=False)
     spool_dir: str = field(init=False)
     settings: SessionSettings = field(init=False)  # each connection's, but for its TLS state
+    # The settings of a session on a plain and on an implicit-TLS listener (session_settings).
+    _settings_by_tls: dict = field(init=False, repr=False)
     authenticator: Authenticator = field(init=False)
     auth_limit: ClientAuthLimit = field(init=False)  # max_auth_failures_per_client, across processes
     admission: Admission = field(init=False)
@@ -124,6 +126,8 @@ class ConnectionContext:
     def __post_init__(self):
         self.store = QueueStore(self.config.queue)
         self.settings = SessionSettings.from_config(self.config)
+        self._settings_by_tls = {implicit: self.settings.with_tls(available=self.ssl_context is not None and not implicit,
+                                                                  active=implicit) for implicit in (False, True)}
         self.offload = Offload(OFFLOAD_THREADS, "offload")
         self.authenticator = Authenticator(self.config.users)
         self.auth_limit = ClientAuthLimit(self.config, self.store)
@@ -134,6 +138,10 @@ class ConnectionContext:
                        if d.max_queue_messages is not None or d.max_queue_bytes is not None}
         # Bodies that outgrow memory are spooled beside the queue (same file system).
         self.spool_dir = os.path.dirname(os.path.abspath(self.config.queue))
+
+    def session_settings(self, implicit_tls: bool) -> SessionSettings:
+        """A new session's settings: STARTTLS offered when there is a certificate and no TLS yet."""
+        return self._settings_by_tls[implicit_tls]
 
     def upkeep(self, now: float) -> None:
         """Once per turn of the worker loop (at least every second)."""
@@ -226,8 +234,7 @@ class SMTPConnection:
         self._out = Unsent(ctx.clock, ctx.config.timeout)  # replies for the socket (encrypted under TLS)
         self._closing = False  # the last reply is queued; close once it is written
         self._tls = TLSLayer(ctx.ssl_context) if implicit_tls else None
-        self._spool = None
-        self._spool_failed = False
+        self._spool, self._spool_failed = None, False  # the message's content as it arrives
         self._queue_id = None
         self._protocol = None  # the message's, as Received: and XFORWARD PROTO name it
         self._awaiting_commit = None  # the MessageReceived waiting for the group commit
@@ -249,8 +256,7 @@ class SMTPConnection:
         self._session_deadline = now + config.max_session_time
         self._close_by: float | None = None
         self._greet_at: float | None = None
-        self.session = self.session_class(ctx.settings.with_tls(available=ctx.ssl_context is not None and not implicit_tls,
-                                                     active=implicit_tls), hold_greeting=True)
+        self.session = self.session_class(ctx.session_settings(implicit_tls), hold_greeting=True)
         self._progress = self.session.progress
         self.client = ctx.client_dns.look_up(self, self.client_ip)  # its name, for Received: and XFORWARD
         log_event(ctx.logger, "connect", client=self.client_ip, tls="implicit" if implicit_tls else None)
@@ -260,6 +266,7 @@ class SMTPConnection:
             self.session.greet()
         # else: what it sent is read at once, and ends the session (smtp rule 10)
         self._pump()
+        self._send_some()  # the 220 now: a new socket has room, no need to wait for the selector to say so
 
     def _client_spoke_first(self) -> bool:
         """Input already waiting before our 220 (plain listeners; implicit TLS starts with the client)."""
@@ -286,18 +293,22 @@ class SMTPConnection:
     def _auth_busy(self) -> bool:
         return self._auth_checking is not None or self._auth_due is not None
 
+    def _deadlines(self) -> tuple:
+        """When each deadline is due (None: not set), in _timers()'s order."""
+        return (self._auth_due, self._greet_at, self._handshake_deadline, self._close_by, self._out.deadline,
+                self._session_deadline, self._stop_at, self._idle_deadline)
+
     def _timers(self):
         """(when, what happens then) for every deadline; each fires once (see the class doc)."""
-        return ((self._auth_due, self._auth_answer_due), (self._greet_at, self._greet),
-                (self._handshake_deadline, self._handshake_expired), (self._close_by, self._close_expired),
-                (self._out.deadline, self._write_expired), (self._session_deadline, self._session_expired),
-                (self._stop_at, self._stop_due), (self._idle_deadline, self._idle_expired))
+        return zip(self._deadlines(), (self._auth_answer_due, self._greet, self._handshake_expired,
+                                       self._close_expired, self._write_expired, self._session_expired,
+                                       self._stop_due, self._idle_expired))
 
     @property
     def deadline(self) -> float | None:
-        if self.closed:
-            return None
-        return min((when for when, _ in self._timers() if when is not None), default=None)
+        """The earliest deadline (the loop asks after each round of a session's callbacks)."""
+        due = [when for when in self._deadlines() if when is not None] if not self.closed else None
+        return min(due) if due else None
 
     def on_readable(self) -> None:
         try:

@@ -108,10 +108,14 @@ class SessionLoop:
         self.stop = stop or StopFlag()
         self.selector = selectors.DefaultSelector()
         self.sessions = {}  # conn -> peer ip as the master sent it
-        # conn -> its deadline as of its last update(): every callback of a session is
-        # followed by update(), so the loop need not ask all of them each turn.
+        # conn -> its deadline as of its last callback (every callback of a session is followed
+        # by update(), and apply_interest() asks it), so the loop need not ask all of them each turn.
         self.deadlines = {}
         self.registered = {}  # conn -> the events its socket is registered for (absent: not registered)
+        # Sessions whose interest may have changed this round: the selector is told once, before
+        # the next select() (apply_interest). A session waiting for the group commit wants nothing
+        # for a moment and then reading again: in the same round that costs no epoll_ctl at all.
+        self.changed = {}  # conn -> None (an ordered set)
         self.to_commit = []  # (conn, Submission) waiting for this round's group commit
         self.outbox = []  # control messages the socket could not take yet
         self.draining = False
@@ -153,27 +157,40 @@ class SessionLoop:
         return conn
 
     def update(self, conn):
-        """Re-register `conn` with the mask it wants now; retire it when closed."""
+        """After a callback of `conn`: retire it now when closed (its descriptor number may be
+        reused at once), else look at its deadline and interest before the next select()."""
         if conn not in self.sessions:
             return
         if conn.closed:
             self._unregister(conn)
+            self.changed.pop(conn, None)
             self.deadlines.pop(conn, None)
             self.report(f"closed {self.sessions.pop(conn)}")
             return
-        self.deadlines[conn] = conn.deadline
-        mask = conn.interest()
-        if mask == 0:  # open, but waiting for nothing but its deadline
-            self._unregister(conn)
-            return
-        # Its own record of what is registered: selector.get_key() raises for a new
-        # socket, and the KeyError's message formats the socket (a tenth of a hand-off).
-        registered = self.registered.get(conn)
-        if registered is None:
-            self.selector.register(conn.sock, mask, conn)
-        elif registered != mask:
-            self.selector.modify(conn.sock, mask, conn)
-        self.registered[conn] = mask
+        self.changed[conn] = None
+
+    def apply_interest(self):
+        """Give the selector, and the deadlines, what the sessions changed since the last call."""
+        changed, self.changed = self.changed, {}
+        for conn in changed:
+            if conn not in self.sessions:
+                continue
+            if conn.closed:  # closed outside a callback: retire it as update() does
+                self.update(conn)
+                continue
+            self.deadlines[conn] = conn.deadline
+            mask = conn.interest()
+            if mask == 0:  # open, but waiting for nothing but its deadline
+                self._unregister(conn)
+                continue
+            # Its own record of what is registered: selector.get_key() raises for a new
+            # socket, and the KeyError's message formats the socket (a tenth of a hand-off).
+            registered = self.registered.get(conn)
+            if registered is None:
+                self.selector.register(conn.sock, mask, conn)
+            elif registered != mask:
+                self.selector.modify(conn.sock, mask, conn)
+            self.registered[conn] = mask
 
     def _unregister(self, conn):
         if self.registered.pop(conn, None) is None:
@@ -428,6 +445,7 @@ class SessionLoop:
                 break
             if self.draining and self.drain_step(now):
                 break
+            self.apply_interest()
             for key, mask in self.selector.select(self.wait_time(time.monotonic())):
                 if key.data is None:
                     if mask & selectors.EVENT_WRITE:
@@ -439,6 +457,7 @@ class SessionLoop:
                 else:
                     self.service(key.data, mask)
             self.commit_round()
+            self.apply_interest()
             self.check_deadlines(time.monotonic())
             self.context.upkeep(time.monotonic())
             flush_pending()
