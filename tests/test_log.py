@@ -117,6 +117,34 @@ def test_level_is_marked(tmp_path):
     assert (tmp_path / "x.log").read_text().rstrip().endswith("boom level=warning")
 
 
+def test_direct_lines_match_the_logging_module(tmp_path):
+    """log_event hands a line straight to our handler when no one else would see it: the same
+    text as a LogRecord through the logging module (time, pid after a fork, level); a filter
+    on the way gets the line through the logging module."""
+    path = tmp_path / "x.log"
+    out, _ = run_logging(tmp_path, (
+        f"log = setup_logging({str(path)!r})\n"
+        "from backupmx.log import format_event\n"
+        "import os\n"
+        "log_event(log, 'queued', id='A', from_='<a b>', level=logging.WARNING)\n"
+        "log.warning('%s', format_event('queued', id='A', from_='<a b>'))\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    log_event(log, 'child'); log.info('%s', format_event('child')); os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "seen = []\n"
+        "log.addFilter(lambda record: seen.append(record.getMessage()) or True)\n"
+        "log_event(log, 'filtered', a=1)\n"
+        "print(os.getpid(), pid, seen)\n"))
+    parent, pid, seen = out.split(" ", 2)
+    assert seen.strip() == "['filtered a=1']"
+    lines = [line.split(" ", 2) for line in path.read_text().splitlines()]
+    assert len(lines) == 5 and all(re.fullmatch(r"\d\d:\d\d:\d\d,\d{3}", time) for _, time, _ in lines)
+    texts = [text for _, _, text in lines]
+    assert texts[0] == texts[1] == f'backupmx[{parent}]: queued id=A from="<a b>" level=warning'
+    assert texts[2] == texts[3] == f"backupmx[{pid}]: child"
+
+
 def run_logging(tmp_path, code):
     """Run `code` in a fresh interpreter (logging is process-wide); return (stdout, stderr)."""
     script = "import logging, sys\nfrom backupmx.log import setup_logging, log_event\n" + code + "\n"
