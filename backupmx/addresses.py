@@ -224,6 +224,8 @@ def utf8_path(text: str) -> str:
 def fold_local_part(local: str) -> str:
     """The form local parts are compared in (a recipients list): ASCII letters lower-cased,
     nothing else changed, so "\u212a" (KELVIN SIGN) never matches "k"."""
+    if local.isascii():
+        return local.lower()  # the same, in C
     return "".join(c.lower() if c.isascii() else c for c in local)
 
 

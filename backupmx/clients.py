@@ -17,6 +17,8 @@ __all__ = ["limit_key", "network_of", "shown_address"]
 
 def shown_address(address: str) -> str:
     """The address as logged and written into Received: (IPv4-mapped IPv6 as plain IPv4)."""
+    if ":" not in address:  # no IPv6 address: shown as it is (a parse per connection saved)
+        return address
     ip = _parse(address)
     if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)

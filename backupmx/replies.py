@@ -29,6 +29,21 @@ class Reply(NamedTuple):
         return self.code >= 400
 
 
+_RENDERED: dict[tuple[Reply, str], bytes] = {}
+
+
+def rendered(reply: Reply, hostname: str) -> bytes:
+    """reply.render(hostname=hostname) for a reply with no other field: the same octets every
+    time, so kept (a bounded set: the constants here, and the configured name)."""
+    key = (reply, hostname)
+    data = _RENDERED.get(key)
+    if data is None:
+        data = reply.render(hostname=hostname)
+        if len(_RENDERED) < 1024:
+            _RENDERED[key] = data
+    return data
+
+
 def clean(text: str) -> str:
     """Printable ASCII only: what a client sent can never break a reply or log line."""
     return _UNPRINTABLE.sub("?", text)

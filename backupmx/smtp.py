@@ -83,6 +83,10 @@ REFUSALS_REPORTED = frozenset({"MAIL", "RCPT", "DATA", "BDAT", "AUTH", "ETRN", "
 NOT_REFUSALS = frozenset({replies.TIMEOUT, replies.SHUTTING_DOWN, replies.SESSION_TIME_EXCEEDED})
 
 
+# (ehlo_lines function, id(settings), tls_active, auth_offered) -> (settings, the reply's octets)
+_EHLO_REPLIES: dict[tuple, tuple] = {}
+
+
 # --- events: what the session asks, and the method that answers it ------------
 #
 #   MessageStarted       -            the driver opens a spool for the content
@@ -215,6 +219,9 @@ class SessionSettings:
 
     def domain(self, name: str) -> "DomainConfig | None":
         """The configured domain `name` (any case, trailing dot, U-labels), or None."""
+        found = self.domains.get(name)  # already in the form compared in: the usual case
+        if found is not None:
+            return found
         try:
             return self.domains.get(addresses.normalize_domain(name))
         except ValueError:
@@ -448,7 +455,8 @@ class Session:
                 self._discarding_long_line = True
                 self._input.clear()
             return None
-        line = bytes(self._input[:end + 1])
+        # One copy when the input is this line alone (the usual case), not a slice and its copy.
+        line = bytes(self._input) if end + 1 == len(self._input) else bytes(self._input[:end + 1])
         del self._input[:end + 1]
         if self._discarding_long_line:
             self._discarding_long_line = False
@@ -459,13 +467,15 @@ class Session:
         sasl = self.phase is Phase.SASL
         if len(line) > MAX_AUTH_LINE:
             line = b""
-        if not sasl and (line == b"" or not line.endswith(b"\r\n") or b"\r" in line[:-2]):
+        # Rule 1: the line ends in CRLF and holds no other CR (the LF ends it: _next_line).
+        framed = line.endswith(b"\r\n") and line.count(b"\r") == 1
+        if not sasl and not framed:
             self.commands.begin("UNKNOWN")  # a line we cannot frame is no command
         if line == b"":
             self._reply(replies.AUTH_LINE_TOO_LONG if sasl else replies.LINE_TOO_LONG)
             self._end_sasl()
             return
-        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+        if not framed:
             self._reply(replies.BARE_LINE_ENDING)
             self._end_sasl()
             return
@@ -483,13 +493,14 @@ class Session:
         """One command line: framing checks, then COMMANDS: its needs, in order, then its handler."""
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
-        command = self.port.commands.get(verb) if "\0" not in text else None
+        nul = "\0" in text
+        command = self.port.commands.get(verb) if not nul else None
         self.commands.begin(verb if command is not None else "UNKNOWN", argument)
         if length > MAX_COMMAND_LINE and verb != "AUTH":
             return self._reply(replies.LINE_TOO_LONG)
         if verb in HTTP_METHODS:
             return self._close_with(replies.HTTP_REFUSED)
-        if "\0" in text:
+        if nul:
             return self._reply(replies.UNRECOGNIZED)
         if command is None:
             return self._reply(replies.NOT_IMPLEMENTED if verb in UNIMPLEMENTED else replies.UNRECOGNIZED)
@@ -520,7 +531,7 @@ class Session:
         if not esmtp:
             self._reply(replies.HELO_OK)
             return
-        self._send(replies.render_lines(250, self.port.ehlo_lines(self.settings, self.tls_active, self._auth_offered())))
+        self._send(ehlo_reply(self.port, self.settings, self.tls_active, self._auth_offered()))
 
     def _cmd_helo(self, argument: str) -> None:
         self._helo(argument, esmtp=False)
@@ -679,8 +690,7 @@ class Session:
     def _reply(self, reply: Reply, fields: dict | None = None, *, counted: bool = True, **more: object) -> None:
         if self.phase is Phase.CLOSED:
             return
-        fields = {**(fields or {}), **more}
-        self._send(rendered := reply.render(hostname=self.settings.hostname, **fields))
+        self._send(rendered := render_reply(reply, self.settings.hostname, {**(fields or {}), **more}))
         if reply.code >= 400 and (refused := self.commands.refuse(reply, rendered, self.helo, self.envelope)) \
                 and counted:  # (the chunks after a refused one: one error, one line)
             self._events.append(refused)
@@ -695,7 +705,7 @@ class Session:
         self.phase = Phase.CLOSED
         self._input.clear()
         self._paused = False
-        self._send(rendered := reply.render(hostname=self.settings.hostname))
+        self._send(rendered := replies.rendered(reply, self.settings.hostname))
         if reply.code >= 400 and reply not in NOT_REFUSALS:  # it ends the session: always worth a line
             self._events.append(self.commands.refuse(reply, rendered, self.helo, self.envelope, ends_session=True))
 
@@ -741,10 +751,17 @@ class CommandLog:
     def begin(self, verb: str, argument: str = "") -> None:
         """A command line arrives (verb UNKNOWN when it is no command we know): count it, and
         keep the address a MAIL or RCPT names, as the client wrote it (without <>)."""
-        self.verb, self.refused, self.named = verb, False, {}
-        self.counts.setdefault(verb.lower(), [0, 0])[0] += 1
+        self.verb, self.refused = verb, False
+        if self.named:
+            self.named = {}
+        numbers = self.counts.get(name := verb.lower())
+        if numbers is None:
+            numbers = self.counts[name] = [0, 0]
+        numbers[0] += 1
+        if verb != "MAIL" and verb != "RCPT":
+            return
         key, colon, path = argument.partition(":")
-        if colon and (verb, key.strip().upper()) in (("MAIL", "FROM"), ("RCPT", "TO")):
+        if colon and key.strip().upper() == ("FROM" if verb == "MAIL" else "TO"):
             path = path.strip(" ")
             path = path[:path.find(">") + 1] if path.startswith("<") and ">" in path else path.split(" ")[0]
             self.named["from" if verb == "MAIL" else "to"] = path.removeprefix("<").removesuffix(">")
@@ -905,6 +922,25 @@ def parse_recipient(settings: SessionSettings, envelope: Envelope, path_and_para
     return recipient_parameters(mailbox, domain.name, parameters, esmtp=esmtp)
 
 
+def render_reply(reply: Reply, hostname: str, fields: dict) -> bytes:
+    """A reply's octets; one with no field but the hostname is the same every time (kept)."""
+    return reply.render(hostname=hostname, **fields) if fields else replies.rendered(reply, hostname)
+
+
+def ehlo_reply(port: "Port", settings: SessionSettings, tls_active: bool, auth_offered: bool) -> bytes:
+    """The EHLO reply (port.ehlo_lines): the same octets for every session of a worker with these
+    settings, TLS and AUTH state, so kept (an entry holds its settings: while it is kept, no
+    other object can have its id)."""
+    key = (port.ehlo_lines, id(settings), tls_active, auth_offered)
+    entry = _EHLO_REPLIES.get(key)
+    if entry is None or entry[0] is not settings:
+        if len(_EHLO_REPLIES) >= 64:
+            _EHLO_REPLIES.clear()
+        lines = port.ehlo_lines(settings, tls_active, auth_offered)
+        entry = _EHLO_REPLIES[key] = (settings, replies.render_lines(250, lines))
+    return entry[1]
+
+
 def ehlo_lines(settings: SessionSettings, tls_active: bool, auth_offered: bool) -> list[str]:
     """The EHLO reply's lines: our name, then the extensions offered now."""
     lines = [settings.hostname, "PIPELINING", f"SIZE {settings.max_message_size}",
@@ -1042,6 +1078,8 @@ def _empty_chunk(session: Session, argument: str) -> bool:
 
 def _already_given(envelope: Envelope, recipient: Recipient) -> bool:
     """The transaction has this mailbox already (RFC 5321 local parts compared as we fold them)."""
+    if not envelope.recipients:
+        return False
     folded = addresses.fold_local_part(recipient.address)
     return any(addresses.fold_local_part(r.address) == folded for r in envelope.recipients)
 
@@ -1095,6 +1133,20 @@ def protocol_name(*, esmtp: bool, tls: bool, authenticated: bool, utf8: bool = F
         "A" if authenticated else "")
 
 
+_last_date: tuple[int, str] = (-1, "")  # received_date's last (second, text): many messages share a second
+
+
+def received_date(timestamp: float) -> str:
+    """RFC 5322 3.3 date-time of `timestamp`, in UTC, to the second."""
+    global _last_date
+    second = int(timestamp)
+    if timestamp - second >= 0.999999:  # its microseconds may round up to the next second
+        return format_datetime(datetime.fromtimestamp(timestamp, timezone.utc))
+    if _last_date[0] != second:
+        _last_date = (second, format_datetime(datetime.fromtimestamp(timestamp, timezone.utc)))
+    return _last_date[1]
+
+
 def received_header(*, helo: str | None, client_ip: str, hostname: str, queue_id: str,
                     esmtp: bool, tls: str | None, authenticated: bool,
                     recipients: list[str], timestamp: float, utf8: bool = False,
@@ -1115,7 +1167,7 @@ def received_header(*, helo: str | None, client_ip: str, hostname: str, queue_id
              f"\tby {hostname} (backupmx) with {protocol} id {queue_id}"]
     if tls:
         lines.append(f"\t({replies.clean(tls)})")
-    when = format_datetime(datetime.fromtimestamp(timestamp, timezone.utc))
+    when = received_date(timestamp)
     if len(recipients) == 1:
         recipient = recipients[0] if utf8 and recipients[0].isprintable() else replies.clean(recipients[0])
         lines.append(f"\tfor <{recipient}>; {when}")

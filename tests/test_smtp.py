@@ -374,6 +374,44 @@ def test_only_crlf_dot_crlf_ends_data(config):
     assert d.feed(b"\r\n.\r\n")[0].startswith("550 5.5.2")
 
 
+@pytest.mark.parametrize("line,reply", [
+    (b"noop", replies.OK),  # verbs in any case (RFC 5321 2.4)
+    (b"nOoP", replies.OK),
+    (b"NOOP   ", replies.OK),  # trailing spaces
+    (b"RSET  ", replies.OK),  # ... are no argument
+    (b"RSET \t", replies.SYNTAX_ERROR),  # a tab is one
+    (b" NOOP", replies.UNRECOGNIZED),  # no verb before the space
+    (b"", replies.UNRECOGNIZED),
+    (b"NOOP\r", replies.BARE_LINE_ENDING),  # "NOOP\r\r\n": a CR that ends nothing
+    (b"NO\rOP", replies.BARE_LINE_ENDING),
+    (b"\rNOOP", replies.BARE_LINE_ENDING),
+    (b"NOOP \x00", replies.UNRECOGNIZED),  # NUL anywhere
+    (b"\x00NOOP", replies.UNRECOGNIZED),
+    (b"NOOP " + b"x" * 505, replies.OK),  # 512 octets with the CRLF: the limit (RFC 5321 4.5.3.1.4)
+    (b"NOOP " + b"x" * 506, replies.LINE_TOO_LONG),  # 513
+    (b"MAIL FROM:<a@b.test>", replies.NEED_HELO),
+    (b"mail from:<a@b.test>", replies.NEED_HELO),
+])
+def test_command_line_edge_cases(config, line, reply):
+    d = new(config)
+    d.lines()
+    usage = {"usage": "RSET"} if reply is replies.SYNTAX_ERROR else {}
+    assert d.feed(line + b"\r\n") == [reply_line(reply, **usage)]
+    assert d.feed(b"NOOP\r\n") == [reply_line(replies.OK)]  # in step afterwards
+
+
+def test_commands_in_any_case_and_what_the_disconnect_line_counts(config):
+    d = new(config, refuse={"example.com": replies.QUEUE_FULL})
+    got = d.feed(b"ehlo c\r\nmail from: <A@b.test>  SIZE=10\r\nRcpt To:<bob@example.com> NOTIFY=NEVER\r\n"
+                 b"rcpt to:<x@nowhere.test>\r\nnoop\r\nFOO\r\nquit\r\n")
+    assert codes(got) == ["220", "250", "250", "452", "554", "250", "500", "221"]
+    refused = [e for e in d.events if isinstance(e, smtp.Refused)]
+    assert [(e.command, e.sender, e.recipient) for e in refused] == [
+        ("RCPT", "A@b.test", "bob@example.com"), ("RCPT", "A@b.test", "x@nowhere.test")]
+    assert d.session.commands.summary() == {"ehlo": "1", "mail": "1", "rcpt": "0/2", "noop": "1", "unknown": "0/1",
+                                            "quit": "1", "commands": "4/7"}
+
+
 def test_bare_lf_in_command(config):
     d = new(config)
     d.lines()
