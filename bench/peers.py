@@ -165,18 +165,21 @@ def process_tree(roots):
     return seen
 
 
+def cpu_ticks(pid):
+    """(user, system) clock ticks of a process, its reaped children included, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    utime, stime, cutime, cstime = (int(v) for v in stat[stat.rindex(b")") + 2:].split()[11:15])
+    return utime + cutime, stime + cstime
+
+
 def cpu_seconds(server):
     """CPU time of the server's whole process tree, reaped children included (Postfix's smtpd
     processes come and go: their time moves into the master's cutime/cstime when it reaps them)."""
-    ticks = 0
-    for pid in process_tree(server.roots()):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()
-        ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    ticks = sum(sum(t) for t in map(cpu_ticks, process_tree(server.roots())) if t is not None)
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

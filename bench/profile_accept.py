@@ -27,22 +27,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import REPO, BackupMX, cpu_seconds, free_port, process_tree, smtp_source  # noqa: E402
+from peers import REPO, BackupMX, cpu_seconds, cpu_ticks, free_port, process_tree, smtp_source  # noqa: E402
 
 
 def cpu_split(server):
     """{"master": (user, system), "children": (user, system)} in seconds (children: workers, flushers)."""
     split = {"master": [0, 0], "children": [0, 0]}
     for pid in process_tree(server.roots()):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()
-        role = split["master" if pid == server.proc.pid else "children"]
-        role[0] += int(fields[11]) + int(fields[13])  # utime + cutime
-        role[1] += int(fields[12]) + int(fields[14])  # stime + cstime
+        ticks = cpu_ticks(pid)
+        if ticks is not None:
+            role = split["master" if pid == server.proc.pid else "children"]
+            role[0] += ticks[0]
+            role[1] += ticks[1]
     tick = os.sysconf("SC_CLK_TCK")
     return {role: (user / tick, system / tick) for role, (user, system) in split.items()}
 
