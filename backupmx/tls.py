@@ -223,12 +223,12 @@ class TLSLayer:
 
     Every ssl error comes out as TLSError with a one-line message.
 
-    A TLS 1.3 server's session ticket (RFC 8446 4.6.1: sent after the
-    handshake, the client never waits for it) is held back until the first
-    application data or close, so it rides in the same write as the reply to
-    the client's first command: one socket write and one wake-up of the peer
-    fewer per connection. TLS 1.2 sends its ticket inside the handshake,
-    which the client waits for: nothing is held there.
+    A TLS 1.3 server's session ticket (RFC 8446 4.6.1) is in `outgoing()`
+    as soon as the handshake completes, and must be written then: it also
+    acknowledges the client's Finished at once. Held back for the first
+    reply (one write fewer), it left a client without TCP_NODELAY (smtplib,
+    most MTAs) waiting ~40 ms for its EHLO: Nagle keeps the EHLO until the
+    Finished is acknowledged, and the kernel delays a bare ACK.
     """
 
     def __init__(self, context: ssl.SSLContext, *, server_side: bool = True, server_hostname: str | None = None):
@@ -241,8 +241,6 @@ class TLSLayer:
             server_hostname=None if server_side else server_hostname,
         )
         self._pending = bytearray()  # plaintext sent before the handshake completed
-        self._server_side = server_side
-        self._hold_tickets = False  # TLS 1.3 tickets wait in _outgoing for the first reply
         self.handshake_complete = False
         self.closed = False  # peer sent close_notify or EOF, or we failed
         self._closing = False  # we started close_notify
@@ -268,7 +266,7 @@ class TLSLayer:
             if not self.handshake_complete:
                 return b""
         if not self._incoming.pending and not self._ssl.pending():
-            return b""  # the handshake's last message came alone (the commonest case)
+            return b""  # nothing to decrypt (the handshake's last message came alone, most often)
         return self._read_plaintext()
 
     def receive_eof(self) -> bytes:
@@ -292,19 +290,16 @@ class TLSLayer:
         if not self.handshake_complete:
             self._pending += plaintext
             return
-        self._hold_tickets = False
         self._write(plaintext)
 
     def outgoing(self) -> bytes:
         """Encrypted bytes to write to the socket now (drains the buffer)."""
-        if self._hold_tickets:
-            return b""
         return self._outgoing.read()
 
     @property
     def has_outgoing(self) -> bool:
         """True when `outgoing()` would return something (for selector interest)."""
-        return not self._hold_tickets and self._outgoing.pending > 0
+        return self._outgoing.pending > 0
 
     @property
     def closing(self) -> bool:
@@ -317,7 +312,6 @@ class TLSLayer:
             return
         self._closing = True
         self._pending.clear()
-        self._hold_tickets = False
         if not self.handshake_complete or self.closed:
             return
         try:
@@ -361,8 +355,6 @@ class TLSLayer:
         if self._pending:
             pending, self._pending = bytes(self._pending), bytearray()
             self._write(pending)
-        elif self._server_side and self._ssl.version() == "TLSv1.3":
-            self._hold_tickets = True  # what _outgoing holds now is the ticket (see the class doc)
 
     def _write(self, plaintext: bytes) -> None:
         view = memoryview(plaintext)
