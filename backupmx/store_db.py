@@ -184,6 +184,7 @@ class BodyReader(io.RawIOBase):
         self._buf = b""
         self._buf_start = 0
         self._starts: list[int] | None = None  # where each chunk starts in the body, once a refill needed it
+        self._in_blob = False  # the body is messages.body (queued before schema 11), as the first refill found
 
     def readable(self) -> bool:
         return True
@@ -230,12 +231,16 @@ class BodyReader(io.RawIOBase):
             if own:
                 self._db.execute("BEGIN")
             try:
-                row = self._db.execute("SELECT rowid, first_chunk, last_chunk FROM messages WHERE queue_id = ?",
+                # In a queue from before schema 11 the chunk columns come after the body:
+                # reading them walks a long blob's overflow pages, so only the first refill does.
+                columns = "rowid, NULL, NULL" if self._in_blob else "rowid, first_chunk, last_chunk"
+                row = self._db.execute(f"SELECT {columns} FROM messages WHERE queue_id = ?",
                                        (self.queue_id,)).fetchone()
                 if row is None:
                     raise KeyError(f"message {self.queue_id} is no longer in the queue")
                 rowid, first, last = row
                 if first is None:  # queued before schema 11: the body is the message row's blob
+                    self._in_blob = True
                     with self._db.blobopen("messages", "body", rowid, readonly=True) as blob:
                         blob.seek(pos)
                         return blob.read(n)

@@ -936,6 +936,11 @@ def test_a_version_10_queue_keeps_its_bodies_where_they_are(db_path, clock):
         assert db.execute("SELECT COUNT(*) FROM body_chunks").fetchone()[0] == 0  # nothing copied
         new = put(s, "b@example.com", body=b"new\r\n" * 1000)
         assert {qid: s.open_body(qid).read() for qid in old_bodies} == old_bodies
+        with s.open_body("OLD3") as reader:  # refills after the first: from the blob alone
+            reader.seek(1000)
+            assert reader.read(10) == old_bodies["OLD3"][1000:1010]
+            reader.seek(5)
+            assert reader.read(100) == old_bodies["OLD3"][5:105]
         assert s.open_body(new).read() == b"new\r\n" * 1000
         shell = sqlite3.connect(db_path)
         assert dict(shell.execute("SELECT queue_id, body FROM message_bodies")) == {**old_bodies, new: b"new\r\n" * 1000}
