@@ -27,6 +27,8 @@ def shown_address(address: str) -> str:
 
 def limit_key(address: str) -> str:
     """What per-client limits count: "192.0.2.1", or "2001:db8:1:2::/64" for any address of that /64."""
+    if ":" not in address:  # not IPv6: counted as it is (the master asks three times per connection)
+        return address
     ip = _parse(shown_address(address))
     if ip is None or ip.version == 4:
         return shown_address(address)
