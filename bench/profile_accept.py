@@ -44,12 +44,16 @@ def cpu_split(server):
 
 
 class ProfiledBackupMX(BackupMX):
+    def __init__(self, *args, what="workers"):
+        super().__init__(*args)
+        self.what = what
+
     def command(self, cfg):
-        return [sys.executable, str(Path(__file__).resolve()), "--serve", str(self.dir), str(cfg)]
+        return [sys.executable, str(Path(__file__).resolve()), "--serve", self.what, str(self.dir), str(cfg)]
 
 
-def serve_profiled(stats_dir, cfg):
-    """The server, each SMTP worker's loop under cProfile (runs in the spawned process)."""
+def serve_profiled(what, stats_dir, cfg):
+    """The server, each SMTP worker's loop (or the master) under cProfile (runs in the spawned process)."""
     sys.path.insert(0, str(REPO))
     from backupmx import cli, worker
 
@@ -64,8 +68,17 @@ def serve_profiled(stats_dir, cfg):
             profile.disable()
             profile.dump_stats(os.path.join(stats_dir, f"worker-{os.getpid()}.prof"))
 
-    worker.SessionLoop.run = profiled_run
-    return cli.main(["serve", "-c", cfg])
+    if what == "workers":
+        worker.SessionLoop.run = profiled_run
+        return cli.main(["serve", "-c", cfg])
+    profile = cProfile.Profile(time.process_time)
+    os.register_at_fork(after_in_child=profile.disable)  # the master alone
+    profile.enable()
+    try:
+        return cli.main(["serve", "-c", cfg])
+    finally:
+        profile.disable()
+        profile.dump_stats(os.path.join(stats_dir, "master.prof"))
 
 
 def main(argv=None):
@@ -74,11 +87,12 @@ def main(argv=None):
     ap.add_argument("--messages", type=int, default=5000)
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--workers", type=int, default=None, help="backupmx workers (config default: 4)")
-    ap.add_argument("--profile", action="store_true", help="cProfile every SMTP worker")
+    ap.add_argument("--profile", nargs="?", const="workers", choices=("workers", "master"),
+                    help="cProfile every SMTP worker (or the master)")
     ap.add_argument("--top", type=int, default=40, help="rows of the profile to print")
     ap.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumulative, ...)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, log, .prof files)")
-    ap.add_argument("--serve", nargs=2, metavar=("DIR", "CFG"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve", nargs=3, metavar=("WHAT", "DIR", "CFG"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
         return serve_profiled(*args.serve)
@@ -87,7 +101,10 @@ def main(argv=None):
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="profile-accept-"))
     os.chmod(workdir, 0o755)
-    server = (ProfiledBackupMX if args.profile else BackupMX)(workdir, free_port(), args.workers)
+    if args.profile:
+        server = ProfiledBackupMX(workdir, free_port(), args.workers, what=args.profile)
+    else:
+        server = BackupMX(workdir, free_port(), args.workers)
     try:
         server.start()
         before, split_before = cpu_seconds(server), cpu_split(server)
@@ -104,13 +121,13 @@ def main(argv=None):
     print("  per message (ms): " + ", ".join(f"{role} user {user:.3f} sys {system:.3f}"
                                              for role, (user, system) in per_message.items()))
     if args.profile:
-        files = glob.glob(str(workdir / "worker-*.prof"))
+        files = glob.glob(str(workdir / ("worker-*.prof" if args.profile == "workers" else "master.prof")))
         if files:
             stats = pstats.Stats(*files)
-            print(f"{len(files)} workers, {stats.total_tt:.2f} s profiled")
+            print(f"{len(files)} processes, {stats.total_tt:.2f} s profiled")
             stats.sort_stats(args.sort).print_stats(args.top)
         else:
-            print("no worker wrote a profile")
+            print("no profile was written")
     if args.keep:
         print(f"kept {workdir}")
     else:
