@@ -78,6 +78,13 @@ SESSIONS_PER_WORKER = tuning("BACKUPMX_SESSIONS_PER_WORKER", 256, int)
 # max_workers). High on purpose: idle and slow sessions cost descriptors, not
 # processes, and `workers` already spreads busy ones over the cores.
 SPAWN_THRESHOLD = tuning("BACKUPMX_SPAWN_THRESHOLD", 128, int)
+# New sessions go to the busiest worker holding fewer than this many (then to the least
+# loaded): one loop round and one group commit (one fsync, one turn of the write lock,
+# one refill of SQLite's page cache after another process wrote) serve all of a worker's
+# sessions, so 10 sessions in one worker cost about 0.65 of the CPU per message that the
+# same 10 spread over 4 workers do (bench/README.md, issue 16); past it, a second worker
+# takes the next ones and the cores share the load.
+PACK_SESSIONS = tuning("BACKUPMX_PACK_SESSIONS", 32, int)
 # After SIGTERM: how long the master waits for its children before SIGKILLing them.
 # A worker drains within worker.DRAIN_GRACE + worker.DRAIN_CLOSE; a little margin on top.
 STOP_TIMEOUT = worker.DRAIN_GRACE + worker.DRAIN_CLOSE + 5.0
@@ -287,6 +294,15 @@ def _drain(sock):
             pass
     except (BlockingIOError, InterruptedError):
         pass
+
+
+def pick_worker(room):
+    """Of the workers with room: the busiest below PACK_SESSIONS (and SPAWN_THRESHOLD), else the
+    least loaded; None when none has room."""
+    packing = [w for w in room if w.sessions < min(PACK_SESSIONS, SPAWN_THRESHOLD)]
+    if packing:
+        return max(packing, key=lambda w: w.sessions)
+    return min(room, key=lambda w: w.sessions) if room else None
 
 
 class Master:
@@ -523,7 +539,7 @@ class Master:
         return [w for w in self.workers.values() if not w.draining and w.aborted_at is None]
 
     def choose_worker(self):
-        """The least-loaded worker with room; spawn one when all are past SPAWN_THRESHOLD."""
+        """The worker for a new session (pick_worker); spawn one when all are past SPAWN_THRESHOLD."""
         active = self.active_workers()
         now = time.monotonic()
         room = [w for w in active if w.sessions < SESSIONS_PER_WORKER and w.full_until <= now]
@@ -531,7 +547,7 @@ class Master:
             w = self.spawn_worker()
             if w is not None:
                 return w
-        return min(room, key=lambda w: w.sessions) if room else None
+        return pick_worker(room)
 
     def spawn_worker(self):
         if self.stopping or time.monotonic() < self.respawn_after:

@@ -281,7 +281,7 @@ def test_auth_failures_count_per_client_across_sessions_workers_and_inetd(server
     port, port6 = free_port(), free_port("::1")
     server = server_factory(tls=True, workers=2, port=port, listen=f"127.0.0.1:{port}, [::1]:{port6}",
                             max_auth_failures_per_client=3, users={"prim": ("{PLAIN}" + PASSWORD, "example.com")},
-                            auth_failure_delay="0.1s")
+                            auth_failure_delay="0.1s", env={"BACKUPMX_PACK_SESSIONS": "1"})  # spread them
     with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three sessions at once: both workers get some
         assert list(pool.map(lambda _: auth_plain(port, "guess"), range(3))) == [535, 535, 535]
     failed = [line for line in server.log().splitlines() if "auth-failed client=127.0.0.1" in line]

@@ -573,6 +573,20 @@ def test_extra_workers_spawned_when_busy(stub_server):
         s.close()
 
 
+def test_new_sessions_fill_one_worker_before_the_next(stub_server):
+    """BACKUPMX_PACK_SESSIONS: the busiest worker below it gets the next session (one group
+    commit serves more of them), not the least loaded: runs of sessions in one worker, not
+    turns. (The start-up probe may still be counted on one worker: hence no exact split.)"""
+    srv = stub_server(workers=2, max_workers=2, env={"BACKUPMX_PACK_SESSIONS": "6"})
+    socks = [connect(srv.port) for _ in range(6)]
+    assert all(read_line(s).startswith(b"220") for s in socks)
+    pids = [pid_of_session(s) for s in socks]
+    changes = sum(a != b for a, b in zip(pids, pids[1:]))
+    assert changes <= 2, pids  # taking turns: 4 or 5
+    for s in socks:
+        s.close()
+
+
 def test_sigterm_idle_exits_quickly(stub_server):
     srv = stub_server()
     started = time.monotonic()

@@ -351,7 +351,8 @@ def test_domain_quota_holds_under_concurrent_senders(server_factory):
     import threading
     limit = 10
     domains = {"example.com": {"primary": "127.0.0.1:9", "max_queue_messages": str(limit)}}
-    server = server_factory(domains=domains, workers=2)
+    # The senders spread over both workers (no packing): the quota holds across processes.
+    server = server_factory(domains=domains, workers=2, env={"BACKUPMX_PACK_SESSIONS": "1"})
     outcomes = []
 
     def sender():
