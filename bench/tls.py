@@ -30,7 +30,8 @@ Rows, each on a fresh server and queue, interleaved across servers and runs:
 
 Every accept and handshake row also gives the server's CPU time per message
 or handshake (its whole process tree; Postfix's reaped smtpd processes
-included).
+included), and an accept row the load generator's (its processes share the
+two cores with the server, so what they spend bounds both servers' rates).
 
 Ratios: backupmx / Postfix; and per server plain / STARTTLS at the same
 session count (how much TLS costs it).
@@ -38,6 +39,7 @@ session count (how much TLS costs it).
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -87,10 +89,15 @@ def make_server(name, workdir, cert, key):
 
 
 def timed_load(server, load):
-    """run_load, and the server's CPU milliseconds it cost."""
-    before = cpu_seconds(server)
+    """run_load, and the CPU milliseconds it cost the server and the load generator (its
+    processes, reaped by run_load: the two share the machine's cores with the server)."""
+    before, clients_before = cpu_seconds(server), resource.getrusage(resource.RUSAGE_CHILDREN)
     result = smtpload.run_load(load)
-    return result, (cpu_seconds(server) - before) * 1000
+    server_ms = (cpu_seconds(server) - before) * 1000
+    clients = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result.client_cpu_ms = (clients.ru_utime + clients.ru_stime - clients_before.ru_utime
+                            - clients_before.ru_stime) * 1000
+    return result, server_ms
 
 
 def load_errors(result):
@@ -106,6 +113,7 @@ def row_accept(server, messages, sessions, tls):
     note = None if ok else f"sent {messages}, 250 to {result.messages}, server holds {held}; {load_errors(result)}"
     return Result(result.messages / result.elapsed, ok, note, {
         "held": held, "elapsed": result.elapsed, "cpu_ms_per_item": cpu_ms / max(1, result.messages),
+        "client_cpu_ms_per_item": result.client_cpu_ms / max(1, result.messages),
         "eod_p99_ms": smtpload.percentile(result.eod, 99) * 1000,
         "handshake_p50_ms": smtpload.percentile(result.handshake, 50) * 1000})
 
@@ -215,6 +223,8 @@ def derived(rows):
         if kind in ("accept", "handshakes"):
             what = "message" if kind == "accept" else "handshake"
             out.append((f"  server CPU per {what}", label, "cpu_ms_per_item", "ms"))
+            if kind == "accept":
+                out.append(("  load generator CPU per message", label, "client_cpu_ms_per_item", "ms"))
         if kind == "handshakes" and params[2]:
             out.append((f"  of which resumed, {cert}", label, "resumed_pct", "%"))
         if kind == "probe":
