@@ -1,7 +1,8 @@
-"""bench/tls.py runs (its --help) and prints its table from any subset of its rows.
+"""bench/tls.py runs (its --help) and prints its table from any subset of its rows;
+bench/tls_steps.py measures a few sessions.
 
-The benchmark itself needs root and Postfix and minutes of CPU: it is run by
-hand (bench/README.md), never here.
+The benchmarks themselves need root and Postfix (tls.py) or minutes of CPU:
+they are run by hand (bench/README.md), never here.
 """
 
 import importlib.util
@@ -24,6 +25,14 @@ def test_help_runs():
     done = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert "--certs" in done.stdout and "STARTTLS" in done.stdout
+
+
+def test_tls_steps_measures_plain_and_starttls_sessions():
+    script = BENCH.parent / "tls_steps.py"
+    done = subprocess.run([sys.executable, str(script), "--sessions", "2", "--runs", "1", "--certs", "ecdsa"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "client Finished" in done.stdout and "STARTTLS ecdsa: +" in done.stdout
 
 
 def test_table_from_a_subset_of_rows():
