@@ -96,6 +96,7 @@ class Server:
 
     def accept(self):
         client = socket.create_connection(self.listener.getsockname(), timeout=10)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as smtpload's clients
         sock, peer = self.listener.accept()
         start, openssl = time.process_time(), self.clock.seconds
         self.conn = self.loop.add_session(sock, peer, implicit_tls=False)
