@@ -44,17 +44,17 @@ def chunk_lengths(size: int, page_size: int) -> list[int]:
     row each costs time at accept) and wastes no space either. SQLite keeps
     the first min_local bytes of an overflowing row on the leaf page and the
     rest on overflow pages of page_size - 4 payload bytes each (the file
-    format, section 1.6, "Cell Payload Overflow Pages"); 5 bytes of the
-    payload are the record's header.
+    format, section 1.6, "Cell Payload Overflow Pages"); 5 bytes of those are
+    the record's header, the rest the chunk's first bytes (`on_leaf`).
     """
     overflow = page_size - 4
-    min_local = (page_size - 12) * 32 // 255 - 23
+    on_leaf = (page_size - 12) * 32 // 255 - 23 - 5
     small = (page_size - 8) // 8 - 12
     lengths = []
     left = size
     while left > 0:
-        pages = min(BIG_CHUNK_PAGES, (left - min_local) // overflow)
-        lengths.append(min_local - 5 + pages * overflow if pages > 0 else min(left, small))
+        pages = min(BIG_CHUNK_PAGES, (left - on_leaf) // overflow)
+        lengths.append(on_leaf + pages * overflow if pages > 0 else min(left, small))
         left -= lengths[-1]
     return lengths
 

@@ -274,10 +274,10 @@ def test_envelope_parameters_are_kept(store):
 
 
 # Every size class of the body chunks with 4 KB pages (chunk_lengths): none, one byte, one
-# small chunk exactly, one more, the last size in small chunks and the first with overflow
-# pages, a 64 KB chunk exactly and one byte over, the copy step, a body read whole
-# (BodyReader.READAHEAD) and one byte more (read in refills: where each chunk starts).
-SIZE_CLASSES = [0, 1, 499, 500, 4576, 4577, 65956, 65957, CHUNK + 1, 3 * CHUNK + 17, 2**20, 2**20 + 1]
+# small chunk exactly, one more, the last size in small chunks, one chunk with an overflow
+# page exactly and one byte more, a 64 KB chunk exactly and one byte more, the copy step, a
+# body read whole (BodyReader.READAHEAD) and one byte more (refills: where each chunk starts).
+SIZE_CLASSES = [0, 1, 499, 500, 4575, 4576, 4577, 65956, 65957, CHUNK + 1, 3 * CHUNK + 17, 2**20, 2**20 + 1]
 
 
 @pytest.mark.parametrize("size", SIZE_CLASSES)
