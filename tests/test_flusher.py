@@ -24,7 +24,7 @@ import pytest
 
 from backupmx.config import DomainConfig, load_config
 from backupmx.envelope import Envelope, Recipient
-from backupmx.flusher import EXTRA_CONNECTIONS, deliver_domain, run_flush_worker
+from backupmx.flusher import EXTRA_CONNECTIONS, OUTCOME_BATCH, deliver_domain, run_flush_worker
 from backupmx.smtpclient import MAX_REPLY_LINES, DataEncoder, PrimaryClient, ReplyError
 from backupmx.store import QueueStore
 from backupmx.store_db import DamagedBody
@@ -469,6 +469,28 @@ def test_a_primary_answering_twice_is_not_believed(store, sink, stage, reason):
     assert delivered == ({0, 2, 4} if stage == "eod" else set())
     for row in left.values():
         assert (row.state, row.attempts) == ("queued", 1) and row.last_reply.startswith(reason), row.last_reply
+
+
+def test_an_outcome_write_that_fails_ends_the_flush_and_loses_nothing(store, sink):
+    # The queue refuses the outcomes (disk trouble) while the next message is announced:
+    # the flush ends with the error, every message stays queued (delivered again:
+    # duplicates, never loss), and the announced one never got its content.
+    sink.max_sessions = 1  # one connection: its first batch of outcomes is written mid-flush
+    ids = [enqueue(store, numbered(i)) for i in range(OUTCOME_BATCH + 6)]
+    store.request_flush([DOMAIN])
+    assert store.claim_flush("test-flusher", 60) == DOMAIN
+    store.connection.execute("CREATE TRIGGER test_fault BEFORE INSERT ON events"
+                             " BEGIN SELECT RAISE(ABORT, 'injected fault'); END")
+    try:
+        with pytest.raises(Exception, match="injected fault"):
+            deliver_domain(store, domain_config(sink), owner="test-flusher", hostname="mx2.test", timeout=5)
+    finally:
+        store.connection.execute("DROP TRIGGER test_fault")
+        store.release_flush(DOMAIN, "test-flusher")
+    assert sorted(rows(store)) == sorted(ids)
+    assert 1 <= len(sink.deliveries) <= OUTCOME_BATCH  # stopped at its first write (64, or 0.25 s)
+    assert flush(store, domain_config(sink))["delivered"] == OUTCOME_BATCH + 6
+    assert rows(store) == {}
 
 
 # -- a hostile primary: bounded time, mail kept ---------------------------------------------
