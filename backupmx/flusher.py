@@ -260,7 +260,7 @@ class _Flush:
             raise _Trouble(e.reason, at_connect=True) from e
         return client
 
-    def drop(self) -> "_Envelope | None":
+    def drop(self) -> _Envelope | None:
         """Abandon the connection without QUIT (after trouble, or mid-DATA).
 
         Returns the envelope announced on it, if any: that message was taken
@@ -390,7 +390,7 @@ class _Flush:
         self.record(message, outcomes)
         return None
 
-    def record_withdrawn(self, envelope: "_Envelope | None", reason: str) -> None:
+    def record_withdrawn(self, envelope: _Envelope | None, reason: str) -> None:
         """A message announced on a connection that was then dropped: its commands may
         have reached the primary, its content never did (it is sent only after its own
         354). Deferred with the reason, as the message in flight is."""
@@ -460,7 +460,7 @@ class _Flush:
         client.send(end_of_data + (self.announce(work) if pipelining and work is not None else b""))
         outcomes.update(dict.fromkeys(accepted, _judge(*client.getreply())))
 
-    def envelope(self, message) -> "_Envelope":
+    def envelope(self, message) -> _Envelope:
         """The commands that open `message`'s transaction with this primary (or its refusal)."""
         refusal, params, encoding = self._mail_parameters(message)
         if refusal is not None:
@@ -495,7 +495,7 @@ class _Flush:
         envelope.sent = True
         return envelope.group()
 
-    def take_announced(self, message) -> "_Envelope | None":
+    def take_announced(self, message) -> _Envelope | None:
         """`message`'s envelope when announce() prepared it, else None."""
         envelope = self.announced
         if envelope is None or envelope.message is not message:

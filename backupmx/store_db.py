@@ -104,12 +104,10 @@ _ID_TIME_DIGITS = 8
 _ID_RANDOM_DIGITS = 6
 
 
-
 def is_queue_id(text: str) -> bool:
     """True if `text` looks like a queue id (14 of [0-9A-Z]) rather than a domain:
     for `backupmx hold|release|delete|requeue ID|DOMAIN`."""
     return len(text) == _ID_TIME_DIGITS + _ID_RANDOM_DIGITS and all(c in _ID_ALPHABET for c in text)
-
 
 
 class QueueUnavailable(Exception):
@@ -117,7 +115,6 @@ class QueueUnavailable(Exception):
 
     The SMTP side answers 452 4.3.1; nothing was changed.
     """
-
 
 
 def new_queue_id(clock: Callable[[], float] = time.time) -> str:
@@ -151,14 +148,12 @@ class RecipientStatus:
     dsn_sent: int | None = None
 
 
-
 class DamagedBody(Exception):
     """A message's stored chunks do not add up to its size (a chunk deleted by hand?).
 
     Nothing of it is delivered: the flusher drops the connection mid-DATA and
     the message stays queued.
     """
-
 
 
 class BodyReader(io.RawIOBase):
@@ -284,7 +279,6 @@ class BodyReader(io.RawIOBase):
         super().close()
 
 
-
 def _is_unavailable(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is None:
@@ -304,7 +298,6 @@ def _sqlite_errors() -> Iterator[None]:
         if _is_unavailable(exc):
             raise QueueUnavailable(f"queue database: {exc}") from exc
         raise
-
 
 
 def check_database(path: str) -> list[str]:
@@ -341,7 +334,6 @@ def check_database(path: str) -> list[str]:
     except sqlite3.Error as exc:
         problems.append(f"{path}: {exc}")
     return problems
-
 
 
 def _queue_versions(db: sqlite3.Connection) -> tuple[int, int]:
@@ -395,7 +387,6 @@ def _uri_path(path: str) -> str:
     from urllib.parse import quote
 
     return quote(os.path.abspath(path))
-
 
 
 class QueueDatabase:

@@ -44,10 +44,8 @@ class Submission:
     queued_at: int | None = None
 
 
-
 class QuotaExceeded(QueueUnavailable):
     """The message would take a domain over max_queue_messages / max_queue_bytes."""
-
 
 
 class Intake(QueueDatabase):
@@ -187,7 +185,6 @@ class Intake(QueueDatabase):
             if (max_messages is not None and messages + 1 > max_messages) or (
                     max_bytes is not None and queued + size > max_bytes):
                 raise QuotaExceeded(f"queue for {domain} is full")
-
 
 
 def _chunks(queue_id: str, body_file: BinaryIO, size: int, lengths: list[int]) -> Iterator[bytes]:
