@@ -67,7 +67,9 @@
 --   SELECT domain, state, COUNT(*) FROM queue GROUP BY 1, 2;
 --   SELECT * FROM recipients WHERE state = 'failed';      -- what the primary refused, and why
 --   SELECT datetime(at, 'unixepoch'), domain, what, detail
---     FROM events WHERE queue_id = 'ID' ORDER BY id;      -- life of one message
+--     FROM events WHERE queue_id = 'ID' ORDER BY what <> 'queued', id; -- life of one message that left ...
+--   SELECT datetime(at, 'unixepoch'), domain, detail
+--     FROM queue_arrivals WHERE queue_id = 'ID';         -- ... and the arrival of one still waiting (events)
 --   SELECT * FROM flushes;                                -- pending ETRNs and running deliveries
 -- Changing the queue by hand (what `backupmx hold|release|requeue|delete` do):
 --   UPDATE queue SET state = 'held', state_changed = unixepoch()
@@ -273,9 +275,15 @@ CREATE TABLE IF NOT EXISTS primary_status (
 
 -- History: one row per thing that happened to a message, kept after the
 -- message is delivered (until expired_retention), so nothing leaves without a trace.
+-- A row's arrival (`queued`) is written when the row leaves the queue (trigger
+-- queue_history), not when it is accepted: a queued row's own columns say it
+-- (view queue_arrivals), and a backlog of a million messages does not keep a
+-- million copies of their envelopes here (since schema 12; before, the accept
+-- wrote it, and such rows keep theirs). So the `queued` row comes after the
+-- others in id order: `backupmx show` lists it first.
 CREATE TABLE IF NOT EXISTS events (
-    id       INTEGER PRIMARY KEY, -- order of events
-    at       INTEGER NOT NULL,    -- unix time
+    id       INTEGER PRIMARY KEY, -- order of events (but `queued`, see above)
+    at       INTEGER NOT NULL,    -- unix time (`queued`: the message's received_at)
     queue_id TEXT NOT NULL,       -- the message (no foreign key: events outlive it)
     domain   TEXT,                -- the queue row concerned, NULL for the message as a whole
     what     TEXT NOT NULL,       -- queued | delivered | deferred | failed | expired | held | released | requeued | deleted | dsn | dsn-failed | delay-warning
@@ -342,6 +350,19 @@ CREATE VIEW IF NOT EXISTS message_bodies (queue_id, body) AS
                                      WHERE c.id BETWEEN m.first_chunk AND m.last_chunk), '') AS BLOB) END
     FROM messages AS m;
 
+-- A queue row's arrival as its `queued` event says it (the history, schema.sql's
+-- events): what trigger queue_history writes when the row leaves, and what
+-- `backupmx show` lists while it waits. `to` names the recipients still waiting
+-- (the ones delivered are in their `delivered` events).
+--   SELECT datetime(at, 'unixepoch'), domain, detail FROM queue_arrivals WHERE queue_id = 'ID';
+CREATE VIEW IF NOT EXISTS queue_arrivals (queue_id, domain, at, detail) AS
+    SELECT q.queue_id, q.domain, COALESCE(q.message_received_at, m.received_at),
+           'from=<' || COALESCE(m.sender, '?') || '>'
+           || COALESCE(' to=' || (SELECT group_concat('<' || r.address || '>', ',') FROM recipients AS r
+                                   WHERE r.queue_id = q.queue_id AND r.domain = q.domain), '')
+           || ' size=' || COALESCE(q.message_size, m.size) || ' client=' || COALESCE(m.client, '-')
+    FROM queue AS q LEFT JOIN messages AS m USING (queue_id);
+
 -- One line per queue row (any state), recipients comma-separated, oldest first.
 CREATE VIEW IF NOT EXISTS queue_list
     (queue_id, domain, state, received_at, size, sender, recipients, attempts, last_reply) AS
@@ -378,6 +399,19 @@ END;
 CREATE TRIGGER IF NOT EXISTS message_chunks_gone AFTER DELETE ON messages WHEN OLD.first_chunk IS NOT NULL
 BEGIN
     DELETE FROM body_chunks WHERE id BETWEEN OLD.first_chunk AND OLD.last_chunk;
+END;
+
+-- A row leaves the queue (delivered, deleted, purged, by whoever): its arrival
+-- goes into the history (schema.sql's events), unless it is there already (a
+-- row queued before schema 12). BEFORE: its recipients and message are still
+-- there to say it (but the recipients a delivery took: they left with their
+-- `delivered` event).
+CREATE TRIGGER IF NOT EXISTS queue_history BEFORE DELETE ON queue
+WHEN NOT EXISTS (SELECT 1 FROM events WHERE queue_id = OLD.queue_id AND domain = OLD.domain AND what = 'queued')
+BEGIN
+    INSERT INTO events (at, queue_id, domain, what, detail)
+        SELECT at, queue_id, domain, 'queued', detail FROM queue_arrivals
+         WHERE queue_id = OLD.queue_id AND domain = OLD.domain;
 END;
 
 -- queue_totals follows every queue row (whoever writes it): a new row counts ...
@@ -455,7 +489,10 @@ CREATE TABLE IF NOT EXISTS schema_compat (
 -- 11: body_chunks, messages.first_chunk and last_chunk (added to an older queue on start:
 --    its messages keep their bodies in messages.body, nothing is copied), message_bodies,
 --    trigger message_chunks_gone; oldest_version 11.
-PRAGMA user_version = 11;
+-- 12: the accept writes no `queued` event: trigger queue_history writes it when the row
+--    leaves, from view queue_arrivals (a queue that an older backupmx still writes to
+--    keeps its `queued` events, and gets none twice); oldest_version stays 11.
+PRAGMA user_version = 12;
 
 -- The oldest schema version whose backupmx can still read and write a queue of
 -- this version. When you bump user_version:
@@ -477,4 +514,7 @@ PRAGMA user_version = 11;
 -- the messages queued since are in body_chunks (their body column holds 0: a
 -- process of schema 10 still running fails to read one rather than deliver it
 -- empty; it never deletes one undelivered).
+-- 12 keeps 11: a backupmx of schema 11 still writes a `queued` event at the accept
+-- (queue_history then writes none), and its `show` of a waiting message lists the
+-- events of those it queued itself.
 INSERT OR REPLACE INTO schema_compat (id, oldest_version) VALUES (1, 11);

@@ -52,11 +52,11 @@ def chunk_lengths(size: int, page_size: int) -> list[int]:
     small = (page_size - 8) // 8 - 12
     lengths = []
     left = size
-    while left > 0:
-        pages = min(BIG_CHUNK_PAGES, (left - on_leaf) // overflow)
-        lengths.append(on_leaf + pages * overflow if pages > 0 else min(left, small))
+    while (pages := min(BIG_CHUNK_PAGES, (left - on_leaf) // overflow)) > 0:
+        lengths.append(on_leaf + pages * overflow)
         left -= lengths[-1]
-    return lengths
+    full, rest = divmod(left, small)  # the rest fits no overflow page: small pieces
+    return lengths + [small] * full + ([rest] if rest else [])
 
 
 DEFAULT_BUSY_TIMEOUT = tuning("BACKUPMX_BUSY_TIMEOUT", 5.0)  # seconds a writer waits for another writer's lock

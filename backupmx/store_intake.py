@@ -8,6 +8,11 @@
     and one `recipients` row per RCPT TO of that domain.
   - Per-domain quotas are checked inside the transaction, so concurrent
     senders can never push a domain over its quota.
+  - The group commit is the SMTP workers' turn at the write lock: what is
+    asked once per batch (the next body chunk id, whether a domain starts
+    queueing) is not asked again per message, and the accept writes no
+    `queued` event (schema.sql: trigger queue_history writes it when the row
+    leaves).
 """
 
 from __future__ import annotations
@@ -73,11 +78,14 @@ class Intake(QueueDatabase):
         results: list[Exception | None] = [None] * len(submissions)
         now = self._now()
         with self._commit_turn(), self._write() as db:
+            # The write lock is ours: nobody else adds chunks until the commit.
+            batch = _Batch(db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM body_chunks").fetchone()[0])
             for index, submission in enumerate(submissions):
                 submission.started_queueing, submission.queued_at = [], now
+                first_chunk = batch.next_chunk
                 db.execute("SAVEPOINT message")
                 try:
-                    self._insert_message(db, submission, now, quotas or {})
+                    domains = self._insert_message(db, submission, now, quotas or {}, batch)
                 except (QueueUnavailable, ValueError) as exc:
                     db.execute("ROLLBACK TO message")
                     results[index] = exc
@@ -86,8 +94,11 @@ class Intake(QueueDatabase):
                         raise  # the whole transaction is lost: nothing is queued
                     db.execute("ROLLBACK TO message")  # e.g. SQLITE_TOOBIG: this message only
                     results[index] = QueueUnavailable(f"queue database: {exc}")
-                if results[index] is not None:
+                if results[index] is None:
+                    batch.queueing.update(domains)
+                else:  # rolled back: its chunk ids and its domain_status changes are free again
                     submission.started_queueing = []
+                    batch.next_chunk = first_chunk
                 db.execute("RELEASE message")
             self._count(db, RECEIVED, results.count(None))
             for name, labels in (counts or {}).items():
@@ -120,7 +131,8 @@ class Intake(QueueDatabase):
             fcntl.flock(self._turn_lock, fcntl.LOCK_UN)
 
     def _insert_message(self, db: sqlite3.Connection, submission: Submission, now: int,
-                        quotas: Mapping[str, tuple[int | None, int | None]]) -> None:
+                        quotas: Mapping[str, tuple[int | None, int | None]], batch: _Batch) -> list[str]:
+        """Write one message (in the caller's savepoint); returns its domains."""
         queue_id, envelope, size = submission.queue_id, submission.envelope, submission.size
         domains = envelope.domains
         if not domains:
@@ -131,7 +143,8 @@ class Intake(QueueDatabase):
         at = now if submission.received_at is None else int(submission.received_at)
         self._check_quotas(db, domains, size, quotas)
         lengths = chunk_lengths(size, self.page_size())
-        first = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM body_chunks").fetchone()[0]
+        first = batch.next_chunk
+        batch.next_chunk += len(lengths)
         try:
             # body = 0 (not a blob): a backupmx of schema 10, which reads the body
             # from this column, fails to open it rather than send an empty message.
@@ -157,9 +170,8 @@ class Intake(QueueDatabase):
             [(queue_id, r.domain, r.address, r.notify, r.orcpt) for r in envelope.recipients],
         )
         for domain in domains:
-            to = ",".join(f"<{r.address}>" for r in envelope.recipients if r.domain == domain)
-            self._event(db, now, queue_id, domain, "queued",
-                        f"from=<{envelope.sender}> to={to} size={size} client={submission.client}")
+            if domain in batch.queueing:
+                continue  # an earlier message of this commit left its queueing_since set
             # The first message after the domain was empty: it starts queueing now.
             started = db.execute(
                 "INSERT INTO domain_status (domain, queueing_since) VALUES (?, ?) ON CONFLICT (domain)"
@@ -169,6 +181,7 @@ class Intake(QueueDatabase):
             ).rowcount
             if started:
                 submission.started_queueing.append(domain)
+        return domains
 
     def usage(self, domain: str) -> tuple[int, int]:
         """(messages, bytes) waiting for `domain` (queued or held): for the per-domain quotas."""
@@ -185,6 +198,14 @@ class Intake(QueueDatabase):
             if (max_messages is not None and messages + 1 > max_messages) or (
                     max_bytes is not None and queued + size > max_bytes):
                 raise QuotaExceeded(f"queue for {domain} is full")
+
+
+@dataclass
+class _Batch:
+    """What one group commit knows across its messages."""
+
+    next_chunk: int  # the body_chunks id the next message's body starts at
+    queueing: set[str] = field(default_factory=set)  # domains a queued message of this commit set queueing_since for
 
 
 def _chunks(queue_id: str, body_file: BinaryIO, size: int, lengths: list[int]) -> Iterator[bytes]:

@@ -301,11 +301,7 @@ class OperatorQueries(QueueDatabase):
                 " FROM messages WHERE queue_id = ?",
                 (queue_id,),
             ).fetchone()
-            events = [
-                Event(*e)
-                for e in db.execute("SELECT at, domain, what, detail FROM events WHERE queue_id = ? ORDER BY id",
-                                    (queue_id,))
-            ]
+            events = self._history(db, queue_id)
             if m is None:
                 return None
             rows = []
@@ -327,8 +323,22 @@ class OperatorQueries(QueueDatabase):
 
     def history(self, queue_id: str) -> list[Event]:
         """The events of a message, also after it left the queue."""
-        with _sqlite_errors():
-            rows = self.connection.execute(
-                "SELECT at, domain, what, detail FROM events WHERE queue_id = ? ORDER BY id", (queue_id,)
-            ).fetchall()
-        return [Event(*r) for r in rows]
+        with self._read() as db:
+            return self._history(db, queue_id)
+
+    @staticmethod
+    def _history(db: sqlite3.Connection, queue_id: str) -> list[Event]:
+        """The message's arrival first (`queued`, per domain), then its events in order.
+
+        A row still waiting has no `queued` event (schema.sql, events: the trigger
+        queue_history writes it when the row leaves, after the others); its
+        arrival is read from the row itself (view queue_arrivals).
+        """
+        events = [Event(*e) for e in db.execute(
+            "SELECT at, domain, what, detail FROM events WHERE queue_id = ? ORDER BY id", (queue_id,))]
+        arrivals = [e for e in events if e.what == "queued"]
+        recorded = {e.domain for e in arrivals}
+        arrivals += [Event(at, domain, "queued", detail) for domain, at, detail in db.execute(
+            "SELECT domain, at, detail FROM queue_arrivals WHERE queue_id = ?", (queue_id,)) if domain not in recorded]
+        arrivals.sort(key=lambda e: (e.at, e.domain or ""))
+        return arrivals + [e for e in events if e.what != "queued"]

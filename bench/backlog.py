@@ -395,7 +395,7 @@ def main(argv=None) -> int:
             before = sizes(server.db, args.breakdown)
         print(f"  database {before['file'] / 2**20:,.0f} MB + WAL {before['wal'] / 2**20:,.0f} MB for "
               f"{before['messages']:,} messages of {before['bodies'] / 2**20:,.0f} MB: "
-              f"{(before['file'] + before['wal']) / max(1, before['bodies']):.2f}x the bodies "
+              f"{(before['file'] + before['wal']) / max(1, before['bodies']):.3f}x the bodies "
               f"(page {before['page']}, free {before['free'] / 2**20:,.0f} MB)", flush=True)
         memory.phase = f"flush at {levels[-1]}"
         with lock.held():
@@ -428,7 +428,7 @@ def main(argv=None) -> int:
               f" ({f['rate'] / e['rate']:.2f}x)")
     for label, took, _ in operator:
         print(f"{label:<40} {took:6.2f} s")
-    print(f"database / bodies: {(before['file'] + before['wal']) / max(1, before['bodies']):.2f}x")
+    print(f"database / bodies: {(before['file'] + before['wal']) / max(1, before['bodies']):.3f}x")
     for name, size, unused in before["tables"]:
         if size >= before["file"] / 1000:
             print(f"  {name:<32} {size / 2**20:9,.1f} MB {size / max(1, before['bodies']):6.3f}x"

@@ -32,6 +32,7 @@ from backupmx.store import (
     new_queue_id,
 )
 from backupmx.store_db import CHUNK, DamagedBody
+from backupmx.store_operator import Event
 from conftest import pending_flushes, queue_one, record_deferred, record_delivered, record_failed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -957,6 +958,100 @@ def test_a_version_10_queue_keeps_its_bodies_where_they_are(db_path, clock):
             [("example.com", "queued", 2, len(old_bodies["OLD2"]))]
     finally:
         s.close()
+
+
+def test_a_version_11_queue_keeps_its_queued_events_and_gets_none_twice(db_path, clock):
+    """tests/data/schema-v11.sql is schema.sql before the accept stopped writing `queued`
+    events (schema 12): a message queued the schema 11 way keeps its event, one in its history
+    however it leaves; a message queued since has none until its row leaves."""
+    shell = sqlite3.connect(db_path, isolation_level=None)
+    shell.executescript((ROOT / "tests" / "data" / "schema-v11.sql").read_text())
+    body = b"Subject: old\r\n\r\nhello\r\n"
+    for qid in ("OLD1", "OLD2"):  # as schema 11's Intake wrote them
+        shell.execute("INSERT INTO body_chunks (data) VALUES (?)", (body,))
+        chunk = shell.execute("SELECT MAX(id) FROM body_chunks").fetchone()[0]
+        shell.execute("INSERT INTO messages (queue_id, sender, received_at, size, body, first_chunk, last_chunk,"
+                      " client) VALUES (?, 's@x.test', ?, ?, 0, ?, ?, '192.0.2.9')", (qid, T0, len(body), chunk, chunk))
+        shell.execute("INSERT INTO queue (queue_id, domain, state, state_changed, message_size, message_received_at)"
+                      " VALUES (?, 'example.com', 'queued', ?, ?, ?)", (qid, T0, len(body), T0))
+        shell.execute("INSERT INTO recipients (queue_id, domain, address) VALUES (?, 'example.com', 'a@example.com')",
+                      (qid,))
+        shell.execute("INSERT INTO events (at, queue_id, domain, what, detail) VALUES (?, ?, 'example.com', 'queued',"
+                      " 'from=<s@x.test> to=<a@example.com> size=22 client=192.0.2.9')", (T0, qid))
+    shell.close()
+    s = QueueStore(db_path, clock=clock)
+    try:
+        db = s.connection
+        assert db.execute("PRAGMA user_version").fetchone()[0] == schema_mod.schema_version() >= 12
+        assert db.execute("SELECT oldest_version FROM schema_compat").fetchone()[0] == 11
+        old_event = Event(T0, "example.com", "queued", "from=<s@x.test> to=<a@example.com> size=22 client=192.0.2.9")
+        assert s.show("OLD1").events == [old_event]  # the recorded one, not a second from the row
+        new = put(s, "b@example.com")
+        assert db.execute("SELECT COUNT(*) FROM events WHERE queue_id = ?", (new,)).fetchone()[0] == 0
+        clock.now += 5
+        record_delivered(s, "OLD1", "example.com", ["a@example.com"], "250 ok")
+        assert s.delete(queue_id="OLD2") == 1
+        record_delivered(s, new, "example.com", ["b@example.com"], "250 ok")
+        assert [e.what for e in s.history("OLD1")] == ["queued", "delivered"] and s.history("OLD1")[0] == old_event
+        assert [e.what for e in s.history("OLD2")] == ["queued", "deleted"]
+        assert [e.what for e in s.history(new)] == ["queued", "delivered"]
+        assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+    finally:
+        s.close()
+
+
+def test_the_history_shows_the_arrival_while_the_message_waits_and_after_it_left(store, clock):
+    """The accept writes no `queued` event (schema 12): `show` reads a waiting row's arrival
+    from the row, and the row leaves it in the history when it goes (trigger queue_history)."""
+    qid = put(store, "a@one.test", "b@one.test", "c@two.test")
+    size = store.show(qid).size
+    assert counts(store.path)[3] == 0  # no events row for the accept
+    arrival = {domain: Event(T0, domain, "queued", f"from=<sender@example.org> to={to} size={size} client=192.0.2.1")
+               for domain, to in (("one.test", "<a@one.test>,<b@one.test>"), ("two.test", "<c@two.test>"))}
+    assert store.show(qid).events == store.history(qid) == [arrival["one.test"], arrival["two.test"]]
+    clock.now += 10
+    record_deferred(store, qid, "one.test", ["a@one.test", "b@one.test"], "451 later")
+    assert store.delete(queue_id=qid, domain="two.test") == 1  # its recipients still there: named as before
+    whats = [(e.domain, e.what) for e in store.history(qid)]
+    assert whats == [("one.test", "queued"), ("two.test", "queued"), ("one.test", "deferred"), ("two.test", "deleted")]
+    assert store.history(qid)[1] == arrival["two.test"]
+    clock.now += 10
+    record_delivered(store, qid, "one.test", ["a@one.test", "b@one.test"], "250 ok")
+    assert store.show(qid) is None
+    history = store.history(qid)
+    # The delivered recipients left with their `delivered` event, before the row.
+    assert history[0] == Event(T0, "one.test", "queued", f"from=<sender@example.org> size={size} client=192.0.2.1")
+    assert [e.what for e in history] == ["queued", "queued", "deferred", "deleted", "delivered"]
+    assert "to=<a@one.test>,<b@one.test>" in history[-1].detail
+    # A message deleted by hand in the sqlite3 shell leaves its arrival too.
+    other = put(store, "d@one.test")
+    store.connection.execute("DELETE FROM messages WHERE queue_id = ?", (other,))
+    assert [e.what for e in store.history(other)] == ["queued"]
+
+
+def test_the_group_commit_gives_a_rolled_back_message_s_chunks_and_queueing_back(store):
+    """One group commit asks for the next chunk id once and sets a domain's queueing_since
+    once: a message rolled back in the middle leaves neither a hole in the next one's body
+    nor the next one's domain without its start of queueing."""
+    from backupmx.store import Submission
+
+    bodies = [b"a" * 3000, b"b" * 2500, b"c" * 7000, b"d" * 10]
+    batch = [Submission(store.new_queue_id(), envelope(f"r{n}@{domain}"), body, len(body), "192.0.2.1", "c")
+             for n, (domain, body) in enumerate(zip(["ok.test", "new.test", "new.test", "ok.test"], bodies))]
+    batch[1].size += 1  # its body is one byte short: ValueError after some of its chunks are written
+    problems = store.enqueue_many(batch)
+    assert problems[0] is None and isinstance(problems[1], ValueError) and problems[2:] == [None, None]
+    assert [s.started_queueing for s in batch] == [["ok.test"], [], ["new.test"], []]
+    for submission, body in zip(batch, bodies):
+        if submission is not batch[1]:
+            assert store.open_body(submission.queue_id).read() == body
+    db = store.connection
+    assert db.execute("SELECT COUNT(*) FROM domain_status WHERE queueing_since IS NOT NULL").fetchone()[0] == 2
+    ranges = db.execute("SELECT first_chunk, last_chunk FROM messages ORDER BY first_chunk").fetchall()
+    assert [first for first, _ in ranges[1:]] == [last + 1 for _, last in ranges[:-1]]  # no hole
+    assert db.execute("SELECT COUNT(*), MAX(id) FROM body_chunks").fetchone() == (ranges[-1][1], ranges[-1][1])
+    another = Submission(store.new_queue_id(), envelope("e@new.test"), b"e", 1, "192.0.2.1", "c")
+    assert store.enqueue_many([another]) == [None] and another.started_queueing == []  # already queueing
 
 
 def test_auth_failures_are_counted_per_client_within_the_window(store, clock):
