@@ -16,6 +16,11 @@ bad primary can be tested against a real peer rather than a mock:
   drop_mid_data       reads part of DATA, then closes the connection
   drop_after_eod      closes the connection (FIN) right after the `drop_after` th final reply
                       to a message's content in a session
+  eod_421             answers "421" (closing, RFC 5321 3.8) instead of the `drop_after` th
+                      final reply to a message's content in a session, then closes
+  mute_after_eod      answers nothing after the `drop_after` th final reply to a message's
+                      content in a session: records what the client still sends
+                      (SessionRecord.unanswered) until it closes
   no_starttls         does not offer (or accept) STARTTLS even with a cert
   -- hostile, at the reply named by `hostile_at` (banner, ehlo, mail, rcpt, data, eod):
   endless_continuation  "250-..." lines without end (bounded by `max_continuation_lines`)
@@ -77,6 +82,8 @@ BEHAVIOURS = frozenset(
         "data_5xx",
         "drop_mid_data",
         "drop_after_eod",
+        "eod_421",
+        "mute_after_eod",
         "no_starttls",
         "endless_continuation",
         "drip",
@@ -118,6 +125,8 @@ class SessionRecord:
     closed: bool = False
     pipelined: int = 0  # ends of data with the next command already waiting behind them
     grouped: int = 0  # MAIL commands with the next command already waiting behind them
+    unfinished: bytes | None = None  # the content of a DATA the client never ended (it closed first)
+    unanswered: bytes | None = None  # mute_after_eod: what the client sent after the last reply
 
 
 class _Closed(Exception):
@@ -274,6 +283,19 @@ class _Handler(socketserver.BaseRequestHandler):
             pass
         raise _Closed()
 
+    def listen_only(self):
+        """Answer nothing more: keep what the client sends until it closes (or the session times out)."""
+        received = bytearray()
+        try:
+            while chunk := self.rfile.read1(65536):
+                received += chunk
+        except (OSError, ValueError):
+            pass
+        with self.sink._cond:
+            self.record.unanswered = bytes(received)
+            self.sink._cond.notify_all()
+        raise _Closed()
+
     def readline(self):
         try:
             line = self.rfile.readline(MAX_LINE)
@@ -390,6 +412,9 @@ class _Handler(socketserver.BaseRequestHandler):
                         self.write(b"451 4.3.0 Error: queue file write error\r\n")
                     elif self.behaviour == "data_5xx" and self.selected(rcpts):
                         self.write(b"554 5.7.1 Error: message content rejected\r\n")
+                    elif self.behaviour == "eod_421" and final_replies + 1 >= sink.drop_after:
+                        self.write(b"421 4.3.2 primary.test Service shutting down, closing channel\r\n")
+                        self.hang_up()
                     else:
                         # Recorded before the reply: once the client sees 250 the message
                         # must be visible to the test.
@@ -402,6 +427,8 @@ class _Handler(socketserver.BaseRequestHandler):
                     final_replies += 1
                     if self.behaviour == "drop_after_eod" and final_replies >= sink.drop_after:
                         self.hang_up()
+                    if self.behaviour == "mute_after_eod" and final_replies >= sink.drop_after:
+                        self.listen_only()
             elif verb == "XFORWARD" and sink.xforward:
                 if mail_from is not None:
                     self.write(b"503 5.5.1 Error: MAIL transaction in progress\r\n")
@@ -463,7 +490,12 @@ class _Handler(socketserver.BaseRequestHandler):
         parts = []
         received = 0
         while True:
-            line = self.readline()
+            try:
+                line = self.readline()
+            except _Closed:
+                with self.sink._cond:
+                    self.record.unfinished = b"".join(parts)
+                raise
             if line == b".\r\n":
                 return b"".join(parts)
             if line.startswith(b"."):
@@ -507,7 +539,7 @@ class Sink:
         self.hostile_at = "mail"
         self.data_delay = 0.0  # seconds between the end of DATA and the final reply
         self.drip_interval = 1.0
-        self.drop_after = 1  # drop_mid_data: close after this many body bytes; drop_after_eod: final replies
+        self.drop_after = 1  # drop_mid_data: body bytes; drop_after_eod, eod_421, mute_after_eod: final replies
         self.max_continuation_lines = 100_000
         self.session_timeout = 30.0
         self.max_sessions = None  # more simultaneous sessions than this get a 421 greeting
