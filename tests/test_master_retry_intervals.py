@@ -1,18 +1,25 @@
 """The master's timed jobs that fail are tried again an interval later, never at every turn.
 
-The ticket-key rotation builds a new server TLS context every
-BACKUPMX_TLS_TICKET_LIFETIME (master.TicketKeys). When that fails (the key
-file unreadable or broken), the master logs it and tries an interval later
-while the context in place goes on serving. A retry at every turn of the
-loop instead would log a line (and read the key files) at every connection,
-signal or child the master handles.
+Two of the master's timed jobs start something that can fail in the master
+itself: the ticket-key rotation builds a new server TLS context every
+BACKUPMX_TLS_TICKET_LIFETIME (master.TicketKeys), and the look-up of
+primaries that did not resolve at start-up runs in a child every
+BACKUPMX_UNRESOLVED_RETRY (master.UnresolvedPrimaries, RetryLookups). When
+that fails, the master logs it and tries an interval later, the old context
+(and pins) serving meanwhile. A retry at every turn of the loop instead would
+log a line, read the key files or fork at every connection, signal or child
+the master handles.
 
-A real server; signals the master handles (SIGCHLD) turn its loop a hundred
+A real server (test_master's slow-DNS harness: a primary name that resolves
+only once a file exists), with its key file broken and then its descriptor
+limit lowered with prlimit(2), so that neither a file nor the lookups' pipe
+can be opened. Signals the master handles (SIGCHLD) turn its loop a hundred
 times a second, so that a retry at every turn could not pass for one per
 interval.
 """
 
 import os
+import resource
 import signal
 import smtplib
 import ssl
@@ -21,10 +28,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import CERTS, wait_for  # noqa: E402
+from conftest import CERTS, banner_ready, end_process_group, wait_for  # noqa: E402
+from test_master import start_slow_dns_server  # noqa: E402
 
-INTERVAL = 0.1  # seconds: the ticket key's lifetime
-WINDOW = 0.2  # seconds of a busy loop with every rotation failing
+INTERVAL = 0.1  # seconds: the ticket key's lifetime, and the unresolved primaries' retry
+WINDOW = 0.2  # seconds of a busy loop with both failing
 
 
 def turn_the_loop(pid, seconds):
@@ -40,20 +48,41 @@ def busy_wait(pid, predicate):
     return wait_for(lambda: os.kill(pid, signal.SIGCHLD) or predicate(), 5)
 
 
-def test_a_failing_ticket_key_rotation_is_retried_an_interval_later_and_recovers(server_factory, certs):
-    srv = server_factory(tls=True, certs=certs, workers=1, env={"BACKUPMX_TLS_TICKET_LIFETIME": str(INTERVAL)})
-    key = Path(certs["server_key"])
-    key.write_text("not a key\n")  # every rotation from now on fails
-    assert busy_wait(srv.pid, lambda: "tls-keys-rotation-failed" in srv.log()), srv.log()
-    start, started = len(srv.log()), time.monotonic()
-    turn_the_loop(srv.pid, WINDOW)
-    window, elapsed = srv.log()[start:], time.monotonic() - started  # (the log read last: nothing missed)
-    failures = window.count("tls-keys-rotation-failed")
-    assert 1 <= failures <= int(elapsed / INTERVAL) + 2, (elapsed, window)  # one per interval, one at either edge
-    assert "tls-keys-rotated" not in window and srv.proc.poll() is None
-    with smtplib.SMTP("localhost", srv.port, timeout=10) as client:  # the context in place serves on
-        client.starttls(context=ssl.create_default_context(cafile=certs["ca"]))
-        assert client.ehlo("client.test")[0] == 250
-    key.write_bytes((CERTS / "server.key").read_bytes())  # mended: the next interval's rotation goes through
-    start = len(srv.log())
-    assert busy_wait(srv.pid, lambda: "tls-keys-rotated" in srv.log()[start:]), srv.log()[start:]
+def test_a_failing_key_rotation_and_unresolved_retry_wait_an_interval_and_recover(tmp_path, certs):
+    proc, port, cfg, log_path = start_slow_dns_server(
+        tmp_path, "mx.later.invalid:25", settings={"certs": certs, "workers": 1},
+        BACKUPMX_UNRESOLVED_RETRY=str(INTERVAL), BACKUPMX_TLS_TICKET_LIFETIME=str(INTERVAL))
+
+    def log():
+        return log_path.read_text()
+
+    try:
+        assert wait_for(lambda: banner_ready(port), 8, 0.01), log()
+        key = Path(certs["server_key"])
+        key.write_text("not a key\n")  # every rotation from now on fails: no new SMTP worker is started
+        assert busy_wait(proc.pid, lambda: "tls-keys-rotation-failed" in log()), log()
+        # No descriptor left to open: the key files (the rotation) and the lookups' pipe fail alike.
+        limits = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (3, limits[1]))
+        try:
+            start, started = len(log()), time.monotonic()
+            turn_the_loop(proc.pid, WINDOW)
+            window, elapsed = log()[start:], time.monotonic() - started  # (the log read last: nothing missed)
+        finally:
+            resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, limits)
+        most = int(elapsed / INTERVAL) + 2  # one per interval, and one at either edge of the window
+        rotations, lookups = window.count("tls-keys-rotation-failed"), window.count("fork-failed")
+        assert 1 <= rotations <= most and 1 <= lookups <= most, (elapsed, window)
+        assert 'fork-failed error="Too many open files"' in window, window
+        assert proc.poll() is None
+        with smtplib.SMTP("localhost", port, timeout=10) as client:  # the context in place serves on
+            client.starttls(context=ssl.create_default_context(cafile=certs["ca"]))
+            assert client.ehlo("client.test")[0] == 250
+        # The key mended, DNS answering: both go through at their next interval.
+        key.write_bytes((CERTS / "server.key").read_bytes())
+        Path(str(cfg) + ".resolvable").touch()
+        start = len(log())
+        assert busy_wait(proc.pid, lambda: "primary-resolved domain=example.com" in log()[start:]), log()[start:]
+        assert busy_wait(proc.pid, lambda: "tls-keys-rotated" in log()[start:]), log()[start:]
+    finally:
+        end_process_group(proc)
