@@ -245,6 +245,31 @@ def test_queue_ids_are_short_unique_and_time_sortable(clock):
     assert new_queue_id(clock) > earlier
 
 
+def test_queue_ids_of_forked_workers_do_not_repeat_each_other(clock):
+    """Each process counts from its own random start (store_db._IdSequence): workers forked from one
+    master, taking ids in the same millisecond, must not walk the same sequence."""
+    new_queue_id(clock)  # the parent's sequence exists before the forks, as the master's may
+    readers = []
+    for _ in range(2):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                os.close(r)
+                os.write(w, " ".join(new_queue_id(clock) for _ in range(200)).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        readers.append((pid, r))
+    ids = []
+    for pid, r in readers:
+        with os.fdopen(r, "rb") as f:
+            ids += f.read().decode().split()
+        os.waitpid(pid, 0)
+    ids.append(new_queue_id(clock))
+    assert len(ids) == 401 and len(set(ids)) == 401
+
+
 # --- enqueue -------------------------------------------------------------------------
 
 
