@@ -136,6 +136,8 @@ def log_event(logger: logging.Logger, event: str, /, level: int = logging.INFO, 
         handler = _only_handler(logger, level)
         if handler is None:
             logger.log(level, "%s", line)
+        elif getattr(handler.formatter, "direct", False):
+            handler.add_line(level, line)
         else:
             handler.handle(_Line(logger.name, level, line))
 
@@ -234,6 +236,15 @@ class _Batched:
         if not getattr(_deferring, "on", False) or record.levelno > logging.INFO or len(self._pending) >= PENDING_LINES:
             self.flush()
 
+    def add_line(self, levelno: int, message: str) -> None:
+        """log_event's direct path when our formatter can write the line itself
+        (_Formatter.direct): emit() without a record and Handler.handle's calls."""
+        text = self.formatter.line(levelno, message) + self.terminator
+        with self.lock:
+            self._pending.append(text)
+        if not getattr(_deferring, "on", False) or levelno > logging.INFO or len(self._pending) >= PENDING_LINES:
+            self.flush()
+
     def flush(self) -> None:
         self.acquire()
         try:
@@ -299,6 +310,13 @@ class _LogFileHandler(_Batched, logging.handlers.WatchedFileHandler):
 _DIRECT_HANDLERS = (_StreamHandler, _LogFileHandler)
 
 
+# The formats setup_logging gives its formatters: a line in one of them needs nothing of a
+# LogRecord but the time, the pid and the message (_Formatter.line writes it directly).
+_FILE_FORMAT = "%(asctime)s backupmx[%(process)d]: %(message)s"
+_SYSLOG_FORMAT = "backupmx[%(process)d]: %(message)s"
+_JOURNAL_FORMAT = "%(message)s"
+
+
 class _Formatter(logging.Formatter):
     """Adds level=warning / level=error to the line when it is not plain INFO; the
     date part of the time is formatted once per second, not once per line."""
@@ -306,13 +324,34 @@ class _Formatter(logging.Formatter):
     _second: int | None = None
     _date = ""
 
+    def __init__(self, fmt: str):
+        super().__init__(fmt)
+        # Our own formats only: any other may name a record attribute line() does not have.
+        self.direct = fmt in (_FILE_FORMAT, _SYSLOG_FORMAT, _JOURNAL_FORMAT)
+        self._uses_time = self.usesTime()
+
+    def line(self, levelno: int, message: str) -> str:
+        """What format() makes of a record of `message` at `levelno` logged now, by this
+        process (a `direct` formatter only; the values as LogRecord sets them)."""
+        values = {"message": message, "process": _pid}
+        if self._uses_time:
+            now = time.time()
+            values["asctime"] = self._time(now, int((now - int(now)) * 1000))
+        text = self._fmt % values
+        if levelno != logging.INFO:
+            text += f" level={logging.getLevelName(levelno).lower()}"
+        return text
+
+    def _time(self, created: float, msecs: int) -> str:
+        second = int(created)
+        if second != self._second:
+            self._date, self._second = time.strftime(self.default_time_format, self.converter(created)), second
+        return self.default_msec_format % (self._date, msecs)
+
     def formatTime(self, record: logging.LogRecord, datefmt=None) -> str:
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
-        if second != self._second:
-            self._date, self._second = time.strftime(self.default_time_format, self.converter(record.created)), second
-        return self.default_msec_format % (self._date, record.msecs)
+        return self._time(record.created, record.msecs)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -330,6 +369,9 @@ class _JournalFormatter(_Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+    def line(self, levelno: int, message: str) -> str:
+        return f"<{_JOURNAL_PRIORITY.get(levelno, 6)}>{super().line(levelno, message)}"
 
 
 def is_journal(stream) -> bool:
@@ -372,12 +414,12 @@ def setup_logging(target: str | None, *, inetd: bool = False, level: str = "info
     else:
         handler = _LogFileHandler(target, encoding="utf-8")
     if isinstance(handler, logging.handlers.SysLogHandler):
-        formatter = _Formatter("backupmx[%(process)d]: %(message)s")  # syslog adds the time
+        formatter = _Formatter(_SYSLOG_FORMAT)  # syslog adds the time
     elif isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
             and is_journal(handler.stream):
-        formatter = _JournalFormatter("%(message)s")
+        formatter = _JournalFormatter(_JOURNAL_FORMAT)
     else:
-        formatter = _Formatter("%(asctime)s backupmx[%(process)d]: %(message)s")
+        formatter = _Formatter(_FILE_FORMAT)
     handler.setFormatter(formatter)
     handler._backupmx = True  # ours: the next setup_logging (SIGHUP) replaces it
 
