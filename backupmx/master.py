@@ -627,8 +627,8 @@ class Master:
                 return
             w.last_seen = time.monotonic()
             words = data.decode("ascii", "replace").split()
-            if words[:1] == ["closed"] and len(words) == 2:
-                self.session_closed(w, words[1])
+            for ip in words[1:] if words[:1] == ["closed"] else ():  # the sessions one round of its loop ended
+                self.session_closed(w, ip)
             # "hb <n>": last_seen above is all a heartbeat is for. The session
             # count stays the master's own (hand-offs minus "closed"), which
             # also covers connections still queued on the control socket.

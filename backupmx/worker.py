@@ -20,9 +20,10 @@ Control protocol (ASCII, one message per SEQPACKET datagram):
                      "rejects <reason> <n>"  the master refused n connections itself
                                 (its 421s): added to the queue's counters
   worker -> master   "hb <sessions>"   heartbeat, every HEARTBEAT_INTERVAL
-                     "closed <ip>"     one session ended (echoes the <ip> it was
-                                       handed, so the master's per-client
-                                       counts stay exact)
+                     "closed <ip> [<ip> ...]"  sessions ended (each echoes the <ip>
+                                       it was handed, so the master's per-client
+                                       counts stay exact): those of one loop
+                                       round in one message (CLOSED_BATCH)
 
 EOF on the control socket means the master is gone: the worker stops and exits.
 
@@ -79,6 +80,9 @@ MAX_WAIT = 1.0
 COUNTS_INTERVAL = tuning("BACKUPMX_COUNTS_INTERVAL", 5.0)
 
 _CTRL_MAX = 256  # bytes: the longest control message ("conn tls <ipv6> <port>")
+# Bytes of one "closed ..." message at most (the master reads _CTRL_MAX at a time): a round's
+# ended sessions go out together, as few sends as fit, rather than one send each.
+CLOSED_BATCH = 200
 
 
 def set_nodelay(sock):
@@ -118,6 +122,7 @@ class SessionLoop:
         self.changed = {}  # conn -> None (an ordered set)
         self.to_commit = []  # (conn, Submission) waiting for this round's group commit
         self.outbox = []  # control messages the socket could not take yet
+        self.ended = []  # the report ips of the sessions that ended this round (report_closed)
         self.draining = False
         self.polite_at = None  # monotonic: when begin_shutdown goes to every session
         self.close_at = None  # monotonic: when whatever is left is closed
@@ -148,7 +153,7 @@ class SessionLoop:
         except Exception:
             self.logger.exception("session-start-failed client=%s", peer[0])
             sock.close()
-            self.report(f"closed {report_ip}")
+            self._ended(report_ip)
             return None
         self.sessions[conn] = report_ip
         if self.draining and self.polite_sent:
@@ -165,7 +170,7 @@ class SessionLoop:
             self._unregister(conn)
             self.changed.pop(conn, None)
             self.deadlines.pop(conn, None)
-            self.report(f"closed {self.sessions.pop(conn)}")
+            self._ended(self.sessions.pop(conn))
             return
         self.changed[conn] = None
 
@@ -224,7 +229,7 @@ class SessionLoop:
                 except OSError:
                     pass
                 self.deadlines.pop(conn, None)
-                self.report(f"closed {self.sessions.pop(conn, ip)}")
+                self._ended(self.sessions.pop(conn, ip))
 
     def _collect(self, conn):
         for outcome in conn.take_outcomes():
@@ -303,7 +308,7 @@ class SessionLoop:
             if conn in self.sessions:  # a close() that did not close
                 self._unregister(conn)
                 self.deadlines.pop(conn, None)
-                self.report(f"closed {self.sessions.pop(conn)}")
+                self._ended(self.sessions.pop(conn))
 
     # -- control socket -------------------------------------------------------
 
@@ -312,6 +317,22 @@ class SessionLoop:
             return
         self.outbox.append(text.encode("ascii", "replace"))
         self.flush_outbox()
+
+    def _ended(self, report_ip):
+        if self.ctrl is not None:
+            self.ended.append(report_ip)
+
+    def report_closed(self):
+        """Tell the master which sessions ended since the last call (end of each loop round)."""
+        ended, self.ended = self.ended, []
+        message = ""
+        for ip in ended:
+            if message and len(message) + 1 + len(ip) > CLOSED_BATCH:
+                self.report(message)
+                message = ""
+            message = f"{message} {ip}" if message else f"closed {ip}"
+        if message:
+            self.report(message)
 
     def flush_outbox(self):
         while self.outbox:
@@ -460,8 +481,10 @@ class SessionLoop:
             self.apply_interest()
             self.check_deadlines(time.monotonic())
             self.context.upkeep(time.monotonic())
+            self.report_closed()
             flush_pending()
         self.close_all()
+        self.report_closed()
 
 
 def run_worker(ctrl_sock, config, ssl_context, logger: logging.Logger, *, connection_class=SMTPConnection):

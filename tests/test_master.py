@@ -11,6 +11,7 @@ Two kinds of test:
   server_factory and talk SMTP with smtplib.
 """
 
+import logging
 import os
 import selectors
 import signal
@@ -392,6 +393,46 @@ def test_worker_serves_many_sessions_and_reports_closed(forked_worker):
     assert w.next_message("hb ") is not None
     for c in clients:
         c.close()
+
+
+def test_worker_reports_the_sessions_one_round_ended_in_one_message(forked_worker):
+    """A "stop" ends every idle session in the same loop round: one "closed" names them all
+    (the master reads each ip: test_master_counts_every_ip_of_a_closed_message)."""
+    w = forked_worker()
+    clients = [w.hand() for _ in range(3)]
+    assert all(read_line(c).startswith(b"220") for c in clients)
+    w.ctrl.send(b"stop")
+    assert w.next_message("closed ") == "closed 127.0.0.1 127.0.0.1 127.0.0.1"
+    assert w.wait_exit() == 0
+    for c in clients:
+        c.close()
+
+
+def test_master_counts_every_ip_of_a_closed_message(tmp_path):
+    """The master's side of the batched "closed": each ip of the message ends one session."""
+    from backupmx import master
+    from backupmx.config import load_config
+
+    config = load_config(write_config(tmp_path / "m.ini", port=free_port(), queue=tmp_path / "queue.db"))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    m = master.Master(config, None, logging.getLogger("backupmx"))
+    try:
+        w = master.WorkerHandle(0, ours, 0)
+        for ip in ("192.0.2.1", "192.0.2.1", "192.0.2.2"):
+            w.sessions += 1
+            w.clients[ip] += 1
+            m.clients.opened(ip)
+        theirs.send(b"closed 192.0.2.1 192.0.2.2")
+        m.read_worker(w)
+        assert (w.sessions, dict(w.clients), m.clients.of("192.0.2.1"), m.clients.of("192.0.2.2")) == \
+            (1, {"192.0.2.1": 1}, 1, 0)
+    finally:
+        m.selector.close()
+        m.wakeup_r.close()
+        m.wakeup_w.close()
+        ours.close()
+        theirs.close()
 
 
 def test_worker_one_crashing_session_does_not_end_the_others(forked_worker):
