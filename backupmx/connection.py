@@ -122,6 +122,9 @@ class ConnectionContext:
     rejects: collections.Counter = field(init=False, default_factory=collections.Counter)
     policy: RecipientPolicy = field(init=False)  # recipient admission: quotas, callouts, ...
     client_dns: ClientDNS = field(init=False)  # each client's verified name, looked up at connect
+    # Called with a connection just before its socket closes (the worker loop unregisters it from
+    # its selector then: after the close, the selector looks for it and the kernel refuses).
+    socket_closing: Callable[[object], None] | None = field(init=False, default=None)
 
     def __post_init__(self):
         self.store = QueueStore(self.config.queue)
@@ -182,6 +185,20 @@ class ConnectionContext:
                 del self.rejects[reason]
 
 
+def prepare_socket(sock) -> None:
+    """Ready a just-accepted client socket for a session driver: non-blocking, a bounded send
+    buffer (SEND_BUFFER), no Nagle delay for the small replies (TCP). The master does this
+    before the hand-off, so the worker serving the sessions need not (its socket options
+    and its flags belong to the connection, not to the descriptor)."""
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
 class Unsent:
     """Replies waiting for the socket (already encrypted under TLS), and their write deadline:
     it runs while any wait, and each octet the socket takes restarts it."""
@@ -223,11 +240,9 @@ class SMTPConnection:
     session_class = Session  # the protocol spoken; a port with its own table has its own (odmr.OdmrSession)
 
     def __init__(self, sock, peer, ctx: ConnectionContext, *, implicit_tls: bool = False):
-        sock.setblocking(False)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        except OSError:  # not a TCP socket (a test's socketpair): nothing to bound
-            pass
+        """`sock`: connected, and best made ready by prepare_socket() (the worker loop's add_session does)."""
+        if sock.gettimeout() != 0.0:
+            sock.setblocking(False)
         self.sock, self.ctx = sock, ctx
         self.client_ip = shown_address(peer[0] if isinstance(peer, tuple) else str(peer))
         self.closed = False
@@ -440,6 +455,8 @@ class SMTPConnection:
         self.closed = True
         self._drop_spool()
         self.ctx.client_dns.forget(self.client)
+        if self.ctx.socket_closing is not None:
+            self.ctx.socket_closing(self)
         try:
             self.sock.close()
         except OSError:

@@ -54,7 +54,7 @@ from backupmx import children, primaries, replies, worker
 from backupmx.children import BOOT_ERROR, StopFlag, describe_status, first_line
 from backupmx.clients import limit_key, shown_address
 from backupmx.config import format_hostport, load_config, tuning
-from backupmx.connection import SMTPConnection
+from backupmx.connection import SMTPConnection, prepare_socket
 from backupmx.flush_workers import FlusherHandle, FlushWorkers
 from backupmx.flusher import run_flush_worker
 from backupmx.listeners import Listener, build_listeners, refuse
@@ -505,7 +505,8 @@ class Master:
         if listener.odmr:
             return self.odmr.start(listener, sock, address)  # a process of its own (odmr_sessions.py)
         ip, port = shown_address(address[0]), address[1]
-        header = f"conn {'tls' if listener.implicit_tls else 'plain'} {ip} {port}".encode("ascii")
+        prepare_socket(sock)  # here rather than in the worker, whose one core the sessions share
+        header = f"conn {'tls' if listener.implicit_tls else 'plain'} {ip} {port} {int(sock.family)}".encode("ascii")
         self.in_hand = sock
         try:
             self.dispatch(listener, sock, ip, header)

@@ -10,7 +10,9 @@ not a process.
 
 Control protocol (ASCII, one message per SEQPACKET datagram):
 
-  master -> worker   "conn plain|tls <ip> <port>"  + one fd   a new session
+  master -> worker   "conn plain|tls <ip> <port> [<family>]"  + one fd   a new session;
+                                with <family> (AF_INET, AF_INET6 as numbers) the master
+                                prepared the socket (connection.prepare_socket)
                      "drain"    (SIGHUP) no more sessions will come: let the ones
                                 in flight finish, exit when none is left
                      "stop"     (SIGTERM) the same, but sessions are asked to end
@@ -59,7 +61,7 @@ import time
 from backupmx import children
 from backupmx.children import BOOT_ERROR, StopFlag
 from backupmx.config import tuning
-from backupmx.connection import ConnectionContext, FlushRequested, QueueMessage, SMTPConnection
+from backupmx.connection import ConnectionContext, FlushRequested, QueueMessage, SMTPConnection, prepare_socket
 from backupmx.log import defer_writes, flush_pending, log_event
 from backupmx.store import QueueUnavailable
 
@@ -85,13 +87,15 @@ _CTRL_MAX = 256  # bytes: the longest control message ("conn tls <ipv6> <port>")
 CLOSED_BATCH = 200
 
 
-def set_nodelay(sock):
-    """Disable Nagle on TCP sockets: SMTP replies are small and latency-bound."""
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+# socket.socket(..., fileno=) with this in its type takes the descriptor as non-blocking as it is.
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+def _prepared_family(words) -> int | None:
+    """A hand-off's fifth word: the address family of a socket the master prepared (prepare_socket)."""
+    if words and words[0].isdigit() and int(words[0]) in (socket.AF_INET, socket.AF_INET6):
+        return int(words[0])
+    return None
 
 
 class SessionLoop:
@@ -134,6 +138,7 @@ class SessionLoop:
             ctrl.setblocking(False)
             self.selector.register(ctrl, selectors.EVENT_READ, None)
         self.selector.register(context.offload, selectors.EVENT_READ, context.offload)
+        context.socket_closing = self._unregister
 
     # -- hooks (may be overridden) ----------------------------------------------
 
@@ -143,12 +148,13 @@ class SessionLoop:
 
     # -- sessions -------------------------------------------------------------
 
-    def add_session(self, sock, peer, implicit_tls, report_ip=None):
-        """Start a session driver on `sock` (connected, any blocking mode)."""
+    def add_session(self, sock, peer, implicit_tls, report_ip=None, *, prepared=False):
+        """Start a session driver on `sock` (connected, any blocking mode; `prepared`: by
+        connection.prepare_socket, as the master does before a hand-off)."""
         report_ip = peer[0] if report_ip is None else report_ip
         try:
-            sock.setblocking(False)
-            set_nodelay(sock)
+            if not prepared:
+                prepare_socket(sock)
             conn = self.connection_class(sock, peer, self.context, implicit_tls=implicit_tls)
         except Exception:
             self.logger.exception("session-start-failed client=%s", peer[0])
@@ -370,13 +376,18 @@ class SessionLoop:
 
     def handle_control(self, msg, fds):
         words = msg.decode("ascii", "replace").split()
-        if words and words[0] == "conn" and len(words) == 4 and len(fds) == 1:
+        if words and words[0] == "conn" and len(words) in (4, 5) and len(fds) == 1:
             try:
                 peer = (words[2], int(words[3]))
             except ValueError:
                 peer = (words[2], 0)
-            sock = socket.socket(fileno=fds[0])
-            self.add_session(sock, peer, implicit_tls=(words[1] == "tls"), report_ip=words[2])
+            family = _prepared_family(words[4:])
+            if family is None:
+                sock = socket.socket(fileno=fds[0])  # the kernel is asked what it is
+            else:  # nothing to ask the kernel: the master said, and made it non-blocking
+                sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK, 0, fileno=fds[0])
+            self.add_session(sock, peer, implicit_tls=(words[1] == "tls"), report_ip=words[2],
+                             prepared=family is not None)
             return
         for fd in fds:  # not a session message: never leak a descriptor
             os.close(fd)

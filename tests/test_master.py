@@ -43,7 +43,7 @@ class StubConnection:
     """Same interface as backupmx.connection.SMTPConnection, a toy protocol.
 
     "220 test" banner; every line gets "250 ok"; QUIT -> "221 bye" and close;
-    PID -> "250 <worker pid>"; CRASH raises (a bug in one session); HANG
+    PID -> "250 <worker pid>"; SOCKET -> its socket's state; CRASH raises (a bug in one session); HANG
     blocks the whole worker (a bug that never returns); STOPPING -> "250 1"
     once begin_shutdown was called, else "250 0";
     MAIL starts a "transaction", DATA ends it; begin_shutdown -> "421 4.3.2
@@ -109,6 +109,10 @@ class StubConnection:
             self.quitting = True
         elif line == "PID":
             self.out += b"250 %d\r\n" % os.getpid()
+        elif line == "SOCKET":  # how the worker got the socket: non-blocking, Nagle, send buffer
+            self.out += b"250 timeout=%r nodelay=%d sndbuf=%d\r\n" % (
+                self.sock.gettimeout(), self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
         else:
             self.out += b"250 ok\r\n"
 
@@ -523,6 +527,25 @@ def test_stub_master_banner_and_workers(stub_server):
     with connect(srv.port) as s:
         assert read_line(s) == b"220 test tls=0\r\n"
         assert talk(s, "QUIT") == b"221 bye\r\n"
+
+
+def test_sessions_get_a_prepared_socket(stub_server, forked_worker):
+    """connection.prepare_socket: the master readies the socket before the hand-off (non-blocking,
+    no Nagle, SEND_BUFFER; the worker's session driver, a stub here, does none of it), and
+    names its family so the worker asks the kernel nothing; a hand-off without the family
+    (an older master) is prepared by the worker."""
+    from backupmx.connection import SEND_BUFFER
+
+    prepared = f"250 timeout=0.0 nodelay=1 sndbuf={2 * SEND_BUFFER}\r\n".encode()  # Linux doubles SO_SNDBUF
+    srv = stub_server()
+    with connect(srv.port) as s:
+        read_line(s)
+        assert talk(s, "SOCKET") == prepared
+    w = forked_worker()
+    c = w.hand()
+    read_line(c)
+    assert talk(c, "SOCKET") == prepared
+    c.close()
 
 
 def test_stub_master_tls_listener_flag(stub_server, certs):
