@@ -112,7 +112,7 @@ def format_event(event: str, /, **fields: object) -> str:
     A trailing underscore is dropped from a key, so Python keywords can be keys
     (from_= gives from=). None values are left out.
     """
-    parts = [format_value(event)]
+    parts = [event if type(event) is str and _plain(event) else format_value(event)]
     for key, value in fields.items():
         if value is None:
             continue
@@ -121,7 +121,13 @@ def format_event(event: str, /, **fields: object) -> str:
             prefix = format_value(key[:-1] if key.endswith("_") else key) + "="
             if len(_KEY_PREFIXES) < 1024:
                 _KEY_PREFIXES[key] = prefix
-        parts.append(prefix + format_value(value))
+        # format_value's common cases without its call: an int (digits, a sign) and a plain str.
+        if type(value) is int:
+            parts.append(prefix + str(value))
+        elif type(value) is str and _plain(value):
+            parts.append(prefix + value)
+        else:
+            parts.append(prefix + format_value(value))
     return " ".join(parts)
 
 

@@ -788,10 +788,13 @@ class CommandLog:
 
     def summary(self) -> dict[str, str]:
         """{"ehlo": "1", "rcpt": "1/2", ..., "commands": "5/6"}: accepted/sent, or the number when none was refused."""
-        def count(sent: int, refused: int) -> str:
-            return str(sent) if not refused else f"{sent - refused}/{sent}"
-        totals = [sum(numbers[i] for numbers in self.counts.values()) for i in (0, 1)]
-        return {**{verb: count(*numbers) for verb, numbers in self.counts.items()}, "commands": count(*totals)}
+        shown, total_sent, total_refused = {}, 0, 0
+        for verb, (sent, refused) in self.counts.items():  # one pass: a disconnect line per session
+            shown[verb] = str(sent) if not refused else f"{sent - refused}/{sent}"
+            total_sent += sent
+            total_refused += refused
+        shown["commands"] = str(total_sent) if not total_refused else f"{total_sent - total_refused}/{total_sent}"
+        return shown
 
 
 # --- ESMTP parameters (pure functions: the envelope they fill, or the problem) -------
