@@ -30,22 +30,34 @@ What must always hold:
   is lost we stop at the next message or body chunk (closing the
   connection mid-DATA, so the primary discards that copy) rather than race
   another flusher.
+- A big flush's second connection may live in a helper process (_share):
+  it takes runs of the same work list, records its own outcomes under the
+  same lease, and its counts join the flush's; the main connection alone
+  decides that the primary is not taking mail (_suspend).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import fcntl
 import itertools
 import logging
+import os
 import re
+import select
+import signal
 import smtplib
+import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
 
+from backupmx import children
+
 from backupmx.lifecycle import housekeeping, log_domain_changes, next_retry_delay, request_due_retries
-from backupmx.log import lines_together, log_event
+from backupmx.log import flush_pending, lines_together, log_event
 from backupmx.outcome import Outcome, Verdict
 from backupmx.prober import PrimaryWatch, monitored
 from backupmx.smtpclient import (DataEncoder, Primary, PrimaryClient, PrimaryUnavailable, describe, reply_text,
@@ -74,6 +86,13 @@ HOUSEKEEPING_INTERVAL = 30.0
 # where it allows" of Postfix's qmgr, at a modest 2).
 EXTRA_CONNECTIONS = 1
 EXTRA_CONNECTION_MIN_MESSAGES = 20
+# A flush of at least HELPER_MIN_MESSAGES messages, started in a process with no
+# other thread, has its second connection in a helper process instead (_share):
+# two connections in one process take turns for one GIL, and the flush worker
+# was CPU-bound on one core while the machine's other core waited.
+HELPER_MIN_MESSAGES = 100
+MAX_HELPER_RUNS = 4096  # runs of the work list in the pipe the helper shares (8 bytes each)
+_RUN = struct.Struct("=II")  # one run: (index of its first message, how many)
 # Delivery outcomes are written in batches of this many messages, or at least
 # this often: one fsync per batch instead of one per message.
 OUTCOME_BATCH = 64
@@ -338,7 +357,7 @@ class _Flush:
 
     # -- one message --------------------------------------------------------------
 
-    def next_message(self, work: collections.deque):
+    def next_message(self, work: _Work):
         """The message this connection delivers next: the one whose commands went out with
         the last end of data (announce), else the next of the work list; None when none is left."""
         if self.announced is not None:
@@ -348,7 +367,7 @@ class _Flush:
         except IndexError:
             return None
 
-    def deliver(self, message, work: collections.deque | None = None) -> _Trouble | None:
+    def deliver(self, message, work: _Work | None = None) -> _Trouble | None:
         """Deliver one message and record every recipient's outcome.
 
         With `work` (the flush's work list) and a primary that offers PIPELINING,
@@ -405,7 +424,7 @@ class _Flush:
         client.putcmd(verb, argument)
         return client.getreply()
 
-    def transaction(self, message, outcomes: dict[str, Verdict], work: collections.deque | None = None):
+    def transaction(self, message, outcomes: dict[str, Verdict], work: _Work | None = None):
         """MAIL, RCPT..., DATA, body: a Verdict per recipient into `outcomes`; _Trouble ends the connection.
 
         Every reply is read in the order of the commands it answers, and each
@@ -475,7 +494,7 @@ class _Flush:
             encoding=encoding,
         )
 
-    def announce(self, work: collections.deque) -> bytes:
+    def announce(self, work: _Work) -> bytes:
         """The next message's commands, to go out in the same write as this one's end of data.
 
         RFC 2920 3.1: the message content may be the first "command" of a group,
@@ -608,56 +627,266 @@ class _Flush:
             self.drop()
 
 
-class _ExtraConnection(threading.Thread):
-    """A second connection to the same primary, taking messages from the same work list.
+class _Work:
+    """The messages a flush has still to take, oldest first.
 
-    It has its own QueueStore connection (SQLite connections stay in their
-    thread) and only joins in once its connection is up: a primary that
-    refuses more than one connection just gets one, and no message is
-    deferred for it. At the first trouble it leaves the rest to the main
-    connection, which alone decides when the primary is not taking mail.
+    deque.popleft is atomic: the extra connections (threads) take from the same list.
     """
 
-    def __init__(self, main: "_Flush", work, finished: threading.Event, should_stop: Callable[[], bool]):
+    def __init__(self, messages=()):
+        self.queue = collections.deque(messages)
+
+    def popleft(self):
+        """The next message to deliver; IndexError when none is there now."""
+        return self.queue.popleft()
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def wait(self, should_stop: Callable[[], bool], lease: _Lease) -> bool:
+        """None is there now: True when more may come (look again), False when none will."""
+        return False
+
+    def stop_helper(self) -> None:
+        """The flush stops (suspended, interrupted, lease lost): so does a helper process."""
+
+    def join_helper(self, log: logging.Logger) -> dict[str, int]:
+        """What a helper process delivered (its counts), once it is gone; {} without one."""
+        return {}
+
+
+class _SharedWork(_Work):
+    """A work list shared with a helper process (_share): runs of it in a pipe, taken by either process.
+
+    A run is written and read as one _RUN.size-byte piece (below PIPE_BUF: atomic),
+    so each run is taken by exactly one process, which delivers it from its own
+    deque. The helper holds the pipe's only write end: a run it took and will
+    not deliver (it stopped early) goes back into the pipe before it exits,
+    so the parent sees the pipe's end only once the helper is gone and every
+    run was taken (wait). Both ends' reads are non-blocking: an empty pipe
+    means, for the helper, that its work is done.
+    """
+
+    def __init__(self, messages: list, runs_fd: int, *, helper_pid: int | None = None,
+                 result_fd: int | None = None, return_fd: int | None = None):
+        super().__init__()
+        self.messages = messages
+        self.runs_fd = runs_fd
+        self.helper_pid, self.result_fd = helper_pid, result_fd  # in the parent
+        self.return_fd = return_fd  # in the helper: the pipe's write end
+        self.run_end = 0  # index after the last message of the run in self.queue
+        self.ended = False  # the pipe is empty and has no writer left
+
+    def popleft(self):
+        if not self.queue:
+            self._take_run()
+        return self.queue.popleft()
+
+    def _take_run(self) -> None:
+        try:
+            data = os.read(self.runs_fd, _RUN.size)
+        except BlockingIOError:
+            return
+        if not data:
+            self.ended = True
+            return
+        first, count = _RUN.unpack(data)
+        self.queue.extend(self.messages[first:first + count])
+        self.run_end = first + count
+
+    def wait(self, should_stop: Callable[[], bool], lease: _Lease) -> bool:
+        while not self.ended:
+            if should_stop():
+                return True
+            lease.check()
+            if select.select([self.runs_fd], [], [], 0.1)[0]:
+                return True  # a run, or the end: popleft tells
+        return False
+
+    def give_back(self) -> None:
+        """In the helper, stopping early: the rest of its run goes back to the parent."""
+        if self.queue and self.return_fd is not None:
+            try:
+                os.write(self.return_fd, _RUN.pack(self.run_end - len(self.queue), len(self.queue)))
+            except OSError:
+                pass  # the parent is gone: they stay queued for the next flush
+            self.queue.clear()
+
+    def stop_helper(self) -> None:
+        if self.helper_pid is not None:
+            children.send_signal(self.helper_pid, signal.SIGTERM)
+
+    def join_helper(self, log: logging.Logger) -> dict[str, int]:
+        """Waits for the helper to end: it stops between messages (stop_helper), so this
+        is bounded by one message's delivery, as the flush itself is."""
+        if self.helper_pid is None:
+            return {}
+        pid, self.helper_pid = self.helper_pid, None
+        _, status = _waitpid(pid)
+        result = b""
+        try:
+            result = os.read(self.result_fd, 512)
+        except OSError:
+            pass
+        finally:
+            os.close(self.result_fd)
+            os.close(self.runs_fd)
+        try:
+            counts = dict(zip(("messages", "delivered", "deferred", "failed"), map(int, result.split())))
+        except ValueError:
+            counts = {}
+        if status != 0 or len(counts) != 4:
+            # Killed (or crashed) mid-flush: what it had taken and not recorded is still
+            # queued, and must not wait for the next ETRN.
+            raise _HelperLost(pid, children.describe_status(status))
+        return counts
+
+
+class _HelperLost(Exception):
+    """The helper process of a flush ended without its report (killed, crashed)."""
+
+    def __init__(self, pid: int, status: str):
+        super().__init__(f"pid {pid} {status}")
+        self.status = status
+
+
+def _waitpid(pid: int) -> tuple[int, int]:
+    while True:
+        try:
+            return os.waitpid(pid, 0)
+        except ChildProcessError:
+            return pid, 0xFF00  # reaped by someone else: no report, so a lost helper
+        except InterruptedError:
+            continue
+
+
+def _deliver_share(flush: "_Flush", work: _Work, should_stop: Callable[[], bool],
+                   finished: threading.Event | None = None) -> None:
+    """A second connection's loop (a thread's, or a helper process's): connect, then take
+    messages from `work` until none is left, should_stop(), or `finished` is set.
+
+    It only joins in once its connection is up: a primary that refuses more
+    than one connection just gets one, and no message is deferred for it. At
+    the first trouble it leaves the rest to the main connection, which alone
+    decides when the primary is not taking mail. Records what it did and ends
+    its session, whatever happens.
+    """
+    log, name = flush.log, flush.domain.name
+    try:
+        flush.client = flush.connect()
+        # A message announced on this connection is delivered even once the main
+        # connection is done: it was taken from the work list.
+        while not should_stop() and (flush.announced is not None or finished is None or not finished.is_set()):
+            message = flush.next_message(work)
+            if message is None:
+                break
+            if flush.deliver(message, work) is not None:
+                break
+    except (_Trouble, _LeaseLost):
+        pass  # the main connection carries on (or has the same trouble itself)
+    except Exception as e:  # never lose the main flush over this one
+        log_event(log, "flush-error", domain=name, error=f"extra connection: {type(e).__name__}: {e}",
+                  level=logging.WARNING)
+    finally:
+        try:
+            flush.record_outcomes()
+        except Exception as e:  # unrecorded: those messages are delivered again, never lost
+            log_event(log, "flush-error", domain=name, error=f"extra connection: {e}", level=logging.WARNING)
+        flush.quit()
+
+
+class _ExtraConnection(threading.Thread):
+    """A second connection to the same primary in a thread, taking messages from the same work list
+    (_deliver_share), with its own QueueStore connection (SQLite connections stay in their thread)."""
+
+    def __init__(self, main: "_Flush", work: _Work, finished: threading.Event, should_stop: Callable[[], bool]):
         super().__init__(name=f"flush-{main.domain.name}", daemon=True)
         self.main = main
         self.work, self.finished, self.should_stop = work, finished, should_stop
         self.counts = {"messages": 0, "delivered": 0, "deferred": 0, "failed": 0}
 
     def run(self):
-        main, log = self.main, self.main.log
+        main = self.main
         try:
             store = QueueStore(main.store.path)
         except Exception as e:
-            log_event(log, "flush-error", domain=main.domain.name, error=f"extra connection: {e}",
+            log_event(main.log, "flush-error", domain=main.domain.name, error=f"extra connection: {e}",
                       level=logging.WARNING)
             return
         flush = _Flush(store, main.domain, owner=main.owner, hostname=main.hostname, timeout=main.timeout,
-                       lease=main.lease, log=log, primary=main.primary)
+                       lease=main.lease, log=main.log, primary=main.primary)
         try:
-            flush.client = flush.connect()
-            # A message announced on this connection is delivered even once the main
-            # connection is done: it was taken from the work list.
-            while not self.should_stop() and (flush.announced is not None or not self.finished.is_set()):
-                message = flush.next_message(self.work)
-                if message is None:
-                    break
-                if flush.deliver(message, self.work) is not None:
-                    break
-        except (_Trouble, _LeaseLost):
-            pass  # the main connection carries on (or has the same trouble itself)
-        except Exception as e:  # never lose the main flush over this one
-            log_event(log, "flush-error", domain=main.domain.name,
-                      error=f"extra connection: {type(e).__name__}: {e}", level=logging.WARNING)
+            _deliver_share(flush, self.work, self.should_stop, self.finished)
         finally:
-            try:
-                flush.record_outcomes()
-            except Exception as e:  # unrecorded: those messages are delivered again, never lost
-                log_event(log, "flush-error", domain=main.domain.name, error=f"extra connection: {e}",
-                          level=logging.WARNING)
-            flush.quit()
             self.counts = flush.counts
             store.close()
+
+
+def _share(main: "_Flush", messages: list) -> _Work:
+    """The flush's work list, shared with a helper process when the flush is big enough.
+
+    The helper is a fork of this process with a connection of its own to the
+    primary (a _Flush on its own QueueStore, opened after the fork), taking
+    runs of the work list from a pipe as the main connection does
+    (_SharedWork) and recording its own outcomes: a message leaves the queue
+    only after the 250 to its own end of data, whichever process sent it. It
+    renews the same lease, as the same owner, and stops when the lease is
+    lost, when this process asks (SIGTERM: stop_helper) or is gone, and at
+    its first trouble. Forked before the lease thread starts and only from a
+    process with no other thread (none can be inside SQLite or hold a lock
+    at the fork); otherwise, and for a primary that takes one session (a
+    reversed ODMR one), the work list stays this process's own.
+    """
+    if (len(messages) < HELPER_MIN_MESSAGES or main.primary.single_session or threading.active_count() > 1
+            or EXTRA_CONNECTIONS < 1):
+        return _Work(messages)
+    runs_r, runs_w = os.pipe()
+    result_r, result_w = os.pipe()
+    try:
+        os.set_blocking(runs_r, False)
+        os.set_blocking(runs_w, False)
+        room = fcntl.fcntl(runs_w, fcntl.F_GETPIPE_SZ) if hasattr(fcntl, "F_GETPIPE_SZ") else 4096
+        per_run = -(-len(messages) // max(1, min(MAX_HELPER_RUNS, room // _RUN.size)))
+        runs = b"".join(_RUN.pack(first, min(per_run, len(messages) - first))
+                        for first in range(0, len(messages), per_run))
+        if os.write(runs_w, runs) != len(runs):
+            raise BlockingIOError("the pipe took only part of the runs")
+        flush_pending()  # no line of ours waits in a buffer the helper would write again
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        pid = children.fork_blocking((signal.SIGTERM,))
+    except OSError as e:
+        for fd in (runs_r, runs_w, result_r, result_w):
+            os.close(fd)
+        log_event(main.log, "flush-error", domain=main.domain.name, error=f"helper: {e}", level=logging.WARNING)
+        return _Work(messages)
+    if pid == 0:
+        os.close(result_r)
+        work = _SharedWork(messages, runs_r, return_fd=runs_w)
+        children.run_child(lambda: _helper_main(main, work, result_w), main.log, "flush-helper-crashed")
+    os.close(runs_w)
+    os.close(result_w)
+    return _SharedWork(messages, runs_r, helper_pid=pid, result_fd=result_r)
+
+
+def _helper_main(main: "_Flush", work: _SharedWork, result_fd: int) -> None:
+    """The helper process (_share): deliver runs of the work list, then report its counts."""
+    stop = children.StopFlag(parent=os.getppid()).install()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM,))
+    with QueueStore(main.store.path) as store:
+        lease = _Lease(store, main.domain.name, main.owner, main.lease.seconds, main.log)
+        flush = _Flush(store, main.domain, owner=main.owner, hostname=main.hostname, timeout=main.timeout,
+                       lease=lease, log=main.log, primary=main.primary)
+        try:
+            with lease:
+                _deliver_share(flush, work, stop.should_stop)
+        except _LeaseLost:
+            pass
+        finally:
+            work.give_back()
+    os.write(result_fd, " ".join(str(flush.counts[k]) for k in ("messages", "delivered", "deferred", "failed"))
+             .encode())
 
 
 def deliver_domain(
@@ -696,9 +925,10 @@ def deliver_domain(
         return flush.counts
     started = time.monotonic()
     log_event(log, "flush-start", domain=domain.name, relay=flush.relay, messages=len(messages))
+    work = _share(flush, messages)  # before the lease's thread starts: a fork from one thread
     try:
         with lease:
-            status = _deliver_work(flush, collections.deque(messages), should_stop)
+            status = _deliver_work(flush, work, should_stop)
     except _LeaseLost:
         status = "lease-lost"
         log_event(log, "flush-aborted", domain=domain.name, relay=flush.relay,
@@ -706,6 +936,9 @@ def deliver_domain(
                   level=logging.WARNING)
         if lease.ran_out:  # no other flusher took over: the rest must not wait for the next ETRN
             _request_again(store, domain.name, log)
+    finally:
+        work.stop_helper()  # a no-op once it is gone
+        _join_helper(flush, work)
     counts = flush.counts
     log_event(log, "flush-" + status, domain=domain.name, relay=flush.relay, messages=counts["messages"],
               delivered=counts["delivered"], deferred=counts["deferred"], failed=counts["failed"],
@@ -713,14 +946,27 @@ def deliver_domain(
     return counts
 
 
-def _deliver_work(flush: _Flush, work: collections.deque, should_stop: Callable[[], bool]) -> str:
-    """The main connection's loop over the work list (shared with the extra connections).
+def _join_helper(flush: _Flush, work: _Work) -> None:
+    """The helper process's counts into the flush's; one that was lost has the flush asked for again."""
+    try:
+        for kind, count in work.join_helper(flush.log).items():
+            flush.counts[kind] += count
+    except _HelperLost as e:
+        log_event(flush.log, "flush-helper-lost", domain=flush.domain.name, relay=flush.relay, status=e.status,
+                  level=logging.WARNING)
+        _request_again(flush.store, flush.domain.name, flush.log)
+
+
+def _deliver_work(flush: _Flush, work: _Work, should_stop: Callable[[], bool]) -> str:
+    """The main connection's loop over the work list (shared with the extra connections,
+    or with a helper process).
 
     Returns how the flush ended: done, interrupted (requested again) or suspended.
     """
     finished = threading.Event()
     extra = []
-    if len(work) >= EXTRA_CONNECTION_MIN_MESSAGES and not flush.primary.single_session:
+    if (len(work) >= EXTRA_CONNECTION_MIN_MESSAGES and not flush.primary.single_session
+            and not isinstance(work, _SharedWork)):
         extra = [_ExtraConnection(flush, work, finished, should_stop) for _ in range(EXTRA_CONNECTIONS)]
     troubles = 0
     try:
@@ -728,15 +974,19 @@ def _deliver_work(flush: _Flush, work: collections.deque, should_stop: Callable[
             thread.start()
         while True:
             if should_stop():
+                work.stop_helper()
                 flush.store.request_flush([flush.domain.name])
                 return "interrupted"
             message = flush.next_message(work)
             if message is None:
+                if work.wait(should_stop, flush.lease):
+                    continue
                 break
             trouble = flush.deliver(message, work)
             troubles = 0 if trouble is None else troubles + 1
             if trouble is not None and (trouble.at_connect or troubles >= MAX_CONSECUTIVE_TROUBLE):
                 finished.set()
+                work.stop_helper()
                 _suspend(flush, work, trouble, should_stop)
                 return "suspended"
         return "done"
@@ -753,18 +1003,20 @@ def _deliver_work(flush: _Flush, work: collections.deque, should_stop: Callable[
             flush.quit()
 
 
-def _suspend(flush: _Flush, work: collections.deque, trouble: _Trouble, should_stop: Callable[[], bool]) -> None:
+def _suspend(flush: _Flush, work: _Work, trouble: _Trouble, should_stop: Callable[[], bool]) -> None:
     """Postfix's "delivery temporarily suspended": the primary is not taking mail
-    now; record why on every row left, and stop."""
+    now; record why on every row left (a helper's too, once it stopped), and stop."""
     log_event(flush.log, "flush-suspended", domain=flush.domain.name, relay=flush.relay,
               reason=trouble.reason, level=logging.WARNING)
-    while work:
+    while True:
         if should_stop():
             flush.store.request_flush([flush.domain.name])
             return
         try:
             rest = work.popleft()
         except IndexError:
+            if work.wait(should_stop, flush.lease):
+                continue
             return
         flush.lease.check()
         flush.counts["messages"] += 1

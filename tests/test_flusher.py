@@ -6,6 +6,7 @@ kill -9 test. Timeouts are small so that the hostile-primary cases prove
 their bound quickly.
 """
 
+import json
 import logging
 import os
 import random
@@ -30,7 +31,7 @@ from backupmx.store import QueueStore
 from backupmx.store_db import DamagedBody
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import flushes_in_progress, pending_flushes, queue_one, wait_for  # noqa: E402
+from conftest import children_of, flushes_in_progress, pending_flushes, queue_one, wait_for  # noqa: E402
 from sink import Sink  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -892,3 +893,151 @@ def test_lease_is_renewed_while_a_slow_primary_drips_its_reply(store, sink, tmp_
     assert outcome["delivered"] == 1
     assert stolen == []  # nobody else could start delivering the same mail
     assert queue_id not in rows(store)
+
+
+# -- a big flush shared with a helper process ---------------------------------------------------
+
+
+SPLIT_FLUSH_SCRIPT = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from backupmx.children import StopFlag
+from backupmx.config import DomainConfig
+from backupmx.flusher import deliver_domain
+from backupmx.log import setup_logging
+from backupmx.smtpclient import Primary
+from backupmx.store import QueueStore
+log = setup_logging("stderr")
+stop = StopFlag().install()
+store = QueueStore({db!r})
+store.request_flush(["example.com"])
+assert store.claim_flush("split", 60) == "example.com"
+domain = DomainConfig(name="example.com", primary=("127.0.0.1", {port}), primary_tls="none", recipients=None,
+                      primary_ca=None, max_queue_messages=None, max_queue_bytes=None,
+                      queue_lifetime=86400.0, retry_interval=0.0)
+class OneSession(Primary):
+    single_session = True  # as an ODMR session the peer reversed
+primary = OneSession(domain, hostname="mx2.test", timeout=5, log=log) if {single} else None
+print("claimed", flush=True)
+counts = deliver_domain(store, domain, owner="split", hostname="mx2.test", timeout=5, lease_seconds={lease},
+                        should_stop=stop.should_stop, primary=primary)
+store.release_flush("example.com", "split")
+print(json.dumps(counts), flush=True)
+"""
+SPLIT_MESSAGES = 240  # above flusher.HELPER_MIN_MESSAGES
+
+
+def start_split_flush(tmp_path, sink, *, single=False, lease=60):
+    """A flush of SPLIT_MESSAGES messages in a process of its own (one thread: it may fork a
+    helper); returns (the process, the queue's path, the messages' queue ids in order)."""
+    from backupmx.flusher import HELPER_MIN_MESSAGES
+
+    assert SPLIT_MESSAGES >= HELPER_MIN_MESSAGES
+    db = str(tmp_path / "queue.db")
+    with QueueStore(db) as store:
+        ids = [enqueue(store, b"X-Test-Id: %d\r\n\r\nbody\r\n" % i) for i in range(SPLIT_MESSAGES)]
+    script = SPLIT_FLUSH_SCRIPT.format(repo=str(REPO), db=db, port=sink.port, single=single, lease=lease)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"claimed\n"
+    return proc, db, ids
+
+
+def finish(proc, timeout=20):
+    """The flush process's counts (its last stdout line) and its log (stderr); it must exit 0."""
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err.decode()
+    return json.loads(out.decode().splitlines()[-1]), err.decode()
+
+
+def test_a_big_flush_is_shared_with_a_helper_process_and_delivers_each_message_once(tmp_path, sink):
+    proc, db, ids = start_split_flush(tmp_path, sink)
+    counts, log = finish(proc)
+    assert counts == {"messages": SPLIT_MESSAGES, "delivered": SPLIT_MESSAGES, "deferred": 0, "failed": 0}
+    got = [d.body.split(b"\r\n")[0] for d in sink.deliveries]
+    assert sorted(got) == sorted(b"X-Test-Id: %d" % i for i in range(SPLIT_MESSAGES))  # each once
+    # Two connections, from two processes: the delivered lines carry two pids.
+    assert sum(1 for s in sink.sessions if s.commands) == 2
+    pids = set(re.findall(r"backupmx\[(\d+)\]: delivered ", log))
+    assert len(pids) == 2 and str(proc.pid) in pids, pids
+    assert f"flush-done domain=example.com relay=127.0.0.1:{sink.port} messages={SPLIT_MESSAGES}" in log
+    with QueueStore(db) as store:
+        assert rows(store) == {}
+    assert pending_flushes(db) == []
+
+
+def helper_of(proc):
+    """The pid of the helper process `proc` forked for its flush."""
+    helpers = wait_for(lambda: children_of(proc.pid), 5)
+    assert len(helpers) == 1, helpers
+    return helpers[0]
+
+
+def stalled_at(sink, n):
+    """From the n-th delivery on, the sink keeps its 250 until the returned Event is set: each of
+    the two connections then waits with one message in flight."""
+    release = threading.Event()
+    sink.on_delivery = lambda number, delivery: number >= n and release.wait(30)
+    return release
+
+
+def test_a_helper_killed_mid_flush_leaves_its_messages_queued_for_the_next_flush(tmp_path, sink):
+    release = stalled_at(sink, 60)
+    proc, db, ids = start_split_flush(tmp_path, sink)
+    try:
+        helper = helper_of(proc)
+        sink.wait(lambda: len(sink.deliveries) >= 61, timeout=10)  # both connections wait for a 250
+        os.kill(helper, signal.SIGKILL)
+    finally:
+        release.set()
+    counts, log = finish(proc)  # the parent's connection delivers the rest of the work list
+    assert "flush-helper-lost domain=example.com" in log and "status=signal-9" in log
+    assert pending_flushes(db) == [DOMAIN]  # the next flush delivers what the helper held
+    with QueueStore(db) as store:
+        left = rows(store)
+        assert left and len(left) < SPLIT_MESSAGES - 60
+        sink.on_delivery = None
+        flush(store, domain_config(sink))
+        assert rows(store) == {}
+    got = [d.body.split(b"\r\n")[0] for d in sink.deliveries]
+    assert set(got) == {b"X-Test-Id: %d" % i for i in range(SPLIT_MESSAGES)}  # none lost
+    # Again at worst: what the helper delivered and had not recorded yet (its batch, OUTCOME_BATCH).
+    assert len(got) - len(set(got)) <= OUTCOME_BATCH + 1
+
+
+@pytest.mark.parametrize("stop", ["lease-stolen", "sigterm"])
+def test_a_split_flush_that_must_stop_stops_both_processes(tmp_path, sink, stop):
+    release = stalled_at(sink, 40)
+    proc, db, ids = start_split_flush(tmp_path, sink, lease=1.2)  # renewed every 0.2 s
+    try:
+        helper = helper_of(proc)
+        sink.wait(lambda: len(sink.deliveries) >= 41, timeout=10)
+        if stop == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            db_ = sqlite3.connect(db, isolation_level=None)
+            db_.execute("UPDATE flushes SET lease_owner = 'another', lease_expires = lease_expires + 60")
+            db_.close()
+            time.sleep(0.5)  # two renewal intervals: both processes' renewals have found the lease gone
+        sent = len(sink.deliveries)
+    finally:
+        release.set()
+    counts, log = finish(proc)
+    if stop == "lease-stolen":
+        assert len(sink.deliveries) == sent  # neither process started another message
+    else:  # the helper stops between messages once the parent passes the stop on, at its next step
+        assert len(sink.deliveries) < sent + (SPLIT_MESSAGES - sent) // 2
+    assert wait_for(lambda: not os.path.exists(f"/proc/{helper}"), 5)  # reaped, not orphaned
+    assert ("flush-aborted" if stop == "lease-stolen" else "flush-interrupted") in log
+    assert "flush-helper-lost" not in log
+    with QueueStore(db) as store:  # what either process delivered is recorded, the rest is queued
+        assert len(rows(store)) == SPLIT_MESSAGES - len(sink.deliveries)
+    if stop == "sigterm":
+        assert pending_flushes(db) == [DOMAIN]
+
+
+def test_a_single_session_primary_gets_no_helper(tmp_path, sink):
+    proc, db, ids = start_split_flush(tmp_path, sink, single=True)
+    counts, log = finish(proc)
+    assert counts["delivered"] == SPLIT_MESSAGES
+    assert len(sink.sessions) == 1
+    assert len(set(re.findall(r"backupmx\[(\d+)\]: delivered ", log))) == 1
