@@ -74,7 +74,10 @@ __all__ = [
 LOGGER = logging.getLogger("backupmx.flusher")
 
 BODY_CHUNK = 64 * 1024  # bytes read from the store's blob at a time
-POLL_INTERVAL = 0.15  # seconds between claim attempts when there is nothing to flush
+# Seconds between looks for a flush to claim when there is nothing to flush: half
+# of it is how late, on average, a flush starts after its ETRN. A look is a read
+# (store.flush_waiting); only a domain to claim takes the write lock.
+POLL_INTERVAL = 0.05
 MAX_CONSECUTIVE_TROUBLE = 3  # connection troubles in a row before the rest of the queue waits
 # Seconds between housekeeping rounds (expiry, bounces, retries, purge): the
 # contract (docs/SPEC.md, "Queue lifecycle") wants expiry and bounces acted on
@@ -1037,7 +1040,7 @@ def drain(store, config, owner: str, *, lease_seconds: float, log: logging.Logge
     """
     delivered = 0
     for _ in itertools.repeat(None) if rounds is None else range(rounds):
-        if should_stop():
+        if should_stop() or not store.flush_waiting():
             break
         name = store.claim_flush(owner, lease_seconds)
         if name is None:

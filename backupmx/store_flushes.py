@@ -20,6 +20,12 @@ from typing import Iterable
 from backupmx.store_db import QueueDatabase, _sqlite_errors
 
 
+# A domain claim_flush may take: its flush was asked for, or the lease of a flusher
+# that died ran out; and no live lease (`?` = now).
+_CLAIMABLE = ("(requested_at IS NOT NULL OR lease_owner IS NOT NULL)"
+              " AND (lease_expires IS NULL OR lease_expires <= ?)")
+
+
 class FlushRequests(QueueDatabase):
     """Flush requests (written by SMTP workers, the CLI, housekeeping) and leases (held by flushers)."""
 
@@ -60,8 +66,7 @@ class FlushRequests(QueueDatabase):
         now = self._clock()
         with self._write() as db:
             row = db.execute(
-                "SELECT domain FROM flushes WHERE (requested_at IS NOT NULL OR lease_owner IS NOT NULL)"
-                " AND (lease_expires IS NULL OR lease_expires <= ?)"
+                f"SELECT domain FROM flushes WHERE {_CLAIMABLE}"
                 " ORDER BY COALESCE(requested_at, lease_expires), domain LIMIT 1",
                 (now,),
             ).fetchone()
@@ -72,6 +77,13 @@ class FlushRequests(QueueDatabase):
                 (owner, now + lease_seconds, row[0]),
             )
             return row[0]
+
+    def flush_waiting(self) -> bool:
+        """Whether claim_flush would find a domain now. A read: a flusher that polls
+        often takes no write lock from the SMTP workers' commits while nothing waits."""
+        with self._read() as db:
+            return db.execute(f"SELECT 1 FROM flushes WHERE {_CLAIMABLE} LIMIT 1",
+                              (self._clock(),)).fetchone() is not None
 
     def claim_domains(self, domains: Iterable[str], owner: str, lease_seconds: float) -> dict[str, int] | None:
         """ATRN's claim: the leases of those of `domains` that have queued rows, for `owner`.
