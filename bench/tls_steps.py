@@ -92,7 +92,7 @@ class Server:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.conn = None
         self.clock = OpenSSLClock()
-        self.in_openssl = 0.0  # seconds inside OpenSSL during the timed calls (once the clock is installed)
+        self.in_openssl = []  # seconds inside OpenSSL during each timed call, in the order of the steps
 
     def accept(self):
         client = socket.create_connection(self.listener.getsockname(), timeout=10)
@@ -102,7 +102,7 @@ class Server:
         self.conn = self.loop.add_session(sock, peer, implicit_tls=False)
         self.loop.service(self.conn, selectors.EVENT_WRITE)  # the first writable event: the banner
         flush_pending()
-        self.in_openssl += self.clock.seconds - openssl
+        self.in_openssl.append(self.clock.seconds - openssl)
         return client, time.process_time() - start
 
     def serve(self, client, reply=True):
@@ -122,7 +122,7 @@ class Server:
             self.loop.commit_round()
             flush_pending()
             spent += time.process_time() - start
-        self.in_openssl += self.clock.seconds - openssl
+        self.in_openssl.append(self.clock.seconds - openssl)
         return spent
 
     def close(self):
@@ -165,7 +165,8 @@ def read_reply(sock, tls_obj=None, incoming=None):
 
 
 def one_session(server, client_ctx, starttls):
-    """One session; returns the server's CPU seconds per step."""
+    """One session; returns the server's CPU seconds per step, and those inside OpenSSL."""
+    server.in_openssl = []
     sock, banner_cpu = server.accept()
     times = [banner_cpu]
     read_reply(sock)
@@ -204,7 +205,7 @@ def one_session(server, client_ctx, starttls):
     say(b"QUIT\r\n")
     sock.close()
     server.loop.service(server.conn, selectors.EVENT_READ)  # the EOF: the session ends
-    return times
+    return times, server.in_openssl
 
 
 def make_certificate(directory, kind):
@@ -216,7 +217,7 @@ def make_certificate(directory, kind):
 
 
 def measure(workdir, kind, sessions, starttls):
-    """(mean CPU seconds per step, mean OpenSSL seconds per session) over `sessions` sessions."""
+    """(mean CPU seconds per step, mean OpenSSL seconds per step) over `sessions` sessions."""
     workdir = tempfile.mkdtemp(dir=workdir)  # a fresh queue and log each time
     server_ctx = tls.server_context(*make_certificate(workdir, kind))
     client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -227,14 +228,15 @@ def measure(workdir, kind, sessions, starttls):
         for _ in range(min(20, sessions)):  # warm-up: imports, the database's first pages
             one_session(server, client_ctx, starttls)
         server.clock.install()
-        totals = None
+        totals = openssl = None
         for _ in range(sessions):
-            times = one_session(server, client_ctx, starttls)
+            times, in_openssl = one_session(server, client_ctx, starttls)
             totals = times if totals is None else [a + b for a, b in zip(totals, times)]
+            openssl = in_openssl if openssl is None else [a + b for a, b in zip(openssl, in_openssl)]
     finally:
         server.clock.uninstall()
         server.close()
-    return [t / sessions for t in totals], server.in_openssl / sessions
+    return [t / sessions for t in totals], [t / sessions for t in openssl]
 
 
 def main(argv=None):
@@ -251,25 +253,33 @@ def main(argv=None):
         plain_runs = [measure(workdir, "ecdsa", args.sessions, False) for _ in range(args.runs)]
         plain = [statistics.median(run[0][i] for run in plain_runs) for i in range(len(PLAIN_STEPS))]
         columns = {"plain": dict(zip(PLAIN_STEPS, plain))}
-        openssl = {"plain": 0.0}
+        openssl = {"plain": dict.fromkeys(PLAIN_STEPS, 0.0)}
         for kind in args.certs.split(","):
             runs = [measure(workdir, kind, args.sessions, True) for _ in range(args.runs)]
-            columns[f"STARTTLS {kind}"] = {step: statistics.median(run[0][i] for run in runs)
-                                           for i, step in enumerate(TLS_STEPS)}
-            openssl[f"STARTTLS {kind}"] = statistics.median(run[1] for run in runs)
+            name = f"STARTTLS {kind}"
+            columns[name] = {step: statistics.median(run[0][i] for run in runs) for i, step in enumerate(TLS_STEPS)}
+            openssl[name] = {step: statistics.median(run[1][i] for run in runs) for i, step in enumerate(TLS_STEPS)}
     names = list(columns)
-    print(f"{'step':<18}" + "".join(f"{name:>18}" for name in names))
+    print("each step: its CPU (of which inside OpenSSL)")
+    print(f"{'step':<18}" + "".join(f"{name:>20}" for name in names))
+
+    def cell(name, step):
+        if step not in columns[name]:
+            return f"{'':>20}"
+        inside = openssl[name][step] * 1e6
+        return f"{columns[name][step] * 1e6:>13.0f}" + (f" ({inside:>4.0f})" if name != "plain" else f"{'':>7}")
+
     for step in TLS_STEPS:
-        print(f"{step:<18}" + "".join(f"{columns[n][step] * 1e6:>18.0f}" if step in columns[n] else f"{'':>18}"
-                                      for n in names))
+        print(f"{step:<18}" + "".join(cell(n, step) for n in names))
     totals = {n: sum(columns[n].values()) for n in names}
-    print(f"{'total':<18}" + "".join(f"{totals[n] * 1e6:>18.0f}" for n in names))
-    print(f"{'  in OpenSSL':<18}" + "".join(f"{openssl[n] * 1e6:>18.0f}" for n in names))
-    print(f"{'  the rest':<18}" + "".join(f"{(totals[n] - openssl[n]) * 1e6:>18.0f}" for n in names))
+    in_openssl = {n: sum(openssl[n].values()) for n in names}
+    print(f"{'total':<18}" + "".join(f"{totals[n] * 1e6:>20.0f}" for n in names))
+    print(f"{'  in OpenSSL':<18}" + "".join(f"{in_openssl[n] * 1e6:>20.0f}" for n in names))
+    print(f"{'  the rest':<18}" + "".join(f"{(totals[n] - in_openssl[n]) * 1e6:>20.0f}" for n in names))
     for n in names[1:]:
         extra = totals[n] - totals["plain"]
-        print(f"{n}: +{extra * 1e6:.0f} us a session over plain, of which OpenSSL {openssl[n] * 1e6:.0f} us, "
-              f"the rest {(extra - openssl[n]) * 1e6:.0f} us")
+        print(f"{n}: +{extra * 1e6:.0f} us a session over plain, of which OpenSSL {in_openssl[n] * 1e6:.0f} us, "
+              f"the rest {(extra - in_openssl[n]) * 1e6:.0f} us")
     return 0
 
 
