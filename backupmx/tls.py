@@ -241,6 +241,10 @@ class TLSLayer:
             server_hostname=None if server_side else server_hostname,
         )
         self._pending = bytearray()  # plaintext sent before the handshake completed
+        # What was negotiated, read from OpenSSL once when the handshake completes:
+        # the "tls" log line and each message's Received: header ask for it.
+        self._version: str | None = None
+        self._cipher: tuple | None = None  # (name, protocol, secret bits), as SSLObject.cipher()
         self.handshake_complete = False
         self.closed = False  # peer sent close_notify or EOF, or we failed
         self._closing = False  # we started close_notify
@@ -325,17 +329,15 @@ class TLSLayer:
 
     def version(self) -> str | None:
         """The negotiated protocol, e.g. "TLSv1.3"; None before the handshake."""
-        return self._ssl.version() if self.handshake_complete else None
+        return self._version
 
     def cipher(self) -> str | None:
         """The negotiated cipher suite name, e.g. "TLS_AES_256_GCM_SHA384"."""
-        info = self._ssl.cipher() if self.handshake_complete else None
-        return info[0] if info else None
+        return self._cipher[0] if self._cipher else None
 
     def cipher_bits(self) -> int | None:
         """The secret bits of the negotiated cipher, e.g. 256."""
-        info = self._ssl.cipher() if self.handshake_complete else None
-        return info[2] if info else None
+        return self._cipher[2] if self._cipher else None
 
     def peer_certificate(self) -> dict | None:
         """The verified peer certificate as `SSLSocket.getpeercert()` gives it."""
@@ -352,16 +354,21 @@ class TLSLayer:
             self.closed = True
             raise TLSError(f"TLS handshake failed: {_ssl_reason(exc)}") from None
         self.handshake_complete = True
+        self._version, self._cipher = self._ssl.version(), self._ssl.cipher()
         if self._pending:
             pending, self._pending = bytes(self._pending), bytearray()
             self._write(pending)
 
     def _write(self, plaintext: bytes) -> None:
-        view = memoryview(plaintext)
+        # Into a memory BIO OpenSSL takes it all in one call, as records of
+        # up to 16 KB (without SSL_MODE_ENABLE_PARTIAL_WRITE, which the ssl
+        # module does not set); the loop is for the case it ever did not.
         try:
-            while view:
-                n = self._ssl.write(view)
-                view = view[n:]
+            n = self._ssl.write(plaintext)
+            if n < len(plaintext):
+                view = memoryview(plaintext)[n:]
+                while view:
+                    view = view[self._ssl.write(view):]
         except ssl.SSLError as exc:
             self.closed = True
             raise TLSError(f"TLS error: {_ssl_reason(exc)}") from None
