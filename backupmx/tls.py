@@ -48,7 +48,10 @@ TLS_VERSIONS = {
     "TLSv1.3": ssl.TLSVersion.TLSv1_3,
 }
 
-# How much plaintext one SSLObject.read() call may return.
+# How much plaintext one SSLObject.read() call may return: more than a
+# record can hold (2^14 octets, RFC 8446 5.1 and RFC 5246 6.2.1), so one
+# read takes a whole record and OpenSSL never keeps part of one decrypted
+# (SSL_pending() stays 0: only the incoming buffer can hold more).
 _READ_SIZE = 64 * 1024
 
 
@@ -267,10 +270,8 @@ class TLSLayer:
         self._incoming.write(encrypted)
         if not self.handshake_complete:
             self._do_handshake()
-            if not self.handshake_complete:
-                return b""
-        if not self._incoming.pending and not self._ssl.pending():
-            return b""  # nothing to decrypt (the handshake's last message came alone, most often)
+            if not self.handshake_complete or not self._incoming.pending:
+                return b""  # no records after the handshake's last message (most often it came alone)
         return self._read_plaintext()
 
     def receive_eof(self) -> bytes:
@@ -376,10 +377,9 @@ class TLSLayer:
     def _read_plaintext(self, to_the_end: bool = False) -> bytes:
         """The plaintext of the records received so far.
 
-        It stops once neither the incoming buffer nor OpenSSL holds anything
-        more (a record is read whole, so an empty buffer has nothing to
-        decrypt) rather than on the SSLWantReadError a further read would
-        raise. `to_the_end`: read on until OpenSSL says why it stops (after
+        It stops once the incoming buffer is empty (a read takes a whole
+        record, _READ_SIZE, so nothing is left to decrypt) rather than on the
+        SSLWantReadError a further read would raise. `to_the_end`: read on until OpenSSL says why it stops (after
         EOF: close_notify or not).
         """
         chunks = []
@@ -401,7 +401,7 @@ class TLSLayer:
                 self.closed = True
                 break
             chunks.append(chunk)
-            if not to_the_end and not self._incoming.pending and not self._ssl.pending():
+            if not to_the_end and not self._incoming.pending:
                 break
         return b"".join(chunks)
 
