@@ -53,3 +53,12 @@ def test_table_from_a_subset_of_rows():
         ratios = [line for line in text.splitlines() if line.startswith("plain / STARTTLS") and " sess: " in line]
         assert len(ratios) == plain_lines
         assert all("backupmx 2.00, postfix 2.00" in line for line in ratios)
+
+
+def test_tls_layer_compares_the_layer_with_bare_bios_and_an_sslsocket():
+    script = BENCH.parent / "tls_layer.py"
+    done = subprocess.run([sys.executable, str(script), "--commands", "20", "--runs", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for row in ("TLSLayer", "bare BIOs", "SSLSocket", "the layer", "making a TLSLayer"):
+        assert row in done.stdout
