@@ -4,8 +4,12 @@ optionally a cProfile of every SMTP worker.
 
     python3 bench/profile_accept.py                      # 10 sessions, 5000 x 2 KB: CPU per message
     python3 bench/profile_accept.py --profile --top 40   # the same under cProfile, workers merged
+    python3 bench/profile_accept.py --starttls ecdsa     # STARTTLS on every connection (smtpload)
 
-Needs smtp-source (Postfix's tools; see bench/README.md). The server is
+Needs smtp-source (Postfix's tools; see bench/README.md); with --starttls the
+load is tls.py's instead (smtpload.py: threads in 2 processes, one message
+per connection, STARTTLS and a full handshake on each, the server with a
+certificate of the kind named, made as tls.py makes it). The server is
 peers.py's backupmx (a fresh queue in a temp dir, 127.0.0.1 only, its own
 process group, stopped in a `finally`). With --profile its command line is this
 script's `--serve`: the server as `backupmx serve`, with SessionLoop.run of each
@@ -44,8 +48,8 @@ def cpu_split(server):
 
 
 class ProfiledBackupMX(BackupMX):
-    def __init__(self, *args, what="workers"):
-        super().__init__(*args)
+    def __init__(self, *args, what="workers", **certificate):
+        super().__init__(*args, **certificate)
         self.what = what
 
     def command(self, cfg):
@@ -81,6 +85,15 @@ def serve_profiled(what, stats_dir, cfg):
         profile.dump_stats(os.path.join(stats_dir, "master.prof"))
 
 
+def starttls_load(port, sessions, messages, size):
+    """smtpload's STARTTLS load, as tls.py's accept rows run it: (seconds, note or None)."""
+    import smtpload
+    result = smtpload.run_load(smtpload.Load(port=port, sessions=sessions, messages=messages, size=size,
+                                             tls=smtpload.client_context()))
+    note = f"{result.errors} client errors, e.g. {result.samples[:1]}" if result.errors else None
+    return result.elapsed, note
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sessions", type=int, default=10)
@@ -92,28 +105,38 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=40, help="rows of the profile to print")
     ap.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumulative, ...)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, log, .prof files)")
+    ap.add_argument("--starttls", choices=("ecdsa", "rsa"),
+                    help="STARTTLS on every connection with a certificate of this kind (smtpload.py's load)")
     ap.add_argument("--serve", nargs=3, metavar=("WHAT", "DIR", "CFG"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
         return serve_profiled(*args.serve)
-    if not shutil.which("smtp-source"):
+    if not args.starttls and not shutil.which("smtp-source"):
         print("profile_accept.py: smtp-source not found (apt-get install postfix)", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="profile-accept-"))
     os.chmod(workdir, 0o755)
+    certificate = {}
+    if args.starttls:
+        from tls import make_certificate  # bench/tls.py's
+        certificate = dict(zip(("cert", "key"), make_certificate(workdir, args.starttls)))
     if args.profile:
-        server = ProfiledBackupMX(workdir, free_port(), args.workers, what=args.profile)
+        server = ProfiledBackupMX(workdir, free_port(), args.workers, what=args.profile, **certificate)
     else:
-        server = BackupMX(workdir, free_port(), args.workers)
+        server = BackupMX(workdir, free_port(), args.workers, **certificate)
     try:
         server.start()
         before, split_before = cpu_seconds(server), cpu_split(server)
-        elapsed, note = smtp_source(server.port, args.sessions, args.messages, args.size, timeout=600)
+        if args.starttls:
+            elapsed, note = starttls_load(server.port, args.sessions, args.messages, args.size)
+        else:
+            elapsed, note = smtp_source(server.port, args.sessions, args.messages, args.size, timeout=600)
         cpu, split_after = cpu_seconds(server) - before, cpu_split(server)
         held = server.count()
     finally:
         server.stop()
-    print(f"{args.messages} x {args.size} B, {args.sessions} sessions: {args.messages / elapsed:.0f} msg/s, "
+    print(f"{args.messages} x {args.size} B, {args.sessions} sessions"
+          + (f", STARTTLS {args.starttls}" if args.starttls else "") + f": {args.messages / elapsed:.0f} msg/s, "
           f"server CPU {cpu:.2f} s = {cpu * 1000 / args.messages:.3f} ms per message, held {held}"
           + (" (profiled)" if args.profile else "") + (f"  NOTE: {note}" if note else ""))
     per_message = {role: [(a - b) * 1000 / args.messages for a, b in zip(split_after[role], split_before[role])]
