@@ -5,9 +5,10 @@ optionally a cProfile of every SMTP worker.
     python3 bench/profile_accept.py                      # 10 sessions, 5000 x 2 KB: CPU per message
     python3 bench/profile_accept.py --profile --top 40   # the same under cProfile, workers merged
     python3 bench/profile_accept.py --starttls ecdsa     # STARTTLS on every connection (smtpload)
+    python3 bench/profile_accept.py --smtpload           # plain, but smtpload's clients (to compare with that)
 
-Needs smtp-source (Postfix's tools; see bench/README.md); with --starttls the
-load is tls.py's instead (smtpload.py: threads in 2 processes, one message
+Needs smtp-source (Postfix's tools; see bench/README.md); with --starttls (or
+--smtpload for plain SMTP) the load is tls.py's instead (smtpload.py: threads in 2 processes, one message
 per connection, STARTTLS and a full handshake on each, the server with a
 certificate of the kind named, made as tls.py makes it). The server is
 peers.py's backupmx (a fresh queue in a temp dir, 127.0.0.1 only, its own
@@ -85,11 +86,11 @@ def serve_profiled(what, stats_dir, cfg):
         profile.dump_stats(os.path.join(stats_dir, "master.prof"))
 
 
-def starttls_load(port, sessions, messages, size):
-    """smtpload's STARTTLS load, as tls.py's accept rows run it: (seconds, note or None)."""
+def smtpload_run(port, sessions, messages, size, starttls):
+    """smtpload's load, as tls.py's accept rows run it: (seconds, note or None)."""
     import smtpload
     result = smtpload.run_load(smtpload.Load(port=port, sessions=sessions, messages=messages, size=size,
-                                             tls=smtpload.client_context()))
+                                             tls=smtpload.client_context() if starttls else None))
     note = f"{result.errors} client errors, e.g. {result.samples[:1]}" if result.errors else None
     return result.elapsed, note
 
@@ -107,11 +108,13 @@ def main(argv=None):
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, log, .prof files)")
     ap.add_argument("--starttls", choices=("ecdsa", "rsa"),
                     help="STARTTLS on every connection with a certificate of this kind (smtpload.py's load)")
+    ap.add_argument("--smtpload", action="store_true", help="smtpload.py's clients instead of smtp-source")
     ap.add_argument("--serve", nargs=3, metavar=("WHAT", "DIR", "CFG"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
         return serve_profiled(*args.serve)
-    if not args.starttls and not shutil.which("smtp-source"):
+    args.smtpload = args.smtpload or args.starttls is not None
+    if not args.smtpload and not shutil.which("smtp-source"):
         print("profile_accept.py: smtp-source not found (apt-get install postfix)", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="profile-accept-"))
@@ -127,8 +130,8 @@ def main(argv=None):
     try:
         server.start()
         before, split_before = cpu_seconds(server), cpu_split(server)
-        if args.starttls:
-            elapsed, note = starttls_load(server.port, args.sessions, args.messages, args.size)
+        if args.smtpload:
+            elapsed, note = smtpload_run(server.port, args.sessions, args.messages, args.size, args.starttls)
         else:
             elapsed, note = smtp_source(server.port, args.sessions, args.messages, args.size, timeout=600)
         cpu, split_after = cpu_seconds(server) - before, cpu_split(server)
@@ -136,7 +139,8 @@ def main(argv=None):
     finally:
         server.stop()
     print(f"{args.messages} x {args.size} B, {args.sessions} sessions"
-          + (f", STARTTLS {args.starttls}" if args.starttls else "") + f": {args.messages / elapsed:.0f} msg/s, "
+          + (f", STARTTLS {args.starttls}" if args.starttls else ", smtpload" if args.smtpload else "")
+          + f": {args.messages / elapsed:.0f} msg/s, "
           f"server CPU {cpu:.2f} s = {cpu * 1000 / args.messages:.3f} ms per message, held {held}"
           + (" (profiled)" if args.profile else "") + (f"  NOTE: {note}" if note else ""))
     per_message = {role: [(a - b) * 1000 / args.messages for a, b in zip(split_after[role], split_before[role])]
