@@ -1041,3 +1041,51 @@ def test_a_single_session_primary_gets_no_helper(tmp_path, sink):
     assert counts["delivered"] == SPLIT_MESSAGES
     assert len(sink.sessions) == 1
     assert len(set(re.findall(r"backupmx\[(\d+)\]: delivered ", log))) == 1
+
+
+def test_a_primary_gone_mid_split_flush_is_suspended_once_for_both_processes(tmp_path, sink):
+    release = stalled_at(sink, 40)
+    proc, db, ids = start_split_flush(tmp_path, sink)
+    try:
+        helper_of(proc)
+        sink.wait(lambda: len(sink.deliveries) >= 41, timeout=10)
+        sink.stop()  # both connections are cut, and the parent's next one is refused
+    finally:
+        release.set()
+    counts, log = finish(proc)
+    # Decided once, by the parent's connection; the last line counts both processes' outcomes.
+    assert len(re.findall(r"flush-suspended domain=example.com \S+ reason=", log)) == 1
+    assert counts["messages"] == SPLIT_MESSAGES and counts["delivered"] == len(sink.deliveries) - 2
+    assert "flush-helper-lost" not in log
+    with QueueStore(db) as store:
+        left = rows(store)
+    # Nothing delivered twice or lost; every message left was tried and says why it waits,
+    # the helper's handed-back run too.
+    assert len(left) == SPLIT_MESSAGES - len(sink.deliveries) + 2  # the two in flight had no 250
+    assert all(m.attempts >= 1 and m.last_reply for m in left.values()), [
+        (m.queue_id, m.attempts, m.last_reply) for m in left.values() if not m.attempts]
+
+
+def test_shared_work_runs_are_each_taken_once_and_a_helper_s_rest_comes_back():
+    """The pipe of runs (_SharedWork) with no processes: what the parent and a helper take."""
+    from backupmx.flusher import _RUN, _SharedWork
+
+    messages = list(range(10))
+    runs_r, runs_w = os.pipe()
+    os.set_blocking(runs_r, False)
+    os.write(runs_w, b"".join(_RUN.pack(first, count) for first, count in ((0, 3), (3, 3), (6, 3), (9, 1))))
+    helper = _SharedWork(messages, runs_r, return_fd=runs_w)
+    parent = _SharedWork(messages, runs_r)
+    assert helper.popleft() == 0  # the helper takes the run 0-2
+    assert parent.popleft() == 3  # the parent the next
+    helper.give_back()  # it stops early: 1 and 2 go back, as one run
+    os.close(runs_w)  # and it is gone
+    taken = []
+    while True:
+        try:
+            taken.append(parent.popleft())
+        except IndexError:
+            break
+    assert taken == [4, 5, 6, 7, 8, 9, 1, 2]
+    assert parent.ended and not parent.wait(lambda: False, None)
+    os.close(runs_r)
