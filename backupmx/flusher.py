@@ -854,10 +854,7 @@ def _share(main: "_Flush", messages: list) -> _Work:
                         for first in range(0, len(messages), per_run))
         if os.write(runs_w, runs) != len(runs):
             raise BlockingIOError("the pipe took only part of the runs")
-        flush_pending()  # no line of ours waits in a buffer the helper would write again
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:
-                stream.flush()
+        _flush_buffers()
         pid = children.fork_blocking((signal.SIGTERM,))
     except OSError as e:
         for fd in (runs_r, runs_w, result_r, result_w):
@@ -871,6 +868,16 @@ def _share(main: "_Flush", messages: list) -> _Work:
     os.close(runs_w)
     os.close(result_w)
     return _SharedWork(messages, runs_r, helper_pid=pid, result_fd=result_r)
+
+
+def _flush_buffers() -> None:
+    """Before a fork: no line of ours waits in a buffer that the child would write again."""
+    flush_pending()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # None, closed, or /dev/null gone
+            pass
 
 
 def _helper_main(main: "_Flush", work: _SharedWork, result_fd: int) -> None:
