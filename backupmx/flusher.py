@@ -854,20 +854,55 @@ def _share(main: "_Flush", messages: list) -> _Work:
                         for first in range(0, len(messages), per_run))
         if os.write(runs_w, runs) != len(runs):
             raise BlockingIOError("the pipe took only part of the runs")
-        _flush_buffers()
-        pid = children.fork_blocking((signal.SIGTERM,))
-    except OSError as e:
+        parent = os.getpid()
+        # The child must inherit no SQLite state (QueueDatabase.closed_for_fork): our
+        # connection is closed across the fork, and no other may be open in this process.
+        with main.store.closed_for_fork():
+            if _queue_files_open(main.store.path):
+                raise _QueueOpenElsewhere("another connection to the queue is open in this process")
+            _flush_buffers()
+            pid = children.fork_blocking((signal.SIGTERM,))
+            if pid == 0:
+                os.close(result_r)
+                work = _SharedWork(messages, runs_r, return_fd=runs_w)
+                children.run_child(lambda: _helper_main(main, work, result_w, parent), main.log,
+                                   "flush-helper-crashed")
+    except (OSError, _QueueOpenElsewhere) as e:
         for fd in (runs_r, runs_w, result_r, result_w):
             os.close(fd)
         log_event(main.log, "flush-error", domain=main.domain.name, error=f"helper: {e}", level=logging.WARNING)
         return _Work(messages)
-    if pid == 0:
-        os.close(result_r)
-        work = _SharedWork(messages, runs_r, return_fd=runs_w)
-        children.run_child(lambda: _helper_main(main, work, result_w), main.log, "flush-helper-crashed")
     os.close(runs_w)
     os.close(result_w)
     return _SharedWork(messages, runs_r, helper_pid=pid, result_fd=result_r)
+
+
+class _QueueOpenElsewhere(Exception):
+    """A fork would hand the child SQLite's state of a connection we cannot close."""
+
+
+def _queue_files_open(path: str) -> bool:
+    """Whether a descriptor of this process is on the queue's database, -wal or -shm file
+    (SQLite keeps them open for every connection; True when /proc cannot tell)."""
+    files = set()
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            st = os.stat(name)
+        except FileNotFoundError:
+            continue
+        files.add((st.st_dev, st.st_ino))
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return True
+    for fd in fds:
+        try:
+            st = os.stat(int(fd))
+        except (OSError, ValueError):
+            continue  # the listing's own descriptor, closed by now
+        if (st.st_dev, st.st_ino) in files:
+            return True
+    return False
 
 
 def _flush_buffers() -> None:
@@ -880,9 +915,12 @@ def _flush_buffers() -> None:
             pass
 
 
-def _helper_main(main: "_Flush", work: _SharedWork, result_fd: int) -> None:
-    """The helper process (_share): deliver runs of the work list, then report its counts."""
-    stop = children.StopFlag(parent=os.getppid()).install()
+def _helper_main(main: "_Flush", work: _SharedWork, result_fd: int, parent: int) -> None:
+    """The helper process (_share): deliver runs of the work list, then report its counts.
+
+    `parent` is the flush's pid, taken before the fork: had it died before this
+    runs, getppid() would already name init."""
+    stop = children.StopFlag(parent=parent).install()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM,))
     with QueueStore(main.store.path) as store:
         lease = _Lease(store, main.domain.name, main.owner, main.lease.seconds, main.log)

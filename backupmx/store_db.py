@@ -489,10 +489,7 @@ class QueueDatabase:
         mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal" and self.path != ":memory:" and not self.path.startswith("file::memory:"):
             raise QueueUnavailable(f"{self.path}: cannot use WAL journal mode (got {mode})")
-        # The commit is on disk before 250 is sent.
-        db.execute("PRAGMA synchronous = FULL" if self._durable else "PRAGMA synchronous = NORMAL")
-        db.execute("PRAGMA foreign_keys = ON")
-        db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        self._connection_pragmas(db)
         text = schema_text()
         ours = schema_version(text)
         # One transaction for the version check, the migration and the schema:
@@ -514,6 +511,43 @@ class QueueDatabase:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+
+    def _connection_pragmas(self, db: sqlite3.Connection) -> None:
+        """What each writing connection sets for itself (WAL is the file's, set once)."""
+        # The commit is on disk before 250 is sent.
+        db.execute("PRAGMA synchronous = FULL" if self._durable else "PRAGMA synchronous = NORMAL")
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+
+    @contextmanager
+    def closed_for_fork(self) -> Iterator[None]:
+        """The (writing) connection closed for the block, then opened again as it was.
+
+        A process forked inside the block inherits no SQLite state. SQLite keeps a
+        per-process table of its open database files and their locks: a child that
+        inherited it would believe its own new connections hold the parent's read
+        locks (the database's, the -shm's) and never take them from the kernel, and
+        the last other process to close could then checkpoint and delete the WAL
+        under it (sqlite.org/howtocorrupt.html 2.6). The child must leave the block
+        with os._exit: only the parent reopens.
+        """
+        if self._db is None:
+            raise ValueError("queue store is closed")
+        self._db.close()
+        self._db = None
+        try:
+            yield
+        finally:
+            busy_timeout = self._busy_ms / 1000
+            with _sqlite_errors():
+                db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
+                try:
+                    db.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+                    self._connection_pragmas(db)
+                except BaseException:
+                    db.close()
+                    raise
+            self._db = db
 
     # Columns added since schema version 1: (table, column, type). CREATE TABLE IF
     # NOT EXISTS does not add them to an existing table, so they are added here.

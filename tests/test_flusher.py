@@ -1004,6 +1004,36 @@ def test_a_helper_killed_mid_flush_leaves_its_messages_queued_for_the_next_flush
     assert len(got) - len(set(got)) <= OUTCOME_BATCH + 1
 
 
+def queue_files_locked(db, pids):
+    """{pid: the queue files ("db", "shm") on which /proc/locks shows that process holding a lock}."""
+    files = {os.stat(db).st_ino: "db", os.stat(db + "-shm").st_ino: "shm"}
+    held = {pid: set() for pid in pids}
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == "->":  # a lock waited for
+            fields = fields[:1] + fields[2:]
+        pid, inode = int(fields[4]), int(fields[5].split(":")[2])
+        if pid in held and inode in files:
+            held[pid].add(files[inode])
+    return held
+
+
+def test_the_helper_holds_its_own_sqlite_locks(tmp_path, sink):
+    """In WAL mode each process with the queue open holds a read lock on the database file and
+    on the -shm's DMS byte: how the last one to close knows it may checkpoint and delete the WAL.
+    A helper forked with the parent's connection open would believe it holds the parent's."""
+    release = stalled_at(sink, 60)
+    proc, db, ids = start_split_flush(tmp_path, sink)
+    try:
+        helper = helper_of(proc)
+        sink.wait(lambda: len(sink.deliveries) >= 61, timeout=10)  # both connections mid-message
+        held = queue_files_locked(db, (proc.pid, helper))
+    finally:
+        release.set()
+    finish(proc)
+    assert held == {proc.pid: {"db", "shm"}, helper: {"db", "shm"}}
+
+
 @pytest.mark.parametrize("stop", ["lease-stolen", "sigterm"])
 def test_a_split_flush_that_must_stop_stops_both_processes(tmp_path, sink, stop):
     release = stalled_at(sink, 40)
