@@ -933,8 +933,12 @@ def _helper_main(main: "_Flush", work: _SharedWork, result_fd: int, parent: int)
             pass
         finally:
             work.give_back()
-    os.write(result_fd, " ".join(str(flush.counts[k]) for k in ("messages", "delivered", "deferred", "failed"))
-             .encode())
+    report = " ".join(str(flush.counts[k]) for k in ("messages", "delivered", "deferred", "failed"))
+    try:
+        os.write(result_fd, report.encode())
+    except OSError:  # the flush was killed (the master's stop timeout): what we recorded stays recorded
+        log_event(main.log, "flush-helper-orphaned", domain=main.domain.name, relay=main.relay,
+                  level=logging.WARNING)
 
 
 def deliver_domain(

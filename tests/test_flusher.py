@@ -1034,6 +1034,31 @@ def test_the_helper_holds_its_own_sqlite_locks(tmp_path, sink):
     assert held == {proc.pid: {"db", "shm"}, helper: {"db", "shm"}}
 
 
+def ended(pid):
+    """Whether process `pid` is gone or a zombie."""
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+def test_a_helper_whose_flush_worker_was_killed_ends_with_a_log_line_not_a_traceback(tmp_path, sink):
+    release = stalled_at(sink, 60)
+    proc, db, ids = start_split_flush(tmp_path, sink)
+    try:
+        helper = helper_of(proc)
+        sink.wait(lambda: len(sink.deliveries) >= 61, timeout=10)
+        proc.kill()  # the master's stop timeout: the helper is orphaned mid-message
+        proc.wait()
+    finally:
+        release.set()
+    out, err = proc.communicate(timeout=20)  # EOF once the orphaned helper is gone too
+    log = err.decode()
+    assert wait_for(lambda: ended(helper), 5)  # init reaps it, in its own time
+    assert "Traceback" not in log and "flush-helper-crashed" not in log
+    assert "flush-helper-orphaned domain=example.com" in log
+
+
 @pytest.mark.parametrize("stop", ["lease-stolen", "sigterm"])
 def test_a_split_flush_that_must_stop_stops_both_processes(tmp_path, sink, stop):
     release = stalled_at(sink, 40)
