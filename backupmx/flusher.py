@@ -294,18 +294,19 @@ class _Flush:
             self.client = None
         return withdrawn
 
-    def quit(self):
+    def quit(self) -> _Envelope | None:
         """The flush is done with its session: the primary ends it (QUIT), or keeps it for the next.
 
         With a message announced (the flush stopped between messages) the primary may
         be waiting for its content: QUIT would be read as content, so the connection
-        is dropped instead and the message stays queued as it was.
+        is dropped instead and the message stays queued as it was. Returns its
+        envelope: it was taken from the work list and nobody delivers it now.
         """
-        if self.announced is not None:
-            self.drop()
+        withdrawn = self.drop() if self.announced is not None else None
         if self.client is not None:
             client, self.client = self.client, None
             self.primary.release(client)
+        return withdrawn
 
     # -- outcomes ---------------------------------------------------------------
 
@@ -706,14 +707,29 @@ class _SharedWork(_Work):
                 return True  # a run, or the end: popleft tells
         return False
 
-    def give_back(self) -> None:
-        """In the helper, stopping early: the rest of its run goes back to the parent."""
-        if self.queue and self.return_fd is not None:
-            try:
-                os.write(self.return_fd, _RUN.pack(self.run_end - len(self.queue), len(self.queue)))
-            except OSError:
-                pass  # the parent is gone: they stay queued for the next flush
-            self.queue.clear()
+    def give_back(self, announced=None) -> bool:
+        """In the helper, stopping early: the rest of its run goes back to the parent, as one run.
+
+        `announced`: the message whose commands went out with the last end of data and
+        whose content never did (_Flush.quit). It was the last one taken, so it is the
+        one just before the rest (the last of the previous run when the rest is empty),
+        and goes back with it. False when any of them could not go back.
+        """
+        first, count = self.run_end - len(self.queue), len(self.queue)
+        self.queue.clear()
+        if announced is not None:
+            if first == 0 or self.messages[first - 1] is not announced:
+                return False
+            first, count = first - 1, count + 1
+        if not count:
+            return True
+        if self.return_fd is None:
+            return False
+        try:
+            os.write(self.return_fd, _RUN.pack(first, count))
+        except OSError:  # the parent is gone: they stay queued for the next flush
+            return False
+        return True
 
     def stop_helper(self) -> None:
         if self.helper_pid is not None:
@@ -735,14 +751,19 @@ class _SharedWork(_Work):
             os.close(self.result_fd)
             os.close(self.runs_fd)
         try:
-            counts = dict(zip(("messages", "delivered", "deferred", "failed"), map(int, result.split())))
+            counts = dict(zip(_HELPER_REPORT, map(int, result.split())))
         except ValueError:
             counts = {}
-        if status != 0 or len(counts) != 4:
+        if status != 0 or len(counts) != len(_HELPER_REPORT):
             # Killed (or crashed) mid-flush: what it had taken and not recorded is still
             # queued, and must not wait for the next ETRN.
             raise _HelperLost(pid, children.describe_status(status))
         return counts
+
+
+# What a helper reports when it ends: its counts, and "again" (1) when it stopped with a
+# message it took neither recorded nor given back: the flush must then be asked for again.
+_HELPER_REPORT = ("messages", "delivered", "deferred", "failed", "again")
 
 
 class _HelperLost(Exception):
@@ -764,7 +785,7 @@ def _waitpid(pid: int) -> tuple[int, int]:
 
 
 def _deliver_share(flush: "_Flush", work: _Work, should_stop: Callable[[], bool],
-                   finished: threading.Event | None = None) -> None:
+                   finished: threading.Event | None = None) -> tuple[object | None, bool]:
     """A second connection's loop (a thread's, or a helper process's): connect, then take
     messages from `work` until none is left, should_stop(), or `finished` is set.
 
@@ -773,8 +794,13 @@ def _deliver_share(flush: "_Flush", work: _Work, should_stop: Callable[[], bool]
     the first trouble it leaves the rest to the main connection, which alone
     decides when the primary is not taking mail. Records what it did and ends
     its session, whatever happens.
+
+    Returns the message it had announced when it stopped (taken, never sent, not
+    recorded: _Flush.quit), or None; and whether it left a message it took
+    unrecorded otherwise (the lease ran out mid-message, the outcome write failed).
     """
     log, name = flush.log, flush.domain.name
+    unrecorded = False
     try:
         flush.client = flush.connect()
         # A message announced on this connection is delivered even once the main
@@ -785,17 +811,23 @@ def _deliver_share(flush: "_Flush", work: _Work, should_stop: Callable[[], bool]
                 break
             if flush.deliver(message, work) is not None:
                 break
-    except (_Trouble, _LeaseLost):
-        pass  # the main connection carries on (or has the same trouble itself)
+    except _Trouble:
+        pass  # no session: the main connection carries on (or has the same trouble itself)
+    except _LeaseLost:
+        # Stolen: the new owner's flush takes every queued message. Ran out: nobody's does.
+        unrecorded = flush.lease.ran_out
     except Exception as e:  # never lose the main flush over this one
+        unrecorded = True
         log_event(log, "flush-error", domain=name, error=f"extra connection: {type(e).__name__}: {e}",
                   level=logging.WARNING)
     finally:
         try:
             flush.record_outcomes()
         except Exception as e:  # unrecorded: those messages are delivered again, never lost
+            unrecorded = True
             log_event(log, "flush-error", domain=name, error=f"extra connection: {e}", level=logging.WARNING)
-        flush.quit()
+        withdrawn = flush.quit()
+    return (withdrawn.message if withdrawn is not None else None), unrecorded
 
 
 class _ExtraConnection(threading.Thread):
@@ -926,14 +958,16 @@ def _helper_main(main: "_Flush", work: _SharedWork, result_fd: int, parent: int)
         lease = _Lease(store, main.domain.name, main.owner, main.lease.seconds, main.log)
         flush = _Flush(store, main.domain, owner=main.owner, hostname=main.hostname, timeout=main.timeout,
                        lease=lease, log=main.log, primary=main.primary)
+        announced, again = None, False
         try:
             with lease:
-                _deliver_share(flush, work, stop.should_stop)
+                announced, again = _deliver_share(flush, work, stop.should_stop)
         except _LeaseLost:
-            pass
+            pass  # it took nothing
         finally:
-            work.give_back()
-    report = " ".join(str(flush.counts[k]) for k in ("messages", "delivered", "deferred", "failed"))
+            if not work.give_back(announced):
+                again = True
+    report = " ".join(str(int(again) if k == "again" else flush.counts[k]) for k in _HELPER_REPORT)
     try:
         os.write(result_fd, report.encode())
     except OSError:  # the flush was killed (the master's stop timeout): what we recorded stays recorded
@@ -999,10 +1033,15 @@ def deliver_domain(
 
 
 def _join_helper(flush: _Flush, work: _Work) -> None:
-    """The helper process's counts into the flush's; one that was lost has the flush asked for again."""
+    """The helper process's counts into the flush's; one that was lost, or that left a message
+    unrecorded (its report's "again"), has the flush asked for again."""
     try:
-        for kind, count in work.join_helper(flush.log).items():
+        counts = work.join_helper(flush.log)
+        again = counts.pop("again", 0)
+        for kind, count in counts.items():
             flush.counts[kind] += count
+        if again:
+            _request_again(flush.store, flush.domain.name, flush.log)
     except _HelperLost as e:
         log_event(flush.log, "flush-helper-lost", domain=flush.domain.name, relay=flush.relay, status=e.status,
                   level=logging.WARNING)

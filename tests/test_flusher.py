@@ -1059,6 +1059,26 @@ def test_a_helper_whose_flush_worker_was_killed_ends_with_a_log_line_not_a_trace
     assert "flush-helper-orphaned domain=example.com" in log
 
 
+def test_a_helper_stopped_alone_hands_back_the_message_it_had_announced(tmp_path, sink):
+    """With PIPELINING the helper nearly always has the next message announced when it stops:
+    that message was taken from the work list and never sent, so it goes back to the parent."""
+    release = stalled_at(sink, 60)
+    proc, db, ids = start_split_flush(tmp_path, sink)
+    try:
+        helper = helper_of(proc)
+        sink.wait(lambda: len(sink.deliveries) >= 61, timeout=10)  # both connections wait for a 250
+        os.kill(helper, signal.SIGTERM)  # the helper alone (an operator, a supervisor's group kill)
+    finally:
+        release.set()
+    counts, log = finish(proc)
+    assert "flush-done domain=example.com" in log and "flush-helper-lost" not in log
+    assert counts == {"messages": SPLIT_MESSAGES, "delivered": SPLIT_MESSAGES, "deferred": 0, "failed": 0}
+    got = [d.body.split(b"\r\n")[0] for d in sink.deliveries]
+    assert sorted(got) == sorted(b"X-Test-Id: %d" % i for i in range(SPLIT_MESSAGES))  # each once
+    with QueueStore(db) as store:
+        assert rows(store) == {}
+
+
 @pytest.mark.parametrize("stop", ["lease-stolen", "sigterm"])
 def test_a_split_flush_that_must_stop_stops_both_processes(tmp_path, sink, stop):
     release = stalled_at(sink, 40)
@@ -1144,3 +1164,53 @@ def test_shared_work_runs_are_each_taken_once_and_a_helper_s_rest_comes_back():
     assert taken == [4, 5, 6, 7, 8, 9, 1, 2]
     assert parent.ended and not parent.wait(lambda: False, None)
     os.close(runs_r)
+
+
+def test_a_helper_s_announced_message_goes_back_with_the_rest_of_its_run():
+    """What the helper took last and announced (_Flush.quit) is the message just before its
+    rest: the last of the run before when the rest is empty, the one before it otherwise."""
+    from backupmx.flusher import _RUN, _SharedWork
+
+    messages = [object() for _ in range(6)]
+    runs_r, runs_w = os.pipe()
+    os.set_blocking(runs_r, False)
+    os.write(runs_w, _RUN.pack(0, 3) + _RUN.pack(3, 3))
+    helper = _SharedWork(messages, runs_r, return_fd=runs_w)
+    taken = [helper.popleft() for _ in range(3)]  # the whole run 0-2; the last one announced
+    assert helper.give_back(announced=taken[-1])
+    assert helper.popleft() is messages[3]  # then run 3-5; 3 announced, 4 and 5 its rest
+    assert helper.give_back(announced=messages[3])
+    assert not helper.give_back(announced=messages[0])  # not the one taken last: the parent asks again
+    got = []
+    while True:
+        try:
+            data = os.read(runs_r, _RUN.size)
+        except BlockingIOError:
+            break
+        got.append(_RUN.unpack(data))
+    assert got == [(2, 1), (3, 3)]
+    os.close(runs_r)
+    os.close(runs_w)
+
+
+@pytest.mark.parametrize("again", [0, 1])
+def test_a_helper_that_left_a_message_unrecorded_has_the_flush_asked_for_again(store, sink, again):
+    """A helper's report ends with "again" when it stopped with a message it took neither recorded
+    nor handed back (its lease ran out alone, its outcome write failed): the flush is asked for again."""
+    from backupmx.flusher import _Flush, _join_helper, _SharedWork
+
+    enqueue(store, b"still queued\r\n")  # what it left unrecorded
+    domain = domain_config(sink)
+    flush = _Flush(store, domain, owner="split", hostname="mx2.test", timeout=5, lease=None,
+                   log=logging.getLogger("test"))
+    runs_r, runs_w = os.pipe()
+    result_r, result_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the helper's end: its report, then gone
+        os.write(result_w, b"3 2 1 0 %d" % again)
+        os._exit(0)
+    os.close(runs_w)
+    os.close(result_w)
+    _join_helper(flush, _SharedWork([], runs_r, helper_pid=pid, result_fd=result_r))
+    assert flush.counts == {"messages": 3, "delivered": 2, "deferred": 1, "failed": 0}
+    assert pending_flushes(store.path) == ([DOMAIN] if again else [])
