@@ -6,6 +6,7 @@ kill -9 test. Timeouts are small so that the hostile-primary cases prove
 their bound quickly.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -980,15 +981,24 @@ def stalled_at(sink, n):
     return release
 
 
-def test_a_helper_killed_mid_flush_leaves_its_messages_queued_for_the_next_flush(tmp_path, sink):
-    release = stalled_at(sink, 60)
-    proc, db, ids = start_split_flush(tmp_path, sink)
+@contextlib.contextmanager
+def stalled_split_flush(tmp_path, sink, n, **kwargs):
+    """A split flush (start_split_flush) whose two connections each wait for the 250 of a
+    message in flight (stalled_at n) for the block: yields (the process, the queue's path, the
+    helper's pid)."""
+    release = stalled_at(sink, n)
+    proc, db, _ = start_split_flush(tmp_path, sink, **kwargs)
     try:
         helper = helper_of(proc)
-        sink.wait(lambda: len(sink.deliveries) >= 61, timeout=10)  # both connections wait for a 250
-        os.kill(helper, signal.SIGKILL)
+        sink.wait(lambda: len(sink.deliveries) >= n + 1, timeout=10)
+        yield proc, db, helper
     finally:
         release.set()
+
+
+def test_a_helper_killed_mid_flush_leaves_its_messages_queued_for_the_next_flush(tmp_path, sink):
+    with stalled_split_flush(tmp_path, sink, 60) as (proc, db, helper):
+        os.kill(helper, signal.SIGKILL)
     counts, log = finish(proc)  # the parent's connection delivers the rest of the work list
     assert "flush-helper-lost domain=example.com" in log and "status=signal-9" in log
     assert pending_flushes(db) == [DOMAIN]  # the next flush delivers what the helper held
@@ -1022,14 +1032,8 @@ def test_the_helper_holds_its_own_sqlite_locks(tmp_path, sink):
     """In WAL mode each process with the queue open holds a read lock on the database file and
     on the -shm's DMS byte: how the last one to close knows it may checkpoint and delete the WAL.
     A helper forked with the parent's connection open would believe it holds the parent's."""
-    release = stalled_at(sink, 60)
-    proc, db, ids = start_split_flush(tmp_path, sink)
-    try:
-        helper = helper_of(proc)
-        sink.wait(lambda: len(sink.deliveries) >= 61, timeout=10)  # both connections mid-message
+    with stalled_split_flush(tmp_path, sink, 60) as (proc, db, helper):
         held = queue_files_locked(db, (proc.pid, helper))
-    finally:
-        release.set()
     finish(proc)
     assert held == {proc.pid: {"db", "shm"}, helper: {"db", "shm"}}
 
@@ -1043,15 +1047,9 @@ def ended(pid):
 
 
 def test_a_helper_whose_flush_worker_was_killed_ends_with_a_log_line_not_a_traceback(tmp_path, sink):
-    release = stalled_at(sink, 60)
-    proc, db, ids = start_split_flush(tmp_path, sink)
-    try:
-        helper = helper_of(proc)
-        sink.wait(lambda: len(sink.deliveries) >= 61, timeout=10)
+    with stalled_split_flush(tmp_path, sink, 60) as (proc, db, helper):
         proc.kill()  # the master's stop timeout: the helper is orphaned mid-message
         proc.wait()
-    finally:
-        release.set()
     out, err = proc.communicate(timeout=20)  # EOF once the orphaned helper is gone too
     log = err.decode()
     assert wait_for(lambda: ended(helper), 5)  # init reaps it, in its own time
@@ -1062,14 +1060,8 @@ def test_a_helper_whose_flush_worker_was_killed_ends_with_a_log_line_not_a_trace
 def test_a_helper_stopped_alone_hands_back_the_message_it_had_announced(tmp_path, sink):
     """With PIPELINING the helper nearly always has the next message announced when it stops:
     that message was taken from the work list and never sent, so it goes back to the parent."""
-    release = stalled_at(sink, 60)
-    proc, db, ids = start_split_flush(tmp_path, sink)
-    try:
-        helper = helper_of(proc)
-        sink.wait(lambda: len(sink.deliveries) >= 61, timeout=10)  # both connections wait for a 250
+    with stalled_split_flush(tmp_path, sink, 60) as (proc, db, helper):
         os.kill(helper, signal.SIGTERM)  # the helper alone (an operator, a supervisor's group kill)
-    finally:
-        release.set()
     counts, log = finish(proc)
     assert "flush-done domain=example.com" in log and "flush-helper-lost" not in log
     assert counts == {"messages": SPLIT_MESSAGES, "delivered": SPLIT_MESSAGES, "deferred": 0, "failed": 0}
@@ -1081,11 +1073,7 @@ def test_a_helper_stopped_alone_hands_back_the_message_it_had_announced(tmp_path
 
 @pytest.mark.parametrize("stop", ["lease-stolen", "sigterm"])
 def test_a_split_flush_that_must_stop_stops_both_processes(tmp_path, sink, stop):
-    release = stalled_at(sink, 40)
-    proc, db, ids = start_split_flush(tmp_path, sink, lease=1.2)  # renewed every 0.2 s
-    try:
-        helper = helper_of(proc)
-        sink.wait(lambda: len(sink.deliveries) >= 41, timeout=10)
+    with stalled_split_flush(tmp_path, sink, 40, lease=1.2) as (proc, db, helper):  # renewed every 0.2 s
         if stop == "sigterm":
             proc.send_signal(signal.SIGTERM)
         else:
@@ -1094,8 +1082,6 @@ def test_a_split_flush_that_must_stop_stops_both_processes(tmp_path, sink, stop)
             db_.close()
             time.sleep(0.5)  # two renewal intervals: both processes' renewals have found the lease gone
         sent = len(sink.deliveries)
-    finally:
-        release.set()
     counts, log = finish(proc)
     if stop == "lease-stolen":
         assert len(sink.deliveries) == sent  # neither process started another message
@@ -1119,14 +1105,8 @@ def test_a_single_session_primary_gets_no_helper(tmp_path, sink):
 
 
 def test_a_primary_gone_mid_split_flush_is_suspended_once_for_both_processes(tmp_path, sink):
-    release = stalled_at(sink, 40)
-    proc, db, ids = start_split_flush(tmp_path, sink)
-    try:
-        helper_of(proc)
-        sink.wait(lambda: len(sink.deliveries) >= 41, timeout=10)
+    with stalled_split_flush(tmp_path, sink, 40) as (proc, db, helper):
         sink.stop()  # both connections are cut, and the parent's next one is refused
-    finally:
-        release.set()
     counts, log = finish(proc)
     # Decided once, by the parent's connection; the last line counts both processes' outcomes.
     assert len(re.findall(r"flush-suspended domain=example.com \S+ reason=", log)) == 1
