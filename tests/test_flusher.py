@@ -911,6 +911,7 @@ from backupmx.store import QueueStore
 log = setup_logging("stderr")
 stop = StopFlag().install()
 store = QueueStore({db!r})
+other = QueueStore({db!r}) if {other} else None  # a second connection open in the process
 store.request_flush(["example.com"])
 assert store.claim_flush("split", 60) == "example.com"
 domain = DomainConfig(name="example.com", primary=("127.0.0.1", {port}), primary_tls="none", recipients=None,
@@ -928,7 +929,7 @@ print(json.dumps(counts), flush=True)
 SPLIT_MESSAGES = 240  # above flusher.HELPER_MIN_MESSAGES
 
 
-def start_split_flush(tmp_path, sink, *, single=False, lease=60):
+def start_split_flush(tmp_path, sink, *, single=False, lease=60, other=False):
     """A flush of SPLIT_MESSAGES messages in a process of its own (one thread: it may fork a
     helper); returns (the process, the queue's path, the messages' queue ids in order)."""
     from backupmx.flusher import HELPER_MIN_MESSAGES
@@ -937,7 +938,7 @@ def start_split_flush(tmp_path, sink, *, single=False, lease=60):
     db = str(tmp_path / "queue.db")
     with QueueStore(db) as store:
         ids = [enqueue(store, b"X-Test-Id: %d\r\n\r\nbody\r\n" % i) for i in range(SPLIT_MESSAGES)]
-    script = SPLIT_FLUSH_SCRIPT.format(repo=str(REPO), db=db, port=sink.port, single=single, lease=lease)
+    script = SPLIT_FLUSH_SCRIPT.format(repo=str(REPO), db=db, port=sink.port, single=single, lease=lease, other=other)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline() == b"claimed\n"
     return proc, db, ids
@@ -1102,6 +1103,19 @@ def test_a_single_session_primary_gets_no_helper(tmp_path, sink):
     assert counts["delivered"] == SPLIT_MESSAGES
     assert len(sink.sessions) == 1
     assert len(set(re.findall(r"backupmx\[(\d+)\]: delivered ", log))) == 1
+
+
+def test_a_flush_with_another_queue_connection_open_keeps_its_second_connection_in_a_thread(tmp_path, sink):
+    """A fork would hand the helper that connection's SQLite state (flusher._share): the flush
+    says why in one line and shares its work with a thread instead, each message once."""
+    proc, db, ids = start_split_flush(tmp_path, sink, other=True)
+    counts, log = finish(proc)
+    assert counts["delivered"] == SPLIT_MESSAGES
+    assert "helper: another connection to the queue is open in this process" in log
+    assert sum(1 for s in sink.sessions if s.commands) == 2  # the extra connection, as a thread
+    assert len(set(re.findall(r"backupmx\[(\d+)\]: delivered ", log))) == 1
+    assert sorted(d.body.split(b"\r\n")[0] for d in sink.deliveries) == sorted(
+        b"X-Test-Id: %d" % i for i in range(SPLIT_MESSAGES))
 
 
 def test_a_primary_gone_mid_split_flush_is_suspended_once_for_both_processes(tmp_path, sink):
