@@ -654,7 +654,7 @@ class _Work:
     def stop_helper(self) -> None:
         """The flush stops (suspended, interrupted, lease lost): so does a helper process."""
 
-    def join_helper(self, log: logging.Logger) -> dict[str, int]:
+    def join_helper(self) -> dict[str, int]:
         """What a helper process delivered (its counts), once it is gone; {} without one."""
         return {}
 
@@ -735,7 +735,7 @@ class _SharedWork(_Work):
         if self.helper_pid is not None:
             children.send_signal(self.helper_pid, signal.SIGTERM)
 
-    def join_helper(self, log: logging.Logger) -> dict[str, int]:
+    def join_helper(self) -> dict[str, int]:
         """Waits for the helper to end: it stops between messages (stop_helper), so this
         is bounded by one message's delivery, as the flush itself is."""
         if self.helper_pid is None:
@@ -1036,7 +1036,7 @@ def _join_helper(flush: _Flush, work: _Work) -> None:
     """The helper process's counts into the flush's; one that was lost, or that left a message
     unrecorded (its report's "again"), has the flush asked for again."""
     try:
-        counts = work.join_helper(flush.log)
+        counts = work.join_helper()
         again = counts.pop("again", 0)
         for kind, count in counts.items():
             flush.counts[kind] += count
