@@ -194,6 +194,11 @@ class _Lease:
                       error=f"lease renewal: {type(exc).__name__}: {exc}", level=logging.ERROR)
             self.ran_out = self.lost = True
 
+    @property
+    def stolen(self) -> bool:
+        """Another flusher owns the lease now: its flush delivers every message still queued."""
+        return self.lost and not self.ran_out
+
     def check(self) -> None:
         if not self.lost and time.monotonic() >= self.valid_until - self.interval:
             self.ran_out = self.lost = True  # one interval before anyone else may claim it
@@ -839,6 +844,9 @@ class _ExtraConnection(threading.Thread):
         self.main = main
         self.work, self.finished, self.should_stop = work, finished, should_stop
         self.counts = {"messages": 0, "delivered": 0, "deferred": 0, "failed": 0}
+        # It stopped with a message it took and neither recorded nor delivered (the one it had
+        # announced, or one whose outcome write failed): the flush is asked for again.
+        self.again = False
 
     def run(self):
         main = self.main
@@ -851,7 +859,10 @@ class _ExtraConnection(threading.Thread):
         flush = _Flush(store, main.domain, owner=main.owner, hostname=main.hostname, timeout=main.timeout,
                        lease=main.lease, log=main.log, primary=main.primary)
         try:
-            _deliver_share(flush, self.work, self.should_stop, self.finished)
+            # Unlike a helper's, an announced message is not handed back: the main connection
+            # may be done with the work list already, and nobody would take it.
+            announced, unrecorded = _deliver_share(flush, self.work, self.should_stop, self.finished)
+            self.again = unrecorded or (announced is not None and not main.lease.stolen)
         finally:
             self.counts = flush.counts
             store.close()
@@ -1088,6 +1099,8 @@ def _deliver_work(flush: _Flush, work: _Work, should_stop: Callable[[], bool]) -
                 thread.join()
             for kind, count in thread.counts.items():
                 flush.counts[kind] += count
+        if any(thread.again for thread in extra):  # as a helper's report's "again" (_join_helper)
+            _request_again(flush.store, flush.domain.name, flush.log)
         try:
             flush.record_outcomes()
         finally:

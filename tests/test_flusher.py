@@ -896,6 +896,46 @@ def test_lease_is_renewed_while_a_slow_primary_drips_its_reply(store, sink, tmp_
     assert queue_id not in rows(store)
 
 
+def test_an_extra_connection_that_left_a_message_unrecorded_has_the_flush_asked_for_again(store, sink):
+    """The second connection as a thread (a flush too small for a helper, or a process with the
+    queue open elsewhere): when it ends with a message it took unrecorded (here its outcome
+    write fails), the flush is asked for again, as a helper's report's "again" has it, rather
+    than that message waiting for the next ETRN."""
+    from backupmx.flusher import EXTRA_CONNECTION_MIN_MESSAGES
+    from backupmx.smtpclient import Primary
+
+    ids = [enqueue(store, numbered(i)) for i in range(EXTRA_CONNECTION_MIN_MESSAGES + 10)]
+    threads = {}  # the local port of each connection to the sink -> the thread that opened it
+
+    class Watched(Primary):
+        def open(self):
+            client, tls_version = super().open()
+            threads[client.sock.getsockname()[1]] = threading.current_thread()
+            return client, tls_version
+
+    faulted, extra_sent = [], threading.Event()
+
+    def on_delivery(number, delivery):  # the first message the extra connection sends: its write fails
+        if threads[sink.sessions[delivery.session - 1].peer[1]] is threading.main_thread():
+            extra_sent.wait(5)  # the main connection waits for the extra one to be under way
+            return
+        if not faulted:
+            faulted.append(ids[number_of(delivery)])
+            with contextlib.closing(sqlite3.connect(store.path)) as db:
+                db.execute("CREATE TRIGGER test_fault BEFORE DELETE ON recipients WHEN OLD.queue_id = '%s'"
+                           " BEGIN SELECT RAISE(ABORT, 'injected fault'); END" % faulted[0])
+        extra_sent.set()
+
+    sink.on_delivery = on_delivery
+    domain = domain_config(sink)
+    counts = flush(store, domain, primary=Watched(domain, hostname="mx2.test", timeout=5,
+                                                  log=logging.getLogger("backupmx.test")))
+    store.connection.execute("DROP TRIGGER test_fault")
+    assert len({number_of(d) for d in sink.deliveries}) == len(ids) and faulted
+    assert faulted[0] in rows(store) and counts["delivered"] < len(ids)  # sent, its 250 not recorded
+    assert pending_flushes(store.path) == [DOMAIN]  # delivered again now, not at the next ETRN
+
+
 # -- a big flush shared with a helper process ---------------------------------------------------
 
 
