@@ -888,6 +888,7 @@ def _share(main: "_Flush", messages: list) -> _Work:
         return _Work(messages)
     runs_r, runs_w = os.pipe()
     result_r, result_w = os.pipe()
+    pid = None
     try:
         os.set_blocking(runs_r, False)
         os.set_blocking(runs_w, False)
@@ -910,14 +911,32 @@ def _share(main: "_Flush", messages: list) -> _Work:
                 work = _SharedWork(messages, runs_r, return_fd=runs_w)
                 children.run_child(lambda: _helper_main(main, work, result_w, parent), main.log,
                                    "flush-helper-crashed")
-    except (OSError, _QueueOpenElsewhere) as e:
-        for fd in (runs_r, runs_w, result_r, result_w):
-            os.close(fd)
+    except BaseException as e:
+        os.close(runs_w)
+        os.close(result_w)
+        if pid is not None:  # forked, and then our connection did not reopen: the flush fails, the helper stops
+            _stop_forked_helper(main, _SharedWork(messages, runs_r, helper_pid=pid, result_fd=result_r))
+            raise
+        os.close(runs_r)
+        os.close(result_r)
+        if not isinstance(e, (OSError, _QueueOpenElsewhere)):
+            raise
         log_event(main.log, "flush-error", domain=main.domain.name, error=f"helper: {e}", level=logging.WARNING)
         return _Work(messages)
     os.close(runs_w)
     os.close(result_w)
     return _SharedWork(messages, runs_r, helper_pid=pid, result_fd=result_r)
+
+
+def _stop_forked_helper(main: "_Flush", work: _SharedWork) -> None:
+    """A helper whose flush cannot go on right after the fork: stopped and reaped here (its
+    own outcomes recorded by itself, the rest of its run left queued), never left a zombie."""
+    work.stop_helper()
+    try:
+        work.join_helper()
+    except _HelperLost as e:
+        log_event(main.log, "flush-helper-lost", domain=main.domain.name, relay=main.relay, status=e.status,
+                  level=logging.WARNING)
 
 
 class _QueueOpenElsewhere(Exception):

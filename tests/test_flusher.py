@@ -940,17 +940,29 @@ def test_an_extra_connection_that_left_a_message_unrecorded_has_the_flush_asked_
 
 
 SPLIT_FLUSH_SCRIPT = """
-import json, sys
+import contextlib, json, os, resource, sys
 sys.path.insert(0, {repo!r})
 from backupmx.children import StopFlag
 from backupmx.config import DomainConfig
 from backupmx.flusher import deliver_domain
 from backupmx.log import setup_logging
 from backupmx.smtpclient import Primary
-from backupmx.store import QueueStore
+from backupmx.store import QueueStore, QueueUnavailable
 log = setup_logging("stderr")
 stop = StopFlag().install()
-store = QueueStore({db!r})
+class ReopenFails(QueueStore):
+    @contextlib.contextmanager
+    def closed_for_fork(self):  # the parent's reopen after the fork meets a real EMFILE
+        limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            with super().closed_for_fork():
+                yield  # the helper leaves with os._exit: only the parent goes on
+                lowest = os.dup(0)
+                os.close(lowest)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, limits[1]))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+store = (ReopenFails if {reopen_fails} else QueueStore)({db!r})
 other = QueueStore({db!r}) if {other} else None  # a second connection open in the process
 store.request_flush(["example.com"])
 assert store.claim_flush("split", 60) == "example.com"
@@ -961,15 +973,23 @@ class OneSession(Primary):
     single_session = True  # as an ODMR session the peer reversed
 primary = OneSession(domain, hostname="mx2.test", timeout=5, log=log) if {single} else None
 print("claimed", flush=True)
-counts = deliver_domain(store, domain, owner="split", hostname="mx2.test", timeout=5, lease_seconds={lease},
-                        should_stop=stop.should_stop, primary=primary)
+try:
+    counts = deliver_domain(store, domain, owner="split", hostname="mx2.test", timeout=5, lease_seconds={lease},
+                            should_stop=stop.should_stop, primary=primary)
+except QueueUnavailable as e:
+    try:
+        unreaped = os.waitpid(-1, os.WNOHANG)  # (0, 0) while one runs, (pid, status) once it ended
+    except ChildProcessError:
+        unreaped = None
+    print(json.dumps({{"error": str(e), "unreaped": unreaped}}), flush=True)
+    sys.exit(0)
 store.release_flush("example.com", "split")
 print(json.dumps(counts), flush=True)
 """
 SPLIT_MESSAGES = 240  # above flusher.HELPER_MIN_MESSAGES
 
 
-def start_split_flush(tmp_path, sink, *, single=False, lease=60, other=False):
+def start_split_flush(tmp_path, sink, *, single=False, lease=60, other=False, reopen_fails=False):
     """A flush of SPLIT_MESSAGES messages in a process of its own (one thread: it may fork a
     helper); returns (the process, the queue's path, the messages' queue ids in order)."""
     from backupmx.flusher import HELPER_MIN_MESSAGES
@@ -978,7 +998,8 @@ def start_split_flush(tmp_path, sink, *, single=False, lease=60, other=False):
     db = str(tmp_path / "queue.db")
     with QueueStore(db) as store:
         ids = [enqueue(store, b"X-Test-Id: %d\r\n\r\nbody\r\n" % i) for i in range(SPLIT_MESSAGES)]
-    script = SPLIT_FLUSH_SCRIPT.format(repo=str(REPO), db=db, port=sink.port, single=single, lease=lease, other=other)
+    script = SPLIT_FLUSH_SCRIPT.format(repo=str(REPO), db=db, port=sink.port, single=single, lease=lease, other=other,
+                                      reopen_fails=reopen_fails)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline() == b"claimed\n"
     return proc, db, ids
@@ -1156,6 +1177,20 @@ def test_a_flush_with_another_queue_connection_open_keeps_its_second_connection_
     assert len(set(re.findall(r"backupmx\[(\d+)\]: delivered ", log))) == 1
     assert sorted(d.body.split(b"\r\n")[0] for d in sink.deliveries) == sorted(
         b"X-Test-Id: %d" % i for i in range(SPLIT_MESSAGES))
+
+
+def test_a_helper_forked_by_a_flush_whose_queue_connection_cannot_reopen_is_stopped_and_reaped(tmp_path, sink):
+    """The flush's own connection, closed across the fork, fails to reopen (EMFILE): the flush
+    fails, and the helper it had just forked is stopped and reaped before it does, not left
+    delivering beside the flush that takes over, nor a zombie."""
+    proc, db, ids = start_split_flush(tmp_path, sink, reopen_fails=True)
+    result, log = finish(proc)
+    assert "queue database" in result["error"] and result["unreaped"] is None, result
+    got = {d.body.split(b"\r\n")[0] for d in sink.deliveries}
+    assert len(got) < SPLIT_MESSAGES // 2  # it stopped at once: the rest waits for the next flush
+    with QueueStore(db) as store:  # what it delivered is recorded; every other message is still queued
+        left = rows(store)
+    assert len(left) == SPLIT_MESSAGES - len(got) and len(got) == len(sink.deliveries), log
 
 
 def test_a_primary_gone_mid_split_flush_is_suspended_once_for_both_processes(tmp_path, sink):
