@@ -210,10 +210,10 @@ class Housekeeping(QueueDatabase):
         in between loses that warning: at most once (it is only a warning).
         """
         now = self._now()
-        # The candidates are looked for in a read transaction (a scan of the queued
-        # rows: no index knows which were warned), and each is claimed in the write
-        # transaction only if it is still queued and unwarned, so the scan never
-        # holds the write lock that the SMTP workers' commits wait for.
+        # The candidates are looked for in a read transaction (the first `limit` of the
+        # partial index queue_delay_due, the unwarned queued rows by age), and each is
+        # claimed in the write transaction only if it is still queued and unwarned, so
+        # the look never holds the write lock that the SMTP workers' commits wait for.
         with self._read() as db:
             keys = db.execute(
                 "SELECT queue_id, domain FROM queue"
