@@ -9,7 +9,7 @@ The driver answers the session's events (smtp.py lists them with their
 answers): at once when the answer is cheap (recipient admission: a cached
 quota and free-space look; ETRN's flush request), or later, from the
 worker's Offload, when it is slow (a password check on its thread pool).
-What the worker loop must do for it goes out as outcomes (take_outcomes):
+What the worker loop must do for it goes out as outcomes (the list `outcomes`):
 QueueMessage for the loop's group commit, after which the loop calls
 committed(); FlushRequested for a mode that starts flushers itself.
 
@@ -67,6 +67,8 @@ OUTPUT_BOUND = 64 * 1024
 # own): SMTP replies are small, and what a client does not read should cost
 # little in the kernel as well.
 SEND_BUFFER = 32 * 1024
+# Unsent.has_room: what may wait so that the session's next answers still fit below OUTPUT_BOUND.
+_ROOM = OUTPUT_BOUND - smtp.OUTPUT_PAUSE
 # The final reply (QUIT's 221, a 421) gets this long, or `timeout` when
 # shorter, to be written before the connection is closed anyway.
 CLOSE_GRACE = 5.0
@@ -218,7 +220,7 @@ class Unsent:
 
     def has_room(self) -> bool:
         """Room for what the session may answer next (up to smtp.OUTPUT_PAUSE) below OUTPUT_BOUND."""
-        return len(self.data) + smtp.OUTPUT_PAUSE <= OUTPUT_BOUND
+        return len(self.data) <= _ROOM
 
     def send(self, sock) -> bool:
         """Write what the socket takes now; False when the connection broke."""
@@ -263,7 +265,7 @@ class SMTPConnection:
         # RCPT: None, "asking" while the policy runs, "waiting" when its answer comes later.
         self._admission: str | None = None
         self._stop_at = None  # set by begin_shutdown
-        self._outcomes = []  # QueueMessage, FlushRequested: for the worker loop (take_outcomes)
+        self.outcomes = []  # QueueMessage, FlushRequested: for the worker loop, which takes them after each callback
         now = ctx.clock()
         config = ctx.config
         self._handshake_deadline = now + self._handshake_time() if implicit_tls else None
@@ -296,11 +298,12 @@ class SMTPConnection:
         """The selector events wanted now (0 once closed)."""
         if self.closed:
             return 0
-        events = selectors.EVENT_WRITE if self._out else 0
-        # Backpressure: no reading while replies pile up unsent, while the session
-        # holds input back, while a password is checked or a recipient admitted.
-        if (not self._closing and not self._auth_busy and self._admission is None and self.session.wants_input
-                and self._out.has_room()):
+        unsent = len(self._out.data)
+        events = selectors.EVENT_WRITE if unsent else 0
+        # Backpressure: no reading while replies pile up unsent (Unsent.has_room), while the
+        # session holds input back, while a password is checked or a recipient admitted.
+        if (not self._closing and self._auth_checking is None and self._auth_due is None and self._admission is None
+                and unsent <= _ROOM and self.session.wants_input):
             events |= selectors.EVENT_READ
         return events
 
@@ -322,8 +325,13 @@ class SMTPConnection:
     @property
     def deadline(self) -> float | None:
         """The earliest deadline (the loop asks after each round of a session's callbacks)."""
-        due = [when for when in self._deadlines() if when is not None] if not self.closed else None
-        return min(due) if due else None
+        if self.closed:
+            return None
+        earliest = None
+        for when in self._deadlines():  # a loop, not min() of a list: the loop asks after each callback
+            if when is not None and (earliest is None or when < earliest):
+                earliest = when
+        return earliest
 
     def on_readable(self) -> None:
         try:
@@ -357,10 +365,11 @@ class SMTPConnection:
 
     def on_writable(self) -> None:
         """Write what the socket takes; with room again, let the session go on with its backlog."""
-        while self._send_some() and self.session.backlogged and self._out.has_room():
-            self.session.resume()
+        out, session = self._out, self.session
+        while (not out.data or self._send_some()) and not self.closed and session.backlogged and out.has_room():
+            session.resume()
             self._after_session()
-        if self._closing and not self._out and not self.closed:
+        if self._closing and not out.data and not self.closed:
             self.close()
 
     def _send_some(self) -> bool:
@@ -433,11 +442,6 @@ class SMTPConnection:
         final_reply()
         self._after_session()
 
-    def take_outcomes(self) -> list:
-        """What the worker loop must act on (QueueMessage, FlushRequested), handed over once."""
-        outcomes, self._outcomes = self._outcomes, []
-        return outcomes
-
     def begin_shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
         """The server is stopping: finish the transaction in flight, then 421."""
         if self.closed:
@@ -471,32 +475,49 @@ class SMTPConnection:
 
     def _after_session(self) -> None:
         """Answer the session's events and move its replies out; go on with its backlog while there is room."""
+        session = self.session
         while True:
-            self._handle_events()
-            if self.session.progress != self._progress:
-                self._progress = self.session.progress
+            if session.events:
+                self._handle_events()
+            if session.progress != self._progress:
+                self._progress = session.progress
                 self._idle_deadline = self.ctx.clock() + self.ctx.config.timeout
-            if self._stop_at is not None and self.session.idle and not self._auth_busy:
-                self.session.shutdown()
+            if self._stop_at is not None and session.idle and not self._auth_busy:
+                session.shutdown()
             self._pump()
-            if self.closed or not (self.session.backlogged and self._out.has_room()):
+            if self.closed or not (session.backlogged and self._out.has_room()):
                 return
-            self.session.resume()
+            session.resume()
 
     def _pump(self) -> None:
-        """Move the session's replies to the socket buffer (through TLS when active)."""
-        data = self.session.data_to_send()
+        """Move the session's replies to the socket (through TLS when active)."""
+        session = self.session
+        data = session.data_to_send() if session.output_size else b""
         if self._tls is not None:
             if data and not self._tls.closed:  # a peer that sent close_notify reads no more
                 self._tls.send(data)
-            if self.session.closed and not self._tls.closing:
+            if session.closed and not self._tls.closing:
                 self._tls.close()
-            self._out.add(self._tls.outgoing())
-        else:
-            self._out.add(data)
-        if self.session.closed and not self._closing:
+            data = self._tls.outgoing()
+        if data:
+            self._write(data)
+        if session.closed and not self._closing:
             self._closing = True
             self._close_by = self.ctx.clock() + min(CLOSE_GRACE, self.ctx.config.timeout)
+
+    def _write(self, data: bytes) -> None:
+        """Send `data` at once when nothing waits before it (the usual case: one send() per
+        reply or pipelined group, no buffering); what the socket does not take waits in _out
+        for on_writable. A broken connection is noticed there (its send fails again)."""
+        if not self._out.data:
+            try:
+                sent = self.sock.send(data)
+            except OSError:  # BlockingIOError included: it all waits
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._out.add(data)
 
     def _peer_closed(self) -> None:
         if not self.session.closed:
@@ -506,7 +527,9 @@ class SMTPConnection:
 
     def _handle_events(self) -> None:
         """Answer (or start answering) every event the session has; answers may make more."""
-        while (event := self.session.next_event()) is not None:
+        events = self.session.events
+        while events:
+            event = events.pop(0)
             self._EVENTS[type(event)](self, event)
 
     def _on_violation(self, event: PipeliningViolation) -> None:
@@ -598,7 +621,7 @@ class SMTPConnection:
         self._awaiting_commit = event
         self._submission = Submission(self._queue_id, event.envelope, self._spool, size, self.client_ip,
                                       self.session.helo, client_name=self.client.name, protocol=self._protocol)
-        self._outcomes.append(QueueMessage(self._submission))
+        self.outcomes.append(QueueMessage(self._submission))
 
     def committed(self, problem: Exception | None) -> None:
         """The worker loop's group commit is done: answer the client (None: queued)."""
@@ -717,7 +740,7 @@ class SMTPConnection:
                   pending=sum(pending.values()) if pending is not None else None)
         waiting = tuple(domain for domain, count in (pending or {}).items() if count)
         if waiting:
-            self._outcomes.append(FlushRequested(waiting))
+            self.outcomes.append(FlushRequested(waiting))
         self.session.etrn_result(pending, request.argument)
 
     _EVENTS: dict[type, Callable] = {

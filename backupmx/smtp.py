@@ -192,6 +192,10 @@ class Phase(enum.Enum):
     CLOSED = "closed"  # the last reply is in the output; close after sending it
 
 
+# The phases in which the session reads input (wants_input). A tuple: Enum's __hash__ is Python code.
+_READING = (Phase.GREETING, Phase.COMMAND, Phase.SASL, Phase.DATA)
+
+
 @dataclass(frozen=True)
 class SessionSettings:
     """What the session knows of the server: values, given by the driver (rule 7)."""
@@ -255,9 +259,11 @@ class Session:
     junk_commands: int = 0  # since the session's start or its last queued message (as Postfix counts)
     _input: bytearray = field(default_factory=bytearray)
     _output: list = field(default_factory=list)
-    _output_size: int = 0  # octets in _output (rule 9)
-    _paused: bool = False  # input is held back until resume() (rule 9)
-    _events: list = field(default_factory=list)
+    # Plain attributes, not properties: the driver reads them after every callback.
+    output_size: int = 0  # octets of replies waiting for data_to_send (rule 9)
+    backlogged: bool = False  # commands wait in the input until the driver calls resume() (rule 9)
+    closed: bool = False  # the final reply is produced: send the output, then close (phase CLOSED)
+    events: list = field(default_factory=list)  # for the driver, oldest first (next_event() takes one)
     _discarding_long_line: bool = False
     _recipients_tried: int = 0
     _data: DataTransfer | None = None
@@ -294,33 +300,23 @@ class Session:
     @property
     def wants_input(self) -> bool:
         """Read more now? Not while replies pile up or an event waits for its answer (rule 9)."""
-        return self.phase in (Phase.GREETING, Phase.COMMAND, Phase.SASL, Phase.DATA) and not self._paused
-
-    @property
-    def backlogged(self) -> bool:
-        """Commands wait in the input until the driver has taken the replies and calls resume()."""
-        return self._paused
+        return self.phase in _READING and not self.backlogged
 
     def resume(self) -> None:
         """Go on with the input held back while replies piled up (rule 9)."""
-        if self._paused:
+        if self.backlogged:
             self._process()
 
     def next_event(self):
         """The next event for the driver, or None."""
-        return self._events.pop(0) if self._events else None
+        return self.events.pop(0) if self.events else None
 
     def data_to_send(self) -> bytes:
         """Reply bytes produced so far; the driver writes them in one go."""
         out = b"".join(self._output)
         self._output.clear()
-        self._output_size = 0
+        self.output_size = 0
         return out
-
-    @property
-    def closed(self) -> bool:
-        """True once the final reply is produced: send the output, then close."""
-        return self.phase is Phase.CLOSED
 
     @property
     def idle(self) -> bool:
@@ -415,10 +411,10 @@ class Session:
     # --- input framing --------------------------------------------------
 
     def _process(self) -> None:
-        self._paused = False
+        self.backlogged = False
         while self.phase in (Phase.COMMAND, Phase.SASL, Phase.DATA, Phase.CHUNK):
-            if self._output_size >= OUTPUT_PAUSE and self.phase in (Phase.COMMAND, Phase.SASL) and self._input:
-                self._paused = True  # rule 9: until the driver takes the output and calls resume()
+            if self.output_size >= OUTPUT_PAUSE and self.phase in (Phase.COMMAND, Phase.SASL) and self._input:
+                self.backlogged = True  # rule 9: until the driver takes the output and calls resume()
                 return
             if self.phase is Phase.CHUNK:
                 done = self._chunk.read(self._input)
@@ -561,8 +557,8 @@ class Session:
     def _cmd_data(self, argument: str) -> None:
         self._reply(replies.START_DATA)
         self.phase = Phase.DATA
-        self._data = DataTransfer(self.settings.max_message_size, self._events)
-        self._events.append(MessageStarted(self.envelope))
+        self._data = DataTransfer(self.settings.max_message_size, self.events)
+        self.events.append(MessageStarted(self.envelope))
 
     # --- BDAT (RFC 3030) ------------------------------------------------------
 
@@ -581,9 +577,9 @@ class Session:
         if refusal is None:
             transfer = self._chunked_transfer()
             if transfer is None:
-                transfer = ChunkedTransfer(self.envelope, self.settings.max_message_size, self._events)
+                transfer = ChunkedTransfer(self.envelope, self.settings.max_message_size, self.events)
                 self._chunked = transfer
-                self._events.append(MessageStarted(self.envelope))
+                self.events.append(MessageStarted(self.envelope))
         self._chunk = ChunkReader(*size, transfer, refusal)
         self.phase = Phase.CHUNK
 
@@ -693,7 +689,7 @@ class Session:
         self._send(rendered := render_reply(reply, self.settings.hostname, {**(fields or {}), **more}))
         if reply.code >= 400 and (refused := self.commands.refuse(reply, rendered, self.helo, self.envelope)) \
                 and counted:  # (the chunks after a refused one: one error, one line)
-            self._events.append(refused)
+            self.events.append(refused)
         if counted and reply.code >= 500 and reply is not replies.AUTH_FAILED:
             self.errors += 1
             if self.errors >= MAX_ERRORS and self.phase is not Phase.CLOSED:
@@ -703,24 +699,25 @@ class Session:
         if self.phase is Phase.CLOSED:
             return
         self.phase = Phase.CLOSED
+        self.closed = True
         self._input.clear()
-        self._paused = False
+        self.backlogged = False
         self._send(rendered := replies.rendered(reply, self.settings.hostname))
         if reply.code >= 400 and reply not in NOT_REFUSALS:  # it ends the session: always worth a line
-            self._events.append(self.commands.refuse(reply, rendered, self.helo, self.envelope, ends_session=True))
+            self.events.append(self.commands.refuse(reply, rendered, self.helo, self.envelope, ends_session=True))
 
     def _send(self, data: bytes) -> None:
         self._output.append(data)
-        self._output_size += len(data)
+        self.output_size += len(data)
 
     def _violation(self, after: str, early_input: bytes) -> None:  # rule 10: nothing sent ahead is run
-        self._events.append(PipeliningViolation(after, early_input[:64]))
+        self.events.append(PipeliningViolation(after, early_input[:64]))
         self._close_with(replies.PROTOCOL_SYNCHRONIZATION)
 
     def _wait_for(self, event) -> None:
         self.phase = Phase.WAITING
         self._waiting_for = (type(event),)
-        self._events.append(event)
+        self.events.append(event)
 
     def _ask(self, question) -> None:
         """Wait for a question's answer, keeping the question (MailAdmission, RecipientAdmission)."""

@@ -104,7 +104,10 @@ class SessionLoop:
     `ctrl` is None in inetd mode: then the loop serves the sessions it was
     given with add_session() and returns when the last one ends.
     `connection_class(sock, peer, context, implicit_tls=...)` makes a session
-    driver; SMTPConnection unless a test supervises something simpler.
+    driver; SMTPConnection unless a test supervises something simpler. The loop
+    uses of a driver: on_readable(), on_writable(), on_timeout(), close(),
+    begin_shutdown(grace), interest(), deadline, closed, sock, and `outcomes`
+    (a list it takes, when not empty, after each callback).
     """
 
     def __init__(self, ctrl, context: ConnectionContext, logger: logging.Logger, *,
@@ -219,7 +222,8 @@ class SessionLoop:
         """
         try:
             method()
-            self._collect(conn)
+            if conn.outcomes:
+                self._collect(conn)
         except Exception:
             ip = self.sessions.get(conn, "?")
             self.logger.exception("session-error client=%s", ip)
@@ -238,7 +242,8 @@ class SessionLoop:
                 self._ended(self.sessions.pop(conn, ip))
 
     def _collect(self, conn):
-        for outcome in conn.take_outcomes():
+        outcomes, conn.outcomes = conn.outcomes, []
+        for outcome in outcomes:
             if isinstance(outcome, QueueMessage):
                 self.to_commit.append((conn, outcome.submission))
             elif isinstance(outcome, FlushRequested):

@@ -142,8 +142,7 @@ class StubConnection:
             self.quitting = True
             self.on_writable()
 
-    def take_outcomes(self):
-        return []  # nothing to commit: the toy protocol queues no mail
+    outcomes = ()  # nothing to commit: the toy protocol queues no mail
 
     def close(self):
         if not self.closed:
