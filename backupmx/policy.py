@@ -2,11 +2,13 @@
 
 The session asks (smtp.RecipientAdmission) once relay control passed;
 connection.py hands the question to `RecipientPolicy.admit` with the
-function that answers the session. Each check calls its `resume` with None
-(go on) or a refusal, either at once or later from the worker's loop (a
-callout or a DNS lookup ran on the Offload meanwhile); the first refusal is
-the answer, and nothing after it is asked. Cheap checks come first, the
-callout last: a refused client costs the primary nothing.
+function that answers the session. Each check answers at once, None (go on)
+or a refusal, or says LATER: then it has arranged to go on itself from the
+worker's loop (a callout or a DNS lookup runs on the Offload meanwhile). The
+first refusal is the answer, and nothing after it is asked. Cheap checks come
+first, the callout last: a refused client costs the primary nothing. The
+checks run in one loop, not a chain of callbacks: every RCPT of every message
+passes them all.
 
   check       refuses with                        skipped when
   client      - (waits for the connect-time DNS     -
@@ -40,6 +42,9 @@ from backupmx.verify import Refusal, Verifier
 
 Answer = Callable[[Refusal | None], None]
 
+# A check's answer when it will go on later, from the loop (RecipientPolicy._from).
+LATER = object()
+
 
 @dataclass(frozen=True)
 class RecipientQuestion:
@@ -69,48 +74,64 @@ class RecipientPolicy:
         self._from(0, question, answer)
 
     def _from(self, index: int, question: RecipientQuestion, answer: Answer) -> None:
-        if index == len(self._checks):
-            return answer(None)
+        """Run the checks from `index` on, in order, until one refuses or will answer LATER."""
+        checks = self._checks
+        while index < len(checks):
+            check = checks[index]
+            index += 1
+            outcome = check(question, index, answer)
+            if outcome is LATER:
+                return None
+            if outcome is not None:
+                return answer(outcome)
+        return answer(None)
 
-        def resume(refusal: Refusal | None) -> None:
-            if refusal is not None:
-                return answer(refusal)
-            self._from(index + 1, question, answer)
+    # Each check: (question, the index of the next check, the answer) -> None, a refusal, or LATER.
 
-        self._checks[index](question, resume)
+    def _client_known(self, question: RecipientQuestion, after: int, answer: Answer):
+        if question.client.done:
+            return None
+        question.client.when_known(lambda: self._from(after, question, answer))
+        return LATER
 
-    def _client_known(self, question: RecipientQuestion, resume: Answer) -> None:
-        question.client.when_known(lambda: resume(None))
-
-    def _dnsbl(self, question: RecipientQuestion, resume: Answer) -> None:
+    def _dnsbl(self, question: RecipientQuestion, after: int, answer: Answer):
         """RFC 5782: the client's listing, looked up at connect (client_dns)."""
+        if not question.client.listings:  # listed by no zone: the usual case
+            return None
         listing = question.client.listing(self.config.dnsbl)
         if listing is None or question.authenticated:
-            return resume(None)
+            return None
         reply = replies.CLIENT_BLOCKLISTED if self.config.dnsbl_action == "reject" else replies.CLIENT_BLOCKLISTED_TEMPFAIL
-        resume((reply, {"client": question.client.address, "zone": listing.zone}))
+        return reply, {"client": question.client.address, "zone": listing.zone}
 
-    def _primary_up(self, question: RecipientQuestion, resume: Answer) -> None:
+    def _primary_up(self, question: RecipientQuestion, after: int, answer: Answer):
         """Monitoring mode: while the primary takes mail, the sender should deliver there."""
         domain = self.config.domains[question.recipient.domain]
         if domain.accept_when == "always" or question.authenticated or not self.monitor.primary_up(domain):
-            return resume(None)
-        resume((replies.PRIMARY_IS_UP, {}))
+            return None
+        return replies.PRIMARY_IS_UP, {}
 
-    def _quota(self, question: RecipientQuestion, resume: Answer) -> None:
+    def _quota(self, question: RecipientQuestion, after: int, answer: Answer):
         reply = self.admission.recipient(question.recipient.domain)
-        resume(None if reply is None else (reply, {}))
+        return None if reply is None else (reply, {})
 
-    def _greylist(self, question: RecipientQuestion, resume: Answer) -> None:
+    def _greylist(self, question: RecipientQuestion, after: int, answer: Answer):
         client = question.client.address
         if self.greylisting is None or self.greylisting.exempt(client, question.authenticated):
-            return resume(None)
-        resume(self.greylisting.check(client, question.envelope.sender, question.recipient.address))
+            return None
+        return self.greylisting.check(client, question.envelope.sender, question.recipient.address)
 
-    def _verify(self, question: RecipientQuestion, resume: Answer) -> None:
+    def _verify(self, question: RecipientQuestion, after: int, answer: Answer):
         if not self.config.domains[question.recipient.domain].verify:
-            return resume(None)
+            return None
+
+        def resume(refusal: Refusal | None) -> None:  # now on a cache hit, or later after the callout
+            if refusal is not None:
+                return answer(refusal)
+            self._from(after, question, answer)
+
         self.verifier.check(question.owner, question.recipient, resume)
+        return LATER
 
     def upkeep(self) -> None:
         """Once per loop turn."""
