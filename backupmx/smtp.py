@@ -412,19 +412,15 @@ class Session:
 
     def _process(self) -> None:
         self.backlogged = False
-        while self.phase in (Phase.COMMAND, Phase.SASL, Phase.DATA, Phase.CHUNK):
-            if self.output_size >= OUTPUT_PAUSE and self.phase in (Phase.COMMAND, Phase.SASL) and self._input:
-                self.backlogged = True  # rule 9: until the driver takes the output and calls resume()
-                return
-            if self.phase is Phase.CHUNK:
-                done = self._chunk.read(self._input)
-                self.progress += self._chunk.ticks
-                self._chunk.ticks = 0
-                if not done:
+        while True:
+            phase = self.phase
+            if phase is Phase.COMMAND or phase is Phase.SASL:
+                if self.output_size >= OUTPUT_PAUSE and self._input:
+                    self.backlogged = True  # rule 9: until the driver takes the output and calls resume()
                     return
-                self._end_of_chunk()
-                continue
-            if self.phase is Phase.DATA:
+                if not self._next_line():
+                    return
+            elif phase is Phase.DATA:
                 done = self._data.read(self._input)
                 self.progress += self._data.ticks
                 self._data.ticks = 0
@@ -432,56 +428,57 @@ class Session:
                     return
                 if done:
                     self._end_of_data()
-                continue
-            line = self._next_line()
-            if line is None:
+            elif phase is Phase.CHUNK:
+                done = self._chunk.read(self._input)
+                self.progress += self._chunk.ticks
+                self._chunk.ticks = 0
+                if not done:
+                    return
+                self._end_of_chunk()
+            else:
                 return
-            self.progress += 1
-            self._process_line(line)
 
-    def _next_line(self) -> bytes | None:
-        """The next line up to and including its LF, or None if incomplete.
+    def _next_line(self) -> bool:
+        """Take the next line, up to and including its LF, and answer it (a command, or a SASL
+        response); False when the input holds no complete line.
 
-        A line longer than any limit is dropped as it arrives and returned as
-        an empty marker (b"") once its end is seen, so memory stays bounded.
+        A line longer than any limit is dropped as it arrives and answered once
+        its end is seen, so memory stays bounded.
         """
-        end = self._input.find(b"\n")
+        data = self._input
+        end = data.find(b"\n")
         if end < 0:
-            if len(self._input) > MAX_AUTH_LINE:
+            if len(data) > MAX_AUTH_LINE:
                 self._discarding_long_line = True
-                self._input.clear()
-            return None
+                data.clear()
+            return False
+        length = end + 1
         # One copy when the input is this line alone (the usual case), not a slice and its copy.
-        line = bytes(self._input) if end + 1 == len(self._input) else bytes(self._input[:end + 1])
-        del self._input[:end + 1]
-        if self._discarding_long_line:
-            self._discarding_long_line = False
-            return b""
-        return line
-
-    def _process_line(self, line: bytes) -> None:
+        line = bytes(data) if length == len(data) else bytes(data[:length])
+        del data[:length]
+        self.progress += 1
         sasl = self.phase is Phase.SASL
-        if len(line) > MAX_AUTH_LINE:
-            line = b""
-        # Rule 1: the line ends in CRLF and holds no other CR (the LF ends it: _next_line).
-        framed = line.endswith(b"\r\n") and line.count(b"\r") == 1
-        if not sasl and not framed:
-            self.commands.begin("UNKNOWN")  # a line we cannot frame is no command
-        if line == b"":
-            self._reply(replies.AUTH_LINE_TOO_LONG if sasl else replies.LINE_TOO_LONG)
+        too_long = self._discarding_long_line or length > MAX_AUTH_LINE
+        self._discarding_long_line = False
+        # Rule 1: the line ends in CRLF and holds no other CR: its first CR is just before its LF.
+        if too_long or line.find(b"\r") != end - 1:
+            if not sasl:
+                self.commands.begin("UNKNOWN")  # a line we cannot frame is no command
+            if too_long:
+                self._reply(replies.AUTH_LINE_TOO_LONG if sasl else replies.LINE_TOO_LONG)
+            else:
+                self._reply(replies.BARE_LINE_ENDING)
             self._end_sasl()
-            return
-        if not framed:
-            self._reply(replies.BARE_LINE_ENDING)
-            self._end_sasl()
-            return
+            return True
         text = line[:-2].decode("latin-1")
         if sasl:
             if self._input:  # RFC 4954 4: the client waits for our answer to each response
-                return self._violation("AUTH", bytes(self._input))
+                self._violation("AUTH", bytes(self._input))
+                return True
             self._sasl_line(text)
         else:
-            self._command(text, len(line))
+            self._command(text, length)
+        return True
 
     # --- commands ---------------------------------------------------------
 
@@ -507,9 +504,9 @@ class Session:
             self.junk_commands += 1
             if self.junk_commands > self.settings.max_junk_commands:
                 return self._close_with(replies.TOO_MANY_JUNK_COMMANDS)
-        refusal = self._unmet(command.needs, verb, argument)
-        if refusal is not None:
-            return self._reply(*refusal)
+        for need in command.needs:  # rule 1 of the command table (_unmet, without its call)
+            if not need.holds(self, argument):
+                return self._reply(*need.refusal(self, verb))
         command.handler(self, argument)
 
     def _unmet(self, needs: tuple["Need", ...], verb: str, argument: str) -> tuple[Reply, dict] | None:
@@ -684,9 +681,14 @@ class Session:
     # --- replies and waiting --------------------------------------------
 
     def _reply(self, reply: Reply, fields: dict | None = None, *, counted: bool = True, **more: object) -> None:
-        if self.phase is Phase.CLOSED:
+        if self.closed:
             return
-        self._send(rendered := render_reply(reply, self.settings.hostname, {**(fields or {}), **more}))
+        if fields or more:
+            rendered = reply.render(hostname=self.settings.hostname, **{**(fields or {}), **more})
+        else:  # the same octets every time (kept): most replies
+            rendered = replies.rendered(reply, self.settings.hostname)
+        self._output.append(rendered)  # _send's work, without its call: every reply comes here
+        self.output_size += len(rendered)
         if reply.code >= 400 and (refused := self.commands.refuse(reply, rendered, self.helo, self.envelope)) \
                 and counted:  # (the chunks after a refused one: one error, one line)
             self.events.append(refused)
@@ -726,7 +728,10 @@ class Session:
 
     def _answer(self, *event_types: type):
         """Check that one of `event_types` is waiting for this answer; the question it asked, if kept."""
-        if not any(t in self._waiting_for for t in event_types):
+        for event_type in event_types:
+            if event_type in self._waiting_for:
+                break
+        else:
             raise RuntimeError(f"no {event_types[0].__name__} is waiting for an answer")
         self._waiting_for = ()
         if self.phase is Phase.WAITING:
@@ -742,26 +747,30 @@ class CommandLog:
     and Postfix's per-verb counts for the disconnect line."""
     verb: str | None = None
     refused: bool = False
-    named: dict = field(default_factory=dict)  # "from" / "to" as the command gave them
+    argument: str = ""  # the command's argument, as sent: what it names is read from it on a refusal (named)
     counts: dict = field(default_factory=dict)  # verb (lower case) -> [sent, refused]
 
     def begin(self, verb: str, argument: str = "") -> None:
         """A command line arrives (verb UNKNOWN when it is no command we know): count it, and
-        keep the address a MAIL or RCPT names, as the client wrote it (without <>)."""
-        self.verb, self.refused = verb, False
-        if self.named:
-            self.named = {}
+        keep its argument (the address a MAIL or RCPT names is taken from it only if refused)."""
+        self.verb, self.refused, self.argument = verb, False, argument
         numbers = self.counts.get(name := verb.lower())
         if numbers is None:
             numbers = self.counts[name] = [0, 0]
         numbers[0] += 1
+
+    def named(self) -> dict[str, str]:
+        """{"from": ...} or {"to": ...}: the address the MAIL or RCPT being answered names, as the
+        client wrote it (without <>); {} for any other command."""
+        verb = self.verb
         if verb != "MAIL" and verb != "RCPT":
-            return
-        key, colon, path = argument.partition(":")
-        if colon and key.strip().upper() == ("FROM" if verb == "MAIL" else "TO"):
-            path = path.strip(" ")
-            path = path[:path.find(">") + 1] if path.startswith("<") and ">" in path else path.split(" ")[0]
-            self.named["from" if verb == "MAIL" else "to"] = path.removeprefix("<").removesuffix(">")
+            return {}
+        key, colon, path = self.argument.partition(":")
+        if not colon or key.strip().upper() != ("FROM" if verb == "MAIL" else "TO"):
+            return {}
+        path = path.strip(" ")
+        path = path[:path.find(">") + 1] if path.startswith("<") and ">" in path else path.split(" ")[0]
+        return {"from" if verb == "MAIL" else "to": path.removeprefix("<").removesuffix(">")}
 
     def refuse(self, reply: Reply, rendered: bytes, helo: str | None, envelope: Envelope | None, *,
                ends_session: bool = False) -> "Refused | None":
@@ -777,8 +786,9 @@ class CommandLog:
     def refusal(self, reply: Reply, rendered: bytes, helo: str | None, envelope: Envelope | None) -> Refused:
         """The Refused event of the command being answered: what it named, or its transaction's addresses."""
         verb = self.verb or "UNKNOWN"
-        sender = self.named.get("from", envelope.sender if envelope is not None else None)
-        recipient, count = self.named.get("to"), 0
+        named = self.named()
+        sender = named.get("from", envelope.sender if envelope is not None else None)
+        recipient, count = named.get("to"), 0
         if verb in ("DATA", "BDAT") and envelope is not None and envelope.recipients:
             recipient, count = envelope.recipients[0].address, len(envelope.recipients)
         return Refused(verb, reply, rendered.decode("ascii").rstrip("\r\n"), helo, sender, recipient, count)
@@ -920,11 +930,6 @@ def parse_recipient(settings: SessionSettings, envelope: Envelope, path_and_para
     if len(envelope.recipients) >= settings.max_recipients:
         return replies.TOO_MANY_RECIPIENTS, {}
     return recipient_parameters(mailbox, domain.name, parameters, esmtp=esmtp)
-
-
-def render_reply(reply: Reply, hostname: str, fields: dict) -> bytes:
-    """A reply's octets; one with no field but the hostname is the same every time (kept)."""
-    return reply.render(hostname=hostname, **fields) if fields else replies.rendered(reply, hostname)
 
 
 def ehlo_reply(port: "Port", settings: SessionSettings, tls_active: bool, auth_offered: bool) -> bytes:
