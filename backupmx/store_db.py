@@ -149,12 +149,11 @@ os.register_at_fork(after_in_child=_id_sequence.forked)
 
 def _base36(number: int, pairs: int) -> str:
     """`number` as 2 * `pairs` base-36 digits (the high ones dropped)."""
-    digits = []
-    for _ in range(pairs):
-        number, pair = divmod(number, 36 * 36)
-        digits.append(_ID_PAIRS[pair])
-    digits.reverse()
-    return "".join(digits)
+    text = ""
+    for _ in range(pairs):  # no divmod, append, reverse, join: two of these per message
+        text = _ID_PAIRS[number % (36 * 36)] + text
+        number //= 36 * 36
+    return text
 
 
 def new_queue_id(clock: Callable[[], float] = time.time) -> str:

@@ -23,10 +23,10 @@ import os
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator, Mapping
+from typing import BinaryIO, Iterable, Iterator, Mapping
 
 from backupmx.envelope import Envelope
-from backupmx.store_db import RECEIVED, QueueDatabase, QueueUnavailable, _is_unavailable, _sqlite_errors, chunk_lengths
+from backupmx.store_db import CHUNK, RECEIVED, QueueDatabase, QueueUnavailable, _is_unavailable, _sqlite_errors, chunk_lengths
 
 
 @dataclass
@@ -208,8 +208,32 @@ class _Batch:
     queueing: set[str] = field(default_factory=set)  # domains a queued message of this commit set queueing_since for
 
 
-def _chunks(queue_id: str, body_file: BinaryIO, size: int, lengths: list[int]) -> Iterator[bytes]:
-    """The body read from `body_file` in pieces of `lengths`; ValueError unless it holds exactly `size` bytes."""
+def _chunks(queue_id: str, body_file: BinaryIO, size: int, lengths: list[int]) -> Iterable[bytes]:
+    """The body read from `body_file` in pieces of `lengths`; ValueError unless it holds exactly `size` bytes.
+
+    A body of one chunk's size at most (most mail) is read in one go and cut: a few calls per
+    message rather than a generator's per chunk. A longer one streams, a chunk in memory at a time."""
+    if size > CHUNK:
+        return _streamed(queue_id, body_file, size, lengths)
+    body = body_file.read(size)
+    while 0 < len(body) < size:  # a short read before the end (a pipe, a raw file)
+        more = body_file.read(size - len(body))
+        if not more:
+            break
+        body += more
+    if len(body) < size:
+        raise ValueError(f"enqueue {queue_id}: body has {len(body)} bytes, size={size}")
+    if body_file.read(1):
+        raise ValueError(f"enqueue {queue_id}: body is longer than size={size}")
+    pieces, start = [], 0
+    for length in lengths:
+        pieces.append(body[start:start + length])
+        start += length
+    return pieces
+
+
+def _streamed(queue_id: str, body_file: BinaryIO, size: int, lengths: list[int]) -> Iterator[bytes]:
+    """_chunks for a long body: one chunk read at a time."""
     written = 0
     for length in lengths:
         chunk = body_file.read(length)
