@@ -328,7 +328,7 @@ class SMTPConnection:
         if self.closed:
             return None
         earliest = None
-        for when in self._deadlines():  # a loop, not min() of a list: the loop asks after each callback
+        for when in self._deadlines():  # a loop, not min() of a list: the worker loop asks after each callback
             if when is not None and (earliest is None or when < earliest):
                 earliest = when
         return earliest
@@ -358,7 +358,8 @@ class SMTPConnection:
             if not data:
                 self._pump()  # the handshake's records
         elif data:
-            self._feed(data)
+            self.session.receive_data(data)  # _feed, without its call
+            self._after_session()
         else:
             return self._peer_closed()
         self.on_writable()

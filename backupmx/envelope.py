@@ -46,4 +46,4 @@ class Envelope:
     @property
     def domains(self) -> list[str]:
         """The configured domains this message is queued for, in first-seen order."""
-        return list(dict.fromkeys(r.domain for r in self.recipients))
+        return list(dict.fromkeys([r.domain for r in self.recipients]))

@@ -112,23 +112,25 @@ def format_event(event: str, /, **fields: object) -> str:
     A trailing underscore is dropped from a key, so Python keywords can be keys
     (from_= gives from=). None values are left out.
     """
-    parts = [event if type(event) is str and _plain(event) else format_value(event)]
+    line = event if type(event) is str and _plain(event) else format_value(event)
+    # One string grown in place, a key's prefix by subscript: three lines a message come here.
     for key, value in fields.items():
         if value is None:
             continue
-        prefix = _KEY_PREFIXES.get(key)
-        if prefix is None:
+        try:
+            prefix = _KEY_PREFIXES[key]
+        except KeyError:
             prefix = format_value(key[:-1] if key.endswith("_") else key) + "="
             if len(_KEY_PREFIXES) < 1024:
                 _KEY_PREFIXES[key] = prefix
         # format_value's common cases without its call: an int (digits, a sign) and a plain str.
         if type(value) is int:
-            parts.append(prefix + str(value))
+            line += f" {prefix}{value}"
         elif type(value) is str and _plain(value):
-            parts.append(prefix + value)
+            line += f" {prefix}{value}"
         else:
-            parts.append(prefix + format_value(value))
-    return " ".join(parts)
+            line += f" {prefix}{format_value(value)}"
+    return line
 
 
 def log_event(logger: logging.Logger, event: str, /, level: int = logging.INFO, **fields: object) -> None:

@@ -448,7 +448,7 @@ class SessionLoop:
         wait = MAX_WAIT
         if self.ctrl is not None and not self.master_gone:
             wait = min(wait, self.next_heartbeat - now)
-        earliest = min((d for d in self.deadlines.values() if d is not None), default=None)
+        earliest = min([d for d in self.deadlines.values() if d is not None], default=None)
         if earliest is not None:
             wait = min(wait, earliest - now)
         if self.draining:
