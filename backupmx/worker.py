@@ -89,6 +89,9 @@ CLOSED_BATCH = 200
 
 # socket.socket(..., fileno=) with this in its type takes the descriptor as non-blocking as it is.
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+# recvmsg's flag as a plain int: `flags & socket.MSG_CTRUNC` is an IntFlag operation, three
+# Python calls per hand-off.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 
 
 def _prepared_family(words) -> int | None:
@@ -375,7 +378,7 @@ class SessionLoop:
             if not msg and not fds:
                 self.master_is_gone()
                 return
-            if flags & socket.MSG_CTRUNC:
+            if flags & _MSG_CTRUNC:
                 self.logger.warning("control-message-truncated")
             self.handle_control(msg, fds)
 
