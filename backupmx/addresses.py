@@ -244,6 +244,11 @@ def split_path_and_parameters(argument: str) -> tuple[str, list[str]]:
 
 def _end_of_bracketed_path(text: str) -> int:
     """Index of the `>` that closes the path, skipping quoted local parts."""
+    if '"' not in text:  # nothing quoted (nearly every path): the first `>`, found in C
+        end = text.find(">")
+        if end < 0:
+            raise AddressError("unterminated path")
+        return end
     quoted = escaped = False
     for index, char in enumerate(text):
         if escaped:
@@ -279,4 +284,4 @@ def is_routing_trick(mailbox: Mailbox) -> bool:
     we refuse them like Postfix's allow_untrusted_routing=no does.
     """
     local = mailbox.bare_local_part
-    return any(char in local for char in "%!@")
+    return "%" in local or "!" in local or "@" in local

@@ -632,11 +632,13 @@ class SMTPConnection:
             return self._refuse(event, str(problem), quota=isinstance(problem, QuotaExceeded))
         size = self._spool.tell()
         self._drop_spool()
-        self.ctx.admission.queued(event.envelope.domains)
-        for domain in event.envelope.domains:
-            log_event(self.ctx.logger, "queued", id=self._queue_id, domain=domain,
-                      from_=f"<{event.envelope.sender}>", size=size, client=self.client_ip,
-                      nrcpt=sum(1 for r in event.envelope.recipients if r.domain == domain))
+        envelope = event.envelope
+        domains = envelope.domains
+        self.ctx.admission.queued(domains)
+        for domain in domains:
+            nrcpt = len(envelope.recipients) if len(domains) == 1 else [r.domain for r in envelope.recipients].count(domain)
+            log_event(self.ctx.logger, "queued", id=self._queue_id, domain=domain, from_=f"<{envelope.sender}>",
+                      size=size, client=self.client_ip, nrcpt=nrcpt)
         for domain in submission.started_queueing:
             log_event(self.ctx.logger, "domain-queueing", domain=domain, since=submission.queued_at,
                       id=self._queue_id)

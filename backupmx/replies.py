@@ -18,8 +18,8 @@ class Reply(NamedTuple):
     text: str
 
     def render(self, **fields: object) -> bytes:
-        """The reply as wire bytes, one line, CRLF terminated."""
-        return render_lines(self.code, [self.line_text(**fields)])
+        """The reply as wire bytes, one line, CRLF terminated (render_lines of that one line)."""
+        return f"{self.code} {clean(self.line_text(**fields))}\r\n".encode("ascii")
 
     def line_text(self, **fields: object) -> str:
         text = self.text.format(**{k: clean(str(v)) for k, v in fields.items()})
