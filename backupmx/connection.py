@@ -201,6 +201,16 @@ def prepare_socket(sock) -> None:
             pass
 
 
+def _earliest(times) -> float | None:
+    """The earliest of `times` that is not None (a loop, not min() of a list: the worker loop asks
+    for a connection's deadline after each of its callbacks)."""
+    earliest = None
+    for when in times:
+        if when is not None and (earliest is None or when < earliest):
+            earliest = when
+    return earliest
+
+
 class Unsent:
     """Replies waiting for the socket (already encrypted under TLS), and their write deadline:
     it runs while any wait, and each octet the socket takes restarts it."""
@@ -221,6 +231,20 @@ class Unsent:
     def has_room(self) -> bool:
         """Room for what the session may answer next (up to smtp.OUTPUT_PAUSE) below OUTPUT_BOUND."""
         return len(self.data) <= _ROOM
+
+    def write(self, sock, data: bytes) -> None:
+        """Send `data` at once when nothing waits before it (the usual case: one send() per
+        reply or pipelined group, no buffering); what the socket does not take waits here
+        for the driver's on_writable. A broken connection is noticed there (send() fails again)."""
+        if not self.data:
+            try:
+                sent = sock.send(data)
+            except OSError:  # BlockingIOError included: it all waits
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self.add(data)
 
     def send(self, sock) -> bool:
         """Write what the socket takes now; False when the connection broke."""
@@ -325,13 +349,7 @@ class SMTPConnection:
     @property
     def deadline(self) -> float | None:
         """The earliest deadline (the loop asks after each round of a session's callbacks)."""
-        if self.closed:
-            return None
-        earliest = None
-        for when in self._deadlines():  # a loop, not min() of a list: the worker loop asks after each callback
-            if when is not None and (earliest is None or when < earliest):
-                earliest = when
-        return earliest
+        return None if self.closed else _earliest(self._deadlines())
 
     def on_readable(self) -> None:
         try:
@@ -358,24 +376,22 @@ class SMTPConnection:
             if not data:
                 self._pump()  # the handshake's records
         elif data:
-            self.session.receive_data(data)  # _feed, without its call
-            self._after_session()
+            self._feed(data)
         else:
             return self._peer_closed()
         self.on_writable()
 
     def on_writable(self) -> None:
         """Write what the socket takes; with room again, let the session go on with its backlog."""
-        out, session = self._out, self.session
-        while (not out.data or self._send_some()) and not self.closed and session.backlogged and out.has_room():
-            session.resume()
+        while self._send_some() and self.session.backlogged and self._out.has_room():
+            self.session.resume()
             self._after_session()
-        if self._closing and not out.data and not self.closed:
+        if self._closing and not self._out.data and not self.closed:
             self.close()
 
     def _send_some(self) -> bool:
         """Write until the socket takes no more; False once the connection is closed."""
-        if not self._out.send(self.sock):
+        if self._out.data and not self._out.send(self.sock):
             self.close()
         return not self.closed
 
@@ -501,24 +517,10 @@ class SMTPConnection:
                 self._tls.close()
             data = self._tls.outgoing()
         if data:
-            self._write(data)
+            self._out.write(self.sock, data)
         if session.closed and not self._closing:
             self._closing = True
             self._close_by = self.ctx.clock() + min(CLOSE_GRACE, self.ctx.config.timeout)
-
-    def _write(self, data: bytes) -> None:
-        """Send `data` at once when nothing waits before it (the usual case: one send() per
-        reply or pipelined group, no buffering); what the socket does not take waits in _out
-        for on_writable. A broken connection is noticed there (its send fails again)."""
-        if not self._out.data:
-            try:
-                sent = self.sock.send(data)
-            except OSError:  # BlockingIOError included: it all waits
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        self._out.add(data)
 
     def _peer_closed(self) -> None:
         if not self.session.closed:
@@ -530,8 +532,7 @@ class SMTPConnection:
         """Answer (or start answering) every event the session has; answers may make more."""
         events = self.session.events
         while events:
-            event = events.pop(0)
-            self._EVENTS[type(event)](self, event)
+            self._EVENTS[type(events[0])](self, events.pop(0))
 
     def _on_violation(self, event: PipeliningViolation) -> None:
         """Postfix logs "improper command pipelining after X"; the session has closed itself."""
@@ -632,11 +633,10 @@ class SMTPConnection:
             return self._refuse(event, str(problem), quota=isinstance(problem, QuotaExceeded))
         size = self._spool.tell()
         self._drop_spool()
-        envelope = event.envelope
-        domains = envelope.domains
+        envelope, domains = event.envelope, event.envelope.domains
         self.ctx.admission.queued(domains)
         for domain in domains:
-            nrcpt = len(envelope.recipients) if len(domains) == 1 else [r.domain for r in envelope.recipients].count(domain)
+            nrcpt = [r.domain for r in envelope.recipients].count(domain) if len(domains) > 1 else len(envelope.recipients)
             log_event(self.ctx.logger, "queued", id=self._queue_id, domain=domain, from_=f"<{envelope.sender}>",
                       size=size, client=self.client_ip, nrcpt=nrcpt)
         for domain in submission.started_queueing:
