@@ -215,12 +215,7 @@ def _chunks(queue_id: str, body_file: BinaryIO, size: int, lengths: list[int]) -
     message rather than a generator's per chunk. A longer one streams, a chunk in memory at a time."""
     if size > CHUNK:
         return _streamed(queue_id, body_file, size, lengths)
-    body = body_file.read(size)
-    while 0 < len(body) < size:  # a short read before the end (a pipe, a raw file)
-        more = body_file.read(size - len(body))
-        if not more:
-            break
-        body += more
+    body = _read(body_file, size)
     if len(body) < size:
         raise ValueError(f"enqueue {queue_id}: body has {len(body)} bytes, size={size}")
     if body_file.read(1):
@@ -236,15 +231,21 @@ def _streamed(queue_id: str, body_file: BinaryIO, size: int, lengths: list[int])
     """_chunks for a long body: one chunk read at a time."""
     written = 0
     for length in lengths:
-        chunk = body_file.read(length)
-        while 0 < len(chunk) < length:  # a short read before the end (a pipe, a raw file)
-            more = body_file.read(length - len(chunk))
-            if not more:
-                break
-            chunk += more
+        chunk = _read(body_file, length)
         written += len(chunk)
         if len(chunk) < length:
             raise ValueError(f"enqueue {queue_id}: body has {written} bytes, size={size}")
         yield chunk
     if body_file.read(1):
         raise ValueError(f"enqueue {queue_id}: body is longer than size={size}")
+
+
+def _read(body_file: BinaryIO, n: int) -> bytes:
+    """`n` bytes of `body_file`, fewer only at its end (a short read before it is read on: a pipe, a raw file)."""
+    data = body_file.read(n)
+    while 0 < len(data) < n:
+        more = body_file.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
