@@ -35,17 +35,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import REPO, BackupMX, cpu_seconds, cpu_ticks, free_port, process_tree, smtp_source  # noqa: E402
 
 
+def ticks_by_process(server):
+    """{pid: (user, system) clock ticks} of the server and each of its children."""
+    return {pid: ticks for pid in process_tree(server.roots()) if (ticks := cpu_ticks(pid)) is not None}
+
+
 def cpu_split(server):
     """{"master": (user, system), "children": (user, system)} in seconds (children: workers, flushers)."""
     split = {"master": [0, 0], "children": [0, 0]}
-    for pid in process_tree(server.roots()):
-        ticks = cpu_ticks(pid)
-        if ticks is not None:
-            role = split["master" if pid == server.proc.pid else "children"]
-            role[0] += ticks[0]
-            role[1] += ticks[1]
+    for pid, ticks in ticks_by_process(server).items():
+        role = split["master" if pid == server.proc.pid else "children"]
+        role[0] += ticks[0]
+        role[1] += ticks[1]
     tick = os.sysconf("SC_CLK_TCK")
     return {role: (user / tick, system / tick) for role, (user, system) in split.items()}
+
+
+def cpu_by_child(server):
+    """{pid: CPU seconds} of each of the server's children (workers, flushers): how a run spread."""
+    tick = os.sysconf("SC_CLK_TCK")
+    return {pid: sum(ticks) / tick for pid, ticks in ticks_by_process(server).items() if pid != server.proc.pid}
 
 
 class ProfiledBackupMX(BackupMX):
@@ -129,12 +138,14 @@ def main(argv=None):
         server = BackupMX(workdir, free_port(), args.workers, **certificate)
     try:
         server.start()
-        before, split_before = cpu_seconds(server), cpu_split(server)
+        before, split_before, children_before = cpu_seconds(server), cpu_split(server), cpu_by_child(server)
         if args.smtpload:
             elapsed, note = smtpload_run(server.port, args.sessions, args.messages, args.size, args.starttls)
         else:
             elapsed, note = smtp_source(server.port, args.sessions, args.messages, args.size, timeout=600)
         cpu, split_after = cpu_seconds(server) - before, cpu_split(server)
+        children = sorted((seconds - children_before.get(pid, 0.0) for pid, seconds in cpu_by_child(server).items()),
+                          reverse=True)
         held = server.count()
     finally:
         server.stop()
@@ -147,6 +158,8 @@ def main(argv=None):
                    for role in split_after}
     print("  per message (ms): " + ", ".join(f"{role} user {user:.3f} sys {system:.3f}"
                                              for role, (user, system) in per_message.items()))
+    print("  children's CPU (s), busiest first: " + " ".join(f"{seconds:.2f}" for seconds in children)
+          + f" over {elapsed:.2f} s")
     if args.profile:
         files = glob.glob(str(workdir / ("worker-*.prof" if args.profile == "workers" else "master.prof")))
         if files:
