@@ -461,7 +461,8 @@ class Session:
         too_long = self._discarding_long_line or length > MAX_AUTH_LINE
         self._discarding_long_line = False
         # Rule 1: the line ends in CRLF and holds no other CR: its first CR is just before its LF.
-        if too_long or line.find(b"\r") != end - 1:
+        # A lone LF (end 0) has no CR at all, and find's -1 would pass for "just before it".
+        if too_long or end == 0 or line.find(b"\r") != end - 1:
             if not sasl:
                 self.commands.begin("UNKNOWN")  # a line we cannot frame is no command
             if too_long:

@@ -419,6 +419,20 @@ def test_bare_lf_in_command(config):
     assert d.feed(b"NO\rOP\r\n")[0].startswith("550 5.5.2")
 
 
+def test_a_lone_lf_is_a_bare_line_ending_not_an_empty_line(config):
+    # Rule 1: a line that is nothing but LF has no CRLF, as a command and as an AUTH response.
+    d = new(config)
+    d.lines()
+    assert d.feed(b"\n") == [reply_line(replies.BARE_LINE_ENDING)]
+    assert d.feed(b"NOOP\r\n") == [reply_line(replies.OK)]
+    d = new(config, tls_active=True)
+    d.lines()
+    d.feed(b"EHLO c\r\n")
+    assert codes(d.feed(b"AUTH LOGIN\r\n")) == ["334"]
+    assert d.feed(b"\n") == [reply_line(replies.BARE_LINE_ENDING)]
+    assert not any(isinstance(e, AuthResponse) for e in d.events)
+
+
 def test_command_line_limits_keep_the_session_in_step(config):
     d = new(config)
     d.lines()
