@@ -306,8 +306,7 @@ class SMTPConnection:
         elif implicit_tls or not self._client_spoke_first():
             self.session.greet()
         # else: what it sent is read at once, and ends the session (smtp rule 10)
-        self._pump()
-        self._send_some()  # the 220 now: a new socket has room, no need to wait for the selector to say so
+        self._pump()  # the 220 now (Unsent.write): a new socket has room, no need to wait for the selector
 
     def _client_spoke_first(self) -> bool:
         """Input already waiting before our 220 (plain listeners; implicit TLS starts with the client)."""

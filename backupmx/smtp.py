@@ -1,11 +1,11 @@
 """The SMTP server session as a state machine with no I/O: bytes in, replies and events out.
 
 The driver (connection.py) feeds socket bytes to `receive_data`, writes what
-`data_to_send` returns, and handles the events from `next_event`. Some events
-need an answer before the session goes on (below: each event with its
-answer); until the driver gives it, input is only buffered. This module and
-smtp_body.py never import socket, ssl, sqlite3, os, time or logging
-(tests/test_smtp.py asserts it).
+`data_to_send` returns, and handles the events in `events` (oldest first;
+`next_event` takes one). Some events need an answer before the session goes
+on (below: each event with its answer); until the driver gives it, input is
+only buffered. This module and smtp_body.py never import socket, ssl,
+sqlite3, os, time or logging (tests/test_smtp.py asserts it).
 
 Rules every change must keep:
  1. Lines end at CRLF only. A bare CR or LF is an error, never a line end, and
