@@ -55,7 +55,7 @@ class Reversal:
     """An accepted ATRN: the connection, turned round, and what to deliver over it."""
     sock: socket.socket
     tls: TLSLayer
-    unsent: bytearray  # what of our 250 the socket has not taken yet
+    unsent: bytes  # what of our 250 the socket has not taken yet: TLS records, encrypted already
     client: str  # host:port of the customer
     user: str
     waiting: dict  # {domain: queued rows}, each domain leased to `owner`
@@ -90,7 +90,7 @@ class OdmrConnection(SMTPConnection):
 
     def handoff(self) -> Reversal:
         """The reversed connection, once the session loop let go of it (its socket stays open)."""
-        self.reversal.unsent = self._out
+        self.reversal.unsent = bytes(self._out.data)  # Unsent's octets, not the object
         return self.reversal
 
     def _pump(self) -> None:
@@ -161,8 +161,8 @@ class ReversedPeer:
         client = ReversedClient(timeout=self.timeout, local_hostname=self.hostname)
         client.sock = TLSStream(self.reversal.sock, self.reversal.tls, self.timeout)
         try:
-            if self.reversal.unsent:
-                client.sock.sendall(self.reversal.unsent)
+            if self.reversal.unsent:  # records already: to the socket as they are (TLSStream set its timeout)
+                self.reversal.sock.sendall(self.reversal.unsent)
             introduce(client, client.getreply())
         except PrimaryUnavailable:
             client.close()

@@ -606,6 +606,29 @@ def test_a_customer_that_stops_reading_costs_one_timeout(reversed_pair):
     assert isinstance(exc, smtplib.SMTPServerDisconnected) and "timeout" in str(exc) and took < 2
 
 
+def test_what_of_our_250_the_socket_had_not_taken_goes_out_as_it_was_encrypted(reversed_pair):
+    """handoff() passes on what of the 250 the session loop could not write: TLS records
+    already (the connection's unsent output). start() writes them to the socket as they are,
+    before it reads the greeting; encrypting them again would send the customer garbage."""
+    peer, customer = reversed_pair
+    layer = peer.reversal.tls
+    layer.send(replies.ATRN_STARTED.render())
+    peer.reversal.unsent = bytearray(layer.outgoing())
+    got = {}
+
+    def the_customer():
+        got["250"] = customer.recv(200)
+        customer.sendall(b"220 customer.test ESMTP\r\n")
+        got["ehlo"] = customer.recv(200)
+        customer.sendall(b"250 customer.test\r\n")
+        if customer.recv(200):  # QUIT, from the fixture's end
+            customer.sendall(b"221 bye\r\n")
+
+    threading.Thread(target=the_customer, daemon=True).start()
+    peer.start()
+    assert got["250"] == replies.ATRN_STARTED.render() and got["ehlo"] == b"ehlo mx2.test\r\n"
+
+
 # --- the other way to run it: inetd (socket activation: test_deploy.py) ------------------------------
 
 
