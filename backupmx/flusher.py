@@ -906,11 +906,9 @@ def _share(main: "_Flush", messages: list) -> _Work:
                 raise _QueueOpenElsewhere("another connection to the queue is open in this process")
             _flush_buffers()
             pid = children.fork_blocking((signal.SIGTERM,))
-            if pid == 0:
-                os.close(result_r)
-                work = _SharedWork(messages, runs_r, return_fd=runs_w)
-                children.run_child(lambda: _helper_main(main, work, result_w, parent), main.log,
-                                   "flush-helper-crashed")
+            if pid == 0:  # all the child does is inside run_child: it never unwinds into the code below
+                children.run_child(lambda: _helper_start(main, messages, runs_r, runs_w, result_r, result_w, parent),
+                                   main.log, "flush-helper-crashed")
     except BaseException as e:
         os.close(runs_w)
         os.close(result_w)
@@ -926,6 +924,13 @@ def _share(main: "_Flush", messages: list) -> _Work:
     os.close(runs_w)
     os.close(result_w)
     return _SharedWork(messages, runs_r, helper_pid=pid, result_fd=result_r)
+
+
+def _helper_start(main: "_Flush", messages: list, runs_r: int, runs_w: int, result_r: int, result_w: int,
+                  parent: int) -> None:
+    """In the forked helper: its ends of the pipes, then its work (_helper_main)."""
+    os.close(result_r)
+    _helper_main(main, _SharedWork(messages, runs_r, return_fd=runs_w), result_w, parent)
 
 
 def _stop_forked_helper(main: "_Flush", work: _SharedWork) -> None:

@@ -962,6 +962,15 @@ class ReopenFails(QueueStore):
                 resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, limits[1]))
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+if {helper_fails}:  # the helper fails right after the fork, before its own work starts
+    import backupmx.flusher
+    class FailsInTheHelper(backupmx.flusher._SharedWork):
+        def __init__(self, *args, return_fd=None, **kwargs):
+            if return_fd is not None:  # only the helper's side holds the pipe's write end
+                raise OSError(24, "Too many open files")
+            super().__init__(*args, return_fd=return_fd, **kwargs)
+    backupmx.flusher._SharedWork = FailsInTheHelper
+    os.setpgid(0, 0)  # a group of its own: a signal to "every process of the group" stays in it
 store = (ReopenFails if {reopen_fails} else QueueStore)({db!r})
 other = QueueStore({db!r}) if {other} else None  # a second connection open in the process
 store.request_flush(["example.com"])
@@ -989,7 +998,7 @@ print(json.dumps(counts), flush=True)
 SPLIT_MESSAGES = 240  # above flusher.HELPER_MIN_MESSAGES
 
 
-def start_split_flush(tmp_path, sink, *, single=False, lease=60, other=False, reopen_fails=False):
+def start_split_flush(tmp_path, sink, *, single=False, lease=60, other=False, reopen_fails=False, helper_fails=False):
     """A flush of SPLIT_MESSAGES messages in a process of its own (one thread: it may fork a
     helper); returns (the process, the queue's path, the messages' queue ids in order)."""
     from backupmx.flusher import HELPER_MIN_MESSAGES
@@ -999,7 +1008,7 @@ def start_split_flush(tmp_path, sink, *, single=False, lease=60, other=False, re
     with QueueStore(db) as store:
         ids = [enqueue(store, b"X-Test-Id: %d\r\n\r\nbody\r\n" % i) for i in range(SPLIT_MESSAGES)]
     script = SPLIT_FLUSH_SCRIPT.format(repo=str(REPO), db=db, port=sink.port, single=single, lease=lease, other=other,
-                                      reopen_fails=reopen_fails)
+                                      reopen_fails=reopen_fails, helper_fails=helper_fails)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline() == b"claimed\n"
     return proc, db, ids
@@ -1191,6 +1200,20 @@ def test_a_helper_forked_by_a_flush_whose_queue_connection_cannot_reopen_is_stop
     with QueueStore(db) as store:  # what it delivered is recorded; every other message is still queued
         left = rows(store)
     assert len(left) == SPLIT_MESSAGES - len(got) and len(got) == len(sink.deliveries), log
+
+
+def test_a_helper_that_fails_right_after_the_fork_ends_there_and_the_flush_delivers_alone(tmp_path, sink):
+    """What the forked helper does before its work starts (its end of the pipes) runs inside
+    children.run_child: a failure there ends the helper with os._exit, never unwinds into the
+    flush's code as a second flusher, nor takes the parent's error path, whose "stop the
+    helper" would be a SIGTERM to pid 0: the whole process group, the master with it."""
+    proc, db, ids = start_split_flush(tmp_path, sink, helper_fails=True)
+    counts, log = finish(proc)
+    assert "flush-helper-crashed" in log and "flush-interrupted" not in log, log
+    assert counts == {"messages": SPLIT_MESSAGES, "delivered": SPLIT_MESSAGES, "deferred": 0, "failed": 0}, log
+    assert len(sink.deliveries) == SPLIT_MESSAGES
+    with QueueStore(db) as store:
+        assert rows(store) == {}
 
 
 def test_a_primary_gone_mid_split_flush_is_suspended_once_for_both_processes(tmp_path, sink):
