@@ -366,6 +366,8 @@ class Session:
     def auth_challenge(self, data: bytes) -> None:
         """The SASL exchange goes on: a 334 with `data`, then the client's next line."""
         self._answer(AuthRequest, AuthResponse)
+        if self.closed:  # a deadline ended the session while the driver checked: its 421 was the last word
+            return
         self._send(b"334 " + base64.b64encode(data) + b"\r\n")
         self.phase = Phase.SASL
         self._process()

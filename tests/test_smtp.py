@@ -433,6 +433,22 @@ def test_a_lone_lf_is_a_bare_line_ending_not_an_empty_line(config):
     assert not any(isinstance(e, AuthResponse) for e in d.events)
 
 
+def test_a_challenge_answered_after_a_deadline_ended_the_session_sends_nothing(config):
+    # The driver's credential check (SCRAM's server-final comes from it) may finish after a
+    # deadline ended the session with its 421: nothing goes out after that final reply, and
+    # the session stays closed (phase and `closed` agree), reading nothing more.
+    session = Session(SessionSettings.from_config(config, tls_active=True))
+    session.receive_data(b"EHLO c\r\n")
+    session.receive_data(b"AUTH PLAIN\r\n")
+    assert isinstance(session.next_event(), AuthRequest)
+    session.data_to_send()
+    session.time_limit_reached()
+    assert session.data_to_send() == replies.SESSION_TIME_EXCEEDED.render(hostname="mx2.test")
+    session.auth_challenge(b"v=server-signature")
+    assert session.data_to_send() == b""
+    assert session.closed and session.phase is smtp.Phase.CLOSED and not session.wants_input
+
+
 def test_command_line_limits_keep_the_session_in_step(config):
     d = new(config)
     d.lines()
