@@ -210,17 +210,23 @@ class Housekeeping(QueueDatabase):
         in between loses that warning: at most once (it is only a warning).
         """
         now = self._now()
-        # The candidates are looked for in a read transaction (the first `limit` of the
-        # partial index queue_delay_due, the unwarned queued rows by age), and each is
-        # claimed in the write transaction only if it is still queued and unwarned, so
-        # the look never holds the write lock that the SMTP workers' commits wait for.
+        # The candidates are looked for in a read transaction (the first `limit` of each
+        # domain's range of the partial index queue_unwarned, the oldest of them all
+        # kept), and each is claimed in the write transaction only if it is still
+        # queued and unwarned, so the look never holds the write lock that the SMTP
+        # workers' commits wait for.
         with self._read() as db:
-            keys = db.execute(
-                "SELECT queue_id, domain FROM queue"
-                " WHERE state = 'queued' AND delay_warned IS NULL AND message_received_at <= ?"
-                " ORDER BY message_received_at, rowid LIMIT ?",
-                (now - delay, limit),
-            ).fetchall()
+            domains = [row[0] for row in db.execute(
+                "SELECT domain FROM queue_totals WHERE state = 'queued' AND messages > 0")]
+            candidates = []
+            for domain in domains:
+                candidates += db.execute(
+                    "SELECT message_received_at, rowid, queue_id, domain FROM queue INDEXED BY queue_unwarned"
+                    " WHERE domain = ? AND state = 'queued' AND delay_warned IS NULL AND message_received_at <= ?"
+                    " ORDER BY message_received_at, rowid LIMIT ?",
+                    (domain, now - delay, limit),
+                ).fetchall()
+        keys = [(queue_id, domain) for _, _, queue_id, domain in sorted(candidates)[:limit]]
         if not keys:
             return []
         with self._write() as db:
