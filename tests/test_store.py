@@ -1147,6 +1147,27 @@ def test_delay_warning_claims(store, clock):
     assert [e.what for e in store.history(b)][-2:] == ["dsn-failed", "delay-warning"]
 
 
+def test_delay_warning_claims_the_oldest_across_domains_one_range_each(store, clock):
+    """The look asks each domain for its oldest unwarned rows (queue_unwarned, domain
+    first: a flush's deletes stay side by side in it) and keeps the oldest of them all."""
+    ages = {}
+    for i, domain in enumerate(["one.test", "two.test", "three.test"] * 3):
+        ages[put(store, f"u{i}@{domain}")] = i
+        clock.now += 10
+    oldest = sorted(ages, key=ages.get)
+    clock.now += 1000
+    assert [(x.queue_id, x.domain) for x in store.claim_delay_warnings(100, limit=4)] == \
+        [(q, d) for q, d in zip(oldest[:4], ["one.test", "two.test", "three.test", "one.test"])]
+    assert [x.queue_id for x in store.claim_delay_warnings(100, limit=10)] == oldest[4:]
+    db = sqlite3.connect(store.path)
+    try:
+        [(sql,)] = db.execute("SELECT sql FROM sqlite_master WHERE name = 'queue_unwarned'").fetchall()
+        assert "(domain, message_received_at)" in sql
+        assert db.execute("SELECT name FROM sqlite_master WHERE name = 'queue_delay_due'").fetchall() == []
+    finally:
+        db.close()
+
+
 def test_group_commit_leaves_out_only_the_message_that_cannot_be_queued(store):
     from backupmx.store import QuotaExceeded, Submission
 
