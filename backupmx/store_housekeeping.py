@@ -62,6 +62,16 @@ DSN_CLAIM_SECONDS = 600  # a DSN claim older than this is void (its housekeeper 
 
 
 
+# The delay-warning look (claim_delay_warnings), in the partial index queue_unwarned
+# (INDEXED BY: beside queue_domain_state SQLite's planner would take that one and
+# read every row already warned).
+_NEXT_UNWARNED_DOMAIN = ("SELECT domain FROM queue INDEXED BY queue_unwarned"
+                         " WHERE domain > ? AND state = 'queued' AND delay_warned IS NULL ORDER BY domain LIMIT 1")
+_OLDEST_UNWARNED = ("SELECT message_received_at, rowid, queue_id, domain FROM queue INDEXED BY queue_unwarned"
+                    " WHERE domain = ? AND state = 'queued' AND delay_warned IS NULL AND message_received_at <= ?"
+                    " ORDER BY message_received_at, rowid LIMIT ?")
+
+
 class Housekeeping(QueueDatabase):
     """What lifecycle.housekeeping does to the queue, one claim or transaction per step."""
 
@@ -210,22 +220,17 @@ class Housekeeping(QueueDatabase):
         in between loses that warning: at most once (it is only a warning).
         """
         now = self._now()
-        # The candidates are looked for in a read transaction (the first `limit` of each
-        # domain's range of the partial index queue_unwarned, the oldest of them all
-        # kept), and each is claimed in the write transaction only if it is still
-        # queued and unwarned, so the look never holds the write lock that the SMTP
-        # workers' commits wait for.
+        # The candidates are looked for in a read transaction: each domain's first `limit`
+        # of the partial index queue_unwarned (its domains found in the index itself, one
+        # seek each, not in queue_totals: a wrong total must not hide a domain's rows),
+        # the oldest of them all kept. Each is claimed in the write transaction only if
+        # it is still queued and unwarned, so the look never holds the write lock that
+        # the SMTP workers' commits wait for.
         with self._read() as db:
-            domains = [row[0] for row in db.execute(
-                "SELECT domain FROM queue_totals WHERE state = 'queued' AND messages > 0")]
-            candidates = []
-            for domain in domains:
-                candidates += db.execute(
-                    "SELECT message_received_at, rowid, queue_id, domain FROM queue INDEXED BY queue_unwarned"
-                    " WHERE domain = ? AND state = 'queued' AND delay_warned IS NULL AND message_received_at <= ?"
-                    " ORDER BY message_received_at, rowid LIMIT ?",
-                    (domain, now - delay, limit),
-                ).fetchall()
+            candidates, domain = [], ""
+            while (row := db.execute(_NEXT_UNWARNED_DOMAIN, (domain,)).fetchone()) is not None:
+                domain = row[0]
+                candidates += db.execute(_OLDEST_UNWARNED, (domain, now - delay, limit)).fetchall()
         keys = [(queue_id, domain) for _, _, queue_id, domain in sorted(candidates)[:limit]]
         if not keys:
             return []

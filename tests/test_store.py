@@ -1149,7 +1149,8 @@ def test_delay_warning_claims(store, clock):
 
 def test_delay_warning_claims_the_oldest_across_domains_one_range_each(store, clock):
     """The look asks each domain for its oldest unwarned rows (queue_unwarned, domain
-    first: a flush's deletes stay side by side in it) and keeps the oldest of them all."""
+    first: a flush's deletes stay side by side in it) and keeps the oldest of them all;
+    the domains come from the index, so totals gone wrong hide none."""
     ages = {}
     for i, domain in enumerate(["one.test", "two.test", "three.test"] * 3):
         ages[put(store, f"u{i}@{domain}")] = i
@@ -1158,9 +1159,10 @@ def test_delay_warning_claims_the_oldest_across_domains_one_range_each(store, cl
     clock.now += 1000
     assert [(x.queue_id, x.domain) for x in store.claim_delay_warnings(100, limit=4)] == \
         [(q, d) for q, d in zip(oldest[:4], ["one.test", "two.test", "three.test", "one.test"])]
-    assert [x.queue_id for x in store.claim_delay_warnings(100, limit=10)] == oldest[4:]
-    db = sqlite3.connect(store.path)
+    db = sqlite3.connect(store.path, isolation_level=None)
     try:
+        db.execute("DELETE FROM queue_totals")  # totals gone wrong: the look finds the domains in the queue itself
+        assert [x.queue_id for x in store.claim_delay_warnings(100, limit=10)] == oldest[4:]
         [(sql,)] = db.execute("SELECT sql FROM sqlite_master WHERE name = 'queue_unwarned'").fetchall()
         assert "(domain, message_received_at)" in sql
         assert db.execute("SELECT name FROM sqlite_master WHERE name = 'queue_delay_due'").fetchall() == []
