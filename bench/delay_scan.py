@@ -7,8 +7,9 @@ For each --rows count it makes a queue with schema.sql (QueueStore) and fills
 its `queue` table with SQL alone (no bodies: the look reads queue rows only):
 100 domains, received over the last two days, the rows older than four hours
 warned already (a queue where delay_warning = 4h has been on). Then it times
-the look's SELECT as the store runs it, with the partial index
-queue_unwarned and without it (dropped in the same file), each with and
+the look as the store runs it (its two statements: the next domain, then
+that domain's oldest), with the partial index queue_unwarned and without
+it (dropped in the same file; the statements without INDEXED BY), each with and
 without ANALYZE's statistics, and prints its plan and the mean of 5 runs in
 ms for two cut-offs: none due (the steady state between rounds) and every
 unwarned row due (delay_warning just switched on, or lowered).
@@ -24,12 +25,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from backupmx.store import QueueStore  # noqa: E402
+from backupmx.store_housekeeping import _NEXT_UNWARNED_DOMAIN, _OLDEST_UNWARNED  # noqa: E402
 
-DOMAIN = ("SELECT domain FROM queue{indexed} WHERE domain > ? AND state = 'queued' AND delay_warned IS NULL"
-          " ORDER BY domain LIMIT 1")
-LOOK = ("SELECT message_received_at, rowid, queue_id, domain FROM queue{indexed} WHERE domain = ?"
-        " AND state = 'queued'"
-        " AND delay_warned IS NULL AND message_received_at <= ? ORDER BY message_received_at, rowid LIMIT ?")
+INDEX = "queue_unwarned"  # the one the store's statements name (INDEXED BY)
 LIMIT = 20  # lifecycle.DSN_BATCH's order of size
 SPAN, DELAY = 2 * 86400, 4 * 3600
 
@@ -50,9 +48,10 @@ def fill(path: str, rows: int, now: int) -> None:
 
 
 def look(path: str, now: int, index: str | None) -> tuple[list[str], dict[str, float]]:
-    """The store's look (with INDEXED BY the index, as the store has it), or without the index."""
-    indexed = f" INDEXED BY {index}" if index else ""
-    sql, next_domain = LOOK.format(indexed=indexed), DOMAIN.format(indexed=indexed)
+    """The store's look, or the same statements without INDEXED BY when the index is gone."""
+    sql, next_domain = _OLDEST_UNWARNED, _NEXT_UNWARNED_DOMAIN
+    if index is None:
+        sql, next_domain = (s.replace(f" INDEXED BY {INDEX}", "") for s in (sql, next_domain))
     db = sqlite3.connect(path)
     try:
         plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, ("d00.bench", now, LIMIT))]
@@ -81,10 +80,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=args.dir) as directory:
             path = os.path.join(directory, "queue.db")
             fill(path, rows, now)
-            for index in ("queue_unwarned", None):
+            for index in (INDEX, None):
                 db = sqlite3.connect(path, isolation_level=None)
                 if index is None:
-                    db.execute("DROP INDEX queue_unwarned")
+                    db.execute(f"DROP INDEX {INDEX}")
                 db.execute("DROP TABLE IF EXISTS sqlite_stat1")
                 db.close()
                 for stats in (False, True):
