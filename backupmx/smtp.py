@@ -65,8 +65,18 @@ if TYPE_CHECKING:
 # AUTH line may carry an initial response: RFC 4954 section 4 allows 12288.
 MAX_COMMAND_LINE = 512
 MAX_AUTH_LINE = 12288
-# 5xx replies in one session before it is ended with 421 (Postfix's hard limit is 20).
+# Refusals in one session before it is ended with 421 4.7.0 too many errors; a queued message
+# starts the counts again (Postfix's smtpd_hard_error_limit, 20, counts 4xx and 5xx together).
+# 5xx replies: as Postfix.
 MAX_ERRORS = 20
+# 4xx replies, counted apart: each may have cost a callout, a greylist write or a quota look-up,
+# so a client is not given them for as long as a session lasts; the limit is higher than
+# Postfix's so that a whole transaction of deferred recipients (a mailing list's first visit
+# while greylisting, a verify outage) is answered to its end and the client goes on.
+MAX_TEMPORARY_ERRORS = 100
+# 452 too many recipients (RFC 5321 4.5.3.1.10: the client sends the rest in another
+# transaction) counts only beyond this many (Postfix's smtpd_recipient_overshoot_limit).
+MAX_RECIPIENT_OVERSHOOT = 1000
 # RFC 7230 methods: an HTTP client talking to the SMTP port ends the session at once.
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 # Rule 9: reply octets waiting for the driver before the session stops taking commands.
@@ -254,7 +264,7 @@ class Session:
     envelope: Envelope | None = None
     phase: Phase = Phase.COMMAND
     progress: int = 0  # grows with each command and DATA_PROGRESS_OCTETS of data
-    errors: int = 0
+    error_counts: "ErrorCounts" = field(default_factory=lambda: ErrorCounts())  # a new one with each queued message
     auth_failures: int = 0
     junk_commands: int = 0  # since the session's start or its last queued message (as Postfix counts)
     _input: bytearray = field(default_factory=bytearray)
@@ -328,6 +338,7 @@ class Session:
         self._reply(replies.QUEUED, queue_id=queue_id)
         self.envelope = None
         self.junk_commands = 0  # a client that delivers mail is forgiven its NOOPs (as Postfix does)
+        self.error_counts = ErrorCounts()  # and its errors
         self._process()
 
     def message_refused(self, reply: Reply) -> None:
@@ -692,13 +703,13 @@ class Session:
             rendered = replies.rendered(reply, self.settings.hostname)
         self._output.append(rendered)  # _send's work, without its call: every reply comes here
         self.output_size += len(rendered)
-        if reply.code >= 400 and (refused := self.commands.refuse(reply, rendered, self.helo, self.envelope)) \
-                and counted:  # (the chunks after a refused one: one error, one line)
-            self.events.append(refused)
-        if counted and reply.code >= 500 and reply is not replies.AUTH_FAILED:
-            self.errors += 1
-            if self.errors >= MAX_ERRORS and self.phase is not Phase.CLOSED:
-                self._close_with(replies.TOO_MANY_ERRORS)
+        if reply.code >= 400:
+            refused = self.commands.refuse(reply, rendered, self.helo, self.envelope)
+            if counted:  # (the chunks after a refused one: one error, one line)
+                if refused:
+                    self.events.append(refused)
+                if self.error_counts.one_too_many(reply) and self.phase is not Phase.CLOSED:
+                    self._close_with(replies.TOO_MANY_ERRORS)
 
     def _close_with(self, reply: Reply) -> None:
         if self.phase is Phase.CLOSED:
@@ -741,6 +752,28 @@ class Session:
             self.phase = Phase.COMMAND
         asked, self._asked = self._asked, None
         return asked
+
+
+@dataclass
+class ErrorCounts:
+    """A session's refusals since its start or its last queued message, as Postfix counts its
+    errors (smtpd_hard_error_limit), 4xx apart from 5xx (MAX_ERRORS and the constants below it)."""
+    errors: int = 0  # 5xx replies
+    temporary: int = 0  # 4xx replies
+    recipient_overshoot: int = 0  # 452 too many recipients, counted apart up to MAX_RECIPIENT_OVERSHOOT
+
+    def one_too_many(self, reply: Reply) -> bool:
+        """Count a refusal: True when the session must end for it (421 4.7.0 too many errors)."""
+        if reply.code >= 500:
+            if reply is replies.AUTH_FAILED:  # max_auth_failures counts these
+                return False
+            self.errors += 1
+            return self.errors >= MAX_ERRORS
+        if reply is replies.TOO_MANY_RECIPIENTS and self.recipient_overshoot < MAX_RECIPIENT_OVERSHOOT:
+            self.recipient_overshoot += 1
+            return False
+        self.temporary += 1
+        return self.temporary >= MAX_TEMPORARY_ERRORS
 
 
 @dataclass

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from backupmx import replies
+from backupmx import replies, smtp
 from conftest import REPO, free_port, read_line, received_client, wait_for
 
 PASSWORD = "prim-secret"
@@ -212,10 +212,33 @@ def test_a_client_talking_before_the_greeting_is_refused(server_factory):
     assert wait_for(lambda: "improper-pipelining client=127.0.0.1 after=CONNECT" in server.log())
 
 
-def test_junk_commands_beyond_the_limit_and_a_body_before_the_354(server_factory):
+def refused_with_4xx_until_the_421(server):
+    """RCPT after RCPT refused with 4xx (here 452 too many recipients, beyond Postfix's
+    overshoot allowance; the server has max_recipients = 1) ends in 421 4.7.0 too many
+    errors, not in 4xx answers for as long as max_session_time lasts; every refusal and the
+    421 are a reject line (fail2ban)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    assert read_line(sock).startswith(b"220")
+    sock.sendall(b"EHLO c\r\n")
+    while not read_line(sock).startswith(b"250 "):
+        pass
+    sent = smtp.MAX_RECIPIENT_OVERSHOOT + smtp.MAX_TEMPORARY_ERRORS
+    sock.sendall(b"MAIL FROM:<a@origin.test>\r\n" + b"".join(
+        b"RCPT TO:<u%d@example.com>\r\n" % i for i in range(1 + sent + 5)) + b"QUIT\r\n")
+    with sock, sock.makefile("rb") as replies_in:
+        got = [line[:4] for line in replies_in]
+    assert got == [b"250 ", b"250 "] + [b"452 "] * sent + [b"421 "]
+    assert wait_for(lambda: "reason=too_many_errors" in server.log())
+    log = server.log()
+    assert log.count("reject client=127.0.0.1 command=RCPT reason=too_many_recipients ") == sent
+    assert "reject client=127.0.0.1 command=RCPT reason=too_many_errors " in log
+
+
+def test_junk_commands_and_4xx_refusals_beyond_their_limits_and_a_body_before_the_354(server_factory):
+    """Sessions that end for what the client sent, on one server (one start for the three)."""
     import sqlite3
 
-    server = server_factory(max_junk_commands=5)
+    server = server_factory(max_junk_commands=5, max_recipients=1)
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     assert read_line(sock).startswith(b"220")
     for verb in (b"NOOP", b"RSET", b"HELP", b"VRFY bob", b"NOOP"):
@@ -233,6 +256,7 @@ def test_junk_commands_beyond_the_limit_and_a_body_before_the_354(server_factory
     assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
     db.close()
     assert "improper-pipelining client=127.0.0.1 after=DATA" in server.log()
+    refused_with_4xx_until_the_421(server)
 
 
 # -- AUTH guessing across sessions, workers and inetd (auth_limit.py) ------------------
