@@ -1161,7 +1161,9 @@ def drain(store, config, owner: str, *, lease_seconds: float, log: logging.Logge
     flush`) calls it once. A flush that fails half-way is requested again
     (the ETRN that started it was answered "started") and ends this pass, so
     the caller decides how long to wait before the next one. Store errors
-    while claiming (QueueUnavailable) propagate.
+    while claiming (QueueUnavailable) propagate. A flush that leaves the
+    store without a connection (QueueConnectionLost) can neither be released
+    nor requested again here: that is the caller's, on a new connection.
     """
     delivered = 0
     for _ in itertools.repeat(None) if rounds is None else range(rounds):
@@ -1170,6 +1172,7 @@ def drain(store, config, owner: str, *, lease_seconds: float, log: logging.Logge
         name = store.claim_flush(owner, lease_seconds)
         if name is None:
             break
+        lost = False
         try:
             domain = config.domains.get(name)
             if domain is None:
@@ -1182,11 +1185,14 @@ def drain(store, config, owner: str, *, lease_seconds: float, log: logging.Logge
         except Exception as e:  # one bad flush must not end the process
             log_event(log, "flush-error", domain=name, owner=owner, error=f"{type(e).__name__}: {e}",
                       level=logging.ERROR)
+            if lost := _connection_lost(store):
+                raise QueueConnectionLost(name) from e
             _request_again(store, name, log)
             raise FlushFailed(name) from e
         finally:
             try:
-                store.release_flush(name, owner)
+                if not lost:
+                    store.release_flush(name, owner)
             except Exception as e:
                 log_event(log, "flush-error", domain=name, owner=owner,
                           error=f"release: {type(e).__name__}: {e}", level=logging.ERROR)
@@ -1197,6 +1203,21 @@ class FlushFailed(Exception):
     """A domain's flush failed half-way (logged, and requested again)."""
 
 
+class QueueConnectionLost(FlushFailed):
+    """A domain's flush failed and took the store's connection with it (logged; its lease
+    is still held and its flush not requested again: nothing can be written on that store)."""
+
+
+def _connection_lost(store) -> bool:
+    """Whether the store has no connection any more: closed across a fork
+    (closed_for_fork, _share) and not opened again (EMFILE, a full disk)."""
+    try:
+        store.connection
+    except ValueError:
+        return True
+    return False
+
+
 def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
                      ready: Callable[[], None] = lambda: None) -> None:
     """The flush worker process: drain(), then wait POLL_INTERVAL; repeat until should_stop().
@@ -1205,7 +1226,9 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
     what fails before that means this worker cannot start (the master stops
     its start-up). Returns soon after should_stop() turns true, and never
     dies because of a bad primary: errors are logged per flush, and the
-    worker pauses a second after one.
+    worker pauses a second after one. Nor of a queue connection that a flush
+    lost (QueueConnectionLost): it opens another and gives that flush back
+    (_reopened_queue), pausing a second between tries while it cannot.
 
     Every HOUSEKEEPING_INTERVAL it also runs lifecycle.housekeeping (expiry,
     bounces, retries on a backoff, retention); that is safe from several
@@ -1222,9 +1245,14 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
     next_retry_scan = time.monotonic() + min(1.0, retry_scan)
     if monitored(config):  # accept_when = primary-unreachable: the probes run here, not in SMTP workers
         PrimaryWatch(config, log, should_stop).start()
-    with QueueStore(config.queue) as store:
+    store = QueueStore(config.queue)
+    try:
         ready()
         while not should_stop():
+            if store is None:
+                store = _reopened_queue(config, owner, log)
+                _pause(1.0, should_stop)  # as after any failed flush: one that fails so again is not retried at once
+                continue
             now = time.monotonic()
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
@@ -1237,10 +1265,35 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
             except QueueUnavailable as e:
                 log_event(log, "flush-error", owner=owner, error=str(e), level=logging.WARNING)
                 _pause(1.0, should_stop)
+            except QueueConnectionLost:
+                store.close()
+                store = None  # opened again at once, at the top of the loop
             except FlushFailed:
                 _pause(1.0, should_stop)
             else:
                 _pause(POLL_INTERVAL, should_stop)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _reopened_queue(config, owner: str, log) -> QueueStore | None:
+    """A flush worker's new queue connection, once a flush lost the old one (QueueConnectionLost),
+    and that flush given back: the leases it holds released, their flushes requested again (as
+    the master does for a flush worker that died). None while the queue cannot be opened: the
+    flush-error line said why, and the worker tries again a second later."""
+    try:
+        store = QueueStore(config.queue)
+    except (QueueUnavailable, OSError):
+        return None
+    try:
+        domains = store.release_leases_of(owner)
+    except QueueUnavailable:
+        store.close()
+        return None
+    for domain in domains:
+        log_event(log, "flush-lease-released", domain=domain, owner=owner, reason="queue connection lost")
+    return store
 
 
 def _request_again(store, domain: str, log) -> None:

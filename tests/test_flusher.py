@@ -939,6 +939,25 @@ def test_an_extra_connection_that_left_a_message_unrecorded_has_the_flush_asked_
 # -- a big flush shared with a helper process ---------------------------------------------------
 
 
+# A QueueStore whose connection, closed across the fork of a flush's helper (closed_for_fork),
+# meets a real EMFILE when the flush opens it again, the first time.
+REOPEN_FAILS_ONCE = """
+class ReopenFailsOnce(QueueStore):
+    failed = False
+    @contextlib.contextmanager
+    def closed_for_fork(self):
+        limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            with super().closed_for_fork():
+                yield  # the helper leaves with os._exit: only the parent goes on
+                if not ReopenFailsOnce.failed:
+                    ReopenFailsOnce.failed = True
+                    lowest = os.dup(0)
+                    os.close(lowest)
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, limits[1]))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+"""
 SPLIT_FLUSH_SCRIPT = """
 import contextlib, json, os, resource, sys
 sys.path.insert(0, {repo!r})
@@ -950,18 +969,7 @@ from backupmx.smtpclient import Primary
 from backupmx.store import QueueStore, QueueUnavailable
 log = setup_logging("stderr")
 stop = StopFlag().install()
-class ReopenFails(QueueStore):
-    @contextlib.contextmanager
-    def closed_for_fork(self):  # the parent's reopen after the fork meets a real EMFILE
-        limits = resource.getrlimit(resource.RLIMIT_NOFILE)
-        try:
-            with super().closed_for_fork():
-                yield  # the helper leaves with os._exit: only the parent goes on
-                lowest = os.dup(0)
-                os.close(lowest)
-                resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, limits[1]))
-        finally:
-            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+{reopen_fails_once}
 if {helper_fails}:  # the helper fails right after the fork, before its own work starts
     import backupmx.flusher
     class FailsInTheHelper(backupmx.flusher._SharedWork):
@@ -971,7 +979,7 @@ if {helper_fails}:  # the helper fails right after the fork, before its own work
             super().__init__(*args, return_fd=return_fd, **kwargs)
     backupmx.flusher._SharedWork = FailsInTheHelper
     os.setpgid(0, 0)  # a group of its own: a signal to "every process of the group" stays in it
-store = (ReopenFails if {reopen_fails} else QueueStore)({db!r})
+store = (ReopenFailsOnce if {reopen_fails} else QueueStore)({db!r})
 other = QueueStore({db!r}) if {other} else None  # a second connection open in the process
 store.request_flush(["example.com"])
 assert store.claim_flush("split", 60) == "example.com"
@@ -1008,7 +1016,8 @@ def start_split_flush(tmp_path, sink, *, single=False, lease=60, other=False, re
     with QueueStore(db) as store:
         ids = [enqueue(store, b"X-Test-Id: %d\r\n\r\nbody\r\n" % i) for i in range(SPLIT_MESSAGES)]
     script = SPLIT_FLUSH_SCRIPT.format(repo=str(REPO), db=db, port=sink.port, single=single, lease=lease, other=other,
-                                      reopen_fails=reopen_fails, helper_fails=helper_fails)
+                                      reopen_fails=reopen_fails, helper_fails=helper_fails,
+                                      reopen_fails_once=REOPEN_FAILS_ONCE)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline() == b"claimed\n"
     return proc, db, ids
@@ -1200,6 +1209,60 @@ def test_a_helper_forked_by_a_flush_whose_queue_connection_cannot_reopen_is_stop
     with QueueStore(db) as store:  # what it delivered is recorded; every other message is still queued
         left = rows(store)
     assert len(left) == SPLIT_MESSAGES - len(got) and len(got) == len(sink.deliveries), log
+
+
+FLUSH_WORKER_SCRIPT = """
+import contextlib, os, resource, sys
+sys.path.insert(0, {repo!r})
+import backupmx.flusher
+from backupmx.children import StopFlag
+from backupmx.config import load_config
+from backupmx.log import setup_logging
+from backupmx.store import QueueStore
+setup_logging("stderr")
+stop = StopFlag().install()
+{reopen_fails_once}
+backupmx.flusher.QueueStore = ReopenFailsOnce  # the worker's queue connections, its first and the next
+backupmx.flusher.run_flush_worker(load_config({cfg!r}), "worker-1", stop.should_stop,
+                                  ready=lambda: print("ready", flush=True))
+print("survived", flush=True)
+"""
+
+
+def test_a_flush_worker_whose_queue_connection_cannot_reopen_gives_the_flush_back_and_goes_on(tmp_path, sink):
+    """The flush's connection, closed across its helper's fork, meets a real EMFILE when it is
+    opened again: the flush worker says so in one line, opens another connection, gives the
+    flush back (its lease released, the flush requested again) and delivers it then, each
+    message once. It does not die (a traceback, the master's respawn)."""
+    from backupmx.flusher import HELPER_MIN_MESSAGES  # enough for a helper
+
+    queue = tmp_path / "queue.db"
+    cfg = tmp_path / "backupmx.ini"
+    cfg.write_text(f"[backupmx]\nhostname = mx2.test\nqueue = {queue}\ntimeout = 5s\n"
+                   f"[domain:{DOMAIN}]\nprimary = 127.0.0.1:{sink.port}\nprimary_tls = none\n")
+    with QueueStore(str(queue)) as store:
+        for i in range(HELPER_MIN_MESSAGES):
+            enqueue(store, b"X-Test-Id: %d\r\n\r\nbody\r\n" % i)
+        store.request_flush([DOMAIN])
+    script = FLUSH_WORKER_SCRIPT.format(repo=str(REPO), cfg=str(cfg), reopen_fails_once=REOPEN_FAILS_ONCE)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        with QueueStore(str(queue)) as store:
+            wait_for(lambda: not rows(store) or proc.poll() is not None, 15)  # delivered, or the worker died
+            assert not rows(store)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    log = err.decode()
+    assert proc.returncode == 0 and out == b"survived\n", log
+    [error] = [line for line in log.splitlines() if "flush-error" in line]
+    assert f"flush-error domain={DOMAIN} owner=worker-1 error=" in error and "unable to open database file" in error, log
+    assert f"flush-lease-released domain={DOMAIN} owner=worker-1" in log
+    assert f"flush-done domain={DOMAIN}" in log and "Traceback" not in log, log
+    got = sorted(d.body.split(b"\r\n")[0] for d in sink.deliveries)
+    assert got == sorted(b"X-Test-Id: %d" % i for i in range(HELPER_MIN_MESSAGES))  # each once
+    assert pending_flushes(str(queue)) == []
 
 
 def test_a_helper_that_fails_right_after_the_fork_ends_there_and_the_flush_delivers_alone(tmp_path, sink):
