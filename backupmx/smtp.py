@@ -264,7 +264,7 @@ class Session:
     envelope: Envelope | None = None
     phase: Phase = Phase.COMMAND
     progress: int = 0  # grows with each command and DATA_PROGRESS_OCTETS of data
-    error_counts: "ErrorCounts" = field(default_factory=lambda: ErrorCounts())  # a new one with each queued message
+    error_counts: "ErrorCounts | None" = None  # made at the first refusal, dropped with each queued message
     auth_failures: int = 0
     junk_commands: int = 0  # since the session's start or its last queued message (as Postfix counts)
     _input: bytearray = field(default_factory=bytearray)
@@ -336,9 +336,8 @@ class Session:
     def message_queued(self, queue_id: str) -> None:
         self._answer(MessageReceived)
         self._reply(replies.QUEUED, queue_id=queue_id)
-        self.envelope = None
-        self.junk_commands = 0  # a client that delivers mail is forgiven its NOOPs (as Postfix does)
-        self.error_counts = ErrorCounts()  # and its errors
+        self.envelope = self.error_counts = None
+        self.junk_commands = 0  # a client that delivers mail is forgiven its NOOPs and errors (as Postfix does)
         self._process()
 
     def message_refused(self, reply: Reply) -> None:
@@ -708,7 +707,8 @@ class Session:
             if counted:  # (the chunks after a refused one: one error, one line)
                 if refused:
                     self.events.append(refused)
-                if self.error_counts.one_too_many(reply) and self.phase is not Phase.CLOSED:
+                self.error_counts = counts = self.error_counts or ErrorCounts()  # (most sessions need none)
+                if counts.one_too_many(reply) and self.phase is not Phase.CLOSED:
                     self._close_with(replies.TOO_MANY_ERRORS)
 
     def _close_with(self, reply: Reply) -> None:
