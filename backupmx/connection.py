@@ -331,6 +331,11 @@ class SMTPConnection:
         return events
 
     @property
+    def handshaking(self) -> bool:
+        """Its next input is a TLS handshake step (the worker loop serves those after the cheap work)."""
+        return self._tls is not None and not self._tls.handshake_complete and not self.closed
+
+    @property
     def _auth_busy(self) -> bool:
         return self._auth_checking is not None or self._auth_due is not None
 

@@ -62,6 +62,7 @@ class StubConnection:
         self.out = bytearray(b"220 test tls=%d\r\n" % implicit_tls)
         self.timeout = ctx.config.timeout
         self.deadline = time.monotonic() + self.timeout
+        self.handshaking = False  # no TLS: every input is cheap
 
     def interest(self):
         if self.closed:

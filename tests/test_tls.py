@@ -639,3 +639,130 @@ def test_starttls_sends_one_ticket_at_once_and_it_resumes(tmp_path, server_ctx):
                     client.close()
     finally:
         context.close()
+
+
+class LoopClient:
+    """A client of a SessionLoop that the test turns round by round; STARTTLS with an SSLObject
+    over memory buffers, so the test decides when each handshake message goes out."""
+
+    def __init__(self, listener, loop):
+        self.sock = socket.create_connection(listener.getsockname(), timeout=5)
+        server_sock, peer = listener.accept()
+        self.conn = loop.add_session(server_sock, peer, implicit_tls=False)
+        assert read_line(self.sock).startswith(b"220 ")
+        self.tls = None
+        self.text = b""  # plaintext the server sent under TLS
+
+    def send(self, line):
+        self.sock.sendall(line + b"\r\n")
+
+    def answered(self):
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def hello(self, client_ctx):
+        """STARTTLS said and answered: the ClientHello goes out (the server's next step signs)."""
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = client_ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        self.handshake()
+
+    def reply(self):
+        """The plaintext the server sent under TLS so far, None while there is none."""
+        while self.answered():
+            data = self.sock.recv(65536)
+            assert data
+            self.incoming.write(data)
+        try:
+            self.text += self.tls.read(65536)
+        except ssl.SSLWantReadError:
+            pass
+        return self.text or None
+
+    def handshake(self):
+        """The client's next handshake step with what the server wrote; True once it is done."""
+        if self.answered():
+            self.incoming.write(self.sock.recv(65536))
+        try:
+            self.tls.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        self.sock.sendall(self.outgoing.read())
+        return done
+
+
+def test_a_loop_round_serves_plain_commands_first_and_handshake_steps_within_a_budget(tmp_path, server_ctx,
+                                                                                      monkeypatch):
+    """Twelve ClientHellos (RSA-2048: a signature each, ~1.5 ms) and a plain client's MAIL ready in
+    the same round: the round answers the MAIL and, with no budget left, serves one handshake step;
+    the others keep their places and get one each in the next rounds, oldest first, none
+    waiting for the clock. Every handshake then completes through the loop."""
+    from backupmx import worker
+
+    monkeypatch.setattr(worker, "HANDSHAKE_BUDGET", 0.0)  # exactly one handshake step a round
+    config_path = tmp_path / "c.ini"
+    config_path.write_text(f"[backupmx]\nhostname = mx2.test\nqueue = {tmp_path}/q.db\n"
+                           "[domain:example.com]\nprimary = 127.0.0.1:25\nprimary_tls = none\n")
+    context = ConnectionContext(config=load_config(config_path), ssl_context=server_ctx,
+                                logger=logging.getLogger("test-tls-budget"), resolver=TableResolver())
+    loop = worker.SessionLoop(None, context, logging.getLogger("test-tls-budget"))
+    client_ctx = tls.client_context("required", CA)
+
+    def turns_until(done, most=50):
+        for _ in range(most):
+            if done():
+                return
+            loop.turn()
+        raise AssertionError("the loop did not get there")
+
+    try:
+        with socket.create_server(("127.0.0.1", 0), backlog=16) as listener:
+            plain = LoopClient(listener, loop)
+            starting = [LoopClient(listener, loop) for _ in range(12)]
+            for client in [plain] + starting:
+                client.send(b"EHLO client.test")
+                turns_until(client.answered)
+                assert read_line(client.sock).startswith(b"250-")
+                while not read_line(client.sock).startswith(b"250 "):
+                    pass
+            for client in starting:
+                client.send(b"STARTTLS")
+                turns_until(client.answered)
+                assert read_line(client.sock).startswith(b"220 ")
+            for client in starting:
+                client.hello(client_ctx)
+            plain.send(b"MAIL FROM:<a@sender.test>")
+            ready = [c.conn.sock for c in [plain] + starting]
+            for _ in range(100):
+                if len(select.select(ready, [], [], 0.05)[0]) == len(ready):
+                    break
+            else:
+                raise AssertionError("the clients' input did not arrive")
+
+            loop.turn()
+            assert read_line(plain.sock).startswith(b"250 ")
+            assert [c.answered() for c in starting].count(True) == 1
+            waiting = [c for c in starting if not c.answered()]
+            assert set(loop.handshakes) == {c.conn for c in waiting}
+            order = list(loop.handshakes)
+            assert loop.wait_time(0.0) == 0.0  # what is left does not wait for the clock
+            for served, conn in enumerate(order, 2):
+                loop.turn()
+                assert [c.answered() for c in starting].count(True) == served
+                assert next(c for c in starting if c.conn is conn).answered()  # the oldest first
+            assert not loop.handshakes
+
+            pending = set(starting)
+            while pending:
+                for client in list(pending):
+                    if client.answered() and client.handshake():
+                        pending.discard(client)
+                turns_until(lambda: all(c.answered() for c in pending))
+            for client in starting:
+                client.tls.write(b"NOOP\r\n")
+                client.sock.sendall(client.outgoing.read())
+            for client in starting:
+                turns_until(lambda: client.reply() is not None)
+                assert client.reply().startswith(b"250 ")
+    finally:
+        loop.close_all()
+        context.close()
