@@ -280,7 +280,6 @@ class SMTPConnection:
         self._protocol = None  # the message's, as Received: and XFORWARD PROTO name it
         self._awaiting_commit = None  # the MessageReceived waiting for the group commit
         self._submission = None  # its Submission (the store says which domains it started queueing)
-        self._tls_logged = False
         # AUTH: the SASL exchange in progress; the Credentials being checked
         # on ctx.offload; when a failure may be answered (it waits a while).
         self._sasl = None
@@ -333,7 +332,7 @@ class SMTPConnection:
     @property
     def handshaking(self) -> bool:
         """Its next input is a TLS handshake step (the worker loop serves those after the cheap work)."""
-        return self._tls is not None and not self._tls.handshake_complete and not self.closed
+        return self._tls is not None and not self._tls.handshake_complete
 
     @property
     def _auth_busy(self) -> bool:
@@ -347,7 +346,7 @@ class SMTPConnection:
     def _timers(self):
         """(when, what happens then) for every deadline; each fires once (see the class doc)."""
         return zip(self._deadlines(), (self._auth_answer_due, self._greet, self._handshake_expired,
-                                       self._close_expired, self._write_expired, self._session_expired,
+                                       self.close, self._write_expired, self._session_expired,
                                        self._stop_due, self._idle_expired))
 
     @property
@@ -368,9 +367,8 @@ class SMTPConnection:
             except TLSError as exc:
                 log_event(self.ctx.logger, "tls-failed", client=self.client_ip, error=str(exc))
                 return self.close()
-            if self._tls.handshake_complete and not self._tls_logged:
+            if self._tls.handshake_complete and self._handshake_deadline is not None:  # just completed
                 self._handshake_deadline = None
-                self._tls_logged = True
                 log_event(self.ctx.logger, "tls", client=self.client_ip, version=self._tls.version(),
                           cipher=self._tls.cipher(), bits=self._tls.cipher_bits())
             if data:
@@ -430,9 +428,6 @@ class SMTPConnection:
     def _handshake_expired(self) -> None:
         log_event(self.ctx.logger, "tls-failed", client=self.client_ip, error="handshake timeout")
         self.close()
-
-    def _close_expired(self) -> None:
-        self.close()  # the final reply found no reader within CLOSE_GRACE
 
     def _write_expired(self) -> None:
         log_event(self.ctx.logger, "write-timeout", client=self.client_ip, unsent=len(self._out))
