@@ -37,7 +37,11 @@ flush, the operator commands) and let go in between, so that nobody
 waits for it long; the server stays up meanwhile.
 
 The windows' mail goes to d01..; d00 holds exactly --flush-size messages
-when it is flushed. Exit status 1 when a window or a flush lost mail or failed.
+when it is flushed: at the last level they are filled as one block after
+the others' (their rows side by side in every table), or with
+--interleaved spread evenly among them, as mail for many domains arrives
+(each of its rows then shares its pages with other domains' rows: every
+delivery dirties pages of its own). Exit status 1 when a window or a flush lost mail or failed.
 """
 
 from __future__ import annotations
@@ -197,15 +201,25 @@ class Filler:
         self.n = 0
         self.seconds = 0.0
         self.locked = 0  # fill transactions that met the busy timeout (the server held the lock longer)
+        self.owed = 0.5  # fill(first_share=...): domains[0]'s share due but not yet made (rounded, over all calls)
 
-    def fill(self, domains: list[str], count: int) -> None:
-        """`count` messages, round-robin over `domains`, one recipient each."""
+    def fill(self, domains: list[str], count: int, first_share: float = 0.0) -> None:
+        """`count` messages, round-robin over `domains`, one recipient each; with `first_share`,
+        that share of them goes to domains[0], spread evenly among the others' (the rest round-robin)."""
         started = time.perf_counter()
         left = count
+        first, rest = domains[0], domains[1:] or domains
         while left:
             submissions = []
             for _ in range(min(self.batch, left)):
-                domain = domains[self.n % len(domains)]
+                self.owed += first_share
+                if self.owed >= 1.0:
+                    self.owed -= 1.0
+                    domain = first
+                elif first_share:
+                    domain = rest[self.n % len(rest)]
+                else:
+                    domain = domains[self.n % len(domains)]
                 rcpt = f"user{self.n % 1000}@{domain}"
                 body = body_2k(self.n, rcpt)
                 envelope = Envelope(f"sender{self.n % 5000}@x.test", [Recipient(rcpt, domain)])
@@ -256,10 +270,11 @@ class CPULock:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def fill_in_chunks(filler: Filler, lock: CPULock, chunk: int, domains: list[str], count: int) -> None:
+def fill_in_chunks(filler: Filler, lock: CPULock, chunk: int, domains: list[str], count: int,
+                   first_share: float = 0.0) -> None:
     while count > 0:
         with lock.held():
-            filler.fill(domains, min(chunk, count))
+            filler.fill(domains, min(chunk, count), first_share)
         count -= chunk
 
 
@@ -332,6 +347,10 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the directory (queue, config, log)")
     parser.add_argument("--lock", help="flock this file for each step, let go in between (a shared machine)")
     parser.add_argument("--lock-chunk", type=int, default=200000, help="messages filled per --lock hold")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="the flushed domain's messages at the last level arrive spread among the others' "
+                             "(as mail for many domains does), not as one block after them: its rows are then "
+                             "scattered over every table (the flush's worst case)")
     parser.add_argument("--breakdown", action="store_true",
                         help="the database's bytes per table and index at the last level (dbstat)")
     args = parser.parse_args(argv)
@@ -361,7 +380,10 @@ def main(argv=None) -> int:
         filler = Filler(server.db, args.fill_batch)
         others = server.domains[1:]
         for level in levels:
-            if level == levels[-1]:
+            if level == levels[-1] and args.interleaved:
+                count = level - server.queued()
+                fill_in_chunks(filler, lock, args.lock_chunk, server.domains, count, args.flush_size / count)
+            elif level == levels[-1]:
                 fill_in_chunks(filler, lock, args.lock_chunk, others, level - args.flush_size - server.queued())
                 fill_in_chunks(filler, lock, args.lock_chunk, server.domains[:1], args.flush_size)
             else:
