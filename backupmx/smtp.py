@@ -70,9 +70,11 @@ MAX_AUTH_LINE = 12288
 # 5xx replies: as Postfix.
 MAX_ERRORS = 20
 # 4xx replies, counted apart: each may have cost a callout, a greylist write or a quota look-up,
-# so a client is not given them for as long as a session lasts; the limit is higher than
-# Postfix's so that a whole transaction of deferred recipients (a mailing list's first visit
-# while greylisting, a verify outage) is answered to its end and the client goes on.
+# so a client is not given them for as long as a session lasts; beyond this many the session
+# ends. Higher than Postfix's, and a limit exceeded rather than reached (as Postfix's are), so
+# that a whole transaction of deferred recipients (a mailing list's first visit while
+# greylisting, a verify outage; 100 recipients is max_recipients' default and Exim's max_rcpt)
+# is answered to its end, its DATA included, and the client goes on.
 MAX_TEMPORARY_ERRORS = 100
 # 452 too many recipients (RFC 5321 4.5.3.1.10: the client sends the rest in another
 # transaction) counts only beyond this many (Postfix's smtpd_recipient_overshoot_limit).
@@ -773,7 +775,7 @@ class ErrorCounts:
             self.recipient_overshoot += 1
             return False
         self.temporary += 1
-        return self.temporary >= MAX_TEMPORARY_ERRORS
+        return self.temporary > MAX_TEMPORARY_ERRORS
 
 
 @dataclass

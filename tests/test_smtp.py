@@ -629,22 +629,23 @@ def test_4xx_refusals_end_the_session_at_their_own_limit(config):
     d = new(config, refuse={"example.com": replies.PRIMARY_IS_UP})
     d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
     got = pipeline(d, recipients(smtp.MAX_TEMPORARY_ERRORS + 5))
-    assert codes(got) == ["450"] * smtp.MAX_TEMPORARY_ERRORS + ["421"]
+    assert codes(got) == ["450"] * (smtp.MAX_TEMPORARY_ERRORS + 1) + ["421"]
     assert got[-1] == reply_line(replies.TOO_MANY_ERRORS) and d.session.closed
     refused = [(e.command, e.reply) for e in d.events if type(e).__name__ == "Refused"]
-    assert refused == [("RCPT", replies.PRIMARY_IS_UP)] * smtp.MAX_TEMPORARY_ERRORS + [
+    assert refused == [("RCPT", replies.PRIMARY_IS_UP)] * (smtp.MAX_TEMPORARY_ERRORS + 1) + [
         ("RCPT", replies.TOO_MANY_ERRORS)]
 
 
 def test_a_deferred_transaction_is_answered_to_its_end_and_a_queued_message_forgives(config):
-    """A mailing list's first visit while greylisting: every recipient 450, DATA 554, and the
+    """A mailing list's first visit while greylisting: every recipient 450 (as many as
+    MAX_TEMPORARY_ERRORS, max_recipients' default: a whole transaction), DATA 554, and the
     session goes on. 4xx and 5xx are counted apart, and a queued message starts both counts
     again (as Postfix forgives a client's errors when a message was received)."""
     d = new(config, refuse={"example.com": replies.PRIMARY_IS_UP})
     d.feed(b"EHLO c\r\n")
     for _ in range(2):
-        got = pipeline(d, b"MAIL FROM:<a@b.test>\r\n" + recipients(smtp.MAX_TEMPORARY_ERRORS - 1) + b"DATA\r\n")
-        assert codes(got) == ["250"] + ["450"] * (smtp.MAX_TEMPORARY_ERRORS - 1) + ["554"]
+        got = pipeline(d, b"MAIL FROM:<a@b.test>\r\n" + recipients(smtp.MAX_TEMPORARY_ERRORS) + b"DATA\r\n")
+        assert codes(got) == ["250"] + ["450"] * smtp.MAX_TEMPORARY_ERRORS + ["554"]
         assert codes(d.feed(b"RSET\r\n" + b"BOGUS\r\n" * (smtp.MAX_ERRORS - 2))) == ["250"] + ["500"] * 18
         got = d.feed(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@sub.example.com>\r\nDATA\r\nx\r\n.\r\n")
         assert got[-1] == "250 2.0.0 Ok: queued as Q1" and not d.session.closed
@@ -663,7 +664,8 @@ def test_too_many_recipients_counts_only_beyond_the_overshoot_limit(config):
     assert d.feed(b"DATA\r\n") + d.feed(b"x\r\n.\r\n") == [reply_line(replies.START_DATA), "250 2.0.0 Ok: queued as Q1"]
     d.feed(b"MAIL FROM:<a@b.test>\r\n")
     got = pipeline(d, recipients(limit + smtp.MAX_RECIPIENT_OVERSHOOT + smtp.MAX_TEMPORARY_ERRORS + 5))
-    assert codes(got) == ["250"] * limit + ["452"] * (smtp.MAX_RECIPIENT_OVERSHOOT + smtp.MAX_TEMPORARY_ERRORS) + ["421"]
+    assert codes(got) == ["250"] * limit + ["452"] * (smtp.MAX_RECIPIENT_OVERSHOOT + smtp.MAX_TEMPORARY_ERRORS + 1) + [
+        "421"]
     assert d.session.closed
 
 
