@@ -205,7 +205,7 @@ class Relay:
         settings = SessionSettings(
             hostname=hostname, domains={d: RelayedDomain(d) for d in domains} if domains else AnyDomain(),
             etrn_domains={}, max_message_size=mta.limit(), max_recipients=MAX_RECIPIENTS, max_auth_failures=1,
-            tls_active=True)
+            tls_active=True, client_limits=False)
         self.session = Session(settings)
         self.session.port = relay_port(mta)
         self.accepted: list[str] = []  # the recipients the MTA took in this transaction

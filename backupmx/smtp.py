@@ -221,6 +221,11 @@ class SessionSettings:
     auth_mechanisms: tuple[str, ...] = ()  # offered once TLS is active; () = no AUTH
     tls_available: bool = False  # a certificate is configured (offer STARTTLS)
     tls_active: bool = False  # implicit TLS: the session starts encrypted
+    # The limits on what a stranger's refusals and junk commands cost (ErrorCounts, max_junk_commands).
+    # Off where the peer is the backup that `backupmx atrn` chose and verified, and the refusals are
+    # the local MTA's deferrals passed on (atrn_relay): ending that session would leave the mail
+    # behind them on the backup, the same mail first again at every ATRN.
+    client_limits: bool = True
 
     @classmethod
     def from_config(cls, config: "Config", **values) -> "SessionSettings":
@@ -515,7 +520,7 @@ class Session:
         if self._input and verb != "QUIT" and (command.last or not self.esmtp):
             return self._violation(verb, bytes(self._input))  # rule 10
         argument = argument.strip(" ")
-        if command.junk is not None and command.junk(self, argument):  # rule 6
+        if command.junk is not None and command.junk(self, argument) and self.settings.client_limits:  # rule 6
             self.junk_commands += 1
             if self.junk_commands > self.settings.max_junk_commands:
                 return self._close_with(replies.TOO_MANY_JUNK_COMMANDS)
@@ -706,9 +711,9 @@ class Session:
         self.output_size += len(rendered)
         if reply.code >= 400:
             refused = self.commands.refuse(reply, rendered, self.helo, self.envelope)
-            if counted:  # (the chunks after a refused one: one error, one line)
-                if refused:
-                    self.events.append(refused)
+            if counted and refused:  # (the chunks after a refused one: one error, one line)
+                self.events.append(refused)
+            if counted and self.settings.client_limits:
                 self.error_counts = counts = self.error_counts or ErrorCounts()  # (most sessions need none)
                 if counts.one_too_many(reply) and self.phase is not Phase.CLOSED:
                     self._close_with(replies.TOO_MANY_ERRORS)

@@ -506,6 +506,43 @@ def test_the_reversed_session_takes_the_named_domains_only_and_mirrors_the_mta(c
     theirs.close()
 
 
+def test_the_reversed_session_passes_on_every_deferral_of_the_mta(customer, monkeypatch):
+    """The backup may hand over more messages than MAX_TEMPORARY_ERRORS that the local MTA
+    defers (an over-quota mailbox after days of backlog, oldest first), each followed by
+    the flusher's RSET: each gets the MTA's 4xx, and the mail after them still goes
+    through in the same session. The limits on a client's refusals and junk commands are
+    for strangers; here the refusals are the MTA's, and the peer is the backup."""
+    from backupmx import smtp
+    from backupmx.atrn_relay import Destination, LocalMTA, Relay
+
+    monkeypatch.setattr(smtp, "MAX_TEMPORARY_ERRORS", 2)  # each deferral costs the MTA's Nagle wait
+    customer.behaviour, customer.behaviour_addresses = "data_4xx", ["full@g1.test"]
+    mta = LocalMTA(Destination.parse(f"127.0.0.1:{customer.port}"), timeout=5, local_hostname="primary.test")
+    mta.open()
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(10)
+    relay = Relay(ours, mta, domains=["g1.test"], hostname="primary.test", peer="192.0.2.2")
+    served = threading.Thread(target=relay.serve, daemon=True)
+    served.start()
+    backup = smtplib.SMTP()
+    backup.sock = theirs
+    try:
+        assert backup.getreply()[0] == 220 and backup.ehlo("mx2.test")[0] == 250
+        for _ in range(smtp.MAX_TEMPORARY_ERRORS + 1):
+            with pytest.raises(smtplib.SMTPDataError) as deferred:  # (and smtplib's RSET)
+                backup.sendmail("s@origin.test", ["full@g1.test"], b"Subject: full\r\n\r\nx\r\n")
+            assert deferred.value.smtp_code == 451
+        for _ in range(101):  # beyond max_junk_commands' default
+            assert backup.docmd("RSET")[0] == 250
+        backup.sendmail("s@origin.test", ["ok@g1.test"], b"Subject: ok\r\n\r\nx\r\n")
+        assert backup.docmd("QUIT")[0] == 221
+    finally:
+        theirs.close()
+        served.join(5)
+        mta.close()
+    assert [m[1] for m in customer.messages] == [["ok@g1.test"]]
+
+
 def test_atrn_exit_statuses(mx, customer):
     from backupmx import atrnclient
     from backupmx.atrn_relay import Destination
