@@ -599,7 +599,8 @@ class QueueDatabase:
 
     @property
     def connection(self) -> sqlite3.Connection:
-        """The underlying connection (tests, `backupmx check`)."""
+        """The underlying connection; ValueError once closed, or not opened again after a fork
+        (closed_for_fork: flusher._connection_lost asks so)."""
         if self._db is None:
             raise ValueError("queue store is closed")
         return self._db
