@@ -515,7 +515,7 @@ def test_the_reversed_session_passes_on_every_deferral_of_the_mta(customer, monk
     from backupmx import smtp
     from backupmx.atrn_relay import Destination, LocalMTA, Relay
 
-    monkeypatch.setattr(smtp, "MAX_TEMPORARY_ERRORS", 2)  # each deferral costs the MTA's Nagle wait
+    monkeypatch.setattr(smtp, "MAX_TEMPORARY_ERRORS", 2)  # a relayed message costs ~40 ms (the MTA's delayed ACK)
     customer.behaviour, customer.behaviour_addresses = "data_4xx", ["full@g1.test"]
     mta = LocalMTA(Destination.parse(f"127.0.0.1:{customer.port}"), timeout=5, local_hostname="primary.test")
     mta.open()
