@@ -108,7 +108,12 @@ class LocalMTA(PrimaryClient):
 
     def _get_socket(self, host, port, timeout):
         if self.destination.path is None:
-            return super()._get_socket(host, port, timeout)
+            sock = super()._get_socket(host, port, timeout)
+            # A message goes out as several small writes (the Received line, the data, the
+            # end of data) before we wait for the MTA's reply: with Nagle's algorithm the
+            # last one waited for the MTA's delayed ACK, ~40 ms a message.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)

@@ -515,7 +515,7 @@ def test_the_reversed_session_passes_on_every_deferral_of_the_mta(customer, monk
     from backupmx import smtp
     from backupmx.atrn_relay import Destination, LocalMTA, Relay
 
-    monkeypatch.setattr(smtp, "MAX_TEMPORARY_ERRORS", 2)  # a relayed message costs ~40 ms (the MTA's delayed ACK)
+    monkeypatch.setattr(smtp, "MAX_TEMPORARY_ERRORS", 2)  # the same path as 100, in less time
     customer.behaviour, customer.behaviour_addresses = "data_4xx", ["full@g1.test"]
     mta = LocalMTA(Destination.parse(f"127.0.0.1:{customer.port}"), timeout=5, local_hostname="primary.test")
     mta.open()
@@ -541,6 +541,20 @@ def test_the_reversed_session_passes_on_every_deferral_of_the_mta(customer, monk
         served.join(5)
         mta.close()
     assert [m[1] for m in customer.messages] == [["ok@g1.test"]]
+
+
+def test_the_relay_writes_to_a_tcp_mta_without_waiting_for_its_acks(customer):
+    """A relayed message is several small writes to the MTA before its reply is read; with
+    Nagle's algorithm on, the last one waited for the MTA's delayed ACK: ~44 ms a message
+    against ~1.5 ms without (40 messages of 2 KB into a sink, 127.0.0.1)."""
+    from backupmx.atrn_relay import Destination, LocalMTA
+
+    mta = LocalMTA(Destination.parse(f"127.0.0.1:{customer.port}"), timeout=5, local_hostname="primary.test")
+    mta.open()
+    try:
+        assert mta.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        mta.close()
 
 
 def test_atrn_exit_statuses(mx, customer):
