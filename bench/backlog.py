@@ -381,7 +381,7 @@ def main(argv=None) -> int:
         others = server.domains[1:]
         for level in levels:
             if level == levels[-1] and args.interleaved:
-                count = level - server.queued()
+                count = max(level - server.queued(), args.flush_size)  # (the windows' mail may be past a low level)
                 fill_in_chunks(filler, lock, args.lock_chunk, server.domains, count, args.flush_size / count)
             elif level == levels[-1]:
                 fill_in_chunks(filler, lock, args.lock_chunk, others, level - args.flush_size - server.queued())
