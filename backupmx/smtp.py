@@ -67,7 +67,7 @@ MAX_COMMAND_LINE = 512
 MAX_AUTH_LINE = 12288
 # Refusals in one session before it is ended with 421 4.7.0 too many errors; a queued message
 # starts the counts again (Postfix's smtpd_hard_error_limit, 20, counts 4xx and 5xx together).
-# 5xx replies: as Postfix.
+# 5xx replies: the 20th ends the session (as it did before 4xx were counted).
 MAX_ERRORS = 20
 # 4xx replies, counted apart: each may have cost a callout, a greylist write or a quota look-up,
 # so a client is not given them for as long as a session lasts; beyond this many the session
