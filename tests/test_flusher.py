@@ -1218,7 +1218,7 @@ import backupmx.flusher
 from backupmx.children import StopFlag
 from backupmx.config import load_config
 from backupmx.log import setup_logging
-from backupmx.store import QueueStore
+from backupmx.store import QueueStore, QueueUnavailable
 setup_logging("stderr")
 stop = StopFlag().install()
 {reopen_fails_once}
@@ -1229,11 +1229,33 @@ print("survived", flush=True)
 """
 
 
-def test_a_flush_worker_whose_queue_connection_cannot_reopen_gives_the_flush_back_and_goes_on(tmp_path, sink):
-    """The flush's connection, closed across its helper's fork, meets a real EMFILE when it is
-    opened again: the flush worker says so in one line, opens another connection, gives the
-    flush back (its lease released, the flush requested again) and delivers it then, each
-    message once. It does not die (a traceback, the master's respawn)."""
+# The worker's next connections after the lost one meet the same real EMFILE, `times` times.
+OPENS_FAIL = """
+class ReopenFailsOnce(ReopenFailsOnce):
+    opens_failed = 0
+    def __init__(self, *args, **kwargs):
+        if ReopenFailsOnce.failed and ReopenFailsOnce.opens_failed < {times}:
+            ReopenFailsOnce.opens_failed += 1
+            limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+            lowest = os.dup(0)
+            os.close(lowest)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, limits[1]))
+            try:
+                super().__init__(*args, **kwargs)
+            except QueueUnavailable:
+                print("open-failed", flush=True)  # (only a real failure says so)
+                raise
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        else:
+            super().__init__(*args, **kwargs)
+"""
+
+
+def run_flush_worker_losing_its_queue(tmp_path, sink, opens_fail: int = 0) -> tuple[bytes, str]:
+    """A flush worker in its own process whose flush loses its queue connection at the helper's
+    fork (a real EMFILE), and whose next `opens_fail` connections fail so too; its flush of
+    HELPER_MIN_MESSAGES delivered, or the worker died. (stdout, the log)."""
     from backupmx.flusher import HELPER_MIN_MESSAGES  # enough for a helper
 
     queue = tmp_path / "queue.db"
@@ -1244,7 +1266,8 @@ def test_a_flush_worker_whose_queue_connection_cannot_reopen_gives_the_flush_bac
         for i in range(HELPER_MIN_MESSAGES):
             enqueue(store, b"X-Test-Id: %d\r\n\r\nbody\r\n" % i)
         store.request_flush([DOMAIN])
-    script = FLUSH_WORKER_SCRIPT.format(repo=str(REPO), cfg=str(cfg), reopen_fails_once=REOPEN_FAILS_ONCE)
+    script = FLUSH_WORKER_SCRIPT.format(repo=str(REPO), cfg=str(cfg),
+                                        reopen_fails_once=REOPEN_FAILS_ONCE + OPENS_FAIL.format(times=opens_fail))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdout.readline() == b"ready\n"
@@ -1254,15 +1277,42 @@ def test_a_flush_worker_whose_queue_connection_cannot_reopen_gives_the_flush_bac
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=10)
-    log = err.decode()
-    assert proc.returncode == 0 and out == b"survived\n", log
+    assert proc.returncode == 0, err.decode()
+    return out, err.decode()
+
+
+def test_a_flush_worker_whose_queue_connection_cannot_reopen_gives_the_flush_back_and_goes_on(tmp_path, sink):
+    """The flush's connection, closed across its helper's fork, meets a real EMFILE when it is
+    opened again: the flush worker says so in one line, opens another connection, gives the
+    flush back (its lease released, the flush requested again) and delivers it then, each
+    message once. It does not die (a traceback, the master's respawn)."""
+    from backupmx.flusher import HELPER_MIN_MESSAGES
+
+    out, log = run_flush_worker_losing_its_queue(tmp_path, sink)
+    assert out == b"survived\n", log
     [error] = [line for line in log.splitlines() if "flush-error" in line]
     assert f"flush-error domain={DOMAIN} owner=worker-1 error=" in error and "unable to open database file" in error, log
     assert f"flush-lease-released domain={DOMAIN} owner=worker-1" in log
     assert f"flush-done domain={DOMAIN}" in log and "Traceback" not in log, log
     got = sorted(d.body.split(b"\r\n")[0] for d in sink.deliveries)
     assert got == sorted(b"X-Test-Id: %d" % i for i in range(HELPER_MIN_MESSAGES))  # each once
-    assert pending_flushes(str(queue)) == []
+    assert pending_flushes(str(tmp_path / "queue.db")) == []
+
+
+def test_a_flush_worker_tries_its_queue_again_each_second_while_it_cannot_open_it(tmp_path, sink):
+    """After the lost connection, its next ones fail too (EMFILE, twice): the worker tries again
+    a second later each time, saying nothing more than the flush's one error line, and once the
+    queue opens it gives the flush back and delivers it, each message once."""
+    from backupmx.flusher import HELPER_MIN_MESSAGES
+
+    out, log = run_flush_worker_losing_its_queue(tmp_path, sink, opens_fail=2)
+    assert out == b"open-failed\nopen-failed\nsurvived\n", log
+    assert len([line for line in log.splitlines() if "flush-error" in line]) == 1, log
+    assert f"flush-lease-released domain={DOMAIN} owner=worker-1" in log
+    assert f"flush-done domain={DOMAIN}" in log and "Traceback" not in log, log
+    got = sorted(d.body.split(b"\r\n")[0] for d in sink.deliveries)
+    assert got == sorted(b"X-Test-Id: %d" % i for i in range(HELPER_MIN_MESSAGES))  # each once
+    assert pending_flushes(str(tmp_path / "queue.db")) == []
 
 
 def test_a_helper_that_fails_right_after_the_fork_ends_there_and_the_flush_delivers_alone(tmp_path, sink):
