@@ -155,8 +155,9 @@ CREATE INDEX IF NOT EXISTS queue_kept ON queue (state_changed) WHERE state IN ('
 -- 1,000,000 queued, 1.6 s once ANALYZE's statistics made SQLite walk
 -- queue_domain_state instead (bench/delay_scan.py). Domain first, like
 -- queue_domain_state: a flush deletes one domain's rows, and they sit side by side
--- here too. (queue_delay_due, the same rows by age alone, put each delivered row
--- on a leaf page of its own at 1,000,000 queued: the flush paid ~10% for it.)
+-- here too. (queue_delay_due, the same rows by age alone, interleaves the domains
+-- whose mail arrives mixed: each row a flush deletes then dirties a leaf page of
+-- its own; bench/backlog.py --interleaved.)
 -- ~25 bytes a queued row (its domain and arrival time; the database stayed at
 -- 1.237x its bodies at 1,000,000 queued). Added within schema 12: additive
 -- (built at the first start), and older programs keep it up to date unaware.
