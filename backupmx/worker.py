@@ -80,7 +80,9 @@ MAX_WAIT = 1.0
 # cheap session of the round was served: a step with the client's ClientHello is a signature
 # (~1.5 ms of CPU with RSA-2048), and a worker packed with STARTTLS clients had twenty of them
 # ready at once, a ~40 ms round, while a plain client's MAIL waited behind them. The others
-# wait, oldest first, for the next rounds, which then do not wait in select().
+# wait, oldest first, for the next rounds, which then do not wait in select(); their sockets are
+# not watched for input meanwhile (SessionLoop.handshakes), so a round costs the steps it serves,
+# not a selector event for every session still waiting.
 HANDSHAKE_BUDGET = 0.002
 
 # Seconds between writes of the refusals counted (ConnectionContext.flush_counts),
@@ -141,7 +143,11 @@ class SessionLoop:
         self.changed = {}  # conn -> None (an ordered set)
         self.to_commit = []  # (conn, Submission) waiting for this round's group commit
         # Sessions whose handshake step is ready, oldest first, with their selector events
-        # (serve_handshakes): a session left over keeps its place for the next round.
+        # (serve_handshakes): a session left over keeps its place for the next round. While it
+        # waits here its socket is not watched for input (apply_interest): its input is known to be
+        # there, and a burst of k of them would otherwise come back from every zero-wait select(),
+        # k events a round to serve the few steps the budget allows. Its deadlines still run
+        # (check_deadlines); a peer that closed meanwhile is read when its step is served.
         self.handshakes = {}  # conn -> mask
         self.outbox = []  # control messages the socket could not take yet
         self.ended = []  # the report ips of the sessions that ended this round (report_closed)
@@ -194,6 +200,7 @@ class SessionLoop:
             self._unregister(conn)
             self.changed.pop(conn, None)
             self.deadlines.pop(conn, None)
+            self.handshakes.pop(conn, None)  # ended while waiting its turn (a deadline, a drain)
             self._ended(self.sessions.pop(conn))
             return
         self.changed[conn] = None
@@ -209,6 +216,8 @@ class SessionLoop:
                 continue
             self.deadlines[conn] = conn.deadline
             mask = conn.interest()
+            if conn in self.handshakes:  # its input waits its turn (serve_handshakes)
+                mask &= ~selectors.EVENT_READ
             if mask == 0:  # open, but waiting for nothing but its deadline
                 self._unregister(conn)
                 continue
@@ -528,6 +537,7 @@ class SessionLoop:
                 self.answer_offloaded()
             elif mask & selectors.EVENT_READ and key.data.handshaking:
                 self.handshakes[key.data] = mask  # a session left over keeps its place
+                self.changed[key.data] = None  # not watched for input while it waits
             else:
                 self.service(key.data, mask)
         self.serve_handshakes()

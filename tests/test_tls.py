@@ -11,11 +11,13 @@ import pathlib
 import random
 import re
 import select
+import selectors
 import shutil
 import socket
 import ssl
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -690,65 +692,96 @@ class LoopClient:
         return done
 
 
+class BudgetLoop:
+    """A SessionLoop with no handshake budget (exactly one handshake step a round), which the test
+    turns, and LoopClients of it that reach STARTTLS's ClientHello together."""
+
+    def __init__(self, tmp_path, server_ctx, monkeypatch, logger):
+        from backupmx import worker
+
+        monkeypatch.setattr(worker, "HANDSHAKE_BUDGET", 0.0)
+        config_path = tmp_path / "c.ini"
+        config_path.write_text(f"[backupmx]\nhostname = mx2.test\nqueue = {tmp_path}/q.db\n"
+                               "[domain:example.com]\nprimary = 127.0.0.1:25\nprimary_tls = none\n")
+        self.context = ConnectionContext(config=load_config(config_path), ssl_context=server_ctx,
+                                         logger=logger, resolver=TableResolver())
+        self.loop = worker.SessionLoop(None, self.context, logger)
+        self.client_ctx = tls.client_context("required", CA)
+
+    def close(self):
+        self.loop.close_all()
+        self.context.close()
+
+    def turns_until(self, done, most=50):
+        for _ in range(most):
+            if done():
+                return
+            self.loop.turn()
+        raise AssertionError("the loop did not get there")
+
+    def clients(self, listener, n):
+        clients = [LoopClient(listener, self.loop) for _ in range(n)]
+        for client in clients:
+            client.send(b"EHLO client.test")
+            self.turns_until(client.answered)
+            assert read_line(client.sock).startswith(b"250-")
+            while not read_line(client.sock).startswith(b"250 "):
+                pass
+        return clients
+
+    def hellos(self, clients):
+        """STARTTLS for each, then every ClientHello out at once."""
+        for client in clients:
+            client.send(b"STARTTLS")
+            self.turns_until(client.answered)
+            assert read_line(client.sock).startswith(b"220 ")
+        for client in clients:
+            client.hello(self.client_ctx)
+
+    def watched_for_input(self):
+        """The sessions whose sockets the loop's selector watches for input."""
+        return {key.data for key in self.loop.selector.get_map().values() if key.events & selectors.EVENT_READ}
+
+
+def wait_readable(socks):
+    for _ in range(100):
+        if len(select.select(socks, [], [], 0.05)[0]) == len(socks):
+            return
+    raise AssertionError("the clients' input did not arrive")
+
+
 def test_a_loop_round_serves_plain_commands_first_and_handshake_steps_within_a_budget(tmp_path, server_ctx,
                                                                                       monkeypatch):
     """Twelve ClientHellos (RSA-2048: a signature each, ~1.5 ms) and a plain client's MAIL ready in
     the same round: the round answers the MAIL and, with no budget left, serves one handshake step;
     the others keep their places and get one each in the next rounds, oldest first, none
-    waiting for the clock. Every handshake then completes through the loop."""
-    from backupmx import worker
-
-    monkeypatch.setattr(worker, "HANDSHAKE_BUDGET", 0.0)  # exactly one handshake step a round
-    config_path = tmp_path / "c.ini"
-    config_path.write_text(f"[backupmx]\nhostname = mx2.test\nqueue = {tmp_path}/q.db\n"
-                           "[domain:example.com]\nprimary = 127.0.0.1:25\nprimary_tls = none\n")
-    context = ConnectionContext(config=load_config(config_path), ssl_context=server_ctx,
-                                logger=logging.getLogger("test-tls-budget"), resolver=TableResolver())
-    loop = worker.SessionLoop(None, context, logging.getLogger("test-tls-budget"))
-    client_ctx = tls.client_context("required", CA)
-
-    def turns_until(done, most=50):
-        for _ in range(most):
-            if done():
-                return
-            loop.turn()
-        raise AssertionError("the loop did not get there")
-
+    waiting for the clock. While a session waits its turn its socket is not watched for input
+    (else each zero-wait round would get all the waiting ones back from select()); once served it
+    is again. Every handshake then completes through the loop."""
+    budget = BudgetLoop(tmp_path, server_ctx, monkeypatch, logging.getLogger("test-tls-budget"))
+    loop = budget.loop
     try:
         with socket.create_server(("127.0.0.1", 0), backlog=16) as listener:
-            plain = LoopClient(listener, loop)
-            starting = [LoopClient(listener, loop) for _ in range(12)]
-            for client in [plain] + starting:
-                client.send(b"EHLO client.test")
-                turns_until(client.answered)
-                assert read_line(client.sock).startswith(b"250-")
-                while not read_line(client.sock).startswith(b"250 "):
-                    pass
-            for client in starting:
-                client.send(b"STARTTLS")
-                turns_until(client.answered)
-                assert read_line(client.sock).startswith(b"220 ")
-            for client in starting:
-                client.hello(client_ctx)
+            plain, *starting = budget.clients(listener, 13)
+            budget.hellos(starting)
             plain.send(b"MAIL FROM:<a@sender.test>")
-            ready = [c.conn.sock for c in [plain] + starting]
-            for _ in range(100):
-                if len(select.select(ready, [], [], 0.05)[0]) == len(ready):
-                    break
-            else:
-                raise AssertionError("the clients' input did not arrive")
+            wait_readable([c.conn.sock for c in [plain] + starting])
 
             loop.turn()
             assert read_line(plain.sock).startswith(b"250 ")
             assert [c.answered() for c in starting].count(True) == 1
             waiting = [c for c in starting if not c.answered()]
             assert set(loop.handshakes) == {c.conn for c in waiting}
+            assert not budget.watched_for_input() & set(loop.handshakes)
+            assert plain.conn in budget.watched_for_input()
             order = list(loop.handshakes)
             assert loop.wait_time(0.0) == 0.0  # what is left does not wait for the clock
             for served, conn in enumerate(order, 2):
                 loop.turn()
                 assert [c.answered() for c in starting].count(True) == served
                 assert next(c for c in starting if c.conn is conn).answered()  # the oldest first
+                assert conn in budget.watched_for_input()  # its next step is read when it comes
+                assert not budget.watched_for_input() & set(loop.handshakes)
             assert not loop.handshakes
 
             pending = set(starting)
@@ -756,13 +789,56 @@ def test_a_loop_round_serves_plain_commands_first_and_handshake_steps_within_a_b
                 for client in list(pending):
                     if client.answered() and client.handshake():
                         pending.discard(client)
-                turns_until(lambda: all(c.answered() for c in pending))
+                budget.turns_until(lambda: all(c.answered() for c in pending))
             for client in starting:
                 client.tls.write(b"NOOP\r\n")
                 client.sock.sendall(client.outgoing.read())
             for client in starting:
-                turns_until(lambda: client.reply() is not None)
+                budget.turns_until(lambda: client.reply() is not None)
                 assert client.reply().startswith(b"250 ")
     finally:
-        loop.close_all()
-        context.close()
+        budget.close()
+
+
+def test_a_session_waiting_its_handshake_turn_still_ends_when_its_peer_goes_or_at_its_deadline(
+        tmp_path, server_ctx, monkeypatch, caplog):
+    """Not watched for input while it waits, a session still ends: a peer that closed meanwhile is
+    read when its step is served; the handshake deadline closes sessions whose turn has not come,
+    with one log line each."""
+    from backupmx import connection
+
+    budget = BudgetLoop(tmp_path, server_ctx, monkeypatch, logging.getLogger("test-tls-budget-end"))
+    loop = budget.loop
+    try:
+        with socket.create_server(("127.0.0.1", 0), backlog=16) as listener:
+            clients = budget.clients(listener, 3)
+            budget.hellos(clients)
+            wait_readable([c.conn.sock for c in clients])
+            loop.turn()
+            gone = next(c for c in clients if c.conn in loop.handshakes)
+            gone.sock.close()
+            budget.turns_until(lambda: gone.conn.closed, most=5)
+            assert gone.conn not in loop.sessions
+
+            monkeypatch.setattr(connection, "HANDSHAKE_TIMEOUT", 0.2)
+            clients = budget.clients(listener, 3)
+            budget.hellos(clients)
+            wait_readable([c.conn.sock for c in clients])
+            with caplog.at_level(logging.INFO, logger="test-tls-budget-end"):
+                loop.turn()
+                waiting = [c for c in clients if c.conn in loop.handshakes]
+                assert len(waiting) == 2 and not budget.watched_for_input() & set(loop.handshakes)
+                deadline = max(c.conn.deadline for c in clients)
+                time.sleep(max(0.0, deadline - time.monotonic()))  # the deadline is the condition
+                loop.check_deadlines(time.monotonic())
+                assert all(c.conn.closed for c in clients)
+            assert not loop.handshakes and not loop.sessions  # nothing left for a round to serve
+            for client in waiting:  # ended before their turn: not a byte of a handshake
+                try:
+                    assert client.sock.recv(65536) == b""
+                except ConnectionResetError:
+                    pass
+            timeouts = [r for r in caplog.records if r.getMessage().startswith("tls-failed")]
+            assert len(timeouts) == 3 and all("handshake timeout" in r.getMessage() for r in timeouts)
+    finally:
+        budget.close()
