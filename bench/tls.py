@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """TLS side by side: backupmx and Postfix, plain and STARTTLS, RSA-2048 and ECDSA P-256 (issue 16).
 
-    sudo python3 bench/tls.py [--runs 3] [--quick] [--only backupmx,postfix] [--certs rsa,ecdsa]
+    sudo python3 bench/tls.py [--runs 3] [--quick] [--only backupmx,postfix] [--certs rsa,ecdsa] [--sessions N]
 
 Needs root and Postfix (see bench/README.md, peers.py): the servers are
 peers.py's (a private Postfix instance in the temp dir, backupmx from this
@@ -17,12 +17,12 @@ Rows, each on a fresh server and queue, interleaved across servers and runs:
               STARTTLS on every connection (a full handshake each time, no
               resumption: a new client every time); msg/s, then the server
               must hold exactly what got a 250.
-  handshakes  10 sessions of connect, EHLO, STARTTLS, EHLO, QUIT for a few
+  handshakes  10 sessions (--sessions) of connect, EHLO, STARTTLS, EHLO, QUIT for a few
               seconds (per_connection = 0): handshakes/s, full and with the
               previous connection's session offered (resumption: TLS 1.3
               tickets); the share actually resumed is printed.
   probe       one plain client sending 2 KB messages back to back while 50
-              STARTTLS clients load the server: its MAIL-to-250 p99 (a whole
+              STARTTLS clients (--sessions) load the server: its MAIL-to-250 p99 (a whole
               transaction, commit included), and the worst reply to MAIL (no
               disk behind it: the longest the client's worker loop left it
               waiting, i.e. the loop's longest stall, handshakes included);
@@ -56,6 +56,9 @@ from peers import (  # noqa: E402
 )
 
 SERVERS = ("backupmx", "postfix")
+# --sessions at most: every client is a thread of the load generator (smtpload.py) on 127.0.0.1,
+# and the server's own limit per client address is 1000 (peers.py).
+MAX_SESSIONS = 600
 CERTS = ("rsa", "ecdsa")
 KEYGEN = {  # openssl req -newkey arguments
     "rsa": ["rsa:2048"],
@@ -200,6 +203,8 @@ def plan(args):
     """(label, kind, cert or None, params, unit) for every measured row."""
     n = 500 if args.quick else args.messages
     seconds = 3.0 if args.quick else args.duration
+    handshakers = args.sessions or 10
+    loaders = args.sessions or 50
     rows = []
     for sessions in (10, 50):
         rows.append((f"accept {n} x 2 KB plain, {sessions} sess", "accept", None, (n, sessions, False), "msg/s"))
@@ -209,10 +214,12 @@ def plan(args):
     for cert in args.certs:
         for resume in (False, True):
             how = "resumed" if resume else "full"
-            rows.append((f"handshakes {cert} {how}, 10 sess", "handshakes", cert, (10, seconds, resume), "/s"))
-    rows.append(("plain client under 50 plain: txn p99", "probe", None, (50, seconds * 2, False), "ms"))
+            rows.append((f"handshakes {cert} {how}, {handshakers} sess", "handshakes", cert,
+                         (handshakers, seconds, resume), "/s"))
+    rows.append((f"plain client under {loaders} plain: txn p99", "probe", None, (loaders, seconds * 2, False), "ms"))
     for cert in args.certs:
-        rows.append((f"plain client under 50 STARTTLS {cert}: txn p99", "probe", cert, (50, seconds * 2), "ms"))
+        rows.append((f"plain client under {loaders} STARTTLS {cert}: txn p99", "probe", cert,
+                     (loaders, seconds * 2), "ms"))
     return rows
 
 
@@ -231,7 +238,8 @@ def derived(rows):
             under = label.split(":")[0]
             out.append((f"{under}: MAIL p99", label, "mail_p99_ms", "ms"))
             out.append((f"{under}: MAIL max (stall)", label, "mail_max_ms", "ms"))
-            out.append((f"  the 50 {'STARTTLS' if cert else 'plain'} clients meanwhile", label, "load_msg_s", "msg/s"))
+            out.append((f"  the {params[0]} {'STARTTLS' if cert else 'plain'} clients meanwhile", label, "load_msg_s",
+                        "msg/s"))
     return out
 
 
@@ -300,7 +308,12 @@ def main(argv=None):
     parser.add_argument("--messages", type=int, default=2000, help="messages per accept row (default 2000)")
     parser.add_argument("--duration", type=float, default=5.0,
                         help="seconds per handshake row; the probe row runs twice as long (default 5)")
+    parser.add_argument("--sessions", type=int, default=None,
+                        help=f"clients of the handshake rows and load beside the probe (default 10 and 50; "
+                             f"at most {MAX_SESSIONS}): a flood of handshakes")
     args = parser.parse_args(argv)
+    if args.sessions is not None and not 1 <= args.sessions <= MAX_SESSIONS:
+        parser.error(f"--sessions: 1 to {MAX_SESSIONS}")
     runs = args.runs or (1 if args.quick else 3)
     servers = [s.strip() for s in args.only.split(",") if s.strip()]
     args.certs = [c.strip() for c in args.certs.split(",") if c.strip()]

@@ -37,7 +37,7 @@ def test_tls_steps_measures_plain_and_starttls_sessions():
 
 def test_table_from_a_subset_of_rows():
     bench = load_bench()
-    args = bench.argparse.Namespace(quick=True, messages=0, duration=0, certs=["rsa", "ecdsa"])
+    args = bench.argparse.Namespace(quick=True, messages=0, duration=0, certs=["rsa", "ecdsa"], sessions=None)
     rows = bench.plan(args)
     only_tls = [r for r in rows if "STARTTLS" in r[0]]  # no plain row to divide by
     for subset, plain_lines in ((rows, 4), (only_tls, 0)):
