@@ -536,8 +536,10 @@ class SessionLoop:
             elif key.data is self.context.offload:
                 self.answer_offloaded()
             elif mask & selectors.EVENT_READ and key.data.handshaking:
-                self.handshakes[key.data] = mask  # a session left over keeps its place
-                self.changed[key.data] = None  # not watched for input while it waits
+                # Not watched for input while it waits (apply_interest); one already waiting that
+                # comes back (an error, a hang-up: reported whatever it is registered for) keeps its place.
+                self.handshakes[key.data] = mask
+                self.changed[key.data] = None
             else:
                 self.service(key.data, mask)
         self.serve_handshakes()
