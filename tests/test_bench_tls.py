@@ -1,5 +1,5 @@
 """bench/tls.py runs (its --help) and prints its table from any subset of its rows;
-bench/tls_steps.py measures a few sessions.
+bench/tls_steps.py measures a few sessions, bench/handshake_burst.py a small burst.
 
 The benchmarks themselves need root and Postfix (tls.py) or minutes of CPU:
 they are run by hand (bench/README.md), never here.
@@ -33,6 +33,14 @@ def test_tls_steps_measures_plain_and_starttls_sessions():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "client Finished" in done.stdout and "STARTTLS ecdsa: +" in done.stdout
+
+
+def test_handshake_burst_serves_a_small_burst():
+    script = BENCH.parent / "handshake_burst.py"
+    done = subprocess.run([sys.executable, str(script), "--sessions", "3", "--runs", "1", "--certs", "ecdsa"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].startswith("ecdsa "), done.stdout
 
 
 def test_table_from_a_subset_of_rows():
