@@ -1272,7 +1272,9 @@ def run_flush_worker_losing_its_queue(tmp_path, sink, opens_fail: int = 0) -> tu
     try:
         assert proc.stdout.readline() == b"ready\n"
         with QueueStore(str(queue)) as store:
-            wait_for(lambda: not rows(store) or proc.poll() is not None, 15)  # delivered, or the worker died
+            # Delivered and the flush ended (its lease released after its flush-done line: a SIGTERM
+            # between its last delivery and that line makes it flush-interrupted), or the worker died.
+            wait_for(lambda: (not rows(store) and not flushes_in_progress(queue)) or proc.poll() is not None, 15)
             assert not rows(store)
     finally:
         proc.send_signal(signal.SIGTERM)
