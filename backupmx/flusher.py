@@ -868,8 +868,9 @@ class _ExtraConnection(threading.Thread):
             store.close()
 
 
-def _share(main: "_Flush", messages: list) -> _Work:
-    """The flush's work list, shared with a helper process when the flush is big enough.
+def _share(main: "_Flush", messages: list, helper: bool = True) -> _Work:
+    """The flush's work list, shared with a helper process when the flush is big enough (and
+    `helper`: no flush worker whose helper's fork once cost it its queue connection forks again).
 
     The helper is a fork of this process with a connection of its own to the
     primary (a _Flush on its own QueueStore, opened after the fork), taking
@@ -883,8 +884,8 @@ def _share(main: "_Flush", messages: list) -> _Work:
     at the fork); otherwise, and for a primary that takes one session (a
     reversed ODMR one), the work list stays this process's own.
     """
-    if (len(messages) < HELPER_MIN_MESSAGES or main.primary.single_session or threading.active_count() > 1
-            or EXTRA_CONNECTIONS < 1):
+    if (not helper or len(messages) < HELPER_MIN_MESSAGES or main.primary.single_session
+            or threading.active_count() > 1 or EXTRA_CONNECTIONS < 1):
         return _Work(messages)
     runs_r, runs_w = os.pipe()
     result_r, result_w = os.pipe()
@@ -1021,12 +1022,14 @@ def deliver_domain(
     log: logging.Logger = LOGGER,
     should_stop: Callable[[], bool] | None = None,
     primary: Primary | None = None,
+    helper: bool = True,
 ) -> dict[str, int]:
     """Deliver every queued message of `domain` (a DomainConfig) to domain.primary.
 
     `primary` is where the SMTP sessions come from (its open() and relay):
     the domain's configured primary unless another is given (a session the
-    peer opened, as ODMR reverses one).
+    peer opened, as ODMR reverses one). `helper`: a big flush may have its
+    second connection in a helper process (_share); else in a thread.
 
     The caller holds the flush lease for domain.name under `owner`
     (store.claim_flush); it is kept alive here (_Lease) and released by the caller.
@@ -1046,7 +1049,7 @@ def deliver_domain(
         return flush.counts
     started = time.monotonic()
     log_event(log, "flush-start", domain=domain.name, relay=flush.relay, messages=len(messages))
-    work = _share(flush, messages)  # before the lease's thread starts: a fork from one thread
+    work = _share(flush, messages, helper)  # before the lease's thread starts: a fork from one thread
     try:
         with lease:
             status = _deliver_work(flush, work, should_stop)
@@ -1152,7 +1155,7 @@ def _suspend(flush: _Flush, work: _Work, trouble: _Trouble, should_stop: Callabl
 
 
 def drain(store, config, owner: str, *, lease_seconds: float, log: logging.Logger = LOGGER,
-          should_stop: Callable[[], bool] = lambda: False, rounds: int | None = None) -> int:
+          should_stop: Callable[[], bool] = lambda: False, rounds: int | None = None, helper: bool = True) -> int:
     """The one delivery loop: claim a domain with a flush request, deliver it, release it.
 
     Runs until nothing is left to claim, should_stop() turns true, or `rounds`
@@ -1163,7 +1166,8 @@ def drain(store, config, owner: str, *, lease_seconds: float, log: logging.Logge
     the caller decides how long to wait before the next one. Store errors
     while claiming (QueueUnavailable) propagate. A flush that leaves the
     store without a connection (QueueConnectionLost) can neither be released
-    nor requested again here: that is the caller's, on a new connection.
+    nor requested again here: that is the caller's, on a new connection. `helper`: as
+    deliver_domain's.
     """
     delivered = 0
     for _ in itertools.repeat(None) if rounds is None else range(rounds):
@@ -1179,7 +1183,7 @@ def drain(store, config, owner: str, *, lease_seconds: float, log: logging.Logge
                 log_event(log, "flush-skipped", domain=name, reason="domain not configured", level=logging.WARNING)
                 continue
             deliver_domain(store, domain, owner=owner, hostname=config.hostname, timeout=config.timeout,
-                           lease_seconds=lease_seconds, log=log, should_stop=should_stop)
+                           lease_seconds=lease_seconds, log=log, should_stop=should_stop, helper=helper)
             delivered += 1
             log_domain_changes(store, log, name)
         except Exception as e:  # one bad flush must not end the process
@@ -1228,7 +1232,12 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
     dies because of a bad primary: errors are logged per flush, and the
     worker pauses a second after one. Nor of a queue connection that a flush
     lost (QueueConnectionLost): it opens another and gives that flush back
-    (_reopened_queue), pausing a second between tries while it cannot.
+    (_reopened_queue), pausing a second between tries while it cannot. Only
+    a helper's fork loses it (the connection closed across the fork does not
+    open again: EMFILE, a full disk), and a cause that persists would fail
+    every big flush so, each costing a fork and its log lines, delivering
+    nothing: from then on this worker's flushes go without a helper process
+    (their second connection in a thread, as in a process with threads).
 
     Every HOUSEKEEPING_INTERVAL it also runs lifecycle.housekeeping (expiry,
     bounces, retries on a backoff, retention); that is safe from several
@@ -1246,6 +1255,7 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
     if monitored(config):  # accept_when = primary-unreachable: the probes run here, not in SMTP workers
         PrimaryWatch(config, log, should_stop).start()
     store = QueueStore(config.queue)
+    helper = True
     try:
         ready()
         while not should_stop():
@@ -1261,13 +1271,15 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
                 next_retry_scan = now + retry_scan
                 _housekeeping(request_due_retries, store, config, log)
             try:
-                drain(store, config, owner, lease_seconds=lease_seconds, log=log, should_stop=should_stop)
+                drain(store, config, owner, lease_seconds=lease_seconds, log=log, should_stop=should_stop,
+                      helper=helper)
             except QueueUnavailable as e:
                 log_event(log, "flush-error", owner=owner, error=str(e), level=logging.WARNING)
                 _pause(1.0, should_stop)
             except QueueConnectionLost:
                 store.close()
                 store = None  # opened again at once, at the top of the loop
+                helper = False
             except FlushFailed:
                 _pause(1.0, should_stop)
             else:

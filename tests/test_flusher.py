@@ -1229,6 +1229,17 @@ print("survived", flush=True)
 """
 
 
+# Every fork of a helper meets it: the cause persists (the pipes to the helper take the last
+# descriptors), and each time says so.
+REOPEN_ALWAYS_FAILS = """
+class ReopenFailsOnce(ReopenFailsOnce):
+    @contextlib.contextmanager
+    def closed_for_fork(self):
+        ReopenFailsOnce.failed = False
+        with super().closed_for_fork():
+            yield
+            print("reopen-failed", flush=True)
+"""
 # The worker's next connections after the lost one meet the same real EMFILE, `times` times.
 OPENS_FAIL = """
 class ReopenFailsOnce(ReopenFailsOnce):
@@ -1252,10 +1263,12 @@ class ReopenFailsOnce(ReopenFailsOnce):
 """
 
 
-def run_flush_worker_losing_its_queue(tmp_path, sink, opens_fail: int = 0) -> tuple[bytes, str]:
+def run_flush_worker_losing_its_queue(tmp_path, sink, opens_fail: int = 0, persistent: bool = False
+                                      ) -> tuple[bytes, str]:
     """A flush worker in its own process whose flush loses its queue connection at the helper's
-    fork (a real EMFILE), and whose next `opens_fail` connections fail so too; its flush of
-    HELPER_MIN_MESSAGES delivered, or the worker died. (stdout, the log)."""
+    fork (a real EMFILE; at every such fork when `persistent`), and whose next `opens_fail`
+    connections fail so too; its flush of HELPER_MIN_MESSAGES delivered, or the worker died.
+    (stdout, the log)."""
     from backupmx.flusher import HELPER_MIN_MESSAGES  # enough for a helper
 
     queue = tmp_path / "queue.db"
@@ -1266,8 +1279,9 @@ def run_flush_worker_losing_its_queue(tmp_path, sink, opens_fail: int = 0) -> tu
         for i in range(HELPER_MIN_MESSAGES):
             enqueue(store, b"X-Test-Id: %d\r\n\r\nbody\r\n" % i)
         store.request_flush([DOMAIN])
+    reopen_fails = REOPEN_FAILS_ONCE + (REOPEN_ALWAYS_FAILS if persistent else "")
     script = FLUSH_WORKER_SCRIPT.format(repo=str(REPO), cfg=str(cfg),
-                                        reopen_fails_once=REOPEN_FAILS_ONCE + OPENS_FAIL.format(times=opens_fail))
+                                        reopen_fails_once=reopen_fails + OPENS_FAIL.format(times=opens_fail))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdout.readline() == b"ready\n"
@@ -1285,13 +1299,14 @@ def run_flush_worker_losing_its_queue(tmp_path, sink, opens_fail: int = 0) -> tu
 
 def test_a_flush_worker_whose_queue_connection_cannot_reopen_gives_the_flush_back_and_goes_on(tmp_path, sink):
     """The flush's connection, closed across its helper's fork, meets a real EMFILE when it is
-    opened again: the flush worker says so in one line, opens another connection, gives the
-    flush back (its lease released, the flush requested again) and delivers it then, each
-    message once. It does not die (a traceback, the master's respawn)."""
+    opened again, and would at every such fork: the flush worker says so in one line, opens
+    another connection, gives the flush back (its lease released, the flush requested again)
+    and delivers it then without a helper, each message once. It does not die (a traceback,
+    the master's respawn), nor fork, fail and log again each second while the cause lasts."""
     from backupmx.flusher import HELPER_MIN_MESSAGES
 
-    out, log = run_flush_worker_losing_its_queue(tmp_path, sink)
-    assert out == b"survived\n", log
+    out, log = run_flush_worker_losing_its_queue(tmp_path, sink, persistent=True)
+    assert out == b"reopen-failed\nsurvived\n", log  # one fork of a helper, not one a retry
     [error] = [line for line in log.splitlines() if "flush-error" in line]
     assert f"flush-error domain={DOMAIN} owner=worker-1 error=" in error and "unable to open database file" in error, log
     assert f"flush-lease-released domain={DOMAIN} owner=worker-1" in log
