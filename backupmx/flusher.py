@@ -68,6 +68,7 @@ __all__ = [
     "deliver_domain",
     "default_lease_seconds",
     "drain",
+    "reopened_queue",
     "run_flush_worker",
 ]
 
@@ -1232,7 +1233,7 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
     dies because of a bad primary: errors are logged per flush, and the
     worker pauses a second after one. Nor of a queue connection that a flush
     lost (QueueConnectionLost): it opens another and gives that flush back
-    (_reopened_queue), pausing a second between tries while it cannot. Only
+    (reopened_queue), pausing a second between tries while it cannot. Only
     a helper's fork loses it (the connection closed across the fork does not
     open again: EMFILE, a full disk), and a cause that persists would fail
     every big flush so, each costing a fork and its log lines, delivering
@@ -1260,7 +1261,7 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
         ready()
         while not should_stop():
             if store is None:
-                store = _reopened_queue(config, owner, log)
+                store = reopened_queue(config, owner, log)
                 _pause(1.0, should_stop)  # as after any failed flush: one that fails so again is not retried at once
                 continue
             now = time.monotonic()
@@ -1289,11 +1290,11 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
             store.close()
 
 
-def _reopened_queue(config, owner: str, log) -> QueueStore | None:
-    """A flush worker's new queue connection, once a flush lost the old one (QueueConnectionLost),
-    and that flush given back: the leases it holds released, their flushes requested again (as
-    the master does for a flush worker that died). None while the queue cannot be opened: the
-    flush-error line said why, and the worker tries again a second later."""
+def reopened_queue(config, owner: str, log) -> QueueStore | None:
+    """A flusher's new queue connection, once a flush lost the old one (QueueConnectionLost),
+    and that flush given back: the leases `owner` holds released, their flushes requested again
+    (as the master does for a flush worker that died). None while the queue cannot be opened:
+    the flush-error line said why (a flush worker tries again a second later)."""
     try:
         store = QueueStore(config.queue)
     except (QueueUnavailable, OSError):

@@ -33,7 +33,7 @@ from backupmx.children import StopFlag, first_line
 from backupmx.clients import shown_address
 from backupmx.config import load_config
 from backupmx.connection import ConnectionContext
-from backupmx.flusher import default_lease_seconds, drain
+from backupmx.flusher import FlushFailed, QueueConnectionLost, default_lease_seconds, drain, reopened_queue
 from backupmx.lifecycle import housekeeping
 from backupmx.log import log_event, setup_logging
 from backupmx.odmr_sessions import serve_odmr_session
@@ -216,18 +216,37 @@ def wait_until_ready(proc: subprocess.Popen, timeout: float = FLUSHER_READY_TIME
     return f"no word from it in {timeout:g}s" if not ready else "it ended before it was ready (see the log)"
 
 
+class DetachedFlushFailed(Exception):
+    """A flush of the detached flusher failed (logged by drain): it ends, with this one line."""
+
+
 def run_detached_flush(config, logger, should_stop=lambda: False, ready=lambda: None) -> int:
     """Deliver every domain with a flush request (flusher.drain), then one housekeeping round.
 
     Calls ready() once the queue is open. Returns the number of domains
     delivered. Nothing else runs expiry and bounces when every session is an
-    inetd one, hence the round.
+    inetd one, hence the round. A flush that fails half-way ends it
+    (DetachedFlushFailed), the flush requested again; one that lost the queue
+    connection (a helper's fork, then EMFILE) is given back on a new one when
+    it opens, as a flush worker does: the lease would otherwise keep the
+    domain from every flusher for 3 x timeout + 30 s.
     """
     owner = f"{socket.gethostname()}:{os.getpid()}:inetd"
     with QueueStore(config.queue) as store:
         ready()
-        flushed = drain(store, config, owner, lease_seconds=default_lease_seconds(config.timeout), log=logger,
-                        should_stop=should_stop, rounds=MAX_DETACHED_ROUNDS)
+        try:
+            flushed = drain(store, config, owner, lease_seconds=default_lease_seconds(config.timeout), log=logger,
+                            should_stop=should_stop, rounds=MAX_DETACHED_ROUNDS)
+        except QueueConnectionLost as e:
+            again = reopened_queue(config, owner, logger)
+            if again is None:
+                raise DetachedFlushFailed(f"the flush of {e} lost its queue connection, which does not open again: "
+                                          f"its lease runs out in {default_lease_seconds(config.timeout):g}s") from e
+            again.close()
+            raise DetachedFlushFailed(f"the flush of {e} lost its queue connection: given back, "
+                                      "requested again") from e
+        except FlushFailed as e:
+            raise DetachedFlushFailed(f"the flush of {e} failed: requested again") from e
         if not should_stop():
             try:
                 housekeeping(store, config, logger=logger)

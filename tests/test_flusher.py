@@ -1332,6 +1332,44 @@ def test_a_flush_worker_tries_its_queue_again_each_second_while_it_cannot_open_i
     assert pending_flushes(str(tmp_path / "queue.db")) == []
 
 
+DETACHED_FLUSH_SCRIPT = """
+import contextlib, os, resource, sys
+sys.path.insert(0, {repo!r})
+import backupmx.inetd
+from backupmx.store import QueueStore, QueueUnavailable
+{reopen_fails_once}
+backupmx.inetd.QueueStore = ReopenFailsOnce  # the flusher's queue connection
+sys.exit(backupmx.inetd.detached_flush_main({cfg!r}))
+"""
+
+
+def test_the_one_shot_flusher_gives_back_a_flush_that_lost_its_queue_connection(tmp_path, sink):
+    """The detached flusher (`serve --inetd`'s, `backupmx flush`'s) whose flush loses its queue
+    connection at its helper's fork (a real EMFILE) releases the lease and requests the flush
+    again on a new connection, as a flush worker does, so that the next flusher need not wait
+    3 x timeout + 30 s for the lease to run out; it ends with one error line, status 1."""
+    from backupmx.flusher import HELPER_MIN_MESSAGES
+
+    queue, log = tmp_path / "queue.db", tmp_path / "flush.log"
+    cfg = tmp_path / "backupmx.ini"
+    cfg.write_text(f"[backupmx]\nhostname = mx2.test\nqueue = {queue}\ntimeout = 5s\nlog = {log}\n"
+                   f"[domain:{DOMAIN}]\nprimary = 127.0.0.1:{sink.port}\nprimary_tls = none\n")
+    with QueueStore(str(queue)) as store:
+        for i in range(HELPER_MIN_MESSAGES):
+            enqueue(store, b"X-Test-Id: %d\r\n\r\nbody\r\n" % i)
+        store.request_flush([DOMAIN])
+    script = DETACHED_FLUSH_SCRIPT.format(repo=str(REPO), cfg=str(cfg), reopen_fails_once=REOPEN_FAILS_ONCE)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    text = log.read_text()
+    assert done.returncode == 1 and done.stdout == b"ready\n", (done, text)
+    [failed] = [line for line in text.splitlines() if "flush-process-failed" in line]
+    assert f"the flush of {DOMAIN} lost its queue connection: given back, requested again" in failed, text
+    assert f"flush-lease-released domain={DOMAIN}" in text and "Traceback" not in text, text
+    assert pending_flushes(str(queue)) == [DOMAIN] and flushes_in_progress(str(queue)) == 1  # no lease held
+    with QueueStore(str(queue)) as store:
+        assert store.claim_flush("the-next-flusher", 60) == DOMAIN  # at once
+
+
 def test_a_helper_that_fails_right_after_the_fork_ends_there_and_the_flush_delivers_alone(tmp_path, sink):
     """What the forked helper does before its work starts (its end of the pipes) runs inside
     children.run_child: a failure there ends the helper with os._exit, never unwinds into the
