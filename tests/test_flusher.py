@@ -1263,22 +1263,29 @@ class ReopenFailsOnce(ReopenFailsOnce):
 """
 
 
+def queue_for_a_helper(tmp_path, sink, settings: str = "") -> tuple[Path, Path]:
+    """A queue with a flush requested of HELPER_MIN_MESSAGES messages (enough for a helper process)
+    for the sink, and a config for it with `settings` in [backupmx]: (queue, config)."""
+    from backupmx.flusher import HELPER_MIN_MESSAGES
+
+    queue = tmp_path / "queue.db"
+    cfg = tmp_path / "backupmx.ini"
+    cfg.write_text(f"[backupmx]\nhostname = mx2.test\nqueue = {queue}\ntimeout = 5s\n{settings}"
+                   f"[domain:{DOMAIN}]\nprimary = 127.0.0.1:{sink.port}\nprimary_tls = none\n")
+    with QueueStore(str(queue)) as store:
+        for i in range(HELPER_MIN_MESSAGES):
+            enqueue(store, b"X-Test-Id: %d\r\n\r\nbody\r\n" % i)
+        store.request_flush([DOMAIN])
+    return queue, cfg
+
+
 def run_flush_worker_losing_its_queue(tmp_path, sink, opens_fail: int = 0, persistent: bool = False
                                       ) -> tuple[bytes, str]:
     """A flush worker in its own process whose flush loses its queue connection at the helper's
     fork (a real EMFILE; at every such fork when `persistent`), and whose next `opens_fail`
     connections fail so too; its flush of HELPER_MIN_MESSAGES delivered, or the worker died.
     (stdout, the log)."""
-    from backupmx.flusher import HELPER_MIN_MESSAGES  # enough for a helper
-
-    queue = tmp_path / "queue.db"
-    cfg = tmp_path / "backupmx.ini"
-    cfg.write_text(f"[backupmx]\nhostname = mx2.test\nqueue = {queue}\ntimeout = 5s\n"
-                   f"[domain:{DOMAIN}]\nprimary = 127.0.0.1:{sink.port}\nprimary_tls = none\n")
-    with QueueStore(str(queue)) as store:
-        for i in range(HELPER_MIN_MESSAGES):
-            enqueue(store, b"X-Test-Id: %d\r\n\r\nbody\r\n" % i)
-        store.request_flush([DOMAIN])
+    queue, cfg = queue_for_a_helper(tmp_path, sink)
     reopen_fails = REOPEN_FAILS_ONCE + (REOPEN_ALWAYS_FAILS if persistent else "")
     script = FLUSH_WORKER_SCRIPT.format(repo=str(REPO), cfg=str(cfg),
                                         reopen_fails_once=reopen_fails + OPENS_FAIL.format(times=opens_fail))
@@ -1348,16 +1355,8 @@ def test_the_one_shot_flusher_gives_back_a_flush_that_lost_its_queue_connection(
     connection at its helper's fork (a real EMFILE) releases the lease and requests the flush
     again on a new connection, as a flush worker does, so that the next flusher need not wait
     3 x timeout + 30 s for the lease to run out; it ends with one error line, status 1."""
-    from backupmx.flusher import HELPER_MIN_MESSAGES
-
-    queue, log = tmp_path / "queue.db", tmp_path / "flush.log"
-    cfg = tmp_path / "backupmx.ini"
-    cfg.write_text(f"[backupmx]\nhostname = mx2.test\nqueue = {queue}\ntimeout = 5s\nlog = {log}\n"
-                   f"[domain:{DOMAIN}]\nprimary = 127.0.0.1:{sink.port}\nprimary_tls = none\n")
-    with QueueStore(str(queue)) as store:
-        for i in range(HELPER_MIN_MESSAGES):
-            enqueue(store, b"X-Test-Id: %d\r\n\r\nbody\r\n" % i)
-        store.request_flush([DOMAIN])
+    log = tmp_path / "flush.log"
+    queue, cfg = queue_for_a_helper(tmp_path, sink, f"log = {log}\n")
     script = DETACHED_FLUSH_SCRIPT.format(repo=str(REPO), cfg=str(cfg), reopen_fails_once=REOPEN_FAILS_ONCE)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     text = log.read_text()
