@@ -22,11 +22,24 @@
 --
 -- Model: a message (envelope sender + body) is stored ONCE in `messages`, its
 -- body in consecutive rows of `body_chunks` (since schema 11; before, in
--- messages.body).
+-- messages.body: schema 13's rebuild moved what was left there into chunks).
 -- It has one row in `queue` per configured recipient domain it was accepted
 -- for (same queue id, the domain names the row), and one row in `recipients`
 -- per RCPT TO of that domain. Deliveries are per domain: ETRN for a domain
 -- hands over exactly that domain's rows.
+--
+-- Clustered by domain (since schema 13): `queue` and `recipients` are WITHOUT
+-- ROWID tables keyed domain first, so a domain's rows lie side by side however
+-- its mail arrived among the other domains', and a flush that delivers them
+-- dirties (and its checkpoints copy back) few pages rather than a page or two
+-- per table and message; `messages` is WITHOUT ROWID too (the row is stored in
+-- its key's b-tree: one page a message, not two). Before, rows were stored in
+-- arrival order, and mail for a hundred domains arriving mixed made a flush at
+-- a million queued messages half as fast as into an empty queue
+-- (bench/README.md, "The flush at 1M ... clustered by domain"). A queue of an
+-- older schema is rebuilt once, at the first `serve` (backupmx/store_db.py:
+-- new tables, every row copied in key order, the old ones dropped, all in the
+-- one migration transaction); nothing orders by rowid any more.
 --
 -- A new queue is created with PRAGMA auto_vacuum = INCREMENTAL and PRAGMA
 -- page_size = 4096 (set by backupmx/store_db.py before this file runs: neither
@@ -99,10 +112,9 @@ CREATE TABLE IF NOT EXISTS messages (
     smtputf8    INTEGER NOT NULL DEFAULT 0, -- RFC 6531: 0 = MAIL FROM had no SMTPUTF8; 1 = it had, all ASCII; 2 = it had and the envelope or a header is UTF-8: only a primary offering SMTPUTF8 gets it (else the recipients fail with 5.6.7)
     client_name TEXT,                      -- the client's verified DNS name (its PTR name, confirmed by that name's addresses) or 'unknown'; NULL in mail queued before version 7. Sent as XFORWARD NAME
     protocol    TEXT,                      -- how it came in, as Received: says "with": 'ESMTP', 'ESMTPS', 'ESMTPSA' (RFC 3848), 'UTF8SMTPS' (RFC 6531) ...; sent as XFORWARD PROTO
-    first_chunk INTEGER,                   -- the body is body_chunks first_chunk .. last_chunk, in id order (none when last_chunk < first_chunk: an empty body); NULL: in `body` (queued before schema 11)
-    last_chunk  INTEGER,                   -- see first_chunk
-    body        BLOB NOT NULL              -- before schema 11: the message exactly as it will be delivered (see body_chunks); since: the integer 0, so that a backupmx of schema 10 fails to open it rather than read an empty body. LAST on purpose: SQLite then wrote zeroblob(size) without building it in memory, and reading the other columns never walks the body's overflow pages (but first_chunk and last_chunk come after it in a queue from before schema 11)
-);
+    first_chunk INTEGER NOT NULL,          -- the body is body_chunks first_chunk .. last_chunk, in id order (none when last_chunk < first_chunk: an empty body)
+    last_chunk  INTEGER NOT NULL           -- see first_chunk
+) WITHOUT ROWID; -- since schema 13: the row is where its key is (one b-tree, not a table and its key's index)
 
 -- The message bodies, in pieces (not BDAT's chunks): a message's are the ids
 -- messages.first_chunk .. last_chunk, written in the transaction that queues
@@ -138,8 +150,12 @@ CREATE TABLE IF NOT EXISTS queue (
     delay_warned  INTEGER,                           -- unix time the delay warning DSN (delay_warning) was sent or claimed for sending; NULL = none yet. One per row
     message_received_at INTEGER,                     -- messages.received_at of the row's message (a copy: the age scans need no join); filled by trigger queue_copies when NULL
     message_size  INTEGER,                           -- messages.size of the row's message (a copy, counted in queue_totals); filled likewise
-    PRIMARY KEY (queue_id, domain)                   -- one row per message and domain
-);
+    PRIMARY KEY (domain, queue_id)                   -- one row per message and domain; domain first (the header: a domain's rows side by side)
+) WITHOUT ROWID;
+
+-- A message's rows, whatever their domains: the triggers queue_gone and
+-- messages_gone, `backupmx show|hold|delete ID` (the key starts with the domain).
+CREATE INDEX IF NOT EXISTS queue_message ON queue (queue_id);
 
 -- The rows of one domain in one state, oldest first: a flush's work list,
 -- the oldest waiting message (queue_summary), expiry, the age histogram.
@@ -182,6 +198,7 @@ CREATE TABLE IF NOT EXISTS queue_totals (
 -- a queue row goes, the row goes (trigger recipients_gone).
 CREATE TABLE IF NOT EXISTS recipients (
     queue_id   TEXT NOT NULL,   -- the message
+    position   INTEGER NOT NULL DEFAULT 0, -- its place among the message's RCPT TOs (0 first): delivered, listed and bounced in this order. Since schema 13 (a recipient queued before has its old rowid here: the same order)
     domain     TEXT NOT NULL,   -- the queue row (configured domain) this recipient belongs to
     address    TEXT NOT NULL,   -- forward-path as the client wrote it (source route removed), without <>; sent to the primary unchanged
     notify     TEXT,            -- RFC 3461 NOTIFY= as given (e.g. 'SUCCESS,DELAY', 'NEVER'), NULL if absent
@@ -190,9 +207,9 @@ CREATE TABLE IF NOT EXISTS recipients (
     last_reply TEXT,            -- the primary's last reply for this recipient, NULL if none yet
     dsn_sent   INTEGER,         -- for failed/expired: unix time the delivery status notification was sent (or skipped: null sender, no bounce_relay); NULL = still due
     dsn_claimed INTEGER,        -- unix time a housekeeper claimed this recipient's DSN for sending (so two never send it twice); a claim older than 10 minutes is void; NULL = not claimed
-    PRIMARY KEY (queue_id, domain, address),          -- a duplicate RCPT TO is stored once
+    PRIMARY KEY (domain, queue_id, address),          -- a duplicate RCPT TO is stored once; domain first, as the queue's
     FOREIGN KEY (queue_id, domain) REFERENCES queue (queue_id, domain) ON DELETE CASCADE -- the queue row
-);
+) WITHOUT ROWID;
 
 -- The recipients whose delivery status notification is due (few: the index stays small).
 CREATE INDEX IF NOT EXISTS recipients_dsn_due ON recipients (queue_id, domain)
@@ -356,14 +373,12 @@ CREATE VIEW IF NOT EXISTS queue_summary (domain, messages, bytes, oldest, last_e
           HAVING SUM(t.messages) > 0) AS w
     LEFT JOIN domain_status AS s USING (domain);
 
--- A message's body put together (queue_id, body), whichever way it is stored
+-- A message's body put together (queue_id, body) from its chunks
 -- (group_concat takes the chunks in the order the id range is read: id order).
 --   SELECT writefile('ID.eml', body) FROM message_bodies WHERE queue_id = 'ID';
 CREATE VIEW IF NOT EXISTS message_bodies (queue_id, body) AS
-    SELECT m.queue_id,
-           CASE WHEN m.first_chunk IS NULL THEN m.body
-                ELSE CAST(COALESCE((SELECT group_concat(c.data, '') FROM body_chunks AS c
-                                     WHERE c.id BETWEEN m.first_chunk AND m.last_chunk), '') AS BLOB) END
+    SELECT m.queue_id, CAST(COALESCE((SELECT group_concat(c.data, '') FROM body_chunks AS c
+                                       WHERE c.id BETWEEN m.first_chunk AND m.last_chunk), '') AS BLOB)
     FROM messages AS m;
 
 -- A queue row's arrival as its `queued` event says it (the history, schema.sql's
@@ -374,8 +389,9 @@ CREATE VIEW IF NOT EXISTS message_bodies (queue_id, body) AS
 CREATE VIEW IF NOT EXISTS queue_arrivals (queue_id, domain, at, detail) AS
     SELECT q.queue_id, q.domain, COALESCE(q.message_received_at, m.received_at),
            'from=<' || COALESCE(m.sender, '?') || '>'
-           || COALESCE(' to=' || (SELECT group_concat('<' || r.address || '>', ',') FROM recipients AS r
-                                   WHERE r.queue_id = q.queue_id AND r.domain = q.domain), '')
+           || COALESCE(' to=' || (SELECT group_concat(a, ',') FROM
+                                   (SELECT '<' || r.address || '>' AS a FROM recipients AS r
+                                     WHERE r.domain = q.domain AND r.queue_id = q.queue_id ORDER BY r.position)), '')
            || ' size=' || COALESCE(q.message_size, m.size) || ' client=' || COALESCE(m.client, '-')
     FROM queue AS q LEFT JOIN messages AS m USING (queue_id);
 
@@ -383,8 +399,8 @@ CREATE VIEW IF NOT EXISTS queue_arrivals (queue_id, domain, at, detail) AS
 CREATE VIEW IF NOT EXISTS queue_list
     (queue_id, domain, state, received_at, size, sender, recipients, attempts, last_reply) AS
     SELECT q.queue_id, q.domain, q.state, m.received_at, m.size, m.sender,
-           (SELECT group_concat(r.address, ',') FROM recipients AS r
-             WHERE r.queue_id = q.queue_id AND r.domain = q.domain),
+           (SELECT group_concat(a, ',') FROM (SELECT r.address AS a FROM recipients AS r
+             WHERE r.domain = q.domain AND r.queue_id = q.queue_id ORDER BY r.position)),
            q.attempts, q.last_reply
     FROM queue AS q JOIN messages AS m USING (queue_id)
     ORDER BY m.received_at, q.queue_id, q.domain;
@@ -412,7 +428,7 @@ BEGIN
 END;
 
 -- A message is gone: its body's chunks go (whoever deleted it).
-CREATE TRIGGER IF NOT EXISTS message_chunks_gone AFTER DELETE ON messages WHEN OLD.first_chunk IS NOT NULL
+CREATE TRIGGER IF NOT EXISTS message_chunks_gone AFTER DELETE ON messages
 BEGIN
     DELETE FROM body_chunks WHERE id BETWEEN OLD.first_chunk AND OLD.last_chunk;
 END;
@@ -445,7 +461,7 @@ CREATE TRIGGER IF NOT EXISTS queue_copies AFTER INSERT ON queue WHEN NEW.message
 BEGIN
     UPDATE queue SET message_size = (SELECT size FROM messages WHERE queue_id = NEW.queue_id),
                      message_received_at = (SELECT received_at FROM messages WHERE queue_id = NEW.queue_id)
-     WHERE rowid = NEW.rowid;
+     WHERE domain = NEW.domain AND queue_id = NEW.queue_id;
     INSERT INTO queue_totals (domain, state, messages, bytes)
         VALUES (NEW.domain, NEW.state, 1, COALESCE((SELECT size FROM messages WHERE queue_id = NEW.queue_id), 0))
         ON CONFLICT (domain, state) DO UPDATE SET messages = messages + 1, bytes = bytes + excluded.bytes;
@@ -508,7 +524,11 @@ CREATE TABLE IF NOT EXISTS schema_compat (
 -- 12: the accept writes no `queued` event: trigger queue_history writes it when the row
 --    leaves, from view queue_arrivals (a queue that an older backupmx still writes to
 --    keeps its `queued` events, and gets none twice); oldest_version stays 11.
-PRAGMA user_version = 12;
+-- 13: queue, recipients and messages WITHOUT ROWID, queue and recipients keyed domain
+--    first, index queue_message, recipients.position (the RCPT order, which rowid
+--    gave), messages.body gone (a body still in it moved into body_chunks); an older
+--    queue is rebuilt at its first `serve`; oldest_version 13.
+PRAGMA user_version = 13;
 
 -- The oldest schema version whose backupmx can still read and write a queue of
 -- this version. When you bump user_version:
@@ -533,4 +553,9 @@ PRAGMA user_version = 12;
 -- 12 keeps 11: a backupmx of schema 11 still writes a `queued` event at the accept
 -- (queue_history then writes none), and its `show` of a waiting message lists the
 -- events of those it queued itself.
-INSERT OR REPLACE INTO schema_compat (id, oldest_version) VALUES (1, 11);
+-- 13: a backupmx of schema 12 or older orders a domain's mail and a message's
+-- recipients by rowid, which these tables no longer have, writes messages.body,
+-- which is gone, and reads a body queued before schema 11 from it: it must not
+-- open the queue (README, "Upgrading": a rollback past schema 13 needs an empty
+-- queue, or the old release on a new queue file).
+INSERT OR REPLACE INTO schema_compat (id, oldest_version) VALUES (1, 13);

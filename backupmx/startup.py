@@ -11,10 +11,11 @@ import logging
 import os
 import resource
 import stat
+import time
 
 from backupmx import tls
 from backupmx.config import TUNED
-from backupmx.log import log_event, setup_logging
+from backupmx.log import LOGGER_NAME, log_event, setup_logging
 from backupmx.store import QueueStore, check_database
 
 
@@ -69,11 +70,21 @@ def check_queue(config) -> None:
     problems = check_database(config.queue)
     if problems:
         raise ServeError(f"{problems[0]}; not starting")
+    logger = logging.getLogger(LOGGER_NAME)
+    started = []
+
+    def rebuilding(found: int) -> None:  # schema 13's one-time rebuild: minutes at a million messages
+        started.append(time.monotonic())
+        log_event(logger, "queue-rebuild", queue=config.queue, schema=found,
+                  note="the mail's tables are rebuilt clustered by domain, once; this can take minutes")
+
     try:
-        store = QueueStore(config.queue, migrate=True)
+        store = QueueStore(config.queue, migrate=True, on_rebuild=rebuilding)
     except Exception as exc:
         raise ServeError(f"{config.queue}: {exc}") from None
     store.close()
+    if started:
+        log_event(logger, "queue-rebuilt", queue=config.queue, seconds=f"{time.monotonic() - started[0]:.1f}")
 
 
 def raise_fd_limit() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import io
 import os
+import re
 import secrets
 import sqlite3
 import time
@@ -192,13 +193,12 @@ class DamagedBody(Exception):
 
 
 class BodyReader(io.RawIOBase):
-    """A message body, read from its chunks (or, queued before schema 11, its blob) in pieces.
+    """A message body, read from its chunks in pieces.
 
     Each refill reads in its own short read transaction, so a slow delivery
     never pins an old WAL snapshot (which would stop checkpoints and make the
     caller's later writes fail with SQLITE_BUSY_SNAPSHOT). Refills are
-    READAHEAD bytes: seeking into a blob walks its overflow-page chain from
-    the start, so fewer, larger refills keep a 50 MB read linear enough; a
+    READAHEAD bytes, so fewer, larger refills keep a 50 MB read cheap; a
     body of at most READAHEAD bytes (all but the longest) is read whole, at
     once.
     """
@@ -214,7 +214,6 @@ class BodyReader(io.RawIOBase):
         self._buf = b""
         self._buf_start = 0
         self._starts: list[int] | None = None  # where each chunk starts in the body, once a refill needed it
-        self._in_blob = False  # the body is messages.body (queued before schema 11), as the first refill found
 
     def readable(self) -> bool:
         return True
@@ -261,20 +260,11 @@ class BodyReader(io.RawIOBase):
             if own:
                 self._db.execute("BEGIN")
             try:
-                # In a queue from before schema 11 the chunk columns come after the body:
-                # reading them walks a long blob's overflow pages, so only the first refill does.
-                columns = "rowid, NULL, NULL" if self._in_blob else "rowid, first_chunk, last_chunk"
-                row = self._db.execute(f"SELECT {columns} FROM messages WHERE queue_id = ?",
+                row = self._db.execute("SELECT first_chunk, last_chunk FROM messages WHERE queue_id = ?",
                                        (self.queue_id,)).fetchone()
                 if row is None:
                     raise KeyError(f"message {self.queue_id} is no longer in the queue")
-                rowid, first, last = row
-                if first is None:  # queued before schema 11: the body is the message row's blob
-                    self._in_blob = True
-                    with self._db.blobopen("messages", "body", rowid, readonly=True) as blob:
-                        blob.seek(pos)
-                        return blob.read(n)
-                return self._read_chunks(first, last, pos, n)
+                return self._read_chunks(*row, pos, n)
             finally:
                 if own:
                     self._db.execute("COMMIT")
@@ -418,6 +408,90 @@ def _statements(script: str) -> Iterator[str]:
             statement = ""
 
 
+# The mail's tables, parents first: schema 13 made them WITHOUT ROWID, queue and
+# recipients keyed domain first (schema.sql's header). Each with the rows copied
+# (a row whose parent is missing, left by hand with foreign_keys off, was never
+# delivered: it would fail the new table's foreign key and the start) and their order.
+_CLUSTERED = (
+    ("messages", "", "queue_id"),
+    ("queue", " WHERE queue_id IN (SELECT queue_id FROM messages)", "domain, queue_id"),
+    ("recipients", " WHERE EXISTS (SELECT 1 FROM queue AS q WHERE q.domain = old_recipients.domain"
+                   " AND q.queue_id = old_recipients.queue_id)", "domain, queue_id, address"),
+)
+
+
+def _rebuild_clustered(db: sqlite3.Connection, text: str) -> None:
+    """Rebuild messages, queue and recipients as schema.sql makes them now (schema 13),
+    inside the migration's transaction: a crash half-way leaves the old queue as it was.
+
+    The old tables are renamed old_*, schema.sql's CREATE TABLE makes the new ones, every
+    row is copied in key order (a body still in messages.body, from before schema 11,
+    is moved into body_chunks) and the old tables are dropped. Their triggers and
+    indexes are dropped first: schema.sql makes them anew, by the same names, once the
+    rows are in, so no trigger fires during the copy (queue_history would write
+    `queued` events, queue_totals count twice) and each index is built once, in order.
+    """
+    names = tuple(table for table, _, _ in _CLUSTERED)
+    marks = ",".join("?" * len(names))
+    for kind in ("trigger", "index"):
+        for (name,) in db.execute(f"SELECT name FROM sqlite_master WHERE type = ? AND tbl_name IN ({marks})"
+                                  " AND sql IS NOT NULL", (kind, *names)).fetchall():
+            db.execute(f'DROP {kind.upper()} "{name}"')
+    # Legacy: the rename leaves views alone (an operator's own view of `queue` then
+    # reads the new table, as SQLite would refuse the rename of a table a view names);
+    # with foreign_keys on, the old tables' references follow their new names, so that
+    # dropping them cascades into nothing new.
+    db.execute("PRAGMA legacy_alter_table = ON")
+    try:
+        for table in names:
+            db.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
+    finally:
+        db.execute("PRAGMA legacy_alter_table = OFF")
+    # (body_chunks too: a queue from before schema 11 has none yet, and its bodies move there.)
+    creates = re.compile(rf"\s*CREATE TABLE IF NOT EXISTS ({'|'.join(names)}|body_chunks) \(", re.IGNORECASE)
+    for statement in _statements(text):
+        if creates.match(_without_comments(statement)):
+            db.execute(statement)
+    for table, where, order in _CLUSTERED:
+        new = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+        old = {row[1] for row in db.execute(f"PRAGMA table_info(old_{table})")}
+        columns = [c for c in new if c in old]
+        source = list(columns)
+        if table == "recipients" and "position" not in old:  # RCPT order was rowid order
+            columns.append("position")
+            source.append("rowid")
+        legacy = table == "messages" and "body" in old
+        if legacy:
+            where = " WHERE first_chunk IS NOT NULL"
+        db.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(source)} FROM old_{table}{where}"
+                   f" ORDER BY {order}")
+        if legacy:
+            _bodies_into_chunks(db, [c for c in columns if c not in ("first_chunk", "last_chunk")])
+    for table in reversed(names):  # children first: nothing cascades
+        db.execute(f"DROP TABLE old_{table}")
+
+
+def _bodies_into_chunks(db: sqlite3.Connection, columns: list[str]) -> None:
+    """Copy the messages whose body is still in old_messages.body (queued before schema 11)
+    into messages, their bodies into body_chunks (chunk_lengths), one chunk in memory at a time."""
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    next_chunk = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM body_chunks").fetchone()[0]
+    insert = (f"INSERT INTO messages ({', '.join(columns)}, first_chunk, last_chunk)"
+              f" VALUES ({', '.join('?' * (len(columns) + 2))})")
+    rows = db.execute(f"SELECT rowid, {', '.join(columns)} FROM old_messages WHERE first_chunk IS NULL").fetchall()
+    for rowid, *values in rows:
+        with db.blobopen("old_messages", "body", rowid, readonly=True) as blob:
+            lengths = chunk_lengths(len(blob), page_size)
+            for length in lengths:
+                db.execute("INSERT INTO body_chunks (id, data) VALUES (?, ?)", (next_chunk, blob.read(length)))
+                next_chunk += 1
+        db.execute(insert, (*values, next_chunk - len(lengths), next_chunk - 1))
+
+
+def _without_comments(statement: str) -> str:
+    return "\n".join(line for line in statement.splitlines() if not line.lstrip().startswith("--"))
+
+
 def _uri_path(path: str) -> str:
     from urllib.parse import quote
 
@@ -428,7 +502,8 @@ class QueueDatabase:
     """The SQLite connection and its transactions; each role (store_*.py) builds on it."""
 
     def __init__(self, path: str, clock: Callable[[], float] = time.time, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
-                 read_only: bool = False, migrate: bool = True, durable: bool = True):
+                 read_only: bool = False, migrate: bool = True, durable: bool = True,
+                 on_rebuild: Callable[[int], None] | None = None):
         """read_only: open an existing queue for reports only (the CLI's reports,
         metrics, health): SQLite's mode=ro, no schema applied, nothing written.
         migrate=False: write, but never migrate (the CLI's actions). Only `serve`
@@ -440,8 +515,11 @@ class QueueDatabase:
         nothing is applied to it then.
         durable=False: commits are not synced to disk (WAL with synchronous=NORMAL: a
         power cut may lose the last ones, never corrupt the file). Only for state
-        that can be learnt again -- the verify cache, the greylist --, never for mail."""
+        that can be learnt again -- the verify cache, the greylist --, never for mail.
+        on_rebuild(found_version): called before the migration rebuilds the mail's
+        tables (schema 13, _rebuild_clustered), which takes a while at a large queue."""
         self.path = path
+        self._on_rebuild = on_rebuild
         self._durable = durable
         self._busy_ms = int(busy_timeout * 1000)
         self._clock = clock
@@ -582,6 +660,10 @@ class QueueDatabase:
             db.execute("DROP INDEX IF EXISTS queue_domain_state")
         for view in view_names(text):
             db.execute(f'DROP VIEW IF EXISTS "{view}"')
+        if found < 13:
+            if self._on_rebuild is not None:
+                self._on_rebuild(found)
+            _rebuild_clustered(db, text)
 
     def close(self) -> None:
         if self._db is not None:

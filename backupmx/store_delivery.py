@@ -55,14 +55,14 @@ class Delivery(QueueDatabase):
                 " m.smtputf8, m.client, m.client_name, m.helo, m.protocol"
                 " FROM queue AS q JOIN messages AS m USING (queue_id)"
                 " WHERE q.domain = ? AND q.state = 'queued'"
-                " ORDER BY q.message_received_at, q.rowid LIMIT ?",
+                " ORDER BY q.message_received_at, q.queue_id LIMIT ?",
                 (domain, -1 if limit is None else limit),
             ).fetchall()
             recipients: dict[str, list[Recipient]] = {row[0]: [] for row in rows}
             for queue_id, address, notify, orcpt in db.execute(
                 "SELECT r.queue_id, r.address, r.notify, r.orcpt FROM queue AS q JOIN recipients AS r"
                 " ON r.queue_id = q.queue_id AND r.domain = q.domain"
-                " WHERE q.domain = ? AND q.state = 'queued' AND r.state = 'queued' ORDER BY r.rowid",
+                " WHERE q.domain = ? AND q.state = 'queued' AND r.state = 'queued' ORDER BY r.position",
                 (domain,),
             ):
                 if queue_id in recipients:  # else beyond `limit`

@@ -67,9 +67,9 @@ DSN_CLAIM_SECONDS = 600  # a DSN claim older than this is void (its housekeeper 
 # read every row already warned).
 _NEXT_UNWARNED_DOMAIN = ("SELECT domain FROM queue INDEXED BY queue_unwarned"
                          " WHERE domain > ? AND state = 'queued' AND delay_warned IS NULL ORDER BY domain LIMIT 1")
-_OLDEST_UNWARNED = ("SELECT message_received_at, rowid, queue_id, domain FROM queue INDEXED BY queue_unwarned"
+_OLDEST_UNWARNED = ("SELECT message_received_at, queue_id, domain FROM queue INDEXED BY queue_unwarned"
                     " WHERE domain = ? AND state = 'queued' AND delay_warned IS NULL AND message_received_at <= ?"
-                    " ORDER BY message_received_at, rowid LIMIT ?")
+                    " ORDER BY message_received_at, queue_id LIMIT ?")
 
 
 class Housekeeping(QueueDatabase):
@@ -104,7 +104,7 @@ class Housekeeping(QueueDatabase):
                 rows = db.execute(
                     "SELECT queue_id, message_received_at FROM queue"
                     " WHERE domain = ? AND state = 'queued' AND message_received_at <= ? AND state_changed <= ?"
-                    " ORDER BY message_received_at, rowid",
+                    " ORDER BY message_received_at, queue_id",
                     (domain, cutoff, cutoff),
                 ).fetchall()
                 for queue_id, received_at in rows:
@@ -137,7 +137,7 @@ class Housekeeping(QueueDatabase):
             RecipientStatus(*r)
             for r in db.execute(
                 "SELECT address, notify, orcpt, state, last_reply, dsn_sent FROM recipients"
-                f" WHERE queue_id = ? AND domain = ? AND {recipient_where} ORDER BY rowid",
+                f" WHERE queue_id = ? AND domain = ? AND {recipient_where} ORDER BY position",
                 (queue_id, domain, *args),
             )
         ]
@@ -231,7 +231,7 @@ class Housekeeping(QueueDatabase):
             while (row := db.execute(_NEXT_UNWARNED_DOMAIN, (domain,)).fetchone()) is not None:
                 domain = row[0]
                 candidates += db.execute(_OLDEST_UNWARNED, (domain, now - delay, limit)).fetchall()
-        keys = [(queue_id, domain) for _, _, queue_id, domain in sorted(candidates)[:limit]]
+        keys = [(queue_id, domain) for _, queue_id, domain in sorted(candidates)[:limit]]
         if not keys:
             return []
         with self._write() as db:

@@ -146,12 +146,10 @@ class Intake(QueueDatabase):
         first = batch.next_chunk
         batch.next_chunk += len(lengths)
         try:
-            # body = 0 (not a blob): a backupmx of schema 10, which reads the body
-            # from this column, fails to open it rather than send an empty message.
             db.execute(
-                "INSERT INTO messages (queue_id, sender, received_at, size, body, first_chunk, last_chunk, client,"
+                "INSERT INTO messages (queue_id, sender, received_at, size, first_chunk, last_chunk, client,"
                 " helo, envid, ret, body_type, smtputf8, client_name, protocol)"
-                " VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (queue_id, envelope.sender, at, size, first, first + len(lengths) - 1, submission.client,
                  submission.helo, envelope.envid, envelope.ret, envelope.body_type or "7BIT",
                  envelope.smtputf8_state, submission.client_name, submission.protocol),
@@ -165,9 +163,11 @@ class Intake(QueueDatabase):
             " message_size) VALUES (?, ?, 'queued', 0, ?, ?, ?, ?)",
             [(queue_id, domain, at, now, at, size) for domain in domains],
         )
+        # position: the RCPT order, in which the primary gets them (a duplicate keeps its first).
         db.executemany(
-            "INSERT OR IGNORE INTO recipients (queue_id, domain, address, notify, orcpt) VALUES (?, ?, ?, ?, ?)",
-            [(queue_id, r.domain, r.address, r.notify, r.orcpt) for r in envelope.recipients],
+            "INSERT OR IGNORE INTO recipients (queue_id, domain, address, position, notify, orcpt)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(queue_id, r.domain, r.address, n, r.notify, r.orcpt) for n, r in enumerate(envelope.recipients)],
         )
         for domain in domains:
             if domain in batch.queueing:

@@ -176,7 +176,7 @@ class OperatorQueries(QueueDatabase):
         rows = db.execute(
             "SELECT q.queue_id, q.domain, q.state, m.sender, m.received_at FROM queue AS q JOIN messages AS m"
             f" USING (queue_id) WHERE q.state IN ({','.join('?' * len(states))})"
-            " ORDER BY m.received_at, m.rowid, q.domain", states).fetchall()
+            " ORDER BY m.received_at, m.queue_id, q.domain", states).fetchall()
         return [RowKey(qid, dom) for qid, dom, state, sender, received in rows
                 if selection.matches(qid, dom, state, sender, received)]
 
@@ -274,7 +274,7 @@ class OperatorQueries(QueueDatabase):
             rows = db.execute(
                 "SELECT q.queue_id, q.domain, q.state, m.received_at, m.size, m.sender, q.attempts, q.last_reply,"
                 " q.last_attempt, q.next_attempt FROM queue AS q JOIN messages AS m USING (queue_id)"
-                f" {clause} ORDER BY m.received_at, m.rowid, q.domain",
+                f" {clause} ORDER BY m.received_at, m.queue_id, q.domain",
                 args,
             ).fetchall()
             if selection is not None:
@@ -283,9 +283,9 @@ class OperatorQueries(QueueDatabase):
             # One domain: its rows' recipients through the queue's index (recipients has none on domain).
             for queue_id, dom, address in db.execute(
                 "SELECT r.queue_id, r.domain, r.address FROM queue AS q JOIN recipients AS r"
-                f" ON r.queue_id = q.queue_id AND r.domain = q.domain {clause} ORDER BY r.rowid", args,
+                f" ON r.queue_id = q.queue_id AND r.domain = q.domain {clause} ORDER BY r.position", args,
             ) if domain is not None else db.execute(
-                "SELECT queue_id, domain, address FROM recipients ORDER BY rowid",
+                "SELECT queue_id, domain, address FROM recipients ORDER BY domain, queue_id, position",
             ):
                 recipients.setdefault((queue_id, dom), []).append(address)
         return [
@@ -314,7 +314,7 @@ class OperatorQueries(QueueDatabase):
                     RecipientStatus(*r)
                     for r in db.execute(
                         "SELECT address, notify, orcpt, state, last_reply, dsn_sent FROM recipients"
-                        " WHERE queue_id = ? AND domain = ? ORDER BY rowid",
+                        " WHERE queue_id = ? AND domain = ? ORDER BY position",
                         (queue_id, dom),
                     )
                 ]

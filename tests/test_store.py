@@ -5,10 +5,12 @@ SQLITE_FULL from PRAGMA max_page_count, real processes racing for leases.
 """
 
 import io
+import logging
 import multiprocessing
 import os
 import random
 import re
+import signal
 import sqlite3
 import stat
 import subprocess
@@ -31,9 +33,9 @@ from backupmx.store import (
     is_queue_id,
     new_queue_id,
 )
-from backupmx.store_db import CHUNK, DamagedBody
+from backupmx.store_db import CHUNK, DamagedBody, chunk_lengths
 from backupmx.store_operator import Event
-from conftest import pending_flushes, queue_one, record_deferred, record_delivered, record_failed
+from conftest import free_port, pending_flushes, queue_one, record_deferred, record_delivered, record_failed
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_800_000_000
@@ -274,16 +276,27 @@ def test_queue_ids_of_forked_workers_do_not_repeat_each_other(clock):
 
 
 def test_queued_once_per_domain_with_one_body(store):
-    qid = put(store, "a@one.test", "b@two.test", "c@one.test", "a@one.test")
+    qid = put(store, "z@one.test", "b@two.test", "c@one.test", "z@one.test")
     db = store.connection
     assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 1
     assert db.execute("SELECT domain FROM queue WHERE queue_id = ? ORDER BY domain", (qid,)).fetchall() == [
         ("one.test",), ("two.test",)]
-    assert db.execute("SELECT domain, address FROM recipients ORDER BY rowid").fetchall() == [
-        ("one.test", "a@one.test"), ("two.test", "b@two.test"), ("one.test", "c@one.test")]  # duplicate stored once
+    assert db.execute("SELECT domain, address FROM recipients ORDER BY position").fetchall() == [
+        ("one.test", "z@one.test"), ("two.test", "b@two.test"), ("one.test", "c@one.test")]  # duplicate stored once
+    # The RCPT order, not the key's (recipients.position): delivered, listed, shown and bounced in it.
     one = store.messages_for_flush("one.test")
-    assert [(m.queue_id, [r.address for r in m.recipients]) for m in one] == [(qid, ["a@one.test", "c@one.test"])]
+    assert [(m.queue_id, [r.address for r in m.recipients]) for m in one] == [(qid, ["z@one.test", "c@one.test"])]
     assert [r.address for r in store.messages_for_flush("two.test")[0].recipients] == ["b@two.test"]
+    assert [m.recipients for m in store.list_messages()] == [["z@one.test", "c@one.test"], ["b@two.test"]]
+    assert store.list_messages("one.test")[0].recipients == ["z@one.test", "c@one.test"]
+    assert [r.address for r in store.show(qid).rows[0].recipients] == ["z@one.test", "c@one.test"]
+    assert db.execute("SELECT recipients FROM queue_list WHERE domain = 'one.test'").fetchone() == \
+        ("z@one.test,c@one.test",)
+    assert " to=<z@one.test>,<c@one.test> " in db.execute(
+        "SELECT detail FROM queue_arrivals WHERE domain = 'one.test'").fetchone()[0]
+    record_failed(store, qid, "one.test", ["c@one.test", "z@one.test"], "550 no")
+    [bounce] = store.claim_dsns()
+    assert [r.address for r in bounce.recipients] == ["z@one.test", "c@one.test"]
 
 
 def test_envelope_parameters_are_kept(store):
@@ -891,6 +904,13 @@ def test_version_1_queue_gets_the_new_columns(db_path, clock):
     QueueStore(db_path, clock=clock).close()  # opening again changes nothing
 
 
+def assert_totals_counted(db):
+    """queue_totals says what the queue holds."""
+    assert db.execute("SELECT domain, state, messages, bytes FROM queue_totals WHERE messages > 0"
+                      " ORDER BY 1, 2").fetchall() == \
+        db.execute("SELECT domain, state, COUNT(*), SUM(message_size) FROM queue GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+
+
 def test_a_version_9_queue_is_counted_in_queue_totals(db_path, clock):
     """tests/data/schema-v9.sql is schema.sql before queue_totals and the queue's copies of
     size and arrival time (schema 10): the migration copies them and counts the totals, and
@@ -919,9 +939,9 @@ def test_a_version_9_queue_is_counted_in_queue_totals(db_path, clock):
             [("a.test", 3, 40210, T0 - 400), ("b.test", 1, 10, T0 - 300)]
         assert [m.queue_id for m in s.messages_for_flush("a.test")] == ["M4", "M1"]
         assert s.usage("a.test") == (3, 40210)
-        # A row written the schema 9 way (an older backupmx on the same queue) ...
-        db.execute("INSERT INTO messages (queue_id, sender, received_at, size, body)"
-                   " VALUES ('M5', 's@x.test', ?, 7, zeroblob(7))", (T0,))
+        # A row written by hand without the copies (as a backupmx of schema 9 wrote it) ...
+        db.execute("INSERT INTO messages (queue_id, sender, received_at, size, first_chunk, last_chunk)"
+                   " VALUES ('M5', 's@x.test', ?, 7, 1, 0)", (T0,))
         db.execute("INSERT INTO queue (queue_id, domain, state, state_changed) VALUES ('M5', 'b.test', 'queued', ?)",
                    (T0,))
         db.commit()
@@ -932,18 +952,15 @@ def test_a_version_9_queue_is_counted_in_queue_totals(db_path, clock):
         record_delivered(s, "M1", "a.test", ["u@a.test"], "250 ok")
         assert s.delete(queue_id="M3") == 1 and s.release(queue_id="M2") == 1
         assert s.usage("a.test") == (2, 40200)
-        assert db.execute("SELECT domain, state, messages, bytes FROM queue_totals WHERE messages > 0"
-                          " ORDER BY 1, 2").fetchall() == \
-            db.execute("SELECT domain, state, COUNT(*), SUM(message_size) FROM queue GROUP BY 1, 2 ORDER BY 1, 2"
-                       ).fetchall()
+        assert_totals_counted(db)
     finally:
         s.close()
 
 
-def test_a_version_10_queue_keeps_its_bodies_where_they_are(db_path, clock):
-    """tests/data/schema-v10.sql is schema.sql before body_chunks (schema 11): nothing is
-    copied at the upgrade; the old bodies are read from messages.body, the new ones from
-    their chunks, and deleting either leaves nothing behind."""
+def test_a_version_10_queue_s_bodies_move_into_chunks(db_path, clock):
+    """tests/data/schema-v10.sql is schema.sql before body_chunks (schema 11): schema 13's
+    rebuild moves the bodies still in messages.body into body_chunks (a WITHOUT ROWID
+    table has no blob to open), and deleting them leaves nothing behind."""
     shell = sqlite3.connect(db_path, isolation_level=None)
     shell.executescript((ROOT / "tests" / "data" / "schema-v10.sql").read_text())
     old_bodies = {"OLD1": b"", "OLD2": b"Subject: old\r\n\r\nhello\r\n", "OLD3": random.randbytes(300_000)}
@@ -959,11 +976,15 @@ def test_a_version_10_queue_keeps_its_bodies_where_they_are(db_path, clock):
     try:
         db = s.connection
         assert db.execute("PRAGMA user_version").fetchone()[0] == schema_mod.schema_version() >= 11
-        assert db.execute("SELECT oldest_version FROM schema_compat").fetchone()[0] == 11
-        assert db.execute("SELECT COUNT(*) FROM body_chunks").fetchone()[0] == 0  # nothing copied
+        assert db.execute("SELECT oldest_version FROM schema_compat").fetchone()[0] == 13
+        assert "body" not in {r[1] for r in db.execute("PRAGMA table_info(messages)")}
+        # OLD1 is empty: no chunk; OLD2 one; OLD3 several (chunk_lengths).
+        ranges = dict((q, (f, l)) for q, f, l in db.execute("SELECT queue_id, first_chunk, last_chunk FROM messages"))
+        assert ranges["OLD1"][1] == ranges["OLD1"][0] - 1 and ranges["OLD2"][0] == ranges["OLD2"][1]
+        assert ranges["OLD3"][1] - ranges["OLD3"][0] + 1 == len(chunk_lengths(300_000, s.page_size())) > 1
         new = put(s, "b@example.com", body=b"new\r\n" * 1000)
         assert {qid: s.open_body(qid).read() for qid in old_bodies} == old_bodies
-        with s.open_body("OLD3") as reader:  # refills after the first: from the blob alone
+        with s.open_body("OLD3") as reader:  # refills after the first: from its chunks
             reader.seek(1000)
             assert reader.read(10) == old_bodies["OLD3"][1000:1010]
             reader.seek(5)
@@ -971,15 +992,10 @@ def test_a_version_10_queue_keeps_its_bodies_where_they_are(db_path, clock):
         assert s.open_body(new).read() == b"new\r\n" * 1000
         shell = sqlite3.connect(db_path)
         assert dict(shell.execute("SELECT queue_id, body FROM message_bodies")) == {**old_bodies, new: b"new\r\n" * 1000}
-        # A backupmx of schema 10 still running reads a new body from messages.body: it fails
-        # to open it (body is 0), where an empty blob would be delivered as an empty message.
-        with pytest.raises(sqlite3.OperationalError):
-            shell.blobopen("messages", "body", shell.execute("SELECT rowid FROM messages WHERE queue_id = ?",
-                                                             (new,)).fetchone()[0], readonly=True)
         shell.close()
         assert s.delete(queue_id="OLD3") == 1
         record_delivered(s, new, "example.com", ["b@example.com"], "250 ok")
-        assert db.execute("SELECT COUNT(*) FROM body_chunks").fetchone()[0] == 0
+        assert db.execute("SELECT id FROM body_chunks").fetchall() == [(ranges["OLD2"][0],)]  # OLD2's, waiting
         assert db.execute("SELECT domain, state, messages, bytes FROM queue_totals WHERE messages > 0").fetchall() == \
             [("example.com", "queued", 2, len(old_bodies["OLD2"]))]
     finally:
@@ -1009,7 +1025,7 @@ def test_a_version_11_queue_keeps_its_queued_events_and_gets_none_twice(db_path,
     try:
         db = s.connection
         assert db.execute("PRAGMA user_version").fetchone()[0] == schema_mod.schema_version() >= 12
-        assert db.execute("SELECT oldest_version FROM schema_compat").fetchone()[0] == 11
+        assert db.execute("SELECT oldest_version FROM schema_compat").fetchone()[0] == 13
         old_event = Event(T0, "example.com", "queued", "from=<s@x.test> to=<a@example.com> size=22 client=192.0.2.9")
         assert s.show("OLD1").events == [old_event]  # the recorded one, not a second from the row
         new = put(s, "b@example.com")
@@ -1224,3 +1240,158 @@ def test_a_wrong_total_never_holds_mail_back(store, clock):
     store.release_flush("example.com", "odmr-1")
     clock.now += 10 * 86400
     assert [row.queue_id for row in store.expire_rows({}, 86400.0)] == [qid]
+
+
+# --- schema 13: the mail's tables clustered by domain --------------------------------
+
+
+def fill_schema_12(path):
+    """A queue as schema 12 left it (tests/data/schema-v12.sql, its triggers at work): mail of
+    two domains mixed, recipients in an RCPT order that is not the key's, a body still in
+    messages.body (queued before schema 11), a failed row with its DSN due, history, totals."""
+    shell = sqlite3.connect(path, isolation_level=None)
+    shell.executescript((ROOT / "tests" / "data" / "schema-v12.sql").read_text())
+    rng = random.Random(1312)
+    bodies = {}
+    for n in range(12):
+        qid = f"M{n:02d}"
+        bodies[qid] = body = rng.randbytes(rng.choice([0, 40, 3000, 70_000]))
+        if n == 3:  # as schema 10 wrote it
+            shell.execute("INSERT INTO messages (queue_id, sender, received_at, size, body, client)"
+                          " VALUES (?, ?, ?, ?, ?, '192.0.2.3')", (qid, f"s{n}@x.test", T0 - 100 * n, len(body), body))
+        else:  # as schema 11 and 12 did: body 0, the pieces in body_chunks
+            first = shell.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM body_chunks").fetchone()[0]
+            pieces = [body[i:i + 1000] for i in range(0, len(body), 1000)]
+            shell.executemany("INSERT INTO body_chunks (id, data) VALUES (?, ?)", enumerate(pieces, first))
+            shell.execute("INSERT INTO messages (queue_id, sender, received_at, size, body, first_chunk, last_chunk,"
+                          " client, smtputf8, envid) VALUES (?, ?, ?, ?, 0, ?, ?, '192.0.2.9', ?, ?)",
+                          (qid, f"s{n}@x.test", T0 - 100 * n, len(body), first, first + len(pieces) - 1, n % 3,
+                           f"env{n}"))
+        for domain in (["a.test", "b.test"] if n % 4 == 0 else ["ab"[n % 2] + ".test"]):
+            state = "held" if n == 5 else "failed" if n == 6 else "queued"
+            shell.execute("INSERT INTO queue (queue_id, domain, state, attempts, state_changed, message_received_at,"
+                          " message_size) VALUES (?, ?, ?, ?, ?, ?, ?)", (qid, domain, state, n, T0, T0 - 100 * n,
+                                                                           len(body)))
+            for local in ("zed", "amy", f"m{n}"):  # RCPT order: z, a, m
+                shell.execute("INSERT INTO recipients (queue_id, domain, address, state, last_reply, notify)"
+                              " VALUES (?, ?, ?, ?, ?, 'FAILURE')",
+                              (qid, domain, f"{local}@{domain}", "failed" if state == "failed" else "queued",
+                               "550 no" if state == "failed" else None))
+    shell.execute("INSERT INTO events (at, queue_id, domain, what, detail) VALUES (?, 'M01', 'b.test', 'deferred',"
+                  " 'to=<zed@b.test> reply=\"451 later\"')", (T0,))
+    shell.execute("DELETE FROM queue WHERE queue_id = 'M11'")  # left before the upgrade: its `queued` event
+    shell.close()
+    del bodies["M11"]
+    return bodies
+
+
+def dump(path, body_column):
+    """Everything a queue holds of its mail, in comparable form (recipients in their RCPT order)."""
+    shell = sqlite3.connect(path)
+    try:
+        columns = [r[1] for r in shell.execute("PRAGMA table_info(messages)")
+                   if r[1] not in ("body", "first_chunk", "last_chunk")]
+        return {
+            "messages": shell.execute(f"SELECT {', '.join(columns)} FROM messages ORDER BY queue_id").fetchall(),
+            "bodies": dict(shell.execute("SELECT queue_id, body FROM message_bodies")),
+            "queue": shell.execute("SELECT queue_id, domain, state, attempts, last_attempt, last_reply, next_attempt,"
+                                   " state_changed, delay_warned, message_received_at, message_size FROM queue"
+                                   " ORDER BY queue_id, domain").fetchall(),
+            "recipients": shell.execute("SELECT queue_id, domain, address, notify, orcpt, state, last_reply, dsn_sent,"
+                                        f" dsn_claimed FROM recipients ORDER BY queue_id, domain, {body_column}"
+                                        ).fetchall(),
+            "totals": shell.execute("SELECT * FROM queue_totals WHERE messages > 0 ORDER BY 1, 2").fetchall(),
+            "events": shell.execute("SELECT * FROM events ORDER BY id").fetchall(),
+            "status": shell.execute("SELECT * FROM domain_status ORDER BY 1").fetchall(),
+            "counters": shell.execute("SELECT * FROM counters ORDER BY 1, 2").fetchall(),
+        }
+    finally:
+        shell.close()
+
+
+def schema_objects(path):
+    shell = sqlite3.connect(path)
+    try:
+        return shell.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name").fetchall()
+    finally:
+        shell.close()
+
+
+def test_a_version_12_queue_is_rebuilt_clustered_by_domain_and_keeps_all_its_mail(tmp_path, clock, monkeypatch,
+                                                                                   caplog):
+    """Schema 13 rebuilds messages, queue and recipients (WITHOUT ROWID, domain first) at the
+    first `serve`: every message, body, row, recipient (in its RCPT order), total and event is
+    as it was, the schema is exactly a new queue's (tables, indexes, triggers, views), the
+    triggers work, and a backupmx of schema 12 refuses the queue from then on."""
+    from backupmx import store_db
+    from backupmx.config import load_config
+    from backupmx.startup import check_queue
+    from conftest import write_config
+
+    path = str(tmp_path / "old.db")
+    bodies = fill_schema_12(path)
+    before = dump(path, "rowid")
+    assert before["bodies"] == bodies and len(before["recipients"]) == 3 * 14 and len(before["events"]) == 2
+    shell = sqlite3.connect(path, isolation_level=None)
+    shell.execute("CREATE VIEW my_report AS SELECT domain, COUNT(*) AS n FROM queue GROUP BY domain")  # the operator's
+    shell.execute("INSERT INTO recipients (queue_id, domain, address) VALUES ('GONE', 'a.test', 'x@a.test')")  # orphan
+    shell.close()
+    config = load_config(write_config(tmp_path / "backupmx.ini", port=free_port(), queue=path))
+    with caplog.at_level(logging.INFO, logger="backupmx"):
+        check_queue(config)  # what `serve` does first
+    assert [r.getMessage().split()[0] for r in caplog.records] == ["queue-rebuild", "queue-rebuilt"]
+    assert dump(path, "position") == before  # but the orphan recipient: it was never delivered
+    QueueStore(str(tmp_path / "new.db"), clock=clock).close()
+    assert [o for o in schema_objects(path) if o[1] != "my_report"] == schema_objects(str(tmp_path / "new.db"))
+    assert marks(path) == (13, 13) == (schema_mod.schema_version(), 13)
+    shell = sqlite3.connect(path)
+    assert shell.execute("SELECT * FROM my_report").fetchall() == [("a.test", 6), ("b.test", 8)]
+    assert shell.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert shell.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    shell.close()
+    s = QueueStore(path, clock=clock)
+    try:
+        assert [(m.queue_id, [r.address for r in m.recipients]) for m in s.messages_for_flush("a.test")][:3] == \
+            [("M10", ["zed@a.test", "amy@a.test", "m10@a.test"]), ("M08", ["zed@a.test", "amy@a.test", "m8@a.test"]),
+             ("M04", ["zed@a.test", "amy@a.test", "m4@a.test"])]
+        assert {qid: s.open_body(qid).read() for qid in bodies} == bodies
+        assert [b.queue_id for b in s.claim_dsns()] == ["M06"]
+        # The triggers: a delivery, a deletion by hand (foreign_keys off, as in the shell).
+        record_delivered(s, "M01", "b.test", ["zed@b.test", "amy@b.test", "m1@b.test"], "250 ok")
+        shell = sqlite3.connect(path, isolation_level=None)
+        shell.execute("DELETE FROM messages WHERE queue_id = 'M03'")
+        shell.close()
+        db = s.connection
+        for qid in ("M01", "M03"):
+            assert db.execute("SELECT COUNT(*) FROM queue WHERE queue_id = ?", (qid,)).fetchone()[0] == 0
+            assert db.execute("SELECT COUNT(*) FROM recipients WHERE queue_id = ?", (qid,)).fetchone()[0] == 0
+            assert "queued" in [e.what for e in s.history(qid)]
+        assert db.execute("SELECT COUNT(*) FROM body_chunks").fetchone()[0] == \
+            db.execute("SELECT COALESCE(SUM(last_chunk - first_chunk + 1), 0) FROM messages").fetchone()[0]
+        assert_totals_counted(db)
+    finally:
+        s.close()
+    # A backupmx of schema 12 (its open's rule, the same since schema 6) refuses the queue now.
+    monkeypatch.setattr(store_db, "schema_version", lambda text=None: 12)
+    with pytest.raises(QueueUnavailable, match="needs schema 13"):
+        QueueStore(path, clock=clock, read_only=True)
+
+
+def test_a_rebuild_killed_half_way_leaves_the_old_queue_as_it_was(tmp_path, clock):
+    """kill -9 in the middle of schema 13's rebuild (the old tables renamed, the new ones
+    half filled): the migration is one transaction, so the queue is schema 12's, whole,
+    and the next start rebuilds it."""
+    path = str(tmp_path / "old.db")
+    bodies = fill_schema_12(path)
+    before, objects = dump(path, "rowid"), schema_objects(path)
+    killer = ("import os, signal, sys; from backupmx import store_db\n"
+              "def kill(*args): os.kill(os.getpid(), signal.SIGKILL)\n"
+              "store_db._bodies_into_chunks = kill\n"
+              "store_db.QueueDatabase(sys.argv[1])\n")
+    done = subprocess.run([sys.executable, "-c", killer, path], cwd=ROOT, timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    assert dump(path, "rowid") == before and schema_objects(path) == objects
+    assert marks(path) == (12, 11)
+    with QueueStore(path, clock=clock) as s:
+        assert {qid: s.open_body(qid).read() for qid in bodies} == bodies
+    assert dump(path, "position") == before
