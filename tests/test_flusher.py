@@ -1223,6 +1223,13 @@ setup_logging("stderr")
 stop = StopFlag().install()
 {reopen_fails_once}
 backupmx.flusher.QueueStore = ReopenFailsOnce  # the worker's queue connections, its first and the next
+worker_pause = backupmx.flusher._pause
+def said_and_shortened_pause(seconds, should_stop):
+    if seconds >= 1:  # a pause after a failure (not the idle poll): said, and taken a tenth as long
+        print(f"pause {{seconds:g}}", flush=True)
+        seconds /= 10
+    worker_pause(seconds, should_stop)
+backupmx.flusher._pause = said_and_shortened_pause
 backupmx.flusher.run_flush_worker(load_config({cfg!r}), "worker-1", stop.should_stop,
                                   ready=lambda: print("ready", flush=True))
 print("survived", flush=True)
@@ -1313,7 +1320,7 @@ def test_a_flush_worker_whose_queue_connection_cannot_reopen_gives_the_flush_bac
     from backupmx.flusher import HELPER_MIN_MESSAGES
 
     out, log = run_flush_worker_losing_its_queue(tmp_path, sink, persistent=True)
-    assert out == b"reopen-failed\nsurvived\n", log  # one fork of a helper, not one a retry
+    assert out == b"reopen-failed\npause 1\nsurvived\n", log  # one fork of a helper, not one a retry
     [error] = [line for line in log.splitlines() if "flush-error" in line]
     assert f"flush-error domain={DOMAIN} owner=worker-1 error=" in error and "unable to open database file" in error, log
     assert f"flush-lease-released domain={DOMAIN} owner=worker-1" in log
@@ -1330,7 +1337,7 @@ def test_a_flush_worker_tries_its_queue_again_each_second_while_it_cannot_open_i
     from backupmx.flusher import HELPER_MIN_MESSAGES
 
     out, log = run_flush_worker_losing_its_queue(tmp_path, sink, opens_fail=2)
-    assert out == b"open-failed\nopen-failed\nsurvived\n", log
+    assert out == b"open-failed\npause 1\nopen-failed\npause 1\npause 1\nsurvived\n", log  # each a second
     assert len([line for line in log.splitlines() if "flush-error" in line]) == 1, log
     assert f"flush-lease-released domain={DOMAIN} owner=worker-1" in log
     assert f"flush-done domain={DOMAIN}" in log and "Traceback" not in log, log
