@@ -316,7 +316,7 @@ def test_atrn_while_an_etrn_flush_of_the_domain_runs(mx, primaries, customer):
 def test_kill_9_of_the_session_process_mid_transfer_loses_nothing(mx, primaries, customer):
     queue(mx, [["first@e1.test"], ["second@e1.test"]])
     ids = {queue_id for queue_id, _ in queued(mx, "e1.test")}
-    customer.data_delay = 1.0  # each message waits for its 250: the kill comes meanwhile
+    customer.data_delay = 0.5  # each message waits for its 250: the kill comes meanwhile (at once)
     done = threading.Thread(target=atrn, args=(mx, "erin", "e1.test", customer))
     done.start()
     customer.wait(lambda: customer.data_received >= 1)
@@ -438,7 +438,7 @@ def test_atrn_into_lmtp_answers_per_recipient(mx, tmp_path):
 def test_kill_9_of_backupmx_atrn_mid_transfer_loses_nothing(mx, customer, tmp_path):
     queue(mx, [["first@i1.test"], ["second@i1.test"]])
     ids = {queue_id for queue_id, _ in queued(mx, "i1.test")}
-    customer.data_delay = 1.0  # the MTA takes its time to answer: the kill comes meanwhile
+    customer.data_delay = 0.5  # the MTA takes its time to answer: the kill comes meanwhile (at once)
     proc = subprocess.Popen(atrn_command(mx, tmp_path, "ivan", f"127.0.0.1:{customer.port}"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

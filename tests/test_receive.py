@@ -18,9 +18,9 @@ from conftest import read_line, received_client, start_server, wait_for
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One server for the tests of the receive path that only add to its queue (each looks at
-    what it added): a server start saved per test. A writer gives up on a lock after 1 s (5 s
+    what it added): a server start saved per test. A writer gives up on a lock after 0.5 s (5 s
     in production) for test_locked_database_answers_452_never_250."""
-    server = start_server(tmp_path_factory.mktemp("receive"), env={"BACKUPMX_BUSY_TIMEOUT": "1"})
+    server = start_server(tmp_path_factory.mktemp("receive"), env={"BACKUPMX_BUSY_TIMEOUT": "0.5"})
     yield server
     try:
         server.stop()
