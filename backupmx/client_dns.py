@@ -241,6 +241,11 @@ class ClientDNS:
             log_event(self.logger, "dnsbl-listed", client=facts.address, zone=zone, answer=answer)
             return
 
+    def next_deadline(self) -> float | None:
+        """When the earliest lookup still running is to be given up (None: none runs); the
+        worker loop wakes for it, so that a client waits LOOKUP_WAIT, not up to a loop tick more."""
+        return min((facts.deadline for _, facts in self._looking.values()), default=None)
+
     def upkeep(self) -> None:
         """From the worker loop: give up the lookups past their deadline (their waiters go on)."""
         now = self.clock()

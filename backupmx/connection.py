@@ -149,9 +149,13 @@ class ConnectionContext:
         return self._settings_by_tls[implicit_tls]
 
     def upkeep(self, now: float) -> None:
-        """Once per turn of the worker loop (at least every second)."""
+        """Once per turn of the worker loop (at least every second, and at next_upkeep())."""
         self.policy.upkeep()
         self.client_dns.upkeep()
+
+    def next_upkeep(self) -> float | None:
+        """The monotonic time at which upkeep has something to give up (None: nothing waits)."""
+        return self.client_dns.next_deadline()
 
     def close(self) -> None:
         self.policy.close()

@@ -488,6 +488,9 @@ class SessionLoop:
         earliest = min([d for d in self.deadlines.values() if d is not None], default=None)
         if earliest is not None:
             wait = min(wait, earliest - now)
+        upkeep = self.context.next_upkeep()
+        if upkeep is not None:
+            wait = min(wait, upkeep - now)
         if self.draining:
             wait = min(wait, (self.close_at if self.polite_sent else self.polite_at) - now)
         return max(wait, 0.0)

@@ -124,7 +124,7 @@ def test_a_resolver_that_hangs_is_given_up_and_the_mail_goes_on(tmp_path, monkey
     try:
         started = time.monotonic()
         assert session.rcpt() == "250 2.1.5 Ok"
-        assert 0.4 < time.monotonic() - started < 5
+        assert 0.4 < time.monotonic() - started < 0.9  # at its deadline, not at the loop's next 1 s tick
     finally:
         resolver.release.set()
         session.close()

@@ -163,7 +163,7 @@ def test_an_ehlo_flood_is_one_554_not_megabytes_of_replies(server_factory):
 
 
 def test_a_session_that_cannot_be_written_to_is_closed_once_at_its_deadline(server_factory):
-    server = server_factory(workers=1, max_workers=1, timeout="1s", max_junk_commands=10**9)
+    server = server_factory(workers=1, max_workers=1, timeout="0.5s", max_junk_commands=10**9)
     worker = pid_of(server, "worker-started")
     clients = [transaction_started(server.port) for _ in range(3)]
     try:
