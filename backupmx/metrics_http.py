@@ -33,7 +33,7 @@ from backupmx.store import QueueStore
 MAX_CLIENTS = 8
 CLIENT_DEADLINE = tuning("BACKUPMX_METRICS_DEADLINE", 10.0)
 READ_TIMEOUT = 5.0
-POLL = 0.5  # seconds between looks at the stop flag
+POLL = 0.1  # seconds between looks at the stop flag: the master's stop and a reload wait for it
 
 
 def bind(address: tuple[str, int]) -> socket.socket:
