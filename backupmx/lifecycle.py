@@ -21,7 +21,8 @@ few store transactions, so it is safe to run from several processes at once:
               recipient-callout answers past their time (verify_cache) and
               greylist triples past theirs;
               failed AUTHs older than auth_failure_window; then
-              incremental_vacuum and a WAL checkpoint.
+              incremental_vacuum and a WAL checkpoint (not under `serve`: its
+              checkpointer process runs them, checkpointer.py).
   6. domains  domain-queueing / domain-drained lines for what changed any other
               way than a new message or a flush (expiry, operator actions), and
               the `notify` notices (notify.py) through bounce_relay: claimed
@@ -45,6 +46,7 @@ from backupmx.config import format_hostport
 from backupmx.log import log_event
 from backupmx.outcome import Outcome, classify
 from backupmx.store import DSN_CLAIM_SECONDS, QueueStore, QueueUnavailable
+from backupmx.store_db import checkpoints_elsewhere
 
 __all__ = ["BounceFailed", "housekeeping", "log_domain_changes", "next_retry_delay", "send_dsn"]
 
@@ -409,6 +411,8 @@ class _Round:
         self.summary["vacuumed_pages"] = pages
         if pages:
             log_event(self.log, "vacuum", pages=pages)
+        if checkpoints_elsewhere():
+            return  # under `serve` the checkpointer process copies the WAL (checkpointer.py), not a flush worker
         # A PASSIVE checkpoint copies the WAL into the database without ever
         # holding the write lock; the TRUNCATE after it has nothing left to copy
         # and empties the -wal file at once, or, when a reader still uses the WAL

@@ -51,6 +51,7 @@ import socket
 import time
 
 from backupmx import children, primaries, replies, worker
+from backupmx.checkpointer import run_checkpointer
 from backupmx.children import BOOT_ERROR, StopFlag, describe_status, first_line
 from backupmx.clients import limit_key, shown_address
 from backupmx.config import format_hostport, load_config, tuning
@@ -62,6 +63,7 @@ from backupmx.log import log_event
 from backupmx.metrics_http import bind as bind_metrics
 from backupmx.metrics_http import run_metrics
 from backupmx.odmr_sessions import OdmrSessions
+from backupmx.store_db import leave_checkpoints_to_checkpointer
 from backupmx.startup import (ServeError, become_user, build_ssl_context, check_queue, log_tuning, raise_fd_limit,
                               start_logging)
 from backupmx.tls import TLSConfigError
@@ -69,6 +71,9 @@ from backupmx.tls import TLSConfigError
 # Seconds without a heartbeat after which a worker is taken for hung and
 # aborted (it sends one every worker.HEARTBEAT_INTERVAL).
 HEARTBEAT_TIMEOUT = tuning("BACKUPMX_HEARTBEAT_TIMEOUT", 30.0)
+# Seconds without a heartbeat after which the checkpointer is taken for hung and killed
+# (it sends one every checkpointer.INTERVAL, or FAILURE_PAUSE while the disk fails it).
+CHECKPOINTER_TIMEOUT = tuning("BACKUPMX_CHECKPOINTER_TIMEOUT", 30.0)
 # Seconds an aborted worker has to go (faulthandler writes its stack, then it
 # dies of SIGABRT) before it is SIGKILLed. A stopped or wedged process ignores SIGABRT.
 ABORT_GRACE = 1.0
@@ -133,7 +138,7 @@ def serve(config, *, connection_class=SMTPConnection, flush_worker=run_flush_wor
     master.listeners = build_listeners(config, master)  # as root: ports < 1024
     if config.metrics_listen is not None:
         try:
-            master.metrics = MetricsProcess(bind_metrics(config.metrics_listen))
+            master.helpers.metrics = MetricsProcess(bind_metrics(config.metrics_listen))
         except OSError as exc:
             master.close_listeners()
             raise ServeError(f"metrics_listen {format_hostport(*config.metrics_listen)}: "
@@ -333,7 +338,7 @@ class Master:
         self.accept_paused_until = 0.0
         self.in_hand = None  # the accepted socket being dispatched (a fork now must not keep it)
         self.pid = os.getpid()
-        self.metrics: MetricsProcess | None = None  # with metrics_listen: its socket and its process
+        self.helpers = HelperProcesses()  # the metrics process (metrics_listen), the checkpointer
         self.ticket_keys = TicketKeys()  # when the TLS context is next rebuilt
         self.unresolved = UnresolvedPrimaries()  # when the primaries that did not resolve are looked up again
 
@@ -377,8 +382,7 @@ class Master:
         for w in list(self.workers.values()):
             self.drain_worker(w, "stop")
         self.flush_workers.signal_all(signal.SIGTERM)
-        if self.metrics is not None:
-            self.metrics.stop()
+        self.helpers.stop()
         self.odmr.stop()
 
     handle_int = handle_term
@@ -433,8 +437,7 @@ class Master:
             return
         self.config = primaries.pin(config, self.logger, previous=self.config, resolver=primaries.answered(lookups))
         self.flush_workers.retire_all()
-        if self.metrics is not None:
-            self.metrics.stop(retiring=True)  # it serves the old config: a new one starts with the new
+        self.helpers.stop(retiring=True)  # they run with the old config: new ones start with the new
         self.replace_workers(ssl_context)
         log_event(self.logger, "reloaded", generation=self.generation, config=self.config.path)
         self.manage_workers()
@@ -590,8 +593,7 @@ class Master:
             signal.signal(sig, signal.SIG_DFL)
         for listener in self.listeners:
             listener.socket.close()
-        if self.metrics is not None and keep is not self.metrics.sock:
-            self.metrics.sock.close()
+        self.helpers.close_in_child(keep)
         if self.in_hand is not None:
             # Spawned while dispatching: without this the new child would hold the
             # client's socket open for its whole life (the client never sees EOF).
@@ -602,6 +604,7 @@ class Master:
         self.wakeup_r.close()
         self.wakeup_w.close()
         self.selector.close()
+        leave_checkpoints_to_checkpointer()  # no child writes the queue before this: its writers' backstop
         # The default actions are back: a SIGTERM that came meanwhile (blocked across
         # children.fork_blocking) ends this child now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
@@ -670,8 +673,8 @@ class Master:
             elif pid in self.flush_workers.handles:
                 self.flush_workers.exited(self.flush_workers.handles.pop(pid), status, stopping=self.stopping,
                                           serving=self.serving)
-            elif self.metrics is not None and pid == self.metrics.pid:
-                self.metrics.exited(self, status)
+            elif pid in self.helpers.pids():
+                self.helpers.exited(self, pid, status)
             elif pid in self.odmr.children:
                 self.odmr.exited(pid, status)
 
@@ -752,8 +755,7 @@ class Master:
         self.reap_workers()
 
     def kill_all(self, sig):
-        metrics = [self.metrics.pid] if self.metrics else []
-        for pid in [*self.workers, *self.flush_workers.handles, *self.odmr.children, *metrics]:
+        for pid in [*self.workers, *self.flush_workers.handles, *self.odmr.children, *self.helpers.pids()]:
             children.send_signal(pid, sig)
 
     def halt(self, status):
@@ -767,12 +769,10 @@ class Master:
         self.start_flushers()
         self.serving = True
         self.register_listeners()
-        if self.metrics is not None:
-            log_event(self.logger, "listening", address=format_hostport(*self.metrics.sock.getsockname()[:2]),
-                      serves="metrics")
+        if (metrics := self.helpers.metrics) is not None:
+            log_event(self.logger, "listening", address=format_hostport(*metrics.sock.getsockname()[:2]), serves="metrics")
         self.manage_workers()
-        if self.metrics is not None:
-            self.metrics.manage(self)
+        self.helpers.manage(self)
         log_event(self.logger, "server-started", pid=self.pid, workers=self.config.workers, hostname=self.config.hostname)
         try:
             while True:
@@ -780,8 +780,7 @@ class Master:
                 if self.lookups is not None and time.monotonic() > self.lookups.deadline:
                     self.end_lookups(timed_out=True)
                 if self.stopping:
-                    if not (self.workers or self.flush_workers.handles or self.odmr.children) and (
-                            self.metrics is None or self.metrics.pid is None):
+                    if not (self.workers or self.flush_workers.handles or self.odmr.children or self.helpers.pids()):
                         break
                     if time.monotonic() > self.stop_deadline:
                         children_left = len(self.workers) + len(self.flush_workers.handles) + len(self.odmr.children)
@@ -796,12 +795,11 @@ class Master:
                 self.murder_workers()
                 self.manage_workers()
                 self.flush_workers.manage()
-                if self.metrics is not None:
-                    self.metrics.manage(self)
+                self.helpers.manage(self)
         finally:
             self.close_listeners()
-            if self.metrics is not None:
-                self.metrics.sock.close()
+            if self.helpers.metrics is not None:
+                self.helpers.metrics.sock.close()
             signal.set_wakeup_fd(-1)
         log_event(self.logger, "stopped", pid=self.pid, status=self.exit_status)
         return self.exit_status
@@ -899,13 +897,15 @@ class RejectCounts(collections.Counter):
             del self[reason]
 
 
-class MetricsProcess:
-    """The metrics process (metrics_http.py) under the master: its socket, bound at start,
-    and the process serving it, started again when it dies (after RESPAWN_DELAY when it
-    died at once), replaced on SIGHUP, stopped with the rest."""
+class HelperProcess:
+    """A process of its own under the master, beside the workers: started, started again when it
+    dies (after RESPAWN_DELAY when it died at once), replaced on SIGHUP (it runs with the config
+    it was started with), stopped with the rest. A subclass says what it runs (`body`) and names
+    it in the log lines (`name`-started, -died, -crashed)."""
 
-    def __init__(self, sock):
-        self.sock = sock
+    name = "helper"
+
+    def __init__(self):
         self.handle: FlusherHandle | None = None  # the process now running, None when none
         self.respawn_after = 0.0
 
@@ -913,32 +913,41 @@ class MetricsProcess:
     def pid(self):
         return self.handle.pid if self.handle is not None else None
 
+    def body(self, config, logger, should_stop):
+        raise NotImplementedError
+
+    def close_in_child(self, master):
+        master.close_in_child()
+
+    def close_fds(self, keep):
+        """In a child of the master: this helper's descriptors are the master's (but `keep`)."""
+
     def manage(self, master):
         if master.stopping or self.handle is not None or time.monotonic() < self.respawn_after:
             return
         try:
-            pid = os.fork()
+            pid = children.fork_blocking(master.SIGNALS)
         except OSError as exc:
             log_event(master.logger, "fork-failed", error=exc.strerror)
             self.respawn_after = time.monotonic() + RESPAWN_DELAY
             return
         if pid == 0:
-            master.close_in_child(keep=self.sock)
-            sock, config, logger, stop = self.sock, master.config, master.logger, StopFlag(parent=master.pid)
+            self.close_in_child(master)
+            config, logger, stop = master.config, master.logger, StopFlag(parent=master.pid)
 
-            def serve_metrics():
+            def run():
                 stop.install()
-                run_metrics(sock, config, logger, stop.should_stop)
+                self.body(config, logger, stop.should_stop)
 
-            children.run_child(serve_metrics, logger, "metrics-crashed")
+            children.run_child(run, logger, f"{self.name}-crashed")
         self.handle = FlusherHandle(pid, None, master.generation)
-        log_event(master.logger, "metrics-process-started", pid=pid)
+        log_event(master.logger, f"{self.name}-started", pid=pid)
 
     def exited(self, master, status):
         handle, self.handle = self.handle, None
         if handle.retiring or master.stopping:
             return
-        log_event(master.logger, "metrics-process-died", pid=handle.pid, status=describe_status(status),
+        log_event(master.logger, f"{self.name}-died", pid=handle.pid, status=describe_status(status),
                   level=logging.WARNING)
         if time.monotonic() - handle.started < QUICK_DEATH:
             self.respawn_after = time.monotonic() + RESPAWN_DELAY
@@ -947,3 +956,116 @@ class MetricsProcess:
         if self.handle is not None:
             self.handle.retiring = self.handle.retiring or retiring
             children.send_signal(self.handle.pid, signal.SIGTERM)
+
+
+class MetricsProcess(HelperProcess):
+    """The metrics process (metrics_http.py): GET /metrics on its socket, bound at start."""
+
+    name = "metrics-process"
+
+    def __init__(self, sock):
+        super().__init__()
+        self.sock = sock
+
+    def close_in_child(self, master):
+        master.close_in_child(keep=self.sock)
+
+    def close_fds(self, keep):
+        if keep is not self.sock:
+            self.sock.close()
+
+    def body(self, config, logger, should_stop):
+        run_metrics(self.sock, config, logger, should_stop)
+
+
+class CheckpointerProcess(HelperProcess):
+    """The checkpointer (checkpointer.py): the WAL's checkpoints, off the writers' commits.
+
+    It writes a byte on a pipe at each look; one silent for CHECKPOINTER_TIMEOUT is killed
+    (SIGKILL) and started again: hung inside a checkpoint it holds SQLite's checkpoint lock,
+    and the writers' backstop checkpoints cannot run until it is gone."""
+
+    name = "checkpointer"
+
+    def __init__(self):
+        super().__init__()
+        self.beats = self.beat_end = None  # the heartbeat pipe's ends (the write end until the fork)
+        self.last_seen = 0.0
+        self.killed = False
+
+    def manage(self, master):
+        self.watch(master)
+        if self.handle is None and self.beats is None:
+            self.beats, self.beat_end = os.pipe()
+            os.set_blocking(self.beats, False)
+            os.set_blocking(self.beat_end, False)
+        super().manage(master)
+        if self.handle is not None and self.beat_end is not None:
+            os.close(self.beat_end)
+            self.beat_end, self.last_seen, self.killed = None, time.monotonic(), False
+
+    def watch(self, master):
+        if self.handle is None or self.beats is None:
+            return
+        if children.read_pipe(self.beats, 4096):
+            self.last_seen = time.monotonic()
+        elif not self.killed and time.monotonic() - self.last_seen > CHECKPOINTER_TIMEOUT:
+            log_event(master.logger, "checkpointer-hung", pid=self.handle.pid,
+                      silent=f"{time.monotonic() - self.last_seen:.1f}s", signal="SIGKILL", level=logging.WARNING)
+            self.killed = True
+            children.send_signal(self.handle.pid, signal.SIGKILL)
+
+    def close_in_child(self, master):
+        master.close_in_child(keep=self.beat_end)
+
+    def close_fds(self, keep):
+        for fd in (self.beats, self.beat_end):
+            if fd is not None and fd != keep:
+                os.close(fd)
+
+    def body(self, config, logger, should_stop):
+        run_checkpointer(config, logger, should_stop, beat=lambda: _beat(self.beat_end))
+
+    def exited(self, master, status):
+        os.close(self.beats)
+        self.beats = None
+        super().exited(master, status)
+
+
+def _beat(fd):
+    """One heartbeat on the pipe to the master; a full pipe (the master is behind) or a broken one is no matter."""
+    try:
+        os.write(fd, b".")
+    except OSError:
+        pass
+
+
+class HelperProcesses:
+    """The master's helper processes: the metrics process (with metrics_listen) and the checkpointer."""
+
+    def __init__(self):
+        self.metrics: MetricsProcess | None = None  # with metrics_listen: its socket and its process
+        self.checkpointer = CheckpointerProcess()  # the WAL's checkpoints, off the writers' commits
+
+    def __iter__(self):
+        return iter([h for h in (self.metrics, self.checkpointer) if h is not None])
+
+    def pids(self):
+        return [h.pid for h in self if h.pid is not None]
+
+    def manage(self, master):
+        for helper in self:
+            helper.manage(master)
+
+    def exited(self, master, pid, status):
+        for helper in self:
+            if helper.pid == pid:
+                helper.exited(master, status)
+
+    def stop(self, *, retiring=False):
+        for helper in self:
+            helper.stop(retiring=retiring)
+
+    def close_in_child(self, keep):
+        for helper in self:
+            helper.close_fds(keep)

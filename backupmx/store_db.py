@@ -66,6 +66,30 @@ DEFAULT_BUSY_TIMEOUT = tuning("BACKUPMX_BUSY_TIMEOUT", 5.0)  # seconds a writer 
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # WAL file truncated back to this after a checkpoint
 
 
+# wal_autocheckpoint (pages) of the connections of a process whose checkpoints a
+# checkpointer process runs (checkpointer.py, under `serve`): SQLite's own 1000 would run
+# one inside whichever commit crosses it, its caller waiting while the pages are copied and
+# synced. This only bounds the WAL when the checkpointer is dead or cannot keep up.
+CHECKPOINT_BACKSTOP = tuning("BACKUPMX_CHECKPOINT_BACKSTOP", 10000, int)
+
+
+# Whether this process's checkpoints are the checkpointer's (leave_checkpoints_to_checkpointer).
+_checkpoints_elsewhere = False
+
+
+def leave_checkpoints_to_checkpointer() -> None:
+    """From now on the queue connections this process opens checkpoint only past
+    CHECKPOINT_BACKSTOP pages, and housekeeping leaves the WAL alone: a checkpointer
+    process runs them. The master calls it in each child it forks, before any opens."""
+    global _checkpoints_elsewhere
+    _checkpoints_elsewhere = True
+
+
+def checkpoints_elsewhere() -> bool:
+    """True when a checkpointer process runs this process's checkpoints."""
+    return _checkpoints_elsewhere
+
+
 # The page size of a new queue (schema.sql's header says what it trades: larger
 # pages pack messages of a few KB tighter but make every commit's WAL write,
 # and so every 250, slower).
@@ -595,6 +619,8 @@ class QueueDatabase:
         db.execute("PRAGMA synchronous = FULL" if self._durable else "PRAGMA synchronous = NORMAL")
         db.execute("PRAGMA foreign_keys = ON")
         db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        if _checkpoints_elsewhere:
+            db.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_BACKSTOP}")
 
     @contextmanager
     def closed_for_fork(self) -> Iterator[None]:

@@ -18,7 +18,7 @@ LAYERS = {
                "policy", "verify", "auth_limit", "client_dns",
                "odmr_connection", "greylist", "atrn_relay", "prober"},
     "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "lifecycle", "dsn",
-                "notify", "metrics_http", "flush_workers", "odmr_sessions"},
+                "notify", "metrics_http", "flush_workers", "odmr_sessions", "checkpointer"},
 }
 # Leaves anyone may use: the config's data model, the log line format.
 SHARED = {"config", "log"}

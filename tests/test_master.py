@@ -523,7 +523,7 @@ def test_worker_honours_session_deadlines(forked_worker):
 
 def test_stub_master_banner_and_workers(stub_server):
     srv = stub_server(workers=2, max_workers=2, flush_workers=1)
-    assert wait_for(lambda: len(srv.workers()) == 3, 5)  # and one flush worker
+    assert wait_for(lambda: len(srv.workers()) == 4, 5)  # and one flush worker, the checkpointer
     with connect(srv.port) as s:
         assert read_line(s) == b"220 test tls=0\r\n"
         assert talk(s, "QUIT") == b"221 bye\r\n"
@@ -980,7 +980,7 @@ def test_start_up_dns_lookups_are_bounded_and_a_name_without_an_answer_defers_it
         assert "primary-lookup-timeout seconds=0.5" in text
         assert ('primary-unresolved domain=example.com primary=stuck.hang.invalid:25 error="no answer in time" '
                 'effect="mail stays queued until the name resolves"') in text
-        assert proc.poll() is None and len(children_of(proc.pid)) == 3  # 2 SMTP workers, 1 flusher: no lookup left
+        assert proc.poll() is None and len(children_of(proc.pid)) == 4  # 2 SMTP workers, 1 flusher, the checkpointer: no lookup left
     finally:
         end_process_group(proc)
 

@@ -1,0 +1,114 @@
+"""The checkpointer: a process of its own under the master that copies the queue's WAL into
+the database, so that no writer's commit has to.
+
+SQLite's automatic checkpoint (wal_autocheckpoint, 1000 pages) runs inside whichever
+commit crosses it: that commit's caller (an SMTP worker's group commit, before its
+250s; a flush worker between deliveries) waits while ~4 MB of pages are copied into
+the database file and synced. Under `serve` this process runs them instead, on the
+other core, and the writers keep only a backstop (store_db.CHECKPOINT_BACKSTOP, set in
+every child the master forks): a checkpointer that is dead or cannot keep up still
+leaves the WAL bounded.
+
+Every INTERVAL seconds it runs a PASSIVE checkpoint, which never takes the write lock
+and never waits for a reader, and again at once while the writers added frames
+meanwhile (at most CATCH_UP rounds): once everything is copied, the next writer starts
+the WAL over from its beginning (SQLite does that only then, and only while no reader
+holds an older snapshot). Writers that never pause leave it no such moment, and the
+-wal file would grow without bound: when the WAL holds more than WAL_LIMIT pages, a
+RESTART checkpoint waits at most RESTART_BUSY_TIMEOUT for the writers and readers to
+let it finish (it holds the write lock meanwhile: a commit waits that long), so that the
+next commit starts the file over; one that could not is tried again RESTART_PAUSE later.
+When the writers pause, a -wal file past TRUNCATE_ABOVE is emptied (the housekeeping
+round in the flush workers did that before; it now leaves the WAL to this process).
+
+A checkpoint that fails (the disk is full, an I/O error) loses nothing: the frames stay
+in the WAL, are read from there, and are copied by a later checkpoint. It is logged
+once, and tried again every FAILURE_PAUSE seconds until one succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from backupmx.config import tuning
+from backupmx.log import log_event
+from backupmx.store import QueueStore, QueueUnavailable
+
+# Seconds between looks at the WAL. A look that finds nothing to copy costs a read of
+# the -shm's header; at 0.1 s the WAL holds at most a tenth of a second of commits.
+INTERVAL = tuning("BACKUPMX_CHECKPOINT_INTERVAL", 0.1)
+# PASSIVE checkpoints in a row while the writers keep adding frames.
+CATCH_UP = 4
+# WAL pages (of the page size, 4 KB: 16 MB) beyond which a RESTART checkpoint makes the
+# writers start the file over. Under a steady stream of commits PASSIVE checkpoints never
+# find the WAL at rest (each copies what the commits added while the one before ran), and
+# the file would grow to the writers' backstop, where their own commits checkpoint again.
+WAL_LIMIT = tuning("BACKUPMX_CHECKPOINT_WAL_LIMIT", 4096, int)
+# How long that RESTART waits for the writer and the readers (with the write lock held),
+# and the seconds before another when it could not finish (a reader kept its snapshot:
+# Litestream, a long `queue list`): the writers wait at most 5% of the time.
+RESTART_BUSY_TIMEOUT = 0.05
+RESTART_PAUSE = 1.0
+# A -wal file larger than this (bytes) is emptied (TRUNCATE, not waiting for anyone) once
+# the writers paused for a look: SQLite only cuts it back to journal_size_limit (64 MB).
+TRUNCATE_ABOVE = 4 * 1024 * 1024
+# Seconds between attempts after a checkpoint failed.
+FAILURE_PAUSE = 1.0
+
+
+class Checkpointer:
+    """The checkpoints of one queue, and whether the last one failed."""
+
+    def __init__(self, store: QueueStore, logger: logging.Logger):
+        self.store = store
+        self.logger = logger
+        self.failing = False
+        self.restart_after = 0.0  # monotonic: no RESTART before
+        self.last = (-1, -1)  # the last look's (WAL pages, pages copied)
+
+    def turn(self) -> float:
+        """One look: copy what the WAL holds. Returns the seconds to wait before the next."""
+        try:
+            busy, wal, copied = self.store.checkpoint("PASSIVE", 0)
+            for _ in range(CATCH_UP - 1):
+                if busy or copied >= wal:
+                    break
+                busy, wal, copied = self.store.checkpoint("PASSIVE", 0)
+            if wal > WAL_LIMIT and time.monotonic() >= self.restart_after:
+                if self.store.checkpoint("RESTART", RESTART_BUSY_TIMEOUT)[0]:
+                    self.restart_after = time.monotonic() + RESTART_PAUSE
+            idle, self.last = (wal, copied) == self.last and copied == wal, (wal, copied)
+            if idle and _size(f"{self.store.path}-wal") > TRUNCATE_ABOVE:
+                self.store.checkpoint("TRUNCATE", 0)
+        except QueueUnavailable as exc:
+            if not self.failing:
+                log_event(self.logger, "checkpoint-failed", error=str(exc), retry=f"every {FAILURE_PAUSE:g}s",
+                          level=logging.WARNING)
+            self.failing = True
+            return FAILURE_PAUSE
+        if self.failing:
+            log_event(self.logger, "checkpoint-recovered")
+            self.failing = False
+        return INTERVAL
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def run_checkpointer(config, logger: logging.Logger, should_stop: Callable[[], bool],
+                     beat: Callable[[], None]) -> None:
+    """The checkpointer process's body (master.CheckpointerProcess): until `should_stop()`,
+    calling `beat()` at each look (the master kills one that stops)."""
+    with QueueStore(config.queue, migrate=False) as store:
+        checkpointer = Checkpointer(store, logger)
+        while not should_stop():
+            pause = checkpointer.turn()
+            beat()
+            time.sleep(pause)

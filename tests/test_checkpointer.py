@@ -1,0 +1,76 @@
+"""The checkpointer process (checkpointer.py): the WAL's checkpoints off the writers' commits,
+under a real `serve`, with a real queue file."""
+
+import os
+import re
+import signal
+import smtplib
+import sqlite3
+import struct
+
+from conftest import wait_for
+
+BACKSTOP = 64  # pages: the writers' wal_autocheckpoint under the master, shortened for the test
+
+
+def wal_frames(queue_path):
+    """(frames in the WAL, frames of them copied into the database), from the -shm's wal-index
+    header (SQLite's wal.c: mxFrame at byte 16 of WalIndexHdr, nBackfill at byte 96, native order)."""
+    with open(f"{queue_path}-shm", "rb") as shm:
+        header = shm.read(100)
+    return struct.unpack_from("=I", header, 16)[0], struct.unpack_from("=I", header, 96)[0]
+
+
+def checkpointers(server):
+    return [int(pid) for pid in re.findall(r"checkpointer-started pid=(\d+)", server.log())]
+
+
+def stopped_between_checkpoints(queue_path, pid):
+    """SIGSTOP `pid`; True when it holds neither a checkpoint nor the write lock then (one of ours
+    and a write transaction go through at once), else it goes on."""
+    os.kill(pid, signal.SIGSTOP)
+    db = sqlite3.connect(queue_path, isolation_level=None, timeout=0)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ROLLBACK")
+        if db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0:
+            return True
+    except sqlite3.OperationalError:  # locked: it was opening the queue
+        pass
+    finally:
+        db.close()
+    os.kill(pid, signal.SIGCONT)
+    return False
+
+
+def send(server, count, body=b"hello\r\n"):
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        for i in range(count):
+            client.sendmail("a@sender.test", [f"user{i}@example.com"], b"Subject: wal\r\n\r\n" + body)
+
+
+def test_the_checkpointer_copies_the_wal_the_writers_keep_a_backstop_and_a_hung_one_is_replaced(server_factory):
+    server = server_factory(env={"BACKUPMX_CHECKPOINT_BACKSTOP": str(BACKSTOP), "BACKUPMX_CHECKPOINTER_TIMEOUT": "1.5"})
+    # The writers leave a few frames (fewer than the backstop) to the checkpointer, which copies them.
+    send(server, 3)
+    assert wait_for(lambda: 0 < wal_frames(server.queue_path)[0] == wal_frames(server.queue_path)[1], 5), \
+        wal_frames(server.queue_path)
+    [first] = checkpointers(server)
+
+    # Stopped (and holding no checkpoint: ours went through), the writers' backstop still bounds
+    # the WAL: ~450 frames of mail leave the -wal file at the backstop and a commit beyond it.
+    assert wait_for(lambda: stopped_between_checkpoints(server.queue_path, first), 5)
+    try:
+        send(server, 15, (b"x" * 998 + b"\r\n") * 100)
+        page = 4096 + 24  # a WAL frame: its header and a page
+        assert os.path.getsize(f"{server.queue_path}-wal") < (BACKSTOP + 60) * page
+
+        # Silent for BACKUPMX_CHECKPOINTER_TIMEOUT: the master kills it (kill -9) and starts another.
+        assert wait_for(lambda: len(checkpointers(server)) == 2, 5), server.log()
+        log = server.log()
+        assert f"checkpointer-hung pid={first}" in log and f"checkpointer-died pid={first} status=signal-9" in log
+    finally:
+        try:
+            os.kill(first, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
