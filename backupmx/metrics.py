@@ -13,6 +13,7 @@ so the counters survive restarts and any process may render them:
   backupmx_messages_received_total                   counter: messages accepted (the 250 after DATA)
   backupmx_messages_delivered_total                  counter: messages handed to a primary (its 2xx to DATA)
   backupmx_rejects_total{reason}                     counter: SMTP refusals, by reply (replies.py name)
+  backupmx_queue_wal_bytes                           gauge: the queue's -wal file (the checkpointer keeps it small)
 
 Every configured domain has its queue series, 0 when nothing is queued; a
 timestamp series is absent until its event happened once.
@@ -21,6 +22,7 @@ timestamp series is absent until its event happened once.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from backupmx.store_db import DELIVERED, RECEIVED, REJECTS, STATES
@@ -104,4 +106,14 @@ def collect(store, domains, now: float) -> list[Family]:
     for (name, label), value in counters.items():
         if name == REJECTS:
             rejects.add(value, reason=label)
-    return [messages, size, oldest, since, etrn, delivery, received, delivered, rejects]
+    wal = Family("backupmx_queue_wal_bytes", "gauge",
+                 "Bytes of the queue's -wal file: it grows when the checkpointer is dead or behind.")
+    wal.add(_file_size(f"{store.path}-wal") if store is not None else 0)
+    return [messages, size, oldest, since, etrn, delivery, received, delivered, rejects, wal]
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:  # no -wal file: every connection closed, or a TRUNCATE emptied it
+        return 0

@@ -346,6 +346,7 @@ def test_metrics_from_the_command_and_the_endpoint(mx, primary):
     assert sample(served, "backupmx_last_delivery_timestamp_seconds", domain="example.com") <= time.time()
     assert sample(served, "backupmx_last_etrn_timestamp_seconds", domain="example.com") <= time.time()
     assert sample(served, "backupmx_last_etrn_timestamp_seconds", domain="listed.org") is None  # never
+    assert 0 <= sample(served, "backupmx_queue_wal_bytes") <= 64 * 1024 * 1024  # store_db.JOURNAL_SIZE_LIMIT
 
     def relay_rejects():
         return sample(parse_exposition(scrape(mx)[2]), "backupmx_rejects_total", reason="relay_denied")
