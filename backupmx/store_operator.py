@@ -151,6 +151,29 @@ def _conditions(prefix: str, **columns) -> tuple[list[str], list]:
     return [f"{prefix}{column} = ?" for column in given], list(given.values())
 
 
+# At most this many ids or domains named in one statement (SQLite's variables); a longer
+# list (`-`: ids on stdin) reads the rows in the states asked for and picks them out.
+_NAMED_IN_SQL = 500
+
+
+def _named_rows(selection: Selection) -> tuple[list[str], list]:
+    """WHERE terms (of queue AS q) for the rows `selection` names by queue id, domain or --domain,
+    so that `hold|delete ID` or `DOMAIN` finds them by the queue's keys (index queue_message, the
+    primary key) rather than reading every row at a million messages. Selection.matches()
+    still decides; none when it names too many, or everything."""
+    where, args = [], []
+    ids, domains = sorted(selection.queue_ids), sorted(selection.domains)
+    if (ids or domains) and not selection.everything and len(ids) + len(domains) <= _NAMED_IN_SQL:
+        terms = ([f"q.queue_id IN ({','.join('?' * len(ids))})"] if ids else []) + \
+                ([f"q.domain IN ({','.join('?' * len(domains))})"] if domains else [])
+        where.append(f"({' OR '.join(terms)})")
+        args += ids + domains
+    if selection.domain is not None:
+        where.append("q.domain = ?")
+        args.append(selection.domain)
+    return where, args
+
+
 def _selection(queue_id: str | None, domain: str | None) -> Selection:
     """The old keyword form (queue_id=, domain=; both: that message's row for that domain)."""
     if queue_id is None and domain is None:
@@ -173,10 +196,12 @@ class OperatorQueries(QueueDatabase):
     def _select(db: sqlite3.Connection, selection: Selection, states: tuple[str, ...]) -> list[RowKey]:
         if selection.empty:
             return []
+        where, args = [f"q.state IN ({','.join('?' * len(states))})"], list(states)
+        where_named, named = _named_rows(selection)
         rows = db.execute(
             "SELECT q.queue_id, q.domain, q.state, m.sender, m.received_at FROM queue AS q JOIN messages AS m"
-            f" USING (queue_id) WHERE q.state IN ({','.join('?' * len(states))})"
-            " ORDER BY m.received_at, m.queue_id, q.domain", states).fetchall()
+            f" USING (queue_id) WHERE {' AND '.join(where + where_named)}"
+            " ORDER BY m.received_at, m.queue_id, q.domain", args + named).fetchall()
         return [RowKey(qid, dom) for qid, dom, state, sender, received in rows
                 if selection.matches(qid, dom, state, sender, received)]
 

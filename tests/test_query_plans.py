@@ -116,6 +116,11 @@ def test_the_hot_statements_never_read_a_growing_table_whole(queue):
     store.list_messages(domain="two.test")
     store.list_messages(selection=Selection(domain="two.test", everything=True))  # `queue list DOMAIN`
     store.show(work[10].queue_id)
+    # backupmx hold|release|requeue|delete ID or DOMAIN: the rows named, by the queue's keys.
+    store.hold(queue_id=work[11].queue_id)
+    store.release(queue_id=work[11].queue_id)
+    store.requeue(domain="two.test")
+    store.delete(queue_id=work[12].queue_id)
     store.connection.set_trace_callback(None)
 
     db = sqlite3.connect(store.path)
@@ -153,3 +158,22 @@ def test_the_triggers_statements_never_read_a_growing_table_whole(queue):
         assert scans == {}
     finally:
         db.close()
+
+
+def test_a_selection_by_ids_and_domains_names_the_rows_it_did_when_it_read_them_all(queue):
+    """The operator's selections go by the queue's keys (above); what they name stays the same,
+    also past the ids one statement names (`-`: ids on stdin), which read every row again."""
+    store, _ = queue
+    every = store.select(Selection(everything=True))
+    ids = {row.queue_id for row in every[::7]}
+    many = ids | {f"0000000000NONE{n:04d}" for n in range(600)}
+    for selection, expected in [
+        (Selection(queue_ids=frozenset(ids)), [r for r in every if r.queue_id in ids]),
+        (Selection(domains=frozenset({"two.test"})), [r for r in every if r.domain == "two.test"]),
+        (Selection(queue_ids=frozenset(ids), domains=frozenset({"one.test"})),
+         [r for r in every if r.queue_id in ids or r.domain == "one.test"]),
+        (Selection(queue_ids=frozenset(ids), domain="two.test"),
+         [r for r in every if r.queue_id in ids and r.domain == "two.test"]),
+        (Selection(queue_ids=frozenset(many)), [r for r in every if r.queue_id in ids]),
+    ]:
+        assert store.select(selection) == expected and expected
