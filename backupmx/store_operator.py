@@ -305,7 +305,7 @@ class OperatorQueries(QueueDatabase):
             if selection is not None:
                 rows = [r for r in rows if selection.matches(r[0], r[1], r[2], r[5], r[3])]
             recipients: dict[tuple[str, str], list[str]] = {}
-            # One domain: its rows' recipients through the queue's index (recipients has none on domain).
+            # One domain's rows' recipients (recipients is keyed domain first), or every row's; in RCPT order.
             for queue_id, dom, address in db.execute(
                 "SELECT r.queue_id, r.domain, r.address FROM queue AS q JOIN recipients AS r"
                 f" ON r.queue_id = q.queue_id AND r.domain = q.domain {clause} ORDER BY r.position", args,
