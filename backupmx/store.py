@@ -35,7 +35,7 @@ connection must never cross a fork.
 from backupmx.store_auth import AuthFailures  # noqa: F401
 from backupmx.store_db import (DELIVERED, EXPIRED, FAILED, HELD, QUEUED, RECEIVED, REJECTS, STATES,  # noqa: F401
                                WAITING, BodyReader, QueueDatabase, QueueUnavailable, RecipientStatus,
-                               check_database, is_queue_id, new_queue_id)
+                               check_database, is_queue_id, needs_migration, new_queue_id)
 from backupmx.store_delivery import Delivery, QueuedMessage  # noqa: F401
 from backupmx.store_flushes import FlushRequests  # noqa: F401
 from backupmx.store_greylist import Greylist, GreylistEntry, Triple  # noqa: F401

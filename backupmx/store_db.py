@@ -385,6 +385,19 @@ def check_database(path: str) -> list[str]:
     return problems
 
 
+def needs_migration(path: str) -> bool:
+    """Whether the queue at `path` exists and is of an older schema than this backupmx (read
+    only, nothing written): `serve --inetd` then migrates it first, as `serve` does at its start."""
+    if not os.path.exists(path):
+        return False
+    with _sqlite_errors():
+        db = sqlite3.connect(f"file:{_uri_path(path)}?mode=ro", uri=True, isolation_level=None)
+        try:
+            return 0 < db.execute("PRAGMA user_version").fetchone()[0] < schema_version()
+        finally:
+            db.close()
+
+
 def _queue_versions(db: sqlite3.Connection) -> tuple[int, int]:
     """(schema version, oldest compatible version) of an open queue (the end of
     schema.sql). A queue from before schema_compat is compatible with itself only."""

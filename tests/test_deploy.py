@@ -237,6 +237,23 @@ def test_inetd_etrn_with_nothing_waiting_starts_no_flusher(tmp_path, sink):
     assert flusher_pid(tmp_path / "inetd.log") is None
 
 
+
+def test_inetd_rebuilds_an_older_queue_once_and_says_so(tmp_path):
+    """`serve --inetd` migrates as `serve` does: schema 13's one-time rebuild of a schema 12
+    queue is logged (queue-rebuild before, queue-rebuilt after), and mail then queues."""
+    from test_store import fill_schema_12
+
+    cfg = inetd_config(tmp_path, free_port())
+    fill_schema_12(str(tmp_path / "q.db"))
+    with inetd_session([sys.executable, str(REPO / "backupmx.py")], cfg, cwd=tmp_path) as (proc, ours):
+        c = LineClient(ours)
+        assert c.reply()[0] == 220
+        assert c.cmd("QUIT")[0] == 221
+        assert proc.wait(5) == 0
+    log = (tmp_path / "inetd.log").read_text()
+    assert [w for w in re.findall(r"\bqueue-rebuil\w+", log)] == ["queue-rebuild", "queue-rebuilt"], log
+
+
 # -- 2. socket activation: the descriptor names decide -----------------------------
 
 ACTIVATE = r"""
