@@ -18,6 +18,8 @@ holds an older snapshot). Writers that never pause leave it no such moment, and 
 RESTART checkpoint waits at most RESTART_BUSY_TIMEOUT for the writers and readers to
 let it finish (it holds the write lock meanwhile: a commit waits that long), so that the
 next commit starts the file over; one that could not is tried again RESTART_PAUSE later.
+It runs only when the PASSIVE ones left it at most RESTART_COPY_LIMIT pages to copy, which
+it also does holding the write lock.
 When the writers pause, a -wal file past TRUNCATE_ABOVE is emptied (the housekeeping
 round in the flush workers did that before; it now leaves the WAL to this process).
 
@@ -52,6 +54,10 @@ WAL_LIMIT = tuning("BACKUPMX_CHECKPOINT_WAL_LIMIT", 4096, int)
 # Litestream, a long `queue list`): the writers wait at most 5% of the time.
 RESTART_BUSY_TIMEOUT = 0.05
 RESTART_PAUSE = 1.0
+# At most this many WAL pages (1 MB) left for that RESTART to copy: it copies them holding the
+# write lock. A reader that kept more from the PASSIVE checkpoints (a long `queue list`, a
+# shell left in a transaction) leaves them to the next PASSIVE ones once it is gone.
+RESTART_COPY_LIMIT = 256
 # A -wal file larger than this (bytes) is emptied (TRUNCATE, not waiting for anyone) once
 # the writers paused for a look: SQLite only cuts it back to journal_size_limit (64 MB).
 TRUNCATE_ABOVE = 4 * 1024 * 1024
@@ -77,7 +83,7 @@ class Checkpointer:
                 if busy or copied >= wal:
                     break
                 busy, wal, copied = self.store.checkpoint("PASSIVE", 0)
-            if wal > WAL_LIMIT and time.monotonic() >= self.restart_after:
+            if wal > WAL_LIMIT and wal - copied <= RESTART_COPY_LIMIT and time.monotonic() >= self.restart_after:
                 if self.store.checkpoint("RESTART", RESTART_BUSY_TIMEOUT)[0]:
                     self.restart_after = time.monotonic() + RESTART_PAUSE
             idle, self.last = (wal, copied) == self.last and copied == wal, (wal, copied)

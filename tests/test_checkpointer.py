@@ -1,6 +1,7 @@
 """The checkpointer process (checkpointer.py): the WAL's checkpoints off the writers' commits,
 under a real `serve`, with a real queue file."""
 
+import logging
 import os
 import re
 import signal
@@ -8,6 +9,9 @@ import smtplib
 import sqlite3
 import struct
 
+from backupmx import checkpointer
+from backupmx.checkpointer import Checkpointer
+from backupmx.store import QueueStore
 from conftest import wait_for
 
 BACKSTOP = 64  # pages: the writers' wal_autocheckpoint under the master, shortened for the test
@@ -74,3 +78,49 @@ def test_the_checkpointer_copies_the_wal_the_writers_keep_a_backstop_and_a_hung_
             os.kill(first, signal.SIGCONT)
         except ProcessLookupError:
             pass
+
+
+def test_a_restart_checkpoint_copies_little_while_it_holds_the_writers(tmp_path, monkeypatch):
+    """A RESTART holds the write lock while it copies and waits (RESTART_BUSY_TIMEOUT): what a
+    reader kept from the PASSIVE checkpoints (a long `queue list`, a shell in a transaction) is
+    copied by PASSIVE ones once it is gone, not by a RESTART that finds it gone, every commit
+    waiting meanwhile (40 MB held so: a commit waited 133 ms, not 50)."""
+    monkeypatch.setattr(checkpointer, "WAL_LIMIT", 50)
+    path = str(tmp_path / "queue.db")
+    store = QueueStore(path)
+    writer = sqlite3.connect(path, isolation_level=None)
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        writer.execute("CREATE TABLE ballast (data BLOB)")
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM ballast").fetchone()  # its snapshot keeps what follows
+        for _ in range(checkpointer.RESTART_COPY_LIMIT // 8):  # ~10 pages each
+            writer.execute("INSERT INTO ballast VALUES (zeroblob(40000))")
+        calls = []
+        checkpoint = store.checkpoint
+
+        def recorded(mode, busy_timeout):
+            calls.append((mode, checkpoint(mode, busy_timeout)))
+            return calls[-1][1]
+
+        def reader_leaves_at_a_restart(statement):
+            if "RESTART" in statement and reader.in_transaction:
+                reader.execute("COMMIT")
+
+        monkeypatch.setattr(store, "checkpoint", recorded)
+        store.connection.set_trace_callback(reader_leaves_at_a_restart)
+        looks = Checkpointer(store, logging.getLogger("test"))
+        looks.turn()
+        if reader.in_transaction:
+            reader.execute("COMMIT")
+        looks.turn()
+        restarts = [i for i, (mode, _) in enumerate(calls) if mode == "RESTART"]
+        assert restarts, calls  # past WAL_LIMIT, the reader gone: the WAL is started over
+        for i in restarts:
+            _, (_, wal, copied) = calls[i - 1]
+            assert wal - copied <= checkpointer.RESTART_COPY_LIMIT, calls
+    finally:
+        store.close()
+        writer.close()
+        reader.close()
