@@ -68,8 +68,9 @@ FAILURE_PAUSE = 1.0
 class Checkpointer:
     """The checkpoints of one queue, and whether the last one failed."""
 
-    def __init__(self, store: QueueStore, logger: logging.Logger):
-        self.store = store
+    def __init__(self, path: str, logger: logging.Logger, store: QueueStore | None = None):
+        self.path = path
+        self.store = store  # opened at the first look (again while it cannot be)
         self.logger = logger
         self.failing = False
         self.restart_after = 0.0  # monotonic: no RESTART before
@@ -78,6 +79,8 @@ class Checkpointer:
     def turn(self) -> float:
         """One look: copy what the WAL holds. Returns the seconds to wait before the next."""
         try:
+            if self.store is None:  # opening writes (schema.sql's marks): a full disk can refuse it
+                self.store = QueueStore(self.path, migrate=False)
             busy, wal, copied = self.store.checkpoint("PASSIVE", 0)
             for _ in range(CATCH_UP - 1):
                 if busy or copied >= wal:
@@ -87,7 +90,7 @@ class Checkpointer:
                 if self.store.checkpoint("RESTART", RESTART_BUSY_TIMEOUT)[0]:
                     self.restart_after = time.monotonic() + RESTART_PAUSE
             idle, self.last = (wal, copied) == self.last and copied == wal, (wal, copied)
-            if idle and _size(f"{self.store.path}-wal") > TRUNCATE_ABOVE:
+            if idle and _size(f"{self.path}-wal") > TRUNCATE_ABOVE:
                 self.store.checkpoint("TRUNCATE", 0)
         except QueueUnavailable as exc:
             if not self.failing:
@@ -100,6 +103,11 @@ class Checkpointer:
             self.failing = False
         return INTERVAL
 
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
 
 def _size(path: str) -> int:
     try:
@@ -111,10 +119,14 @@ def _size(path: str) -> int:
 def run_checkpointer(config, logger: logging.Logger, should_stop: Callable[[], bool],
                      beat: Callable[[], None]) -> None:
     """The checkpointer process's body (master.CheckpointerProcess): until `should_stop()`,
-    calling `beat()` at each look (the master kills one that stops)."""
-    with QueueStore(config.queue, migrate=False) as store:
-        checkpointer = Checkpointer(store, logger)
+    calling `beat()` at each look (the master kills one that stops). A queue it cannot open
+    is a failed checkpoint (logged once, tried every FAILURE_PAUSE), not a crash: the master
+    would start another every second, each with its traceback and its died line."""
+    checkpointer = Checkpointer(config.queue, logger)
+    try:
         while not should_stop():
             pause = checkpointer.turn()
             beat()
             time.sleep(pause)
+    finally:
+        checkpointer.close()

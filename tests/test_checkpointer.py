@@ -8,11 +8,13 @@ import signal
 import smtplib
 import sqlite3
 import struct
+import time
 
 from backupmx import checkpointer
-from backupmx.checkpointer import Checkpointer
+from backupmx.checkpointer import Checkpointer, run_checkpointer
+from backupmx.config import load_config
 from backupmx.store import QueueStore
-from conftest import wait_for
+from conftest import wait_for, write_config
 
 BACKSTOP = 64  # pages: the writers' wal_autocheckpoint under the master, shortened for the test
 
@@ -110,7 +112,7 @@ def test_a_restart_checkpoint_copies_little_while_it_holds_the_writers(tmp_path,
 
         monkeypatch.setattr(store, "checkpoint", recorded)
         store.connection.set_trace_callback(reader_leaves_at_a_restart)
-        looks = Checkpointer(store, logging.getLogger("test"))
+        looks = Checkpointer(path, logging.getLogger("test"), store)
         looks.turn()
         if reader.in_transaction:
             reader.execute("COMMIT")
@@ -124,3 +126,24 @@ def test_a_restart_checkpoint_copies_little_while_it_holds_the_writers(tmp_path,
         store.close()
         writer.close()
         reader.close()
+
+
+def test_a_checkpointer_that_cannot_open_the_queue_says_so_once_and_tries_again(tmp_path, monkeypatch, caplog):
+    """Its queue not to be opened (here: not there yet; a full disk refuses the write an open
+    makes), the checkpointer logs one checkpoint-failed line and tries again, beating meanwhile;
+    it used to crash, and the master started another every second, each crash a traceback."""
+    monkeypatch.setattr(checkpointer, "FAILURE_PAUSE", 0.01)
+    monkeypatch.setattr(checkpointer, "INTERVAL", 0.01)
+    path = tmp_path / "spool" / "queue.db"
+    config = load_config(write_config(tmp_path / "backupmx.ini", port=1, queue=path))
+    beats = []
+
+    def beat():
+        beats.append(time.monotonic())
+        if len(beats) == 3:  # the queue is back
+            path.parent.mkdir()
+            QueueStore(str(path)).close()
+
+    with caplog.at_level(logging.INFO, logger="backupmx"):
+        run_checkpointer(config, logging.getLogger("backupmx"), lambda: len(beats) >= 5, beat)
+    assert [r.getMessage().split()[0] for r in caplog.records] == ["checkpoint-failed", "checkpoint-recovered"]
