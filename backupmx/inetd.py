@@ -37,7 +37,7 @@ from backupmx.flusher import FlushFailed, QueueConnectionLost, default_lease_sec
 from backupmx.lifecycle import housekeeping
 from backupmx.log import log_event, setup_logging
 from backupmx.odmr_sessions import serve_odmr_session
-from backupmx.startup import ServeError, become_user, build_ssl_context, check_queue, start_logging
+from backupmx.startup import ServeError, become_user, build_ssl_context, migrate_queue, start_logging
 from backupmx.store import QueueStore, needs_migration
 from backupmx.worker import SessionLoop
 
@@ -160,7 +160,7 @@ def serve_inetd(config, *, implicit_tls: bool = False, odmr: bool = False) -> in
             raise ServeError(f"{config.path}: serve --inetd {option} needs tls_cert and tls_key in [backupmx]")
         become_user(config, logger)
         if needs_migration(config.queue):  # as `serve` does: schema 13's rebuild takes a while, and says so
-            check_queue(config)
+            migrate_queue(config)
         context = ConnectionContext(config=config, ssl_context=ssl_context, logger=logger)
     except Exception as exc:
         # stderr is /dev/null now: the log is the only place to say it.

@@ -70,6 +70,14 @@ def check_queue(config) -> None:
     problems = check_database(config.queue)
     if problems:
         raise ServeError(f"{problems[0]}; not starting")
+    migrate_queue(config)
+
+
+def migrate_queue(config) -> None:
+    """Open the queue once, migrating an older one, then close it; schema 13's one-time
+    rebuild is logged (queue-rebuild, queue-rebuilt). `serve --inetd` calls it alone, without
+    check_database's quick_check: a read of the whole file, in every session that comes
+    while another rebuilds the queue."""
     logger = logging.getLogger(LOGGER_NAME)
     started = []
 
