@@ -244,12 +244,14 @@ class ClientDNS:
     def next_deadline(self) -> float | None:
         """When the earliest lookup still running is to be given up (None: none runs); the
         worker loop wakes for it, so that a client waits LOOKUP_WAIT, not up to a loop tick more."""
-        return min((facts.deadline for _, facts in self._looking.values()), default=None)
+        oldest = self._oldest()
+        return None if oldest is None else oldest[1].deadline
 
     def upkeep(self) -> None:
         """From the worker loop: give up the lookups past their deadline (their waiters go on)."""
         now = self.clock()
-        for owner, facts in [(o, f) for o, f in self._looking.values() if now >= f.deadline]:
+        while (oldest := self._oldest()) is not None and now >= oldest[1].deadline:
+            owner, facts = oldest
             log_event(self.logger, "lookup-timeout", client=facts.address, seconds=f"{LOOKUP_WAIT:g}",
                       level=logging.WARNING)
             if facts.name is None:
@@ -257,6 +259,11 @@ class ClientDNS:
             facts.troubled = True
             del self._looking[id(facts)]
             self.offload.deliver(owner, lambda done, facts=facts: facts._finish(), None)
+
+    def _oldest(self) -> tuple[object, ClientFacts] | None:
+        """The lookup started first, so the first due: each waits LOOKUP_WAIT from its start on
+        the one clock, and _looking keeps start order (both look-ups are per loop round)."""
+        return next(iter(self._looking.values()), None)
 
     def forget(self, facts: ClientFacts) -> None:
         """The session ended: nobody waits for these any more."""
