@@ -19,8 +19,11 @@ import errno
 import faulthandler
 import logging
 import os
+import select
 import signal
 import sys
+import threading
+import time
 
 BOOT_ERROR = 3
 
@@ -42,15 +45,60 @@ class StopFlag:
     def should_stop(self) -> bool:
         return self.stopped or (self.parent is not None and os.getppid() != self.parent)
 
-    def install(self) -> "StopFlag":
-        """SIGTERM stops; SIGINT and SIGHUP are the parent's (or the operator's) business."""
+    def install(self, *, wakeup: bool = False) -> "StopFlag":
+        """SIGTERM stops; SIGINT and SIGHUP are the parent's (or the operator's) business.
+
+        `wakeup`: the signal also wakes this process's main thread where it waits in pause()
+        (a pipe given to signal.set_wakeup_fd): a loop that pauses between steps sees its stop
+        at once without waking up to look."""
+        global _wakeup
         signal.set_wakeup_fd(-1)  # the master's wakeup socket is not ours
+        if _wakeup is not None:  # a parent's (a flush worker forks helpers)
+            for fd in _wakeup:
+                os.close(fd)
+            _wakeup = None
+        if wakeup:
+            _wakeup = os.pipe()
+            for fd in _wakeup:
+                os.set_blocking(fd, False)
+            signal.set_wakeup_fd(_wakeup[1], warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self.set)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         return self
+
+
+# This process's signal wakeup pipe (StopFlag.install(wakeup=True)): (read end, write end), or None.
+_wakeup: tuple[int, int] | None = None
+# How often pause() looks at should_stop without that pipe (a loop in a thread, under a test):
+# the sleep goes on after a signal's handler (PEP 475).
+STOP_CHECK = 0.01
+
+
+def pause(seconds: float, should_stop) -> None:
+    """Wait `seconds`, or less: until should_stop() turns true. In the main thread of a process
+    whose StopFlag was installed with wakeup, a signal ends the wait at once (and should_stop()
+    is asked again): no wake-ups while nothing happens. Elsewhere it looks every STOP_CHECK."""
+    deadline = time.monotonic() + seconds
+    woken = _wakeup[0] if _wakeup is not None and threading.current_thread() is threading.main_thread() else None
+    while not should_stop():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        if woken is None:
+            time.sleep(min(remaining, STOP_CHECK))
+        elif select.select([woken], [], [], remaining)[0]:
+            _drain(woken)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def log_stream(logger: logging.Logger):

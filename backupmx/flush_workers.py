@@ -227,7 +227,7 @@ def flush_worker_child(body, config, owner, stop, ready_fd, logger):
         booted = True
         _tell(ready_fd, "ready")
 
-    stop.install()
+    stop.install(wakeup=True)  # its pauses (flusher._pause) end at the master's SIGTERM, without polling
     try:
         body(config, owner, stop.should_stop, ready=ready)
     except Exception as exc:

@@ -1326,15 +1326,6 @@ def _housekeeping(step, store, config, log) -> None:
         log_event(log, "housekeeping-error", error=f"{type(e).__name__}: {e}", level=logging.ERROR)
 
 
-# How soon a pausing flush worker sees its stop (the SIGTERM's flag: the sleep goes on after
-# the handler, PEP 475): the master's stop, a reload and a test's server wait for it.
-STOP_CHECK = 0.01
-
-
 def _pause(seconds: float, should_stop: Callable[[], bool]):
-    deadline = time.monotonic() + seconds
-    while not should_stop():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return
-        time.sleep(min(remaining, STOP_CHECK))
+    """The flush worker's waits between its looks: children.pause, which its SIGTERM ends at once."""
+    children.pause(seconds, should_stop)

@@ -13,6 +13,7 @@ Two kinds of test:
 
 import logging
 import os
+import re
 import selectors
 import signal
 import smtplib
@@ -31,7 +32,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-from backupmx import replies  # noqa: E402
+from backupmx import flusher as flusher_module, replies  # noqa: E402
 from conftest import (banner_ready, children_of, end_process_group, free_port, read_line, wait_for,  # noqa: E402
                       write_config)
 
@@ -834,8 +835,26 @@ def test_real_inetd_session(tmp_path):
         proc.wait()
 
 
-def test_real_sigterm_idle_exits_quickly(server):
+def wake_ups(pid):
+    """Times the process's threads gave up the CPU of their own accord (slept, waited) so far."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_real_sigterm_idle_exits_quickly_and_an_idle_flush_worker_sleeps(server):
     assert wait_for(lambda: len(server.children()) >= 3, 5)  # 2 workers + 1 flusher
+    # Its looks for a flush (POLL_INTERVAL: 20 a second) wake it, its stop no more (it polled its
+    # flag every 10 ms: ~120 wake-ups a second); the SIGTERM ends its pause at once.
+    [flusher] = [int(pid) for pid in re.findall(r"flush-worker-started pid=(\d+)", server.log())]
+    before, since = wake_ups(flusher), time.monotonic()
+    time.sleep(0.5)
+    rate = (wake_ups(flusher) - before) / (time.monotonic() - since)
+    print(f"idle flush worker: {rate:.0f} wake-ups a second")
+    assert rate < 2 / flusher_module.POLL_INTERVAL
     started = time.monotonic()
     assert server.stop(signal.SIGTERM) == 0
     assert time.monotonic() - started < 2
