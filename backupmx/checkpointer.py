@@ -23,6 +23,13 @@ it also does holding the write lock.
 When the writers pause, a -wal file past TRUNCATE_ABOVE is emptied (the housekeeping
 round in the flush workers did that before; it now leaves the WAL to this process).
 
+A checkpoint that runs long (a PASSIVE copying a huge WAL to a slow disk, once a reader
+that held it back let go) is not taken for a hung one: while a checkpoint runs, a thread
+beats every `progress_look` seconds in which the checkpointing thread used CPU (it copies
+pages) or the queue's disk moved sectors (it syncs them). One hung inside a checkpoint (a
+dead disk, a call that never returns) does neither, falls silent, and the master kills it
+as before (CheckpointProgress says where that cannot be told).
+
 A checkpoint that fails (the disk is full, an I/O error) loses nothing: the frames stay
 in the WAL, are read from there, and are copied by a later checkpoint. It is logged
 once, and tried again every FAILURE_PAUSE seconds until one succeeds.
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -68,9 +76,11 @@ FAILURE_PAUSE = 1.0
 class Checkpointer:
     """The checkpoints of one queue, and whether the last one failed."""
 
-    def __init__(self, path: str, logger: logging.Logger, store: QueueStore | None = None):
+    def __init__(self, path: str, logger: logging.Logger, store: QueueStore | None = None,
+                 running: "CheckpointProgress | None" = None):
         self.path = path
         self.store = store  # opened at the first look (again while it cannot be)
+        self.running = running or CheckpointProgress()  # what the progress beats watch
         self.logger = logger
         self.failing = False
         self.restart_after = 0.0  # monotonic: no RESTART before
@@ -81,17 +91,8 @@ class Checkpointer:
         try:
             if self.store is None:  # opening writes (schema.sql's marks): a full disk can refuse it
                 self.store = QueueStore(self.path, migrate=False)
-            busy, wal, copied = self.store.checkpoint("PASSIVE", 0)
-            for _ in range(CATCH_UP - 1):
-                if busy or copied >= wal:
-                    break
-                busy, wal, copied = self.store.checkpoint("PASSIVE", 0)
-            if wal > WAL_LIMIT and wal - copied <= RESTART_COPY_LIMIT and time.monotonic() >= self.restart_after:
-                if self.store.checkpoint("RESTART", RESTART_BUSY_TIMEOUT)[0]:
-                    self.restart_after = time.monotonic() + RESTART_PAUSE
-            idle, self.last = (wal, copied) == self.last and copied == wal, (wal, copied)
-            if idle and _size(f"{self.path}-wal") > TRUNCATE_ABOVE:
-                self.store.checkpoint("TRUNCATE", 0)
+            with self.running:
+                self._checkpoints()
         except QueueUnavailable as exc:
             if not self.failing:
                 log_event(self.logger, "checkpoint-failed", error=str(exc), retry=f"every {FAILURE_PAUSE:g}s",
@@ -102,6 +103,19 @@ class Checkpointer:
             log_event(self.logger, "checkpoint-recovered")
             self.failing = False
         return INTERVAL
+
+    def _checkpoints(self) -> None:
+        busy, wal, copied = self.store.checkpoint("PASSIVE", 0)
+        for _ in range(CATCH_UP - 1):
+            if busy or copied >= wal:
+                break
+            busy, wal, copied = self.store.checkpoint("PASSIVE", 0)
+        if wal > WAL_LIMIT and wal - copied <= RESTART_COPY_LIMIT and time.monotonic() >= self.restart_after:
+            if self.store.checkpoint("RESTART", RESTART_BUSY_TIMEOUT)[0]:
+                self.restart_after = time.monotonic() + RESTART_PAUSE
+        idle, self.last = (wal, copied) == self.last and copied == wal, (wal, copied)
+        if idle and _size(f"{self.path}-wal") > TRUNCATE_ABOVE:
+            self.store.checkpoint("TRUNCATE", 0)
 
     def close(self) -> None:
         if self.store is not None:
@@ -116,17 +130,79 @@ def _size(path: str) -> int:
         return 0
 
 
+class CheckpointProgress:
+    """Whether a checkpoint runs now (`with` around it), and whether it gets on: its thread's
+    CPU clock (it copies pages) or the sectors moved by the disk the queue is on (it syncs
+    them: a long fsync uses no CPU). A checkpoint hung for good moves neither, but when others
+    keep that disk busy: then only its thread's CPU tells (a queue on NFS, tmpfs: always)."""
+
+    def __init__(self, path: str | None = None):
+        self.clock = None  # the checkpointing thread's CPU clock while one runs, else None
+        self.disk = _disk_stat(path) if path else None
+
+    def __enter__(self):
+        self.clock = time.pthread_getcpuclockid(threading.get_ident())
+        return self
+
+    def __exit__(self, *exc):
+        self.clock = None
+
+    def sample(self):
+        """(the checkpoint's thread clock or None, its CPU seconds, the disk's sectors moved)."""
+        clock = self.clock
+        return clock, time.clock_gettime(clock) if clock is not None else 0.0, _sectors_moved(self.disk)
+
+    def beat_while_it_copies(self, beat: Callable[[], None], look: float, stopped: threading.Event) -> None:
+        """A thread's body: every `look` seconds, beat() when a checkpoint ran all along and got
+        on meanwhile (CPU used, sectors moved)."""
+        seen = self.sample()
+        while not stopped.wait(look):
+            now = self.sample()
+            if now[0] is not None and now[0] == seen[0] and (now[1] > seen[1] or now[2] > seen[2]):
+                beat()
+            seen = now
+
+
+def _disk_stat(path: str) -> str | None:
+    """The block device's statistics file (Linux sysfs) of the file system `path` is on, or None."""
+    try:
+        device = os.stat(os.path.dirname(os.path.abspath(path))).st_dev
+    except OSError:
+        return None
+    stat = f"/sys/dev/block/{os.major(device)}:{os.minor(device)}/stat"
+    return stat if _sectors_moved(stat) else None
+
+
+def _sectors_moved(stat: str | None) -> int:
+    """Sectors read and written by the device so far (fields 3 and 7 of sysfs block stat); 0 unknown."""
+    if stat is None:
+        return 0
+    try:
+        with open(stat) as f:
+            fields = f.read().split()
+        return int(fields[2]) + int(fields[6])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def run_checkpointer(config, logger: logging.Logger, should_stop: Callable[[], bool],
-                     beat: Callable[[], None]) -> None:
+                     beat: Callable[[], None], progress_look: float | None = None) -> None:
     """The checkpointer process's body (master.CheckpointerProcess): until `should_stop()`,
-    calling `beat()` at each look (the master kills one that stops). A queue it cannot open
+    calling `beat()` at each look (the master kills one that stops), and every `progress_look`
+    seconds while a checkpoint runs and copies (None: no such beats). A queue it cannot open
     is a failed checkpoint (logged once, tried every FAILURE_PAUSE), not a crash: the master
     would start another every second, each with its traceback and its died line."""
-    checkpointer = Checkpointer(config.queue, logger)
+    running = CheckpointProgress(config.queue)
+    checkpointer = Checkpointer(config.queue, logger, running=running)
+    stopped = threading.Event()
+    if progress_look is not None:
+        threading.Thread(target=running.beat_while_it_copies, args=(beat, progress_look, stopped),
+                         name="checkpoint-progress", daemon=True).start()
     try:
         while not should_stop():
             pause = checkpointer.turn()
             beat()
             time.sleep(pause)
     finally:
+        stopped.set()
         checkpointer.close()

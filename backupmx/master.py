@@ -72,7 +72,8 @@ from backupmx.tls import TLSConfigError
 # aborted (it sends one every worker.HEARTBEAT_INTERVAL).
 HEARTBEAT_TIMEOUT = tuning("BACKUPMX_HEARTBEAT_TIMEOUT", 30.0)
 # Seconds without a heartbeat after which the checkpointer is taken for hung and killed
-# (it sends one every checkpointer.INTERVAL, or FAILURE_PAUSE while the disk fails it).
+# (it sends one every checkpointer.INTERVAL, or FAILURE_PAUSE while the disk fails it, and
+# every quarter of this while a long checkpoint goes on using CPU).
 CHECKPOINTER_TIMEOUT = tuning("BACKUPMX_CHECKPOINTER_TIMEOUT", 30.0)
 # Seconds an aborted worker has to go (faulthandler writes its stack, then it
 # dies of SIGABRT) before it is SIGKILLed. A stopped or wedged process ignores SIGABRT.
@@ -981,7 +982,8 @@ class MetricsProcess(HelperProcess):
 class CheckpointerProcess(HelperProcess):
     """The checkpointer (checkpointer.py): the WAL's checkpoints, off the writers' commits.
 
-    It writes a byte on a pipe at each look; one silent for CHECKPOINTER_TIMEOUT is killed
+    It writes a byte on a pipe at each look, and while a long checkpoint copies, every quarter
+    of CHECKPOINTER_TIMEOUT in which it used CPU; one silent for CHECKPOINTER_TIMEOUT is killed
     (SIGKILL) and started again: hung inside a checkpoint it holds SQLite's checkpoint lock,
     and the writers' backstop checkpoints cannot run until it is gone."""
 
@@ -1024,7 +1026,8 @@ class CheckpointerProcess(HelperProcess):
                 os.close(fd)
 
     def body(self, config, logger, should_stop):
-        run_checkpointer(config, logger, should_stop, beat=lambda: _beat(self.beat_end))
+        run_checkpointer(config, logger, should_stop, beat=lambda: _beat(self.beat_end),
+                         progress_look=CHECKPOINTER_TIMEOUT / 4)
 
     def exited(self, master, status):
         os.close(self.beats)

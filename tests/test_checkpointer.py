@@ -8,6 +8,7 @@ import signal
 import smtplib
 import sqlite3
 import struct
+import threading
 import time
 
 from backupmx import checkpointer
@@ -147,3 +148,81 @@ def test_a_checkpointer_that_cannot_open_the_queue_says_so_once_and_tries_again(
     with caplog.at_level(logging.INFO, logger="backupmx"):
         run_checkpointer(config, logging.getLogger("backupmx"), lambda: len(beats) >= 5, beat)
     assert [r.getMessage().split()[0] for r in caplog.records] == ["checkpoint-failed", "checkpoint-recovered"]
+
+
+def all_copied(queue_path):
+    """Everything in the WAL is in the database (or the WAL was started over since)."""
+    frames, backfilled = wal_frames(queue_path)
+    return frames == backfilled
+
+
+def test_a_long_checkpoint_that_copies_is_not_taken_for_a_hung_one(server_factory):
+    """A reader held 40 MB of WAL back; once it lets go, one PASSIVE checkpoint copies it all,
+    here slowed as by a slow disk (the checkpointer runs ~1 ms in 100: SIGSTOP / SIGCONT) so
+    that it still copies past BACKUPMX_CHECKPOINTER_TIMEOUT. It beats while it copies: not
+    killed (it was, and would have started over). A stopped one still is (the first test)."""
+    server = server_factory(env={"BACKUPMX_CHECKPOINTER_TIMEOUT": "1", "BACKUPMX_CHECKPOINT_BACKSTOP": "100000"})
+    assert wait_for(lambda: checkpointers(server), 5)
+    [pid] = checkpointers(server)
+    writer = sqlite3.connect(server.queue_path, isolation_level=None)
+    reader = sqlite3.connect(server.queue_path, isolation_level=None)
+    try:
+        writer.execute("CREATE TABLE ballast (data BLOB)")
+        assert wait_for(lambda: all_copied(server.queue_path), 5)  # it has the queue open, and looks
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM ballast").fetchone()  # its snapshot keeps what follows
+        writer.execute("BEGIN")
+        for _ in range(1000):
+            writer.execute("INSERT INTO ballast VALUES (zeroblob(40000))")
+        writer.execute("COMMIT")
+        started = time.monotonic()
+        reader.execute("COMMIT")
+        while time.monotonic() - started < 1.4:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep(0.1)
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:  # killed for hung
+                break
+            time.sleep(0.0005)
+        still_copying = not all_copied(server.queue_path)
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        writer.close()
+        reader.close()
+    assert still_copying  # 1.4 s after it began: past the timeout, the test shows what it should
+    assert wait_for(lambda: all_copied(server.queue_path), 10)
+    assert "checkpointer-hung" not in server.log() and checkpointers(server) == [pid]
+
+
+def test_a_checkpoint_that_uses_no_cpu_and_moves_no_sectors_gets_no_beats():
+    """What keeps a hung checkpoint detectable: one blocked for good (here on an event, with no
+    disk to look at: a queue on tmpfs or NFS) gets no progress beats; one that works, some."""
+    running = checkpointer.CheckpointProgress()
+    beats, stopped, inside, done = [], threading.Event(), threading.Event(), threading.Event()
+
+    def checkpoint(work):
+        with running:
+            inside.set()
+            while work and not done.is_set():
+                sum(range(1000))
+            done.wait()
+
+    for work in (False, True):
+        beats.clear()
+        copying = threading.Thread(target=checkpoint, args=(work,))
+        copying.start()
+        inside.wait()
+        watch = threading.Thread(target=running.beat_while_it_copies, args=(lambda: beats.append(1), 0.02, stopped))
+        watch.start()
+        time.sleep(0.1)  # five looks
+        stopped.set()
+        watch.join()
+        done.set()
+        copying.join()
+        for event in (stopped, inside, done):
+            event.clear()
+        assert bool(beats) == work, (work, beats)
