@@ -14,6 +14,7 @@ so the counters survive restarts and any process may render them:
   backupmx_messages_delivered_total                  counter: messages handed to a primary (its 2xx to DATA)
   backupmx_rejects_total{reason}                     counter: SMTP refusals, by reply (replies.py name)
   backupmx_queue_wal_bytes                           gauge: the queue's -wal file (the checkpointer keeps it small)
+  backupmx_queue_wal_uncopied_bytes                  gauge: pages in the WAL no checkpoint copied yet (its work left)
 
 Every configured domain has its queue series, 0 when nothing is queued; a
 timestamp series is absent until its event happened once.
@@ -26,6 +27,7 @@ import os
 from dataclasses import dataclass, field
 
 from backupmx.store_db import DELIVERED, RECEIVED, REJECTS, STATES
+from backupmx.store_housekeeping import wal_left_bytes
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -107,9 +109,12 @@ def collect(store, domains, now: float) -> list[Family]:
         if name == REJECTS:
             rejects.add(value, reason=label)
     wal = Family("backupmx_queue_wal_bytes", "gauge",
-                 "Bytes of the queue's -wal file: it grows when the checkpointer is dead or behind.")
+                 "Bytes of the queue's -wal file: its high-water mark since it was last emptied.")
     wal.add(_file_size(f"{store.path}-wal") if store is not None else 0)
-    return [messages, size, oldest, since, etrn, delivery, received, delivered, rejects, wal]
+    uncopied = Family("backupmx_queue_wal_uncopied_bytes", "gauge",
+                      "Bytes of WAL pages no checkpoint copied into the database yet: the checkpointer's work left.")
+    uncopied.add(wal_left_bytes(store.path) if store is not None else 0)
+    return [messages, size, oldest, since, etrn, delivery, received, delivered, rejects, wal, uncopied]
 
 
 def _file_size(path: str) -> int:

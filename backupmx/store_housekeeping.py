@@ -8,7 +8,9 @@ housekeeper died, and the DSN goes out again -- at least once, never lost).
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import struct
 from dataclasses import dataclass
 from typing import Iterable, Mapping, NamedTuple
 
@@ -323,3 +325,34 @@ class Housekeeping(QueueDatabase):
                 return tuple(db.execute(f"PRAGMA wal_checkpoint({mode.upper()})").fetchone())
             finally:
                 db.execute(f"PRAGMA busy_timeout = {int(old)}")
+
+
+# The wal-index header at the start of the -shm file (https://sqlite.org/walformat.html, 2.2),
+# in the machine's byte order: two copies of WalIndexHdr (48 bytes: iVersion, unused, iChange,
+# isInit, bigEndCksum, szPage, mxFrame, ...), then WalCkptInfo, whose first field is nBackfill.
+_WAL_INDEX_HEADER = struct.Struct("=IIIBBHI")
+_HEADER_COPY = 48
+_BACKFILL = struct.Struct("=I")
+_BACKFILL_AT = 96
+
+
+def wal_left_bytes(path: str) -> int:
+    """Bytes of pages the queue's WAL holds that no checkpoint copied into the database yet: the
+    frames past the last checkpoint's (PRAGMA wal_checkpoint's log - checkpointed), read from the
+    -shm's header as any process may (a read, no lock). 0 when there is no WAL index."""
+    for _ in range(3):  # a writer may be changing the header: its two copies then differ
+        try:
+            with open(f"{path}-shm", "rb") as shm:
+                header = shm.read(_BACKFILL_AT + _BACKFILL.size)
+        except OSError:
+            return 0
+        if len(header) < _BACKFILL_AT + _BACKFILL.size:
+            return 0
+        if header[:_HEADER_COPY] == header[_HEADER_COPY:2 * _HEADER_COPY]:
+            break
+    _, _, _, initialised, _, page_size, frames = _WAL_INDEX_HEADER.unpack_from(header)
+    if not initialised:
+        return 0
+    copied = _BACKFILL.unpack_from(header, _BACKFILL_AT)[0]
+    page_size = 65536 if page_size == 1 else page_size  # the format's way of writing 64 KB in 16 bits
+    return max(0, frames - copied) * page_size

@@ -11,10 +11,13 @@ import struct
 import threading
 import time
 
+import pytest
+
 from backupmx import checkpointer
 from backupmx.checkpointer import Checkpointer, run_checkpointer
 from backupmx.config import load_config
 from backupmx.store import QueueStore
+from backupmx.store_housekeeping import wal_left_bytes
 from conftest import wait_for, write_config
 
 BACKSTOP = 64  # pages: the writers' wal_autocheckpoint under the master, shortened for the test
@@ -83,50 +86,56 @@ def test_the_checkpointer_copies_the_wal_the_writers_keep_a_backstop_and_a_hung_
             pass
 
 
-def test_a_restart_checkpoint_copies_little_while_it_holds_the_writers(tmp_path, monkeypatch):
+@pytest.fixture
+def held_back(tmp_path):
+    """A queue (its QueueStore), a writer that leaves the checkpoints to others and has a table of
+    ballast, and a reader: (path, store, writer, reader), all closed at the end."""
+    path = str(tmp_path / "queue.db")
+    store = QueueStore(path)
+    writer = sqlite3.connect(path, isolation_level=None)
+    reader = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("CREATE TABLE ballast (data BLOB)")
+    yield path, store, writer, reader
+    store.close()
+    writer.close()
+    reader.close()
+
+
+def test_a_restart_checkpoint_copies_little_while_it_holds_the_writers(held_back, monkeypatch):
     """A RESTART holds the write lock while it copies and waits (RESTART_BUSY_TIMEOUT): what a
     reader kept from the PASSIVE checkpoints (a long `queue list`, a shell in a transaction) is
     copied by PASSIVE ones once it is gone, not by a RESTART that finds it gone, every commit
     waiting meanwhile (40 MB held so: a commit waited 133 ms, not 50)."""
     monkeypatch.setattr(checkpointer, "WAL_LIMIT", 50)
-    path = str(tmp_path / "queue.db")
-    store = QueueStore(path)
-    writer = sqlite3.connect(path, isolation_level=None)
-    reader = sqlite3.connect(path, isolation_level=None)
-    try:
-        writer.execute("PRAGMA wal_autocheckpoint = 0")
-        writer.execute("CREATE TABLE ballast (data BLOB)")
-        reader.execute("BEGIN")
-        reader.execute("SELECT COUNT(*) FROM ballast").fetchone()  # its snapshot keeps what follows
-        for _ in range(checkpointer.RESTART_COPY_LIMIT // 8):  # ~10 pages each
-            writer.execute("INSERT INTO ballast VALUES (zeroblob(40000))")
-        calls = []
-        checkpoint = store.checkpoint
+    path, store, writer, reader = held_back
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM ballast").fetchone()  # its snapshot keeps what follows
+    for _ in range(checkpointer.RESTART_COPY_LIMIT // 8):  # ~10 pages each
+        writer.execute("INSERT INTO ballast VALUES (zeroblob(40000))")
+    calls = []
+    checkpoint = store.checkpoint
 
-        def recorded(mode, busy_timeout):
-            calls.append((mode, checkpoint(mode, busy_timeout)))
-            return calls[-1][1]
+    def recorded(mode, busy_timeout):
+        calls.append((mode, checkpoint(mode, busy_timeout)))
+        return calls[-1][1]
 
-        def reader_leaves_at_a_restart(statement):
-            if "RESTART" in statement and reader.in_transaction:
-                reader.execute("COMMIT")
-
-        monkeypatch.setattr(store, "checkpoint", recorded)
-        store.connection.set_trace_callback(reader_leaves_at_a_restart)
-        looks = Checkpointer(path, logging.getLogger("test"), store)
-        looks.turn()
-        if reader.in_transaction:
+    def reader_leaves_at_a_restart(statement):
+        if "RESTART" in statement and reader.in_transaction:
             reader.execute("COMMIT")
-        looks.turn()
-        restarts = [i for i, (mode, _) in enumerate(calls) if mode == "RESTART"]
-        assert restarts, calls  # past WAL_LIMIT, the reader gone: the WAL is started over
-        for i in restarts:
-            _, (_, wal, copied) = calls[i - 1]
-            assert wal - copied <= checkpointer.RESTART_COPY_LIMIT, calls
-    finally:
-        store.close()
-        writer.close()
-        reader.close()
+
+    monkeypatch.setattr(store, "checkpoint", recorded)
+    store.connection.set_trace_callback(reader_leaves_at_a_restart)
+    looks = Checkpointer(path, logging.getLogger("test"), store)
+    looks.turn()
+    if reader.in_transaction:
+        reader.execute("COMMIT")
+    looks.turn()
+    restarts = [i for i, (mode, _) in enumerate(calls) if mode == "RESTART"]
+    assert restarts, calls  # past WAL_LIMIT, the reader gone: the WAL is started over
+    for i in restarts:
+        _, (_, wal, copied) = calls[i - 1]
+        assert wal - copied <= checkpointer.RESTART_COPY_LIMIT, calls
 
 
 def test_a_checkpointer_that_cannot_open_the_queue_says_so_once_and_tries_again(tmp_path, monkeypatch, caplog):
@@ -226,3 +235,26 @@ def test_a_checkpoint_that_uses_no_cpu_and_moves_no_sectors_gets_no_beats():
         for event in (stopped, inside, done):
             event.clear()
         assert bool(beats) == work, (work, beats)
+
+
+def test_the_wal_left_uncopied_is_what_the_last_checkpoint_left_and_a_metric(held_back):
+    """backupmx_queue_wal_bytes is the -wal file's high-water mark; the work left is the frames
+    the last checkpoint did not copy (what PRAGMA wal_checkpoint returns), here held back by a
+    reader, and 0 once copied while the file keeps its size."""
+    from backupmx import metrics
+
+    path, store, writer, reader = held_back
+    store.checkpoint("PASSIVE", 0)
+    assert wal_left_bytes(path) == 0
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM ballast").fetchone()  # its snapshot keeps what follows
+    for _ in range(10):
+        writer.execute("INSERT INTO ballast VALUES (zeroblob(40000))")
+    _, frames, copied = store.checkpoint("PASSIVE", 0)
+    left = wal_left_bytes(path)
+    assert left == (frames - copied) * 4096 >= 100 * 4096, (frames, copied, left)
+    [family] = [f for f in metrics.collect(store, [], time.time()) if f.name == "backupmx_queue_wal_uncopied_bytes"]
+    assert family.samples == [({}, left)]
+    reader.execute("COMMIT")
+    assert store.checkpoint("PASSIVE", 0)[0] == 0
+    assert wal_left_bytes(path) == 0 and os.path.getsize(f"{path}-wal") > left
