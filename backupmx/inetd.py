@@ -228,25 +228,28 @@ def run_detached_flush(config, logger, should_stop=lambda: False, ready=lambda: 
     Calls ready() once the queue is open. Returns the number of domains
     delivered. Nothing else runs expiry and bounces when every session is an
     inetd one, hence the round. A flush that fails half-way ends it
-    (DetachedFlushFailed), the flush requested again; one that lost the queue
-    connection (a helper's fork, then EMFILE) is given back on a new one when
-    it opens, as a flush worker does: the lease would otherwise keep the
-    domain from every flusher for 3 x timeout + 30 s.
+    (DetachedFlushFailed), the flush requested again. One that lost the queue
+    connection (a helper's fork, then EMFILE) is given back on a new one, as a
+    flush worker does (the lease would otherwise keep the domain from every
+    flusher for 3 x timeout + 30 s), and tried once more there without a helper
+    process, as a flush worker goes on: in an inetd-only setup nothing else
+    would deliver the domain before its next ETRN.
     """
     owner = f"{socket.gethostname()}:{os.getpid()}:inetd"
-    with QueueStore(config.queue) as store:
+    lease_seconds = default_lease_seconds(config.timeout)
+    store = QueueStore(config.queue)
+    try:
         ready()
         try:
-            flushed = drain(store, config, owner, lease_seconds=default_lease_seconds(config.timeout), log=logger,
+            flushed = drain(store, config, owner, lease_seconds=lease_seconds, log=logger,
                             should_stop=should_stop, rounds=MAX_DETACHED_ROUNDS)
         except QueueConnectionLost as e:
-            again = reopened_queue(config, owner, logger)
-            if again is None:
+            store.close()
+            store = reopened_queue(config, owner, logger)
+            if store is None:
                 raise DetachedFlushFailed(f"the flush of {e} lost its queue connection, which does not open again: "
-                                          f"its lease runs out in {default_lease_seconds(config.timeout):g}s") from e
-            again.close()
-            raise DetachedFlushFailed(f"the flush of {e} lost its queue connection: given back, "
-                                      "requested again") from e
+                                          f"its lease runs out in {lease_seconds:g}s") from e
+            flushed = _flush_again_without_a_helper(store, config, owner, logger, should_stop, e)
         except FlushFailed as e:
             raise DetachedFlushFailed(f"the flush of {e} failed: requested again") from e
         if not should_stop():
@@ -254,7 +257,23 @@ def run_detached_flush(config, logger, should_stop=lambda: False, ready=lambda: 
                 housekeeping(store, config, logger=logger)
             except Exception as exc:
                 log_event(logger, "housekeeping-error", error=first_line(exc), level=logging.ERROR)
+    finally:
+        if store is not None:
+            store.close()
     return flushed
+
+
+def _flush_again_without_a_helper(store, config, owner, logger, should_stop, lost: QueueConnectionLost) -> int:
+    """The one retry of a flush that lost its queue connection at its helper's fork (given back
+    on `store`, requested again): on the new connection, its second one in a thread (no fork)."""
+    try:
+        return drain(store, config, owner, lease_seconds=default_lease_seconds(config.timeout), log=logger,
+                     should_stop=should_stop, rounds=MAX_DETACHED_ROUNDS, helper=False)
+    except QueueConnectionLost as e:  # drain logged it; its lease runs out
+        raise DetachedFlushFailed(f"the flush of {lost} lost its queue connection twice") from e
+    except FlushFailed as e:  # drain logged it
+        raise DetachedFlushFailed(f"the flush of {lost} lost its queue connection, and failed again "
+                                  "without a helper: requested again") from e
 
 
 def detached_flush_main(config_path: str) -> int:
