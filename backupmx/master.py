@@ -65,7 +65,7 @@ from backupmx.metrics_http import run_metrics
 from backupmx.odmr_sessions import OdmrSessions
 from backupmx.store_db import leave_checkpoints_to_checkpointer
 from backupmx.startup import (ServeError, become_user, build_ssl_context, check_queue, log_tuning, raise_fd_limit,
-                              start_logging)
+                              record_clean_stop, start_logging)
 from backupmx.tls import TLSConfigError
 
 # Seconds without a heartbeat after which a worker is taken for hung and
@@ -333,6 +333,7 @@ class Master:
         self.stopping = False
         self.stop_deadline = None
         self.exit_status = 0
+        self.killed_at_stop = False  # a child was SIGKILLed at the stop (stop-timeout)
         self.respawn_after = 0.0  # monotonic: no SMTP worker spawned before this
         self.lookups = None  # the PendingLookups of a reload
         self.serving = False  # start-up is over: the listeners are being served
@@ -786,6 +787,7 @@ class Master:
                     if time.monotonic() > self.stop_deadline:
                         children_left = len(self.workers) + len(self.flush_workers.handles) + len(self.odmr.children)
                         log_event(self.logger, "stop-timeout", children=children_left)
+                        self.killed_at_stop = True
                         self.kill_all(signal.SIGKILL)
                         self.stop_deadline = time.monotonic() + 5.0
                     continue
@@ -802,6 +804,8 @@ class Master:
             if self.helpers.metrics is not None:
                 self.helpers.metrics.sock.close()
             signal.set_wakeup_fd(-1)
+        if self.exit_status == 0 and not self.killed_at_stop:
+            record_clean_stop(self.config.queue)  # the next start need not read it all (check_queue)
         log_event(self.logger, "stopped", pid=self.pid, status=self.exit_status)
         return self.exit_status
 

@@ -65,12 +65,76 @@ def check_queue(config) -> None:
     it: no SQLite across fork. `serve` is the one command that migrates.
 
     A damaged queue is refused before anything writes to it, never replaced:
-    the mail in it stays there for `backupmx check` and the operator.
+    the mail in it stays there for `backupmx check` and the operator. The
+    damage to look for (PRAGMA quick_check, a read of the whole file: seconds
+    at a million messages) comes from a crash, a power loss or something
+    else's write; a queue that the last `serve` stopped cleanly and that
+    nothing changed since (its clean-stop mark, record_clean_stop) is not
+    read again.
     """
-    problems = check_database(config.queue)
+    path = config.queue
+    mark = _clean_stop_mark(path)
+    unchanged = mark is not None and mark == _queue_identity(path)
+    _forget_clean_stop(path)  # from here on it may change: the next start checks unless this one stops cleanly
+    problems = check_database(path, quick_check=not unchanged)
     if problems:
         raise ServeError(f"{problems[0]}; not starting")
+    if unchanged:
+        log_event(logging.getLogger(LOGGER_NAME), "queue-check", queue=path,
+                  quick_check="skipped: unchanged since the last clean stop")
     migrate_queue(config)
+
+
+def record_clean_stop(path: str) -> None:
+    """After a stop in which every child ended on its own: the queue's identity (its file's and
+    its WAL's device, inode, size and mtime) in `<queue>-clean-stop`, so that the next start
+    need not read it all again (check_queue). Nothing to lose when it cannot be written."""
+    identity = _queue_identity(path)
+    if identity is None:
+        return
+    mark = _clean_stop_path(path)
+    try:
+        with open(mark + ".new", "w", encoding="ascii") as f:
+            f.write(identity + "\n")
+        os.replace(mark + ".new", mark)
+    except OSError:
+        pass
+
+
+def _clean_stop_path(path: str) -> str:
+    return f"{path}-clean-stop"
+
+
+def _clean_stop_mark(path: str) -> str | None:
+    try:
+        with open(_clean_stop_path(path), encoding="ascii") as f:
+            return f.read().strip() or None
+    except (OSError, ValueError):
+        return None
+
+
+def _forget_clean_stop(path: str) -> None:
+    try:
+        os.unlink(_clean_stop_path(path))
+    except OSError:
+        pass
+
+
+def _queue_identity(path: str) -> str | None:
+    """What a write to the queue changes: the database's and its -wal's stat (None: no queue)."""
+    parts = []
+    for name in (path, f"{path}-wal"):
+        try:
+            st = os.stat(name)
+        except FileNotFoundError:
+            if name == path:
+                return None
+            parts.append("-")
+            continue
+        except OSError:
+            return None
+        parts.append(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+    return " ".join(parts)
 
 
 def migrate_queue(config) -> None:

@@ -143,6 +143,7 @@ def test_queue_damaged_inside_is_refused_at_start(server_factory, tmp_path):
         send(mx, subject=f"m{n}" + "x" * 3000)
     assert mx.stop() == 0
     queue = Path(mx.queue_path)
+    assert Path(f"{queue}-clean-stop").exists()  # the next start would not read it all: it changes below
     with sqlite3.connect(queue) as db:  # a page in use for sure (a free one is never read, so never found damaged)
         root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'queue'").fetchone()[0]
     db.close()
@@ -159,3 +160,34 @@ def test_queue_damaged_inside_is_refused_at_start(server_factory, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("backupmx: ") and last.endswith("; not starting") and "Traceback" not in proc.stderr
     assert queue.read_bytes() == damaged  # nothing replaced or repaired behind the operator's back
+
+
+def test_a_queue_unchanged_since_a_clean_stop_is_not_read_all_again_at_start(tmp_path, caplog):
+    """PRAGMA quick_check reads the whole file (seconds at a million messages): serve runs it when
+    the queue may have changed since a serve stopped cleanly (a crash, a power loss, a restore, an
+    operator's command), not after a clean stop with nothing in between."""
+    import logging
+
+    from backupmx.config import load_config
+    from backupmx.startup import check_queue, record_clean_stop
+    from backupmx.store import QueueStore
+    from conftest import free_port, write_config
+
+    queue = str(tmp_path / "queue.db")
+    QueueStore(queue).close()
+    config = load_config(write_config(tmp_path / "backupmx.ini", port=free_port(), queue=queue))
+
+    def skipped():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="backupmx"):
+            check_queue(config)
+        return any("quick_check=" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+
+    assert not skipped()  # no clean stop seen
+    record_clean_stop(queue)
+    assert skipped()
+    assert not skipped()  # a start forgets the mark: a crash after it leaves none
+    record_clean_stop(queue)
+    with QueueStore(queue) as store:  # another program's write (an operator's hold, an inetd session)
+        store.request_flush(["example.com"])
+    assert not skipped()
