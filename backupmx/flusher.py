@@ -1237,8 +1237,9 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
     a helper's fork loses it (the connection closed across the fork does not
     open again: EMFILE, a full disk), and a cause that persists would fail
     every big flush so, each costing a fork and its log lines, delivering
-    nothing: from then on this worker's flushes go without a helper process
-    (their second connection in a thread, as in a process with threads).
+    nothing: this worker's flushes then go without a helper process (their
+    second connection in a thread, as in a process with threads) for
+    HELPER_RETRY_MIN, doubled each time a helper's fork loses it again.
 
     Every HOUSEKEEPING_INTERVAL it also runs lifecycle.housekeeping (expiry,
     bounces, retries on a backoff, retention); that is safe from several
@@ -1256,7 +1257,7 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
     if monitored(config):  # accept_when = primary-unreachable: the probes run here, not in SMTP workers
         PrimaryWatch(config, log, should_stop).start()
     store = QueueStore(config.queue)
-    helper = True
+    helpers = _HelperBackoff()
     try:
         ready()
         while not should_stop():
@@ -1273,14 +1274,14 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
                 _housekeeping(request_due_retries, store, config, log)
             try:
                 drain(store, config, owner, lease_seconds=lease_seconds, log=log, should_stop=should_stop,
-                      helper=helper)
+                      helper=helpers.allowed())
             except QueueUnavailable as e:
                 log_event(log, "flush-error", owner=owner, error=str(e), level=logging.WARNING)
                 _pause(1.0, should_stop)
             except QueueConnectionLost:
                 store.close()
                 store = None  # opened again at once, at the top of the loop
-                helper = False
+                helpers.lost()
             except FlushFailed:
                 _pause(1.0, should_stop)
             else:
@@ -1288,6 +1289,30 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
     finally:
         if store is not None:
             store.close()
+
+
+# After a helper's fork lost the flush's queue connection, a flush worker's flushes go without
+# a helper for this long, doubled each time a helper's fork loses it again, up to HELPER_RETRY_MAX:
+# a cause that passes (a burst of descriptors) costs no helper for ever; one that lasts, a failed
+# flush and its lines once in a while, not at every big flush.
+HELPER_RETRY_MIN = 60.0
+HELPER_RETRY_MAX = 3600.0
+
+
+class _HelperBackoff:
+    """Whether a flush worker's next flush may fork a helper process (see HELPER_RETRY_MIN)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.until = 0.0  # on the clock: no helper before
+        self.pause = HELPER_RETRY_MIN
+
+    def allowed(self) -> bool:
+        return self.clock() >= self.until
+
+    def lost(self) -> None:
+        self.until = self.clock() + self.pause
+        self.pause = min(self.pause * 2, HELPER_RETRY_MAX)
 
 
 def reopened_queue(config, owner: str, log) -> QueueStore | None:

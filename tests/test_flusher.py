@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import re
+import select
 import signal
 import smtplib
 import sqlite3
@@ -1344,6 +1345,58 @@ def test_a_flush_worker_tries_its_queue_again_each_second_while_it_cannot_open_i
     got = sorted(d.body.split(b"\r\n")[0] for d in sink.deliveries)
     assert got == sorted(b"X-Test-Id: %d" % i for i in range(HELPER_MIN_MESSAGES))  # each once
     assert pending_flushes(str(tmp_path / "queue.db")) == []
+
+
+def test_a_flush_worker_that_lost_its_connection_at_a_helper_s_fork_tries_a_helper_again_later(tmp_path, sink):
+    """Without a helper after the lost connection (a real EMFILE at every helper fork), but not for
+    the rest of its life: once HELPER_RETRY_MIN (here 0.3 s) is over, its next big flush forks a
+    helper again (and, the cause still there, loses its connection once more and delivers alone)."""
+    from backupmx.flusher import HELPER_MIN_MESSAGES
+
+    queue, cfg = queue_for_a_helper(tmp_path, sink)
+    script = FLUSH_WORKER_SCRIPT.format(
+        repo=str(REPO), cfg=str(cfg),
+        reopen_fails_once=REOPEN_FAILS_ONCE + REOPEN_ALWAYS_FAILS + "backupmx.flusher.HELPER_RETRY_MIN = 0.3\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def said(line, timeout=10):
+        assert select.select([proc.stdout], [], [], timeout)[0], f"no {line!r}"
+        assert proc.stdout.readline() == line
+
+    try:
+        said(b"ready\n")
+        said(b"reopen-failed\n")
+        lost = time.monotonic()
+        said(b"pause 1\n")
+        with QueueStore(str(queue)) as store:
+            assert wait_for(lambda: not rows(store) and not flushes_in_progress(queue), 15)
+            time.sleep(max(0.0, lost + 0.3 - time.monotonic()))
+            for i in range(HELPER_MIN_MESSAGES):
+                enqueue(store, b"X-Test-Id: again %d\r\n\r\nbody\r\n" % i)
+            store.request_flush([DOMAIN])
+            said(b"reopen-failed\n")  # a helper forked again
+            said(b"pause 1\n")
+            assert wait_for(lambda: not rows(store) and not flushes_in_progress(queue), 15)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and out == b"survived\n", err.decode()
+    assert len(sink.deliveries) == 2 * HELPER_MIN_MESSAGES  # each once
+
+
+def test_the_helper_back_off_doubles_up_to_its_bound():
+    from backupmx import flusher
+
+    now = [1000.0]
+    helpers = flusher._HelperBackoff(clock=lambda: now[0])
+    waits = []
+    for _ in range(9):
+        assert helpers.allowed()
+        helpers.lost()
+        waits.append(helpers.until - now[0])
+        assert not helpers.allowed()
+        now[0] = helpers.until
+    assert waits == [60, 120, 240, 480, 960, 1920, 3600, 3600, 3600]
 
 
 DETACHED_FLUSH_SCRIPT = """
