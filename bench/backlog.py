@@ -22,9 +22,12 @@ then, in this order:
                   the fast path: the store's own intake code (Intake.enqueue_many,
                   the SMTP workers' group commit) in transactions of
                   --fill-batch messages, from this process, while the server runs
-  flushes         one domain (d00) of --flush-size messages, once with
-                  nothing else waiting ("empty") and once at the last level:
-                  STARTTLS + AUTH + ETRN, timed until smtp-sink counted them all
+  flushes         --flushes domains (d00, d01, ...) of --flush-size messages each,
+                  flushed one after the other, once with nothing else waiting
+                  ("empty") and once at the last level: STARTTLS + AUTH + ETRN,
+                  each timed until smtp-sink counted them all; the figure per
+                  level is the median of those flushes (one is ~3 s: alone it
+                  is too noisy to compare)
   operator        wall time of `backupmx queue`, `queue list DOMAIN | head`,
                   `metrics` and `health` at the last level
   size            the database (+ WAL) against the sum of the bodies' sizes
@@ -36,12 +39,18 @@ taken for each step (a fill chunk of --lock-chunk messages, a window, a
 flush, the operator commands) and let go in between, so that nobody
 waits for it long; the server stays up meanwhile.
 
-The windows' mail goes to d01..; d00 holds exactly --flush-size messages
-when it is flushed: at the last level they are filled as one block after
-the others' (their rows side by side in every table), or with
---interleaved spread evenly among them, as mail for many domains arrives
-(each of its rows then shares its pages with other domains' rows: every
-delivery dirties pages of its own). Exit status 1 when a window or a flush lost mail or failed.
+The windows' mail goes to the other domains; each flushed domain holds
+exactly --flush-size messages when it is flushed: at the last level they are
+filled as one block each after the others' (their rows side by side in every
+table), or with --interleaved spread evenly among them, as mail for many
+domains arrives (each of its rows then shares its pages with other domains'
+rows: every delivery dirties pages of its own).
+
+--save-queue FILE copies the queue once the last level is filled (the fill of
+1M takes ~3 minutes); --from-queue FILE starts from such a copy instead of an
+empty queue: the levels below its count are skipped (so is the empty flush),
+nothing is filled, and the last level is measured (a run that compares code
+on the same 1M queue). Exit status 1 when a window or a flush lost mail or failed.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ import re
 import shutil
 import signal
 import smtplib
+import statistics
 import sqlite3
 import subprocess
 import sys
@@ -201,21 +211,24 @@ class Filler:
         self.n = 0
         self.seconds = 0.0
         self.locked = 0  # fill transactions that met the busy timeout (the server held the lock longer)
-        self.owed = 0.5  # fill(first_share=...): domains[0]'s share due but not yet made (rounded, over all calls)
+        self.owed = 0.5  # fill(first_share=...): the first domains' share due but not yet made (rounded, over all calls)
+        self.firsts = 0  # messages given to the first domains, which take their turns
 
-    def fill(self, domains: list[str], count: int, first_share: float = 0.0) -> None:
+    def fill(self, domains: list[str], count: int, first_share: float = 0.0, first: int = 1) -> None:
         """`count` messages, round-robin over `domains`, one recipient each; with `first_share`,
-        that share of them goes to domains[0], spread evenly among the others' (the rest round-robin)."""
+        that share of them goes to the `first` domains (in turn), spread evenly among the
+        others' (the rest round-robin)."""
         started = time.perf_counter()
         left = count
-        first, rest = domains[0], domains[1:] or domains
+        firsts, rest = domains[:first], domains[first:] or domains
         while left:
             submissions = []
             for _ in range(min(self.batch, left)):
                 self.owed += first_share
                 if self.owed >= 1.0:
                     self.owed -= 1.0
-                    domain = first
+                    domain = firsts[self.firsts % len(firsts)]
+                    self.firsts += 1
                 elif first_share:
                     domain = rest[self.n % len(rest)]
                 else:
@@ -244,6 +257,19 @@ class Filler:
                 time.sleep(1)
         raise RuntimeError("fill: the queue stayed locked")
 
+    def save(self, db: Path, to: Path) -> None:
+        """Copy the queue (and its WAL) to `to` holding the write lock: no commit can change it,
+        and what a checkpoint copies meanwhile into the file is in the copied WAL too."""
+        db_conn = self.store.connection
+        db_conn.execute("BEGIN IMMEDIATE")
+        try:
+            shutil.copyfile(db, to)
+            wal = Path(f"{db}-wal")
+            if wal.exists():
+                shutil.copyfile(wal, f"{to}-wal")
+        finally:
+            db_conn.execute("ROLLBACK")
+
     def close(self) -> None:
         self.store.close()
 
@@ -271,16 +297,17 @@ class CPULock:
 
 
 def fill_in_chunks(filler: Filler, lock: CPULock, chunk: int, domains: list[str], count: int,
-                   first_share: float = 0.0) -> None:
+                   first_share: float = 0.0, first: int = 1) -> None:
     while count > 0:
         with lock.held():
-            filler.fill(domains, min(chunk, count), first_share)
+            filler.fill(domains, min(chunk, count), first_share, first)
         count -= chunk
 
 
 def window(server: Server, args, level: int) -> dict:
     """--window seconds of --sessions clients through the real SMTP path."""
-    recipients = tuple(f"user{i}@{server.domains[1 + i % (len(server.domains) - 1)]}" for i in range(997))
+    others = server.domains[args.flushes:]
+    recipients = tuple(f"user{i}@{others[i % len(others)]}" for i in range(997))
     before = server.queued()
     result = run_load(Load(server.port, sessions=args.sessions, duration=args.window, recipients=recipients,
                            processes=args.client_processes))
@@ -317,6 +344,23 @@ def flush(server: Server, sink: Sink, domain: str, expected: int, timeout: float
             "reply": reply, "ok": queued == expected and got == expected and left == 0}
 
 
+def flush_each(server: Server, sink: Sink, domains: list[str], expected: int) -> list[dict]:
+    """flush() of each of `domains` in turn, each line printed as it comes."""
+    done = []
+    for domain in domains:
+        f = flush(server, sink, domain, expected, 900)
+        done.append(f)
+        print(f"  flush of {f['queued']:,} with {server.queued():,} others waiting: {f['rate']:7.0f} msg/s"
+              f" ({f['seconds']:.2f} s, {f['delivered']} delivered, {f['left']} left; {domain})", flush=True)
+    if len(done) > 1:
+        print(f"  flush median of {len(done)}: {median_rate(done):7.0f} msg/s", flush=True)
+    return done
+
+
+def median_rate(flushes: list[dict]) -> float:
+    return statistics.median(f["rate"] for f in flushes)
+
+
 def sizes(db: Path, breakdown: bool = False) -> dict:
     """The file, its WAL and free pages against the bodies; with `breakdown`, the bytes of
     each table and index (SQLite's dbstat: it reads every page, ~10 s at 1M)."""
@@ -337,7 +381,10 @@ def main(argv=None) -> int:
     parser.add_argument("--levels", default="0,100000,500000,1000000",
                         help="queued counts with an accept window (the last one also gets the operator commands and the flush)")
     parser.add_argument("--domains", type=int, default=100)
-    parser.add_argument("--flush-size", type=int, default=10000, help="messages of the flushed domain (d00)")
+    parser.add_argument("--flush-size", type=int, default=10000, help="messages of each flushed domain")
+    parser.add_argument("--flushes", type=int, default=3,
+                        help="domains (d00, d01, ...) flushed one after the other at each flushed level: "
+                             "the median is the level's figure")
     parser.add_argument("--window", type=float, default=35.0, help="seconds per accept window")
     parser.add_argument("--sessions", type=int, default=10, help="concurrent clients in a window")
     parser.add_argument("--client-processes", type=int, default=2)
@@ -351,6 +398,11 @@ def main(argv=None) -> int:
                         help="the flushed domain's messages at the last level arrive spread among the others' "
                              "(as mail for many domains does), not as one block after them: its rows are then "
                              "scattered over every table (the flush's worst case)")
+    parser.add_argument("--save-queue", metavar="FILE",
+                        help="copy the queue to FILE (and FILE-wal) once the last level is filled")
+    parser.add_argument("--from-queue", metavar="FILE",
+                        help="start from a copy of FILE (--save-queue's, with its flushed domains full): "
+                             "no fill, only the levels from its count on")
     parser.add_argument("--breakdown", action="store_true",
                         help="the database's bytes per table and index at the last level (dbstat)")
     args = parser.parse_args(argv)
@@ -358,36 +410,53 @@ def main(argv=None) -> int:
     levels = sorted(int(x) for x in args.levels.split(","))
     if not shutil.which("smtp-sink"):
         sys.exit("backlog: smtp-sink is missing: apt-get install postfix (see bench/README.md)")
-    if args.domains < 2 or levels[-1] < args.flush_size:
-        parser.error("need at least 2 domains and a last level of at least --flush-size")
+    if args.flushes < 1 or args.domains < args.flushes + 1 or levels[-1] < args.flush_size * args.flushes:
+        parser.error("need more domains than --flushes and a last level of at least --flush-size x --flushes")
 
     root = Path(tempfile.mkdtemp(prefix="backlog-", dir=args.dir))
     os.chmod(root, 0o755)
     sink_port = free_port()
     server = Server(root, args.domains, sink_port, args.workers)
+    if args.from_queue:
+        shutil.copyfile(args.from_queue, server.db)
+        if os.path.exists(f"{args.from_queue}-wal"):
+            shutil.copyfile(f"{args.from_queue}-wal", f"{server.db}-wal")
     memory = Memory(server)
     filler = sink = None
     lock = CPULock(args.lock)
     before = {}
-    windows, flushes, operator = [], {}, []
+    windows, flushes, operator = [], {}, []  # flushes: "empty" / "full" -> each flush of that level
     print(f"backlog: {machine()}", flush=True)
     print(f"backlog: {root}, levels {levels}, {args.domains} domains, windows of {args.window:g} s x "
-          f"{args.sessions} sessions, flush of {args.flush_size}", flush=True)
+          f"{args.sessions} sessions, {args.flushes} flushes of {args.flush_size}", flush=True)
     started = time.monotonic()
     try:
         server.start()
         memory.start()
         filler = Filler(server.db, args.fill_batch)
-        others = server.domains[1:]
+        flushed, others = server.domains[:args.flushes], server.domains[args.flushes:]
+        flushed_total = args.flush_size * args.flushes
+        start_level = server.queued() if args.from_queue else 0
         for level in levels:
-            if level == levels[-1] and args.interleaved:
-                count = max(level - server.queued(), args.flush_size)  # (the windows' mail may be past a low level)
-                fill_in_chunks(filler, lock, args.lock_chunk, server.domains, count, args.flush_size / count)
+            if level < start_level and level != levels[-1]:
+                print(f"  level {level:,}: skipped (the queue from {args.from_queue} holds {start_level:,})", flush=True)
+                continue
+            if args.from_queue:
+                pass  # filled already, the flushed domains too
+            elif level == levels[-1] and args.interleaved:
+                count = max(level - server.queued(), flushed_total)  # (the windows' mail may be past a low level)
+                fill_in_chunks(filler, lock, args.lock_chunk, server.domains, count, flushed_total / count,
+                               args.flushes)
             elif level == levels[-1]:
-                fill_in_chunks(filler, lock, args.lock_chunk, others, level - args.flush_size - server.queued())
-                fill_in_chunks(filler, lock, args.lock_chunk, server.domains[:1], args.flush_size)
+                fill_in_chunks(filler, lock, args.lock_chunk, others, level - flushed_total - server.queued())
+                for domain in flushed:
+                    fill_in_chunks(filler, lock, args.lock_chunk, [domain], args.flush_size)
             else:
                 fill_in_chunks(filler, lock, args.lock_chunk, others, level - server.queued())
+            if level == levels[-1] and args.save_queue:
+                with lock.held():
+                    filler.save(server.db, Path(args.save_queue))
+                print(f"  queue of {server.queued():,} saved to {args.save_queue}", flush=True)
             memory.phase = f"window {level}"
             with lock.held():
                 w = window(server, args, level)
@@ -395,14 +464,14 @@ def main(argv=None) -> int:
             print(f"  window at {w['queued_before']:>9,} queued: {w['rate']:7.0f} msg/s  p50 {w['p50']:6.1f} ms"
                   f"  p99 {w['p99']:6.1f} ms  max {w['max']:7.1f} ms  errors {w['errors']}  lost {w['lost']}"
                   + (f"  e.g. {w['samples'][0]}" if w["samples"] else ""), flush=True)
-            if level == levels[0]:
+            if sink is None:
                 sink = Sink(root, sink_port)
+            if level == levels[0] and level >= start_level:
                 with lock.held():
-                    filler.fill(server.domains[:1], args.flush_size)
+                    for domain in flushed:
+                        filler.fill([domain], args.flush_size)
                     memory.phase = "flush empty"
-                    flushes["empty"] = f = flush(server, sink, server.domains[0], args.flush_size, 900)
-                print(f"  flush of {f['queued']:,} with {server.queued():,} others waiting: {f['rate']:7.0f} msg/s"
-                      f" ({f['seconds']:.2f} s, {f['delivered']} delivered, {f['left']} left)", flush=True)
+                    flushes["empty"] = flush_each(server, sink, flushed, args.flush_size)
         memory.phase = "operator"
         top = server.domains[7]
         with lock.held():
@@ -421,9 +490,7 @@ def main(argv=None) -> int:
               f"(page {before['page']}, free {before['free'] / 2**20:,.0f} MB)", flush=True)
         memory.phase = f"flush at {levels[-1]}"
         with lock.held():
-            flushes["full"] = f = flush(server, sink, server.domains[0], args.flush_size, 900)
-        print(f"  flush of {f['queued']:,} with {server.queued():,} others waiting: {f['rate']:7.0f} msg/s"
-              f" ({f['seconds']:.2f} s, {f['delivered']} delivered, {f['left']} left)", flush=True)
+            flushes["full"] = flush_each(server, sink, flushed, args.flush_size)
     finally:
         memory.stop()
         if filler is not None:
@@ -444,10 +511,14 @@ def main(argv=None) -> int:
     for w in windows:
         print(f"{w['queued_before']:>10,} {w['rate']:>8.0f} {w['rate'] / base['rate']:>8.2f}x {w['p50']:>8.1f}"
               f" {w['p99']:>8.1f} {w['max']:>8.1f}")
+    singles = {level: ", ".join(f"{f['rate']:.0f}" for f in each) for level, each in flushes.items()}
     if "empty" in flushes and "full" in flushes:
-        e, f = flushes["empty"], flushes["full"]
-        print(f"flush {args.flush_size:,}: empty {e['rate']:.0f} msg/s, at {levels[-1]:,} {f['rate']:.0f} msg/s"
-              f" ({f['rate'] / e['rate']:.2f}x)")
+        e, f = median_rate(flushes["empty"]), median_rate(flushes["full"])
+        print(f"flush {args.flush_size:,}: empty {e:.0f} msg/s, at {levels[-1]:,} {f:.0f} msg/s ({f / e:.2f}x)"
+              f"  [medians of {args.flushes}; single flushes: empty {singles['empty']}; at {levels[-1]:,} {singles['full']}]")
+    elif "full" in flushes:
+        print(f"flush {args.flush_size:,}: at {levels[-1]:,} {median_rate(flushes['full']):.0f} msg/s"
+              f"  [median of {args.flushes}: {singles['full']}]")
     for label, took, _ in operator:
         print(f"{label:<40} {took:6.2f} s")
     print(f"database / bodies: {(before['file'] + before['wal']) / max(1, before['bodies']):.3f}x")
@@ -458,7 +529,7 @@ def main(argv=None) -> int:
     print("peak RSS and -wal file (MB) per phase: " + "; ".join(
         f"{phase}: " + ", ".join(f"{role} {kb / 1024:.0f}" for role, kb in sorted(peaks.items()))
         for phase, peaks in memory.peaks.items()))
-    bad = [w for w in windows if w["errors"] or w["lost"]] + [f for f in flushes.values() if not f["ok"]]
+    bad = [w for w in windows if w["errors"] or w["lost"]] + [f for each in flushes.values() for f in each if not f["ok"]]
     return 1 if bad else 0
 
 
