@@ -421,6 +421,7 @@ def main(argv=None) -> int:
         shutil.copyfile(args.from_queue, server.db)
         if os.path.exists(f"{args.from_queue}-wal"):
             shutil.copyfile(f"{args.from_queue}-wal", f"{server.db}-wal")
+        os.sync()  # the copy's dirty pages written back now, not during the measured steps' fsyncs
     memory = Memory(server)
     filler = sink = None
     lock = CPULock(args.lock)

@@ -138,6 +138,26 @@ def test_the_hot_statements_never_read_a_growing_table_whole(queue):
         db.close()
 
 
+def test_a_delivered_body_is_read_in_two_statements_on_the_keys(queue):
+    """A flush reads every body whole: its size, then the message's row and its chunks in one
+    statement (a snapshot of its own), each a search of a key; not BEGIN, two SELECTs, COMMIT."""
+    store, _ = queue
+    qid = put(store, "body@one.test", body=b"x" * 3000)  # in several chunks
+    statements = []
+    store.connection.set_trace_callback(statements.append)
+    with store.open_body(qid) as body:
+        assert body.read(64 * 1024) == b"x" * 3000
+    store.connection.set_trace_callback(None)
+    assert len(statements) == 2, statements
+    db = sqlite3.connect(store.path)
+    try:
+        for statement in statements:
+            plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + statement)]
+            assert plan and all(line.startswith("SEARCH") for line in plan), (statement, plan)
+    finally:
+        db.close()
+
+
 def test_the_triggers_statements_never_read_a_growing_table_whole(queue):
     """A trigger runs inside the statement that fires it (a delete of a delivered recipient,
     an operator's state change): EXPLAIN QUERY PLAN of that statement does not show it."""
