@@ -90,7 +90,8 @@ class Delivery(QueueDatabase):
                 if not isinstance(verdict, Verdict):
                     raise TypeError(f"not a delivery Verdict: {verdict!r}")
         now = self._now()
-        with self._write() as db:
+        # Two processes record a big flush's batches (flusher._share): turns, not SQLite's naps.
+        with self._commit_turn(), self._write() as db:
             results = [self._record_attempt(db, now, *attempt) for attempt in attempts]
             # Once per batch, not per message: the primary took mail of these domains now.
             taken = [domain for (_, domain, verdicts, _), (recorded, _) in zip(attempts, results)

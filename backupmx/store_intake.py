@@ -17,11 +17,8 @@
 
 from __future__ import annotations
 
-import fcntl
 import io
-import os
 import sqlite3
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, Iterator, Mapping
 
@@ -105,30 +102,6 @@ class Intake(QueueDatabase):
                 for label, n in labels.items():
                     self._count(db, name, n, label)
         return results
-
-    @contextmanager
-    def _commit_turn(self) -> Iterator[None]:
-        """Take turns with the other SMTP workers before taking SQLite's write lock.
-
-        SQLite's own busy handler waits by sleeping 1, 2, 5, 10... ms and
-        trying again; a flock() waiter is woken the moment the holder is done.
-        With several workers group-committing, that is the difference between
-        back-to-back fsyncs and fsyncs with naps between them. Only enqueuers
-        take this lock; everything else still meets SQLite's (busy_timeout).
-        """
-        if self._turn_lock is None:
-            try:
-                self._turn_lock = os.open(self.path + "-commit.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except OSError:
-                self._turn_lock = -1  # cannot have one (read-only dir...): SQLite alone decides
-        if self._turn_lock < 0:
-            yield
-            return
-        fcntl.flock(self._turn_lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._turn_lock, fcntl.LOCK_UN)
 
     def _insert_message(self, db: sqlite3.Connection, submission: Submission, now: int,
                         quotas: Mapping[str, tuple[int | None, int | None]], batch: _Batch) -> list[str]:

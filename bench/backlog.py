@@ -467,7 +467,7 @@ def main(argv=None) -> int:
                   + (f"  e.g. {w['samples'][0]}" if w["samples"] else ""), flush=True)
             if sink is None:
                 sink = Sink(root, sink_port)
-            if level == levels[0] and level >= start_level:
+            if level == levels[0] and not args.from_queue:
                 with lock.held():
                     for domain in flushed:
                         filler.fill([domain], args.flush_size)

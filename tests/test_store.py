@@ -808,6 +808,31 @@ def test_summary_view(store, clock):
     assert store.usage("one.test") == (1, 5) and store.usage("none.test") == (0, 0)
 
 
+def test_a_flush_records_its_outcomes_in_the_writers_turns(store, db_path):
+    """A big flush records from two processes (flusher._share) beside the SMTP workers' group
+    commits: record_attempts waits for its turn on <queue>-commit.lock, as those do, and is
+    woken when the holder lets go, instead of napping in SQLite's busy handler (1, 2, 5, 10 ms...)."""
+    import fcntl
+    import threading
+
+    qid = put(store, "a@example.com")
+    done, states = threading.Event(), []
+
+    def record():
+        with QueueStore(db_path) as flusher:  # a connection of its own thread
+            states.append(record_delivered(flusher, qid, "example.com", ["a@example.com"], "250 ok"))
+        done.set()
+
+    with open(db_path + "-commit.lock", "a") as turn:  # another writer's turn
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        recording = threading.Thread(target=record)
+        recording.start()
+        assert not done.wait(0.2)  # waits for the turn (not SQLite's lock: nobody holds that)
+        fcntl.flock(turn, fcntl.LOCK_UN)
+        recording.join(5)
+    assert done.is_set() and states == [None]  # recorded: the row is gone
+
+
 def test_body_reader_does_not_block_writes(store, db_path, clock):
     # A slow delivery reads the body while other processes queue mail; recording
     # the outcome must still work (no pinned snapshot -> no SQLITE_BUSY_SNAPSHOT).
