@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Mapping, NamedTuple
 
@@ -342,8 +343,7 @@ def wal_left_bytes(path: str) -> int:
     -shm's header as any process may (a read, no lock). 0 when there is no WAL index."""
     for _ in range(3):  # a writer may be changing the header: its two copies then differ
         try:
-            with open(f"{path}-shm", "rb") as shm:
-                header = shm.read(_BACKFILL_AT + _BACKFILL.size)
+            header = os.pread(_wal_index(f"{path}-shm"), _BACKFILL_AT + _BACKFILL.size, 0)
         except OSError:
             return 0
         if len(header) < _BACKFILL_AT + _BACKFILL.size:
@@ -356,3 +356,24 @@ def wal_left_bytes(path: str) -> int:
     copied = _BACKFILL.unpack_from(header, _BACKFILL_AT)[0]
     page_size = 65536 if page_size == 1 else page_size  # the format's way of writing 64 KB in 16 bits
     return max(0, frames - copied) * page_size
+
+
+# The -shm files wal_left_bytes reads, each opened once and kept open by this process: closing a
+# descriptor of a file drops every POSIX lock the process holds on it (fcntl(2)), and this
+# process's own SQLite connections hold theirs on the -shm (a reader's snapshot, the dead-man
+# switch): a checkpoint in another process would then copy past a snapshot still being read
+# (the metrics process serves several scrapes at once).
+_wal_indexes: dict[str, int] = {}
+_wal_indexes_lock = threading.Lock()
+
+
+def _wal_index(shm_path: str) -> int:
+    """A read-only descriptor of `shm_path`, the same while the file is (OSError: none now)."""
+    with _wal_indexes_lock:
+        now = os.stat(shm_path)
+        fd = _wal_indexes.pop(shm_path, None)
+        if fd is not None and not os.path.samestat(os.fstat(fd), now):
+            os.close(fd)  # a file since removed (every connection closed): no lock of ours is on it
+            fd = None
+        _wal_indexes[shm_path] = fd if fd is not None else os.open(shm_path, os.O_RDONLY)
+        return _wal_indexes[shm_path]

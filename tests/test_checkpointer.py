@@ -258,3 +258,26 @@ def test_the_wal_left_uncopied_is_what_the_last_checkpoint_left_and_a_metric(hel
     reader.execute("COMMIT")
     assert store.checkpoint("PASSIVE", 0)[0] == 0
     assert wal_left_bytes(path) == 0 and os.path.getsize(f"{path}-wal") > left
+
+
+def test_reading_the_wal_left_keeps_this_process_s_snapshots_from_other_processes_checkpoints(held_back):
+    """wal_left_bytes reads the -shm in a process whose SQLite connections hold POSIX locks on it
+    (the metrics process: up to 8 scrapes at once, each in a read transaction). Closing any
+    descriptor of that file dropped them all (fcntl(2)): a checkpoint in another process then
+    copied past a snapshot still being read (a scrape's numbers torn, or 'malformed')."""
+    import subprocess
+    import sys
+
+    path, store, writer, reader = held_back
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM ballast").fetchone()  # its snapshot keeps what follows
+    writer.execute("INSERT INTO ballast VALUES (zeroblob(40000))")
+    checkpoint = [sys.executable, "-c", "import sqlite3, sys; "
+                  "print(*sqlite3.connect(sys.argv[1]).execute('PRAGMA wal_checkpoint(PASSIVE)').fetchone())", path]
+    _, frames, copied = map(int, subprocess.run(checkpoint, capture_output=True, text=True, check=True).stdout.split())
+    assert copied < frames  # held back by the reader's snapshot
+    assert wal_left_bytes(path) == (frames - copied) * 4096
+    assert wal_left_bytes(path) == (frames - copied) * 4096  # its descriptor kept, not opened again
+    _, frames, copied = map(int, subprocess.run(checkpoint, capture_output=True, text=True, check=True).stdout.split())
+    assert copied < frames, "another process checkpointed past this process's snapshot"
+    reader.execute("COMMIT")
