@@ -73,7 +73,8 @@ from backupmx.tls import TLSConfigError
 HEARTBEAT_TIMEOUT = tuning("BACKUPMX_HEARTBEAT_TIMEOUT", 30.0)
 # Seconds without a heartbeat after which the checkpointer is taken for hung and killed
 # (it sends one every checkpointer.INTERVAL, or FAILURE_PAUSE while the disk fails it, and
-# every quarter of this while a long checkpoint goes on using CPU).
+# every quarter of this while a long checkpoint goes on: CPU used, or the queue's disk's
+# sectors moved).
 CHECKPOINTER_TIMEOUT = tuning("BACKUPMX_CHECKPOINTER_TIMEOUT", 30.0)
 # Seconds an aborted worker has to go (faulthandler writes its stack, then it
 # dies of SIGABRT) before it is SIGKILLed. A stopped or wedged process ignores SIGABRT.
@@ -987,9 +988,10 @@ class CheckpointerProcess(HelperProcess):
     """The checkpointer (checkpointer.py): the WAL's checkpoints, off the writers' commits.
 
     It writes a byte on a pipe at each look, and while a long checkpoint copies, every quarter
-    of CHECKPOINTER_TIMEOUT in which it used CPU; one silent for CHECKPOINTER_TIMEOUT is killed
-    (SIGKILL) and started again: hung inside a checkpoint it holds SQLite's checkpoint lock,
-    and the writers' backstop checkpoints cannot run until it is gone."""
+    of CHECKPOINTER_TIMEOUT in which it used CPU or the queue's disk moved sectors; one silent
+    for CHECKPOINTER_TIMEOUT is killed (SIGKILL) and started again: hung inside a checkpoint it
+    holds SQLite's checkpoint lock, and the writers' backstop checkpoints cannot run until it is
+    gone."""
 
     name = "checkpointer"
 

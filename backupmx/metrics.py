@@ -13,7 +13,7 @@ so the counters survive restarts and any process may render them:
   backupmx_messages_received_total                   counter: messages accepted (the 250 after DATA)
   backupmx_messages_delivered_total                  counter: messages handed to a primary (its 2xx to DATA)
   backupmx_rejects_total{reason}                     counter: SMTP refusals, by reply (replies.py name)
-  backupmx_queue_wal_bytes                           gauge: the queue's -wal file (the checkpointer keeps it small)
+  backupmx_queue_wal_bytes                           gauge: the queue's -wal file (its high-water mark)
   backupmx_queue_wal_uncopied_bytes                  gauge: pages in the WAL no checkpoint copied yet (its work left)
 
 Every configured domain has its queue series, 0 when nothing is queued; a

@@ -340,7 +340,7 @@ _BACKFILL_AT = 96
 def wal_left_bytes(path: str) -> int:
     """Bytes of pages the queue's WAL holds that no checkpoint copied into the database yet: the
     frames past the last checkpoint's (PRAGMA wal_checkpoint's log - checkpointed), read from the
-    -shm's header as any process may (a read, no lock). 0 when there is no WAL index."""
+    -shm's header as any process may (a read, no lock; the descriptor kept: _wal_index). 0 when there is no WAL index."""
     for _ in range(3):  # a writer may be changing the header: its two copies then differ
         try:
             header = os.pread(_wal_index(f"{path}-shm"), _BACKFILL_AT + _BACKFILL.size, 0)
