@@ -26,9 +26,10 @@ round in the flush workers did that before; it now leaves the WAL to this proces
 A checkpoint that runs long (a PASSIVE copying a huge WAL to a slow disk, once a reader
 that held it back let go) is not taken for a hung one: while a checkpoint runs, a thread
 beats every `progress_look` seconds in which the checkpointing thread used CPU (it copies
-pages) or the queue's disk moved sectors (it syncs them). One hung inside a checkpoint (a
-dead disk, a call that never returns) does neither, falls silent, and the master kills it
-as before (CheckpointProgress says where that cannot be told).
+pages) or the queue's disk moved sectors (it syncs them), for as long as its WAL takes at
+COPY_RATE_FLOOR at most. One hung inside a checkpoint (a dead disk, a call that never
+returns) falls silent, at the latest then, and the master kills it as before
+(CheckpointProgress says where that cannot be told).
 
 A checkpoint that fails (the disk is full, an I/O error) loses nothing: the frames stay
 in the WAL, are read from there, and are copied by a later checkpoint. It is logged
@@ -71,6 +72,12 @@ RESTART_COPY_LIMIT = 256
 TRUNCATE_ABOVE = 4 * 1024 * 1024
 # Seconds between attempts after a checkpoint failed.
 FAILURE_PAUSE = 1.0
+# The slowest copy (bytes a second) taken for a checkpoint that gets on: one that started with
+# a W-byte -wal file gets progress beats for W / COPY_RATE_FLOOR seconds at most (random 4 KB
+# writes to a disk head run at ~0.5 MB/s; the file holds a page's old copies too). The sectors
+# moved are the disk's, and the writers' commits move them while a checkpoint hangs: without
+# this bound the master would never kill one hung while mail comes in, the WAL growing.
+COPY_RATE_FLOOR = 256 * 1024
 
 
 class Checkpointer:
@@ -137,10 +144,14 @@ class CheckpointProgress:
     keep that disk busy: then only its thread's CPU tells (a queue on NFS, tmpfs: always)."""
 
     def __init__(self, path: str | None = None):
+        self.path = path
         self.clock = None  # the checkpointing thread's CPU clock while one runs, else None
         self.disk = _disk_stat(path) if path else None
+        self.beats_until = None  # monotonic: no progress beat after (COPY_RATE_FLOOR); None: no bound
 
     def __enter__(self):
+        if self.path is not None:
+            self.beats_until = time.monotonic() + _size(f"{self.path}-wal") / COPY_RATE_FLOOR
         self.clock = time.pthread_getcpuclockid(threading.get_ident())
         return self
 
@@ -154,11 +165,12 @@ class CheckpointProgress:
 
     def beat_while_it_copies(self, beat: Callable[[], None], look: float, stopped: threading.Event) -> None:
         """A thread's body: every `look` seconds, beat() when a checkpoint ran all along and got
-        on meanwhile (CPU used, sectors moved)."""
+        on meanwhile (CPU used, sectors moved), and not for longer than its WAL could take."""
         seen = self.sample()
         while not stopped.wait(look):
             now = self.sample()
-            if now[0] is not None and now[0] == seen[0] and (now[1] > seen[1] or now[2] > seen[2]):
+            if now[0] is not None and now[0] == seen[0] and (now[1] > seen[1] or now[2] > seen[2]) and (
+                    self.beats_until is None or time.monotonic() <= self.beats_until):
                 beat()
             seen = now
 

@@ -237,6 +237,44 @@ def test_a_checkpoint_that_uses_no_cpu_and_moves_no_sectors_gets_no_beats():
         assert bool(beats) == work, (work, beats)
 
 
+def test_a_checkpoint_blocked_for_good_falls_silent_while_others_keep_its_disk_busy(tmp_path):
+    """The disk's sectors move for every writer on it: the SMTP workers' commits go on while a
+    checkpoint hangs (the case the master's watchdog is there for: the WAL grows unchecked).
+    A checkpoint's progress beats end once it ran as long as its WAL could take at
+    checkpointer.COPY_RATE_FLOOR; here, no -wal file: the master's own timeout alone."""
+    queue = str(tmp_path / "queue.db")
+    running = checkpointer.CheckpointProgress(queue)
+    if running.disk is None:
+        pytest.skip("no block device statistics for the test's directory (tmpfs?)")
+    beats, stopped, inside, done = [], threading.Event(), threading.Event(), threading.Event()
+
+    def hung_checkpoint():
+        with running:
+            inside.set()
+            done.wait()
+
+    def busy_disk():  # another writer: a commit's write and fsync, again and again
+        with open(tmp_path / "other", "wb") as f:
+            while not done.is_set():
+                f.write(os.urandom(65536))
+                f.flush()
+                os.fsync(f.fileno())
+
+    threads = [threading.Thread(target=hung_checkpoint), threading.Thread(target=busy_disk)]
+    for thread in threads:
+        thread.start()
+    inside.wait()
+    watch = threading.Thread(target=running.beat_while_it_copies,
+                             args=(lambda: beats.append(time.monotonic()), 0.02, stopped))
+    watch.start()
+    time.sleep(0.2)
+    stopped.set()
+    done.set()
+    for thread in threads + [watch]:
+        thread.join()
+    assert not beats, f"{len(beats)} beats for a checkpoint that never moved"
+
+
 def test_the_wal_left_uncopied_is_what_the_last_checkpoint_left_and_a_metric(held_back):
     """backupmx_queue_wal_bytes is the -wal file's high-water mark; the work left is the frames
     the last checkpoint did not copy (what PRAGMA wal_checkpoint returns), here held back by a
