@@ -666,6 +666,7 @@ class QueueDatabase:
             raise ValueError("queue store is closed")
         self._db.close()
         self._db = None
+        self._close_turn_lock()  # a flock is the open file's: a child holding it would keep our turn
         try:
             yield
         finally:
@@ -723,6 +724,10 @@ class QueueDatabase:
         if self._db is not None:
             self._db.close()
             self._db = None
+        self._close_turn_lock()
+
+    def _close_turn_lock(self) -> None:
+        """Closes <queue>-commit.lock (_commit_turn opens it again at the next turn)."""
         if self._turn_lock is not None and self._turn_lock >= 0:
             os.close(self._turn_lock)
         self._turn_lock = None

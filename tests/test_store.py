@@ -1420,3 +1420,62 @@ def test_a_rebuild_killed_half_way_leaves_the_old_queue_as_it_was(tmp_path, cloc
     with QueueStore(path, clock=clock) as s:
         assert {qid: s.open_body(qid).read() for qid in bodies} == bodies
     assert dump(path, "position") == before
+
+
+def test_a_helper_forked_by_a_flush_does_not_keep_its_parent_s_turn_to_commit(db_path):
+    """A flush worker takes the writers' turn (<queue>-commit.lock, a flock) for its outcome
+    batches, then forks a helper for its next big flush (flusher._share, inside closed_for_fork).
+    A flock belongs to the open file: had the helper inherited that descriptor, the flush
+    worker killed (-9, OOM) while it held the turn would leave it held by the helper, every
+    SMTP worker's group commit waiting on it, and the helper itself at its own next batch."""
+    import fcntl
+
+    from conftest import wait_for
+
+    script = (
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
+        "from backupmx.store import QueueStore\n"
+        "store = QueueStore(sys.argv[1])\n"
+        "store.record_attempts([])  # an earlier batch: its turn taken, the lock file open\n"
+        "with store.closed_for_fork():  # as flusher._share forks its helper\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        time.sleep(30)\n"
+        "        os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "sys.stdin.readline()\n"
+        "store.record_attempts([])  # the next batch: the turn, then SQLite's lock (the test's)\n")
+    flusher = subprocess.Popen([sys.executable, "-c", script, db_path], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    helper = int(flusher.stdout.readline())
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the flush worker will wait for it, holding its turn
+    flusher.stdin.write("go\n")
+    flusher.stdin.flush()
+    turn = os.open(db_path + "-commit.lock", os.O_RDWR)
+
+    def free():
+        try:
+            fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(turn, fcntl.LOCK_UN)
+        return True
+
+    try:
+        assert wait_for(lambda: not free(), 5)  # it holds the turn and waits for SQLite's lock
+        flusher.kill()
+        flusher.wait()
+        holder.execute("ROLLBACK")
+        assert wait_for(free, 2), "the helper kept its dead parent's turn to commit"
+    finally:
+        os.close(turn)
+        holder.close()
+        flusher.stdout.close()
+        flusher.stdin.close()
+        os.kill(helper, signal.SIGKILL)
+        try:
+            os.waitpid(helper, 0)
+        except ChildProcessError:  # not ours: the flusher's, reaped by init
+            pass
