@@ -367,6 +367,17 @@ _wal_indexes: dict[str, int] = {}
 _wal_indexes_lock = threading.Lock()
 
 
+def _forget_wal_indexes() -> None:
+    """In a forked child: its own descriptors from now on (a child that closes what it inherited
+    must not find their numbers here), and a lock no thread of the parent holds."""
+    global _wal_indexes_lock
+    _wal_indexes.clear()
+    _wal_indexes_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_wal_indexes)
+
+
 def _wal_index(shm_path: str) -> int:
     """A read-only descriptor of `shm_path`, the same while the file is (OSError: none now)."""
     with _wal_indexes_lock:
