@@ -191,6 +191,31 @@ def test_check_database(tmp_path):
     assert proc.returncode == 1 and "queue.db" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_check_quick_leaves_out_the_read_of_the_whole_database(tmp_path):
+    """integrity_check reads every page (minutes at a million messages, cold): `check --quick`, the
+    systemd unit's ExecStartPre, keeps the config, key and schema checks and leaves that read out."""
+    from backupmx.store import QueueStore
+
+    config = write_config(tmp_path)
+    db = tmp_path / "queue.db"
+    QueueStore(str(db)).close()
+    with sqlite3.connect(db) as con:  # a table spread over pages of its own, one of them damaged below
+        con.execute("CREATE TABLE filler (x)")
+        con.executemany("INSERT INTO filler VALUES (?)", [("y" * 500,) for _ in range(200)])
+        root = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'filler'").fetchone()[0]
+    con.close()
+    data = bytearray(db.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    data[(root - 1) * page: root * page] = b"\xa5" * page
+    db.write_bytes(bytes(data))
+    whole = run("check", "-c", config, cwd=tmp_path)
+    assert whole.returncode == 1 and "queue.db" in whole.stderr and "Traceback" not in whole.stderr
+    quick = run("check", "--quick", "-c", config, cwd=tmp_path)
+    assert quick.returncode == 0, quick.stderr
+    assert "not read whole (--quick" in quick.stdout
+    assert "check --quick" in (Path(__file__).parent.parent / "contrib/systemd/backupmx.service").read_text()
+
+
 def test_check_database_directory_missing(tmp_path):
     config = tmp_path / "c.ini"
     config.write_text(write_config(tmp_path).read_text().replace("/queue.db", "/missing/queue.db"))
