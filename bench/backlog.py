@@ -259,14 +259,16 @@ class Filler:
 
     def save(self, db: Path, to: Path) -> None:
         """Copy the queue (and its WAL) to `to` holding the write lock: no commit can change it,
-        and what a checkpoint copies meanwhile into the file is in the copied WAL too."""
+        and what a checkpoint copies meanwhile into the file is in the copied WAL too. The copy
+        is cp's, another process: closing a descriptor of the file here would drop every POSIX
+        lock this process holds on it, the write lock held for the copy with them (fcntl(2))."""
         db_conn = self.store.connection
         db_conn.execute("BEGIN IMMEDIATE")
         try:
-            shutil.copyfile(db, to)
+            subprocess.run(["cp", "--", str(db), str(to)], check=True)
             wal = Path(f"{db}-wal")
             if wal.exists():
-                shutil.copyfile(wal, f"{to}-wal")
+                subprocess.run(["cp", "--", str(wal), f"{to}-wal"], check=True)
         finally:
             db_conn.execute("ROLLBACK")
 
