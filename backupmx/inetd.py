@@ -249,7 +249,7 @@ def run_detached_flush(config, logger, should_stop=lambda: False, ready=lambda: 
             if store is None:
                 raise DetachedFlushFailed(f"the flush of {e} lost its queue connection, which does not open again: "
                                           f"its lease runs out in {lease_seconds:g}s") from e
-            flushed = _flush_again_without_a_helper(store, config, owner, logger, should_stop, e)
+            flushed = _flush_again_without_a_helper(store, config, owner, lease_seconds, logger, should_stop, e)
         except FlushFailed as e:
             raise DetachedFlushFailed(f"the flush of {e} failed: requested again") from e
         if not should_stop():
@@ -263,11 +263,12 @@ def run_detached_flush(config, logger, should_stop=lambda: False, ready=lambda: 
     return flushed
 
 
-def _flush_again_without_a_helper(store, config, owner, logger, should_stop, lost: QueueConnectionLost) -> int:
+def _flush_again_without_a_helper(store, config, owner, lease_seconds, logger, should_stop,
+                                  lost: QueueConnectionLost) -> int:
     """The one retry of a flush that lost its queue connection at its helper's fork (given back
     on `store`, requested again): on the new connection, its second one in a thread (no fork)."""
     try:
-        return drain(store, config, owner, lease_seconds=default_lease_seconds(config.timeout), log=logger,
+        return drain(store, config, owner, lease_seconds=lease_seconds, log=logger,
                      should_stop=should_stop, rounds=MAX_DETACHED_ROUNDS, helper=False)
     except QueueConnectionLost as e:  # drain logged it; its lease runs out
         raise DetachedFlushFailed(f"the flush of {lost} lost its queue connection twice") from e
