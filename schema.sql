@@ -26,7 +26,10 @@
 -- It has one row in `queue` per configured recipient domain it was accepted
 -- for (same queue id, the domain names the row), and one row in `recipients`
 -- per RCPT TO of that domain. Deliveries are per domain: ETRN for a domain
--- hands over exactly that domain's rows.
+-- hands over exactly that domain's rows. When its last row goes, the message
+-- is listed in `reclaim`, and housekeeping deletes it and its body's chunks
+-- within a minute (since schema 14): until then it is in no view and no
+-- count, and its disk space comes back with that round's vacuum.
 --
 -- Clustered by domain (since schema 13): `queue` and `recipients` are WITHOUT
 -- ROWID tables keyed domain first, so a domain's rows lie side by side however
@@ -91,14 +94,14 @@
 --     WHERE domain = 'example.com' AND state = 'held';    -- release it again
 --   DELETE FROM queue WHERE queue_id = 'ID';              -- drop a message (all its domains)
 -- Deleting is safe with or without PRAGMA foreign_keys: the triggers at the
--- end remove a row's recipients, and the message (and its body's chunks) once
--- its last row is gone.
+-- end remove a row's recipients, and list the message in `reclaim` once its
+-- last row is gone (housekeeping deletes it and its body's chunks then).
 -- Prefer the backupmx commands while the server runs: they also log an event.
 
 -- One accepted message: the envelope sender and the body, stored once however
--- many domains it is queued for. A message row lives exactly as long as at
--- least one `queue` row refers to it, and its body's chunks as long as it
--- (triggers below).
+-- many domains it is queued for. A message row lives as long as at least one
+-- `queue` row refers to it, and then until housekeeping reclaims it (table
+-- reclaim); its body's chunks as long as it (triggers below).
 CREATE TABLE IF NOT EXISTS messages (
     queue_id    TEXT PRIMARY KEY NOT NULL, -- id given in "250 2.0.0 Ok: queued as <id>"; [0-9A-Z], roughly time-sortable
     sender      TEXT NOT NULL,             -- MAIL FROM reverse-path without <>; '' is the null sender <> (bounces)
@@ -128,6 +131,28 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE TABLE IF NOT EXISTS body_chunks (
     id   INTEGER PRIMARY KEY, -- consecutive within one message, in body order
     data BLOB NOT NULL        -- the next bytes of the body
+);
+
+-- Messages whose last `queue` row is gone (delivered, deleted, purged, by
+-- whoever: trigger queue_gone), waiting for housekeeping to delete them and,
+-- with them, their body's chunks (backupmx/lifecycle.py, reclaim; every 30 s,
+-- before the incremental vacuum). Since schema 14: deleting a
+-- message in the flush's transaction dirtied a page of `messages` and one or
+-- two of `body_chunks` per message delivered, where mail for many domains
+-- arrived mixed (keyed by arrival, a domain's messages lie among the others');
+-- housekeeping deletes them in queue id order, a few hundred a transaction, so
+-- after a drain whole pages go at once (bench/README.md, "The flush at 1M with
+-- the message's deletion deferred"). Appended in rowid order: a flush's batch
+-- writes one page of it. A message waiting here is in no view nor count
+-- (they start from `queue`); its events go one expired_retention after it.
+-- Left alone by a backupmx of schema 13 (the top of this file, schema_compat):
+-- while only such one runs, delivered messages wait here; to reclaim them by hand:
+--   DELETE FROM messages WHERE queue_id IN (SELECT queue_id FROM reclaim)
+--     AND NOT EXISTS (SELECT 1 FROM queue AS q WHERE q.queue_id = messages.queue_id);
+--   DELETE FROM reclaim WHERE queue_id NOT IN (SELECT queue_id FROM messages);
+CREATE TABLE IF NOT EXISTS reclaim (
+    id       INTEGER PRIMARY KEY, -- order of arrival here (a new row goes at the end of the table)
+    queue_id TEXT NOT NULL        -- the message (no foreign key: its row goes after the message's)
 );
 
 -- One row per (message, recipient domain): the unit that is flushed to the
@@ -376,10 +401,11 @@ CREATE VIEW IF NOT EXISTS queue_summary (domain, messages, bytes, oldest, last_e
 -- A message's body put together (queue_id, body) from its chunks
 -- (group_concat takes the chunks in the order the id range is read: id order).
 --   SELECT writefile('ID.eml', body) FROM message_bodies WHERE queue_id = 'ID';
+-- A message waiting in `reclaim` (no queue row left) is not shown.
 CREATE VIEW IF NOT EXISTS message_bodies (queue_id, body) AS
     SELECT m.queue_id, CAST(COALESCE((SELECT group_concat(c.data, '') FROM body_chunks AS c
                                        WHERE c.id BETWEEN m.first_chunk AND m.last_chunk), '') AS BLOB)
-    FROM messages AS m;
+    FROM messages AS m WHERE EXISTS (SELECT 1 FROM queue AS q WHERE q.queue_id = m.queue_id);
 
 -- A queue row's arrival as its `queued` event says it (the history, schema.sql's
 -- events): what trigger queue_history writes when the row leaves, and what
@@ -413,12 +439,14 @@ BEGIN
 END;
 
 -- A row is gone: its recipients go (also when foreign_keys is off, as in the
--- sqlite3 shell), and the message once no other domain's row refers to it.
+-- sqlite3 shell), and once no other domain's row refers to the message, it is
+-- put in `reclaim` for housekeeping to delete (since schema 14; before, it was
+-- deleted here, in the flush's own transaction).
 CREATE TRIGGER IF NOT EXISTS queue_gone AFTER DELETE ON queue
 BEGIN
     DELETE FROM recipients WHERE queue_id = OLD.queue_id AND domain = OLD.domain;
-    DELETE FROM messages WHERE queue_id = OLD.queue_id
-        AND NOT EXISTS (SELECT 1 FROM queue WHERE queue_id = OLD.queue_id);
+    INSERT INTO reclaim (queue_id) SELECT OLD.queue_id
+        WHERE NOT EXISTS (SELECT 1 FROM queue WHERE queue_id = OLD.queue_id);
 END;
 
 -- A message is deleted by hand: its rows go with it (also when foreign_keys is off).
@@ -427,7 +455,8 @@ BEGIN
     DELETE FROM queue WHERE queue_id = OLD.queue_id;
 END;
 
--- A message is gone: its body's chunks go (whoever deleted it).
+-- A message is gone: its body's chunks go (whoever deleted it: housekeeping's
+-- reclaim, or the operator by hand).
 CREATE TRIGGER IF NOT EXISTS message_chunks_gone AFTER DELETE ON messages
 BEGIN
     DELETE FROM body_chunks WHERE id BETWEEN OLD.first_chunk AND OLD.last_chunk;
@@ -528,7 +557,10 @@ CREATE TABLE IF NOT EXISTS schema_compat (
 --    first, index queue_message, recipients.position (the RCPT order, which rowid
 --    gave), messages.body gone (a body still in it moved into body_chunks); an older
 --    queue is rebuilt at its first `serve`; oldest_version 13.
-PRAGMA user_version = 13;
+-- 14: reclaim; trigger queue_gone lists a message whose last row went there instead of
+--    deleting it (housekeeping does, in queue id order); view message_bodies leaves
+--    such messages out (the trigger is replaced at the first `serve`); oldest_version stays 13.
+PRAGMA user_version = 14;
 
 -- The oldest schema version whose backupmx can still read and write a queue of
 -- this version. When you bump user_version:
@@ -558,4 +590,13 @@ PRAGMA user_version = 13;
 -- which is gone, and reads a body queued before schema 11 from it: it must not
 -- open the queue (README, "Upgrading": a rollback past schema 13 needs an empty
 -- queue, or the old release on a new queue file).
+-- 14 keeps 13: the trigger that lists a message in `reclaim` is in the file, so a
+-- backupmx of schema 13 delivering and deleting mail fires it too, and nothing it
+-- reads or writes changed meaning for it (its views and counts start from `queue`;
+-- its `show ID` of a message waiting there prints the message with no domain row).
+-- It does not reclaim: while only such a release runs, delivered messages and
+-- their bodies stay (disk, not mail: reclaim's comment has the statements to
+-- delete them by hand), and the next start of a schema 14 backupmx's housekeeping
+-- deletes them. Raising it would lock a rollback out of a queue holding mail
+-- for a cost that the next upgrade undoes.
 INSERT OR REPLACE INTO schema_compat (id, oldest_version) VALUES (1, 13);

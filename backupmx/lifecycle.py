@@ -20,10 +20,12 @@ few store transactions, so it is safe to run from several processes at once:
   5. purge    failed/expired rows older than expired_retention; the
               recipient-callout answers past their time (verify_cache) and
               greylist triples past theirs;
-              failed AUTHs older than auth_failure_window; then
-              incremental_vacuum and a WAL checkpoint (not under `serve`: its
-              checkpointer process runs them, checkpointer.py).
-  6. domains  domain-queueing / domain-drained lines for what changed any other
+              failed AUTHs older than auth_failure_window;
+  6. reclaim  the messages whose last row left (table reclaim: delivered,
+              deleted, purged), in queue id order, a few hundred a transaction;
+              then incremental_vacuum hands their pages back, and a WAL checkpoint
+              (not under `serve`: its checkpointer process runs it, checkpointer.py).
+  7. domains  domain-queueing / domain-drained lines for what changed any other
               way than a new message or a flush (expiry, operator actions), and
               the `notify` notices (notify.py) through bounce_relay: claimed
               first (at most once per queueing period); one the relay did not
@@ -70,6 +72,14 @@ VACUUM_KEEP = 0.10
 VACUUM_STEP = 8 * 1024 * 1024
 VACUUM_ROUND_SECONDS = 2.0
 VACUUM_PAUSE = 0.05
+# The reclaim (schema.sql, table reclaim): this many messages deleted per write
+# transaction (the write lock held a few ms), for at most RECLAIM_ROUND_SECONDS
+# per round, out of at most RECLAIM_LISTED listed ones read and sorted at once
+# (the list's memory: ~200 bytes each); a pause after each for the SMTP workers.
+RECLAIM_BATCH = 250
+RECLAIM_LISTED = 100_000
+RECLAIM_ROUND_SECONDS = 3.0
+RECLAIM_PAUSE = 0.005
 
 
 class BounceFailed(Exception):
@@ -165,7 +175,7 @@ class _Round:
         self.send = send
         self.summary: dict[str, object] = {
             "expired": 0, "dsn_sent": 0, "dsn_skipped": 0, "dsn_failed": 0,
-            "delay_warnings": 0, "retries": [], "purged": 0, "verify_purged": 0, "greylist_purged": 0, "vacuumed_pages": 0,
+            "delay_warnings": 0, "retries": [], "purged": 0, "verify_purged": 0, "greylist_purged": 0, "reclaimed": 0, "vacuumed_pages": 0,
             "checkpoint": None, "errors": 0, "notices": 0,
         }
 
@@ -380,7 +390,25 @@ class _Round:
     def purge_greylist(self) -> None:
         self.summary["greylist_purged"] = self.store.purge_greylist(self.config.greylist_expire)
 
-    # 6. domains: queueing / drained, notices
+    # 6. the messages that left, then the database's upkeep
+
+    def reclaim(self) -> None:
+        """Delete the messages listed in `reclaim`, in queue id order: after a drain,
+        consecutive ids share their pages (in the flush's order, a domain's, each
+        message would dirty pages of its own among the other domains' mail)."""
+        listed = self.store.reclaim_listed(RECLAIM_LISTED)
+        queue_ids = sorted({queue_id for _, queue_id in listed})
+        deadline = time.monotonic() + RECLAIM_ROUND_SECONDS
+        done = 0
+        while done < len(queue_ids) and time.monotonic() < deadline:
+            self.summary["reclaimed"] += self.store.reclaim(queue_ids[done:done + RECLAIM_BATCH])
+            done += RECLAIM_BATCH
+            time.sleep(RECLAIM_PAUSE)
+        if done:
+            reclaimed = set(queue_ids[:done])
+            self.store.forget_reclaimed(row for row in listed if row[1] in reclaimed)
+
+    # 7. domains: queueing / drained, notices
 
     def domains(self) -> None:
         log_domain_changes(self.store, self.log)
@@ -443,7 +471,8 @@ def housekeeping(store: QueueStore, config, *, logger: logging.Logger | None = N
 
         expired, dsn_sent, dsn_skipped, dsn_failed (recipients), delay_warnings (rows),
         retries (domains asked to flush), purged (rows), verify_purged (cached callout
-        answers), greylist_purged (triples), notices (sent), vacuumed_pages,
+        answers), greylist_purged (triples), notices (sent), reclaimed (messages
+        deleted after their last row left), vacuumed_pages,
         checkpoint (SQLite's (busy, wal pages, checkpointed)), errors (steps that
         met QueueUnavailable; the others still ran).
 
@@ -459,6 +488,7 @@ def housekeeping(store: QueueStore, config, *, logger: logging.Logger | None = N
     r.step("purge_verify", r.purge_verify)
     r.step("purge_greylist", r.purge_greylist)
     r.step("domains", r.domains)
+    r.step("reclaim", r.reclaim)  # before upkeep: its vacuum hands their pages back this round
     r.step("upkeep", r.upkeep)
     return r.summary
 

@@ -23,7 +23,8 @@ What must always hold (each public method keeps it in ONE transaction):
     the commit is durable then (journal_mode=WAL, synchronous=FULL).
   - Nothing is ever half-queued: any failure rolls the whole enqueue back.
   - A recipient the primary accepted is deleted; its queue row goes with its
-    last recipient, the message with its last row (triggers in schema.sql).
+    last recipient, and the message, once its last row is gone, is listed
+    for housekeeping to delete (table reclaim; triggers in schema.sql).
   - Every other outcome is a state (queued, held, failed, expired) with the
     reply that caused it, and an `events` row; nothing is "unknown".
   - At most one flusher holds a domain's lease; a lease ends by itself.

@@ -699,7 +699,8 @@ class QueueDatabase:
         """Bring an older queue up to date (inside _setup's transaction): the columns
         added since, and schema.sql's views dropped for it to create them anew
         (CREATE VIEW IF NOT EXISTS would keep an old definition; a view holds no
-        data). The operator's own views are not ours to drop."""
+        data), and likewise the triggers whose work changed. The operator's own views
+        are not ours to drop."""
         for table, column, kind in self._ADDED_COLUMNS:
             columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
             if columns and column not in columns:
@@ -715,6 +716,10 @@ class QueueDatabase:
             db.execute("DROP INDEX IF EXISTS queue_domain_state")
         for view in view_names(text):
             db.execute(f'DROP VIEW IF EXISTS "{view}"')
+        if found < 14:
+            # Schema 14: queue_gone lists a message in `reclaim` rather than deleting it
+            # (CREATE TRIGGER IF NOT EXISTS would keep the old one, as for views).
+            db.execute("DROP TRIGGER IF EXISTS queue_gone")
         if found < 13:
             if self._on_rebuild is not None:
                 self._on_rebuild(found)

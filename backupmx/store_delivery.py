@@ -1,7 +1,8 @@
 """The queue's delivery role: what a flusher reads (a domain's queued mail) and records (each outcome).
 
   - A recipient the primary accepted is deleted; its queue row goes with its
-    last recipient, the message with its last row (triggers in schema.sql).
+    last recipient, and the message, once its last row is gone, is listed
+    for housekeeping to delete (table reclaim; triggers in schema.sql).
   - Every other outcome is a state (queued, failed) with the reply that
     caused it, and an `events` row; nothing is "unknown" (outcome.Verdict).
   - A batch of attempts is ONE transaction: a crash before it commits means

@@ -18,6 +18,12 @@ from typing import Iterable, Mapping, NamedTuple
 from backupmx.store_db import QueueDatabase, RecipientStatus, _sqlite_errors
 
 
+# Housekeeping's reclaim (Housekeeping.reclaim): the messages by their key, each unless
+# a queue row refers to it (tests/test_reclaim.py checks its plan reads no more).
+RECLAIM_SQL = ("DELETE FROM messages WHERE queue_id IN ({marks})"
+               " AND NOT EXISTS (SELECT 1 FROM queue AS q WHERE q.queue_id = messages.queue_id)")
+
+
 @dataclass(frozen=True)
 class Bounce:
     """Failed or expired recipients of one row whose delivery status notification is due."""
@@ -285,6 +291,28 @@ class Housekeeping(QueueDatabase):
                 "DELETE FROM events WHERE at <= ? AND queue_id NOT IN (SELECT queue_id FROM messages)", (cutoff,)
             )
         return rows
+
+    def reclaim_listed(self, limit: int) -> list[tuple[int, str]]:
+        """Up to `limit` rows of `reclaim` (messages whose last queue row went: trigger
+        queue_gone), listed first first: (id, queue_id)."""
+        with self._read() as db:
+            return db.execute("SELECT id, queue_id FROM reclaim ORDER BY id LIMIT ?", (limit,)).fetchall()
+
+    def reclaim(self, queue_ids: list[str]) -> int:
+        """Delete these messages, and with them their body's chunks (trigger
+        message_chunks_gone), in ONE transaction; a message a queue row refers to
+        again (INSERT INTO queue by hand) stays. Returns the messages deleted."""
+        if not queue_ids:
+            return 0
+        with self._write() as db:
+            return db.execute(RECLAIM_SQL.format(marks=",".join("?" * len(queue_ids))), queue_ids).rowcount
+
+    def forget_reclaimed(self, listed: Iterable[tuple[int, str]]) -> None:
+        """Take these rows (id, queue_id) of reclaim_listed off the list: their messages are
+        deleted, or referred to again (a row the trigger lists anew when it goes). The
+        queue id too: ids restart at the end of the table once it was emptied."""
+        with self._write() as db:
+            db.executemany("DELETE FROM reclaim WHERE id = ? AND queue_id = ?", sorted(listed))
 
     def free_pages(self) -> tuple[int, int]:
         """(free pages, all pages) of the file; (0, pages) when the queue was not created

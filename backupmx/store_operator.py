@@ -329,7 +329,7 @@ class OperatorQueries(QueueDatabase):
             events = self._history(db, queue_id)
             if m is None:
                 return None
-            rows = []
+            rows: list[RowDetail] = []
             for dom, st, att, last, reply, nxt, changed in db.execute(
                 "SELECT domain, state, attempts, last_attempt, last_reply, next_attempt, state_changed"
                 " FROM queue WHERE queue_id = ? ORDER BY domain",
@@ -344,6 +344,8 @@ class OperatorQueries(QueueDatabase):
                     )
                 ]
                 rows.append(RowDetail(dom, st, att, last, reply, nxt, changed, rcpts))
+        if not rows:  # its last row left: it waits for housekeeping's reclaim (schema.sql, reclaim)
+            return None
         return MessageDetail(*m, rows=rows, events=events)
 
     def history(self, queue_id: str) -> list[Event]:

@@ -103,6 +103,15 @@ def record_delivered(store, queue_id, domain, addresses, reply):
     return _record(store, Outcome.DELIVERED, queue_id, domain, addresses, reply)
 
 
+def reclaim(store):
+    """What housekeeping's reclaim does (lifecycle._Round.reclaim), all at once: the
+    messages whose last row left are deleted. Returns how many."""
+    listed = store.reclaim_listed(1_000_000)
+    deleted = store.reclaim(sorted({queue_id for _, queue_id in listed}))
+    store.forget_reclaimed(listed)
+    return deleted
+
+
 def record_deferred(store, queue_id, domain, addresses, reply, *, retry_after=None):
     """4xx or connection trouble for these recipients."""
     from backupmx.outcome import Outcome

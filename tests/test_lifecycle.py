@@ -597,6 +597,42 @@ def test_the_vacuum_goes_in_bounded_steps(store, clock, tmp_path, log, monkeypat
     assert len(steps) >= 6 and max(steps) == 256 * 1024 // page_size, steps
 
 
+def table_counts(path):
+    shell = sqlite3.connect(path)
+    try:
+        return tuple(shell.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("messages", "body_chunks", "reclaim"))
+    finally:
+        shell.close()
+
+
+def test_a_round_reclaims_the_messages_whose_last_row_left_and_only_those(store, clock, tmp_path, log, monkeypatch):
+    """Schema 14: the flush leaves a delivered message's row and body to housekeeping.
+    A message for two domains stays while either has it; one deleted by hand in the
+    sqlite3 shell (plain SQL, foreign_keys off) is reclaimed as well; a round whose
+    time is up leaves the rest listed for the next."""
+    config = make_config(tmp_path)
+    body = b"Subject: r\r\n\r\n" + b"x" * 3000  # several chunks
+    both = put(store, "a@short.test", "b@long.test", body=body)
+    by_hand = put(store, "c@long.test", body=body)
+    record_delivered(store, both, "short.test", ["a@short.test"], "250 ok")
+    assert run(store, config, log, clock)["reclaimed"] == 0  # long.test still has it
+    assert store.open_body(both).read() == body and table_counts(store.path)[0] == 2
+    record_delivered(store, both, "long.test", ["b@long.test"], "250 ok")
+    shell = sqlite3.connect(store.path, isolation_level=None)
+    shell.execute("DELETE FROM queue WHERE queue_id = ?", (by_hand,))
+    shell.close()
+    assert store.show(both) is None and store.show(by_hand) is None  # out of the queue at once
+    assert store.summary() == [] and table_counts(store.path)[0] == 2  # but not yet deleted
+    monkeypatch.setattr(lifecycle, "RECLAIM_ROUND_SECONDS", 0)  # no time left this round
+    assert run(store, config, log, clock)["reclaimed"] == 0 and table_counts(store.path)[2] == 2
+    monkeypatch.undo()
+    assert run(store, config, log, clock)["reclaimed"] == 2
+    assert table_counts(store.path) == (0, 0, 0)
+    with pytest.raises(KeyError):
+        store.open_body(both)
+    assert [e.what for e in store.history(both)].count("delivered") == 2
+
+
 
 
 def test_a_locked_queue_is_logged_and_the_round_goes_on(tmp_path, clock, log, monkeypatch):

@@ -24,7 +24,8 @@ from backupmx.envelope import Envelope, Recipient
 from backupmx.outcome import Outcome, Verdict
 from backupmx.store import QueueStore
 from backupmx.store_operator import Selection
-from conftest import queue_one
+from backupmx.store_housekeeping import RECLAIM_SQL
+from conftest import queue_one, reclaim
 
 T0 = 1_800_000_000
 GROWING = {"messages", "body_chunks", "queue", "recipients", "events"}
@@ -121,6 +122,8 @@ def test_the_hot_statements_never_read_a_growing_table_whole(queue):
     store.release(queue_id=work[11].queue_id)
     store.requeue(domain="two.test")
     store.delete(queue_id=work[12].queue_id)
+    # Housekeeping's reclaim of the messages that left (delivered, purged, deleted).
+    assert reclaim(store) > 0
     store.connection.set_trace_callback(None)
 
     db = sqlite3.connect(store.path)
@@ -154,6 +157,23 @@ def test_a_delivered_body_is_read_in_two_statements_on_the_keys(queue):
         for statement in statements:
             plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + statement)]
             assert plan and all(line.startswith("SEARCH") for line in plan), (statement, plan)
+    finally:
+        db.close()
+
+
+def test_the_reclaim_searches_each_message_by_its_key(queue):
+    """Housekeeping's reclaim (schema 14) deletes a few hundred listed messages a
+    transaction: each is found by its key, and whether a queue row still refers to it
+    by index queue_message; neither table is read further (a scan at a million messages
+    would hold the write lock for seconds, every SMTP worker's commit waiting)."""
+    store, _ = queue
+    db = sqlite3.connect(store.path)
+    try:
+        statement = RECLAIM_SQL.format(marks=",".join("?" * 250))
+        plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + statement, ["X"] * 250)]
+        assert any(re.match(r"SEARCH messages USING PRIMARY KEY \(queue_id=\?\)", line) for line in plan), plan
+        assert any("INDEX queue_message (queue_id=?)" in line for line in plan), plan
+        assert not [line for line in plan if line.startswith("SCAN")], plan
     finally:
         db.close()
 

@@ -35,7 +35,7 @@ from backupmx.store import (
 )
 from backupmx.store_db import CHUNK, DamagedBody, chunk_lengths
 from backupmx.store_operator import Event
-from conftest import free_port, pending_flushes, queue_one, record_deferred, record_delivered, record_failed
+from conftest import free_port, pending_flushes, queue_one, reclaim, record_deferred, record_delivered, record_failed
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_800_000_000
@@ -658,8 +658,10 @@ def test_delivered_deletes_recipient_row_and_message(store, clock):
     assert store.messages_for_flush("one.test") == []
     assert store.show(qid) is not None  # two.test still holds the message
     assert record_delivered(store, qid, "two.test", ["c@two.test"], "250 2.0.0 ok") is None
+    assert store.show(qid) is None  # gone from the queue; the message waits for housekeeping's reclaim
+    assert counts(store.path)[:3] == (1, 0, 0) and counts(store.path)[4] > 0
+    assert reclaim(store) == 1
     assert counts(store.path)[:3] == (0, 0, 0) and counts(store.path)[4] == 0  # no chunk of its body either
-    assert store.show(qid) is None
     whats = [e.what for e in store.history(qid)]
     assert whats.count("delivered") == 3 and whats.count("queued") == 2
     assert record_delivered(store, qid, "two.test", ["c@two.test"], "250") is None  # gone already: harmless
@@ -755,6 +757,9 @@ def test_expiry_dsn_and_retention(store, clock):
     assert any(e.what == "dsn" for e in store.history(old))
     clock.now += 7 * 86400 + 1
     store.purge(7 * 86400)
+    assert store.history(old) != []  # the message not reclaimed yet: its history stays
+    reclaim(store)
+    store.purge(7 * 86400)
     assert store.history(old) == []  # history of mail gone that long is dropped too
 
 
@@ -784,11 +789,14 @@ def test_deleting_by_hand_in_sqlite3_leaves_no_orphans(store):
     shell = sqlite3.connect(store.path, isolation_level=None)
     assert shell.execute("PRAGMA foreign_keys").fetchone()[0] == 0
     shell.execute("DELETE FROM queue WHERE domain = 'one.test'")
+    assert shell.execute("SELECT queue_id FROM reclaim").fetchall() == [(b,)]  # a's is still queued for two.test
+    assert reclaim(store) == 1
     assert shell.execute("SELECT queue_id FROM messages").fetchall() == [(a,)]
     assert shell.execute("SELECT address FROM recipients").fetchall() == [("b@two.test",)]
     shell.execute("DELETE FROM messages WHERE queue_id = ?", (a,))
     assert [shell.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("queue", "recipients")] == [0, 0]
     assert shell.execute("SELECT COUNT(*) FROM body_chunks").fetchone()[0] == 0
+    assert reclaim(store) == 0 and shell.execute("SELECT COUNT(*) FROM reclaim").fetchone()[0] == 0  # listed, gone
     shell.close()
     assert store.show(b) is None
 
@@ -847,6 +855,7 @@ def test_body_reader_does_not_block_writes(store, db_path, clock):
     unread = store.open_body(qid)
     assert record_delivered(store, qid, "example.com", ["a@example.com"], "250 ok") is None
     reader.close()
+    reclaim(store)
     with pytest.raises(KeyError):
         unread.read(1)  # the message is gone: an error, never another message's bytes
     with pytest.raises(KeyError):
@@ -1020,6 +1029,7 @@ def test_a_version_10_queue_s_bodies_move_into_chunks(db_path, clock):
         shell.close()
         assert s.delete(queue_id="OLD3") == 1
         record_delivered(s, new, "example.com", ["b@example.com"], "250 ok")
+        assert reclaim(s) == 2
         assert db.execute("SELECT id FROM body_chunks").fetchall() == [(ranges["OLD2"][0],)]  # OLD2's, waiting
         assert db.execute("SELECT domain, state, messages, bytes FROM queue_totals WHERE messages > 0").fetchall() == \
             [("example.com", "queued", 2, len(old_bodies["OLD2"]))]
@@ -1062,6 +1072,7 @@ def test_a_version_11_queue_keeps_its_queued_events_and_gets_none_twice(db_path,
         assert [e.what for e in s.history("OLD1")] == ["queued", "delivered"] and s.history("OLD1")[0] == old_event
         assert [e.what for e in s.history("OLD2")] == ["queued", "deleted"]
         assert [e.what for e in s.history(new)] == ["queued", "delivered"]
+        assert reclaim(s) == 3
         assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
     finally:
         s.close()
@@ -1368,7 +1379,7 @@ def test_a_version_12_queue_is_rebuilt_clustered_by_domain_and_keeps_all_its_mai
     assert dump(path, "position") == before  # but the orphan recipient: it was never delivered
     QueueStore(str(tmp_path / "new.db"), clock=clock).close()
     assert [o for o in schema_objects(path) if o[1] != "my_report"] == schema_objects(str(tmp_path / "new.db"))
-    assert marks(path) == (13, 13) == (schema_mod.schema_version(), 13)
+    assert marks(path) == (14, 13) == (schema_mod.schema_version(), 13)
     shell = sqlite3.connect(path)
     assert shell.execute("SELECT * FROM my_report").fetchall() == [("a.test", 6), ("b.test", 8)]
     assert shell.execute("PRAGMA foreign_key_check").fetchall() == []
@@ -1420,6 +1431,62 @@ def test_a_rebuild_killed_half_way_leaves_the_old_queue_as_it_was(tmp_path, cloc
     with QueueStore(path, clock=clock) as s:
         assert {qid: s.open_body(qid).read() for qid in bodies} == bodies
     assert dump(path, "position") == before
+
+
+# --- schema 14: a message's own deletion deferred to housekeeping's reclaim -------------
+
+
+def test_a_version_13_queue_gets_the_reclaim_and_a_delivered_message_waits_for_it(tmp_path, clock, monkeypatch):
+    """tests/data/schema-v13.sql is schema.sql before the reclaim: the migration replaces
+    trigger queue_gone (and view message_bodies) in its transaction and adds table reclaim,
+    so that the schema is exactly a new queue's; a message delivered then waits to be
+    reclaimed, a two-domain one until both delivered; a backupmx of schema 13 still opens it."""
+    from backupmx import store_db
+
+    path = str(tmp_path / "old.db")
+    shell = sqlite3.connect(path, isolation_level=None)
+    shell.executescript((ROOT / "tests" / "data" / "schema-v13.sql").read_text())
+    for qid, domains in (("M1", ["a.test", "b.test"]), ("M2", ["a.test"])):
+        shell.execute("INSERT INTO body_chunks (data) VALUES (?)", (b"Subject: x\r\n\r\n" + qid.encode(),))
+        chunk = shell.execute("SELECT MAX(id) FROM body_chunks").fetchone()[0]
+        shell.execute("INSERT INTO messages (queue_id, sender, received_at, size, first_chunk, last_chunk)"
+                      " VALUES (?, 's@x.test', ?, 15, ?, ?)", (qid, T0, chunk, chunk))
+        for domain in domains:
+            shell.execute("INSERT INTO queue (queue_id, domain, state_changed) VALUES (?, ?, ?)", (qid, domain, T0))
+            shell.execute("INSERT INTO recipients (queue_id, domain, address) VALUES (?, ?, ?)",
+                          (qid, domain, f"u@{domain}"))
+    shell.close()
+    assert marks(path) == (13, 13)
+    with QueueStore(path, clock=clock) as s:
+        assert marks(path) == (14, 13) == (schema_mod.schema_version(), 13)
+        record_delivered(s, "M1", "a.test", ["u@a.test"], "250 ok")
+        record_delivered(s, "M2", "a.test", ["u@a.test"], "250 ok")
+        db = s.connection
+        assert db.execute("SELECT queue_id FROM reclaim").fetchall() == [("M2",)]
+        assert dict(db.execute("SELECT queue_id, body FROM message_bodies")) == {"M1": b"Subject: x\r\n\r\nM1"}
+        assert counts(path)[0] == 2 and counts(path)[4] == 2  # M2's row and chunk wait
+        assert reclaim(s) == 1 and counts(path)[0] == 1 and counts(path)[4] == 1
+        record_delivered(s, "M1", "b.test", ["u@b.test"], "250 ok")
+        assert reclaim(s) == 1 and counts(path) == (0, 0, 0, 6, 0)  # the events: 3 delivered, 3 queued
+    QueueStore(str(tmp_path / "new.db"), clock=clock).close()
+    assert schema_objects(path) == schema_objects(str(tmp_path / "new.db"))
+    monkeypatch.setattr(store_db, "schema_version", lambda text=None: 13)
+    QueueStore(path, clock=clock, read_only=True).close()  # oldest_version 13: a rollback still opens it
+
+
+def test_a_message_queued_again_by_hand_is_not_reclaimed_under_its_row(store):
+    """The reclaim deletes a listed message only while no queue row refers to it: a row put
+    back by hand in the sqlite3 shell keeps it, and the row's next departure lists it anew."""
+    qid = put(store, "a@one.test")
+    record_delivered(store, qid, "one.test", ["a@one.test"], "250 ok")
+    shell = sqlite3.connect(store.path, isolation_level=None)
+    shell.execute("INSERT INTO queue (queue_id, domain, state_changed) VALUES (?, 'one.test', 0)", (qid,))
+    shell.execute("INSERT INTO recipients (queue_id, domain, address) VALUES (?, 'one.test', 'a@one.test')", (qid,))
+    assert reclaim(store) == 0 and store.show(qid) is not None
+    assert shell.execute("SELECT COUNT(*) FROM reclaim").fetchone()[0] == 0
+    shell.execute("DELETE FROM queue WHERE queue_id = ?", (qid,))
+    shell.close()
+    assert reclaim(store) == 1 and counts(store.path)[0] == 0
 
 
 def test_a_helper_forked_by_a_flush_does_not_keep_its_parent_s_turn_to_commit(db_path):
