@@ -217,6 +217,13 @@ class DamagedBody(Exception):
     """
 
 
+# A body is read only while a queue row refers to its message: once the last one left
+# (delivered, or deleted by the operator while a flush announced it: flusher._Gone), the
+# message waits for housekeeping's reclaim (schema.sql, reclaim) but is no longer there
+# to send. One search of index queue_message.
+STILL_QUEUED = " AND EXISTS (SELECT 1 FROM queue AS q WHERE q.queue_id = m.queue_id)"
+
+
 class BodyReader(io.RawIOBase):
     """A message body, read from its chunks in pieces.
 
@@ -287,8 +294,8 @@ class BodyReader(io.RawIOBase):
             if own:
                 self._db.execute("BEGIN")
             try:
-                row = self._db.execute("SELECT first_chunk, last_chunk FROM messages WHERE queue_id = ?",
-                                       (self.queue_id,)).fetchone()
+                row = self._db.execute("SELECT first_chunk, last_chunk FROM messages AS m WHERE m.queue_id = ?"
+                                       + STILL_QUEUED, (self.queue_id,)).fetchone()
                 if row is None:
                     raise KeyError(f"message {self.queue_id} is no longer in the queue")
                 return self._read_chunks(*row, pos, n)
@@ -303,7 +310,7 @@ class BodyReader(io.RawIOBase):
         with _sqlite_errors():
             rows = self._db.execute(
                 "SELECT c.data FROM messages AS m LEFT JOIN body_chunks AS c ON c.id BETWEEN m.first_chunk"
-                " AND m.last_chunk WHERE m.queue_id = ? ORDER BY c.id", (self.queue_id,)).fetchall()
+                " AND m.last_chunk WHERE m.queue_id = ?" + STILL_QUEUED + " ORDER BY c.id", (self.queue_id,)).fetchall()
         if not rows:
             raise KeyError(f"message {self.queue_id} is no longer in the queue")
         return self._checked(b"".join(data for data, in rows if data is not None), self.size)
@@ -876,7 +883,8 @@ class QueueDatabase:
         Raises KeyError if the message is not in the queue.
         """
         with _sqlite_errors():
-            row = self.connection.execute("SELECT size FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
+            row = self.connection.execute("SELECT size FROM messages AS m WHERE m.queue_id = ?" + STILL_QUEUED,
+                                          (queue_id,)).fetchone()
         if row is None:
             raise KeyError(queue_id)
         return BodyReader(self.connection, queue_id, row[0])

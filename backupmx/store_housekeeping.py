@@ -304,7 +304,10 @@ class Housekeeping(QueueDatabase):
         again (INSERT INTO queue by hand) stays. Returns the messages deleted."""
         if not queue_ids:
             return 0
-        with self._write() as db:
+        # In the busy writers' turns (store_db._commit_turn), as the SMTP workers' commits
+        # and a flush's outcome batches: one of them waiting is woken when this is done,
+        # where SQLite's busy handler would nap 1, 2, 5, 10 ... ms, several times a round.
+        with self._commit_turn(), self._write() as db:
             return db.execute(RECLAIM_SQL.format(marks=",".join("?" * len(queue_ids))), queue_ids).rowcount
 
     def forget_reclaimed(self, listed: Iterable[tuple[int, str]]) -> None:

@@ -33,7 +33,7 @@ from backupmx.store import QueueStore
 from backupmx.store_db import DamagedBody
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import children_of, flushes_in_progress, pending_flushes, queue_one, wait_for  # noqa: E402
+from conftest import children_of, flushes_in_progress, pending_flushes, queue_one, reclaim, wait_for  # noqa: E402
 from sink import Sink  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -204,7 +204,8 @@ def test_every_size_class_of_stored_body_is_delivered_byte_for_byte(store, sink)
     assert counts["delivered"] == len(bodies)
     expected = sorted(b if b.endswith(b"\r\n") or not b else b + b"\r\n" for b in bodies.values())
     assert sorted(d.body for d in sink.deliveries) == expected
-    assert rows(store) == {} and store.connection.execute("SELECT COUNT(*) FROM body_chunks").fetchone()[0] == 0
+    assert rows(store) == {} and reclaim(store) == len(bodies)  # housekeeping's, after the flush
+    assert store.connection.execute("SELECT COUNT(*) FROM body_chunks").fetchone()[0] == 0
 
 
 def test_a_damaged_body_is_never_delivered_short(store, sink):
