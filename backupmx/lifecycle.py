@@ -73,10 +73,14 @@ VACUUM_STEP = 8 * 1024 * 1024
 VACUUM_ROUND_SECONDS = 2.0
 VACUUM_PAUSE = 0.05
 # The reclaim (schema.sql, table reclaim): this many messages deleted per write
-# transaction (the write lock held a few ms), for at most RECLAIM_ROUND_SECONDS
-# per round, out of at most RECLAIM_LISTED listed ones read and sorted at once
-# (the list's memory: ~200 bytes each); a pause after each for the SMTP workers.
+# transaction (the write lock held a few ms), while their bodies add up to at most
+# RECLAIM_BYTES (at least one message: freeing a page costs its write, ~6 s a GB
+# with SECURE_DELETE; 250 of 50 MB would hold the lock for a minute), for at most
+# RECLAIM_ROUND_SECONDS per round, out of at most RECLAIM_LISTED listed ones read
+# and sorted at once (the list's memory: ~200 bytes each); a pause after each for
+# the SMTP workers.
 RECLAIM_BATCH = 250
+RECLAIM_BYTES = 16 * 1024 * 1024
 RECLAIM_LISTED = 100_000
 RECLAIM_ROUND_SECONDS = 3.0
 RECLAIM_PAUSE = 0.005
@@ -401,8 +405,9 @@ class _Round:
         deadline = time.monotonic() + RECLAIM_ROUND_SECONDS
         done = 0
         while done < len(queue_ids) and time.monotonic() < deadline:
-            self.summary["reclaimed"] += self.store.reclaim(queue_ids[done:done + RECLAIM_BATCH])
-            done += RECLAIM_BATCH
+            deleted, taken = self.store.reclaim(queue_ids[done:done + RECLAIM_BATCH], RECLAIM_BYTES)
+            self.summary["reclaimed"] += deleted
+            done += taken
             time.sleep(RECLAIM_PAUSE)
         if done:
             reclaimed = set(queue_ids[:done])

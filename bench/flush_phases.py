@@ -182,8 +182,10 @@ def reclaim(store: QueueStore, db: Path, page: int) -> tuple[int, float, int]:
     started = time.perf_counter()
     listed = store.reclaim_listed(10 ** 7)
     queue_ids = sorted({queue_id for _, queue_id in listed})
-    deleted = sum(store.reclaim(queue_ids[first:first + lifecycle.RECLAIM_BATCH])
-                  for first in range(0, len(queue_ids), lifecycle.RECLAIM_BATCH))
+    deleted = done = 0
+    while done < len(queue_ids):
+        reclaimed, taken = store.reclaim(queue_ids[done:done + lifecycle.RECLAIM_BATCH], lifecycle.RECLAIM_BYTES)
+        deleted, done = deleted + reclaimed, done + taken
     store.forget_reclaimed(listed)
     return deleted, time.perf_counter() - started, wal_frames(db, page) - frames
 

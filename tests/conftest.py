@@ -107,7 +107,7 @@ def reclaim(store):
     """What housekeeping's reclaim does (lifecycle._Round.reclaim), all at once: the
     messages whose last row left are deleted. Returns how many."""
     listed = store.reclaim_listed(1_000_000)
-    deleted = store.reclaim(sorted({queue_id for _, queue_id in listed}))
+    deleted, _ = store.reclaim(sorted({queue_id for _, queue_id in listed}), 1 << 62)
     store.forget_reclaimed(listed)
     return deleted
 
