@@ -593,7 +593,10 @@ PRAGMA user_version = 14;
 -- 14 keeps 13: the trigger that lists a message in `reclaim` is in the file, so a
 -- backupmx of schema 13 delivering and deleting mail fires it too, and nothing it
 -- reads or writes changed meaning for it (its views and counts start from `queue`;
--- its `show ID` of a message waiting there prints the message with no domain row).
+-- its `show ID` of a message waiting there prints the message with no domain row),
+-- but one: its flush reads a body by the message alone, so a message the operator
+-- deletes while that flush has announced it is still sent (one of 14 checks that a
+-- queue row refers to it: store_db.STILL_QUEUED). Delivered, not lost.
 -- It does not reclaim: while only such a release runs, delivered messages and
 -- their bodies stay (disk, not mail: reclaim's comment has the statements to
 -- delete them by hand), and the next start of a schema 14 backupmx's housekeeping

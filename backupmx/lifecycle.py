@@ -21,15 +21,15 @@ few store transactions, so it is safe to run from several processes at once:
               recipient-callout answers past their time (verify_cache) and
               greylist triples past theirs;
               failed AUTHs older than auth_failure_window;
-  6. reclaim  the messages whose last row left (table reclaim: delivered,
-              deleted, purged), in queue id order, a few hundred a transaction;
-              then incremental_vacuum hands their pages back, and a WAL checkpoint
-              (not under `serve`: its checkpointer process runs it, checkpointer.py).
-  7. domains  domain-queueing / domain-drained lines for what changed any other
+  6. domains  domain-queueing / domain-drained lines for what changed any other
               way than a new message or a flush (expiry, operator actions), and
               the `notify` notices (notify.py) through bounce_relay: claimed
               first (at most once per queueing period); one the relay did not
               take is released for the next round.
+  7. reclaim  the messages whose last row left (table reclaim: delivered,
+              deleted, purged), in queue id order, a few hundred a transaction;
+              then incremental_vacuum hands their pages back, and a WAL checkpoint
+              (not under `serve`: its checkpointer process runs it, checkpointer.py).
 
 Every state change is one log line (backupmx.log.log_event), with the queue id.
 """
@@ -394,26 +394,7 @@ class _Round:
     def purge_greylist(self) -> None:
         self.summary["greylist_purged"] = self.store.purge_greylist(self.config.greylist_expire)
 
-    # 6. the messages that left, then the database's upkeep
-
-    def reclaim(self) -> None:
-        """Delete the messages listed in `reclaim`, in queue id order: after a drain,
-        consecutive ids share their pages (in the flush's order, a domain's, each
-        message would dirty pages of its own among the other domains' mail)."""
-        listed = self.store.reclaim_listed(RECLAIM_LISTED)
-        queue_ids = sorted({queue_id for _, queue_id in listed})
-        deadline = time.monotonic() + RECLAIM_ROUND_SECONDS
-        done = 0
-        while done < len(queue_ids) and time.monotonic() < deadline:
-            deleted, taken = self.store.reclaim(queue_ids[done:done + RECLAIM_BATCH], RECLAIM_BYTES)
-            self.summary["reclaimed"] += deleted
-            done += taken
-            time.sleep(RECLAIM_PAUSE)
-        if done:
-            reclaimed = set(queue_ids[:done])
-            self.store.forget_reclaimed(row for row in listed if row[1] in reclaimed)
-
-    # 7. domains: queueing / drained, notices
+    # 6. domains: queueing / drained, notices
 
     def domains(self) -> None:
         log_domain_changes(self.store, self.log)
@@ -438,6 +419,25 @@ class _Round:
                 continue
             self.summary["notices"] += 1
             log_event(self.log, "notice-sent", **fields)
+
+    # 7. the messages that left, then the database's upkeep
+
+    def reclaim(self) -> None:
+        """Delete the messages listed in `reclaim`, in queue id order: after a drain,
+        consecutive ids share their pages (in the flush's order, a domain's, each
+        message would dirty pages of its own among the other domains' mail)."""
+        listed = self.store.reclaim_listed(RECLAIM_LISTED)
+        queue_ids = sorted({queue_id for _, queue_id in listed})
+        deadline = time.monotonic() + RECLAIM_ROUND_SECONDS
+        done = 0
+        while done < len(queue_ids) and time.monotonic() < deadline:
+            deleted, taken = self.store.reclaim(queue_ids[done:done + RECLAIM_BATCH], RECLAIM_BYTES)
+            self.summary["reclaimed"] += deleted
+            done += taken
+            time.sleep(RECLAIM_PAUSE)
+        if done:
+            reclaimed = set(queue_ids[:done])
+            self.store.forget_reclaimed(row for row in listed if row[1] in reclaimed)
 
     def upkeep(self) -> None:
         pages = self.vacuum()

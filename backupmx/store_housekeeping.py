@@ -19,7 +19,7 @@ from backupmx.store_db import QueueDatabase, RecipientStatus, _sqlite_errors
 
 
 # Housekeeping's reclaim (Housekeeping.reclaim): the messages by their key, each unless
-# a queue row refers to it (tests/test_reclaim.py checks its plan reads no more).
+# a queue row refers to it (tests/test_query_plans.py checks its plan reads no more).
 RECLAIM_SQL = ("DELETE FROM messages WHERE queue_id IN ({marks})"
                " AND NOT EXISTS (SELECT 1 FROM queue AS q WHERE q.queue_id = messages.queue_id)")
 
