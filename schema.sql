@@ -191,19 +191,19 @@ CREATE INDEX IF NOT EXISTS queue_domain_state ON queue (domain, state, message_r
 CREATE INDEX IF NOT EXISTS queue_kept ON queue (state_changed) WHERE state IN ('failed', 'expired');
 
 -- Delay warnings (delay_warning): the queued rows not warned yet, per domain and
--- oldest first, are the partial index queue_unwarned (domain, message_received_at)
--- WHERE state = 'queued' AND delay_warned IS NULL, so each housekeeping round reads
--- only the rows it may warn (one short range per domain; without it a round read
--- every queued row: 90 ms at 1,000,000 queued, 1.6 s once ANALYZE's statistics made
--- SQLite walk queue_domain_state; bench/delay_scan.py). Domain first, like
+-- oldest first, so each housekeeping round reads only the rows it may warn (one
+-- short range per domain). Without it the round read every queued row: 90 ms at
+-- 1,000,000 queued, 1.6 s once ANALYZE's statistics made SQLite walk
+-- queue_domain_state instead (bench/delay_scan.py). Domain first, like
 -- queue_domain_state: a flush deletes one domain's rows, and they sit side by side
--- there too (queue_delay_due, the same rows by age alone, made a flush of mixed
--- mail dirty a leaf page per row). ~25 bytes a queued row.
--- Since schema 15 it is not made here: it exists only while delay warnings are on
--- (backupmx/store_housekeeping.py: their first look makes it, housekeeping drops it
--- while they are off). Each accepted message writes an entry, and at a million
--- waiting with the domains' mail mixed that entry's leaf is a page of its own in
--- every group commit (bench/README.md, "The accept at 1M: the pages it writes").
+-- here too. (queue_delay_due, the same rows by age alone, interleaves the domains
+-- whose mail arrives mixed: each row a flush deletes then dirties a leaf page of
+-- its own; bench/backlog.py --interleaved.)
+-- ~25 bytes a queued row (its domain and arrival time; the database stayed at
+-- 1.237x its bodies at 1,000,000 queued). Added within schema 12: additive
+-- (built at the first start), and older programs keep it up to date unaware.
+CREATE INDEX IF NOT EXISTS queue_unwarned ON queue (domain, message_received_at)
+    WHERE state = 'queued' AND delay_warned IS NULL;
 DROP INDEX IF EXISTS queue_delay_due;
 
 -- Rows and bytes per domain and state, kept by the triggers queue_totals_*
@@ -560,10 +560,7 @@ CREATE TABLE IF NOT EXISTS schema_compat (
 -- 14: reclaim; trigger queue_gone lists a message whose last row went there instead of
 --    deleting it (housekeeping does, in queue id order); view message_bodies leaves
 --    such messages out (the trigger is replaced at the first `serve`); oldest_version stays 13.
--- 15: queue_unwarned is no longer made here (housekeeping makes it while delay
---    warnings are on, and drops it while they are off; the first `serve` drops an
---    older queue's); oldest_version stays 13.
-PRAGMA user_version = 15;
+PRAGMA user_version = 14;
 
 -- The oldest schema version whose backupmx can still read and write a queue of
 -- this version. When you bump user_version:
@@ -605,13 +602,4 @@ PRAGMA user_version = 15;
 -- delete them by hand), and the next start of a schema 14 backupmx's housekeeping
 -- deletes them. Raising it would lock a rollback out of a queue holding mail
 -- for a cost that the next upgrade undoes.
--- 15 keeps 13: only an index goes, which names no data. A backupmx of schema 13
--- or 14 opening a queue of 15 applies no schema (see the top), so it finds
--- queue_unwarned only where delay warnings were on (a 15 made it at their first
--- round). Where they were off, or the first round after the upgrade had not run,
--- and the rolled-back release has delay_warning set, its delay-warning look
--- (INDEXED BY queue_unwarned) fails with "no such index", and with it the rest of
--- each housekeeping round (retries, purge, vacuum: logged housekeeping-error) until
--- the index is made: by a 15 housekeeping once, or by hand (the CREATE INDEX in
--- backupmx/store_housekeeping.py). No mail is lost or misread: upkeep waits.
 INSERT OR REPLACE INTO schema_compat (id, oldest_version) VALUES (1, 13);

@@ -314,7 +314,6 @@ class _Round:
         delay = self.config.delay_warning
         relay = self.config.bounce_relay
         if delay <= 0 or relay is None:
-            self.store.drop_unwarned_index()  # (the look makes it again when they are turned on)
             return
         deadline = time.monotonic() + DSN_ROUND_SECONDS
         while time.monotonic() < deadline:

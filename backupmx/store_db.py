@@ -727,10 +727,6 @@ class QueueDatabase:
             # Schema 14: queue_gone lists a message in `reclaim` rather than deleting it
             # (CREATE TRIGGER IF NOT EXISTS would keep the old one, as for views).
             db.execute("DROP TRIGGER IF EXISTS queue_gone")
-        if found < 15:
-            # Schema 15: queue_unwarned is housekeeping's, made while delay warnings are on
-            # (store_housekeeping.py); a queue starts without it, as a new one does.
-            db.execute("DROP INDEX IF EXISTS queue_unwarned")
         if found < 13:
             if self._on_rebuild is not None:
                 self._on_rebuild(found)

@@ -74,15 +74,6 @@ DSN_CLAIM_SECONDS = 600  # a DSN claim older than this is void (its housekeeper 
 # The delay-warning look (claim_delay_warnings), in the partial index queue_unwarned
 # (INDEXED BY: beside queue_domain_state SQLite's planner would take that one and
 # read every row already warned).
-# The index exists only while delay warnings are on: the first look makes it, and
-# housekeeping drops it while they are off (drop_unwarned_index). Every accepted
-# message writes an entry, and at a million waiting, with the domains' mail mixed,
-# each entry's leaf is a page of its own in each group commit (schema.sql, and
-# bench/README.md "The accept at 1M: the pages it writes"); a default server,
-# delay_warning 0, never reads it.
-_UNWARNED_INDEX = ("CREATE INDEX IF NOT EXISTS queue_unwarned ON queue (domain, message_received_at)"
-                   " WHERE state = 'queued' AND delay_warned IS NULL")
-_HAS_UNWARNED_INDEX = "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'queue_unwarned'"
 _NEXT_UNWARNED_DOMAIN = ("SELECT domain FROM queue INDEXED BY queue_unwarned"
                          " WHERE domain > ? AND state = 'queued' AND delay_warned IS NULL ORDER BY domain LIMIT 1")
 _OLDEST_UNWARNED = ("SELECT message_received_at, queue_id, domain FROM queue INDEXED BY queue_unwarned"
@@ -238,7 +229,6 @@ class Housekeeping(QueueDatabase):
         in between loses that warning: at most once (it is only a warning).
         """
         now = self._now()
-        self._unwarned_index(True)
         # The candidates are looked for in a read transaction: each domain's first `limit`
         # of the partial index queue_unwarned (its domains found in the index itself, one
         # seek each, not in queue_totals: a wrong total must not hide a domain's rows),
@@ -263,22 +253,6 @@ class Housekeeping(QueueDatabase):
                 if bounce is not None and bounce.recipients:
                     bounces.append(bounce)
         return bounces
-
-    def drop_unwarned_index(self) -> bool:
-        """Delay warnings are off: drop their index (queue_unwarned), which the accept
-        and the flush would keep up to date for nothing. True when it was there."""
-        return self._unwarned_index(False)
-
-    def _unwarned_index(self, wanted: bool) -> bool:
-        """Make or drop queue_unwarned unless it already is as `wanted`; True when it changed.
-        Made at a large queue it holds the write lock for a while (1.2 s at a million
-        messages waiting), once, when delay warnings are turned on."""
-        with _sqlite_errors():
-            if (self.connection.execute(_HAS_UNWARNED_INDEX).fetchone() is not None) == wanted:
-                return False
-        with self._write() as db:
-            db.execute(_UNWARNED_INDEX if wanted else "DROP INDEX IF EXISTS queue_unwarned")
-        return True
 
     def delay_warning_done(self, queue_id: str, domain: str, addresses: Iterable[str], detail: str = "sent") -> None:
         """The delay warning of a claimed row was sent (or skipped: say why in `detail`)."""

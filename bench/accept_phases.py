@@ -22,7 +22,7 @@ holds every page each commit wrote, and its frame headers say which
 table once the run is done): the WAL frames a message costs, per b-tree.
 
 The copy is opened by this checkout's backupmx, so a queue of an older schema
-is migrated first (since schema 15 that drops queue_unwarned): to measure
+is migrated first: to measure
 another version's accept, run this file from that version's checkout.
 """
 

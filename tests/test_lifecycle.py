@@ -497,25 +497,6 @@ def test_no_delay_warning_when_off(store, clock, tmp_path, log, sink):
     assert sink.messages == []
 
 
-def test_the_delay_warnings_index_exists_only_while_they_are_on(store, clock, tmp_path, log, sink):
-    """queue_unwarned, which every accepted message writes an entry in, is not in a new
-    queue; the first look of delay warnings makes it; a round with them off drops it."""
-    def indexed():
-        return store.connection.execute("SELECT name FROM sqlite_master WHERE name = 'queue_unwarned'").fetchall()
-
-    put(store, "a@long.test")
-    assert indexed() == []
-    clock.now += 4 * HOUR
-    assert run(store, make_config(tmp_path, relay=sink.port, extra="delay_warning = 4h"), log, clock)["delay_warnings"] == 1
-    assert indexed() == [("queue_unwarned",)]
-    put(store, "b@long.test")
-    run(store, make_config(tmp_path, relay=sink.port), log, clock)
-    assert indexed() == []
-    clock.now += 4 * HOUR  # on again: the index is made anew with the rows not warned yet
-    assert run(store, make_config(tmp_path, relay=sink.port, extra="delay_warning = 4h"), log, clock)["delay_warnings"] == 1
-    assert len(sink.wait_for(2)) == 2
-
-
 # --- retries -----------------------------------------------------------------------------
 
 
