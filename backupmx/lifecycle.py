@@ -27,7 +27,8 @@ few store transactions, so it is safe to run from several processes at once:
               first (at most once per queueing period); one the relay did not
               take is released for the next round.
   7. reclaim  the messages whose last row left (table reclaim: delivered,
-              deleted, purged), in queue id order, a few hundred a transaction;
+              deleted, purged), in queue id order, a few hundred a transaction
+              (not while a flush delivers, for a few minutes at most);
               then incremental_vacuum hands their pages back, and a WAL checkpoint
               (not under `serve`: its checkpointer process runs it, checkpointer.py).
 
@@ -84,6 +85,16 @@ RECLAIM_BYTES = 16 * 1024 * 1024
 RECLAIM_LISTED = 100_000
 RECLAIM_ROUND_SECONDS = 3.0
 RECLAIM_PAUSE = 0.005
+# While a flush or an ATRN delivers (a live lease), the reclaim skips its round, or
+# stops when one starts during it (checked before each transaction): its
+# deletes took the 2 cores and the write lock from the drain the primary waits for
+# (bench/README.md, "The reclaim waits while a flush delivers"). Never for long: it
+# runs anyway once it last ran RECLAIM_DEFER_SECONDS ago in this process (the messages
+# wait a few minutes more; a 1M drain lasts ~6), or when the list spans
+# RECLAIM_DEFER_SPAN ids (~0.6 GB of bodies at 2.5 KB, some 5 rounds to catch up).
+RECLAIM_DEFER_SECONDS = 300.0
+RECLAIM_DEFER_SPAN = 250_000
+_reclaimed_at: dict[str, float] = {}  # queue path -> time.monotonic() its last whole reclaim round ended here
 
 
 class BounceFailed(Exception):
@@ -179,7 +190,8 @@ class _Round:
         self.send = send
         self.summary: dict[str, object] = {
             "expired": 0, "dsn_sent": 0, "dsn_skipped": 0, "dsn_failed": 0,
-            "delay_warnings": 0, "retries": [], "purged": 0, "verify_purged": 0, "greylist_purged": 0, "reclaimed": 0, "vacuumed_pages": 0,
+            "delay_warnings": 0, "retries": [], "purged": 0, "verify_purged": 0, "greylist_purged": 0, "reclaimed": 0,
+            "reclaim_deferred": False, "vacuumed_pages": 0,
             "checkpoint": None, "errors": 0, "notices": 0,
         }
 
@@ -426,18 +438,34 @@ class _Round:
         """Delete the messages listed in `reclaim`, in queue id order: after a drain,
         consecutive ids share their pages (in the flush's order, a domain's, each
         message would dirty pages of its own among the other domains' mail)."""
+        may_wait = self.reclaim_may_wait()
+        if may_wait and self.store.flush_running():
+            self.summary["reclaim_deferred"] = True
+            return
         listed = self.store.reclaim_listed(RECLAIM_LISTED)
         queue_ids = sorted({queue_id for _, queue_id in listed})
         deadline = time.monotonic() + RECLAIM_ROUND_SECONDS
         done = 0
         while done < len(queue_ids) and time.monotonic() < deadline:
+            if done and may_wait and self.store.flush_running():  # a flush started meanwhile (a tiny read)
+                self.summary["reclaim_deferred"] = True
+                break
             deleted, taken = self.store.reclaim(queue_ids[done:done + RECLAIM_BATCH], RECLAIM_BYTES)
             self.summary["reclaimed"] += deleted
             done += taken
             time.sleep(RECLAIM_PAUSE)
+        if not self.summary["reclaim_deferred"]:  # a round cut short by a flush does not count as one
+            _reclaimed_at[self.store.path] = time.monotonic()
         if done:
             reclaimed = set(queue_ids[:done])
             self.store.forget_reclaimed(row for row in listed if row[1] in reclaimed)
+
+    def reclaim_may_wait(self) -> bool:
+        """Whether this round's reclaim may give way to a flush (see RECLAIM_DEFER_SECONDS)."""
+        last = _reclaimed_at.get(self.store.path)
+        if last is None or time.monotonic() - last > RECLAIM_DEFER_SECONDS:
+            return False
+        return self.store.reclaim_span() < RECLAIM_DEFER_SPAN
 
     def upkeep(self) -> None:
         pages = self.vacuum()
@@ -477,7 +505,8 @@ def housekeeping(store: QueueStore, config, *, logger: logging.Logger | None = N
         expired, dsn_sent, dsn_skipped, dsn_failed (recipients), delay_warnings (rows),
         retries (domains asked to flush), purged (rows), verify_purged (cached callout
         answers), greylist_purged (triples), notices (sent), reclaimed (messages
-        deleted after their last row left), vacuumed_pages,
+        deleted after their last row left), reclaim_deferred (True: a flush was
+        delivering, the reclaim waited for a later round), vacuumed_pages,
         checkpoint (SQLite's (busy, wal pages, checkpointed)), errors (steps that
         met QueueUnavailable; the others still ran).
 

@@ -85,6 +85,13 @@ class FlushRequests(QueueDatabase):
             return db.execute(f"SELECT 1 FROM flushes WHERE {_CLAIMABLE} LIMIT 1",
                               (self._clock(),)).fetchone() is not None
 
+    def flush_running(self) -> bool:
+        """Whether a flusher or an ATRN session holds a live lease now: a domain is being
+        delivered (housekeeping's reclaim waits then). A read, one row at most."""
+        with self._read() as db:
+            return db.execute("SELECT 1 FROM flushes WHERE lease_owner IS NOT NULL AND lease_expires > ? LIMIT 1",
+                              (self._clock(),)).fetchone() is not None
+
     def claim_domains(self, domains: Iterable[str], owner: str, lease_seconds: float) -> dict[str, int] | None:
         """ATRN's claim: the leases of those of `domains` that have queued rows, for `owner`.
 

@@ -298,6 +298,13 @@ class Housekeeping(QueueDatabase):
         with self._read() as db:
             return db.execute("SELECT id, queue_id FROM reclaim ORDER BY id LIMIT ?", (limit,)).fetchall()
 
+    def reclaim_span(self) -> int:
+        """How far the newest row of `reclaim` is from the oldest (0: one or none): about
+        how many messages wait, from the two ends of its rowid, not a count of the table."""
+        with self._read() as db:
+            first, last = db.execute("SELECT MIN(id), MAX(id) FROM reclaim").fetchone()
+        return 0 if first is None else last - first
+
     def reclaim(self, queue_ids: list[str], max_bytes: int) -> tuple[int, int]:
         """Delete the first of these messages whose bodies add up to at most `max_bytes`
         (at least one), and with them their body's chunks (trigger message_chunks_gone),

@@ -656,6 +656,46 @@ def test_a_reclaim_transaction_deletes_a_bounded_size_of_bodies(store, clock, tm
     assert table_counts(store.path) == (0, 0, 0)
 
 
+def test_the_reclaim_waits_while_a_flush_delivers_for_a_few_minutes_at_most(store, clock, tmp_path, log, monkeypatch):
+    """A live lease (a flusher's, an ATRN's) defers the reclaim: the drain gets the
+    machine. Not for ever: after RECLAIM_DEFER_SECONDS, or with a long list, it runs."""
+    config = make_config(tmp_path)
+    mail = {put(store, f"{n}@long.test"): f"{n}@long.test" for n in "abcdefg"}
+    a, b, c, d, e, f, g = mail
+
+    def delivered(*qids):
+        for qid in qids:
+            record_delivered(store, qid, "long.test", [mail[qid]], "250 ok")
+
+    delivered(a)
+    assert run(store, config, log, clock)["reclaimed"] == 1  # no lease
+    store.request_flush(["long.test"])
+    assert store.claim_flush("flusher:1", 60) == "long.test"
+    delivered(b, c)
+    summary = run(store, config, log, clock)
+    assert summary["reclaimed"] == 0 and summary["reclaim_deferred"] and table_counts(store.path)[2] == 2
+    lifecycle._reclaimed_at[store.path] -= lifecycle.RECLAIM_DEFER_SECONDS + 1  # it last ran 5 minutes ago
+    summary = run(store, config, log, clock)
+    assert summary["reclaimed"] == 2 and not summary["reclaim_deferred"]
+    delivered(d)
+    assert run(store, config, log, clock)["reclaim_deferred"]  # it ran just now
+    monkeypatch.setattr(lifecycle, "RECLAIM_DEFER_SPAN", 0)  # the list is long
+    assert run(store, config, log, clock)["reclaimed"] == 1
+    monkeypatch.undo()
+    clock.now += 61  # the lease ran out (its flusher died): nobody delivers
+    delivered(e)
+    assert run(store, config, log, clock)["reclaimed"] == 1
+    assert store.claim_domains(["long.test"], "atrn:2", 60) == {"long.test": 2}  # an ATRN session's lease
+    delivered(f)
+    assert run(store, config, log, clock)["reclaimed"] == 0 and table_counts(store.path)[2] == 1
+    store.release_flush("long.test", "atrn:2")
+    delivered(g)
+    monkeypatch.setattr(lifecycle, "RECLAIM_BATCH", 1)
+    monkeypatch.setattr(store, "flush_running", iter([False, True]).__next__)  # a flush starts after the first
+    summary = run(store, config, log, clock)
+    assert summary["reclaimed"] == 1 and summary["reclaim_deferred"] and table_counts(store.path)[2] == 1
+
+
 
 
 def test_a_locked_queue_is_logged_and_the_round_goes_on(tmp_path, clock, log, monkeypatch):
