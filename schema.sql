@@ -136,9 +136,10 @@ CREATE TABLE IF NOT EXISTS body_chunks (
 -- Messages whose last `queue` row is gone (delivered, deleted, purged, by
 -- whoever: trigger queue_gone), waiting for housekeeping to delete them and,
 -- with them, their body's chunks (backupmx/lifecycle.py, reclaim; every 30 s,
--- before the incremental vacuum). Since schema 14: deleting a
--- message in the flush's transaction dirtied a page of `messages` and one or
--- two of `body_chunks` per message delivered, where mail for many domains
+-- before the incremental vacuum; not while a flush delivers, 5 minutes at
+-- most). Since schema 14: deleting a message in the flush's transaction
+-- dirtied a page of `messages` and one or two of `body_chunks` per message
+-- delivered, where mail for many domains
 -- arrived mixed (keyed by arrival, a domain's messages lie among the others');
 -- housekeeping deletes them in queue id order, a few hundred a transaction, so
 -- after a drain whole pages go at once (bench/README.md, "The flush at 1M with
