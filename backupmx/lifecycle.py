@@ -459,6 +459,8 @@ class _Round:
         if done:
             reclaimed = set(queue_ids[:done])
             self.store.forget_reclaimed(row for row in listed if row[1] in reclaimed)
+        if self.summary["reclaimed"]:  # the one trace of it an operator sees (like `vacuum`)
+            log_event(self.log, "reclaimed", messages=self.summary["reclaimed"])
 
     def reclaim_may_wait(self) -> bool:
         """Whether this round's reclaim may give way to a flush (see RECLAIM_DEFER_SECONDS)."""

@@ -625,9 +625,11 @@ def test_a_round_reclaims_the_messages_whose_last_row_left_and_only_those(store,
     assert store.summary() == [] and table_counts(store.path)[0] == 2  # but not yet deleted
     monkeypatch.setattr(lifecycle, "RECLAIM_ROUND_SECONDS", 0)  # no time left this round
     assert run(store, config, log, clock)["reclaimed"] == 0 and table_counts(store.path)[2] == 2
+    assert log.lines.find("reclaimed") == []  # a round that deleted nothing says nothing
     monkeypatch.undo()
     assert run(store, config, log, clock)["reclaimed"] == 2
     assert table_counts(store.path) == (0, 0, 0)
+    assert log.lines.find("reclaimed") == ["reclaimed messages=2"]
     with pytest.raises(KeyError):
         store.open_body(both)
     assert [e.what for e in store.history(both)].count("delivered") == 2
