@@ -139,8 +139,8 @@ CREATE TABLE IF NOT EXISTS body_chunks (
 -- before the incremental vacuum; not while a flush delivers, 5 minutes at
 -- most). Since schema 14: deleting a message in the flush's transaction
 -- dirtied a page of `messages` and one or two of `body_chunks` per message
--- delivered, where mail for many domains
--- arrived mixed (keyed by arrival, a domain's messages lie among the others');
+-- delivered, where mail for many domains arrived mixed (keyed by arrival, a
+-- domain's messages lie among the others');
 -- housekeeping deletes them in queue id order, a few hundred a transaction, so
 -- after a drain whole pages go at once (bench/README.md, "The flush at 1M with
 -- the message's deletion deferred"). Appended in rowid order: a flush's batch
