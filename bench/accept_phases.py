@@ -47,14 +47,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from backlog import domain_name  # noqa: E402
-from flush_phases import Timed, TimedConnection, checkpointer_process, warm  # noqa: E402
+from flush_phases import Timed, TimedConnection, checkpointer_process, frames_per_btree, warm  # noqa: E402
 from smtpload import body_2k  # noqa: E402
 
 from backupmx import store_db  # noqa: E402
 from backupmx.envelope import Envelope, Recipient  # noqa: E402
 from backupmx.store import QueueStore, Submission  # noqa: E402
 
-WAL_HEADER, FRAME_HEADER = 32, 24
 
 
 def window_mail(store: QueueStore, n: int, domains: list[str]) -> Submission:
@@ -66,30 +65,6 @@ def window_mail(store: QueueStore, n: int, domains: list[str]) -> Submission:
     envelope = Envelope("load@client.test", [Recipient(rcpt, domains[i % len(domains)])])
     return Submission(store.new_queue_id(), envelope, body, len(body), "127.0.0.1", "client.test",
                       client_name="localhost", protocol="ESMTP")
-
-
-def wal_pages(path: Path, page: int) -> list[int]:
-    """The page number of every frame in the WAL, in order (a WAL no checkpoint has reset meanwhile)."""
-    pages = []
-    with open(f"{path}-wal", "rb") as f:
-        f.seek(WAL_HEADER)
-        while True:
-            header = f.read(FRAME_HEADER)
-            if len(header) < FRAME_HEADER:
-                break
-            pages.append(struct.unpack(">I", header[:4])[0])
-            f.seek(page, os.SEEK_CUR)
-    return pages
-
-
-def frames_per_btree(path: Path, page: int, db: sqlite3.Connection) -> tuple[collections.Counter, int]:
-    """({table or index: WAL frames}, distinct pages), the pages named by dbstat (one walk of every b-tree)."""
-    pages = wal_pages(path, page)
-    wanted, names = set(pages), {}
-    for name, pageno in db.execute("SELECT name, pageno FROM dbstat"):
-        if pageno in wanted:
-            names[pageno] = name
-    return collections.Counter(names.get(p, "(freelist, pointer map)") for p in pages), len(wanted)
 
 
 def without_indexes(names: list[str]) -> None:

@@ -36,7 +36,9 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -143,6 +145,34 @@ def warm(path: Path) -> None:
                     pass
 
 
+WAL_HEADER, FRAME_HEADER = 32, 24
+
+
+def wal_pages(path: Path, page: int) -> list[int]:
+    """The page number of every frame in the WAL, in order (a WAL no checkpoint has reset meanwhile)."""
+    pages = []
+    with open(f"{path}-wal", "rb") as f:
+        f.seek(WAL_HEADER)
+        while True:
+            header = f.read(FRAME_HEADER)
+            if len(header) < FRAME_HEADER:
+                break
+            pages.append(struct.unpack(">I", header[:4])[0])
+            f.seek(page, os.SEEK_CUR)
+    return pages
+
+
+def frames_per_btree(path: Path, page: int, db: sqlite3.Connection, first: int = 0) -> tuple[collections.Counter, int]:
+    """({table or index: WAL frames}, distinct pages) of the WAL's frames from the `first`th on,
+    the pages named by dbstat (one walk of every b-tree)."""
+    pages = wal_pages(path, page)[first:]
+    wanted, names = set(pages), {}
+    for name, pageno in db.execute("SELECT name, pageno FROM dbstat"):
+        if pageno in wanted:
+            names[pageno] = name
+    return collections.Counter(names.get(p, "(freelist, pointer map)") for p in pages), len(wanted)
+
+
 def wal_frames(path: Path, page: int) -> int:
     try:
         return max(0, (Path(f"{path}-wal").stat().st_size - 32) // (page + 24))
@@ -172,6 +202,7 @@ def flush_domain(store: QueueStore, timed: Timed, domain: str, db: Path, page: i
         phases["record_attempts"] += time.perf_counter() - started
     phases["messages"] = len(messages)
     phases["frames"] = wal_frames(db, page) - frames
+    phases["first_frame"] = frames
     return phases
 
 
@@ -206,6 +237,9 @@ def main(argv=None) -> int:
     parser.add_argument("--autocheckpoint", type=int, default=1000,
                         help="with --no-checkpointer: wal_autocheckpoint pages (0: none, count the frames)")
     parser.add_argument("--top", type=int, default=14, help="statements shown")
+    parser.add_argument("--btrees", action="store_true",
+                        help="with --no-checkpointer --autocheckpoint 0: each flush's WAL frames by table"
+                             " and index (dbstat: a walk of every b-tree after each flush)")
     args = parser.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="phases-", dir=args.dir))
@@ -255,6 +289,9 @@ def main(argv=None) -> int:
                   f" record_attempts {phases['record_attempts'] / n * 1e6:5.0f}"
                   + (f"; {phases['frames'] / n:.1f} WAL frames a message" if args.no_checkpointer
                      and not args.autocheckpoint else ""), flush=True)
+            if args.btrees and args.no_checkpointer and not args.autocheckpoint:
+                counts, _ = frames_per_btree(db, page, store.connection._db, phases["first_frame"])
+                print("    " + ", ".join(f"{name} {count / n:.2f}" for name, count in counts.most_common()), flush=True)
         reclaimed, seconds, frames = reclaim(store, db, page)
         print(f"  reclaim: {reclaimed:,} messages, {seconds / max(1, reclaimed) * 1e6:6.0f} us a message"
               + (f"; {frames / max(1, reclaimed):.1f} WAL frames a message" if args.no_checkpointer
