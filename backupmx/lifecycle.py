@@ -48,6 +48,7 @@ from backupmx import notify as notifylib
 from backupmx.config import format_hostport
 from backupmx.log import log_event
 from backupmx.outcome import Outcome, classify
+from backupmx.reclaim import reclaim_round
 from backupmx.store import DSN_CLAIM_SECONDS, QueueStore, QueueUnavailable
 from backupmx.store_db import checkpoints_elsewhere
 
@@ -73,30 +74,6 @@ VACUUM_KEEP = 0.10
 VACUUM_STEP = 8 * 1024 * 1024
 VACUUM_ROUND_SECONDS = 2.0
 VACUUM_PAUSE = 0.05
-# The reclaim (schema.sql, table reclaim): this many messages deleted per write
-# transaction (the write lock held a few ms), while their bodies add up to at most
-# RECLAIM_BYTES (at least one message: freeing a page costs its write, ~6 s a GB
-# with SECURE_DELETE; 250 of 50 MB would hold the lock for a minute), for at most
-# RECLAIM_ROUND_SECONDS per round, out of at most RECLAIM_LISTED listed ones read
-# and sorted at once (the list's memory: ~200 bytes each); a pause after each for
-# the SMTP workers.
-RECLAIM_BATCH = 250
-RECLAIM_BYTES = 16 * 1024 * 1024
-RECLAIM_LISTED = 100_000
-RECLAIM_ROUND_SECONDS = 3.0
-RECLAIM_PAUSE = 0.005
-# While a flush or an ATRN delivers (a live lease), the reclaim skips its round, or
-# stops when one starts during it (checked before each transaction): its
-# deletes took the 2 cores and the write lock from the drain the primary waits for
-# (bench/README.md, "The reclaim waits while a flush delivers"). Never for long: it
-# runs anyway once it last ran RECLAIM_DEFER_SECONDS ago in this process (the messages
-# wait a few minutes more; a 1M drain lasts ~6), or when the list spans
-# RECLAIM_DEFER_SPAN ids (~0.6 GB of bodies at 2.5 KB, some 5 rounds to catch up).
-RECLAIM_DEFER_SECONDS = 300.0
-RECLAIM_DEFER_SPAN = 250_000
-_reclaimed_at: dict[str, float] = {}  # queue path -> time.monotonic() its last whole reclaim round ended here
-
-
 class BounceFailed(Exception):
     """A DSN could not be handed to the bounce relay.
 
@@ -435,39 +412,8 @@ class _Round:
     # 7. the messages that left, then the database's upkeep
 
     def reclaim(self) -> None:
-        """Delete the messages listed in `reclaim`, in queue id order: after a drain,
-        consecutive ids share their pages (in the flush's order, a domain's, each
-        message would dirty pages of its own among the other domains' mail)."""
-        may_wait = self.reclaim_may_wait()
-        if may_wait and self.store.flush_running():
-            self.summary["reclaim_deferred"] = True
-            return
-        listed = self.store.reclaim_listed(RECLAIM_LISTED)
-        queue_ids = sorted({queue_id for _, queue_id in listed})
-        deadline = time.monotonic() + RECLAIM_ROUND_SECONDS
-        done = 0
-        while done < len(queue_ids) and time.monotonic() < deadline:
-            if done and may_wait and self.store.flush_running():  # a flush started meanwhile (a tiny read)
-                self.summary["reclaim_deferred"] = True
-                break
-            deleted, taken = self.store.reclaim(queue_ids[done:done + RECLAIM_BATCH], RECLAIM_BYTES)
-            self.summary["reclaimed"] += deleted
-            done += taken
-            time.sleep(RECLAIM_PAUSE)
-        if not self.summary["reclaim_deferred"]:  # a round cut short by a flush does not count as one
-            _reclaimed_at[self.store.path] = time.monotonic()
-        if done:
-            reclaimed = set(queue_ids[:done])
-            self.store.forget_reclaimed(row for row in listed if row[1] in reclaimed)
-        if self.summary["reclaimed"]:  # the one trace of it an operator sees (like `vacuum`)
-            log_event(self.log, "reclaimed", messages=self.summary["reclaimed"])
-
-    def reclaim_may_wait(self) -> bool:
-        """Whether this round's reclaim may give way to a flush (see RECLAIM_DEFER_SECONDS)."""
-        last = _reclaimed_at.get(self.store.path)
-        if last is None or time.monotonic() - last > RECLAIM_DEFER_SECONDS:
-            return False
-        return self.store.reclaim_span() < RECLAIM_DEFER_SPAN
+        # reclaim.py: not while a flush delivers, for a few minutes at most
+        self.summary["reclaimed"], self.summary["reclaim_deferred"] = reclaim_round(self.store, self.log)
 
     def upkeep(self) -> None:
         pages = self.vacuum()

@@ -51,7 +51,8 @@ sys.path.insert(0, str(HERE))
 
 from backlog import Filler, domain_name  # noqa: E402
 
-from backupmx import flusher, lifecycle, store_db  # noqa: E402
+from backupmx import flusher, store_db  # noqa: E402
+from backupmx import reclaim as reclaimer  # noqa: E402
 from backupmx.checkpointer import Checkpointer  # noqa: E402
 from backupmx.outcome import Verdict  # noqa: E402
 from backupmx.store import QueueStore  # noqa: E402
@@ -207,7 +208,7 @@ def flush_domain(store: QueueStore, timed: Timed, domain: str, db: Path, page: i
 
 
 def reclaim(store: QueueStore, db: Path, page: int) -> tuple[int, float, int]:
-    """Housekeeping's reclaim of every listed message (lifecycle._Round.reclaim without
+    """Housekeeping's reclaim of every listed message (reclaim.reclaim_round without
     its time budget): (messages deleted, seconds, WAL frames written)."""
     frames = wal_frames(db, page)
     started = time.perf_counter()
@@ -215,7 +216,7 @@ def reclaim(store: QueueStore, db: Path, page: int) -> tuple[int, float, int]:
     queue_ids = sorted({queue_id for _, queue_id in listed})
     deleted = done = 0
     while done < len(queue_ids):
-        reclaimed, taken = store.reclaim(queue_ids[done:done + lifecycle.RECLAIM_BATCH], lifecycle.RECLAIM_BYTES)
+        reclaimed, taken = store.reclaim(queue_ids[done:done + reclaimer.RECLAIM_BATCH], reclaimer.RECLAIM_BYTES)
         deleted, done = deleted + reclaimed, done + taken
     store.forget_reclaimed(listed)
     return deleted, time.perf_counter() - started, wal_frames(db, page) - frames

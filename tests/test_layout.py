@@ -17,7 +17,7 @@ LAYERS = {
     "driver": {"connection", "offload", "quota", "tls", "smtpclient", "primaries", "metrics", "health",
                "policy", "verify", "auth_limit", "client_dns",
                "odmr_connection", "greylist", "atrn_relay", "prober"},
-    "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "lifecycle", "dsn",
+    "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "lifecycle", "reclaim", "dsn",
                 "notify", "metrics_http", "flush_workers", "odmr_sessions", "checkpointer"},
 }
 # Leaves anyone may use: the config's data model, the log line format.

@@ -23,6 +23,7 @@ import sys
 import pytest
 
 from backupmx import lifecycle
+from backupmx import reclaim as reclaimer
 from backupmx.config import load_config
 from backupmx.envelope import Envelope, Recipient
 from backupmx.lifecycle import BounceFailed, housekeeping, next_retry_delay, send_dsn
@@ -623,7 +624,7 @@ def test_a_round_reclaims_the_messages_whose_last_row_left_and_only_those(store,
     shell.close()
     assert store.show(both) is None and store.show(by_hand) is None  # out of the queue at once
     assert store.summary() == [] and table_counts(store.path)[0] == 2  # but not yet deleted
-    monkeypatch.setattr(lifecycle, "RECLAIM_ROUND_SECONDS", 0)  # no time left this round
+    monkeypatch.setattr(reclaimer, "RECLAIM_ROUND_SECONDS", 0)  # no time left this round
     assert run(store, config, log, clock)["reclaimed"] == 0 and table_counts(store.path)[2] == 2
     assert log.lines.find("reclaimed") == []  # a round that deleted nothing says nothing
     monkeypatch.undo()
@@ -646,7 +647,7 @@ def test_a_reclaim_transaction_deletes_a_bounded_size_of_bodies(store, clock, tm
     for _ in range(5):
         qid = put(store, "c@long.test", body=body)
         record_delivered(store, qid, "long.test", ["c@long.test"], "250 ok")
-    monkeypatch.setattr(lifecycle, "RECLAIM_BYTES", 2 * len(body))
+    monkeypatch.setattr(reclaimer, "RECLAIM_BYTES", 2 * len(body))
     deletes = []
     store.connection.set_trace_callback(lambda sql: sql.startswith("DELETE FROM messages") and deletes.append(sql))
     try:
@@ -676,12 +677,12 @@ def test_the_reclaim_waits_while_a_flush_delivers_for_a_few_minutes_at_most(stor
     delivered(b, c)
     summary = run(store, config, log, clock)
     assert summary["reclaimed"] == 0 and summary["reclaim_deferred"] and table_counts(store.path)[2] == 2
-    lifecycle._reclaimed_at[store.path] -= lifecycle.RECLAIM_DEFER_SECONDS + 1  # it last ran 5 minutes ago
+    reclaimer._reclaimed_at[store.path] -= reclaimer.RECLAIM_DEFER_SECONDS + 1  # it last ran 5 minutes ago
     summary = run(store, config, log, clock)
     assert summary["reclaimed"] == 2 and not summary["reclaim_deferred"]
     delivered(d)
     assert run(store, config, log, clock)["reclaim_deferred"]  # it ran just now
-    monkeypatch.setattr(lifecycle, "RECLAIM_DEFER_SPAN", 0)  # the list is long
+    monkeypatch.setattr(reclaimer, "RECLAIM_DEFER_SPAN", 0)  # the list is long
     assert run(store, config, log, clock)["reclaimed"] == 1
     monkeypatch.undo()
     clock.now += 61  # the lease ran out (its flusher died): nobody delivers
@@ -692,7 +693,7 @@ def test_the_reclaim_waits_while_a_flush_delivers_for_a_few_minutes_at_most(stor
     assert run(store, config, log, clock)["reclaimed"] == 0 and table_counts(store.path)[2] == 1
     store.release_flush("long.test", "atrn:2")
     delivered(g)
-    monkeypatch.setattr(lifecycle, "RECLAIM_BATCH", 1)
+    monkeypatch.setattr(reclaimer, "RECLAIM_BATCH", 1)
     monkeypatch.setattr(store, "flush_running", iter([False, True]).__next__)  # a flush starts after the first
     summary = run(store, config, log, clock)
     assert summary["reclaimed"] == 1 and summary["reclaim_deferred"] and table_counts(store.path)[2] == 1
