@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from backlog import domain_name  # noqa: E402
-from flush_phases import Timed, TimedConnection, checkpointer_process, frames_per_btree, warm  # noqa: E402
+from flush_phases import Timed, TimedConnection, frames_per_btree, open_measured, start_measuring  # noqa: E402
 from smtpload import body_2k  # noqa: E402
 
 from backupmx import store_db  # noqa: E402
@@ -113,18 +113,8 @@ def main(argv=None) -> int:
         # The copy's WAL moved into it and emptied: what the WAL holds after the run is the run's.
         store.connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         store.close()
-        warm(db)
-        os.sync()  # the copy's dirty pages written back now, not during the commits' fsyncs
-        if not args.no_checkpointer:
-            pid = checkpointer_process(str(db))
-            store_db.leave_checkpoints_to_checkpointer()
-        store = QueueStore(str(db))
-        if args.no_checkpointer:
-            store.connection.execute(f"PRAGMA wal_autocheckpoint = {args.autocheckpoint}")
-        for pragma in args.pragma:
-            store.connection.execute(f"PRAGMA {pragma}")
-        page = store.connection.execute("PRAGMA page_size").fetchone()[0]
-        queued = store.connection.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+        pid = start_measuring(db, args)
+        store, page, queued = open_measured(db, args)
         print(f"accept_phases: {db} ({queued:,} queued), groups of {args.group} over {len(domains)} domains, "
               + ("a checkpointer" if pid else f"no checkpointer, autocheckpoint {args.autocheckpoint}")
               + "".join(f", PRAGMA {pragma}" for pragma in args.pragma)

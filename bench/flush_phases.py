@@ -181,6 +181,32 @@ def wal_frames(path: Path, page: int) -> int:
         return 0
 
 
+def start_measuring(db: Path, args) -> int | None:
+    """The queue read once (a warm page cache) and its dirty pages written back now, not
+    during the measured commits' fsyncs; the checkpointer process started as under
+    `serve`, unless --no-checkpointer: its pid, or None."""
+    warm(db)
+    os.sync()
+    if args.no_checkpointer:
+        return None
+    pid = checkpointer_process(str(db))
+    store_db.leave_checkpoints_to_checkpointer()
+    return pid
+
+
+def open_measured(db: Path, args) -> tuple[QueueStore, int, int]:
+    """The measured connection: --autocheckpoint (with --no-checkpointer) and --pragma
+    applied. (store, page size, queued rows)."""
+    store = QueueStore(str(db))
+    if args.no_checkpointer:
+        store.connection.execute(f"PRAGMA wal_autocheckpoint = {args.autocheckpoint}")
+    for pragma in args.pragma:
+        store.connection.execute(f"PRAGMA {pragma}")
+    page = store.connection.execute("PRAGMA page_size").fetchone()[0]
+    queued = store.connection.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+    return store, page, queued
+
+
 def flush_domain(store: QueueStore, timed: Timed, domain: str, db: Path, page: int) -> dict:
     """The store's share of one flush of `domain`; seconds per phase."""
     phases = collections.defaultdict(float)
@@ -260,18 +286,8 @@ def main(argv=None) -> int:
             for domain in domains:
                 filler.fill([domain], args.flush_size)
             filler.close()
-        warm(db)
-        os.sync()  # the copy's dirty pages written back now, not during the first flush's fsyncs
-        if not args.no_checkpointer:
-            pid = checkpointer_process(str(db))
-            store_db.leave_checkpoints_to_checkpointer()
-        store = QueueStore(str(db))
-        if args.no_checkpointer:
-            store.connection.execute(f"PRAGMA wal_autocheckpoint = {args.autocheckpoint}")
-        for pragma in args.pragma:
-            store.connection.execute(f"PRAGMA {pragma}")
-        page = store.connection.execute("PRAGMA page_size").fetchone()[0]
-        queued = store.connection.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+        pid = start_measuring(db, args)
+        store, page, queued = open_measured(db, args)
         print(f"flush_phases: {db} ({queued:,} queued), {'a checkpointer' if pid else 'no checkpointer, autocheckpoint ' + str(args.autocheckpoint)}"
               + "".join(f", PRAGMA {pragma}" for pragma in args.pragma),
               flush=True)
