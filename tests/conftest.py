@@ -8,8 +8,8 @@
 
 A started server is a RunningServer: .port, .tls_port, .queue_path, .proc,
 .config_path, .log_path, .log() (its stderr so far), .stop(sig) -> exit status,
-.children() (pids of its workers and flushers). Every server started is stopped
-at teardown (SIGTERM, 10 s, SIGKILL) and its whole process group killed, so no
+.children() (pids of its workers and flushers). Every server server_factory
+started is killed at teardown, its whole process group at once (SIGKILL), so no
 worker outlives a test.
 """
 
@@ -368,7 +368,7 @@ def _certs(tmp_path):
 
 @pytest.fixture
 def server_factory(tmp_path):
-    """start_server bound to this test's tmp_path; every server is stopped at teardown.
+    """start_server bound to this test's tmp_path; every server is killed at teardown.
 
     Calling it twice in one test needs distinct directories: pass `sub="name"`.
     """
@@ -383,10 +383,11 @@ def server_factory(tmp_path):
 
     yield factory
     for server in started:
-        try:
-            server.stop(signal.SIGTERM, timeout=10.0)
-        finally:
-            server.kill_group()
+        # SIGKILL to the whole group, as test_master's stub servers: the test is over and no one
+        # looks at how this server ends. A SIGTERM stop cost 0.1-0.2 s a server (the checkpointer's
+        # look interval, each process's exit); the tests of a stop send their own and assert on it.
+        server.kill_group()
+        server.stop(signal.SIGKILL, timeout=10.0)
 
 
 @pytest.fixture
