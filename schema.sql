@@ -85,14 +85,21 @@
 --   SELECT datetime(at, 'unixepoch'), domain, what, detail
 --     FROM events WHERE queue_id = 'ID' ORDER BY what <> 'queued', id; -- life of one message that left ...
 --   SELECT datetime(at, 'unixepoch'), domain, detail
---     FROM queue_arrivals WHERE queue_id = 'ID';         -- ... and the arrival of one still waiting (events)
+--     FROM queue_arrivals WHERE queue_id = 'ID'          -- ... and the arrival of one still waiting (events)
+--      AND domain IN (SELECT domain FROM message_domains WHERE queue_id = 'ID');
+--   SELECT domain FROM message_domains WHERE queue_id = 'ID'; -- the domains a message was queued for
 --   SELECT * FROM flushes;                                -- pending ETRNs and running deliveries
 -- Changing the queue by hand (what `backupmx hold|release|requeue|delete` do):
 --   UPDATE queue SET state = 'held', state_changed = unixepoch()
 --     WHERE domain = 'example.com' AND state = 'queued';  -- hold a domain: never flushed
 --   UPDATE queue SET state = 'queued', state_changed = unixepoch()
 --     WHERE domain = 'example.com' AND state = 'held';    -- release it again
---   DELETE FROM queue WHERE queue_id = 'ID';              -- drop a message (all its domains)
+--   DELETE FROM queue WHERE domain = 'example.com' AND queue_id = 'ID'; -- drop a message's row for a domain
+--   DELETE FROM queue WHERE queue_id = 'ID'               -- drop a message (all its domains)
+--     AND domain IN (SELECT domain FROM message_domains WHERE queue_id = 'ID');
+-- (A queue row is found by its domain and queue id: since schema 15 the queue has
+-- no index of queue ids alone, and `WHERE queue_id = 'ID'` alone reads every row,
+-- seconds at a million messages; table message_domains names a message's domains.)
 -- Deleting is safe with or without PRAGMA foreign_keys: the triggers at the
 -- end remove a row's recipients, and list the message in `reclaim` once its
 -- last row is gone (housekeeping deletes it and its body's chunks then).
@@ -149,7 +156,8 @@ CREATE TABLE IF NOT EXISTS body_chunks (
 -- Left alone by a backupmx of schema 13 (the top of this file, schema_compat):
 -- while only such one runs, delivered messages wait here; to reclaim them by hand:
 --   DELETE FROM messages WHERE queue_id IN (SELECT queue_id FROM reclaim)
---     AND NOT EXISTS (SELECT 1 FROM queue AS q WHERE q.queue_id = messages.queue_id);
+--     AND NOT EXISTS (SELECT 1 FROM message_domains AS d JOIN queue AS q
+--                      ON q.domain = d.domain AND q.queue_id = d.queue_id WHERE d.queue_id = messages.queue_id);
 --   DELETE FROM reclaim WHERE queue_id NOT IN (SELECT queue_id FROM messages);
 CREATE TABLE IF NOT EXISTS reclaim (
     id       INTEGER PRIMARY KEY, -- order of arrival here (a new row goes at the end of the table)
@@ -164,8 +172,11 @@ CREATE TABLE IF NOT EXISTS reclaim (
 --   queued  -> expired  (older than queue_lifetime, counted from received_at or from the
 --                        operator's last release/requeue, whichever is later; kept expired_retention)
 --   failed/expired/held -> queued (operator requeue)
+-- (Since schema 15 queue_id has no foreign key to messages: message_domains says
+-- why. The migration takes the clause out of the line below as it was, so that
+-- an older queue's table reads as this one.)
 CREATE TABLE IF NOT EXISTS queue (
-    queue_id      TEXT NOT NULL REFERENCES messages (queue_id) ON DELETE CASCADE, -- the message
+    queue_id      TEXT NOT NULL, -- the message
     domain        TEXT NOT NULL,                     -- configured recipient domain, lower case, no trailing dot
     state         TEXT NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'held', 'failed', 'expired')), -- see the state machine above
     attempts      INTEGER NOT NULL DEFAULT 0,        -- delivery attempts to the primary so far
@@ -179,9 +190,32 @@ CREATE TABLE IF NOT EXISTS queue (
     PRIMARY KEY (domain, queue_id)                   -- one row per message and domain; domain first (the header: a domain's rows side by side)
 ) WITHOUT ROWID;
 
--- A message's rows, whatever their domains: the triggers queue_gone and
--- messages_gone, `backupmx show|hold|delete ID` (the key starts with the domain).
-CREATE INDEX IF NOT EXISTS queue_message ON queue (queue_id);
+-- The domains a message was queued for, one row each (since schema 15): how a
+-- message's queue rows are found by its queue id alone (the queue's key starts
+-- with the domain) -- the triggers queue_gone and messages_gone, housekeeping's
+-- reclaim, a flush's body reads, `backupmx show|hold|delete ID`: each domain
+-- here, then the queue row by its key (domain, queue_id). A row is added with
+-- the queue row (trigger message_domains_added, whoever inserts it) and lives
+-- as long as the MESSAGE: deleted with it (trigger messages_gone) by the
+-- reclaim, in queue id order, a few hundred at a time, so its pages go whole.
+-- Filled from the queue by the migration from schema 14 (1,000,000 rows: 0.9 s).
+-- Before, an index queue_message (queue_id) of the queue did this job: its
+-- entries went with each queue row, deleted by the flush, and where mail for a
+-- hundred domains arrived mixed each entry a flush deleted was on a leaf of its
+-- own (time-sortable ids): 0.8 of the 1.6 pages a delivered message wrote at
+-- 1,000,000 queued (bench/README.md, "The flush at 1M without queue_message").
+-- A row whose queue row is gone means nothing by itself: always join the queue.
+-- No foreign key to messages nor from queue (the queue's reference to messages
+-- went with schema 15: with foreign_keys on, each message the reclaim deletes
+-- would have looked its queue rows up by queue id alone, a scan of the queue).
+CREATE TABLE IF NOT EXISTS message_domains (
+    queue_id TEXT NOT NULL,   -- the message
+    domain   TEXT NOT NULL,   -- a domain it was queued for (a queue row's, now or before)
+    PRIMARY KEY (queue_id, domain) -- a message's domains side by side, in queue id order
+) WITHOUT ROWID;
+-- Since schema 15 (message_domains); a backupmx of schema 14 or 13 does not
+-- make it again (it applies nothing to a newer queue: the top of this file).
+DROP INDEX IF EXISTS queue_message;
 
 -- The rows of one domain in one state, oldest first: a flush's work list,
 -- the oldest waiting message (queue_summary), expiry, the age histogram.
@@ -406,13 +440,16 @@ CREATE VIEW IF NOT EXISTS queue_summary (domain, messages, bytes, oldest, last_e
 CREATE VIEW IF NOT EXISTS message_bodies (queue_id, body) AS
     SELECT m.queue_id, CAST(COALESCE((SELECT group_concat(c.data, '') FROM body_chunks AS c
                                        WHERE c.id BETWEEN m.first_chunk AND m.last_chunk), '') AS BLOB)
-    FROM messages AS m WHERE EXISTS (SELECT 1 FROM queue AS q WHERE q.queue_id = m.queue_id);
+    FROM messages AS m WHERE EXISTS (SELECT 1 FROM message_domains AS d JOIN queue AS q
+                                      ON q.domain = d.domain AND q.queue_id = d.queue_id
+                                      WHERE d.queue_id = m.queue_id);
 
 -- A queue row's arrival as its `queued` event says it (the history, schema.sql's
 -- events): what trigger queue_history writes when the row leaves, and what
 -- `backupmx show` lists while it waits. `to` names the recipients still waiting
 -- (the ones delivered are in their `delivered` events).
---   SELECT datetime(at, 'unixepoch'), domain, detail FROM queue_arrivals WHERE queue_id = 'ID';
+--   SELECT datetime(at, 'unixepoch'), domain, detail FROM queue_arrivals
+--    WHERE queue_id = 'ID' AND domain IN (SELECT domain FROM message_domains WHERE queue_id = 'ID');
 CREATE VIEW IF NOT EXISTS queue_arrivals (queue_id, domain, at, detail) AS
     SELECT q.queue_id, q.domain, COALESCE(q.message_received_at, m.received_at),
            'from=<' || COALESCE(m.sender, '?') || '>'
@@ -442,18 +479,42 @@ END;
 -- A row is gone: its recipients go (also when foreign_keys is off, as in the
 -- sqlite3 shell), and once no other domain's row refers to the message, it is
 -- put in `reclaim` for housekeeping to delete (since schema 14; before, it was
--- deleted here, in the flush's own transaction).
+-- deleted here, in the flush's own transaction). The other rows are looked for
+-- through message_domains, by the queue's key: read, nothing written (since
+-- schema 15; the row's message_domains entry stays until the message goes).
 CREATE TRIGGER IF NOT EXISTS queue_gone AFTER DELETE ON queue
 BEGIN
     DELETE FROM recipients WHERE queue_id = OLD.queue_id AND domain = OLD.domain;
     INSERT INTO reclaim (queue_id) SELECT OLD.queue_id
-        WHERE NOT EXISTS (SELECT 1 FROM queue WHERE queue_id = OLD.queue_id);
+        WHERE NOT EXISTS (SELECT 1 FROM message_domains AS d JOIN queue AS q
+                           ON q.domain = d.domain AND q.queue_id = d.queue_id
+                           WHERE d.queue_id = OLD.queue_id);
 END;
 
--- A message is deleted by hand: its rows go with it (also when foreign_keys is off).
+-- A queue row is added (by whoever: the intake, an older backupmx, by hand):
+-- its message names its domain (message_domains). The same append at the right
+-- edge of a b-tree, for new mail, as the index entry it replaced.
+CREATE TRIGGER IF NOT EXISTS message_domains_added AFTER INSERT ON queue
+BEGIN
+    INSERT OR IGNORE INTO message_domains (queue_id, domain) VALUES (NEW.queue_id, NEW.domain);
+END;
+
+-- ... or moved to another domain or message by hand: the new one is named too
+-- (else the reclaim would not see the row, and delete the message under it).
+CREATE TRIGGER IF NOT EXISTS message_domains_moved AFTER UPDATE OF queue_id, domain ON queue
+WHEN OLD.queue_id IS NOT NEW.queue_id OR OLD.domain IS NOT NEW.domain
+BEGIN
+    INSERT OR IGNORE INTO message_domains (queue_id, domain) VALUES (NEW.queue_id, NEW.domain);
+END;
+
+-- A message is deleted (by the reclaim, or by hand): its rows go with it (also
+-- when foreign_keys is off), then its message_domains rows (in this order: the
+-- first reads them).
 CREATE TRIGGER IF NOT EXISTS messages_gone AFTER DELETE ON messages
 BEGIN
-    DELETE FROM queue WHERE queue_id = OLD.queue_id;
+    DELETE FROM queue WHERE domain IN (SELECT domain FROM message_domains WHERE queue_id = OLD.queue_id)
+                        AND queue_id = OLD.queue_id;
+    DELETE FROM message_domains WHERE queue_id = OLD.queue_id;
 END;
 
 -- A message is gone: its body's chunks go (whoever deleted it: housekeeping's
@@ -561,7 +622,11 @@ CREATE TABLE IF NOT EXISTS schema_compat (
 -- 14: reclaim; trigger queue_gone lists a message whose last row went there instead of
 --    deleting it (housekeeping does, in queue id order); view message_bodies leaves
 --    such messages out (the trigger is replaced at the first `serve`); oldest_version stays 13.
-PRAGMA user_version = 14;
+-- 15: message_domains and its triggers; index queue_message and the queue's foreign key
+--    to messages gone; queue_gone and messages_gone (and view message_bodies) find a
+--    message's rows through message_domains (replaced, and message_domains filled from
+--    the queue, at the first `serve`); oldest_version stays 13.
+PRAGMA user_version = 15;
 
 -- The oldest schema version whose backupmx can still read and write a queue of
 -- this version. When you bump user_version:
@@ -603,4 +668,18 @@ PRAGMA user_version = 14;
 -- delete them by hand), and the next start of a schema 14 backupmx's housekeeping
 -- deletes them. Raising it would lock a rollback out of a queue holding mail
 -- for a cost that the next upgrade undoes.
+-- 15 keeps 13: nothing a backupmx of schema 13 or 14 reads or writes changed
+-- meaning, and it cannot delete a message one of whose rows still waits. Its
+-- inserts fire message_domains_added, its deletes our queue_gone and
+-- messages_gone (it applies nothing to a newer queue, so the triggers are
+-- these); schema 14's reclaim deletes a message only when no queue row has its
+-- queue id (NOT EXISTS on the queue itself: true or not, whatever the index),
+-- and schema 13 deletes none. What it loses is speed: without queue_message, its
+-- look-ups by queue id alone (14's reclaim and body reads, `show|hold|delete ID`)
+-- read the whole queue, each, and at a large queue the reclaim would hold the
+-- write lock for seconds. Before starting such a release on a large queue, make
+-- the index again (README, "Upgrading"; schema 15's next start drops it):
+--   sqlite3 queue.db 'CREATE INDEX IF NOT EXISTS queue_message ON queue (queue_id)'
+-- The queue's foreign key to messages is gone for it too: it inserts the
+-- message before its rows, and messages_gone deletes them with it.
 INSERT OR REPLACE INTO schema_compat (id, oldest_version) VALUES (1, 13);

@@ -485,7 +485,7 @@ class _Flush:
         if verdict is not None:
             outcomes.update(dict.fromkeys(accepted, verdict))
             return self.reset()
-        end_of_data = self.send_body(message.queue_id)
+        end_of_data = self.send_body(message.queue_id, self.domain.name)
         client.send(end_of_data + (self.announce(work) if pipelining and work is not None else b""))
         outcomes.update(dict.fromkeys(accepted, _judge(*client.getreply())))
 
@@ -597,7 +597,7 @@ class _Flush:
             self.client.getreply()
         self.reset()
 
-    def send_body(self, queue_id: str) -> bytes:
+    def send_body(self, queue_id: str, domain: str | None = None) -> bytes:
         """Stream the body but for its last piece; return that piece with the end of data.
 
         The caller sends the last piece and the end-of-data marker in one write
@@ -606,7 +606,7 @@ class _Flush:
         """
         encoder = DataEncoder()
         try:
-            body = self.store.open_body(queue_id)
+            body = self.store.open_body(queue_id, domain)  # while the domain's row waits
         except KeyError as e:
             raise _Gone() from e
         pending = b""

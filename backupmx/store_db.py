@@ -220,8 +220,12 @@ class DamagedBody(Exception):
 # A body is read only while a queue row refers to its message: once the last one left
 # (delivered, or deleted by the operator while a flush announced it: flusher._Gone), the
 # message waits for housekeeping's reclaim (schema.sql, reclaim) but is no longer there
-# to send. One search of index queue_message.
-STILL_QUEUED = " AND EXISTS (SELECT 1 FROM queue AS q WHERE q.queue_id = m.queue_id)"
+# to send. Its domains in message_domains, then each row by the queue's key (schema 15).
+STILL_QUEUED = (" AND EXISTS (SELECT 1 FROM message_domains AS d JOIN queue AS q"
+                " ON q.domain = d.domain AND q.queue_id = d.queue_id WHERE d.queue_id = m.queue_id)")
+# ... and where the reader knows the domain (a flush): that domain's row, one search of
+# the queue's key (its parameter follows the queue id's).
+STILL_QUEUED_FOR = " AND EXISTS (SELECT 1 FROM queue AS q WHERE q.domain = ? AND q.queue_id = m.queue_id)"
 
 
 class BodyReader(io.RawIOBase):
@@ -237,11 +241,13 @@ class BodyReader(io.RawIOBase):
 
     READAHEAD = 1024 * 1024
 
-    def __init__(self, db: sqlite3.Connection, queue_id: str, size: int):
+    def __init__(self, db: sqlite3.Connection, queue_id: str, size: int, domain: str | None = None):
         super().__init__()
         self._db = db
         self.queue_id = queue_id
         self.size = size
+        # Read while that domain's row waits (a flush's), else while any row of the message does.
+        self._still = (STILL_QUEUED, (queue_id,)) if domain is None else (STILL_QUEUED_FOR, (queue_id, domain))
         self._pos = 0
         self._buf = b""
         self._buf_start = 0
@@ -295,7 +301,7 @@ class BodyReader(io.RawIOBase):
                 self._db.execute("BEGIN")
             try:
                 row = self._db.execute("SELECT first_chunk, last_chunk FROM messages AS m WHERE m.queue_id = ?"
-                                       + STILL_QUEUED, (self.queue_id,)).fetchone()
+                                       + self._still[0], self._still[1]).fetchone()
                 if row is None:
                     raise KeyError(f"message {self.queue_id} is no longer in the queue")
                 return self._read_chunks(*row, pos, n)
@@ -310,7 +316,7 @@ class BodyReader(io.RawIOBase):
         with _sqlite_errors():
             rows = self._db.execute(
                 "SELECT c.data FROM messages AS m LEFT JOIN body_chunks AS c ON c.id BETWEEN m.first_chunk"
-                " AND m.last_chunk WHERE m.queue_id = ?" + STILL_QUEUED + " ORDER BY c.id", (self.queue_id,)).fetchall()
+                " AND m.last_chunk WHERE m.queue_id = ?" + self._still[0] + " ORDER BY c.id", self._still[1]).fetchall()
         if not rows:
             raise KeyError(f"message {self.queue_id} is no longer in the queue")
         return self._checked(b"".join(data for data, in rows if data is not None), self.size)
@@ -530,6 +536,43 @@ def _rebuild_clustered(db: sqlite3.Connection, text: str) -> None:
         db.execute(f"DROP TABLE old_{table}")
 
 
+# The queue's reference to its message, as schemas 3 to 14 wrote it (schema 15 has none).
+_QUEUE_TO_MESSAGES = re.compile(r"\s*REFERENCES\s+messages\s*\(\s*queue_id\s*\)\s*ON\s+DELETE\s+CASCADE", re.IGNORECASE)
+
+
+def _name_message_domains(db: sqlite3.Connection, text: str) -> None:
+    """Schema 15, inside the migration's transaction: table message_domains made and filled
+    from the queue (in key order: at schema 14, read from index queue_message in that order,
+    no sort; at 1,000,000 queued the whole migration took 0.9 s and 66 MB of WAL,
+    bench/README.md "The flush at 1M without queue_message"), and the queue's foreign key
+    to messages taken out of its table's SQL.
+
+    With foreign_keys on (every connection of ours), each message deleted (the reclaim's
+    hundreds a round) had SQLite look for its queue rows by queue id alone: without index
+    queue_message, a scan of the queue. messages_gone deletes them (and did, for the sqlite3
+    shell). The clause goes as sqlite.org documents for such a change (lang_altertable.html,
+    "Making Other Kinds Of Table Schema Changes": the stored CREATE TABLE edited, the schema
+    cookie moved on), not by a copy of every queue row: the table's b-tree is untouched,
+    and tests/test_store.py runs PRAGMA integrity_check on a migrated queue.
+    """
+    for statement in _statements(text):
+        if re.match(r"\s*CREATE TABLE IF NOT EXISTS message_domains \(", _without_comments(statement), re.IGNORECASE):
+            db.execute(statement)
+    db.execute("INSERT OR IGNORE INTO message_domains (queue_id, domain)"
+               " SELECT queue_id, domain FROM queue ORDER BY queue_id, domain")
+    row = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'queue'").fetchone()
+    if row is None or not _QUEUE_TO_MESSAGES.search(row[0]):
+        return  # rebuilt just now from this schema.sql (schema 12 or older), or edited by hand
+    cookie = db.execute("PRAGMA schema_version").fetchone()[0]
+    db.execute("PRAGMA writable_schema = ON")
+    try:
+        db.execute("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'queue'",
+                   (_QUEUE_TO_MESSAGES.sub("", row[0], count=1),))
+        db.execute(f"PRAGMA schema_version = {cookie + 1}")
+    finally:
+        db.execute("PRAGMA writable_schema = OFF")
+
+
 def _bodies_into_chunks(db: sqlite3.Connection, columns: list[str]) -> None:
     """Copy the messages whose body is still in old_messages.body (queued before schema 11)
     into messages, their bodies into body_chunks (chunk_lengths), one chunk in memory at a time."""
@@ -723,14 +766,18 @@ class QueueDatabase:
             db.execute("DROP INDEX IF EXISTS queue_domain_state")
         for view in view_names(text):
             db.execute(f'DROP VIEW IF EXISTS "{view}"')
-        if found < 14:
+        if found < 15:
             # Schema 14: queue_gone lists a message in `reclaim` rather than deleting it
-            # (CREATE TRIGGER IF NOT EXISTS would keep the old one, as for views).
+            # (CREATE TRIGGER IF NOT EXISTS would keep the old one, as for views); schema 15:
+            # it and messages_gone find a message's rows through message_domains.
             db.execute("DROP TRIGGER IF EXISTS queue_gone")
+            db.execute("DROP TRIGGER IF EXISTS messages_gone")
         if found < 13:
             if self._on_rebuild is not None:
                 self._on_rebuild(found)
             _rebuild_clustered(db, text)
+        if found < 15:
+            _name_message_domains(db, text)
 
     def close(self) -> None:
         if self._db is not None:
@@ -876,15 +923,17 @@ class QueueDatabase:
                 self._page_size = self.connection.execute("PRAGMA page_size").fetchone()[0]
         return self._page_size
 
-    def open_body(self, queue_id: str) -> BodyReader:
+    def open_body(self, queue_id: str, domain: str | None = None) -> BodyReader:
         """The message body as a binary file (read(n), seek, len); the caller closes it.
 
         Streamed from the blob: memory does not grow with the message.
-        Raises KeyError if the message is not in the queue.
+        Raises KeyError if the message is not in the queue (for `domain`, when given:
+        a flush reads a body while the domain's row waits, by the queue's key).
         """
+        still, args = (STILL_QUEUED, (queue_id,)) if domain is None else (STILL_QUEUED_FOR, (queue_id, domain))
         with _sqlite_errors():
-            row = self.connection.execute("SELECT size FROM messages AS m WHERE m.queue_id = ?" + STILL_QUEUED,
-                                          (queue_id,)).fetchone()
+            row = self.connection.execute("SELECT size FROM messages AS m WHERE m.queue_id = ?" + still,
+                                          args).fetchone()
         if row is None:
             raise KeyError(queue_id)
-        return BodyReader(self.connection, queue_id, row[0])
+        return BodyReader(self.connection, queue_id, row[0], domain)

@@ -19,9 +19,11 @@ from backupmx.store_db import QueueDatabase, RecipientStatus, _sqlite_errors
 
 
 # Housekeeping's reclaim (Housekeeping.reclaim): the messages by their key, each unless
-# a queue row refers to it (tests/test_query_plans.py checks its plan reads no more).
+# a queue row refers to it -- its domains in message_domains, each row by the queue's key
+# (schema 15) -- (tests/test_query_plans.py checks its plan reads no more).
 RECLAIM_SQL = ("DELETE FROM messages WHERE queue_id IN ({marks})"
-               " AND NOT EXISTS (SELECT 1 FROM queue AS q WHERE q.queue_id = messages.queue_id)")
+               " AND NOT EXISTS (SELECT 1 FROM message_domains AS d JOIN queue AS q"
+               " ON q.domain = d.domain AND q.queue_id = d.queue_id WHERE d.queue_id = messages.queue_id)")
 
 
 @dataclass(frozen=True)

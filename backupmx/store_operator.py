@@ -158,14 +158,15 @@ _NAMED_IN_SQL = 500
 
 def _named_rows(selection: Selection) -> tuple[list[str], list]:
     """WHERE terms (of queue AS q) for the rows `selection` names by queue id, domain or --domain,
-    so that `hold|delete ID` or `DOMAIN` finds them by the queue's keys (index queue_message, the
-    primary key) rather than reading every row at a million messages. Selection.matches()
-    still decides; none when it names too many, or everything."""
+    so that `hold|delete ID` or `DOMAIN` finds them by the queue's key (an id's domains from
+    message_domains, schema 15) rather than reading every row at a million messages.
+    Selection.matches() still decides; none when it names too many, or everything."""
     where, args = [], []
     ids, domains = sorted(selection.queue_ids), sorted(selection.domains)
     if (ids or domains) and not selection.everything and len(ids) + len(domains) <= _NAMED_IN_SQL:
-        terms = ([f"q.queue_id IN ({','.join('?' * len(ids))})"] if ids else []) + \
-                ([f"q.domain IN ({','.join('?' * len(domains))})"] if domains else [])
+        marks = ",".join("?" * len(ids))
+        by_id = f"(q.domain, q.queue_id) IN (SELECT domain, queue_id FROM message_domains WHERE queue_id IN ({marks}))"
+        terms = ([by_id] if ids else []) + ([f"q.domain IN ({','.join('?' * len(domains))})"] if domains else [])
         where.append(f"({' OR '.join(terms)})")
         args += ids + domains
     if selection.domain is not None:
@@ -332,8 +333,9 @@ class OperatorQueries(QueueDatabase):
             rows: list[RowDetail] = []
             for dom, st, att, last, reply, nxt, changed in db.execute(
                 "SELECT domain, state, attempts, last_attempt, last_reply, next_attempt, state_changed"
-                " FROM queue WHERE queue_id = ? ORDER BY domain",
-                (queue_id,),
+                " FROM queue WHERE domain IN (SELECT domain FROM message_domains WHERE queue_id = ?)"
+                " AND queue_id = ? ORDER BY domain",
+                (queue_id, queue_id),
             ).fetchall():
                 rcpts = [
                     RecipientStatus(*r)
@@ -366,6 +368,8 @@ class OperatorQueries(QueueDatabase):
         arrivals = [e for e in events if e.what == "queued"]
         recorded = {e.domain for e in arrivals}
         arrivals += [Event(at, domain, "queued", detail) for domain, at, detail in db.execute(
-            "SELECT domain, at, detail FROM queue_arrivals WHERE queue_id = ?", (queue_id,)) if domain not in recorded]
+            "SELECT domain, at, detail FROM queue_arrivals WHERE domain IN"
+            " (SELECT domain FROM message_domains WHERE queue_id = ?) AND queue_id = ?", (queue_id, queue_id))
+            if domain not in recorded]
         arrivals.sort(key=lambda e: (e.at, e.domain or ""))
         return arrivals + [e for e in events if e.what != "queued"]

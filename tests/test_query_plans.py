@@ -28,8 +28,8 @@ from backupmx.store_housekeeping import RECLAIM_SQL
 from conftest import queue_one, reclaim
 
 T0 = 1_800_000_000
-GROWING = {"messages", "body_chunks", "queue", "recipients", "events"}
-ALIASES = {"m": "messages", "q": "queue", "r": "recipients"}  # as the store's joins name them
+GROWING = {"messages", "body_chunks", "queue", "recipients", "events", "message_domains"}
+ALIASES = {"m": "messages", "q": "queue", "r": "recipients", "d": "message_domains"}  # as the store's joins name them
 SMALL_BY_CONSTRUCTION = {"recipients_dsn_due", "queue_kept"}  # partial indexes of the few rows a step acts on
 
 
@@ -91,6 +91,8 @@ def test_the_hot_statements_never_read_a_growing_table_whole(queue):
                            for i, m in enumerate(work[:9])])
     with store.open_body(work[10].queue_id) as body:
         body.read()
+    with store.open_body(work[10].queue_id, "one.test") as body:  # the flusher's: that domain's row
+        body.read()
     with store.open_body(long_one) as body:  # a part of a body: where each chunk starts, then those chunks
         body.seek(9000)
         body.read(10)
@@ -146,20 +148,23 @@ def test_a_delivered_body_is_read_in_two_statements_on_the_keys(queue):
     statement (a snapshot of its own), each a search of a key; not BEGIN, two SELECTs, COMMIT."""
     store, _ = queue
     qid = put(store, "body@one.test", body=b"x" * 3000)  # in several chunks
-    statements = []
-    store.connection.set_trace_callback(statements.append)
-    with store.open_body(qid) as body:
-        assert body.read(64 * 1024) == b"x" * 3000
-    store.connection.set_trace_callback(None)
-    assert len(statements) == 2, statements
     db = sqlite3.connect(store.path)
     try:
-        for statement in statements:
-            plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + statement)]
-            # (and whether a queue row still refers to the message: a search of queue_message)
-            assert plan and all(line.startswith(("SEARCH", "CORRELATED SCALAR SUBQUERY")) for line in plan), \
-                (statement, plan)
-            assert any("queue_message (queue_id=?)" in line for line in plan), (statement, plan)
+        for domain in (None, "one.test"):  # `show --body`, a DSN; a flush (it knows the domain)
+            statements = []
+            store.connection.set_trace_callback(statements.append)
+            with store.open_body(qid, domain) as body:
+                assert body.read(64 * 1024) == b"x" * 3000
+            store.connection.set_trace_callback(None)
+            assert len(statements) == 2, statements
+            for statement in statements:
+                plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + statement)]
+                assert plan and all(line.startswith(("SEARCH", "CORRELATED SCALAR SUBQUERY")) for line in plan), \
+                    (statement, plan)
+                # (and whether a queue row still refers to the message: its domains, then the queue's key;
+                # a flush's, that domain's row by the key alone)
+                assert any("SEARCH q USING PRIMARY KEY (domain=? AND queue_id=?)" in line for line in plan), plan
+                assert any("SEARCH d USING PRIMARY KEY (queue_id=?)" in line for line in plan) == (domain is None), plan
     finally:
         db.close()
 
@@ -167,16 +172,44 @@ def test_a_delivered_body_is_read_in_two_statements_on_the_keys(queue):
 def test_the_reclaim_searches_each_message_by_its_key(queue):
     """Housekeeping's reclaim (schema 14) deletes a few hundred listed messages a
     transaction: each is found by its key, and whether a queue row still refers to it
-    by index queue_message; neither table is read further (a scan at a million messages
-    would hold the write lock for seconds, every SMTP worker's commit waiting)."""
+    through message_domains and the queue's key (schema 15); neither table is read further
+    (a scan at a million messages would hold the write lock for seconds, every SMTP
+    worker's commit waiting)."""
     store, _ = queue
     db = sqlite3.connect(store.path)
     try:
         statement = RECLAIM_SQL.format(marks=",".join("?" * 250))
         plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + statement, ["X"] * 250)]
         assert any(re.match(r"SEARCH messages USING PRIMARY KEY \(queue_id=\?\)", line) for line in plan), plan
-        assert any("INDEX queue_message (queue_id=?)" in line for line in plan), plan
+        assert any("SEARCH d USING PRIMARY KEY (queue_id=?)" in line for line in plan), plan
+        assert any("SEARCH q USING PRIMARY KEY (domain=? AND queue_id=?)" in line for line in plan), plan
         assert not [line for line in plan if line.startswith("SCAN")], plan
+    finally:
+        db.close()
+
+
+def test_deleting_a_message_looks_for_no_queue_row_by_its_queue_id_alone(queue):
+    """With foreign_keys on (every connection of ours), a DELETE FROM messages -- the reclaim's
+    hundreds a round -- had SQLite look for the queue rows referring to the message (the
+    queue's foreign key), by queue id alone: without index queue_message (schema 15) a scan
+    of the queue per message. The key is gone: the statement's own program (its triggers
+    are programs of their own, checked above) checks no foreign key, and a hand delete's
+    opens no b-tree of the queue's at all (the reclaim's searches its key: above)."""
+    store, _ = queue
+    db = sqlite3.connect(store.path)
+    try:
+        db.execute("PRAGMA foreign_keys = ON")
+        assert [row[2] for row in db.execute("PRAGMA foreign_key_list(queue)")] == []
+        roots = {root for root, in db.execute("SELECT rootpage FROM sqlite_master WHERE tbl_name = 'queue'"
+                                              " AND rootpage > 0")}
+        for statement in ("DELETE FROM messages WHERE queue_id = ?", RECLAIM_SQL.format(marks="?,?")):
+            listed = db.execute("EXPLAIN " + statement, ["X"] * statement.count("?")).fetchall()
+            # EXPLAIN lists the statement's program, then its triggers' (each from address 0 again).
+            program = listed[:next(i for i, row in enumerate(listed) if i and row[0] == 0)]
+            assert not [row for row in program if row[1].startswith("Fk")], (statement, program)
+            if statement.startswith("DELETE FROM messages WHERE queue_id = ?"):  # (the reclaim's reads the key)
+                opened = [(op, p2) for _, op, _, p2, *_ in program if op.startswith("Open")]
+                assert opened and not [o for o in opened if o[1] in roots], (statement, opened)
     finally:
         db.close()
 

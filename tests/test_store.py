@@ -1378,7 +1378,7 @@ def test_a_version_12_queue_is_rebuilt_clustered_by_domain_and_keeps_all_its_mai
     assert dump(path, "position") == before  # but the orphan recipient: it was never delivered
     QueueStore(str(tmp_path / "new.db"), clock=clock).close()
     assert [o for o in schema_objects(path) if o[1] != "my_report"] == schema_objects(str(tmp_path / "new.db"))
-    assert marks(path) == (14, 13) == (schema_mod.schema_version(), 13)
+    assert marks(path) == (15, 13) == (schema_mod.schema_version(), 13)
     shell = sqlite3.connect(path)
     assert shell.execute("SELECT * FROM my_report").fetchall() == [("a.test", 6), ("b.test", 8)]
     assert shell.execute("PRAGMA foreign_key_check").fetchall() == []
@@ -1457,7 +1457,7 @@ def test_a_version_13_queue_gets_the_reclaim_and_a_delivered_message_waits_for_i
     shell.close()
     assert marks(path) == (13, 13)
     with QueueStore(path, clock=clock) as s:
-        assert marks(path) == (14, 13) == (schema_mod.schema_version(), 13)
+        assert marks(path) == (15, 13) == (schema_mod.schema_version(), 13)
         record_delivered(s, "M1", "a.test", ["u@a.test"], "250 ok")
         record_delivered(s, "M2", "a.test", ["u@a.test"], "250 ok")
         db = s.connection
@@ -1486,6 +1486,134 @@ def test_a_message_queued_again_by_hand_is_not_reclaimed_under_its_row(store):
     shell.execute("DELETE FROM queue WHERE queue_id = ?", (qid,))
     shell.close()
     assert reclaim(store) == 1 and counts(store.path)[0] == 0
+
+
+# --- schema 15: a message's domains in message_domains, not an index of the queue ---------
+
+
+def domains_of(path, qid):
+    db = sqlite3.connect(path)
+    try:
+        return [d for d, in db.execute("SELECT domain FROM message_domains WHERE queue_id = ? ORDER BY domain", (qid,))]
+    finally:
+        db.close()
+
+
+def test_a_two_domain_message_outlives_its_first_delivery_and_is_reclaimed_after_the_second(store):
+    """The reclaim and the body reads find a message's other rows through message_domains and
+    the queue's key: delivered for one domain it stays (its body still there for the other's
+    flush, no longer for the delivered one's), and goes with its names after the second."""
+    qid = put(store, "u@a.test", "v@b.test")
+    assert domains_of(store.path, qid) == ["a.test", "b.test"]
+    assert record_delivered(store, qid, "a.test", ["u@a.test"], "250 ok") is None
+    assert reclaim(store) == 0 and counts(store.path)[0] == 1
+    assert store.open_body(qid, "b.test").read() == store.open_body(qid).read() == b"Subject: hi\r\n\r\nhello\r\n"
+    with pytest.raises(KeyError):
+        store.open_body(qid, "a.test")  # a flush of a.test announced it, and the row went meanwhile
+    assert [r.domain for r in store.show(qid).rows] == ["b.test"]
+    assert domains_of(store.path, qid) == ["a.test", "b.test"]  # a name lives as long as the message
+    assert record_delivered(store, qid, "b.test", ["v@b.test"], "250 ok") is None
+    with pytest.raises(KeyError):
+        store.open_body(qid)
+    assert reclaim(store) == 1 and counts(store.path)[:3] == (0, 0, 0) and domains_of(store.path, qid) == []
+
+
+def test_hand_deletes_with_foreign_keys_off_end_right(store):
+    """The sqlite3 shell (foreign_keys off): a row deleted by its key takes its recipients and,
+    the message's last, lists it for the reclaim; a message deleted takes its rows (found
+    through message_domains), their recipients and its names; nothing else goes."""
+    one, two, other = put(store, "u@a.test", "v@b.test"), put(store, "w@a.test", "x@b.test"), put(store, "y@a.test")
+    shell = sqlite3.connect(store.path, isolation_level=None)
+    assert shell.execute("PRAGMA foreign_keys").fetchone()[0] == 0
+    shell.execute("DELETE FROM queue WHERE domain = 'a.test' AND queue_id = ?", (one,))
+    assert shell.execute("SELECT queue_id FROM reclaim").fetchall() == []  # its b.test row waits
+    shell.execute("DELETE FROM queue WHERE domain = 'b.test' AND queue_id = ?", (one,))
+    assert shell.execute("SELECT queue_id FROM reclaim").fetchall() == [(one,)]
+    shell.execute("DELETE FROM messages WHERE queue_id = ?", (two,))
+    shell.close()
+    db = store.connection
+    assert db.execute("SELECT queue_id, domain FROM queue").fetchall() == [(other, "a.test")]
+    assert db.execute("SELECT queue_id, address FROM recipients").fetchall() == [(other, "y@a.test")]
+    assert domains_of(store.path, two) == [] and domains_of(store.path, other) == ["a.test"]
+    assert reclaim(store) == 1 and counts(store.path)[0] == 1 and domains_of(store.path, one) == []
+    assert db.execute("SELECT COUNT(*) FROM body_chunks").fetchone()[0] == \
+        db.execute("SELECT SUM(last_chunk - first_chunk + 1) FROM messages").fetchone()[0]
+    assert_totals_counted(db)
+
+
+def test_a_row_moved_to_another_domain_by_hand_keeps_its_message(store):
+    """UPDATE queue SET domain = ... in the shell: the new domain is named too (trigger
+    message_domains_moved), or the reclaim would take the message from under the row."""
+    qid = put(store, "u@a.test", "v@b.test")
+    shell = sqlite3.connect(store.path, isolation_level=None)
+    shell.execute("UPDATE recipients SET domain = 'c.test' WHERE domain = 'b.test' AND queue_id = ?", (qid,))
+    shell.execute("UPDATE queue SET domain = 'c.test' WHERE domain = 'b.test' AND queue_id = ?", (qid,))
+    shell.close()
+    assert record_delivered(store, qid, "a.test", ["u@a.test"], "250 ok") is None
+    assert reclaim(store) == 0 and store.open_body(qid, "c.test").read()
+    assert [r.domain for r in store.show(qid).rows] == ["c.test"]
+
+
+def test_show_hold_and_delete_of_a_message_find_its_rows_by_its_domains(store):
+    """`backupmx show|hold|release|delete ID` (the queue's key starts with the domain): every
+    row of the message, and only its."""
+    qid, other = put(store, "u@a.test", "v@b.test", "w@b.test"), put(store, "x@a.test")
+    detail = store.show(qid)
+    assert [(r.domain, [x.address for x in r.recipients]) for r in detail.rows] == \
+        [("a.test", ["u@a.test"]), ("b.test", ["v@b.test", "w@b.test"])]
+    assert sorted(e.domain for e in detail.events if e.what == "queued") == ["a.test", "b.test"]
+    assert store.hold(queue_id=qid) == 2 and store.release(queue_id=qid, domain="b.test") == 1
+    assert store.connection.execute("SELECT domain, state FROM queue WHERE queue_id = ? AND domain IN"
+                                    " ('a.test', 'b.test')", (qid,)).fetchall() == [("a.test", "held"),
+                                                                                   ("b.test", "queued")]
+    assert store.delete(queue_id=qid) == 2 and store.show(qid) is None and store.show(other) is not None
+    assert reclaim(store) == 1 and domains_of(store.path, qid) == []
+
+
+def test_a_version_14_queue_gets_message_domains_and_loses_the_index_and_the_foreign_key(tmp_path, clock,
+                                                                                         monkeypatch):
+    """tests/data/schema-v14.sql is schema.sql before message_domains: the migration fills it
+    from the queue, replaces queue_gone and messages_gone, drops index queue_message and takes
+    the queue's foreign key to messages out of its table (sqlite.org's procedure), so that the
+    schema is exactly a new queue's and the file passes integrity_check; the mail is delivered
+    and reclaimed right; a backupmx of schema 14 still opens it."""
+    from backupmx import store_db
+
+    path = str(tmp_path / "old.db")
+    shell = sqlite3.connect(path, isolation_level=None)
+    shell.executescript((ROOT / "tests" / "data" / "schema-v14.sql").read_text())
+    for qid, domains in (("M1", ["a.test", "b.test"]), ("M2", ["a.test"]), ("M3", ["b.test"])):
+        shell.execute("INSERT INTO body_chunks (data) VALUES (?)", (b"Subject: x\r\n\r\n" + qid.encode(),))
+        chunk = shell.execute("SELECT MAX(id) FROM body_chunks").fetchone()[0]
+        shell.execute("INSERT INTO messages (queue_id, sender, received_at, size, first_chunk, last_chunk)"
+                      " VALUES (?, 's@x.test', ?, 15, ?, ?)", (qid, T0, chunk, chunk))
+        for domain in domains:
+            shell.execute("INSERT INTO queue (queue_id, domain, state_changed) VALUES (?, ?, ?)", (qid, domain, T0))
+            shell.execute("INSERT INTO recipients (queue_id, domain, address) VALUES (?, ?, ?)",
+                          (qid, domain, f"u@{domain}"))
+    assert [r[2] for r in shell.execute("PRAGMA foreign_key_list(queue)")] == ["messages"]
+    shell.close()
+    assert marks(path) == (14, 13)
+    with QueueStore(path, clock=clock) as s:
+        assert marks(path) == (15, 13) == (schema_mod.schema_version(), 13)
+        db = s.connection
+        assert db.execute("SELECT queue_id, domain FROM message_domains").fetchall() == \
+            [("M1", "a.test"), ("M1", "b.test"), ("M2", "a.test"), ("M3", "b.test")]
+        assert db.execute("PRAGMA foreign_key_list(queue)").fetchall() == []
+        assert db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'queue'"
+                          " AND name = 'queue_message'").fetchall() == []
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        record_delivered(s, "M1", "a.test", ["u@a.test"], "250 ok")
+        record_delivered(s, "M2", "a.test", ["u@a.test"], "250 ok")
+        assert reclaim(s) == 1 and counts(path)[0] == 2  # M2; M1 waits for b.test
+        s.delete(queue_id="M3")
+        record_delivered(s, "M1", "b.test", ["u@b.test"], "250 ok")
+        assert reclaim(s) == 2 and counts(path)[:3] == (0, 0, 0)
+        assert db.execute("SELECT COUNT(*) FROM message_domains").fetchone()[0] == 0
+    QueueStore(str(tmp_path / "new.db"), clock=clock).close()
+    assert schema_objects(path) == schema_objects(str(tmp_path / "new.db"))
+    monkeypatch.setattr(store_db, "schema_version", lambda text=None: 14)
+    QueueStore(path, clock=clock, read_only=True).close()  # oldest_version 13: a rollback still opens it
 
 
 def test_a_helper_forked_by_a_flush_does_not_keep_its_parent_s_turn_to_commit(db_path):
