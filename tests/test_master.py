@@ -235,7 +235,7 @@ class StubServer:
                 env=full_env,
                 start_new_session=True,
             )
-        if not wait_for(lambda: self.proc.poll() is not None or self.answers(), 10, 0.05) or self.proc.poll() is not None:
+        if not wait_for(lambda: self.proc.poll() is not None or self.answers(), 10, 0.01) or self.proc.poll() is not None:
             raise AssertionError("stub master did not start:\n" + self.log())
 
     def answers(self):
