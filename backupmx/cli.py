@@ -224,12 +224,15 @@ def _check_database(path: str, *, whole: bool = True) -> list[str]:
     if not whole:
         print(f"ok: database {path}: not read whole (--quick; serve checks it at start)")
         return []
+    from backupmx.store_housekeeping import NAME_ROWS_SQL, unnamed_queue_rows
+
     try:
         # Read-only: `check` changes nothing. integrity_check also compares every
         # index with its table, which quick_check skips.
         db = sqlite3.connect(Path(path).as_uri() + "?mode=ro", uri=True, timeout=5)
         try:
             rows = db.execute("PRAGMA integrity_check").fetchall()
+            unnamed = unnamed_queue_rows(db) if rows == [("ok",)] else 0
         finally:
             db.close()
     except sqlite3.Error as exc:
@@ -237,7 +240,11 @@ def _check_database(path: str, *, whole: bool = True) -> list[str]:
     if rows != [("ok",)]:
         first = "; ".join(str(r[0]) for r in rows[:3])
         return [f"{path}: integrity_check failed: {' '.join(first.split())}"]
-    print(f"ok: database {path}: integrity_check ok")
+    if unnamed:
+        # The reclaim would delete their messages under them (store_housekeeping.UNNAMED_ROWS_SQL).
+        return [f"{path}: {unnamed} queue row(s) missing from message_domains: their mail can be lost;"
+                f" stop the server and run: sqlite3 {path} '{NAME_ROWS_SQL}'"]
+    print(f"ok: database {path}: integrity_check ok, every queue row in message_domains")
     return []
 
 

@@ -24,7 +24,7 @@ from backupmx.envelope import Envelope, Recipient
 from backupmx.outcome import Outcome, Verdict
 from backupmx.store import QueueStore
 from backupmx.store_operator import Selection
-from backupmx.store_housekeeping import RECLAIM_SQL
+from backupmx.store_housekeeping import RECLAIM_SQL, UNNAMED_ROWS_SQL
 from conftest import queue_one, reclaim
 
 T0 = 1_800_000_000
@@ -184,6 +184,22 @@ def test_the_reclaim_searches_each_message_by_its_key(queue):
         assert any("SEARCH d USING PRIMARY KEY (queue_id=?)" in line for line in plan), plan
         assert any("SEARCH q USING PRIMARY KEY (domain=? AND queue_id=?)" in line for line in plan), plan
         assert not [line for line in plan if line.startswith("SCAN")], plan
+    finally:
+        db.close()
+
+
+def test_check_reads_the_queue_once_and_each_row_s_name_by_its_key(queue):
+    """`backupmx check` counts the queue rows missing from message_domains (what the reclaim
+    rests on): every row is read, once, and its name searched by message_domains' key -- not
+    a read of message_domains per row (a million rows times a million)."""
+    store, _ = queue
+    db = sqlite3.connect(store.path)
+    try:
+        plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + UNNAMED_ROWS_SQL)]
+        assert any("SEARCH d USING PRIMARY KEY (queue_id=? AND domain=?)" in line for line in plan), plan
+        assert len([line for line in plan if line.startswith("SCAN")]) == 1, plan
+        assert [line for line in plan if line.startswith("SCAN")][0].startswith("SCAN q"), plan
+        assert db.execute(UNNAMED_ROWS_SQL).fetchone()[0] == 0
     finally:
         db.close()
 
