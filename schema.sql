@@ -507,6 +507,24 @@ BEGIN
     INSERT OR IGNORE INTO message_domains (queue_id, domain) VALUES (NEW.queue_id, NEW.domain);
 END;
 
+-- A message's name goes only once its queue row is gone (messages_gone deletes
+-- the rows first): a row without one is invisible to the reclaim, which would
+-- delete the message under it once its other rows went -- mail lost. So a hand
+-- DELETE or UPDATE of message_domains that would leave a waiting row unnamed
+-- fails, whole (`backupmx check` counts such rows, should one be left anyway).
+CREATE TRIGGER IF NOT EXISTS message_domains_kept BEFORE DELETE ON message_domains
+WHEN EXISTS (SELECT 1 FROM queue WHERE domain = OLD.domain AND queue_id = OLD.queue_id)
+BEGIN
+    SELECT RAISE(ABORT, 'message_domains: its queue row waits (the reclaim would delete its message)');
+END;
+-- ... nor moved to another message or domain.
+CREATE TRIGGER IF NOT EXISTS message_domains_kept_renamed BEFORE UPDATE OF queue_id, domain ON message_domains
+WHEN (OLD.queue_id IS NOT NEW.queue_id OR OLD.domain IS NOT NEW.domain)
+ AND EXISTS (SELECT 1 FROM queue WHERE domain = OLD.domain AND queue_id = OLD.queue_id)
+BEGIN
+    SELECT RAISE(ABORT, 'message_domains: its queue row waits (the reclaim would delete its message)');
+END;
+
 -- A message is deleted (by the reclaim, or by hand): its rows go with it (also
 -- when foreign_keys is off), then its message_domains rows (in this order: the
 -- first reads them).

@@ -244,6 +244,8 @@ def test_the_triggers_statements_never_read_a_growing_table_whole(queue):
             when = re.search(r"\bWHEN\b(.*?)\bBEGIN\b", sql, re.S | re.I)  # runs for every row too
             for statement in [s.strip() for s in body.split(";") if s.strip()] + \
                     ([f"SELECT {when.group(1).strip()}"] if when else []):
+                if re.match(r"SELECT RAISE\(", statement, re.I):
+                    continue  # reads nothing (and has no plan outside a trigger); its WHEN is checked
                 statement = re.sub(r"\b(?:NEW|OLD)\.\w+", "?", statement)
                 if bad := growing_scans(db, statement, [None] * statement.count("?")):
                     scans[f"{name}: {statement[:120]}"] = bad

@@ -1554,6 +1554,26 @@ def test_a_row_moved_to_another_domain_by_hand_keeps_its_message(store):
     assert [r.domain for r in store.show(qid).rows] == ["c.test"]
 
 
+def test_a_waiting_row_s_name_cannot_be_deleted_or_changed_by_hand(store):
+    """A hand DELETE (or UPDATE) of message_domains that would leave a waiting queue row
+    unnamed fails whole: the reclaim, not seeing the row, would delete its message under
+    it once the message's other row went. A name whose row went may go."""
+    qid = put(store, "u@a.test", "v@b.test")
+    shell = sqlite3.connect(store.path, isolation_level=None)
+    for statement in ("DELETE FROM message_domains WHERE domain = 'b.test'",
+                      "DELETE FROM message_domains",
+                      "UPDATE message_domains SET domain = 'c.test' WHERE domain = 'b.test'"):
+        with pytest.raises(sqlite3.IntegrityError, match="its queue row waits"):
+            shell.execute(statement)
+    assert record_delivered(store, qid, "a.test", ["u@a.test"], "250 ok") is None
+    assert reclaim(store) == 0 and store.open_body(qid, "b.test").read()
+    shell.execute("DELETE FROM message_domains WHERE domain = 'a.test'")  # its row was delivered
+    shell.close()
+    assert domains_of(store.path, qid) == ["b.test"]
+    assert record_delivered(store, qid, "b.test", ["v@b.test"], "250 ok") is None
+    assert reclaim(store) == 1 and domains_of(store.path, qid) == [] and counts(store.path)[0] == 0
+
+
 def test_show_hold_and_delete_of_a_message_find_its_rows_by_its_domains(store):
     """`backupmx show|hold|release|delete ID` (the queue's key starts with the domain): every
     row of the message, and only its."""
