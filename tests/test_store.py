@@ -1435,6 +1435,20 @@ def test_a_rebuild_killed_half_way_leaves_the_old_queue_as_it_was(tmp_path, cloc
 # --- schema 14: a message's own deletion deferred to housekeeping's reclaim -------------
 
 
+def queue_by_hand(shell, messages):
+    """Messages queued in an old schema's file as its backupmx wrote them: {queue id: domains},
+    a one-chunk body each, a recipient u@ each domain."""
+    for qid, domains in messages.items():
+        shell.execute("INSERT INTO body_chunks (data) VALUES (?)", (b"Subject: x\r\n\r\n" + qid.encode(),))
+        chunk = shell.execute("SELECT MAX(id) FROM body_chunks").fetchone()[0]
+        shell.execute("INSERT INTO messages (queue_id, sender, received_at, size, first_chunk, last_chunk)"
+                      " VALUES (?, 's@x.test', ?, 15, ?, ?)", (qid, T0, chunk, chunk))
+        for domain in domains:
+            shell.execute("INSERT INTO queue (queue_id, domain, state_changed) VALUES (?, ?, ?)", (qid, domain, T0))
+            shell.execute("INSERT INTO recipients (queue_id, domain, address) VALUES (?, ?, ?)",
+                          (qid, domain, f"u@{domain}"))
+
+
 def test_a_version_13_queue_gets_the_reclaim_and_a_delivered_message_waits_for_it(tmp_path, clock, monkeypatch):
     """tests/data/schema-v13.sql is schema.sql before the reclaim: the migration replaces
     trigger queue_gone (and view message_bodies) in its transaction and adds table reclaim,
@@ -1445,15 +1459,7 @@ def test_a_version_13_queue_gets_the_reclaim_and_a_delivered_message_waits_for_i
     path = str(tmp_path / "old.db")
     shell = sqlite3.connect(path, isolation_level=None)
     shell.executescript((ROOT / "tests" / "data" / "schema-v13.sql").read_text())
-    for qid, domains in (("M1", ["a.test", "b.test"]), ("M2", ["a.test"])):
-        shell.execute("INSERT INTO body_chunks (data) VALUES (?)", (b"Subject: x\r\n\r\n" + qid.encode(),))
-        chunk = shell.execute("SELECT MAX(id) FROM body_chunks").fetchone()[0]
-        shell.execute("INSERT INTO messages (queue_id, sender, received_at, size, first_chunk, last_chunk)"
-                      " VALUES (?, 's@x.test', ?, 15, ?, ?)", (qid, T0, chunk, chunk))
-        for domain in domains:
-            shell.execute("INSERT INTO queue (queue_id, domain, state_changed) VALUES (?, ?, ?)", (qid, domain, T0))
-            shell.execute("INSERT INTO recipients (queue_id, domain, address) VALUES (?, ?, ?)",
-                          (qid, domain, f"u@{domain}"))
+    queue_by_hand(shell, {"M1": ["a.test", "b.test"], "M2": ["a.test"]})
     shell.close()
     assert marks(path) == (13, 13)
     with QueueStore(path, clock=clock) as s:
@@ -1602,15 +1608,7 @@ def test_a_version_14_queue_gets_message_domains_and_loses_the_index_and_the_for
     path = str(tmp_path / "old.db")
     shell = sqlite3.connect(path, isolation_level=None)
     shell.executescript((ROOT / "tests" / "data" / "schema-v14.sql").read_text())
-    for qid, domains in (("M1", ["a.test", "b.test"]), ("M2", ["a.test"]), ("M3", ["b.test"])):
-        shell.execute("INSERT INTO body_chunks (data) VALUES (?)", (b"Subject: x\r\n\r\n" + qid.encode(),))
-        chunk = shell.execute("SELECT MAX(id) FROM body_chunks").fetchone()[0]
-        shell.execute("INSERT INTO messages (queue_id, sender, received_at, size, first_chunk, last_chunk)"
-                      " VALUES (?, 's@x.test', ?, 15, ?, ?)", (qid, T0, chunk, chunk))
-        for domain in domains:
-            shell.execute("INSERT INTO queue (queue_id, domain, state_changed) VALUES (?, ?, ?)", (qid, domain, T0))
-            shell.execute("INSERT INTO recipients (queue_id, domain, address) VALUES (?, ?, ?)",
-                          (qid, domain, f"u@{domain}"))
+    queue_by_hand(shell, {"M1": ["a.test", "b.test"], "M2": ["a.test"], "M3": ["b.test"]})
     assert [r[2] for r in shell.execute("PRAGMA foreign_key_list(queue)")] == ["messages"]
     shell.close()
     assert marks(path) == (14, 13)
