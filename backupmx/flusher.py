@@ -597,16 +597,17 @@ class _Flush:
             self.client.getreply()
         self.reset()
 
-    def send_body(self, queue_id: str, domain: str | None = None) -> bytes:
+    def send_body(self, queue_id: str, domain: str) -> bytes:
         """Stream the body but for its last piece; return that piece with the end of data.
 
+        The body is read while `domain`'s row of the message waits (_Gone once it went).
         The caller sends the last piece and the end-of-data marker in one write
         (with the next message's commands, announce): two small writes in a row
         would wait for the peer's delayed ACK (Nagle), ~40 ms per message.
         """
         encoder = DataEncoder()
         try:
-            body = self.store.open_body(queue_id, domain)  # while the domain's row waits
+            body = self.store.open_body(queue_id, domain)
         except KeyError as e:
             raise _Gone() from e
         pending = b""
