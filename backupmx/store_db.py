@@ -241,13 +241,14 @@ class BodyReader(io.RawIOBase):
 
     READAHEAD = 1024 * 1024
 
-    def __init__(self, db: sqlite3.Connection, queue_id: str, size: int, domain: str | None = None):
+    def __init__(self, db: sqlite3.Connection, queue_id: str, size: int, still: tuple[str, tuple]):
         super().__init__()
         self._db = db
         self.queue_id = queue_id
         self.size = size
-        # Read while that domain's row waits (a flush's), else while any row of the message does.
-        self._still = (STILL_QUEUED, (queue_id,)) if domain is None else (STILL_QUEUED_FOR, (queue_id, domain))
+        # When the body may still be read: STILL_QUEUED or STILL_QUEUED_FOR, and its parameters
+        # (QueueDatabase.open_body).
+        self._still = still
         self._pos = 0
         self._buf = b""
         self._buf_start = 0
@@ -930,10 +931,11 @@ class QueueDatabase:
         Raises KeyError if the message is not in the queue (for `domain`, when given:
         a flush reads a body while the domain's row waits, by the queue's key).
         """
-        still, args = (STILL_QUEUED, (queue_id,)) if domain is None else (STILL_QUEUED_FOR, (queue_id, domain))
+        # Read while that domain's row waits (a flush's), else while any row of the message does.
+        still = (STILL_QUEUED, (queue_id,)) if domain is None else (STILL_QUEUED_FOR, (queue_id, domain))
         with _sqlite_errors():
-            row = self.connection.execute("SELECT size FROM messages AS m WHERE m.queue_id = ?" + still,
-                                          args).fetchone()
+            row = self.connection.execute("SELECT size FROM messages AS m WHERE m.queue_id = ?" + still[0],
+                                          still[1]).fetchone()
         if row is None:
             raise KeyError(queue_id)
-        return BodyReader(self.connection, queue_id, row[0], domain)
+        return BodyReader(self.connection, queue_id, row[0], still)
