@@ -205,7 +205,7 @@ def _check_database(path: str, *, whole: bool = True) -> list[str]:
     import sqlite3
     from pathlib import Path
 
-    from backupmx.store import check_database
+    from backupmx.store import NAME_ROWS_SQL, check_database, unnamed_queue_rows
 
     # integrity_check below does all quick_check would, and more: the file is read once.
     problems = check_database(path, quick_check=False)
@@ -224,8 +224,6 @@ def _check_database(path: str, *, whole: bool = True) -> list[str]:
     if not whole:
         print(f"ok: database {path}: not read whole (--quick; serve checks it at start)")
         return []
-    from backupmx.store_housekeeping import NAME_ROWS_SQL, unnamed_queue_rows
-
     try:
         # Read-only: `check` changes nothing. integrity_check also compares every
         # index with its table, which quick_check skips.

@@ -40,7 +40,8 @@ from backupmx.store_db import (DELIVERED, EXPIRED, FAILED, HELD, QUEUED, RECEIVE
 from backupmx.store_delivery import Delivery, QueuedMessage  # noqa: F401
 from backupmx.store_flushes import FlushRequests  # noqa: F401
 from backupmx.store_greylist import Greylist, GreylistEntry, Triple  # noqa: F401
-from backupmx.store_housekeeping import DSN_CLAIM_SECONDS, Bounce, ExpiredRow, Housekeeping, PurgedRow  # noqa: F401
+from backupmx.store_housekeeping import (DSN_CLAIM_SECONDS, NAME_ROWS_SQL, Bounce, ExpiredRow,  # noqa: F401
+                                         Housekeeping, PurgedRow, unnamed_queue_rows)
 from backupmx.store_intake import Intake, QuotaExceeded, Submission  # noqa: F401
 from backupmx.store_operator import (Event, MessageDetail, MessageRow, OperatorQueries,  # noqa: F401
                                      QueueSummary, RowDetail, RowKey, Selection)
