@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from backupmx import replies
+from backupmx.smtp import MAX_ERRORS
 from backupmx.cli import main as cli
 from backupmx.envelope import Envelope, Recipient
 from backupmx.schema import schema_version
@@ -396,7 +397,8 @@ def test_metrics_endpoint_is_bounded_against_hostile_clients(mx):
 
 def test_protocol_abuse_and_blocked_auth_are_reject_lines(mx):
     """What the protocol jail and the AUTH jail read besides the lines above (issue 9's refusals):
-    commands pipelined after EHLO, junk commands past max_junk_commands (100 here), and AUTH from
+    commands pipelined after EHLO, junk commands past max_junk_commands (100 here), a session's
+    MAX_ERRORS refused commands, and AUTH from
     an address over max_auth_failures_per_client (3 here; from 127.0.0.2, so that 127.0.0.1 may
     still authenticate in the other tests)."""
     tail = LogTail(mx)
@@ -410,6 +412,9 @@ def test_protocol_abuse_and_blocked_auth_are_reject_lines(mx):
         for _ in range(100):
             assert c.noop()[0] == 250
         assert c.noop()[0] == 421
+    with smtplib.SMTP("127.0.0.1", mx.port, timeout=10) as c:  # a scanner's unknown commands
+        assert [c.docmd("FOO")[0] for _ in range(MAX_ERRORS)] == [500] * MAX_ERRORS
+        assert c.getreply()[0] == 421  # after the last one's 500, as Postfix does
     guess = "PLAIN " + base64.b64encode(b"\0prim\0guess").decode()
     blocked = replies.CLIENT_AUTH_BLOCKED.render(hostname="mx2.test").decode().rstrip()
     replied = []
@@ -423,6 +428,7 @@ def test_protocol_abuse_and_blocked_auth_are_reject_lines(mx):
     assert replied[-1] == blocked and replied.count(535) == 2, replied
     tail.wait("reject", reason="protocol_synchronization", command="EHLO")
     tail.wait("reject", reason="too_many_junk_commands", command="NOOP")
+    tail.wait("reject", reason="too_many_errors", command="UNKNOWN")
     tail.wait("reject", reason="client_auth_blocked", command="AUTH", client="127.0.0.2")
 
 
@@ -443,8 +449,8 @@ def failregexes(mode="normal"):
 # Issue 9's refusals: AUTH past max_auth_failures_per_client with the AUTH rule, protocol abuse in a jail of its own.
 BANNED = {"normal": r"<\d>(auth-failed |reject .* reason=(relay_denied|client_auth_blocked) )",
           "recipients": r"<\d>reject .* reason=unknown_user ",
-          "protocol": r"<\d>reject .* reason=(protocol_synchronization|too_many_junk_commands) "}
-AT_LEAST = {"normal": 4, "recipients": 1, "protocol": 2}  # what the tests above made
+          "protocol": r"<\d>reject .* reason=(protocol_synchronization|too_many_junk_commands|too_many_errors) "}
+AT_LEAST = {"normal": 4, "recipients": 1, "protocol": 3}  # what the tests above made
 
 
 def client_of(line):
