@@ -25,7 +25,7 @@ from backupmx.outcome import Outcome, Verdict
 from backupmx.store import QueueStore
 from backupmx.store_operator import Selection
 from backupmx.store_housekeeping import RECLAIM_SQL, UNNAMED_ROWS_SQL
-from conftest import queue_one, reclaim
+from conftest import REPO, queue_one, reclaim
 
 T0 = 1_800_000_000
 GROWING = {"messages", "body_chunks", "queue", "recipients", "events", "message_domains"}
@@ -271,3 +271,32 @@ def test_a_selection_by_ids_and_domains_names_the_rows_it_did_when_it_read_them_
         (Selection(queue_ids=frozenset(many)), [r for r in every if r.queue_id in ids]),
     ]:
         assert store.select(selection) == expected and expected
+
+
+def hand_statements():
+    """The statements schema.sql's header gives operators for the sqlite3 shell, with their
+    `-- ...` comments taken away (a statement may go on over several indented lines)."""
+    header = (REPO / "schema.sql").read_text().split("\nCREATE ", 1)[0].split("-- Answering questions", 1)[1]
+    text = " ".join(re.sub(r"\s+-- .*$", "", line[len("--   "):])
+                    for line in header.splitlines() if line.startswith("--   "))
+    return [s.strip() for s in text.split(";") if re.match(r"\s*(SELECT|UPDATE|DELETE)\b", s)]
+
+
+def test_the_hand_statements_for_one_message_read_it_by_its_keys(queue):
+    """An operator at a million messages types what schema.sql's header shows: each statement
+    about one message ('ID') -- its body (view message_bodies), its arrival (view queue_arrivals),
+    its history, its domains, deleting it -- must find it by a key, not read the queue whole."""
+    store, _ = queue
+    qid = store.select(Selection(everything=True))[0].queue_id
+    db = sqlite3.connect(store.path)
+    try:
+        about_one = [s for s in hand_statements() if "'ID'" in s and "writefile(" not in s]
+        assert len(about_one) >= 6, about_one
+        scans = {s: bad for s in about_one
+                 if (bad := growing_scans(db, s.replace("'ID'", "?").replace("unixepoch()", "0"),
+                                          [qid] * s.count("'ID'")))}
+        assert scans == {}
+        body = db.execute(next(s for s in about_one if "message_bodies" in s).replace("'ID'", "?"), [qid])
+        assert body.fetchone()[0].endswith(b"body\r\n")  # the view runs, and shows the message
+    finally:
+        db.close()
