@@ -31,6 +31,10 @@ Modelled on gunicorn's arbiter. The master only supervises and accepts:
 - a connection to a listen_odmr port gets a process of its own
   (odmr_sessions.OdmrSessions: ATRN turns it into a blocking delivery),
   counted with the client's other sessions and reaped like the workers.
+- its other parts live beside it: flush_workers.py (the flush workers),
+  helper_processes.py (the metrics process, the checkpointer) and
+  primary_lookups.py (the DNS look-ups of host-name primaries, in a child, at
+  start-up, at each reload, and again for the names that did not resolve).
 
 Replies the master itself writes (no worker involved) are the two refusals,
 both transient (RFC 5321 4.2.1: 421 closes the channel):
@@ -51,18 +55,18 @@ import socket
 import time
 
 from backupmx import children, primaries, replies, worker
-from backupmx.checkpointer import run_checkpointer
-from backupmx.children import BOOT_ERROR, StopFlag, describe_status, first_line
+from backupmx.children import BOOT_ERROR, describe_status, first_line
 from backupmx.clients import limit_key, shown_address
 from backupmx.config import format_hostport, load_config, tuning
 from backupmx.connection import SMTPConnection, prepare_socket
 from backupmx.flush_workers import FlusherHandle, FlushWorkers
 from backupmx.flusher import run_flush_worker
+from backupmx.helper_processes import HelperProcesses, MetricsProcess
 from backupmx.listeners import Listener, build_listeners, refuse
 from backupmx.log import log_event
 from backupmx.metrics_http import bind as bind_metrics
-from backupmx.metrics_http import run_metrics
 from backupmx.odmr_sessions import OdmrSessions
+from backupmx.primary_lookups import PendingLookups, UnresolvedPrimaries, log_lookup_timeout, pin_primaries
 from backupmx.store_db import leave_checkpoints_to_checkpointer
 from backupmx.startup import (ServeError, become_user, build_ssl_context, check_queue, log_tuning, raise_fd_limit,
                               record_clean_stop, start_logging)
@@ -71,11 +75,6 @@ from backupmx.tls import TLSConfigError
 # Seconds without a heartbeat after which a worker is taken for hung and
 # aborted (it sends one every worker.HEARTBEAT_INTERVAL).
 HEARTBEAT_TIMEOUT = tuning("BACKUPMX_HEARTBEAT_TIMEOUT", 30.0)
-# Seconds without a heartbeat after which the checkpointer is taken for hung and killed
-# (it sends one every checkpointer.INTERVAL, or FAILURE_PAUSE while the disk fails it, and
-# every quarter of this while a long checkpoint goes on: CPU used, or the queue's disk's
-# sectors moved).
-CHECKPOINTER_TIMEOUT = tuning("BACKUPMX_CHECKPOINTER_TIMEOUT", 30.0)
 # Seconds an aborted worker has to go (faulthandler writes its stack, then it
 # dies of SIGABRT) before it is SIGKILLed. A stopped or wedged process ignores SIGABRT.
 ABORT_GRACE = 1.0
@@ -108,17 +107,12 @@ ACCEPT_PAUSE = 0.1
 TICK = 0.25
 # How long the flush workers have, at start-up, to say they are ready.
 FLUSHER_BOOT_TIMEOUT = tuning("BACKUPMX_FLUSHER_BOOT_TIMEOUT", 30.0)
-# The DNS lookups of host-name primaries (in a child, at start-up and at each reload) get this long.
-LOOKUP_TIMEOUT = primaries.LOOKUP_TIMEOUT
 # Seconds a server TLS context (and so its session-ticket key) serves before the
 # master builds a new one and replaces the SMTP workers with it. OpenSSL makes
 # the ticket key once per context and Python cannot set or rotate it: whoever
 # reads it from a worker's memory decrypts every recorded TLS 1.2 session that
 # got a ticket, so its life is bounded, hourly like Postfix's tlsmgr.
 TICKET_KEY_LIFETIME = tuning("BACKUPMX_TLS_TICKET_LIFETIME", 3600.0)
-# Seconds between the master's new lookups of the host-name primaries that did not resolve
-# (their mail waits queued meanwhile); a name that resolved is not looked up again.
-UNRESOLVED_RETRY = tuning("BACKUPMX_UNRESOLVED_RETRY", 300.0)
 
 
 def serve(config, *, connection_class=SMTPConnection, flush_worker=run_flush_worker) -> int:
@@ -168,114 +162,6 @@ class WorkerHandle:
         self.aborted_at = None  # monotonic: when murder_workers sent SIGABRT
         self.full_until = 0.0  # monotonic: its control socket refused a hand-off until then
         self.idle_since = self.started  # monotonic, None while it holds sessions
-
-
-class PendingLookups:
-    """The DNS lookups of host-name primaries (primaries.pin), in a child, for at most LOOKUP_TIMEOUT.
-
-    getaddrinfo has no timeout: run in the loop, a slow resolver would stall
-    every hand-off of a connection. A child looks the names up and writes
-    the answers to a pipe; the reload completes when they come
-    (Master.finish_reload), or after LOOKUP_TIMEOUT with what came (a name
-    without an answer keeps its addresses). The old configuration serves
-    meanwhile; a newer SIGHUP replaces a pending one. At start-up the master
-    waits for them (wait()), as long and no longer.
-    """
-
-    def __init__(self, pid, fd, config, ssl_context):
-        self.pid, self.fd = pid, fd
-        self.config, self.ssl_context = config, ssl_context
-        self.deadline = time.monotonic() + LOOKUP_TIMEOUT
-        self.answers = bytearray()
-
-    @classmethod
-    def begin(cls, master, config, ssl_context, names):
-        """start(), as the master's pending lookups, read in its loop; raises OSError as start() does."""
-        master.lookups = cls.start(master, config, ssl_context, names)
-        master.selector.register(master.lookups.fd, selectors.EVENT_READ, master.lookups)
-
-    @classmethod
-    def start(cls, master, config, ssl_context, names):
-        """A child looking `names` up; raises OSError when it cannot be started."""
-        read_end, write_end = os.pipe()
-        try:
-            pid = children.fork_blocking(master.SIGNALS)
-        except OSError:
-            os.close(read_end)
-            os.close(write_end)
-            raise
-        if pid == 0:
-            os.close(read_end)
-            master.close_in_child()
-            children.run_child(lambda: _write_lookups(write_end, names), master.logger, "lookup-crashed")
-        os.close(write_end)
-        os.set_blocking(read_end, False)
-        return cls(pid, read_end, config, ssl_context)
-
-    def finish(self, master, lookups):
-        """The answers are in (or the deadline passed): the reload completes."""
-        master.finish_reload(self.config, self.ssl_context, lookups)
-
-    def read(self) -> bool:
-        """Take what the child wrote; True once it is done."""
-        data = children.read_pipe(self.fd, 65536)
-        if data:
-            self.answers += data
-        return data == b""
-
-    def results(self) -> dict:
-        try:
-            return primaries.decode_lookups(bytes(self.answers))
-        except ValueError:  # cut short (the deadline): the names get no answer
-            return {}
-
-    def wait(self) -> bool:
-        """Block until the child is done (True) or the deadline has passed (False): start-up
-        has nothing else to serve yet. The child is gone when this returns."""
-        selector = selectors.DefaultSelector()
-        selector.register(self.fd, selectors.EVENT_READ)
-        try:
-            while (remaining := self.deadline - time.monotonic()) > 0:
-                if selector.select(remaining) and self.read():
-                    return True
-            return False
-        finally:
-            selector.close()
-            os.close(self.fd)
-            children.send_signal(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-
-
-def pin_primaries(master):
-    """Start-up: the master's config with its host-name primaries resolved, bounded like a
-    reload's lookups. A name without an answer in time is logged (primary-unresolved) and
-    its domain's mail waits queued until UnresolvedPrimaries resolves it: the server starts,
-    for a backup MX is needed most when DNS (the primary's own zone) is what is broken."""
-    names = primaries.host_primaries(master.config)
-    if not names:
-        return master.config
-    try:
-        pending = PendingLookups.start(master, master.config, master.ssl_context, names)
-    except OSError as exc:  # no child: look them up here, unbounded
-        log_event(master.logger, "fork-failed", error=exc.strerror)
-        lookups = primaries.look_up(names)
-    else:
-        if not pending.wait():
-            log_lookup_timeout(master.logger)
-        lookups = pending.results()
-    return primaries.pin(master.config, master.logger, resolver=primaries.answered(lookups))
-
-
-def log_lookup_timeout(logger):
-    log_event(logger, "primary-lookup-timeout", seconds=f"{LOOKUP_TIMEOUT:g}", level=logging.WARNING)
-
-
-def _write_lookups(fd, names):
-    """The lookup child: every name's answer, on the pipe to the master."""
-    data = primaries.encode_lookups(primaries.look_up(names))
-    while data:
-        data = data[os.write(fd, data):]
-    os.close(fd)
 
 
 class ClientCounts(collections.Counter):
@@ -837,48 +723,6 @@ class TicketKeys:
             return None
 
 
-class UnresolvedPrimaries:
-    """When the host-name primaries that did not resolve (primaries.unresolved) are next looked
-    up: every UNRESOLVED_RETRY seconds while there are any, in the reload's bounded child
-    (RetryLookups), so that mail queued while DNS was broken at start-up goes once it is back,
-    not only after a SIGHUP. Names that resolved are never looked up again (pins are deliberate)."""
-
-    def __init__(self):
-        self.due = time.monotonic() + UNRESOLVED_RETRY
-
-    def look_up_due(self, master):
-        """Start the lookups when due. Not while a reload's lookups are pending (they resolve
-        every name anyway; a SIGHUP cancels a retry's), nor while stopping."""
-        if master.stopping or master.lookups is not None or time.monotonic() < self.due:
-            return
-        self.due = time.monotonic() + UNRESOLVED_RETRY
-        names = primaries.unresolved(master.config)
-        if not names:
-            return
-        try:
-            RetryLookups.begin(master, master.config, master.ssl_context, names)
-        except OSError as exc:  # never looked up in the loop: an interval later
-            log_event(master.logger, "fork-failed", error=exc.strerror)
-
-
-class RetryLookups(PendingLookups):
-    """UnresolvedPrimaries' lookups: what now resolves is pinned (primary-resolved) and the
-    flush workers are replaced so the new ones deliver there. The queue is left alone: a
-    backup MX delivers on ETRN or at retry_interval, as before. SMTP workers use the pins only
-    for `recipients = verify` callouts and monitoring probes: replaced only for such a domain."""
-
-    def finish(self, master, lookups):
-        if master.stopping:
-            return
-        master.config, resolved = primaries.pin_resolved(master.config, lookups, master.logger)
-        if not resolved:
-            return
-        master.flush_workers.retire_all()
-        master.flush_workers.manage()
-        if any(d.verify or d.accept_when == "primary-unreachable" for d in resolved):
-            master.replace_workers(master.ssl_context, "retire")  # their sessions are not hurried
-
-
 class RejectCounts(collections.Counter):
     """The master's own 421s by reason (replies.reason), until a worker takes them over:
     the master holds no queue, the worker adds them to the queue's counters."""
@@ -901,180 +745,3 @@ class RejectCounts(collections.Counter):
             except OSError:
                 return  # full or gone: next tick
             del self[reason]
-
-
-class HelperProcess:
-    """A process of its own under the master, beside the workers: started, started again when it
-    dies (after RESPAWN_DELAY when it died at once), replaced on SIGHUP (it runs with the config
-    it was started with), stopped with the rest. A subclass says what it runs (`body`) and names
-    it in the log lines (`name`-started, -died, -crashed)."""
-
-    name = "helper"
-
-    def __init__(self):
-        self.handle: FlusherHandle | None = None  # the process now running, None when none
-        self.respawn_after = 0.0
-
-    @property
-    def pid(self):
-        return self.handle.pid if self.handle is not None else None
-
-    def body(self, config, logger, should_stop):
-        raise NotImplementedError
-
-    def close_in_child(self, master):
-        master.close_in_child()
-
-    def close_fds(self, keep):
-        """In a child of the master: this helper's descriptors are the master's (but `keep`)."""
-
-    def manage(self, master):
-        if master.stopping or self.handle is not None or time.monotonic() < self.respawn_after:
-            return
-        try:
-            pid = children.fork_blocking(master.SIGNALS)
-        except OSError as exc:
-            log_event(master.logger, "fork-failed", error=exc.strerror)
-            self.respawn_after = time.monotonic() + RESPAWN_DELAY
-            return
-        if pid == 0:
-            self.close_in_child(master)
-            config, logger, stop = master.config, master.logger, StopFlag(parent=master.pid)
-
-            def run():
-                stop.install()
-                self.body(config, logger, stop.should_stop)
-
-            children.run_child(run, logger, f"{self.name}-crashed")
-        self.handle = FlusherHandle(pid, None, master.generation)
-        log_event(master.logger, f"{self.name}-started", pid=pid)
-
-    def exited(self, master, status):
-        handle, self.handle = self.handle, None
-        if handle.retiring or master.stopping:
-            return
-        log_event(master.logger, f"{self.name}-died", pid=handle.pid, status=describe_status(status),
-                  level=logging.WARNING)
-        if time.monotonic() - handle.started < QUICK_DEATH:
-            self.respawn_after = time.monotonic() + RESPAWN_DELAY
-
-    def stop(self, *, retiring=False):
-        if self.handle is not None:
-            self.handle.retiring = self.handle.retiring or retiring
-            children.send_signal(self.handle.pid, signal.SIGTERM)
-
-
-class MetricsProcess(HelperProcess):
-    """The metrics process (metrics_http.py): GET /metrics on its socket, bound at start."""
-
-    name = "metrics-process"
-
-    def __init__(self, sock):
-        super().__init__()
-        self.sock = sock
-
-    def close_in_child(self, master):
-        master.close_in_child(keep=self.sock)
-
-    def close_fds(self, keep):
-        if keep is not self.sock:
-            self.sock.close()
-
-    def body(self, config, logger, should_stop):
-        run_metrics(self.sock, config, logger, should_stop)
-
-
-class CheckpointerProcess(HelperProcess):
-    """The checkpointer (checkpointer.py): the WAL's checkpoints, off the writers' commits.
-
-    It writes a byte on a pipe at each look, and while a long checkpoint copies, every quarter
-    of CHECKPOINTER_TIMEOUT in which it used CPU or the queue's disk moved sectors; one silent
-    for CHECKPOINTER_TIMEOUT is killed (SIGKILL) and started again: hung inside a checkpoint it
-    holds SQLite's checkpoint lock, and the writers' backstop checkpoints cannot run until it is
-    gone."""
-
-    name = "checkpointer"
-
-    def __init__(self):
-        super().__init__()
-        self.beats = self.beat_end = None  # the heartbeat pipe's ends (the write end until the fork)
-        self.last_seen = 0.0
-        self.killed = False
-
-    def manage(self, master):
-        self.watch(master)
-        if self.handle is None and self.beats is None:
-            self.beats, self.beat_end = os.pipe()
-            os.set_blocking(self.beats, False)
-            os.set_blocking(self.beat_end, False)
-        super().manage(master)
-        if self.handle is not None and self.beat_end is not None:
-            os.close(self.beat_end)
-            self.beat_end, self.last_seen, self.killed = None, time.monotonic(), False
-
-    def watch(self, master):
-        if self.handle is None or self.beats is None:
-            return
-        if children.read_pipe(self.beats, 4096):
-            self.last_seen = time.monotonic()
-        elif not self.killed and time.monotonic() - self.last_seen > CHECKPOINTER_TIMEOUT:
-            log_event(master.logger, "checkpointer-hung", pid=self.handle.pid,
-                      silent=f"{time.monotonic() - self.last_seen:.1f}s", signal="SIGKILL", level=logging.WARNING)
-            self.killed = True
-            children.send_signal(self.handle.pid, signal.SIGKILL)
-
-    def close_in_child(self, master):
-        master.close_in_child(keep=self.beat_end)
-
-    def close_fds(self, keep):
-        for fd in (self.beats, self.beat_end):
-            if fd is not None and fd != keep:
-                os.close(fd)
-
-    def body(self, config, logger, should_stop):
-        run_checkpointer(config, logger, should_stop, beat=lambda: _beat(self.beat_end),
-                         progress_look=CHECKPOINTER_TIMEOUT / 4)
-
-    def exited(self, master, status):
-        os.close(self.beats)
-        self.beats = None
-        super().exited(master, status)
-
-
-def _beat(fd):
-    """One heartbeat on the pipe to the master; a full pipe (the master is behind) or a broken one is no matter."""
-    try:
-        os.write(fd, b".")
-    except OSError:
-        pass
-
-
-class HelperProcesses:
-    """The master's helper processes: the metrics process (with metrics_listen) and the checkpointer."""
-
-    def __init__(self):
-        self.metrics: MetricsProcess | None = None  # with metrics_listen: its socket and its process
-        self.checkpointer = CheckpointerProcess()  # the WAL's checkpoints, off the writers' commits
-
-    def __iter__(self):
-        return iter([h for h in (self.metrics, self.checkpointer) if h is not None])
-
-    def pids(self):
-        return [h.pid for h in self if h.pid is not None]
-
-    def manage(self, master):
-        for helper in self:
-            helper.manage(master)
-
-    def exited(self, master, pid, status):
-        for helper in self:
-            if helper.pid == pid:
-                helper.exited(master, status)
-
-    def stop(self, *, retiring=False):
-        for helper in self:
-            helper.stop(retiring=retiring)
-
-    def close_in_child(self, keep):
-        for helper in self:
-            helper.close_fds(keep)

@@ -18,7 +18,8 @@ LAYERS = {
                "policy", "verify", "auth_limit", "client_dns",
                "odmr_connection", "greylist", "atrn_relay", "prober"},
     "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "lifecycle", "reclaim", "dsn",
-                "notify", "metrics_http", "flush_workers", "odmr_sessions", "checkpointer"},
+                "notify", "metrics_http", "flush_workers", "odmr_sessions", "checkpointer", "helper_processes",
+                "primary_lookups"},
 }
 # Leaves anyone may use: the config's data model, the log line format.
 SHARED = {"config", "log"}

@@ -4,7 +4,7 @@ Two of the master's timed jobs start something that can fail in the master
 itself: the ticket-key rotation builds a new server TLS context every
 BACKUPMX_TLS_TICKET_LIFETIME (master.TicketKeys), and the look-up of
 primaries that did not resolve at start-up runs in a child every
-BACKUPMX_UNRESOLVED_RETRY (master.UnresolvedPrimaries, RetryLookups). When
+BACKUPMX_UNRESOLVED_RETRY (primary_lookups.UnresolvedPrimaries, RetryLookups). When
 that fails, the master logs it and tries an interval later, the old context
 (and pins) serving meanwhile. A retry at every turn of the loop instead would
 log a line, read the key files or fork at every connection, signal or child

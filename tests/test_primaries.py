@@ -155,7 +155,7 @@ def test_a_reload_that_cannot_resolve_keeps_the_previous_addresses(tmp_path, log
 
 
 def test_only_names_without_an_address_are_looked_up_again_and_pinned_once_they_answer(tmp_path, log):
-    """The master's retry (master.UnresolvedPrimaries): a pinned name, or one that kept its
+    """The master's retry (primary_lookups.UnresolvedPrimaries): a pinned name, or one that kept its
     previous addresses, is never moved by a later answer; an unresolved one is, once."""
     def some(host, port):
         if host == "mail.example.org":
