@@ -52,7 +52,8 @@ def test_dependencies_point_inward(layer):
 
 
 def test_every_module_has_a_place():
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__", "cli", "etrnclient", "atrnclient"}
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__", "cli", "cli_check", "cli_common", "cli_queue",
+                                                          "etrnclient", "atrnclient"}
     placed = set().union(SHARED, *LAYERS.values())
     assert modules == placed, "add the new module to LAYERS (and to docs/ARCHITECTURE.md)"
 
