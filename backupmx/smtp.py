@@ -4,8 +4,11 @@ The driver (connection.py) feeds socket bytes to `receive_data`, writes what
 `data_to_send` returns, and handles the events in `events` (oldest first;
 `next_event` takes one). Some events need an answer before the session goes
 on (below: each event with its answer); until the driver gives it, input is
-only buffered. This module and smtp_body.py never import socket, ssl,
-sqlite3, os, time or logging (tests/test_smtp.py asserts it).
+only buffered. Beside it: smtp_events.py (the events), smtp_arguments.py (what
+a command's argument says: MAIL, RCPT, BDAT, ETRN), smtp_counts.py (the
+refusals that end a session, and the commands' log), smtp_body.py (the
+content after DATA and BDAT). None of them imports socket, ssl, sqlite3, os,
+time or logging (tests/test_smtp.py asserts it).
 
 Rules every change must keep:
  1. Lines end at CRLF only. A bare CR or LF is an error, never a line end, and
@@ -52,11 +55,15 @@ from email.utils import format_datetime
 from typing import TYPE_CHECKING
 
 from backupmx import addresses, replies
-from backupmx.addresses import AddressError, NonASCIIAddress
 from backupmx.envelope import Envelope, Recipient
 from backupmx.replies import Reply
+from backupmx.smtp_arguments import bdat_size, etrn_request, parse_recipient, parse_sender
 from backupmx.smtp_body import (ChunkedTransfer, ChunkReader, DataTransfer, MessageAborted,  # noqa: F401 - events
                                 MessageData)
+from backupmx.smtp_counts import CommandLog, ErrorCounts
+from backupmx.smtp_events import (AuthRequest, AuthResponse, EtrnRequest, MailAdmission,  # noqa: F401 - events
+                                  MessageReceived, MessageStarted, PipeliningViolation, RecipientAdmission, Refused,
+                                  StartTLS)
 
 if TYPE_CHECKING:
     from backupmx.config import Config, DomainConfig
@@ -65,20 +72,6 @@ if TYPE_CHECKING:
 # AUTH line may carry an initial response: RFC 4954 section 4 allows 12288.
 MAX_COMMAND_LINE = 512
 MAX_AUTH_LINE = 12288
-# Refusals in one session before it is ended with 421 4.7.0 too many errors; a queued message
-# starts the counts again (Postfix's smtpd_hard_error_limit, 20, counts 4xx and 5xx together).
-# 5xx replies: the 20th ends the session (as it did before 4xx were counted).
-MAX_ERRORS = 20
-# 4xx replies, counted apart: each may have cost a callout, a greylist write or a quota look-up,
-# so a client is not given them for as long as a session lasts; beyond this many the session
-# ends. Higher than Postfix's, and a limit exceeded rather than reached (as Postfix's are), so
-# that a whole transaction of deferred recipients (a mailing list's first visit while
-# greylisting, a verify outage; 100 recipients is max_recipients' default and Exim's max_rcpt)
-# is answered to its end, its DATA included, and the client goes on.
-MAX_TEMPORARY_ERRORS = 100
-# 452 too many recipients (RFC 5321 4.5.3.1.10: the client sends the rest in another
-# transaction) counts only beyond this many (Postfix's smtpd_recipient_overshoot_limit).
-MAX_RECIPIENT_OVERSHOOT = 1000
 # RFC 7230 methods: an HTTP client talking to the SMTP port ends the session at once.
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 # Rule 9: reply octets waiting for the driver before the session stops taking commands.
@@ -88,109 +81,12 @@ UNIMPLEMENTED = frozenset({"EXPN", "TURN", "SEND", "SOML", "SAML", "ATRN"})  # A
 # SASL mechanisms where the server speaks first: no initial response (RFC 4954 4).
 # SCRAM-SHA-256 (RFC 5802) is client-first: its client-first message may be the initial response.
 SERVER_FIRST = frozenset({"CRAM-MD5"})
-# Commands whose refusals are Refused events (SPEC Part 2, "Operator's view"); a
-# refusal that ends the session is one whatever the command.
-REFUSALS_REPORTED = frozenset({"MAIL", "RCPT", "DATA", "BDAT", "AUTH", "ETRN", "STARTTLS", "ATRN"})
 # Closing replies that are no refusal of a command: the driver logs these itself.
 NOT_REFUSALS = frozenset({replies.TIMEOUT, replies.SHUTTING_DOWN, replies.SESSION_TIME_EXCEEDED})
 
 
 # (ehlo_lines function, id(settings), tls_active, auth_offered) -> (settings, the reply's octets)
 _EHLO_REPLIES: dict[tuple, tuple] = {}
-
-
-# --- events: what the session asks, and the method that answers it ------------
-#
-#   MessageStarted       -            the driver opens a spool for the content
-#   MessageData          -            (smtp_body) a piece of the content
-#   MessageAborted       -            (smtp_body) the content will not be queued
-#   MessageReceived      message_queued(queue_id) | message_refused(reply)
-#   MailAdmission        mail_admitted(refusal=None)
-#   RecipientAdmission   recipient_admitted(refusal=None, **fields)
-#   StartTLS             tls_started()
-#   AuthRequest          auth_challenge(data) | auth_result(user or None) | auth_malformed() | auth_blocked()
-#   AuthResponse         the same three
-#   EtrnRequest          etrn_result({domain: pending} or None)
-#   Refused              -            a command got a 4xx/5xx: the driver logs it (`reject`) and counts it
-#   PipeliningViolation  -            (rule 10) the session is closed; the driver logs it
-
-
-@dataclass(frozen=True)
-class MessageStarted:
-    """DATA accepted: the driver opens a spool for the content."""
-    envelope: Envelope
-
-
-@dataclass(frozen=True)
-class MessageReceived:
-    """End of DATA. Answer with `message_queued(queue_id)` or `message_refused(reply)`."""
-    envelope: Envelope
-    size: int
-
-
-@dataclass(frozen=True)
-class MailAdmission:
-    """May this transaction start (free space for a declared SIZE, ...)? Answer with
-    `mail_admitted(refusal)`: None to accept, else the reply."""
-    envelope: Envelope
-
-
-@dataclass(frozen=True)
-class RecipientAdmission:
-    """May mail for this recipient be queued (quota, free space, and whatever the
-    driver checks: a callout, a greylist)? Answer with `recipient_admitted(refusal,
-    **fields)`: None to accept, else the reply (rendered with address= and fields)."""
-    envelope: Envelope
-    recipient: Recipient
-
-
-@dataclass(frozen=True)
-class StartTLS:
-    """The 220 is in the output. Send it in plaintext, then answer with `tls_started()`."""
-
-
-@dataclass(frozen=True)
-class AuthRequest:
-    """AUTH <mechanism> [initial-response]: the driver starts a SASL exchange
-    (auth.sasl_exchange) and answers its first step. `initial_response` is the
-    base64 text as sent, or None when there was none."""
-    mechanism: str
-    initial_response: str | None
-
-
-@dataclass(frozen=True)
-class AuthResponse:
-    """The client's answer to a 334 challenge (base64 text): the exchange's next step."""
-    response: str
-
-
-@dataclass(frozen=True)
-class EtrnRequest:
-    """Record a flush for `domains`; answer with `etrn_result({domain: pending} or None)`."""
-    domains: tuple[str, ...]
-    argument: str
-
-
-@dataclass(frozen=True)
-class Refused:
-    """A command was refused (SPEC Part 2: every refusal is logged). The session
-    itself never logs (it has no I/O); the driver writes the `reject` line."""
-    command: str  # the verb refused (MAIL, RCPT, DATA, AUTH, ETRN, STARTTLS, ...)
-    reply: Reply  # the constant in replies.py: its name is the reason (replies.reason)
-    text: str  # the reply line as it was sent, without CRLF
-    helo: str | None
-    sender: str | None  # the MAIL FROM address ("" = the null sender), None when none was given
-    recipient: str | None  # the RCPT TO address; for DATA, the message's first recipient
-    recipients: int = 0  # DATA: how many recipients the refused message had
-
-
-@dataclass(frozen=True)
-class PipeliningViolation:
-    """The client sent ahead where it must wait (rule 10): `after` is the command
-    (or "CONNECT" before the greeting), `early_input` the first octets sent ahead.
-    The session is already closed with 554 5.5.0; nothing of it was executed."""
-    after: str
-    early_input: bytes
 
 
 class Phase(enum.Enum):
@@ -761,109 +657,7 @@ class Session:
         return asked
 
 
-@dataclass
-class ErrorCounts:
-    """A session's refusals since its start or its last queued message, as Postfix counts its
-    errors (smtpd_hard_error_limit), 4xx apart from 5xx (MAX_ERRORS and the constants below it)."""
-    errors: int = 0  # 5xx replies
-    temporary: int = 0  # 4xx replies
-    recipient_overshoot: int = 0  # 452 too many recipients, counted apart up to MAX_RECIPIENT_OVERSHOOT
-
-    def one_too_many(self, reply: Reply) -> bool:
-        """Count a refusal: True when the session must end for it (421 4.7.0 too many errors)."""
-        if reply.code >= 500:
-            if reply is replies.AUTH_FAILED:  # max_auth_failures counts these
-                return False
-            self.errors += 1
-            return self.errors >= MAX_ERRORS
-        if reply is replies.TOO_MANY_RECIPIENTS and self.recipient_overshoot < MAX_RECIPIENT_OVERSHOOT:
-            self.recipient_overshoot += 1
-            return False
-        self.temporary += 1
-        return self.temporary > MAX_TEMPORARY_ERRORS
-
-
-@dataclass
-class CommandLog:
-    """The session's commands as the driver reports them (the session itself never logs):
-    the one being answered (its verb, whether it was refused, the addresses it named)
-    and Postfix's per-verb counts for the disconnect line."""
-    verb: str | None = None
-    refused: bool = False
-    argument: str = ""  # the command's argument, as sent: what it names is read from it on a refusal (named)
-    counts: dict = field(default_factory=dict)  # verb (lower case) -> [sent, refused]
-
-    def begin(self, verb: str, argument: str = "") -> None:
-        """A command line arrives (verb UNKNOWN when it is no command we know): count it, and
-        keep its argument (the address a MAIL or RCPT names is taken from it only if refused)."""
-        self.verb, self.refused, self.argument = verb, False, argument
-        numbers = self.counts.get(name := verb.lower())
-        if numbers is None:
-            numbers = self.counts[name] = [0, 0]
-        numbers[0] += 1
-
-    def named(self) -> dict[str, str]:
-        """{"from": ...} or {"to": ...}: the address the MAIL or RCPT being answered names, as the
-        client wrote it (without <>); {} for any other command."""
-        verb = self.verb
-        if verb != "MAIL" and verb != "RCPT":
-            return {}
-        key, colon, path = self.argument.partition(":")
-        if not colon or key.strip().upper() != ("FROM" if verb == "MAIL" else "TO"):
-            return {}
-        path = path.strip(" ")
-        path = path[:path.find(">") + 1] if path.startswith("<") and ">" in path else path.split(" ")[0]
-        return {"from" if verb == "MAIL" else "to": path.removeprefix("<").removesuffix(">")}
-
-    def refuse(self, reply: Reply, rendered: bytes, helo: str | None, envelope: Envelope | None, *,
-               ends_session: bool = False) -> "Refused | None":
-        """The command being answered got a 4xx/5xx: count it (once, however many replies it gets),
-        and return its Refused event when it is reported (REFUSALS_REPORTED, or it ends the session)."""
-        if self.verb is not None and not self.refused:
-            self.refused = True
-            self.counts[self.verb.lower()][1] += 1
-        if ends_session or self.verb in REFUSALS_REPORTED:
-            return self.refusal(reply, rendered, helo, envelope)
-        return None
-
-    def refusal(self, reply: Reply, rendered: bytes, helo: str | None, envelope: Envelope | None) -> Refused:
-        """The Refused event of the command being answered: what it named, or its transaction's addresses."""
-        verb = self.verb or "UNKNOWN"
-        named = self.named()
-        sender = named.get("from", envelope.sender if envelope is not None else None)
-        recipient, count = named.get("to"), 0
-        if verb in ("DATA", "BDAT") and envelope is not None and envelope.recipients:
-            recipient, count = envelope.recipients[0].address, len(envelope.recipients)
-        return Refused(verb, reply, rendered.decode("ascii").rstrip("\r\n"), helo, sender, recipient, count)
-
-    def summary(self) -> dict[str, str]:
-        """{"ehlo": "1", "rcpt": "1/2", ..., "commands": "5/6"}: accepted/sent, or the number when none was refused."""
-        shown, total_sent, total_refused = {}, 0, 0
-        for verb, (sent, refused) in self.counts.items():  # one pass: a disconnect line per session
-            shown[verb] = str(sent) if not refused else f"{sent - refused}/{sent}"
-            total_sent += sent
-            total_refused += refused
-        shown["commands"] = str(total_sent) if not total_refused else f"{total_sent - total_refused}/{total_sent}"
-        return shown
-
-
-# --- ESMTP parameters (pure functions: the envelope they fill, or the problem) -------
-
-
-def bdat_size(argument: str) -> tuple[int, bool] | None:
-    """RFC 3030 2: bdat-cmd = "BDAT" SP chunk-size [ SP end-marker ]: (octets, last), or None."""
-    words = argument.split(" ")
-    if not 1 <= len(words) <= 2 or not addresses.DIGITS_RE.fullmatch(words[0]) or (
-            len(words) == 2 and words[1].upper() != "LAST"):
-        return None
-    return int(words[0]), len(words) == 2
-
-
-def client_path(path: str, *, allow_null: bool, utf8: bool) -> "addresses.Mailbox | None":
-    """The path as the client meant it: Latin-1 as read, or its UTF-8 with SMTPUTF8 (RFC 6531)."""
-    if utf8 and not path.isascii():
-        path = addresses.utf8_path(path)
-    return addresses.parse_path(path, allow_null=allow_null, utf8=utf8)
+# --- what the session answers from its own state: EHLO's lines, ETRN's reply, SMTPUTF8 ---
 
 
 def needs_smtputf8(envelope: Envelope, eight_bit_header: bool) -> bool:
@@ -871,108 +665,6 @@ def needs_smtputf8(envelope: Envelope, eight_bit_header: bool) -> bool:
     server that offers SMTPUTF8 (the flusher fails it with 5.6.7 elsewhere)."""
     return envelope.smtputf8 and (eight_bit_header or not all(
         a.isascii() for a in [envelope.sender] + [r.address for r in envelope.recipients]))
-
-
-def mail_parameters(envelope: Envelope, parameters: dict, *, esmtp: bool, max_size: int):
-    """Fill the envelope from MAIL parameters; a (Reply, fields) problem or None."""
-    if parameters and not esmtp:
-        return replies.UNKNOWN_PARAMETER, {"detail": "parameters need EHLO"}
-    for keyword, value in parameters.items():
-        if keyword == "SIZE":  # RFC 1870
-            if value is None or not addresses.DIGITS_RE.fullmatch(value):
-                return replies.BAD_PARAMETER, {"detail": "SIZE"}
-            if int(value) > max_size:
-                return replies.MESSAGE_TOO_BIG, {}
-            envelope.declared_size = int(value)
-        elif keyword == "BODY":  # RFC 6152
-            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                return replies.BAD_PARAMETER, {"detail": "BODY"}
-            envelope.body_type = value.upper()
-        elif keyword == "RET":  # RFC 3461 4.3
-            if value is None or value.upper() not in ("FULL", "HDRS"):
-                return replies.BAD_PARAMETER, {"detail": "RET"}
-            envelope.ret = value.upper()
-        elif keyword == "ENVID":  # RFC 3461 4.4
-            if not value or len(value) > 100 or not addresses.XTEXT_RE.fullmatch(value):
-                return replies.BAD_PARAMETER, {"detail": "ENVID"}
-            envelope.envid = value
-        elif keyword == "AUTH":  # RFC 4954 5: accepted, not passed on
-            if not value:
-                return replies.BAD_PARAMETER, {"detail": "AUTH"}
-        elif keyword == "SMTPUTF8":  # RFC 6531 3.4: no value
-            if value is not None:
-                return replies.BAD_PARAMETER, {"detail": "SMTPUTF8"}
-            envelope.smtputf8 = True
-        else:
-            return replies.UNKNOWN_PARAMETER, {"detail": keyword}
-    return None
-
-
-def recipient_parameters(mailbox: addresses.Mailbox, domain: str, parameters: dict, *, esmtp: bool):
-    """A Recipient of the configured `domain`, or a (Reply, fields) problem with its RFC 3461 parameters."""
-    notify = orcpt = None
-    if parameters and not esmtp:
-        return replies.UNKNOWN_PARAMETER, {"detail": "parameters need EHLO"}
-    for keyword, value in parameters.items():
-        if keyword == "NOTIFY":  # RFC 3461 4.1
-            words = (value or "").upper().split(",")
-            if not value or not set(words) <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or (
-                    "NEVER" in words and len(words) > 1):
-                return replies.BAD_PARAMETER, {"detail": "NOTIFY"}
-            notify = ",".join(words)
-        elif keyword == "ORCPT":  # RFC 3461 4.2: addr-type ";" xtext
-            addr_type, _, xtext = (value or "").partition(";")
-            if not addr_type or not xtext or not addresses.XTEXT_RE.fullmatch(xtext) or len(value) > 500:
-                return replies.BAD_PARAMETER, {"detail": "ORCPT"}
-            orcpt = value
-        else:
-            return replies.UNKNOWN_PARAMETER, {"detail": keyword}
-    return Recipient(address=mailbox.address, domain=domain, notify=notify, orcpt=orcpt)
-
-
-def parse_sender(settings: SessionSettings, path_and_parameters: str, *, esmtp: bool):
-    """MAIL FROM's argument after "FROM:": the new transaction's Envelope, or a (Reply, fields) refusal."""
-    path, utf8 = path_and_parameters, False
-    try:
-        path, raw_parameters = addresses.split_path_and_parameters(path_and_parameters)
-        parameters = addresses.parse_parameters(raw_parameters)
-        utf8 = "SMTPUTF8" in parameters and esmtp
-        sender = client_path(path, allow_null=True, utf8=utf8)
-    except NonASCIIAddress:
-        return replies.NON_ASCII_ADDRESS, {}
-    except AddressError as exc:
-        if utf8 and not path.isascii():  # a SMTPUTF8 address we refuse: say why
-            return replies.BAD_UTF8_ADDRESS, {"detail": str(exc)}
-        return replies.BAD_SENDER, {}
-    envelope = Envelope(sender=sender.address if sender else "")
-    problem = mail_parameters(envelope, parameters, esmtp=esmtp, max_size=settings.max_message_size)
-    return problem if problem is not None else envelope
-
-
-def parse_recipient(settings: SessionSettings, envelope: Envelope, path_and_parameters: str, *, esmtp: bool):
-    """RCPT TO's argument after "TO:": a Recipient of a configured domain, or a (Reply, fields)
-    refusal (syntax, relay control, the recipient limit, parameters)."""
-    path = path_and_parameters.strip(" ")
-    utf8 = envelope.smtputf8
-    try:
-        path, raw_parameters = addresses.split_path_and_parameters(path_and_parameters)
-        mailbox = client_path(path, allow_null=False, utf8=utf8)
-        parameters = addresses.parse_parameters(raw_parameters)
-    except NonASCIIAddress:
-        return replies.NON_ASCII_ADDRESS, {}
-    except AddressError as exc:
-        if path.strip("<>").lower() == "postmaster":
-            return replies.UNKNOWN_USER, {"address": path.strip("<>")}
-        if utf8 and not path.isascii():  # a SMTPUTF8 address we refuse: say why
-            return replies.BAD_UTF8_ADDRESS, {"detail": str(exc)}
-        return replies.BAD_ADDRESS, {}
-    domain = None if mailbox.is_literal else settings.domain(mailbox.domain)
-    refusal = _relay_refusal(mailbox, domain)
-    if refusal is not None:
-        return refusal, {"address": mailbox.address}
-    if len(envelope.recipients) >= settings.max_recipients:
-        return replies.TOO_MANY_RECIPIENTS, {}
-    return recipient_parameters(mailbox, domain.name, parameters, esmtp=esmtp)
 
 
 def ehlo_reply(port: "Port", settings: SessionSettings, tls_active: bool, auth_offered: bool) -> bytes:
@@ -1000,27 +692,6 @@ def ehlo_lines(settings: SessionSettings, tls_active: bool, auth_offered: bool) 
     return lines
 
 
-def etrn_request(settings: SessionSettings, user: str | None, argument: str):
-    """ETRN's argument (RFC 1985): the EtrnRequest for the configured domains it names that
-    `user` may flush, or a (Reply, fields) refusal."""
-    if not argument or " " in argument:
-        return replies.ETRN_SYNTAX, {}
-    if argument.startswith("#"):  # RFC 1985 queue names: we only have domains
-        return replies.ETRN_UNABLE, {"domain": argument}
-    subdomains = argument.startswith("@")
-    name = argument[1:] if subdomains else argument
-    try:
-        if not addresses.is_domain(name):
-            raise ValueError(name)
-        name = addresses.normalize_domain(name)
-    except ValueError:
-        return replies.ETRN_SYNTAX, {}
-    domains = settings.flushable(user, name, subdomains)
-    if not domains:
-        return replies.ETRN_NOT_ALLOWED, {"domain": argument}
-    return EtrnRequest(domains, argument)
-
-
 def etrn_reply(pending: dict | None, argument: str) -> tuple[Reply, dict]:
     """The RFC 1985 reply to an ETRN whose flush requests were recorded: {domain: messages
     waiting}, or None when the queue could not record them."""
@@ -1032,15 +703,6 @@ def etrn_reply(pending: dict | None, argument: str) -> tuple[Reply, dict]:
     if argument.startswith("@"):
         return replies.ETRN_STARTED, {"domain": argument}
     return replies.ETRN_PENDING_STARTED, {"count": total, "domain": argument}
-
-
-def _relay_refusal(mailbox: addresses.Mailbox, domain: "DomainConfig | None") -> Reply | None:
-    """Relay control: only configured domains, only listed local parts, no routing tricks."""
-    if domain is None or addresses.is_routing_trick(mailbox):
-        return replies.RELAY_DENIED
-    if not domain.accepts(f"{mailbox.bare_local_part}@{domain.name}"):
-        return replies.UNKNOWN_USER
-    return None
 
 
 # --- the command table ---------------------------------------------------------

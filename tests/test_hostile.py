@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from backupmx import replies, smtp
+from backupmx import replies, smtp_counts
 from conftest import REPO, free_port, read_line, received_client, wait_for
 
 PASSWORD = "prim-secret"
@@ -222,7 +222,7 @@ def refused_with_4xx_until_the_421(server):
     sock.sendall(b"EHLO c\r\n")
     while not read_line(sock).startswith(b"250 "):
         pass
-    sent = smtp.MAX_RECIPIENT_OVERSHOOT + smtp.MAX_TEMPORARY_ERRORS
+    sent = smtp_counts.MAX_RECIPIENT_OVERSHOOT + smtp_counts.MAX_TEMPORARY_ERRORS
     sock.sendall(b"MAIL FROM:<a@origin.test>\r\n" + b"".join(
         b"RCPT TO:<u%d@example.com>\r\n" % i for i in range(1 + sent + 5)) + b"QUIT\r\n")
     with sock, sock.makefile("rb") as replies_in:

@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 
 from backupmx import replies
-from backupmx.smtp import MAX_ERRORS
 from backupmx.cli import main as cli
 from backupmx.envelope import Envelope, Recipient
 from backupmx.schema import schema_version
+from backupmx.smtp_counts import MAX_ERRORS
 from backupmx.store import QueueStore
 from conftest import CERTS, REPO, free_port, queue_one, read_line, record_delivered, record_failed, start_server, wait_for
 from sink import Sink

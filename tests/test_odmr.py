@@ -512,10 +512,10 @@ def test_the_reversed_session_passes_on_every_deferral_of_the_mta(customer, monk
     the flusher's RSET: each gets the MTA's 4xx, and the mail after them still goes
     through in the same session. The limits on a client's refusals and junk commands are
     for strangers; here the refusals are the MTA's, and the peer is the backup."""
-    from backupmx import smtp
+    from backupmx import smtp_counts
     from backupmx.atrn_relay import Destination, LocalMTA, Relay
 
-    monkeypatch.setattr(smtp, "MAX_TEMPORARY_ERRORS", 2)  # the same path as 100, in less time
+    monkeypatch.setattr(smtp_counts, "MAX_TEMPORARY_ERRORS", 2)  # the same path as 100, in less time
     customer.behaviour, customer.behaviour_addresses = "data_4xx", ["full@g1.test"]
     mta = LocalMTA(Destination.parse(f"127.0.0.1:{customer.port}"), timeout=5, local_hostname="primary.test")
     mta.open()
@@ -528,7 +528,7 @@ def test_the_reversed_session_passes_on_every_deferral_of_the_mta(customer, monk
     backup.sock = theirs
     try:
         assert backup.getreply()[0] == 220 and backup.ehlo("mx2.test")[0] == 250
-        for _ in range(smtp.MAX_TEMPORARY_ERRORS + 1):
+        for _ in range(smtp_counts.MAX_TEMPORARY_ERRORS + 1):
             with pytest.raises(smtplib.SMTPDataError) as deferred:  # (and smtplib's RSET)
                 backup.sendmail("s@origin.test", ["full@g1.test"], b"Subject: full\r\n\r\nx\r\n")
             assert deferred.value.smtp_code == 451

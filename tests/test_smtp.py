@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from backupmx import replies, smtp, smtp_body
+from backupmx import replies, smtp, smtp_arguments, smtp_body, smtp_counts, smtp_events
 from backupmx.auth import Credentials, SASLSyntaxError, sasl_exchange
 from backupmx.config import load_config
 from backupmx.smtp import (AuthRequest, AuthResponse, EtrnRequest, MailAdmission, MessageAborted, MessageData,
@@ -148,7 +148,7 @@ def codes(lines):
     return [line[:3] for line in lines if line[3:4] == " "]
 
 
-@pytest.mark.parametrize("module", [smtp, smtp_body])
+@pytest.mark.parametrize("module", [smtp, smtp_body, smtp_events, smtp_arguments, smtp_counts])
 def test_protocol_modules_do_no_io(module):
     tree = ast.parse(pathlib.Path(module.__file__).read_text())
     imported = set()
@@ -603,9 +603,9 @@ def test_commands_that_move_no_mail_are_junk_too(config, junk):
 def test_error_limit_ends_session(config):
     d = new(config)
     d.lines()
-    got = d.feed(b"BOGUS\r\n" * (smtp.MAX_ERRORS + 5))
+    got = d.feed(b"BOGUS\r\n" * (smtp_counts.MAX_ERRORS + 5))
     assert got[-1].startswith("421 4.7.0")
-    assert codes(got).count("500") == smtp.MAX_ERRORS
+    assert codes(got).count("500") == smtp_counts.MAX_ERRORS
     assert d.session.closed
 
 
@@ -628,11 +628,11 @@ def test_4xx_refusals_end_the_session_at_their_own_limit(config):
     lasts; each is a Refused event (a reject line), and so is the 421."""
     d = new(config, refuse={"example.com": replies.PRIMARY_IS_UP})
     d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
-    got = pipeline(d, recipients(smtp.MAX_TEMPORARY_ERRORS + 5))
-    assert codes(got) == ["450"] * (smtp.MAX_TEMPORARY_ERRORS + 1) + ["421"]
+    got = pipeline(d, recipients(smtp_counts.MAX_TEMPORARY_ERRORS + 5))
+    assert codes(got) == ["450"] * (smtp_counts.MAX_TEMPORARY_ERRORS + 1) + ["421"]
     assert got[-1] == reply_line(replies.TOO_MANY_ERRORS) and d.session.closed
     refused = [(e.command, e.reply) for e in d.events if type(e).__name__ == "Refused"]
-    assert refused == [("RCPT", replies.PRIMARY_IS_UP)] * (smtp.MAX_TEMPORARY_ERRORS + 1) + [
+    assert refused == [("RCPT", replies.PRIMARY_IS_UP)] * (smtp_counts.MAX_TEMPORARY_ERRORS + 1) + [
         ("RCPT", replies.TOO_MANY_ERRORS)]
 
 
@@ -644,9 +644,9 @@ def test_a_deferred_transaction_is_answered_to_its_end_and_a_queued_message_forg
     d = new(config, refuse={"example.com": replies.PRIMARY_IS_UP})
     d.feed(b"EHLO c\r\n")
     for _ in range(2):
-        got = pipeline(d, b"MAIL FROM:<a@b.test>\r\n" + recipients(smtp.MAX_TEMPORARY_ERRORS) + b"DATA\r\n")
-        assert codes(got) == ["250"] + ["450"] * smtp.MAX_TEMPORARY_ERRORS + ["554"]
-        assert codes(d.feed(b"RSET\r\n" + b"BOGUS\r\n" * (smtp.MAX_ERRORS - 2))) == ["250"] + ["500"] * 18
+        got = pipeline(d, b"MAIL FROM:<a@b.test>\r\n" + recipients(smtp_counts.MAX_TEMPORARY_ERRORS) + b"DATA\r\n")
+        assert codes(got) == ["250"] + ["450"] * smtp_counts.MAX_TEMPORARY_ERRORS + ["554"]
+        assert codes(d.feed(b"RSET\r\n" + b"BOGUS\r\n" * (smtp_counts.MAX_ERRORS - 2))) == ["250"] + ["500"] * 18
         got = d.feed(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@sub.example.com>\r\nDATA\r\nx\r\n.\r\n")
         assert got[-1] == "250 2.0.0 Ok: queued as Q1" and not d.session.closed
 
@@ -659,12 +659,12 @@ def test_too_many_recipients_counts_only_beyond_the_overshoot_limit(config):
     d = new(config)
     d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
     limit = d.session.settings.max_recipients
-    got = pipeline(d, recipients(limit + smtp.MAX_RECIPIENT_OVERSHOOT))
-    assert codes(got) == ["250"] * limit + ["452"] * smtp.MAX_RECIPIENT_OVERSHOOT
+    got = pipeline(d, recipients(limit + smtp_counts.MAX_RECIPIENT_OVERSHOOT))
+    assert codes(got) == ["250"] * limit + ["452"] * smtp_counts.MAX_RECIPIENT_OVERSHOOT
     assert d.feed(b"DATA\r\n") + d.feed(b"x\r\n.\r\n") == [reply_line(replies.START_DATA), "250 2.0.0 Ok: queued as Q1"]
     d.feed(b"MAIL FROM:<a@b.test>\r\n")
-    got = pipeline(d, recipients(limit + smtp.MAX_RECIPIENT_OVERSHOOT + smtp.MAX_TEMPORARY_ERRORS + 5))
-    assert codes(got) == ["250"] * limit + ["452"] * (smtp.MAX_RECIPIENT_OVERSHOOT + smtp.MAX_TEMPORARY_ERRORS + 1) + [
+    got = pipeline(d, recipients(limit + smtp_counts.MAX_RECIPIENT_OVERSHOOT + smtp_counts.MAX_TEMPORARY_ERRORS + 5))
+    assert codes(got) == ["250"] * limit + ["452"] * (smtp_counts.MAX_RECIPIENT_OVERSHOOT + smtp_counts.MAX_TEMPORARY_ERRORS + 1) + [
         "421"]
     assert d.session.closed
 
