@@ -130,7 +130,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="backupmx-bench-") as tmp, Sink() as sink:
         sink.session_timeout = 600
         addresses = [f"user{n}@example.com" for n in range(args.addresses)]
-        # Every address exists: a session ends after 20 refusals (smtp.MAX_ERRORS), which a
+        # Every address exists: a session ends after 20 refusals (smtp_counts.MAX_ERRORS), which a
         # dictionary attack would meet; a refusal costs the callout the same.
         sink.valid_users = set(addresses)
         print(f"raw callouts, 1 connection:  {raw_callouts(sink, args.raw, 1):8.0f} /s")
