@@ -199,7 +199,7 @@ def _sectors_moved(stat: str | None) -> int:
 
 def run_checkpointer(config, logger: logging.Logger, should_stop: Callable[[], bool],
                      beat: Callable[[], None], progress_look: float | None = None) -> None:
-    """The checkpointer process's body (master.CheckpointerProcess): until `should_stop()`,
+    """The checkpointer process's body (helper_processes.CheckpointerProcess): until `should_stop()`,
     calling `beat()` at each look (the master kills one that stops), and every `progress_look`
     seconds while a checkpoint runs and copies (None: no such beats). A queue it cannot open
     is a failed checkpoint (logged once, tried every FAILURE_PAUSE), not a crash: the master

@@ -12,7 +12,9 @@ share these rules (docs/DESIGN.md, "Processes"):
   the parent's code (its finally blocks, its atexit handlers);
 - BOOT_ERROR is the exit status of a child that cannot start with this
   configuration (the queue cannot be opened ...): the master stops rather
-  than respawn it forever (gunicorn's WORKER_BOOT_ERROR).
+  than respawn it forever (gunicorn's WORKER_BOOT_ERROR);
+- a child that dies sooner than QUICK_DEATH after its start is respawned only
+  after RESPAWN_DELAY, so a crash at start-up cannot become a fork loop.
 """
 
 import errno
@@ -26,6 +28,8 @@ import threading
 import time
 
 BOOT_ERROR = 3
+QUICK_DEATH = 1.0  # seconds (see the docstring)
+RESPAWN_DELAY = 1.0
 
 
 class StopFlag:

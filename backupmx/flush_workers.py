@@ -26,15 +26,11 @@ import socket
 import time
 
 from backupmx import children
-from backupmx.children import BOOT_ERROR, StopFlag, describe_status, first_line
+from backupmx.children import BOOT_ERROR, QUICK_DEATH, RESPAWN_DELAY, StopFlag, describe_status, first_line
 from backupmx.config import tuning
 from backupmx.log import log_event
 from backupmx.store import FlushRequests
 
-# A flush worker that dies sooner than this after its start is respawned only
-# after RESPAWN_DELAY (master.py has the same rule for SMTP workers).
-QUICK_DEATH = 1.0
-RESPAWN_DELAY = 1.0
 # One that could not start (after start-up) is tried again after this long,
 # doubled each time up to FLUSHER_RETRY_MAX.
 FLUSHER_RETRY_MIN = 2.0

@@ -15,10 +15,9 @@ import time
 
 from backupmx import children
 from backupmx.checkpointer import run_checkpointer
-from backupmx.children import StopFlag, describe_status
+from backupmx.children import QUICK_DEATH, RESPAWN_DELAY, StopFlag, describe_status
 from backupmx.config import tuning
-# A helper that dies at once is respawned after a pause: the flush workers' rule.
-from backupmx.flush_workers import QUICK_DEATH, RESPAWN_DELAY, FlusherHandle
+from backupmx.flush_workers import FlusherHandle
 from backupmx.log import log_event
 from backupmx.metrics_http import run_metrics
 

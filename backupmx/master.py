@@ -55,7 +55,7 @@ import socket
 import time
 
 from backupmx import children, primaries, replies, worker
-from backupmx.children import BOOT_ERROR, describe_status, first_line
+from backupmx.children import BOOT_ERROR, QUICK_DEATH, RESPAWN_DELAY, describe_status, first_line
 from backupmx.clients import limit_key, shown_address
 from backupmx.config import format_hostport, load_config, tuning
 from backupmx.connection import SMTPConnection, prepare_socket
@@ -94,10 +94,6 @@ PACK_SESSIONS = tuning("BACKUPMX_PACK_SESSIONS", 32, int)
 # After SIGTERM: how long the master waits for its children before SIGKILLing them.
 # A worker drains within worker.DRAIN_GRACE + worker.DRAIN_CLOSE; a little margin on top.
 STOP_TIMEOUT = worker.DRAIN_GRACE + worker.DRAIN_CLOSE + 5.0
-# A child that dies sooner than this after its start is respawned only after
-# RESPAWN_DELAY, so a crash at start-up cannot become a fork loop.
-QUICK_DEATH = 1.0
-RESPAWN_DELAY = 1.0
 # A worker started beyond config.workers (under load) is drained after this
 # many seconds without a session.
 IDLE_RETIRE = 60.0
