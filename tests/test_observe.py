@@ -415,6 +415,11 @@ def test_protocol_abuse_and_blocked_auth_are_reject_lines(mx):
     with smtplib.SMTP("127.0.0.1", mx.port, timeout=10) as c:  # a scanner's unknown commands
         assert [c.docmd("FOO")[0] for _ in range(MAX_ERRORS)] == [500] * MAX_ERRORS
         assert c.getreply()[0] == 421  # after the last one's 500, as Postfix does
+    with smtplib.SMTP("127.0.0.1", mx.port, timeout=10) as c:  # a mailing list's stale subscribers: no abuse
+        c.ehlo("lists.test")
+        assert c.docmd("MAIL", "FROM:<list-bounces@lists.test>")[0] == 250
+        assert [c.docmd("RCPT", f"TO:<gone{n}@listed.org>")[0] for n in range(MAX_ERRORS)] == [550] * MAX_ERRORS
+        assert c.getreply()[0] == 421
     guess = "PLAIN " + base64.b64encode(b"\0prim\0guess").decode()
     blocked = replies.CLIENT_AUTH_BLOCKED.render(hostname="mx2.test").decode().rstrip()
     replied = []
@@ -429,6 +434,7 @@ def test_protocol_abuse_and_blocked_auth_are_reject_lines(mx):
     tail.wait("reject", reason="protocol_synchronization", command="EHLO")
     tail.wait("reject", reason="too_many_junk_commands", command="NOOP")
     tail.wait("reject", reason="too_many_errors", command="UNKNOWN")
+    tail.wait("reject", reason="too_many_errors", command="RCPT")
     tail.wait("reject", reason="client_auth_blocked", command="AUTH", client="127.0.0.2")
 
 
@@ -449,7 +455,8 @@ def failregexes(mode="normal"):
 # Issue 9's refusals: AUTH past max_auth_failures_per_client with the AUTH rule, protocol abuse in a jail of its own.
 BANNED = {"normal": r"<\d>(auth-failed |reject .* reason=(relay_denied|client_auth_blocked) )",
           "recipients": r"<\d>reject .* reason=unknown_user ",
-          "protocol": r"<\d>reject .* reason=(protocol_synchronization|too_many_junk_commands|too_many_errors) "}
+          "protocol": r"<\d>reject .* (reason=(protocol_synchronization|too_many_junk_commands)"
+                      r"|command=UNKNOWN reason=too_many_errors) "}
 AT_LEAST = {"normal": 4, "recipients": 1, "protocol": 3}  # what the tests above made
 
 
