@@ -24,9 +24,9 @@ import sys
 
 from backupmx import __version__
 from backupmx.cli_check import cmd_check
-from backupmx.cli_common import OperatorError, load, one_line
-from backupmx.cli_queue import (cmd_flush, cmd_health, cmd_metrics, cmd_queue, cmd_show, cmd_verify,
-                                operator_action)
+from backupmx.cli_common import OperatorError, config_of, one_line
+from backupmx.cli_queue import (cmd_flush, cmd_health, cmd_metrics, cmd_operator_action, cmd_queue, cmd_show,
+                                cmd_verify)
 from backupmx.config import DEFAULT_CONFIG_PATH, humanize_age
 
 __all__ = ["main", "build_parser", "humanize_age"]
@@ -63,7 +63,7 @@ def cmd_serve(args) -> int:
         raise OperatorError("serve: --odmr is for --inetd (ODMR listeners are set with listen_odmr)")
     if args.odmr and args.tls:
         raise OperatorError("serve: --odmr and --tls do not go together (ODMR starts in plain text, then STARTTLS)")
-    config = load(args)
+    config = config_of(args)
     args.serving = True  # from here on the server owns the socket (under --inetd)
     if args.inetd:
         from backupmx.inetd import serve_inetd
@@ -183,7 +183,7 @@ def _queue_commands(command, after) -> None:
         ("delete", "remove mail from the queue (no bounce)"),
         ("requeue", "put held, failed or expired mail back in the queue"),
     ):
-        p = command(name, operator_action, help)
+        p = command(name, cmd_operator_action, help)
         p.add_argument("targets", metavar="ID|DOMAIN|-|ALL", nargs="*",
                        help="queue ids and domains; - reads ids from stdin, one a line; ALL is every message")
         filters(p)

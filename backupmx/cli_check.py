@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 import sys
 
-from backupmx.cli_common import load, one_line
+from backupmx.cli_common import config_of, one_line
 from backupmx.config import Config
 
 
 def cmd_check(args) -> int:
     from backupmx.config import plain_secrets_exposure
 
-    config = load(args)
+    config = config_of(args)
     exposure = plain_secrets_exposure(config.path, config.users.values())
     problems: list[str] = [exposure] if exposure else []  # serve only warns: `check` refuses
     print(f"ok: config {config.path}: {len(config.domains)} domain(s), {len(config.users)} user(s)")

@@ -16,7 +16,8 @@ class OperatorError(Exception):
     """A one-line problem the operator can fix, reported as "backupmx: <message>"."""
 
 
-def load(args) -> Config:
+def config_of(args) -> Config:
+    """The command's config: the file -c names, or DEFAULT_CONFIG_PATH."""
     return load_config(args.config or DEFAULT_CONFIG_PATH)
 
 
@@ -77,7 +78,7 @@ def _become_queue_owner(path: str) -> None:
     os.setuid(st.st_uid)
 
 
-def safe(value) -> str:
+def escaped(value) -> str:
     """Client-supplied text (senders, replies) for one output line; see log.format_value."""
     from backupmx.log import format_value
 

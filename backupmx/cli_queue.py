@@ -4,7 +4,7 @@ hold / release / delete / requeue, `verify`, `metrics`, `health`.
 Reports open the queue read-only, actions for writing (cli_common.open_store);
 a selection is named by queue ids, domains, `-` (ids on stdin), ALL and the
 filters --domain, --sender, --older-than (store.Selection). Listings are one
-line a message (client-supplied text escaped, cli_common.safe) or, with
+line a message (client-supplied text escaped: cli_common.escaped) or, with
 --json, one JSON value; their parsers are in cli.py with the others.
 """
 
@@ -15,7 +15,7 @@ import sys
 import time
 
 from backupmx.addresses import normalize_domain
-from backupmx.cli_common import OperatorError, load, one_line, open_store, safe
+from backupmx.cli_common import OperatorError, config_of, escaped, one_line, open_store
 from backupmx.config import Config, humanize_age
 
 # Age histogram of `backupmx queue`: (column header, upper bound in seconds).
@@ -25,7 +25,7 @@ AGE_BUCKETS = (("<1h", 3600), ("<6h", 6 * 3600), ("<1d", 86400), ("<3d", 3 * 864
 def cmd_queue(args) -> int:
     if args.action == "list":
         return _queue_list(args)
-    config = load(args)
+    config = config_of(args)
     store = open_store(config)
     if store is None:
         if args.json:
@@ -98,16 +98,16 @@ def _message_line(row, now: float) -> str:
             row.state,
             humanize_age(now - row.received_at),
             str(row.size),
-            safe(f"<{row.sender}>"),
-            safe(recipients),
+            escaped(f"<{row.sender}>"),
+            escaped(recipients),
             f"attempts={row.attempts}",
-            f"last={safe(row.last_reply or '-')}",
+            f"last={escaped(row.last_reply or '-')}",
         ]
     )
 
 
 def _queue_list(args) -> int:
-    config = load(args)
+    config = config_of(args)
     domain = _domain_arg(config, args.domain, must_exist=False) if args.domain else None
     selection = _filters(config, args, everything=True, domain=domain)
     store = open_store(config)
@@ -160,7 +160,7 @@ def _domain_arg(config: Config, text: str, *, must_exist: bool = True) -> str:
 
 
 def cmd_flush(args) -> int:
-    config = load(args)
+    config = config_of(args)
     text = args.domain
     if text.startswith("@"):
         # As ETRN @domain (RFC 1985 section 3): the domain and its configured subdomains.
@@ -211,7 +211,7 @@ def cmd_show(args) -> int:
     A message that left the queue (delivered, deleted, purged) still has its
     history until expired_retention: that is shown instead.
     """
-    config = load(args)
+    config = config_of(args)
     target = _target(config, args.target)
     store = open_store(config)
     if store is None:
@@ -248,17 +248,17 @@ def cmd_show(args) -> int:
 
 def _print_detail(detail) -> None:
     print(f"queue_id: {detail.queue_id}")
-    print(f"received: {_timestamp(detail.received_at)} from {safe(detail.client or '-')}"
-          f" helo={safe(detail.helo or '-')}")
-    print(f"size: {detail.size} body={detail.body_type} envid={safe(detail.envid or '-')}"
+    print(f"received: {_timestamp(detail.received_at)} from {escaped(detail.client or '-')}"
+          f" helo={escaped(detail.helo or '-')}")
+    print(f"size: {detail.size} body={detail.body_type} envid={escaped(detail.envid or '-')}"
           f" ret={detail.ret or '-'}")
-    print(f"sender: {safe('<' + detail.sender + '>')}")
+    print(f"sender: {escaped('<' + detail.sender + '>')}")
     for row in detail.rows:
         print(f"domain: {row.domain} state={row.state} attempts={row.attempts}"
-              f" last={safe(row.last_reply or '-')}")
+              f" last={escaped(row.last_reply or '-')}")
         for r in row.recipients:
-            print(f"  recipient: {safe('<' + r.address + '>')} state={r.state}"
-                  f" last={safe(r.last_reply or '-')}")
+            print(f"  recipient: {escaped('<' + r.address + '>')} state={r.state}"
+                  f" last={escaped(r.last_reply or '-')}")
     _print_events(detail.events)
     print()
 
@@ -266,7 +266,7 @@ def _print_detail(detail) -> None:
 def _print_events(events) -> None:
     for event in events:
         print(f"event: {_timestamp(event.at)} {event.domain or '-'} {event.what}"
-              f" {safe(event.detail or '-')}")
+              f" {escaped(event.detail or '-')}")
 
 
 def _show_history(queue_id: str, events, as_json: bool) -> int:
@@ -316,7 +316,7 @@ def _verify_target(text: str | None) -> str | None:
 
 def cmd_verify(args) -> int:
     """`verify list [ADDRESS|DOMAIN]`, `verify flush ADDRESS|DOMAIN|ALL`: the callout cache (recipients = verify)."""
-    config = load(args)
+    config = config_of(args)
     target = _verify_target(args.target)
     store = open_store(config, write=args.action == "flush")
     if store is None:
@@ -330,8 +330,8 @@ def cmd_verify(args) -> int:
         for answer in store.verify_answers(target):
             left = answer.expires - now
             expiry = f"expires={humanize_age(left)}" if left > 0 else f"stale={humanize_age(-left)}"
-            print(f"{safe(answer.address)} {answer.result} {expiry} checked={humanize_age(now - answer.checked)}"
-                  f" reply={safe(answer.reply)}")
+            print(f"{escaped(answer.address)} {answer.result} {expiry} checked={humanize_age(now - answer.checked)}"
+                  f" reply={escaped(answer.reply)}")
     finally:
         store.close()
     return 0
@@ -375,14 +375,14 @@ def _ids_from_stdin() -> set[str]:
         if not words:
             continue
         if not (words[0].isascii() and words[0].isalnum()):
-            raise OperatorError(f"stdin line {number}: {safe(words[0])}: not a queue id")
+            raise OperatorError(f"stdin line {number}: {escaped(words[0])}: not a queue id")
         ids.add(words[0].upper())
     return ids
 
 
-def operator_action(args) -> int:
+def cmd_operator_action(args) -> int:
     """hold / release / delete / requeue: select the rows, (delete: ask), act, say how many."""
-    config = load(args)
+    config = config_of(args)
     selection = _selection_of(config, args)
     store = open_store(config, write=True)
     if store is None:
@@ -416,7 +416,7 @@ def cmd_metrics(args) -> int:
     """Prometheus text exposition of the queue (read-only)."""
     from backupmx import metrics
 
-    config = load(args)
+    config = config_of(args)
     store = open_store(config)
     try:
         families = metrics.collect(store, config.domains, time.time())
@@ -437,7 +437,7 @@ def cmd_health(args) -> int:
             warn_age=parse_duration(args.warn_age) if args.warn_age else health.DEFAULT_WARN_AGE,
             max_age=parse_duration(args.max_age) if args.max_age else health.DEFAULT_MAX_AGE,
             warn_messages=args.warn_messages, max_messages=args.max_messages)
-        config = load(args)
+        config = config_of(args)
         if not os.path.exists(config.queue):
             status, line = health.unknown(f"{config.queue} does not exist (has the server ever started?)")
         else:
