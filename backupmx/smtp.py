@@ -58,12 +58,11 @@ from backupmx import addresses, replies
 from backupmx.envelope import Envelope, Recipient
 from backupmx.replies import Reply
 from backupmx.smtp_arguments import bdat_size, etrn_request, parse_recipient, parse_sender
-from backupmx.smtp_body import (ChunkedTransfer, ChunkReader, DataTransfer, MessageAborted,  # noqa: F401 - events
-                                MessageData)
+from backupmx.smtp_body import ChunkedTransfer, ChunkReader, DataTransfer
 from backupmx.smtp_counts import CommandLog, ErrorCounts
 from backupmx.smtp_events import (AuthRequest, AuthResponse, EtrnRequest, MailAdmission,  # noqa: F401 - events
-                                  MessageReceived, MessageStarted, PipeliningViolation, RecipientAdmission, Refused,
-                                  StartTLS)
+                                  MessageAborted, MessageData, MessageReceived, MessageStarted, PipeliningViolation,
+                                  RecipientAdmission, Refused, StartTLS)
 
 if TYPE_CHECKING:
     from backupmx.config import Config, DomainConfig

@@ -20,10 +20,9 @@ the line end DATA's framing would have given it.
 This module never imports socket, ssl, sqlite3, os, time or logging.
 """
 
-from dataclasses import dataclass
-
 from backupmx import replies
 from backupmx.replies import Reply
+from backupmx.smtp_events import MessageAborted, MessageData
 
 # RFC 5321 4.5.3.1.6 says 1000 octets per text line; real mail breaks that, so
 # we accept longer lines up to this bound and refuse the message beyond it.
@@ -32,18 +31,6 @@ MAX_DATA_LINE = 64 * 1024
 DATA_PROGRESS_OCTETS = 64 * 1024
 # More Received headers than this means a loop (RFC 5321 6.3); Postfix uses 50.
 MAX_RECEIVED_HEADERS = 50
-
-
-@dataclass(frozen=True)
-class MessageData:
-    """Event: a piece of the content, dot-unstuffed, CRLF line endings as received."""
-    data: bytes
-
-
-@dataclass(frozen=True)
-class MessageAborted:
-    """Event: the content will not be queued (bare line ending, NUL, too big, loop): drop the spool."""
-    reply: Reply
 
 
 class HeaderScan:

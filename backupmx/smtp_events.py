@@ -15,8 +15,8 @@ from backupmx.replies import Reply
 # --- events: what the session asks, and the method that answers it ------------
 #
 #   MessageStarted       -            the driver opens a spool for the content
-#   MessageData          -            (smtp_body) a piece of the content
-#   MessageAborted       -            (smtp_body) the content will not be queued
+#   MessageData          -            a piece of the content (smtp_body frames it)
+#   MessageAborted       -            the content will not be queued (smtp_body refused it)
 #   MessageReceived      message_queued(queue_id) | message_refused(reply)
 #   MailAdmission        mail_admitted(refusal=None)
 #   RecipientAdmission   recipient_admitted(refusal=None, **fields)
@@ -32,6 +32,18 @@ from backupmx.replies import Reply
 class MessageStarted:
     """DATA accepted: the driver opens a spool for the content."""
     envelope: Envelope
+
+
+@dataclass(frozen=True)
+class MessageData:
+    """A piece of the content (smtp_body), dot-unstuffed, CRLF line endings as received."""
+    data: bytes
+
+
+@dataclass(frozen=True)
+class MessageAborted:
+    """The content will not be queued (smtp_body: bare line ending, NUL, too big, loop): drop the spool."""
+    reply: Reply
 
 
 @dataclass(frozen=True)
