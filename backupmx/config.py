@@ -342,6 +342,9 @@ def _positive_size(text: str) -> int:
 # SQLite stores a blob of at most 1,000,000,000 bytes (SQLITE_MAX_LENGTH); the
 # body is one blob, with our Received header and some room on top.
 MAX_MESSAGE_SIZE_LIMIT = 999_000_000
+# The ceiling of the bounce_size_limit setting: a DSN is built in memory, and a
+# forged sender must not be able to turn a bounce into a large reflection.
+MAX_BOUNCE_SIZE_LIMIT = 10 * 1024 * 1024
 
 
 def _message_size(text: str) -> int:
@@ -352,8 +355,6 @@ def _message_size(text: str) -> int:
 
 
 def _bounce_size_limit(text: str) -> int:
-    from backupmx.dsn import MAX_BOUNCE_SIZE_LIMIT
-
     value = _positive_size(text)
     if value > MAX_BOUNCE_SIZE_LIMIT:
         raise ValueError(f"must be at most 10M, not {text.strip()!r} (a bounce must not reflect big mail)")

@@ -39,7 +39,6 @@ import secrets
 __all__ = [
     "FAILED",
     "DELAYED",
-    "MAX_BOUNCE_SIZE_LIMIT",
     "build_dsn",
     "cut_headers",
     "diagnostic",
@@ -53,9 +52,6 @@ __all__ = [
 
 FAILED, DELAYED = "failed", "delayed"  # RFC 3464 2.3.3 Action values we send
 
-# The ceiling of the bounce_size_limit setting: a DSN is built in memory, and a
-# forged sender must not be able to turn a bounce into a large reflection.
-MAX_BOUNCE_SIZE_LIMIT = 10 * 1024 * 1024
 MAX_TEXT = 900  # characters of a reply put on one DSN line (RFC 5322 2.1.1: 998 octets)
 
 SUBJECTS = {

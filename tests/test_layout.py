@@ -51,6 +51,13 @@ def test_dependencies_point_inward(layer):
     assert not {module: deps for module, deps in wrong.items() if deps}
 
 
+def test_the_shared_leaves_stand_on_the_protocol_layer_only():
+    """config and log are imported by every layer, so what they import is imported by every layer too."""
+    allowed = SHARED | LAYERS["protocol"]
+    assert {module: sorted(imports_of(PACKAGE / f"{module}.py") - allowed) for module in SHARED} == \
+        {module: [] for module in SHARED}
+
+
 def test_every_module_has_a_place():
     modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__", "cli", "cli_check", "cli_common", "cli_queue",
                                                           "etrnclient", "atrnclient"}
