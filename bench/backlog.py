@@ -78,6 +78,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from peers import Sink, free_port, machine, spawn, stop_proc, wait_banner  # noqa: E402
+import proc_usage  # noqa: E402
 from smtpload import Load, body_2k, client_context, percentile, run_load  # noqa: E402
 
 from backupmx.envelope import Envelope, Recipient  # noqa: E402
@@ -120,6 +121,9 @@ class Server:
             f"{sections}"
             f"\n[user:{USER}]\npassword = {{PLAIN}}{PASSWORD}\ndomains = {', '.join(self.domains)}\n")
         self.proc = None
+        self.roles: dict[int, str] = {}
+        self.log_read = 0  # bytes of the log children() has read
+        self.usage: proc_usage.Usage | None = None  # flush(): each process's CPU and I/O
 
     def start(self) -> None:
         self.proc = spawn([sys.executable, str(REPO / "backupmx.py"), "serve", "-c", str(self.config)],
@@ -131,15 +135,16 @@ class Server:
             stop_proc(self.proc, 60)
 
     def children(self) -> dict[int, str]:
-        """pid -> "worker" | "flusher", from the master's log lines."""
-        roles = {}
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return roles
-        for kind, pid in re.findall(r"\b(worker-started|flush-worker-started) pid=(\d+)", text):
-            roles[int(pid)] = "flusher" if kind.startswith("flush") else "worker"
-        return roles
+        """pid -> "worker" | "flusher", from the master's log lines (those since the last call
+        added to those before: the log holds a line a message, ~25 MB after 100,000 flushed)."""
+        with contextlib.suppress(OSError), open(self.log, "rb") as f:
+            f.seek(self.log_read)
+            data = f.read()
+            data = data[:data.rfind(b"\n") + 1]  # whole lines only: the rest next time
+            self.log_read += len(data)
+            for kind, pid in re.findall(rb"\b(worker-started|flush-worker-started) pid=(\d+)", data):
+                self.roles[int(pid)] = "flusher" if kind.startswith(b"flush") else "worker"
+        return dict(self.roles)
 
     def cli(self, *words: str, pipe: str = "") -> tuple[float, str]:
         """Wall time of `backupmx WORDS [| pipe]` and its last output line."""
@@ -344,9 +349,12 @@ def window(server: Server, args, level: int) -> dict:
 
 
 def flush(server: Server, sink: Sink, domain: str, expected: int, timeout: float) -> dict:
-    """ETRN `domain` and time it until the sink counted `expected` more messages and the domain is empty."""
+    """ETRN `domain` and time it until the sink counted `expected` more messages and the domain is
+    empty; with each process's CPU and I/O until the sink counted them (proc_usage.py)."""
     queued = server.queued(domain)
     base = sink.count()
+    usage = server.usage = server.usage or proc_usage.Usage(server.proc.pid, server.log, sink.proc.pid)
+    before = usage.snapshot()
     started = time.perf_counter()
     reply = server.etrn(domain)
     deadline = time.monotonic() + timeout
@@ -357,13 +365,14 @@ def flush(server: Server, sink: Sink, domain: str, expected: int, timeout: float
             break
         time.sleep(0.02)
     took = time.perf_counter() - started
+    spent = usage.between(before, usage.snapshot())
     while time.monotonic() < deadline and server.queued(domain):
         time.sleep(0.1)
     time.sleep(0.5)
     got = sink.count() - base
     left = server.queued(domain)
     return {"queued": queued, "delivered": got, "left": left, "seconds": took, "rate": got / took,
-            "reply": reply, "ok": queued == expected and got == expected and left == 0}
+            "reply": reply, "ok": queued == expected and got == expected and left == 0, "usage": spent}
 
 
 def flush_each(server: Server, sink: Sink, domains: list[str], expected: int) -> list[dict]:
@@ -374,6 +383,7 @@ def flush_each(server: Server, sink: Sink, domains: list[str], expected: int) ->
         done.append(f)
         print(f"  flush of {f['queued']:,} with {server.queued():,} others waiting: {f['rate']:7.0f} msg/s"
               f" ({f['seconds']:.2f} s, {f['delivered']} delivered, {f['left']} left; {domain})", flush=True)
+        print(proc_usage.line(f["usage"], f["delivered"]), flush=True)
     if len(done) > 1:
         print(f"  flush median of {len(done)}: {median_rate(done):7.0f} msg/s", flush=True)
     return done
@@ -545,6 +555,13 @@ def main(argv=None) -> int:
     elif "full" in flushes:
         print(f"flush {args.flush_size:,}: at {levels[-1]:,} {median_rate(flushes['full']):.0f} msg/s"
               f"  [median of {args.flushes}: {singles['full']}]")
+    if flushes:
+        print("each process's CPU, the machine's busy/irq/idle/iowait/steal (both cores) and the wall time a"
+              " message delivered, in the flushes (medians; proc_usage.py):")
+        for row in proc_usage.table({("empty" if level == "empty" else f"at {levels[-1]:,}"):
+                                     [proc_usage.per_message(f["usage"], f["delivered"]) for f in each]
+                                     for level, each in flushes.items()}):
+            print("  " + row)
     for label, took, _ in operator:
         print(f"{label:<40} {took:6.2f} s")
     print(f"database / bodies: {(before['file'] + before['wal']) / max(1, before['bodies']):.3f}x")
