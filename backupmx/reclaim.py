@@ -28,10 +28,13 @@ RECLAIM_BYTES = 16 * 1024 * 1024
 RECLAIM_LISTED = 100_000
 RECLAIM_ROUND_SECONDS = 3.0
 RECLAIM_PAUSE = 0.005
-# While a flush or an ATRN delivers (a live lease), the reclaim skips its round, or
-# stops when one starts during it (checked before each transaction): its
-# deletes took the 2 cores and the write lock from the drain the primary waits for
-# (bench/README.md, "The reclaim waits while a flush delivers"). Never for long: it
+# While a flush or an ATRN delivers (a live lease), or an ETRN waits for a flusher
+# (a request not taken yet), the reclaim skips its round, or stops when one starts or
+# is asked for during it (checked before each transaction): its deletes took the 2
+# cores and the write lock from the drain the primary waits for (bench/README.md, "The
+# reclaim waits while a flush delivers"), and the flush workers run their rounds at
+# the same moments, so an ETRN that came during one waited for it to end (up to
+# RECLAIM_ROUND_SECONDS; "Where the flush at 1M spends its CPU"). Never for long: it
 # runs anyway once it last ran RECLAIM_DEFER_SECONDS ago in this process (the messages
 # wait a few minutes more; a 1M drain lasts ~6), or when the list spans
 # RECLAIM_DEFER_SPAN ids (~0.6 GB of bodies at 2.5 KB, some 5 rounds to catch up).
@@ -51,7 +54,7 @@ def reclaim_round(store: QueueStore, log: logging.Logger) -> tuple[int, bool]:
     done = reclaimed = 0
     deferred = False
     while done < len(queue_ids) and time.monotonic() < deadline:
-        if done and may_wait and store.flush_running():  # a flush started meanwhile (a tiny read)
+        if done and may_wait and store.flush_running():  # a flush started or was asked for meanwhile (a tiny read)
             deferred = True
             break
         deleted, taken = store.reclaim(queue_ids[done:done + RECLAIM_BATCH], RECLAIM_BYTES)

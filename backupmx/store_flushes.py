@@ -86,10 +86,13 @@ class FlushRequests(QueueDatabase):
                               (self._clock(),)).fetchone() is not None
 
     def flush_running(self) -> bool:
-        """Whether a flusher or an ATRN session holds a live lease now: a domain is being
-        delivered (housekeeping's reclaim waits then). A read, one row at most."""
+        """Whether a flusher or an ATRN session holds a live lease now (a domain is being
+        delivered), or a request waits for a flusher (an ETRN that every flush worker is
+        too busy to take yet: in its housekeeping round, say): housekeeping's reclaim waits
+        then, not the flush for it. A read, one row at most."""
         with self._read() as db:
-            return db.execute("SELECT 1 FROM flushes WHERE lease_owner IS NOT NULL AND lease_expires > ? LIMIT 1",
+            return db.execute("SELECT 1 FROM flushes WHERE requested_at IS NOT NULL"
+                              " OR (lease_owner IS NOT NULL AND lease_expires > ?) LIMIT 1",
                               (self._clock(),)).fetchone() is not None
 
     def claim_domains(self, domains: Iterable[str], owner: str, lease_seconds: float) -> dict[str, int] | None:

@@ -660,8 +660,9 @@ def test_a_reclaim_transaction_deletes_a_bounded_size_of_bodies(store, clock, tm
 
 
 def test_the_reclaim_waits_while_a_flush_delivers_for_a_few_minutes_at_most(store, clock, tmp_path, log, monkeypatch):
-    """A live lease (a flusher's, an ATRN's) defers the reclaim: the drain gets the
-    machine. Not for ever: after RECLAIM_DEFER_SECONDS, or with a long list, it runs."""
+    """A live lease (a flusher's, an ATRN's), or a flush asked for and not taken yet,
+    defers the reclaim: the drain gets the machine. Not for ever: after
+    RECLAIM_DEFER_SECONDS, or with a long list, it runs."""
     config = make_config(tmp_path)
     mail = {put(store, f"{n}@long.test"): f"{n}@long.test" for n in "abcdefg"}
     a, b, c, d, e, f, g = mail
@@ -693,6 +694,12 @@ def test_the_reclaim_waits_while_a_flush_delivers_for_a_few_minutes_at_most(stor
     assert run(store, config, log, clock)["reclaimed"] == 0 and table_counts(store.path)[2] == 1
     store.release_flush("long.test", "atrn:2")
     delivered(g)
+    put(store, "h@long.test")
+    assert store.request_flush(["long.test"]) == {"long.test": 1}  # an ETRN no flusher took yet (in their rounds)
+    summary = run(store, config, log, clock)
+    assert summary["reclaimed"] == 0 and summary["reclaim_deferred"] and table_counts(store.path)[2] == 2
+    assert store.claim_flush("flusher:3", 60) == "long.test"
+    store.release_flush("long.test", "flusher:3")
     monkeypatch.setattr(reclaimer, "RECLAIM_BATCH", 1)
     monkeypatch.setattr(store, "flush_running", iter([False, True]).__next__)  # a flush starts after the first
     summary = run(store, config, log, clock)
