@@ -82,6 +82,7 @@ def _all() -> dict[int, tuple[int, float, float, str]]:
 @dataclass
 class Snapshot:
     at: float  # time.monotonic()
+    wall: float  # time.time(), against the log's timestamps
     machine: tuple[float, float, float, float]
     logged: bytes  # the log's lines since the snapshot before
     procs: dict[int, tuple[str, float, float, int, int]] = field(default_factory=dict)
@@ -123,7 +124,7 @@ class Usage:
         return roles
 
     def snapshot(self) -> Snapshot:
-        snap = Snapshot(time.monotonic(), _machine(), self.read_log())
+        snap = Snapshot(time.monotonic(), time.time(), _machine(), self.read_log())
         every = _all()
         roles = self.roles(every)
         for pid, (_ppid, own, reaped, comm) in every.items():
@@ -166,7 +167,7 @@ class Usage:
         return {"wall": after.at - before.at, "cpu": cpu, "io": io, "gone": gone,
                 "busy": total - idle - iowait - steal, "idle": idle, "iowait": iowait, "steal": steal,
                 "irq": irq, "others": dict(sorted(others.items(), key=lambda kv: -kv[1])[:3]),
-                "events": events(after.logged)}
+                "events": events(after.logged), "started": started(after.logged, before.wall)}
 
 
 def events(logged: bytes) -> dict[str, int]:
@@ -180,6 +181,15 @@ def events(logged: bytes) -> dict[str, int]:
     return counts
 
 
+def started(logged: bytes, since: float) -> float:
+    """Seconds from `since` (time.time()) to the first flush-start line in `logged` (NaN
+    without one): how long the ETRN's flush waited for a flush worker."""
+    m = re.search(rb"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ flush-start ", logged, re.M)
+    if m is None:
+        return float("nan")
+    return time.mktime(time.strptime(m.group(1).decode(), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000 - since
+
+
 ORDER = ("master", "smtp worker", "flush worker", "flush helper", "checkpointer", "metrics", "sink", "bench")
 
 
@@ -191,6 +201,7 @@ def per_message(usage: dict, messages: int) -> dict[str, float]:
     row["all server"] = sum(v for k, v in usage["cpu"].items() if k not in ("sink", "bench")) * 1e6 / n
     for key in ("busy", "irq", "idle", "iowait", "steal", "wall"):
         row[key] = usage[key] * 1e6 / n
+    row["flush start ms (not a msg)"] = usage["started"] * 1000
     # busy: user, system and interrupt time; what no process here was charged for
     row["busy, not these"] = (usage["busy"] - usage["irq"] - sum(usage["cpu"].values())) * 1e6 / n
     for role, (read, write) in usage["io"].items():
@@ -202,10 +213,11 @@ def per_message(usage: dict, messages: int) -> dict[str, float]:
 def line(usage: dict, messages: int) -> str:
     """One flush's figures on one line (us a message), and its log events."""
     row = per_message(usage, messages)
-    cells = [f"{k} {v:.0f}" if not k.endswith("MB") else f"{k} {v:.1f}" for k, v in row.items()]
+    cells = [f"{k} {v:.0f}" if not k.endswith("MB") else f"{k} {v:.1f}" for k, v in row.items()
+             if not k.startswith("flush start")]
     events = ", ".join(f"{k} {v}" for k, v in sorted(usage["events"].items()))
     others = ", ".join(f"{comm} {spent * 1e6 / max(1, messages):.0f}" for comm, spent in usage["others"].items())
-    return "    us/msg: " + "; ".join(cells) + (f"  [log: {events}]" if events else "") + \
+    return f"    flush started {usage['started'] * 1000:.0f} ms after the ETRN; us/msg: " + "; ".join(cells) + (f"  [log: {events}]" if events else "") + \
         (f"  [others, us/msg: {others}]" if others else "") + \
         (f"  ({usage['gone']} gone)" if usage["gone"] else "")
 
