@@ -33,6 +33,10 @@ then, in this order:
   size            the database (+ WAL) against the sum of the bodies' sizes
   memory          RSS of every SMTP worker and flush worker, sampled every 0.5 s
                   (the largest of each kind, per phase)
+  CPU             for each flush, each server process's CPU (and the sink's, and
+                  this one's), the flushers' and checkpointer's I/O, the
+                  machine's idle/iowait and what else ran, a line a flush and a
+                  table of medians per level (proc_usage.py)
 
 With --lock FILE (a shared machine: flock /work/wt/cpu.lock) the lock is
 taken for each step (a fill chunk of --lock-chunk messages, a window, a
