@@ -46,7 +46,7 @@ _reclaimed_at: dict[str, float] = {}  # queue path -> time.monotonic() its last 
 def reclaim_round(store: QueueStore, log: logging.Logger) -> tuple[int, bool]:
     """One round's reclaim: (messages deleted, whether it gave way to a flush)."""
     may_wait = _may_wait(store)
-    if may_wait and store.flush_running():
+    if may_wait and store.flush_wanted():
         return 0, True
     listed = store.reclaim_listed(RECLAIM_LISTED)
     queue_ids = sorted({queue_id for _, queue_id in listed})
@@ -54,7 +54,7 @@ def reclaim_round(store: QueueStore, log: logging.Logger) -> tuple[int, bool]:
     done = reclaimed = 0
     deferred = False
     while done < len(queue_ids) and time.monotonic() < deadline:
-        if done and may_wait and store.flush_running():  # a flush started or was asked for meanwhile (a tiny read)
+        if done and may_wait and store.flush_wanted():  # a flush started or was asked for meanwhile (a tiny read)
             deferred = True
             break
         deleted, taken = store.reclaim(queue_ids[done:done + RECLAIM_BATCH], RECLAIM_BYTES)

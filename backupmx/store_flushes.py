@@ -85,7 +85,7 @@ class FlushRequests(QueueDatabase):
             return db.execute(f"SELECT 1 FROM flushes WHERE {_CLAIMABLE} LIMIT 1",
                               (self._clock(),)).fetchone() is not None
 
-    def flush_running(self) -> bool:
+    def flush_wanted(self) -> bool:
         """Whether a flusher or an ATRN session holds a live lease now (a domain is being
         delivered), or a request waits for a flusher (an ETRN that every flush worker is
         too busy to take yet: in its housekeeping round, say): housekeeping's reclaim waits

@@ -701,7 +701,7 @@ def test_the_reclaim_waits_while_a_flush_delivers_for_a_few_minutes_at_most(stor
     assert store.claim_flush("flusher:3", 60) == "long.test"
     store.release_flush("long.test", "flusher:3")
     monkeypatch.setattr(reclaimer, "RECLAIM_BATCH", 1)
-    monkeypatch.setattr(store, "flush_running", iter([False, True]).__next__)  # a flush starts after the first
+    monkeypatch.setattr(store, "flush_wanted", iter([False, True]).__next__)  # a flush starts after the first
     summary = run(store, config, log, clock)
     assert summary["reclaimed"] == 1 and summary["reclaim_deferred"] and table_counts(store.path)[2] == 1
 
