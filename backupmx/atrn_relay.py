@@ -43,9 +43,10 @@ from backupmx.config import MAX_MESSAGE_SIZE_LIMIT, format_hostport, parse_hostp
 from backupmx.envelope import Envelope, Recipient
 from backupmx.replies import Reply
 from backupmx.smtp import (COMMANDS, MailAdmission, MessageAborted, MessageData, MessageReceived, MessageStarted,
-                           Port, RecipientAdmission, Session, SessionSettings, received_header)
+                           Port, RecipientAdmission, Session, SessionSettings)
 from backupmx.smtpclient import (DataEncoder, PrimaryClient, PrimaryUnavailable, describe, introduce, os_reason,
                                  reply_text)
+from backupmx.trace_header import received_header
 
 # What a relaying SMTP server needs of the command table (RFC 5321 4.5.1's minimum, and RSET, NOOP, HELP, VRFY).
 RELAY_COMMANDS = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP")

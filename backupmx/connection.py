@@ -41,7 +41,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
-from backupmx import replies, smtp
+from backupmx import replies, smtp, trace_header
 from backupmx.auth import Accepted, Authenticator, Credentials, SASLSyntaxError, after_verification, sasl_exchange
 from backupmx.auth_limit import BLOCKED, ClientAuthLimit
 from backupmx.client_dns import UNKNOWN, ClientDNS
@@ -589,9 +589,9 @@ class SMTPConnection:
         tls = None
         if self._tls is not None and self._tls.handshake_complete:
             tls = f"using {self._tls.version()} with cipher {self._tls.cipher()} ({self._tls.cipher_bits()} bits)"
-        self._protocol = smtp.protocol_name(esmtp=self.session.esmtp, tls=tls is not None,
-                                            authenticated=self.session.user is not None, utf8=envelope.smtputf8)
-        header = smtp.received_header(
+        self._protocol = trace_header.protocol_name(esmtp=self.session.esmtp, tls=tls is not None,
+                                                    authenticated=self.session.user is not None, utf8=envelope.smtputf8)
+        header = trace_header.received_header(
             helo=self.session.helo, client_ip=self.client_ip, hostname=self.ctx.config.hostname,
             queue_id=self._queue_id, esmtp=self.session.esmtp, tls=tls,
             authenticated=self.session.user is not None,

@@ -38,7 +38,7 @@ class Submission:
     helo: str | None
     received_at: float | None = None
     client_name: str | None = None  # the client's verified DNS name, "unknown" (client_dns); XFORWARD NAME
-    protocol: str | None = None  # smtp.protocol_name, e.g. "ESMTPS"; XFORWARD PROTO
+    protocol: str | None = None  # trace_header.protocol_name, e.g. "ESMTPS"; XFORWARD PROTO
     # Filled in by enqueue_many once the message is queued: the domains that had
     # nothing waiting before it (the driver logs domain-queueing for them), and
     # the unix time of the commit (their domain_status.queueing_since).

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "backupmx"
 
 # docs/ARCHITECTURE.md, "Modules". A module may import from its own layer and the ones below it.
 LAYERS = {
-    "protocol": {"smtp", "smtp_body", "smtp_events", "smtp_arguments", "smtp_counts", "addresses", "envelope",
+    "protocol": {"smtp", "smtp_body", "smtp_events", "smtp_arguments", "smtp_counts", "trace_header", "addresses", "envelope",
                  "replies", "auth", "scram", "idn", "outcome", "clients", "odmr"},
     "queue": {"store", "store_db", "store_intake", "store_flushes", "store_delivery", "store_housekeeping",
               "store_operator", "store_status", "store_verify", "store_auth", "store_greylist", "store_probes",

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from backupmx import replies, smtp, smtp_arguments, smtp_body, smtp_counts, smtp_events
+from backupmx import replies, smtp, smtp_arguments, smtp_body, smtp_counts, smtp_events, trace_header
 from backupmx.auth import Credentials, SASLSyntaxError, sasl_exchange
 from backupmx.config import load_config
 from backupmx.smtp import (AuthRequest, AuthResponse, EtrnRequest, MailAdmission, MessageAborted, MessageData,
@@ -148,7 +148,7 @@ def codes(lines):
     return [line[:3] for line in lines if line[3:4] == " "]
 
 
-@pytest.mark.parametrize("module", [smtp, smtp_body, smtp_events, smtp_arguments, smtp_counts])
+@pytest.mark.parametrize("module", [smtp, smtp_body, smtp_events, smtp_arguments, smtp_counts, trace_header])
 def test_protocol_modules_do_no_io(module):
     tree = ast.parse(pathlib.Path(module.__file__).read_text())
     imported = set()
@@ -866,7 +866,7 @@ def test_nothing_from_the_client_reaches_a_reply_line_raw(config):
 
 
 def test_received_header_is_clean():
-    header = smtp.received_header(helo="evil\r\nX-Injected: 1", client_ip="::1", hostname="mx2.test",
+    header = trace_header.received_header(helo="evil\r\nX-Injected: 1", client_ip="::1", hostname="mx2.test",
                                   queue_id="Q1", esmtp=True, tls="TLSv1.3", authenticated=False,
                                   recipients=["a@example.com"], timestamp=0)
     text = header.decode()
@@ -890,7 +890,7 @@ def test_received_header_is_clean():
     ("\x00", "?"),
 ])
 def test_helo_name_in_received_is_valid_or_neutered(helo, shown):
-    header = smtp.received_header(helo=helo, client_ip="192.0.2.9", hostname="mx2.test", queue_id="Q1",
+    header = trace_header.received_header(helo=helo, client_ip="192.0.2.9", hostname="mx2.test", queue_id="Q1",
                                   esmtp=True, tls=None, authenticated=False, recipients=["a@example.com"],
                                   timestamp=0).decode("ascii")
     assert header.startswith(f"Received: from {shown} ([192.0.2.9])\r\n")

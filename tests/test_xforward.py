@@ -15,7 +15,7 @@ import pytest
 from backupmx.client_dns import (FACTS_SECONDS, UNKNOWN, ClientDNS, SystemResolver, TemporaryLookupError,
                                  verified_name)
 from backupmx.offload import Offload
-from backupmx.smtp import received_header
+from backupmx.trace_header import received_header
 from backupmx.smtpclient import xforward_commands, xtext
 from conftest import REPO
 from sink import Sink
