@@ -207,6 +207,19 @@ def test_a_long_checkpoint_that_copies_is_not_taken_for_a_hung_one(server_factor
     assert "checkpointer-hung" not in server.log() and checkpointers(server) == [pid]
 
 
+def _until_its_clock_stands_still(running):
+    """Waits until the checkpoint's thread is blocked: between `inside.set()` and `done.wait()` it
+    still runs a few instructions, and a look that began before them saw CPU used (a beat)."""
+    before = running.sample()[1]
+    for _ in range(200):
+        time.sleep(0.01)
+        now = running.sample()[1]
+        if now == before:
+            return
+        before = now
+    raise AssertionError("the blocked checkpoint's thread kept using CPU for 2 s")
+
+
 def test_a_checkpoint_that_uses_no_cpu_and_moves_no_sectors_gets_no_beats():
     """What keeps a hung checkpoint detectable: one blocked for good (here on an event, with no
     disk to look at: a queue on tmpfs or NFS) gets no progress beats; one that works, some."""
@@ -225,6 +238,8 @@ def test_a_checkpoint_that_uses_no_cpu_and_moves_no_sectors_gets_no_beats():
         copying = threading.Thread(target=checkpoint, args=(work,))
         copying.start()
         inside.wait()
+        if not work:
+            _until_its_clock_stands_still(running)
         watch = threading.Thread(target=running.beat_while_it_copies, args=(lambda: beats.append(1), 0.02, stopped))
         watch.start()
         time.sleep(0.1)  # five looks
