@@ -39,7 +39,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from backupmx import replies
-from backupmx.config import MAX_MESSAGE_SIZE_LIMIT, format_hostport, parse_hostport
+from backupmx.config_values import MAX_MESSAGE_SIZE_LIMIT, format_hostport, parse_hostport
 from backupmx.envelope import Envelope, Recipient
 from backupmx.replies import Reply
 from backupmx.smtp import (COMMANDS, MailAdmission, MessageAborted, MessageData, MessageReceived, MessageStarted,

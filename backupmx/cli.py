@@ -27,7 +27,8 @@ from backupmx.cli_check import cmd_check
 from backupmx.cli_common import OperatorError, config_of, one_line
 from backupmx.cli_queue import (cmd_flush, cmd_health, cmd_metrics, cmd_operator_action, cmd_queue, cmd_show,
                                 cmd_verify)
-from backupmx.config import DEFAULT_CONFIG_PATH, humanize_age
+from backupmx.config import DEFAULT_CONFIG_PATH
+from backupmx.config_values import humanize_age
 
 __all__ = ["main", "build_parser", "humanize_age"]
 

@@ -15,7 +15,7 @@ from backupmx.config import Config
 
 
 def cmd_check(args) -> int:
-    from backupmx.config import plain_secrets_exposure
+    from backupmx.config_auth import plain_secrets_exposure
 
     config = config_of(args)
     exposure = plain_secrets_exposure(config.path, config.users.values())

@@ -16,7 +16,8 @@ import time
 
 from backupmx.addresses import normalize_domain
 from backupmx.cli_common import OperatorError, config_of, escaped, one_line, open_store
-from backupmx.config import Config, humanize_age
+from backupmx.config import Config
+from backupmx.config_values import humanize_age
 
 # Age histogram of `backupmx queue`: (column header, upper bound in seconds).
 AGE_BUCKETS = (("<1h", 3600), ("<6h", 6 * 3600), ("<1d", 86400), ("<3d", 3 * 86400), ("3d+", float("inf")))
@@ -131,7 +132,7 @@ def _queue_list(args) -> int:
 
 def _filters(config: Config, args, *, domain: str | None = None, **selection):
     """The Selection of --domain, --sender, --older-than (and queue list's DOMAIN and --state)."""
-    from backupmx.config import parse_duration
+    from backupmx.config_values import parse_duration
     from backupmx.store import Selection
 
     if args.filter_domain is not None:
@@ -430,7 +431,7 @@ def cmd_metrics(args) -> int:
 def cmd_health(args) -> int:
     """Nagios/Icinga plugin: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (never 1 for a mistake)."""
     from backupmx import health
-    from backupmx.config import parse_duration
+    from backupmx.config_values import parse_duration
 
     try:
         thresholds = health.Thresholds(

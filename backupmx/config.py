@@ -15,36 +15,37 @@ Rules the reader keeps (docs/SPEC.md, "Configuration"):
 - Relative paths (queue, tls_cert, tls_key, primary_ca, log file, recipients file)
   are relative to the current directory when the config is loaded; they are stored
   absolute so a later chdir cannot change their meaning.
+
+What one value may be (each key's parser and its reason) is config_values.py;
+the warnings about the users' secrets and AUTH are config_auth.py.
 """
 
 from __future__ import annotations
 
 import configparser
-import ipaddress
 import math
 import os
 import re
 import socket
-import stat
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from backupmx.addresses import fold_local_part, normalize_domain
-from backupmx.auth import MECHANISMS, secret_serves, validate_password_value
+from backupmx.config_auth import (DEFAULT_AUTH_MECHANISMS, default_auth_mechanisms, plain_secrets_exposure,
+                                  unserved_mechanisms)
+from backupmx.config_values import (abspath, auth_mechanisms, bounce_relay, bounce_size_limit, choice, hostname,
+                                    integer, listen_list, log_level, log_target, mailbox, message_size, metrics_listen,
+                                    networks, nonempty, optional_path, parse_duration, parse_hostport, parse_size,
+                                    password, positive_duration, positive_size, recipient, split_list, tls_version,
+                                    user_name, zones)
 
 __all__ = [
     "Config",
     "ConfigError",
     "DomainConfig",
     "UserConfig",
-    "humanize_age",
     "load_config",
-    "parse_duration",
-    "format_hostport",
-    "parse_hostport",
-    "parse_size",
     "tuning",
-    "plain_secrets_exposure",
     "DEFAULT_CONFIG_PATH",
 ]
 
@@ -54,9 +55,6 @@ PRIMARY_TLS_MODES = ("none", "opportunistic", "required")
 VERIFY_UNREACHABLE = ("accept", "tempfail")
 DNSBL_ACTIONS = ("reject", "tempfail")
 ACCEPT_WHEN = ("always", "primary-unreachable")
-TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
-PASSWORD_SCHEMES = ("{SCRYPT}", "{SCRAM-SHA-256}", "{PLAIN}")
-DEFAULT_AUTH_MECHANISMS = ("SCRAM-SHA-256", "PLAIN", "LOGIN")
 
 
 class ConfigError(Exception):
@@ -168,7 +166,6 @@ class Config:
             return None
 
 
-
 # The BACKUPMX_* tuning knobs set in this process's environment: name -> (the text
 # given, the default, whether it was used). `serve` logs one line for each at start.
 TUNED: dict[str, tuple[str, object, bool]] = {}
@@ -194,353 +191,55 @@ def tuning(name: str, default, kind=float):
 
 
 # --------------------------------------------------------------------------
-# Value parsers. Each raises ValueError with a short reason; the loader adds
-# the file, section and key.
-
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)", re.IGNORECASE)
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?)b?", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-def _number_with_unit(text: str, pattern: re.Pattern, units: dict, what: str, hint: str) -> float:
-    m = pattern.fullmatch(text.strip())
-    if not m:
-        raise ValueError(f"bad {what} {text!r} ({hint})")
-    value = float(m.group(1)) * units[m.group(2).lower()]
-    if not math.isfinite(value):
-        raise ValueError(f"bad {what} {text!r}")
-    return value
-
-
-def parse_duration(text: str) -> float:
-    """ "90" -> 90.0, "5m" -> 300.0, "1.5h" -> 5400.0, "5d" -> 432000.0 (seconds)."""
-    return _number_with_unit(text, _DURATION, _DURATION_UNITS, "duration",
-                             "a number with an optional s, m, h or d suffix")
-
-
-def humanize_age(seconds: float) -> str:
-    """45 -> "45s", 300 -> "5m0s", 11520 -> "3h12m", 190000 -> "2d4h" (for people, not for parse_duration)."""
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours}h"
-    if hours:
-        return f"{hours}h{minutes}m"
-    if minutes:
-        return f"{minutes}m{secs}s"
-    return f"{secs}s"
-
-
-def parse_size(text: str) -> int:
-    """ "512" -> 512, "100M" -> 104857600, "5G" -> 5368709120 (1024-based)."""
-    return int(_number_with_unit(text, _SIZE, _SIZE_UNITS, "size", "bytes with an optional K, M or G suffix"))
-
-
-def _check_host(host: str) -> str:
-    """An IP address (v4 or v6) or a DNS host name; returned as written (names lower-cased)."""
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, host)
-            return host
-        except (OSError, ValueError):
-            pass
-    if ":" in host:
-        raise ValueError(f"bad IPv6 address {host!r}")
-    return normalize_domain(host)
-
-
-def parse_hostport(
-    text: str, *, default_port: int | None = None, allow_zero: bool = False, allow_wildcard: bool = False
-) -> tuple[str, int]:
-    """ "[::1]:2525" -> ("::1", 2525); "127.0.0.1:25"; "mail.example.com" -> default port.
-
-    "*" as the host means every IPv4 address ("0.0.0.0") where allow_wildcard.
-    An IPv6 address must be in brackets when a port follows (else "::1:25" is ambiguous).
-    """
-    text = text.strip()
-    if not text:
-        raise ValueError("empty address")
-    port_text: str | None
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep:
-            raise ValueError(f"bad address {text!r}: missing ']'")
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"bad address {text!r}")
-        port_text = rest[1:] if rest else None
-        try:
-            socket.inet_pton(socket.AF_INET6, host)
-        except (OSError, ValueError):
-            raise ValueError(f"bad address {text!r}: {host!r} is not an IPv6 address") from None
-    elif text.count(":") > 1:
-        raise ValueError(f"bad address {text!r}: write IPv6 addresses in brackets, e.g. [::1]:25")
-    else:
-        host, sep, port_text = text.partition(":")
-        if not sep:
-            port_text = None
-        if host == "*" and allow_wildcard:
-            host = "0.0.0.0"
-        elif not host:
-            raise ValueError(f"bad address {text!r}: missing host")
-        else:
-            try:
-                host = _check_host(host)
-            except ValueError as exc:
-                raise ValueError(f"bad address {text!r}: {exc}") from None
-    if port_text is None:
-        if default_port is None:
-            raise ValueError(f"bad address {text!r}: missing port")
-        return host, default_port
-    if not port_text.isdigit() or not port_text.isascii():
-        raise ValueError(f"bad port {port_text!r} in {text!r}")
-    port = int(port_text)
-    if not ((0 if allow_zero else 1) <= port <= 65535):
-        raise ValueError(f"bad port {port} in {text!r} (1..65535)")
-    return host, port
-
-
-def format_hostport(host: str, port: int) -> str:
-    """("::1", 25) -> "[::1]:25"; ("mx.example", 25) -> "mx.example:25" (parse_hostport's inverse)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _split_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _abspath(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path))
-
-
-# --------------------------------------------------------------------------
-# The loader
-
-
-def _integer(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text.strip(), 10)
-        except ValueError:
-            raise ValueError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise ValueError(f"must be at least {minimum}, not {value}")
-        return value
-
-    return parse
-
-
-def _positive_size(text: str) -> int:
-    value = parse_size(text)
-    if value < 1:
-        raise ValueError(f"must be at least 1 byte, not {text!r}")
-    return value
-
-
-# SQLite stores a blob of at most 1,000,000,000 bytes (SQLITE_MAX_LENGTH); the
-# body is one blob, with our Received header and some room on top.
-MAX_MESSAGE_SIZE_LIMIT = 999_000_000
-# The ceiling of the bounce_size_limit setting: a DSN is built in memory, and a
-# forged sender must not be able to turn a bounce into a large reflection.
-MAX_BOUNCE_SIZE_LIMIT = 10 * 1024 * 1024
-
-
-def _message_size(text: str) -> int:
-    value = _positive_size(text)
-    if value > MAX_MESSAGE_SIZE_LIMIT:
-        raise ValueError(f"must be at most {MAX_MESSAGE_SIZE_LIMIT} bytes (SQLite's blob limit), not {text!r}")
-    return value
-
-
-def _bounce_size_limit(text: str) -> int:
-    value = _positive_size(text)
-    if value > MAX_BOUNCE_SIZE_LIMIT:
-        raise ValueError(f"must be at most 10M, not {text.strip()!r} (a bounce must not reflect big mail)")
-    return value
-
-
-def _positive_duration(text: str) -> float:
-    value = parse_duration(text)
-    if value <= 0:
-        raise ValueError(f"must be more than 0, not {text!r}")
-    return value
-
-
-def _nonempty(text: str) -> str:
-    text = text.strip()
-    if not text:
-        raise ValueError("empty value")
-    return text
-
-
-def _optional_path(text: str) -> str | None:
-    text = text.strip()
-    return _abspath(text) if text else None
-
-
-def _hostname(text: str) -> str:
-    text = text.strip()
-    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\.?|\[[0-9A-Fa-f:.v]+\]", text):
-        raise ValueError(f"bad host name {text!r}")
-    return text.rstrip(".")
-
-
-def _listen_list(default_port: int) -> Callable[[str], tuple[tuple[str, int], ...]]:
-    def parse(text: str) -> tuple[tuple[str, int], ...]:
-        return tuple(
-            parse_hostport(item, default_port=default_port, allow_zero=True, allow_wildcard=True)
-            for item in _split_list(text)
-        )
-
-    return parse
-
-
-def _tls_version(text: str) -> str:
-    for version in TLS_VERSIONS:
-        if text.strip().lower() == version.lower():
-            return version
-    raise ValueError(f"must be one of {', '.join(TLS_VERSIONS)}, not {text.strip()!r}")
-
-
-def _log_target(text: str) -> str | None:
-    text = text.strip()
-    if not text:
-        return None
-    if text in ("stderr", "syslog"):
-        return text
-    return _abspath(text)
-
-
-def _bounce_relay(text: str) -> tuple[str, int] | None:
-    text = text.strip()
-    return parse_hostport(text, default_port=25) if text else None
-
-
-def _auth_mechanisms(text: str) -> tuple[str, ...]:
-    names = [name.upper() for name in re.split(r"[\s,]+", text.strip()) if name]
-    if not names:
-        raise ValueError(f"empty list (choose from {' '.join(MECHANISMS)})")
-    for name in names:
-        if name not in MECHANISMS:
-            raise ValueError(f"unknown mechanism {name!r} (choose from {' '.join(MECHANISMS)})")
-    if len(set(names)) != len(names):
-        raise ValueError("a mechanism is listed twice")
-    return tuple(names)
-def _metrics_listen(text: str) -> tuple[str, int] | None:
-    text = text.strip()
-    return parse_hostport(text, allow_zero=True) if text and text.lower() != "none" else None
-
-
-LOG_LEVELS = ("debug", "info", "warning", "error")  # backupmx.log.LEVELS
-
-
-def _log_level(text: str) -> str:
-    value = text.strip().lower()
-    if value not in LOG_LEVELS:
-        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, not {text.strip()!r}")
-    return value
-
-
-def _mailbox(text: str) -> str | None:
-    """An address to send to (local@domain, no <>), or None for an empty value."""
-    text = text.strip()
-    if not text:
-        return None
-    local, at, where = text.rpartition("@")
-    if not at or not local or not text.isascii() or any(c.isspace() or c in '<>,;"' or ord(c) < 32 for c in text):
-        raise ValueError(f"bad address {text!r} (local@domain, without <>)")
-    try:
-        normalize_domain(where)
-    except ValueError:
-        raise ValueError(f"bad address {text!r}") from None
-    return text
-
-
-def _networks(text: str) -> tuple:
-    """ "192.0.2.0/24, 2001:db8::/32, 198.51.100.7" -> ip_network objects (host bits must be 0)."""
-    networks = []
-    for item in _split_list(text):
-        try:
-            networks.append(ipaddress.ip_network(item))
-        except ValueError as exc:
-            raise ValueError(f"bad network {item!r}: {exc}") from None
-    return tuple(networks)
-
-
-def _zones(text: str) -> tuple[str, ...]:
-    """ "zen.spamhaus.org, bl.example" -> the zones, lower-case, no trailing dot."""
-    zones = []
-    for item in _split_list(text):
-        try:
-            zones.append(normalize_domain(item))
-        except ValueError as exc:
-            raise ValueError(f"bad zone {item!r}: {exc}") from None
-    return tuple(dict.fromkeys(zones))
-
-
-def _user_name(text: str) -> str | None:
-    return text.strip() or None
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        value = text.strip().lower()
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, not {text.strip()!r}")
-        return value
-
-    return parse
-
+# The keys: each one's parser (config_values.py) and default.
 
 # key -> (parser, default). A default of _REQUIRED must be given.
 _REQUIRED = object()
 
 _GLOBAL_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
-    "hostname": (_hostname, None),  # None: socket.getfqdn(), looked up only when needed
-    "listen": (_listen_list(25), (("0.0.0.0", 25),)),
-    "listen_tls": (_listen_list(465), ()),
-    "listen_odmr": (_listen_list(366), ()),
-    "queue": (lambda t: _abspath(_nonempty(t)), "/var/spool/backupmx/queue.db"),
-    "tls_cert": (_optional_path, None),
-    "tls_key": (_optional_path, None),
-    "workers": (_integer(1), 4),
-    "max_workers": (_integer(1), 64),
-    "flush_workers": (_integer(1), 2),
-    "max_message_size": (_message_size, 52428800),
-    "max_recipients": (_integer(1), 100),
-    "tls_min_version": (_tls_version, "TLSv1.2"),
-    "max_auth_failures": (_integer(1), 3),
-    "max_connections_per_client": (_integer(1), 50),
-    "timeout": (_positive_duration, 300.0),
-    "queue_lifetime": (_positive_duration, 5 * 86400.0),
-    "user": (_user_name, None),
-    "log": (_log_target, None),
-    "bounce_relay": (_bounce_relay, None),
+    "hostname": (hostname, None),  # None: socket.getfqdn(), looked up only when needed
+    "listen": (listen_list(25), (("0.0.0.0", 25),)),
+    "listen_tls": (listen_list(465), ()),
+    "listen_odmr": (listen_list(366), ()),
+    "queue": (lambda t: abspath(nonempty(t)), "/var/spool/backupmx/queue.db"),
+    "tls_cert": (optional_path, None),
+    "tls_key": (optional_path, None),
+    "workers": (integer(1), 4),
+    "max_workers": (integer(1), 64),
+    "flush_workers": (integer(1), 2),
+    "max_message_size": (message_size, 52428800),
+    "max_recipients": (integer(1), 100),
+    "tls_min_version": (tls_version, "TLSv1.2"),
+    "max_auth_failures": (integer(1), 3),
+    "max_connections_per_client": (integer(1), 50),
+    "timeout": (positive_duration, 300.0),
+    "queue_lifetime": (positive_duration, 5 * 86400.0),
+    "user": (user_name, None),
+    "log": (log_target, None),
+    "bounce_relay": (bounce_relay, None),
     "expired_retention": (parse_duration, 7 * 86400.0),
     "retry_interval": (parse_duration, 0.0),
     "min_free_space": (parse_size, 100 * 1024**2),
     "delay_warning": (parse_duration, 0.0),
-    "bounce_size_limit": (_bounce_size_limit, 50 * 1024),
-    "auth_mechanisms": (_auth_mechanisms, DEFAULT_AUTH_MECHANISMS),
-    "log_level": (_log_level, "info"),
-    "metrics_listen": (_metrics_listen, None),
-    "max_session_time": (_positive_duration, 30 * 60.0),
-    "max_junk_commands": (_integer(1), 100),
+    "bounce_size_limit": (bounce_size_limit, 50 * 1024),
+    "auth_mechanisms": (auth_mechanisms, DEFAULT_AUTH_MECHANISMS),
+    "log_level": (log_level, "info"),
+    "metrics_listen": (metrics_listen, None),
+    "max_session_time": (positive_duration, 30 * 60.0),
+    "max_junk_commands": (integer(1), 100),
     "greet_pause": (parse_duration, 0.0),
-    "max_auth_failures_per_client": (_integer(1), 10),
-    "auth_failure_window": (_positive_duration, 3600.0),
+    "max_auth_failures_per_client": (integer(1), 10),
+    "auth_failure_window": (positive_duration, 3600.0),
     "auth_failure_delay": (parse_duration, 1.0),
     "greylist": (parse_duration, 0.0),
-    "greylist_expire": (_positive_duration, 86400.0),
-    "greylist_exempt": (_networks, ()),
-    "dnsbl": (_zones, ()),
-    "dnsbl_action": (_choice(DNSBL_ACTIONS), "reject"),
+    "greylist_expire": (positive_duration, 86400.0),
+    "greylist_exempt": (networks, ()),
+    "dnsbl": (zones, ()),
+    "dnsbl_action": (choice(DNSBL_ACTIONS), "reject"),
 }
 
 
-_primary_tls = _choice(PRIMARY_TLS_MODES)
+_primary_tls = choice(PRIMARY_TLS_MODES)
 
 
 _INHERIT = object()  # per-domain value that falls back to the global one
@@ -550,36 +249,25 @@ _DOMAIN_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
     "primary": (lambda t: parse_hostport(t, default_port=25), _REQUIRED),
     "primary_tls": (_primary_tls, "opportunistic"),
     "recipients": (str, "*"),
-    "primary_ca": (_optional_path, None),
-    "max_queue_messages": (_integer(1), None),
-    "max_queue_bytes": (_positive_size, None),
-    "queue_lifetime": (_positive_duration, _INHERIT),
+    "primary_ca": (optional_path, None),
+    "max_queue_messages": (integer(1), None),
+    "max_queue_bytes": (positive_size, None),
+    "queue_lifetime": (positive_duration, _INHERIT),
     "retry_interval": (parse_duration, _INHERIT),
-    "notify": (_mailbox, None),
+    "notify": (mailbox, None),
     "notify_age": (parse_duration, 86400.0),
-    "verify_positive_ttl": (_positive_duration, 30 * 86400.0),
-    "verify_negative_ttl": (_positive_duration, 3 * 3600.0),
-    "verify_unreachable": (_choice(VERIFY_UNREACHABLE), "accept"),
-    "accept_when": (_choice(ACCEPT_WHEN), "always"),
-    "primary_probe_interval": (_positive_duration, 60.0),
+    "verify_positive_ttl": (positive_duration, 30 * 86400.0),
+    "verify_negative_ttl": (positive_duration, 3 * 3600.0),
+    "verify_unreachable": (choice(VERIFY_UNREACHABLE), "accept"),
+    "accept_when": (choice(ACCEPT_WHEN), "always"),
+    "primary_probe_interval": (positive_duration, 60.0),
 }
 # Keys that mean something only with recipients = verify (a warning otherwise).
 _VERIFY_KEYS = ("verify_positive_ttl", "verify_negative_ttl", "verify_unreachable")
 
 
-def _password(text: str) -> str:
-    # Only surrounding whitespace goes: the rest of the value is the secret, as written.
-    text = text.strip()
-    if not text.startswith(PASSWORD_SCHEMES):
-        raise ValueError("must start with {SCRYPT} or {SCRAM-SHA-256} (from `backupmx passwd`) or {PLAIN}")
-    if text in PASSWORD_SCHEMES:
-        raise ValueError("empty password")
-    validate_password_value(text)  # a mangled {SCRYPT} value is found now, not at the first AUTH
-    return text
-
-
 _USER_KEYS: dict[str, tuple[Callable[[str], object], object]] = {
-    "password": (_password, _REQUIRED),
+    "password": (password, _REQUIRED),
     "domains": (str, _REQUIRED),
 }
 
@@ -654,7 +342,7 @@ class _Loader:
         if text == "*":
             return None
         if text.startswith("@"):
-            path = _abspath(text[1:].strip())
+            path = abspath(text[1:].strip())
             try:
                 with open(path, encoding="utf-8") as f:
                     lines = f.read().splitlines()
@@ -667,7 +355,7 @@ class _Loader:
                 if not line:
                     continue
                 try:
-                    found.add(_recipient(line, domain))
+                    found.add(recipient(line, domain))
                 except ValueError as exc:
                     raise self.error(section, "recipients", f"{path} line {lineno}: {exc}") from None
             if not found:
@@ -675,11 +363,11 @@ class _Loader:
                     f"{self.path}: [{section}] recipients: {path} lists no addresses: all mail for {domain} is refused"
                 )
             return frozenset(found)
-        items = _split_list(text)
+        items = split_list(text)
         if not items:
             raise self.error(section, "recipients", "empty list (use * for any local part)")
         try:
-            return frozenset(_recipient(item, domain) for item in items)
+            return frozenset(recipient(item, domain) for item in items)
         except ValueError as exc:
             raise self.error(section, "recipients", str(exc)) from None
 
@@ -766,7 +454,7 @@ class _Loader:
             name = section.partition(":")[2].strip()
             u = self.values(parser, section, _USER_KEYS)
             allowed = set()
-            items = _split_list(u["domains"])
+            items = split_list(u["domains"])
             if not items:
                 raise self.error(section, "domains", "empty list")
             for item in items:
@@ -807,88 +495,6 @@ class _Loader:
         return Config(
             path=os.path.abspath(self.path), domains=domains, users=users, warnings=tuple(self.warnings), **g
         )
-
-
-def _recipient(item: str, domain: str) -> str:
-    """A recipients entry: a bare local part gets "@domain"; a full address must be in the domain."""
-    item = item.strip()
-    local, at, where = item.rpartition("@")
-    if not at:
-        local, where = item, domain
-    if not local or any(c.isspace() or ord(c) < 32 or c in "<>," for c in local):
-        raise ValueError(f"bad address {item!r}")
-    try:
-        where = normalize_domain(where)
-    except ValueError:
-        raise ValueError(f"bad address {item!r}") from None
-    if where != domain:
-        raise ValueError(f"{item} is not in domain {domain}")
-    return f"{fold_local_part(local)}@{domain}"
-
-
-def default_auth_mechanisms(path: str, users) -> tuple[tuple[str, ...], str | None]:
-    """auth_mechanisms when the file does not set it, and the warning that explains it.
-
-    DEFAULT_AUTH_MECHANISMS, without SCRAM-SHA-256 while any user holds a secret
-    that cannot serve it ({SCRYPT}, the only scheme before SCRAM came, and still
-    `backupmx passwd`'s default): a client that prefers SCRAM-SHA-256 (`backupmx
-    etrn` from before its PLAIN retry, or any other) would otherwise get 535
-    for a right password, and the mail would wait for an ETRN that never works.
-    """
-    unable = sorted(user.name for user in users if "SCRAM-SHA-256" not in secret_serves(user.password))
-    if not unable:
-        return DEFAULT_AUTH_MECHANISMS, None
-    mechanisms = tuple(m for m in DEFAULT_AUTH_MECHANISMS if m != "SCRAM-SHA-256")
-    who = " ".join(f"[user:{name}]" for name in unable[:5]) + (f" and {len(unable) - 5} more" if len(unable) > 5 else "")
-    return mechanisms, (f"{path}: [backupmx] auth_mechanisms: not set, and the {{SCRYPT}} secret of {who} cannot"
-                        f" serve SCRAM-SHA-256, so EHLO offers {' '.join(mechanisms)}: write it with"
-                        " `backupmx passwd --scheme scram-sha-256` to have SCRAM-SHA-256 offered, or set"
-                        " auth_mechanisms")
-
-
-def unserved_mechanisms(path: str, users, mechanisms: tuple[str, ...]) -> list[str]:
-    """One line per user whose stored secret cannot serve a mechanism EHLO offers.
-
-    A client that picks such a mechanism (fetchmail takes CRAM-MD5 whenever it
-    is offered; `backupmx etrn` prefers SCRAM-SHA-256) fails with 535 however
-    right its password is: an operator should know before that happens.
-    """
-    lines = []
-    for user in users:
-        missing = [m for m in mechanisms if m not in secret_serves(user.password)]
-        if missing:
-            scheme = user.password[:user.password.index("}") + 1]
-            lines.append(f"{path}: [user:{user.name}] password: a {scheme} secret cannot serve "
-                         f"{' '.join(missing)} (listed in auth_mechanisms): a client that chooses it gets 535; "
-                         + _REMEDY.get(scheme, ""))
-    return lines
-
-
-_REMEDY = {
-    "{SCRYPT}": "write it with `backupmx passwd --scheme scram-sha-256`, or run `backupmx etrn --mechanism PLAIN`",
-    "{SCRAM-SHA-256}": "CRAM-MD5 needs a {PLAIN} secret; better leave CRAM-MD5 out of auth_mechanisms",
-}
-
-
-def plain_secrets_exposure(path: str, users) -> str | None:
-    """One line when the file at `path` holds {PLAIN} secrets and everyone may read it, else None.
-
-    Everyone (world-readable) is refused, the group is not: the README's
-    privilege setup makes the config group-readable by `user`'s group so a
-    SIGHUP can re-read it, as the TLS key (tls.check_key_file) and as
-    OpenSSH's "permissions are too open" do for world access. `check` fails on
-    it; `serve` logs it as a warning.
-    """
-    plain = sorted(u.name for u in users if u.password.startswith("{PLAIN}"))
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
-    if not plain or not mode & stat.S_IROTH:
-        return None
-    who = f"[user:{plain[0]}]" + (f" and {len(plain) - 1} more" if len(plain) > 1 else "")
-    return (f"{path}: readable by everyone (mode {stat.S_IMODE(mode):04o}) but holds {{PLAIN}} secrets ({who}): "
-            "chmod o-r it, or use {SCRYPT} values from `backupmx passwd`")
 
 
 def load_config(path: str | os.PathLike = DEFAULT_CONFIG_PATH) -> Config:

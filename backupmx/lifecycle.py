@@ -45,7 +45,7 @@ from collections.abc import Callable
 
 from backupmx import dsn as dsnlib
 from backupmx import notify as notifylib
-from backupmx.config import format_hostport
+from backupmx.config_values import format_hostport
 from backupmx.log import log_event
 from backupmx.outcome import Outcome, classify
 from backupmx.reclaim import reclaim_round

@@ -17,7 +17,7 @@ import os
 import socket
 import socketserver
 
-from backupmx.config import format_hostport
+from backupmx.config_values import format_hostport
 
 # Accepts per listener per loop turn (fairness between listeners and workers).
 ACCEPT_BATCH = 64

@@ -57,7 +57,8 @@ import time
 from backupmx import children, primaries, replies, worker
 from backupmx.children import BOOT_ERROR, QUICK_DEATH, RESPAWN_DELAY, describe_status, first_line
 from backupmx.clients import limit_key, shown_address
-from backupmx.config import format_hostport, load_config, tuning
+from backupmx.config import load_config, tuning
+from backupmx.config_values import format_hostport
 from backupmx.connection import SMTPConnection, prepare_socket
 from backupmx.flush_workers import FlusherHandle, FlushWorkers
 from backupmx.flusher import run_flush_worker

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import email.utils
 
-from backupmx.config import humanize_age
+from backupmx.config_values import humanize_age
 
 KINDS = ("queueing", "age")
 

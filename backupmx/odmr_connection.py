@@ -24,7 +24,8 @@ import socket
 from dataclasses import dataclass
 
 from backupmx import replies
-from backupmx.config import format_hostport, tuning
+from backupmx.config import tuning
+from backupmx.config_values import format_hostport
 from backupmx.connection import SMTPConnection
 from backupmx.log import log_event
 from backupmx.odmr import AtrnRequest, OdmrSession

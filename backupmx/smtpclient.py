@@ -27,7 +27,7 @@ import ssl
 import time
 
 from backupmx import primaries, tls
-from backupmx.config import format_hostport
+from backupmx.config_values import format_hostport
 from backupmx.log import log_event
 
 MAX_REPLY_LINES = 100  # a longer reply is not a mail server talking

@@ -8,14 +8,8 @@ import socket
 import pytest
 
 from backupmx.addresses import normalize_domain
-from backupmx.config import (
-    Config,
-    ConfigError,
-    load_config,
-    parse_duration,
-    parse_hostport,
-    parse_size,
-)
+from backupmx.config import Config, ConfigError, load_config
+from backupmx.config_values import parse_duration, parse_hostport, parse_size
 
 GLOBAL = """\
 [backupmx]

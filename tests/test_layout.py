@@ -21,8 +21,9 @@ LAYERS = {
                 "notify", "metrics_http", "flush_workers", "odmr_sessions", "checkpointer", "helper_processes",
                 "primary_lookups"},
 }
-# Leaves anyone may use: the config's data model, the log line format.
-SHARED = {"config", "log"}
+# Leaves anyone may use: the config's data model (with its value parsers and its AUTH
+# warnings), the log line format.
+SHARED = {"config", "config_values", "config_auth", "log"}
 BELOW = {
     "protocol": set(),
     "queue": {"protocol"},
@@ -52,7 +53,8 @@ def test_dependencies_point_inward(layer):
 
 
 def test_the_shared_leaves_stand_on_the_protocol_layer_only():
-    """config and log are imported by every layer, so what they import is imported by every layer too."""
+    """config (config_values, config_auth) and log are imported by every layer, so what they import
+    is imported by every layer too."""
     allowed = SHARED | LAYERS["protocol"]
     assert {module: sorted(imports_of(PACKAGE / f"{module}.py") - allowed) for module in SHARED} == \
         {module: [] for module in SHARED}
