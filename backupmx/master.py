@@ -6,11 +6,12 @@ Modelled on gunicorn's arbiter. The master only supervises and accepts:
   context, queue database, listeners) and the master holds no SQLite
   connection across a fork (docs/DESIGN.md, "Processes");
 - it accepts on every listener (listeners.py) and hands each connection to
-  the least-loaded SMTP worker over that worker's control socket (see
-  worker.py for the protocol); a worker holds up to SESSIONS_PER_WORKER
-  sessions at once;
-- the verbs: spawn_worker, reap_workers, murder_workers, manage_workers (and
-  the same for flush workers);
+  an SMTP worker over that worker's control socket (smtp_workers.py: the
+  busiest below PACK_SESSIONS, else the least loaded; see worker.py for the
+  protocol); a worker holds up to SESSIONS_PER_WORKER sessions at once;
+- the verbs: spawn, reap (reap_workers: every child), murder, manage, in
+  smtp_workers.SmtpWorkers for SMTP workers and flush_workers.FlushWorkers
+  for flush workers;
 - signal handlers only queue the signal and wake the loop through
   signal.set_wakeup_fd; one handle_<signal> method each does the work in the
   main loop;
@@ -31,7 +32,8 @@ Modelled on gunicorn's arbiter. The master only supervises and accepts:
 - a connection to a listen_odmr port gets a process of its own
   (odmr_sessions.OdmrSessions: ATRN turns it into a blocking delivery),
   counted with the client's other sessions and reaped like the workers.
-- its other parts live beside it: flush_workers.py (the flush workers),
+- its other parts live beside it: smtp_workers.py (the SMTP workers and
+  the hand-off of each accepted connection), flush_workers.py (the flush workers),
   helper_processes.py (the metrics process, the checkpointer) and
   primary_lookups.py (the DNS look-ups of host-name primaries, in a child, at
   start-up, at each reload, and again for the names that did not resolve).
@@ -46,7 +48,6 @@ counted: the master holds no queue, so it hands its counts to a worker
 """
 
 import collections
-import errno
 import logging
 import os
 import selectors
@@ -55,7 +56,7 @@ import socket
 import time
 
 from backupmx import children, primaries, replies, worker
-from backupmx.children import BOOT_ERROR, QUICK_DEATH, RESPAWN_DELAY, describe_status, first_line
+from backupmx.children import first_line
 from backupmx.clients import limit_key, shown_address
 from backupmx.config import load_config, tuning
 from backupmx.config_values import format_hostport
@@ -68,36 +69,15 @@ from backupmx.log import log_event
 from backupmx.metrics_http import bind as bind_metrics
 from backupmx.odmr_sessions import OdmrSessions
 from backupmx.primary_lookups import PendingLookups, UnresolvedPrimaries, log_lookup_timeout, pin_primaries
+from backupmx.smtp_workers import SmtpWorkers, WorkerHandle
 from backupmx.store_db import leave_checkpoints_to_checkpointer
 from backupmx.startup import (ServeError, become_user, build_ssl_context, check_queue, log_tuning, raise_fd_limit,
                               record_clean_stop, start_logging)
 from backupmx.tls import TLSConfigError
 
-# Seconds without a heartbeat after which a worker is taken for hung and
-# aborted (it sends one every worker.HEARTBEAT_INTERVAL).
-HEARTBEAT_TIMEOUT = tuning("BACKUPMX_HEARTBEAT_TIMEOUT", 30.0)
-# Seconds an aborted worker has to go (faulthandler writes its stack, then it
-# dies of SIGABRT) before it is SIGKILLed. A stopped or wedged process ignores SIGABRT.
-ABORT_GRACE = 1.0
-# Sessions one worker holds at once (non-blocking sockets: fds, not processes).
-SESSIONS_PER_WORKER = tuning("BACKUPMX_SESSIONS_PER_WORKER", 256, int)
-# When every worker holds more than this many sessions, start another one (up to
-# max_workers). High on purpose: idle and slow sessions cost descriptors, not
-# processes, and `workers` already spreads busy ones over the cores.
-SPAWN_THRESHOLD = tuning("BACKUPMX_SPAWN_THRESHOLD", 128, int)
-# New sessions go to the busiest worker holding fewer than this many (then to the least
-# loaded): one loop round and one group commit (one fsync, one turn of the write lock,
-# one refill of SQLite's page cache after another process wrote) serve all of a worker's
-# sessions, so 10 sessions in one worker cost about 0.65 of the CPU per message that the
-# same 10 spread over 4 workers do (bench/README.md, issue 16); past it, a second worker
-# takes the next ones and the cores share the load.
-PACK_SESSIONS = tuning("BACKUPMX_PACK_SESSIONS", 32, int)
 # After SIGTERM: how long the master waits for its children before SIGKILLing them.
 # A worker drains within worker.DRAIN_GRACE + worker.DRAIN_CLOSE; a little margin on top.
 STOP_TIMEOUT = worker.DRAIN_GRACE + worker.DRAIN_CLOSE + 5.0
-# A worker started beyond config.workers (under load) is drained after this
-# many seconds without a session.
-IDLE_RETIRE = 60.0
 # Pause accepting this long when the process is out of file descriptors.
 ACCEPT_PAUSE = 0.1
 # The master's loop wakes at least this often (heartbeat checks, respawns).
@@ -144,23 +124,6 @@ def serve(config, *, connection_class=SMTPConnection, flush_worker=run_flush_wor
         master.close_listeners()
 
 
-class WorkerHandle:
-    """The master's view of one SMTP worker process."""
-
-    def __init__(self, pid, ctrl, generation):
-        self.pid = pid
-        self.ctrl = ctrl  # the master's end of the SEQPACKET pair
-        self.generation = generation
-        self.sessions = 0
-        self.clients = collections.Counter()  # ip -> sessions in this worker
-        self.started = time.monotonic()
-        self.last_seen = self.started
-        self.draining = False
-        self.aborted_at = None  # monotonic: when murder_workers sent SIGABRT
-        self.full_until = 0.0  # monotonic: its control socket refused a hand-off until then
-        self.idle_since = self.started  # monotonic, None while it holds sessions
-
-
 class ClientCounts(collections.Counter):
     """Sessions per client across workers, counted under clients.limit_key (an IPv6 client per /64)."""
 
@@ -186,15 +149,6 @@ def _drain(sock):
         pass
 
 
-def pick_worker(room):
-    """Of the workers with room: the busiest below PACK_SESSIONS (and SPAWN_THRESHOLD), else the
-    least loaded; None when none has room."""
-    packing = [w for w in room if w.sessions < min(PACK_SESSIONS, SPAWN_THRESHOLD)]
-    if packing:
-        return max(packing, key=lambda w: w.sessions)
-    return min(room, key=lambda w: w.sessions) if room else None
-
-
 class Master:
     """The supervisor. Construct with a validated config; run() returns the exit status."""
 
@@ -207,7 +161,7 @@ class Master:
         self.connection_class = connection_class
         self.flush_workers = FlushWorkers(self, flush_worker)
         self.generation = 0
-        self.workers = {}  # pid -> WorkerHandle
+        self.smtp_workers = SmtpWorkers(self)  # the SMTP workers (pid -> WorkerHandle) and the hand-off
         self.odmr = OdmrSessions(self)  # the processes of ODMR connections (listen_odmr)
         self.clients = ClientCounts()  # sessions per client, across workers
         self.rejects = RejectCounts()  # the master's 421s not yet handed to a worker
@@ -218,7 +172,6 @@ class Master:
         self.stop_deadline = None
         self.exit_status = 0
         self.killed_at_stop = False  # a child was SIGKILLed at the stop (stop-timeout)
-        self.respawn_after = 0.0  # monotonic: no SMTP worker spawned before this
         self.lookups = None  # the PendingLookups of a reload
         self.serving = False  # start-up is over: the listeners are being served
         self.accept_paused_until = 0.0
@@ -265,8 +218,8 @@ class Master:
         self.cancel_lookups()
         self.stop_deadline = time.monotonic() + STOP_TIMEOUT
         self.close_listeners()
-        for w in list(self.workers.values()):
-            self.drain_worker(w, "stop")
+        for w in list(self.smtp_workers.handles.values()):
+            self.smtp_workers.drain(w, "stop")
         self.flush_workers.signal_all(signal.SIGTERM)
         self.helpers.stop()
         self.odmr.stop()
@@ -326,7 +279,7 @@ class Master:
         self.helpers.stop(retiring=True)  # they run with the old config: new ones start with the new
         self.replace_workers(ssl_context)
         log_event(self.logger, "reloaded", generation=self.generation, config=self.config.path)
-        self.manage_workers()
+        self.smtp_workers.manage()
         self.flush_workers.manage()
 
     def replace_workers(self, ssl_context, how="drain"):
@@ -336,9 +289,9 @@ class Master:
             self.ticket_keys.restart()
         self.ssl_context = ssl_context
         self.generation += 1
-        for w in list(self.workers.values()):
-            self.drain_worker(w, how)
-        self.respawn_after = 0.0
+        for w in list(self.smtp_workers.handles.values()):
+            self.smtp_workers.drain(w, how)
+        self.smtp_workers.respawn_after = 0.0
 
     def rotate_ticket_keys(self):
         """When TicketKeys says so: new SMTP workers with a new TLS context, so a new
@@ -398,71 +351,11 @@ class Master:
         header = f"conn {'tls' if listener.implicit_tls else 'plain'} {ip} {port} {int(sock.family)}".encode("ascii")
         self.in_hand = sock
         try:
-            self.dispatch(listener, sock, ip, header)
+            self.smtp_workers.dispatch(listener, sock, ip, header)
         finally:
             self.in_hand = None
 
-    def dispatch(self, listener, sock, ip, header):
-        for _ in range(3):  # a worker whose control socket is full is skipped
-            w = self.choose_worker()
-            if w is None:
-                break
-            try:
-                socket.send_fds(w.ctrl, [header], [sock.fileno()])
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EPIPE, errno.ECONNRESET):
-                    raise
-                w.full_until = time.monotonic() + 1.0  # its control socket is full: skip it a moment
-                continue
-            w.sessions += 1
-            w.idle_since = None
-            w.clients[ip] += 1
-            self.clients.opened(ip)
-            sock.close()  # the worker has its own copy now
-            return
-        self.rejects.refuse(self.logger, self.config.hostname, sock, ip, replies.BUSY)
-        listener.shutdown_request(sock)
-
-    # -- SMTP workers ----------------------------------------------------------
-
-    def active_workers(self):
-        return [w for w in self.workers.values() if not w.draining and w.aborted_at is None]
-
-    def choose_worker(self):
-        """The worker for a new session (pick_worker); spawn one when all are past SPAWN_THRESHOLD."""
-        active = self.active_workers()
-        now = time.monotonic()
-        room = [w for w in active if w.sessions < SESSIONS_PER_WORKER and w.full_until <= now]
-        if (not room or min(w.sessions for w in room) >= SPAWN_THRESHOLD) and len(active) < self.config.max_workers:
-            w = self.spawn_worker()
-            if w is not None:
-                return w
-        return pick_worker(room)
-
-    def spawn_worker(self):
-        if self.stopping or time.monotonic() < self.respawn_after:
-            return None
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            pid = children.fork_blocking(self.SIGNALS)
-        except OSError as exc:
-            parent_end.close()
-            child_end.close()
-            log_event(self.logger, "fork-failed", error=exc.strerror)
-            self.respawn_after = time.monotonic() + RESPAWN_DELAY
-            return None
-        if pid == 0:
-            parent_end.close()
-            self.close_in_child(keep=child_end)
-            worker.run_worker(child_end, self.config, self.ssl_context, self.logger,
-                              connection_class=self.connection_class)
-        child_end.close()
-        parent_end.setblocking(False)
-        w = WorkerHandle(pid, parent_end, self.generation)
-        self.workers[pid] = w
-        self.selector.register(parent_end, selectors.EVENT_READ, w)
-        log_event(self.logger, "worker-started", pid=pid, generation=self.generation)
-        return w
+    # -- children ----------------------------------------------------------------
 
     def close_in_child(self, keep=None):
         """In a fresh child: drop every descriptor that is the master's.
@@ -484,8 +377,7 @@ class Master:
             # Spawned while dispatching: without this the new child would hold the
             # client's socket open for its whole life (the client never sees EOF).
             self.in_hand.close()
-        for w in self.workers.values():
-            w.ctrl.close()
+        self.smtp_workers.close_in_child()
         self.flush_workers.close_in_child()
         self.wakeup_r.close()
         self.wakeup_w.close()
@@ -494,56 +386,6 @@ class Master:
         # The default actions are back: a SIGTERM that came meanwhile (blocked across
         # children.fork_blocking) ends this child now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
-
-    def drain_worker(self, w, how):
-        if w.draining and how != "stop":  # a stop still reaches a draining (retiring) worker
-            return
-        w.draining = True
-        try:
-            w.ctrl.send(how.encode("ascii"))
-        except OSError:
-            children.send_signal(w.pid, signal.SIGTERM)
-
-    def read_worker(self, w):
-        for _ in range(1024):
-            try:
-                data = w.ctrl.recv(256)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:  # the worker is gone; reap_workers does the bookkeeping
-                self.forget_ctrl(w)
-                return
-            w.last_seen = time.monotonic()
-            words = data.decode("ascii", "replace").split()
-            for ip in words[1:] if words[:1] == ["closed"] else ():  # the sessions one round of its loop ended
-                self.session_closed(w, ip)
-            # "hb <n>": last_seen above is all a heartbeat is for. The session
-            # count stays the master's own (hand-offs minus "closed"), which
-            # also covers connections still queued on the control socket.
-
-    def session_closed(self, w, ip):
-        if w.clients[ip] > 0:
-            w.clients[ip] -= 1
-            if not w.clients[ip]:
-                del w.clients[ip]
-            w.sessions = max(0, w.sessions - 1)
-            if not w.sessions:
-                w.idle_since = time.monotonic()
-            self.clients.closed(ip)
-
-    def forget_ctrl(self, w):
-        try:
-            self.selector.unregister(w.ctrl)
-        except (KeyError, ValueError):
-            pass
-
-    def forget_sessions(self, w):
-        for ip, n in w.clients.items():
-            self.clients.closed(ip, n)
-        w.clients.clear()
-        w.sessions = 0
 
     def reap_workers(self):
         """waitpid(-1, WNOHANG) until nothing is left to reap."""
@@ -554,8 +396,8 @@ class Master:
                 return
             if pid == 0:
                 return
-            if pid in self.workers:
-                self.worker_exited(self.workers.pop(pid), status)
+            if pid in self.smtp_workers.handles:
+                self.smtp_workers.exited(self.smtp_workers.handles.pop(pid), status)
             elif pid in self.flush_workers.handles:
                 self.flush_workers.exited(self.flush_workers.handles.pop(pid), status, stopping=self.stopping,
                                           serving=self.serving)
@@ -563,56 +405,6 @@ class Master:
                 self.helpers.exited(self, pid, status)
             elif pid in self.odmr.children:
                 self.odmr.exited(pid, status)
-
-    def worker_exited(self, w, status):
-        self.forget_ctrl(w)
-        w.ctrl.close()
-        lost = w.sessions
-        self.forget_sessions(w)
-        code = os.waitstatus_to_exitcode(status)
-        if code == BOOT_ERROR and not self.stopping:
-            log_event(self.logger, "worker-boot-failed", pid=w.pid, status=describe_status(status))
-            self.halt(BOOT_ERROR)
-            return
-        if (w.draining or self.stopping) and code == 0:
-            log_event(self.logger, "worker-exited", pid=w.pid)
-            return
-        log_event(self.logger, "worker-died", pid=w.pid, status=describe_status(status), sessions=lost)
-        if time.monotonic() - w.started < QUICK_DEATH:
-            self.respawn_after = time.monotonic() + RESPAWN_DELAY
-
-    def murder_workers(self):
-        """A worker silent for HEARTBEAT_TIMEOUT gets SIGABRT; one still there ABORT_GRACE later, SIGKILL.
-
-        SIGABRT first (gunicorn's order): the worker's faulthandler writes
-        where it was stuck to the log before it dies.
-        """
-        now = time.monotonic()
-        for w in self.workers.values():
-            if w.aborted_at is None and now - w.last_seen > HEARTBEAT_TIMEOUT:
-                log_event(self.logger, "worker-hung", pid=w.pid, silent=f"{now - w.last_seen:.1f}s", signal="SIGABRT")
-                w.aborted_at = now
-                children.send_signal(w.pid, signal.SIGABRT)
-            elif w.aborted_at is not None and now - w.aborted_at > ABORT_GRACE:
-                log_event(self.logger, "worker-killed", pid=w.pid, reason="still there after SIGABRT")
-                w.aborted_at = float("inf")  # once
-                children.send_signal(w.pid, signal.SIGKILL)
-
-    def manage_workers(self):
-        """Keep config.workers workers of the current generation running."""
-        if self.stopping:
-            return
-        active = self.active_workers()
-        missing = self.config.workers - len(active)
-        for _ in range(max(0, missing)):
-            if self.spawn_worker() is None:
-                break
-        # Workers spawned under load go again once they have been idle a while.
-        now = time.monotonic()
-        for w in active[self.config.workers:]:
-            if w.sessions == 0 and w.idle_since is not None and now - w.idle_since > IDLE_RETIRE:
-                log_event(self.logger, "worker-retired", pid=w.pid, reason="idle")
-                self.drain_worker(w, "drain")
 
     def start_flushers(self):
         """Start-up: every flush worker ready before anything is served (never a silent "started")."""
@@ -632,7 +424,7 @@ class Master:
                 if not self.stopping:
                     data.handle_request_noblock()
             elif isinstance(data, WorkerHandle):
-                self.read_worker(data)
+                self.smtp_workers.read(data)
             elif isinstance(data, FlusherHandle):
                 self.flush_workers.read_ready(data)
             elif isinstance(data, PendingLookups) and data.read():
@@ -641,7 +433,7 @@ class Master:
         self.reap_workers()
 
     def kill_all(self, sig):
-        for pid in [*self.workers, *self.flush_workers.handles, *self.odmr.children, *self.helpers.pids()]:
+        for pid in [*self.smtp_workers.handles, *self.flush_workers.handles, *self.odmr.children, *self.helpers.pids()]:
             children.send_signal(pid, sig)
 
     def halt(self, status):
@@ -657,7 +449,7 @@ class Master:
         self.register_listeners()
         if (metrics := self.helpers.metrics) is not None:
             log_event(self.logger, "listening", address=format_hostport(*metrics.sock.getsockname()[:2]), serves="metrics")
-        self.manage_workers()
+        self.smtp_workers.manage()
         self.helpers.manage(self)
         log_event(self.logger, "server-started", pid=self.pid, workers=self.config.workers, hostname=self.config.hostname)
         try:
@@ -666,10 +458,10 @@ class Master:
                 if self.lookups is not None and time.monotonic() > self.lookups.deadline:
                     self.end_lookups(timed_out=True)
                 if self.stopping:
-                    if not (self.workers or self.flush_workers.handles or self.odmr.children or self.helpers.pids()):
+                    if not (self.smtp_workers.handles or self.flush_workers.handles or self.odmr.children or self.helpers.pids()):
                         break
                     if time.monotonic() > self.stop_deadline:
-                        children_left = len(self.workers) + len(self.flush_workers.handles) + len(self.odmr.children)
+                        children_left = len(self.smtp_workers.handles) + len(self.flush_workers.handles) + len(self.odmr.children)
                         log_event(self.logger, "stop-timeout", children=children_left)
                         self.killed_at_stop = True
                         self.kill_all(signal.SIGKILL)
@@ -678,9 +470,9 @@ class Master:
                 self.resume_accepting()
                 self.rotate_ticket_keys()
                 self.unresolved.look_up_due(self)
-                self.rejects.hand_over(self.active_workers())
-                self.murder_workers()
-                self.manage_workers()
+                self.rejects.hand_over(self.smtp_workers.active())
+                self.smtp_workers.murder()
+                self.smtp_workers.manage()
                 self.flush_workers.manage()
                 self.helpers.manage(self)
         finally:

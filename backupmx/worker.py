@@ -66,7 +66,7 @@ from backupmx.log import defer_writes, flush_pending, log_event
 from backupmx.store import QueueUnavailable
 
 # Seconds between heartbeats sent to the master (it aborts a worker whose last
-# heartbeat is older than master.HEARTBEAT_TIMEOUT).
+# heartbeat is older than smtp_workers.HEARTBEAT_TIMEOUT).
 HEARTBEAT_INTERVAL = 1.0
 
 # Drain bounds, in seconds (see the module docstring).

@@ -19,7 +19,7 @@ LAYERS = {
                "odmr_connection", "greylist", "atrn_relay", "prober"},
     "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "lifecycle", "reclaim", "dsn",
                 "notify", "metrics_http", "flush_workers", "odmr_sessions", "checkpointer", "helper_processes",
-                "primary_lookups"},
+                "primary_lookups", "smtp_workers"},
 }
 # Leaves anyone may use: the config's data model (with its value parsers and its AUTH
 # warnings), the log line format.

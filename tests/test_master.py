@@ -415,7 +415,7 @@ def test_worker_reports_the_sessions_one_round_ended_in_one_message(forked_worke
 
 def test_master_counts_every_ip_of_a_closed_message(tmp_path):
     """The master's side of the batched "closed": each ip of the message ends one session."""
-    from backupmx import master
+    from backupmx import master, smtp_workers
     from backupmx.config import load_config
 
     config = load_config(write_config(tmp_path / "m.ini", port=free_port(), queue=tmp_path / "queue.db"))
@@ -423,13 +423,13 @@ def test_master_counts_every_ip_of_a_closed_message(tmp_path):
     ours.setblocking(False)
     m = master.Master(config, None, logging.getLogger("backupmx"))
     try:
-        w = master.WorkerHandle(0, ours, 0)
+        w = smtp_workers.WorkerHandle(0, ours, 0)
         for ip in ("192.0.2.1", "192.0.2.1", "192.0.2.2"):
             w.sessions += 1
             w.clients[ip] += 1
             m.clients.opened(ip)
         theirs.send(b"closed 192.0.2.1 192.0.2.2")
-        m.read_worker(w)
+        m.smtp_workers.read(w)
         assert (w.sessions, dict(w.clients), m.clients.of("192.0.2.1"), m.clients.of("192.0.2.2")) == \
             (1, {"192.0.2.1": 1}, 1, 0)
     finally:
