@@ -218,7 +218,7 @@ class DamagedBody(Exception):
 
 
 # A body is read only while a queue row refers to its message: once the last one left
-# (delivered, or deleted by the operator while a flush announced it: flusher._Gone), the
+# (delivered, or deleted by the operator while a flush announced it: flush_session._Gone), the
 # message waits for housekeeping's reclaim (schema.sql, reclaim) but is no longer there
 # to send. Its domains in message_domains, then each row by the queue's key (schema 15).
 STILL_QUEUED = (" AND EXISTS (SELECT 1 FROM message_domains AS d JOIN queue AS q"

@@ -51,7 +51,7 @@ sys.path.insert(0, str(HERE))
 
 from backlog import Filler, domain_name  # noqa: E402
 
-from backupmx import flusher, store_db  # noqa: E402
+from backupmx import flush_session, store_db  # noqa: E402
 from backupmx import reclaim as reclaimer  # noqa: E402
 from backupmx.checkpointer import Checkpointer  # noqa: E402
 from backupmx.outcome import Verdict  # noqa: E402
@@ -219,12 +219,12 @@ def flush_domain(store: QueueStore, timed: Timed, domain: str, db: Path, page: i
     messages = store.messages_for_flush(domain)
     phases["work list"] = time.perf_counter() - started
     delivered = Verdict.of_reply(250, "250 2.0.0 Ok: queued as 1")
-    for first in range(0, len(messages), flusher.OUTCOME_BATCH):
-        batch = messages[first:first + flusher.OUTCOME_BATCH]
+    for first in range(0, len(messages), flush_session.OUTCOME_BATCH):
+        batch = messages[first:first + flush_session.OUTCOME_BATCH]
         started = time.perf_counter()
         for message in batch:
             with store.open_body(message.queue_id, domain) as body:  # as send_body: while the domain's row waits
-                while body.read(flusher.BODY_CHUNK):
+                while body.read(flush_session.BODY_CHUNK):
                     pass
         phases["bodies"] += time.perf_counter() - started
         started = time.perf_counter()

@@ -27,7 +27,9 @@ import pytest
 
 from backupmx.config import DomainConfig, load_config
 from backupmx.envelope import Envelope, Recipient
-from backupmx.flusher import EXTRA_CONNECTIONS, OUTCOME_BATCH, deliver_domain, run_flush_worker
+from backupmx.flush_session import OUTCOME_BATCH
+from backupmx.flush_sharing import EXTRA_CONNECTIONS
+from backupmx.flusher import deliver_domain, run_flush_worker
 from backupmx.smtpclient import MAX_REPLY_LINES, DataEncoder, PrimaryClient, ReplyError
 from backupmx.store import QueueStore
 from backupmx.store_db import DamagedBody
@@ -622,7 +624,7 @@ def lease_expires(path):
 
 def lease_stopped(lease):
     """True once the flush holding `lease` must stop (its check() raises)."""
-    from backupmx.flusher import _LeaseLost
+    from backupmx.flush_lease import _LeaseLost
 
     try:
         lease.check()
@@ -637,7 +639,7 @@ def test_a_lease_that_cannot_be_renewed_stops_the_flush_before_it_runs_out(store
     delivers the same mail beside this one."""
     import sqlite3
 
-    from backupmx.flusher import _Lease
+    from backupmx.flush_lease import _Lease
 
     enqueue(store, b"x\r\n")
     store.request_flush(["example.com"])
@@ -657,7 +659,7 @@ def test_a_lease_that_cannot_be_renewed_stops_the_flush_before_it_runs_out(store
 def test_a_renewal_thread_that_fails_is_logged_and_the_lease_counts_as_lost(store, caplog):
     import sqlite3
 
-    from backupmx.flusher import _Lease
+    from backupmx.flush_lease import _Lease
 
     enqueue(store, b"x\r\n")
     store.request_flush(["example.com"])
@@ -903,7 +905,7 @@ def test_an_extra_connection_that_left_a_message_unrecorded_has_the_flush_asked_
     queue open elsewhere): when it ends with a message it took unrecorded (here its outcome
     write fails), the flush is asked for again, as a helper's report's "again" has it, rather
     than that message waiting for the next ETRN."""
-    from backupmx.flusher import EXTRA_CONNECTION_MIN_MESSAGES
+    from backupmx.flush_sharing import EXTRA_CONNECTION_MIN_MESSAGES
     from backupmx.smtpclient import Primary
 
     ids = [enqueue(store, numbered(i)) for i in range(EXTRA_CONNECTION_MIN_MESSAGES + 10)]
@@ -973,13 +975,13 @@ log = setup_logging("stderr")
 stop = StopFlag().install()
 {reopen_fails_once}
 if {helper_fails}:  # the helper fails right after the fork, before its own work starts
-    import backupmx.flusher
-    class FailsInTheHelper(backupmx.flusher._SharedWork):
+    import backupmx.flush_sharing
+    class FailsInTheHelper(backupmx.flush_sharing._SharedWork):
         def __init__(self, *args, return_fd=None, **kwargs):
             if return_fd is not None:  # only the helper's side holds the pipe's write end
                 raise OSError(24, "Too many open files")
             super().__init__(*args, return_fd=return_fd, **kwargs)
-    backupmx.flusher._SharedWork = FailsInTheHelper
+    backupmx.flush_sharing._SharedWork = FailsInTheHelper
     os.setpgid(0, 0)  # a group of its own: a signal to "every process of the group" stays in it
 store = (ReopenFailsOnce if {reopen_fails} else QueueStore)({db!r})
 other = QueueStore({db!r}) if {other} else None  # a second connection open in the process
@@ -1005,13 +1007,13 @@ except QueueUnavailable as e:
 store.release_flush("example.com", "split")
 print(json.dumps(counts), flush=True)
 """
-SPLIT_MESSAGES = 240  # above flusher.HELPER_MIN_MESSAGES
+SPLIT_MESSAGES = 240  # above flush_sharing.HELPER_MIN_MESSAGES
 
 
 def start_split_flush(tmp_path, sink, *, single=False, lease=60, other=False, reopen_fails=False, helper_fails=False):
     """A flush of SPLIT_MESSAGES messages in a process of its own (one thread: it may fork a
     helper); returns (the process, the queue's path, the messages' queue ids in order)."""
-    from backupmx.flusher import HELPER_MIN_MESSAGES
+    from backupmx.flush_sharing import HELPER_MIN_MESSAGES
 
     assert SPLIT_MESSAGES >= HELPER_MIN_MESSAGES
     db = str(tmp_path / "queue.db")
@@ -1187,7 +1189,7 @@ def test_a_single_session_primary_gets_no_helper(tmp_path, sink):
 
 
 def test_a_flush_with_another_queue_connection_open_keeps_its_second_connection_in_a_thread(tmp_path, sink):
-    """A fork would hand the helper that connection's SQLite state (flusher._share): the flush
+    """A fork would hand the helper that connection's SQLite state (flush_sharing._share): the flush
     says why in one line and shares its work with a thread instead, each message once."""
     proc, db, ids = start_split_flush(tmp_path, sink, other=True)
     counts, log = finish(proc)
@@ -1275,7 +1277,7 @@ class ReopenFailsOnce(ReopenFailsOnce):
 def queue_for_a_helper(tmp_path, sink, settings: str = "") -> tuple[Path, Path]:
     """A queue with a flush requested of HELPER_MIN_MESSAGES messages (enough for a helper process)
     for the sink, and a config for it with `settings` in [backupmx]: (queue, config)."""
-    from backupmx.flusher import HELPER_MIN_MESSAGES
+    from backupmx.flush_sharing import HELPER_MIN_MESSAGES
 
     queue = tmp_path / "queue.db"
     cfg = tmp_path / "backupmx.ini"
@@ -1319,7 +1321,7 @@ def test_a_flush_worker_whose_queue_connection_cannot_reopen_gives_the_flush_bac
     another connection, gives the flush back (its lease released, the flush requested again)
     and delivers it then without a helper, each message once. It does not die (a traceback,
     the master's respawn), nor fork, fail and log again each second while the cause lasts."""
-    from backupmx.flusher import HELPER_MIN_MESSAGES
+    from backupmx.flush_sharing import HELPER_MIN_MESSAGES
 
     out, log = run_flush_worker_losing_its_queue(tmp_path, sink, persistent=True)
     assert out == b"reopen-failed\npause 1\nsurvived\n", log  # one fork of a helper, not one a retry
@@ -1336,7 +1338,7 @@ def test_a_flush_worker_tries_its_queue_again_each_second_while_it_cannot_open_i
     """After the lost connection, its next ones fail too (EMFILE, twice): the worker tries again
     a second later each time, saying nothing more than the flush's one error line, and once the
     queue opens it gives the flush back and delivers it, each message once."""
-    from backupmx.flusher import HELPER_MIN_MESSAGES
+    from backupmx.flush_sharing import HELPER_MIN_MESSAGES
 
     out, log = run_flush_worker_losing_its_queue(tmp_path, sink, opens_fail=2)
     assert out == b"open-failed\npause 1\nopen-failed\npause 1\npause 1\nsurvived\n", log  # each a second
@@ -1352,7 +1354,7 @@ def test_a_flush_worker_that_lost_its_connection_at_a_helper_s_fork_tries_a_help
     """Without a helper after the lost connection (a real EMFILE at every helper fork), but not for
     the rest of its life: once HELPER_RETRY_MIN (here 0.3 s) is over, its next big flush forks a
     helper again (and, the cause still there, loses its connection once more and delivers alone)."""
-    from backupmx.flusher import HELPER_MIN_MESSAGES
+    from backupmx.flush_sharing import HELPER_MIN_MESSAGES
 
     queue, cfg = queue_for_a_helper(tmp_path, sink)
     script = FLUSH_WORKER_SCRIPT.format(
@@ -1417,7 +1419,7 @@ def test_the_one_shot_flusher_gives_back_a_flush_that_lost_its_queue_connection_
     requests the flush again on a new connection, as a flush worker does, and then delivers it
     there without a helper, each message once: in an inetd-only setup nothing else would before
     the next ETRN. One error line (the flush's), status 0."""
-    from backupmx.flusher import HELPER_MIN_MESSAGES
+    from backupmx.flush_sharing import HELPER_MIN_MESSAGES
 
     log = tmp_path / "flush.log"
     queue, cfg = queue_for_a_helper(tmp_path, sink, f"log = {log}\n")
@@ -1469,7 +1471,7 @@ def test_a_primary_gone_mid_split_flush_is_suspended_once_for_both_processes(tmp
 
 def test_shared_work_runs_are_each_taken_once_and_a_helper_s_rest_comes_back():
     """The pipe of runs (_SharedWork) with no processes: what the parent and a helper take."""
-    from backupmx.flusher import _RUN, _SharedWork
+    from backupmx.flush_sharing import _RUN, _SharedWork
 
     messages = list(range(10))
     runs_r, runs_w = os.pipe()
@@ -1495,7 +1497,7 @@ def test_shared_work_runs_are_each_taken_once_and_a_helper_s_rest_comes_back():
 def test_a_helper_s_announced_message_goes_back_with_the_rest_of_its_run():
     """What the helper took last and announced (_Flush.quit) is the message just before its
     rest: the last of the run before when the rest is empty, the one before it otherwise."""
-    from backupmx.flusher import _RUN, _SharedWork
+    from backupmx.flush_sharing import _RUN, _SharedWork
 
     messages = [object() for _ in range(6)]
     runs_r, runs_w = os.pipe()
@@ -1523,7 +1525,9 @@ def test_a_helper_s_announced_message_goes_back_with_the_rest_of_its_run():
 def test_a_helper_that_left_a_message_unrecorded_has_the_flush_asked_for_again(store, sink, again):
     """A helper's report ends with "again" when it stopped with a message it took neither recorded
     nor handed back (its lease ran out alone, its outcome write failed): the flush is asked for again."""
-    from backupmx.flusher import _Flush, _join_helper, _SharedWork
+    from backupmx.flush_session import _Flush
+    from backupmx.flush_sharing import _SharedWork
+    from backupmx.flusher import _join_helper
 
     enqueue(store, b"still queued\r\n")  # what it left unrecorded
     domain = domain_config(sink)

@@ -17,7 +17,8 @@ LAYERS = {
     "driver": {"connection", "offload", "quota", "tls", "smtpclient", "primaries", "metrics", "health",
                "policy", "verify", "auth_limit", "client_dns",
                "odmr_connection", "greylist", "atrn_relay", "prober"},
-    "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "lifecycle", "reclaim", "dsn",
+    "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "flush_session", "flush_lease",
+                "flush_sharing", "lifecycle", "reclaim", "dsn",
                 "notify", "metrics_http", "flush_workers", "odmr_sessions", "checkpointer", "helper_processes",
                 "primary_lookups", "smtp_workers"},
 }
