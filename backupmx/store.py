@@ -34,14 +34,16 @@ connection must never cross a fork.
 """
 
 from backupmx.store_auth import AuthFailures  # noqa: F401
+from backupmx.store_bodies import BodyReader  # noqa: F401
 from backupmx.store_db import (DELIVERED, EXPIRED, FAILED, HELD, QUEUED, RECEIVED, REJECTS, STATES,  # noqa: F401
-                               WAITING, BodyReader, QueueDatabase, QueueUnavailable, RecipientStatus,
-                               check_database, is_queue_id, needs_migration, new_queue_id)
+                               WAITING, QueueDatabase, RecipientStatus, check_database, needs_migration)
 from backupmx.store_delivery import Delivery, QueuedMessage  # noqa: F401
+from backupmx.store_errors import QueueUnavailable  # noqa: F401
 from backupmx.store_flushes import FlushRequests  # noqa: F401
 from backupmx.store_greylist import Greylist, GreylistEntry, Triple  # noqa: F401
 from backupmx.store_housekeeping import (DSN_CLAIM_SECONDS, NAME_ROWS_SQL, Bounce, ExpiredRow,  # noqa: F401
                                          Housekeeping, PurgedRow, unnamed_queue_rows)
+from backupmx.store_ids import is_queue_id, new_queue_id  # noqa: F401
 from backupmx.store_intake import Intake, QuotaExceeded, Submission  # noqa: F401
 from backupmx.store_operator import (Event, MessageDetail, MessageRow, OperatorQueries,  # noqa: F401
                                      QueueSummary, RowDetail, RowKey, Selection)

@@ -9,7 +9,8 @@ cheap (an index); each failure is one small write transaction.
 
 from __future__ import annotations
 
-from backupmx.store_db import QueueDatabase, _sqlite_errors
+from backupmx.store_db import QueueDatabase
+from backupmx.store_errors import _sqlite_errors
 
 
 class AuthFailures(QueueDatabase):

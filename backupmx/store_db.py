@@ -5,7 +5,9 @@ queue (only when asked: `serve` and its processes), and gives the roles (store_*
 IMMEDIATE: the busy timeout applies up front, never half-way) and _read (one
 snapshot; never blocks writers under WAL). "Cannot now" SQLite errors (disk
 full, locked, I/O) become QueueUnavailable, which the SMTP side answers with
-452 4.3.1; real bugs pass through.
+452 4.3.1; real bugs pass through (store_errors). Its pieces a reader names
+apart live apart: the queue ids (store_ids), the bodies' chunks and their
+reader (store_bodies).
 
 Open the queue only in the process that uses it (after fork): an SQLite
 connection must never cross a fork. All times come from the injected clock
@@ -14,12 +16,9 @@ connection must never cross a fork. All times come from the injected clock
 
 from __future__ import annotations
 
-import bisect
 import fcntl
-import io
 import os
 import re
-import secrets
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -28,38 +27,9 @@ from typing import Callable, Iterator
 
 from backupmx.config import tuning
 from backupmx.schema import schema_text, schema_version, view_names
-
-CHUNK = 64 * 1024  # bytes copied per step into and out of a body blob
-
-
-BIG_CHUNK_PAGES = 16  # overflow pages of the longest body chunk (64 KB with 4 KB pages)
-
-
-def chunk_lengths(size: int, page_size: int) -> list[int]:
-    """The lengths of the body_chunks rows a body of `size` bytes is stored in (schema.sql).
-
-    Small rows pack a leaf page: eight of them fill it (with their cell
-    headers, a 4-byte rowid and 2-byte pointers), so the pages of 2 KB bodies
-    are full, where a body in its own row took a page to itself. Past one
-    overflow page's worth a chunk takes what fills its overflow pages
-    exactly (up to BIG_CHUNK_PAGES), so that a long body costs few rows (a
-    row each costs time at accept) and wastes no space either. SQLite keeps
-    the first min_local bytes of an overflowing row on the leaf page and the
-    rest on overflow pages of page_size - 4 payload bytes each (the file
-    format, section 1.6, "Cell Payload Overflow Pages"); 5 bytes of those are
-    the record's header, the rest the chunk's first bytes (`on_leaf`).
-    """
-    overflow = page_size - 4
-    on_leaf = (page_size - 12) * 32 // 255 - 23 - 5
-    small = (page_size - 8) // 8 - 12
-    lengths = []
-    left = size
-    while (pages := min(BIG_CHUNK_PAGES, (left - on_leaf) // overflow)) > 0:
-        lengths.append(on_leaf + pages * overflow)
-        left -= lengths[-1]
-    full, rest = divmod(left, small)  # the rest fits no overflow page: small pieces
-    return lengths + [small] * full + ([rest] if rest else [])
-
+from backupmx.store_bodies import STILL_QUEUED, STILL_QUEUED_FOR, BodyReader, chunk_lengths
+from backupmx.store_errors import QueueUnavailable, _sqlite_errors
+from backupmx.store_ids import new_queue_id
 
 DEFAULT_BUSY_TIMEOUT = tuning("BACKUPMX_BUSY_TIMEOUT", 5.0)  # seconds a writer waits for another writer's lock
 
@@ -105,97 +75,6 @@ WAITING = (QUEUED, HELD)  # what queue_summary counts: mail the primary has stil
 # Names in the counters table (schema.sql).
 RECEIVED, DELIVERED, REJECTS = "messages_received", "messages_delivered", "rejects"
 
-# SQLite primary result codes that mean "the queue cannot take this now"
-# (disk full, locked by another writer, I/O trouble): the SMTP side answers
-# 452 4.3.1 and the client retries later (RFC 5321 4.5.3.1.10, RFC 3463 4.3.1).
-_UNAVAILABLE_CODES = frozenset(
-    getattr(sqlite3, name)
-    for name in (
-        "SQLITE_FULL", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_CANTOPEN",
-        "SQLITE_NOMEM", "SQLITE_PROTOCOL", "SQLITE_READONLY", "SQLITE_CORRUPT", "SQLITE_NOTADB",
-        "SQLITE_NOLFS", "SQLITE_PERM",
-    )
-)
-
-
-_ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-_ID_EPOCH = 1577836800  # 2020-01-01T00:00:00Z; 8 base-36 digits of milliseconds last until 2109
-
-
-_ID_TIME_DIGITS = 8
-
-
-_ID_RANDOM_DIGITS = 6
-
-
-def is_queue_id(text: str) -> bool:
-    """True if `text` looks like a queue id (14 of [0-9A-Z]) rather than a domain:
-    for `backupmx hold|release|delete|requeue ID|DOMAIN`."""
-    return len(text) == _ID_TIME_DIGITS + _ID_RANDOM_DIGITS and all(c in _ID_ALPHABET for c in text)
-
-
-class QueueUnavailable(Exception):
-    """The queue cannot be written (or read) now: disk full, locked, I/O error.
-
-    The SMTP side answers 452 4.3.1; nothing was changed.
-    """
-
-
-# Every pair of id digits, so an id is seven look-ups rather than fourteen divisions.
-_ID_PAIRS = [a + b for a in _ID_ALPHABET for b in _ID_ALPHABET]
-
-
-class _IdSequence:
-    """The six digits after the time: a random start once per process, then a count.
-
-    The start is drawn again in a forked child (os.register_at_fork), so two
-    workers never share a sequence; within one process an id cannot repeat
-    unless 36**6 messages land in one millisecond. One getrandom() per process
-    instead of two per message (secrets.randbelow of a 32-bit range redraws
-    about half the time)."""
-
-    def __init__(self):
-        self.next = None
-
-    def take(self) -> int:
-        if self.next is None:
-            self.next = secrets.randbelow(36**_ID_RANDOM_DIGITS)
-        number, self.next = self.next, (self.next + 1) % 36**_ID_RANDOM_DIGITS
-        return number
-
-    def forked(self) -> None:
-        self.next = None
-
-
-_id_sequence = _IdSequence()
-os.register_at_fork(after_in_child=_id_sequence.forked)
-
-
-def _base36(number: int, pairs: int) -> str:
-    """`number` as 2 * `pairs` base-36 digits (the high ones dropped)."""
-    text = ""
-    for _ in range(pairs):  # no divmod, append, reverse, join: two of these per message
-        text = _ID_PAIRS[number % (36 * 36)] + text
-        number //= 36 * 36
-    return text
-
-
-def new_queue_id(clock: Callable[[], float] = time.time) -> str:
-    """A new queue id: 14 characters of [0-9A-Z].
-
-    Eight base-36 digits of milliseconds since 2020 (so ids sort by time, as
-    Postfix's do), then six of this process's sequence (_IdSequence: a
-    random start, then counting), so two workers clash only when their
-    sequences meet in the same millisecond (one chance in 2.2e9 per pair
-    of messages, as with six random digits). A clash is still possible in
-    principle; enqueue_many() then refuses that message and the client
-    simply retries, so nothing is lost.
-    """
-    milliseconds = max(0, int(clock() * 1000) - _ID_EPOCH * 1000)
-    return _base36(milliseconds, _ID_TIME_DIGITS // 2) + _base36(_id_sequence.take(), _ID_RANDOM_DIGITS // 2)
-
 
 @dataclass(frozen=True)
 class RecipientStatus:
@@ -207,173 +86,6 @@ class RecipientStatus:
     state: str
     last_reply: str | None
     dsn_sent: int | None = None
-
-
-class DamagedBody(Exception):
-    """A message's stored chunks do not add up to its size (a chunk deleted by hand?).
-
-    Nothing of it is delivered: the flusher drops the connection mid-DATA and
-    the message stays queued.
-    """
-
-
-# A body is read only while a queue row refers to its message: once the last one left
-# (delivered, or deleted by the operator while a flush announced it: flush_session._Gone), the
-# message waits for housekeeping's reclaim (schema.sql, reclaim) but is no longer there
-# to send. Its domains in message_domains, then each row by the queue's key (schema 15).
-STILL_QUEUED = (" AND EXISTS (SELECT 1 FROM message_domains AS d JOIN queue AS q"
-                " ON q.domain = d.domain AND q.queue_id = d.queue_id WHERE d.queue_id = m.queue_id)")
-# ... and where the reader knows the domain (a flush): that domain's row, one search of
-# the queue's key (its parameter follows the queue id's).
-STILL_QUEUED_FOR = " AND EXISTS (SELECT 1 FROM queue AS q WHERE q.domain = ? AND q.queue_id = m.queue_id)"
-
-
-class BodyReader(io.RawIOBase):
-    """A message body, read from its chunks in pieces.
-
-    Each refill reads in its own short read transaction, so a slow delivery
-    never pins an old WAL snapshot (which would stop checkpoints and make the
-    caller's later writes fail with SQLITE_BUSY_SNAPSHOT). Refills are
-    READAHEAD bytes, so fewer, larger refills keep a 50 MB read cheap; a
-    body of at most READAHEAD bytes (all but the longest) is read whole, at
-    once.
-    """
-
-    READAHEAD = 1024 * 1024
-
-    def __init__(self, db: sqlite3.Connection, queue_id: str, size: int, still: tuple[str, tuple]):
-        super().__init__()
-        self._db = db
-        self.queue_id = queue_id
-        self.size = size
-        # When the body may still be read: STILL_QUEUED or STILL_QUEUED_FOR, and its parameters
-        # (QueueDatabase.open_body).
-        self._still = still
-        self._pos = 0
-        self._buf = b""
-        self._buf_start = 0
-        self._starts: list[int] | None = None  # where each chunk starts in the body, once a refill needed it
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def __len__(self) -> int:
-        return self.size
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def read(self, n: int = -1) -> bytes:
-        if self.closed:
-            raise ValueError("read of closed body")
-        if n is None or n < 0:
-            n = self.size - self._pos
-        n = min(n, self.size - self._pos)
-        if n <= 0:
-            return b""
-        offset = self._pos - self._buf_start
-        if not (0 <= offset and offset + n <= len(self._buf)):
-            self._buf = b""  # free the old buffer before the new one is read
-            self._buf = self._fetch(self._pos, max(n, min(self.READAHEAD, self.size - self._pos)))
-            self._buf_start, offset = self._pos, 0
-        data = self._buf[offset:offset + n]
-        self._pos += len(data)
-        return data
-
-    def _fetch(self, pos: int, n: int) -> bytes:
-        if pos == 0 and n >= self.size:
-            return self._whole()
-        with _sqlite_errors():
-            own = not self._db.in_transaction
-            if own:
-                self._db.execute("BEGIN")
-            try:
-                row = self._db.execute("SELECT first_chunk, last_chunk FROM messages AS m WHERE m.queue_id = ?"
-                                       + self._still[0], self._still[1]).fetchone()
-                if row is None:
-                    raise KeyError(f"message {self.queue_id} is no longer in the queue")
-                return self._read_chunks(*row, pos, n)
-            finally:
-                if own:
-                    self._db.execute("COMMIT")
-
-    def _whole(self) -> bytes:
-        """The whole body (a flush reads all but the longest so): the message's row and its
-        chunks in ONE statement, which is a snapshot of its own, where a BEGIN, two SELECTs
-        and a COMMIT took four round trips into SQLite for every message delivered."""
-        with _sqlite_errors():
-            rows = self._db.execute(
-                "SELECT c.data FROM messages AS m LEFT JOIN body_chunks AS c ON c.id BETWEEN m.first_chunk"
-                " AND m.last_chunk WHERE m.queue_id = ?" + self._still[0] + " ORDER BY c.id", self._still[1]).fetchall()
-        if not rows:
-            raise KeyError(f"message {self.queue_id} is no longer in the queue")
-        return self._checked(b"".join(data for data, in rows if data is not None), self.size)
-
-    def _read_chunks(self, first: int, last: int, pos: int, n: int) -> bytes:
-        """Bytes pos .. pos + n of a body in chunks first .. last (in the caller's transaction)."""
-        if self._starts is None:
-            lengths = self._db.execute("SELECT length(data) FROM body_chunks WHERE id BETWEEN ? AND ? ORDER BY id",
-                                       (first, last)).fetchall()
-            self._starts = [0]
-            for (length,) in lengths:
-                self._starts.append(self._starts[-1] + length)
-            if len(lengths) != last - first + 1 or self._starts[-1] != self.size:
-                raise DamagedBody(f"message {self.queue_id}: its {len(lengths)} body chunks of {self._starts[-1]}"
-                                  f" bytes are not chunks {first}..{last} of {self.size} bytes")
-        i = bisect.bisect_right(self._starts, pos) - 1
-        j = bisect.bisect_left(self._starts, pos + n)
-        data = self._checked(self._chunks(first + i, first + j - 1), self._starts[j] - self._starts[i])
-        return data[pos - self._starts[i]:pos - self._starts[i] + n]
-
-    def _chunks(self, first: int, last: int) -> bytes:
-        return b"".join(row[0] for row in self._db.execute(
-            "SELECT data FROM body_chunks WHERE id BETWEEN ? AND ? ORDER BY id", (first, last)))
-
-    def _checked(self, data: bytes, expected: int) -> bytes:
-        if len(data) != expected:
-            raise DamagedBody(f"message {self.queue_id}: its body chunks hold {len(data)} bytes, not {expected}")
-        return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def close(self) -> None:
-        self._buf = b""
-        super().close()
-
-
-def _is_unavailable(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is None:
-        # No code (e.g. raised by the sqlite3 module itself): go by the text.
-        text = str(exc).lower()
-        return any(w in text for w in ("locked", "busy", "disk", "full", "i/o", "unable to open"))
-    return (code & 0xFF) in _UNAVAILABLE_CODES
-
-
-
-@contextmanager
-def _sqlite_errors() -> Iterator[None]:
-    """Turn "cannot now" SQLite errors into QueueUnavailable; let real bugs through."""
-    try:
-        yield
-    except sqlite3.Error as exc:
-        if _is_unavailable(exc):
-            raise QueueUnavailable(f"queue database: {exc}") from exc
-        raise
 
 
 def check_database(path: str, *, quick_check: bool = True) -> list[str]:

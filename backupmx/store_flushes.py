@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from backupmx.store_db import QueueDatabase, _sqlite_errors
+from backupmx.store_db import QueueDatabase
+from backupmx.store_errors import _sqlite_errors
 
 
 # A domain claim_flush may take: its flush was asked for, or the lease of a flusher

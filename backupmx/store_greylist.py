@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backupmx.store_db import QueueDatabase, _sqlite_errors
+from backupmx.store_db import QueueDatabase
+from backupmx.store_errors import _sqlite_errors
 
 REMEMBER_PASSED = 35 * 86400  # seconds a passed triple is remembered after it was last seen
 

@@ -15,7 +15,8 @@ import threading
 from dataclasses import dataclass
 from typing import Iterable, Mapping, NamedTuple
 
-from backupmx.store_db import QueueDatabase, RecipientStatus, _sqlite_errors
+from backupmx.store_db import QueueDatabase, RecipientStatus
+from backupmx.store_errors import _sqlite_errors
 
 
 # Housekeeping's reclaim (Housekeeping.reclaim): the messages by their key, each unless

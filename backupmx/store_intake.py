@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, Iterator, Mapping
 
 from backupmx.envelope import Envelope
-from backupmx.store_db import CHUNK, RECEIVED, QueueDatabase, QueueUnavailable, _is_unavailable, _sqlite_errors, chunk_lengths
+from backupmx.store_bodies import CHUNK, chunk_lengths
+from backupmx.store_db import RECEIVED, QueueDatabase
+from backupmx.store_errors import QueueUnavailable, _is_unavailable, _sqlite_errors
 
 
 @dataclass

@@ -14,7 +14,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Sequence
 
-from backupmx.store_db import EXPIRED, FAILED, HELD, QUEUED, STATES, QueueDatabase, RecipientStatus, _sqlite_errors
+from backupmx.store_db import EXPIRED, FAILED, HELD, QUEUED, STATES, QueueDatabase, RecipientStatus
+from backupmx.store_errors import _sqlite_errors
 
 
 class QueueSummary(NamedTuple):

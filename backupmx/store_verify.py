@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backupmx.store_db import QueueDatabase, _sqlite_errors
+from backupmx.store_db import QueueDatabase
+from backupmx.store_errors import _sqlite_errors
 
 ACCEPTED, REFUSED = "accepted", "refused"
 

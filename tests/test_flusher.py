@@ -32,7 +32,7 @@ from backupmx.flush_sharing import EXTRA_CONNECTIONS
 from backupmx.flusher import deliver_domain, run_flush_worker
 from backupmx.smtpclient import MAX_REPLY_LINES, DataEncoder, PrimaryClient, ReplyError
 from backupmx.store import QueueStore
-from backupmx.store_db import DamagedBody
+from backupmx.store_bodies import DamagedBody
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import children_of, flushes_in_progress, pending_flushes, queue_one, reclaim, wait_for  # noqa: E402

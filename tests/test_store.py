@@ -33,7 +33,7 @@ from backupmx.store import (
     is_queue_id,
     new_queue_id,
 )
-from backupmx.store_db import CHUNK, DamagedBody, chunk_lengths
+from backupmx.store_bodies import CHUNK, DamagedBody, chunk_lengths
 from backupmx.store_operator import Event
 from conftest import free_port, pending_flushes, queue_one, reclaim, record_deferred, record_delivered, record_failed
 
@@ -248,7 +248,7 @@ def test_queue_ids_are_short_unique_and_time_sortable(clock):
 
 
 def test_queue_ids_of_forked_workers_do_not_repeat_each_other(clock):
-    """Each process counts from its own random start (store_db._IdSequence): workers forked from one
+    """Each process counts from its own random start (store_ids._IdSequence): workers forked from one
     master, taking ids in the same millisecond, must not walk the same sequence."""
     new_queue_id(clock)  # the parent's sequence exists before the forks, as the master's may
     readers = []
