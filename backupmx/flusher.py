@@ -70,6 +70,16 @@ HOUSEKEEPING_INTERVAL = 30.0
 # (a retry_interval shorter than twice this is looked at twice per interval).
 RETRY_SCAN_INTERVAL = 2.0
 MIN_RETRY_SCAN_INTERVAL = 0.25  # ... and at least: a scan of the queue's index, at most 4 a second per flush worker
+# A retry scan (store.due_domains) reads every queued row: next_attempt is in no index
+# (one would cost every accepted and every delivered message another b-tree). At
+# 1,000,000 queued a scan takes 130-230 ms of a core (61 MB of pages), every 2 s in each
+# flush worker: 7-11% of a core, which the idle one's scans take from the flush beside
+# them (the flushing one and its helper use both cores). So the next scan waits at least
+# RETRY_SCAN_SPACING times as long as the last one took: the scans take at most a
+# fiftieth of a core, and a due retry comes that much later at most (~7-12 s at 1M, for
+# retry_intervals of minutes; bench/README.md, "What the flush workers' housekeeping
+# costs a flush at 1M").
+RETRY_SCAN_SPACING = 50
 
 
 def deliver_domain(
@@ -330,8 +340,8 @@ def run_flush_worker(config, owner: str, should_stop: Callable[[], bool], *,
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
                 _housekeeping(housekeeping, store, config, log)
             elif retrying and now >= next_retry_scan:
-                next_retry_scan = now + retry_scan
                 _housekeeping(request_due_retries, store, config, log)
+                next_retry_scan = next_retry_scan_at(now, time.monotonic(), retry_scan)
             try:
                 drain(store, config, owner, lease_seconds=lease_seconds, log=log, should_stop=should_stop,
                       helper=helpers.allowed())
@@ -402,6 +412,13 @@ def _request_again(store, domain: str, log) -> None:
     except Exception as e:
         log_event(log, "flush-error", domain=domain, error=f"re-request: {type(e).__name__}: {e}",
                   level=logging.ERROR)
+
+
+def next_retry_scan_at(started: float, ended: float, interval: float) -> float:
+    """When the next retry scan is due after one from `started` to `ended` (time.monotonic()):
+    `interval` after this one started, or RETRY_SCAN_SPACING times as long as it took after it
+    ended when that is later (a big queue's scan: see RETRY_SCAN_SPACING)."""
+    return max(started + interval, ended + RETRY_SCAN_SPACING * (ended - started))
 
 
 def _housekeeping(step, store, config, log) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from backupmx import flusher
 from backupmx.config import DomainConfig, load_config
 from backupmx.envelope import Envelope, Recipient
 from backupmx.flush_session import OUTCOME_BATCH
@@ -863,6 +864,36 @@ def test_run_flush_worker_retries_only_retry_domains(tmp_path, sink):
         stop.set()
         worker.join(5)
     assert [m[2] for m in sink.messages] == [b"retry on\r\n"]
+
+
+def test_a_slow_retry_scan_spaces_the_next_one(tmp_path, monkeypatch):
+    """A retry scan reads every queued row (130-230 ms at 1,000,000): the next one waits
+    RETRY_SCAN_SPACING times as long as the last took, not retry_interval / 2 (0.5 s here),
+    so a flush worker's scans take at most a fiftieth of a core from the flush beside them."""
+    cfg = tmp_path / "backupmx.ini"
+    cfg.write_text(f"[backupmx]\nqueue = {tmp_path / 'queue.db'}\n[domain:example.com]\n"
+                   "primary = 127.0.0.1:25\nretry_interval = 1s\n")
+    config = load_config(str(cfg))
+    scans = []
+
+    def slow_scan(store, config, logger=None):  # the first as slow as a big queue's
+        started = time.monotonic()
+        if not scans:
+            time.sleep(0.02)
+        scans.append((started, time.monotonic()))
+        return []
+
+    monkeypatch.setattr(flusher, "request_due_retries", slow_scan)
+    stop = threading.Event()
+    worker = threading.Thread(target=run_flush_worker, args=(config, "worker-1", stop.is_set))
+    worker.start()
+    try:
+        assert wait_for(lambda: len(scans) >= 2, 10)
+    finally:
+        stop.set()
+        worker.join(5)
+    (first_start, first_end), (second_start, _) = scans[:2]
+    assert second_start - first_end >= flusher.RETRY_SCAN_SPACING * (first_end - first_start) >= 0.9
 
 
 def test_lease_is_renewed_while_a_slow_primary_drips_its_reply(store, sink, tmp_path):
