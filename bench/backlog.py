@@ -100,7 +100,8 @@ def domain_name(i: int) -> str:
 class Server:
     """backupmx serve on a fresh queue, --domains domains, the primary on `sink_port`."""
 
-    def __init__(self, workdir: Path, domains: int, sink_port: int, workers: int | None):
+    def __init__(self, workdir: Path, domains: int, sink_port: int, workers: int | None, retry_interval: str = "",
+                 retrying: int = 0):
         self.dir = workdir
         self.db = workdir / "queue.db"
         self.log = workdir / "backupmx.log"
@@ -109,8 +110,9 @@ class Server:
         key = workdir / "server.key"
         shutil.copyfile(REPO / "tests/certs/server.key", key)
         os.chmod(key, 0o600)
+        retry = f"retry_interval = {retry_interval}\n" if retry_interval else ""
         sections = "".join(f"\n[domain:{d}]\nprimary = {LOCAL}:{sink_port}\nprimary_tls = none\n"
-                           for d in self.domains)
+                           + (retry if n < retrying else "") for n, d in enumerate(self.domains))
         self.config = workdir / "backupmx.ini"
         self.config.write_text(
             "[backupmx]\n"
@@ -426,6 +428,10 @@ def main(argv=None) -> int:
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument("--fill-batch", type=int, default=5000, help="messages per fill transaction")
     parser.add_argument("--workers", type=int, help="workers = N (default: the config default)")
+    parser.add_argument("--retry-interval", default="",
+                        help="retry_interval of the flushed domains (default: none, ETRN only): the flush"
+                             " workers' retry scans then run (each reads every queued row); with --from-queue,"
+                             " a queue whose flushed domains' rows are not due yet (else the scans flush them)")
     parser.add_argument("--dir", help="where the temporary directory goes (needs ~5 GB for 1M)")
     parser.add_argument("--keep", action="store_true", help="keep the directory (queue, config, log)")
     parser.add_argument("--lock", help="flock this file for each step, let go in between (a shared machine)")
@@ -452,7 +458,7 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="backlog-", dir=args.dir))
     os.chmod(root, 0o755)
     sink_port = free_port()
-    server = Server(root, args.domains, sink_port, args.workers)
+    server = Server(root, args.domains, sink_port, args.workers, args.retry_interval, args.flushes)
     lock = CPULock(args.lock)
     if args.from_queue:
         with lock.held():  # gigabytes of writes: nobody's measurement beside them
