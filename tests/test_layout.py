@@ -11,9 +11,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "backupmx"
 LAYERS = {
     "protocol": {"smtp", "smtp_body", "smtp_events", "smtp_arguments", "smtp_counts", "trace_header", "addresses", "envelope",
                  "replies", "auth", "scram", "idn", "outcome", "clients", "odmr"},
-    "queue": {"store", "store_db", "store_errors", "store_ids", "store_bodies", "store_intake", "store_flushes",
-              "store_delivery", "store_housekeeping", "store_operator", "store_status", "store_verify", "store_auth", "store_greylist", "store_probes",
-              "schema"},
+    "queue": {"store", "store_db", "store_errors", "store_ids", "store_bodies", "store_migrations",
+              "store_intake", "store_flushes", "store_delivery", "store_housekeeping", "store_operator",
+              "store_status", "store_verify", "store_auth", "store_greylist", "store_probes", "schema"},
     "driver": {"connection", "offload", "quota", "tls", "smtpclient", "primaries", "metrics", "health",
                "policy", "verify", "auth_limit", "client_dns",
                "odmr_connection", "greylist", "atrn_relay", "prober"},

@@ -1419,9 +1419,9 @@ def test_a_rebuild_killed_half_way_leaves_the_old_queue_as_it_was(tmp_path, cloc
     path = str(tmp_path / "old.db")
     bodies = fill_schema_12(path)
     before, objects = dump(path, "rowid"), schema_objects(path)
-    killer = ("import os, signal, sys; from backupmx import store_db\n"
+    killer = ("import os, signal, sys; from backupmx import store_db, store_migrations\n"
               "def kill(*args): os.kill(os.getpid(), signal.SIGKILL)\n"
-              "store_db._bodies_into_chunks = kill\n"
+              "store_migrations._bodies_into_chunks = kill\n"
               "store_db.QueueDatabase(sys.argv[1])\n")
     done = subprocess.run([sys.executable, "-c", killer, path], cwd=ROOT, timeout=60)
     assert done.returncode == -signal.SIGKILL
