@@ -67,6 +67,10 @@ def test_a_failing_key_rotation_and_unresolved_retry_wait_an_interval_and_recove
         try:
             start, started = len(log()), time.monotonic()
             turn_the_loop(proc.pid, WINDOW)
+            # ... and on until each job failed once: a loaded machine may give the master too few
+            # turns in WINDOW for either (then a fixed window saw none, and failed).
+            failed = ("tls-keys-rotation-failed", "fork-failed")
+            busy_wait(proc.pid, lambda: all(job in log()[start:] for job in failed))
             window, elapsed = log()[start:], time.monotonic() - started  # (the log read last: nothing missed)
         finally:
             resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, limits)
