@@ -118,17 +118,19 @@ class Stuck(TableResolver):
 
 
 def test_a_resolver_that_hangs_is_given_up_and_the_mail_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(client_dns, "LOOKUP_WAIT", 0.5)
+    # The wait runs from the connection on: timed from before it (timed from after the session was
+    # set up, in threads, a loaded machine saw less than the wait); 0.3 s leaves the bound more room.
+    monkeypatch.setattr(client_dns, "LOOKUP_WAIT", 0.3)
     resolver = Stuck()
+    started = time.monotonic()
     session = OneSession(config(tmp_path, dnsbl="slow.test"), resolver)
     try:
-        started = time.monotonic()
         assert session.rcpt() == "250 2.1.5 Ok"
-        assert 0.4 < time.monotonic() - started < 0.9  # at its deadline, not at the loop's next 1 s tick
+        assert 0.3 <= time.monotonic() - started < 0.9  # at its deadline, not at the loop's next 1 s tick
     finally:
         resolver.release.set()
         session.close()
-    assert "lookup-timeout client=127.0.0.1 seconds=0.5" in session.log.lines
+    assert "lookup-timeout client=127.0.0.1 seconds=0.3" in session.log.lines
 
 
 def test_ipv6_clients_are_looked_up_by_reversed_nibbles(tmp_path):
