@@ -21,6 +21,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -166,28 +167,33 @@ def bundle(tmp_path_factory):
 
 
 def test_inetd_starttls_auth_etrn_delivers_after_the_session(tmp_path, sink):
-    sink.data_delay = 0.5  # the delivery is still going on when the session has ended
-    cfg = inetd_config(tmp_path, sink.port)
-    with inetd_session([sys.executable, str(REPO / "backupmx.py")], cfg, cwd=tmp_path) as (proc, ours):
-        c = LineClient(ours)
-        assert c.reply()[0] == 220
-        assert c.cmd("EHLO primary.test")[0] == 250
-        c.send_message("alice@origin.test", "bob@example.com")
-        c.starttls(ca_context())
-        code, text = c.cmd("EHLO primary.test")
-        assert code == 250 and b"AUTH" in text
-        assert c.cmd("AUTH PLAIN " + AUTH_PLAIN)[0] == 235
-        code, text = c.cmd("ETRN example.com")
-        assert code in (250, 253), text
-        assert c.cmd("QUIT")[0] == 221
-        assert proc.wait(5) == 0
-    log = tmp_path / "inetd.log"
-    pid = wait_for(lambda: flusher_pid(log), 2)
-    assert pid, log.read_text()
-    # The session process is gone, the delivery is not done yet: a detached flusher is.
-    assert queued_rows(tmp_path / "q.db") == 1
-    if alive(pid):
-        assert os.getsid(pid) == pid  # its own session: the supervisor's end of the session does not end it
+    # The delivery is still going on when the session has ended: the primary's 250 waits until the
+    # test has looked (a 0.5 s delay raced a loaded machine's process starts).
+    looked = threading.Event()
+    sink.on_delivery = lambda number, delivery: looked.wait(30)
+    try:
+        cfg = inetd_config(tmp_path, sink.port)
+        with inetd_session([sys.executable, str(REPO / "backupmx.py")], cfg, cwd=tmp_path) as (proc, ours):
+            c = LineClient(ours)
+            assert c.reply()[0] == 220
+            assert c.cmd("EHLO primary.test")[0] == 250
+            c.send_message("alice@origin.test", "bob@example.com")
+            c.starttls(ca_context())
+            code, text = c.cmd("EHLO primary.test")
+            assert code == 250 and b"AUTH" in text
+            assert c.cmd("AUTH PLAIN " + AUTH_PLAIN)[0] == 235
+            code, text = c.cmd("ETRN example.com")
+            assert code in (250, 253), text
+            assert c.cmd("QUIT")[0] == 221
+            assert proc.wait(5) == 0
+        log = tmp_path / "inetd.log"
+        pid = wait_for(lambda: flusher_pid(log), 10)
+        assert pid, log.read_text()
+        # The session process is gone, the delivery is not done yet: a detached flusher is.
+        assert queued_rows(tmp_path / "q.db") == 1
+        assert alive(pid) and os.getsid(pid) == pid  # its own session: the supervisor's end of it does not end it
+    finally:
+        looked.set()
     messages = sink.wait_for(1, timeout=10)
     assert messages[0][0] == "alice@origin.test" and messages[0][1] == ["bob@example.com"]
     assert messages[0][2].endswith(BODY)
