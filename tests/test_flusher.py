@@ -1195,10 +1195,14 @@ def test_a_split_flush_that_must_stop_stops_both_processes(tmp_path, sink, stop)
         if stop == "sigterm":
             proc.send_signal(signal.SIGTERM)
         else:
+            threads = [len(os.listdir(f"/proc/{pid}/task")) for pid in (proc.pid, helper)]
             db_ = sqlite3.connect(db, isolation_level=None)
             db_.execute("UPDATE flushes SET lease_owner = 'another', lease_expires = lease_expires + 60")
             db_.close()
-            time.sleep(0.5)  # two renewal intervals: both processes' renewals have found the lease gone
+            # Both processes' renewals have found the lease gone: each one's renewal thread has ended
+            # (a fixed 0.5 s, two intervals, raced a loaded machine's thread wake-ups).
+            assert wait_for(lambda: [len(os.listdir(f"/proc/{pid}/task")) for pid in (proc.pid, helper)]
+                            == [n - 1 for n in threads], 5), threads
         sent = len(sink.deliveries)
     counts, log = finish(proc)
     if stop == "lease-stolen":
