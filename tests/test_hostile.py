@@ -193,7 +193,8 @@ def test_max_session_time_ends_a_session_kept_alive_with_noops(server_factory):
     assert line.startswith(b"421 4.4.2") and b"session time limit" in line, line
     assert 0.45 < time.monotonic() - started < 3
     assert read_line(sock) == b""
-    assert "session-time-exceeded client=127.0.0.1" in server.log()
+    # The worker writes a round's log lines at the round's end, after its replies and closes.
+    assert wait_for(lambda: "session-time-exceeded client=127.0.0.1" in server.log()), server.log()
 
 
 def test_a_client_talking_before_the_greeting_is_refused(server_factory):
@@ -257,7 +258,7 @@ def test_junk_commands_and_4xx_refusals_beyond_their_limits_and_a_body_before_th
     db = sqlite3.connect(server.queue_path)
     assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
     db.close()
-    assert "improper-pipelining client=127.0.0.1 after=DATA" in server.log()
+    assert wait_for(lambda: "improper-pipelining client=127.0.0.1 after=DATA" in server.log()), server.log()
     refused_with_4xx_until_the_421(server)
 
 
