@@ -225,6 +225,8 @@ def test_a_checkpoint_that_uses_no_cpu_and_moves_no_sectors_gets_no_beats():
     disk to look at: a queue on tmpfs or NFS) gets no progress beats; one that works, some."""
     running = checkpointer.CheckpointProgress()
     beats, stopped, inside, done = [], threading.Event(), threading.Event(), threading.Event()
+    looks, sample = [], running.sample
+    running.sample = lambda: looks.append(1) or sample()  # the watch's looks, counted
 
     def checkpoint(work):
         with running:
@@ -240,9 +242,12 @@ def test_a_checkpoint_that_uses_no_cpu_and_moves_no_sectors_gets_no_beats():
         inside.wait()
         if not work:
             _until_its_clock_stands_still(running)
+        looks.clear()
         watch = threading.Thread(target=running.beat_while_it_copies, args=(lambda: beats.append(1), 0.02, stopped))
         watch.start()
-        time.sleep(0.1)  # five looks
+        # Five looks (after the first sample), counted: a 0.1 s sleep could hold fewer, none even,
+        # when a loaded machine left the process off the CPU for most of it.
+        assert wait_for(lambda: len(looks) > 5, 5, 0.01)
         stopped.set()
         watch.join()
         done.set()
