@@ -10,6 +10,7 @@ import sqlite3
 import struct
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -165,9 +166,14 @@ def all_copied(queue_path):
     return frames == backfilled
 
 
+def on_cpu(pid):
+    """Seconds the threads of `pid` have run on a CPU so far (/proc schedstat, in ns)."""
+    return sum(int((task / "schedstat").read_text().split()[0]) for task in Path(f"/proc/{pid}/task").iterdir()) / 1e9
+
+
 def test_a_long_checkpoint_that_copies_is_not_taken_for_a_hung_one(server_factory):
-    """A reader held 40 MB of WAL back; once it lets go, one PASSIVE checkpoint copies it all,
-    here slowed as by a slow disk (the checkpointer runs ~1 ms in 100: SIGSTOP / SIGCONT) so
+    """A reader held 80 MB of WAL back; once it lets go, one PASSIVE checkpoint copies it all,
+    here slowed as by a slow disk (the checkpointer runs ~0.5 ms in 100: SIGSTOP / SIGCONT) so
     that it still copies past BACKUPMX_CHECKPOINTER_TIMEOUT. It beats while it copies: not
     killed (it was, and would have started over). A stopped one still is (the first test)."""
     server = server_factory(env={"BACKUPMX_CHECKPOINTER_TIMEOUT": "1", "BACKUPMX_CHECKPOINT_BACKSTOP": "100000"})
@@ -181,17 +187,21 @@ def test_a_long_checkpoint_that_copies_is_not_taken_for_a_hung_one(server_factor
         reader.execute("BEGIN")
         reader.execute("SELECT COUNT(*) FROM ballast").fetchone()  # its snapshot keeps what follows
         writer.execute("BEGIN")
-        for _ in range(1000):
+        for _ in range(2000):  # a copy of ~150 ms of CPU: twice what a loaded machine let it run
             writer.execute("INSERT INTO ballast VALUES (zeroblob(40000))")
         writer.execute("COMMIT")
+        ran_before = on_cpu(pid)
         started = time.monotonic()
         reader.execute("COMMIT")
-        while time.monotonic() - started < 1.4:
+        while (elapsed := time.monotonic() - started) < 1.4:
             try:
                 os.kill(pid, signal.SIGSTOP)
-                time.sleep(0.1)
+                # 0.1 s, or longer while it ran more than 0.5% of the time gone by: on a loaded
+                # machine the 0.5 ms it is let run can last 5-8 ms, and 14 such were a 40 MB copy
+                # (~70 ms of CPU). Never over 0.2 s: beats come only while it runs (the timeout is 1 s).
+                time.sleep(min(0.2, max(0.1, (on_cpu(pid) - ran_before) / 0.005 - elapsed)))
                 os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:  # killed for hung
+            except (ProcessLookupError, FileNotFoundError):  # killed for hung
                 break
             time.sleep(0.0005)
         still_copying = not all_copied(server.queue_path)
