@@ -167,8 +167,15 @@ def all_copied(queue_path):
 
 
 def on_cpu(pid):
-    """Seconds the threads of `pid` have run on a CPU so far (/proc schedstat, in ns)."""
-    return sum(int((task / "schedstat").read_text().split()[0]) for task in Path(f"/proc/{pid}/task").iterdir()) / 1e9
+    """Seconds the threads of `pid` have run on a CPU so far (/proc schedstat, in ns); a thread that
+    ended meanwhile is left out. FileNotFoundError once the process is gone."""
+    ran = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            ran += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return ran / 1e9
 
 
 def test_a_long_checkpoint_that_copies_is_not_taken_for_a_hung_one(server_factory):
