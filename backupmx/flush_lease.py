@@ -2,13 +2,13 @@
 
 The queue hands a domain to one flusher at a time (store.claim_flush) under a
 lease that runs out by itself, so that the domains of a flusher that died
-are free again. While a flush delivers, _Lease renews that lease from a
-thread of its own, and the delivery side (flush_session._Flush, the helper
+are free again. While a flush delivers, Lease renews that lease from a
+thread of its own, and the delivery side (flush_session.Flush, the helper
 process of flush_sharing) asks it between steps whether it still holds.
 
 What must always hold:
 
-- The flush lease is renewed while we work (_Lease, a thread), and when it
+- The flush lease is renewed while we work (Lease, a thread), and when it
   is lost we stop at the next message or body chunk (closing the
   connection mid-DATA, so the primary discards that copy) rather than race
   another flusher.
@@ -35,19 +35,19 @@ def default_lease_seconds(timeout: float) -> float:
     return 3 * timeout + 30
 
 
-class _LeaseLost(Exception):
+class LeaseLost(Exception):
     """Another flusher owns the domain now: stop without touching anything."""
 
 
-class _Lease:
+class Lease:
     """Keeps a domain's flush lease alive while its flush runs, from a thread of its own.
 
     Entering checks once, on the caller's store, that the lease is still
-    `owner`'s (_LeaseLost if not: nothing is sent). Then a thread renews it
+    `owner`'s (LeaseLost if not: nothing is sent). Then a thread renews it
     every lease/6 on its own SQLite connection, so a slow primary or a long
     body never lets it run out, and no SMTP read loop writes to the database.
     The delivery side asks `check()` between steps (each message, each body
-    chunk), which raises _LeaseLost once the lease is another flusher's, and
+    chunk), which raises LeaseLost once the lease is another flusher's, and
     also once it is about to run out: renewals that failed for five intervals
     (the queue busy or full), or a renewal thread that died, must not let this
     flusher go on while a second one claims the domain (both would send the
@@ -65,10 +65,10 @@ class _Lease:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name=f"lease-{domain}", daemon=True)
 
-    def __enter__(self) -> "_Lease":
+    def __enter__(self) -> "Lease":
         started = time.monotonic()
         if not self.store.renew_lease(self.domain, self.owner, self.seconds):
-            raise _LeaseLost()
+            raise LeaseLost()
         self.valid_until = started + self.seconds
         self._thread.start()
         return self
@@ -104,4 +104,4 @@ class _Lease:
         if not self.lost and time.monotonic() >= self.valid_until - self.interval:
             self.ran_out = self.lost = True  # one interval before anyone else may claim it
         if self.lost:
-            raise _LeaseLost()
+            raise LeaseLost()

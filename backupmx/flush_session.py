@@ -1,6 +1,6 @@
 """One flush over one SMTP connection to the domain's primary: each message's transaction and its outcomes.
 
-_Flush opens a session with the primary (smtpclient.Primary: the configured
+Flush opens a session with the primary (smtpclient.Primary: the configured
 host and port, or a session the peer reversed, as ODMR does), sends each
 message's XFORWARD, MAIL, RCPT, DATA and body, judges every reply (_judge)
 and records every recipient's outcome in the queue, a batch at a time. The
@@ -28,7 +28,7 @@ What must always hold:
   boundaries (RFC 5321 4.5.2), sent with CRLF line ends and exactly one end
   of data; memory does not grow with the message size.
 - The flush lease is asked before each message and body chunk
-  (flush_lease._Lease.check); once it is lost the connection is dropped,
+  (flush_lease.Lease.check); once it is lost the connection is dropped,
   mid-DATA too, never ended with QUIT (that would only become body).
 """
 
@@ -48,7 +48,7 @@ from backupmx.smtpclient import (DataEncoder, Primary, PrimaryClient, PrimaryUna
                                  xforward_commands)
 
 if TYPE_CHECKING:
-    from backupmx.flush_sharing import _Work
+    from backupmx.flush_sharing import Work
 
 BODY_CHUNK = 64 * 1024  # bytes read from the store's blob at a time
 # Delivery outcomes are written in batches of this many messages, or at least
@@ -63,7 +63,7 @@ class _Gone(Exception):
     """The message left the queue (operator delete) while we were delivering it."""
 
 
-class _Trouble(Exception):
+class Trouble(Exception):
     """The connection is unusable; `reason` is recorded as the recipients' last reply.
 
     at_connect: no session could be opened (unreachable, greeting refused,
@@ -84,7 +84,7 @@ def _judge(code: int, text: bytes, proceed=()) -> Verdict | None:
     """What one reply of the primary means for the mail it answers (outcome.classify).
 
     None when the code is one of `proceed` (the transaction goes on); else the
-    Verdict for the recipients it answers. Raises _Trouble, which ends the
+    Verdict for the recipients it answers. Raises Trouble, which ends the
     connection, for 421 (RFC 5321 3.8: the server is closing the channel) and
     for a reply that has no place at this step (a 3xx to MAIL, a 250 to DATA).
     """
@@ -92,12 +92,12 @@ def _judge(code: int, text: bytes, proceed=()) -> Verdict | None:
         return None
     verdict = Verdict.of_reply(code, reply_text(code, text))
     if code == 421:
-        raise _Trouble(verdict.reply)
+        raise Trouble(verdict.reply)
     if (proceed and verdict.outcome is Outcome.DELIVERED) or (verdict.outcome is Outcome.DEFERRED
                                                              and not 400 <= code < 500):
         # Not a reply to this command: the primary answers out of order, or more often
         # than asked. Nothing more it says can be matched to the mail it is about.
-        raise _Trouble(f"reply out of sequence: {verdict.reply}")
+        raise Trouble(f"reply out of sequence: {verdict.reply}")
     return verdict
 
 
@@ -107,7 +107,7 @@ class _Envelope:
 
     `refusal`: the Verdict that keeps the message from this primary instead
     (no command is sent). `sent`: its pipelined group already went out, with
-    the previous message's end of data (_Flush.announce).
+    the previous message's end of data (Flush.announce).
     """
 
     message: object
@@ -124,7 +124,7 @@ class _Envelope:
         return "".join(line + "\r\n" for line in lines).encode(self.encoding)
 
 
-class _Flush:
+class Flush:
     """One flush of one domain: a connection (re-opened as needed) and the outcomes."""
 
     def __init__(self, store, domain, *, owner, hostname, timeout, lease, log, primary: Primary | None = None):
@@ -150,11 +150,11 @@ class _Flush:
     # -- the connection ------------------------------------------------------
 
     def connect(self) -> PrimaryClient:
-        """Open a session ready for MAIL, or raise _Trouble (at_connect)."""
+        """Open a session ready for MAIL, or raise Trouble (at_connect)."""
         try:
             client, self.tls_version = self.primary.open()
         except PrimaryUnavailable as e:
-            raise _Trouble(e.reason, at_connect=True) from e
+            raise Trouble(e.reason, at_connect=True) from e
         return client
 
     def drop(self) -> _Envelope | None:
@@ -236,7 +236,7 @@ class _Flush:
 
     # -- one message --------------------------------------------------------------
 
-    def next_message(self, work: _Work):
+    def next_message(self, work: Work):
         """The message this connection delivers next: the one whose commands went out with
         the last end of data (announce), else the next of the work list; None when none is left."""
         if self.announced is not None:
@@ -246,12 +246,12 @@ class _Flush:
         except IndexError:
             return None
 
-    def deliver(self, message, work: _Work | None = None) -> _Trouble | None:
+    def deliver(self, message, work: Work | None = None) -> Trouble | None:
         """Deliver one message and record every recipient's outcome.
 
         With `work` (the flush's work list) and a primary that offers PIPELINING,
         the next message's commands go out with this one's end of data (announce).
-        Returns None, or the _Trouble that ended the connection (its `at_connect`
+        Returns None, or the Trouble that ended the connection (its `at_connect`
         tells whether no session could be opened at all).
         """
         self.counts["messages"] += 1
@@ -261,10 +261,10 @@ class _Flush:
             if self.client is None:
                 self.client = self.connect()
             self.transaction(message, outcomes, work)
-        except _Trouble as e:
+        except Trouble as e:
             trouble = e
         except (OSError, smtplib.SMTPException) as e:
-            trouble = _Trouble(describe(e))
+            trouble = Trouble(describe(e))
         except _Gone:
             # The operator deleted the message meanwhile. If that happened
             # mid-DATA, dropping the connection makes the primary discard it.
@@ -303,8 +303,8 @@ class _Flush:
         client.putcmd(verb, argument)
         return client.getreply()
 
-    def transaction(self, message, outcomes: dict[str, Verdict], work: _Work | None = None):
-        """MAIL, RCPT..., DATA, body: a Verdict per recipient into `outcomes`; _Trouble ends the connection.
+    def transaction(self, message, outcomes: dict[str, Verdict], work: Work | None = None):
+        """MAIL, RCPT..., DATA, body: a Verdict per recipient into `outcomes`; Trouble ends the connection.
 
         Every reply is read in the order of the commands it answers, and each
         can only be the reply its place allows (_judge): a primary that answers
@@ -373,7 +373,7 @@ class _Flush:
             encoding=encoding,
         )
 
-    def announce(self, work: _Work) -> bytes:
+    def announce(self, work: Work) -> bytes:
         """The next message's commands, to go out in the same write as this one's end of data.
 
         RFC 2920 3.1: the message content may be the first "command" of a group,
@@ -417,7 +417,7 @@ class _Flush:
     def _xforwarded(self, code: int, text: bytes) -> None:
         """XFORWARD's reply: a 421 ends the connection; another refusal only loses the information."""
         if code == 421:
-            raise _Trouble(reply_text(code, text))
+            raise Trouble(reply_text(code, text))
         if not 200 <= code < 300 and not self.xforward_refused:
             self.xforward_refused = True
             log_event(self.log, "xforward-refused", domain=self.domain.name, relay=self.relay,

@@ -1,22 +1,22 @@
 """A big flush's work list shared with a second connection to the same primary, in a thread or a helper process.
 
-While one connection waits for the primary's reply, the other sends. _Work
-is a flush's list of messages still to take; _ExtraConnection takes from it
+While one connection waits for the primary's reply, the other sends. Work
+is a flush's list of messages still to take; ExtraConnection takes from it
 with a second connection in a thread of the flush worker. A flush of at
 least HELPER_MIN_MESSAGES has that connection in a helper process instead
-(_share forks it: two connections in one process take turns for one GIL),
-and its work list becomes _SharedWork, runs of it in a pipe that either
+(share forks it: two connections in one process take turns for one GIL),
+and its work list becomes SharedWork, runs of it in a pipe that either
 process takes. Both loops are _deliver_share.
 
 What must always hold:
 
-- A big flush's second connection may live in a helper process (_share):
+- A big flush's second connection may live in a helper process (share):
   it takes runs of the same work list, records its own outcomes under the
   same lease, and its counts join the flush's; the main connection alone
   decides that the primary is not taking mail (flusher._suspend).
 - Each run of the work list is taken by exactly one process; a run the
   helper took and will not deliver goes back into the pipe before it exits
-  (_SharedWork.give_back), and a helper that ends without its report has
+  (SharedWork.give_back), and a helper that ends without its report has
   the flush asked for again (flusher._join_helper).
 """
 
@@ -35,8 +35,8 @@ from collections.abc import Callable
 
 from backupmx import children
 
-from backupmx.flush_lease import _Lease, _LeaseLost
-from backupmx.flush_session import _Flush, _Trouble
+from backupmx.flush_lease import Lease, LeaseLost
+from backupmx.flush_session import Flush, Trouble
 from backupmx.log import flush_pending, log_event
 from backupmx.store import QueueStore
 
@@ -47,7 +47,7 @@ from backupmx.store import QueueStore
 EXTRA_CONNECTIONS = 1
 EXTRA_CONNECTION_MIN_MESSAGES = 20
 # A flush of at least HELPER_MIN_MESSAGES messages, started in a process with no
-# other thread, has its second connection in a helper process instead (_share):
+# other thread, has its second connection in a helper process instead (share):
 # two connections in one process take turns for one GIL, and the flush worker
 # was CPU-bound on one core while the machine's other core waited.
 HELPER_MIN_MESSAGES = 100
@@ -55,7 +55,7 @@ MAX_HELPER_RUNS = 4096  # runs of the work list in the pipe the helper shares (8
 _RUN = struct.Struct("=II")  # one run: (index of its first message, how many)
 
 
-class _Work:
+class Work:
     """The messages a flush has still to take, oldest first.
 
     deque.popleft is atomic: the extra connections (threads) take from the same list.
@@ -71,7 +71,7 @@ class _Work:
     def __len__(self) -> int:
         return len(self.queue)
 
-    def wait(self, should_stop: Callable[[], bool], lease: _Lease) -> bool:
+    def wait(self, should_stop: Callable[[], bool], lease: Lease) -> bool:
         """None is there now: True when more may come (look again), False when none will."""
         return False
 
@@ -83,8 +83,8 @@ class _Work:
         return {}
 
 
-class _SharedWork(_Work):
-    """A work list shared with a helper process (_share): runs of it in a pipe, taken by either process.
+class SharedWork(Work):
+    """A work list shared with a helper process (share): runs of it in a pipe, taken by either process.
 
     A run is written and read as one _RUN.size-byte piece (below PIPE_BUF: atomic),
     so each run is taken by exactly one process, which delivers it from its own
@@ -122,7 +122,7 @@ class _SharedWork(_Work):
         self.queue.extend(self.messages[first:first + count])
         self.run_end = first + count
 
-    def wait(self, should_stop: Callable[[], bool], lease: _Lease) -> bool:
+    def wait(self, should_stop: Callable[[], bool], lease: Lease) -> bool:
         while not self.ended:
             if should_stop():
                 return True
@@ -135,7 +135,7 @@ class _SharedWork(_Work):
         """In the helper, stopping early: the rest of its run goes back to the parent, as one run.
 
         `announced`: the message whose commands went out with the last end of data and
-        whose content never did (_Flush.quit). It was the last one taken, so it is the
+        whose content never did (Flush.quit). It was the last one taken, so it is the
         one just before the rest (the last of the previous run when the rest is empty),
         and goes back with it. False when any of them could not go back.
         """
@@ -181,7 +181,7 @@ class _SharedWork(_Work):
         if status != 0 or len(counts) != len(_HELPER_REPORT):
             # Killed (or crashed) mid-flush: what it had taken and not recorded is still
             # queued, and must not wait for the next ETRN.
-            raise _HelperLost(pid, children.describe_status(status))
+            raise HelperLost(pid, children.describe_status(status))
         return counts
 
 
@@ -190,7 +190,7 @@ class _SharedWork(_Work):
 _HELPER_REPORT = ("messages", "delivered", "deferred", "failed", "again")
 
 
-class _HelperLost(Exception):
+class HelperLost(Exception):
     """The helper process of a flush ended without its report (killed, crashed)."""
 
     def __init__(self, pid: int, status: str):
@@ -208,7 +208,7 @@ def _waitpid(pid: int) -> tuple[int, int]:
             continue
 
 
-def _deliver_share(flush: "_Flush", work: _Work, should_stop: Callable[[], bool],
+def _deliver_share(flush: "Flush", work: Work, should_stop: Callable[[], bool],
                    finished: threading.Event | None = None) -> tuple[object | None, bool]:
     """A second connection's loop (a thread's, or a helper process's): connect, then take
     messages from `work` until none is left, should_stop(), or `finished` is set.
@@ -220,7 +220,7 @@ def _deliver_share(flush: "_Flush", work: _Work, should_stop: Callable[[], bool]
     its session, whatever happens.
 
     Returns the message it had announced when it stopped (taken, never sent, not
-    recorded: _Flush.quit), or None; and whether it left a message it took
+    recorded: Flush.quit), or None; and whether it left a message it took
     unrecorded otherwise (the lease ran out mid-message, the outcome write failed).
     """
     log, name = flush.log, flush.domain.name
@@ -235,9 +235,9 @@ def _deliver_share(flush: "_Flush", work: _Work, should_stop: Callable[[], bool]
                 break
             if flush.deliver(message, work) is not None:
                 break
-    except _Trouble:
+    except Trouble:
         pass  # no session: the main connection carries on (or has the same trouble itself)
-    except _LeaseLost:
+    except LeaseLost:
         # Stolen: the new owner's flush takes every queued message. Ran out: nobody's does.
         unrecorded = flush.lease.ran_out
     except Exception as e:  # never lose the main flush over this one
@@ -254,11 +254,11 @@ def _deliver_share(flush: "_Flush", work: _Work, should_stop: Callable[[], bool]
     return (withdrawn.message if withdrawn is not None else None), unrecorded
 
 
-class _ExtraConnection(threading.Thread):
+class ExtraConnection(threading.Thread):
     """A second connection to the same primary in a thread, taking messages from the same work list
     (_deliver_share), with its own QueueStore connection (SQLite connections stay in their thread)."""
 
-    def __init__(self, main: "_Flush", work: _Work, finished: threading.Event, should_stop: Callable[[], bool]):
+    def __init__(self, main: "Flush", work: Work, finished: threading.Event, should_stop: Callable[[], bool]):
         super().__init__(name=f"flush-{main.domain.name}", daemon=True)
         self.main = main
         self.work, self.finished, self.should_stop = work, finished, should_stop
@@ -275,7 +275,7 @@ class _ExtraConnection(threading.Thread):
             log_event(main.log, "flush-error", domain=main.domain.name, error=f"extra connection: {e}",
                       level=logging.WARNING)
             return
-        flush = _Flush(store, main.domain, owner=main.owner, hostname=main.hostname, timeout=main.timeout,
+        flush = Flush(store, main.domain, owner=main.owner, hostname=main.hostname, timeout=main.timeout,
                        lease=main.lease, log=main.log, primary=main.primary)
         try:
             # Unlike a helper's, an announced message is not handed back: the main connection
@@ -287,14 +287,14 @@ class _ExtraConnection(threading.Thread):
             store.close()
 
 
-def _share(main: "_Flush", messages: list, helper: bool = True) -> _Work:
+def share(main: "Flush", messages: list, helper: bool = True) -> Work:
     """The flush's work list, shared with a helper process when the flush is big enough (and
     `helper`: no flush worker whose helper's fork once cost it its queue connection forks again).
 
     The helper is a fork of this process with a connection of its own to the
-    primary (a _Flush on its own QueueStore, opened after the fork), taking
+    primary (a Flush on its own QueueStore, opened after the fork), taking
     runs of the work list from a pipe as the main connection does
-    (_SharedWork) and recording its own outcomes: a message leaves the queue
+    (SharedWork) and recording its own outcomes: a message leaves the queue
     only after the 250 to its own end of data, whichever process sent it. It
     renews the same lease, as the same owner, and stops when the lease is
     lost, when this process asks (SIGTERM: stop_helper) or is gone, and at
@@ -305,7 +305,7 @@ def _share(main: "_Flush", messages: list, helper: bool = True) -> _Work:
     """
     if (not helper or len(messages) < HELPER_MIN_MESSAGES or main.primary.single_session
             or threading.active_count() > 1 or EXTRA_CONNECTIONS < 1):
-        return _Work(messages)
+        return Work(messages)
     runs_r, runs_w = os.pipe()
     result_r, result_w = os.pipe()
     pid = None
@@ -333,33 +333,33 @@ def _share(main: "_Flush", messages: list, helper: bool = True) -> _Work:
         os.close(runs_w)
         os.close(result_w)
         if pid is not None:  # forked, and then our connection did not reopen: the flush fails, the helper stops
-            _stop_forked_helper(main, _SharedWork(messages, runs_r, helper_pid=pid, result_fd=result_r))
+            _stop_forked_helper(main, SharedWork(messages, runs_r, helper_pid=pid, result_fd=result_r))
             raise
         os.close(runs_r)
         os.close(result_r)
         if not isinstance(e, (OSError, _QueueOpenElsewhere)):
             raise
         log_event(main.log, "flush-error", domain=main.domain.name, error=f"helper: {e}", level=logging.WARNING)
-        return _Work(messages)
+        return Work(messages)
     os.close(runs_w)
     os.close(result_w)
-    return _SharedWork(messages, runs_r, helper_pid=pid, result_fd=result_r)
+    return SharedWork(messages, runs_r, helper_pid=pid, result_fd=result_r)
 
 
-def _helper_start(main: "_Flush", messages: list, runs_r: int, runs_w: int, result_r: int, result_w: int,
+def _helper_start(main: "Flush", messages: list, runs_r: int, runs_w: int, result_r: int, result_w: int,
                   parent: int) -> None:
     """In the forked helper: its ends of the pipes, then its work (_helper_main)."""
     os.close(result_r)
-    _helper_main(main, _SharedWork(messages, runs_r, return_fd=runs_w), result_w, parent)
+    _helper_main(main, SharedWork(messages, runs_r, return_fd=runs_w), result_w, parent)
 
 
-def _stop_forked_helper(main: "_Flush", work: _SharedWork) -> None:
+def _stop_forked_helper(main: "Flush", work: SharedWork) -> None:
     """A helper whose flush cannot go on right after the fork: stopped and reaped here (its
     own outcomes recorded by itself, the rest of its run left queued), never left a zombie."""
     work.stop_helper()
     try:
         work.join_helper()
-    except _HelperLost as e:
+    except HelperLost as e:
         log_event(main.log, "flush-helper-lost", domain=main.domain.name, relay=main.relay, status=e.status,
                   level=logging.WARNING)
 
@@ -402,22 +402,22 @@ def _flush_buffers() -> None:
             pass
 
 
-def _helper_main(main: "_Flush", work: _SharedWork, result_fd: int, parent: int) -> None:
-    """The helper process (_share): deliver runs of the work list, then report its counts.
+def _helper_main(main: "Flush", work: SharedWork, result_fd: int, parent: int) -> None:
+    """The helper process (share): deliver runs of the work list, then report its counts.
 
     `parent` is the flush's pid, taken before the fork: had it died before this
     runs, getppid() would already name init."""
     stop = children.StopFlag(parent=parent).install()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM,))
     with QueueStore(main.store.path) as store:
-        lease = _Lease(store, main.domain.name, main.owner, main.lease.seconds, main.log)
-        flush = _Flush(store, main.domain, owner=main.owner, hostname=main.hostname, timeout=main.timeout,
+        lease = Lease(store, main.domain.name, main.owner, main.lease.seconds, main.log)
+        flush = Flush(store, main.domain, owner=main.owner, hostname=main.hostname, timeout=main.timeout,
                        lease=lease, log=main.log, primary=main.primary)
         announced, again = None, False
         try:
             with lease:
                 announced, again = _deliver_share(flush, work, stop.should_stop)
-        except _LeaseLost:
+        except LeaseLost:
             pass  # it took nothing
         finally:
             if not work.give_back(announced):

@@ -36,10 +36,10 @@ from collections.abc import Callable
 
 from backupmx import children
 
-from backupmx.flush_lease import _Lease, _LeaseLost, default_lease_seconds
-from backupmx.flush_session import _Flush, _Trouble
-from backupmx.flush_sharing import (EXTRA_CONNECTION_MIN_MESSAGES, EXTRA_CONNECTIONS, _ExtraConnection, _HelperLost,
-                                    _SharedWork, _share, _Work)
+from backupmx.flush_lease import Lease, LeaseLost, default_lease_seconds
+from backupmx.flush_session import Flush, Trouble
+from backupmx.flush_sharing import (EXTRA_CONNECTION_MIN_MESSAGES, EXTRA_CONNECTIONS, ExtraConnection, HelperLost,
+                                    SharedWork, Work, share)
 from backupmx.lifecycle import housekeeping, log_domain_changes, request_due_retries
 from backupmx.log import log_event
 from backupmx.outcome import Verdict
@@ -100,10 +100,10 @@ def deliver_domain(
     `primary` is where the SMTP sessions come from (its open() and relay):
     the domain's configured primary unless another is given (a session the
     peer opened, as ODMR reverses one). `helper`: a big flush may have its
-    second connection in a helper process (_share); else in a thread.
+    second connection in a helper process (share); else in a thread.
 
     The caller holds the flush lease for domain.name under `owner`
-    (store.claim_flush); it is kept alive here (_Lease) and released by the caller.
+    (store.claim_flush); it is kept alive here (Lease) and released by the caller.
     Returns counts: {"messages": tried, "delivered"/"deferred"/"failed": recipients}.
     When the connection gives trouble, the next message gets a new one; after
     MAX_CONSECUTIVE_TROUBLE in a row (or when the primary cannot be reached at all)
@@ -112,19 +112,19 @@ def deliver_domain(
     after a restart. Store errors (QueueUnavailable) propagate.
     """
     should_stop = should_stop or (lambda: False)
-    lease = _Lease(store, domain.name, owner, lease_seconds or default_lease_seconds(timeout), log)
-    flush = _Flush(store, domain, owner=owner, hostname=hostname, timeout=timeout, lease=lease, log=log,
+    lease = Lease(store, domain.name, owner, lease_seconds or default_lease_seconds(timeout), log)
+    flush = Flush(store, domain, owner=owner, hostname=hostname, timeout=timeout, lease=lease, log=log,
                    primary=primary)
     messages = store.messages_for_flush(domain.name)
     if not messages:
         return flush.counts
     started = time.monotonic()
     log_event(log, "flush-start", domain=domain.name, relay=flush.relay, messages=len(messages))
-    work = _share(flush, messages, helper)  # before the lease's thread starts: a fork from one thread
+    work = share(flush, messages, helper)  # before the lease's thread starts: a fork from one thread
     try:
         with lease:
             status = _deliver_work(flush, work, should_stop)
-    except _LeaseLost:
+    except LeaseLost:
         status = "lease-lost"
         log_event(log, "flush-aborted", domain=domain.name, relay=flush.relay,
                   reason="the flush lease ran out" if lease.ran_out else "the flush lease was lost",
@@ -141,7 +141,7 @@ def deliver_domain(
     return counts
 
 
-def _join_helper(flush: _Flush, work: _Work) -> None:
+def _join_helper(flush: Flush, work: Work) -> None:
     """The helper process's counts into the flush's; one that was lost, or that left a message
     unrecorded (its report's "again"), has the flush asked for again."""
     try:
@@ -151,13 +151,13 @@ def _join_helper(flush: _Flush, work: _Work) -> None:
             flush.counts[kind] += count
         if again:
             _request_again(flush.store, flush.domain.name, flush.log)
-    except _HelperLost as e:
+    except HelperLost as e:
         log_event(flush.log, "flush-helper-lost", domain=flush.domain.name, relay=flush.relay, status=e.status,
                   level=logging.WARNING)
         _request_again(flush.store, flush.domain.name, flush.log)
 
 
-def _deliver_work(flush: _Flush, work: _Work, should_stop: Callable[[], bool]) -> str:
+def _deliver_work(flush: Flush, work: Work, should_stop: Callable[[], bool]) -> str:
     """The main connection's loop over the work list (shared with the extra connections,
     or with a helper process).
 
@@ -166,8 +166,8 @@ def _deliver_work(flush: _Flush, work: _Work, should_stop: Callable[[], bool]) -
     finished = threading.Event()
     extra = []
     if (len(work) >= EXTRA_CONNECTION_MIN_MESSAGES and not flush.primary.single_session
-            and not isinstance(work, _SharedWork)):
-        extra = [_ExtraConnection(flush, work, finished, should_stop) for _ in range(EXTRA_CONNECTIONS)]
+            and not isinstance(work, SharedWork)):
+        extra = [ExtraConnection(flush, work, finished, should_stop) for _ in range(EXTRA_CONNECTIONS)]
     troubles = 0
     try:
         for thread in extra:
@@ -205,7 +205,7 @@ def _deliver_work(flush: _Flush, work: _Work, should_stop: Callable[[], bool]) -
             flush.quit()
 
 
-def _suspend(flush: _Flush, work: _Work, trouble: _Trouble, should_stop: Callable[[], bool]) -> None:
+def _suspend(flush: Flush, work: Work, trouble: Trouble, should_stop: Callable[[], bool]) -> None:
     """Postfix's "delivery temporarily suspended": the primary is not taking mail
     now; record why on every row left (a helper's too, once it stopped), and stop."""
     log_event(flush.log, "flush-suspended", domain=flush.domain.name, relay=flush.relay,
@@ -285,7 +285,7 @@ class QueueConnectionLost(FlushFailed):
 
 def _connection_lost(store) -> bool:
     """Whether the store has no connection any more: closed across a fork
-    (closed_for_fork, _share) and not opened again (EMFILE, a full disk)."""
+    (closed_for_fork, share) and not opened again (EMFILE, a full disk)."""
     try:
         store.connection
     except ValueError:

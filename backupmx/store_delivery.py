@@ -91,7 +91,7 @@ class Delivery(QueueDatabase):
                 if not isinstance(verdict, Verdict):
                     raise TypeError(f"not a delivery Verdict: {verdict!r}")
         now = self._now()
-        # Two processes record a big flush's batches (flush_sharing._share): turns, not SQLite's naps.
+        # Two processes record a big flush's batches (flush_sharing.share): turns, not SQLite's naps.
         with self._commit_turn(), self._write() as db:
             results = [self._record_attempt(db, now, *attempt) for attempt in attempts]
             # Once per batch, not per message: the primary took mail of these domains now.

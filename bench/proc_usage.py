@@ -13,7 +13,7 @@ step among it)?
 
 Roles come from the server's log lines (`worker-started pid=...`, as backlog.py's RSS
 sampler finds them), the rest by process tree: the master (the server's own pid), a flush
-worker's children ("flush helper": the second connection's process, flush_sharing._share), the
+worker's children ("flush helper": the second connection's process, flush_sharing.share), the
 sink, and the benchmark itself ("bench": it polls the sink). A helper that ended within
 the step is counted from its flush worker's cutime+cstime (the kernel adds a reaped
 child's CPU there), one still running from its own; its I/O counts are lost with it.

@@ -1,7 +1,7 @@
 """A pipelined flush that ends, or loses its connection, with the next message announced.
 
 With PIPELINING the next message's XFORWARD/MAIL/RCPT/DATA go out in the
-same write as this message's end of data (flush_session._Flush.announce): from
+same write as this message's end of data (flush_session.Flush.announce): from
 then on the primary may be waiting for that message's content. These tests
 drive the paths where it never comes, against the real sink (tests/sink.py)
 on 127.0.0.1 and a real SQLite queue, and check three things each time:

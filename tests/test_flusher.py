@@ -625,11 +625,11 @@ def lease_expires(path):
 
 def lease_stopped(lease):
     """True once the flush holding `lease` must stop (its check() raises)."""
-    from backupmx.flush_lease import _LeaseLost
+    from backupmx.flush_lease import LeaseLost
 
     try:
         lease.check()
-    except _LeaseLost:
+    except LeaseLost:
         return True
     return False
 
@@ -640,13 +640,13 @@ def test_a_lease_that_cannot_be_renewed_stops_the_flush_before_it_runs_out(store
     delivers the same mail beside this one."""
     import sqlite3
 
-    from backupmx.flush_lease import _Lease
+    from backupmx.flush_lease import Lease
 
     enqueue(store, b"x\r\n")
     store.request_flush(["example.com"])
     assert store.claim_flush("A", 1.2) == "example.com"
     holder = sqlite3.connect(store.path, isolation_level=None)
-    with _Lease(store, "example.com", "A", 1.2) as lease:
+    with Lease(store, "example.com", "A", 1.2) as lease:
         lease.check()
         holder.execute("BEGIN IMMEDIATE")  # the renewals wait for it, then give up
         try:
@@ -663,12 +663,12 @@ def test_a_lease_that_cannot_be_renewed_stops_the_flush_before_it_runs_out(store
 def test_a_renewal_thread_that_fails_is_logged_and_the_lease_counts_as_lost(store, caplog):
     import sqlite3
 
-    from backupmx.flush_lease import _Lease
+    from backupmx.flush_lease import Lease
 
     enqueue(store, b"x\r\n")
     store.request_flush(["example.com"])
     assert store.claim_flush("A", 3) == "example.com"
-    with _Lease(store, "example.com", "A", 3) as lease:
+    with Lease(store, "example.com", "A", 3) as lease:
         first = lease.valid_until
         assert wait_for(lambda: lease.valid_until > first, 2, 0.01)  # the thread renews on its own connection
         other = sqlite3.connect(store.path, isolation_level=None)
@@ -1010,12 +1010,12 @@ stop = StopFlag().install()
 {reopen_fails_once}
 if {helper_fails}:  # the helper fails right after the fork, before its own work starts
     import backupmx.flush_sharing
-    class FailsInTheHelper(backupmx.flush_sharing._SharedWork):
+    class FailsInTheHelper(backupmx.flush_sharing.SharedWork):
         def __init__(self, *args, return_fd=None, **kwargs):
             if return_fd is not None:  # only the helper's side holds the pipe's write end
                 raise OSError(24, "Too many open files")
             super().__init__(*args, return_fd=return_fd, **kwargs)
-    backupmx.flush_sharing._SharedWork = FailsInTheHelper
+    backupmx.flush_sharing.SharedWork = FailsInTheHelper
     os.setpgid(0, 0)  # a group of its own: a signal to "every process of the group" stays in it
 store = (ReopenFailsOnce if {reopen_fails} else QueueStore)({db!r})
 other = QueueStore({db!r}) if {other} else None  # a second connection open in the process
@@ -1227,7 +1227,7 @@ def test_a_single_session_primary_gets_no_helper(tmp_path, sink):
 
 
 def test_a_flush_with_another_queue_connection_open_keeps_its_second_connection_in_a_thread(tmp_path, sink):
-    """A fork would hand the helper that connection's SQLite state (flush_sharing._share): the flush
+    """A fork would hand the helper that connection's SQLite state (flush_sharing.share): the flush
     says why in one line and shares its work with a thread instead, each message once."""
     proc, db, ids = start_split_flush(tmp_path, sink, other=True)
     counts, log = finish(proc)
@@ -1508,15 +1508,15 @@ def test_a_primary_gone_mid_split_flush_is_suspended_once_for_both_processes(tmp
 
 
 def test_shared_work_runs_are_each_taken_once_and_a_helper_s_rest_comes_back():
-    """The pipe of runs (_SharedWork) with no processes: what the parent and a helper take."""
-    from backupmx.flush_sharing import _RUN, _SharedWork
+    """The pipe of runs (SharedWork) with no processes: what the parent and a helper take."""
+    from backupmx.flush_sharing import _RUN, SharedWork
 
     messages = list(range(10))
     runs_r, runs_w = os.pipe()
     os.set_blocking(runs_r, False)
     os.write(runs_w, b"".join(_RUN.pack(first, count) for first, count in ((0, 3), (3, 3), (6, 3), (9, 1))))
-    helper = _SharedWork(messages, runs_r, return_fd=runs_w)
-    parent = _SharedWork(messages, runs_r)
+    helper = SharedWork(messages, runs_r, return_fd=runs_w)
+    parent = SharedWork(messages, runs_r)
     assert helper.popleft() == 0  # the helper takes the run 0-2
     assert parent.popleft() == 3  # the parent the next
     helper.give_back()  # it stops early: 1 and 2 go back, as one run
@@ -1533,15 +1533,15 @@ def test_shared_work_runs_are_each_taken_once_and_a_helper_s_rest_comes_back():
 
 
 def test_a_helper_s_announced_message_goes_back_with_the_rest_of_its_run():
-    """What the helper took last and announced (_Flush.quit) is the message just before its
+    """What the helper took last and announced (Flush.quit) is the message just before its
     rest: the last of the run before when the rest is empty, the one before it otherwise."""
-    from backupmx.flush_sharing import _RUN, _SharedWork
+    from backupmx.flush_sharing import _RUN, SharedWork
 
     messages = [object() for _ in range(6)]
     runs_r, runs_w = os.pipe()
     os.set_blocking(runs_r, False)
     os.write(runs_w, _RUN.pack(0, 3) + _RUN.pack(3, 3))
-    helper = _SharedWork(messages, runs_r, return_fd=runs_w)
+    helper = SharedWork(messages, runs_r, return_fd=runs_w)
     taken = [helper.popleft() for _ in range(3)]  # the whole run 0-2; the last one announced
     assert helper.give_back(announced=taken[-1])
     assert helper.popleft() is messages[3]  # then run 3-5; 3 announced, 4 and 5 its rest
@@ -1563,13 +1563,13 @@ def test_a_helper_s_announced_message_goes_back_with_the_rest_of_its_run():
 def test_a_helper_that_left_a_message_unrecorded_has_the_flush_asked_for_again(store, sink, again):
     """A helper's report ends with "again" when it stopped with a message it took neither recorded
     nor handed back (its lease ran out alone, its outcome write failed): the flush is asked for again."""
-    from backupmx.flush_session import _Flush
-    from backupmx.flush_sharing import _SharedWork
+    from backupmx.flush_session import Flush
+    from backupmx.flush_sharing import SharedWork
     from backupmx.flusher import _join_helper
 
     enqueue(store, b"still queued\r\n")  # what it left unrecorded
     domain = domain_config(sink)
-    flush = _Flush(store, domain, owner="split", hostname="mx2.test", timeout=5, lease=None,
+    flush = Flush(store, domain, owner="split", hostname="mx2.test", timeout=5, lease=None,
                    log=logging.getLogger("test"))
     runs_r, runs_w = os.pipe()
     result_r, result_w = os.pipe()
@@ -1579,6 +1579,6 @@ def test_a_helper_that_left_a_message_unrecorded_has_the_flush_asked_for_again(s
         os._exit(0)
     os.close(runs_w)
     os.close(result_w)
-    _join_helper(flush, _SharedWork([], runs_r, helper_pid=pid, result_fd=result_r))
+    _join_helper(flush, SharedWork([], runs_r, helper_pid=pid, result_fd=result_r))
     assert flush.counts == {"messages": 3, "delivered": 2, "deferred": 1, "failed": 0}
     assert pending_flushes(store.path) == ([DOMAIN] if again else [])

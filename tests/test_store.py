@@ -817,7 +817,7 @@ def test_summary_view(store, clock):
 
 
 def test_a_flush_records_its_outcomes_in_the_writers_turns(store, db_path):
-    """A big flush records from two processes (flush_sharing._share) beside the SMTP workers' group
+    """A big flush records from two processes (flush_sharing.share) beside the SMTP workers' group
     commits: record_attempts waits for its turn on <queue>-commit.lock, as those do, and is
     woken when the holder lets go, instead of napping in SQLite's busy handler (1, 2, 5, 10 ms...)."""
     import fcntl
@@ -1636,7 +1636,7 @@ def test_a_version_14_queue_gets_message_domains_and_loses_the_index_and_the_for
 
 def test_a_helper_forked_by_a_flush_does_not_keep_its_parent_s_turn_to_commit(db_path):
     """A flush worker takes the writers' turn (<queue>-commit.lock, a flock) for its outcome
-    batches, then forks a helper for its next big flush (flush_sharing._share, inside closed_for_fork).
+    batches, then forks a helper for its next big flush (flush_sharing.share, inside closed_for_fork).
     A flock belongs to the open file: had the helper inherited that descriptor, the flush
     worker killed (-9, OOM) while it held the turn would leave it held by the helper, every
     SMTP worker's group commit waiting on it, and the helper itself at its own next batch."""
@@ -1650,7 +1650,7 @@ def test_a_helper_forked_by_a_flush_does_not_keep_its_parent_s_turn_to_commit(db
         "from backupmx.store import QueueStore\n"
         "store = QueueStore(sys.argv[1])\n"
         "store.record_attempts([])  # an earlier batch: its turn taken, the lock file open\n"
-        "with store.closed_for_fork():  # as flush_sharing._share forks its helper\n"
+        "with store.closed_for_fork():  # as flush_sharing.share forks its helper\n"
         "    pid = os.fork()\n"
         "    if pid == 0:\n"
         "        time.sleep(30)\n"
