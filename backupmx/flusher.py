@@ -49,7 +49,6 @@ from backupmx.store import QueueStore, QueueUnavailable
 
 __all__ = [
     "deliver_domain",
-    "default_lease_seconds",
     "drain",
     "reopened_queue",
     "run_flush_worker",

@@ -33,7 +33,8 @@ from backupmx.children import StopFlag, first_line
 from backupmx.clients import shown_address
 from backupmx.config import load_config
 from backupmx.connection import ConnectionContext
-from backupmx.flusher import FlushFailed, QueueConnectionLost, default_lease_seconds, drain, reopened_queue
+from backupmx.flush_lease import default_lease_seconds
+from backupmx.flusher import FlushFailed, QueueConnectionLost, drain, reopened_queue
 from backupmx.lifecycle import housekeeping
 from backupmx.log import log_event, setup_logging
 from backupmx.odmr_sessions import serve_odmr_session

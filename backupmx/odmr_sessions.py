@@ -31,7 +31,8 @@ from backupmx.children import StopFlag
 from backupmx.clients import limit_key, shown_address
 from backupmx.connection import ConnectionContext
 from backupmx.flush_workers import release_leases
-from backupmx.flusher import default_lease_seconds, deliver_domain
+from backupmx.flush_lease import default_lease_seconds
+from backupmx.flusher import deliver_domain
 from backupmx.log import log_event
 from backupmx.odmr_connection import OdmrConnection, Reversal, ReversedPeer, lease_owner, release_domains
 from backupmx.smtpclient import PrimaryUnavailable
