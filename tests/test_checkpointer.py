@@ -301,10 +301,14 @@ def test_a_checkpoint_blocked_for_good_falls_silent_while_others_keep_its_disk_b
     for thread in threads:
         thread.start()
     inside.wait()
+    looks, sample = [], running.sample
+    running.sample = lambda: looks.append(1) or sample()  # the watch's looks, counted
     watch = threading.Thread(target=running.beat_while_it_copies,
                              args=(lambda: beats.append(time.monotonic()), 0.02, stopped))
     watch.start()
-    time.sleep(0.2)
+    # Ten looks after the first, counted: a fixed 0.2 s could hold none on a loaded machine, and
+    # then no beat proved nothing.
+    assert wait_for(lambda: len(looks) > 10, 5, 0.01)
     stopped.set()
     done.set()
     for thread in threads + [watch]:
