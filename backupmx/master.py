@@ -218,8 +218,7 @@ class Master:
         self.cancel_lookups()
         self.stop_deadline = time.monotonic() + STOP_TIMEOUT
         self.close_listeners()
-        for w in list(self.smtp_workers.handles.values()):
-            self.smtp_workers.drain(w, "stop")
+        self.smtp_workers.drain_all("stop")
         self.flush_workers.signal_all(signal.SIGTERM)
         self.helpers.stop()
         self.odmr.stop()
@@ -289,9 +288,7 @@ class Master:
             self.ticket_keys.restart()
         self.ssl_context = ssl_context
         self.generation += 1
-        for w in list(self.smtp_workers.handles.values()):
-            self.smtp_workers.drain(w, how)
-        self.smtp_workers.respawn_after = 0.0
+        self.smtp_workers.drain_all(how)
 
     def rotate_ticket_keys(self):
         """When TicketKeys says so: new SMTP workers with a new TLS context, so a new

@@ -163,6 +163,13 @@ class SmtpWorkers:
         for w in self.handles.values():
             w.ctrl.close()
 
+    def drain_all(self, how):
+        """Every worker drains (`how`: "drain", "retire" or "stop": worker.py), and the next
+        generation may start at once: a worker that died a moment ago does not hold it back."""
+        for w in list(self.handles.values()):
+            self.drain(w, how)
+        self.respawn_after = 0.0
+
     def drain(self, w, how):
         if w.draining and how != "stop":  # a stop still reaches a draining (retiring) worker
             return
