@@ -10,7 +10,7 @@ cheap (an index); each failure is one small write transaction.
 from __future__ import annotations
 
 from backupmx.store_db import QueueDatabase
-from backupmx.store_errors import _sqlite_errors
+from backupmx.store_errors import sqlite_errors
 
 
 class AuthFailures(QueueDatabase):
@@ -18,7 +18,7 @@ class AuthFailures(QueueDatabase):
 
     def auth_failures(self, client: str, window: float) -> int:
         """The failures recorded for `client` in the last `window` seconds."""
-        with _sqlite_errors():
+        with sqlite_errors():
             return self.connection.execute(
                 "SELECT COUNT(*) FROM auth_failures WHERE client = ? AND at > ?", (client, self._clock() - window)
             ).fetchone()[0]

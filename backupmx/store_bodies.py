@@ -13,7 +13,7 @@ import bisect
 import io
 import sqlite3
 
-from backupmx.store_errors import _sqlite_errors
+from backupmx.store_errors import sqlite_errors
 
 CHUNK = 64 * 1024  # bytes copied per step into and out of a body blob
 
@@ -129,7 +129,7 @@ class BodyReader(io.RawIOBase):
     def _fetch(self, pos: int, n: int) -> bytes:
         if pos == 0 and n >= self.size:
             return self._whole()
-        with _sqlite_errors():
+        with sqlite_errors():
             own = not self._db.in_transaction
             if own:
                 self._db.execute("BEGIN")
@@ -147,7 +147,7 @@ class BodyReader(io.RawIOBase):
         """The whole body (a flush reads all but the longest so): the message's row and its
         chunks in ONE statement, which is a snapshot of its own, where a BEGIN, two SELECTs
         and a COMMIT took four round trips into SQLite for every message delivered."""
-        with _sqlite_errors():
+        with sqlite_errors():
             rows = self._db.execute(
                 "SELECT c.data FROM messages AS m LEFT JOIN body_chunks AS c ON c.id BETWEEN m.first_chunk"
                 " AND m.last_chunk WHERE m.queue_id = ?" + self._still[0] + " ORDER BY c.id", self._still[1]).fetchall()

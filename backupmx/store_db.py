@@ -28,9 +28,9 @@ from typing import Callable, Iterator
 from backupmx.config import tuning
 from backupmx.schema import schema_text, schema_version, view_names
 from backupmx.store_bodies import STILL_QUEUED, STILL_QUEUED_FOR, BodyReader
-from backupmx.store_errors import QueueUnavailable, _sqlite_errors
+from backupmx.store_errors import QueueUnavailable, sqlite_errors
 from backupmx.store_ids import new_queue_id
-from backupmx.store_migrations import _name_message_domains, _rebuild_clustered, _statements
+from backupmx.store_migrations import name_message_domains, rebuild_clustered, statements
 
 DEFAULT_BUSY_TIMEOUT = tuning("BACKUPMX_BUSY_TIMEOUT", 5.0)  # seconds a writer waits for another writer's lock
 
@@ -132,7 +132,7 @@ def needs_migration(path: str) -> bool:
     only, nothing written): `serve --inetd` then migrates it first, as `serve` does at its start."""
     if not os.path.exists(path):
         return False
-    with _sqlite_errors():
+    with sqlite_errors():
         db = sqlite3.connect(f"file:{_uri_path(path)}?mode=ro", uri=True, isolation_level=None)
         try:
             return 0 < db.execute("PRAGMA user_version").fetchone()[0] < schema_version()
@@ -202,7 +202,7 @@ class QueueDatabase:
         power cut may lose the last ones, never corrupt the file). Only for state
         that can be learnt again -- the verify cache, the greylist --, never for mail.
         on_rebuild(found_version): called before the migration rebuilds the mail's
-        tables (schema 13, _rebuild_clustered), which takes a while at a large queue."""
+        tables (schema 13, rebuild_clustered), which takes a while at a large queue."""
         self.path = path
         self._on_rebuild = on_rebuild
         self._durable = durable
@@ -211,7 +211,7 @@ class QueueDatabase:
         self._db: sqlite3.Connection | None = None
         self._turn_lock: int | None = None  # fd of <queue>-commit.lock: the busy writers' turn to commit (_commit_turn)
         self._page_size: int | None = None  # the file's, read once (only a VACUUM, server stopped, changes it)
-        with _sqlite_errors():
+        with sqlite_errors():
             if read_only:
                 db = sqlite3.connect(f"file:{_uri_path(path)}?mode=ro", uri=True, timeout=busy_timeout,
                                      isolation_level=None)
@@ -266,7 +266,7 @@ class QueueDatabase:
             if found <= ours:
                 if 0 < found < ours:
                     self._migrate(db, text, found)
-                for statement in _statements(text):
+                for statement in statements(text):
                     db.execute(statement)
             db.execute("COMMIT")
         except BaseException:
@@ -304,7 +304,7 @@ class QueueDatabase:
             yield
         finally:
             busy_timeout = self._busy_ms / 1000
-            with _sqlite_errors():
+            with sqlite_errors():
                 db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
                 try:
                     db.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
@@ -358,9 +358,9 @@ class QueueDatabase:
         if found < 13:
             if self._on_rebuild is not None:
                 self._on_rebuild(found)
-            _rebuild_clustered(db, text)
+            rebuild_clustered(db, text)
         if found < 15:
-            _name_message_domains(db, text)
+            name_message_domains(db, text)
 
     def close(self) -> None:
         if self._db is not None:
@@ -425,7 +425,7 @@ class QueueDatabase:
         wait=False: QueueUnavailable at once when another writer holds the lock
         (for what an event loop may put off: it must never sleep on the lock)."""
         db = self.connection
-        with _sqlite_errors():
+        with sqlite_errors():
             if wait:
                 db.execute("BEGIN IMMEDIATE")
             else:
@@ -449,7 +449,7 @@ class QueueDatabase:
     def _read(self) -> Iterator[sqlite3.Connection]:
         """One read transaction: a consistent snapshot; never blocks writers (WAL)."""
         db = self.connection
-        with _sqlite_errors():
+        with sqlite_errors():
             db.execute("BEGIN")
             try:
                 yield db
@@ -502,7 +502,7 @@ class QueueDatabase:
         """The file's page size in bytes (what body chunks are cut to, what free_pages and
         incremental_vacuum count in)."""
         if self._page_size is None:
-            with _sqlite_errors():
+            with sqlite_errors():
                 self._page_size = self.connection.execute("PRAGMA page_size").fetchone()[0]
         return self._page_size
 
@@ -515,7 +515,7 @@ class QueueDatabase:
         """
         # Read while that domain's row waits (a flush's), else while any row of the message does.
         still = (STILL_QUEUED, (queue_id,)) if domain is None else (STILL_QUEUED_FOR, (queue_id, domain))
-        with _sqlite_errors():
+        with sqlite_errors():
             row = self.connection.execute("SELECT size FROM messages AS m WHERE m.queue_id = ?" + still[0],
                                           still[1]).fetchone()
         if row is None:

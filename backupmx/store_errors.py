@@ -2,7 +2,7 @@
 
 "Cannot now" SQLite errors (disk full, locked, I/O) become QueueUnavailable,
 which the SMTP side answers with 452 4.3.1; real bugs pass through
-(_sqlite_errors, around every statement of the store's roles).
+(sqlite_errors, around every statement of the store's roles).
 """
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ _UNAVAILABLE_CODES = frozenset(
     )
 )
 
+
 class QueueUnavailable(Exception):
     """The queue cannot be written (or read) now: disk full, locked, I/O error.
 
     The SMTP side answers 452 4.3.1; nothing was changed.
     """
 
-def _is_unavailable(exc: sqlite3.Error) -> bool:
+
+def is_unavailable(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is None:
         # No code (e.g. raised by the sqlite3 module itself): go by the text.
@@ -39,11 +41,11 @@ def _is_unavailable(exc: sqlite3.Error) -> bool:
 
 
 @contextmanager
-def _sqlite_errors() -> Iterator[None]:
+def sqlite_errors() -> Iterator[None]:
     """Turn "cannot now" SQLite errors into QueueUnavailable; let real bugs through."""
     try:
         yield
     except sqlite3.Error as exc:
-        if _is_unavailable(exc):
+        if is_unavailable(exc):
             raise QueueUnavailable(f"queue database: {exc}") from exc
         raise

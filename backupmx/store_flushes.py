@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from backupmx.store_db import QueueDatabase
-from backupmx.store_errors import _sqlite_errors
+from backupmx.store_errors import sqlite_errors
 
 
 # A domain claim_flush may take: its flush was asked for, or the lease of a flusher
@@ -159,7 +159,7 @@ class FlushRequests(QueueDatabase):
 
         Only meaningful for domains with retry_interval on; the caller decides.
         """
-        with _sqlite_errors():
+        with sqlite_errors():
             rows = self.connection.execute(
                 "SELECT DISTINCT domain FROM queue WHERE state = 'queued' AND next_attempt <= ? ORDER BY domain",
                 (self._now(),),

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from backupmx.store_db import QueueDatabase
-from backupmx.store_errors import _sqlite_errors
+from backupmx.store_errors import sqlite_errors
 
 REMEMBER_PASSED = 35 * 86400  # seconds a passed triple is remembered after it was last seen
 
@@ -42,7 +42,7 @@ class Greylist(QueueDatabase):
     """Greylisting's memory."""
 
     def greylist_entry(self, triple: Triple) -> GreylistEntry | None:
-        with _sqlite_errors():
+        with sqlite_errors():
             row = self.connection.execute(LOOKUP, (triple.client, triple.sender, triple.recipient)).fetchone()
         return GreylistEntry(*row) if row else None
 

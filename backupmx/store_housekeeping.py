@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, NamedTuple
 
 from backupmx.store_db import QueueDatabase, RecipientStatus
-from backupmx.store_errors import _sqlite_errors
+from backupmx.store_errors import sqlite_errors
 
 
 # Housekeeping's reclaim (Housekeeping.reclaim): the messages by their key, each unless
@@ -360,7 +360,7 @@ class Housekeeping(QueueDatabase):
         """(free pages, all pages) of the file; (0, pages) when the queue was not created
         with auto_vacuum = INCREMENTAL (its free pages cannot be given back then)."""
         db = self.connection
-        with _sqlite_errors():
+        with sqlite_errors():
             pages = db.execute("PRAGMA page_count").fetchone()[0]
             if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
                 return 0, pages
@@ -375,7 +375,7 @@ class Housekeeping(QueueDatabase):
         if before == 0:
             return 0
         db = self.connection
-        with _sqlite_errors():
+        with sqlite_errors():
             # executescript steps the pragma to the end; execute() would free one page.
             step = "" if pages is None else f"({int(pages)})"
             db.executescript(f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum{step}; COMMIT;")
@@ -389,7 +389,7 @@ class Housekeeping(QueueDatabase):
         if mode.upper() not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
             raise ValueError(f"unknown checkpoint mode {mode!r}")
         db = self.connection
-        with _sqlite_errors():
+        with sqlite_errors():
             old = db.execute("PRAGMA busy_timeout").fetchone()[0]
             db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             try:

@@ -25,7 +25,7 @@ from typing import BinaryIO, Iterable, Iterator, Mapping
 from backupmx.envelope import Envelope
 from backupmx.store_bodies import CHUNK, chunk_lengths
 from backupmx.store_db import RECEIVED, QueueDatabase
-from backupmx.store_errors import QueueUnavailable, _is_unavailable, _sqlite_errors
+from backupmx.store_errors import QueueUnavailable, is_unavailable, sqlite_errors
 
 
 @dataclass
@@ -89,7 +89,7 @@ class Intake(QueueDatabase):
                     db.execute("ROLLBACK TO message")
                     results[index] = exc
                 except sqlite3.Error as exc:
-                    if _is_unavailable(exc):
+                    if is_unavailable(exc):
                         raise  # the whole transaction is lost: nothing is queued
                     db.execute("ROLLBACK TO message")  # e.g. SQLITE_TOOBIG: this message only
                     results[index] = QueueUnavailable(f"queue database: {exc}")
@@ -160,7 +160,7 @@ class Intake(QueueDatabase):
 
     def usage(self, domain: str) -> tuple[int, int]:
         """(messages, bytes) waiting for `domain` (queued or held): for the per-domain quotas."""
-        with _sqlite_errors():
+        with sqlite_errors():
             return tuple(self._totals(self.connection, domain))
 
     def _check_quotas(self, db: sqlite3.Connection, domains: list[str], size: int,

@@ -3,9 +3,9 @@
 Most schema changes are schema.sql's own CREATE ... IF NOT EXISTS, run at
 every open. Two are not: schema 13 made the mail's tables WITHOUT ROWID,
 keyed domain first, and that means new tables and every row copied
-(_rebuild_clustered, a body still in messages.body moved into body_chunks
+(rebuild_clustered, a body still in messages.body moved into body_chunks
 on the way); schema 15 added message_domains and took the queue's foreign
-key to messages out (_name_message_domains). Both run inside the
+key to messages out (name_message_domains). Both run inside the
 migration's one transaction: a crash half-way leaves the old queue as it
 was, and the next start does it again.
 """
@@ -19,7 +19,7 @@ from typing import Iterator
 from backupmx.store_bodies import chunk_lengths
 
 
-def _statements(script: str) -> Iterator[str]:
+def statements(script: str) -> Iterator[str]:
     """The SQL statements of `script`, one at a time (executescript would commit first)."""
     statement = ""
     for line in script.splitlines(keepends=True):
@@ -45,7 +45,7 @@ _CLUSTERED = (
 )
 
 
-def _rebuild_clustered(db: sqlite3.Connection, text: str) -> None:
+def rebuild_clustered(db: sqlite3.Connection, text: str) -> None:
     """Rebuild messages, queue and recipients as schema.sql makes them now (schema 13),
     inside the migration's transaction: a crash half-way leaves the old queue as it was.
 
@@ -74,7 +74,7 @@ def _rebuild_clustered(db: sqlite3.Connection, text: str) -> None:
         db.execute("PRAGMA legacy_alter_table = OFF")
     # (body_chunks too: a queue from before schema 11 has none yet, and its bodies move there.)
     creates = re.compile(rf"\s*CREATE TABLE IF NOT EXISTS ({'|'.join(names)}|body_chunks) \(", re.IGNORECASE)
-    for statement in _statements(text):
+    for statement in statements(text):
         if creates.match(_without_comments(statement)):
             db.execute(statement)
     for table, where, order in _CLUSTERED:
@@ -100,7 +100,7 @@ def _rebuild_clustered(db: sqlite3.Connection, text: str) -> None:
 _QUEUE_TO_MESSAGES = re.compile(r"\s*REFERENCES\s+messages\s*\(\s*queue_id\s*\)\s*ON\s+DELETE\s+CASCADE", re.IGNORECASE)
 
 
-def _name_message_domains(db: sqlite3.Connection, text: str) -> None:
+def name_message_domains(db: sqlite3.Connection, text: str) -> None:
     """Schema 15, inside the migration's transaction: table message_domains made and filled
     from the queue (in key order: at schema 14, read from index queue_message in that order,
     no sort; at 1,000,000 queued the whole migration took 0.9 s and 66 MB of WAL,
@@ -115,7 +115,7 @@ def _name_message_domains(db: sqlite3.Connection, text: str) -> None:
     cookie moved on), not by a copy of every queue row: the table's b-tree is untouched,
     and tests/test_store.py runs PRAGMA integrity_check on a migrated queue.
     """
-    for statement in _statements(text):
+    for statement in statements(text):
         if re.match(r"\s*CREATE TABLE IF NOT EXISTS message_domains \(", _without_comments(statement), re.IGNORECASE):
             db.execute(statement)
     db.execute("INSERT OR IGNORE INTO message_domains (queue_id, domain)"

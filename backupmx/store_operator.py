@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Sequence
 
 from backupmx.store_db import EXPIRED, FAILED, HELD, QUEUED, STATES, QueueDatabase, RecipientStatus
-from backupmx.store_errors import _sqlite_errors
+from backupmx.store_errors import sqlite_errors
 
 
 class QueueSummary(NamedTuple):
@@ -266,7 +266,7 @@ class OperatorQueries(QueueDatabase):
 
     def summary(self) -> list[QueueSummary]:
         """Per domain with mail waiting (queued or held): messages, bytes, oldest."""
-        with _sqlite_errors():
+        with sqlite_errors():
             rows = self.connection.execute(
                 "SELECT domain, messages, bytes, oldest, last_etrn, last_delivery FROM queue_summary ORDER BY domain"
             ).fetchall()

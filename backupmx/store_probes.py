@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from backupmx.store_db import QueueDatabase
-from backupmx.store_errors import _sqlite_errors
+from backupmx.store_errors import sqlite_errors
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class PrimaryProbes(QueueDatabase):
     """Monitoring mode's shared state."""
 
     def primary_state(self, domain: str) -> PrimaryState | None:
-        with _sqlite_errors():
+        with sqlite_errors():
             row = self.connection.execute(
                 "SELECT domain, up, reply, checked_at, changed_at FROM primary_status WHERE domain = ?",
                 (domain,)).fetchone()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from backupmx.store_db import QueueDatabase
-from backupmx.store_errors import _sqlite_errors
+from backupmx.store_errors import sqlite_errors
 
 ACCEPTED, REFUSED = "accepted", "refused"
 
@@ -48,7 +48,7 @@ class VerifyCache(QueueDatabase):
 
     def verify_answer(self, address: str) -> VerifyAnswer | None:
         """The cached answer for `address` (the cache key: verify.cache_key), fresh or stale; None if none."""
-        with _sqlite_errors():
+        with sqlite_errors():
             row = self.connection.execute(LOOKUP, (address,)).fetchone()
         return VerifyAnswer(*row) if row else None
 

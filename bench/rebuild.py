@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What schema 13's one-time rebuild of an older queue costs (store_migrations._rebuild_clustered).
+"""What schema 13's one-time rebuild of an older queue costs (store_migrations.rebuild_clustered).
 
     flock /work/wt/cpu.lock python3 bench/rebuild.py QUEUE.db
 
