@@ -205,8 +205,8 @@ def test_a_long_checkpoint_that_copies_is_not_taken_for_a_hung_one(server_factor
                 os.kill(pid, signal.SIGSTOP)
                 # 0.1 s, or longer while it ran more than 0.5% of the time gone by: on a loaded
                 # machine the 0.5 ms it is let run can last 5-8 ms, and 14 such were a 40 MB copy
-                # (~70 ms of CPU). Never over 0.2 s: beats come only while it runs (the timeout is 1 s).
-                time.sleep(min(0.2, max(0.1, (on_cpu(pid) - ran_before) / 0.005 - elapsed)))
+                # (~70 ms of CPU). Never over 0.15 s: beats come only while it runs (the timeout is 1 s).
+                time.sleep(min(0.15, max(0.1, (on_cpu(pid) - ran_before) / 0.005 - elapsed)))
                 os.kill(pid, signal.SIGCONT)
             except (ProcessLookupError, FileNotFoundError):  # killed for hung
                 break
