@@ -454,6 +454,8 @@ def main(argv=None) -> int:
         sys.exit("backlog: smtp-sink is missing: apt-get install postfix (see bench/README.md)")
     if args.flushes < 1 or args.domains < args.flushes + 1 or levels[-1] < args.flush_size * args.flushes:
         parser.error("need more domains than --flushes and a last level of at least --flush-size x --flushes")
+    if args.dir is not None and not os.path.isdir(args.dir):
+        parser.error(f"--dir {args.dir}: no such directory")
 
     root = Path(tempfile.mkdtemp(prefix="backlog-", dir=args.dir))
     os.chmod(root, 0o755)
