@@ -48,6 +48,8 @@ from backupmx.smtpclient import Primary
 from backupmx.store import QueueStore, QueueUnavailable
 
 __all__ = [
+    "FlushFailed",
+    "QueueConnectionLost",
     "deliver_domain",
     "drain",
     "reopened_queue",
