@@ -16,7 +16,8 @@ committed(); FlushRequested for a mode that starts flushers itself.
 Every session ends (SPEC Part 2, "Hostile clients"): each of SMTPConnection's
 deadlines fires once and then either closes the connection or clears itself,
 so a peer that neither reads nor writes costs no CPU, and its unsent replies
-are bounded (OUTPUT_BOUND; the session itself stops at smtp.OUTPUT_PAUSE):
+are bounded (client_socket.OUTPUT_BOUND; the session itself stops at
+smtp.OUTPUT_PAUSE):
 
   greet        greet_pause is over: the 220 goes out
   handshake    the TLS handshake took too long
@@ -29,46 +30,30 @@ are bounded (OUTPUT_BOUND; the session itself stops at smtp.OUTPUT_PAUSE):
   auth_due     a failed AUTH is answered after its delay
 """
 
-import collections
 import logging
-import os
 import selectors
 import socket
-import ssl
 import tempfile
-import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
-from backupmx import replies, smtp, trace_header
-from backupmx.auth import Accepted, Authenticator, Credentials, SASLSyntaxError, after_verification, sasl_exchange
-from backupmx.auth_limit import BLOCKED, ClientAuthLimit
-from backupmx.client_dns import UNKNOWN, ClientDNS
+from backupmx import replies, trace_header
+from backupmx.auth import Accepted, Credentials, SASLSyntaxError, after_verification, sasl_exchange
+from backupmx.auth_limit import BLOCKED
+from backupmx.client_dns import UNKNOWN
+from backupmx.client_socket import ROOM, Unsent
 from backupmx.clients import shown_address
-from backupmx.config import Config
+from backupmx.connection_context import ConnectionContext
 from backupmx.log import log_event
-from backupmx.offload import Offload
-from backupmx.policy import RecipientPolicy, RecipientQuestion
-from backupmx.quota import Admission
+from backupmx.policy import RecipientQuestion
 from backupmx.smtp import (AuthRequest, AuthResponse, EtrnRequest, MailAdmission, MessageAborted, MessageData,
                            MessageReceived, MessageStarted, PipeliningViolation, RecipientAdmission, Refused, Session,
-                           SessionSettings, StartTLS)
-from backupmx.store import REJECTS, QueueStore, QueueUnavailable, QuotaExceeded, Submission
+                           StartTLS)
+from backupmx.store import QueueUnavailable, QuotaExceeded, Submission
 from backupmx.tls import TLSError, TLSLayer
 
 RECV_SIZE = 64 * 1024
-# Backpressure: replies waiting to be sent stay below this (plus one reply):
-# the session is read, or let go on with its backlog, only while there is room
-# for what it may answer at once (smtp.OUTPUT_PAUSE). A client that never
-# reads its replies therefore costs this, and RECV_SIZE of input in the session.
-OUTPUT_BOUND = 64 * 1024
-# The kernel's send buffer for a session (it would grow to megabytes on its
-# own): SMTP replies are small, and what a client does not read should cost
-# little in the kernel as well.
-SEND_BUFFER = 32 * 1024
-# Unsent.has_room: what may wait so that the session's next answers still fit below OUTPUT_BOUND.
-_ROOM = OUTPUT_BOUND - smtp.OUTPUT_PAUSE
 # The final reply (QUIT's 221, a 421) gets this long, or `timeout` when
 # shorter, to be written before the connection is closed anyway.
 CLOSE_GRACE = 5.0
@@ -78,9 +63,6 @@ SPOOL_IN_MEMORY = 256 * 1024
 # A TLS handshake gets at most this long (RFC 8314 implicit TLS and STARTTLS),
 # or the per-command `timeout` when that is shorter.
 HANDSHAKE_TIMEOUT = 30.0
-# Each failed AUTH makes the next answer wait this much longer (slows guessing).
-# Slow calls (credential checks: scrypt, ~16 MB and ~60 ms each) run at once per worker.
-OFFLOAD_THREADS = 2
 # After SIGTERM, sessions in flight get this long to finish before their 421.
 SHUTDOWN_GRACE = 30.0
 
@@ -97,114 +79,6 @@ class FlushRequested:
     domains: tuple[str, ...]
 
 
-@dataclass
-class ConnectionContext:
-    """What every connection of one worker process shares. Built after the fork: it opens the queue."""
-
-    config: Config
-    ssl_context: ssl.SSLContext | None
-    logger: logging.Logger
-    clock: Callable[[], float] = time.monotonic
-    wallclock: Callable[[], float] = time.time
-    # What answers DNS questions about clients (client_dns.SystemResolver when None): the
-    # one seam for tests, which hand in a resolver answering from a table.
-    resolver: object = None
-    store: QueueStore = field(init=False)
-    spool_dir: str = field(init=False)
-    settings: SessionSettings = field(init=False)  # each connection's, but for its TLS state
-    # The settings of a session on a plain and on an implicit-TLS listener (session_settings).
-    _settings_by_tls: dict = field(init=False, repr=False)
-    authenticator: Authenticator = field(init=False)
-    auth_limit: ClientAuthLimit = field(init=False)  # max_auth_failures_per_client, across processes
-    admission: Admission = field(init=False)
-    quotas: dict = field(init=False)
-    offload: Offload = field(init=False)  # where slow calls run, off the event loop (the loop watches it)
-    # Refusals by reason (replies.reason) not yet added to the queue's counters:
-    # the worker loop writes them now and then (flush_counts), not one transaction each.
-    rejects: collections.Counter = field(init=False, default_factory=collections.Counter)
-    policy: RecipientPolicy = field(init=False)  # recipient admission: quotas, callouts, ...
-    client_dns: ClientDNS = field(init=False)  # each client's verified name, looked up at connect
-    # Called with a connection just before its socket closes (the worker loop unregisters it from
-    # its selector then: after the close, the selector looks for it and the kernel refuses).
-    socket_closing: Callable[[object], None] | None = field(init=False, default=None)
-
-    def __post_init__(self):
-        self.store = QueueStore(self.config.queue)
-        self.settings = SessionSettings.from_config(self.config)
-        self._settings_by_tls = {implicit: self.settings.with_tls(available=self.ssl_context is not None and not implicit,
-                                                                  active=implicit) for implicit in (False, True)}
-        self.offload = Offload(OFFLOAD_THREADS, "offload")
-        self.authenticator = Authenticator(self.config.users)
-        self.auth_limit = ClientAuthLimit(self.config, self.store)
-        self.admission = Admission(self.config, self.store)
-        self.policy = RecipientPolicy(self.config, self.store, self.offload, self.logger, self.admission)
-        self.client_dns = ClientDNS(self.config, self.offload, self.logger, self.resolver)
-        self.quotas = {name: (d.max_queue_messages, d.max_queue_bytes) for name, d in self.config.domains.items()
-                       if d.max_queue_messages is not None or d.max_queue_bytes is not None}
-        # Bodies that outgrow memory are spooled beside the queue (same file system).
-        self.spool_dir = os.path.dirname(os.path.abspath(self.config.queue))
-
-    def session_settings(self, implicit_tls: bool) -> SessionSettings:
-        """A new session's settings: STARTTLS offered when there is a certificate and no TLS yet."""
-        return self._settings_by_tls[implicit_tls]
-
-    def upkeep(self, now: float) -> None:
-        """Once per turn of the worker loop (at least every second, and at next_upkeep())."""
-        self.policy.upkeep()
-        self.client_dns.upkeep()
-
-    def next_upkeep(self) -> float | None:
-        """The monotonic time at which upkeep has something to give up (None: nothing waits)."""
-        return self.client_dns.next_deadline()
-
-    def close(self) -> None:
-        self.policy.close()
-        self.offload.close()
-        self.flush_counts(wait=True)  # the last chance: worth the busy timeout (5 s at most)
-        self.store.close()
-
-    def flush_counts(self, *, wait: bool = False) -> None:
-        """Add the refusals counted so far to the queue's counters (one transaction);
-        kept for the next time when the queue cannot take them now. The event loop
-        calls this: by default it does not wait for another process's write lock
-        (a purge, `delete ALL`, a Litestream checkpoint, an operator's sqlite3),
-        which would freeze every session of the worker for the busy timeout.
-        Most of the time the counts are written sooner anyway, inside the group
-        commit of the mail (counts_for_commit)."""
-        if not self.rejects:
-            return
-        try:
-            self.store.add_counts(REJECTS, self.rejects, wait=wait)
-        except QueueUnavailable:
-            return
-        self.rejects.clear()
-
-    def counts_for_commit(self) -> dict[str, dict[str, int]]:
-        """The counts a group commit writes along with the mail (enqueue_many's `counts`);
-        forget them with counts_committed() once it committed."""
-        return {REJECTS: dict(self.rejects)} if self.rejects else {}
-
-    def counts_committed(self, counts: dict[str, dict[str, int]]) -> None:
-        for reason, n in counts.get(REJECTS, {}).items():
-            self.rejects[reason] -= n
-            if self.rejects[reason] <= 0:
-                del self.rejects[reason]
-
-
-def prepare_socket(sock) -> None:
-    """Ready a just-accepted client socket for a session driver: non-blocking, a bounded send
-    buffer (SEND_BUFFER), no Nagle delay for the small replies (TCP). The master does this
-    before the hand-off, so the worker serving the sessions need not (its socket options
-    and its flags belong to the connection, not to the descriptor)."""
-    sock.setblocking(False)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-
-
 def _earliest(times) -> float | None:
     """The earliest of `times` that is not None (a loop, not min() of a list: the worker loop asks
     for a connection's deadline after each of its callbacks)."""
@@ -213,55 +87,6 @@ def _earliest(times) -> float | None:
         if when is not None and (earliest is None or when < earliest):
             earliest = when
     return earliest
-
-
-class Unsent:
-    """Replies waiting for the socket (already encrypted under TLS), and their write deadline:
-    it runs while any wait, and each octet the socket takes restarts it."""
-
-    def __init__(self, clock, timeout: float):
-        self.data = bytearray()
-        self.deadline: float | None = None
-        self.clock, self.timeout = clock, timeout
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def add(self, data: bytes) -> None:
-        if data:
-            self.data += data
-            self.deadline = self.deadline or self.clock() + self.timeout
-
-    def has_room(self) -> bool:
-        """Room for what the session may answer next (up to smtp.OUTPUT_PAUSE) below OUTPUT_BOUND."""
-        return len(self.data) <= _ROOM
-
-    def write(self, sock, data: bytes) -> None:
-        """Send `data` at once when nothing waits before it (the usual case: one send() per
-        reply or pipelined group, no buffering); what the socket does not take waits here
-        for the driver's on_writable. A broken connection is noticed there (send() fails again)."""
-        if not self.data:
-            try:
-                sent = sock.send(data)
-            except OSError:  # BlockingIOError included: it all waits
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        self.add(data)
-
-    def send(self, sock) -> bool:
-        """Write what the socket takes now; False when the connection broke."""
-        while self.data:
-            try:
-                sent = sock.send(self.data)
-            except (BlockingIOError, InterruptedError):
-                return True
-            except OSError:
-                return False
-            del self.data[:sent]
-            self.deadline = self.clock() + self.timeout if self.data else None
-        return True
 
 
 class SMTPConnection:
@@ -329,7 +154,7 @@ class SMTPConnection:
         # Backpressure: no reading while replies pile up unsent (Unsent.has_room), while the
         # session holds input back, while a password is checked or a recipient admitted.
         if (not self._closing and self._auth_checking is None and self._auth_due is None and self._admission is None
-                and unsent <= _ROOM and self.session.wants_input):
+                and unsent <= ROOM and self.session.wants_input):
             events |= selectors.EVENT_READ
         return events
 

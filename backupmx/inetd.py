@@ -32,7 +32,7 @@ from backupmx import primaries, replies
 from backupmx.children import StopFlag, first_line
 from backupmx.clients import shown_address
 from backupmx.config import load_config
-from backupmx.connection import ConnectionContext
+from backupmx.connection_context import ConnectionContext
 from backupmx.flush_lease import default_lease_seconds
 from backupmx.flusher import FlushFailed, QueueConnectionLost, drain, reopened_queue
 from backupmx.lifecycle import housekeeping

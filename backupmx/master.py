@@ -57,10 +57,11 @@ import time
 
 from backupmx import children, primaries, replies, worker
 from backupmx.children import first_line
+from backupmx.client_socket import prepare_socket
 from backupmx.clients import limit_key, shown_address
 from backupmx.config import load_config, tuning
 from backupmx.config_values import format_hostport
-from backupmx.connection import SMTPConnection, prepare_socket
+from backupmx.connection import SMTPConnection
 from backupmx.flush_workers import FlusherHandle, FlushWorkers
 from backupmx.flusher import run_flush_worker
 from backupmx.helper_processes import HelperProcesses, MetricsProcess

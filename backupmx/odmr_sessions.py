@@ -29,7 +29,7 @@ import time
 from backupmx import children, replies
 from backupmx.children import StopFlag
 from backupmx.clients import limit_key, shown_address
-from backupmx.connection import ConnectionContext
+from backupmx.connection_context import ConnectionContext
 from backupmx.flush_workers import release_leases
 from backupmx.flush_lease import default_lease_seconds
 from backupmx.flusher import deliver_domain

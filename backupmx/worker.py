@@ -12,7 +12,7 @@ Control protocol (ASCII, one message per SEQPACKET datagram):
 
   master -> worker   "conn plain|tls <ip> <port> [<family>]"  + one fd   a new session;
                                 with <family> (AF_INET, AF_INET6 as numbers) the master
-                                prepared the socket (connection.prepare_socket)
+                                prepared the socket (client_socket.prepare_socket)
                      "drain"    (SIGHUP) no more sessions will come: let the ones
                                 in flight finish, exit when none is left
                      "stop"     (SIGTERM) the same, but sessions are asked to end
@@ -60,8 +60,10 @@ import time
 
 from backupmx import children
 from backupmx.children import BOOT_ERROR, StopFlag
+from backupmx.client_socket import prepare_socket
 from backupmx.config import tuning
-from backupmx.connection import ConnectionContext, FlushRequested, QueueMessage, SMTPConnection, prepare_socket
+from backupmx.connection import FlushRequested, QueueMessage, SMTPConnection
+from backupmx.connection_context import ConnectionContext
 from backupmx.log import defer_writes, flush_pending, log_event
 from backupmx.store import QueueUnavailable
 
@@ -174,7 +176,7 @@ class SessionLoop:
 
     def add_session(self, sock, peer, implicit_tls, report_ip=None, *, prepared=False):
         """Start a session driver on `sock` (connected, any blocking mode; `prepared`: by
-        connection.prepare_socket, as the master does before a hand-off)."""
+        client_socket.prepare_socket, as the master does before a hand-off)."""
         report_ip = peer[0] if report_ip is None else report_ip
         try:
             if not prepared:

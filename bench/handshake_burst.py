@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from backupmx import tls  # noqa: E402
 from backupmx.config import load_config  # noqa: E402
-from backupmx.connection import ConnectionContext  # noqa: E402
+from backupmx.connection_context import ConnectionContext  # noqa: E402
 from backupmx.log import defer_writes, flush_pending, setup_logging  # noqa: E402
 from backupmx.worker import SessionLoop  # noqa: E402
 from tls_steps import NoDNS, make_certificate  # noqa: E402

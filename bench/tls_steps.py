@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from backupmx import tls  # noqa: E402
 from backupmx.config import load_config  # noqa: E402
-from backupmx.connection import ConnectionContext  # noqa: E402
+from backupmx.connection_context import ConnectionContext  # noqa: E402
 from backupmx.log import defer_writes, flush_pending, setup_logging  # noqa: E402
 from backupmx.worker import SessionLoop  # noqa: E402
 

@@ -15,7 +15,7 @@ import pytest
 from backupmx import client_dns, replies
 from backupmx.client_dns import dnsbl_query
 from backupmx.config import load_config
-from backupmx.connection import ConnectionContext
+from backupmx.connection_context import ConnectionContext
 from backupmx.worker import SessionLoop
 from test_lifecycle import Lines
 from test_verify import Client

@@ -130,7 +130,7 @@ def test_clients_that_never_read_cost_bounded_memory_and_no_cpu(server_factory):
         unread = [unread_by_server(server.port, sock.getsockname()[1]) for sock in clients]
         print(f"10 non-reading clients: sent {min(sent)}..{max(sent)} octets each, left unread {min(unread)}.."
               f"{max(unread)}, worker RSS +{grown_mb:.1f} MB")
-        # Each session holds at most connection.OUTPUT_BOUND of replies and one
+        # Each session holds at most client_socket.OUTPUT_BOUND of replies and one
         # read of input; then the worker leaves the rest unread in the kernel
         # and costs nothing. Without backpressure it went on reading (and
         # answering: 16 MB of replies) all 1 MB of each.

@@ -14,7 +14,7 @@ LAYERS = {
     "queue": {"store", "store_db", "store_errors", "store_ids", "store_bodies", "store_migrations",
               "store_intake", "store_flushes", "store_delivery", "store_housekeeping", "store_operator",
               "store_status", "store_verify", "store_auth", "store_greylist", "store_probes", "schema"},
-    "driver": {"connection", "offload", "quota", "tls", "smtpclient", "primaries", "metrics", "health",
+    "driver": {"connection", "connection_context", "client_socket", "offload", "quota", "tls", "smtpclient", "primaries", "metrics", "health",
                "policy", "verify", "auth_limit", "client_dns",
                "odmr_connection", "greylist", "atrn_relay", "prober"},
     "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "flush_session", "flush_lease",

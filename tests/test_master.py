@@ -537,11 +537,11 @@ def test_stub_master_banner_and_workers(stub_server):
 
 
 def test_sessions_get_a_prepared_socket(stub_server, forked_worker):
-    """connection.prepare_socket: the master readies the socket before the hand-off (non-blocking,
+    """client_socket.prepare_socket: the master readies the socket before the hand-off (non-blocking,
     no Nagle, SEND_BUFFER; the worker's session driver, a stub here, does none of it), and
     names its family so the worker asks the kernel nothing; a hand-off without the family
     (an older master) is prepared by the worker."""
-    from backupmx.connection import SEND_BUFFER
+    from backupmx.client_socket import SEND_BUFFER
 
     prepared = f"250 timeout=0.0 nodelay=1 sndbuf={2 * SEND_BUFFER}\r\n".encode()  # Linux doubles SO_SNDBUF
     srv = stub_server()

@@ -23,7 +23,8 @@ import pytest
 
 from backupmx import tls
 from backupmx.config import load_config
-from backupmx.connection import ConnectionContext, SMTPConnection
+from backupmx.connection import SMTPConnection
+from backupmx.connection_context import ConnectionContext
 from backupmx.tls import TLSConfigError, TLSError, TLSLayer
 from conftest import read_line
 from test_xforward import TableResolver
