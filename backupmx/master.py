@@ -33,7 +33,9 @@ Modelled on gunicorn's arbiter. The master only supervises and accepts:
   (odmr_sessions.OdmrSessions: ATRN turns it into a blocking delivery),
   counted with the client's other sessions and reaped like the workers.
 - its other parts live beside it: smtp_workers.py (the SMTP workers and
-  the hand-off of each accepted connection), flush_workers.py (the flush workers),
+  the hand-off of each accepted connection), client_counts.py (each client's
+  sessions, and the master's own refusals until a worker takes them over),
+  flush_workers.py (the flush workers),
   helper_processes.py (the metrics process, the checkpointer) and
   primary_lookups.py (the DNS look-ups of host-name primaries, in a child, at
   start-up, at each reload, and again for the names that did not resolve).
@@ -43,11 +45,11 @@ both transient (RFC 5321 4.2.1: 421 closes the channel):
   replies.BUSY                  every worker is full and max_workers are running
   replies.TOO_MANY_CONNECTIONS  the client already has max_connections_per_client sessions
 Each is a `reject ... command=CONNECT` line like the workers' refusals, and is
-counted: the master holds no queue, so it hands its counts to a worker
-("rejects <reason> <n>" on the control socket), which adds them to the queue's.
+counted (client_counts.RejectCounts): the master holds no queue, so it hands
+its counts to a worker ("rejects <reason> <n>" on the control socket), which
+adds them to the queue's.
 """
 
-import collections
 import logging
 import os
 import selectors
@@ -57,6 +59,7 @@ import time
 
 from backupmx import children, primaries, replies, worker
 from backupmx.children import first_line
+from backupmx.client_counts import ClientCounts, RejectCounts
 from backupmx.client_socket import prepare_socket
 from backupmx.clients import limit_key, shown_address
 from backupmx.config import load_config, tuning
@@ -65,7 +68,7 @@ from backupmx.connection import SMTPConnection
 from backupmx.flush_workers import FlusherHandle, FlushWorkers
 from backupmx.flusher import run_flush_worker
 from backupmx.helper_processes import HelperProcesses, MetricsProcess
-from backupmx.listeners import Listener, build_listeners, refuse
+from backupmx.listeners import Listener, build_listeners
 from backupmx.log import log_event
 from backupmx.metrics_http import bind as bind_metrics
 from backupmx.odmr_sessions import OdmrSessions
@@ -123,22 +126,6 @@ def serve(config, *, connection_class=SMTPConnection, flush_worker=run_flush_wor
         return master.run()
     finally:
         master.close_listeners()
-
-
-class ClientCounts(collections.Counter):
-    """Sessions per client across workers, counted under clients.limit_key (an IPv6 client per /64)."""
-
-    def of(self, ip):
-        return self[limit_key(ip)]
-
-    def opened(self, ip):
-        self[limit_key(ip)] += 1
-
-    def closed(self, ip, sessions=1):
-        key = limit_key(ip)
-        self[key] -= sessions
-        if self[key] <= 0:
-            del self[key]
 
 
 def _drain(sock):
@@ -508,27 +495,3 @@ class TicketKeys:
         except TLSConfigError as exc:
             log_event(master.logger, "tls-keys-rotation-failed", error=first_line(exc), level=logging.WARNING)
             return None
-
-
-class RejectCounts(collections.Counter):
-    """The master's own 421s by reason (replies.reason), until a worker takes them over:
-    the master holds no queue, the worker adds them to the queue's counters."""
-
-    def refuse(self, logger, hostname, sock, ip, reply, **fields):
-        """Write the 421, log it as a reject like the workers' refusals, count it."""
-        line = reply.render(hostname=hostname)
-        refuse(sock, line)
-        reason = replies.reason(reply)
-        self[reason] += 1
-        log_event(logger, "reject", client=ip, command="CONNECT", reason=reason,
-                  reply=line.decode("ascii").rstrip("\r\n"), **fields)
-
-    def hand_over(self, workers):
-        """Send the counts to a worker ("rejects <reason> <n>"); what its socket does not take waits."""
-        while self and workers:
-            reason, count = next(iter(self.items()))
-            try:
-                workers[0].ctrl.send(f"rejects {reason} {count}".encode("ascii"))
-            except OSError:
-                return  # full or gone: next tick
-            del self[reason]

@@ -20,7 +20,7 @@ LAYERS = {
     "process": {"master", "listeners", "startup", "worker", "inetd", "children", "flusher", "flush_session", "flush_lease",
                 "flush_sharing", "lifecycle", "reclaim", "dsn",
                 "notify", "metrics_http", "flush_workers", "odmr_sessions", "checkpointer", "helper_processes",
-                "primary_lookups", "smtp_workers"},
+                "primary_lookups", "smtp_workers", "client_counts"},
 }
 # Leaves anyone may use: the config's data model (with its value parsers and its AUTH
 # warnings), the log line format.
