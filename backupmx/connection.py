@@ -10,8 +10,8 @@ answers): at once when the answer is cheap (recipient admission: a cached
 quota and free-space look; ETRN's flush request), or later, from the
 worker's Offload, when it is slow (a password check on its thread pool).
 What the worker loop must do for it goes out as outcomes (the list `outcomes`):
-QueueMessage for the loop's group commit, after which the loop calls
-committed(); FlushRequested for a mode that starts flushers itself.
+QueueMessage (connection_messages.py) for the loop's group commit, after which
+the loop calls committed(); FlushRequested for a mode that starts flushers itself.
 
 Every session ends (SPEC Part 2, "Hostile clients"): each of SMTPConnection's
 deadlines fires once and then either closes the connection or clears itself,
@@ -33,44 +33,33 @@ smtp.OUTPUT_PAUSE):
 import logging
 import selectors
 import socket
-import tempfile
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
-from backupmx import replies, trace_header
-from backupmx.auth import Accepted, Credentials, SASLSyntaxError, after_verification, sasl_exchange
-from backupmx.auth_limit import BLOCKED
-from backupmx.client_dns import UNKNOWN
+from backupmx import replies
+from backupmx.auth import Credentials
 from backupmx.client_socket import ROOM, Unsent
 from backupmx.clients import shown_address
+from backupmx.connection_auth import AuthAnswers
 from backupmx.connection_context import ConnectionContext
+from backupmx.connection_messages import MessageIntake
 from backupmx.log import log_event
 from backupmx.policy import RecipientQuestion
 from backupmx.smtp import (AuthRequest, AuthResponse, EtrnRequest, MailAdmission, MessageAborted, MessageData,
                            MessageReceived, MessageStarted, PipeliningViolation, RecipientAdmission, Refused, Session,
                            StartTLS)
-from backupmx.store import QueueUnavailable, QuotaExceeded, Submission
+from backupmx.store import QueueUnavailable
 from backupmx.tls import TLSError, TLSLayer
 
 RECV_SIZE = 64 * 1024
 # The final reply (QUIT's 221, a 421) gets this long, or `timeout` when
 # shorter, to be written before the connection is closed anyway.
 CLOSE_GRACE = 5.0
-# Bodies up to this size stay in memory while they arrive; larger ones go to a
-# temporary file beside the queue, so a 50 MB message costs disk, not memory.
-SPOOL_IN_MEMORY = 256 * 1024
 # A TLS handshake gets at most this long (RFC 8314 implicit TLS and STARTTLS),
 # or the per-command `timeout` when that is shorter.
 HANDSHAKE_TIMEOUT = 30.0
 # After SIGTERM, sessions in flight get this long to finish before their 421.
 SHUTDOWN_GRACE = 30.0
-
-
-@dataclass(frozen=True)
-class QueueMessage:
-    """Outcome: this message waits for the worker loop's group commit; answer with `committed()`."""
-    submission: Submission
 
 
 @dataclass(frozen=True)
@@ -89,8 +78,9 @@ def _earliest(times) -> float | None:
     return earliest
 
 
-class SMTPConnection:
-    """One client, from accept to close; its deadlines as the module docstring says."""
+class SMTPConnection(MessageIntake, AuthAnswers):
+    """One client, from accept to close; its deadlines as the module docstring says. Its bases
+    answer the message events (connection_messages.MessageIntake) and AUTH (connection_auth.AuthAnswers)."""
 
     session_class = Session  # the protocol spoken; a port with its own table has its own (odmr.OdmrSession)
 
@@ -405,84 +395,7 @@ class SMTPConnection:
             self._after_session()
             self.on_writable()
 
-    # --- messages -----------------------------------------------------------
-
-    def _start_message(self, envelope) -> None:
-        self._drop_spool()
-        self._queue_id = self.ctx.store.new_queue_id()
-        self._spool_failed = False
-        tls = None
-        if self._tls is not None and self._tls.handshake_complete:
-            tls = f"using {self._tls.version()} with cipher {self._tls.cipher()} ({self._tls.cipher_bits()} bits)"
-        self._protocol = trace_header.protocol_name(esmtp=self.session.esmtp, tls=tls is not None,
-                                                    authenticated=self.session.user is not None, utf8=envelope.smtputf8)
-        header = trace_header.received_header(
-            helo=self.session.helo, client_ip=self.client_ip, hostname=self.ctx.config.hostname,
-            queue_id=self._queue_id, esmtp=self.session.esmtp, tls=tls,
-            authenticated=self.session.user is not None,
-            recipients=[r.address for r in envelope.recipients], timestamp=self.ctx.wallclock(),
-            utf8=envelope.smtputf8, client_name=self.client.name or UNKNOWN)
-        self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, dir=self.ctx.spool_dir)
-        self._spool_write(header)
-
-    def _spool_write(self, data: bytes) -> None:
-        if self._spool is None or self._spool_failed:
-            return
-        try:
-            self._spool.write(data)
-        except OSError as exc:  # e.g. the spool's disk is full: 452 at the end of DATA
-            log_event(self.ctx.logger, "spool-failed", id=self._queue_id, error=str(exc))
-            self._spool_failed = True
-
-    def _drop_spool(self) -> None:
-        if self._spool is not None:
-            try:
-                self._spool.close()
-            except OSError:
-                pass
-            self._spool = None
-
-    def _commit(self, event: MessageReceived) -> None:
-        """Queue the message at the end of this loop round, with the others that ended then."""
-        if self._spool is None or self._spool_failed:
-            return self._refuse(event, "spool write failed")
-        size = self._spool.tell()
-        self._spool.seek(0)
-        self._awaiting_commit = event
-        self._submission = Submission(self._queue_id, event.envelope, self._spool, size, self.client_ip,
-                                      self.session.helo, client_name=self.client.name, protocol=self._protocol)
-        self.outcomes.append(QueueMessage(self._submission))
-
-    def committed(self, problem: Exception | None) -> None:
-        """The worker loop's group commit is done: answer the client (None: queued)."""
-        event, self._awaiting_commit = self._awaiting_commit, None
-        submission, self._submission = self._submission, None
-        if problem is not None:
-            return self._refuse(event, str(problem), quota=isinstance(problem, QuotaExceeded))
-        size = self._spool.tell()
-        self._drop_spool()
-        envelope, domains = event.envelope, event.envelope.domains
-        self.ctx.admission.queued(domains)
-        for domain in domains:
-            nrcpt = [r.domain for r in envelope.recipients].count(domain) if len(domains) > 1 else len(envelope.recipients)
-            log_event(self.ctx.logger, "queued", id=self._queue_id, domain=domain, from_=f"<{envelope.sender}>",
-                      size=size, client=self.client_ip, nrcpt=nrcpt)
-        for domain in submission.started_queueing:
-            log_event(self.ctx.logger, "domain-queueing", domain=domain, since=submission.queued_at,
-                      id=self._queue_id)
-        self.session.message_queued(self._queue_id)
-        self._after_session()
-        self.on_writable()
-
-    def _refuse(self, event: MessageReceived, reason: str, *, quota: bool = False) -> None:
-        log_event(self.ctx.logger, "queue-failed", id=self._queue_id, client=self.client_ip, error=reason,
-                  level=logging.WARNING)
-        self._drop_spool()
-        self.session.message_refused(replies.QUEUE_FULL if quota else replies.QUEUE_UNAVAILABLE)
-        self._after_session()
-        self.on_writable()
-
-    # --- STARTTLS, AUTH, ETRN -------------------------------------------------
+    # --- STARTTLS, ETRN ------------------------------------------------------
 
     def _start_tls(self) -> None:
         # RFC 3207 4: the 220 goes out in plaintext; then the handshake.
@@ -493,71 +406,6 @@ class SMTPConnection:
 
     def _handshake_time(self) -> float:
         return min(HANDSHAKE_TIMEOUT, self.ctx.config.timeout)
-
-    def _auth_step(self, event: AuthRequest | AuthResponse) -> None:
-        """One step of the SASL exchange (auth.sasl_exchange): a challenge, or credentials to check."""
-        if isinstance(event, AuthRequest):
-            failures = self.ctx.auth_limit.failures_if_blocked(self.client_ip)
-            if failures is not None:
-                return self._auth_blocked(failures)
-            self._sasl = sasl_exchange(event.mechanism, self.ctx.config.hostname, self.ctx.authenticator)
-            response = event.initial_response
-        else:
-            response = event.response
-        try:
-            step = self._sasl.step(response)
-        except SASLSyntaxError:
-            self._sasl = None
-            return self.session.auth_malformed()
-        if isinstance(step, bytes):
-            return self.session.auth_challenge(step)
-        if isinstance(step, Accepted):  # the client took our proof (SCRAM's server-final)
-            self._sasl = None
-            return self._authenticated(step.credentials)
-        self._sasl, self._auth_checking = None, step
-        self.ctx.offload.submit(self, self.ctx.auth_limit.check, self.ctx.authenticator.verify, step, self.client_ip,
-                                then=self._auth_checked)
-
-    def _auth_blocked(self, failures: int | None) -> None:
-        """max_auth_failures_per_client reached: 421 and the end (auth_limit.py)."""
-        log_event(self.ctx.logger, "auth-blocked", client=self.client_ip, failures=failures,
-                  window=f"{self.ctx.config.auth_failure_window:g}s", level=logging.WARNING)
-        self.session.auth_blocked()
-
-    def _auth_checked(self, future: Future) -> None:
-        """The check is done (the worker loop calls this): answer, a failure only after its delay."""
-        credentials, self._auth_checking = self._auth_checking, None
-        try:
-            verified = future.result()
-        except Exception as exc:  # a check that broke is a failed check, never a login
-            log_event(self.ctx.logger, "auth-error", client=self.client_ip, error=f"{type(exc).__name__}: {exc}",
-                      level=logging.ERROR)
-            verified = None
-        if self.closed:
-            return
-        if verified is BLOCKED:
-            self._auth_blocked(None)
-            self._after_session()
-            return self.on_writable()
-        if verified and verified.final is not None:
-            # RFC 4954 4: our last word (SCRAM's server signature) in a 334; 235 after the client's answer.
-            self._sasl = after_verification(credentials)
-            self.session.auth_challenge(verified.final)
-            self._after_session()
-            return self.on_writable()
-        if verified:
-            self._authenticated(credentials)
-            self._after_session()
-            return self.on_writable()
-        log_event(self.ctx.logger, "auth-failed", client=self.client_ip, user=credentials.username,
-                  mechanism=credentials.mechanism, level=logging.WARNING)
-        # Each failure waits longer before its answer: guessing gets slow.
-        self._auth_due = self.ctx.clock() + self.ctx.config.auth_failure_delay * (self.session.auth_failures + 1)
-
-    def _authenticated(self, credentials: Credentials) -> None:
-        log_event(self.ctx.logger, "auth", client=self.client_ip, user=credentials.username,
-                  mechanism=credentials.mechanism)
-        self.session.auth_result(credentials.username)
 
     def _etrn(self, request: EtrnRequest) -> None:
         try:
@@ -578,12 +426,12 @@ class SMTPConnection:
         MessageStarted: lambda self, event: self._start_message(event.envelope),
         MessageData: lambda self, event: self._spool_write(event.data),
         MessageAborted: _on_aborted,
-        MessageReceived: _commit,
+        MessageReceived: MessageIntake._commit,
         MailAdmission: _admit_mail,
         RecipientAdmission: _admit_recipient,
         StartTLS: lambda self, event: self._start_tls(),
-        AuthRequest: _auth_step,
-        AuthResponse: _auth_step,
+        AuthRequest: AuthAnswers._auth_step,
+        AuthResponse: AuthAnswers._auth_step,
         EtrnRequest: _etrn,
         Refused: _on_refused,
         PipeliningViolation: _on_violation,

@@ -62,8 +62,9 @@ from backupmx import children
 from backupmx.children import BOOT_ERROR, StopFlag
 from backupmx.client_socket import prepare_socket
 from backupmx.config import tuning
-from backupmx.connection import FlushRequested, QueueMessage, SMTPConnection
+from backupmx.connection import FlushRequested, SMTPConnection
 from backupmx.connection_context import ConnectionContext
+from backupmx.connection_messages import QueueMessage
 from backupmx.log import defer_writes, flush_pending, log_event
 from backupmx.store import QueueUnavailable
 
