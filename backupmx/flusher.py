@@ -81,6 +81,10 @@ MIN_RETRY_SCAN_INTERVAL = 0.25  # ... and at least: a scan of the queue's index,
 # retry_intervals of minutes; bench/README.md, "What the flush workers' housekeeping
 # costs a flush at 1M").
 RETRY_SCAN_SPACING = 50
+# ... but never more than this after the last scan ended: a scan that took long for another
+# reason (a paused machine, pages read back from a slow disk) must not hold every due retry
+# back for minutes (50 x 10 s).
+MAX_RETRY_SCAN_WAIT = 60.0
 
 
 def deliver_domain(
@@ -418,8 +422,10 @@ def _request_again(store, domain: str, log) -> None:
 def next_retry_scan_at(started: float, ended: float, interval: float) -> float:
     """When the next retry scan is due after one from `started` to `ended` (time.monotonic()):
     `interval` after this one started, or RETRY_SCAN_SPACING times as long as it took after it
-    ended when that is later (a big queue's scan: see RETRY_SCAN_SPACING)."""
-    return max(started + interval, ended + RETRY_SCAN_SPACING * (ended - started))
+    ended when that is later (a big queue's scan: see RETRY_SCAN_SPACING), but not more than
+    MAX_RETRY_SCAN_WAIT after it ended."""
+    spaced = ended + min(RETRY_SCAN_SPACING * (ended - started), MAX_RETRY_SCAN_WAIT)
+    return max(started + interval, spaced)
 
 
 def _housekeeping(step, store, config, log) -> None:

@@ -899,6 +899,15 @@ def test_a_slow_retry_scan_spaces_the_next_one(tmp_path, monkeypatch):
     assert second_start - first_end >= flusher.RETRY_SCAN_SPACING * (first_end - first_start) >= 0.9
 
 
+@pytest.mark.parametrize("took, interval, wait", [
+    (0.01, 2.0, 2.0),    # nearly empty: retry_interval / 2 (or 2 s) after it started, as before
+    (0.2, 2.0, 10.2),    # 1M queued: fifty times as long as it took, after it ended
+    (10.0, 2.0, 70.0),   # a scan that took long for another reason: at most a minute after it
+])
+def test_the_next_retry_scan_is_spaced_by_the_last_one_s_time_but_within_a_minute(took, interval, wait):
+    assert flusher.next_retry_scan_at(100.0, 100.0 + took, interval) == pytest.approx(100.0 + wait)
+
+
 def test_lease_is_renewed_while_a_slow_primary_drips_its_reply(store, sink, tmp_path):
     # 26 bytes at 0.04 s each: over 1 s for the final reply, well past a 0.6 s lease
     # (which the loop below would take at once), but the lease is renewed meanwhile.
