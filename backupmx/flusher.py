@@ -71,9 +71,10 @@ HOUSEKEEPING_INTERVAL = 30.0
 # (a retry_interval shorter than twice this is looked at twice per interval).
 RETRY_SCAN_INTERVAL = 2.0
 MIN_RETRY_SCAN_INTERVAL = 0.25  # ... and at least: a scan of the queue's index, at most 4 a second per flush worker
-# A retry scan (store.due_domains) reads every queued row: next_attempt is in no index
-# (one would cost every accepted and every delivered message another b-tree). At
-# 1,000,000 queued a scan takes 130-230 ms of a core (61 MB of pages), every 2 s in each
+# A retry scan (store.due_domains) reads the queued rows of the domains with retry_interval
+# on, up to the first due one each: next_attempt is in no index (one would cost every
+# accepted and every delivered message another b-tree). At 1,000,000 queued, all of them
+# retrying and none due, a scan takes 130-230 ms of a core (61 MB of pages), every 2 s in each
 # flush worker: 7-11% of a core, which the idle one's scans take from the flush beside
 # them (the flushing one and its helper use both cores). So the next scan waits at least
 # RETRY_SCAN_SPACING times as long as the last one took: the scans take at most a

@@ -360,7 +360,7 @@ class _Round:
         retrying = {name for name, d in self.config.domains.items() if d.retry_interval > 0}
         if not retrying:
             return
-        due = [d for d in self.store.due_domains() if d in retrying]
+        due = self.store.due_domains(retrying)
         if not due:
             return
         for domain, count in self.store.request_flush(due).items():

@@ -870,7 +870,7 @@ def test_run_flush_worker_retries_only_retry_domains(tmp_path, sink):
 
 
 def test_a_slow_retry_scan_spaces_the_next_one(tmp_path, monkeypatch):
-    """A retry scan reads every queued row (130-230 ms at 1,000,000): the next one waits
+    """A retry scan reads the retrying domains' queued rows (130-230 ms at 1,000,000): the next one waits
     RETRY_SCAN_SPACING times as long as the last took, not retry_interval / 2 (0.5 s here),
     so a flush worker's scans take at most a fiftieth of a core from the flush beside them."""
     cfg = tmp_path / "backupmx.ini"
