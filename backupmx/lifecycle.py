@@ -29,7 +29,8 @@ few store transactions, so it is safe to run from several processes at once:
   7. reclaim  the messages whose last row left (table reclaim: delivered,
               deleted, purged), in queue id order, a few hundred a transaction
               (not while a flush delivers, for a few minutes at most);
-              then incremental_vacuum hands their pages back, and a WAL checkpoint
+              then incremental_vacuum hands their pages back (it too waits
+              for a flush, as long at most), and a WAL checkpoint
               (not under `serve`: its checkpointer process runs it, checkpointer.py).
 
 Every state change is one log line (backupmx.log.log_event), with the queue id.
@@ -48,7 +49,7 @@ from backupmx import notify as notifylib
 from backupmx.config_values import format_hostport
 from backupmx.log import log_event
 from backupmx.outcome import Outcome, classify
-from backupmx.reclaim import reclaim_round
+from backupmx.reclaim import reclaim_round, vacuum_round
 from backupmx.store import DSN_CLAIM_SECONDS, QueueStore, QueueUnavailable
 from backupmx.store_db import checkpoints_elsewhere
 
@@ -65,15 +66,8 @@ MAX_BACKOFF = 86400.0  # ... and at most a day (unless retry_interval itself is 
 # -wal file waits this long for other connections, i.e. not at all: while it
 # waited it would hold the write lock, and an SMTP worker's 250 with it.
 CHECKPOINT_BUSY_TIMEOUT = 0.0
-# Free pages (flushed mail) up to this share of the file stay: new mail reuses
-# them without growing the file. Beyond it they go back to the file system...
-VACUUM_KEEP = 0.10
-# ... at most this many bytes per write transaction (the SMTP workers' commits
-# wait while one runs: ~8 MB moves in a few tens of ms), for at most
-# VACUUM_ROUND_SECONDS per housekeeping round, with a pause after each for them.
-VACUUM_STEP = 8 * 1024 * 1024
-VACUUM_ROUND_SECONDS = 2.0
-VACUUM_PAUSE = 0.05
+
+
 class BounceFailed(Exception):
     """A DSN could not be handed to the bounce relay.
 
@@ -168,7 +162,7 @@ class _Round:
         self.summary: dict[str, object] = {
             "expired": 0, "dsn_sent": 0, "dsn_skipped": 0, "dsn_failed": 0,
             "delay_warnings": 0, "retries": [], "purged": 0, "verify_purged": 0, "greylist_purged": 0, "reclaimed": 0,
-            "reclaim_deferred": False, "vacuumed_pages": 0,
+            "reclaim_deferred": False, "vacuumed_pages": 0, "vacuum_deferred": False,
             "checkpoint": None, "errors": 0, "notices": 0,
         }
 
@@ -416,7 +410,8 @@ class _Round:
         self.summary["reclaimed"], self.summary["reclaim_deferred"] = reclaim_round(self.store, self.log)
 
     def upkeep(self) -> None:
-        pages = self.vacuum()
+        # reclaim.py: free pages beyond a tenth of the file go back, not while a flush delivers
+        pages, self.summary["vacuum_deferred"] = vacuum_round(self.store)
         self.summary["vacuumed_pages"] = pages
         if pages:
             log_event(self.log, "vacuum", pages=pages)
@@ -430,21 +425,6 @@ class _Round:
         self.store.checkpoint("PASSIVE", CHECKPOINT_BUSY_TIMEOUT)
         self.summary["checkpoint"] = self.store.checkpoint("TRUNCATE", CHECKPOINT_BUSY_TIMEOUT)
 
-    def vacuum(self) -> int:
-        """Hand free pages beyond VACUUM_KEEP of the file back, VACUUM_STEP at a time."""
-        page_size = self.store.page_size()
-        step = max(1, VACUUM_STEP // page_size)
-        deadline = time.monotonic() + VACUUM_ROUND_SECONDS
-        freed = 0
-        while time.monotonic() < deadline:
-            free, pages = self.store.free_pages()
-            excess = free - int(pages * VACUUM_KEEP)
-            if excess <= 0:
-                break
-            freed += self.store.incremental_vacuum(min(step, excess))
-            time.sleep(VACUUM_PAUSE)
-        return freed
-
 
 def housekeeping(store: QueueStore, config, *, logger: logging.Logger | None = None,
                  clock: Callable[[], float] = time.time, send: Callable[..., None] = send_dsn) -> dict:
@@ -455,8 +435,9 @@ def housekeeping(store: QueueStore, config, *, logger: logging.Logger | None = N
         answers), greylist_purged (triples), notices (sent), reclaimed (messages
         deleted after their last row left), reclaim_deferred (True: a flush was
         delivering, the reclaim waited for a later round), vacuumed_pages,
-        checkpoint (SQLite's (busy, wal pages, checkpointed)), errors (steps that
-        met QueueUnavailable; the others still ran).
+        vacuum_deferred (True: the vacuum gave way to a flush likewise, its pages
+        wait), checkpoint (SQLite's (busy, wal pages, checkpointed)), errors (steps
+        that met QueueUnavailable; the others still ran).
 
     `clock` dates the DSNs (the store has its own clock for the queue's times);
     `send` is send_dsn (tests may pass another callable with its signature).

@@ -5,7 +5,9 @@ trigger queue_gone lists it in the table `reclaim` (schema.sql), and each
 housekeeping round (lifecycle.py) deletes the listed ones here, in queue id order:
 after a drain, consecutive ids share their pages (in the flush's order, a domain's,
 each message would dirty pages of its own among the other domains' mail;
-bench/README.md, "The flush at 1M with the message's deletion deferred").
+bench/README.md, "The flush at 1M with the message's deletion deferred"). Then the
+vacuum (vacuum_round) hands the pages they freed back to the file system. Both give
+way to a flush for a few minutes at most (may_give_way).
 """
 
 from __future__ import annotations
@@ -41,11 +43,25 @@ RECLAIM_PAUSE = 0.005
 RECLAIM_DEFER_SECONDS = 300.0
 RECLAIM_DEFER_SPAN = 250_000
 _reclaimed_at: dict[str, float] = {}  # queue path -> time.monotonic() its last whole reclaim round ended here
+# The vacuum: free pages (flushed mail) up to this share of the file stay: new mail
+# reuses them without growing the file. Beyond it they go back to the file system...
+VACUUM_KEEP = 0.10
+# ... at most this many bytes per write transaction (the SMTP workers' commits
+# wait while one runs: ~8 MB moves in a few tens of ms), for at most
+# VACUUM_ROUND_SECONDS per housekeeping round, with a pause after each for them.
+VACUUM_STEP = 8 * 1024 * 1024
+VACUUM_ROUND_SECONDS = 2.0
+VACUUM_PAUSE = 0.05
+# It gives way to a flush as the reclaim does, within the same bound (may_give_way):
+# nearly empty, its steps landed in the flushes an ETRN asked for (bench/README.md,
+# "What the flush workers' housekeeping costs a flush at 1M"); the pages can go back
+# a round later, and a queue that flushes all the time still gets them back.
+_vacuumed_at: dict[str, float] = {}  # queue path -> time.monotonic() its last whole vacuum round ended here
 
 
 def reclaim_round(store: QueueStore, log: logging.Logger) -> tuple[int, bool]:
     """One round's reclaim: (messages deleted, whether it gave way to a flush)."""
-    may_wait = _may_wait(store)
+    may_wait = may_give_way(store, _reclaimed_at)
     if may_wait and store.flush_wanted():
         return 0, True
     listed = store.reclaim_listed(RECLAIM_LISTED)
@@ -71,9 +87,34 @@ def reclaim_round(store: QueueStore, log: logging.Logger) -> tuple[int, bool]:
     return reclaimed, deferred
 
 
-def _may_wait(store: QueueStore) -> bool:
-    """Whether this round's reclaim may give way to a flush (see RECLAIM_DEFER_SECONDS)."""
-    last = _reclaimed_at.get(store.path)
+def vacuum_round(store: QueueStore) -> tuple[int, bool]:
+    """Hand free pages beyond VACUUM_KEEP of the file back, VACUUM_STEP at a time:
+    (pages handed back, whether it gave way to a flush)."""
+    may_wait = may_give_way(store, _vacuumed_at)
+    step = max(1, VACUUM_STEP // store.page_size())
+    deadline = time.monotonic() + VACUUM_ROUND_SECONDS
+    freed = 0
+    deferred = False
+    while time.monotonic() < deadline:
+        free, pages = store.free_pages()
+        excess = free - int(pages * VACUUM_KEEP)
+        if excess <= 0:
+            break
+        if may_wait and store.flush_wanted():  # one is wanted, or started since the last step (a tiny read)
+            deferred = True
+            break
+        freed += store.incremental_vacuum(min(step, excess))
+        time.sleep(VACUUM_PAUSE)
+    if not deferred:  # a round cut short by a flush does not count as one
+        _vacuumed_at[store.path] = time.monotonic()
+    return freed, deferred
+
+
+def may_give_way(store: QueueStore, ran_at: dict[str, float]) -> bool:
+    """Whether this round's reclaim or vacuum may give way to a flush: the step's last
+    whole round (`ran_at`: _reclaimed_at, _vacuumed_at) ended here less than
+    RECLAIM_DEFER_SECONDS ago, and the list is short (see RECLAIM_DEFER_SECONDS)."""
+    last = ran_at.get(store.path)
     if last is None or time.monotonic() - last > RECLAIM_DEFER_SECONDS:
         return False
     return store.reclaim_span() < RECLAIM_DEFER_SPAN

@@ -28,7 +28,8 @@ from backupmx.config import load_config
 from backupmx.envelope import Envelope, Recipient
 from backupmx.lifecycle import BounceFailed, housekeeping, next_retry_delay, send_dsn
 from backupmx.store import QueueStore
-from conftest import REPO, pending_flushes, queue_one, received_client, record_deferred, record_delivered, record_failed
+from conftest import (REPO, pending_flushes, queue_one, received_client, reclaim, record_deferred, record_delivered,
+                      record_failed)
 
 
 T0 = 1_800_000_000
@@ -576,14 +577,14 @@ def test_freed_pages_go_back_and_the_wal_is_truncated(store, clock, tmp_path, lo
     assert os.path.getsize(store.path) < size_before / 4
     assert log.lines.find("vacuum")
     free, pages = store.free_pages()
-    assert free <= pages * lifecycle.VACUUM_KEEP + 1  # a tenth may stay, for new mail
+    assert free <= pages * reclaimer.VACUUM_KEEP + 1  # a tenth may stay, for new mail
 
 
 def test_the_vacuum_goes_in_bounded_steps(store, clock, tmp_path, log, monkeypatch):
     """Each incremental_vacuum holds the write lock (the SMTP workers' commits wait): a
     large one is cut into steps of VACUUM_STEP bytes."""
-    monkeypatch.setattr(lifecycle, "VACUUM_STEP", 256 * 1024)
-    monkeypatch.setattr(lifecycle, "VACUUM_PAUSE", 0)
+    monkeypatch.setattr(reclaimer, "VACUUM_STEP", 256 * 1024)
+    monkeypatch.setattr(reclaimer, "VACUUM_PAUSE", 0)
     config = make_config(tmp_path)
     big = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 2000  # 2 MB
     qid = put(store, "a@long.test", body=big)
@@ -596,6 +597,53 @@ def test_the_vacuum_goes_in_bounded_steps(store, clock, tmp_path, log, monkeypat
     assert summary["vacuumed_pages"] * store.connection.execute("PRAGMA page_size").fetchone()[0] > 1_500_000
     page_size = store.connection.execute("PRAGMA page_size").fetchone()[0]
     assert len(steps) >= 6 and max(steps) == 256 * 1024 // page_size, steps
+
+
+def test_the_vacuum_gives_way_to_a_flush_as_the_reclaim_does(store, clock, tmp_path, log, monkeypatch):
+    """Nearly empty, the vacuum's steps landed in the flushes an ETRN asked for: while a
+    flush is asked for and not taken yet, or delivers (a live lease), the vacuum waits
+    for a later round, and stops between steps when one is asked for. Within the
+    reclaim's bound: once it last ran RECLAIM_DEFER_SECONDS ago, it runs anyway."""
+    monkeypatch.setattr(reclaimer, "VACUUM_STEP", 64 * 1024)
+    monkeypatch.setattr(reclaimer, "VACUUM_PAUSE", 0)
+    monkeypatch.setattr(reclaimer, "VACUUM_ROUND_SECONDS", 60.0)  # its deadline never decides here
+    config = make_config(tmp_path)
+    big = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 500  # 0.5 MB
+
+    def freed():
+        """A big message delivered and deleted: its pages are free, well over a tenth of the file."""
+        qid = put(store, "b@long.test", body=big)
+        record_delivered(store, qid, "long.test", ["b@long.test"], "250 ok")
+        assert reclaim(store) == 1  # by hand: the round's reclaim gives way too
+        free, pages = store.free_pages()
+        assert free > pages * reclaimer.VACUUM_KEEP + 64
+        return free
+
+    def vacuumed_all(summary):
+        free, pages = store.free_pages()
+        return summary["vacuumed_pages"] > 0 and not summary["vacuum_deferred"] and free <= pages * reclaimer.VACUUM_KEEP + 1
+
+    put(store, "w@long.test")  # stays queued: long.test can be asked to flush
+    freed()
+    assert vacuumed_all(run(store, config, log, clock))  # no flush wanted
+    free = freed()
+    assert store.request_flush(["long.test"]) == {"long.test": 1}  # an ETRN no flush worker took yet
+    summary = run(store, config, log, clock)
+    assert summary["vacuumed_pages"] == 0 and summary["vacuum_deferred"] and store.free_pages()[0] == free
+    assert store.claim_flush("flusher:1", 60) == "long.test"  # its flush delivers
+    summary = run(store, config, log, clock)
+    assert summary["vacuumed_pages"] == 0 and summary["vacuum_deferred"] and store.free_pages()[0] == free
+    assert len(log.lines.find("vacuum")) == 1  # the first round's
+    store.release_flush("long.test", "flusher:1")
+    assert vacuumed_all(run(store, config, log, clock))  # the flush is over
+    freed()
+    store.request_flush(["long.test"])
+    assert run(store, config, log, clock)["vacuum_deferred"]  # it ran just now
+    reclaimer._vacuumed_at[store.path] -= reclaimer.RECLAIM_DEFER_SECONDS + 1  # it last ran 5 minutes ago
+    assert vacuumed_all(run(store, config, log, clock))  # a queue that flushes all the time gets its pages back
+    freed()
+    monkeypatch.setattr(store, "flush_wanted", iter([False, True]).__next__)  # an ETRN comes after the first step
+    assert reclaimer.vacuum_round(store) == (64 * 1024 // store.page_size(), True)
 
 
 def table_counts(path):
@@ -701,7 +749,8 @@ def test_the_reclaim_waits_while_a_flush_delivers_for_a_few_minutes_at_most(stor
     assert store.claim_flush("flusher:3", 60) == "long.test"
     store.release_flush("long.test", "flusher:3")
     monkeypatch.setattr(reclaimer, "RECLAIM_BATCH", 1)
-    monkeypatch.setattr(store, "flush_wanted", iter([False, True]).__next__)  # a flush starts after the first
+    answers = iter([False])  # a flush starts after the first transaction (and the vacuum gives way to it too)
+    monkeypatch.setattr(store, "flush_wanted", lambda: next(answers, True))
     summary = run(store, config, log, clock)
     assert summary["reclaimed"] == 1 and summary["reclaim_deferred"] and table_counts(store.path)[2] == 1
 
