@@ -70,7 +70,7 @@ HOUSEKEEPING_INTERVAL = 30.0
 # Seconds between looks for domains whose retry_interval backoff has run out, at most
 # (a retry_interval shorter than twice this is looked at twice per interval).
 RETRY_SCAN_INTERVAL = 2.0
-MIN_RETRY_SCAN_INTERVAL = 0.25  # ... and at least: a scan of the queue's index, at most 4 a second per flush worker
+MIN_RETRY_SCAN_INTERVAL = 0.25  # ... and at least: a retry scan at most 4 times a second per flush worker
 # A retry scan (store.due_domains) reads the queued rows of the domains with retry_interval
 # on, up to the first due one each: next_attempt is in no index (one would cost every
 # accepted and every delivered message another b-tree). At 1,000,000 queued, all of them
